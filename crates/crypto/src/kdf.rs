@@ -1,0 +1,46 @@
+//! Argon2id password hashing that turns a password into a key-encryption key.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use custos_model::{Error, Result};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KdfParams {
+    pub algorithm: String,
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    #[serde(with = "crate::keys::b64")]
+    pub salt: Vec<u8>,
+}
+
+impl KdfParams {
+    /// OWASP's first Argon2id recommendation (m = 64 MiB, t = 3, p = 4) with a fresh salt;
+    /// `memory_mib`/`iterations` override for constrained hosts or tests.
+    pub fn new(memory_mib: Option<u32>, iterations: Option<u32>) -> Self {
+        let mut salt = vec![0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
+        KdfParams {
+            algorithm: "argon2id".into(),
+            memory_kib: memory_mib.unwrap_or(64) * 1024,
+            iterations: iterations.unwrap_or(3),
+            parallelism: 4,
+            salt,
+        }
+    }
+
+    pub fn derive(&self, password: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
+        if self.algorithm != "argon2id" {
+            return Err(Error::integrity(format!("unknown key derivation `{}`", self.algorithm)));
+        }
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+            .map_err(|e| Error::integrity(format!("bad Argon2id parameters in key file: {e}")))?;
+        let mut out = Zeroizing::new([0u8; 32]);
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password_into(password, &self.salt, out.as_mut())
+            .map_err(|e| Error::internal(format!("Argon2id failed: {e}")))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,157 @@
+//! The repository's key material and the roles that hold parts of it.
+//!
+//! - `id_key`: keyed BLAKE3 for chunk ids. Held by every writing role (dedup needs it).
+//! - `meta_key`: AES-256-GCM key for the index, locks and snapshot summaries: what a
+//!   writer must read to deduplicate and to find its parent snapshot. No file content or
+//!   file name is ever encrypted with it.
+//! - the restore key pair (X25519): data keys of packs and snapshot bodies are wrapped to
+//!   the public half. Only the restore role holds the secret half.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::wrap::{PublicKey, SecretKey};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Adds snapshots; cannot decrypt stored data.
+    Backup,
+    /// Reads and decrypts everything.
+    Restore,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Backup => "backup",
+            Role::Restore => "restore",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = custos_model::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "backup" => Ok(Role::Backup),
+            "restore" => Ok(Role::Restore),
+            _ => Err(custos_model::Error::config(format!("unknown role `{s}`; use backup or restore"))),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MasterKeys {
+    pub role: Role,
+    pub id_key: Zeroizing<[u8; 32]>,
+    pub meta_key: Zeroizing<[u8; 32]>,
+    pub public: PublicKey,
+    pub secret: Option<SecretKey>,
+}
+
+impl std::fmt::Debug for MasterKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MasterKeys(role={:?}, <redacted>)", self.role)
+    }
+}
+
+impl MasterKeys {
+    pub fn generate() -> MasterKeys {
+        let mut id_key = Zeroizing::new([0u8; 32]);
+        let mut meta_key = Zeroizing::new([0u8; 32]);
+        rand::RngCore::fill_bytes(&mut rand::rng(), id_key.as_mut());
+        rand::RngCore::fill_bytes(&mut rand::rng(), meta_key.as_mut());
+        let (secret, public) = crate::wrap::generate();
+        MasterKeys { role: Role::Restore, id_key, meta_key, public, secret: Some(secret) }
+    }
+
+    /// The same keys without the secret half: what a backup-role key file holds.
+    pub fn for_role(&self, role: Role) -> MasterKeys {
+        let mut k = self.clone();
+        k.role = role;
+        if role == Role::Backup {
+            k.secret = None;
+        }
+        k
+    }
+
+    pub fn chunk_id(&self, data: &[u8]) -> custos_model::ChunkId {
+        custos_model::ChunkId(custos_model::Id(*blake3::keyed_hash(&self.id_key, data).as_bytes()))
+    }
+
+    pub fn to_material(&self) -> KeyMaterial {
+        KeyMaterial {
+            role: self.role,
+            id_key: self.id_key.to_vec(),
+            meta_key: self.meta_key.to_vec(),
+            public: self.public.0.to_vec(),
+            secret: self.secret.as_ref().map(|s| s.0.to_vec()),
+        }
+    }
+
+    pub fn from_material(m: &KeyMaterial) -> custos_model::Result<MasterKeys> {
+        let bad = || custos_model::Error::integrity("key file holds malformed key material");
+        let arr = |v: &[u8]| -> custos_model::Result<[u8; 32]> { v.try_into().map_err(|_| bad()) };
+        let secret = match &m.secret {
+            Some(s) => Some(SecretKey(Zeroizing::new(arr(s)?))),
+            None => None,
+        };
+        let public = PublicKey(arr(&m.public)?);
+        if let Some(s) = &secret {
+            if s.public()? != public {
+                return Err(bad());
+            }
+        }
+        Ok(MasterKeys {
+            role: m.role,
+            id_key: Zeroizing::new(arr(&m.id_key)?),
+            meta_key: Zeroizing::new(arr(&m.meta_key)?),
+            public,
+            secret,
+        })
+    }
+}
+
+/// Serialized form of [`MasterKeys`], only ever stored sealed inside a key file.
+#[derive(Serialize, Deserialize, zeroize::ZeroizeOnDrop)]
+pub struct KeyMaterial {
+    #[zeroize(skip)]
+    pub role: Role,
+    #[serde(with = "b64")]
+    pub id_key: Vec<u8>,
+    #[serde(with = "b64")]
+    pub meta_key: Vec<u8>,
+    #[serde(with = "b64")]
+    pub public: Vec<u8>,
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Vec<u8>>,
+}
+
+pub mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => super::b64::serialize(v, s),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        use base64::Engine;
+        s.map(|s| base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}

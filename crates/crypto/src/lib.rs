@@ -1,0 +1,13 @@
+//! Cryptography of custos, with no I/O: password KDF (Argon2id), authenticated encryption
+//! (AES-256-GCM), public-key wrapping of data keys (HPKE, RFC 9180: X25519, HKDF-SHA256,
+//! AES-256-GCM) and keyed chunk ids (BLAKE3 keyed).
+//!
+//! Invariant: key material lives in [`zeroize`]-on-drop containers and never implements
+//! `Debug` or `Display` with its value.
+
+pub mod aead;
+pub mod kdf;
+pub mod keys;
+pub mod wrap;
+
+pub use keys::{MasterKeys, Role};

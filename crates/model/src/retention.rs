@@ -1,0 +1,207 @@
+//! Grandfather-father-son retention, computed and explained.
+//!
+//! The seed's cleanup script relied on a file-name pattern that never matched; here the
+//! decision for every snapshot is computed from its time, and each decision carries the
+//! reasons a person can read in `custos forget --dry-run`. The newest snapshot of a group
+//! is always kept, whatever the policy says: a policy can never empty a group.
+
+use chrono::{DateTime, Datelike, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+    #[serde(default)]
+    pub keep_yearly: u32,
+    /// Keep every snapshot younger than this, measured back from the group's newest
+    /// snapshot (not from now, so a stalled schedule does not expire the last good backups).
+    #[serde(default, with = "opt_duration")]
+    pub keep_within: Option<std::time::Duration>,
+}
+
+impl RetentionPolicy {
+    /// The seed's policy: 30 daily, 12 weekly, 12 monthly, 7 yearly.
+    pub fn seed_default() -> Self {
+        RetentionPolicy {
+            keep_last: 0,
+            keep_daily: 30,
+            keep_weekly: 12,
+            keep_monthly: 12,
+            keep_yearly: 7,
+            keep_within: None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keep_last == 0
+            && self.keep_daily == 0
+            && self.keep_weekly == 0
+            && self.keep_monthly == 0
+            && self.keep_yearly == 0
+            && self.keep_within.is_none()
+    }
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+/// One snapshot as retention sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate<T> {
+    pub item: T,
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision<T> {
+    pub item: T,
+    pub time: DateTime<Utc>,
+    pub keep: bool,
+    pub reasons: Vec<String>,
+}
+
+/// Decides, for one group of snapshots (same source), which are kept and why.
+/// Returns decisions newest first.
+pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -> Vec<Decision<T>> {
+    snaps.sort_by(|a, b| b.time.cmp(&a.time));
+    let newest = snaps.first().map(|c| c.time);
+    let mut out: Vec<Decision<T>> = snaps
+        .iter()
+        .map(|c| Decision { item: c.item.clone(), time: c.time, keep: false, reasons: vec![] })
+        .collect();
+
+    type Bucket = fn(&DateTime<Utc>) -> String;
+    let rules: [(&str, u32, Bucket); 4] = [
+        ("daily", policy.keep_daily, |t| t.format("%Y-%m-%d").to_string()),
+        ("weekly", policy.keep_weekly, |t| {
+            let w = t.iso_week();
+            format!("{}-W{:02}", w.year(), w.week())
+        }),
+        ("monthly", policy.keep_monthly, |t| t.format("%Y-%m").to_string()),
+        ("yearly", policy.keep_yearly, |t| t.format("%Y").to_string()),
+    ];
+    for (name, count, bucket) in rules {
+        let mut last: Option<String> = None;
+        let mut used = 0;
+        for d in out.iter_mut() {
+            if used >= count {
+                break;
+            }
+            let b = bucket(&d.time);
+            if last.as_deref() != Some(b.as_str()) {
+                d.keep = true;
+                d.reasons.push(format!("{name} snapshot for {b}"));
+                used += 1;
+                last = Some(b);
+            }
+        }
+    }
+    for (i, d) in out.iter_mut().enumerate() {
+        if (i as u32) < policy.keep_last {
+            d.keep = true;
+            d.reasons.push(format!("one of the last {}", policy.keep_last));
+        }
+        if let (Some(within), Some(newest)) = (policy.keep_within, newest) {
+            let age = (newest - d.time).to_std().unwrap_or_default();
+            if age <= within {
+                d.keep = true;
+                d.reasons.push(format!(
+                    "within {} of the newest snapshot",
+                    humantime::format_duration(within)
+                ));
+            }
+        }
+    }
+    if let Some(first) = out.first_mut() {
+        if !first.keep {
+            first.keep = true;
+            first.reasons.push("newest snapshot of its source (always kept)".into());
+        }
+    }
+    for d in out.iter_mut().filter(|d| !d.keep) {
+        d.reasons.push("matched no rule of the policy".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone};
+
+    fn series(days: i64, per_day: i64) -> Vec<Candidate<usize>> {
+        let start = Utc.with_ymd_and_hms(2024, 1, 1, 0, 30, 0).unwrap();
+        let mut v = vec![];
+        for d in 0..days {
+            for h in 0..per_day {
+                let t = start + Duration::days(d) + Duration::hours(h * 24 / per_day);
+                v.push(Candidate { item: v.len(), time: t });
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn seed_policy_over_three_years_of_hourly_backups() {
+        let snaps = series(3 * 366, 4);
+        let total = snaps.len();
+        let decisions = apply(&RetentionPolicy::seed_default(), snaps);
+        assert_eq!(decisions.len(), total);
+        let kept: Vec<_> = decisions.iter().filter(|d| d.keep).collect();
+        // 30 daily + weekly/monthly/yearly slots that fall outside the daily window; the
+        // newest of each day is what daily keeps, so overlaps collapse.
+        let days: std::collections::BTreeSet<_> =
+            kept.iter().map(|d| d.time.format("%Y-%m-%d").to_string()).collect();
+        assert_eq!(days.len(), kept.len(), "at most one kept per day");
+        assert!(kept.len() >= 30 + 12 - 5 && kept.len() <= 30 + 12 + 12 + 7);
+        let newest_day = decisions[0].time.date_naive();
+        for i in 0..30 {
+            let day = newest_day - Duration::days(i);
+            assert!(kept.iter().any(|d| d.time.date_naive() == day), "day {day} missing");
+        }
+        let years: std::collections::BTreeSet<_> = kept.iter().map(|d| d.time.year()).collect();
+        assert_eq!(years.len(), 4, "2024..2027 each have a yearly snapshot");
+        for d in decisions.iter().filter(|d| !d.keep) {
+            assert_eq!(d.reasons, vec!["matched no rule of the policy".to_string()]);
+        }
+    }
+
+    #[test]
+    fn newest_always_kept_and_within_measured_from_newest() {
+        let snaps = series(10, 1);
+        let policy = RetentionPolicy { keep_within: Some(std::time::Duration::from_secs(2 * 86400)), ..Default::default() };
+        let d = apply(&policy, snaps);
+        let kept: Vec<_> = d.iter().filter(|d| d.keep).map(|d| d.item).collect();
+        assert_eq!(kept, vec![9, 8, 7]);
+        let empty = apply(&RetentionPolicy::default(), series(3, 1));
+        assert_eq!(empty.iter().filter(|d| d.keep).count(), 1);
+        assert!(empty[0].reasons[0].contains("always kept"));
+    }
+
+    #[test]
+    fn policy_parses_from_toml_like_json() {
+        let p: RetentionPolicy = serde_json::from_str(r#"{"keep_daily":3,"keep_within":"7d"}"#).unwrap();
+        assert_eq!(p.keep_daily, 3);
+        assert_eq!(p.keep_within, Some(std::time::Duration::from_secs(7 * 86400)));
+        assert!(serde_json::from_str::<RetentionPolicy>(r#"{"keep_dayly":3}"#).is_err());
+    }
+}

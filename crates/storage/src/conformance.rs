@@ -1,0 +1,58 @@
+//! The conformance suite every backend must pass (restic's idea: one behaviour, checked the
+//! same way everywhere). Called from each backend's tests with a fresh, empty storage.
+
+use std::sync::Arc;
+
+use custos_model::Kind;
+
+use crate::{PutMode, PutOutcome, Storage};
+
+/// Runs every check; panics with the name of the first one that fails.
+pub fn run(s: Arc<dyn Storage>) {
+    let s = s.as_ref();
+    // Missing objects.
+    assert_eq!(s.size("data/00/missing").unwrap(), None, "size of missing object");
+    assert_eq!(s.get("data/00/missing").unwrap_err().kind, Kind::NotFound, "get of missing object");
+    s.delete("data/00/missing").expect("deleting a missing object succeeds");
+    assert!(s.list("snapshots").unwrap().is_empty(), "listing an empty folder");
+
+    // Write, read back whole and by range.
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(s.put("data/ab/obj1", &data, PutMode::CreateOnly).unwrap(), PutOutcome::Created);
+    assert_eq!(s.get("data/ab/obj1").unwrap(), data);
+    assert_eq!(s.get_range("data/ab/obj1", 1000, 5000).unwrap(), &data[1000..6000]);
+    assert_eq!(s.size("data/ab/obj1").unwrap(), Some(data.len() as u64));
+    assert!(s.get_range("data/ab/obj1", 99_000, 5000).is_err(), "range past the end is an error");
+
+    // Create-only never replaces.
+    assert_eq!(s.put("data/ab/obj1", b"other", PutMode::CreateOnly).unwrap(), PutOutcome::AlreadyExists);
+    assert_eq!(s.get("data/ab/obj1").unwrap(), data, "create-only must not replace");
+    // Overwrite replaces.
+    s.put("locks/l1", b"v1", PutMode::Overwrite).unwrap();
+    s.put("locks/l1", b"v2", PutMode::Overwrite).unwrap();
+    assert_eq!(s.get("locks/l1").unwrap(), b"v2");
+
+    // Empty objects.
+    s.put("keys/empty", b"", PutMode::CreateOnly).unwrap();
+    assert_eq!(s.get("keys/empty").unwrap(), b"");
+
+    // Listing is recursive, relative to the root, and sees sizes.
+    s.put("data/cd/obj2", b"xyz", PutMode::CreateOnly).unwrap();
+    let l = s.list("data").unwrap();
+    let names: Vec<_> = l.iter().map(|e| (e.path.as_str(), e.size)).collect();
+    assert_eq!(names, vec![("data/ab/obj1", 100_000), ("data/cd/obj2", 3)]);
+
+    // Concurrent create-only: exactly one writer wins.
+    let wins = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| sc.spawn(move || s.put("locks/race", format!("w{i}").as_bytes(), PutMode::CreateOnly).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).filter(|o| *o == PutOutcome::Created).count()
+    });
+    assert_eq!(wins, 1, "exactly one concurrent create-only write succeeds");
+
+    // Delete.
+    s.delete("data/cd/obj2").unwrap();
+    assert_eq!(s.size("data/cd/obj2").unwrap(), None);
+    assert_eq!(s.list("data").unwrap().len(), 1);
+}

@@ -1,0 +1,57 @@
+//! Fault injection for crash-safety tests: a decorator that kills the process with SIGKILL
+//! right before its N-th mutating storage operation. SIGKILL cannot be caught, so what is
+//! on storage afterwards is exactly what a power cut or OOM kill would leave. Enabled only
+//! by `CUSTOS_TEST_KILL_BEFORE_WRITE=N`, which the CLI reads and documents as a test hook.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use custos_model::Result;
+
+use crate::{DynStorage, Entry, PutMode, PutOutcome, Storage};
+
+pub struct KillBeforeWrite {
+    inner: DynStorage,
+    remaining: AtomicU64,
+}
+
+impl KillBeforeWrite {
+    pub fn new(inner: DynStorage, n: u64) -> Self {
+        KillBeforeWrite { inner, remaining: AtomicU64::new(n) }
+    }
+
+    fn tick(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // SAFETY-free: libc::kill on our own pid with a valid signal number.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
+}
+
+impl Storage for KillBeforeWrite {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        self.tick();
+        self.inner.put(path, data, mode)
+    }
+    fn get(&self, path: &str) -> Result<Vec<u8>> {
+        self.inner.get(path)
+    }
+    fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.inner.get_range(path, offset, len)
+    }
+    fn size(&self, path: &str) -> Result<Option<u64>> {
+        self.inner.size(path)
+    }
+    fn list(&self, dir: &str) -> Result<Vec<Entry>> {
+        self.inner.list(dir)
+    }
+    fn delete(&self, path: &str) -> Result<()> {
+        self.tick();
+        self.inner.delete(path)
+    }
+}

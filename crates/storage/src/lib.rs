@@ -1,0 +1,53 @@
+//! Storage moves opaque bytes by path and never sees a key.
+//!
+//! Every backend implements [`Storage`]; one conformance suite ([`conformance`]) runs
+//! against each of them. The repository layer above decides names and write order; this
+//! layer guarantees that a successful `put` is durable and that a `CreateOnly` put never
+//! replaces an object that exists (the base of write-once objects and of locks).
+
+pub mod conformance;
+pub mod fault;
+pub mod local;
+pub mod remote;
+pub mod url;
+
+use custos_model::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Fails with [`PutOutcome::AlreadyExists`] if the path exists; atomic where the
+    /// backend supports it (link(2) locally, `If-None-Match: *` on S3).
+    CreateOnly,
+    /// Replaces any existing object atomically.
+    Overwrite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    AlreadyExists,
+}
+
+/// A listed object: path relative to the listed folder's parent root, and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    pub size: u64,
+}
+
+pub trait Storage: Send + Sync {
+    /// Where this storage is, for messages (never includes credentials).
+    fn location(&self) -> String;
+    fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;
+    /// Whole object. A missing object is an error of kind `NotFound`.
+    fn get(&self, path: &str) -> Result<Vec<u8>>;
+    fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Size of an object, or `None` if it does not exist.
+    fn size(&self, path: &str) -> Result<Option<u64>>;
+    /// Every object under `dir` (recursively), with paths relative to the storage root.
+    fn list(&self, dir: &str) -> Result<Vec<Entry>>;
+    /// Removes an object; removing a missing object succeeds.
+    fn delete(&self, path: &str) -> Result<()>;
+}
+
+pub type DynStorage = std::sync::Arc<dyn Storage>;

@@ -1,0 +1,171 @@
+//! Local file-system storage.
+//!
+//! Written with `std::fs` rather than OpenDAL's `fs` service because durability and access
+//! rules need what that service does not do (see docs/adr/0002-local-storage.md): files are
+//! created 0600 and folders 0700 whatever the umask; every write goes to a temp file in
+//! `.tmp/`, is fsynced, then renamed (or hard-linked, for create-only writes, so that two
+//! racing writers cannot both succeed) and the folder is fsynced.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use custos_model::{Error, Kind, Result};
+
+use crate::{Entry, PutMode, PutOutcome, Storage};
+
+pub const TEMP_DIR: &str = ".tmp";
+
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    let kind = match e.kind() {
+        ErrorKind::NotFound => Kind::NotFound,
+        _ => Kind::Storage,
+    };
+    let hint = match e.kind() {
+        ErrorKind::PermissionDenied => "check that the user running custos owns the repository folder",
+        ErrorKind::NotFound => "the object is missing from the repository",
+        _ => "check free space and the health of the disk holding the repository",
+    };
+    Error::new(kind, format!("{}: {e}", path.display())).hint(hint)
+}
+
+impl LocalStorage {
+    pub fn new(root: impl Into<PathBuf>) -> LocalStorage {
+        LocalStorage { root: root.into() }
+    }
+
+    fn path(&self, p: &str) -> Result<PathBuf> {
+        if p.split('/').any(|c| c == ".." || c.is_empty()) {
+            return Err(Error::internal(format!("invalid storage path `{p}`")));
+        }
+        Ok(self.root.join(p))
+    }
+
+    fn mkdirs(&self, dir: &Path) -> Result<()> {
+        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io_err(dir, e))
+    }
+
+    fn sync_dir(dir: &Path) -> Result<()> {
+        File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io_err(dir, e))
+    }
+}
+
+impl Storage for LocalStorage {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        let target = self.path(path)?;
+        let parent = target.parent().expect("joined path has a parent").to_path_buf();
+        let tmpdir = self.root.join(TEMP_DIR);
+        self.mkdirs(&parent)?;
+        self.mkdirs(&tmpdir)?;
+        let tmp = tmpdir.join(format!("{}-{:016x}", std::process::id(), rand_u64()));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&tmp, e));
+        }
+        let outcome = match mode {
+            PutMode::Overwrite => {
+                fs::rename(&tmp, &target).map_err(|e| io_err(&target, e))?;
+                PutOutcome::Created
+            }
+            PutMode::CreateOnly => {
+                let r = fs::hard_link(&tmp, &target);
+                let _ = fs::remove_file(&tmp);
+                match r {
+                    Ok(()) => PutOutcome::Created,
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(PutOutcome::AlreadyExists),
+                    Err(e) => return Err(io_err(&target, e)),
+                }
+            }
+        };
+        Self::sync_dir(&parent)?;
+        Ok(outcome)
+    }
+
+    fn get(&self, path: &str) -> Result<Vec<u8>> {
+        let p = self.path(path)?;
+        fs::read(&p).map_err(|e| io_err(&p, e))
+    }
+
+    fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let p = self.path(path)?;
+        let read = || -> std::io::Result<Vec<u8>> {
+            let mut f = File::open(&p)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::with_capacity(len as usize);
+            f.take(len).read_to_end(&mut buf)?;
+            Ok(buf)
+        };
+        let buf = read().map_err(|e| io_err(&p, e))?;
+        if buf.len() as u64 != len {
+            return Err(Error::integrity(format!(
+                "{}: expected {len} bytes at offset {offset}, the object is shorter",
+                p.display()
+            )));
+        }
+        Ok(buf)
+    }
+
+    fn size(&self, path: &str) -> Result<Option<u64>> {
+        let p = self.path(path)?;
+        match fs::metadata(&p) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&p, e)),
+        }
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<Entry>> {
+        let base = self.path(dir)?;
+        let mut out = vec![];
+        let mut stack = vec![base];
+        while let Some(d) = stack.pop() {
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&d, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| io_err(&d, e))?;
+                let meta = ent.metadata().map_err(|e| io_err(&ent.path(), e))?;
+                if meta.is_dir() {
+                    stack.push(ent.path());
+                } else {
+                    let rel = ent.path().strip_prefix(&self.root).expect("under root").to_string_lossy().into_owned();
+                    out.push(Entry { path: rel, size: meta.len() });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    fn delete(&self, path: &str) -> Result<()> {
+        let p = self.path(path)?;
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&p, e)),
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish()
+}

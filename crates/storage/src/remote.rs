@@ -1,0 +1,214 @@
+//! Object stores through OpenDAL: S3 and S3-compatible stores (SeaweedFS, Ceph, MinIO),
+//! and any other OpenDAL service compiled in (Vercel Blob, Azure Blob).
+//!
+//! The rest of custos is thread-based; this adapter owns a small tokio runtime and blocks
+//! on it, so callers stay synchronous and several threads can run requests at once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use custos_model::{Error, Kind, Result};
+use futures::TryStreamExt;
+use opendal::layers::{RetryLayer, TimeoutLayer};
+use opendal::{ErrorKind as OdKind, Operator};
+
+use crate::{Entry, PutMode, PutOutcome, Storage};
+
+/// S3 settings. Credentials are only ever read from the config file or the environment by
+/// the CLI, never from arguments.
+#[derive(Clone, Default)]
+pub struct S3Options {
+    pub bucket: String,
+    pub root: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("bucket", &self.bucket)
+            .field("root", &self.root)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+pub struct RemoteStorage {
+    op: Operator,
+    rt: tokio::runtime::Runtime,
+    location: String,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::internal(format!("cannot start I/O runtime: {e}")))
+}
+
+fn layered(op: Operator) -> Operator {
+    op.layer(TimeoutLayer::new().with_timeout(Duration::from_secs(60)).with_io_timeout(Duration::from_secs(30)))
+        .layer(RetryLayer::new().with_max_times(3).with_min_delay(Duration::from_millis(100)).with_max_delay(Duration::from_secs(2)).with_jitter())
+}
+
+impl RemoteStorage {
+    pub fn s3(o: &S3Options) -> Result<RemoteStorage> {
+        let mut b = opendal::services::S3::default()
+            .bucket(&o.bucket)
+            .root(&format!("/{}", o.root.trim_matches('/')))
+            .region(o.region.as_deref().unwrap_or("us-east-1"))
+            .disable_config_load()
+            .disable_ec2_metadata();
+        if let Some(e) = &o.endpoint {
+            b = b.endpoint(e);
+        }
+        if let Some(k) = &o.access_key_id {
+            b = b.access_key_id(k);
+        }
+        if let Some(k) = &o.secret_access_key {
+            b = b.secret_access_key(k);
+        }
+        if let Some(t) = &o.session_token {
+            b = b.session_token(t);
+        }
+        if o.access_key_id.is_none() {
+            b = b.allow_anonymous();
+        }
+        let op = Operator::new(b).map_err(|e| config_err("s3", e))?.finish();
+        let location = format!(
+            "s3://{}/{}{}",
+            o.bucket,
+            o.root.trim_matches('/'),
+            o.endpoint.as_deref().map(|e| format!(" at {e}")).unwrap_or_default()
+        );
+        Ok(RemoteStorage { op: layered(op), rt: runtime()?, location })
+    }
+
+    /// Any OpenDAL service by scheme name, configured by key/value options.
+    pub fn service(scheme: &str, options: HashMap<String, String>) -> Result<RemoteStorage> {
+        let s: opendal::Scheme = scheme
+            .parse()
+            .map_err(|_| Error::config(format!("unknown storage scheme `{scheme}`")))?;
+        let op = Operator::via_iter(s, options).map_err(|e| config_err(scheme, e))?;
+        Ok(RemoteStorage { op: layered(op), rt: runtime()?, location: format!("{scheme}://") })
+    }
+
+    fn err(&self, path: &str, e: opendal::Error) -> Error {
+        map_err(&self.location, path, e)
+    }
+}
+
+fn config_err(scheme: &str, e: opendal::Error) -> Error {
+    Error::config(format!("cannot configure {scheme} storage: {}", e.kind())).hint("check the storage settings in custos.toml")
+}
+
+pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
+    match e.kind() {
+        OdKind::NotFound => Error::new(Kind::NotFound, format!("{location}: `{path}` does not exist")),
+        OdKind::PermissionDenied => Error::new(
+            Kind::Storage,
+            format!("{location}: access to `{path}` was denied"),
+        )
+        .hint("check the access key and secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or custos.toml) and the bucket policy"),
+        OdKind::ConfigInvalid => Error::config(format!("{location}: invalid storage configuration: {e}")),
+        _ => {
+            let detail = e.to_string();
+            let denied = detail.contains("SignatureDoesNotMatch")
+                || detail.contains("InvalidAccessKeyId")
+                || detail.contains("AccessDenied")
+                || detail.contains("403");
+            if denied {
+                Error::new(Kind::Storage, format!("{location}: the store refused the credentials"))
+                    .hint("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the [storage] section of custos.toml)")
+            } else {
+                Error::new(Kind::Storage, format!("{location}: cannot reach the store while accessing `{path}` ({})", e.kind()))
+                    .hint("check the endpoint URL and that the object store is running and reachable; then retry")
+            }
+        }
+    }
+}
+
+impl Storage for RemoteStorage {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        let data = data.to_vec();
+        let r = self.rt.block_on(async {
+            match mode {
+                PutMode::Overwrite => self.op.write(path, data).await,
+                PutMode::CreateOnly => self.op.write_with(path, data).if_not_exists(true).await,
+            }
+        });
+        match r {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) if e.kind() == OdKind::ConditionNotMatch => Ok(PutOutcome::AlreadyExists),
+            Err(e) => Err(self.err(path, e)),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<Vec<u8>> {
+        self.rt
+            .block_on(self.op.read(path))
+            .map(|b| b.to_vec())
+            .map_err(|e| self.err(path, e))
+    }
+
+    fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let buf = self
+            .rt
+            .block_on(async { self.op.read_with(path).range(offset..offset + len).await })
+            .map(|b| b.to_vec())
+            .map_err(|e| self.err(path, e))?;
+        if buf.len() as u64 != len {
+            return Err(Error::integrity(format!("{}: `{path}` is shorter than indexed", self.location)));
+        }
+        Ok(buf)
+    }
+
+    fn size(&self, path: &str) -> Result<Option<u64>> {
+        match self.rt.block_on(self.op.stat(path)) {
+            Ok(m) => Ok(Some(m.content_length())),
+            Err(e) if e.kind() == OdKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(path, e)),
+        }
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<Entry>> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        let r: std::result::Result<Vec<Entry>, opendal::Error> = self.rt.block_on(async {
+            let mut lister = self.op.lister_with(&prefix).recursive(true).await?;
+            let mut out = vec![];
+            while let Some(e) = lister.try_next().await? {
+                if e.metadata().is_dir() {
+                    continue;
+                }
+                out.push(Entry { path: e.path().trim_start_matches('/').to_string(), size: e.metadata().content_length() });
+            }
+            Ok(out)
+        });
+        match r {
+            Ok(mut v) => {
+                v.sort_by(|a, b| a.path.cmp(&b.path));
+                Ok(v)
+            }
+            Err(e) if e.kind() == OdKind::NotFound => Ok(vec![]),
+            Err(e) => Err(self.err(dir, e)),
+        }
+    }
+
+    fn delete(&self, path: &str) -> Result<()> {
+        match self.rt.block_on(self.op.delete(path)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == OdKind::NotFound => Ok(()),
+            Err(e) => Err(self.err(path, e)),
+        }
+    }
+}

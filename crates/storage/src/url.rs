@@ -1,0 +1,81 @@
+//! Repository locations: a local path (the default), `s3://bucket/prefix`, or
+//! `<scheme>://` for another OpenDAL service configured in custos.toml.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use custos_model::{Error, Result};
+
+use crate::local::LocalStorage;
+use crate::remote::{RemoteStorage, S3Options};
+use crate::DynStorage;
+
+#[derive(Debug, Clone)]
+pub enum Location {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+    Service { scheme: String, root: String },
+}
+
+impl Location {
+    pub fn parse(url: &str) -> Result<Location> {
+        if url.is_empty() {
+            return Err(Error::config("the repository location is empty"));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::config(format!("`{url}` names no bucket; use s3://BUCKET/PREFIX")));
+            }
+            return Ok(Location::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
+        }
+        if let Some(rest) = url.strip_prefix("file://") {
+            return Ok(Location::Local(PathBuf::from(rest)));
+        }
+        if let Some((scheme, rest)) = url.split_once("://") {
+            return Ok(Location::Service { scheme: scheme.into(), root: rest.into() });
+        }
+        Ok(Location::Local(PathBuf::from(url)))
+    }
+}
+
+/// Everything needed to open a location; filled by the CLI from config and environment.
+#[derive(Debug, Clone, Default)]
+pub struct StorageOptions {
+    pub s3: S3Options,
+    /// Extra options for other OpenDAL services (`[storage.options]` in custos.toml).
+    pub service: HashMap<String, String>,
+}
+
+pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
+    Ok(match loc {
+        Location::Local(p) => Arc::new(LocalStorage::new(p.clone())),
+        Location::S3 { bucket, prefix } => {
+            let mut o = opts.s3.clone();
+            o.bucket = bucket.clone();
+            o.root = prefix.clone();
+            Arc::new(RemoteStorage::s3(&o)?)
+        }
+        Location::Service { scheme, root } => {
+            let mut o = opts.service.clone();
+            o.entry("root".into()).or_insert_with(|| root.clone());
+            Arc::new(RemoteStorage::service(scheme, o)?)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn parses_locations() {
+        assert!(matches!(Location::parse("/var/backups/repo").unwrap(), Location::Local(_)));
+        match Location::parse("s3://bucket/a/b/").unwrap() {
+            Location::S3 { bucket, prefix } => assert_eq!((bucket.as_str(), prefix.as_str()), ("bucket", "a/b")),
+            other => panic!("{other:?}"),
+        }
+        assert!(Location::parse("s3:///x").is_err());
+        assert!(matches!(Location::parse("vercel_blob://docs").unwrap(), Location::Service { .. }));
+    }
+}

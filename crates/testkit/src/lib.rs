@@ -1,0 +1,107 @@
+//! Test harness: real services started on 127.0.0.1 for integration tests.
+//!
+//! [`S3Server`] runs SeaweedFS (`weed mini`, installed by `scripts/setup.sh` into
+//! `.tools/seaweedfs`) on free ports in a temp dir, with credentials checked, and kills it
+//! when dropped. Nothing here is a mock: tests talk S3 to a real server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ACCESS_KEY: &str = "custos-test-key";
+pub const SECRET_KEY: &str = "custos-test-secret-0123456789";
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn weed_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("CUSTOS_WEED") {
+        return PathBuf::from(p);
+    }
+    let p = workspace_root().join(".tools/seaweedfs/bin/weed");
+    assert!(p.exists(), "SeaweedFS not installed at {}: run scripts/setup.sh", p.display());
+    p
+}
+
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+    filer: String,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds.json");
+        std::fs::write(
+            &creds,
+            format!(
+                r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let ports: Vec<u16> = (0..16).map(|_| free_port()).collect();
+        let flags = [
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
+            "admin.port", "admin.port.grpc", "metricsPort", "s3.metricsPort",
+        ];
+        let mut cmd = Command::new(weed_binary());
+        cmd.arg("mini")
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-s3.autoCreateBucket=false"])
+            .arg(format!("-s3.config={}", creds.display()));
+        for (f, p) in flags.iter().zip(&ports) {
+            cmd.arg(format!("-{f}={p}"));
+        }
+        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+        let child = cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().expect("start weed");
+        let s3 = ports[6];
+        let filer = ports[4];
+        let server = S3Server { child, endpoint: format!("http://127.0.0.1:{s3}"), filer: format!("127.0.0.1:{filer}"), _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if http(&server.filer, "GET", "/buckets/").is_some() && http(&format!("127.0.0.1:{s3}"), "GET", "/").is_some() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = std::fs::read_to_string(server._dir.path().join("weed.log")).unwrap_or_default();
+        panic!("SeaweedFS did not start within 60 s:\n{log}");
+    }
+
+    /// Creates a bucket (through the filer, which keeps buckets under /buckets).
+    pub fn create_bucket(&self, name: &str) {
+        let code = http(&self.filer, "POST", &format!("/buckets/{name}/?op=mkdir")).expect("filer reachable");
+        assert!(code.starts_with("HTTP/1.1 20"), "bucket creation answered {code}");
+        // The S3 gateway learns of new buckets asynchronously.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal HTTP/1.1 request without a client crate; returns the status line.
+fn http(addr: &str, method: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.lines().next().map(str::to_string)
+}
