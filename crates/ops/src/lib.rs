@@ -1,1 +1,14 @@
+//! Operations: backup, restore, verify, forget and prune. Destructive operations are a
+//! plan first (`ForgetPlan`, `PrunePlan`), printable with `--dry-run`, then carried out.
+//! Every operation returns a `*Report` that the CLI prints as text or JSON.
 
+pub mod backup;
+pub mod cache;
+pub mod forget;
+pub mod manifest;
+pub mod progress;
+pub mod prune;
+pub mod restore;
+pub mod verify;
+
+pub use progress::{NoProgress, Progress};

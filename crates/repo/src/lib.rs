@@ -1,1 +1,53 @@
+//! The repository: the only writer of repository objects.
+//!
+//! It owns the object names, the encodings (`format`), the write order (packs, then the
+//! index that points at them, then the snapshot that references their chunks) and the
+//! delete order (prune removes a pack from the index before deleting it). Storage below
+//! sees only ciphertext; callers above see chunks, snapshots and reports.
 
+pub mod format;
+pub mod index;
+pub mod keyfile;
+pub mod lock;
+pub mod pack;
+pub mod repository;
+pub mod snapshot;
+pub mod writer;
+
+pub use index::{BlobKind, BlobLoc, Index};
+pub use repository::{OpenOptions, Repository};
+pub use snapshot::{Snapshot, SnapshotBody, SnapshotSummary};
+pub use writer::{BlobWriter, WriteStats};
+
+/// Object folders in storage.
+pub mod paths {
+    use custos_model::{IndexId, KeyId, LockId, PackId, SnapshotId};
+
+    pub const CONFIG: &str = "config";
+    pub const KEYS: &str = "keys";
+    pub const DATA: &str = "data";
+    pub const INDEX: &str = "index";
+    pub const SNAPSHOTS: &str = "snapshots";
+    pub const LOCKS: &str = "locks";
+
+    pub fn pack(id: &PackId) -> String {
+        let h = id.to_hex();
+        format!("{DATA}/{}/{h}", &h[..2])
+    }
+    pub fn index(id: &IndexId) -> String {
+        format!("{INDEX}/{id}")
+    }
+    pub fn snapshot(id: &SnapshotId) -> String {
+        format!("{SNAPSHOTS}/{id}")
+    }
+    pub fn key(id: &KeyId) -> String {
+        format!("{KEYS}/{id}")
+    }
+    pub fn lock(id: &LockId) -> String {
+        format!("{LOCKS}/{id}")
+    }
+    /// The id part of a listed path (`data/ab/abcd...` -> `abcd...`).
+    pub fn id_of(path: &str) -> Option<custos_model::Id> {
+        path.rsplit('/').next()?.parse().ok()
+    }
+}

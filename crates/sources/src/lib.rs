@@ -1,1 +1,5 @@
+//! Backup sources: what is read, never how it is stored. Sources walk folder trees and run
+//! commands; they do not chunk, encrypt or decide retention.
 
+pub mod files;
+pub mod stream;

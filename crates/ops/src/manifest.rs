@@ -1,0 +1,35 @@
+//! Manifests: the entries of a file snapshot as JSON lines, cut by the CDC chunker and
+//! stored as tree blobs, so that an unchanged part of a large tree deduplicates between
+//! snapshots.
+
+use custos_model::{ChunkId, Error, Result};
+use custos_repo::{BlobKind, BlobWriter, Index, Repository};
+use custos_sources::files::Entry;
+
+pub fn store(repo: &Repository, writer: &BlobWriter, entries: &[Entry]) -> Result<Vec<ChunkId>> {
+    let mut buf = Vec::with_capacity(entries.len() * 160);
+    for e in entries {
+        serde_json::to_writer(&mut buf, e).expect("serializable");
+        buf.push(b'\n');
+    }
+    let mut ids = vec![];
+    for chunk in repo.config.chunker.split(&buf[..], Some(buf.len() as u64), repo.cdc_seed()) {
+        let chunk = chunk.map_err(|e| Error::internal(e.to_string()))?;
+        let id = repo.keys.chunk_id(&chunk);
+        writer.add(id, BlobKind::Tree, chunk)?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+pub fn load(repo: &Repository, index: &Index, chunks: &[ChunkId]) -> Result<Vec<Entry>> {
+    let mut buf = Vec::new();
+    for id in chunks {
+        buf.extend_from_slice(&repo.read_blob(index, id)?);
+    }
+    let mut out = vec![];
+    for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        out.push(serde_json::from_slice(line).map_err(|e| Error::integrity(format!("manifest entry is malformed: {e}")))?);
+    }
+    Ok(out)
+}

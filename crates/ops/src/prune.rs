@@ -1,0 +1,163 @@
+//! Prune: removes data no snapshot references, in two phases.
+//!
+//! The plan is computed under the exclusive lock (no writer is running, so a pack missing
+//! from the index is garbage from an interrupted run, never data a backup is about to
+//! reference). Execution keeps restic's order: repacked chunks are written to new packs;
+//! a new index naming every kept and new pack is written; only then are the old index
+//! objects deleted, and only then the packs no index names. Killed at any point, the
+//! repository stays valid: at worst it holds extra packs or duplicate index entries, which
+//! the next prune removes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use custos_model::{ChunkId, IndexId, PackId, Result};
+use custos_repo::index::Index;
+use custos_repo::{paths, Repository};
+use serde::Serialize;
+
+use crate::progress::Progress;
+
+/// A partly used pack is rewritten when more than this fraction of it is unused.
+pub const MAX_UNUSED: f64 = 0.2;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PrunePlan {
+    pub snapshots: u64,
+    pub packs: u64,
+    pub chunks_used: u64,
+    pub chunks_unused: u64,
+    pub packs_delete: Vec<PackId>,
+    pub packs_repack: Vec<PackId>,
+    /// Packs in storage that no index names (left by an interrupted run).
+    pub packs_unindexed: Vec<PackId>,
+    pub bytes_freed_estimate: u64,
+    #[serde(skip)]
+    pub index_files: Vec<IndexId>,
+    #[serde(skip)]
+    used: HashSet<ChunkId>,
+    pub temp_files: Vec<String>,
+}
+
+impl PrunePlan {
+    pub fn is_empty(&self) -> bool {
+        self.packs_delete.is_empty() && self.packs_repack.is_empty() && self.packs_unindexed.is_empty() && self.temp_files.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PruneReport {
+    pub packs_deleted: u64,
+    pub packs_written: u64,
+    pub chunks_repacked: u64,
+    pub bytes_deleted: u64,
+}
+
+pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
+    let snapshots = repo.snapshots()?;
+    let mut used: HashSet<ChunkId> = HashSet::new();
+    for s in &snapshots {
+        // Any unreadable snapshot stops prune: deleting on incomplete knowledge loses data.
+        let body = repo.snapshot_body(&s.id).map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
+        used.extend(&body.manifest);
+        used.extend(&body.stream);
+        if !body.manifest.is_empty() {
+            let entries = crate::manifest::load(repo, index, &body.manifest)
+                .map_err(|e| e.context(format!("prune cannot read the manifest of snapshot {}", s.id.short())))?;
+            used.extend(entries.into_iter().flat_map(|e| e.chunks));
+        }
+    }
+    let mut p = PrunePlan { snapshots: snapshots.len() as u64, packs: index.packs.len() as u64, index_files: index.files.clone(), ..Default::default() };
+    for (pack, blobs) in index.by_pack() {
+        let size = index.pack(&pack).map(|m| m.size).unwrap_or(0);
+        let unused_bytes: u64 = blobs.iter().filter(|(id, _)| !used.contains(id)).map(|(_, l)| u64::from(l.length)).sum();
+        let n_used = blobs.iter().filter(|(id, _)| used.contains(id)).count() as u64;
+        p.chunks_used += n_used;
+        p.chunks_unused += blobs.len() as u64 - n_used;
+        if n_used == 0 {
+            p.packs_delete.push(pack);
+            p.bytes_freed_estimate += size;
+        } else if unused_bytes as f64 > MAX_UNUSED * size as f64 {
+            p.packs_repack.push(pack);
+            p.bytes_freed_estimate += unused_bytes;
+        }
+    }
+    for e in repo.storage.list(paths::DATA)? {
+        if let Some(id) = paths::id_of(&e.path) {
+            if index.pack(&PackId(id)).is_none() {
+                p.packs_unindexed.push(PackId(id));
+                p.bytes_freed_estimate += e.size;
+            }
+        }
+    }
+    p.temp_files = repo.storage.list(custos_storage::local::TEMP_DIR)?.into_iter().map(|e| e.path).collect();
+    p.packs_delete.sort();
+    p.packs_repack.sort();
+    p.packs_unindexed.sort();
+    p.used = used;
+    Ok(p)
+}
+
+/// Computes the plan under the exclusive lock and, unless `dry_run`, carries it out.
+pub fn prune(repo: &Repository, dry_run: bool, progress: &dyn Progress) -> Result<(PrunePlan, Option<PruneReport>)> {
+    repo.require_restore("prune")?;
+    let _lock = repo.lock(!dry_run, "prune")?;
+    let index = repo.load_index()?;
+    let plan = plan(repo, &index)?;
+    if dry_run || plan.is_empty() {
+        return Ok((plan, None));
+    }
+    let report = execute(repo, &index, &plan, progress)?;
+    Ok((plan, Some(report)))
+}
+
+fn execute(repo: &Repository, index: &Index, plan: &PrunePlan, progress: &dyn Progress) -> Result<PruneReport> {
+    let mut report = PruneReport::default();
+    let drop: HashSet<PackId> = plan.packs_delete.iter().chain(&plan.packs_repack).copied().collect();
+    let keep: HashSet<PackId> = index.packs.iter().map(|p| p.id).filter(|id| !drop.contains(id)).collect();
+    let mut kept = Index::default();
+    for p in index.to_files(Some(&keep)).packs {
+        kept.add_pack(&p);
+    }
+    let kept = Arc::new(kept);
+
+    // 1. Repack the used chunks of sparse packs into new packs.
+    let writer = repo.writer(kept.clone());
+    let by_pack = index.by_pack();
+    progress.start("repack", Some(plan.packs_repack.len() as u64));
+    for pack in &plan.packs_repack {
+        for (id, loc) in &by_pack[pack] {
+            if plan.used.contains(id) && !kept.contains(id) {
+                let data = repo.read_blob(index, id)?;
+                if writer.add(*id, loc.kind, data)? {
+                    report.chunks_repacked += 1;
+                }
+            }
+        }
+        progress.add(1);
+    }
+    progress.finish();
+    let (new_packs, ws) = writer.finish()?;
+    report.packs_written = ws.packs;
+
+    // 2. One new index naming every pack that stays; 3. then the old index objects go.
+    let mut all = kept.to_files(None).packs;
+    all.extend(new_packs);
+    let new_index = repo.write_index(all)?;
+    for old in &plan.index_files {
+        if Some(*old) != new_index {
+            repo.storage.delete(&paths::index(old))?;
+        }
+    }
+    // 4. Only now delete packs that no index names.
+    for pack in plan.packs_delete.iter().chain(&plan.packs_repack).chain(&plan.packs_unindexed) {
+        let size = repo.storage.size(&paths::pack(pack))?.unwrap_or(0);
+        repo.storage.delete(&paths::pack(pack))?;
+        report.packs_deleted += 1;
+        report.bytes_deleted += size;
+    }
+    for t in &plan.temp_files {
+        repo.storage.delete(t)?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,77 @@
+//! Encodings shared by several objects: the repository config, sealed JSON, base64 fields.
+//! The normative description is docs/format.md; this module and that document change
+//! together.
+
+use chrono::{DateTime, Utc};
+use custos_chunk::ChunkerParams;
+use custos_model::{Error, RepoId, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_NAME: &str = "custos-repository";
+pub const FORMAT_VERSION: u32 = 1;
+/// Default target size of a pack: restic's default, a good S3 object size, and small
+/// enough that packers and upload queues stay well under the memory budget.
+pub const DEFAULT_PACK_SIZE: u64 = 16 << 20;
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// The `config` object: plaintext JSON, holds no secret, written once at `init`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    pub format: String,
+    pub version: u32,
+    pub id: RepoId,
+    pub created: DateTime<Utc>,
+    /// Chunker for files and streams.
+    pub chunker: ChunkerParams,
+    /// Chunker for database files (page-aligned fixed blocks).
+    pub block_chunker: ChunkerParams,
+    pub pack_size: u64,
+}
+
+impl RepoConfig {
+    pub fn parse(bytes: &[u8]) -> Result<RepoConfig> {
+        #[derive(Deserialize)]
+        struct Probe {
+            format: String,
+            version: u32,
+        }
+        let probe: Probe = serde_json::from_slice(bytes)
+            .map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))?;
+        if probe.format != FORMAT_NAME {
+            return Err(Error::integrity(format!("this is not a custos repository (format `{}`)", probe.format)));
+        }
+        if probe.version != FORMAT_VERSION {
+            return Err(Error::config(format!(
+                "repository format version {} is not supported by this custos (supports {FORMAT_VERSION})",
+                probe.version
+            ))
+            .hint("use a custos release that supports this repository version"));
+        }
+        serde_json::from_slice(bytes).map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))
+    }
+}
+
+/// zstd-compressed JSON.
+pub fn to_zjson<T: Serialize>(v: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(v).expect("serializable");
+    zstd::bulk::compress(&json, ZSTD_LEVEL).expect("zstd compress in memory")
+}
+
+pub fn from_zjson<T: DeserializeOwned>(data: &[u8], what: &str) -> Result<T> {
+    let json = zstd::stream::decode_all(data).map_err(|e| Error::integrity(format!("{what}: cannot decompress: {e}")))?;
+    serde_json::from_slice(&json).map_err(|e| Error::integrity(format!("{what}: malformed content: {e}")))
+}
+
+pub mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,86 @@
+//! Key files: the repository's key material sealed under a password.
+//!
+//! `keys/<key id>` is JSON with the Argon2id parameters and `data`, the AES-256-GCM
+//! sealing (AAD = the key id) of the key material and the repository id. The role written
+//! in clear is for listing only; the sealed role is authoritative. A key file copied from
+//! another repository is refused because the sealed repository id differs.
+
+use chrono::{DateTime, Utc};
+use custos_crypto::kdf::KdfParams;
+use custos_crypto::keys::KeyMaterial;
+use custos_crypto::{aead, MasterKeys, Role};
+use custos_model::{Error, KeyId, RepoId, Result};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::format::b64;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyFile {
+    pub version: u32,
+    pub id: KeyId,
+    pub role: Role,
+    pub created: DateTime<Utc>,
+    pub host: String,
+    pub user: String,
+    pub kdf: KdfParams,
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    repo: RepoId,
+    keys: KeyMaterial,
+}
+
+/// Who is creating a key, for the listing.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub host: String,
+    pub user: String,
+}
+
+impl KeyFile {
+    pub fn seal(
+        keys: &MasterKeys,
+        repo: RepoId,
+        password: &[u8],
+        kdf: KdfParams,
+        origin: &Origin,
+    ) -> Result<KeyFile> {
+        let mut idb = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut idb);
+        let id = KeyId(custos_model::Id(idb));
+        let kek = kdf.derive(password)?;
+        let plain = Zeroizing::new(
+            serde_json::to_vec(&Sealed { repo, keys: keys.to_material() }).expect("serializable"),
+        );
+        Ok(KeyFile {
+            version: 1,
+            id,
+            role: keys.role,
+            created: Utc::now(),
+            host: origin.host.clone(),
+            user: origin.user.clone(),
+            kdf,
+            data: aead::seal(&kek, &id.0 .0, &plain),
+        })
+    }
+
+    /// Opens the key file with a password. `Ok(None)` means the password does not fit.
+    pub fn open(&self, password: &[u8], repo: RepoId) -> Result<Option<MasterKeys>> {
+        let kek = self.kdf.derive(password)?;
+        let plain = match aead::open(&kek, &self.id.0 .0, &self.data, "key file") {
+            Ok(p) => Zeroizing::new(p),
+            Err(_) => return Ok(None),
+        };
+        let sealed: Sealed = serde_json::from_slice(&plain)
+            .map_err(|_| Error::integrity(format!("key {} holds malformed key material", self.id.short())))?;
+        if sealed.repo != repo {
+            return Err(Error::integrity(format!("key {} belongs to another repository", self.id.short()))
+                .hint("remove this key file; it was copied from another repository"));
+        }
+        MasterKeys::from_material(&sealed.keys).map(Some)
+    }
+}

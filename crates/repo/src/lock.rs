@@ -1,0 +1,145 @@
+//! Repository locks: shared for writers that add data (backup), exclusive for prune.
+//!
+//! A lock is an object `locks/<random id>` written create-only, then every lock is listed:
+//! an exclusive lock conflicts with any other live lock, a shared lock with any live
+//! exclusive one; on conflict the new lock is removed and the caller gets `Locked`. A live
+//! holder rewrites its lock every [`REFRESH`]; a lock older than [`STALE_AFTER`], or left by
+//! a dead process on this host, is stale and ignored. Prune relies on this: while it holds
+//! the exclusive lock no writer is running, so unindexed packs are garbage.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use custos_crypto::aead;
+use custos_model::{Error, Kind, LockId, Result};
+use custos_storage::{DynStorage, PutMode};
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+pub const REFRESH: Duration = Duration::from_secs(5 * 60);
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+const AAD: &[u8] = b"custos lock v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub time: DateTime<Utc>,
+    pub exclusive: bool,
+    pub host: String,
+    pub pid: u32,
+    pub command: String,
+}
+
+impl LockInfo {
+    pub fn is_stale(&self, this_host: &str) -> bool {
+        let age = (Utc::now() - self.time).to_std().unwrap_or_default();
+        if age > STALE_AFTER {
+            return true;
+        }
+        if self.host == this_host && self.pid != std::process::id() {
+            // SAFETY: kill(2) with signal 0 sends nothing; it only checks the pid exists
+            // (EPERM means it exists but belongs to another user).
+            let r = unsafe { libc::kill(self.pid as i32, 0) };
+            let alive = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            return !alive;
+        }
+        false
+    }
+}
+
+pub struct LockGuard {
+    storage: DynStorage,
+    path: String,
+    stop: Arc<AtomicBool>,
+    refresher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.refresher.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        let _ = self.storage.delete(&self.path);
+    }
+}
+
+pub fn read_all(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<(LockId, LockInfo)>> {
+    let mut out = vec![];
+    for e in storage.list(paths::LOCKS)? {
+        let Some(id) = paths::id_of(&e.path) else { continue };
+        let bytes = match storage.get(&e.path) {
+            Ok(b) => b,
+            Err(e) if e.kind == Kind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let info = aead::open(meta_key, AAD, &bytes, "lock")
+            .and_then(|p| serde_json::from_slice::<LockInfo>(&p).map_err(|e| Error::integrity(e.to_string())));
+        match info {
+            Ok(i) => out.push((LockId(id), i)),
+            Err(_) => tracing::warn!(lock = %id, "unreadable lock object ignored"),
+        }
+    }
+    Ok(out)
+}
+
+pub fn acquire(storage: DynStorage, meta_key: &[u8; 32], exclusive: bool, host: &str, command: &str) -> Result<LockGuard> {
+    let mut idb = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut idb);
+    let id = LockId(custos_model::Id(idb));
+    let path = paths::lock(&id);
+    let info = LockInfo { time: Utc::now(), exclusive, host: host.into(), pid: std::process::id(), command: command.into() };
+    let seal = |i: &LockInfo| aead::seal(meta_key, AAD, &serde_json::to_vec(i).expect("serializable"));
+    storage.put(&path, &seal(&info), PutMode::CreateOnly)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut guard = LockGuard { storage: storage.clone(), path: path.clone(), stop: stop.clone(), refresher: None };
+    for (other, o) in read_all(&storage, meta_key)? {
+        if other == id || o.is_stale(host) {
+            continue;
+        }
+        if exclusive || o.exclusive {
+            let what = if o.exclusive { "an exclusive" } else { "a" };
+            return Err(Error::new(
+                Kind::Locked,
+                format!(
+                    "the repository is locked: {what} lock is held by `{}` (pid {}) on {} since {}",
+                    o.command,
+                    o.pid,
+                    o.host,
+                    o.time.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+            )
+            .hint("wait for that operation to finish and retry; a lock not refreshed for 30 minutes is ignored"));
+        }
+    }
+    let key = *meta_key;
+    let st = storage.clone();
+    guard.refresher = Some(std::thread::spawn(move || loop {
+        std::thread::park_timeout(REFRESH);
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut i = info.clone();
+        i.time = Utc::now();
+        let sealed = aead::seal(&key, AAD, &serde_json::to_vec(&i).expect("serializable"));
+        if let Err(e) = st.put(&path, &sealed, PutMode::Overwrite) {
+            tracing::warn!("cannot refresh repository lock: {e}");
+        }
+    }));
+    Ok(guard)
+}
+
+/// Removes stale locks; returns how many.
+pub fn remove_stale(storage: &DynStorage, meta_key: &[u8; 32], host: &str) -> Result<usize> {
+    let mut n = 0;
+    for (id, i) in read_all(storage, meta_key)? {
+        if i.is_stale(host) {
+            storage.delete(&paths::lock(&id))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,376 @@
+//! Opening, creating and reading a repository.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use custos_chunk::ChunkerParams;
+use custos_crypto::kdf::KdfParams;
+use custos_crypto::{aead, wrap, MasterKeys, Role};
+use custos_model::{ChunkId, Error, Id, IndexId, KeyId, Kind, PackId, RepoId, Result, SnapshotId};
+use custos_storage::{DynStorage, PutMode, PutOutcome};
+use zeroize::Zeroizing;
+
+use crate::format::{from_zjson, to_zjson, RepoConfig, DEFAULT_PACK_SIZE, FORMAT_NAME, FORMAT_VERSION};
+use crate::index::{Index, IndexFile, IndexPack, PackMeta};
+use crate::keyfile::{KeyFile, Origin};
+use crate::lock::{self, LockGuard};
+use crate::snapshot::{self, Snapshot, SnapshotBody, SnapshotSummary};
+use crate::writer::{BlobWriter, WriterOptions};
+use crate::{pack, paths};
+
+const INDEX_AAD: &[u8] = b"custos index v1";
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub host: String,
+    pub user: String,
+    /// Threads for compression/encryption; 0 means one per core.
+    pub threads: usize,
+}
+
+pub struct Repository {
+    pub storage: DynStorage,
+    pub config: RepoConfig,
+    pub keys: MasterKeys,
+    pub key_id: KeyId,
+    pub opts: OpenOptions,
+    pack_keys: Mutex<HashMap<PackId, Arc<Zeroizing<[u8; 32]>>>>,
+}
+
+fn not_found(storage: &DynStorage) -> Error {
+    Error::new(Kind::RepoNotFound, format!("there is no custos repository at {}", storage.location()))
+        .hint("check --repo / CUSTOS_REPO, or create one with `custos init`")
+}
+
+impl Repository {
+    pub fn read_config(storage: &DynStorage) -> Result<RepoConfig> {
+        match storage.get(paths::CONFIG) {
+            Ok(b) => RepoConfig::parse(&b),
+            Err(e) if e.kind == Kind::NotFound => Err(not_found(storage)),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn init(storage: DynStorage, password: &[u8], kdf: KdfParams, opts: OpenOptions) -> Result<Repository> {
+        if storage.size(paths::CONFIG)?.is_some() {
+            return Err(Error::new(Kind::RepoExists, format!("a repository already exists at {}", storage.location()))
+                .hint("use it as it is, or choose another location"));
+        }
+        let keys = MasterKeys::generate();
+        let mut idb = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut idb);
+        let config = RepoConfig {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: RepoId(Id(idb)),
+            created: Utc::now(),
+            chunker: ChunkerParams::DEFAULT_CDC,
+            block_chunker: ChunkerParams::DEFAULT_FIXED,
+            pack_size: DEFAULT_PACK_SIZE,
+        };
+        // Key first, then config: a repository without config is "not found", never half-made.
+        let kf = KeyFile::seal(&keys, config.id, password, kdf, &Origin { host: opts.host.clone(), user: opts.user.clone() })?;
+        storage.put(&paths::key(&kf.id), &serde_json::to_vec_pretty(&kf).expect("serializable"), PutMode::CreateOnly)?;
+        let cfg = serde_json::to_vec_pretty(&config).expect("serializable");
+        if storage.put(paths::CONFIG, &cfg, PutMode::CreateOnly)? == PutOutcome::AlreadyExists {
+            storage.delete(&paths::key(&kf.id))?;
+            return Err(Error::new(Kind::RepoExists, "another process created the repository at the same time"));
+        }
+        Ok(Repository { storage, config, keys, key_id: kf.id, opts, pack_keys: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
+        let config = Self::read_config(&storage)?;
+        let files = Self::key_files(&storage)?;
+        if files.is_empty() {
+            return Err(Error::integrity(format!("the repository at {} has no key files", storage.location())));
+        }
+        // Try every key file in parallel: Argon2id is deliberately slow.
+        let found: Vec<Result<Option<(KeyId, MasterKeys)>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = files
+                .iter()
+                .map(|kf| s.spawn(move || kf.open(password, config.id).map(|o| o.map(|k| (kf.id, k)))))
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("key thread")).collect()
+        });
+        let mut err = None;
+        for r in found {
+            match r {
+                Ok(Some((id, keys))) => {
+                    return Ok(Repository { storage, config, keys, key_id: id, opts, pack_keys: Mutex::new(HashMap::new()) })
+                }
+                Ok(None) => {}
+                Err(e) => err = Some(e),
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Err(Error::new(Kind::Authentication, "the password does not open any key of this repository")
+            .hint("check CUSTOS_PASSWORD, CUSTOS_PASSWORD_FILE or CUSTOS_PASSWORD_COMMAND; `custos key list` (with a working password) shows the keys"))
+    }
+
+    pub fn key_files(storage: &DynStorage) -> Result<Vec<KeyFile>> {
+        let mut out = vec![];
+        for e in storage.list(paths::KEYS)? {
+            let b = storage.get(&e.path)?;
+            let kf: KeyFile = serde_json::from_slice(&b)
+                .map_err(|err| Error::integrity(format!("key file {} is malformed: {err}", e.path)))?;
+            out.push(kf);
+        }
+        out.sort_by_key(|k| k.created);
+        Ok(out)
+    }
+
+    pub fn role(&self) -> Role {
+        self.keys.role
+    }
+
+    pub fn require_restore(&self, action: &str) -> Result<()> {
+        if self.keys.secret.is_none() {
+            return Err(snapshot::restore_key_required(action));
+        }
+        Ok(())
+    }
+
+    /// Adds a key file for `role`, sealed with `password`. Refuses a password that already
+    /// opens a key, so that a password always names exactly one key.
+    pub fn add_key(&self, role: Role, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
+        if role == Role::Restore {
+            self.require_restore("create a restore key")?;
+        }
+        for kf in Self::key_files(&self.storage)? {
+            if kf.open(password, self.config.id)?.is_some() {
+                return Err(Error::config(format!("this password already opens key {}", kf.id.short()))
+                    .hint("choose a different password: each password opens exactly one key"));
+            }
+        }
+        let keys = self.keys.for_role(role);
+        let kf = KeyFile::seal(&keys, self.config.id, password, kdf, &Origin { host: self.opts.host.clone(), user: self.opts.user.clone() })?;
+        self.storage.put(&paths::key(&kf.id), &serde_json::to_vec_pretty(&kf).expect("serializable"), PutMode::CreateOnly)?;
+        Ok(kf)
+    }
+
+    /// Finds a key by id prefix.
+    pub fn find_key(&self, prefix: &str) -> Result<KeyFile> {
+        let all = Self::key_files(&self.storage)?;
+        let m: Vec<_> = all.into_iter().filter(|k| k.id.to_hex().starts_with(prefix)).collect();
+        match m.len() {
+            1 => Ok(m.into_iter().next().unwrap()),
+            0 => Err(Error::new(Kind::NotFound, format!("no key with id {prefix}")).hint("`custos key list` shows key ids")),
+            _ => Err(Error::config(format!("key id prefix {prefix} is ambiguous; give more digits"))),
+        }
+    }
+
+    pub fn remove_key(&self, prefix: &str) -> Result<KeyFile> {
+        self.require_restore("remove keys")?;
+        let kf = self.find_key(prefix)?;
+        if kf.id == self.key_id {
+            return Err(Error::config("refusing to remove the key in use").hint("open the repository with another key's password to remove this one"));
+        }
+        let restore_left = Self::key_files(&self.storage)?.iter().filter(|k| k.role == Role::Restore && k.id != kf.id).count();
+        if kf.role == Role::Restore && restore_left == 0 {
+            return Err(Error::config("refusing to remove the last restore key: the data would become unreadable"));
+        }
+        self.storage.delete(&paths::key(&kf.id))?;
+        Ok(kf)
+    }
+
+    /// Replaces the current key file by one sealed with a new password (write, then delete).
+    pub fn change_password(&mut self, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
+        let old = self.key_id;
+        for kf in Self::key_files(&self.storage)? {
+            if kf.id != old && kf.open(password, self.config.id)?.is_some() {
+                return Err(Error::config(format!("this password already opens key {}", kf.id.short())));
+            }
+        }
+        let kf = KeyFile::seal(&self.keys, self.config.id, password, kdf, &Origin { host: self.opts.host.clone(), user: self.opts.user.clone() })?;
+        self.storage.put(&paths::key(&kf.id), &serde_json::to_vec_pretty(&kf).expect("serializable"), PutMode::CreateOnly)?;
+        self.storage.delete(&paths::key(&old))?;
+        self.key_id = kf.id;
+        Ok(kf)
+    }
+
+    pub fn cdc_seed(&self) -> u64 {
+        let h = blake3::keyed_hash(&self.keys.id_key, b"custos cdc seed v1");
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap())
+    }
+
+    pub fn threads(&self) -> usize {
+        if self.opts.threads > 0 {
+            self.opts.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        }
+    }
+
+    pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard> {
+        lock::acquire(self.storage.clone(), &self.keys.meta_key, exclusive, &self.opts.host, command)
+    }
+
+    // ---- index ----
+
+    pub fn load_index(&self) -> Result<Index> {
+        let entries = self.storage.list(paths::INDEX)?;
+        let loaded = parallel_map(&entries, self.threads() * 2, |e| -> Result<(IndexId, IndexFile)> {
+            let id = IndexId(paths::id_of(&e.path).ok_or_else(|| Error::integrity(format!("bad index name {}", e.path)))?);
+            let bytes = self.storage.get(&e.path).map_err(|err| missing_as_integrity(err, "index"))?;
+            if Id::of_bytes(&bytes) != id.0 {
+                return Err(Error::integrity(format!("index {} does not match its id: it was altered", id.short())));
+            }
+            let plain = aead::open(&self.keys.meta_key, INDEX_AAD, &bytes, &format!("index {}", id.short()))?;
+            Ok((id, from_zjson(&plain, &format!("index {}", id.short()))?))
+        })?;
+        let mut index = Index::default();
+        for (id, f) in loaded {
+            for p in &f.packs {
+                index.add_pack(p);
+            }
+            index.files.push(id);
+        }
+        Ok(index)
+    }
+
+    /// Writes an index object naming `packs`, which must already be stored.
+    pub fn write_index(&self, packs: Vec<IndexPack>) -> Result<Option<IndexId>> {
+        if packs.is_empty() {
+            return Ok(None);
+        }
+        let sealed = aead::seal(&self.keys.meta_key, INDEX_AAD, &to_zjson(&IndexFile { packs }));
+        let id = IndexId(Id::of_bytes(&sealed));
+        self.storage.put(&paths::index(&id), &sealed, PutMode::CreateOnly)?;
+        Ok(Some(id))
+    }
+
+    pub fn writer(&self, index: Arc<Index>) -> BlobWriter {
+        BlobWriter::new(
+            self.storage.clone(),
+            self.keys.public,
+            index,
+            WriterOptions { pack_size: self.config.pack_size as usize, packers: self.threads(), uploaders: 4 },
+        )
+    }
+
+    // ---- blobs ----
+
+    pub fn pack_key(&self, meta: &PackMeta) -> Result<Arc<Zeroizing<[u8; 32]>>> {
+        if let Some(k) = self.pack_keys.lock().unwrap().get(&meta.id) {
+            return Ok(k.clone());
+        }
+        let secret = self.keys.secret.as_ref().ok_or_else(|| snapshot::restore_key_required("decrypt stored data"))?;
+        let dek = wrap::unwrap(secret, pack::KEY_AAD, &meta.key, &format!("pack {}", meta.id.short()))?;
+        let arr: [u8; 32] = dek.as_slice().try_into().map_err(|_| Error::integrity("bad pack data key"))?;
+        let k = Arc::new(Zeroizing::new(arr));
+        self.pack_keys.lock().unwrap().insert(meta.id, k.clone());
+        Ok(k)
+    }
+
+    /// Reads and decrypts one blob, checking it against its id.
+    pub fn read_blob(&self, index: &Index, id: &ChunkId) -> Result<Vec<u8>> {
+        let (meta, loc) = index
+            .get(id)
+            .ok_or_else(|| Error::integrity(format!("chunk {} is referenced but not in the index", id.short())))?;
+        let dek = self.pack_key(meta)?;
+        let sealed = self
+            .storage
+            .get_range(&paths::pack(&meta.id), u64::from(loc.offset), u64::from(loc.length))
+            .map_err(|e| missing_as_integrity(e, "pack"))?;
+        pack::open_blob(&dek, &self.keys.id_key, id, loc.compressed, loc.raw_length, &sealed)
+    }
+
+    // ---- snapshots ----
+
+    pub fn save_snapshot(&self, summary: &SnapshotSummary, body: &SnapshotBody) -> Result<SnapshotId> {
+        let bytes = snapshot::encode(&self.keys, summary, body)?;
+        let id = SnapshotId(Id::of_bytes(&bytes));
+        self.storage.put(&paths::snapshot(&id), &bytes, PutMode::CreateOnly)?;
+        Ok(id)
+    }
+
+    /// Every snapshot's summary, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let entries = self.storage.list(paths::SNAPSHOTS)?;
+        let mut out = parallel_map(&entries, self.threads() * 2, |e| -> Result<Option<Snapshot>> {
+            let Some(id) = paths::id_of(&e.path) else { return Ok(None) };
+            let id = SnapshotId(id);
+            let bytes = match self.storage.get(&e.path) {
+                Ok(b) => b,
+                Err(err) if err.kind == Kind::NotFound => return Ok(None),
+                Err(err) => return Err(err),
+            };
+            Ok(Some(Snapshot { id, summary: snapshot::decode_summary(&self.keys, &id, &bytes)? }))
+        })?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+        out.sort_by(|a, b| a.summary.time.cmp(&b.summary.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Resolves `latest` or an id prefix (at least 4 hex digits).
+    pub fn find_snapshot(&self, spec: &str, source: Option<&str>) -> Result<Snapshot> {
+        let all = self.snapshots()?;
+        let candidates: Vec<_> = all.into_iter().filter(|s| source.is_none_or(|src| s.summary.source == src)).collect();
+        if spec == "latest" {
+            return candidates.into_iter().last().ok_or_else(|| {
+                Error::new(Kind::NotFound, "the repository has no snapshot yet").hint("run `custos backup` first")
+            });
+        }
+        if spec.len() < 4 {
+            return Err(Error::config(format!("snapshot id `{spec}` is too short; give at least 4 hex digits")));
+        }
+        let m: Vec<_> = candidates.into_iter().filter(|s| s.id.to_hex().starts_with(spec)).collect();
+        match m.len() {
+            1 => Ok(m.into_iter().next().unwrap()),
+            0 => Err(Error::new(Kind::NotFound, format!("no snapshot with id {spec}")).hint("`custos snapshots` lists them")),
+            _ => Err(Error::config(format!("snapshot id {spec} is ambiguous; give more digits"))),
+        }
+    }
+
+    pub fn snapshot_body(&self, id: &SnapshotId) -> Result<SnapshotBody> {
+        self.require_restore("read the contents of a snapshot")?;
+        let bytes = self.storage.get(&paths::snapshot(id)).map_err(|e| missing_as_integrity(e, "snapshot"))?;
+        snapshot::decode_body(&self.keys, id, &bytes)
+    }
+}
+
+fn missing_as_integrity(e: Error, what: &str) -> Error {
+    if e.kind == Kind::NotFound {
+        Error::integrity(format!("a {what} object is missing: {}", e.message))
+    } else {
+        e
+    }
+}
+
+/// Runs `f` over `items` on up to `threads` threads, keeping order; first error wins.
+pub fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    let threads = threads.max(1).min(items.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<R>>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= items.len() {
+                    break;
+                }
+                let r = f(&items[i]);
+                let failed = r.is_err();
+                *results[i].lock().unwrap() = Some(r);
+                if failed {
+                    next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for r in results {
+        match r.into_inner().unwrap() {
+            Some(Ok(v)) => out.push(v),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,156 @@
+//! Snapshot objects.
+//!
+//! A snapshot has a *summary* (time, source, host, parent, statistics) sealed with the meta
+//! key, which every role can read to list snapshots and find a parent; and a *body* (source
+//! paths, the manifest or stream chunk list) sealed with a fresh data key wrapped to the
+//! restore public key: only the restore role can read what was backed up. The body's AAD
+//! includes the hash of the sealed summary, so the two halves cannot be recombined.
+
+use chrono::{DateTime, Utc};
+use custos_crypto::{aead, wrap, MasterKeys};
+use custos_model::{ChunkId, Error, KeyId, Kind, Result, SnapshotId};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::format::{b64, from_zjson, to_zjson};
+
+const SUMMARY_AAD: &[u8] = b"custos snapshot summary v1";
+const KEY_AAD: &[u8] = b"custos snapshot key v1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A local folder tree.
+    Files,
+    /// Objects of a bucket (S3 or another OpenDAL service).
+    Bucket,
+    /// Standard input or a command's output.
+    Stream,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Files => "files",
+            SourceKind::Bucket => "bucket",
+            SourceKind::Stream => "stream",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotStats {
+    pub files: u64,
+    pub dirs: u64,
+    /// Files taken from the parent without being read.
+    pub files_unchanged: u64,
+    /// Logical bytes of the source.
+    pub bytes: u64,
+    /// Bytes actually read from the source.
+    pub bytes_read: u64,
+    pub chunks_new: u64,
+    /// Uncompressed bytes of new chunks.
+    pub bytes_new: u64,
+    /// Bytes added to storage (packs, after compression and encryption).
+    pub bytes_stored: u64,
+    /// Files that could not be read (the snapshot is partial).
+    pub errors: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub time: DateTime<Utc>,
+    pub kind: SourceKind,
+    /// Name of the source: a path for files, a bucket URL, the `--name` of a stream.
+    pub source: String,
+    pub host: String,
+    pub user: String,
+    #[serde(default)]
+    pub parent: Option<SnapshotId>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub stats: SnapshotStats,
+    /// The key that wrote the snapshot.
+    pub key: KeyId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SnapshotBody {
+    /// Source paths as given.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Manifest (JSON lines of entries) chunks, for files and buckets.
+    #[serde(default)]
+    pub manifest: Vec<ChunkId>,
+    /// Content chunks, for streams.
+    #[serde(default)]
+    pub stream: Vec<ChunkId>,
+    #[serde(default)]
+    pub stream_size: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Encoded {
+    version: u32,
+    #[serde(with = "b64")]
+    summary: Vec<u8>,
+    #[serde(with = "b64")]
+    key: Vec<u8>,
+    #[serde(with = "b64")]
+    body: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub summary: SnapshotSummary,
+}
+
+pub fn encode(keys: &MasterKeys, summary: &SnapshotSummary, body: &SnapshotBody) -> Result<Vec<u8>> {
+    let sealed_summary = aead::seal(&keys.meta_key, SUMMARY_AAD, &to_zjson(summary));
+    let mut dek = Zeroizing::new([0u8; 32]);
+    rand::RngCore::fill_bytes(&mut rand::rng(), dek.as_mut());
+    let wrapped = wrap::wrap(&keys.public, KEY_AAD, dek.as_ref())?;
+    let aad = body_aad(&sealed_summary);
+    let sealed_body = aead::seal(&dek, &aad, &to_zjson(body));
+    Ok(serde_json::to_vec(&Encoded { version: 1, summary: sealed_summary, key: wrapped, body: sealed_body })
+        .expect("serializable"))
+}
+
+fn body_aad(sealed_summary: &[u8]) -> Vec<u8> {
+    let mut aad = b"custos snapshot body v1".to_vec();
+    aad.extend_from_slice(blake3::hash(sealed_summary).as_bytes());
+    aad
+}
+
+fn parse(id: &SnapshotId, bytes: &[u8]) -> Result<Encoded> {
+    if SnapshotId(custos_model::Id::of_bytes(bytes)) != *id {
+        return Err(Error::integrity(format!("snapshot {} does not match its id: it was altered", id.short())));
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::integrity(format!("snapshot {} is malformed: {e}", id.short())))
+}
+
+pub fn decode_summary(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotSummary> {
+    let e = parse(id, bytes)?;
+    let what = format!("snapshot {}", id.short());
+    let plain = aead::open(&keys.meta_key, SUMMARY_AAD, &e.summary, &what)?;
+    from_zjson(&plain, &what)
+}
+
+pub fn decode_body(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotBody> {
+    let Some(secret) = &keys.secret else {
+        return Err(restore_key_required("read the contents of a snapshot"));
+    };
+    let e = parse(id, bytes)?;
+    let what = format!("snapshot {}", id.short());
+    let dek = wrap::unwrap(secret, KEY_AAD, &e.key, &what)?;
+    let dek: [u8; 32] = dek.as_slice().try_into().map_err(|_| Error::integrity(format!("{what}: bad data key")))?;
+    let plain = aead::open(&dek, &body_aad(&e.summary), &e.body, &what)?;
+    from_zjson(&plain, &what)
+}
+
+pub fn restore_key_required(action: &str) -> Error {
+    Error::new(Kind::Permission, format!("this key has the backup role and cannot {action}"))
+        .hint("backup keys can only add data; use a password of a restore-role key (see `custos key list`)")
+}

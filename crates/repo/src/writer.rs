@@ -1,0 +1,195 @@
+//! Parallel writing of new chunks: deduplication, then packing (compress + encrypt) on one
+//! thread per core, then uploads on their own threads.
+//!
+//! Memory stays bounded: the queue in front of the packers holds at most a few chunks, each
+//! packer holds one pack, and the upload queue holds one pack per uploader.
+//! [`BlobWriter::finish`] returns the new packs only once every one is durably stored; the
+//! caller then writes the index, then the snapshot (packs -> index -> snapshot).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use custos_crypto::wrap::PublicKey;
+use custos_model::{ChunkId, Error, Id, PackId, Result};
+use custos_storage::{DynStorage, PutMode};
+
+use crate::index::{BlobKind, Index, IndexPack};
+use crate::pack::{FinishedPack, PackBuilder};
+use crate::paths;
+
+#[derive(Debug, Clone, Default)]
+pub struct WriteStats {
+    pub chunks_new: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub packs: u64,
+}
+
+struct Shared {
+    seen: Mutex<HashSet<ChunkId>>,
+    error: Mutex<Option<Error>>,
+    packs: Mutex<Vec<IndexPack>>,
+    stats: Mutex<WriteStats>,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        let mut g = self.error.lock().unwrap();
+        if g.is_none() {
+            *g = Some(e);
+        }
+    }
+    fn failed(&self) -> Option<Error> {
+        self.error.lock().unwrap().clone()
+    }
+}
+
+pub struct BlobWriter {
+    index: Arc<Index>,
+    tx: Option<Sender<(ChunkId, BlobKind, Vec<u8>)>>,
+    packers: Vec<JoinHandle<()>>,
+    up_tx: Option<Sender<FinishedPack>>,
+    uploaders: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+pub struct WriterOptions {
+    pub pack_size: usize,
+    pub packers: usize,
+    pub uploaders: usize,
+}
+
+impl BlobWriter {
+    pub fn new(storage: DynStorage, public: PublicKey, index: Arc<Index>, opts: WriterOptions) -> BlobWriter {
+        let shared = Arc::new(Shared {
+            seen: Mutex::new(HashSet::new()),
+            error: Mutex::new(None),
+            packs: Mutex::new(vec![]),
+            stats: Mutex::new(WriteStats::default()),
+        });
+        let (tx, rx) = bounded::<(ChunkId, BlobKind, Vec<u8>)>(opts.packers * 2);
+        let (up_tx, up_rx) = bounded::<FinishedPack>(opts.uploaders);
+        let packers = (0..opts.packers)
+            .map(|_| {
+                let rx = rx.clone();
+                let up = up_tx.clone();
+                let shared = shared.clone();
+                let size = opts.pack_size;
+                std::thread::spawn(move || packer(rx, up, public, size, shared))
+            })
+            .collect();
+        let uploaders = (0..opts.uploaders)
+            .map(|_| {
+                let rx = up_rx.clone();
+                let st = storage.clone();
+                let shared = shared.clone();
+                std::thread::spawn(move || uploader(rx, st, shared))
+            })
+            .collect();
+        BlobWriter { index, tx: Some(tx), packers, up_tx: Some(up_tx), uploaders, shared }
+    }
+
+    /// Whether the chunk is already stored or queued.
+    pub fn has(&self, id: &ChunkId) -> bool {
+        self.index.contains(id) || self.shared.seen.lock().unwrap().contains(id)
+    }
+
+    /// Queues a chunk unless it is already stored; returns whether it was new.
+    pub fn add(&self, id: ChunkId, kind: BlobKind, data: Vec<u8>) -> Result<bool> {
+        if let Some(e) = self.shared.failed() {
+            return Err(e);
+        }
+        if self.index.contains(&id) || !self.shared.seen.lock().unwrap().insert(id) {
+            return Ok(false);
+        }
+        let tx = self.tx.as_ref().expect("writer not finished");
+        if tx.send((id, kind, data)).is_err() {
+            return Err(self.shared.failed().unwrap_or_else(|| Error::internal("packer stopped")));
+        }
+        Ok(true)
+    }
+
+    /// Flushes every pack, waits until all are stored, and returns them for the index.
+    pub fn finish(mut self) -> Result<(Vec<IndexPack>, WriteStats)> {
+        drop(self.tx.take());
+        for h in self.packers.drain(..) {
+            let _ = h.join();
+        }
+        drop(self.up_tx.take());
+        for h in self.uploaders.drain(..) {
+            let _ = h.join();
+        }
+        if let Some(e) = self.shared.failed() {
+            return Err(e);
+        }
+        let packs = std::mem::take(&mut *self.shared.packs.lock().unwrap());
+        let stats = self.shared.stats.lock().unwrap().clone();
+        Ok((packs, stats))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        drop(self.up_tx.take());
+    }
+}
+
+fn packer(rx: Receiver<(ChunkId, BlobKind, Vec<u8>)>, up: Sender<FinishedPack>, public: PublicKey, size: usize, shared: Arc<Shared>) {
+    let mut pack = PackBuilder::new(size);
+    let finish = |p: PackBuilder| -> bool {
+        match p.finish(&public) {
+            Ok(f) => up.send(f).is_ok(),
+            Err(e) => {
+                shared.fail(e);
+                false
+            }
+        }
+    };
+    for (id, kind, data) in rx {
+        if shared.failed().is_some() {
+            return;
+        }
+        pack.add(id, kind, &data);
+        {
+            let mut s = shared.stats.lock().unwrap();
+            s.chunks_new += 1;
+            s.bytes_new += data.len() as u64;
+        }
+        if pack.len() >= size {
+            let full = std::mem::replace(&mut pack, PackBuilder::new(size));
+            if !finish(full) {
+                return;
+            }
+        }
+    }
+    if !pack.is_empty() {
+        finish(pack);
+    }
+}
+
+fn uploader(rx: Receiver<FinishedPack>, storage: DynStorage, shared: Arc<Shared>) {
+    for p in rx {
+        if shared.failed().is_some() {
+            continue;
+        }
+        let id = PackId(Id::of_bytes(&p.bytes));
+        match storage.put(&paths::pack(&id), &p.bytes, PutMode::CreateOnly) {
+            Ok(_) => {
+                let mut s = shared.stats.lock().unwrap();
+                s.bytes_stored += p.bytes.len() as u64;
+                s.packs += 1;
+                drop(s);
+                shared.packs.lock().unwrap().push(IndexPack {
+                    id,
+                    size: p.bytes.len() as u64,
+                    key: p.wrapped_key,
+                    blobs: p.entries,
+                });
+            }
+            Err(e) => shared.fail(e.context("storing a pack")),
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Folder trees: walking with metadata (permissions, owners, times, symlinks), and the
+//! manifest entry format that records them.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use custos_model::{ChunkId, Error, Kind, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    /// Sockets, FIFOs and device nodes: recorded, not read.
+    Other,
+}
+
+/// One line of a snapshot manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the snapshot root, `/`-separated, never empty for a child.
+    pub path: String,
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkId>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// What change detection compares (ctime and inode catch a rewrite that kept mtime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: u64,
+}
+
+/// A walked entry: its manifest form (without chunks yet) and where to read it.
+#[derive(Debug, Clone)]
+pub struct Walked {
+    pub entry: Entry,
+    pub source: PathBuf,
+    pub fingerprint: Fingerprint,
+}
+
+pub struct WalkReport {
+    pub entries: Vec<Walked>,
+    /// Paths that could not be read, with the reason.
+    pub errors: Vec<(PathBuf, String)>,
+}
+
+fn entry_of(path: &Path, rel: String, m: &fs::Metadata) -> Result<Walked> {
+    let ft = m.file_type();
+    let kind = if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_file() {
+        EntryKind::File
+    } else {
+        EntryKind::Other
+    };
+    let target = if kind == EntryKind::Symlink {
+        Some(fs::read_link(path).map_err(|e| Error::new(Kind::Source, format!("{}: {e}", path.display())))?.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+    Ok(Walked {
+        entry: Entry {
+            path: rel,
+            kind,
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime_ns,
+            size: if kind == EntryKind::File { m.len() } else { 0 },
+            target,
+            chunks: vec![],
+        },
+        source: path.to_path_buf(),
+        fingerprint: Fingerprint {
+            size: m.len(),
+            mtime_ns,
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            inode: m.ino(),
+        },
+    })
+}
+
+/// Walks `roots` (not following symlinks), in path order. With one root, entries are
+/// relative to it; with several, each root's entries sit under the root's file name.
+pub fn walk(roots: &[PathBuf]) -> Result<WalkReport> {
+    let mut report = WalkReport { entries: vec![], errors: vec![] };
+    let mut names = std::collections::HashSet::new();
+    for root in roots {
+        let meta = fs::symlink_metadata(root).map_err(|e| {
+            Error::new(Kind::Source, format!("cannot read {}: {e}", root.display())).hint("check the path given to `custos backup files`")
+        })?;
+        let prefix = if roots.len() == 1 {
+            String::new()
+        } else {
+            let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !names.insert(name.clone()) {
+                return Err(Error::config(format!("two backup paths share the name `{name}`; back them up separately")));
+            }
+            report.entries.push(entry_of(root, name.clone(), &meta)?);
+            name
+        };
+        if roots.len() == 1 && !meta.is_dir() {
+            let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            report.entries.push(entry_of(root, name, &meta)?);
+            continue;
+        }
+        if meta.is_dir() {
+            walk_dir(root, &prefix, &mut report);
+        }
+    }
+    Ok(report)
+}
+
+fn walk_dir(dir: &Path, rel: &str, report: &mut WalkReport) {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            report.errors.push((dir.to_path_buf(), e.to_string()));
+            return;
+        }
+    };
+    let mut children: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    children.sort();
+    for name in children {
+        let path = dir.join(&name);
+        let child_rel = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
+        match fs::symlink_metadata(&path).map_err(|e| e.to_string()).and_then(|m| entry_of(&path, child_rel.clone(), &m).map(|w| (m, w)).map_err(|e| e.message)) {
+            Ok((m, w)) => {
+                report.entries.push(w);
+                if m.is_dir() {
+                    walk_dir(&path, &child_rel, report);
+                }
+            }
+            Err(e) => report.errors.push((path, e)),
+        }
+    }
+}
