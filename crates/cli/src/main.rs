@@ -1,1 +1,591 @@
-fn main(){}
+//! The `custos` binary: arguments, settings, output and exit codes. All work is done by
+//! the library crates; this is the only place that reads the environment, prints or exits.
+
+mod output;
+mod settings;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use custos_crypto::kdf::KdfParams;
+use custos_crypto::Role;
+use custos_model::retention::RetentionPolicy;
+use custos_model::{ByteSize, Error, Kind, Result};
+use custos_ops::{backup, forget, prune, restore, verify};
+use custos_repo::{OpenOptions, Repository};
+use custos_storage::url::Location;
+use custos_storage::DynStorage;
+use output::{mb_per_s, Out};
+use settings::{Env, Settings};
+
+#[derive(Parser)]
+#[command(name = "custos", version, about = "Encrypted, deduplicated, verifiable backups", max_term_width = 100)]
+struct Cli {
+    /// Repository location: a path, s3://bucket/prefix, or another OpenDAL scheme [env: CUSTOS_REPO]
+    #[arg(long, global = true)]
+    repo: Option<String>,
+    /// Config file (TOML) [env: CUSTOS_CONFIG]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of text
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars and less text
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Log more (repeat for more detail); logs go to stderr [env: CUSTOS_LOG]
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct KdfArgs {
+    /// Argon2id memory in MiB for the new key (default 64). Lower only on small hosts.
+    #[arg(long, value_name = "MIB")]
+    kdf_memory_mib: Option<u32>,
+    /// Argon2id iterations for the new key (default 3).
+    #[arg(long, value_name = "N")]
+    kdf_iterations: Option<u32>,
+}
+
+impl KdfArgs {
+    fn params(&self) -> KdfParams {
+        KdfParams::new(self.kdf_memory_mib, self.kdf_iterations)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository and its restore key (password from CUSTOS_PASSWORD* or a prompt)
+    Init(KdfArgs),
+    /// Manage the keys that open the repository
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Back up a source
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// List snapshots
+    Snapshots {
+        /// Only snapshots of this source
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// List the contents of a snapshot
+    Ls { snapshot: String },
+    /// Restore a snapshot
+    #[command(subcommand)]
+    Restore(RestoreCommand),
+    /// Check the repository; with --read-data, read back and authenticate stored data
+    Verify {
+        #[arg(long)]
+        read_data: bool,
+        /// Read only part of the data: a percentage like 10%
+        #[arg(long, value_name = "PERCENT", requires = "read_data")]
+        subset: Option<String>,
+    },
+    /// Remove snapshots by retention policy (flags, or [retention] in custos.toml)
+    Forget {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Show what would be kept and removed, and why; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Run prune afterwards
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Remove data that no snapshot references
+    Prune {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove stale locks left by crashed processes
+    Unlock,
+}
+
+#[derive(Args, Clone, Default)]
+struct PolicyArgs {
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep all snapshots within this duration of the newest (e.g. 7d)
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// List keys (never secrets)
+    List,
+    /// Add a key opened by a new password (CUSTOS_NEW_PASSWORD[_FILE] or a prompt)
+    Add {
+        #[arg(long, value_parser = ["backup", "restore"])]
+        role: String,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+    /// Remove a key by id (prefix)
+    Remove { id: String },
+    /// Change the password of the key in use
+    Passwd {
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Back up folders, or a bucket given as s3://bucket/prefix
+    Files {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        tag: Vec<String>,
+    },
+    /// Back up standard input, or the output of --command
+    Stream {
+        #[arg(long)]
+        name: String,
+        /// Command whose output is backed up; it must exit 0 for the backup to count
+        #[arg(long)]
+        command: Option<String>,
+        #[arg(long)]
+        tag: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RestoreCommand {
+    /// Restore a file snapshot into a folder
+    Files {
+        snapshot: String,
+        #[arg(long)]
+        to: PathBuf,
+        /// Restore only this path (repeatable)
+        #[arg(long)]
+        include: Vec<String>,
+        /// Allow a non-empty target folder; its files that are in the snapshot are replaced
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Write a stream snapshot to standard output
+    Stream { snapshot: String },
+}
+
+struct Ctx {
+    env: Env,
+    settings: Settings,
+    out: Out,
+}
+
+impl Ctx {
+    fn storage(&self) -> Result<DynStorage> {
+        let loc = self.settings.location()?;
+        let s = custos_storage::url::open(&loc, &self.settings.storage)?;
+        Ok(match self.settings.kill_before_write {
+            Some(n) => Arc::new(custos_storage::fault::KillBeforeWrite::new(s, n)),
+            None => s,
+        })
+    }
+
+    fn open_opts(&self) -> OpenOptions {
+        OpenOptions { host: self.settings.host.clone(), user: self.settings.user.clone(), threads: 0 }
+    }
+
+    fn open(&self) -> Result<Repository> {
+        let storage = self.storage()?;
+        // Fail on a missing repository before asking for a password.
+        Repository::read_config(&storage)?;
+        let pw = self.settings.password(&self.env, "repository password: ")?;
+        Repository::open(storage, pw.as_bytes(), self.open_opts())
+    }
+}
+
+fn main() {
+    let env = Env::capture();
+    // Repository files and caches are private whatever the caller's umask.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
+    let cli = Cli::parse();
+    let filter = std::env::var("CUSTOS_LOG").unwrap_or_else(|_| match cli.verbose {
+        0 => "warn".into(),
+        1 => "info".into(),
+        _ => "debug".into(),
+    });
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::new(filter)).init();
+    let json = cli.json;
+    let code = match run(cli, env) {
+        Ok(code) => code,
+        Err(e) => {
+            output::error(&e, json);
+            e.kind.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli, env: Env) -> Result<i32> {
+    let settings = Settings::resolve(&env, cli.config.as_deref(), cli.repo.as_deref())?;
+    let ctx = Ctx { env, settings, out: Out { json: cli.json, quiet: cli.quiet } };
+    match cli.command {
+        Command::Init(kdf) => cmd_init(&ctx, &kdf),
+        Command::Key(k) => cmd_key(&ctx, k),
+        Command::Backup(b) => cmd_backup(&ctx, b),
+        Command::Snapshots { source } => cmd_snapshots(&ctx, source.as_deref()),
+        Command::Ls { snapshot } => cmd_ls(&ctx, &snapshot),
+        Command::Restore(r) => cmd_restore(&ctx, r),
+        Command::Verify { read_data, subset } => cmd_verify(&ctx, read_data, subset.as_deref()),
+        Command::Forget { policy, dry_run, prune } => cmd_forget(&ctx, &policy, dry_run, prune),
+        Command::Prune { dry_run } => cmd_prune(&ctx, dry_run),
+        Command::Unlock => {
+            let repo = ctx.open()?;
+            let n = custos_repo::lock::remove_stale(&repo.storage, &repo.keys.meta_key, &repo.opts.host)?;
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({ "removed_locks": n }));
+            } else {
+                println!("removed {n} stale lock(s)");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn cmd_init(ctx: &Ctx, kdf: &KdfArgs) -> Result<i32> {
+    let storage = ctx.storage()?;
+    let pw = ctx.settings.password(&ctx.env, "password for the new repository: ")?;
+    if pw.is_empty() {
+        return Err(Error::config("the password is empty"));
+    }
+    let repo = Repository::init(storage, pw.as_bytes(), kdf.params(), ctx.open_opts())?;
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({
+            "repository": repo.config.id, "location": repo.storage.location(), "key": repo.key_id, "role": "restore",
+        }));
+    } else {
+        println!("created repository {} at {}", repo.config.id.short(), repo.storage.location());
+        println!("restore key {} (keep its password safe: without it the backups cannot be read)", repo.key_id.short());
+    }
+    Ok(0)
+}
+
+fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
+    let mut repo = ctx.open()?;
+    match k {
+        KeyCommand::List => {
+            let keys = Repository::key_files(&repo.storage)?;
+            if ctx.out.json {
+                let v: Vec<_> = keys
+                    .iter()
+                    .map(|k| serde_json::json!({"id": k.id, "role": k.role, "created": k.created, "host": k.host, "user": k.user, "current": k.id == repo.key_id}))
+                    .collect();
+                ctx.out.json(&v);
+            } else {
+                println!("{:<2}{:<10} {:<8} {:<20} {:<16} user", "", "id", "role", "created", "host");
+                for k in keys {
+                    let cur = if k.id == repo.key_id { "*" } else { "" };
+                    println!("{:<2}{:<10} {:<8} {:<20} {:<16} {}", cur, k.id.short(), k.role.as_str(), k.created.format("%Y-%m-%d %H:%M:%S"), k.host, k.user);
+                }
+            }
+        }
+        KeyCommand::Add { role, kdf } => {
+            let role: Role = role.parse()?;
+            let pw = ctx.settings.new_password(&ctx.env)?;
+            let kf = repo.add_key(role, pw.as_bytes(), kdf.params())?;
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({"id": kf.id, "role": kf.role}));
+            } else {
+                println!("added {} key {}", kf.role.as_str(), kf.id.short());
+            }
+        }
+        KeyCommand::Remove { id } => {
+            let kf = repo.remove_key(&id)?;
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({"removed": kf.id}));
+            } else {
+                println!("removed {} key {}", kf.role.as_str(), kf.id.short());
+            }
+        }
+        KeyCommand::Passwd { kdf } => {
+            let pw = ctx.settings.new_password(&ctx.env)?;
+            let kf = repo.change_password(pw.as_bytes(), kdf.params())?;
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({"id": kf.id}));
+            } else {
+                println!("password changed; the key is now {}", kf.id.short());
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
+    if ctx.out.json {
+        ctx.out.json(r);
+    } else {
+        let s = &r.stats;
+        println!("snapshot {} saved ({} {})", r.snapshot.short(), r.kind.as_str(), r.source);
+        if let Some(p) = r.parent {
+            println!("  parent     {}", p.short());
+        }
+        println!("  files      {} ({} unchanged, not read), {} folders", s.files, s.files_unchanged, s.dirs);
+        println!("  size       {} ({} read)", ByteSize(s.bytes), ByteSize(s.bytes_read));
+        println!("  new data   {} in {} chunks, {} stored", ByteSize(s.bytes_new), s.chunks_new, ByteSize(s.bytes_stored));
+        println!("  took       {:.1} s ({})", s.duration_ms as f64 / 1000.0, mb_per_s(s.bytes_read, s.duration_ms));
+        for e in &r.errors {
+            eprintln!("custos: warning: could not read {e}");
+        }
+    }
+    if r.errors.is_empty() {
+        0
+    } else {
+        if !ctx.out.json {
+            eprintln!("custos: the snapshot is partial: {} path(s) could not be read (exit code {})", r.errors.len(), Kind::Partial.exit_code());
+        }
+        Kind::Partial.exit_code()
+    }
+}
+
+fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    match b {
+        BackupCommand::Files { paths, tag } => {
+            let opts = backup::BackupOptions { tags: tag, cache_dir: ctx.settings.cache_dir.clone(), progress: progress.as_ref() };
+            let is_url = |p: &str| p.contains("://");
+            if paths.iter().any(|p| is_url(p)) {
+                if paths.len() != 1 {
+                    return Err(Error::config("back up one bucket at a time, and not together with local paths"));
+                }
+                let loc = Location::parse(&paths[0])?;
+                let (storage_loc, prefix) = match &loc {
+                    Location::S3 { bucket, prefix } => (Location::S3 { bucket: bucket.clone(), prefix: String::new() }, prefix.clone()),
+                    other => (other.clone(), String::new()),
+                };
+                let src = custos_storage::url::open(&storage_loc, &ctx.settings.storage)?;
+                let r = backup::backup_bucket(&repo, &src, &paths[0], &prefix, &opts)?;
+                Ok(print_backup(ctx, &r))
+            } else {
+                let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+                let r = backup::backup_files(&repo, &paths, &opts)?;
+                Ok(print_backup(ctx, &r))
+            }
+        }
+        BackupCommand::Stream { name, command, tag } => {
+            let opts = backup::BackupOptions { tags: tag, cache_dir: None, progress: progress.as_ref() };
+            let r = backup::backup_stream(&repo, &name, command.as_deref(), &opts)?;
+            Ok(print_backup(ctx, &r))
+        }
+    }
+}
+
+fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
+    let repo = ctx.open()?;
+    let snaps: Vec<_> = repo.snapshots()?.into_iter().filter(|s| source.is_none_or(|src| s.summary.source == src)).collect();
+    if ctx.out.json {
+        let v: Vec<_> = snaps.iter().map(|s| serde_json::json!({"id": s.id, "summary": s.summary})).collect();
+        ctx.out.json(&v);
+    } else {
+        println!("{:<10} {:<20} {:<7} {:<12} {:>10} {:>10}  source", "id", "time (UTC)", "kind", "host", "size", "added");
+        for s in &snaps {
+            let m = &s.summary;
+            println!(
+                "{:<10} {:<20} {:<7} {:<12} {:>10} {:>10}  {}",
+                s.id.short(),
+                m.time.format("%Y-%m-%d %H:%M:%S"),
+                m.kind.as_str(),
+                m.host,
+                ByteSize(m.stats.bytes).to_string(),
+                ByteSize(m.stats.bytes_stored).to_string(),
+                m.source
+            );
+        }
+        println!("{} snapshot(s)", snaps.len());
+    }
+    Ok(0)
+}
+
+fn cmd_ls(ctx: &Ctx, spec: &str) -> Result<i32> {
+    let repo = ctx.open()?;
+    let snap = repo.find_snapshot(spec, None)?;
+    repo.require_restore("list the contents of a snapshot")?;
+    let index = repo.load_index()?;
+    let entries = restore::list(&repo, &snap, &index)?;
+    if ctx.out.json {
+        let v: Vec<_> = entries
+            .iter()
+            .map(|e| serde_json::json!({"path": e.path, "kind": e.kind, "mode": format!("{:o}", e.mode), "size": e.size, "mtime_ns": e.mtime_ns, "target": e.target}))
+            .collect();
+        ctx.out.json(&v);
+    } else {
+        for e in entries {
+            let kind = match e.kind {
+                custos_sources::files::EntryKind::Dir => 'd',
+                custos_sources::files::EntryKind::Symlink => 'l',
+                custos_sources::files::EntryKind::File => '-',
+                custos_sources::files::EntryKind::Other => '?',
+            };
+            let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
+            println!("{kind}{:04o} {:>12} {}{}", e.mode, e.size, e.path, target);
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
+    let repo = ctx.open()?;
+    repo.require_restore("restore")?;
+    match r {
+        RestoreCommand::Files { snapshot, to, include, overwrite } => {
+            let snap = repo.find_snapshot(&snapshot, None)?;
+            let progress = ctx.out.progress();
+            let rep = restore::restore_files(&repo, &snap, &to, &restore::RestoreOptions { include, overwrite, progress: progress.as_ref() })?;
+            if ctx.out.json {
+                ctx.out.json(&rep);
+            } else {
+                println!("restored snapshot {} to {}", snap.id.short(), rep.target);
+                println!("  {} files, {} folders, {} links, {} in {:.1} s ({})", rep.files, rep.dirs, rep.symlinks, ByteSize(rep.bytes), rep.duration_ms as f64 / 1000.0, mb_per_s(rep.bytes, rep.duration_ms));
+            }
+        }
+        RestoreCommand::Stream { snapshot } => {
+            let snap = repo.find_snapshot(&snapshot, None)?;
+            let stdout = std::io::stdout();
+            let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            restore::restore_stream(&repo, &snap, &mut lock)?;
+            lock.flush().map_err(|e| Error::internal(e.to_string()))?;
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
+    let subset = match subset {
+        None => 1.0,
+        Some(s) => {
+            let v: f64 = s.trim_end_matches('%').parse().map_err(|_| Error::config(format!("--subset `{s}` is not a percentage like 10%")))?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(Error::config("--subset must be between 0% and 100%"));
+            }
+            v / 100.0
+        }
+    };
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    let r = verify::verify(&repo, &verify::VerifyOptions { read_data, subset, progress: progress.as_ref() })?;
+    if ctx.out.json {
+        ctx.out.json(&r);
+    } else {
+        println!("{} snapshots, {} packs", r.snapshots, r.packs);
+        if read_data {
+            println!("read {} packs ({}), {} chunks {}", r.packs_read, ByteSize(r.bytes_read), r.chunks_read, if r.decrypted { "decrypted and checked" } else { "(pack hashes only: backup key)" });
+        }
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
+        for e in &r.errors {
+            println!("error: {e}");
+        }
+        if r.errors.is_empty() {
+            println!("no problems found");
+        }
+    }
+    match verify::integrity_error(&r) {
+        Some(e) => {
+            if !ctx.out.json {
+                output::error(&e, false);
+            }
+            Ok(e.kind.exit_code())
+        }
+        None => Ok(0),
+    }
+}
+
+fn policy_from(ctx: &Ctx, a: &PolicyArgs) -> Result<RetentionPolicy> {
+    let any = a.keep_last.is_some() || a.keep_daily.is_some() || a.keep_weekly.is_some() || a.keep_monthly.is_some() || a.keep_yearly.is_some() || a.keep_within.is_some();
+    if !any {
+        return ctx.settings.file.retention.clone().ok_or_else(|| {
+            Error::config("no retention policy given").hint("pass --keep-daily N etc., or set [retention] in custos.toml")
+        });
+    }
+    Ok(RetentionPolicy {
+        keep_last: a.keep_last.unwrap_or(0),
+        keep_daily: a.keep_daily.unwrap_or(0),
+        keep_weekly: a.keep_weekly.unwrap_or(0),
+        keep_monthly: a.keep_monthly.unwrap_or(0),
+        keep_yearly: a.keep_yearly.unwrap_or(0),
+        keep_within: a
+            .keep_within
+            .as_deref()
+            .map(|s| humantime::parse_duration(s).map_err(|e| Error::config(format!("--keep-within `{s}`: {e}"))))
+            .transpose()?,
+    })
+}
+
+fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Result<i32> {
+    let policy = policy_from(ctx, a)?;
+    let repo = ctx.open()?;
+    if !dry_run {
+        repo.require_restore("forget snapshots")?;
+    }
+    let plan = forget::plan(&repo, &policy)?;
+    let removed = if dry_run { 0 } else { forget::execute(&repo, &plan)? };
+    let mut prune_out = None;
+    if and_prune && !dry_run {
+        let progress = ctx.out.progress();
+        prune_out = Some(prune::prune(&repo, false, progress.as_ref())?);
+    }
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "removed": removed, "prune": prune_out}));
+    } else {
+        for g in &plan.groups {
+            println!("{} {} on {}:", g.kind, g.source, g.host);
+            for d in &g.decisions {
+                println!("  {} {}  {}  {}", if d.keep { "keep  " } else { "remove" }, d.item.short(), d.time.format("%Y-%m-%d %H:%M:%S"), d.reasons.join("; "));
+            }
+        }
+        let n = plan.removed().len();
+        if dry_run {
+            println!("dry run: {n} snapshot(s) would be removed");
+        } else {
+            println!("removed {removed} snapshot(s); run `custos prune` to free their data");
+        }
+        if let Some((_, Some(r))) = &prune_out {
+            println!("prune: deleted {} packs ({})", r.packs_deleted, ByteSize(r.bytes_deleted));
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    let (plan, report) = prune::prune(&repo, dry_run, progress.as_ref())?;
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "report": report}));
+    } else {
+        println!("{} snapshots, {} packs; chunks used {}, unused {}", plan.snapshots, plan.packs, plan.chunks_used, plan.chunks_unused);
+        println!(
+            "{} {} unused pack(s), rewrite {} partly used, remove {} unindexed pack(s) and {} temp file(s); about {} freed",
+            if dry_run { "would delete" } else { "delete" },
+            plan.packs_delete.len(),
+            plan.packs_repack.len(),
+            plan.packs_unindexed.len(),
+            plan.temp_files.len(),
+            ByteSize(plan.bytes_freed_estimate)
+        );
+        if let Some(r) = report {
+            println!("done: deleted {} packs ({}), wrote {} new packs with {} chunks", r.packs_deleted, ByteSize(r.bytes_deleted), r.packs_written, r.chunks_repacked);
+        }
+    }
+    Ok(0)
+}

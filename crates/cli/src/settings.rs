@@ -1,0 +1,265 @@
+//! Raw arguments, environment and config file resolved into settings, in one place.
+//! Precedence: command-line flag, then environment variable, then `custos.toml`.
+//! This is the only module that reads the environment.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use custos_model::retention::RetentionPolicy;
+use custos_model::{Error, Result};
+use custos_storage::remote::S3Options;
+use custos_storage::url::{Location, StorageOptions};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub repository: RepositorySection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub retention: Option<RetentionPolicy>,
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositorySection {
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_command: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    #[serde(default)]
+    pub s3: S3Section,
+    /// Options passed to another OpenDAL service, by name.
+    #[serde(default)]
+    pub options: HashMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    /// A file holding the secret key; the secret itself is never accepted in the config.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Present only to give a clear error if someone writes a secret into the file.
+    pub secret_access_key: Option<toml::Value>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    pub name: String,
+    pub kind: String,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    pub command: Option<String>,
+}
+
+/// Secrets and settings read from the environment once, at start, and then removed from
+/// the process environment so that no child process (a stream command, a password
+/// command) inherits them.
+#[derive(Default)]
+pub struct Env {
+    vars: HashMap<String, String>,
+    secrets: HashMap<String, Zeroizing<String>>,
+}
+
+const SECRET_VARS: &[&str] = &["CUSTOS_PASSWORD", "CUSTOS_NEW_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
+const PLAIN_VARS: &[&str] = &[
+    "CUSTOS_REPO", "CUSTOS_CONFIG", "CUSTOS_PASSWORD_FILE", "CUSTOS_PASSWORD_COMMAND", "CUSTOS_NEW_PASSWORD_FILE",
+    "CUSTOS_CACHE_DIR", "CUSTOS_HOST", "CUSTOS_TEST_KILL_BEFORE_WRITE", "AWS_ACCESS_KEY_ID", "AWS_REGION",
+    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "XDG_CACHE_HOME", "HOME", "USER", "LOGNAME",
+];
+
+impl Env {
+    pub fn capture() -> Env {
+        let mut env = Env::default();
+        for k in PLAIN_VARS {
+            if let Ok(v) = std::env::var(k) {
+                env.vars.insert((*k).into(), v);
+            }
+        }
+        for k in SECRET_VARS {
+            if let Ok(v) = std::env::var(k) {
+                env.secrets.insert((*k).into(), Zeroizing::new(v));
+                // Single-threaded at this point (called first thing in main).
+                std::env::remove_var(k);
+            }
+        }
+        env
+    }
+
+    pub fn var(&self, k: &str) -> Option<&str> {
+        self.vars.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    pub fn secret(&self, k: &str) -> Option<&Zeroizing<String>> {
+        self.secrets.get(k)
+    }
+}
+
+pub struct Settings {
+    pub file: ConfigFile,
+    pub config_path: Option<PathBuf>,
+    pub repo_url: Option<String>,
+    pub storage: StorageOptions,
+    pub cache_dir: Option<PathBuf>,
+    pub host: String,
+    pub user: String,
+    pub kill_before_write: Option<u64>,
+}
+
+fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| Error::config(format!("cannot read {what} from {}: {e}", path.display())))?;
+    Ok(Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+impl Settings {
+    pub fn resolve(env: &Env, config_flag: Option<&Path>, repo_flag: Option<&str>) -> Result<Settings> {
+        let config_path = config_flag.map(Path::to_path_buf).or_else(|| env.var("CUSTOS_CONFIG").map(PathBuf::from));
+        let file: ConfigFile = match &config_path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    Error::config(format!("cannot read the config file {}: {e}", p.display())).hint("check --config or CUSTOS_CONFIG")
+                })?;
+                toml::from_str(&text).map_err(|e| {
+                    Error::config(format!("the config file {} is malformed: {}", p.display(), e.message().trim()))
+                        .hint(span_hint(&text, e.span()))
+                })?
+            }
+            None => ConfigFile::default(),
+        };
+        if file.storage.s3.secret_access_key.is_some() {
+            return Err(Error::config("custos.toml must not contain secret_access_key: secrets are never kept in plain text")
+                .hint("use secret_access_key_file = \"/path\" (mode 0600) or the AWS_SECRET_ACCESS_KEY environment variable"));
+        }
+        let repo_url = repo_flag.map(String::from).or_else(|| env.var("CUSTOS_REPO").map(String::from)).or_else(|| file.repository.url.clone());
+        let s3f = &file.storage.s3;
+        let secret = match env.secret("AWS_SECRET_ACCESS_KEY") {
+            Some(s) => Some(s.to_string()),
+            None => match &s3f.secret_access_key_file {
+                Some(p) => Some(read_secret_file(p, "the S3 secret key")?.to_string()),
+                None => None,
+            },
+        };
+        let storage = StorageOptions {
+            s3: S3Options {
+                endpoint: env.var("AWS_ENDPOINT_URL_S3").or(env.var("AWS_ENDPOINT_URL")).map(String::from).or_else(|| s3f.endpoint.clone()),
+                region: env.var("AWS_REGION").or(env.var("AWS_DEFAULT_REGION")).map(String::from).or_else(|| s3f.region.clone()),
+                access_key_id: env.var("AWS_ACCESS_KEY_ID").map(String::from).or_else(|| s3f.access_key_id.clone()),
+                secret_access_key: secret,
+                session_token: env.secret("AWS_SESSION_TOKEN").map(|s| s.to_string()),
+                ..Default::default()
+            },
+            service: file.storage.options.clone(),
+        };
+        let cache_dir = env
+            .var("CUSTOS_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| file.repository.cache_dir.clone())
+            .or_else(|| env.var("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("custos")))
+            .or_else(|| env.var("HOME").map(|h| PathBuf::from(h).join(".cache/custos")));
+        let host = env.var("CUSTOS_HOST").map(String::from).or_else(|| file.repository.host.clone()).unwrap_or_else(hostname);
+        let user = env.var("USER").or(env.var("LOGNAME")).map(String::from).unwrap_or_else(|| {
+            // SAFETY: geteuid has no preconditions.
+            format!("uid {}", unsafe { libc::geteuid() })
+        });
+        let kill_before_write = env.var("CUSTOS_TEST_KILL_BEFORE_WRITE").and_then(|v| v.parse().ok());
+        Ok(Settings { file, config_path, repo_url, storage, cache_dir, host, user, kill_before_write })
+    }
+
+    pub fn location(&self) -> Result<Location> {
+        let url = self.repo_url.as_deref().ok_or_else(|| {
+            Error::config("no repository given").hint("pass --repo URL, set CUSTOS_REPO, or set [repository] url in custos.toml")
+        })?;
+        Location::parse(url)
+    }
+
+    /// The password of the key to open, from (in order) CUSTOS_PASSWORD,
+    /// CUSTOS_PASSWORD_FILE, CUSTOS_PASSWORD_COMMAND, the config file, or a prompt.
+    pub fn password(&self, env: &Env, prompt: &str) -> Result<Zeroizing<String>> {
+        if let Some(p) = env.secret("CUSTOS_PASSWORD") {
+            return Ok(p.clone());
+        }
+        if let Some(f) = env.var("CUSTOS_PASSWORD_FILE").map(PathBuf::from).or_else(|| self.file.repository.password_file.clone()) {
+            return read_secret_file(&f, "the password");
+        }
+        if let Some(c) = env.var("CUSTOS_PASSWORD_COMMAND").map(String::from).or_else(|| self.file.repository.password_command.clone()) {
+            return run_password_command(&c);
+        }
+        prompt_password(prompt)
+    }
+
+    /// A new password (key add, key passwd) from CUSTOS_NEW_PASSWORD,
+    /// CUSTOS_NEW_PASSWORD_FILE, or a prompt asked twice.
+    pub fn new_password(&self, env: &Env) -> Result<Zeroizing<String>> {
+        let p = if let Some(p) = env.secret("CUSTOS_NEW_PASSWORD") {
+            p.clone()
+        } else if let Some(f) = env.var("CUSTOS_NEW_PASSWORD_FILE") {
+            read_secret_file(Path::new(f), "the new password")?
+        } else {
+            let a = prompt_password("new password: ")?;
+            let b = prompt_password("new password again: ")?;
+            if *a != *b {
+                return Err(Error::config("the two passwords differ"));
+            }
+            a
+        };
+        if p.is_empty() {
+            return Err(Error::config("the new password is empty"));
+        }
+        Ok(p)
+    }
+}
+
+fn run_password_command(c: &str) -> Result<Zeroizing<String>> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(c)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::config(format!("cannot run the password command: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::config(format!("the password command failed ({})", out.status)).hint("check CUSTOS_PASSWORD_COMMAND"));
+    }
+    let s = Zeroizing::new(String::from_utf8(out.stdout).map_err(|_| Error::config("the password command printed invalid UTF-8"))?);
+    Ok(Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+fn prompt_password(prompt: &str) -> Result<Zeroizing<String>> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::config("no password given and no terminal to ask on")
+            .hint("set CUSTOS_PASSWORD_FILE (or CUSTOS_PASSWORD, CUSTOS_PASSWORD_COMMAND)"));
+    }
+    rpassword::prompt_password(prompt).map(Zeroizing::new).map_err(|e| Error::config(format!("cannot read the password: {e}")))
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) => {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            format!("fix line {line} of the config file (see docs/config.md for the format)")
+        }
+        None => "see docs/config.md for the format".into(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
