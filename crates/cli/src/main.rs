@@ -152,6 +152,9 @@ enum BackupCommand {
         paths: Vec<String>,
         #[arg(long)]
         tag: Vec<String>,
+        /// Record this time (RFC 3339) instead of now, e.g. when importing older backups
+        #[arg(long, value_name = "TIME")]
+        time: Option<String>,
     },
     /// Back up standard input, or the output of --command
     Stream {
@@ -162,7 +165,12 @@ enum BackupCommand {
         command: Option<String>,
         #[arg(long)]
         tag: Vec<String>,
+        /// Record this time (RFC 3339) instead of now
+        #[arg(long, value_name = "TIME")]
+        time: Option<String>,
     },
+    /// Back up every [[source]] of custos.toml, in order
+    All,
 }
 
 #[derive(Subcommand)]
@@ -360,8 +368,8 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
     let repo = ctx.open()?;
     let progress = ctx.out.progress();
     match b {
-        BackupCommand::Files { paths, tag } => {
-            let opts = backup::BackupOptions { tags: tag, cache_dir: ctx.settings.cache_dir.clone(), progress: progress.as_ref() };
+        BackupCommand::Files { paths, tag, time } => {
+            let opts = backup::BackupOptions { tags: tag, time: parse_time(time.as_deref())?, cache_dir: ctx.settings.cache_dir.clone(), progress: progress.as_ref() };
             let is_url = |p: &str| p.contains("://");
             if paths.iter().any(|p| is_url(p)) {
                 if paths.len() != 1 {
@@ -381,12 +389,48 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                 Ok(print_backup(ctx, &r))
             }
         }
-        BackupCommand::Stream { name, command, tag } => {
-            let opts = backup::BackupOptions { tags: tag, cache_dir: None, progress: progress.as_ref() };
+        BackupCommand::Stream { name, command, tag, time } => {
+            let opts = backup::BackupOptions { tags: tag, time: parse_time(time.as_deref())?, cache_dir: None, progress: progress.as_ref() };
             let r = backup::backup_stream(&repo, &name, command.as_deref(), &opts)?;
             Ok(print_backup(ctx, &r))
         }
+        BackupCommand::All => {
+            let sources = &ctx.settings.file.sources;
+            if sources.is_empty() {
+                return Err(Error::config("custos.toml defines no [[source]]").hint("see docs/config.md"));
+            }
+            let mut reports = vec![];
+            let mut code = 0;
+            for s in sources {
+                let opts = backup::BackupOptions { tags: vec![s.name.clone()], time: None, cache_dir: ctx.settings.cache_dir.clone(), progress: progress.as_ref() };
+                let r = match s.kind.as_str() {
+                    "files" => backup::backup_files(&repo, &s.paths.iter().map(PathBuf::from).collect::<Vec<_>>(), &opts),
+                    "stream" => backup::backup_stream(&repo, &s.name, Some(s.command.as_deref().ok_or_else(|| Error::config(format!("source `{}` has kind stream but no command", s.name)))?), &opts),
+                    other => Err(Error::config(format!("source `{}` has unknown kind `{other}` (files or stream)", s.name))),
+                }
+                .map_err(|e| e.context(format!("source `{}`", s.name)))?;
+                if !ctx.out.json {
+                    code = code.max(print_backup(ctx, &r));
+                } else if !r.errors.is_empty() {
+                    code = Kind::Partial.exit_code();
+                }
+                reports.push(r);
+            }
+            if ctx.out.json {
+                ctx.out.json(&reports);
+            }
+            Ok(code)
+        }
     }
+}
+
+fn parse_time(t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    t.map(|t| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .map(|d| d.with_timezone(&chrono::Utc))
+            .map_err(|e| Error::config(format!("--time `{t}` is not an RFC 3339 time like 2026-01-31T02:00:00Z: {e}")))
+    })
+    .transpose()
 }
 
 fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {

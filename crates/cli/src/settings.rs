@@ -112,7 +112,6 @@ impl Env {
 
 pub struct Settings {
     pub file: ConfigFile,
-    pub config_path: Option<PathBuf>,
     pub repo_url: Option<String>,
     pub storage: StorageOptions,
     pub cache_dir: Option<PathBuf>,
@@ -178,7 +177,7 @@ impl Settings {
             format!("uid {}", unsafe { libc::geteuid() })
         });
         let kill_before_write = env.var("CUSTOS_TEST_KILL_BEFORE_WRITE").and_then(|v| v.parse().ok());
-        Ok(Settings { file, config_path, repo_url, storage, cache_dir, host, user, kill_before_write })
+        Ok(Settings { file, repo_url, storage, cache_dir, host, user, kill_before_write })
     }
 
     pub fn location(&self) -> Result<Location> {

@@ -35,19 +35,21 @@ pub struct BackupReport {
 
 pub struct BackupOptions<'a> {
     pub tags: Vec<String>,
+    /// Time recorded for the snapshot instead of now (importing older backups, tests).
+    pub time: Option<chrono::DateTime<Utc>>,
     pub cache_dir: Option<PathBuf>,
     pub progress: &'a dyn Progress,
 }
 
-fn summary(repo: &Repository, kind: SourceKind, source: &str, parent: Option<SnapshotId>, tags: &[String], stats: SnapshotStats) -> SnapshotSummary {
+fn summary(repo: &Repository, opts: &BackupOptions, kind: SourceKind, source: &str, parent: Option<SnapshotId>, stats: SnapshotStats) -> SnapshotSummary {
     SnapshotSummary {
-        time: Utc::now(),
+        time: opts.time.unwrap_or_else(Utc::now),
         kind,
         source: source.into(),
         host: repo.opts.host.clone(),
         user: repo.opts.user.clone(),
         parent,
-        tags: tags.to_vec(),
+        tags: opts.tags.clone(),
         stats,
         key: repo.key_id,
     }
@@ -169,7 +171,7 @@ pub fn backup_files(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) 
         errors: errors.len() as u64,
         ..Default::default()
     };
-    let mut sum = summary(repo, SourceKind::Files, &source, parent, &opts.tags, stats);
+    let mut sum = summary(repo, opts, SourceKind::Files, &source, parent, stats);
     let body = SnapshotBody { paths: roots.iter().map(|p| p.display().to_string()).collect(), manifest, ..Default::default() };
     let id = commit(repo, writer, &mut sum, &body)?;
     sum.stats.duration_ms = start.elapsed().as_millis() as u64;
@@ -208,7 +210,7 @@ pub fn backup_bucket(repo: &Repository, bucket: &DynStorage, url: &str, prefix: 
     opts.progress.finish();
     let manifest = crate::manifest::store(repo, &writer, &entries)?;
     let stats = SnapshotStats { files: entries.len() as u64, bytes: total, bytes_read: read.load(Ordering::Relaxed), ..Default::default() };
-    let mut sum = summary(repo, SourceKind::Bucket, url, parent, &opts.tags, stats);
+    let mut sum = summary(repo, opts, SourceKind::Bucket, url, parent, stats);
     let body = SnapshotBody { paths: vec![url.into()], manifest, ..Default::default() };
     let id = commit(repo, writer, &mut sum, &body)?;
     sum.stats.duration_ms = start.elapsed().as_millis() as u64;
@@ -238,7 +240,7 @@ pub fn backup_stream(repo: &Repository, name: &str, command: Option<&str>, opts:
     opts.progress.finish();
     let size = read.load(Ordering::Relaxed);
     let stats = SnapshotStats { files: 1, bytes: size, bytes_read: size, ..Default::default() };
-    let mut sum = summary(repo, SourceKind::Stream, name, parent, &opts.tags, stats);
+    let mut sum = summary(repo, opts, SourceKind::Stream, name, parent, stats);
     let body = SnapshotBody { paths: vec![name.into()], stream: ids, stream_size: size, ..Default::default() };
     let id = commit(repo, writer, &mut sum, &body)?;
     sum.stats.duration_ms = start.elapsed().as_millis() as u64;

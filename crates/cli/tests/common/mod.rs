@@ -1,0 +1,224 @@
+//! Shared helpers for the CLI integration tests: run the real `custos` binary against a
+//! real repository (local or SeaweedFS S3), build test trees, compare restored trees.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+pub const PW: &str = "correct horse battery staple";
+
+pub struct T {
+    pub dir: tempfile::TempDir,
+    pub repo: String,
+    pub envs: Vec<(String, String)>,
+    /// Run custos as this user (through runuser) instead of the test's own.
+    pub run_as: Option<String>,
+}
+
+impl T {
+    /// A fresh local repository, initialised with a cheap KDF (tests open it many times).
+    pub fn new() -> T {
+        let t = T::bare();
+        t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+        t
+    }
+
+    /// Environment only; no repository yet.
+    pub fn bare() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo").display().to_string();
+        let envs = vec![
+            ("CUSTOS_REPO".into(), repo.clone()),
+            ("CUSTOS_PASSWORD".into(), PW.into()),
+            ("CUSTOS_CACHE_DIR".into(), dir.path().join("cache").display().to_string()),
+            ("HOME".into(), dir.path().display().to_string()),
+        ];
+        T { dir, repo, envs, run_as: None }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn set(&mut self, k: &str, v: &str) {
+        self.envs.retain(|(a, _)| a != k);
+        self.envs.push((k.into(), v.into()));
+    }
+
+    pub fn unset(&mut self, k: &str) {
+        self.envs.retain(|(a, _)| a != k);
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = match &self.run_as {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", env!("CARGO_BIN_EXE_custos")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_custos")),
+        };
+        c.env_clear().env("PATH", std::env::var("PATH").unwrap()).args(args).stdin(Stdio::null());
+        for (k, v) in &self.envs {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut c = self.command(args);
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let data = input.to_vec();
+        let h = std::thread::spawn(move || stdin.write_all(&data));
+        let out = child.wait_with_output().unwrap();
+        h.join().unwrap().unwrap();
+        out
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "custos {args:?} failed ({}):\n{}\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
+    }
+
+    /// Runs a command that must fail with `code`; returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(code), "custos {args:?}: expected exit {code}, got {:?}\nstdout: {}\nstderr: {err}", o.status, String::from_utf8_lossy(&o.stdout));
+        err
+    }
+
+    /// Every object of a local repository with its content hash: to prove a failed
+    /// command left the repository as it was.
+    pub fn repo_state(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for e in walk(Path::new(&self.repo)) {
+            if e.starts_with(".tmp") || e.starts_with("locks") {
+                continue;
+            }
+            let b = std::fs::read(Path::new(&self.repo).join(&e)).unwrap();
+            out.insert(e, blake3::hash(&b).to_hex().to_string());
+        }
+        out
+    }
+
+    pub fn packs(&self) -> Vec<PathBuf> {
+        walk(Path::new(&self.repo)).into_iter().filter(|p| p.starts_with("data/")).map(|p| Path::new(&self.repo).join(p)).collect()
+    }
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A varied tree: text, random binary, empty files, nested folders, a symlink, odd modes.
+pub fn make_tree(root: &Path, seed: u64, files: usize, max_size: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    std::fs::create_dir_all(root.join("docs/nested/deeper")).unwrap();
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    for i in 0..files {
+        let dir = match i % 3 {
+            0 => root.join("docs"),
+            1 => root.join("docs/nested"),
+            _ => root.join("docs/nested/deeper"),
+        };
+        let size = if i % 7 == 0 { 0 } else { rng.random_range(1..max_size) };
+        let mut data = vec![0u8; size];
+        if i % 2 == 0 {
+            rng.fill_bytes(&mut data);
+        } else {
+            for (j, b) in data.iter_mut().enumerate() {
+                *b = b"patient note: stable, vitals normal\n"[j % 36];
+            }
+        }
+        let p = dir.join(format!("file-{i:04}.dat"));
+        std::fs::write(&p, &data).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(if i % 5 == 0 { 0o600 } else { 0o644 })).unwrap();
+        let t = filetime::FileTime::from_unix_time(1_600_000_000 + i as i64 * 1000, (i as u32) * 1000);
+        filetime::set_file_mtime(&p, t).unwrap();
+    }
+    std::os::unix::fs::symlink("docs/file-0001.dat", root.join("link-to-file")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    std::fs::set_permissions(root.join("empty-dir"), std::fs::Permissions::from_mode(0o750)).unwrap();
+}
+
+/// Describes a tree: path -> (kind, mode, mtime, content hash or link target).
+pub fn describe(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for rel in walk_all(root) {
+        let p = root.join(&rel);
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let desc = if m.file_type().is_symlink() {
+            format!("link {}", std::fs::read_link(&p).unwrap().display())
+        } else if m.is_dir() {
+            format!("dir {:o} {}", m.mode() & 0o7777, m.mtime())
+        } else {
+            format!("file {:o} {}.{} {}", m.mode() & 0o7777, m.mtime(), m.mtime_nsec(), blake3::hash(&std::fs::read(&p).unwrap()).to_hex())
+        };
+        out.insert(rel, desc);
+    }
+    out
+}
+
+fn walk_all(root: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+            out.push(rel);
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+pub fn chown_tree(root: &Path, user: &str) {
+    let ok = Command::new("chown").args(["-R", user]).arg(root).status().unwrap().success();
+    assert!(ok, "chown {user} {}", root.display());
+}
+
+pub fn flip_byte(path: &Path, offset_from_start: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[offset_from_start] ^= 0x01;
+    std::fs::write(path, b).unwrap();
+}

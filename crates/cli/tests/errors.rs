@@ -1,0 +1,125 @@
+//! Bad input gets one clear error, a documented exit code, and leaves the repository as
+//! it was: a flipped byte, a truncated or missing pack, a missing index, a malformed
+//! config, a missing repository.
+
+mod common;
+use common::*;
+
+fn backed_up() -> T {
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 11, 30, 200_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    t
+}
+
+#[test]
+fn flipped_byte_in_a_pack_is_detected_and_restore_refuses() {
+    let t = backed_up();
+    t.ok(&["verify", "--read-data"]);
+    let packs = t.packs();
+    let biggest = packs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    flip_byte(biggest, 100);
+    let before = t.repo_state();
+    // Structure is intact (sizes match), so plain verify passes; reading the data does not.
+    t.ok(&["verify"]);
+    let err = t.fails(&["verify", "--read-data"], 14);
+    assert!(err.contains("does not match its hash"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&t.run(&["verify", "--read-data", "--json"]).stdout).unwrap();
+    assert_eq!(v["errors"].as_array().unwrap().len(), 1, "{v}");
+    // Restore names the damage and does not pass off damaged data.
+    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()], 14);
+    assert!(err.contains("fails authentication") || err.contains("does not match"), "{err}");
+    assert_eq!(t.repo_state(), before, "a failed verify or restore must not change the repository");
+}
+
+#[test]
+fn truncated_and_missing_packs_are_reported_by_structure_check() {
+    let t = backed_up();
+    let packs = t.packs();
+    let p0 = &packs[0];
+    let b = std::fs::read(p0).unwrap();
+    std::fs::write(p0, &b[..b.len() / 2]).unwrap();
+    let err = t.fails(&["verify"], 14);
+    assert!(err.contains("bytes in storage, the index says"), "{err}");
+    std::fs::remove_file(p0).unwrap();
+    let err = t.fails(&["verify"], 14);
+    assert!(err.contains("missing from storage"), "{err}");
+    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()], 14);
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn missing_index_is_reported() {
+    let t = backed_up();
+    for e in std::fs::read_dir(t.path("repo/index")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let err = t.fails(&["verify"], 14);
+    assert!(err.contains("not in the index"), "{err}");
+    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()], 14);
+    assert!(err.contains("not in the index"), "{err}");
+    // Prune must refuse rather than delete every pack as "unreferenced".
+    let packs = t.packs().len();
+    let err = t.fails(&["prune"], 14);
+    assert!(err.contains("prune cannot read"), "{err}");
+    assert_eq!(t.packs().len(), packs, "prune deleted packs on an incomplete index");
+}
+
+#[test]
+fn altered_snapshot_is_detected() {
+    let t = backed_up();
+    let snap = std::fs::read_dir(t.path("repo/snapshots")).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(&snap).unwrap();
+    std::fs::write(&snap, text.replacen("\"version\":1", "\"version\": 1", 1)).unwrap();
+    let err = t.fails(&["snapshots"], 14);
+    assert!(err.contains("does not match its id"), "{err}");
+}
+
+#[test]
+fn malformed_config_missing_repo_and_usage_errors() {
+    let mut t = T::bare();
+    std::fs::write(t.path("custos.toml"), "[repository]\nurl = \"/x\"\nretention = 3\nkeep_daily = \"many\"\n").unwrap();
+    t.set("CUSTOS_CONFIG", t.path("custos.toml").to_str().unwrap());
+    let err = t.fails(&["snapshots"], 2);
+    assert!(err.contains("malformed") && err.contains("line"), "{err}");
+
+    std::fs::write(t.path("custos.toml"), "[storage.s3]\nsecret_access_key = \"AKIA-secret-value\"\n").unwrap();
+    let err = t.fails(&["snapshots"], 2);
+    assert!(err.contains("must not contain secret_access_key") && !err.contains("AKIA-secret-value"), "{err}");
+
+    t.unset("CUSTOS_CONFIG");
+    let err = t.fails(&["snapshots"], 10);
+    assert!(err.contains("no custos repository") && err.contains("custos init"), "{err}");
+    t.unset("CUSTOS_REPO");
+    let err = t.fails(&["snapshots"], 2);
+    assert!(err.contains("CUSTOS_REPO"), "{err}");
+    // clap usage errors exit 2 as well.
+    t.fails(&["backup", "files"], 2);
+}
+
+#[test]
+fn unreadable_file_makes_a_partial_snapshot_with_its_own_exit_code() {
+    use std::os::unix::fs::PermissionsExt;
+    // Root reads every file, so the backup runs as `nobody` when the test runs as root.
+    let mut t = T::bare();
+    let src = t.path("src");
+    make_tree(&src, 2, 5, 1000);
+    if is_root() {
+        chown_tree(t.dir.path(), "nobody");
+        std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        t.run_as = Some("nobody".into());
+    }
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    std::fs::write(src.join("secret.txt"), b"x").unwrap();
+    if is_root() {
+        chown_tree(&src.join("secret.txt"), "root");
+    }
+    std::fs::set_permissions(src.join("secret.txt"), std::fs::Permissions::from_mode(0)).unwrap();
+    let err = t.fails(&["backup", "files", src.to_str().unwrap()], 3);
+    assert!(err.contains("partial") && err.contains("secret.txt"), "{err}");
+    // The snapshot exists, holds everything else, and leaves the unreadable file out.
+    t.ok(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()]);
+    assert!(!t.path("out/secret.txt").exists());
+    assert!(t.path("out/docs/file-0000.dat").exists());
+}
