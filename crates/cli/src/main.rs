@@ -61,7 +61,13 @@ impl KdfArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Create a repository and its restore key (password from CUSTOS_PASSWORD* or a prompt)
-    Init(KdfArgs),
+    Init {
+        #[command(flatten)]
+        kdf: KdfArgs,
+        /// Target size of pack objects in MiB (default 16; larger suits high-latency stores)
+        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=512))]
+        pack_size_mib: Option<u64>,
+    },
     /// Manage the keys that open the repository
     #[command(subcommand)]
     Key(KeyCommand),
@@ -247,7 +253,7 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
     let settings = Settings::resolve(&env, cli.config.as_deref(), cli.repo.as_deref())?;
     let ctx = Ctx { env, settings, out: Out { json: cli.json, quiet: cli.quiet } };
     match cli.command {
-        Command::Init(kdf) => cmd_init(&ctx, &kdf),
+        Command::Init { kdf, pack_size_mib } => cmd_init(&ctx, &kdf, pack_size_mib),
         Command::Key(k) => cmd_key(&ctx, k),
         Command::Backup(b) => cmd_backup(&ctx, b),
         Command::Snapshots { source } => cmd_snapshots(&ctx, source.as_deref()),
@@ -269,13 +275,13 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
     }
 }
 
-fn cmd_init(ctx: &Ctx, kdf: &KdfArgs) -> Result<i32> {
+fn cmd_init(ctx: &Ctx, kdf: &KdfArgs, pack_size_mib: Option<u64>) -> Result<i32> {
     let storage = ctx.storage()?;
     let pw = ctx.settings.password(&ctx.env, "password for the new repository: ")?;
     if pw.is_empty() {
         return Err(Error::config("the password is empty"));
     }
-    let repo = Repository::init(storage, pw.as_bytes(), kdf.params(), ctx.open_opts())?;
+    let repo = Repository::init(storage, pw.as_bytes(), kdf.params(), ctx.open_opts(), pack_size_mib.map(|m| m << 20))?;
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({
             "repository": repo.config.id, "location": repo.storage.location(), "key": repo.key_id, "role": "restore",

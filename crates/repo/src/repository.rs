@@ -52,7 +52,7 @@ impl Repository {
         }
     }
 
-    pub fn init(storage: DynStorage, password: &[u8], kdf: KdfParams, opts: OpenOptions) -> Result<Repository> {
+    pub fn init(storage: DynStorage, password: &[u8], kdf: KdfParams, opts: OpenOptions, pack_size: Option<u64>) -> Result<Repository> {
         if storage.size(paths::CONFIG)?.is_some() {
             return Err(Error::new(Kind::RepoExists, format!("a repository already exists at {}", storage.location()))
                 .hint("use it as it is, or choose another location"));
@@ -67,7 +67,7 @@ impl Repository {
             created: Utc::now(),
             chunker: ChunkerParams::DEFAULT_CDC,
             block_chunker: ChunkerParams::DEFAULT_FIXED,
-            pack_size: DEFAULT_PACK_SIZE,
+            pack_size: pack_size.unwrap_or(DEFAULT_PACK_SIZE),
         };
         // Key first, then config: a repository without config is "not found", never half-made.
         let kf = KeyFile::seal(&keys, config.id, password, kdf, &Origin { host: opts.host.clone(), user: opts.user.clone() })?;
