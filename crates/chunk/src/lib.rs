@@ -23,18 +23,30 @@ pub enum ChunkerParams {
 
 impl ChunkerParams {
     /// 512 KiB / 1 MiB / 8 MiB, restic's proven sizes.
-    pub const DEFAULT_CDC: ChunkerParams = ChunkerParams::Cdc { min: 512 * 1024, avg: 1024 * 1024, max: 8 * 1024 * 1024 };
+    pub const DEFAULT_CDC: ChunkerParams = ChunkerParams::Cdc {
+        min: 512 * 1024,
+        avg: 1024 * 1024,
+        max: 8 * 1024 * 1024,
+    };
     /// 128 KiB blocks: 16 pages, small enough that a page changed in a 1 GiB segment
     /// stores 128 KiB, large enough that per-chunk overhead stays under 0.1 %.
     pub const DEFAULT_FIXED: ChunkerParams = ChunkerParams::Fixed { size: 128 * 1024 };
 
     /// Splits `reader` into chunks. `size_hint` is the known total length (a file's size),
     /// used to take a small input in one read without allocating the CDC window.
-    pub fn split<'a, R: Read + 'a>(&self, reader: R, size_hint: Option<u64>, seed: u64) -> Box<dyn Iterator<Item = io::Result<Vec<u8>>> + 'a> {
+    pub fn split<'a, R: Read + 'a>(
+        &self,
+        reader: R,
+        size_hint: Option<u64>,
+        seed: u64,
+    ) -> Box<dyn Iterator<Item = io::Result<Vec<u8>>> + 'a> {
         match *self {
             ChunkerParams::Cdc { min, avg, max } => {
                 if let Some(n) = size_hint.filter(|n| *n <= u64::from(min)) {
-                    return Box::new(Whole { reader: Some(reader), hint: n as usize });
+                    return Box::new(Whole {
+                        reader: Some(reader),
+                        hint: n as usize,
+                    });
                 }
                 let cdc = fastcdc::v2020::StreamCDC::with_level_and_seed(
                     reader,
@@ -51,7 +63,11 @@ impl ChunkerParams {
                     })
                 }))
             }
-            ChunkerParams::Fixed { size } => Box::new(Fixed { reader, size: size as usize, done: false }),
+            ChunkerParams::Fixed { size } => Box::new(Fixed {
+                reader,
+                size: size as usize,
+                done: false,
+            }),
         }
     }
 }
@@ -121,7 +137,9 @@ mod tests {
     }
 
     fn cut(p: ChunkerParams, d: &[u8], seed: u64) -> Vec<Vec<u8>> {
-        p.split(d, Some(d.len() as u64), seed).collect::<io::Result<_>>().unwrap()
+        p.split(d, Some(d.len() as u64), seed)
+            .collect::<io::Result<_>>()
+            .unwrap()
     }
 
     #[test]

@@ -21,7 +21,12 @@ use output::{mb_per_s, Out};
 use settings::{Env, Settings};
 
 #[derive(Parser)]
-#[command(name = "custos", version, about = "Encrypted, deduplicated, verifiable backups", max_term_width = 100)]
+#[command(
+    name = "custos",
+    version,
+    about = "Encrypted, deduplicated, verifiable backups",
+    max_term_width = 100
+)]
 struct Cli {
     /// Repository location: a path, s3://bucket/prefix, or another OpenDAL scheme [env: CUSTOS_REPO]
     #[arg(long, global = true)]
@@ -214,7 +219,11 @@ impl Ctx {
     }
 
     fn open_opts(&self) -> OpenOptions {
-        OpenOptions { host: self.settings.host.clone(), user: self.settings.user.clone(), threads: 0 }
+        OpenOptions {
+            host: self.settings.host.clone(),
+            user: self.settings.user.clone(),
+            threads: 0,
+        }
     }
 
     fn open(&self) -> Result<Repository> {
@@ -237,7 +246,10 @@ fn main() {
         1 => "info".into(),
         _ => "debug".into(),
     });
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::new(filter)).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .init();
     let json = cli.json;
     let code = match run(cli, env) {
         Ok(code) => code,
@@ -251,7 +263,14 @@ fn main() {
 
 fn run(cli: Cli, env: Env) -> Result<i32> {
     let settings = Settings::resolve(&env, cli.config.as_deref(), cli.repo.as_deref())?;
-    let ctx = Ctx { env, settings, out: Out { json: cli.json, quiet: cli.quiet } };
+    let ctx = Ctx {
+        env,
+        settings,
+        out: Out {
+            json: cli.json,
+            quiet: cli.quiet,
+        },
+    };
     match cli.command {
         Command::Init { kdf, pack_size_mib } => cmd_init(&ctx, &kdf, pack_size_mib),
         Command::Key(k) => cmd_key(&ctx, k),
@@ -260,11 +279,19 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         Command::Ls { snapshot } => cmd_ls(&ctx, &snapshot),
         Command::Restore(r) => cmd_restore(&ctx, r),
         Command::Verify { read_data, subset } => cmd_verify(&ctx, read_data, subset.as_deref()),
-        Command::Forget { policy, dry_run, prune } => cmd_forget(&ctx, &policy, dry_run, prune),
+        Command::Forget {
+            policy,
+            dry_run,
+            prune,
+        } => cmd_forget(&ctx, &policy, dry_run, prune),
         Command::Prune { dry_run } => cmd_prune(&ctx, dry_run),
         Command::Unlock => {
             let repo = ctx.open()?;
-            let n = custos_repo::lock::remove_stale(&repo.storage, &repo.keys.meta_key, &repo.opts.host)?;
+            let n = custos_repo::lock::remove_stale(
+                &repo.storage,
+                &repo.keys.meta_key,
+                &repo.opts.host,
+            )?;
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({ "removed_locks": n }));
             } else {
@@ -277,18 +304,33 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
 
 fn cmd_init(ctx: &Ctx, kdf: &KdfArgs, pack_size_mib: Option<u64>) -> Result<i32> {
     let storage = ctx.storage()?;
-    let pw = ctx.settings.password(&ctx.env, "password for the new repository: ")?;
+    let pw = ctx
+        .settings
+        .password(&ctx.env, "password for the new repository: ")?;
     if pw.is_empty() {
         return Err(Error::config("the password is empty"));
     }
-    let repo = Repository::init(storage, pw.as_bytes(), kdf.params(), ctx.open_opts(), pack_size_mib.map(|m| m << 20))?;
+    let repo = Repository::init(
+        storage,
+        pw.as_bytes(),
+        kdf.params(),
+        ctx.open_opts(),
+        pack_size_mib.map(|m| m << 20),
+    )?;
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({
             "repository": repo.config.id, "location": repo.storage.location(), "key": repo.key_id, "role": "restore",
         }));
     } else {
-        println!("created repository {} at {}", repo.config.id.short(), repo.storage.location());
-        println!("restore key {} (keep its password safe: without it the backups cannot be read)", repo.key_id.short());
+        println!(
+            "created repository {} at {}",
+            repo.config.id.short(),
+            repo.storage.location()
+        );
+        println!(
+            "restore key {} (keep its password safe: without it the backups cannot be read)",
+            repo.key_id.short()
+        );
     }
     Ok(0)
 }
@@ -305,10 +347,21 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
                     .collect();
                 ctx.out.json(&v);
             } else {
-                println!("{:<2}{:<10} {:<8} {:<20} {:<16} user", "", "id", "role", "created", "host");
+                println!(
+                    "{:<2}{:<10} {:<8} {:<20} {:<16} user",
+                    "", "id", "role", "created", "host"
+                );
                 for k in keys {
                     let cur = if k.id == repo.key_id { "*" } else { "" };
-                    println!("{:<2}{:<10} {:<8} {:<20} {:<16} {}", cur, k.id.short(), k.role.as_str(), k.created.format("%Y-%m-%d %H:%M:%S"), k.host, k.user);
+                    println!(
+                        "{:<2}{:<10} {:<8} {:<20} {:<16} {}",
+                        cur,
+                        k.id.short(),
+                        k.role.as_str(),
+                        k.created.format("%Y-%m-%d %H:%M:%S"),
+                        k.host,
+                        k.user
+                    );
                 }
             }
         }
@@ -317,7 +370,8 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
             let pw = ctx.settings.new_password(&ctx.env)?;
             let kf = repo.add_key(role, pw.as_bytes(), kdf.params())?;
             if ctx.out.json {
-                ctx.out.json(&serde_json::json!({"id": kf.id, "role": kf.role}));
+                ctx.out
+                    .json(&serde_json::json!({"id": kf.id, "role": kf.role}));
             } else {
                 println!("added {} key {}", kf.role.as_str(), kf.id.short());
             }
@@ -348,14 +402,35 @@ fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
         ctx.out.json(r);
     } else {
         let s = &r.stats;
-        println!("snapshot {} saved ({} {})", r.snapshot.short(), r.kind.as_str(), r.source);
+        println!(
+            "snapshot {} saved ({} {})",
+            r.snapshot.short(),
+            r.kind.as_str(),
+            r.source
+        );
         if let Some(p) = r.parent {
             println!("  parent     {}", p.short());
         }
-        println!("  files      {} ({} unchanged, not read), {} folders", s.files, s.files_unchanged, s.dirs);
-        println!("  size       {} ({} read)", ByteSize(s.bytes), ByteSize(s.bytes_read));
-        println!("  new data   {} in {} chunks, {} stored", ByteSize(s.bytes_new), s.chunks_new, ByteSize(s.bytes_stored));
-        println!("  took       {:.1} s ({})", s.duration_ms as f64 / 1000.0, mb_per_s(s.bytes_read, s.duration_ms));
+        println!(
+            "  files      {} ({} unchanged, not read), {} folders",
+            s.files, s.files_unchanged, s.dirs
+        );
+        println!(
+            "  size       {} ({} read)",
+            ByteSize(s.bytes),
+            ByteSize(s.bytes_read)
+        );
+        println!(
+            "  new data   {} in {} chunks, {} stored",
+            ByteSize(s.bytes_new),
+            s.chunks_new,
+            ByteSize(s.bytes_stored)
+        );
+        println!(
+            "  took       {:.1} s ({})",
+            s.duration_ms as f64 / 1000.0,
+            mb_per_s(s.bytes_read, s.duration_ms)
+        );
         for e in &r.errors {
             eprintln!("custos: warning: could not read {e}");
         }
@@ -364,7 +439,11 @@ fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
         0
     } else {
         if !ctx.out.json {
-            eprintln!("custos: the snapshot is partial: {} path(s) could not be read (exit code {})", r.errors.len(), Kind::Partial.exit_code());
+            eprintln!(
+                "custos: the snapshot is partial: {} path(s) could not be read (exit code {})",
+                r.errors.len(),
+                Kind::Partial.exit_code()
+            );
         }
         Kind::Partial.exit_code()
     }
@@ -375,15 +454,28 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
     let progress = ctx.out.progress();
     match b {
         BackupCommand::Files { paths, tag, time } => {
-            let opts = backup::BackupOptions { tags: tag, time: parse_time(time.as_deref())?, cache_dir: ctx.settings.cache_dir.clone(), progress: progress.as_ref() };
+            let opts = backup::BackupOptions {
+                tags: tag,
+                time: parse_time(time.as_deref())?,
+                cache_dir: ctx.settings.cache_dir.clone(),
+                progress: progress.as_ref(),
+            };
             let is_url = |p: &str| p.contains("://");
             if paths.iter().any(|p| is_url(p)) {
                 if paths.len() != 1 {
-                    return Err(Error::config("back up one bucket at a time, and not together with local paths"));
+                    return Err(Error::config(
+                        "back up one bucket at a time, and not together with local paths",
+                    ));
                 }
                 let loc = Location::parse(&paths[0])?;
                 let (storage_loc, prefix) = match &loc {
-                    Location::S3 { bucket, prefix } => (Location::S3 { bucket: bucket.clone(), prefix: String::new() }, prefix.clone()),
+                    Location::S3 { bucket, prefix } => (
+                        Location::S3 {
+                            bucket: bucket.clone(),
+                            prefix: String::new(),
+                        },
+                        prefix.clone(),
+                    ),
                     other => (other.clone(), String::new()),
                 };
                 let src = custos_storage::url::open(&storage_loc, &ctx.settings.storage)?;
@@ -395,24 +487,58 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                 Ok(print_backup(ctx, &r))
             }
         }
-        BackupCommand::Stream { name, command, tag, time } => {
-            let opts = backup::BackupOptions { tags: tag, time: parse_time(time.as_deref())?, cache_dir: None, progress: progress.as_ref() };
+        BackupCommand::Stream {
+            name,
+            command,
+            tag,
+            time,
+        } => {
+            let opts = backup::BackupOptions {
+                tags: tag,
+                time: parse_time(time.as_deref())?,
+                cache_dir: None,
+                progress: progress.as_ref(),
+            };
             let r = backup::backup_stream(&repo, &name, command.as_deref(), &opts)?;
             Ok(print_backup(ctx, &r))
         }
         BackupCommand::All => {
             let sources = &ctx.settings.file.sources;
             if sources.is_empty() {
-                return Err(Error::config("custos.toml defines no [[source]]").hint("see docs/config.md"));
+                return Err(
+                    Error::config("custos.toml defines no [[source]]").hint("see docs/config.md")
+                );
             }
             let mut reports = vec![];
             let mut code = 0;
             for s in sources {
-                let opts = backup::BackupOptions { tags: vec![s.name.clone()], time: None, cache_dir: ctx.settings.cache_dir.clone(), progress: progress.as_ref() };
+                let opts = backup::BackupOptions {
+                    tags: vec![s.name.clone()],
+                    time: None,
+                    cache_dir: ctx.settings.cache_dir.clone(),
+                    progress: progress.as_ref(),
+                };
                 let r = match s.kind.as_str() {
-                    "files" => backup::backup_files(&repo, &s.paths.iter().map(PathBuf::from).collect::<Vec<_>>(), &opts),
-                    "stream" => backup::backup_stream(&repo, &s.name, Some(s.command.as_deref().ok_or_else(|| Error::config(format!("source `{}` has kind stream but no command", s.name)))?), &opts),
-                    other => Err(Error::config(format!("source `{}` has unknown kind `{other}` (files or stream)", s.name))),
+                    "files" => backup::backup_files(
+                        &repo,
+                        &s.paths.iter().map(PathBuf::from).collect::<Vec<_>>(),
+                        &opts,
+                    ),
+                    "stream" => backup::backup_stream(
+                        &repo,
+                        &s.name,
+                        Some(s.command.as_deref().ok_or_else(|| {
+                            Error::config(format!(
+                                "source `{}` has kind stream but no command",
+                                s.name
+                            ))
+                        })?),
+                        &opts,
+                    ),
+                    other => Err(Error::config(format!(
+                        "source `{}` has unknown kind `{other}` (files or stream)",
+                        s.name
+                    ))),
                 }
                 .map_err(|e| e.context(format!("source `{}`", s.name)))?;
                 if !ctx.out.json {
@@ -434,19 +560,33 @@ fn parse_time(t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> 
     t.map(|t| {
         chrono::DateTime::parse_from_rfc3339(t)
             .map(|d| d.with_timezone(&chrono::Utc))
-            .map_err(|e| Error::config(format!("--time `{t}` is not an RFC 3339 time like 2026-01-31T02:00:00Z: {e}")))
+            .map_err(|e| {
+                Error::config(format!(
+                    "--time `{t}` is not an RFC 3339 time like 2026-01-31T02:00:00Z: {e}"
+                ))
+            })
     })
     .transpose()
 }
 
 fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
     let repo = ctx.open()?;
-    let snaps: Vec<_> = repo.snapshots()?.into_iter().filter(|s| source.is_none_or(|src| s.summary.source == src)).collect();
+    let snaps: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| source.is_none_or(|src| s.summary.source == src))
+        .collect();
     if ctx.out.json {
-        let v: Vec<_> = snaps.iter().map(|s| serde_json::json!({"id": s.id, "summary": s.summary})).collect();
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|s| serde_json::json!({"id": s.id, "summary": s.summary}))
+            .collect();
         ctx.out.json(&v);
     } else {
-        println!("{:<10} {:<20} {:<7} {:<12} {:>10} {:>10}  source", "id", "time (UTC)", "kind", "host", "size", "added");
+        println!(
+            "{:<10} {:<20} {:<7} {:<12} {:>10} {:>10}  source",
+            "id", "time (UTC)", "kind", "host", "size", "added"
+        );
         for s in &snaps {
             let m = &s.summary;
             println!(
@@ -496,15 +636,37 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
     let repo = ctx.open()?;
     repo.require_restore("restore")?;
     match r {
-        RestoreCommand::Files { snapshot, to, include, overwrite } => {
+        RestoreCommand::Files {
+            snapshot,
+            to,
+            include,
+            overwrite,
+        } => {
             let snap = repo.find_snapshot(&snapshot, None)?;
             let progress = ctx.out.progress();
-            let rep = restore::restore_files(&repo, &snap, &to, &restore::RestoreOptions { include, overwrite, progress: progress.as_ref() })?;
+            let rep = restore::restore_files(
+                &repo,
+                &snap,
+                &to,
+                &restore::RestoreOptions {
+                    include,
+                    overwrite,
+                    progress: progress.as_ref(),
+                },
+            )?;
             if ctx.out.json {
                 ctx.out.json(&rep);
             } else {
                 println!("restored snapshot {} to {}", snap.id.short(), rep.target);
-                println!("  {} files, {} folders, {} links, {} in {:.1} s ({})", rep.files, rep.dirs, rep.symlinks, ByteSize(rep.bytes), rep.duration_ms as f64 / 1000.0, mb_per_s(rep.bytes, rep.duration_ms));
+                println!(
+                    "  {} files, {} folders, {} links, {} in {:.1} s ({})",
+                    rep.files,
+                    rep.dirs,
+                    rep.symlinks,
+                    ByteSize(rep.bytes),
+                    rep.duration_ms as f64 / 1000.0,
+                    mb_per_s(rep.bytes, rep.duration_ms)
+                );
             }
         }
         RestoreCommand::Stream { snapshot } => {
@@ -522,7 +684,9 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
     let subset = match subset {
         None => 1.0,
         Some(s) => {
-            let v: f64 = s.trim_end_matches('%').parse().map_err(|_| Error::config(format!("--subset `{s}` is not a percentage like 10%")))?;
+            let v: f64 = s.trim_end_matches('%').parse().map_err(|_| {
+                Error::config(format!("--subset `{s}` is not a percentage like 10%"))
+            })?;
             if !(v > 0.0 && v <= 100.0) {
                 return Err(Error::config("--subset must be between 0% and 100%"));
             }
@@ -531,13 +695,30 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
     };
     let repo = ctx.open()?;
     let progress = ctx.out.progress();
-    let r = verify::verify(&repo, &verify::VerifyOptions { read_data, subset, progress: progress.as_ref() })?;
+    let r = verify::verify(
+        &repo,
+        &verify::VerifyOptions {
+            read_data,
+            subset,
+            progress: progress.as_ref(),
+        },
+    )?;
     if ctx.out.json {
         ctx.out.json(&r);
     } else {
         println!("{} snapshots, {} packs", r.snapshots, r.packs);
         if read_data {
-            println!("read {} packs ({}), {} chunks {}", r.packs_read, ByteSize(r.bytes_read), r.chunks_read, if r.decrypted { "decrypted and checked" } else { "(pack hashes only: backup key)" });
+            println!(
+                "read {} packs ({}), {} chunks {}",
+                r.packs_read,
+                ByteSize(r.bytes_read),
+                r.chunks_read,
+                if r.decrypted {
+                    "decrypted and checked"
+                } else {
+                    "(pack hashes only: backup key)"
+                }
+            );
         }
         for w in &r.warnings {
             println!("warning: {w}");
@@ -561,10 +742,16 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
 }
 
 fn policy_from(ctx: &Ctx, a: &PolicyArgs) -> Result<RetentionPolicy> {
-    let any = a.keep_last.is_some() || a.keep_daily.is_some() || a.keep_weekly.is_some() || a.keep_monthly.is_some() || a.keep_yearly.is_some() || a.keep_within.is_some();
+    let any = a.keep_last.is_some()
+        || a.keep_daily.is_some()
+        || a.keep_weekly.is_some()
+        || a.keep_monthly.is_some()
+        || a.keep_yearly.is_some()
+        || a.keep_within.is_some();
     if !any {
         return ctx.settings.file.retention.clone().ok_or_else(|| {
-            Error::config("no retention policy given").hint("pass --keep-daily N etc., or set [retention] in custos.toml")
+            Error::config("no retention policy given")
+                .hint("pass --keep-daily N etc., or set [retention] in custos.toml")
         });
     }
     Ok(RetentionPolicy {
@@ -576,7 +763,10 @@ fn policy_from(ctx: &Ctx, a: &PolicyArgs) -> Result<RetentionPolicy> {
         keep_within: a
             .keep_within
             .as_deref()
-            .map(|s| humantime::parse_duration(s).map_err(|e| Error::config(format!("--keep-within `{s}`: {e}"))))
+            .map(|s| {
+                humantime::parse_duration(s)
+                    .map_err(|e| Error::config(format!("--keep-within `{s}`: {e}")))
+            })
             .transpose()?,
     })
 }
@@ -588,7 +778,11 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
         repo.require_restore("forget snapshots")?;
     }
     let plan = forget::plan(&repo, &policy)?;
-    let removed = if dry_run { 0 } else { forget::execute(&repo, &plan)? };
+    let removed = if dry_run {
+        0
+    } else {
+        forget::execute(&repo, &plan)?
+    };
     let mut prune_out = None;
     if and_prune && !dry_run {
         let progress = ctx.out.progress();
@@ -600,7 +794,13 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
         for g in &plan.groups {
             println!("{} {} on {}:", g.kind, g.source, g.host);
             for d in &g.decisions {
-                println!("  {} {}  {}  {}", if d.keep { "keep  " } else { "remove" }, d.item.short(), d.time.format("%Y-%m-%d %H:%M:%S"), d.reasons.join("; "));
+                println!(
+                    "  {} {}  {}  {}",
+                    if d.keep { "keep  " } else { "remove" },
+                    d.item.short(),
+                    d.time.format("%Y-%m-%d %H:%M:%S"),
+                    d.reasons.join("; ")
+                );
             }
         }
         let n = plan.removed().len();
@@ -610,7 +810,11 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
             println!("removed {removed} snapshot(s); run `custos prune` to free their data");
         }
         if let Some((_, Some(r))) = &prune_out {
-            println!("prune: deleted {} packs ({})", r.packs_deleted, ByteSize(r.bytes_deleted));
+            println!(
+                "prune: deleted {} packs ({})",
+                r.packs_deleted,
+                ByteSize(r.bytes_deleted)
+            );
         }
     }
     Ok(0)
@@ -621,9 +825,13 @@ fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
     let progress = ctx.out.progress();
     let (plan, report) = prune::prune(&repo, dry_run, progress.as_ref())?;
     if ctx.out.json {
-        ctx.out.json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "report": report}));
+        ctx.out
+            .json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "report": report}));
     } else {
-        println!("{} snapshots, {} packs; chunks used {}, unused {}", plan.snapshots, plan.packs, plan.chunks_used, plan.chunks_unused);
+        println!(
+            "{} snapshots, {} packs; chunks used {}, unused {}",
+            plan.snapshots, plan.packs, plan.chunks_used, plan.chunks_unused
+        );
         println!(
             "{} {} unused pack(s), rewrite {} partly used, remove {} unindexed pack(s) and {} temp file(s); about {} freed",
             if dry_run { "would delete" } else { "delete" },
@@ -634,7 +842,13 @@ fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
             ByteSize(plan.bytes_freed_estimate)
         );
         if let Some(r) = report {
-            println!("done: deleted {} packs ({}), wrote {} new packs with {} chunks", r.packs_deleted, ByteSize(r.bytes_deleted), r.packs_written, r.chunks_repacked);
+            println!(
+                "done: deleted {} packs ({}), wrote {} new packs with {} chunks",
+                r.packs_deleted,
+                ByteSize(r.bytes_deleted),
+                r.packs_written,
+                r.chunks_repacked
+            );
         }
     }
     Ok(0)

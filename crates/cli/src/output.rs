@@ -34,11 +34,16 @@ impl Progress for Bar {
     fn start(&self, phase: &str, total: Option<u64>) {
         let pb = match total {
             Some(t) => ProgressBar::new(t).with_style(
-                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             ),
-            None => ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{prefix:>8} {spinner} {bytes} {bytes_per_sec}").expect("valid template")),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{prefix:>8} {spinner} {bytes} {bytes_per_sec}")
+                    .expect("valid template"),
+            ),
         };
         pb.set_prefix(phase.to_string());
         *self.0.lock().unwrap() = Some(pb);
@@ -57,7 +62,12 @@ impl Progress for Bar {
 
 /// Prints an error: always a human line on stderr; with --json also a document on stdout.
 pub fn error(e: &Error, json: bool) {
-    eprintln!("custos: error E{:02} ({}): {}", e.kind.code(), e.kind.name(), e.message);
+    eprintln!(
+        "custos: error E{:02} ({}): {}",
+        e.kind.code(),
+        e.kind.name(),
+        e.message
+    );
     if let Some(h) = &e.hint {
         eprintln!("  hint: {h}");
     }
@@ -77,7 +87,13 @@ pub fn error(e: &Error, json: bool) {
         println!(
             "{}",
             serde_json::to_string_pretty(&J {
-                error: Inner { code: e.kind.code(), kind: e.kind.name(), message: &e.message, hint: e.hint.as_deref(), retryable: e.kind.retryable() }
+                error: Inner {
+                    code: e.kind.code(),
+                    kind: e.kind.name(),
+                    message: &e.message,
+                    hint: e.hint.as_deref(),
+                    retryable: e.kind.retryable()
+                }
             })
             .expect("serializable")
         );

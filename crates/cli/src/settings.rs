@@ -76,11 +76,30 @@ pub struct Env {
     secrets: HashMap<String, Zeroizing<String>>,
 }
 
-const SECRET_VARS: &[&str] = &["CUSTOS_PASSWORD", "CUSTOS_NEW_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"];
+const SECRET_VARS: &[&str] = &[
+    "CUSTOS_PASSWORD",
+    "CUSTOS_NEW_PASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
 const PLAIN_VARS: &[&str] = &[
-    "CUSTOS_REPO", "CUSTOS_CONFIG", "CUSTOS_PASSWORD_FILE", "CUSTOS_PASSWORD_COMMAND", "CUSTOS_NEW_PASSWORD_FILE",
-    "CUSTOS_CACHE_DIR", "CUSTOS_HOST", "CUSTOS_TEST_KILL_BEFORE_WRITE", "AWS_ACCESS_KEY_ID", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "XDG_CACHE_HOME", "HOME", "USER", "LOGNAME",
+    "CUSTOS_REPO",
+    "CUSTOS_CONFIG",
+    "CUSTOS_PASSWORD_FILE",
+    "CUSTOS_PASSWORD_COMMAND",
+    "CUSTOS_NEW_PASSWORD_FILE",
+    "CUSTOS_CACHE_DIR",
+    "CUSTOS_HOST",
+    "CUSTOS_TEST_KILL_BEFORE_WRITE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "XDG_CACHE_HOME",
+    "HOME",
+    "USER",
+    "LOGNAME",
 ];
 
 impl Env {
@@ -102,7 +121,10 @@ impl Env {
     }
 
     pub fn var(&self, k: &str) -> Option<&str> {
-        self.vars.get(k).map(String::as_str).filter(|v| !v.is_empty())
+        self.vars
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     pub fn secret(&self, k: &str) -> Option<&Zeroizing<String>> {
@@ -127,16 +149,27 @@ fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
 }
 
 impl Settings {
-    pub fn resolve(env: &Env, config_flag: Option<&Path>, repo_flag: Option<&str>) -> Result<Settings> {
-        let config_path = config_flag.map(Path::to_path_buf).or_else(|| env.var("CUSTOS_CONFIG").map(PathBuf::from));
+    pub fn resolve(
+        env: &Env,
+        config_flag: Option<&Path>,
+        repo_flag: Option<&str>,
+    ) -> Result<Settings> {
+        let config_path = config_flag
+            .map(Path::to_path_buf)
+            .or_else(|| env.var("CUSTOS_CONFIG").map(PathBuf::from));
         let file: ConfigFile = match &config_path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| {
-                    Error::config(format!("cannot read the config file {}: {e}", p.display())).hint("check --config or CUSTOS_CONFIG")
+                    Error::config(format!("cannot read the config file {}: {e}", p.display()))
+                        .hint("check --config or CUSTOS_CONFIG")
                 })?;
                 toml::from_str(&text).map_err(|e| {
-                    Error::config(format!("the config file {} is malformed: {}", p.display(), e.message().trim()))
-                        .hint(span_hint(&text, e.span()))
+                    Error::config(format!(
+                        "the config file {} is malformed: {}",
+                        p.display(),
+                        e.message().trim()
+                    ))
+                    .hint(span_hint(&text, e.span()))
                 })?
             }
             None => ConfigFile::default(),
@@ -145,7 +178,10 @@ impl Settings {
             return Err(Error::config("custos.toml must not contain secret_access_key: secrets are never kept in plain text")
                 .hint("use secret_access_key_file = \"/path\" (mode 0600) or the AWS_SECRET_ACCESS_KEY environment variable"));
         }
-        let repo_url = repo_flag.map(String::from).or_else(|| env.var("CUSTOS_REPO").map(String::from)).or_else(|| file.repository.url.clone());
+        let repo_url = repo_flag
+            .map(String::from)
+            .or_else(|| env.var("CUSTOS_REPO").map(String::from))
+            .or_else(|| file.repository.url.clone());
         let s3f = &file.storage.s3;
         let secret = match env.secret("AWS_SECRET_ACCESS_KEY") {
             Some(s) => Some(s.to_string()),
@@ -156,9 +192,20 @@ impl Settings {
         };
         let storage = StorageOptions {
             s3: S3Options {
-                endpoint: env.var("AWS_ENDPOINT_URL_S3").or(env.var("AWS_ENDPOINT_URL")).map(String::from).or_else(|| s3f.endpoint.clone()),
-                region: env.var("AWS_REGION").or(env.var("AWS_DEFAULT_REGION")).map(String::from).or_else(|| s3f.region.clone()),
-                access_key_id: env.var("AWS_ACCESS_KEY_ID").map(String::from).or_else(|| s3f.access_key_id.clone()),
+                endpoint: env
+                    .var("AWS_ENDPOINT_URL_S3")
+                    .or(env.var("AWS_ENDPOINT_URL"))
+                    .map(String::from)
+                    .or_else(|| s3f.endpoint.clone()),
+                region: env
+                    .var("AWS_REGION")
+                    .or(env.var("AWS_DEFAULT_REGION"))
+                    .map(String::from)
+                    .or_else(|| s3f.region.clone()),
+                access_key_id: env
+                    .var("AWS_ACCESS_KEY_ID")
+                    .map(String::from)
+                    .or_else(|| s3f.access_key_id.clone()),
                 secret_access_key: secret,
                 session_token: env.secret("AWS_SESSION_TOKEN").map(|s| s.to_string()),
                 ..Default::default()
@@ -169,20 +216,45 @@ impl Settings {
             .var("CUSTOS_CACHE_DIR")
             .map(PathBuf::from)
             .or_else(|| file.repository.cache_dir.clone())
-            .or_else(|| env.var("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("custos")))
-            .or_else(|| env.var("HOME").map(|h| PathBuf::from(h).join(".cache/custos")));
-        let host = env.var("CUSTOS_HOST").map(String::from).or_else(|| file.repository.host.clone()).unwrap_or_else(hostname);
-        let user = env.var("USER").or(env.var("LOGNAME")).map(String::from).unwrap_or_else(|| {
-            // SAFETY: geteuid has no preconditions.
-            format!("uid {}", unsafe { libc::geteuid() })
-        });
-        let kill_before_write = env.var("CUSTOS_TEST_KILL_BEFORE_WRITE").and_then(|v| v.parse().ok());
-        Ok(Settings { file, repo_url, storage, cache_dir, host, user, kill_before_write })
+            .or_else(|| {
+                env.var("XDG_CACHE_HOME")
+                    .map(|x| PathBuf::from(x).join("custos"))
+            })
+            .or_else(|| {
+                env.var("HOME")
+                    .map(|h| PathBuf::from(h).join(".cache/custos"))
+            });
+        let host = env
+            .var("CUSTOS_HOST")
+            .map(String::from)
+            .or_else(|| file.repository.host.clone())
+            .unwrap_or_else(hostname);
+        let user = env
+            .var("USER")
+            .or(env.var("LOGNAME"))
+            .map(String::from)
+            .unwrap_or_else(|| {
+                // SAFETY: geteuid has no preconditions.
+                format!("uid {}", unsafe { libc::geteuid() })
+            });
+        let kill_before_write = env
+            .var("CUSTOS_TEST_KILL_BEFORE_WRITE")
+            .and_then(|v| v.parse().ok());
+        Ok(Settings {
+            file,
+            repo_url,
+            storage,
+            cache_dir,
+            host,
+            user,
+            kill_before_write,
+        })
     }
 
     pub fn location(&self) -> Result<Location> {
         let url = self.repo_url.as_deref().ok_or_else(|| {
-            Error::config("no repository given").hint("pass --repo URL, set CUSTOS_REPO, or set [repository] url in custos.toml")
+            Error::config("no repository given")
+                .hint("pass --repo URL, set CUSTOS_REPO, or set [repository] url in custos.toml")
         })?;
         Location::parse(url)
     }
@@ -193,10 +265,18 @@ impl Settings {
         if let Some(p) = env.secret("CUSTOS_PASSWORD") {
             return Ok(p.clone());
         }
-        if let Some(f) = env.var("CUSTOS_PASSWORD_FILE").map(PathBuf::from).or_else(|| self.file.repository.password_file.clone()) {
+        if let Some(f) = env
+            .var("CUSTOS_PASSWORD_FILE")
+            .map(PathBuf::from)
+            .or_else(|| self.file.repository.password_file.clone())
+        {
             return read_secret_file(&f, "the password");
         }
-        if let Some(c) = env.var("CUSTOS_PASSWORD_COMMAND").map(String::from).or_else(|| self.file.repository.password_command.clone()) {
+        if let Some(c) = env
+            .var("CUSTOS_PASSWORD_COMMAND")
+            .map(String::from)
+            .or_else(|| self.file.repository.password_command.clone())
+        {
             return run_password_command(&c);
         }
         prompt_password(prompt)
@@ -232,9 +312,15 @@ fn run_password_command(c: &str) -> Result<Zeroizing<String>> {
         .output()
         .map_err(|e| Error::config(format!("cannot run the password command: {e}")))?;
     if !out.status.success() {
-        return Err(Error::config(format!("the password command failed ({})", out.status)).hint("check CUSTOS_PASSWORD_COMMAND"));
+        return Err(
+            Error::config(format!("the password command failed ({})", out.status))
+                .hint("check CUSTOS_PASSWORD_COMMAND"),
+        );
     }
-    let s = Zeroizing::new(String::from_utf8(out.stdout).map_err(|_| Error::config("the password command printed invalid UTF-8"))?);
+    let s = Zeroizing::new(
+        String::from_utf8(out.stdout)
+            .map_err(|_| Error::config("the password command printed invalid UTF-8"))?,
+    );
     Ok(Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_string()))
 }
 
@@ -244,7 +330,9 @@ fn prompt_password(prompt: &str) -> Result<Zeroizing<String>> {
         return Err(Error::config("no password given and no terminal to ask on")
             .hint("set CUSTOS_PASSWORD_FILE (or CUSTOS_PASSWORD, CUSTOS_PASSWORD_COMMAND)"));
     }
-    rpassword::prompt_password(prompt).map(Zeroizing::new).map_err(|e| Error::config(format!("cannot read the password: {e}")))
+    rpassword::prompt_password(prompt)
+        .map(Zeroizing::new)
+        .map_err(|e| Error::config(format!("cannot read the password: {e}")))
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {

@@ -20,7 +20,11 @@ use rand::{RngCore, SeedableRng};
 fn mutate(src: &std::path::Path, round: u64) {
     for f in std::fs::read_dir(src.join("docs")).unwrap() {
         let p = f.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().starts_with("round-") {
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("round-")
+        {
             std::fs::remove_file(p).unwrap();
         }
     }
@@ -42,7 +46,8 @@ fn killed(t: &T, args: &[&str], kill_before_write: Option<u64>, delay: Option<Du
     if let Some(n) = kill_before_write {
         c.env("CUSTOS_TEST_KILL_BEFORE_WRITE", n.to_string());
     }
-    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    c.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let mut child = c.spawn().unwrap();
     if let Some(d) = delay {
         std::thread::sleep(d);
@@ -54,18 +59,35 @@ fn killed(t: &T, args: &[&str], kill_before_write: Option<u64>, delay: Option<Du
 
 fn check_after_kill(t: &T, src: &std::path::Path, what: &str) {
     let o = t.run(&["verify", "--read-data"]);
-    assert!(o.status.success(), "verify failed after {what}:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "verify failed after {what}:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     t.ok(&["backup", "files", src.to_str().unwrap()]);
     let out = t.path("restore-check");
     let _ = std::fs::remove_dir_all(&out);
     t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
-    assert_eq!(describe(&out), describe(src), "restore differs after {what}");
+    assert_eq!(
+        describe(&out),
+        describe(src),
+        "restore differs after {what}"
+    );
 }
 
 #[test]
 fn backup_killed_at_many_moments() {
     let t = T::bare();
-    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--pack-size-mib", "1"]);
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
     let src = t.path("src");
     make_tree(&src, 21, 30, 100_000);
     t.ok(&["backup", "files", src.to_str().unwrap()]);
@@ -76,7 +98,12 @@ fn backup_killed_at_many_moments() {
     for n in 1..=40 {
         round += 1;
         mutate(&src, round);
-        let died = killed(&t, &["backup", "files", src.to_str().unwrap()], Some(n), None);
+        let died = killed(
+            &t,
+            &["backup", "files", src.to_str().unwrap()],
+            Some(n),
+            None,
+        );
         check_after_kill(&t, &src, &format!("backup killed before write {n}"));
         if !died {
             break;
@@ -93,7 +120,12 @@ fn backup_killed_at_many_moments() {
         round += 1;
         mutate(&src, round);
         let delay = full * k / 17;
-        if killed(&t, &["backup", "files", src.to_str().unwrap()], None, Some(delay)) {
+        if killed(
+            &t,
+            &["backup", "files", src.to_str().unwrap()],
+            None,
+            Some(delay),
+        ) {
             kills += 1;
         }
         check_after_kill(&t, &src, &format!("backup killed after {delay:?}"));
@@ -105,7 +137,15 @@ fn backup_killed_at_many_moments() {
 #[test]
 fn prune_killed_at_many_moments() {
     let t = T::bare();
-    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--pack-size-mib", "1"]);
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
     let src = t.path("src");
     make_tree(&src, 22, 30, 100_000);
     t.ok(&["backup", "files", src.to_str().unwrap()]);
@@ -113,7 +153,11 @@ fn prune_killed_at_many_moments() {
     let mut round = 100;
     // One round: fresh data, forget the older snapshot, then prune (killed as asked).
     // Returns whether prune died by SIGKILL and how long it ran.
-    let attempt = |kill: Option<u64>, delay: Option<Duration>, what: String, round: &mut u64| -> (bool, Duration) {
+    let attempt = |kill: Option<u64>,
+                   delay: Option<Duration>,
+                   what: String,
+                   round: &mut u64|
+     -> (bool, Duration) {
         *round += 1;
         mutate(&src, *round);
         t.ok(&["backup", "files", src.to_str().unwrap()]);
@@ -128,7 +172,14 @@ fn prune_killed_at_many_moments() {
         (died, took)
     };
     for n in 1..=40 {
-        if !attempt(Some(n), None, format!("prune killed before write {n}"), &mut round).0 {
+        if !attempt(
+            Some(n),
+            None,
+            format!("prune killed before write {n}"),
+            &mut round,
+        )
+        .0
+        {
             break;
         }
         kills += 1;
@@ -136,7 +187,14 @@ fn prune_killed_at_many_moments() {
     let (_, full) = attempt(None, None, "uninterrupted prune".into(), &mut round);
     for k in 1..=12u32 {
         let delay = full * k / 13;
-        if attempt(None, Some(delay), format!("prune killed after {delay:?}"), &mut round).0 {
+        if attempt(
+            None,
+            Some(delay),
+            format!("prune killed after {delay:?}"),
+            &mut round,
+        )
+        .0
+        {
             kills += 1;
         }
     }

@@ -18,19 +18,39 @@ fn flipped_byte_in_a_pack_is_detected_and_restore_refuses() {
     let t = backed_up();
     t.ok(&["verify", "--read-data"]);
     let packs = t.packs();
-    let biggest = packs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let biggest = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
     flip_byte(biggest, 100);
     let before = t.repo_state();
     // Structure is intact (sizes match), so plain verify passes; reading the data does not.
     t.ok(&["verify"]);
     let err = t.fails(&["verify", "--read-data"], 14);
     assert!(err.contains("does not match its hash"), "{err}");
-    let v: serde_json::Value = serde_json::from_slice(&t.run(&["verify", "--read-data", "--json"]).stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&t.run(&["verify", "--read-data", "--json"]).stdout).unwrap();
     assert_eq!(v["errors"].as_array().unwrap().len(), 1, "{v}");
     // Restore names the damage and does not pass off damaged data.
-    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()], 14);
-    assert!(err.contains("fails authentication") || err.contains("does not match"), "{err}");
-    assert_eq!(t.repo_state(), before, "a failed verify or restore must not change the repository");
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            "latest",
+            "--to",
+            t.path("out").to_str().unwrap(),
+        ],
+        14,
+    );
+    assert!(
+        err.contains("fails authentication") || err.contains("does not match"),
+        "{err}"
+    );
+    assert_eq!(
+        t.repo_state(),
+        before,
+        "a failed verify or restore must not change the repository"
+    );
 }
 
 #[test]
@@ -45,7 +65,16 @@ fn truncated_and_missing_packs_are_reported_by_structure_check() {
     std::fs::remove_file(p0).unwrap();
     let err = t.fails(&["verify"], 14);
     assert!(err.contains("missing from storage"), "{err}");
-    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()], 14);
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            "latest",
+            "--to",
+            t.path("out").to_str().unwrap(),
+        ],
+        14,
+    );
     assert!(err.contains("missing"), "{err}");
 }
 
@@ -57,19 +86,37 @@ fn missing_index_is_reported() {
     }
     let err = t.fails(&["verify"], 14);
     assert!(err.contains("not in the index"), "{err}");
-    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()], 14);
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            "latest",
+            "--to",
+            t.path("out").to_str().unwrap(),
+        ],
+        14,
+    );
     assert!(err.contains("not in the index"), "{err}");
     // Prune must refuse rather than delete every pack as "unreferenced".
     let packs = t.packs().len();
     let err = t.fails(&["prune"], 14);
     assert!(err.contains("prune cannot read"), "{err}");
-    assert_eq!(t.packs().len(), packs, "prune deleted packs on an incomplete index");
+    assert_eq!(
+        t.packs().len(),
+        packs,
+        "prune deleted packs on an incomplete index"
+    );
 }
 
 #[test]
 fn altered_snapshot_is_detected() {
     let t = backed_up();
-    let snap = std::fs::read_dir(t.path("repo/snapshots")).unwrap().next().unwrap().unwrap().path();
+    let snap = std::fs::read_dir(t.path("repo/snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let text = std::fs::read_to_string(&snap).unwrap();
     std::fs::write(&snap, text.replacen("\"version\":1", "\"version\": 1", 1)).unwrap();
     let err = t.fails(&["snapshots"], 14);
@@ -79,18 +126,32 @@ fn altered_snapshot_is_detected() {
 #[test]
 fn malformed_config_missing_repo_and_usage_errors() {
     let mut t = T::bare();
-    std::fs::write(t.path("custos.toml"), "[repository]\nurl = \"/x\"\nretention = 3\nkeep_daily = \"many\"\n").unwrap();
+    std::fs::write(
+        t.path("custos.toml"),
+        "[repository]\nurl = \"/x\"\nretention = 3\nkeep_daily = \"many\"\n",
+    )
+    .unwrap();
     t.set("CUSTOS_CONFIG", t.path("custos.toml").to_str().unwrap());
     let err = t.fails(&["snapshots"], 2);
     assert!(err.contains("malformed") && err.contains("line"), "{err}");
 
-    std::fs::write(t.path("custos.toml"), "[storage.s3]\nsecret_access_key = \"AKIA-secret-value\"\n").unwrap();
+    std::fs::write(
+        t.path("custos.toml"),
+        "[storage.s3]\nsecret_access_key = \"AKIA-secret-value\"\n",
+    )
+    .unwrap();
     let err = t.fails(&["snapshots"], 2);
-    assert!(err.contains("must not contain secret_access_key") && !err.contains("AKIA-secret-value"), "{err}");
+    assert!(
+        err.contains("must not contain secret_access_key") && !err.contains("AKIA-secret-value"),
+        "{err}"
+    );
 
     t.unset("CUSTOS_CONFIG");
     let err = t.fails(&["snapshots"], 10);
-    assert!(err.contains("no custos repository") && err.contains("custos init"), "{err}");
+    assert!(
+        err.contains("no custos repository") && err.contains("custos init"),
+        "{err}"
+    );
     t.unset("CUSTOS_REPO");
     let err = t.fails(&["snapshots"], 2);
     assert!(err.contains("CUSTOS_REPO"), "{err}");
@@ -115,11 +176,24 @@ fn unreadable_file_makes_a_partial_snapshot_with_its_own_exit_code() {
     if is_root() {
         chown_tree(&src.join("secret.txt"), "root");
     }
-    std::fs::set_permissions(src.join("secret.txt"), std::fs::Permissions::from_mode(0)).unwrap();
+    std::fs::set_permissions(
+        src.join("secret.txt"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
     let err = t.fails(&["backup", "files", src.to_str().unwrap()], 3);
-    assert!(err.contains("partial") && err.contains("secret.txt"), "{err}");
+    assert!(
+        err.contains("partial") && err.contains("secret.txt"),
+        "{err}"
+    );
     // The snapshot exists, holds everything else, and leaves the unreadable file out.
-    t.ok(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
     assert!(!t.path("out/secret.txt").exists());
     assert!(t.path("out/docs/file-0000.dat").exists());
 }

@@ -9,7 +9,9 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
     let src = t.path("src");
     make_tree(&src, 1, 60, 300_000);
     // A file large enough to be cut into several CDC chunks.
-    let big: Vec<u8> = (0..6_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..6_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(src.join("docs/big.bin"), &big).unwrap();
 
     let r1 = t.json(&["backup", "files", src.to_str().unwrap()]);
@@ -19,25 +21,51 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
     // Second backup: nothing changed, nothing read, nothing stored.
     let r2 = t.json(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(r2["parent"], r1["snapshot"]);
-    assert_eq!(r2["stats"]["bytes_read"], 0, "unchanged files must not be read again");
+    assert_eq!(
+        r2["stats"]["bytes_read"], 0,
+        "unchanged files must not be read again"
+    );
     assert_eq!(r2["stats"]["files_unchanged"], r1["stats"]["files"]);
     assert_eq!(r2["stats"]["chunks_new"], 0);
 
     // Change one file: only it is read, and only its new chunk(s) stored.
-    std::fs::write(src.join("docs/nested/deeper/file-0002.dat"), b"changed contents").unwrap();
+    std::fs::write(
+        src.join("docs/nested/deeper/file-0002.dat"),
+        b"changed contents",
+    )
+    .unwrap();
     let r3 = t.json(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(r3["stats"]["bytes_read"], 16);
-    assert_eq!(r3["stats"]["chunks_new"].as_u64().unwrap(), 2, "the changed file and the manifest");
+    assert_eq!(
+        r3["stats"]["chunks_new"].as_u64().unwrap(),
+        2,
+        "the changed file and the manifest"
+    );
 
     // Restore the latest and the first: both equal what was backed up then.
     let expected_now = describe(&src);
-    t.ok(&["restore", "files", "latest", "--to", t.path("out-latest").to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out-latest").to_str().unwrap(),
+    ]);
     assert_eq!(describe(&t.path("out-latest")), expected_now);
 
     let first = r1["snapshot"].as_str().unwrap();
-    t.ok(&["restore", "files", &first[..12], "--to", t.path("out-first").to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        &first[..12],
+        "--to",
+        t.path("out-first").to_str().unwrap(),
+    ]);
     let restored = describe(&t.path("out-first"));
-    assert_ne!(restored["docs/nested/deeper/file-0002.dat"], expected_now["docs/nested/deeper/file-0002.dat"]);
+    assert_ne!(
+        restored["docs/nested/deeper/file-0002.dat"],
+        expected_now["docs/nested/deeper/file-0002.dat"]
+    );
     let mut expected_first = expected_now.clone();
     expected_first.remove("docs/nested/deeper/file-0002.dat");
     let mut restored_wo = restored.clone();
@@ -45,28 +73,67 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
     assert_eq!(restored_wo, expected_first);
 
     // --include restores one subtree only.
-    t.ok(&["restore", "files", "latest", "--to", t.path("out-inc").to_str().unwrap(), "--include", "docs/nested/deeper"]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out-inc").to_str().unwrap(),
+        "--include",
+        "docs/nested/deeper",
+    ]);
     let inc = describe(&t.path("out-inc"));
-    assert!(inc.keys().all(|k| k == "docs" || k == "docs/nested" || k.starts_with("docs/nested/deeper")), "{inc:?}");
-    assert_eq!(inc["docs/nested/deeper/file-0005.dat"], expected_now["docs/nested/deeper/file-0005.dat"]);
+    assert!(
+        inc.keys()
+            .all(|k| k == "docs" || k == "docs/nested" || k.starts_with("docs/nested/deeper")),
+        "{inc:?}"
+    );
+    assert_eq!(
+        inc["docs/nested/deeper/file-0005.dat"],
+        expected_now["docs/nested/deeper/file-0005.dat"]
+    );
 
     // Restoring into a non-empty folder is refused unless --overwrite.
-    let err = t.fails(&["restore", "files", "latest", "--to", t.path("out-latest").to_str().unwrap()], 2);
-    assert!(err.contains("not empty") && err.contains("--overwrite"), "{err}");
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            "latest",
+            "--to",
+            t.path("out-latest").to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(
+        err.contains("not empty") && err.contains("--overwrite"),
+        "{err}"
+    );
     std::fs::write(t.path("out-latest/docs/big.bin"), b"damaged").unwrap();
-    t.ok(&["restore", "files", "latest", "--to", t.path("out-latest").to_str().unwrap(), "--overwrite"]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out-latest").to_str().unwrap(),
+        "--overwrite",
+    ]);
     assert_eq!(describe(&t.path("out-latest")), expected_now);
 
     // ls shows names, sizes and link targets.
     let ls = t.ok(&["ls", "latest"]);
-    assert!(ls.contains("docs/big.bin") && ls.contains("link-to-file -> docs/file-0001.dat"), "{ls}");
+    assert!(
+        ls.contains("docs/big.bin") && ls.contains("link-to-file -> docs/file-0001.dat"),
+        "{ls}"
+    );
     t.ok(&["verify", "--read-data"]);
 }
 
 #[test]
 fn streams_from_stdin_and_commands() {
     let t = T::new();
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8 ^ (i >> 11) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i % 253) as u8 ^ (i >> 11) as u8)
+        .collect();
     let o = t.run_stdin(&["backup", "stream", "--name", "pgdump", "--json"], &data);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -75,17 +142,46 @@ fn streams_from_stdin_and_commands() {
     assert_eq!(o.stdout, data, "restored stream differs");
 
     // A command's output; the command sees no repository secret in its environment.
-    let r = t.json(&["backup", "stream", "--name", "tfstate", "--command", "printf '{\"version\": 4}'; env | grep -c CUSTOS_PASSWORD || true"]);
+    let r = t.json(&[
+        "backup",
+        "stream",
+        "--name",
+        "tfstate",
+        "--command",
+        "printf '{\"version\": 4}'; env | grep -c CUSTOS_PASSWORD || true",
+    ]);
     let o = t.run(&["restore", "stream", r["snapshot"].as_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "{\"version\": 4}0\n");
 
     // A failing command fails the backup and records nothing.
     let before = t.json(&["snapshots"]).as_array().unwrap().len();
-    let err = t.fails(&["backup", "stream", "--name", "tfstate", "--command", "echo half; exit 4"], 17);
-    assert!(err.contains("failed") && err.contains("nothing was recorded"), "{err}");
+    let err = t.fails(
+        &[
+            "backup",
+            "stream",
+            "--name",
+            "tfstate",
+            "--command",
+            "echo half; exit 4",
+        ],
+        17,
+    );
+    assert!(
+        err.contains("failed") && err.contains("nothing was recorded"),
+        "{err}"
+    );
     assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), before);
     // Streams and files are told apart on restore.
-    let err = t.fails(&["restore", "files", r["snapshot"].as_str().unwrap(), "--to", t.path("x").to_str().unwrap()], 2);
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            r["snapshot"].as_str().unwrap(),
+            "--to",
+            t.path("x").to_str().unwrap(),
+        ],
+        2,
+    );
     assert!(err.contains("restore stream"), "{err}");
 }
 
@@ -109,7 +205,12 @@ fn configured_sources_run_from_custos_toml() {
     let r = t.json(&["backup", "all"]);
     assert_eq!(r.as_array().unwrap().len(), 2);
     let snaps = t.json(&["snapshots"]);
-    let sources: Vec<_> = snaps.as_array().unwrap().iter().map(|s| s["summary"]["source"].as_str().unwrap().to_string()).collect();
+    let sources: Vec<_> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["summary"]["source"].as_str().unwrap().to_string())
+        .collect();
     assert!(sources.contains(&"terraform".to_string()), "{sources:?}");
     // The retention policy comes from the file when no flag is given.
     let plan = t.json(&["forget", "--dry-run"]);

@@ -11,15 +11,32 @@ fn backup_role_writes_and_deduplicates_but_cannot_read() {
     t.ok(&["backup", "files", src.to_str().unwrap()]);
 
     t.set("CUSTOS_NEW_PASSWORD", "backup-only password");
-    let added = t.json(&["key", "add", "--role", "backup", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let added = t.json(&[
+        "key",
+        "add",
+        "--role",
+        "backup",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
     assert_eq!(added["role"], "backup");
 
-    let mut b = T { dir: tempfile::tempdir().unwrap(), repo: t.repo.clone(), envs: t.envs.clone(), run_as: None };
+    let mut b = T {
+        dir: tempfile::tempdir().unwrap(),
+        repo: t.repo.clone(),
+        envs: t.envs.clone(),
+        run_as: None,
+    };
     b.set("CUSTOS_PASSWORD", "backup-only password");
     b.set("CUSTOS_CACHE_DIR", b.path("cache").to_str().unwrap());
     // It backs up, deduplicating against data the restore key stored (no cache here).
     let r = b.json(&["backup", "files", src.to_str().unwrap()]);
-    assert_eq!(r["stats"]["chunks_new"], 0, "backup key must deduplicate against the index");
+    assert_eq!(
+        r["stats"]["chunks_new"], 0,
+        "backup key must deduplicate against the index"
+    );
     std::fs::write(src.join("new.txt"), b"written by the backup role").unwrap();
     let r = b.json(&["backup", "files", src.to_str().unwrap()]);
     assert!(r["stats"]["chunks_new"].as_u64().unwrap() >= 1);
@@ -38,28 +55,61 @@ fn backup_role_writes_and_deduplicates_but_cannot_read() {
     }
     assert!(!std::path::Path::new("/tmp/never").exists());
     // The restore key reads what the backup key wrote.
-    t.ok(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()]);
-    assert_eq!(std::fs::read(t.path("out/new.txt")).unwrap(), b"written by the backup role");
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(t.path("out/new.txt")).unwrap(),
+        b"written by the backup role"
+    );
 }
 
 #[test]
 fn key_management_and_wrong_password() {
     let mut t = T::new();
     t.set("CUSTOS_NEW_PASSWORD", "second restore password");
-    t.ok(&["key", "add", "--role", "restore", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    t.ok(&[
+        "key",
+        "add",
+        "--role",
+        "restore",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
     let keys = t.json(&["key", "list"]);
     assert_eq!(keys.as_array().unwrap().len(), 2);
     let listing = t.ok(&["key", "list"]);
     assert!(!listing.contains(PW) && !listing.contains("second restore password"));
 
     // A password opens exactly one key: adding a password in use is refused.
-    let err = t.fails(&["key", "add", "--role", "backup", "--kdf-memory-mib", "8", "--kdf-iterations", "1"], 2);
+    let err = t.fails(
+        &[
+            "key",
+            "add",
+            "--role",
+            "backup",
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ],
+        2,
+    );
     assert!(err.contains("already opens"), "{err}");
 
     // Wrong password: exit 12, clear message, no secret echoed.
     t.set("CUSTOS_PASSWORD", "not the password");
     let err = t.fails(&["snapshots"], 12);
-    assert!(err.contains("does not open any key") && !err.contains("not the password"), "{err}");
+    assert!(
+        err.contains("does not open any key") && !err.contains("not the password"),
+        "{err}"
+    );
 
     // Password from a file and from a command.
     t.unset("CUSTOS_PASSWORD");
@@ -77,14 +127,29 @@ fn key_management_and_wrong_password() {
     // passwd replaces the key file; the old password stops working.
     t.set("CUSTOS_PASSWORD", "second restore password");
     t.set("CUSTOS_NEW_PASSWORD", "third password");
-    let new = t.json(&["key", "passwd", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let new = t.json(&[
+        "key",
+        "passwd",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
     t.fails(&["snapshots"], 12);
     t.set("CUSTOS_PASSWORD", "third password");
     t.ok(&["snapshots"]);
 
     // Removing the key in use is refused; removing the other works; the last restore key stays.
     let keys = t.json(&["key", "list"]);
-    let other = keys.as_array().unwrap().iter().find(|k| k["id"] != new["id"]).unwrap()["id"].as_str().unwrap().to_string();
+    let other = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] != new["id"])
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     t.fails(&["key", "remove", &new["id"].as_str().unwrap()[..8]], 2);
     t.ok(&["key", "remove", &other[..8]]);
     assert_eq!(t.json(&["key", "list"]).as_array().unwrap().len(), 1);
@@ -98,7 +163,10 @@ fn key_files_are_private_and_hold_no_plain_secret() {
     for e in std::fs::read_dir(t.path("repo/keys")).unwrap() {
         let p = e.unwrap().path();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let text = std::fs::read_to_string(&p).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["kdf"]["algorithm"], "argon2id");
@@ -108,6 +176,9 @@ fn key_files_are_private_and_hold_no_plain_secret() {
     }
     // init on an existing repository is refused and changes nothing.
     let before = t.repo_state();
-    t.fails(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"], 19);
+    t.fails(
+        &["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"],
+        19,
+    );
     assert_eq!(t.repo_state(), before);
 }

@@ -26,20 +26,38 @@ fn repository_on_s3_backup_restore_verify_prune() {
     std::fs::write(src.join("docs/added.txt"), b"new document").unwrap();
     let r = t.json(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(r["stats"]["bytes_read"], 12);
-    t.ok(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
     assert_eq!(describe(&t.path("out")), describe(&src));
     t.ok(&["verify", "--read-data"]);
     t.ok(&["forget", "--keep-last", "1"]);
     t.ok(&["prune"]);
     t.ok(&["verify", "--read-data"]);
-    t.ok(&["restore", "files", "latest", "--to", t.path("out2").to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out2").to_str().unwrap(),
+    ]);
     assert_eq!(describe(&t.path("out2")), describe(&src));
 
     // Bad credentials: one clear storage error naming what to check, no secret shown.
     t.set("AWS_SECRET_ACCESS_KEY", "not-the-secret");
     let err = t.fails(&["snapshots"], 15);
-    assert!(err.contains("refused the credentials") || err.contains("denied"), "{err}");
-    assert!(err.contains("AWS_SECRET_ACCESS_KEY") && !err.contains("not-the-secret"), "{err}");
+    assert!(
+        err.contains("refused the credentials") || err.contains("denied"),
+        "{err}"
+    );
+    assert!(
+        err.contains("AWS_SECRET_ACCESS_KEY") && !err.contains("not-the-secret"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,14 +84,28 @@ fn bucket_objects_as_a_backup_source() {
     for i in 0..12 {
         let body: Vec<u8> = (0..(i * 37_000 + 5)).map(|j| (j * (i + 3)) as u8).collect();
         let key = format!("uploads/patient-{i:03}/scan.pdf");
-        bucket.put(&key, &body, custos_storage::PutMode::Overwrite).unwrap();
+        bucket
+            .put(&key, &body, custos_storage::PutMode::Overwrite)
+            .unwrap();
         expected.insert(format!("patient-{i:03}/scan.pdf"), body);
     }
-    bucket.put("other/ignored.txt", b"outside the prefix", custos_storage::PutMode::Overwrite).unwrap();
+    bucket
+        .put(
+            "other/ignored.txt",
+            b"outside the prefix",
+            custos_storage::PutMode::Overwrite,
+        )
+        .unwrap();
     let r = t.json(&["backup", "files", "s3://documents/uploads"]);
     assert_eq!(r["stats"]["files"], 12);
     assert_eq!(r["kind"], "bucket");
-    t.ok(&["restore", "files", "latest", "--to", t.path("out").to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
     for (k, v) in &expected {
         assert_eq!(&std::fs::read(t.path("out").join(k)).unwrap(), v, "{k}");
     }
@@ -89,5 +121,8 @@ fn unreachable_endpoint_fails_fast_and_clearly() {
     t.set("AWS_ACCESS_KEY_ID", ACCESS_KEY);
     t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
     let err = t.fails(&["snapshots"], 15);
-    assert!(err.contains("cannot reach") && err.contains("endpoint"), "{err}");
+    assert!(
+        err.contains("cannot reach") && err.contains("endpoint"),
+        "{err}"
+    );
 }

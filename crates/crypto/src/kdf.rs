@@ -33,7 +33,10 @@ impl KdfParams {
 
     pub fn derive(&self, password: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
         if self.algorithm != "argon2id" {
-            return Err(Error::integrity(format!("unknown key derivation `{}`", self.algorithm)));
+            return Err(Error::integrity(format!(
+                "unknown key derivation `{}`",
+                self.algorithm
+            )));
         }
         let params = Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
             .map_err(|e| Error::integrity(format!("bad Argon2id parameters in key file: {e}")))?;

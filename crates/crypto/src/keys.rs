@@ -36,7 +36,9 @@ impl std::str::FromStr for Role {
         match s {
             "backup" => Ok(Role::Backup),
             "restore" => Ok(Role::Restore),
-            _ => Err(custos_model::Error::config(format!("unknown role `{s}`; use backup or restore"))),
+            _ => Err(custos_model::Error::config(format!(
+                "unknown role `{s}`; use backup or restore"
+            ))),
         }
     }
 }
@@ -63,7 +65,13 @@ impl MasterKeys {
         rand::RngCore::fill_bytes(&mut rand::rng(), id_key.as_mut());
         rand::RngCore::fill_bytes(&mut rand::rng(), meta_key.as_mut());
         let (secret, public) = crate::wrap::generate();
-        MasterKeys { role: Role::Restore, id_key, meta_key, public, secret: Some(secret) }
+        MasterKeys {
+            role: Role::Restore,
+            id_key,
+            meta_key,
+            public,
+            secret: Some(secret),
+        }
     }
 
     /// The same keys without the secret half: what a backup-role key file holds.
@@ -77,7 +85,9 @@ impl MasterKeys {
     }
 
     pub fn chunk_id(&self, data: &[u8]) -> custos_model::ChunkId {
-        custos_model::ChunkId(custos_model::Id(*blake3::keyed_hash(&self.id_key, data).as_bytes()))
+        custos_model::ChunkId(custos_model::Id(
+            *blake3::keyed_hash(&self.id_key, data).as_bytes(),
+        ))
     }
 
     pub fn to_material(&self) -> KeyMaterial {
@@ -136,7 +146,9 @@ pub mod b64 {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -151,7 +163,11 @@ mod opt_b64 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
         use base64::Engine;
-        s.map(|s| base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom))
-            .transpose()
+        s.map(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
     }
 }

@@ -68,9 +68,16 @@ pub fn wrap(pk: &PublicKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-pub fn unwrap(sk: &SecretKey, aad: &[u8], wrapped: &[u8], what: &str) -> Result<Zeroizing<Vec<u8>>> {
+pub fn unwrap(
+    sk: &SecretKey,
+    aad: &[u8],
+    wrapped: &[u8],
+    what: &str,
+) -> Result<Zeroizing<Vec<u8>>> {
     if wrapped.len() < 32 + 16 {
-        return Err(Error::integrity(format!("{what}: wrapped key is truncated")));
+        return Err(Error::integrity(format!(
+            "{what}: wrapped key is truncated"
+        )));
     }
     let skk = <X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(sk.0.as_ref())
         .map_err(|_| Error::integrity("stored secret key is malformed"))?;

@@ -52,15 +52,21 @@ impl RetentionPolicy {
 
 mod opt_duration {
     use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        v: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match v {
             Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
             None => s.serialize_none(),
         }
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::time::Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -82,21 +88,30 @@ pub struct Decision<T> {
 /// Decides, for one group of snapshots (same source), which are kept and why.
 /// Returns decisions newest first.
 pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -> Vec<Decision<T>> {
-    snaps.sort_by(|a, b| b.time.cmp(&a.time));
+    snaps.sort_by_key(|c| std::cmp::Reverse(c.time));
     let newest = snaps.first().map(|c| c.time);
     let mut out: Vec<Decision<T>> = snaps
         .iter()
-        .map(|c| Decision { item: c.item.clone(), time: c.time, keep: false, reasons: vec![] })
+        .map(|c| Decision {
+            item: c.item.clone(),
+            time: c.time,
+            keep: false,
+            reasons: vec![],
+        })
         .collect();
 
     type Bucket = fn(&DateTime<Utc>) -> String;
     let rules: [(&str, u32, Bucket); 4] = [
-        ("daily", policy.keep_daily, |t| t.format("%Y-%m-%d").to_string()),
+        ("daily", policy.keep_daily, |t| {
+            t.format("%Y-%m-%d").to_string()
+        }),
         ("weekly", policy.keep_weekly, |t| {
             let w = t.iso_week();
             format!("{}-W{:02}", w.year(), w.week())
         }),
-        ("monthly", policy.keep_monthly, |t| t.format("%Y-%m").to_string()),
+        ("monthly", policy.keep_monthly, |t| {
+            t.format("%Y-%m").to_string()
+        }),
         ("yearly", policy.keep_yearly, |t| t.format("%Y").to_string()),
     ];
     for (name, count, bucket) in rules {
@@ -118,7 +133,8 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
     for (i, d) in out.iter_mut().enumerate() {
         if (i as u32) < policy.keep_last {
             d.keep = true;
-            d.reasons.push(format!("one of the last {}", policy.keep_last));
+            d.reasons
+                .push(format!("one of the last {}", policy.keep_last));
         }
         if let (Some(within), Some(newest)) = (policy.keep_within, newest) {
             let age = (newest - d.time).to_std().unwrap_or_default();
@@ -134,7 +150,9 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
     if let Some(first) = out.first_mut() {
         if !first.keep {
             first.keep = true;
-            first.reasons.push("newest snapshot of its source (always kept)".into());
+            first
+                .reasons
+                .push("newest snapshot of its source (always kept)".into());
         }
     }
     for d in out.iter_mut().filter(|d| !d.keep) {
@@ -154,7 +172,10 @@ mod tests {
         for d in 0..days {
             for h in 0..per_day {
                 let t = start + Duration::days(d) + Duration::hours(h * 24 / per_day);
-                v.push(Candidate { item: v.len(), time: t });
+                v.push(Candidate {
+                    item: v.len(),
+                    time: t,
+                });
             }
         }
         v
@@ -169,14 +190,19 @@ mod tests {
         let kept: Vec<_> = decisions.iter().filter(|d| d.keep).collect();
         // 30 daily + weekly/monthly/yearly slots that fall outside the daily window; the
         // newest of each day is what daily keeps, so overlaps collapse.
-        let days: std::collections::BTreeSet<_> =
-            kept.iter().map(|d| d.time.format("%Y-%m-%d").to_string()).collect();
+        let days: std::collections::BTreeSet<_> = kept
+            .iter()
+            .map(|d| d.time.format("%Y-%m-%d").to_string())
+            .collect();
         assert_eq!(days.len(), kept.len(), "at most one kept per day");
         assert!(kept.len() >= 30 + 12 - 5 && kept.len() <= 30 + 12 + 12 + 7);
         let newest_day = decisions[0].time.date_naive();
         for i in 0..30 {
             let day = newest_day - Duration::days(i);
-            assert!(kept.iter().any(|d| d.time.date_naive() == day), "day {day} missing");
+            assert!(
+                kept.iter().any(|d| d.time.date_naive() == day),
+                "day {day} missing"
+            );
         }
         let years: std::collections::BTreeSet<_> = kept.iter().map(|d| d.time.year()).collect();
         assert_eq!(years.len(), 4, "2024..2027 each have a yearly snapshot");
@@ -188,7 +214,10 @@ mod tests {
     #[test]
     fn newest_always_kept_and_within_measured_from_newest() {
         let snaps = series(10, 1);
-        let policy = RetentionPolicy { keep_within: Some(std::time::Duration::from_secs(2 * 86400)), ..Default::default() };
+        let policy = RetentionPolicy {
+            keep_within: Some(std::time::Duration::from_secs(2 * 86400)),
+            ..Default::default()
+        };
         let d = apply(&policy, snaps);
         let kept: Vec<_> = d.iter().filter(|d| d.keep).map(|d| d.item).collect();
         assert_eq!(kept, vec![9, 8, 7]);
@@ -199,9 +228,13 @@ mod tests {
 
     #[test]
     fn policy_parses_from_toml_like_json() {
-        let p: RetentionPolicy = serde_json::from_str(r#"{"keep_daily":3,"keep_within":"7d"}"#).unwrap();
+        let p: RetentionPolicy =
+            serde_json::from_str(r#"{"keep_daily":3,"keep_within":"7d"}"#).unwrap();
         assert_eq!(p.keep_daily, 3);
-        assert_eq!(p.keep_within, Some(std::time::Duration::from_secs(7 * 86400)));
+        assert_eq!(
+            p.keep_within,
+            Some(std::time::Duration::from_secs(7 * 86400))
+        );
         assert!(serde_json::from_str::<RetentionPolicy>(r#"{"keep_dayly":3}"#).is_err());
     }
 }

@@ -41,7 +41,14 @@ pub struct BackupOptions<'a> {
     pub progress: &'a dyn Progress,
 }
 
-fn summary(repo: &Repository, opts: &BackupOptions, kind: SourceKind, source: &str, parent: Option<SnapshotId>, stats: SnapshotStats) -> SnapshotSummary {
+fn summary(
+    repo: &Repository,
+    opts: &BackupOptions,
+    kind: SourceKind,
+    source: &str,
+    parent: Option<SnapshotId>,
+    stats: SnapshotStats,
+) -> SnapshotSummary {
     SnapshotSummary {
         time: opts.time.unwrap_or_else(Utc::now),
         kind,
@@ -56,7 +63,12 @@ fn summary(repo: &Repository, opts: &BackupOptions, kind: SourceKind, source: &s
 }
 
 /// Finishes the writer, writes the index, then the snapshot.
-fn commit(repo: &Repository, writer: BlobWriter, summary: &mut SnapshotSummary, body: &SnapshotBody) -> Result<SnapshotId> {
+fn commit(
+    repo: &Repository,
+    writer: BlobWriter,
+    summary: &mut SnapshotSummary,
+    body: &SnapshotBody,
+) -> Result<SnapshotId> {
     let (packs, ws) = writer.finish()?;
     summary.stats.chunks_new = ws.chunks_new;
     summary.stats.bytes_new = ws.bytes_new;
@@ -65,7 +77,14 @@ fn commit(repo: &Repository, writer: BlobWriter, summary: &mut SnapshotSummary, 
     repo.save_snapshot(summary, body)
 }
 
-fn chunk_reader(repo: &Repository, writer: &BlobWriter, r: impl Read, size: Option<u64>, progress: &dyn Progress, read: &AtomicU64) -> std::io::Result<Result<Vec<ChunkId>>> {
+fn chunk_reader(
+    repo: &Repository,
+    writer: &BlobWriter,
+    r: impl Read,
+    size: Option<u64>,
+    progress: &dyn Progress,
+    read: &AtomicU64,
+) -> std::io::Result<Result<Vec<ChunkId>>> {
     let mut ids = vec![];
     for chunk in repo.config.chunker.split(r, size, repo.cdc_seed()) {
         let chunk = chunk?;
@@ -81,27 +100,58 @@ fn chunk_reader(repo: &Repository, writer: &BlobWriter, r: impl Read, size: Opti
     Ok(Ok(ids))
 }
 
-pub fn backup_files(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) -> Result<BackupReport> {
+pub fn backup_files(
+    repo: &Repository,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
     let start = Instant::now();
     let roots: Vec<PathBuf> = paths
         .iter()
-        .map(|p| std::fs::canonicalize(p).map_err(|e| Error::new(Kind::Source, format!("cannot read {}: {e}", p.display())).hint("check the path given to `custos backup files`")))
+        .map(|p| {
+            std::fs::canonicalize(p).map_err(|e| {
+                Error::new(Kind::Source, format!("cannot read {}: {e}", p.display()))
+                    .hint("check the path given to `custos backup files`")
+            })
+        })
         .collect::<Result<_>>()?;
-    let source = roots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ");
+    let source = roots
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     let _lock = repo.lock(false, "backup files")?;
     let index = Arc::new(repo.load_index()?);
     let snapshots = repo.snapshots()?;
-    let parent = snapshots.iter().rev().find(|s| s.summary.source == source && s.summary.kind == SourceKind::Files).map(|s| s.id);
+    let parent = snapshots
+        .iter()
+        .rev()
+        .find(|s| s.summary.source == source && s.summary.kind == SourceKind::Files)
+        .map(|s| s.id);
 
-    let cache_path = opts.cache_dir.as_ref().map(|d| cache::location(d, &repo.config.id, &source, &repo.keys.id_key));
+    let cache_path = opts
+        .cache_dir
+        .as_ref()
+        .map(|d| cache::location(d, &repo.config.id, &source, &repo.keys.id_key));
     let old_cache = cache_path.as_deref().map(cache::load).unwrap_or_default();
 
     let walked = files::walk(&roots)?;
-    let total: u64 = walked.entries.iter().filter(|w| w.entry.kind == EntryKind::File).map(|w| w.entry.size).sum();
+    let total: u64 = walked
+        .entries
+        .iter()
+        .filter(|w| w.entry.kind == EntryKind::File)
+        .map(|w| w.entry.size)
+        .sum();
     opts.progress.start("backup", Some(total));
     let writer = repo.writer(index.clone());
     let entries: Vec<Mutex<Walked>> = walked.entries.into_iter().map(Mutex::new).collect();
-    let errors: Mutex<Vec<String>> = Mutex::new(walked.errors.iter().map(|(p, e)| format!("{}: {e}", p.display())).collect());
+    let errors: Mutex<Vec<String>> = Mutex::new(
+        walked
+            .errors
+            .iter()
+            .map(|(p, e)| format!("{}: {e}", p.display()))
+            .collect(),
+    );
     let unchanged = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
     let next = AtomicUsize::new(0);
@@ -131,19 +181,32 @@ pub fn backup_files(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) 
                 let file = match std::fs::File::open(&w.source) {
                     Ok(f) => f,
                     Err(e) => {
-                        errors.lock().unwrap().push(format!("{}: {e}", w.source.display()));
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: {e}", w.source.display()));
                         failed.lock().unwrap().insert(i);
                         continue;
                     }
                 };
-                match chunk_reader(repo, &writer, file, Some(w.entry.size), opts.progress, &bytes_read) {
+                match chunk_reader(
+                    repo,
+                    &writer,
+                    file,
+                    Some(w.entry.size),
+                    opts.progress,
+                    &bytes_read,
+                ) {
                     Ok(Ok(ids)) => w.entry.chunks = ids,
                     Ok(Err(e)) => {
                         *fatal.lock().unwrap() = Some(e);
                         break;
                     }
                     Err(e) => {
-                        errors.lock().unwrap().push(format!("{}: {e}", w.source.display()));
+                        errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}: {e}", w.source.display()));
                         failed.lock().unwrap().insert(i);
                     }
                 }
@@ -155,16 +218,30 @@ pub fn backup_files(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) 
         return Err(e);
     }
     let errors = errors.into_inner().unwrap();
-    let walked: Vec<Walked> = entries.into_iter().map(|m| m.into_inner().unwrap()).collect();
+    let walked: Vec<Walked> = entries
+        .into_iter()
+        .map(|m| m.into_inner().unwrap())
+        .collect();
     // A file that failed to read is left out of the manifest rather than stored empty.
     let failed = failed.into_inner().unwrap();
-    let kept: Vec<&Walked> = walked.iter().enumerate().filter(|(i, _)| !failed.contains(i)).map(|(_, w)| w).collect();
+    let kept: Vec<&Walked> = walked
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !failed.contains(i))
+        .map(|(_, w)| w)
+        .collect();
     let manifest_entries: Vec<Entry> = kept.iter().map(|w| w.entry.clone()).collect();
     let manifest = crate::manifest::store(repo, &writer, &manifest_entries)?;
 
     let stats = SnapshotStats {
-        files: manifest_entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64,
-        dirs: manifest_entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u64,
+        files: manifest_entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .count() as u64,
+        dirs: manifest_entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+            .count() as u64,
         files_unchanged: unchanged.load(Ordering::Relaxed),
         bytes: manifest_entries.iter().map(|e| e.size).sum(),
         bytes_read: bytes_read.load(Ordering::Relaxed),
@@ -172,57 +249,141 @@ pub fn backup_files(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions) 
         ..Default::default()
     };
     let mut sum = summary(repo, opts, SourceKind::Files, &source, parent, stats);
-    let body = SnapshotBody { paths: roots.iter().map(|p| p.display().to_string()).collect(), manifest, ..Default::default() };
+    let body = SnapshotBody {
+        paths: roots.iter().map(|p| p.display().to_string()).collect(),
+        manifest,
+        ..Default::default()
+    };
     let id = commit(repo, writer, &mut sum, &body)?;
     sum.stats.duration_ms = start.elapsed().as_millis() as u64;
 
     if let Some(p) = cache_path {
-        let mut c = cache::FilesCache { snapshot: Some(id), ..Default::default() };
+        let mut c = cache::FilesCache {
+            snapshot: Some(id),
+            ..Default::default()
+        };
         for w in &kept {
             if w.entry.kind == EntryKind::File {
-                c.files.insert(cache::path_key(&repo.keys.id_key, &w.entry.path), (w.fingerprint, w.entry.chunks.clone()));
+                c.files.insert(
+                    cache::path_key(&repo.keys.id_key, &w.entry.path),
+                    (w.fingerprint, w.entry.chunks.clone()),
+                );
             }
         }
         cache::save(&p, &c);
     }
-    Ok(BackupReport { snapshot: id, parent, source, kind: SourceKind::Files, stats: sum.stats, errors })
+    Ok(BackupReport {
+        snapshot: id,
+        parent,
+        source,
+        kind: SourceKind::Files,
+        stats: sum.stats,
+        errors,
+    })
 }
 
 /// Backs up every object of a bucket (S3 or another OpenDAL location).
-pub fn backup_bucket(repo: &Repository, bucket: &DynStorage, url: &str, prefix: &str, opts: &BackupOptions) -> Result<BackupReport> {
+pub fn backup_bucket(
+    repo: &Repository,
+    bucket: &DynStorage,
+    url: &str,
+    prefix: &str,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
     let start = Instant::now();
     let _lock = repo.lock(false, "backup bucket")?;
     let index = Arc::new(repo.load_index()?);
-    let parent = repo.snapshots()?.into_iter().rev().find(|s| s.summary.source == url).map(|s| s.id);
-    let objects = bucket.list(prefix).map_err(|e| e.context("listing the source bucket"))?;
+    let parent = repo
+        .snapshots()?
+        .into_iter()
+        .rev()
+        .find(|s| s.summary.source == url)
+        .map(|s| s.id);
+    let objects = bucket
+        .list(prefix)
+        .map_err(|e| e.context("listing the source bucket"))?;
     let total: u64 = objects.iter().map(|o| o.size).sum();
     opts.progress.start("backup", Some(total));
     let writer = repo.writer(index);
     let read = AtomicU64::new(0);
     let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    let entries = custos_repo::repository::parallel_map(&objects, repo.threads() * 2, |o| -> Result<Entry> {
-        let data = bucket.get(&o.path).map_err(|e| e.context("reading the source bucket"))?;
-        let ids = chunk_reader(repo, &writer, &data[..], Some(data.len() as u64), opts.progress, &read)
+    let entries = custos_repo::repository::parallel_map(
+        &objects,
+        repo.threads() * 2,
+        |o| -> Result<Entry> {
+            let data = bucket
+                .get(&o.path)
+                .map_err(|e| e.context("reading the source bucket"))?;
+            let ids = chunk_reader(
+                repo,
+                &writer,
+                &data[..],
+                Some(data.len() as u64),
+                opts.progress,
+                &read,
+            )
             .map_err(|e| Error::new(Kind::Source, e.to_string()))??;
-        let rel = o.path.strip_prefix(prefix).unwrap_or(&o.path).trim_start_matches('/').to_string();
-        Ok(Entry { path: rel, kind: EntryKind::File, mode: 0o600, uid: 0, gid: 0, mtime_ns: now, size: data.len() as u64, target: None, chunks: ids })
-    })?;
+            let rel = o
+                .path
+                .strip_prefix(prefix)
+                .unwrap_or(&o.path)
+                .trim_start_matches('/')
+                .to_string();
+            Ok(Entry {
+                path: rel,
+                kind: EntryKind::File,
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime_ns: now,
+                size: data.len() as u64,
+                target: None,
+                chunks: ids,
+            })
+        },
+    )?;
     opts.progress.finish();
     let manifest = crate::manifest::store(repo, &writer, &entries)?;
-    let stats = SnapshotStats { files: entries.len() as u64, bytes: total, bytes_read: read.load(Ordering::Relaxed), ..Default::default() };
+    let stats = SnapshotStats {
+        files: entries.len() as u64,
+        bytes: total,
+        bytes_read: read.load(Ordering::Relaxed),
+        ..Default::default()
+    };
     let mut sum = summary(repo, opts, SourceKind::Bucket, url, parent, stats);
-    let body = SnapshotBody { paths: vec![url.into()], manifest, ..Default::default() };
+    let body = SnapshotBody {
+        paths: vec![url.into()],
+        manifest,
+        ..Default::default()
+    };
     let id = commit(repo, writer, &mut sum, &body)?;
     sum.stats.duration_ms = start.elapsed().as_millis() as u64;
-    Ok(BackupReport { snapshot: id, parent, source: url.into(), kind: SourceKind::Bucket, stats: sum.stats, errors: vec![] })
+    Ok(BackupReport {
+        snapshot: id,
+        parent,
+        source: url.into(),
+        kind: SourceKind::Bucket,
+        stats: sum.stats,
+        errors: vec![],
+    })
 }
 
 /// Backs up standard input (`command` = None) or a command's output under `name`.
-pub fn backup_stream(repo: &Repository, name: &str, command: Option<&str>, opts: &BackupOptions) -> Result<BackupReport> {
+pub fn backup_stream(
+    repo: &Repository,
+    name: &str,
+    command: Option<&str>,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
     let start = Instant::now();
     let _lock = repo.lock(false, "backup stream")?;
     let index = Arc::new(repo.load_index()?);
-    let parent = repo.snapshots()?.into_iter().rev().find(|s| s.summary.source == name && s.summary.kind == SourceKind::Stream).map(|s| s.id);
+    let parent = repo
+        .snapshots()?
+        .into_iter()
+        .rev()
+        .find(|s| s.summary.source == name && s.summary.kind == SourceKind::Stream)
+        .map(|s| s.id);
     opts.progress.start("backup", None);
     let writer = repo.writer(index);
     let read = AtomicU64::new(0);
@@ -234,15 +395,39 @@ pub fn backup_stream(repo: &Repository, name: &str, command: Option<&str>, opts:
             child.finish()?;
             r.map_err(|e| Error::new(Kind::Source, format!("reading the output of `{cmd}`: {e}")))??
         }
-        None => chunk_reader(repo, &writer, std::io::stdin().lock(), None, opts.progress, &read)
-            .map_err(|e| Error::new(Kind::Source, format!("reading standard input: {e}")))??,
+        None => chunk_reader(
+            repo,
+            &writer,
+            std::io::stdin().lock(),
+            None,
+            opts.progress,
+            &read,
+        )
+        .map_err(|e| Error::new(Kind::Source, format!("reading standard input: {e}")))??,
     };
     opts.progress.finish();
     let size = read.load(Ordering::Relaxed);
-    let stats = SnapshotStats { files: 1, bytes: size, bytes_read: size, ..Default::default() };
+    let stats = SnapshotStats {
+        files: 1,
+        bytes: size,
+        bytes_read: size,
+        ..Default::default()
+    };
     let mut sum = summary(repo, opts, SourceKind::Stream, name, parent, stats);
-    let body = SnapshotBody { paths: vec![name.into()], stream: ids, stream_size: size, ..Default::default() };
+    let body = SnapshotBody {
+        paths: vec![name.into()],
+        stream: ids,
+        stream_size: size,
+        ..Default::default()
+    };
     let id = commit(repo, writer, &mut sum, &body)?;
     sum.stats.duration_ms = start.elapsed().as_millis() as u64;
-    Ok(BackupReport { snapshot: id, parent, source: name.into(), kind: SourceKind::Stream, stats: sum.stats, errors: vec![] })
+    Ok(BackupReport {
+        snapshot: id,
+        parent,
+        source: name.into(),
+        kind: SourceKind::Stream,
+        stats: sum.stats,
+        errors: vec![],
+    })
 }

@@ -23,8 +23,14 @@ pub fn path_key(id_key: &[u8; 32], path: &str) -> String {
     blake3::keyed_hash(id_key, path.as_bytes()).to_hex()[..32].to_string()
 }
 
-pub fn location(dir: &Path, repo: &custos_model::RepoId, source: &str, id_key: &[u8; 32]) -> PathBuf {
-    dir.join(repo.to_hex()).join(format!("files-{}", path_key(id_key, source)))
+pub fn location(
+    dir: &Path,
+    repo: &custos_model::RepoId,
+    source: &str,
+    id_key: &[u8; 32],
+) -> PathBuf {
+    dir.join(repo.to_hex())
+        .join(format!("files-{}", path_key(id_key, source)))
 }
 
 pub fn load(path: &Path) -> FilesCache {
@@ -38,11 +44,18 @@ pub fn load(path: &Path) -> FilesCache {
 pub fn save(path: &Path, cache: &FilesCache) {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let Some(dir) = path.parent() else { return };
-    if std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).is_err() {
+    if std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .is_err()
+    {
         return;
     }
     let json = serde_json::to_vec(cache).expect("serializable");
-    let Ok(z) = zstd::bulk::compress(&json, 3) else { return };
+    let Ok(z) = zstd::bulk::compress(&json, 3) else {
+        return;
+    };
     let tmp = path.with_extension("tmp");
     let ok = std::fs::OpenOptions::new()
         .write(true)

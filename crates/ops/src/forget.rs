@@ -23,24 +23,42 @@ pub struct ForgetPlan {
 
 impl ForgetPlan {
     pub fn removed(&self) -> Vec<SnapshotId> {
-        self.groups.iter().flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.item)).collect()
+        self.groups
+            .iter()
+            .flat_map(|g| g.decisions.iter().filter(|d| !d.keep).map(|d| d.item))
+            .collect()
     }
 }
 
 pub fn plan(repo: &Repository, policy: &RetentionPolicy) -> Result<ForgetPlan> {
     let snaps = repo.snapshots()?;
-    let mut groups: std::collections::BTreeMap<(String, String, String), Vec<Candidate<SnapshotId>>> = Default::default();
+    let mut groups: std::collections::BTreeMap<
+        (String, String, String),
+        Vec<Candidate<SnapshotId>>,
+    > = Default::default();
     for s in snaps {
         groups
-            .entry((s.summary.kind.as_str().to_string(), s.summary.source.clone(), s.summary.host.clone()))
+            .entry((
+                s.summary.kind.as_str().to_string(),
+                s.summary.source.clone(),
+                s.summary.host.clone(),
+            ))
             .or_default()
-            .push(Candidate { item: s.id, time: s.summary.time });
+            .push(Candidate {
+                item: s.id,
+                time: s.summary.time,
+            });
     }
     Ok(ForgetPlan {
         policy: policy.clone(),
         groups: groups
             .into_iter()
-            .map(|((kind, source, host), c)| GroupPlan { kind, source, host, decisions: retention::apply(policy, c) })
+            .map(|((kind, source, host), c)| GroupPlan {
+                kind,
+                source,
+                host,
+                decisions: retention::apply(policy, c),
+            })
             .collect(),
     })
 }

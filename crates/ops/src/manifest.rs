@@ -13,7 +13,11 @@ pub fn store(repo: &Repository, writer: &BlobWriter, entries: &[Entry]) -> Resul
         buf.push(b'\n');
     }
     let mut ids = vec![];
-    for chunk in repo.config.chunker.split(&buf[..], Some(buf.len() as u64), repo.cdc_seed()) {
+    for chunk in repo
+        .config
+        .chunker
+        .split(&buf[..], Some(buf.len() as u64), repo.cdc_seed())
+    {
         let chunk = chunk.map_err(|e| Error::internal(e.to_string()))?;
         let id = repo.keys.chunk_id(&chunk);
         writer.add(id, BlobKind::Tree, chunk)?;
@@ -29,7 +33,10 @@ pub fn load(repo: &Repository, index: &Index, chunks: &[ChunkId]) -> Result<Vec<
     }
     let mut out = vec![];
     for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        out.push(serde_json::from_slice(line).map_err(|e| Error::integrity(format!("manifest entry is malformed: {e}")))?);
+        out.push(
+            serde_json::from_slice(line)
+                .map_err(|e| Error::integrity(format!("manifest entry is malformed: {e}")))?,
+        );
     }
     Ok(out)
 }

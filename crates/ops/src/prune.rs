@@ -41,7 +41,10 @@ pub struct PrunePlan {
 
 impl PrunePlan {
     pub fn is_empty(&self) -> bool {
-        self.packs_delete.is_empty() && self.packs_repack.is_empty() && self.packs_unindexed.is_empty() && self.temp_files.is_empty()
+        self.packs_delete.is_empty()
+            && self.packs_repack.is_empty()
+            && self.packs_unindexed.is_empty()
+            && self.temp_files.is_empty()
     }
 }
 
@@ -58,19 +61,34 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
     let mut used: HashSet<ChunkId> = HashSet::new();
     for s in &snapshots {
         // Any unreadable snapshot stops prune: deleting on incomplete knowledge loses data.
-        let body = repo.snapshot_body(&s.id).map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
+        let body = repo
+            .snapshot_body(&s.id)
+            .map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
         used.extend(&body.manifest);
         used.extend(&body.stream);
         if !body.manifest.is_empty() {
-            let entries = crate::manifest::load(repo, index, &body.manifest)
-                .map_err(|e| e.context(format!("prune cannot read the manifest of snapshot {}", s.id.short())))?;
+            let entries = crate::manifest::load(repo, index, &body.manifest).map_err(|e| {
+                e.context(format!(
+                    "prune cannot read the manifest of snapshot {}",
+                    s.id.short()
+                ))
+            })?;
             used.extend(entries.into_iter().flat_map(|e| e.chunks));
         }
     }
-    let mut p = PrunePlan { snapshots: snapshots.len() as u64, packs: index.packs.len() as u64, index_files: index.files.clone(), ..Default::default() };
+    let mut p = PrunePlan {
+        snapshots: snapshots.len() as u64,
+        packs: index.packs.len() as u64,
+        index_files: index.files.clone(),
+        ..Default::default()
+    };
     for (pack, blobs) in index.by_pack() {
         let size = index.pack(&pack).map(|m| m.size).unwrap_or(0);
-        let unused_bytes: u64 = blobs.iter().filter(|(id, _)| !used.contains(id)).map(|(_, l)| u64::from(l.length)).sum();
+        let unused_bytes: u64 = blobs
+            .iter()
+            .filter(|(id, _)| !used.contains(id))
+            .map(|(_, l)| u64::from(l.length))
+            .sum();
         let n_used = blobs.iter().filter(|(id, _)| used.contains(id)).count() as u64;
         p.chunks_used += n_used;
         p.chunks_unused += blobs.len() as u64 - n_used;
@@ -90,7 +108,12 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
             }
         }
     }
-    p.temp_files = repo.storage.list(custos_storage::local::TEMP_DIR)?.into_iter().map(|e| e.path).collect();
+    p.temp_files = repo
+        .storage
+        .list(custos_storage::local::TEMP_DIR)?
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
     p.packs_delete.sort();
     p.packs_repack.sort();
     p.packs_unindexed.sort();
@@ -99,7 +122,11 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
 }
 
 /// Computes the plan under the exclusive lock and, unless `dry_run`, carries it out.
-pub fn prune(repo: &Repository, dry_run: bool, progress: &dyn Progress) -> Result<(PrunePlan, Option<PruneReport>)> {
+pub fn prune(
+    repo: &Repository,
+    dry_run: bool,
+    progress: &dyn Progress,
+) -> Result<(PrunePlan, Option<PruneReport>)> {
     repo.require_restore("prune")?;
     let _lock = repo.lock(!dry_run, "prune")?;
     let index = repo.load_index()?;
@@ -111,10 +138,25 @@ pub fn prune(repo: &Repository, dry_run: bool, progress: &dyn Progress) -> Resul
     Ok((plan, Some(report)))
 }
 
-fn execute(repo: &Repository, index: &Index, plan: &PrunePlan, progress: &dyn Progress) -> Result<PruneReport> {
+fn execute(
+    repo: &Repository,
+    index: &Index,
+    plan: &PrunePlan,
+    progress: &dyn Progress,
+) -> Result<PruneReport> {
     let mut report = PruneReport::default();
-    let drop: HashSet<PackId> = plan.packs_delete.iter().chain(&plan.packs_repack).copied().collect();
-    let keep: HashSet<PackId> = index.packs.iter().map(|p| p.id).filter(|id| !drop.contains(id)).collect();
+    let drop: HashSet<PackId> = plan
+        .packs_delete
+        .iter()
+        .chain(&plan.packs_repack)
+        .copied()
+        .collect();
+    let keep: HashSet<PackId> = index
+        .packs
+        .iter()
+        .map(|p| p.id)
+        .filter(|id| !drop.contains(id))
+        .collect();
     let mut kept = Index::default();
     for p in index.to_files(Some(&keep)).packs {
         kept.add_pack(&p);
@@ -150,7 +192,12 @@ fn execute(repo: &Repository, index: &Index, plan: &PrunePlan, progress: &dyn Pr
         }
     }
     // 4. Only now delete packs that no index names.
-    for pack in plan.packs_delete.iter().chain(&plan.packs_repack).chain(&plan.packs_unindexed) {
+    for pack in plan
+        .packs_delete
+        .iter()
+        .chain(&plan.packs_repack)
+        .chain(&plan.packs_unindexed)
+    {
         let size = repo.storage.size(&paths::pack(pack))?.unwrap_or(0);
         repo.storage.delete(&paths::pack(pack))?;
         report.packs_deleted += 1;

@@ -32,6 +32,9 @@ pub struct RestoreReport {
     pub duration_ms: u64,
 }
 
+/// Per pack: the chunks needed from it, each with the (file, offset) places it goes.
+type PackPlan = Vec<(ChunkId, Vec<(usize, u64)>)>;
+
 pub struct RestoreOptions<'a> {
     pub include: Vec<String>,
     /// Allow restoring into a non-empty folder (files present in the snapshot are replaced).
@@ -49,19 +52,34 @@ fn included(path: &str, include: &[String]) -> bool {
 
 fn safe_join(target: &Path, rel: &str) -> Result<PathBuf> {
     if rel.split('/').any(|c| c == ".." || c.is_empty()) || rel.starts_with('/') {
-        return Err(Error::integrity(format!("manifest holds an unsafe path `{rel}`")));
+        return Err(Error::integrity(format!(
+            "manifest holds an unsafe path `{rel}`"
+        )));
     }
     Ok(target.join(rel))
 }
 
-pub fn restore_files(repo: &Repository, snap: &Snapshot, target: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+pub fn restore_files(
+    repo: &Repository,
+    snap: &Snapshot,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
     let start = std::time::Instant::now();
     repo.require_restore("restore files")?;
     let body = repo.snapshot_body(&snap.id)?;
     if body.manifest.is_empty() && !body.stream.is_empty() {
-        return Err(Error::config(format!("snapshot {} holds a stream; use `custos restore stream`", snap.id.short())));
+        return Err(Error::config(format!(
+            "snapshot {} holds a stream; use `custos restore stream`",
+            snap.id.short()
+        )));
     }
-    if !opts.overwrite && target.exists() && fs::read_dir(target).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    if !opts.overwrite
+        && target.exists()
+        && fs::read_dir(target)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
         return Err(Error::config(format!("{} exists and is not empty", target.display()))
             .hint("restore into a new or empty folder, or pass --overwrite to replace the files it holds"));
     }
@@ -71,35 +89,76 @@ pub fn restore_files(repo: &Repository, snap: &Snapshot, target: &Path, opts: &R
         .filter(|e| included(&e.path, &opts.include))
         .collect();
     if !opts.include.is_empty() && entries.is_empty() {
-        return Err(Error::new(Kind::NotFound, format!("no path in snapshot {} matches {:?}", snap.id.short(), opts.include))
-            .hint("`custos ls SNAPSHOT` lists the paths it holds"));
+        return Err(Error::new(
+            Kind::NotFound,
+            format!(
+                "no path in snapshot {} matches {:?}",
+                snap.id.short(),
+                opts.include
+            ),
+        )
+        .hint("`custos ls SNAPSHOT` lists the paths it holds"));
     }
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(target).map_err(|e| io_error(Kind::Config, target, e))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(target)
+        .map_err(|e| io_error(Kind::Config, target, e))?;
 
     // Layout first: folders, then every file created at its final size.
-    let mut plan: HashMap<PackId, Vec<(ChunkId, Vec<(usize, u64)>)>> = HashMap::new();
+    let mut plan: HashMap<PackId, PackPlan> = HashMap::new();
     let mut chunk_slot: HashMap<ChunkId, (PackId, usize)> = HashMap::new();
     let mut total = 0u64;
-    let mut report = RestoreReport { snapshot: snap.id.to_hex(), target: target.display().to_string(), files: 0, dirs: 0, symlinks: 0, bytes: 0, packs_read: 0, duration_ms: 0 };
+    let mut report = RestoreReport {
+        snapshot: snap.id.to_hex(),
+        target: target.display().to_string(),
+        files: 0,
+        dirs: 0,
+        symlinks: 0,
+        bytes: 0,
+        packs_read: 0,
+        duration_ms: 0,
+    };
     for (i, e) in entries.iter().enumerate() {
         let p = safe_join(target, &e.path)?;
         match e.kind {
             EntryKind::Dir => {
-                fs::DirBuilder::new().recursive(true).mode(0o700).create(&p).map_err(|err| io_error(Kind::Config, &p, err))?;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&p)
+                    .map_err(|err| io_error(Kind::Config, &p, err))?;
                 report.dirs += 1;
             }
             EntryKind::File => {
                 if let Some(parent) = p.parent() {
-                    fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(|err| io_error(Kind::Config, parent, err))?;
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .map_err(|err| io_error(Kind::Config, parent, err))?;
                 }
                 if opts.overwrite && p.symlink_metadata().is_ok_and(|m| !m.is_file()) {
                     remove_any(&p)?;
                 }
-                let f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&p).map_err(|err| io_error(Kind::Config, &p, err))?;
-                f.set_len(e.size).map_err(|err| io_error(Kind::Config, &p, err))?;
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .map_err(|err| io_error(Kind::Config, &p, err))?;
+                f.set_len(e.size)
+                    .map_err(|err| io_error(Kind::Config, &p, err))?;
                 let mut off = 0u64;
                 for id in &e.chunks {
-                    let (meta, loc) = index.get(id).ok_or_else(|| Error::integrity(format!("chunk {} of {} is not in the index", id.short(), e.path)))?;
+                    let (meta, loc) = index.get(id).ok_or_else(|| {
+                        Error::integrity(format!(
+                            "chunk {} of {} is not in the index",
+                            id.short(),
+                            e.path
+                        ))
+                    })?;
                     let slot = chunk_slot.entry(*id).or_insert_with(|| {
                         let v = plan.entry(meta.id).or_default();
                         v.push((*id, vec![]));
@@ -115,37 +174,71 @@ pub fn restore_files(repo: &Repository, snap: &Snapshot, target: &Path, opts: &R
         }
     }
     opts.progress.start("restore", Some(total));
-    let packs: Vec<(PackId, Vec<(ChunkId, Vec<(usize, u64)>)>)> = plan.into_iter().collect();
+    let packs: Vec<(PackId, PackPlan)> = plan.into_iter().collect();
     let written = AtomicU64::new(0);
-    custos_repo::repository::parallel_map(&packs, repo.threads() + 2, |(pack_id, blobs)| -> Result<()> {
-        let meta = index.pack(pack_id).expect("planned from the index");
-        let dek = repo.pack_key(meta)?;
-        let needed: u64 = blobs.iter().map(|(id, _)| u64::from(index.blobs[id].length)).sum();
-        let whole = if needed * 2 > meta.size {
-            Some(repo.storage.get(&paths::pack(pack_id)).map_err(|e| missing(e, pack_id))?)
-        } else {
-            None
-        };
-        for (id, targets) in blobs {
-            let loc = index.blobs[id];
-            let sealed = match &whole {
-                Some(w) => w
-                    .get(loc.offset as usize..(loc.offset + loc.length) as usize)
-                    .ok_or_else(|| Error::integrity(format!("pack {} is shorter than indexed", pack_id.short())))?
-                    .to_vec(),
-                None => repo.storage.get_range(&paths::pack(pack_id), u64::from(loc.offset), u64::from(loc.length)).map_err(|e| missing(e, pack_id))?,
+    custos_repo::repository::parallel_map(
+        &packs,
+        repo.threads() + 2,
+        |(pack_id, blobs)| -> Result<()> {
+            let meta = index.pack(pack_id).expect("planned from the index");
+            let dek = repo.pack_key(meta)?;
+            let needed: u64 = blobs
+                .iter()
+                .map(|(id, _)| u64::from(index.blobs[id].length))
+                .sum();
+            let whole = if needed * 2 > meta.size {
+                Some(
+                    repo.storage
+                        .get(&paths::pack(pack_id))
+                        .map_err(|e| missing(e, pack_id))?,
+                )
+            } else {
+                None
             };
-            let plain = pack::open_blob(&dek, &repo.keys.id_key, id, loc.compressed, loc.raw_length, &sealed)?;
-            for (file, off) in targets {
-                let p = target.join(&entries[*file].path);
-                let f = fs::OpenOptions::new().write(true).open(&p).map_err(|e| io_error(Kind::Config, &p, e))?;
-                f.write_all_at(&plain, *off).map_err(|e| io_error(Kind::Config, &p, e))?;
-                written.fetch_add(plain.len() as u64, Ordering::Relaxed);
-                opts.progress.add(plain.len() as u64);
+            for (id, targets) in blobs {
+                let loc = index.blobs[id];
+                let sealed = match &whole {
+                    Some(w) => w
+                        .get(loc.offset as usize..(loc.offset + loc.length) as usize)
+                        .ok_or_else(|| {
+                            Error::integrity(format!(
+                                "pack {} is shorter than indexed",
+                                pack_id.short()
+                            ))
+                        })?
+                        .to_vec(),
+                    None => repo
+                        .storage
+                        .get_range(
+                            &paths::pack(pack_id),
+                            u64::from(loc.offset),
+                            u64::from(loc.length),
+                        )
+                        .map_err(|e| missing(e, pack_id))?,
+                };
+                let plain = pack::open_blob(
+                    &dek,
+                    &repo.keys.id_key,
+                    id,
+                    loc.compressed,
+                    loc.raw_length,
+                    &sealed,
+                )?;
+                for (file, off) in targets {
+                    let p = target.join(&entries[*file].path);
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&p)
+                        .map_err(|e| io_error(Kind::Config, &p, e))?;
+                    f.write_all_at(&plain, *off)
+                        .map_err(|e| io_error(Kind::Config, &p, e))?;
+                    written.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                    opts.progress.add(plain.len() as u64);
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     report.packs_read = packs.len() as u64;
     report.bytes = written.load(Ordering::Relaxed);
     opts.progress.finish();
@@ -158,16 +251,24 @@ pub fn restore_files(repo: &Repository, snap: &Snapshot, target: &Path, opts: &R
             EntryKind::File => set_meta(&p, e, is_root)?,
             EntryKind::Symlink => {
                 if let Some(parent) = p.parent() {
-                    fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(|err| io_error(Kind::Config, parent, err))?;
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .map_err(|err| io_error(Kind::Config, parent, err))?;
                 }
                 if p.symlink_metadata().is_ok() {
                     remove_any(&p)?;
                 }
-                std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &p).map_err(|err| io_error(Kind::Config, &p, err))?;
+                std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &p)
+                    .map_err(|err| io_error(Kind::Config, &p, err))?;
                 if is_root {
                     let _ = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid));
                 }
-                let t = filetime::FileTime::from_unix_time(e.mtime_ns.div_euclid(1_000_000_000), e.mtime_ns.rem_euclid(1_000_000_000) as u32);
+                let t = filetime::FileTime::from_unix_time(
+                    e.mtime_ns.div_euclid(1_000_000_000),
+                    e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+                );
                 let _ = filetime::set_symlink_file_times(&p, t, t);
                 report.symlinks += 1;
             }
@@ -183,23 +284,38 @@ pub fn restore_files(repo: &Repository, snap: &Snapshot, target: &Path, opts: &R
 
 fn missing(e: Error, pack: &PackId) -> Error {
     if e.kind == Kind::NotFound {
-        Error::integrity(format!("pack {} is missing from the repository", pack.short()))
+        Error::integrity(format!(
+            "pack {} is missing from the repository",
+            pack.short()
+        ))
     } else {
         e
     }
 }
 
 fn remove_any(p: &Path) -> Result<()> {
-    let m = p.symlink_metadata().map_err(|e| io_error(Kind::Config, p, e))?;
-    if m.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) }.map_err(|e| io_error(Kind::Config, p, e))
+    let m = p
+        .symlink_metadata()
+        .map_err(|e| io_error(Kind::Config, p, e))?;
+    if m.is_dir() {
+        fs::remove_dir_all(p)
+    } else {
+        fs::remove_file(p)
+    }
+    .map_err(|e| io_error(Kind::Config, p, e))
 }
 
 fn set_meta(p: &Path, e: &Entry, is_root: bool) -> Result<()> {
     if is_root {
-        std::os::unix::fs::chown(p, Some(e.uid), Some(e.gid)).map_err(|err| io_error(Kind::Config, p, err))?;
+        std::os::unix::fs::chown(p, Some(e.uid), Some(e.gid))
+            .map_err(|err| io_error(Kind::Config, p, err))?;
     }
-    fs::set_permissions(p, fs::Permissions::from_mode(e.mode)).map_err(|err| io_error(Kind::Config, p, err))?;
-    let t = filetime::FileTime::from_unix_time(e.mtime_ns.div_euclid(1_000_000_000), e.mtime_ns.rem_euclid(1_000_000_000) as u32);
+    fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
+        .map_err(|err| io_error(Kind::Config, p, err))?;
+    let t = filetime::FileTime::from_unix_time(
+        e.mtime_ns.div_euclid(1_000_000_000),
+        e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    );
     filetime::set_file_times(p, t, t).map_err(|err| io_error(Kind::Config, p, err))
 }
 
@@ -208,21 +324,32 @@ pub fn restore_stream(repo: &Repository, snap: &Snapshot, out: &mut dyn Write) -
     repo.require_restore("restore a stream")?;
     let body = repo.snapshot_body(&snap.id)?;
     if body.stream.is_empty() && !body.manifest.is_empty() {
-        return Err(Error::config(format!("snapshot {} holds files; use `custos restore files`", snap.id.short())));
+        return Err(Error::config(format!(
+            "snapshot {} holds files; use `custos restore files`",
+            snap.id.short()
+        )));
     }
     let index = repo.load_index()?;
     let mut n = 0u64;
     // Fetch ahead in parallel, write in order.
     for batch in body.stream.chunks(repo.threads() * 2) {
-        let blobs = custos_repo::repository::parallel_map(batch, batch.len(), |id| repo.read_blob(&index, id))?;
+        let blobs = custos_repo::repository::parallel_map(batch, batch.len(), |id| {
+            repo.read_blob(&index, id)
+        })?;
         for b in blobs {
-            out.write_all(&b).map_err(|e| Error::new(Kind::Internal, format!("writing the restored stream: {e}")))?;
+            out.write_all(&b).map_err(|e| {
+                Error::new(Kind::Internal, format!("writing the restored stream: {e}"))
+            })?;
             n += b.len() as u64;
         }
     }
-    out.flush().map_err(|e| Error::new(Kind::Internal, format!("writing the restored stream: {e}")))?;
+    out.flush()
+        .map_err(|e| Error::new(Kind::Internal, format!("writing the restored stream: {e}")))?;
     if n != body.stream_size {
-        return Err(Error::integrity(format!("stream restored {n} bytes, snapshot recorded {}", body.stream_size)));
+        return Err(Error::integrity(format!(
+            "stream restored {n} bytes, snapshot recorded {}",
+            body.stream_size
+        )));
     }
     Ok(n)
 }
@@ -231,7 +358,17 @@ pub fn restore_stream(repo: &Repository, snap: &Snapshot, out: &mut dyn Write) -
 pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Entry>> {
     let body = repo.snapshot_body(&snap.id)?;
     if !body.stream.is_empty() {
-        return Ok(vec![Entry { path: body.paths.first().cloned().unwrap_or_default(), kind: EntryKind::File, mode: 0o600, uid: 0, gid: 0, mtime_ns: snap.summary.time.timestamp_nanos_opt().unwrap_or_default(), size: body.stream_size, target: None, chunks: body.stream }]);
+        return Ok(vec![Entry {
+            path: body.paths.first().cloned().unwrap_or_default(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime_ns: snap.summary.time.timestamp_nanos_opt().unwrap_or_default(),
+            size: body.stream_size,
+            target: None,
+            chunks: body.stream,
+        }]);
     }
     crate::manifest::load(repo, index, &body.manifest)
 }

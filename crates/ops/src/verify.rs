@@ -33,7 +33,10 @@ pub struct VerifyOptions<'a> {
 
 pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     let _lock = repo.lock(false, "verify")?;
-    let mut r = VerifyReport { decrypted: repo.keys.secret.is_some(), ..Default::default() };
+    let mut r = VerifyReport {
+        decrypted: repo.keys.secret.is_some(),
+        ..Default::default()
+    };
     let stored: HashMap<PackId, u64> = repo
         .storage
         .list(paths::DATA)?
@@ -50,8 +53,14 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     r.packs = index.packs.len() as u64;
     for p in &index.packs {
         match stored.get(&p.id) {
-            None => r.errors.push(format!("pack {} is in the index but missing from storage", p.id)),
-            Some(s) if *s != p.size => r.errors.push(format!("pack {} has {} bytes in storage, the index says {}", p.id, s, p.size)),
+            None => r.errors.push(format!(
+                "pack {} is in the index but missing from storage",
+                p.id
+            )),
+            Some(s) if *s != p.size => r.errors.push(format!(
+                "pack {} has {} bytes in storage, the index says {}",
+                p.id, s, p.size
+            )),
             _ => {}
         }
     }
@@ -83,21 +92,33 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             if !body.manifest.is_empty() {
                 match crate::manifest::load(repo, &index, &body.manifest) {
                     Ok(entries) => refs.extend(entries.into_iter().flat_map(|e| e.chunks)),
-                    Err(e) => r.errors.push(format!("snapshot {}: manifest unreadable: {}", s.id, e.message)),
+                    Err(e) => r.errors.push(format!(
+                        "snapshot {}: manifest unreadable: {}",
+                        s.id, e.message
+                    )),
                 }
             }
             for id in refs {
                 if checked.insert(id) && !index.contains(&id) {
-                    r.errors.push(format!("snapshot {} references chunk {} which is not in the index", s.id, id));
+                    r.errors.push(format!(
+                        "snapshot {} references chunk {} which is not in the index",
+                        s.id, id
+                    ));
                 }
             }
         }
     } else {
-        r.warnings.push("backup-role key: snapshot contents were not checked (they need a restore key)".into());
+        r.warnings.push(
+            "backup-role key: snapshot contents were not checked (they need a restore key)".into(),
+        );
     }
 
     if opts.read_data {
-        let mut packs: Vec<&custos_repo::index::PackMeta> = index.packs.iter().filter(|p| stored.contains_key(&p.id)).collect();
+        let mut packs: Vec<&custos_repo::index::PackMeta> = index
+            .packs
+            .iter()
+            .filter(|p| stored.contains_key(&p.id))
+            .collect();
         if opts.subset < 1.0 {
             use rand::seq::SliceRandom;
             packs.shuffle(&mut rand::rng());
@@ -105,15 +126,20 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             packs.truncate(n.max(1).min(packs.len()));
         }
         let by_pack = index.by_pack();
-        opts.progress.start("verify", Some(packs.iter().map(|p| p.size).sum()));
-        let results = custos_repo::repository::parallel_map(&packs, repo.threads() + 1, |p| -> Result<(Vec<String>, u64)> {
-            let bytes = match repo.storage.get(&paths::pack(&p.id)) {
-                Ok(b) => b,
-                Err(e) => return Ok((vec![format!("pack {}: {}", p.id, e.message)], 0)),
-            };
-            opts.progress.add(bytes.len() as u64);
-            Ok(check_pack(repo, p, &bytes, &by_pack[&p.id]))
-        })?;
+        opts.progress
+            .start("verify", Some(packs.iter().map(|p| p.size).sum()));
+        let results = custos_repo::repository::parallel_map(
+            &packs,
+            repo.threads() + 1,
+            |p| -> Result<(Vec<String>, u64)> {
+                let bytes = match repo.storage.get(&paths::pack(&p.id)) {
+                    Ok(b) => b,
+                    Err(e) => return Ok((vec![format!("pack {}: {}", p.id, e.message)], 0)),
+                };
+                opts.progress.add(bytes.len() as u64);
+                Ok(check_pack(repo, p, &bytes, &by_pack[&p.id]))
+            },
+        )?;
         opts.progress.finish();
         for (p, (errs, n)) in packs.iter().zip(results) {
             r.packs_read += 1;
@@ -125,10 +151,18 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     Ok(r)
 }
 
-fn check_pack(repo: &Repository, p: &custos_repo::index::PackMeta, bytes: &[u8], blobs: &[(ChunkId, custos_repo::BlobLoc)]) -> (Vec<String>, u64) {
+fn check_pack(
+    repo: &Repository,
+    p: &custos_repo::index::PackMeta,
+    bytes: &[u8],
+    blobs: &[(ChunkId, custos_repo::BlobLoc)],
+) -> (Vec<String>, u64) {
     let mut errs = vec![];
     if Id::of_bytes(bytes) != p.id.0 {
-        errs.push(format!("pack {} does not match its hash: its content was altered or damaged", p.id));
+        errs.push(format!(
+            "pack {} does not match its hash: its content was altered or damaged",
+            p.id
+        ));
         return (errs, 0);
     }
     let (header, wrapped) = match pack::parse_trailer(bytes, &format!("pack {}", p.id)) {
@@ -136,7 +170,10 @@ fn check_pack(repo: &Repository, p: &custos_repo::index::PackMeta, bytes: &[u8],
         Err(e) => return (vec![e.message], 0),
     };
     if wrapped != p.key {
-        errs.push(format!("pack {}: its data key differs from the index", p.id));
+        errs.push(format!(
+            "pack {}: its data key differs from the index",
+            p.id
+        ));
     }
     if repo.keys.secret.is_none() {
         return (errs, 0);
@@ -150,7 +187,10 @@ fn check_pack(repo: &Repository, p: &custos_repo::index::PackMeta, bytes: &[u8],
             let listed: HashSet<ChunkId> = entries.iter().map(|e| e.id).collect();
             for (id, _) in blobs {
                 if !listed.contains(id) {
-                    errs.push(format!("pack {}: chunk {} is indexed but not in the pack header", p.id, id));
+                    errs.push(format!(
+                        "pack {}: chunk {} is indexed but not in the pack header",
+                        p.id, id
+                    ));
                 }
             }
         }
@@ -158,11 +198,19 @@ fn check_pack(repo: &Repository, p: &custos_repo::index::PackMeta, bytes: &[u8],
     }
     let mut n = 0;
     for (id, loc) in blobs {
-        let Some(sealed) = bytes.get(loc.offset as usize..(loc.offset + loc.length) as usize) else {
+        let Some(sealed) = bytes.get(loc.offset as usize..(loc.offset + loc.length) as usize)
+        else {
             errs.push(format!("pack {}: chunk {} lies past the end", p.id, id));
             continue;
         };
-        match pack::open_blob(&dek, &repo.keys.id_key, id, loc.compressed, loc.raw_length, sealed) {
+        match pack::open_blob(
+            &dek,
+            &repo.keys.id_key,
+            id,
+            loc.compressed,
+            loc.raw_length,
+            sealed,
+        ) {
             Ok(_) => n += 1,
             Err(e) => errs.push(format!("pack {}: {}", p.id, e.message)),
         }
@@ -174,5 +222,9 @@ pub fn integrity_error(r: &VerifyReport) -> Option<Error> {
     if r.errors.is_empty() {
         return None;
     }
-    Some(Error::integrity(format!("verification found {} problem(s); first: {}", r.errors.len(), r.errors[0])))
+    Some(Error::integrity(format!(
+        "verification found {} problem(s); first: {}",
+        r.errors.len(),
+        r.errors[0]
+    )))
 }

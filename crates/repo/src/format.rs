@@ -40,7 +40,10 @@ impl RepoConfig {
         let probe: Probe = serde_json::from_slice(bytes)
             .map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))?;
         if probe.format != FORMAT_NAME {
-            return Err(Error::integrity(format!("this is not a custos repository (format `{}`)", probe.format)));
+            return Err(Error::integrity(format!(
+                "this is not a custos repository (format `{}`)",
+                probe.format
+            )));
         }
         if probe.version != FORMAT_VERSION {
             return Err(Error::config(format!(
@@ -49,7 +52,8 @@ impl RepoConfig {
             ))
             .hint("use a custos release that supports this repository version"));
         }
-        serde_json::from_slice(bytes).map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))
     }
 }
 
@@ -60,8 +64,10 @@ pub fn to_zjson<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub fn from_zjson<T: DeserializeOwned>(data: &[u8], what: &str) -> Result<T> {
-    let json = zstd::stream::decode_all(data).map_err(|e| Error::integrity(format!("{what}: cannot decompress: {e}")))?;
-    serde_json::from_slice(&json).map_err(|e| Error::integrity(format!("{what}: malformed content: {e}")))
+    let json = zstd::stream::decode_all(data)
+        .map_err(|e| Error::integrity(format!("{what}: cannot decompress: {e}")))?;
+    serde_json::from_slice(&json)
+        .map_err(|e| Error::integrity(format!("{what}: malformed content: {e}")))
 }
 
 pub mod b64 {
@@ -72,6 +78,8 @@ pub mod b64 {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
     }
 }

@@ -69,7 +69,11 @@ impl Index {
             Some(pos) => *pos,
             None => {
                 let pos = self.packs.len() as u32;
-                self.packs.push(PackMeta { id: p.id, size: p.size, key: p.key.clone() });
+                self.packs.push(PackMeta {
+                    id: p.id,
+                    size: p.size,
+                    key: p.key.clone(),
+                });
                 self.pack_pos.insert(p.id, pos);
                 pos
             }
@@ -87,7 +91,9 @@ impl Index {
     }
 
     pub fn get(&self, id: &ChunkId) -> Option<(&PackMeta, &BlobLoc)> {
-        self.blobs.get(id).map(|l| (&self.packs[l.pack as usize], l))
+        self.blobs
+            .get(id)
+            .map(|l| (&self.packs[l.pack as usize], l))
     }
 
     pub fn contains(&self, id: &ChunkId) -> bool {
@@ -105,7 +111,9 @@ impl Index {
             out.entry(p.id).or_default();
         }
         for (id, loc) in &self.blobs {
-            out.entry(self.packs[loc.pack as usize].id).or_default().push((*id, *loc));
+            out.entry(self.packs[loc.pack as usize].id)
+                .or_default()
+                .push((*id, *loc));
         }
         for v in out.values_mut() {
             v.sort_by_key(|(_, l)| l.offset);
@@ -132,7 +140,12 @@ impl Index {
                     compressed: l.compressed,
                 })
                 .collect();
-            f.packs.push(IndexPack { id: p.id, size: p.size, key: p.key.clone(), blobs });
+            f.packs.push(IndexPack {
+                id: p.id,
+                size: p.size,
+                key: p.key.clone(),
+                blobs,
+            });
         }
         f
     }

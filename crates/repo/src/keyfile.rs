@@ -54,7 +54,11 @@ impl KeyFile {
         let id = KeyId(custos_model::Id(idb));
         let kek = kdf.derive(password)?;
         let plain = Zeroizing::new(
-            serde_json::to_vec(&Sealed { repo, keys: keys.to_material() }).expect("serializable"),
+            serde_json::to_vec(&Sealed {
+                repo,
+                keys: keys.to_material(),
+            })
+            .expect("serializable"),
         );
         Ok(KeyFile {
             version: 1,
@@ -75,11 +79,18 @@ impl KeyFile {
             Ok(p) => Zeroizing::new(p),
             Err(_) => return Ok(None),
         };
-        let sealed: Sealed = serde_json::from_slice(&plain)
-            .map_err(|_| Error::integrity(format!("key {} holds malformed key material", self.id.short())))?;
+        let sealed: Sealed = serde_json::from_slice(&plain).map_err(|_| {
+            Error::integrity(format!(
+                "key {} holds malformed key material",
+                self.id.short()
+            ))
+        })?;
         if sealed.repo != repo {
-            return Err(Error::integrity(format!("key {} belongs to another repository", self.id.short()))
-                .hint("remove this key file; it was copied from another repository"));
+            return Err(Error::integrity(format!(
+                "key {} belongs to another repository",
+                self.id.short()
+            ))
+            .hint("remove this key file; it was copied from another repository"));
         }
         MasterKeys::from_material(&sealed.keys).map(Some)
     }

@@ -42,7 +42,8 @@ impl LockInfo {
             // SAFETY: kill(2) with signal 0 sends nothing; it only checks the pid exists
             // (EPERM means it exists but belongs to another user).
             let r = unsafe { libc::kill(self.pid as i32, 0) };
-            let alive = r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            let alive =
+                r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
             return !alive;
         }
         false
@@ -70,14 +71,17 @@ impl Drop for LockGuard {
 pub fn read_all(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<(LockId, LockInfo)>> {
     let mut out = vec![];
     for e in storage.list(paths::LOCKS)? {
-        let Some(id) = paths::id_of(&e.path) else { continue };
+        let Some(id) = paths::id_of(&e.path) else {
+            continue;
+        };
         let bytes = match storage.get(&e.path) {
             Ok(b) => b,
             Err(e) if e.kind == Kind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let info = aead::open(meta_key, AAD, &bytes, "lock")
-            .and_then(|p| serde_json::from_slice::<LockInfo>(&p).map_err(|e| Error::integrity(e.to_string())));
+        let info = aead::open(meta_key, AAD, &bytes, "lock").and_then(|p| {
+            serde_json::from_slice::<LockInfo>(&p).map_err(|e| Error::integrity(e.to_string()))
+        });
         match info {
             Ok(i) => out.push((LockId(id), i)),
             Err(_) => tracing::warn!(lock = %id, "unreadable lock object ignored"),
@@ -86,16 +90,34 @@ pub fn read_all(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<(LockId
     Ok(out)
 }
 
-pub fn acquire(storage: DynStorage, meta_key: &[u8; 32], exclusive: bool, host: &str, command: &str) -> Result<LockGuard> {
+pub fn acquire(
+    storage: DynStorage,
+    meta_key: &[u8; 32],
+    exclusive: bool,
+    host: &str,
+    command: &str,
+) -> Result<LockGuard> {
     let mut idb = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut idb);
     let id = LockId(custos_model::Id(idb));
     let path = paths::lock(&id);
-    let info = LockInfo { time: Utc::now(), exclusive, host: host.into(), pid: std::process::id(), command: command.into() };
-    let seal = |i: &LockInfo| aead::seal(meta_key, AAD, &serde_json::to_vec(i).expect("serializable"));
+    let info = LockInfo {
+        time: Utc::now(),
+        exclusive,
+        host: host.into(),
+        pid: std::process::id(),
+        command: command.into(),
+    };
+    let seal =
+        |i: &LockInfo| aead::seal(meta_key, AAD, &serde_json::to_vec(i).expect("serializable"));
     storage.put(&path, &seal(&info), PutMode::CreateOnly)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut guard = LockGuard { storage: storage.clone(), path: path.clone(), stop: stop.clone(), refresher: None };
+    let mut guard = LockGuard {
+        storage: storage.clone(),
+        path: path.clone(),
+        stop: stop.clone(),
+        refresher: None,
+    };
     for (other, o) in read_all(&storage, meta_key)? {
         if other == id || o.is_stale(host) {
             continue;

@@ -56,7 +56,12 @@ impl PackBuilder {
         rand::RngCore::fill_bytes(&mut rand::rng(), dek.as_mut());
         let mut buf = Vec::with_capacity(capacity + 4096);
         buf.extend_from_slice(MAGIC);
-        PackBuilder { dek, buf, entries: vec![], raw_bytes: 0 }
+        PackBuilder {
+            dek,
+            buf,
+            entries: vec![],
+            raw_bytes: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -69,7 +74,8 @@ impl PackBuilder {
 
     /// Compresses (when that saves space) and encrypts one blob into the pack.
     pub fn add(&mut self, id: ChunkId, kind: BlobKind, plaintext: &[u8]) {
-        let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).expect("zstd compress in memory");
+        let compressed =
+            zstd::bulk::compress(plaintext, ZSTD_LEVEL).expect("zstd compress in memory");
         let (body, is_compressed) = if compressed.len() + 16 < plaintext.len() {
             (&compressed[..], true)
         } else {
@@ -93,10 +99,17 @@ impl PackBuilder {
         let wrapped = wrap::wrap(public, KEY_AAD, self.dek.as_ref())?;
         self.buf.extend_from_slice(&header);
         self.buf.extend_from_slice(&wrapped);
-        self.buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(&(wrapped.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(header.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(wrapped.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(END);
-        Ok(FinishedPack { bytes: self.buf, entries: self.entries, wrapped_key: wrapped, raw_bytes: self.raw_bytes })
+        Ok(FinishedPack {
+            bytes: self.buf,
+            entries: self.entries,
+            wrapped_key: wrapped,
+            raw_bytes: self.raw_bytes,
+        })
     }
 }
 
@@ -109,15 +122,29 @@ pub fn open_blob(
     raw_length: u32,
     sealed: &[u8],
 ) -> Result<Vec<u8>> {
-    let body = aead::open(dek, &entry_id.0 .0, sealed, &format!("chunk {}", entry_id.short()))?;
+    let body = aead::open(
+        dek,
+        &entry_id.0 .0,
+        sealed,
+        &format!("chunk {}", entry_id.short()),
+    )?;
     let plain = if compressed {
-        zstd::bulk::decompress(&body, raw_length as usize)
-            .map_err(|e| Error::integrity(format!("chunk {}: cannot decompress: {e}", entry_id.short())))?
+        zstd::bulk::decompress(&body, raw_length as usize).map_err(|e| {
+            Error::integrity(format!(
+                "chunk {}: cannot decompress: {e}",
+                entry_id.short()
+            ))
+        })?
     } else {
         body
     };
-    if plain.len() != raw_length as usize || blake3::keyed_hash(id_key, &plain).as_bytes() != &entry_id.0 .0 {
-        return Err(Error::integrity(format!("chunk {} does not match its id", entry_id.short())));
+    if plain.len() != raw_length as usize
+        || blake3::keyed_hash(id_key, &plain).as_bytes() != &entry_id.0 .0
+    {
+        return Err(Error::integrity(format!(
+            "chunk {} does not match its id",
+            entry_id.short()
+        )));
     }
     Ok(plain)
 }
@@ -126,7 +153,9 @@ pub fn open_blob(
 pub fn parse_trailer(pack: &[u8], what: &str) -> Result<(std::ops::Range<usize>, Vec<u8>)> {
     let n = pack.len();
     if n < MAGIC.len() + TRAILER_LEN || &pack[..8] != MAGIC || &pack[n - 8..] != END {
-        return Err(Error::integrity(format!("{what} is truncated or not a pack")));
+        return Err(Error::integrity(format!(
+            "{what} is truncated or not a pack"
+        )));
     }
     let hl = u32::from_le_bytes(pack[n - 16..n - 12].try_into().unwrap()) as usize;
     let wl = u32::from_le_bytes(pack[n - 12..n - 8].try_into().unwrap()) as usize;

@@ -11,7 +11,9 @@ use custos_model::{ChunkId, Error, Id, IndexId, KeyId, Kind, PackId, RepoId, Res
 use custos_storage::{DynStorage, PutMode, PutOutcome};
 use zeroize::Zeroizing;
 
-use crate::format::{from_zjson, to_zjson, RepoConfig, DEFAULT_PACK_SIZE, FORMAT_NAME, FORMAT_VERSION};
+use crate::format::{
+    from_zjson, to_zjson, RepoConfig, DEFAULT_PACK_SIZE, FORMAT_NAME, FORMAT_VERSION,
+};
 use crate::index::{Index, IndexFile, IndexPack, PackMeta};
 use crate::keyfile::{KeyFile, Origin};
 use crate::lock::{self, LockGuard};
@@ -39,8 +41,11 @@ pub struct Repository {
 }
 
 fn not_found(storage: &DynStorage) -> Error {
-    Error::new(Kind::RepoNotFound, format!("there is no custos repository at {}", storage.location()))
-        .hint("check --repo / CUSTOS_REPO, or create one with `custos init`")
+    Error::new(
+        Kind::RepoNotFound,
+        format!("there is no custos repository at {}", storage.location()),
+    )
+    .hint("check --repo / CUSTOS_REPO, or create one with `custos init`")
 }
 
 impl Repository {
@@ -52,10 +57,19 @@ impl Repository {
         }
     }
 
-    pub fn init(storage: DynStorage, password: &[u8], kdf: KdfParams, opts: OpenOptions, pack_size: Option<u64>) -> Result<Repository> {
+    pub fn init(
+        storage: DynStorage,
+        password: &[u8],
+        kdf: KdfParams,
+        opts: OpenOptions,
+        pack_size: Option<u64>,
+    ) -> Result<Repository> {
         if storage.size(paths::CONFIG)?.is_some() {
-            return Err(Error::new(Kind::RepoExists, format!("a repository already exists at {}", storage.location()))
-                .hint("use it as it is, or choose another location"));
+            return Err(Error::new(
+                Kind::RepoExists,
+                format!("a repository already exists at {}", storage.location()),
+            )
+            .hint("use it as it is, or choose another location"));
         }
         let keys = MasterKeys::generate();
         let mut idb = [0u8; 32];
@@ -70,35 +84,72 @@ impl Repository {
             pack_size: pack_size.unwrap_or(DEFAULT_PACK_SIZE),
         };
         // Key first, then config: a repository without config is "not found", never half-made.
-        let kf = KeyFile::seal(&keys, config.id, password, kdf, &Origin { host: opts.host.clone(), user: opts.user.clone() })?;
-        storage.put(&paths::key(&kf.id), &serde_json::to_vec_pretty(&kf).expect("serializable"), PutMode::CreateOnly)?;
+        let kf = KeyFile::seal(
+            &keys,
+            config.id,
+            password,
+            kdf,
+            &Origin {
+                host: opts.host.clone(),
+                user: opts.user.clone(),
+            },
+        )?;
+        storage.put(
+            &paths::key(&kf.id),
+            &serde_json::to_vec_pretty(&kf).expect("serializable"),
+            PutMode::CreateOnly,
+        )?;
         let cfg = serde_json::to_vec_pretty(&config).expect("serializable");
         if storage.put(paths::CONFIG, &cfg, PutMode::CreateOnly)? == PutOutcome::AlreadyExists {
             storage.delete(&paths::key(&kf.id))?;
-            return Err(Error::new(Kind::RepoExists, "another process created the repository at the same time"));
+            return Err(Error::new(
+                Kind::RepoExists,
+                "another process created the repository at the same time",
+            ));
         }
-        Ok(Repository { storage, config, keys, key_id: kf.id, opts, pack_keys: Mutex::new(HashMap::new()) })
+        Ok(Repository {
+            storage,
+            config,
+            keys,
+            key_id: kf.id,
+            opts,
+            pack_keys: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
         let config = Self::read_config(&storage)?;
         let files = Self::key_files(&storage)?;
         if files.is_empty() {
-            return Err(Error::integrity(format!("the repository at {} has no key files", storage.location())));
+            return Err(Error::integrity(format!(
+                "the repository at {} has no key files",
+                storage.location()
+            )));
         }
         // Try every key file in parallel: Argon2id is deliberately slow.
         let found: Vec<Result<Option<(KeyId, MasterKeys)>>> = std::thread::scope(|s| {
             let hs: Vec<_> = files
                 .iter()
-                .map(|kf| s.spawn(move || kf.open(password, config.id).map(|o| o.map(|k| (kf.id, k)))))
+                .map(|kf| {
+                    s.spawn(move || kf.open(password, config.id).map(|o| o.map(|k| (kf.id, k))))
+                })
                 .collect();
-            hs.into_iter().map(|h| h.join().expect("key thread")).collect()
+            hs.into_iter()
+                .map(|h| h.join().expect("key thread"))
+                .collect()
         });
         let mut err = None;
         for r in found {
             match r {
                 Ok(Some((id, keys))) => {
-                    return Ok(Repository { storage, config, keys, key_id: id, opts, pack_keys: Mutex::new(HashMap::new()) })
+                    return Ok(Repository {
+                        storage,
+                        config,
+                        keys,
+                        key_id: id,
+                        opts,
+                        pack_keys: Mutex::new(HashMap::new()),
+                    })
                 }
                 Ok(None) => {}
                 Err(e) => err = Some(e),
@@ -115,8 +166,9 @@ impl Repository {
         let mut out = vec![];
         for e in storage.list(paths::KEYS)? {
             let b = storage.get(&e.path)?;
-            let kf: KeyFile = serde_json::from_slice(&b)
-                .map_err(|err| Error::integrity(format!("key file {} is malformed: {err}", e.path)))?;
+            let kf: KeyFile = serde_json::from_slice(&b).map_err(|err| {
+                Error::integrity(format!("key file {} is malformed: {err}", e.path))
+            })?;
             out.push(kf);
         }
         out.sort_by_key(|k| k.created);
@@ -142,24 +194,48 @@ impl Repository {
         }
         for kf in Self::key_files(&self.storage)? {
             if kf.open(password, self.config.id)?.is_some() {
-                return Err(Error::config(format!("this password already opens key {}", kf.id.short()))
-                    .hint("choose a different password: each password opens exactly one key"));
+                return Err(Error::config(format!(
+                    "this password already opens key {}",
+                    kf.id.short()
+                ))
+                .hint("choose a different password: each password opens exactly one key"));
             }
         }
         let keys = self.keys.for_role(role);
-        let kf = KeyFile::seal(&keys, self.config.id, password, kdf, &Origin { host: self.opts.host.clone(), user: self.opts.user.clone() })?;
-        self.storage.put(&paths::key(&kf.id), &serde_json::to_vec_pretty(&kf).expect("serializable"), PutMode::CreateOnly)?;
+        let kf = KeyFile::seal(
+            &keys,
+            self.config.id,
+            password,
+            kdf,
+            &Origin {
+                host: self.opts.host.clone(),
+                user: self.opts.user.clone(),
+            },
+        )?;
+        self.storage.put(
+            &paths::key(&kf.id),
+            &serde_json::to_vec_pretty(&kf).expect("serializable"),
+            PutMode::CreateOnly,
+        )?;
         Ok(kf)
     }
 
     /// Finds a key by id prefix.
     pub fn find_key(&self, prefix: &str) -> Result<KeyFile> {
         let all = Self::key_files(&self.storage)?;
-        let m: Vec<_> = all.into_iter().filter(|k| k.id.to_hex().starts_with(prefix)).collect();
+        let m: Vec<_> = all
+            .into_iter()
+            .filter(|k| k.id.to_hex().starts_with(prefix))
+            .collect();
         match m.len() {
             1 => Ok(m.into_iter().next().unwrap()),
-            0 => Err(Error::new(Kind::NotFound, format!("no key with id {prefix}")).hint("`custos key list` shows key ids")),
-            _ => Err(Error::config(format!("key id prefix {prefix} is ambiguous; give more digits"))),
+            0 => Err(
+                Error::new(Kind::NotFound, format!("no key with id {prefix}"))
+                    .hint("`custos key list` shows key ids"),
+            ),
+            _ => Err(Error::config(format!(
+                "key id prefix {prefix} is ambiguous; give more digits"
+            ))),
         }
     }
 
@@ -167,11 +243,17 @@ impl Repository {
         self.require_restore("remove keys")?;
         let kf = self.find_key(prefix)?;
         if kf.id == self.key_id {
-            return Err(Error::config("refusing to remove the key in use").hint("open the repository with another key's password to remove this one"));
+            return Err(Error::config("refusing to remove the key in use")
+                .hint("open the repository with another key's password to remove this one"));
         }
-        let restore_left = Self::key_files(&self.storage)?.iter().filter(|k| k.role == Role::Restore && k.id != kf.id).count();
+        let restore_left = Self::key_files(&self.storage)?
+            .iter()
+            .filter(|k| k.role == Role::Restore && k.id != kf.id)
+            .count();
         if kf.role == Role::Restore && restore_left == 0 {
-            return Err(Error::config("refusing to remove the last restore key: the data would become unreadable"));
+            return Err(Error::config(
+                "refusing to remove the last restore key: the data would become unreadable",
+            ));
         }
         self.storage.delete(&paths::key(&kf.id))?;
         Ok(kf)
@@ -182,11 +264,27 @@ impl Repository {
         let old = self.key_id;
         for kf in Self::key_files(&self.storage)? {
             if kf.id != old && kf.open(password, self.config.id)?.is_some() {
-                return Err(Error::config(format!("this password already opens key {}", kf.id.short())));
+                return Err(Error::config(format!(
+                    "this password already opens key {}",
+                    kf.id.short()
+                )));
             }
         }
-        let kf = KeyFile::seal(&self.keys, self.config.id, password, kdf, &Origin { host: self.opts.host.clone(), user: self.opts.user.clone() })?;
-        self.storage.put(&paths::key(&kf.id), &serde_json::to_vec_pretty(&kf).expect("serializable"), PutMode::CreateOnly)?;
+        let kf = KeyFile::seal(
+            &self.keys,
+            self.config.id,
+            password,
+            kdf,
+            &Origin {
+                host: self.opts.host.clone(),
+                user: self.opts.user.clone(),
+            },
+        )?;
+        self.storage.put(
+            &paths::key(&kf.id),
+            &serde_json::to_vec_pretty(&kf).expect("serializable"),
+            PutMode::CreateOnly,
+        )?;
         self.storage.delete(&paths::key(&old))?;
         self.key_id = kf.id;
         Ok(kf)
@@ -201,27 +299,53 @@ impl Repository {
         if self.opts.threads > 0 {
             self.opts.threads
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
         }
     }
 
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard> {
-        lock::acquire(self.storage.clone(), &self.keys.meta_key, exclusive, &self.opts.host, command)
+        lock::acquire(
+            self.storage.clone(),
+            &self.keys.meta_key,
+            exclusive,
+            &self.opts.host,
+            command,
+        )
     }
 
     // ---- index ----
 
     pub fn load_index(&self) -> Result<Index> {
         let entries = self.storage.list(paths::INDEX)?;
-        let loaded = parallel_map(&entries, self.threads() * 2, |e| -> Result<(IndexId, IndexFile)> {
-            let id = IndexId(paths::id_of(&e.path).ok_or_else(|| Error::integrity(format!("bad index name {}", e.path)))?);
-            let bytes = self.storage.get(&e.path).map_err(|err| missing_as_integrity(err, "index"))?;
-            if Id::of_bytes(&bytes) != id.0 {
-                return Err(Error::integrity(format!("index {} does not match its id: it was altered", id.short())));
-            }
-            let plain = aead::open(&self.keys.meta_key, INDEX_AAD, &bytes, &format!("index {}", id.short()))?;
-            Ok((id, from_zjson(&plain, &format!("index {}", id.short()))?))
-        })?;
+        let loaded = parallel_map(
+            &entries,
+            self.threads() * 2,
+            |e| -> Result<(IndexId, IndexFile)> {
+                let id = IndexId(
+                    paths::id_of(&e.path)
+                        .ok_or_else(|| Error::integrity(format!("bad index name {}", e.path)))?,
+                );
+                let bytes = self
+                    .storage
+                    .get(&e.path)
+                    .map_err(|err| missing_as_integrity(err, "index"))?;
+                if Id::of_bytes(&bytes) != id.0 {
+                    return Err(Error::integrity(format!(
+                        "index {} does not match its id: it was altered",
+                        id.short()
+                    )));
+                }
+                let plain = aead::open(
+                    &self.keys.meta_key,
+                    INDEX_AAD,
+                    &bytes,
+                    &format!("index {}", id.short()),
+                )?;
+                Ok((id, from_zjson(&plain, &format!("index {}", id.short()))?))
+            },
+        )?;
         let mut index = Index::default();
         for (id, f) in loaded {
             for p in &f.packs {
@@ -237,9 +361,14 @@ impl Repository {
         if packs.is_empty() {
             return Ok(None);
         }
-        let sealed = aead::seal(&self.keys.meta_key, INDEX_AAD, &to_zjson(&IndexFile { packs }));
+        let sealed = aead::seal(
+            &self.keys.meta_key,
+            INDEX_AAD,
+            &to_zjson(&IndexFile { packs }),
+        );
         let id = IndexId(Id::of_bytes(&sealed));
-        self.storage.put(&paths::index(&id), &sealed, PutMode::CreateOnly)?;
+        self.storage
+            .put(&paths::index(&id), &sealed, PutMode::CreateOnly)?;
         Ok(Some(id))
     }
 
@@ -248,7 +377,11 @@ impl Repository {
             self.storage.clone(),
             self.keys.public,
             index,
-            WriterOptions { pack_size: self.config.pack_size as usize, packers: self.threads(), uploaders: 4 },
+            WriterOptions {
+                pack_size: self.config.pack_size as usize,
+                packers: self.threads(),
+                uploaders: 4,
+            },
         )
     }
 
@@ -258,9 +391,21 @@ impl Repository {
         if let Some(k) = self.pack_keys.lock().unwrap().get(&meta.id) {
             return Ok(k.clone());
         }
-        let secret = self.keys.secret.as_ref().ok_or_else(|| snapshot::restore_key_required("decrypt stored data"))?;
-        let dek = wrap::unwrap(secret, pack::KEY_AAD, &meta.key, &format!("pack {}", meta.id.short()))?;
-        let arr: [u8; 32] = dek.as_slice().try_into().map_err(|_| Error::integrity("bad pack data key"))?;
+        let secret = self
+            .keys
+            .secret
+            .as_ref()
+            .ok_or_else(|| snapshot::restore_key_required("decrypt stored data"))?;
+        let dek = wrap::unwrap(
+            secret,
+            pack::KEY_AAD,
+            &meta.key,
+            &format!("pack {}", meta.id.short()),
+        )?;
+        let arr: [u8; 32] = dek
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::integrity("bad pack data key"))?;
         let k = Arc::new(Zeroizing::new(arr));
         self.pack_keys.lock().unwrap().insert(meta.id, k.clone());
         Ok(k)
@@ -268,39 +413,67 @@ impl Repository {
 
     /// Reads and decrypts one blob, checking it against its id.
     pub fn read_blob(&self, index: &Index, id: &ChunkId) -> Result<Vec<u8>> {
-        let (meta, loc) = index
-            .get(id)
-            .ok_or_else(|| Error::integrity(format!("chunk {} is referenced but not in the index", id.short())))?;
+        let (meta, loc) = index.get(id).ok_or_else(|| {
+            Error::integrity(format!(
+                "chunk {} is referenced but not in the index",
+                id.short()
+            ))
+        })?;
         let dek = self.pack_key(meta)?;
         let sealed = self
             .storage
-            .get_range(&paths::pack(&meta.id), u64::from(loc.offset), u64::from(loc.length))
+            .get_range(
+                &paths::pack(&meta.id),
+                u64::from(loc.offset),
+                u64::from(loc.length),
+            )
             .map_err(|e| missing_as_integrity(e, "pack"))?;
-        pack::open_blob(&dek, &self.keys.id_key, id, loc.compressed, loc.raw_length, &sealed)
+        pack::open_blob(
+            &dek,
+            &self.keys.id_key,
+            id,
+            loc.compressed,
+            loc.raw_length,
+            &sealed,
+        )
     }
 
     // ---- snapshots ----
 
-    pub fn save_snapshot(&self, summary: &SnapshotSummary, body: &SnapshotBody) -> Result<SnapshotId> {
+    pub fn save_snapshot(
+        &self,
+        summary: &SnapshotSummary,
+        body: &SnapshotBody,
+    ) -> Result<SnapshotId> {
         let bytes = snapshot::encode(&self.keys, summary, body)?;
         let id = SnapshotId(Id::of_bytes(&bytes));
-        self.storage.put(&paths::snapshot(&id), &bytes, PutMode::CreateOnly)?;
+        self.storage
+            .put(&paths::snapshot(&id), &bytes, PutMode::CreateOnly)?;
         Ok(id)
     }
 
     /// Every snapshot's summary, oldest first.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let entries = self.storage.list(paths::SNAPSHOTS)?;
-        let mut out = parallel_map(&entries, self.threads() * 2, |e| -> Result<Option<Snapshot>> {
-            let Some(id) = paths::id_of(&e.path) else { return Ok(None) };
-            let id = SnapshotId(id);
-            let bytes = match self.storage.get(&e.path) {
-                Ok(b) => b,
-                Err(err) if err.kind == Kind::NotFound => return Ok(None),
-                Err(err) => return Err(err),
-            };
-            Ok(Some(Snapshot { id, summary: snapshot::decode_summary(&self.keys, &id, &bytes)? }))
-        })?
+        let mut out = parallel_map(
+            &entries,
+            self.threads() * 2,
+            |e| -> Result<Option<Snapshot>> {
+                let Some(id) = paths::id_of(&e.path) else {
+                    return Ok(None);
+                };
+                let id = SnapshotId(id);
+                let bytes = match self.storage.get(&e.path) {
+                    Ok(b) => b,
+                    Err(err) if err.kind == Kind::NotFound => return Ok(None),
+                    Err(err) => return Err(err),
+                };
+                Ok(Some(Snapshot {
+                    id,
+                    summary: snapshot::decode_summary(&self.keys, &id, &bytes)?,
+                }))
+            },
+        )?
         .into_iter()
         .flatten()
         .collect::<Vec<_>>();
@@ -311,26 +484,43 @@ impl Repository {
     /// Resolves `latest` or an id prefix (at least 4 hex digits).
     pub fn find_snapshot(&self, spec: &str, source: Option<&str>) -> Result<Snapshot> {
         let all = self.snapshots()?;
-        let candidates: Vec<_> = all.into_iter().filter(|s| source.is_none_or(|src| s.summary.source == src)).collect();
+        let candidates: Vec<_> = all
+            .into_iter()
+            .filter(|s| source.is_none_or(|src| s.summary.source == src))
+            .collect();
         if spec == "latest" {
             return candidates.into_iter().last().ok_or_else(|| {
-                Error::new(Kind::NotFound, "the repository has no snapshot yet").hint("run `custos backup` first")
+                Error::new(Kind::NotFound, "the repository has no snapshot yet")
+                    .hint("run `custos backup` first")
             });
         }
         if spec.len() < 4 {
-            return Err(Error::config(format!("snapshot id `{spec}` is too short; give at least 4 hex digits")));
+            return Err(Error::config(format!(
+                "snapshot id `{spec}` is too short; give at least 4 hex digits"
+            )));
         }
-        let m: Vec<_> = candidates.into_iter().filter(|s| s.id.to_hex().starts_with(spec)).collect();
+        let m: Vec<_> = candidates
+            .into_iter()
+            .filter(|s| s.id.to_hex().starts_with(spec))
+            .collect();
         match m.len() {
             1 => Ok(m.into_iter().next().unwrap()),
-            0 => Err(Error::new(Kind::NotFound, format!("no snapshot with id {spec}")).hint("`custos snapshots` lists them")),
-            _ => Err(Error::config(format!("snapshot id {spec} is ambiguous; give more digits"))),
+            0 => Err(
+                Error::new(Kind::NotFound, format!("no snapshot with id {spec}"))
+                    .hint("`custos snapshots` lists them"),
+            ),
+            _ => Err(Error::config(format!(
+                "snapshot id {spec} is ambiguous; give more digits"
+            ))),
         }
     }
 
     pub fn snapshot_body(&self, id: &SnapshotId) -> Result<SnapshotBody> {
         self.require_restore("read the contents of a snapshot")?;
-        let bytes = self.storage.get(&paths::snapshot(id)).map_err(|e| missing_as_integrity(e, "snapshot"))?;
+        let bytes = self
+            .storage
+            .get(&paths::snapshot(id))
+            .map_err(|e| missing_as_integrity(e, "snapshot"))?;
         snapshot::decode_body(&self.keys, id, &bytes)
     }
 }
@@ -344,7 +534,11 @@ fn missing_as_integrity(e: Error, what: &str) -> Error {
 }
 
 /// Runs `f` over `items` on up to `threads` threads, keeping order; first error wins.
-pub fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
     let threads = threads.max(1).min(items.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<Mutex<Option<Result<R>>>> = items.iter().map(|_| Mutex::new(None)).collect();

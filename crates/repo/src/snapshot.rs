@@ -107,15 +107,24 @@ pub struct Snapshot {
     pub summary: SnapshotSummary,
 }
 
-pub fn encode(keys: &MasterKeys, summary: &SnapshotSummary, body: &SnapshotBody) -> Result<Vec<u8>> {
+pub fn encode(
+    keys: &MasterKeys,
+    summary: &SnapshotSummary,
+    body: &SnapshotBody,
+) -> Result<Vec<u8>> {
     let sealed_summary = aead::seal(&keys.meta_key, SUMMARY_AAD, &to_zjson(summary));
     let mut dek = Zeroizing::new([0u8; 32]);
     rand::RngCore::fill_bytes(&mut rand::rng(), dek.as_mut());
     let wrapped = wrap::wrap(&keys.public, KEY_AAD, dek.as_ref())?;
     let aad = body_aad(&sealed_summary);
     let sealed_body = aead::seal(&dek, &aad, &to_zjson(body));
-    Ok(serde_json::to_vec(&Encoded { version: 1, summary: sealed_summary, key: wrapped, body: sealed_body })
-        .expect("serializable"))
+    Ok(serde_json::to_vec(&Encoded {
+        version: 1,
+        summary: sealed_summary,
+        key: wrapped,
+        body: sealed_body,
+    })
+    .expect("serializable"))
 }
 
 fn body_aad(sealed_summary: &[u8]) -> Vec<u8> {
@@ -126,9 +135,13 @@ fn body_aad(sealed_summary: &[u8]) -> Vec<u8> {
 
 fn parse(id: &SnapshotId, bytes: &[u8]) -> Result<Encoded> {
     if SnapshotId(custos_model::Id::of_bytes(bytes)) != *id {
-        return Err(Error::integrity(format!("snapshot {} does not match its id: it was altered", id.short())));
+        return Err(Error::integrity(format!(
+            "snapshot {} does not match its id: it was altered",
+            id.short()
+        )));
     }
-    serde_json::from_slice(bytes).map_err(|e| Error::integrity(format!("snapshot {} is malformed: {e}", id.short())))
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::integrity(format!("snapshot {} is malformed: {e}", id.short())))
 }
 
 pub fn decode_summary(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotSummary> {
@@ -145,7 +158,10 @@ pub fn decode_body(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<S
     let e = parse(id, bytes)?;
     let what = format!("snapshot {}", id.short());
     let dek = wrap::unwrap(secret, KEY_AAD, &e.key, &what)?;
-    let dek: [u8; 32] = dek.as_slice().try_into().map_err(|_| Error::integrity(format!("{what}: bad data key")))?;
+    let dek: [u8; 32] = dek
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::integrity(format!("{what}: bad data key")))?;
     let plain = aead::open(&dek, &body_aad(&e.summary), &e.body, &what)?;
     from_zjson(&plain, &what)
 }

@@ -62,7 +62,12 @@ pub struct WriterOptions {
 }
 
 impl BlobWriter {
-    pub fn new(storage: DynStorage, public: PublicKey, index: Arc<Index>, opts: WriterOptions) -> BlobWriter {
+    pub fn new(
+        storage: DynStorage,
+        public: PublicKey,
+        index: Arc<Index>,
+        opts: WriterOptions,
+    ) -> BlobWriter {
         let shared = Arc::new(Shared {
             seen: Mutex::new(HashSet::new()),
             error: Mutex::new(None),
@@ -88,7 +93,14 @@ impl BlobWriter {
                 std::thread::spawn(move || uploader(rx, st, shared))
             })
             .collect();
-        BlobWriter { index, tx: Some(tx), packers, up_tx: Some(up_tx), uploaders, shared }
+        BlobWriter {
+            index,
+            tx: Some(tx),
+            packers,
+            up_tx: Some(up_tx),
+            uploaders,
+            shared,
+        }
     }
 
     /// Whether the chunk is already stored or queued.
@@ -106,7 +118,10 @@ impl BlobWriter {
         }
         let tx = self.tx.as_ref().expect("writer not finished");
         if tx.send((id, kind, data)).is_err() {
-            return Err(self.shared.failed().unwrap_or_else(|| Error::internal("packer stopped")));
+            return Err(self
+                .shared
+                .failed()
+                .unwrap_or_else(|| Error::internal("packer stopped")));
         }
         Ok(true)
     }
@@ -137,7 +152,13 @@ impl Drop for BlobWriter {
     }
 }
 
-fn packer(rx: Receiver<(ChunkId, BlobKind, Vec<u8>)>, up: Sender<FinishedPack>, public: PublicKey, size: usize, shared: Arc<Shared>) {
+fn packer(
+    rx: Receiver<(ChunkId, BlobKind, Vec<u8>)>,
+    up: Sender<FinishedPack>,
+    public: PublicKey,
+    size: usize,
+    shared: Arc<Shared>,
+) {
     let mut pack = PackBuilder::new(size);
     let finish = |p: PackBuilder| -> bool {
         match p.finish(&public) {

@@ -75,7 +75,12 @@ fn entry_of(path: &Path, rel: String, m: &fs::Metadata) -> Result<Walked> {
         EntryKind::Other
     };
     let target = if kind == EntryKind::Symlink {
-        Some(fs::read_link(path).map_err(|e| Error::new(Kind::Source, format!("{}: {e}", path.display())))?.to_string_lossy().into_owned())
+        Some(
+            fs::read_link(path)
+                .map_err(|e| Error::new(Kind::Source, format!("{}: {e}", path.display())))?
+                .to_string_lossy()
+                .into_owned(),
+        )
     } else {
         None
     };
@@ -105,24 +110,36 @@ fn entry_of(path: &Path, rel: String, m: &fs::Metadata) -> Result<Walked> {
 /// Walks `roots` (not following symlinks), in path order. With one root, entries are
 /// relative to it; with several, each root's entries sit under the root's file name.
 pub fn walk(roots: &[PathBuf]) -> Result<WalkReport> {
-    let mut report = WalkReport { entries: vec![], errors: vec![] };
+    let mut report = WalkReport {
+        entries: vec![],
+        errors: vec![],
+    };
     let mut names = std::collections::HashSet::new();
     for root in roots {
         let meta = fs::symlink_metadata(root).map_err(|e| {
-            Error::new(Kind::Source, format!("cannot read {}: {e}", root.display())).hint("check the path given to `custos backup files`")
+            Error::new(Kind::Source, format!("cannot read {}: {e}", root.display()))
+                .hint("check the path given to `custos backup files`")
         })?;
         let prefix = if roots.len() == 1 {
             String::new()
         } else {
-            let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if !names.insert(name.clone()) {
-                return Err(Error::config(format!("two backup paths share the name `{name}`; back them up separately")));
+                return Err(Error::config(format!(
+                    "two backup paths share the name `{name}`; back them up separately"
+                )));
             }
             report.entries.push(entry_of(root, name.clone(), &meta)?);
             name
         };
         if roots.len() == 1 && !meta.is_dir() {
-            let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             report.entries.push(entry_of(root, name, &meta)?);
             continue;
         }
@@ -145,8 +162,18 @@ fn walk_dir(dir: &Path, rel: &str, report: &mut WalkReport) {
     children.sort();
     for name in children {
         let path = dir.join(&name);
-        let child_rel = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
-        match fs::symlink_metadata(&path).map_err(|e| e.to_string()).and_then(|m| entry_of(&path, child_rel.clone(), &m).map(|w| (m, w)).map_err(|e| e.message)) {
+        let child_rel = if rel.is_empty() {
+            name.to_string_lossy().into_owned()
+        } else {
+            format!("{rel}/{}", name.to_string_lossy())
+        };
+        match fs::symlink_metadata(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                entry_of(&path, child_rel.clone(), &m)
+                    .map(|w| (m, w))
+                    .map_err(|e| e.message)
+            }) {
             Ok((m, w)) => {
                 report.entries.push(w);
                 if m.is_dir() {

@@ -22,7 +22,10 @@ impl CommandStream {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| Error::new(Kind::Source, format!("cannot start `{command}`: {e}")))?;
-        Ok(CommandStream { child, command: command.into() })
+        Ok(CommandStream {
+            child,
+            command: command.into(),
+        })
     }
 
     pub fn stdout(&mut self) -> impl Read + '_ {
@@ -32,10 +35,19 @@ impl CommandStream {
     /// Waits for the command; an unsuccessful exit is an error that fails the backup.
     pub fn finish(mut self) -> Result<()> {
         drop(self.child.stdout.take());
-        let status = self.child.wait().map_err(|e| Error::new(Kind::Source, format!("`{}`: {e}", self.command)))?;
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::new(Kind::Source, format!("`{}`: {e}", self.command)))?;
         if !status.success() {
-            return Err(Error::new(Kind::Source, format!("the command `{}` failed ({status}); nothing was recorded", self.command))
-                .hint("fix the command (its error output is above) and run the backup again"));
+            return Err(Error::new(
+                Kind::Source,
+                format!(
+                    "the command `{}` failed ({status}); nothing was recorded",
+                    self.command
+                ),
+            )
+            .hint("fix the command (its error output is above) and run the backup again"));
         }
         Ok(())
     }

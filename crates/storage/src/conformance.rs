@@ -11,22 +11,51 @@ use crate::{PutMode, PutOutcome, Storage};
 pub fn run(s: Arc<dyn Storage>) {
     let s = s.as_ref();
     // Missing objects.
-    assert_eq!(s.size("data/00/missing").unwrap(), None, "size of missing object");
-    assert_eq!(s.get("data/00/missing").unwrap_err().kind, Kind::NotFound, "get of missing object");
-    s.delete("data/00/missing").expect("deleting a missing object succeeds");
-    assert!(s.list("snapshots").unwrap().is_empty(), "listing an empty folder");
+    assert_eq!(
+        s.size("data/00/missing").unwrap(),
+        None,
+        "size of missing object"
+    );
+    assert_eq!(
+        s.get("data/00/missing").unwrap_err().kind,
+        Kind::NotFound,
+        "get of missing object"
+    );
+    s.delete("data/00/missing")
+        .expect("deleting a missing object succeeds");
+    assert!(
+        s.list("snapshots").unwrap().is_empty(),
+        "listing an empty folder"
+    );
 
     // Write, read back whole and by range.
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    assert_eq!(s.put("data/ab/obj1", &data, PutMode::CreateOnly).unwrap(), PutOutcome::Created);
+    assert_eq!(
+        s.put("data/ab/obj1", &data, PutMode::CreateOnly).unwrap(),
+        PutOutcome::Created
+    );
     assert_eq!(s.get("data/ab/obj1").unwrap(), data);
-    assert_eq!(s.get_range("data/ab/obj1", 1000, 5000).unwrap(), &data[1000..6000]);
+    assert_eq!(
+        s.get_range("data/ab/obj1", 1000, 5000).unwrap(),
+        &data[1000..6000]
+    );
     assert_eq!(s.size("data/ab/obj1").unwrap(), Some(data.len() as u64));
-    assert!(s.get_range("data/ab/obj1", 99_000, 5000).is_err(), "range past the end is an error");
+    assert!(
+        s.get_range("data/ab/obj1", 99_000, 5000).is_err(),
+        "range past the end is an error"
+    );
 
     // Create-only never replaces.
-    assert_eq!(s.put("data/ab/obj1", b"other", PutMode::CreateOnly).unwrap(), PutOutcome::AlreadyExists);
-    assert_eq!(s.get("data/ab/obj1").unwrap(), data, "create-only must not replace");
+    assert_eq!(
+        s.put("data/ab/obj1", b"other", PutMode::CreateOnly)
+            .unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(
+        s.get("data/ab/obj1").unwrap(),
+        data,
+        "create-only must not replace"
+    );
     // Overwrite replaces.
     s.put("locks/l1", b"v1", PutMode::Overwrite).unwrap();
     s.put("locks/l1", b"v2", PutMode::Overwrite).unwrap();
@@ -45,9 +74,21 @@ pub fn run(s: Arc<dyn Storage>) {
     // Concurrent create-only: exactly one writer wins.
     let wins = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..8)
-            .map(|i| sc.spawn(move || s.put("locks/race", format!("w{i}").as_bytes(), PutMode::CreateOnly).unwrap()))
+            .map(|i| {
+                sc.spawn(move || {
+                    s.put(
+                        "locks/race",
+                        format!("w{i}").as_bytes(),
+                        PutMode::CreateOnly,
+                    )
+                    .unwrap()
+                })
+            })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).filter(|o| *o == PutOutcome::Created).count()
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|o| *o == PutOutcome::Created)
+            .count()
     });
     assert_eq!(wins, 1, "exactly one concurrent create-only write succeeds");
 

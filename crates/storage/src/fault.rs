@@ -16,7 +16,10 @@ pub struct KillBeforeWrite {
 
 impl KillBeforeWrite {
     pub fn new(inner: DynStorage, n: u64) -> Self {
-        KillBeforeWrite { inner, remaining: AtomicU64::new(n) }
+        KillBeforeWrite {
+            inner,
+            remaining: AtomicU64::new(n),
+        }
     }
 
     fn tick(&self) {

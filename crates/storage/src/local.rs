@@ -27,7 +27,9 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
         _ => Kind::Storage,
     };
     let hint = match e.kind() {
-        ErrorKind::PermissionDenied => "check that the user running custos owns the repository folder",
+        ErrorKind::PermissionDenied => {
+            "check that the user running custos owns the repository folder"
+        }
         ErrorKind::NotFound => "the object is missing from the repository",
         _ => "check free space and the health of the disk holding the repository",
     };
@@ -47,11 +49,17 @@ impl LocalStorage {
     }
 
     fn mkdirs(&self, dir: &Path) -> Result<()> {
-        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io_err(dir, e))
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io_err(dir, e))
     }
 
     fn sync_dir(dir: &Path) -> Result<()> {
-        File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io_err(dir, e))
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err(dir, e))
     }
 }
 
@@ -62,13 +70,20 @@ impl Storage for LocalStorage {
 
     fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
         let target = self.path(path)?;
-        let parent = target.parent().expect("joined path has a parent").to_path_buf();
+        let parent = target
+            .parent()
+            .expect("joined path has a parent")
+            .to_path_buf();
         let tmpdir = self.root.join(TEMP_DIR);
         self.mkdirs(&parent)?;
         self.mkdirs(&tmpdir)?;
         let tmp = tmpdir.join(format!("{}-{:016x}", std::process::id(), rand_u64()));
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()
         };
@@ -86,7 +101,9 @@ impl Storage for LocalStorage {
                 let _ = fs::remove_file(&tmp);
                 match r {
                     Ok(()) => PutOutcome::Created,
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(PutOutcome::AlreadyExists),
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                        return Ok(PutOutcome::AlreadyExists)
+                    }
                     Err(e) => return Err(io_err(&target, e)),
                 }
             }
@@ -144,8 +161,16 @@ impl Storage for LocalStorage {
                 if meta.is_dir() {
                     stack.push(ent.path());
                 } else {
-                    let rel = ent.path().strip_prefix(&self.root).expect("under root").to_string_lossy().into_owned();
-                    out.push(Entry { path: rel, size: meta.len() });
+                    let rel = ent
+                        .path()
+                        .strip_prefix(&self.root)
+                        .expect("under root")
+                        .to_string_lossy()
+                        .into_owned();
+                    out.push(Entry {
+                        path: rel,
+                        size: meta.len(),
+                    });
                 }
             }
         }
@@ -166,6 +191,11 @@ impl Storage for LocalStorage {
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     h.finish()
 }

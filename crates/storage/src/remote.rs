@@ -53,8 +53,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn layered(op: Operator) -> Operator {
-    op.layer(TimeoutLayer::new().with_timeout(Duration::from_secs(60)).with_io_timeout(Duration::from_secs(30)))
-        .layer(RetryLayer::new().with_max_times(3).with_min_delay(Duration::from_millis(100)).with_max_delay(Duration::from_secs(2)).with_jitter())
+    op.layer(
+        TimeoutLayer::new()
+            .with_timeout(Duration::from_secs(60))
+            .with_io_timeout(Duration::from_secs(30)),
+    )
+    .layer(
+        RetryLayer::new()
+            .with_max_times(3)
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter(),
+    )
 }
 
 impl RemoteStorage {
@@ -85,9 +95,16 @@ impl RemoteStorage {
             "s3://{}/{}{}",
             o.bucket,
             o.root.trim_matches('/'),
-            o.endpoint.as_deref().map(|e| format!(" at {e}")).unwrap_or_default()
+            o.endpoint
+                .as_deref()
+                .map(|e| format!(" at {e}"))
+                .unwrap_or_default()
         );
-        Ok(RemoteStorage { op: layered(op), rt: runtime()?, location })
+        Ok(RemoteStorage {
+            op: layered(op),
+            rt: runtime()?,
+            location,
+        })
     }
 
     /// Any OpenDAL service by scheme name, configured by key/value options.
@@ -96,7 +113,11 @@ impl RemoteStorage {
             .parse()
             .map_err(|_| Error::config(format!("unknown storage scheme `{scheme}`")))?;
         let op = Operator::via_iter(s, options).map_err(|e| config_err(scheme, e))?;
-        Ok(RemoteStorage { op: layered(op), rt: runtime()?, location: format!("{scheme}://") })
+        Ok(RemoteStorage {
+            op: layered(op),
+            rt: runtime()?,
+            location: format!("{scheme}://"),
+        })
     }
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
@@ -105,7 +126,8 @@ impl RemoteStorage {
 }
 
 fn config_err(scheme: &str, e: opendal::Error) -> Error {
-    Error::config(format!("cannot configure {scheme} storage: {}", e.kind())).hint("check the storage settings in custos.toml")
+    Error::config(format!("cannot configure {scheme} storage: {}", e.kind()))
+        .hint("check the storage settings in custos.toml")
 }
 
 pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
@@ -168,7 +190,10 @@ impl Storage for RemoteStorage {
             .map(|b| b.to_vec())
             .map_err(|e| self.err(path, e))?;
         if buf.len() as u64 != len {
-            return Err(Error::integrity(format!("{}: `{path}` is shorter than indexed", self.location)));
+            return Err(Error::integrity(format!(
+                "{}: `{path}` is shorter than indexed",
+                self.location
+            )));
         }
         Ok(buf)
     }
@@ -190,7 +215,10 @@ impl Storage for RemoteStorage {
                 if e.metadata().is_dir() {
                     continue;
                 }
-                out.push(Entry { path: e.path().trim_start_matches('/').to_string(), size: e.metadata().content_length() });
+                out.push(Entry {
+                    path: e.path().trim_start_matches('/').to_string(),
+                    size: e.metadata().content_length(),
+                });
             }
             Ok(out)
         });

@@ -26,15 +26,23 @@ impl Location {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(Error::config(format!("`{url}` names no bucket; use s3://BUCKET/PREFIX")));
+                return Err(Error::config(format!(
+                    "`{url}` names no bucket; use s3://BUCKET/PREFIX"
+                )));
             }
-            return Ok(Location::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
+            return Ok(Location::S3 {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+            });
         }
         if let Some(rest) = url.strip_prefix("file://") {
             return Ok(Location::Local(PathBuf::from(rest)));
         }
         if let Some((scheme, rest)) = url.split_once("://") {
-            return Ok(Location::Service { scheme: scheme.into(), root: rest.into() });
+            return Ok(Location::Service {
+                scheme: scheme.into(),
+                root: rest.into(),
+            });
         }
         Ok(Location::Local(PathBuf::from(url)))
     }
@@ -70,12 +78,20 @@ mod tests {
     use super::*;
     #[test]
     fn parses_locations() {
-        assert!(matches!(Location::parse("/var/backups/repo").unwrap(), Location::Local(_)));
+        assert!(matches!(
+            Location::parse("/var/backups/repo").unwrap(),
+            Location::Local(_)
+        ));
         match Location::parse("s3://bucket/a/b/").unwrap() {
-            Location::S3 { bucket, prefix } => assert_eq!((bucket.as_str(), prefix.as_str()), ("bucket", "a/b")),
+            Location::S3 { bucket, prefix } => {
+                assert_eq!((bucket.as_str(), prefix.as_str()), ("bucket", "a/b"))
+            }
             other => panic!("{other:?}"),
         }
         assert!(Location::parse("s3:///x").is_err());
-        assert!(matches!(Location::parse("vercel_blob://docs").unwrap(), Location::Service { .. }));
+        assert!(matches!(
+            Location::parse("vercel_blob://docs").unwrap(),
+            Location::Service { .. }
+        ));
     }
 }

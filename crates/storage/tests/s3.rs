@@ -25,10 +25,20 @@ fn s3_storage_conforms_and_refuses_bad_credentials() {
 
     let mut bad = opts(&server, "conf");
     bad.secret_access_key = Some("wrong-secret".into());
-    let e = RemoteStorage::s3(&bad).unwrap().list("snapshots").unwrap_err();
+    let e = RemoteStorage::s3(&bad)
+        .unwrap()
+        .list("snapshots")
+        .unwrap_err();
     assert_eq!(e.kind, Kind::Storage);
-    assert!(e.hint.unwrap().contains("AWS_SECRET_ACCESS_KEY"), "{}", e.message);
-    assert!(!e.message.contains("wrong-secret"), "secret leaked into message");
+    assert!(
+        e.hint.unwrap().contains("AWS_SECRET_ACCESS_KEY"),
+        "{}",
+        e.message
+    );
+    assert!(
+        !e.message.contains("wrong-secret"),
+        "secret leaked into message"
+    );
 }
 
 #[test]

@@ -13,11 +13,18 @@ pub const ACCESS_KEY: &str = "custos-test-key";
 pub const SECRET_KEY: &str = "custos-test-secret-0123456789";
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn weed_binary() -> PathBuf {
@@ -25,7 +32,11 @@ fn weed_binary() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = workspace_root().join(".tools/seaweedfs/bin/weed");
-    assert!(p.exists(), "SeaweedFS not installed at {}: run scripts/setup.sh", p.display());
+    assert!(
+        p.exists(),
+        "SeaweedFS not installed at {}: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
@@ -50,26 +61,55 @@ impl S3Server {
         std::fs::create_dir(dir.path().join("data")).unwrap();
         let ports: Vec<u16> = (0..16).map(|_| free_port()).collect();
         let flags = [
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-            "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
-            "admin.port", "admin.port.grpc", "metricsPort", "s3.metricsPort",
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port",
+            "s3.port.grpc",
+            "s3.port.iceberg",
+            "s3.port.lance",
+            "admin.port",
+            "admin.port.grpc",
+            "metricsPort",
+            "s3.metricsPort",
         ];
         let mut cmd = Command::new(weed_binary());
         cmd.arg("mini")
             .arg(format!("-dir={}", dir.path().join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-s3.autoCreateBucket=false"])
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.autoCreateBucket=false",
+            ])
             .arg(format!("-s3.config={}", creds.display()));
         for (f, p) in flags.iter().zip(&ports) {
             cmd.arg(format!("-{f}={p}"));
         }
         let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
-        let child = cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().expect("start weed");
+        let child = cmd
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start weed");
         let s3 = ports[6];
         let filer = ports[4];
-        let server = S3Server { child, endpoint: format!("http://127.0.0.1:{s3}"), filer: format!("127.0.0.1:{filer}"), _dir: dir };
+        let server = S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            filer: format!("127.0.0.1:{filer}"),
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if http(&server.filer, "GET", "/buckets/").is_some() && http(&format!("127.0.0.1:{s3}"), "GET", "/").is_some() {
+            if http(&server.filer, "GET", "/buckets/").is_some()
+                && http(&format!("127.0.0.1:{s3}"), "GET", "/").is_some()
+            {
                 return server;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -80,8 +120,12 @@ impl S3Server {
 
     /// Creates a bucket (through the filer, which keeps buckets under /buckets).
     pub fn create_bucket(&self, name: &str) {
-        let code = http(&self.filer, "POST", &format!("/buckets/{name}/?op=mkdir")).expect("filer reachable");
-        assert!(code.starts_with("HTTP/1.1 20"), "bucket creation answered {code}");
+        let code = http(&self.filer, "POST", &format!("/buckets/{name}/?op=mkdir"))
+            .expect("filer reachable");
+        assert!(
+            code.starts_with("HTTP/1.1 20"),
+            "bucket creation answered {code}"
+        );
         // The S3 gateway learns of new buckets asynchronously.
         std::thread::sleep(Duration::from_millis(500));
     }

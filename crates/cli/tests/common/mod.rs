@@ -34,10 +34,18 @@ impl T {
         let envs = vec![
             ("CUSTOS_REPO".into(), repo.clone()),
             ("CUSTOS_PASSWORD".into(), PW.into()),
-            ("CUSTOS_CACHE_DIR".into(), dir.path().join("cache").display().to_string()),
+            (
+                "CUSTOS_CACHE_DIR".into(),
+                dir.path().join("cache").display().to_string(),
+            ),
             ("HOME".into(), dir.path().display().to_string()),
         ];
-        T { dir, repo, envs, run_as: None }
+        T {
+            dir,
+            repo,
+            envs,
+            run_as: None,
+        }
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -62,7 +70,10 @@ impl T {
             }
             None => Command::new(env!("CARGO_BIN_EXE_custos")),
         };
-        c.env_clear().env("PATH", std::env::var("PATH").unwrap()).args(args).stdin(Stdio::null());
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .args(args)
+            .stdin(Stdio::null());
         for (k, v) in &self.envs {
             c.env(k, v);
         }
@@ -76,7 +87,9 @@ impl T {
     pub fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
         use std::io::Write;
         let mut c = self.command(args);
-        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
         let mut stdin = child.stdin.take().unwrap();
         let data = input.to_vec();
@@ -88,7 +101,13 @@ impl T {
 
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        assert!(o.status.success(), "custos {args:?} failed ({}):\n{}\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "custos {args:?} failed ({}):\n{}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8(o.stdout).unwrap()
     }
 
@@ -103,7 +122,13 @@ impl T {
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.code(), Some(code), "custos {args:?}: expected exit {code}, got {:?}\nstdout: {}\nstderr: {err}", o.status, String::from_utf8_lossy(&o.stdout));
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "custos {args:?}: expected exit {code}, got {:?}\nstdout: {}\nstderr: {err}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout)
+        );
         err
     }
 
@@ -122,7 +147,11 @@ impl T {
     }
 
     pub fn packs(&self) -> Vec<PathBuf> {
-        walk(Path::new(&self.repo)).into_iter().filter(|p| p.starts_with("data/")).map(|p| Path::new(&self.repo).join(p)).collect()
+        walk(Path::new(&self.repo))
+            .into_iter()
+            .filter(|p| p.starts_with("data/"))
+            .map(|p| Path::new(&self.repo).join(p))
+            .collect()
     }
 }
 
@@ -130,7 +159,9 @@ fn walk(root: &Path) -> Vec<String> {
     let mut out = vec![];
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
@@ -154,7 +185,11 @@ pub fn make_tree(root: &Path, seed: u64, files: usize, max_size: usize) {
             1 => root.join("docs/nested"),
             _ => root.join("docs/nested/deeper"),
         };
-        let size = if i % 7 == 0 { 0 } else { rng.random_range(1..max_size) };
+        let size = if i % 7 == 0 {
+            0
+        } else {
+            rng.random_range(1..max_size)
+        };
         let mut data = vec![0u8; size];
         if i % 2 == 0 {
             rng.fill_bytes(&mut data);
@@ -165,13 +200,22 @@ pub fn make_tree(root: &Path, seed: u64, files: usize, max_size: usize) {
         }
         let p = dir.join(format!("file-{i:04}.dat"));
         std::fs::write(&p, &data).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(if i % 5 == 0 { 0o600 } else { 0o644 })).unwrap();
-        let t = filetime::FileTime::from_unix_time(1_600_000_000 + i as i64 * 1000, (i as u32) * 1000);
+        std::fs::set_permissions(
+            &p,
+            std::fs::Permissions::from_mode(if i % 5 == 0 { 0o600 } else { 0o644 }),
+        )
+        .unwrap();
+        let t =
+            filetime::FileTime::from_unix_time(1_600_000_000 + i as i64 * 1000, (i as u32) * 1000);
         filetime::set_file_mtime(&p, t).unwrap();
     }
     std::os::unix::fs::symlink("docs/file-0001.dat", root.join("link-to-file")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
-    std::fs::set_permissions(root.join("empty-dir"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(
+        root.join("empty-dir"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
 }
 
 /// Describes a tree: path -> (kind, mode, mtime, content hash or link target).
@@ -185,7 +229,13 @@ pub fn describe(root: &Path) -> BTreeMap<String, String> {
         } else if m.is_dir() {
             format!("dir {:o} {}", m.mode() & 0o7777, m.mtime())
         } else {
-            format!("file {:o} {}.{} {}", m.mode() & 0o7777, m.mtime(), m.mtime_nsec(), blake3::hash(&std::fs::read(&p).unwrap()).to_hex())
+            format!(
+                "file {:o} {}.{} {}",
+                m.mode() & 0o7777,
+                m.mtime(),
+                m.mtime_nsec(),
+                blake3::hash(&std::fs::read(&p).unwrap()).to_hex()
+            )
         };
         out.insert(rel, desc);
     }
@@ -209,11 +259,19 @@ fn walk_all(root: &Path) -> Vec<String> {
 }
 
 pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 pub fn chown_tree(root: &Path, user: &str) {
-    let ok = Command::new("chown").args(["-R", user]).arg(root).status().unwrap().success();
+    let ok = Command::new("chown")
+        .args(["-R", user])
+        .arg(root)
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "chown {user} {}", root.display());
 }
 
