@@ -14,6 +14,7 @@ use custos_crypto::Role;
 use custos_model::retention::RetentionPolicy;
 use custos_model::{ByteSize, Error, Kind, Result};
 use custos_ops::{backup, forget, prune, restore, verify};
+use custos_repo::snapshot::SourceKind;
 use custos_repo::{OpenOptions, Repository};
 use custos_storage::url::Location;
 use custos_storage::DynStorage;
@@ -86,7 +87,12 @@ enum Command {
         source: Option<String>,
     },
     /// List the contents of a snapshot
-    Ls { snapshot: String },
+    Ls {
+        snapshot: String,
+        /// With `latest`: the latest snapshot of this source
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// Restore a snapshot
     #[command(subcommand)]
     Restore(RestoreCommand),
@@ -197,9 +203,17 @@ enum RestoreCommand {
         /// Allow a non-empty target folder; its files that are in the snapshot are replaced
         #[arg(long)]
         overwrite: bool,
+        /// With `latest`: the latest snapshot of this source
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Write a stream snapshot to standard output
-    Stream { snapshot: String },
+    Stream {
+        snapshot: String,
+        /// With `latest`: the latest snapshot of this stream name
+        #[arg(long)]
+        source: Option<String>,
+    },
 }
 
 struct Ctx {
@@ -276,7 +290,7 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         Command::Key(k) => cmd_key(&ctx, k),
         Command::Backup(b) => cmd_backup(&ctx, b),
         Command::Snapshots { source } => cmd_snapshots(&ctx, source.as_deref()),
-        Command::Ls { snapshot } => cmd_ls(&ctx, &snapshot),
+        Command::Ls { snapshot, source } => cmd_ls(&ctx, &snapshot, source.as_deref()),
         Command::Restore(r) => cmd_restore(&ctx, r),
         Command::Verify { read_data, subset } => cmd_verify(&ctx, read_data, subset.as_deref()),
         Command::Forget {
@@ -605,9 +619,11 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
     Ok(0)
 }
 
-fn cmd_ls(ctx: &Ctx, spec: &str) -> Result<i32> {
+fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32> {
     let repo = ctx.open()?;
-    let snap = repo.find_snapshot(spec, None)?;
+    let snap = repo.find_snapshot(spec, |s: &custos_repo::SnapshotSummary| {
+        source.is_none_or(|src| s.source == src)
+    })?;
     repo.require_restore("list the contents of a snapshot")?;
     let index = repo.load_index()?;
     let entries = restore::list(&repo, &snap, &index)?;
@@ -641,8 +657,11 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             to,
             include,
             overwrite,
+            source,
         } => {
-            let snap = repo.find_snapshot(&snapshot, None)?;
+            let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
+                s.kind != SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)
+            })?;
             let progress = ctx.out.progress();
             let rep = restore::restore_files(
                 &repo,
@@ -669,8 +688,10 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 );
             }
         }
-        RestoreCommand::Stream { snapshot } => {
-            let snap = repo.find_snapshot(&snapshot, None)?;
+        RestoreCommand::Stream { snapshot, source } => {
+            let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
+                s.kind == SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)
+            })?;
             let stdout = std::io::stdout();
             let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
             restore::restore_stream(&repo, &snap, &mut lock)?;

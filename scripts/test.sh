@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs what the tests need (scripts/setup.sh), builds once, and runs the whole suite
+# in parallel with cargo-nextest. Integration tests start their own SeaweedFS servers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo nextest run --workspace --no-fail-fast "$@"
