@@ -197,3 +197,17 @@ fn unreadable_file_makes_a_partial_snapshot_with_its_own_exit_code() {
     assert!(!t.path("out/secret.txt").exists());
     assert!(t.path("out/docs/file-0000.dat").exists());
 }
+
+#[test]
+fn loosened_permissions_are_reported_by_verify() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = backed_up();
+    t.ok(&["verify"]);
+    let pack = &t.packs()[0];
+    std::fs::set_permissions(pack, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = t.fails(&["verify"], 14);
+    assert!(
+        err.contains("permissions") && err.contains("should be 600"),
+        "{err}"
+    );
+}

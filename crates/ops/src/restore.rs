@@ -119,6 +119,7 @@ pub fn restore_files(
         packs_read: 0,
         duration_ms: 0,
     };
+    let mut made: std::collections::HashSet<PathBuf> = Default::default();
     for (i, e) in entries.iter().enumerate() {
         let p = safe_join(target, &e.path)?;
         match e.kind {
@@ -128,28 +129,32 @@ pub fn restore_files(
                     .mode(0o700)
                     .create(&p)
                     .map_err(|err| io_error(Kind::Config, &p, err))?;
+                made.insert(p);
                 report.dirs += 1;
             }
             EntryKind::File => {
                 if let Some(parent) = p.parent() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(parent)
-                        .map_err(|err| io_error(Kind::Config, parent, err))?;
+                    if !made.contains(parent) {
+                        fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o700)
+                            .create(parent)
+                            .map_err(|err| io_error(Kind::Config, parent, err))?;
+                        made.insert(parent.to_path_buf());
+                    }
                 }
-                if opts.overwrite && p.symlink_metadata().is_ok_and(|m| !m.is_file()) {
+                // Files are written by offset without truncation: anything in the way goes.
+                if opts.overwrite && p.symlink_metadata().is_ok() {
                     remove_any(&p)?;
                 }
-                let f = fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&p)
-                    .map_err(|err| io_error(Kind::Config, &p, err))?;
-                f.set_len(e.size)
-                    .map_err(|err| io_error(Kind::Config, &p, err))?;
+                if e.chunks.is_empty() {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&p)
+                        .map_err(|err| io_error(Kind::Config, &p, err))?;
+                }
                 let mut off = 0u64;
                 for id in &e.chunks {
                     let (meta, loc) = index.get(id).ok_or_else(|| {
@@ -176,6 +181,12 @@ pub fn restore_files(
     opts.progress.start("restore", Some(total));
     let packs: Vec<(PackId, PackPlan)> = plan.into_iter().collect();
     let written = AtomicU64::new(0);
+    let is_root = unsafe { libc::geteuid() } == 0;
+    // Pieces still to write per entry; a file's metadata is set when it reaches zero.
+    let remaining: Vec<std::sync::atomic::AtomicUsize> = entries
+        .iter()
+        .map(|e| std::sync::atomic::AtomicUsize::new(e.chunks.len()))
+        .collect();
     custos_repo::repository::parallel_map(
         &packs,
         repo.threads() + 2,
@@ -197,7 +208,8 @@ pub fn restore_files(
             };
             for (id, targets) in blobs {
                 let loc = index.blobs[id];
-                let sealed = match &whole {
+                let fetched;
+                let sealed: &[u8] = match &whole {
                     Some(w) => w
                         .get(loc.offset as usize..(loc.offset + loc.length) as usize)
                         .ok_or_else(|| {
@@ -205,16 +217,18 @@ pub fn restore_files(
                                 "pack {} is shorter than indexed",
                                 pack_id.short()
                             ))
-                        })?
-                        .to_vec(),
-                    None => repo
-                        .storage
-                        .get_range(
-                            &paths::pack(pack_id),
-                            u64::from(loc.offset),
-                            u64::from(loc.length),
-                        )
-                        .map_err(|e| missing(e, pack_id))?,
+                        })?,
+                    None => {
+                        fetched = repo
+                            .storage
+                            .get_range(
+                                &paths::pack(pack_id),
+                                u64::from(loc.offset),
+                                u64::from(loc.length),
+                            )
+                            .map_err(|e| missing(e, pack_id))?;
+                        &fetched
+                    }
                 };
                 let plain = pack::open_blob(
                     &dek,
@@ -222,16 +236,24 @@ pub fn restore_files(
                     id,
                     loc.compressed,
                     loc.raw_length,
-                    &sealed,
+                    sealed,
                 )?;
                 for (file, off) in targets {
-                    let p = target.join(&entries[*file].path);
+                    let e = &entries[*file];
+                    let p = target.join(&e.path);
                     let f = fs::OpenOptions::new()
                         .write(true)
+                        .create(true)
+                        .mode(0o600)
                         .open(&p)
-                        .map_err(|e| io_error(Kind::Config, &p, e))?;
+                        .map_err(|err| io_error(Kind::Config, &p, err))?;
                     f.write_all_at(&plain, *off)
-                        .map_err(|e| io_error(Kind::Config, &p, e))?;
+                        .map_err(|err| io_error(Kind::Config, &p, err))?;
+                    // Whoever writes a file's last piece sets its metadata through the
+                    // open descriptor: no second lookup of the path.
+                    if remaining[*file].fetch_sub(1, Ordering::AcqRel) == 1 {
+                        set_meta_fd(&f, &p, e, is_root)?;
+                    }
                     written.fetch_add(plain.len() as u64, Ordering::Relaxed);
                     opts.progress.add(plain.len() as u64);
                 }
@@ -243,12 +265,11 @@ pub fn restore_files(
     report.bytes = written.load(Ordering::Relaxed);
     opts.progress.finish();
 
-    // Metadata: files and links now, folders last (deepest first) so their times hold.
-    let is_root = unsafe { libc::geteuid() } == 0;
+    // Metadata: empty files and links now, folders last (deepest first) so their times hold.
     for e in &entries {
         let p = target.join(&e.path);
         match e.kind {
-            EntryKind::File => set_meta(&p, e, is_root)?,
+            EntryKind::File if e.chunks.is_empty() => set_meta(&p, e, is_root)?,
             EntryKind::Symlink => {
                 if let Some(parent) = p.parent() {
                     fs::DirBuilder::new()
@@ -303,6 +324,18 @@ fn remove_any(p: &Path) -> Result<()> {
         fs::remove_file(p)
     }
     .map_err(|e| io_error(Kind::Config, p, e))
+}
+
+fn set_meta_fd(f: &fs::File, p: &Path, e: &Entry, is_root: bool) -> Result<()> {
+    if is_root {
+        std::os::unix::fs::fchown(f, Some(e.uid), Some(e.gid))
+            .map_err(|err| io_error(Kind::Config, p, err))?;
+    }
+    f.set_permissions(fs::Permissions::from_mode(e.mode))
+        .map_err(|err| io_error(Kind::Config, p, err))?;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(e.mtime_ns.max(0) as u64);
+    f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+        .map_err(|err| io_error(Kind::Config, p, err))
 }
 
 fn set_meta(p: &Path, e: &Entry, is_root: bool) -> Result<()> {

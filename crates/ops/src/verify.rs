@@ -37,6 +37,10 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         decrypted: repo.keys.secret.is_some(),
         ..Default::default()
     };
+    // A repository readable by other local users is a finding, whatever its encryption.
+    for f in repo.storage.permission_findings()? {
+        r.errors.push(format!("permissions: {f}"));
+    }
     let stored: HashMap<PackId, u64> = repo
         .storage
         .list(paths::DATA)?

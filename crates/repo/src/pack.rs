@@ -36,6 +36,27 @@ pub struct PackEntry {
     pub compressed: bool,
 }
 
+thread_local! {
+    // Creating a zstd context per blob costs more than compressing a small blob; each
+    // packer or reader thread keeps one of each.
+    static COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context"));
+    static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+}
+
+fn compress(data: &[u8]) -> Vec<u8> {
+    COMPRESSOR.with(|c| {
+        c.borrow_mut()
+            .compress(data)
+            .expect("zstd compress in memory")
+    })
+}
+
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| d.borrow_mut().decompress(data, capacity))
+}
+
 pub struct PackBuilder {
     dek: Zeroizing<[u8; 32]>,
     buf: Vec<u8>,
@@ -74,8 +95,7 @@ impl PackBuilder {
 
     /// Compresses (when that saves space) and encrypts one blob into the pack.
     pub fn add(&mut self, id: ChunkId, kind: BlobKind, plaintext: &[u8]) {
-        let compressed =
-            zstd::bulk::compress(plaintext, ZSTD_LEVEL).expect("zstd compress in memory");
+        let compressed = compress(plaintext);
         let (body, is_compressed) = if compressed.len() + 16 < plaintext.len() {
             (&compressed[..], true)
         } else {
@@ -129,7 +149,7 @@ pub fn open_blob(
         &format!("chunk {}", entry_id.short()),
     )?;
     let plain = if compressed {
-        zstd::bulk::decompress(&body, raw_length as usize).map_err(|e| {
+        decompress(&body, raw_length as usize).map_err(|e| {
             Error::integrity(format!(
                 "chunk {}: cannot decompress: {e}",
                 entry_id.short()

@@ -57,4 +57,7 @@ impl Storage for KillBeforeWrite {
         self.tick();
         self.inner.delete(path)
     }
+    fn permission_findings(&self) -> Result<Vec<String>> {
+        self.inner.permission_findings()
+    }
 }

@@ -48,6 +48,11 @@ pub trait Storage: Send + Sync {
     fn list(&self, dir: &str) -> Result<Vec<Entry>>;
     /// Removes an object; removing a missing object succeeds.
     fn delete(&self, path: &str) -> Result<()>;
+    /// Access-rule findings (a local file readable by others, say). Object stores enforce
+    /// access with policies instead, so the default has nothing to report.
+    fn permission_findings(&self) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
 }
 
 pub type DynStorage = std::sync::Arc<dyn Storage>;

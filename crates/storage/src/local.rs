@@ -178,6 +178,41 @@ impl Storage for LocalStorage {
         Ok(out)
     }
 
+    fn permission_findings(&self) -> Result<Vec<String>> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = vec![];
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            let rd = fs::read_dir(&d).map_err(|e| io_err(&d, e))?;
+            let mode = fs::metadata(&d)
+                .map_err(|e| io_err(&d, e))?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                out.push(format!(
+                    "folder {} has mode {mode:o}; it should be 700",
+                    d.display()
+                ));
+            }
+            for ent in rd {
+                let ent = ent.map_err(|e| io_err(&d, e))?;
+                let m = ent.metadata().map_err(|e| io_err(&ent.path(), e))?;
+                if m.is_dir() {
+                    stack.push(ent.path());
+                } else if m.permissions().mode() & 0o077 != 0 {
+                    out.push(format!(
+                        "file {} has mode {:o}; it should be 600",
+                        ent.path().display(),
+                        m.permissions().mode() & 0o777
+                    ));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     fn delete(&self, path: &str) -> Result<()> {
         let p = self.path(path)?;
         match fs::remove_file(&p) {
