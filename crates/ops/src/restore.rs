@@ -244,6 +244,8 @@ pub fn restore_files(
                     let f = fs::OpenOptions::new()
                         .write(true)
                         .create(true)
+                        // Other threads write other pieces of the same file: never truncate.
+                        .truncate(false)
                         .mode(0o600)
                         .open(&p)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
