@@ -169,3 +169,55 @@ fn prune_waits_for_running_backups() {
     let o = t.run(&["restore", "stream", "latest"]);
     assert_eq!(o.stdout, b"done\n");
 }
+
+#[test]
+fn keep_within_and_verify_subset() {
+    let t = T::bare();
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
+    // Ten snapshots twelve hours apart, each with 1.5 MiB of its own data (two packs).
+    for i in 0..10u32 {
+        let time = format!("2026-03-{:02}T{:02}:00:00Z", 1 + i / 2, (i % 2) * 12);
+        let o = t.run_stdin(
+            &["backup", "stream", "--name", "s", "--time", &time],
+            &content(i).repeat(5),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let plan = t.json(&["forget", "--dry-run", "--keep-within", "2d"]);
+    let kept: Vec<_> = plan["plan"]["groups"][0]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .collect();
+    // Newest is 2026-03-05 12:00; within two days: 03-03 12:00 .. 03-05 12:00, five snapshots.
+    assert_eq!(kept.len(), 5, "{plan}");
+    assert!(
+        kept.iter().all(|d| d["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("within 2days")),
+        "{plan}"
+    );
+    t.fails(&["forget", "--keep-within", "two days"], 2);
+
+    // --subset reads about that share of the packs, and every byte with 100%.
+    let all = t.json(&["verify", "--read-data"]);
+    let packs = all["packs"].as_u64().unwrap();
+    assert_eq!(all["packs_read"].as_u64().unwrap(), packs);
+    let half = t.json(&["verify", "--read-data", "--subset", "50%"]);
+    assert_eq!(
+        half["packs_read"].as_u64().unwrap(),
+        packs.div_ceil(2),
+        "{half}"
+    );
+    t.fails(&["verify", "--read-data", "--subset", "150%"], 2);
+}

@@ -115,9 +115,8 @@ fn bucket_objects_as_a_backup_source() {
 #[test]
 fn unreachable_endpoint_fails_fast_and_clearly() {
     let mut t = T::bare();
-    let port = custos_testkit::free_port();
     t.set("CUSTOS_REPO", "s3://nowhere/x");
-    t.set("AWS_ENDPOINT_URL", &format!("http://127.0.0.1:{port}"));
+    t.set("AWS_ENDPOINT_URL", custos_testkit::CLOSED_ENDPOINT);
     t.set("AWS_ACCESS_KEY_ID", ACCESS_KEY);
     t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
     let err = t.fails(&["snapshots"], 15);

@@ -189,7 +189,7 @@ pub fn restore_files(
         .collect();
     custos_repo::repository::parallel_map(
         &packs,
-        repo.threads() + 2,
+        repo.threads() * 3,
         |(pack_id, blobs)| -> Result<()> {
             let meta = index.pack(pack_id).expect("planned from the index");
             let dek = repo.pack_key(meta)?;

@@ -43,10 +43,9 @@ fn s3_storage_conforms_and_refuses_bad_credentials() {
 
 #[test]
 fn unreachable_endpoint_is_a_clear_storage_error() {
-    let port = custos_testkit::free_port();
     let o = S3Options {
         bucket: "b".into(),
-        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        endpoint: Some(custos_testkit::CLOSED_ENDPOINT.to_string()),
         access_key_id: Some(ACCESS_KEY.into()),
         secret_access_key: Some(SECRET_KEY.into()),
         ..Default::default()

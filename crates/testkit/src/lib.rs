@@ -19,6 +19,10 @@ pub fn workspace_root() -> PathBuf {
         .unwrap()
 }
 
+/// An endpoint nothing listens on: port 1 is privileged and unassigned here, so unlike a
+/// "free" port it cannot be taken by a server another test starts meanwhile.
+pub const CLOSED_ENDPOINT: &str = "http://127.0.0.1:1";
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -48,7 +52,20 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// Starts a server; if it dies while starting (a port taken between choosing and
+    /// binding it, by a server another test started), tries again with new ports.
     pub fn start() -> S3Server {
+        let mut last = String::new();
+        for _ in 0..4 {
+            match Self::try_start() {
+                Ok(s) => return s,
+                Err(log) => last = log,
+            }
+        }
+        panic!("SeaweedFS did not start:\n{last}");
+    }
+
+    fn try_start() -> Result<S3Server, String> {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("creds.json");
         std::fs::write(
@@ -99,7 +116,7 @@ impl S3Server {
             .expect("start weed");
         let s3 = ports[6];
         let filer = ports[4];
-        let server = S3Server {
+        let mut server = S3Server {
             child,
             endpoint: format!("http://127.0.0.1:{s3}"),
             filer: format!("127.0.0.1:{filer}"),
@@ -110,12 +127,14 @@ impl S3Server {
             if http(&server.filer, "GET", "/buckets/").is_some()
                 && http(&format!("127.0.0.1:{s3}"), "GET", "/").is_some()
             {
-                return server;
+                return Ok(server);
+            }
+            if server.child.try_wait().ok().flatten().is_some() {
+                break;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let log = std::fs::read_to_string(server._dir.path().join("weed.log")).unwrap_or_default();
-        panic!("SeaweedFS did not start within 60 s:\n{log}");
+        Err(std::fs::read_to_string(server._dir.path().join("weed.log")).unwrap_or_default())
     }
 
     /// Creates a bucket (through the filer, which keeps buckets under /buckets).
