@@ -10,6 +10,8 @@ command -v restic >/dev/null || need_apt+=(restic)
 command -v runuser >/dev/null || need_apt+=(util-linux)
 [ -x /usr/bin/time ] || need_apt+=(time)
 command -v zstd >/dev/null || need_apt+=(zstd)
+# PostgreSQL 15 server binaries (not on PATH: /usr/lib/postgresql/15/bin) for the WAL tests.
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -122,6 +122,22 @@ enum Command {
     },
     /// Remove stale locks left by crashed processes
     Unlock,
+    /// Archive one WAL file: use as archive_command = 'custos wal-push %p'
+    WalPush {
+        path: PathBuf,
+        /// Data directory of the cluster [env: PGDATA; default: the current directory,
+        /// where PostgreSQL runs archive_command]
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+    },
+    /// Fetch one archived WAL file: use as restore_command = 'custos wal-fetch %f %p'
+    WalFetch {
+        name: String,
+        dest: PathBuf,
+        /// Data directory of the cluster being recovered [env: PGDATA; default: the current directory]
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone, Default)]
@@ -299,6 +315,26 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             prune,
         } => cmd_forget(&ctx, &policy, dry_run, prune),
         Command::Prune { dry_run } => cmd_prune(&ctx, dry_run),
+        Command::WalPush { path, pgdata } => {
+            let repo = ctx.open()?;
+            let pgdata = ctx.settings.pgdata(pgdata);
+            let (name, outcome) = custos_ops::wal::push(&repo, &path, &pgdata)?;
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({"file": name, "stored": outcome == custos_repo::wal::PushOutcome::Stored}));
+            }
+            Ok(0)
+        }
+        Command::WalFetch { name, dest, pgdata } => {
+            let repo = ctx.open()?;
+            let pgdata = ctx.settings.pgdata(pgdata);
+            // PostgreSQL asks for files that do not exist at the end of recovery: answer
+            // quickly and quietly.
+            if custos_ops::wal::fetch(&repo, &name, &dest, &pgdata)? {
+                Ok(0)
+            } else {
+                Ok(Kind::NotFound.exit_code())
+            }
+        }
         Command::Unlock => {
             let repo = ctx.open()?;
             let n = custos_repo::lock::remove_stale(

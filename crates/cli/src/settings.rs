@@ -89,6 +89,7 @@ const PLAIN_VARS: &[&str] = &[
     "CUSTOS_PASSWORD_COMMAND",
     "CUSTOS_NEW_PASSWORD_FILE",
     "CUSTOS_CACHE_DIR",
+    "PGDATA",
     "CUSTOS_HOST",
     "CUSTOS_TEST_KILL_BEFORE_WRITE",
     "AWS_ACCESS_KEY_ID",
@@ -140,6 +141,7 @@ pub struct Settings {
     pub host: String,
     pub user: String,
     pub kill_before_write: Option<u64>,
+    pgdata_env: Option<PathBuf>,
 }
 
 fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
@@ -240,7 +242,9 @@ impl Settings {
         let kill_before_write = env
             .var("CUSTOS_TEST_KILL_BEFORE_WRITE")
             .and_then(|v| v.parse().ok());
+        let pgdata_env = env.var("PGDATA").map(PathBuf::from);
         Ok(Settings {
+            pgdata_env,
             file,
             repo_url,
             storage,
@@ -249,6 +253,13 @@ impl Settings {
             user,
             kill_before_write,
         })
+    }
+
+    /// The cluster's data directory: the flag, then PGDATA, then the current directory
+    /// (PostgreSQL runs archive_command and restore_command in the data directory).
+    pub fn pgdata(&self, flag: Option<PathBuf>) -> PathBuf {
+        flag.or_else(|| self.pgdata_env.clone())
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 
     pub fn location(&self) -> Result<Location> {

@@ -10,5 +10,6 @@ pub mod progress;
 pub mod prune;
 pub mod restore;
 pub mod verify;
+pub mod wal;
 
 pub use progress::{NoProgress, Progress};

@@ -12,6 +12,7 @@ pub mod lock;
 pub mod pack;
 pub mod repository;
 pub mod snapshot;
+pub mod wal;
 pub mod writer;
 
 pub use index::{BlobKind, BlobLoc, Index};
@@ -29,6 +30,7 @@ pub mod paths {
     pub const INDEX: &str = "index";
     pub const SNAPSHOTS: &str = "snapshots";
     pub const LOCKS: &str = "locks";
+    pub const WAL: &str = "wal";
 
     pub fn pack(id: &PackId) -> String {
         let h = id.to_hex();
@@ -42,6 +44,10 @@ pub mod paths {
     }
     pub fn key(id: &KeyId) -> String {
         format!("{KEYS}/{id}")
+    }
+    /// A WAL segment or history file of the cluster with this system identifier.
+    pub fn wal(system_id: u64, name: &str) -> String {
+        format!("{WAL}/{system_id:016x}/{name}")
     }
     pub fn lock(id: &LockId) -> String {
         format!("{LOCKS}/{id}")

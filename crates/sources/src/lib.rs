@@ -2,4 +2,5 @@
 //! commands; they do not chunk, encrypt or decide retention.
 
 pub mod files;
+pub mod postgres;
 pub mod stream;

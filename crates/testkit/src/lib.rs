@@ -168,3 +168,161 @@ fn http(addr: &str, method: &str, path: &str) -> Option<String> {
     let text = String::from_utf8_lossy(&buf[..n]);
     text.lines().next().map(str::to_string)
 }
+
+/// A real PostgreSQL cluster in a temp dir, run as the `postgres` user (PostgreSQL refuses
+/// root) on a free port with its socket in the cluster's folder.
+pub struct PgCluster {
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub port: u16,
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// PostgreSQL 15 from Debian (its server binaries are not on PATH).
+pub fn pg15_bin() -> PathBuf {
+    let p = PathBuf::from("/usr/lib/postgresql/15/bin");
+    assert!(
+        p.join("initdb").exists(),
+        "PostgreSQL 15 is not installed: run scripts/setup.sh"
+    );
+    p
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// Runs a command as `postgres` when the tests run as root.
+pub fn as_postgres(program: &std::path::Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Makes `path` (and the folders above it inside /tmp) usable by the postgres user.
+pub fn give_to_postgres(path: &std::path::Path) {
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown postgres {}", path.display());
+    }
+}
+
+impl PgCluster {
+    /// initdb with data checksums; `conf` is appended to postgresql.conf.
+    pub fn init(bin: PathBuf, conf: &str) -> PgCluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("custos-pg")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        give_to_postgres(&dir);
+        let data = dir.join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .args(["--data-checksums", "-U", "postgres", "-A", "trust", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        use std::io::Write;
+        writeln!(
+            f,
+            "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n{conf}",
+            dir.display()
+        )
+        .unwrap();
+        PgCluster {
+            bin,
+            data,
+            port,
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    pub fn start(&self) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"])
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\n{log}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn stop(&self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+
+    /// Runs SQL through psql; returns unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = as_postgres(&self.bin.join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-h",
+            ])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql `{sql}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,199 @@
+//! WAL archiving with a real PostgreSQL 15 cluster: `archive_command = custos wal-push %p`.
+//! Archived segments come back byte for byte; a re-push is idempotent; a different file
+//! under an archived name and a segment of another cluster are refused; a missing file is
+//! a quick, quiet non-zero exit; a backup-role key archives but cannot fetch.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+use custos_testkit::{give_to_postgres, pg15_bin, PgCluster};
+
+/// A repository, custos binary and config that the postgres user can use.
+fn setup() -> (T, std::path::PathBuf, std::path::PathBuf) {
+    let mut t = T::bare();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = t.path("bin/custos");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
+    std::fs::write(t.path("restore.pw"), PW).unwrap();
+    std::fs::write(t.path("backup.pw"), "backup role password").unwrap();
+    let cfg = t.path("custos.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = \"{}\"\npassword_file = \"{}\"\ncache_dir = \"{}\"\n",
+            t.repo,
+            t.path("backup.pw").display(),
+            t.path("cache").display()
+        ),
+    )
+    .unwrap();
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    t.set("CUSTOS_NEW_PASSWORD", "backup role password");
+    t.ok(&[
+        "key",
+        "add",
+        "--role",
+        "backup",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    t.unset("CUSTOS_NEW_PASSWORD");
+    give_to_postgres(t.dir.path());
+    t.run_as = Some("postgres".into());
+    (t, bin, cfg)
+}
+
+#[test]
+fn archive_command_round_trip_and_refusals() {
+    let (t, bin, cfg) = setup();
+    let copies = t.path("copies");
+    std::fs::create_dir_all(&copies).unwrap();
+    give_to_postgres(&copies);
+    // The archiver runs custos with the backup-role key (config file); a plain copy beside
+    // it gives the test the original bytes to compare with.
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push %p && cp %p {}/%f'\nwal_level = replica\n",
+        bin.display(),
+        cfg.display(),
+        copies.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    pg.psql("CREATE TABLE ledger (id serial primary key, note text); INSERT INTO ledger (note) SELECT md5(g::text) FROM generate_series(1, 20000) g;");
+    for _ in 0..3 {
+        pg.psql("INSERT INTO ledger (note) SELECT 'x' FROM generate_series(1, 1000); SELECT pg_switch_wal();");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: u32 = pg
+            .psql("SELECT archived_count FROM pg_stat_archiver")
+            .parse()
+            .unwrap();
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archiver did not archive 3 segments:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        pg.psql("SELECT failed_count FROM pg_stat_archiver"),
+        "0",
+        "{}",
+        pg.log()
+    );
+    let data = pg.data.to_str().unwrap();
+
+    // Every archived file comes back identical (restore key).
+    let mut r = T {
+        dir: tempfile::tempdir().unwrap(),
+        repo: t.repo.clone(),
+        envs: t.envs.clone(),
+        run_as: None,
+    };
+    r.set("CUSTOS_PASSWORD", PW);
+    let mut names: Vec<String> = std::fs::read_dir(&copies)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 3, "{names:?}");
+    for n in &names {
+        let out = r.path(&format!("fetched-{n}"));
+        r.ok(&["wal-fetch", n, out.to_str().unwrap(), "--pgdata", data]);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(copies.join(n)).unwrap(),
+            "{n} differs"
+        );
+    }
+
+    // Idempotent: the same segment pushed again succeeds without writing.
+    let seg = names.iter().find(|n| n.len() == 24).unwrap().clone();
+    let before = r.repo_state();
+    r.ok(&[
+        "wal-push",
+        copies.join(&seg).to_str().unwrap(),
+        "--pgdata",
+        data,
+    ]);
+    assert_eq!(r.repo_state(), before);
+
+    // A different file under an archived name is refused, and the archive keeps the original.
+    let mut altered = std::fs::read(copies.join(&seg)).unwrap();
+    altered[100_000] ^= 0xff;
+    let dir = r.path("altered");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&seg), &altered).unwrap();
+    let err = r.fails(
+        &[
+            "wal-push",
+            dir.join(&seg).to_str().unwrap(),
+            "--pgdata",
+            data,
+        ],
+        18,
+    );
+    assert!(err.contains("different content"), "{err}");
+    assert_eq!(r.repo_state(), before);
+
+    // A segment of another cluster is refused.
+    let other = PgCluster::init(pg15_bin(), "");
+    let err = r.fails(
+        &[
+            "wal-push",
+            copies.join(&seg).to_str().unwrap(),
+            "--pgdata",
+            other.data.to_str().unwrap(),
+        ],
+        18,
+    );
+    assert!(err.contains("belongs to another cluster"), "{err}");
+
+    // A file never archived: non-zero, quick and quiet (PostgreSQL asks for these).
+    let start = Instant::now();
+    let o = r.run(&[
+        "wal-fetch",
+        "00000001000000FF000000FF",
+        r.path("nope").to_str().unwrap(),
+        "--pgdata",
+        data,
+    ]);
+    assert_eq!(o.status.code(), Some(16));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!r.path("nope").exists());
+    assert!(start.elapsed() < Duration::from_secs(10));
+
+    // The backup role (the archiver's key) cannot read the archive back.
+    let mut b = T {
+        dir: tempfile::tempdir().unwrap(),
+        repo: t.repo.clone(),
+        envs: t.envs.clone(),
+        run_as: None,
+    };
+    b.set("CUSTOS_PASSWORD", "backup role password");
+    let err = b.fails(
+        &[
+            "wal-fetch",
+            &seg,
+            b.path("x").to_str().unwrap(),
+            "--pgdata",
+            data,
+        ],
+        13,
+    );
+    assert!(err.contains("backup role"), "{err}");
+}

@@ -1,0 +1,167 @@
+//! WAL objects: one object per archived WAL file, `wal/<system id>/<file name>`.
+//!
+//! ```text
+//! "CSTWAL01"
+//! u32 LE length || meta   JSON {"name", "system_id", "size", "digest", "compressed"}
+//! u32 LE length || wrapped DEK   HPKE(public key, AAD = "custos wal key v1", DEK)
+//! body            nonce || AES-256-GCM(DEK, AAD = "custos wal v1" || name || system id (8, LE) || digest (32), zstd(file) or file) || tag
+//! ```
+//! `digest` is the keyed BLAKE3 (id key) of the file: a writer (backup role) compares it
+//! to tell an identical re-push (success) from a different file under the same name
+//! (refused) without being able to decrypt; the reader checks it after decryption. Names
+//! and sizes are visible, as in every WAL archive; contents are not.
+
+use custos_crypto::{aead, wrap, MasterKeys};
+use custos_model::{Error, Kind, Result};
+use custos_storage::{PutMode, PutOutcome};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::{paths, Repository};
+
+const MAGIC: &[u8; 8] = b"CSTWAL01";
+const KEY_AAD: &[u8] = b"custos wal key v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WalMeta {
+    pub name: String,
+    pub system_id: u64,
+    pub size: u64,
+    pub digest: String,
+    pub compressed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Stored,
+    /// The same file was already archived: success, nothing written.
+    AlreadyArchived,
+}
+
+fn body_aad(m: &WalMeta) -> Vec<u8> {
+    let mut aad = b"custos wal v1".to_vec();
+    aad.extend_from_slice(m.name.as_bytes());
+    aad.extend_from_slice(&m.system_id.to_le_bytes());
+    aad.extend_from_slice(m.digest.as_bytes());
+    aad
+}
+
+fn digest(keys: &MasterKeys, data: &[u8]) -> String {
+    blake3::keyed_hash(&keys.id_key, data).to_hex().to_string()
+}
+
+fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
+    let bad = || Error::integrity(format!("{what} is truncated or not a WAL object"));
+    if bytes.len() < 16 || &bytes[..8] != MAGIC {
+        return Err(bad());
+    }
+    let ml = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let meta_end = 12 + ml;
+    let meta: WalMeta =
+        serde_json::from_slice(bytes.get(12..meta_end).ok_or_else(bad)?).map_err(|_| bad())?;
+    let wl = u32::from_le_bytes(
+        bytes
+            .get(meta_end..meta_end + 4)
+            .ok_or_else(bad)?
+            .try_into()
+            .unwrap(),
+    ) as usize;
+    let wrapped = bytes
+        .get(meta_end + 4..meta_end + 4 + wl)
+        .ok_or_else(bad)?
+        .to_vec();
+    Ok((meta, wrapped, bytes[meta_end + 4 + wl..].to_vec()))
+}
+
+impl Repository {
+    /// Archives one WAL file. Durable when this returns `Ok`.
+    pub fn wal_push(&self, system_id: u64, name: &str, data: &[u8]) -> Result<PushOutcome> {
+        let meta_digest = digest(&self.keys, data);
+        let path = paths::wal(system_id, name);
+        // Cheap check first: re-pushes happen after every archiver retry.
+        if self.storage.size(&path)?.is_some() {
+            return self.compare_existing(&path, name, &meta_digest);
+        }
+        let compressed =
+            zstd::bulk::compress(data, 1).map_err(|e| Error::internal(e.to_string()))?;
+        let use_z = compressed.len() + 64 < data.len();
+        let meta = WalMeta {
+            name: name.into(),
+            system_id,
+            size: data.len() as u64,
+            digest: meta_digest.clone(),
+            compressed: use_z,
+        };
+        let mut dek = Zeroizing::new([0u8; 32]);
+        rand::RngCore::fill_bytes(&mut rand::rng(), dek.as_mut());
+        let wrapped = wrap::wrap(&self.keys.public, KEY_AAD, dek.as_ref())?;
+        let body = aead::seal(
+            &dek,
+            &body_aad(&meta),
+            if use_z { &compressed } else { data },
+        );
+        let meta_json = serde_json::to_vec(&meta).expect("serializable");
+        let mut out = Vec::with_capacity(body.len() + meta_json.len() + 128);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(meta_json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta_json);
+        out.extend_from_slice(&(wrapped.len() as u32).to_le_bytes());
+        out.extend_from_slice(&wrapped);
+        out.extend_from_slice(&body);
+        match self.storage.put(&path, &out, PutMode::CreateOnly)? {
+            PutOutcome::Created => Ok(PushOutcome::Stored),
+            PutOutcome::AlreadyExists => self.compare_existing(&path, name, &meta_digest),
+        }
+    }
+
+    fn compare_existing(&self, path: &str, name: &str, digest: &str) -> Result<PushOutcome> {
+        let existing = self.storage.get(path)?;
+        let (meta, _, _) = split(&existing, &format!("archived {name}"))?;
+        if meta.digest == digest {
+            Ok(PushOutcome::AlreadyArchived)
+        } else {
+            Err(Error::new(Kind::Conflict, format!("{name} is already archived with different content; refusing to replace it"))
+                .hint("two clusters may be archiving to the same repository under one system identifier, or the archived file is damaged: check `custos pg check` and the archive_command of every cluster"))
+        }
+    }
+
+    /// Reads one archived WAL file; `Ok(None)` when it was never archived.
+    pub fn wal_fetch(&self, system_id: u64, name: &str) -> Result<Option<Vec<u8>>> {
+        let secret = self
+            .keys
+            .secret
+            .as_ref()
+            .ok_or_else(|| crate::snapshot::restore_key_required("read archived WAL"))?;
+        let bytes = match self.storage.get(&paths::wal(system_id, name)) {
+            Ok(b) => b,
+            Err(e) if e.kind == Kind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let what = format!("archived {name}");
+        let (meta, wrapped, body) = split(&bytes, &what)?;
+        if meta.name != name || meta.system_id != system_id {
+            return Err(Error::integrity(format!(
+                "{what} is labelled {} of cluster {:016x}",
+                meta.name, meta.system_id
+            )));
+        }
+        let dek = wrap::unwrap(secret, KEY_AAD, &wrapped, &what)?;
+        let dek: [u8; 32] = dek
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::integrity(format!("{what}: bad data key")))?;
+        let plain = aead::open(&dek, &body_aad(&meta), &body, &what)?;
+        let data = if meta.compressed {
+            zstd::bulk::decompress(&plain, meta.size as usize)
+                .map_err(|e| Error::integrity(format!("{what}: {e}")))?
+        } else {
+            plain
+        };
+        if data.len() as u64 != meta.size || digest(&self.keys, &data) != meta.digest {
+            return Err(Error::integrity(format!(
+                "{what} does not match its digest"
+            )));
+        }
+        Ok(Some(data))
+    }
+}
