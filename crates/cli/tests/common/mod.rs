@@ -65,7 +65,7 @@ impl T {
         let mut c = match &self.run_as {
             Some(u) => {
                 let mut c = Command::new("runuser");
-                c.args(["-u", u, "--", env!("CARGO_BIN_EXE_custos")]);
+                c.args(["-u", u, "--"]).arg(self.shared_binary());
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_custos")),
@@ -78,6 +78,20 @@ impl T {
             c.env(k, v);
         }
         c
+    }
+
+    /// A copy of the binary another user can execute: the checkout (and so target/) may
+    /// sit in a folder only root can enter.
+    pub fn shared_binary(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.dir.path().join(".bin/custos");
+        if !bin.exists() {
+            std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+            std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
+            std::fs::set_permissions(bin.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        bin
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
