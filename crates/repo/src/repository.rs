@@ -126,20 +126,39 @@ impl Repository {
                 storage.location()
             )));
         }
-        // Try every key file in parallel: Argon2id is deliberately slow.
-        let found: Vec<Result<Option<(KeyId, MasterKeys)>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = files
-                .iter()
-                .map(|kf| {
-                    s.spawn(move || kf.open(password, config.id).map(|o| o.map(|k| (kf.id, k))))
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("key thread"))
-                .collect()
-        });
+        // Argon2id is deliberately slow. The cheapest key is tried alone first: archive_command
+        // runs custos for every WAL segment with a backup key whose KDF is cheap (its password
+        // is a random string in a file), and it must not compete with the restore key's 64 MiB
+        // derivation. Then the others in parallel, taking the first that opens; threads still
+        // deriving finish on their own with a password copy zeroized when they end.
+        let mut files = files;
+        files.sort_by_key(|k| u64::from(k.kdf.memory_kib) * u64::from(k.kdf.iterations));
+        let cheapest = files.remove(0);
+        if let Some(keys) = cheapest.open(password, config.id)? {
+            return Ok(Repository {
+                storage,
+                config,
+                keys,
+                key_id: cheapest.id,
+                opts,
+                pack_keys: Mutex::new(HashMap::new()),
+            });
+        }
+        let password = std::sync::Arc::new(Zeroizing::new(password.to_vec()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = files.len();
+        for kf in files {
+            let tx = tx.clone();
+            let pw = password.clone();
+            let repo_id = config.id;
+            std::thread::spawn(move || {
+                let r = kf.open(&pw, repo_id).map(|o| o.map(|k| (kf.id, k)));
+                let _ = tx.send(r);
+            });
+        }
+        drop(tx);
         let mut err = None;
-        for r in found {
+        for r in rx.iter().take(n) {
             match r {
                 Ok(Some((id, keys))) => {
                     return Ok(Repository {

@@ -88,7 +88,11 @@ impl T {
         if !bin.exists() {
             std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
             std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
-            std::fs::set_permissions(bin.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(
+                bin.parent().unwrap(),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
             std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         bin
