@@ -763,7 +763,10 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
     if ctx.out.json {
         ctx.out.json(&r);
     } else {
-        println!("{} snapshots, {} packs", r.snapshots, r.packs);
+        println!(
+            "{} snapshots, {} packs, {} archived WAL files",
+            r.snapshots, r.packs, r.wal_files
+        );
         if read_data {
             println!(
                 "read {} packs ({}), {} chunks {}",

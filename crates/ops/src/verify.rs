@@ -14,6 +14,8 @@ use crate::progress::Progress;
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct VerifyReport {
     pub snapshots: u64,
+    /// Archived WAL files checked (all with --read-data, else layout only).
+    pub wal_files: u64,
     pub packs: u64,
     pub packs_read: u64,
     pub chunks_read: u64,
@@ -116,6 +118,20 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             "backup-role key: snapshot contents were not checked (they need a restore key)".into(),
         );
     }
+
+    // Archived WAL: layout and label of every object; with --read-data and a restore key,
+    // decrypted and checked against its digest.
+    let wal = repo.wal_objects()?;
+    let decrypt = opts.read_data && repo.keys.secret.is_some();
+    let checks =
+        custos_repo::repository::parallel_map(&wal, repo.threads() + 1, |(sys, name, _)| {
+            Ok(repo
+                .wal_check(*sys, name, decrypt)
+                .err()
+                .map(|e| format!("wal {sys:016x}/{name}: {}", e.message)))
+        })?;
+    r.wal_files = wal.len() as u64;
+    r.errors.extend(checks.into_iter().flatten());
 
     if opts.read_data {
         let mut packs: Vec<&custos_repo::index::PackMeta> = index

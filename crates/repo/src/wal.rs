@@ -125,6 +125,41 @@ impl Repository {
         }
     }
 
+    /// Every archived WAL object: (system id, name, stored size).
+    pub fn wal_objects(&self) -> Result<Vec<(u64, String, u64)>> {
+        let mut out = vec![];
+        for e in self.storage.list(paths::WAL)? {
+            let mut parts = e.path.rsplitn(3, '/');
+            let (Some(name), Some(sys)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(sys) = u64::from_str_radix(sys, 16) else {
+                continue;
+            };
+            out.push((sys, name.to_string(), e.size));
+        }
+        Ok(out)
+    }
+
+    /// Checks one WAL object: its layout and label always; with `decrypt` (restore key),
+    /// its content against its digest.
+    pub fn wal_check(&self, system_id: u64, name: &str, decrypt: bool) -> Result<()> {
+        if decrypt {
+            return self.wal_fetch(system_id, name)?.map(|_| ()).ok_or_else(|| {
+                Error::integrity(format!("archived {name} disappeared during verification"))
+            });
+        }
+        let bytes = self.storage.get(&paths::wal(system_id, name))?;
+        let (meta, _, _) = split(&bytes, &format!("archived {name}"))?;
+        if meta.name != name || meta.system_id != system_id {
+            return Err(Error::integrity(format!(
+                "archived {name} is labelled {} of cluster {:016x}",
+                meta.name, meta.system_id
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads one archived WAL file; `Ok(None)` when it was never archived.
     pub fn wal_fetch(&self, system_id: u64, name: &str) -> Result<Option<Vec<u8>>> {
         let secret = self
