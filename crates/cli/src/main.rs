@@ -122,6 +122,9 @@ enum Command {
     },
     /// Remove stale locks left by crashed processes
     Unlock,
+    /// PostgreSQL checks
+    #[command(subcommand)]
+    Pg(PgCommand),
     /// Archive one WAL file: use as archive_command = 'custos wal-push %p'
     WalPush {
         path: PathBuf,
@@ -155,6 +158,20 @@ struct PolicyArgs {
     /// Keep all snapshots within this duration of the newest (e.g. 7d)
     #[arg(long, value_name = "DURATION")]
     keep_within: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum PgCommand {
+    /// Archiving health: settings, pg_stat_archiver, lag, and gaps in the archived WAL.
+    /// Exits 20 when something is wrong (for monitors: --json).
+    Check {
+        /// Connection string; otherwise PGHOST, PGPORT, PGUSER, PGDATABASE
+        #[arg(long)]
+        db_url: Option<String>,
+        /// Fail when segments have waited longer than this to be archived
+        #[arg(long, default_value = "15m")]
+        max_lag: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -315,6 +332,60 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             prune,
         } => cmd_forget(&ctx, &policy, dry_run, prune),
         Command::Prune { dry_run } => cmd_prune(&ctx, dry_run),
+        Command::Pg(PgCommand::Check { db_url, max_lag }) => {
+            let max_lag = humantime::parse_duration(&max_lag)
+                .map_err(|e| Error::config(format!("--max-lag `{max_lag}`: {e}")))?;
+            let repo = ctx.open()?;
+            let r = custos_ops::pg_check::check(&repo, &ctx.settings.db(db_url), max_lag)?;
+            if ctx.out.json {
+                ctx.out.json(&r);
+            } else {
+                let a = &r.archiver;
+                println!(
+                    "cluster {} (PostgreSQL {}), archive_mode {}",
+                    a.system_id, a.server_version_num, a.archive_mode
+                );
+                println!(
+                    "archiver: {} archived, last {} at {}; {} failed",
+                    a.archived_count,
+                    a.last_archived_wal.as_deref().unwrap_or("none"),
+                    a.last_archived_time
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    a.failed_count
+                );
+                println!(
+                    "writing {}; {} segment(s) waiting, lag {} s (limit {} s)",
+                    a.current_wal, r.pending_segments, r.lag_seconds, r.max_lag_seconds
+                );
+                println!(
+                    "repository: {} segment(s), {} .. {}",
+                    r.archived_in_repository,
+                    r.oldest_archived.as_deref().unwrap_or("-"),
+                    r.newest_archived.as_deref().unwrap_or("-")
+                );
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                if r.ok {
+                    println!("WAL archiving is healthy");
+                }
+            }
+            if r.ok {
+                Ok(0)
+            } else {
+                if !ctx.out.json {
+                    output::error(
+                        &Error::new(
+                            Kind::Check,
+                            format!("{} problem(s) with WAL archiving", r.problems.len()),
+                        ),
+                        false,
+                    );
+                }
+                Ok(Kind::Check.exit_code())
+            }
+        }
         Command::WalPush { path, pgdata } => {
             let repo = ctx.open()?;
             let pgdata = ctx.settings.pgdata(pgdata);

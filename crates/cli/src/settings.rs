@@ -90,6 +90,10 @@ const PLAIN_VARS: &[&str] = &[
     "CUSTOS_NEW_PASSWORD_FILE",
     "CUSTOS_CACHE_DIR",
     "PGDATA",
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
     "CUSTOS_HOST",
     "CUSTOS_TEST_KILL_BEFORE_WRITE",
     "AWS_ACCESS_KEY_ID",
@@ -142,6 +146,7 @@ pub struct Settings {
     pub user: String,
     pub kill_before_write: Option<u64>,
     pgdata_env: Option<PathBuf>,
+    libpq: HashMap<&'static str, String>,
 }
 
 fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
@@ -243,8 +248,13 @@ impl Settings {
             .var("CUSTOS_TEST_KILL_BEFORE_WRITE")
             .and_then(|v| v.parse().ok());
         let pgdata_env = env.var("PGDATA").map(PathBuf::from);
+        let libpq = ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE"]
+            .into_iter()
+            .filter_map(|k| env.var(k).map(|v| (k, v.to_string())))
+            .collect();
         Ok(Settings {
             pgdata_env,
+            libpq,
             file,
             repo_url,
             storage,
@@ -260,6 +270,17 @@ impl Settings {
     pub fn pgdata(&self, flag: Option<PathBuf>) -> PathBuf {
         flag.or_else(|| self.pgdata_env.clone())
             .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Connection to the cluster: the flag, else the libpq environment variables.
+    pub fn db(&self, url: Option<String>) -> custos_sources::postgres::db::ConnectOptions {
+        custos_sources::postgres::db::ConnectOptions {
+            url,
+            host: self.libpq.get("PGHOST").cloned(),
+            port: self.libpq.get("PGPORT").and_then(|p| p.parse().ok()),
+            user: self.libpq.get("PGUSER").cloned(),
+            dbname: self.libpq.get("PGDATABASE").cloned(),
+        }
     }
 
     pub fn location(&self) -> Result<Location> {

@@ -219,3 +219,130 @@ fn archive_command_round_trip_and_refusals() {
     );
     assert!(err.contains("backup role"), "{err}");
 }
+
+fn wait_archived(pg: &PgCluster, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg
+        .psql("SELECT archived_count FROM pg_stat_archiver")
+        .parse::<u32>()
+        .unwrap()
+        < n
+    {
+        assert!(
+            Instant::now() < deadline,
+            "archiver did not archive {n} segments:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn pg_check_reports_health_gaps_and_lag() {
+    let (t, bin, cfg) = setup();
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\n",
+        bin.display(),
+        cfg.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    pg.psql("CREATE TABLE t (x int)");
+    for i in 0..5 {
+        pg.psql(&format!(
+            "INSERT INTO t SELECT {i}; SELECT pg_switch_wal();"
+        ));
+    }
+    wait_archived(&pg, 5);
+    let mut r = T {
+        dir: tempfile::tempdir().unwrap(),
+        repo: t.repo.clone(),
+        envs: t.envs.clone(),
+        run_as: None,
+    };
+    r.set("CUSTOS_PASSWORD", PW);
+    r.set("PGHOST", pg.dir.to_str().unwrap());
+    r.set("PGPORT", &pg.port.to_string());
+    r.set("PGUSER", "postgres");
+    let ok = r.json(&["pg", "check"]);
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert!(ok["archived_in_repository"].as_u64().unwrap() >= 5, "{ok}");
+    assert_eq!(ok["pending_segments"], 0);
+    assert!(r.ok(&["pg", "check"]).contains("healthy"));
+
+    // A segment removed from the repository behind custos's back is a named gap.
+    let sys = format!("{:016x}", ok["archiver"]["system_id"].as_u64().unwrap());
+    let mut segs: Vec<String> =
+        std::fs::read_dir(std::path::Path::new(&r.repo).join("wal").join(&sys))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.len() == 24)
+            .collect();
+    segs.sort();
+    let victim = segs[segs.len() / 2].clone();
+    std::fs::remove_file(
+        std::path::Path::new(&r.repo)
+            .join("wal")
+            .join(&sys)
+            .join(&victim),
+    )
+    .unwrap();
+    let o = r.run(&["pg", "check", "--json"]);
+    assert_eq!(o.status.code(), Some(20));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["gaps"][0], victim.as_str(), "{v}");
+
+    // A failing archiver: segments wait, the lag passes the limit, the check says why.
+    pg.psql("ALTER SYSTEM SET archive_command = 'false'");
+    pg.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..2 {
+        pg.psql(&format!(
+            "INSERT INTO t SELECT {i}; SELECT pg_switch_wal();"
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pg.psql("SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(
+            Instant::now() < deadline,
+            "archiver did not fail:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let o = r.run(&["pg", "check", "--max-lag", "1s", "--json"]);
+    assert_eq!(o.status.code(), Some(20));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = v["problems"].to_string();
+    assert!(v["pending_segments"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        problems.contains("lags")
+            && problems.contains("failing")
+            && problems.contains("does not call"),
+        "{problems}"
+    );
+    // The default limit (15 minutes) is not yet passed: only the failures are reported.
+    let o = r.run(&["pg", "check", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!v["problems"].to_string().contains("lags"), "{v}");
+}
+
+#[test]
+fn pg_check_on_unreachable_database_is_one_clear_error() {
+    let (t, _, _) = setup();
+    let mut r = T {
+        dir: tempfile::tempdir().unwrap(),
+        repo: t.repo.clone(),
+        envs: t.envs.clone(),
+        run_as: None,
+    };
+    r.set("CUSTOS_PASSWORD", PW);
+    r.set("PGHOST", r.path("no-such-socket-dir").to_str().unwrap());
+    r.set("PGPORT", "5999");
+    let err = r.fails(&["pg", "check"], 17);
+    assert!(
+        err.contains("cannot connect to PostgreSQL") && err.contains("PGHOST"),
+        "{err}"
+    );
+}

@@ -37,6 +37,8 @@ pub enum Kind {
     Partial,
     /// An object exists with different content under the same name.
     Conflict,
+    /// A health check found a problem (archiving lag, a WAL gap).
+    Check,
 }
 
 impl Kind {
@@ -56,6 +58,7 @@ impl Kind {
             Kind::Source => 17,
             Kind::Conflict => 18,
             Kind::RepoExists => 19,
+            Kind::Check => 20,
         }
     }
 
@@ -84,6 +87,7 @@ impl Kind {
             Kind::Source => "source",
             Kind::Partial => "partial",
             Kind::Conflict => "conflict",
+            Kind::Check => "check-failed",
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cache;
 pub mod forget;
 pub mod manifest;
+pub mod pg_check;
 pub mod progress;
 pub mod prune;
 pub mod restore;

@@ -1,0 +1,169 @@
+//! `custos pg check`: is WAL archiving working, and is the archive complete?
+//!
+//! Reads archive settings and `pg_stat_archiver` from the cluster, computes the archiving
+//! lag (how long the oldest segment waiting to be archived has waited; zero when nothing
+//! waits), and walks the repository's WAL objects of the cluster for gaps. The seed's
+//! alert: lag past 15 minutes is a failure.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use custos_model::Result;
+use custos_repo::Repository;
+use custos_sources::postgres::db::{ArchiverStatus, ConnectOptions, Db};
+use custos_sources::postgres::wal::{classify, WalFileKind};
+use serde::Serialize;
+
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PgCheckReport {
+    pub ok: bool,
+    pub archiver: ArchiverStatus,
+    /// Complete segments written but not yet archived.
+    pub pending_segments: u64,
+    pub lag_seconds: u64,
+    pub max_lag_seconds: u64,
+    pub archived_in_repository: u64,
+    pub oldest_archived: Option<String>,
+    pub newest_archived: Option<String>,
+    /// Ranges of segments missing from the repository between the oldest and the newest.
+    pub gaps: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+fn segno(name: &str, seg_size: u64) -> Option<(u32, u64)> {
+    match classify(name).ok()? {
+        WalFileKind::Segment { timeline, log, seg } => Some((
+            timeline,
+            u64::from(log) * (0x1_0000_0000 / seg_size) + u64::from(seg),
+        )),
+        _ => None,
+    }
+}
+
+fn seg_name(timeline: u32, segno: u64, seg_size: u64) -> String {
+    let per = 0x1_0000_0000 / seg_size;
+    format!("{timeline:08X}{:08X}{:08X}", segno / per, segno % per)
+}
+
+pub fn check(repo: &Repository, conn: &ConnectOptions, max_lag: Duration) -> Result<PgCheckReport> {
+    let db = Db::connect(conn)?;
+    let a = db.archiver()?;
+    let mut problems = vec![];
+    if a.archive_mode != "on" && a.archive_mode != "always" {
+        problems.push(format!(
+            "archive_mode is `{}`: set archive_mode = on and restart PostgreSQL",
+            a.archive_mode
+        ));
+    }
+    if !a.archive_command.contains("wal-push") {
+        problems.push(format!(
+            "archive_command `{}` does not call `custos wal-push %p`",
+            a.archive_command
+        ));
+    }
+    let seg_size = a.segment_size.max(1 << 20);
+    let current = segno(&a.current_wal, seg_size);
+    let last = a
+        .last_archived_wal
+        .as_deref()
+        .and_then(|n| segno(n, seg_size));
+    let pending = match (current, last) {
+        (Some((tc, c)), Some((tl, l))) if tc == tl => c.saturating_sub(l + 1),
+        (Some((_, c)), None) => c.saturating_sub(1),
+        _ => 0,
+    };
+    let lag = if pending == 0 {
+        0
+    } else {
+        a.last_archived_time
+            .map(|t| (a.now - t).num_seconds().max(0) as u64)
+            .unwrap_or(u64::MAX)
+    };
+    if pending > 0 && lag > max_lag.as_secs() {
+        problems.push(format!(
+            "WAL archiving lags: {pending} segment(s) waiting, last archived {} ago (limit {})",
+            if lag == u64::MAX {
+                "never".to_string()
+            } else {
+                humantime::format_duration(Duration::from_secs(lag)).to_string()
+            },
+            humantime::format_duration(max_lag)
+        ));
+    }
+    if a.failed_count > 0 && a.last_failed_time > a.last_archived_time {
+        problems.push(format!(
+            "the archiver is failing: {} failure(s), the last for {} at {}; see the PostgreSQL log",
+            a.failed_count,
+            a.last_failed_wal.as_deref().unwrap_or("?"),
+            a.last_failed_time
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default()
+        ));
+    }
+
+    // Continuity of this cluster's archive, per timeline.
+    let mut by_tli: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    let mut names = vec![];
+    for (sys, name, _) in repo.wal_objects()? {
+        if sys == a.system_id {
+            if let Some((t, n)) = segno(&name, seg_size) {
+                by_tli.entry(t).or_default().push(n);
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    let mut gaps = vec![];
+    for (tli, segs) in by_tli.iter_mut() {
+        segs.sort_unstable();
+        for w in segs.windows(2) {
+            if w[1] > w[0] + 1 {
+                let (from, to) = (w[0] + 1, w[1] - 1);
+                gaps.push(if from == to {
+                    seg_name(*tli, from, seg_size)
+                } else {
+                    format!(
+                        "{}..{}",
+                        seg_name(*tli, from, seg_size),
+                        seg_name(*tli, to, seg_size)
+                    )
+                });
+            }
+        }
+    }
+    for g in &gaps {
+        problems.push(format!("WAL missing from the repository: {g}"));
+    }
+    if let Some(l) = &a.last_archived_wal {
+        if l.len() == 24 && !names.contains(l) {
+            problems.push(format!("PostgreSQL reports {l} archived, but the repository does not hold it: is archive_command pointing at another repository?"));
+        }
+    }
+    Ok(PgCheckReport {
+        ok: problems.is_empty(),
+        pending_segments: pending,
+        lag_seconds: if lag == u64::MAX { 0 } else { lag },
+        max_lag_seconds: max_lag.as_secs(),
+        archived_in_repository: names.len() as u64,
+        oldest_archived: names.first().cloned(),
+        newest_archived: names.last().cloned(),
+        gaps,
+        problems,
+        archiver: a,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn segment_numbers_round_trip() {
+        let s = 16 << 20;
+        let (t, n) = segno("00000002000000010000003F", s).unwrap();
+        assert_eq!((t, n), (2, 256 + 63));
+        assert_eq!(seg_name(2, n, s), "00000002000000010000003F");
+        assert_eq!(seg_name(1, 256, s), "000000010000000100000000");
+    }
+}
