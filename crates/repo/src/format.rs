@@ -70,16 +70,5 @@ pub fn from_zjson<T: DeserializeOwned>(data: &[u8], what: &str) -> Result<T> {
         .map_err(|e| Error::integrity(format!("{what}: malformed content: {e}")))
 }
 
-pub mod b64 {
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(serde::de::Error::custom)
-    }
-}
+/// Base64 fields in JSON objects (one definition, shared with key material).
+pub use custos_crypto::keys::b64;

@@ -241,21 +241,13 @@ impl Repository {
 
     /// Finds a key by id prefix.
     pub fn find_key(&self, prefix: &str) -> Result<KeyFile> {
-        let all = Self::key_files(&self.storage)?;
-        let m: Vec<_> = all
-            .into_iter()
-            .filter(|k| k.id.to_hex().starts_with(prefix))
-            .collect();
-        match m.len() {
-            1 => Ok(m.into_iter().next().unwrap()),
-            0 => Err(
-                Error::new(Kind::NotFound, format!("no key with id {prefix}"))
-                    .hint("`custos key list` shows key ids"),
-            ),
-            _ => Err(Error::config(format!(
-                "key id prefix {prefix} is ambiguous; give more digits"
-            ))),
-        }
+        resolve_prefix(
+            Self::key_files(&self.storage)?,
+            prefix,
+            |k| k.id.to_hex(),
+            "key",
+            "`custos key list` shows key ids",
+        )
     }
 
     pub fn remove_key(&self, prefix: &str) -> Result<KeyFile> {
@@ -519,20 +511,13 @@ impl Repository {
                 "snapshot id `{spec}` is too short; give at least 4 hex digits"
             )));
         }
-        let m: Vec<_> = candidates
-            .into_iter()
-            .filter(|s| s.id.to_hex().starts_with(spec))
-            .collect();
-        match m.len() {
-            1 => Ok(m.into_iter().next().unwrap()),
-            0 => Err(
-                Error::new(Kind::NotFound, format!("no snapshot with id {spec}"))
-                    .hint("`custos snapshots` lists them"),
-            ),
-            _ => Err(Error::config(format!(
-                "snapshot id {spec} is ambiguous; give more digits"
-            ))),
-        }
+        resolve_prefix(
+            candidates,
+            spec,
+            |s| s.id.to_hex(),
+            "snapshot",
+            "`custos snapshots` lists them",
+        )
     }
 
     pub fn snapshot_body(&self, id: &SnapshotId) -> Result<SnapshotBody> {
@@ -542,6 +527,27 @@ impl Repository {
             .get(&paths::snapshot(id))
             .map_err(|e| missing_as_integrity(e, "snapshot"))?;
         snapshot::decode_body(&self.keys, id, &bytes)
+    }
+}
+
+/// The one item whose hex id starts with `prefix`.
+fn resolve_prefix<T>(
+    items: Vec<T>,
+    prefix: &str,
+    hex: impl Fn(&T) -> String,
+    what: &str,
+    hint: &str,
+) -> Result<T> {
+    let mut m: Vec<T> = items
+        .into_iter()
+        .filter(|i| hex(i).starts_with(prefix))
+        .collect();
+    match m.len() {
+        1 => Ok(m.remove(0)),
+        0 => Err(Error::new(Kind::NotFound, format!("no {what} with id {prefix}")).hint(hint)),
+        _ => Err(Error::config(format!(
+            "{what} id prefix {prefix} is ambiguous; give more digits"
+        ))),
     }
 }
 
