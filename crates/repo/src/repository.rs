@@ -84,21 +84,7 @@ impl Repository {
             pack_size: pack_size.unwrap_or(DEFAULT_PACK_SIZE),
         };
         // Key first, then config: a repository without config is "not found", never half-made.
-        let kf = KeyFile::seal(
-            &keys,
-            config.id,
-            password,
-            kdf,
-            &Origin {
-                host: opts.host.clone(),
-                user: opts.user.clone(),
-            },
-        )?;
-        storage.put(
-            &paths::key(&kf.id),
-            &serde_json::to_vec_pretty(&kf).expect("serializable"),
-            PutMode::CreateOnly,
-        )?;
+        let kf = store_key_file(&storage, &keys, config.id, password, kdf, &opts)?;
         let cfg = serde_json::to_vec_pretty(&config).expect("serializable");
         if storage.put(paths::CONFIG, &cfg, PutMode::CreateOnly)? == PutOutcome::AlreadyExists {
             storage.delete(&paths::key(&kf.id))?;
@@ -107,14 +93,24 @@ impl Repository {
                 "another process created the repository at the same time",
             ));
         }
-        Ok(Repository {
+        Ok(Self::assemble(storage, config, keys, kf.id, opts))
+    }
+
+    fn assemble(
+        storage: DynStorage,
+        config: RepoConfig,
+        keys: MasterKeys,
+        key_id: KeyId,
+        opts: OpenOptions,
+    ) -> Repository {
+        Repository {
             storage,
             config,
             keys,
-            key_id: kf.id,
+            key_id,
             opts,
             pack_keys: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
@@ -135,14 +131,7 @@ impl Repository {
         files.sort_by_key(|k| u64::from(k.kdf.memory_kib) * u64::from(k.kdf.iterations));
         let cheapest = files.remove(0);
         if let Some(keys) = cheapest.open(password, config.id)? {
-            return Ok(Repository {
-                storage,
-                config,
-                keys,
-                key_id: cheapest.id,
-                opts,
-                pack_keys: Mutex::new(HashMap::new()),
-            });
+            return Ok(Self::assemble(storage, config, keys, cheapest.id, opts));
         }
         let password = std::sync::Arc::new(Zeroizing::new(password.to_vec()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -160,16 +149,7 @@ impl Repository {
         let mut err = None;
         for r in rx.iter().take(n) {
             match r {
-                Ok(Some((id, keys))) => {
-                    return Ok(Repository {
-                        storage,
-                        config,
-                        keys,
-                        key_id: id,
-                        opts,
-                        pack_keys: Mutex::new(HashMap::new()),
-                    })
-                }
+                Ok(Some((id, keys))) => return Ok(Self::assemble(storage, config, keys, id, opts)),
                 Ok(None) => {}
                 Err(e) => err = Some(e),
             }
@@ -211,8 +191,23 @@ impl Repository {
         if role == Role::Restore {
             self.require_restore("create a restore key")?;
         }
+        self.refuse_password_in_use(password, None)?;
+        let kf = store_key_file(
+            &self.storage,
+            &self.keys.for_role(role),
+            self.config.id,
+            password,
+            kdf,
+            &self.opts,
+        )?;
+        Ok(kf)
+    }
+
+    /// A password opens exactly one key: refuses one that already opens a key other than
+    /// `except`.
+    fn refuse_password_in_use(&self, password: &[u8], except: Option<KeyId>) -> Result<()> {
         for kf in Self::key_files(&self.storage)? {
-            if kf.open(password, self.config.id)?.is_some() {
+            if Some(kf.id) != except && kf.open(password, self.config.id)?.is_some() {
                 return Err(Error::config(format!(
                     "this password already opens key {}",
                     kf.id.short()
@@ -220,23 +215,7 @@ impl Repository {
                 .hint("choose a different password: each password opens exactly one key"));
             }
         }
-        let keys = self.keys.for_role(role);
-        let kf = KeyFile::seal(
-            &keys,
-            self.config.id,
-            password,
-            kdf,
-            &Origin {
-                host: self.opts.host.clone(),
-                user: self.opts.user.clone(),
-            },
-        )?;
-        self.storage.put(
-            &paths::key(&kf.id),
-            &serde_json::to_vec_pretty(&kf).expect("serializable"),
-            PutMode::CreateOnly,
-        )?;
-        Ok(kf)
+        Ok(())
     }
 
     /// Finds a key by id prefix.
@@ -273,28 +252,14 @@ impl Repository {
     /// Replaces the current key file by one sealed with a new password (write, then delete).
     pub fn change_password(&mut self, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
         let old = self.key_id;
-        for kf in Self::key_files(&self.storage)? {
-            if kf.id != old && kf.open(password, self.config.id)?.is_some() {
-                return Err(Error::config(format!(
-                    "this password already opens key {}",
-                    kf.id.short()
-                )));
-            }
-        }
-        let kf = KeyFile::seal(
+        self.refuse_password_in_use(password, Some(old))?;
+        let kf = store_key_file(
+            &self.storage,
             &self.keys,
             self.config.id,
             password,
             kdf,
-            &Origin {
-                host: self.opts.host.clone(),
-                user: self.opts.user.clone(),
-            },
-        )?;
-        self.storage.put(
-            &paths::key(&kf.id),
-            &serde_json::to_vec_pretty(&kf).expect("serializable"),
-            PutMode::CreateOnly,
+            &self.opts,
         )?;
         self.storage.delete(&paths::key(&old))?;
         self.key_id = kf.id;
@@ -528,6 +493,25 @@ impl Repository {
             .map_err(|e| missing_as_integrity(e, "snapshot"))?;
         snapshot::decode_body(&self.keys, id, &bytes)
     }
+}
+
+/// Seals `keys` under `password` into a new key file and stores it (create-only).
+fn store_key_file(
+    storage: &DynStorage,
+    keys: &MasterKeys,
+    repo: RepoId,
+    password: &[u8],
+    kdf: KdfParams,
+    opts: &OpenOptions,
+) -> Result<KeyFile> {
+    let origin = Origin {
+        host: opts.host.clone(),
+        user: opts.user.clone(),
+    };
+    let kf = KeyFile::seal(keys, repo, password, kdf, &origin)?;
+    let json = serde_json::to_vec_pretty(&kf).expect("serializable");
+    storage.put(&paths::key(&kf.id), &json, PutMode::CreateOnly)?;
+    Ok(kf)
 }
 
 /// The one item whose hex id starts with `prefix`.
