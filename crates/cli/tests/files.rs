@@ -16,6 +16,9 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
 
     let r1 = t.json(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(r1["stats"]["files_unchanged"], 0);
+    // What the snapshot records is what the backup reported, duration included.
+    let stored = t.json(&["snapshots"]);
+    assert_eq!(stored[0]["summary"]["stats"], r1["stats"]);
     assert!(r1["stats"]["bytes_read"].as_u64().unwrap() > 6_000_000);
 
     // Second backup: nothing changed, nothing read, nothing stored.

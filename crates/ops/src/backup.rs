@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use custos_model::{ChunkId, Error, Kind, Result, SnapshotId};
+use custos_repo::lock::LockGuard;
 use custos_repo::snapshot::{SnapshotStats, SourceKind};
 use custos_repo::{BlobKind, BlobWriter, Repository, SnapshotBody, SnapshotSummary};
 use custos_sources::files::{self, Entry, EntryKind, Walked};
@@ -41,40 +42,76 @@ pub struct BackupOptions<'a> {
     pub progress: &'a dyn Progress,
 }
 
-fn summary(
-    repo: &Repository,
-    opts: &BackupOptions,
-    kind: SourceKind,
-    source: &str,
+/// What every backup shares: the shared lock (taken before the index is read, so prune
+/// cannot delete what this run deduplicates against), a writer over the index, the parent
+/// snapshot of the same source, and the clock.
+struct Run<'a> {
+    repo: &'a Repository,
+    _lock: LockGuard,
+    writer: BlobWriter,
     parent: Option<SnapshotId>,
-    stats: SnapshotStats,
-) -> SnapshotSummary {
-    SnapshotSummary {
-        time: opts.time.unwrap_or_else(Utc::now),
-        kind,
-        source: source.into(),
-        host: repo.opts.host.clone(),
-        user: repo.opts.user.clone(),
-        parent,
-        tags: opts.tags.clone(),
-        stats,
-        key: repo.key_id,
-    }
+    kind: SourceKind,
+    source: String,
+    start: Instant,
 }
 
-/// Finishes the writer, writes the index, then the snapshot.
-fn commit(
-    repo: &Repository,
-    writer: BlobWriter,
-    summary: &mut SnapshotSummary,
-    body: &SnapshotBody,
-) -> Result<SnapshotId> {
-    let (packs, ws) = writer.finish()?;
-    summary.stats.chunks_new = ws.chunks_new;
-    summary.stats.bytes_new = ws.bytes_new;
-    summary.stats.bytes_stored = ws.bytes_stored;
-    repo.write_index(packs)?;
-    repo.save_snapshot(summary, body)
+impl<'a> Run<'a> {
+    fn begin(repo: &'a Repository, kind: SourceKind, source: &str) -> Result<Run<'a>> {
+        let start = Instant::now();
+        let lock = repo.lock(false, &format!("backup {}", kind.as_str()))?;
+        let index = Arc::new(repo.load_index()?);
+        let parent = repo
+            .snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.summary.source == source && s.summary.kind == kind)
+            .map(|s| s.id);
+        Ok(Run {
+            repo,
+            _lock: lock,
+            writer: repo.writer(index),
+            parent,
+            kind,
+            source: source.into(),
+            start,
+        })
+    }
+
+    /// Finishes the writer, writes the index, then the snapshot (in that order).
+    fn finish(
+        self,
+        opts: &BackupOptions,
+        mut stats: SnapshotStats,
+        body: &SnapshotBody,
+        errors: Vec<String>,
+    ) -> Result<BackupReport> {
+        let (packs, ws) = self.writer.finish()?;
+        stats.chunks_new = ws.chunks_new;
+        stats.bytes_new = ws.bytes_new;
+        stats.bytes_stored = ws.bytes_stored;
+        self.repo.write_index(packs)?;
+        stats.duration_ms = self.start.elapsed().as_millis() as u64;
+        let summary = SnapshotSummary {
+            time: opts.time.unwrap_or_else(Utc::now),
+            kind: self.kind,
+            source: self.source.clone(),
+            host: self.repo.opts.host.clone(),
+            user: self.repo.opts.user.clone(),
+            parent: self.parent,
+            tags: opts.tags.clone(),
+            stats,
+            key: self.repo.key_id,
+        };
+        let snapshot = self.repo.save_snapshot(&summary, body)?;
+        Ok(BackupReport {
+            snapshot,
+            parent: self.parent,
+            source: self.source,
+            kind: self.kind,
+            stats: summary.stats,
+            errors,
+        })
+    }
 }
 
 fn chunk_reader(
@@ -105,7 +142,6 @@ pub fn backup_files(
     paths: &[PathBuf],
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
-    let start = Instant::now();
     let roots: Vec<PathBuf> = paths
         .iter()
         .map(|p| {
@@ -120,14 +156,8 @@ pub fn backup_files(
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(" ");
-    let _lock = repo.lock(false, "backup files")?;
-    let index = Arc::new(repo.load_index()?);
-    let snapshots = repo.snapshots()?;
-    let parent = snapshots
-        .iter()
-        .rev()
-        .find(|s| s.summary.source == source && s.summary.kind == SourceKind::Files)
-        .map(|s| s.id);
+    let run = Run::begin(repo, SourceKind::Files, &source)?;
+    let writer = &run.writer;
 
     let cache_path = opts
         .cache_dir
@@ -143,7 +173,6 @@ pub fn backup_files(
         .map(|w| w.entry.size)
         .sum();
     opts.progress.start("backup", Some(total));
-    let writer = repo.writer(index.clone());
     let entries: Vec<Mutex<Walked>> = walked.entries.into_iter().map(Mutex::new).collect();
     let errors: Mutex<Vec<String>> = Mutex::new(
         walked
@@ -191,7 +220,7 @@ pub fn backup_files(
                 };
                 match chunk_reader(
                     repo,
-                    &writer,
+                    writer,
                     file,
                     Some(w.entry.size),
                     opts.progress,
@@ -231,7 +260,7 @@ pub fn backup_files(
         .map(|(_, w)| w)
         .collect();
     let manifest_entries: Vec<Entry> = kept.iter().map(|w| w.entry.clone()).collect();
-    let manifest = crate::manifest::store(repo, &writer, &manifest_entries)?;
+    let manifest = crate::manifest::store(repo, writer, &manifest_entries)?;
 
     let stats = SnapshotStats {
         files: manifest_entries
@@ -248,18 +277,16 @@ pub fn backup_files(
         errors: errors.len() as u64,
         ..Default::default()
     };
-    let mut sum = summary(repo, opts, SourceKind::Files, &source, parent, stats);
     let body = SnapshotBody {
         paths: roots.iter().map(|p| p.display().to_string()).collect(),
         manifest,
         ..Default::default()
     };
-    let id = commit(repo, writer, &mut sum, &body)?;
-    sum.stats.duration_ms = start.elapsed().as_millis() as u64;
+    let report = run.finish(opts, stats, &body, errors)?;
 
     if let Some(p) = cache_path {
         let mut c = cache::FilesCache {
-            snapshot: Some(id),
+            snapshot: Some(report.snapshot),
             ..Default::default()
         };
         for w in &kept {
@@ -272,14 +299,7 @@ pub fn backup_files(
         }
         cache::save(&p, &c);
     }
-    Ok(BackupReport {
-        snapshot: id,
-        parent,
-        source,
-        kind: SourceKind::Files,
-        stats: sum.stats,
-        errors,
-    })
+    Ok(report)
 }
 
 /// Backs up every object of a bucket (S3 or another OpenDAL location).
@@ -290,21 +310,13 @@ pub fn backup_bucket(
     prefix: &str,
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
-    let start = Instant::now();
-    let _lock = repo.lock(false, "backup bucket")?;
-    let index = Arc::new(repo.load_index()?);
-    let parent = repo
-        .snapshots()?
-        .into_iter()
-        .rev()
-        .find(|s| s.summary.source == url)
-        .map(|s| s.id);
+    let run = Run::begin(repo, SourceKind::Bucket, url)?;
+    let writer = &run.writer;
     let objects = bucket
         .list(prefix)
         .map_err(|e| e.context("listing the source bucket"))?;
     let total: u64 = objects.iter().map(|o| o.size).sum();
     opts.progress.start("backup", Some(total));
-    let writer = repo.writer(index);
     let read = AtomicU64::new(0);
     let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let entries = custos_repo::repository::parallel_map(
@@ -316,7 +328,7 @@ pub fn backup_bucket(
                 .map_err(|e| e.context("reading the source bucket"))?;
             let ids = chunk_reader(
                 repo,
-                &writer,
+                writer,
                 &data[..],
                 Some(data.len() as u64),
                 opts.progress,
@@ -343,29 +355,19 @@ pub fn backup_bucket(
         },
     )?;
     opts.progress.finish();
-    let manifest = crate::manifest::store(repo, &writer, &entries)?;
+    let manifest = crate::manifest::store(repo, writer, &entries)?;
     let stats = SnapshotStats {
         files: entries.len() as u64,
         bytes: total,
         bytes_read: read.load(Ordering::Relaxed),
         ..Default::default()
     };
-    let mut sum = summary(repo, opts, SourceKind::Bucket, url, parent, stats);
     let body = SnapshotBody {
         paths: vec![url.into()],
         manifest,
         ..Default::default()
     };
-    let id = commit(repo, writer, &mut sum, &body)?;
-    sum.stats.duration_ms = start.elapsed().as_millis() as u64;
-    Ok(BackupReport {
-        snapshot: id,
-        parent,
-        source: url.into(),
-        kind: SourceKind::Bucket,
-        stats: sum.stats,
-        errors: vec![],
-    })
+    run.finish(opts, stats, &body, vec![])
 }
 
 /// Backs up standard input (`command` = None) or a command's output under `name`.
@@ -375,29 +377,21 @@ pub fn backup_stream(
     command: Option<&str>,
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
-    let start = Instant::now();
-    let _lock = repo.lock(false, "backup stream")?;
-    let index = Arc::new(repo.load_index()?);
-    let parent = repo
-        .snapshots()?
-        .into_iter()
-        .rev()
-        .find(|s| s.summary.source == name && s.summary.kind == SourceKind::Stream)
-        .map(|s| s.id);
+    let run = Run::begin(repo, SourceKind::Stream, name)?;
+    let writer = &run.writer;
     opts.progress.start("backup", None);
-    let writer = repo.writer(index);
     let read = AtomicU64::new(0);
     let ids = match command {
         Some(cmd) => {
             let mut child = CommandStream::spawn(cmd)?;
-            let r = chunk_reader(repo, &writer, child.stdout(), None, opts.progress, &read);
+            let r = chunk_reader(repo, writer, child.stdout(), None, opts.progress, &read);
             // The command's exit status decides before anything is recorded.
             child.finish()?;
             r.map_err(|e| Error::new(Kind::Source, format!("reading the output of `{cmd}`: {e}")))??
         }
         None => chunk_reader(
             repo,
-            &writer,
+            writer,
             std::io::stdin().lock(),
             None,
             opts.progress,
@@ -413,21 +407,11 @@ pub fn backup_stream(
         bytes_read: size,
         ..Default::default()
     };
-    let mut sum = summary(repo, opts, SourceKind::Stream, name, parent, stats);
     let body = SnapshotBody {
         paths: vec![name.into()],
         stream: ids,
         stream_size: size,
         ..Default::default()
     };
-    let id = commit(repo, writer, &mut sum, &body)?;
-    sum.stats.duration_ms = start.elapsed().as_millis() as u64;
-    Ok(BackupReport {
-        snapshot: id,
-        parent,
-        source: name.into(),
-        kind: SourceKind::Stream,
-        stats: sum.stats,
-        errors: vec![],
-    })
+    run.finish(opts, stats, &body, vec![])
 }
