@@ -13,6 +13,13 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     std::fs::write(src.join("docs/big.bin"), &big).unwrap();
+    // A scan dated before 1970 keeps its date (times are signed).
+    std::fs::write(src.join("docs/old-scan.dcm"), b"archived film").unwrap();
+    filetime::set_file_mtime(
+        src.join("docs/old-scan.dcm"),
+        filetime::FileTime::from_unix_time(-86_400 * 400, 5),
+    )
+    .unwrap();
 
     let r1 = t.json(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(r1["stats"]["files_unchanged"], 0);

@@ -99,11 +99,7 @@ pub fn restore_files(
         )
         .hint("`custos ls SNAPSHOT` lists the paths it holds"));
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(target)
-        .map_err(|e| io_error(Kind::Config, target, e))?;
+    make_private_dir(target)?;
 
     // Layout first: folders, then every file created at its final size.
     let mut plan: HashMap<PackId, PackPlan> = HashMap::new();
@@ -124,22 +120,14 @@ pub fn restore_files(
         let p = safe_join(target, &e.path)?;
         match e.kind {
             EntryKind::Dir => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&p)
-                    .map_err(|err| io_error(Kind::Config, &p, err))?;
+                make_private_dir(&p)?;
                 made.insert(p);
                 report.dirs += 1;
             }
             EntryKind::File => {
                 if let Some(parent) = p.parent() {
                     if !made.contains(parent) {
-                        fs::DirBuilder::new()
-                            .recursive(true)
-                            .mode(0o700)
-                            .create(parent)
-                            .map_err(|err| io_error(Kind::Config, parent, err))?;
+                        make_private_dir(parent)?;
                         made.insert(parent.to_path_buf());
                     }
                 }
@@ -274,11 +262,7 @@ pub fn restore_files(
             EntryKind::File if e.chunks.is_empty() => set_meta(&p, e, is_root)?,
             EntryKind::Symlink => {
                 if let Some(parent) = p.parent() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(parent)
-                        .map_err(|err| io_error(Kind::Config, parent, err))?;
+                    make_private_dir(parent)?;
                 }
                 if p.symlink_metadata().is_ok() {
                     remove_any(&p)?;
@@ -288,10 +272,7 @@ pub fn restore_files(
                 if is_root {
                     let _ = std::os::unix::fs::lchown(&p, Some(e.uid), Some(e.gid));
                 }
-                let t = filetime::FileTime::from_unix_time(
-                    e.mtime_ns.div_euclid(1_000_000_000),
-                    e.mtime_ns.rem_euclid(1_000_000_000) as u32,
-                );
+                let t = mtime(e);
                 let _ = filetime::set_symlink_file_times(&p, t, t);
                 report.symlinks += 1;
             }
@@ -328,6 +309,23 @@ fn remove_any(p: &Path) -> Result<()> {
     .map_err(|e| io_error(Kind::Config, p, e))
 }
 
+/// An entry's modification time (also set as access time), pre-1970 times included.
+fn mtime(e: &Entry) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(
+        e.mtime_ns.div_euclid(1_000_000_000),
+        e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    )
+}
+
+/// Restored folders are private until their own mode is applied at the end.
+fn make_private_dir(p: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(|e| io_error(Kind::Config, p, e))
+}
+
 fn set_meta_fd(f: &fs::File, p: &Path, e: &Entry, is_root: bool) -> Result<()> {
     if is_root {
         std::os::unix::fs::fchown(f, Some(e.uid), Some(e.gid))
@@ -335,8 +333,8 @@ fn set_meta_fd(f: &fs::File, p: &Path, e: &Entry, is_root: bool) -> Result<()> {
     }
     f.set_permissions(fs::Permissions::from_mode(e.mode))
         .map_err(|err| io_error(Kind::Config, p, err))?;
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(e.mtime_ns.max(0) as u64);
-    f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+    let t = mtime(e);
+    filetime::set_file_handle_times(f, Some(t), Some(t))
         .map_err(|err| io_error(Kind::Config, p, err))
 }
 
@@ -347,10 +345,7 @@ fn set_meta(p: &Path, e: &Entry, is_root: bool) -> Result<()> {
     }
     fs::set_permissions(p, fs::Permissions::from_mode(e.mode))
         .map_err(|err| io_error(Kind::Config, p, err))?;
-    let t = filetime::FileTime::from_unix_time(
-        e.mtime_ns.div_euclid(1_000_000_000),
-        e.mtime_ns.rem_euclid(1_000_000_000) as u32,
-    );
+    let t = mtime(e);
     filetime::set_file_times(p, t, t).map_err(|err| io_error(Kind::Config, p, err))
 }
 
