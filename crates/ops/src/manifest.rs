@@ -2,7 +2,7 @@
 //! stored as tree blobs, so that an unchanged part of a large tree deduplicates between
 //! snapshots.
 
-use custos_model::{ChunkId, Error, Result};
+use custos_model::{ChunkId, Error, Result, SnapshotId};
 use custos_repo::{BlobKind, BlobWriter, Index, Repository};
 use custos_sources::files::Entry;
 
@@ -39,4 +39,22 @@ pub fn load(repo: &Repository, index: &Index, chunks: &[ChunkId]) -> Result<Vec<
         );
     }
     Ok(out)
+}
+
+/// Every chunk a snapshot references: its manifest's tree chunks and the data chunks of its
+/// files, or its stream's chunks. What prune keeps and what verify expects in the index.
+pub fn referenced_chunks(
+    repo: &Repository,
+    index: &Index,
+    snapshot: &SnapshotId,
+) -> Result<Vec<ChunkId>> {
+    let body = repo.snapshot_body(snapshot)?;
+    let mut refs = body.manifest.clone();
+    refs.extend(&body.stream);
+    if !body.manifest.is_empty() {
+        let entries =
+            load(repo, index, &body.manifest).map_err(|e| e.context("manifest unreadable"))?;
+        refs.extend(entries.into_iter().flat_map(|e| e.chunks));
+    }
+    Ok(refs)
 }

@@ -61,20 +61,9 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
     let mut used: HashSet<ChunkId> = HashSet::new();
     for s in &snapshots {
         // Any unreadable snapshot stops prune: deleting on incomplete knowledge loses data.
-        let body = repo
-            .snapshot_body(&s.id)
+        let refs = crate::manifest::referenced_chunks(repo, index, &s.id)
             .map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
-        used.extend(&body.manifest);
-        used.extend(&body.stream);
-        if !body.manifest.is_empty() {
-            let entries = crate::manifest::load(repo, index, &body.manifest).map_err(|e| {
-                e.context(format!(
-                    "prune cannot read the manifest of snapshot {}",
-                    s.id.short()
-                ))
-            })?;
-            used.extend(entries.into_iter().flat_map(|e| e.chunks));
-        }
+        used.extend(refs);
     }
     let mut p = PrunePlan {
         snapshots: snapshots.len() as u64,

@@ -198,14 +198,12 @@ pub fn restore_files(
                 let loc = index.blobs[id];
                 let fetched;
                 let sealed: &[u8] = match &whole {
-                    Some(w) => w
-                        .get(loc.offset as usize..(loc.offset + loc.length) as usize)
-                        .ok_or_else(|| {
-                            Error::integrity(format!(
-                                "pack {} is shorter than indexed",
-                                pack_id.short()
-                            ))
-                        })?,
+                    Some(w) => w.get(loc.range()).ok_or_else(|| {
+                        Error::integrity(format!(
+                            "pack {} is shorter than indexed",
+                            pack_id.short()
+                        ))
+                    })?,
                     None => {
                         fetched = repo
                             .storage
@@ -218,14 +216,7 @@ pub fn restore_files(
                         &fetched
                     }
                 };
-                let plain = pack::open_blob(
-                    &dek,
-                    &repo.keys.id_key,
-                    id,
-                    loc.compressed,
-                    loc.raw_length,
-                    sealed,
-                )?;
+                let plain = pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed)?;
                 for (file, off) in targets {
                     let e = &entries[*file];
                     let p = target.join(&e.path);

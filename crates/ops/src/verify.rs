@@ -86,24 +86,13 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     if repo.keys.secret.is_some() {
         let mut checked: HashSet<ChunkId> = HashSet::new();
         for s in &snapshots {
-            let body = match repo.snapshot_body(&s.id) {
-                Ok(b) => b,
+            let refs = match crate::manifest::referenced_chunks(repo, &index, &s.id) {
+                Ok(r) => r,
                 Err(e) => {
                     r.errors.push(format!("snapshot {}: {}", s.id, e.message));
                     continue;
                 }
             };
-            let mut refs: Vec<ChunkId> = body.manifest.clone();
-            refs.extend(&body.stream);
-            if !body.manifest.is_empty() {
-                match crate::manifest::load(repo, &index, &body.manifest) {
-                    Ok(entries) => refs.extend(entries.into_iter().flat_map(|e| e.chunks)),
-                    Err(e) => r.errors.push(format!(
-                        "snapshot {}: manifest unreadable: {}",
-                        s.id, e.message
-                    )),
-                }
-            }
             for id in refs {
                 if checked.insert(id) && !index.contains(&id) {
                     r.errors.push(format!(
@@ -218,19 +207,11 @@ fn check_pack(
     }
     let mut n = 0;
     for (id, loc) in blobs {
-        let Some(sealed) = bytes.get(loc.offset as usize..(loc.offset + loc.length) as usize)
-        else {
+        let Some(sealed) = bytes.get(loc.range()) else {
             errs.push(format!("pack {}: chunk {} lies past the end", p.id, id));
             continue;
         };
-        match pack::open_blob(
-            &dek,
-            &repo.keys.id_key,
-            id,
-            loc.compressed,
-            loc.raw_length,
-            sealed,
-        ) {
+        match pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed) {
             Ok(_) => n += 1,
             Err(e) => errs.push(format!("pack {}: {}", p.id, e.message)),
         }

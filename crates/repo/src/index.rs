@@ -46,6 +46,13 @@ pub struct BlobLoc {
     pub compressed: bool,
 }
 
+impl BlobLoc {
+    /// Where the blob's stored bytes sit in its pack.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset as usize..(self.offset + self.length) as usize
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PackMeta {
     pub id: PackId,

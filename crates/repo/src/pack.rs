@@ -138,8 +138,7 @@ pub fn open_blob(
     dek: &[u8; 32],
     id_key: &[u8; 32],
     entry_id: &ChunkId,
-    compressed: bool,
-    raw_length: u32,
+    loc: &crate::index::BlobLoc,
     sealed: &[u8],
 ) -> Result<Vec<u8>> {
     let body = aead::open(
@@ -148,8 +147,8 @@ pub fn open_blob(
         sealed,
         &format!("chunk {}", entry_id.short()),
     )?;
-    let plain = if compressed {
-        decompress(&body, raw_length as usize).map_err(|e| {
+    let plain = if loc.compressed {
+        decompress(&body, loc.raw_length as usize).map_err(|e| {
             Error::integrity(format!(
                 "chunk {}: cannot decompress: {e}",
                 entry_id.short()
@@ -158,7 +157,7 @@ pub fn open_blob(
     } else {
         body
     };
-    if plain.len() != raw_length as usize
+    if plain.len() != loc.raw_length as usize
         || blake3::keyed_hash(id_key, &plain).as_bytes() != &entry_id.0 .0
     {
         return Err(Error::integrity(format!(

@@ -404,14 +404,7 @@ impl Repository {
                 u64::from(loc.length),
             )
             .map_err(|e| missing_as_integrity(e, "pack"))?;
-        pack::open_blob(
-            &dek,
-            &self.keys.id_key,
-            id,
-            loc.compressed,
-            loc.raw_length,
-            &sealed,
-        )
+        pack::open_blob(&dek, &self.keys.id_key, id, loc, &sealed)
     }
 
     // ---- snapshots ----
