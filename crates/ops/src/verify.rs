@@ -211,7 +211,7 @@ fn check_pack(
             errs.push(format!("pack {}: chunk {} lies past the end", p.id, id));
             continue;
         };
-        match pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed) {
+        match pack::open_blob(&dek, &repo.keys.id_key, id, loc, sealed) {
             Ok(_) => n += 1,
             Err(e) => errs.push(format!("pack {}: {}", p.id, e.message)),
         }
