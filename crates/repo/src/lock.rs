@@ -90,6 +90,14 @@ pub fn read_all(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<(LockId
     Ok(out)
 }
 
+fn seal(meta_key: &[u8; 32], info: &LockInfo) -> Vec<u8> {
+    aead::seal(
+        meta_key,
+        AAD,
+        &serde_json::to_vec(info).expect("serializable"),
+    )
+}
+
 pub fn acquire(
     storage: DynStorage,
     meta_key: &[u8; 32],
@@ -108,9 +116,7 @@ pub fn acquire(
         pid: std::process::id(),
         command: command.into(),
     };
-    let seal =
-        |i: &LockInfo| aead::seal(meta_key, AAD, &serde_json::to_vec(i).expect("serializable"));
-    storage.put(&path, &seal(&info), PutMode::CreateOnly)?;
+    storage.put(&path, &seal(meta_key, &info), PutMode::CreateOnly)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut guard = LockGuard {
         storage: storage.clone(),
@@ -146,7 +152,7 @@ pub fn acquire(
         }
         let mut i = info.clone();
         i.time = Utc::now();
-        let sealed = aead::seal(&key, AAD, &serde_json::to_vec(&i).expect("serializable"));
+        let sealed = seal(&key, &i);
         if let Err(e) = st.put(&path, &sealed, PutMode::Overwrite) {
             tracing::warn!("cannot refresh repository lock: {e}");
         }
