@@ -23,13 +23,7 @@ fn backup_role_writes_and_deduplicates_but_cannot_read() {
     ]);
     assert_eq!(added["role"], "backup");
 
-    let mut b = T {
-        dir: tempfile::tempdir().unwrap(),
-        repo: t.repo.clone(),
-        envs: t.envs.clone(),
-        run_as: None,
-    };
-    b.set("CUSTOS_PASSWORD", "backup-only password");
+    let mut b = t.with_password("backup-only password");
     b.set("CUSTOS_CACHE_DIR", b.path("cache").to_str().unwrap());
     // It backs up, deduplicating against data the restore key stored (no cache here).
     let r = b.json(&["backup", "files", src.to_str().unwrap()]);

@@ -94,13 +94,7 @@ fn archive_command_round_trip_and_refusals() {
     let data = pg.data.to_str().unwrap();
 
     // Every archived file comes back identical (restore key).
-    let mut r = T {
-        dir: tempfile::tempdir().unwrap(),
-        repo: t.repo.clone(),
-        envs: t.envs.clone(),
-        run_as: None,
-    };
-    r.set("CUSTOS_PASSWORD", PW);
+    let r = t.with_password(PW);
     let mut names: Vec<String> = std::fs::read_dir(&copies)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -200,13 +194,7 @@ fn archive_command_round_trip_and_refusals() {
     assert!(err.contains(&seg), "{err}");
 
     // The backup role (the archiver's key) cannot read the archive back.
-    let mut b = T {
-        dir: tempfile::tempdir().unwrap(),
-        repo: t.repo.clone(),
-        envs: t.envs.clone(),
-        run_as: None,
-    };
-    b.set("CUSTOS_PASSWORD", "backup role password");
+    let b = t.with_password("backup role password");
     let err = b.fails(
         &[
             "wal-fetch",
@@ -254,13 +242,7 @@ fn pg_check_reports_health_gaps_and_lag() {
         ));
     }
     wait_archived(&pg, 5);
-    let mut r = T {
-        dir: tempfile::tempdir().unwrap(),
-        repo: t.repo.clone(),
-        envs: t.envs.clone(),
-        run_as: None,
-    };
-    r.set("CUSTOS_PASSWORD", PW);
+    let mut r = t.with_password(PW);
     r.set("PGHOST", pg.dir.to_str().unwrap());
     r.set("PGPORT", &pg.port.to_string());
     r.set("PGUSER", "postgres");
@@ -331,13 +313,7 @@ fn pg_check_reports_health_gaps_and_lag() {
 #[test]
 fn pg_check_on_unreachable_database_is_one_clear_error() {
     let (t, _, _) = setup();
-    let mut r = T {
-        dir: tempfile::tempdir().unwrap(),
-        repo: t.repo.clone(),
-        envs: t.envs.clone(),
-        run_as: None,
-    };
-    r.set("CUSTOS_PASSWORD", PW);
+    let mut r = t.with_password(PW);
     r.set("PGHOST", r.path("no-such-socket-dir").to_str().unwrap());
     r.set("PGPORT", "5999");
     let err = r.fails(&["pg", "check"], 17);

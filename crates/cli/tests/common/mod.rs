@@ -48,6 +48,19 @@ impl T {
         }
     }
 
+    /// Another operator on the same repository: own scratch folder, own password, run as
+    /// the test's own user.
+    pub fn with_password(&self, password: &str) -> T {
+        let mut other = T {
+            dir: tempfile::tempdir().unwrap(),
+            repo: self.repo.clone(),
+            envs: self.envs.clone(),
+            run_as: None,
+        };
+        other.set("CUSTOS_PASSWORD", password);
+        other
+    }
+
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
