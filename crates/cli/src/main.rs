@@ -859,21 +859,46 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
         .into_iter()
         .filter(|s| source.is_none_or(|src| s.summary.source == src))
         .collect();
+    // Database backups restore to any time from their end to the end of the archive.
+    let mut ends = std::collections::HashMap::new();
+    for s in &snaps {
+        if let Some(p) = &s.summary.pg {
+            if let std::collections::hash_map::Entry::Vacant(e) = ends.entry(p.system_id) {
+                e.insert(custos_ops::pg_restore::archive_end(
+                    &repo,
+                    p.system_id,
+                    p.timeline,
+                    p.segment_size,
+                )?);
+            }
+        }
+    }
+    let until = |p: &custos_repo::snapshot::PgInfo| ends.get(&p.system_id).cloned().flatten();
     if ctx.out.json {
         let v: Vec<_> = snaps
             .iter()
-            .map(|s| serde_json::json!({"id": s.id, "summary": s.summary}))
+            .map(|s| match &s.summary.pg {
+                Some(p) => {
+                    let end = until(p);
+                    serde_json::json!({"id": s.id, "summary": s.summary, "restorable": {
+                        "from": p.stop_time,
+                        "until": end.as_ref().and_then(|e| e.1),
+                        "archive_end_segment": end.map(|e| e.0),
+                    }})
+                }
+                None => serde_json::json!({"id": s.id, "summary": s.summary}),
+            })
             .collect();
         ctx.out.json(&v);
     } else {
         println!(
-            "{:<10} {:<20} {:<7} {:<12} {:>10} {:>10}  source",
+            "{:<10} {:<20} {:<8} {:<12} {:>10} {:>10}  source",
             "id", "time (UTC)", "kind", "host", "size", "added"
         );
         for s in &snaps {
             let m = &s.summary;
             println!(
-                "{:<10} {:<20} {:<7} {:<12} {:>10} {:>10}  {}",
+                "{:<10} {:<20} {:<8} {:<12} {:>10} {:>10}  {}",
                 s.id.short(),
                 m.time.format("%Y-%m-%d %H:%M:%S"),
                 m.kind.as_str(),
@@ -882,6 +907,25 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
                 ByteSize(m.stats.bytes_stored).to_string(),
                 m.source
             );
+            if let Some(p) = &m.pg {
+                let end = match until(p) {
+                    Some((seg, Some(at))) => {
+                        format!("{} (WAL to {seg})", at.format("%Y-%m-%d %H:%M:%S"))
+                    }
+                    Some((seg, None)) => format!("WAL {seg}"),
+                    None if p.wal_included => "its own end (WAL included, none archived)".into(),
+                    None => "nothing: no WAL archived".into(),
+                };
+                println!(
+                    "{:<10} {} LSN {}..{} TL {}; restorable from {} to {end}",
+                    "",
+                    p.backup_type.as_str(),
+                    p.start_lsn,
+                    p.stop_lsn,
+                    p.timeline,
+                    p.stop_time.format("%Y-%m-%d %H:%M:%S"),
+                );
+            }
         }
         println!("{} snapshot(s)", snaps.len());
     }
@@ -1234,19 +1278,21 @@ fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
             plan.snapshots, plan.packs, plan.chunks_used, plan.chunks_unused
         );
         println!(
-            "{} {} unused pack(s), rewrite {} partly used, remove {} unindexed pack(s) and {} temp file(s); about {} freed",
+            "{} {} unused pack(s), rewrite {} partly used, remove {} unindexed pack(s), {} temp file(s) and {} WAL file(s) older than every kept database backup; about {} freed",
             if dry_run { "would delete" } else { "delete" },
             plan.packs_delete.len(),
             plan.packs_repack.len(),
             plan.packs_unindexed.len(),
             plan.temp_files.len(),
+            plan.wal_delete.len(),
             ByteSize(plan.bytes_freed_estimate)
         );
         if let Some(r) = report {
             println!(
-                "done: deleted {} packs ({}), wrote {} new packs with {} chunks",
+                "done: deleted {} packs ({}) and {} WAL file(s), wrote {} new packs with {} chunks",
                 r.packs_deleted,
                 ByteSize(r.bytes_deleted),
+                r.wal_deleted,
                 r.packs_written,
                 r.chunks_repacked
             );

@@ -115,9 +115,39 @@ pub fn check(repo: &Repository, conn: &ConnectOptions, max_lag: Duration) -> Res
         }
     }
     names.sort();
+    // Continuity matters from the start of the oldest base backup on.
+    let oldest_backup = repo
+        .snapshots()?
+        .into_iter()
+        .filter_map(|s| s.summary.pg)
+        .filter(|p| p.system_id == a.system_id)
+        .min_by_key(|p| p.start_lsn);
     let mut gaps = vec![];
+    if let Some(b) = &oldest_backup {
+        let first_needed = b.start_lsn.segment(seg_size);
+        let segs = by_tli.entry(b.timeline).or_default();
+        segs.sort_unstable();
+        let first_held = segs.first().copied();
+        if !b.wal_included && first_held.is_none_or(|f| f > first_needed) {
+            let to = first_held.map(|f| f - 1).unwrap_or(first_needed);
+            gaps.push(if to == first_needed {
+                seg_name(b.timeline, first_needed, seg_size)
+            } else {
+                format!(
+                    "{}..{}",
+                    seg_name(b.timeline, first_needed, seg_size),
+                    seg_name(b.timeline, to, seg_size)
+                )
+            });
+        }
+    }
+    let from_segment = oldest_backup
+        .as_ref()
+        .map(|b| b.start_lsn.segment(seg_size))
+        .unwrap_or(0);
     for (tli, segs) in by_tli.iter_mut() {
         segs.sort_unstable();
+        segs.retain(|n| *n >= from_segment);
         for w in segs.windows(2) {
             if w[1] > w[0] + 1 {
                 let (from, to) = (w[0] + 1, w[1] - 1);

@@ -198,16 +198,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             .hint("check archiving with `custos pg check`; a backup taken with --wal carries this WAL itself"));
         }
     }
-    let per_log = 0x1_0000_0000 / info.segment_size;
-    let newest = archived
-        .iter()
-        .filter_map(|n| match classify(n) {
-            Ok(WalFileKind::Segment { timeline, log, seg }) if timeline >= info.timeline => {
-                Some((u64::from(log) * per_log + u64::from(seg), n.clone()))
-            }
-            _ => None,
-        })
-        .max();
+    let newest = newest_segment(&archived, info.timeline, info.segment_size);
     let archive_end = match &newest {
         Some((_, name)) => Some((
             name.clone(),
@@ -274,6 +265,49 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         restore,
         settings,
     })
+}
+
+/// The newest archived segment on `timeline` or a later one: (segment number, name).
+fn newest_segment<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+    timeline: u32,
+    segment_size: u64,
+) -> Option<(u64, String)> {
+    let per_log = 0x1_0000_0000 / segment_size;
+    names
+        .into_iter()
+        .filter_map(|n| match classify(n) {
+            Ok(WalFileKind::Segment {
+                timeline: t,
+                log,
+                seg,
+            }) if t >= timeline => Some((u64::from(log) * per_log + u64::from(seg), n.clone())),
+            _ => None,
+        })
+        .max()
+}
+
+/// How far the archive of a cluster reaches: its newest segment from `timeline` on, and
+/// when that segment was archived. What `snapshots` shows as the end of the restorable range.
+pub fn archive_end(
+    repo: &Repository,
+    system_id: u64,
+    timeline: u32,
+    segment_size: u64,
+) -> Result<Option<(String, Option<DateTime<Utc>>)>> {
+    let names: Vec<String> = repo
+        .wal_objects()?
+        .into_iter()
+        .filter(|(sys, _, _)| *sys == system_id)
+        .map(|(_, n, _)| n)
+        .collect();
+    match newest_segment(&names, timeline, segment_size) {
+        Some((_, name)) => {
+            let pushed = repo.wal_meta(system_id, &name)?.and_then(|m| m.pushed);
+            Ok(Some((name, pushed)))
+        }
+        None => Ok(None),
+    }
 }
 
 fn quote(v: &str) -> String {

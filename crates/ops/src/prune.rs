@@ -37,6 +37,10 @@ pub struct PrunePlan {
     #[serde(skip)]
     used: HashSet<ChunkId>,
     pub temp_files: Vec<String>,
+    /// Archived WAL older than the start of the oldest PostgreSQL backup kept for its
+    /// cluster: no kept backup can replay it.
+    pub wal_delete: Vec<String>,
+    pub wal_bytes: u64,
 }
 
 impl PrunePlan {
@@ -45,6 +49,7 @@ impl PrunePlan {
             && self.packs_repack.is_empty()
             && self.packs_unindexed.is_empty()
             && self.temp_files.is_empty()
+            && self.wal_delete.is_empty()
     }
 }
 
@@ -54,6 +59,54 @@ pub struct PruneReport {
     pub packs_written: u64,
     pub chunks_repacked: u64,
     pub bytes_deleted: u64,
+    pub wal_deleted: u64,
+}
+
+/// WAL objects no kept backup needs: per cluster, segments numbered below the segment
+/// where its oldest kept backup starts (on any timeline: no kept backup reaches earlier).
+/// Timeline history files stay. A cluster with no backup keeps all its WAL.
+fn wal_to_delete(
+    repo: &Repository,
+    snapshots: &[custos_repo::Snapshot],
+) -> Result<(Vec<String>, u64)> {
+    use custos_sources::postgres::wal::{classify, WalFileKind};
+    let mut oldest: std::collections::HashMap<u64, u64> = Default::default();
+    for s in snapshots {
+        if let Some(pg) = &s.summary.pg {
+            let seg = pg.start_lsn.segment(pg.segment_size);
+            let e = oldest.entry(pg.system_id).or_insert(u64::MAX);
+            *e = (*e).min(seg);
+        }
+    }
+    let mut out = vec![];
+    let mut bytes = 0;
+    let segsize_of: std::collections::HashMap<u64, u64> = snapshots
+        .iter()
+        .filter_map(|s| s.summary.pg.as_ref().map(|p| (p.system_id, p.segment_size)))
+        .collect();
+    for (sys, name, size) in repo.wal_objects()? {
+        let (Some(first), Some(segsize)) = (oldest.get(&sys), segsize_of.get(&sys)) else {
+            continue;
+        };
+        let per_log = 0x1_0000_0000 / segsize;
+        let number = match classify(&name) {
+            Ok(WalFileKind::Segment { log, seg, .. }) => u64::from(log) * per_log + u64::from(seg),
+            // `.backup` and `.partial` files: by the segment they name.
+            Ok(WalFileKind::Other) => match classify(&name[..24]) {
+                Ok(WalFileKind::Segment { log, seg, .. }) => {
+                    u64::from(log) * per_log + u64::from(seg)
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        if number < *first {
+            out.push(paths::wal(sys, &name));
+            bytes += size;
+        }
+    }
+    out.sort();
+    Ok((out, bytes))
 }
 
 pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
@@ -107,6 +160,10 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
     p.packs_repack.sort();
     p.packs_unindexed.sort();
     p.used = used;
+    let (wal, wal_bytes) = wal_to_delete(repo, &snapshots)?;
+    p.wal_delete = wal;
+    p.wal_bytes = wal_bytes;
+    p.bytes_freed_estimate += wal_bytes;
     Ok(p)
 }
 
@@ -194,6 +251,10 @@ fn execute(
     }
     for t in &plan.temp_files {
         repo.storage.delete(t)?;
+    }
+    for w in &plan.wal_delete {
+        repo.storage.delete(w)?;
+        report.wal_deleted += 1;
     }
     Ok(report)
 }

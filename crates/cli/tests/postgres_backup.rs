@@ -1,0 +1,208 @@
+//! Base backups with a real PostgreSQL 15 cluster: a damaged data page is reported by the
+//! backup (file and block), a backup taken with --wal restores without any archive, prune
+//! removes archived WAL that no kept backup needs and keeps what they need, and bad
+//! connection settings or a data directory of another cluster give one clear error.
+
+mod common;
+use common::*;
+
+use custos_testkit::{free_port, give_to_postgres, pg15_bin, PgCluster};
+
+/// Points a repository made by `pg_repo` (commands run as postgres) at a cluster.
+fn connect(t: &mut T, pg: &PgCluster) {
+    t.set("PGHOST", pg.dir.to_str().unwrap());
+    t.set("PGPORT", &pg.port.to_string());
+}
+
+#[test]
+fn damaged_page_is_reported_and_wal_included_backup_restores_alone() {
+    // No archiving at all: only --wal makes the backup restorable.
+    let pg = PgCluster::init(pg15_bin(), "wal_level = replica\n");
+    pg.start();
+    pg.psql("CREATE TABLE intact (id int PRIMARY KEY, v text); INSERT INTO intact SELECT g, md5(g::text) FROM generate_series(1, 5000) g;");
+    pg.psql("CREATE TABLE victim (id int, v text); INSERT INTO victim SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g;");
+    let rel = pg.psql("SELECT pg_relation_filepath('victim')");
+    pg.psql("CHECKPOINT");
+    pg.stop();
+    // Damage block 3 of the table on disk behind PostgreSQL's back.
+    let file = pg.data.join(&rel);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[3 * 8192 + 4000] ^= 0x5a;
+    std::fs::write(&file, bytes).unwrap();
+    pg.start();
+    let (mut t, _, _) = pg_repo();
+    connect(&mut t, &pg);
+
+    // Without archiving and without --wal the backup would be useless: refused.
+    let err = t.fails(&["backup", "postgres", "--type", "full"], 2);
+    assert!(err.contains("archive_mode is off"), "{err}");
+
+    let out = t.run(&["backup", "postgres", "--type", "full", "--wal"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a damaged page must fail the run visibly: {err}"
+    );
+    assert!(err.contains(&format!("{rel} block 3")), "{err}");
+    let snaps = t.json(&["snapshots"]);
+    let pg_info = &snaps[0]["summary"]["pg"];
+    assert_eq!(pg_info["damaged_pages"], 1);
+    assert_eq!(pg_info["wal_included"], true);
+
+    // The snapshot restores and recovers with no archive (restore_command finds nothing).
+    let dir = t.path("restored");
+    let port = free_port();
+    t.unset("CUSTOS_PASSWORD");
+    t.set(
+        "CUSTOS_PASSWORD_FILE",
+        t.path("restore.pw").to_str().unwrap(),
+    );
+    t.ok(&[
+        "restore",
+        "postgres",
+        "--to",
+        dir.to_str().unwrap(),
+        "--target",
+        "immediate",
+        "--port",
+        &port.to_string(),
+        "--no-archiving",
+    ]);
+    let c = PgCluster::existing(pg.bin.clone(), dir.clone(), port, pg.dir.clone());
+    let (ok, log) = c.try_start(&t.path("restored.log"));
+    assert!(ok, "{log}");
+    for _ in 0..300 {
+        if c.psql("SELECT pg_is_in_recovery()") == "f" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        c.psql("SELECT count(*), sum(length(v)) FROM intact"),
+        pg.psql("SELECT count(*), sum(length(v)) FROM intact")
+    );
+    c.stop();
+}
+
+#[test]
+fn prune_keeps_the_wal_kept_backups_need() {
+    let (mut t, cbin, cfg) = pg_repo();
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n",
+        cbin.display(),
+        cfg.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    connect(&mut t, &pg);
+    pg.psql("CREATE TABLE t (id int)");
+    for _ in 0..3 {
+        pg.psql("INSERT INTO t SELECT generate_series(1, 1000)");
+        pg.switch_and_archive();
+    }
+    let first = t.json(&["backup", "postgres", "--type", "full"]);
+    for _ in 0..3 {
+        pg.psql("INSERT INTO t SELECT generate_series(1, 1000)");
+        pg.switch_and_archive();
+    }
+    let second = t.json(&["backup", "postgres", "--type", "incremental"]);
+    pg.switch_and_archive();
+    let wal_names = |t: &T| -> Vec<String> {
+        let mut v: Vec<String> = walkdir(&std::path::PathBuf::from(&t.repo).join("wal"))
+            .into_iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = wal_names(&t);
+    let start_of = |b: &serde_json::Value| -> String {
+        let lsn: custos_model::Lsn = b["pg"]["start_lsn"].as_str().unwrap().parse().unwrap();
+        format!(
+            "00000001{:08X}{:08X}",
+            lsn.0 >> 32,
+            (lsn.0 & 0xFFFF_FFFF) >> 24
+        )
+    };
+    let first_start = start_of(&first);
+    assert!(
+        before.iter().any(|n| n.as_str() < first_start.as_str()),
+        "{before:?}"
+    );
+
+    // With both backups kept, WAL before the first backup goes; the rest stays.
+    t.ok(&["prune"]);
+    let after = wal_names(&t);
+    assert!(
+        after.iter().all(|n| n.as_str() >= first_start.as_str()),
+        "{after:?}"
+    );
+    assert_eq!(
+        after.len(),
+        before
+            .iter()
+            .filter(|n| n.as_str() >= first_start.as_str())
+            .count()
+    );
+    // `pg check` finds the archive continuous from the oldest backup.
+    let check = t.json(&["pg", "check"]);
+    assert_eq!(check["gaps"].as_array().unwrap().len(), 0, "{check}");
+
+    // Forget the first backup: the WAL between the backups goes too.
+    t.ok(&["forget", "--keep-last", "1", "--prune"]);
+    let second_start = start_of(&second);
+    let last = wal_names(&t);
+    assert!(
+        last.iter().all(|n| n.as_str() >= second_start.as_str()),
+        "{last:?}"
+    );
+    assert!(
+        last.iter().any(|n| n.as_str() == second_start.as_str()),
+        "{last:?}"
+    );
+    t.ok(&["verify", "--read-data"]);
+}
+
+fn walkdir(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(p).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_connection_and_wrong_data_directory_are_clear_errors() {
+    let pg = PgCluster::init(
+        pg15_bin(),
+        "archive_mode = on\narchive_command = '/bin/true'\n",
+    );
+    pg.start();
+    let other = PgCluster::init(pg15_bin(), "");
+    let (mut t, _, _) = pg_repo();
+    connect(&mut t, &pg);
+    // Nothing listens on this port.
+    t.set("PGPORT", &free_port().to_string());
+    let err = t.fails(&["backup", "postgres"], 17);
+    assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
+    assert!(err.contains("PGHOST"), "{err}");
+    t.set("PGPORT", &pg.port.to_string());
+    give_to_postgres(&other.data);
+    let err = t.fails(
+        &[
+            "backup",
+            "postgres",
+            "--pgdata",
+            other.data.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(err.contains("belongs to cluster"), "{err}");
+    assert!(t.json(&["snapshots"]).as_array().unwrap().is_empty());
+}
