@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# custos vs pgBackRest on the peers' PostgreSQL 15 data set (pgbench -s 100 plus 200,000
+# rows of 384 float4: about 2 GB), in one run, side by side:
+#   full backup, pgbench for $PGBENCH_T s, incremental backup (time and bytes added),
+#   full restore, delta restore (no change), and synchronous wal-push latency over
+#   $WAL_SEGS real segments. Prints the figures and custos/pgBackRest ratios.
+# Reuses ../shared/bench/peers (data set, `measure` under /usr/bin/time -v with the page
+# cache dropped). Run as root:  ./bench/postgres.sh   (PEERS=... to point elsewhere)
+# Not a test: nothing here asserts a time.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PEERS="${PEERS:-$ROOT/../shared/bench/peers}"
+export RES="${RES:-${BENCH:-/tmp/peerbench}/custos-pg}"
+# shellcheck source=/dev/null
+source "$PEERS/common.sh"
+need_root
+apt_need postgresql-15 pgbackrest zstd time bc python3
+"$ROOT/scripts/setup.sh" >/dev/null
+(cd "$ROOT" && cargo build --release --quiet)
+[ -f "$PRISTINE/.complete" ] || "$PEERS/10-dataset.sh"
+
+pg_stop || true
+rm -rf "$PGDATA" "$REPOS" "$RESTORE" "$CONF" "$RES"
+mkdir -p "$RES"
+log "reset PGDATA from pristine"; cp -a "$PRISTINE" "$PGDATA"; rm -f "$PGDATA/.complete"
+install -d -o "$PGUSER_OS" -m 755 "$REPOS" "$RESTORE" "$CONF" "$RUNDIR" "$BENCH/bin"
+install -d -o "$PGUSER_OS" -m 750 "$REPOS/pgbr" "$REPOS/pgbr-wal"
+install -m 755 "$ROOT/target/release/custos" "$BENCH/bin/custos"
+CUSTOS="$BENCH/bin/custos"
+
+# custos: restore key (default KDF) for restores, backup key (cheap KDF: its password is
+# a random string in a 0600 file) for the archiver and the backups, as on a database host.
+umask 022
+head -c 24 /dev/urandom | base64 > "$CONF/restore.pw"; head -c 24 /dev/urandom | base64 > "$CONF/backup.pw"
+chown "$PGUSER_OS" "$CONF"/*.pw; chmod 600 "$CONF"/*.pw
+C() { runuser -u "$PGUSER_OS" -- env CUSTOS_REPO="$REPOS/custos" CUSTOS_CACHE_DIR="$BENCH/custos-cache" "$@"; }
+C env CUSTOS_PASSWORD_FILE="$CONF/restore.pw" "$CUSTOS" init -q
+C env CUSTOS_PASSWORD_FILE="$CONF/restore.pw" CUSTOS_NEW_PASSWORD_FILE="$CONF/backup.pw" \
+    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+CB="runuser -u $PGUSER_OS -- env CUSTOS_REPO=$REPOS/custos CUSTOS_CACHE_DIR=$BENCH/custos-cache CUSTOS_PASSWORD_FILE=$CONF/backup.pw PGHOST=$RUNDIR PGPORT=$PGPORT $CUSTOS"
+CR="runuser -u $PGUSER_OS -- env CUSTOS_REPO=$REPOS/custos CUSTOS_PASSWORD_FILE=$CONF/restore.pw $CUSTOS"
+
+for name in pgbr pgbr-wal; do
+cat > "$CONF/$name.conf" <<EOC
+[global]
+repo1-path=$REPOS/$name
+repo1-retention-full=10
+process-max=2
+compress-type=zst
+compress-level=3
+start-fast=y
+log-level-console=warn
+log-level-file=off
+lock-path=$RUNDIR/lock-$name
+spool-path=$RUNDIR/spool-$name
+
+[bench]
+pg1-path=$PGDATA
+pg1-port=$PGPORT
+pg1-socket-path=$RUNDIR
+pg1-user=postgres
+EOC
+done
+chmod 644 "$CONF"/*.conf
+cat > "$CONF/push-both.sh" <<EOC
+#!/bin/sh
+pgbackrest --config=$CONF/pgbr.conf --stanza=bench archive-push "\$1" && \
+CUSTOS_REPO=$REPOS/custos CUSTOS_PASSWORD_FILE=$CONF/backup.pw $CUSTOS --quiet wal-push "\$1"
+EOC
+chmod 755 "$CONF/push-both.sh"
+pg_set "archive_command = '$CONF/push-both.sh %p'"
+pg_start
+PGBR="runuser -u $PGUSER_OS -- pgbackrest --config=$CONF/pgbr.conf --stanza=bench"
+$PGBR stanza-create >/dev/null
+note src_bytes_excl_pg_wal "$(( $(bytes "$PGDATA") - $(bytes "$PGDATA/pg_wal") ))"
+
+log "=== full backups ==="
+measure pgbr-full $PGBR --type=full backup
+note pgbr_repo_after_full "$(bytes "$REPOS/pgbr/backup")"
+measure custos-full $CB backup postgres --type full
+note custos_repo_after_full "$(bytes "$REPOS/custos")"
+
+log "=== pgbench -T $PGBENCH_T -c 4 ==="
+as_pg "$PGBIN/pgbench" -h "$RUNDIR" -p "$PGPORT" -U postgres -T "$PGBENCH_T" -c 4 -j 2 postgres > "$RES/pgbench.log" 2>&1
+psqlc -c CHECKPOINT
+note pgbench_tps "$(awk '/^tps/{print $3; exit}' "$RES/pgbench.log")"
+# Keep real WAL segments for the wal-push test before the cluster recycles them.
+mkdir -p "$BENCH/walcopies"; rm -f "$BENCH/walcopies"/*
+ls "$PGDATA/pg_wal" | grep -E '^[0-9A-F]{24}$' | head -n "$WAL_SEGS" | while read -r s; do cp "$PGDATA/pg_wal/$s" "$BENCH/walcopies/"; done
+chown -R "$PGUSER_OS" "$BENCH/walcopies"
+
+log "=== incremental backups ==="
+P0=$(bytes "$REPOS/pgbr/backup"); C0=$(bytes "$REPOS/custos/data")
+measure pgbr-incr $PGBR --type=incr backup
+measure custos-incr $CB backup postgres --type incremental
+note pgbr_incr_added_bytes "$(( $(bytes "$REPOS/pgbr/backup") - P0 ))"
+note custos_incr_added_bytes "$(( $(bytes "$REPOS/custos/data") - C0 ))"
+note pgbr_repo_total "$(( $(bytes "$REPOS/pgbr/backup") + $(bytes "$REPOS/pgbr/archive") ))"
+note custos_repo_total "$(bytes "$REPOS/custos")"
+
+log "=== wal-push latency (synchronous, $WAL_SEGS real segments, one process each) ==="
+runuser -u "$PGUSER_OS" -- pgbackrest --config="$CONF/pgbr-wal.conf" --stanza=bench stanza-create >/dev/null
+C env CUSTOS_REPO="$REPOS/custos-wal" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" "$CUSTOS" init -q
+C env CUSTOS_REPO="$REPOS/custos-wal" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" CUSTOS_NEW_PASSWORD_FILE="$CONF/backup.pw" \
+    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+printf 'tool\tsegment\tms\n' > "$RES/walpush.tsv"
+for f in "$BENCH/walcopies"/*; do
+    s=$(date +%s%N)
+    runuser -u "$PGUSER_OS" -- pgbackrest --config="$CONF/pgbr-wal.conf" --stanza=bench archive-push "$f"
+    m=$(date +%s%N)
+    runuser -u "$PGUSER_OS" -- env CUSTOS_REPO="$REPOS/custos-wal" CUSTOS_PASSWORD_FILE="$CONF/backup.pw" \
+        "$CUSTOS" --quiet wal-push --pgdata "$PGDATA" "$f"
+    e=$(date +%s%N)
+    printf 'pgbr\t%s\t%s\n' "$(basename "$f")" "$(( (m - s) / 1000000 ))" >> "$RES/walpush.tsv"
+    printf 'custos\t%s\t%s\n' "$(basename "$f")" "$(( (e - m) / 1000000 ))" >> "$RES/walpush.tsv"
+done
+pg_stop
+
+log "=== restores ==="
+install -d -o "$PGUSER_OS" -m 700 "$RESTORE/pgbr"
+measure pgbr-restore $PGBR --pg1-path="$RESTORE/pgbr" restore
+measure custos-restore $CR restore postgres --to "$RESTORE/custos" --target immediate
+measure pgbr-delta $PGBR --pg1-path="$RESTORE/pgbr" --delta restore
+measure custos-delta $CR restore postgres --to "$RESTORE/custos" --target immediate --delta
+rm -rf "$RESTORE"
+
+python3 - "$RES" <<'PY'
+import sys, statistics
+res = sys.argv[1]
+m = {}
+for line in open(f"{res}/measure.tsv").read().splitlines()[1:]:
+    f = line.split("\t")
+    m[f[0]] = (float(f[1]), int(f[4]) // 1024)
+facts = dict(l.split("\t")[:2] for l in open(f"{res}/facts.tsv").read().splitlines())
+print("| step | pgBackRest | custos | custos / pgBackRest |")
+print("|---|---|---|---|")
+for step in ["full", "incr", "restore", "delta"]:
+    p, c = m[f"pgbr-{step}"], m[f"custos-{step}"]
+    print(f"| {step} time | {p[0]:.1f} s | {c[0]:.1f} s | {c[0]/p[0]:.2f} (speed {p[0]/c[0]:.2f}x) |")
+for step in ["full", "incr", "restore", "delta"]:
+    p, c = m[f"pgbr-{step}"], m[f"custos-{step}"]
+    print(f"| {step} peak RSS | {p[1]} MB | {c[1]} MB | {c[1]/max(p[1],1):.2f} |")
+mb = lambda k: int(facts[k]) / 2**20
+print(f"| repository after full | {mb('pgbr_repo_after_full'):.0f} MiB | {mb('custos_repo_after_full'):.0f} MiB | {mb('custos_repo_after_full')/mb('pgbr_repo_after_full'):.2f} |")
+print(f"| incremental adds | {mb('pgbr_incr_added_bytes'):.1f} MiB | {mb('custos_incr_added_bytes'):.1f} MiB | {mb('custos_incr_added_bytes')/mb('pgbr_incr_added_bytes'):.2f} |")
+print(f"| repository total (with WAL) | {mb('pgbr_repo_total'):.0f} MiB | {mb('custos_repo_total'):.0f} MiB | {mb('custos_repo_total')/mb('pgbr_repo_total'):.2f} |")
+lat = {"pgbr": [], "custos": []}
+for line in open(f"{res}/walpush.tsv").read().splitlines()[1:]:
+    t, _, ms = line.split("\t")
+    lat[t].append(float(ms))
+def pct(v, q):
+    v = sorted(v); return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+for q, name in [(0.5, "p50"), (0.95, "p95")]:
+    p, c = pct(lat["pgbr"], q), pct(lat["custos"], q)
+    print(f"| wal-push {name} (sync, {len(lat['custos'])} segments) | {p:.0f} ms | {c:.0f} ms | {c/p:.2f} |")
+print(f"\npgbench tps {facts.get('pgbench_tps')}; source {int(facts['src_bytes_excl_pg_wal'])/2**30:.2f} GiB without pg_wal")
+PY
