@@ -71,9 +71,14 @@ fn delta_prepare(
         }
     }
     // Files that should be empty but are not are emptied here; they get no pieces.
-    for e in entries.iter().filter(|e| e.kind == EntryKind::File && e.chunks.is_empty()) {
+    for e in entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.chunks.is_empty())
+    {
         let p = target.join(&e.path);
-        if p.symlink_metadata().is_ok_and(|m| m.is_file() && m.len() > 0) {
+        if p.symlink_metadata()
+            .is_ok_and(|m| m.is_file() && m.len() > 0)
+        {
             fs::OpenOptions::new()
                 .write(true)
                 .open(&p)
