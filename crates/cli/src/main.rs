@@ -128,11 +128,22 @@ enum Command {
     Pg(PgCommand),
     /// Archive one WAL file: use as archive_command = 'custos wal-push %p'
     WalPush {
-        path: PathBuf,
+        #[arg(required_unless_present = "drain")]
+        path: Option<PathBuf>,
         /// Data directory of the cluster [env: PGDATA; default: the current directory,
         /// where PostgreSQL runs archive_command]
         #[arg(long)]
         pgdata: Option<PathBuf>,
+        /// Acknowledge once the file is durable in the local spool (in the cache folder); a
+        /// background pusher uploads in parallel. A full spool falls back to a synchronous push.
+        #[arg(long = "async")]
+        is_async: bool,
+        /// Spool size above which --async pushes synchronously
+        #[arg(long, value_name = "MIB", default_value_t = 1024)]
+        spool_max_mib: u64,
+        /// Upload what waits in the spool, then exit once it stays empty (started by --async)
+        #[arg(long, hide = true)]
+        drain: bool,
     },
     /// Fetch one archived WAL file: use as restore_command = 'custos wal-fetch %f %p'
     WalFetch {
@@ -452,9 +463,19 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
                 Ok(Kind::Check.exit_code())
             }
         }
-        Command::WalPush { path, pgdata } => {
-            let repo = ctx.open()?;
+        Command::WalPush {
+            path,
+            pgdata,
+            is_async,
+            spool_max_mib,
+            drain,
+        } => {
             let pgdata = ctx.settings.pgdata(pgdata);
+            if drain || is_async {
+                return wal_push_async(&ctx, path.as_deref(), &pgdata, spool_max_mib << 20, drain);
+            }
+            let path = path.expect("required by clap");
+            let repo = ctx.open()?;
             let (name, outcome) = custos_ops::wal::push(&repo, &path, &pgdata)?;
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({"file": name, "stored": outcome == custos_repo::wal::PushOutcome::Stored}));
@@ -487,6 +508,94 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `wal-push --async` (spool, then make sure a pusher runs) and `wal-push --drain` (the
+/// pusher).
+fn wal_push_async(
+    ctx: &Ctx,
+    path: Option<&std::path::Path>,
+    pgdata: &std::path::Path,
+    max_bytes: u64,
+    drain: bool,
+) -> Result<i32> {
+    use custos_ops::wal::{Spool, SpoolOutcome};
+    let cache = ctx.settings.cache_dir.clone().ok_or_else(|| {
+        Error::config("wal-push --async needs a cache folder for its spool")
+            .hint("set CUSTOS_CACHE_DIR or cache_dir in custos.toml")
+    })?;
+    ctx.settings.location()?;
+    let location = ctx.settings.repo_url.clone().unwrap_or_default();
+    let location = if location.contains("://") {
+        location
+    } else {
+        std::path::absolute(&location)
+            .map(|p| p.display().to_string())
+            .unwrap_or(location)
+    };
+    let system_id = custos_sources::postgres::wal::system_id(pgdata)?;
+    let spool = Spool {
+        dir: Spool::location(&cache, system_id, &location),
+        max_bytes,
+    };
+    if drain {
+        let Some(_lock) = spool.try_lock()? else {
+            return Ok(0);
+        };
+        let repo = ctx.open()?;
+        let n = spool.drain(&repo, system_id, 4, std::time::Duration::from_secs(3))?;
+        tracing::info!("WAL spool: pushed {n} file(s)");
+        return Ok(0);
+    }
+    // The pusher is another process: it must be able to open the repository from files
+    // and settings alone, never from secrets in this process's environment.
+    ctx.settings.check_secrets_by_reference(&ctx.env, "wal-push --async")?;
+    let path = path.expect("required by clap");
+    let (name, checked_id, data) = custos_ops::wal::read_checked(path, pgdata)?;
+    debug_assert_eq!(checked_id, system_id);
+    match spool.put(&name, &data)? {
+        SpoolOutcome::Spooled => {
+            if spool.try_lock()?.is_some() {
+                spawn_pusher(ctx, pgdata)?;
+            }
+        }
+        SpoolOutcome::Full => {
+            tracing::warn!("WAL spool full: pushing {name} synchronously");
+            let repo = ctx.open()?;
+            repo.wal_push(system_id, &name, &data)?;
+        }
+    }
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({"file": name, "spooled": true}));
+    }
+    Ok(0)
+}
+
+/// Starts `custos wal-push --drain` detached (own session, no inherited output), so that
+/// PostgreSQL's archiver does not wait for it.
+fn spawn_pusher(ctx: &Ctx, pgdata: &std::path::Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::internal(format!("cannot find the custos binary: {e}")))?;
+    let mut c = std::process::Command::new(exe);
+    c.args(ctx.settings.global_args());
+    c.arg("wal-push")
+        .arg("--drain")
+        .arg("--pgdata")
+        .arg(std::path::absolute(pgdata).unwrap_or_else(|_| pgdata.to_path_buf()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and has no preconditions.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    c.spawn()
+        .map_err(|e| Error::internal(format!("cannot start the WAL pusher: {e}")))?;
+    Ok(())
 }
 
 fn cmd_init(ctx: &Ctx, kdf: &KdfArgs, pack_size_mib: Option<u64>) -> Result<i32> {

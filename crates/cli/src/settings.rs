@@ -345,31 +345,12 @@ impl Settings {
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| p.to_string())
         };
-        if env.secret("CUSTOS_PASSWORD").is_some() {
-            return Err(Error::config(
-                "the password was given in CUSTOS_PASSWORD, which restore_command cannot be given without writing it down",
-            )
-            .hint("give it as a file (CUSTOS_PASSWORD_FILE, mode 0600, readable by the postgres user) or a command, or pass --restore-command"));
-        }
+        self.check_secrets_by_reference(env, "restore_command")
+            .map_err(|e| e.hint("give the password as a file (CUSTOS_PASSWORD_FILE or password_file, readable by the postgres user) or a command, and the S3 secret as secret_access_key_file; or pass --restore-command"))?;
         if let Some(f) = env.var("CUSTOS_PASSWORD_FILE") {
             envs.push(("CUSTOS_PASSWORD_FILE".into(), absolute(f)));
         } else if let Some(c) = env.var("CUSTOS_PASSWORD_COMMAND") {
             envs.push(("CUSTOS_PASSWORD_COMMAND".into(), c.to_string()));
-        } else if self.file.repository.password_file.is_none()
-            && self.file.repository.password_command.is_none()
-        {
-            return Err(Error::config(
-                "the password was typed at a prompt: PostgreSQL's restore_command could not open the repository",
-            )
-            .hint("give it as a file (CUSTOS_PASSWORD_FILE or password_file in custos.toml), or pass --restore-command"));
-        }
-        if env.secret("AWS_SECRET_ACCESS_KEY").is_some()
-            && self.file.storage.s3.secret_access_key_file.is_none()
-        {
-            return Err(Error::config(
-                "the S3 secret key was given in the environment, which restore_command cannot be given without writing it down",
-            )
-            .hint("set secret_access_key_file in custos.toml, or pass --restore-command"));
         }
         for k in [
             "AWS_ENDPOINT_URL_S3",
@@ -402,6 +383,54 @@ impl Settings {
         }
         parts.push("--quiet wal-fetch %f %p".into());
         Ok(parts.join(" "))
+    }
+
+    /// Fails when another process (restore_command, the WAL pusher) could not open the
+    /// repository the way this one does: the password or the S3 secret came from this
+    /// process's environment or a prompt, and passing them on would write them down.
+    pub fn check_secrets_by_reference(&self, env: &Env, what: &str) -> Result<()> {
+        let by_reference = env.var("CUSTOS_PASSWORD_FILE").is_some()
+            || env.var("CUSTOS_PASSWORD_COMMAND").is_some()
+            || self.file.repository.password_file.is_some()
+            || self.file.repository.password_command.is_some();
+        if env.secret("CUSTOS_PASSWORD").is_some() || !by_reference {
+            return Err(Error::config(format!(
+                "{what} runs custos in another process, which cannot be given a password from CUSTOS_PASSWORD or a prompt without writing it down"
+            ))
+            .hint("give the password as a file (CUSTOS_PASSWORD_FILE or password_file in custos.toml) or a command"));
+        }
+        if env.secret("AWS_SECRET_ACCESS_KEY").is_some()
+            && self.file.storage.s3.secret_access_key_file.is_none()
+        {
+            return Err(Error::config(format!(
+                "{what} runs custos in another process, which cannot be given the S3 secret key from the environment"
+            ))
+            .hint("set secret_access_key_file in custos.toml"));
+        }
+        Ok(())
+    }
+
+    /// The global flags that make another custos process use the same repository and
+    /// config as this one (environment variables other than secrets are inherited).
+    pub fn global_args(&self) -> Vec<String> {
+        let mut a = vec![];
+        if let Some(c) = &self.config_path {
+            a.push("--config".to_string());
+            a.push(c.display().to_string());
+        }
+        if let Some(u) = &self.repo_url {
+            if self.repo_from_args || self.config_path.is_none() {
+                a.push("--repo".to_string());
+                a.push(if u.contains("://") {
+                    u.clone()
+                } else {
+                    std::path::absolute(u)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| u.clone())
+                });
+            }
+        }
+        a
     }
 
     pub fn location(&self) -> Result<Location> {

@@ -283,3 +283,71 @@ fn pg_check_on_unreachable_database_is_one_clear_error() {
         "{err}"
     );
 }
+
+/// `wal-push --async`: PostgreSQL's archiver is answered once the segment is durable in
+/// the spool; a background pusher uploads, and the repository ends up holding every
+/// segment, byte for byte. With a spool too small for one segment, every push is
+/// synchronous (WAL is never dropped).
+#[test]
+fn async_archiving_through_the_spool() {
+    let (t, bin, cfg) = pg_repo();
+    let copies = t.path("copies");
+    std::fs::create_dir_all(&copies).unwrap();
+    give_to_postgres(&copies);
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push --async %p && cp %p {}/%f'\nwal_level = replica\n",
+        bin.display(),
+        cfg.display(),
+        copies.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    pg.psql("CREATE TABLE t (id int, v text)");
+    for _ in 0..6 {
+        pg.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
+        pg.switch_and_archive();
+    }
+    assert_eq!(pg.psql("SELECT failed_count FROM pg_stat_archiver"), "0", "{}", pg.log());
+    let repo_names = || -> std::collections::BTreeSet<String> {
+        let wal = std::path::Path::new(&t.repo).join("wal");
+        std::fs::read_dir(&wal)
+            .map(|d| {
+                d.flat_map(|e| std::fs::read_dir(e.unwrap().path()).unwrap())
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let acked: std::collections::BTreeSet<String> = std::fs::read_dir(&copies)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(acked.len() >= 6, "{acked:?}");
+    // The pusher catches up in the background.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !acked.is_subset(&repo_names()) {
+        assert!(Instant::now() < deadline, "the pusher did not upload {acked:?}; repository has {:?}", repo_names());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = t.with_password(PW);
+    let data = pg.data.to_str().unwrap();
+    for n in &acked {
+        let out = r.path(&format!("fetched-{n}"));
+        r.ok(&["wal-fetch", n, out.to_str().unwrap(), "--pgdata", data]);
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(copies.join(n)).unwrap(), "{n}");
+    }
+
+    // A spool that cannot hold a segment: the push is synchronous, so the repository holds
+    // the segment as soon as the archiver is answered.
+    pg.psql(&format!(
+        "ALTER SYSTEM SET archive_command = '{} --config {} wal-push --async --spool-max-mib 0 %p'",
+        bin.display(),
+        cfg.display()
+    ));
+    pg.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    pg.psql("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 1000) g");
+    let seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    pg.switch_and_archive();
+    assert!(repo_names().contains(&seg), "{seg} not stored synchronously: {:?}", repo_names());
+}
