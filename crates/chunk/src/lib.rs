@@ -28,10 +28,13 @@ impl ChunkerParams {
         avg: 1024 * 1024,
         max: 8 * 1024 * 1024,
     };
-    /// One 8 KiB page per block: a page changed anywhere in a 1 GiB segment stores 8 KiB.
-    /// Random single-row updates touch pages far apart; with 16-page blocks a minute of
-    /// pgbench changed nearly every block, with pages about a third of them.
-    pub const DEFAULT_FIXED: ChunkerParams = ChunkerParams::Fixed { size: 8 * 1024 };
+    /// 128 KiB blocks (16 pages). Measured on the 2 GB pgbench + vector data set against
+    /// one-page blocks: the full backup took 3.5 s instead of 6.7 s and stored 348 MiB
+    /// instead of 429 MiB; even the incremental after a minute of random pgbench updates
+    /// (which touch nearly every 16-page block) stored 86 MiB instead of 102 MiB, because
+    /// 16 pages compress together far better than one. `init --db-block-kib 8` remains for
+    /// workloads that change few, scattered pages.
+    pub const DEFAULT_FIXED: ChunkerParams = ChunkerParams::Fixed { size: 128 * 1024 };
 
     /// Splits `reader` into chunks. `size_hint` is the known total length (a file's size),
     /// used to take a small input in one read without allocating the CDC window.

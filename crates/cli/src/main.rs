@@ -74,6 +74,10 @@ enum Command {
         /// Target size of pack objects in MiB (default 16; larger suits high-latency stores)
         #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=512))]
         pack_size_mib: Option<u64>,
+        /// Block size for database files in KiB (default 128: compresses well, small index;
+        /// 8 = one page, for databases whose writes touch few, scattered pages)
+        #[arg(long, value_name = "KIB", value_parser = ["8", "16", "32", "64", "128"])]
+        db_block_kib: Option<String>,
     },
     /// Manage the keys that open the repository
     #[command(subcommand)]
@@ -396,7 +400,16 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         },
     };
     match cli.command {
-        Command::Init { kdf, pack_size_mib } => cmd_init(&ctx, &kdf, pack_size_mib),
+        Command::Init {
+            kdf,
+            pack_size_mib,
+            db_block_kib,
+        } => cmd_init(
+            &ctx,
+            &kdf,
+            pack_size_mib,
+            db_block_kib.map(|k| k.parse::<u32>().expect("checked by clap") * 1024),
+        ),
         Command::Key(k) => cmd_key(&ctx, k),
         Command::Backup(b) => cmd_backup(&ctx, b),
         Command::Snapshots { source } => cmd_snapshots(&ctx, source.as_deref()),
@@ -413,7 +426,13 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             let max_lag = humantime::parse_duration(&max_lag)
                 .map_err(|e| Error::config(format!("--max-lag `{max_lag}`: {e}")))?;
             let repo = ctx.open()?;
-            let r = custos_ops::pg_check::check(&repo, &ctx.settings.db(db_url), max_lag)?;
+            let location = ctx.settings.location_key();
+            let spool = ctx
+                .settings
+                .cache_dir
+                .as_deref()
+                .map(|c| (c, location.as_str()));
+            let r = custos_ops::pg_check::check(&repo, &ctx.settings.db(db_url), max_lag, spool)?;
             if ctx.out.json {
                 ctx.out.json(&r);
             } else {
@@ -441,6 +460,12 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
                     r.oldest_archived.as_deref().unwrap_or("-"),
                     r.newest_archived.as_deref().unwrap_or("-")
                 );
+                if r.spool_waiting > 0 {
+                    println!(
+                        "async spool: {} file(s) waiting, oldest {} s",
+                        r.spool_waiting, r.spool_oldest_seconds
+                    );
+                }
                 for p in &r.problems {
                     println!("problem: {p}");
                 }
@@ -525,14 +550,7 @@ fn wal_push_async(
             .hint("set CUSTOS_CACHE_DIR or cache_dir in custos.toml")
     })?;
     ctx.settings.location()?;
-    let location = ctx.settings.repo_url.clone().unwrap_or_default();
-    let location = if location.contains("://") {
-        location
-    } else {
-        std::path::absolute(&location)
-            .map(|p| p.display().to_string())
-            .unwrap_or(location)
-    };
+    let location = ctx.settings.location_key();
     let system_id = custos_sources::postgres::wal::system_id(pgdata)?;
     let spool = Spool {
         dir: Spool::location(&cache, system_id, &location),
@@ -598,7 +616,12 @@ fn spawn_pusher(ctx: &Ctx, pgdata: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn cmd_init(ctx: &Ctx, kdf: &KdfArgs, pack_size_mib: Option<u64>) -> Result<i32> {
+fn cmd_init(
+    ctx: &Ctx,
+    kdf: &KdfArgs,
+    pack_size_mib: Option<u64>,
+    db_block: Option<u32>,
+) -> Result<i32> {
     let storage = ctx.storage()?;
     let pw = ctx
         .settings
@@ -612,6 +635,7 @@ fn cmd_init(ctx: &Ctx, kdf: &KdfArgs, pack_size_mib: Option<u64>) -> Result<i32>
         kdf.params(),
         ctx.open_opts(),
         pack_size_mib.map(|m| m << 20),
+        db_block,
     )?;
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({

@@ -372,14 +372,8 @@ impl Settings {
             parts.push(shell_quote(&c.display().to_string()));
         }
         if self.repo_from_args || self.config_path.is_none() {
-            let url = self.repo_url.as_deref().unwrap_or_default();
-            let url = if url.contains("://") {
-                url.to_string()
-            } else {
-                absolute(url)
-            };
             parts.push("--repo".into());
-            parts.push(shell_quote(&url));
+            parts.push(shell_quote(&self.location_key()));
         }
         parts.push("--quiet wal-fetch %f %p".into());
         Ok(parts.join(" "))
@@ -410,6 +404,19 @@ impl Settings {
         Ok(())
     }
 
+    /// The repository location as one string for every process on this host (local
+    /// paths made absolute): it names the async WAL spool.
+    pub fn location_key(&self) -> String {
+        let url = self.repo_url.clone().unwrap_or_default();
+        if url.contains("://") {
+            url
+        } else {
+            std::path::absolute(&url)
+                .map(|p| p.display().to_string())
+                .unwrap_or(url)
+        }
+    }
+
     /// The global flags that make another custos process use the same repository and
     /// config as this one (environment variables other than secrets are inherited).
     pub fn global_args(&self) -> Vec<String> {
@@ -418,17 +425,9 @@ impl Settings {
             a.push("--config".to_string());
             a.push(c.display().to_string());
         }
-        if let Some(u) = &self.repo_url {
-            if self.repo_from_args || self.config_path.is_none() {
-                a.push("--repo".to_string());
-                a.push(if u.contains("://") {
-                    u.clone()
-                } else {
-                    std::path::absolute(u)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|_| u.clone())
-                });
-            }
+        if self.repo_url.is_some() && (self.repo_from_args || self.config_path.is_none()) {
+            a.push("--repo".to_string());
+            a.push(self.location_key());
         }
         a
     }

@@ -219,7 +219,8 @@ pub fn backup_postgres(
     // The server switches to a new segment at stop; custos then waits until the last
     // segment the backup needs is in the repository, not merely handed to the archiver.
     let stop = db.backup_stop(false)?;
-    if info.archive_mode != "off" {
+    // With --wal the snapshot carries that WAL itself: no need to wait for the archive.
+    if info.archive_mode != "off" && !pg.include_wal {
         let last = segments(timeline, start_lsn, stop.stop_lsn, info.segment_size)
             .pop()
             .expect("at least one segment");

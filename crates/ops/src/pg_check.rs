@@ -29,6 +29,10 @@ pub struct PgCheckReport {
     pub newest_archived: Option<String>,
     /// Ranges of segments missing from the repository between the oldest and the newest.
     pub gaps: Vec<String>,
+    /// Files acknowledged by `wal-push --async` but not yet in the repository.
+    pub spool_waiting: u64,
+    pub spool_oldest_seconds: u64,
+    pub spool_last_error: Option<String>,
     pub problems: Vec<String>,
 }
 
@@ -47,10 +51,46 @@ fn seg_name(timeline: u32, segno: u64, seg_size: u64) -> String {
     format!("{timeline:08X}{:08X}{:08X}", segno / per, segno % per)
 }
 
-pub fn check(repo: &Repository, conn: &ConnectOptions, max_lag: Duration) -> Result<PgCheckReport> {
+/// `spool`: the cache folder and repository location, to find this host's async spool.
+pub fn check(
+    repo: &Repository,
+    conn: &ConnectOptions,
+    max_lag: Duration,
+    spool: Option<(&std::path::Path, &str)>,
+) -> Result<PgCheckReport> {
     let db = Db::connect(conn)?;
     let a = db.archiver()?;
     let mut problems = vec![];
+    let (mut spool_waiting, mut spool_oldest_seconds, mut spool_last_error) = (0, 0, None);
+    if let Some((cache, location)) = spool {
+        let sp = crate::wal::Spool {
+            dir: crate::wal::Spool::location(cache, a.system_id, location),
+            max_bytes: 0,
+        };
+        let waiting = sp.waiting()?;
+        spool_waiting = waiting.len() as u64;
+        spool_oldest_seconds = waiting
+            .iter()
+            .filter_map(|(n, _)| std::fs::metadata(sp.dir.join(n)).ok()?.modified().ok())
+            .filter_map(|t| t.elapsed().ok())
+            .map(|d| d.as_secs())
+            .max()
+            .unwrap_or(0);
+        spool_last_error = std::fs::read_to_string(sp.dir.join(".last-error"))
+            .ok()
+            .map(|s| s.trim().to_string());
+        if spool_waiting > 0 && spool_oldest_seconds > max_lag.as_secs() {
+            problems.push(format!(
+                "the WAL spool in {} holds {spool_waiting} file(s), the oldest for {} s, not yet in the repository{}",
+                sp.dir.display(),
+                spool_oldest_seconds,
+                spool_last_error
+                    .as_deref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     if a.archive_mode != "on" && a.archive_mode != "always" {
         problems.push(format!(
             "archive_mode is `{}`: set archive_mode = on and restart PostgreSQL",
@@ -180,6 +220,9 @@ pub fn check(repo: &Repository, conn: &ConnectOptions, max_lag: Duration) -> Res
         oldest_archived: names.first().cloned(),
         newest_archived: names.last().cloned(),
         gaps,
+        spool_waiting,
+        spool_oldest_seconds,
+        spool_last_error,
         problems,
         archiver: a,
     })

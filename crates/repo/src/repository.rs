@@ -63,6 +63,7 @@ impl Repository {
         kdf: KdfParams,
         opts: OpenOptions,
         pack_size: Option<u64>,
+        db_block: Option<u32>,
     ) -> Result<Repository> {
         if storage.size(paths::CONFIG)?.is_some() {
             return Err(Error::new(
@@ -80,7 +81,10 @@ impl Repository {
             id: RepoId(Id(idb)),
             created: Utc::now(),
             chunker: ChunkerParams::DEFAULT_CDC,
-            block_chunker: ChunkerParams::DEFAULT_FIXED,
+            block_chunker: match db_block {
+                Some(size) => ChunkerParams::Fixed { size },
+                None => ChunkerParams::DEFAULT_FIXED,
+            },
             pack_size: pack_size.unwrap_or(DEFAULT_PACK_SIZE),
         };
         // Key first, then config: a repository without config is "not found", never half-made.
