@@ -127,6 +127,9 @@ enum Command {
     },
     /// Remove stale locks left by crashed processes
     Unlock,
+    /// The operation trail: who did what to the repository, hash-chained and signed
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// PostgreSQL checks
     #[command(subcommand)]
     Pg(PgCommand),
@@ -191,12 +194,24 @@ enum PgCommand {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// List the trail's entries (any key; audit keys exist for this)
+    Log {
+        /// Only entries at or after this time (RFC 3339) or within this duration (like 7d)
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Prove the trail complete and untampered; names the first bad entry (exit 14)
+    Verify,
+}
+
+#[derive(Subcommand)]
 enum KeyCommand {
     /// List keys (never secrets)
     List,
     /// Add a key opened by a new password (CUSTOS_NEW_PASSWORD[_FILE] or a prompt)
     Add {
-        #[arg(long, value_parser = ["backup", "restore"])]
+        #[arg(long, value_parser = ["backup", "restore", "audit"])]
         role: String,
         #[command(flatten)]
         kdf: KdfArgs,
@@ -334,6 +349,12 @@ struct Ctx {
     env: Env,
     settings: Settings,
     out: Out,
+    /// Set when the repository is opened: what appending to the trail needs.
+    trail: std::cell::RefCell<Option<(custos_repo::trail::TrailWriter, Role, custos_model::KeyId)>>,
+    /// What the command touched, for its trail entry.
+    touched: std::cell::RefCell<serde_json::Value>,
+    /// A key the command created, with its signing key, for its trail entry.
+    introduces: std::cell::RefCell<Option<(custos_model::KeyId, String)>>,
 }
 
 impl Ctx {
@@ -359,7 +380,46 @@ impl Ctx {
         // Fail on a missing repository before asking for a password.
         Repository::read_config(&storage)?;
         let pw = self.settings.password(&self.env, "repository password: ")?;
-        Repository::open(storage, pw.as_bytes(), self.open_opts())
+        let repo = Repository::open(storage, pw.as_bytes(), self.open_opts())?;
+        self.opened(&repo);
+        Ok(repo)
+    }
+
+    fn opened(&self, repo: &Repository) {
+        *self.trail.borrow_mut() = Some((repo.trail_writer(), repo.role(), repo.key_id));
+    }
+
+    fn touch(&self, v: serde_json::Value) {
+        *self.touched.borrow_mut() = v;
+    }
+
+    /// Appends the command's trail entry. A trail that cannot be written is reported but
+    /// does not undo what the command did.
+    fn record(&self, command: &str, result: &Result<i32>) {
+        let Some((writer, role, key)) = self.trail.borrow_mut().take() else {
+            return;
+        };
+        let entry = custos_repo::trail::Entry {
+            time: chrono::Utc::now(),
+            role: role.as_str().into(),
+            key,
+            host: self.settings.host.clone(),
+            user: self.settings.user.clone(),
+            command: command.into(),
+            touched: self.touched.take(),
+            result: match result {
+                Ok(0) => "ok".into(),
+                Ok(c) => format!("exit {c}"),
+                Err(e) => format!("error E{:02}: {}", e.kind.code(), e.message),
+            },
+            introduces: self.introduces.take(),
+        };
+        if let Err(e) = writer.append(&entry) {
+            eprintln!(
+                "custos: warning: the operation trail could not be written: {}",
+                e.message
+            );
+        }
     }
 }
 
@@ -398,14 +458,67 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             json: cli.json,
             quiet: cli.quiet,
         },
+        trail: Default::default(),
+        touched: Default::default(),
+        introduces: Default::default(),
     };
-    match cli.command {
+    let name = trail_name(&cli.command);
+    let result = dispatch(&ctx, cli.command);
+    if let Some(name) = name {
+        ctx.record(&name, &result);
+    }
+    result
+}
+
+/// The name a command is recorded under in the trail; None for the per-file archive
+/// commands (their batches are recorded by the async pusher) and the trail's own reads.
+fn trail_name(c: &Command) -> Option<String> {
+    Some(match c {
+        Command::Init { .. } => "init".into(),
+        Command::Key(k) => match k {
+            KeyCommand::List => "key list",
+            KeyCommand::Add { .. } => "key add",
+            KeyCommand::Remove { .. } => "key remove",
+            KeyCommand::Passwd { .. } => "key passwd",
+        }
+        .into(),
+        Command::Backup(b) => match b {
+            BackupCommand::Files { .. } => "backup files",
+            BackupCommand::Stream { .. } => "backup stream",
+            BackupCommand::Postgres { .. } => "backup postgres",
+            BackupCommand::All => "backup all",
+        }
+        .into(),
+        Command::Snapshots { .. } => "snapshots".into(),
+        Command::Ls { .. } => "ls".into(),
+        Command::Restore(r) => match r {
+            RestoreCommand::Files { .. } => "restore files",
+            RestoreCommand::Postgres { .. } => "restore postgres",
+            RestoreCommand::Stream { .. } => "restore stream",
+        }
+        .into(),
+        Command::Verify { .. } => "verify".into(),
+        Command::Forget { .. } => "forget".into(),
+        Command::Prune { .. } => "prune".into(),
+        Command::Unlock => "unlock".into(),
+        Command::Pg(_) => "pg check".into(),
+        Command::WalPush { drain: true, .. } => "wal-push batch".into(),
+        Command::WalPush { .. } | Command::WalFetch { .. } => return None,
+        Command::Audit(AuditCommand::Log { .. }) => "audit log".into(),
+        Command::Audit(AuditCommand::Verify) => "audit verify".into(),
+    })
+}
+
+fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
+    let ctx = ctx;
+    match command {
+        Command::Audit(a) => cmd_audit(ctx, a),
         Command::Init {
             kdf,
             pack_size_mib,
             db_block_kib,
         } => cmd_init(
-            &ctx,
+            ctx,
             &kdf,
             pack_size_mib,
             db_block_kib.map(|k| k.parse::<u32>().expect("checked by clap") * 1024),
@@ -562,12 +675,14 @@ fn wal_push_async(
         };
         let repo = ctx.open()?;
         let n = spool.drain(&repo, system_id, 4, std::time::Duration::from_secs(3))?;
+        ctx.touch(serde_json::json!({"system_id": system_id, "files": n}));
         tracing::info!("WAL spool: pushed {n} file(s)");
         return Ok(0);
     }
     // The pusher is another process: it must be able to open the repository from files
     // and settings alone, never from secrets in this process's environment.
-    ctx.settings.check_secrets_by_reference(&ctx.env, "wal-push --async")?;
+    ctx.settings
+        .check_secrets_by_reference(&ctx.env, "wal-push --async")?;
     let path = path.expect("required by clap");
     let (name, checked_id, data) = custos_ops::wal::read_checked(path, pgdata)?;
     debug_assert_eq!(checked_id, system_id);
@@ -584,7 +699,8 @@ fn wal_push_async(
         }
     }
     if ctx.out.json {
-        ctx.out.json(&serde_json::json!({"file": name, "spooled": true}));
+        ctx.out
+            .json(&serde_json::json!({"file": name, "spooled": true}));
     }
     Ok(0)
 }
@@ -616,6 +732,105 @@ fn spawn_pusher(ctx: &Ctx, pgdata: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
+    let repo = ctx.open()?;
+    let read = repo.trail_verify()?;
+    match a {
+        AuditCommand::Log { since } => {
+            let since = match since.as_deref() {
+                None => None,
+                Some(t) => Some(match humantime::parse_duration(t) {
+                    Ok(d) => {
+                        chrono::Utc::now()
+                            - chrono::Duration::from_std(d)
+                                .map_err(|e| Error::config(format!("--since `{t}`: {e}")))?
+                    }
+                    Err(_) => parse_target_time(t).map_err(|_| {
+                        Error::config(format!(
+                            "--since `{t}` is neither a time (2026-01-31T02:00:00Z) nor a duration (7d)"
+                        ))
+                    })?,
+                }),
+            };
+            let shown: Vec<&custos_repo::trail::Read> = read
+                .iter()
+                .filter(|r| since.is_none_or(|s| r.entry.as_ref().is_none_or(|e| e.time >= s)))
+                .collect();
+            if ctx.out.json {
+                ctx.out.json(&shown);
+            } else {
+                for r in &shown {
+                    match &r.entry {
+                        Some(e) => println!(
+                            "{:>6} {} {:<8} {} {}@{} {:<18} {}{}",
+                            r.seq,
+                            e.time.format("%Y-%m-%d %H:%M:%S"),
+                            e.role,
+                            e.key.short(),
+                            e.user,
+                            e.host,
+                            e.command,
+                            e.result,
+                            if e.touched.is_null() {
+                                String::new()
+                            } else {
+                                format!(" {}", e.touched)
+                            }
+                        ),
+                        None => println!("{:>6} <unreadable>", r.seq),
+                    }
+                    for p in &r.problems {
+                        println!("       PROBLEM: {p}");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        AuditCommand::Verify => {
+            let bad: Vec<&custos_repo::trail::Read> =
+                read.iter().filter(|r| !r.problems.is_empty()).collect();
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({
+                    "entries": read.len(),
+                    "ok": bad.is_empty(),
+                    "first_bad": bad.first().map(|r| r.seq),
+                    "problems": bad.iter().map(|r| serde_json::json!({"seq": r.seq, "problems": r.problems})).collect::<Vec<_>>(),
+                }));
+            } else {
+                for r in &bad {
+                    for p in &r.problems {
+                        println!("entry {}: {p}", r.seq);
+                    }
+                }
+            }
+            ctx.touch(serde_json::json!({"entries": read.len(), "bad": bad.len()}));
+            match bad.first() {
+                None => {
+                    if !ctx.out.json {
+                        println!(
+                            "the operation trail is complete and untampered: {} entries, each chained to the one before and signed by a known key",
+                            read.len()
+                        );
+                    }
+                    Ok(0)
+                }
+                Some(first) => {
+                    let e = Error::integrity(format!(
+                        "the operation trail is damaged: the first bad entry is {} ({})",
+                        first.seq,
+                        first.problems.join("; ")
+                    ))
+                    .hint("keep the repository as it is for investigation; compare with a replica's trail");
+                    if !ctx.out.json {
+                        output::error(&e, false);
+                    }
+                    Ok(e.kind.exit_code())
+                }
+            }
+        }
+    }
+}
+
 fn cmd_init(
     ctx: &Ctx,
     kdf: &KdfArgs,
@@ -637,6 +852,8 @@ fn cmd_init(
         pack_size_mib.map(|m| m << 20),
         db_block,
     )?;
+    ctx.opened(&repo);
+    introduce(ctx, &repo, repo.key_id)?;
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({
             "repository": repo.config.id, "location": repo.storage.location(), "key": repo.key_id, "role": "restore",
@@ -653,6 +870,17 @@ fn cmd_init(
         );
     }
     Ok(0)
+}
+
+/// Names a key's trail signing key in the command's trail entry.
+fn introduce(ctx: &Ctx, repo: &Repository, id: custos_model::KeyId) -> Result<()> {
+    let kf = Repository::key_files(&repo.storage)?
+        .into_iter()
+        .find(|k| k.id == id);
+    if let Some(public) = kf.and_then(|k| k.sign_public) {
+        *ctx.introduces.borrow_mut() = Some((id, public));
+    }
+    Ok(())
 }
 
 fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
@@ -689,6 +917,8 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
             let role: Role = role.parse()?;
             let pw = ctx.settings.new_password(&ctx.env)?;
             let kf = repo.add_key(role, pw.as_bytes(), kdf.params())?;
+            ctx.touch(serde_json::json!({"key": kf.id, "role": kf.role}));
+            introduce(ctx, &repo, kf.id)?;
             if ctx.out.json {
                 ctx.out
                     .json(&serde_json::json!({"id": kf.id, "role": kf.role}));
@@ -698,6 +928,7 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
         }
         KeyCommand::Remove { id } => {
             let kf = repo.remove_key(&id)?;
+            ctx.touch(serde_json::json!({"key": kf.id, "role": kf.role}));
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({"removed": kf.id}));
             } else {
@@ -707,6 +938,10 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
         KeyCommand::Passwd { kdf } => {
             let pw = ctx.settings.new_password(&ctx.env)?;
             let kf = repo.change_password(pw.as_bytes(), kdf.params())?;
+            ctx.touch(serde_json::json!({"key": kf.id}));
+            introduce(ctx, &repo, kf.id)?;
+            // The new key file signs from now on.
+            ctx.opened(&repo);
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({"id": kf.id}));
             } else {
@@ -718,6 +953,7 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
 }
 
 fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
+    ctx.touch(serde_json::json!({"snapshot": r.snapshot, "source": r.source, "bytes": r.stats.bytes, "bytes_stored": r.stats.bytes_stored}));
     if ctx.out.json {
         ctx.out.json(r);
     } else {
@@ -1073,6 +1309,7 @@ fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32> {
     repo.require_restore("list the contents of a snapshot")?;
     let index = repo.load_index()?;
     let entries = restore::list(&repo, &snap, &index)?;
+    ctx.touch(serde_json::json!({"snapshot": snap.id}));
     if ctx.out.json {
         let v: Vec<_> = entries
             .iter()
@@ -1120,6 +1357,9 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     progress: progress.as_ref(),
                 },
             )?;
+            ctx.touch(
+                serde_json::json!({"snapshot": snap.id, "files": rep.files, "bytes": rep.bytes}),
+            );
             if ctx.out.json {
                 ctx.out.json(&rep);
             } else {
@@ -1188,6 +1428,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     progress: progress.as_ref(),
                 },
             )?;
+            ctx.touch(serde_json::json!({"snapshot": r.snapshot, "target": r.target, "to": r.data_directory, "bytes": r.restore.bytes}));
             if ctx.out.json {
                 ctx.out.json(&r);
             } else {
@@ -1246,6 +1487,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
                 s.kind == SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)
             })?;
+            ctx.touch(serde_json::json!({"snapshot": snap.id}));
             let stdout = std::io::stdout();
             let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
             restore::restore_stream(&repo, &snap, &mut lock)?;
@@ -1278,6 +1520,7 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
             progress: progress.as_ref(),
         },
     )?;
+    ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read}));
     if ctx.out.json {
         ctx.out.json(&r);
     } else {
@@ -1361,6 +1604,7 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
     } else {
         forget::execute(&repo, &plan)?
     };
+    ctx.touch(serde_json::json!({"dry_run": dry_run, "removed": plan.removed()}));
     let mut prune_out = None;
     if and_prune && !dry_run {
         let progress = ctx.out.progress();
@@ -1402,6 +1646,7 @@ fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
     let repo = ctx.open()?;
     let progress = ctx.out.progress();
     let (plan, report) = prune::prune(&repo, dry_run, progress.as_ref())?;
+    ctx.touch(serde_json::json!({"dry_run": dry_run, "report": report}));
     if ctx.out.json {
         ctx.out
             .json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "report": report}));

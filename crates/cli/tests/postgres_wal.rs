@@ -307,7 +307,12 @@ fn async_archiving_through_the_spool() {
         pg.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
         pg.switch_and_archive();
     }
-    assert_eq!(pg.psql("SELECT failed_count FROM pg_stat_archiver"), "0", "{}", pg.log());
+    assert_eq!(
+        pg.psql("SELECT failed_count FROM pg_stat_archiver"),
+        "0",
+        "{}",
+        pg.log()
+    );
     let repo_names = || -> std::collections::BTreeSet<String> {
         let wal = std::path::Path::new(&t.repo).join("wal");
         std::fs::read_dir(&wal)
@@ -326,7 +331,11 @@ fn async_archiving_through_the_spool() {
     // The pusher catches up in the background.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !acked.is_subset(&repo_names()) {
-        assert!(Instant::now() < deadline, "the pusher did not upload {acked:?}; repository has {:?}", repo_names());
+        assert!(
+            Instant::now() < deadline,
+            "the pusher did not upload {acked:?}; repository has {:?}",
+            repo_names()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let r = t.with_password(PW);
@@ -334,7 +343,11 @@ fn async_archiving_through_the_spool() {
     for n in &acked {
         let out = r.path(&format!("fetched-{n}"));
         r.ok(&["wal-fetch", n, out.to_str().unwrap(), "--pgdata", data]);
-        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(copies.join(n)).unwrap(), "{n}");
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(copies.join(n)).unwrap(),
+            "{n}"
+        );
     }
 
     // A spool that cannot hold a segment: the push is synchronous, so the repository holds
@@ -349,5 +362,9 @@ fn async_archiving_through_the_spool() {
     pg.psql("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 1000) g");
     let seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
     pg.switch_and_archive();
-    assert!(repo_names().contains(&seg), "{seg} not stored synchronously: {:?}", repo_names());
+    assert!(
+        repo_names().contains(&seg),
+        "{seg} not stored synchronously: {:?}",
+        repo_names()
+    );
 }

@@ -19,6 +19,8 @@ pub enum Role {
     Backup,
     /// Reads and decrypts everything.
     Restore,
+    /// Reads the operation trail and the snapshot listing; cannot decrypt data or write.
+    Audit,
 }
 
 impl Role {
@@ -26,6 +28,7 @@ impl Role {
         match self {
             Role::Backup => "backup",
             Role::Restore => "restore",
+            Role::Audit => "audit",
         }
     }
 }
@@ -36,8 +39,9 @@ impl std::str::FromStr for Role {
         match s {
             "backup" => Ok(Role::Backup),
             "restore" => Ok(Role::Restore),
+            "audit" => Ok(Role::Audit),
             _ => Err(custos_model::Error::config(format!(
-                "unknown role `{s}`; use backup or restore"
+                "unknown role `{s}`; use backup, restore or audit"
             ))),
         }
     }
@@ -50,6 +54,11 @@ pub struct MasterKeys {
     pub meta_key: Zeroizing<[u8; 32]>,
     pub public: PublicKey,
     pub secret: Option<SecretKey>,
+    /// Restore secrets of earlier key pairs (after `key rotate`): data wrapped to them
+    /// stays readable. Newest first.
+    pub previous: Vec<SecretKey>,
+    /// This key file's own Ed25519 signing key, for the operation trail.
+    pub sign_seed: Option<Zeroizing<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for MasterKeys {
@@ -71,17 +80,30 @@ impl MasterKeys {
             meta_key,
             public,
             secret: Some(secret),
+            previous: vec![],
+            sign_seed: None,
         }
     }
 
-    /// The same keys without the secret half: what a backup-role key file holds.
+    /// What a key file of `role` holds: backup keys lack the restore secrets; audit keys
+    /// also lack the id key (they never write chunks).
     pub fn for_role(&self, role: Role) -> MasterKeys {
         let mut k = self.clone();
         k.role = role;
-        if role == Role::Backup {
+        k.sign_seed = None;
+        if role != Role::Restore {
             k.secret = None;
+            k.previous = vec![];
+        }
+        if role == Role::Audit {
+            k.id_key = Zeroizing::new([0u8; 32]);
         }
         k
+    }
+
+    /// Every restore secret this key holds, current first.
+    pub fn secrets(&self) -> impl Iterator<Item = &SecretKey> {
+        self.secret.iter().chain(self.previous.iter())
     }
 
     pub fn chunk_id(&self, data: &[u8]) -> custos_model::ChunkId {
@@ -97,6 +119,8 @@ impl MasterKeys {
             meta_key: self.meta_key.to_vec(),
             public: self.public.0.to_vec(),
             secret: self.secret.as_ref().map(|s| s.0.to_vec()),
+            previous: self.previous.iter().map(|s| s.0.to_vec()).collect(),
+            sign_seed: self.sign_seed.as_ref().map(|s| s.to_vec()),
         }
     }
 
@@ -113,12 +137,23 @@ impl MasterKeys {
                 return Err(bad());
             }
         }
+        let previous = m
+            .previous
+            .iter()
+            .map(|p| Ok(SecretKey(Zeroizing::new(arr(p)?))))
+            .collect::<custos_model::Result<Vec<_>>>()?;
+        let sign_seed = match &m.sign_seed {
+            Some(s) => Some(Zeroizing::new(arr(s)?)),
+            None => None,
+        };
         Ok(MasterKeys {
             role: m.role,
             id_key: Zeroizing::new(arr(&m.id_key)?),
             meta_key: Zeroizing::new(arr(&m.meta_key)?),
             public,
             secret,
+            previous,
+            sign_seed,
         })
     }
 }
@@ -136,6 +171,33 @@ pub struct KeyMaterial {
     pub public: Vec<u8>,
     #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
     pub secret: Option<Vec<u8>>,
+    #[serde(default, with = "vec_b64", skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<Vec<u8>>,
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub sign_seed: Option<Vec<u8>>,
+}
+
+pub mod vec_b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&base64::engine::general_purpose::STANDARD.encode(x))?;
+        }
+        seq.end()
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.into_iter()
+            .map(|s| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
 }
 
 pub mod b64 {

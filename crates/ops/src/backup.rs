@@ -73,6 +73,7 @@ impl<'a> Run<'a> {
         is_parent: impl Fn(&SnapshotSummary) -> bool,
     ) -> Result<Run<'a>> {
         let start = Instant::now();
+        repo.require_write("back up")?;
         let lock = repo.lock(false, &format!("backup {}", kind.as_str()))?;
         let index = Arc::new(repo.load_index()?);
         let parent = repo

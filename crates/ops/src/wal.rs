@@ -14,6 +14,7 @@ use custos_repo::Repository;
 use custos_sources::postgres::wal::{self, WalFileKind};
 
 pub fn push(repo: &Repository, path: &Path, pgdata: &Path) -> Result<(String, PushOutcome)> {
+    repo.require_write("archive WAL")?;
     let (name, system_id, data) = read_checked(path, pgdata)?;
     let outcome = repo.wal_push(system_id, &name, &data)?;
     Ok((name, outcome))
@@ -80,7 +81,9 @@ impl Spool {
             Kind::Internal,
             format!("WAL spool {}: {e}", self.dir.display()),
         )
-        .hint("check the free space and permissions of the spool folder (the cache folder of custos)")
+        .hint(
+            "check the free space and permissions of the spool folder (the cache folder of custos)",
+        )
     }
 
     /// Files waiting in the spool, oldest name first, with their sizes.

@@ -26,6 +26,10 @@ pub struct KeyFile {
     pub kdf: KdfParams,
     #[serde(with = "b64")]
     pub data: Vec<u8>,
+    /// Public half of this key's Ed25519 trail signing key (hex). Informational: the
+    /// trail itself introduces each key's signing key, signed by the key that added it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_public: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -53,10 +57,19 @@ impl KeyFile {
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut idb);
         let id = KeyId(custos_model::Id(idb));
         let kek = kdf.derive(password)?;
+        // Every key file signs the trail with its own key: a fresh one unless the caller
+        // (a password change) keeps the existing one.
+        let mut material = keys.to_material();
+        let seed = match &keys.sign_seed {
+            Some(s) => s.clone(),
+            None => custos_crypto::sign::generate(),
+        };
+        material.sign_seed = Some(seed.to_vec());
+        let sign_public = hex::encode(custos_crypto::sign::public_of(&seed));
         let plain = Zeroizing::new(
             serde_json::to_vec(&Sealed {
                 repo,
-                keys: keys.to_material(),
+                keys: material,
             })
             .expect("serializable"),
         );
@@ -69,6 +82,7 @@ impl KeyFile {
             user: origin.user.clone(),
             kdf,
             data: aead::seal(&kek, &id.0 .0, &plain),
+            sign_public: Some(sign_public),
         })
     }
 

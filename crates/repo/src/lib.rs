@@ -12,6 +12,7 @@ pub mod lock;
 pub mod pack;
 pub mod repository;
 pub mod snapshot;
+pub mod trail;
 pub mod wal;
 pub mod writer;
 

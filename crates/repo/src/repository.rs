@@ -87,6 +87,9 @@ impl Repository {
             },
             pack_size: pack_size.unwrap_or(DEFAULT_PACK_SIZE),
         };
+        // The first key signs the trail from its first entry on.
+        let mut keys = keys;
+        keys.sign_seed = Some(custos_crypto::sign::generate());
         // Key first, then config: a repository without config is "not found", never half-made.
         let kf = store_key_file(&storage, &keys, config.id, password, kdf, &opts)?;
         let cfg = serde_json::to_vec_pretty(&config).expect("serializable");
@@ -184,7 +187,27 @@ impl Repository {
 
     pub fn require_restore(&self, action: &str) -> Result<()> {
         if self.keys.secret.is_none() {
-            return Err(snapshot::restore_key_required(action));
+            return Err(if self.keys.role == Role::Audit {
+                Error::new(
+                    Kind::Permission,
+                    format!("this key has the audit role and cannot {action}"),
+                )
+                .hint("audit keys read the operation trail and the snapshot listing only")
+            } else {
+                snapshot::restore_key_required(action)
+            });
+        }
+        Ok(())
+    }
+
+    /// Backup and restore keys write; audit keys only read.
+    pub fn require_write(&self, action: &str) -> Result<()> {
+        if self.keys.role == Role::Audit {
+            return Err(Error::new(
+                Kind::Permission,
+                format!("this key has the audit role and cannot {action}"),
+            )
+            .hint("audit keys read the operation trail and the snapshot listing only; use a backup-role key"));
         }
         Ok(())
     }
@@ -192,9 +215,10 @@ impl Repository {
     /// Adds a key file for `role`, sealed with `password`. Refuses a password that already
     /// opens a key, so that a password always names exactly one key.
     pub fn add_key(&self, role: Role, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
-        if role == Role::Restore {
-            self.require_restore("create a restore key")?;
+        if role != Role::Backup {
+            self.require_restore(&format!("create a {} key", role.as_str()))?;
         }
+        self.require_write("add keys")?;
         self.refuse_password_in_use(password, None)?;
         let kf = store_key_file(
             &self.storage,

@@ -1,0 +1,207 @@
+//! The operation trail and the audit role: every command that touches the repository is
+//! recorded, hash-chained and signed; altering, removing, reordering or forging an entry
+//! makes `audit verify` fail and name it; two processes writing at once do not fork it;
+//! an audit key reads the trail and the listing but cannot decrypt, write or restore.
+
+mod common;
+use common::*;
+
+const AUDIT_PW: &str = "auditor's own password";
+const BACKUP_PW: &str = "backup role password";
+
+fn repo_with_roles() -> T {
+    let mut t = T::new();
+    for (role, pw) in [("backup", BACKUP_PW), ("audit", AUDIT_PW)] {
+        t.set("CUSTOS_NEW_PASSWORD", pw);
+        t.ok(&[
+            "key",
+            "add",
+            "--role",
+            role,
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ]);
+    }
+    t.unset("CUSTOS_NEW_PASSWORD");
+    let src = t.path("src");
+    make_tree(&src, 1, 20, 50_000);
+    t.with_password(BACKUP_PW)
+        .ok(&["backup", "files", src.to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    t
+}
+
+fn trail_file(t: &T, seq: u64) -> std::path::PathBuf {
+    std::path::Path::new(&t.repo).join(format!("audit/{seq:016x}"))
+}
+
+fn verify_fails_at(t: &T, seq: u64, what: &str) {
+    let err = t.with_password(AUDIT_PW).fails(&["audit", "verify"], 14);
+    assert!(
+        err.contains(&format!("first bad entry is {seq}")),
+        "expected entry {seq} to be named: {err}"
+    );
+    assert!(err.contains(what), "{err}");
+}
+
+#[test]
+fn every_operation_is_recorded_and_the_audit_role_reads_only() {
+    let t = repo_with_roles();
+    let a = t.with_password(AUDIT_PW);
+    let log = a.json(&["audit", "log"]);
+    let entries: Vec<(String, String, String)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+            let e = &r["entry"];
+            (
+                e["command"].as_str().unwrap().to_string(),
+                e["role"].as_str().unwrap().to_string(),
+                e["result"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("init", "restore", "ok"),
+        ("key add", "restore", "ok"),
+        ("key add", "restore", "ok"),
+        ("backup files", "backup", "ok"),
+        ("restore files", "restore", "ok"),
+    ];
+    let got: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|(c, r, x)| (c.as_str(), r.as_str(), x.as_str()))
+        .collect();
+    assert_eq!(got, expected);
+    // The backup entry names the snapshot it made.
+    let snaps = t.json(&["snapshots"]);
+    assert_eq!(log[3]["entry"]["touched"]["snapshot"], snaps[0]["id"]);
+    a.ok(&["audit", "verify"]);
+
+    // The audit key lists snapshots but cannot see inside them, restore, write or add keys.
+    assert_eq!(a.json(&["snapshots"]).as_array().unwrap().len(), 1);
+    for args in [
+        vec!["ls", "latest"],
+        vec!["restore", "files", "latest", "--to", "/tmp/never"],
+        vec!["backup", "stream", "--name", "x", "--command", "echo x"],
+        vec!["forget", "--keep-last", "1"],
+        vec!["prune"],
+    ] {
+        let err = a.fails(&args, 13);
+        assert!(err.contains("audit role"), "{args:?}: {err}");
+    }
+    let mut a2 = t.with_password(AUDIT_PW);
+    a2.set("CUSTOS_NEW_PASSWORD", "another");
+    assert!(a2
+        .fails(&["key", "add", "--role", "backup"], 13)
+        .contains("audit role"));
+    // A refused command is recorded as refused.
+    let log = a.json(&["audit", "log"]);
+    let last = log.as_array().unwrap().last().unwrap();
+    assert_eq!(last["entry"]["command"], "key add");
+    assert_eq!(last["entry"]["role"], "audit");
+    assert!(last["entry"]["result"]
+        .as_str()
+        .unwrap()
+        .starts_with("error E13"));
+    a.ok(&["audit", "verify"]);
+}
+
+#[test]
+fn altered_entry_is_named() {
+    let t = repo_with_roles();
+    let p = trail_file(&t, 3);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    // Change one character of the sealed entry.
+    let s = v["entry"].as_str().unwrap().to_string();
+    let flipped = if s.as_bytes()[10] == b'A' { 'B' } else { 'A' };
+    v["entry"] = format!("{}{}{}", &s[..10], flipped, &s[11..]).into();
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    verify_fails_at(&t, 3, "altered");
+}
+
+#[test]
+fn removed_entry_is_named() {
+    let t = repo_with_roles();
+    std::fs::remove_file(trail_file(&t, 2)).unwrap();
+    verify_fails_at(&t, 3, "missing");
+}
+
+#[test]
+fn reordered_entries_are_named() {
+    let t = repo_with_roles();
+    let (a, b) = (trail_file(&t, 2), trail_file(&t, 3));
+    let (da, db) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    std::fs::write(&a, db).unwrap();
+    std::fs::write(&b, da).unwrap();
+    verify_fails_at(&t, 2, "reordered");
+}
+
+#[test]
+fn forged_entry_is_named() {
+    // Someone with write access to storage but no key of this repository appends an
+    // entry taken from another repository's trail.
+    let t = repo_with_roles();
+    let other = repo_with_roles();
+    let next = std::fs::read_dir(std::path::Path::new(&t.repo).join("audit"))
+        .unwrap()
+        .count() as u64
+        + 1;
+    std::fs::copy(trail_file(&other, 4), trail_file(&t, next)).unwrap();
+    verify_fails_at(&t, next, "forged");
+}
+
+#[test]
+fn concurrent_writers_keep_one_chain() {
+    let t = repo_with_roles();
+    let before = std::fs::read_dir(std::path::Path::new(&t.repo).join("audit"))
+        .unwrap()
+        .count();
+    let b = t.with_password(BACKUP_PW);
+    let mut children = vec![];
+    for i in 0..12 {
+        let mut c = if i % 2 == 0 {
+            b.command(&[
+                "backup",
+                "stream",
+                "--name",
+                &format!("s{i}"),
+                "--command",
+                "head -c 100000 /dev/urandom",
+            ])
+        } else {
+            t.command(&["snapshots"])
+        };
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        children.push(c.spawn().unwrap());
+    }
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("trail could not be written"));
+    }
+    let after = std::fs::read_dir(std::path::Path::new(&t.repo).join("audit"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        after,
+        before + 12,
+        "every command appended exactly one entry"
+    );
+    t.with_password(AUDIT_PW).ok(&["audit", "verify"]);
+}

@@ -1,0 +1,313 @@
+//! The operation trail: one write-once object per operation, `audit/<seq>` (16 hex
+//! digits), hash-chained and signed.
+//!
+//! ```text
+//! {"version": 1, "seq": 7, "prev": "<hex BLAKE3 of the bytes of audit/<seq-1>, zeros for 1>",
+//!  "key": "<key id>", "entry": "<base64 AES-256-GCM(meta_key, AAD = "custos trail v1" || seq, JSON)>",
+//!  "sig": "<base64 Ed25519 over "custos trail v1" || seq (u64 LE) || prev (32) || key id (32) || entry>"}
+//! ```
+//!
+//! An entry is appended by creating `audit/<last + 1>` create-only: two writers racing for
+//! the same number cannot both succeed, and the loser appends after the winner, so the
+//! chain never forks. A key's signing key is introduced in the trail by the entry that
+//! created the key (signed by the key that created it; the first entry, `init`, introduces
+//! itself), so removed keys' entries stay verifiable and a forged signer is unknown.
+//! Every role holds the meta key: entries are readable by backup, restore and audit keys,
+//! not by the storage operator.
+
+use chrono::{DateTime, Utc};
+use custos_crypto::{aead, sign};
+use custos_model::{Error, KeyId, Kind, Result};
+use custos_storage::{PutMode, PutOutcome};
+use serde::{Deserialize, Serialize};
+
+use crate::format::b64;
+use crate::Repository;
+
+pub const DIR: &str = "audit";
+const DOMAIN: &[u8] = b"custos trail v1";
+
+/// What one operation did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub time: DateTime<Utc>,
+    pub role: String,
+    pub key: KeyId,
+    pub host: String,
+    pub user: String,
+    /// The command, like `backup postgres` or `restore files`.
+    pub command: String,
+    /// What it touched: snapshot ids, counts, bytes.
+    #[serde(default)]
+    pub touched: serde_json::Value,
+    /// `ok`, or the error code and message.
+    pub result: String,
+    /// A key this operation created, with its trail signing key (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introduces: Option<(KeyId, String)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    version: u32,
+    seq: u64,
+    prev: String,
+    key: KeyId,
+    #[serde(with = "b64")]
+    entry: Vec<u8>,
+    #[serde(with = "b64")]
+    sig: Vec<u8>,
+}
+
+pub fn path(seq: u64) -> String {
+    format!("{DIR}/{seq:016x}")
+}
+
+fn signed_bytes(seq: u64, prev: &[u8; 32], key: &KeyId, entry: &[u8]) -> Vec<u8> {
+    let mut m = DOMAIN.to_vec();
+    m.extend_from_slice(&seq.to_le_bytes());
+    m.extend_from_slice(prev);
+    m.extend_from_slice(&key.0 .0);
+    m.extend_from_slice(entry);
+    m
+}
+
+fn entry_aad(seq: u64) -> Vec<u8> {
+    let mut a = DOMAIN.to_vec();
+    a.extend_from_slice(&seq.to_le_bytes());
+    a
+}
+
+/// One entry as read back, with what verification found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Read {
+    pub seq: u64,
+    pub entry: Option<Entry>,
+    /// Empty when the entry is intact and in place.
+    pub problems: Vec<String>,
+}
+
+impl Repository {
+    /// Sequence numbers present in the trail, ascending.
+    fn trail_seqs(&self) -> Result<Vec<u64>> {
+        seqs_in(&self.storage)
+    }
+
+    /// What appending needs, detached from the repository (the CLI appends after a
+    /// command, whatever became of it).
+    pub fn trail_writer(&self) -> TrailWriter {
+        TrailWriter {
+            storage: self.storage.clone(),
+            meta_key: self.keys.meta_key.clone(),
+            seed: self.keys.sign_seed.clone(),
+            key_id: self.key_id,
+        }
+    }
+
+    pub fn trail_append(&self, entry: &Entry) -> Result<u64> {
+        self.trail_writer().append(entry)
+    }
+}
+
+pub struct TrailWriter {
+    storage: custos_storage::DynStorage,
+    meta_key: zeroize::Zeroizing<[u8; 32]>,
+    seed: Option<zeroize::Zeroizing<[u8; 32]>>,
+    key_id: KeyId,
+}
+
+fn seqs_in(storage: &custos_storage::DynStorage) -> Result<Vec<u64>> {
+    let mut v: Vec<u64> = storage
+        .list(DIR)?
+        .into_iter()
+        .filter_map(|e| {
+            let name = e.path.rsplit('/').next()?;
+            (name.len() == 16)
+                .then(|| u64::from_str_radix(name, 16).ok())
+                .flatten()
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+impl TrailWriter {
+    /// Appends an entry; returns its sequence number. Keys without a signing key (made
+    /// before the trail existed) cannot append.
+    pub fn append(&self, entry: &Entry) -> Result<u64> {
+        let seed = self.seed.as_ref().ok_or_else(|| {
+            Error::new(
+                Kind::Permission,
+                format!("key {} has no trail signing key", self.key_id.short()),
+            )
+            .hint("keys made before the operation trail cannot sign it: add a new key and remove this one")
+        })?;
+        let plain = serde_json::to_vec(entry).expect("serializable");
+        let mut last = seqs_in(&self.storage)?.last().copied().unwrap_or(0);
+        for _ in 0..1000 {
+            let seq = last + 1;
+            let prev: [u8; 32] = if last == 0 {
+                [0u8; 32]
+            } else {
+                *blake3::hash(&self.storage.get(&path(last))?).as_bytes()
+            };
+            let sealed = aead::seal(&self.meta_key, &entry_aad(seq), &plain);
+            let sig = sign::sign(seed, &signed_bytes(seq, &prev, &self.key_id, &sealed));
+            let stored = Stored {
+                version: 1,
+                seq,
+                prev: hex::encode(prev),
+                key: self.key_id,
+                entry: sealed,
+                sig: sig.to_vec(),
+            };
+            let bytes = serde_json::to_vec(&stored).expect("serializable");
+            match self.storage.put(&path(seq), &bytes, PutMode::CreateOnly)? {
+                PutOutcome::Created => return Ok(seq),
+                // Another writer took this number: chain after it.
+                PutOutcome::AlreadyExists => last = seq,
+            }
+        }
+        Err(Error::new(
+            Kind::Storage,
+            "could not append to the operation trail after 1000 attempts",
+        ))
+    }
+}
+
+impl Repository {
+    /// Reads and checks the whole trail: each entry in place, chained to the one before,
+    /// signed by a key the trail introduced (or, for keys older than the trail, whose key
+    /// file names the signing key). Returns every entry with its problems.
+    pub fn trail_verify(&self) -> Result<Vec<Read>> {
+        let seqs = self.trail_seqs()?;
+        let key_files = Self::key_files(&self.storage)?;
+        let mut signers: std::collections::HashMap<KeyId, [u8; 32]> = Default::default();
+        let mut out = vec![];
+        let mut prev_hash = [0u8; 32];
+        let mut expected = 1u64;
+        for seq in seqs {
+            let mut problems = vec![];
+            if seq != expected {
+                problems.push(if seq > expected {
+                    format!(
+                        "entries {expected}..{} are missing (removed from the trail)",
+                        seq - 1
+                    )
+                } else {
+                    format!("sequence number {seq} out of order")
+                });
+            }
+            expected = seq + 1;
+            let bytes = match self.storage.get(&path(seq)) {
+                Ok(b) => b,
+                Err(e) => {
+                    out.push(Read {
+                        seq,
+                        entry: None,
+                        problems: vec![format!("unreadable: {}", e.message)],
+                    });
+                    continue;
+                }
+            };
+            let this_hash = *blake3::hash(&bytes).as_bytes();
+            let stored: Stored = match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(format!("malformed: {e}"));
+                    out.push(Read {
+                        seq,
+                        entry: None,
+                        problems,
+                    });
+                    prev_hash = this_hash;
+                    continue;
+                }
+            };
+            if stored.seq != seq {
+                problems.push(format!(
+                    "holds entry {} under number {seq} (moved or reordered)",
+                    stored.seq
+                ));
+            }
+            if stored.prev != hex::encode(prev_hash) {
+                problems.push(
+                    "does not chain to the entry before it (that entry was altered, removed or reordered)"
+                        .into(),
+                );
+            }
+            let entry: Option<Entry> = aead::open(
+                &self.keys.meta_key,
+                &entry_aad(stored.seq),
+                &stored.entry,
+                "trail entry",
+            )
+            .ok()
+            .and_then(|p| serde_json::from_slice(&p).ok());
+            if entry.is_none() {
+                problems.push("its content does not authenticate (altered)".into());
+            }
+            // The first entry introduces its own signer; later ones must be signed by a key
+            // introduced earlier, or by a key whose key file names its signing key.
+            let introduced = entry.as_ref().and_then(|e| e.introduces.clone());
+            if signers.is_empty() {
+                if let Some((id, public)) = &introduced {
+                    if *id == stored.key {
+                        if let Some(p) = parse_public(public) {
+                            signers.insert(*id, p);
+                        }
+                    }
+                }
+            }
+            let signer = signers.get(&stored.key).copied().or_else(|| {
+                key_files
+                    .iter()
+                    .find(|k| k.id == stored.key)
+                    .and_then(|k| k.sign_public.as_deref())
+                    .and_then(parse_public)
+            });
+            match signer {
+                Some(public) => {
+                    let msg = signed_bytes(
+                        stored.seq,
+                        &unhex32(&stored.prev),
+                        &stored.key,
+                        &stored.entry,
+                    );
+                    if !sign::verify(&public, &msg, &stored.sig) {
+                        problems.push(format!(
+                            "signature of key {} does not verify (altered or forged)",
+                            stored.key.short()
+                        ));
+                    }
+                }
+                None => problems.push(format!(
+                    "signed by key {}, which the trail never introduced (forged)",
+                    stored.key.short()
+                )),
+            }
+            if problems.is_empty() {
+                if let Some((id, public)) = introduced {
+                    if let Some(p) = parse_public(&public) {
+                        signers.insert(id, p);
+                    }
+                }
+            }
+            prev_hash = this_hash;
+            out.push(Read {
+                seq,
+                entry,
+                problems,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn parse_public(h: &str) -> Option<[u8; 32]> {
+    hex::decode(h).ok()?.try_into().ok()
+}
+
+fn unhex32(h: &str) -> [u8; 32] {
+    parse_public(h).unwrap_or([0u8; 32])
+}
