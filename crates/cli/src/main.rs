@@ -510,7 +510,6 @@ fn trail_name(c: &Command) -> Option<String> {
 }
 
 fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
-    let ctx = ctx;
     match command {
         Command::Audit(a) => cmd_audit(ctx, a),
         Command::Init {
@@ -523,18 +522,18 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             pack_size_mib,
             db_block_kib.map(|k| k.parse::<u32>().expect("checked by clap") * 1024),
         ),
-        Command::Key(k) => cmd_key(&ctx, k),
-        Command::Backup(b) => cmd_backup(&ctx, b),
-        Command::Snapshots { source } => cmd_snapshots(&ctx, source.as_deref()),
-        Command::Ls { snapshot, source } => cmd_ls(&ctx, &snapshot, source.as_deref()),
-        Command::Restore(r) => cmd_restore(&ctx, r),
-        Command::Verify { read_data, subset } => cmd_verify(&ctx, read_data, subset.as_deref()),
+        Command::Key(k) => cmd_key(ctx, k),
+        Command::Backup(b) => cmd_backup(ctx, b),
+        Command::Snapshots { source } => cmd_snapshots(ctx, source.as_deref()),
+        Command::Ls { snapshot, source } => cmd_ls(ctx, &snapshot, source.as_deref()),
+        Command::Restore(r) => cmd_restore(ctx, r),
+        Command::Verify { read_data, subset } => cmd_verify(ctx, read_data, subset.as_deref()),
         Command::Forget {
             policy,
             dry_run,
             prune,
-        } => cmd_forget(&ctx, &policy, dry_run, prune),
-        Command::Prune { dry_run } => cmd_prune(&ctx, dry_run),
+        } => cmd_forget(ctx, &policy, dry_run, prune),
+        Command::Prune { dry_run } => cmd_prune(ctx, dry_run),
         Command::Pg(PgCommand::Check { db_url, max_lag }) => {
             let max_lag = humantime::parse_duration(&max_lag)
                 .map_err(|e| Error::config(format!("--max-lag `{max_lag}`: {e}")))?;
@@ -610,7 +609,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         } => {
             let pgdata = ctx.settings.pgdata(pgdata);
             if drain || is_async {
-                return wal_push_async(&ctx, path.as_deref(), &pgdata, spool_max_mib << 20, drain);
+                return wal_push_async(ctx, path.as_deref(), &pgdata, spool_max_mib << 20, drain);
             }
             let path = path.expect("required by clap");
             let repo = ctx.open()?;
