@@ -130,6 +130,19 @@ enum Command {
     /// The operation trail: who did what to the repository, hash-chained and signed
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print the AWS IAM policy that enforces a role at the storage layer
+    IamPolicy {
+        #[arg(long, value_parser = ["backup", "restore", "audit"])]
+        role: String,
+        #[arg(long)]
+        bucket: String,
+        /// The repository's prefix in the bucket
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Restore role only: also allow forget and prune to delete
+        #[arg(long)]
+        allow_delete: bool,
+    },
     /// PostgreSQL checks
     #[command(subcommand)]
     Pg(PgCommand),
@@ -218,6 +231,26 @@ enum KeyCommand {
     },
     /// Remove a key by id (prefix)
     Remove { id: String },
+    /// Age of every key against the crypto-period ([keys] max_age, default 90d)
+    Status,
+    /// Split the restore key into N share files, any M of which rebuild it (Shamir)
+    Split {
+        #[arg(long, value_parser = clap::value_parser!(u8).range(2..=255))]
+        shares: u8,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(2..=255))]
+        threshold: u8,
+        /// Folder for the share files (created 0700; each file 0600: hand one to each holder)
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Rebuild a restore key from share files and add it under a new password
+    /// (CUSTOS_NEW_PASSWORD[_FILE] or a prompt); needs no other key
+    Recover {
+        #[arg(required = true)]
+        share_files: Vec<PathBuf>,
+        #[command(flatten)]
+        kdf: KdfArgs,
+    },
     /// Change the password of the key in use
     Passwd {
         #[command(flatten)]
@@ -477,6 +510,9 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Init { .. } => "init".into(),
         Command::Key(k) => match k {
             KeyCommand::List => "key list",
+            KeyCommand::Status => "key status",
+            KeyCommand::Split { .. } => "key split",
+            KeyCommand::Recover { .. } => "key recover",
             KeyCommand::Add { .. } => "key add",
             KeyCommand::Remove { .. } => "key remove",
             KeyCommand::Passwd { .. } => "key passwd",
@@ -506,12 +542,26 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::WalPush { .. } | Command::WalFetch { .. } => return None,
         Command::Audit(AuditCommand::Log { .. }) => "audit log".into(),
         Command::Audit(AuditCommand::Verify) => "audit verify".into(),
+        Command::IamPolicy { .. } => return None,
     })
 }
 
 fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
     match command {
         Command::Audit(a) => cmd_audit(ctx, a),
+        Command::IamPolicy {
+            role,
+            bucket,
+            prefix,
+            allow_delete,
+        } => {
+            let v = custos_ops::iam::policy(&role, &bucket, &prefix, allow_delete);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("serializable")
+            );
+            Ok(0)
+        }
         Command::Init {
             kdf,
             pack_size_mib,
@@ -871,6 +921,56 @@ fn cmd_init(
     Ok(0)
 }
 
+fn cmd_key_recover(ctx: &Ctx, files: &[PathBuf], kdf: &KdfArgs) -> Result<i32> {
+    let storage = ctx.storage()?;
+    let config = Repository::read_config(&storage)?;
+    let mut shares = vec![];
+    for f in files {
+        let text =
+            std::fs::read(f).map_err(|e| custos_model::error::io_error(Kind::Config, f, e))?;
+        let share: custos_ops::keys::ShareFile = serde_json::from_slice(&text).map_err(|_| {
+            Error::config(format!("{} is not a custos key share file", f.display()))
+        })?;
+        shares.push((f.display().to_string(), share));
+    }
+    let keys = custos_ops::keys::recover(config.id, &shares)?;
+    let pw = ctx.settings.new_password(&ctx.env)?;
+    let kf = Repository::add_recovered_key(
+        &storage,
+        &keys,
+        pw.as_bytes(),
+        kdf.params(),
+        &ctx.open_opts(),
+    )?;
+    // The rebuilt key must open this repository's data, not merely parse.
+    let repo = match Repository::open(storage.clone(), pw.as_bytes(), ctx.open_opts())
+        .and_then(|r| r.snapshots().map(|_| r))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = storage.delete(&custos_repo::paths::key(&kf.id));
+            return Err(Error::integrity(format!(
+                "the rebuilt key does not open this repository: {}",
+                e.message
+            )));
+        }
+    };
+    ctx.opened(&repo);
+    introduce(ctx, &repo, kf.id)?;
+    ctx.touch(serde_json::json!({"key": kf.id, "shares": shares.len()}));
+    if ctx.out.json {
+        ctx.out
+            .json(&serde_json::json!({"key": kf.id, "role": kf.role}));
+    } else {
+        println!(
+            "rebuilt the restore key from {} shares: added restore key {}",
+            shares.len(),
+            kf.id.short()
+        );
+    }
+    Ok(0)
+}
+
 /// Names a key's trail signing key in the command's trail entry.
 fn introduce(ctx: &Ctx, repo: &Repository, id: custos_model::KeyId) -> Result<()> {
     let kf = Repository::key_files(&repo.storage)?
@@ -883,6 +983,9 @@ fn introduce(ctx: &Ctx, repo: &Repository, id: custos_model::KeyId) -> Result<()
 }
 
 fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
+    if let KeyCommand::Recover { share_files, kdf } = k {
+        return cmd_key_recover(ctx, &share_files, &kdf);
+    }
     let mut repo = ctx.open()?;
     match k {
         KeyCommand::List => {
@@ -923,6 +1026,98 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
                     .json(&serde_json::json!({"id": kf.id, "role": kf.role}));
             } else {
                 println!("added {} key {}", kf.role.as_str(), kf.id.short());
+            }
+        }
+        KeyCommand::Recover { .. } => unreachable!("handled above"),
+        KeyCommand::Split {
+            shares,
+            threshold,
+            out,
+        } => {
+            if threshold > shares {
+                return Err(Error::config(format!(
+                    "--threshold {threshold} is more than --shares {shares}"
+                )));
+            }
+            let files = custos_ops::keys::split(&repo, threshold, shares)?;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&out)
+                .map_err(|e| custos_model::error::io_error(Kind::Config, &out, e))?;
+            let mut written = vec![];
+            for f in &files {
+                let p = out.join(format!(
+                    "custos-share-{}-{}-of-{}.json",
+                    repo.config.id.short(),
+                    f.index,
+                    f.shares
+                ));
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .map_err(|e| {
+                        custos_model::error::io_error(Kind::Config, &p, e)
+                            .hint("choose an empty --out folder: shares are never overwritten")
+                    })?;
+                file.write_all(&serde_json::to_vec_pretty(f).expect("serializable"))
+                    .and_then(|_| file.sync_all())
+                    .map_err(|e| custos_model::error::io_error(Kind::Config, &p, e))?;
+                written.push(p.display().to_string());
+            }
+            ctx.touch(serde_json::json!({"threshold": threshold, "shares": shares, "split": files[0].split}));
+            if ctx.out.json {
+                ctx.out
+                    .json(&serde_json::json!({"threshold": threshold, "files": written}));
+            } else {
+                println!(
+                    "split the restore key into {shares} shares; any {threshold} rebuild it (`custos key recover`):"
+                );
+                for w in &written {
+                    println!("  {w}");
+                }
+                println!("give each file to one holder and delete it here: together, {threshold} holders can read every backup");
+            }
+        }
+        KeyCommand::Status => {
+            let max_age = ctx.settings.key_max_age()?;
+            let ages = custos_ops::keys::ages(&repo, max_age, chrono::Utc::now())?;
+            let overdue = ages.iter().filter(|k| k.overdue).count();
+            ctx.touch(serde_json::json!({"keys": ages.len(), "overdue": overdue}));
+            if ctx.out.json {
+                ctx.out.json(
+                    &serde_json::json!({"max_age_days": max_age.as_secs() / 86400, "keys": ages}),
+                );
+            } else {
+                println!(
+                    "{:<16} {:<10} {:<8} {:<20} {:>6}",
+                    "what", "id", "role", "created (UTC)", "age"
+                );
+                for k in &ages {
+                    println!(
+                        "{:<16} {:<10} {:<8} {:<20} {:>5}d{}",
+                        k.what,
+                        k.id.map(|i| i.short()).unwrap_or_default(),
+                        k.role.as_deref().unwrap_or("-"),
+                        k.created.format("%Y-%m-%d %H:%M:%S"),
+                        k.age_days,
+                        if k.overdue { "  OVERDUE" } else { "" }
+                    );
+                }
+                for k in &ages {
+                    if let Some(f) = k.finding(max_age) {
+                        eprintln!("custos: warning: {f}");
+                    }
+                }
+                if overdue == 0 {
+                    println!(
+                        "every key is within the crypto-period of {} days",
+                        max_age.as_secs() / 86400
+                    );
+                }
             }
         }
         KeyCommand::Remove { id } => {
@@ -1006,6 +1201,15 @@ fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
 
 fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
     let repo = ctx.open()?;
+    // An overdue key never stops a backup; it is reported on every run.
+    let max_age = ctx.settings.key_max_age()?;
+    for k in custos_ops::keys::ages(&repo, max_age, chrono::Utc::now())? {
+        if k.id.is_none() || k.id == Some(repo.key_id) {
+            if let Some(f) = k.finding(max_age) {
+                eprintln!("custos: warning: {f}");
+            }
+        }
+    }
     let progress = ctx.out.progress();
     match b {
         BackupCommand::Files { paths, tag, time } => {
@@ -1517,6 +1721,7 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
             read_data,
             subset,
             progress: progress.as_ref(),
+            key_max_age: ctx.settings.key_max_age()?,
         },
     )?;
     ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read}));
@@ -1542,6 +1747,9 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
         }
         for w in &r.warnings {
             println!("warning: {w}");
+        }
+        for f in &r.key_findings {
+            eprintln!("custos: warning: {f}");
         }
         for e in &r.errors {
             println!("error: {e}");

@@ -25,6 +25,15 @@ pub struct ConfigFile {
     pub sources: Vec<SourceSection>,
     #[serde(default)]
     pub postgres: PostgresSection,
+    #[serde(default)]
+    pub keys: KeysSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// The crypto-period, like "90d" (the default): older keys are reported.
+    pub max_age: Option<String>,
 }
 
 /// The cluster backed up; flags and the libpq environment take precedence.
@@ -402,6 +411,18 @@ impl Settings {
             .hint("set secret_access_key_file in custos.toml"));
         }
         Ok(())
+    }
+
+    /// The crypto-period from `[keys] max_age` (default 90 days).
+    pub fn key_max_age(&self) -> Result<std::time::Duration> {
+        match &self.file.keys.max_age {
+            None => Ok(custos_ops::keys::DEFAULT_MAX_AGE),
+            Some(s) => humantime::parse_duration(s).map_err(|e| {
+                Error::config(format!(
+                    "[keys] max_age `{s}` is not a duration like 90d: {e}"
+                ))
+            }),
+        }
     }
 
     /// The repository location as one string for every process on this host (local

@@ -5,6 +5,8 @@
 pub mod backup;
 pub mod cache;
 pub mod forget;
+pub mod iam;
+pub mod keys;
 pub mod manifest;
 pub mod pg_backup;
 pub mod pg_check;

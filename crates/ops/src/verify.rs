@@ -24,6 +24,8 @@ pub struct VerifyReport {
     pub decrypted: bool,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+    /// Keys past the crypto-period (also among the warnings).
+    pub key_findings: Vec<String>,
 }
 
 pub struct VerifyOptions<'a> {
@@ -31,6 +33,8 @@ pub struct VerifyOptions<'a> {
     /// Fraction of packs to read (0 < f <= 1).
     pub subset: f64,
     pub progress: &'a dyn Progress,
+    /// The crypto-period: keys older than this are reported.
+    pub key_max_age: std::time::Duration,
 }
 
 pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
@@ -39,6 +43,13 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         decrypted: repo.keys.secret.is_some(),
         ..Default::default()
     };
+    // Keys past the crypto-period: reported, never fatal.
+    for k in crate::keys::ages(repo, opts.key_max_age, chrono::Utc::now())? {
+        if let Some(f) = k.finding(opts.key_max_age) {
+            r.warnings.push(f.clone());
+            r.key_findings.push(f);
+        }
+    }
     // A repository readable by other local users is a finding, whatever its encryption.
     for f in repo.storage.permission_findings()? {
         r.errors.push(format!("permissions: {f}"));

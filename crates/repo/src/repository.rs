@@ -231,6 +231,30 @@ impl Repository {
         Ok(kf)
     }
 
+    /// Adds a restore key rebuilt from secret shares (`key recover`): no other key is
+    /// needed, the repository is named by `storage`.
+    pub fn add_recovered_key(
+        storage: &DynStorage,
+        keys: &MasterKeys,
+        password: &[u8],
+        kdf: KdfParams,
+        opts: &OpenOptions,
+    ) -> Result<KeyFile> {
+        let config = Self::read_config(storage)?;
+        for kf in Self::key_files(storage)? {
+            if kf.open(password, config.id)?.is_some() {
+                return Err(Error::config(format!(
+                    "this password already opens key {}",
+                    kf.id.short()
+                ))
+                .hint("choose a different password: each password opens exactly one key"));
+            }
+        }
+        let mut keys = keys.clone();
+        keys.sign_seed = None;
+        store_key_file(storage, &keys, config.id, password, kdf, opts)
+    }
+
     /// A password opens exactly one key: refuses one that already opens a key other than
     /// `except`.
     fn refuse_password_in_use(&self, password: &[u8], except: Option<KeyId>) -> Result<()> {

@@ -1,0 +1,215 @@
+//! Key lifecycle: the restore key split into Shamir shares (any M of N rebuild it, M-1 or
+//! shares of another repository do not); key age against the crypto-period reported by
+//! `key status`, `verify` and every backup, without ever stopping a backup; the IAM policy
+//! that enforces the roles in S3.
+
+mod common;
+use common::*;
+
+fn share_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn any_three_of_five_shares_rebuild_the_restore_key() {
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 7, 15, 40_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let out = t.path("shares");
+    t.ok(&[
+        "key",
+        "split",
+        "--shares",
+        "5",
+        "--threshold",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let files = share_files(&out);
+    assert_eq!(files.len(), 5);
+    use std::os::unix::fs::PermissionsExt;
+    for f in &files {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    // The password is lost: only the shares remain.
+    let mut lost = t.with_password("nobody knows this");
+    lost.unset("CUSTOS_PASSWORD");
+    lost.set("CUSTOS_NEW_PASSWORD", "rebuilt by three holders");
+
+    // Two shares (and a duplicate) are not enough, and nothing is added.
+    let keys_before = std::fs::read_dir(std::path::Path::new(&t.repo).join("keys"))
+        .unwrap()
+        .count();
+    let err = lost.fails(
+        &[
+            "key",
+            "recover",
+            &files[0],
+            &files[3],
+            &files[3],
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("2 different share(s) given; this split needs 3"),
+        "{err}"
+    );
+    // A damaged share is named.
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[1]).unwrap()).unwrap();
+    let s = v["share"].as_str().unwrap().to_string();
+    v["share"] = format!("{}{}", if s.starts_with('A') { "B" } else { "A" }, &s[1..]).into();
+    let damaged = t.path("damaged.json");
+    std::fs::write(&damaged, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = lost.fails(
+        &[
+            "key",
+            "recover",
+            &files[0],
+            damaged.to_str().unwrap(),
+            &files[4],
+        ],
+        2,
+    );
+    assert!(err.contains("checksum"), "{err}");
+    // Shares of another repository are refused.
+    let other = T::new();
+    let oout = other.path("shares");
+    other.ok(&[
+        "key",
+        "split",
+        "--shares",
+        "3",
+        "--threshold",
+        "2",
+        "--out",
+        oout.to_str().unwrap(),
+    ]);
+    let ofiles = share_files(&oout);
+    let err = lost.fails(&["key", "recover", &ofiles[0], &ofiles[1]], 2);
+    assert!(err.contains("not of this one"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(std::path::Path::new(&t.repo).join("keys"))
+            .unwrap()
+            .count(),
+        keys_before
+    );
+
+    // Any three rebuild it; the new key restores what was backed up.
+    lost.ok(&[
+        "key",
+        "recover",
+        &files[4],
+        &files[1],
+        &files[2],
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    let mut rebuilt = t.with_password("rebuilt by three holders");
+    rebuilt.unset("CUSTOS_NEW_PASSWORD");
+    let dest = t.path("restored");
+    rebuilt.ok(&["restore", "files", "latest", "--to", dest.to_str().unwrap()]);
+    assert_eq!(describe(&src), describe(&dest));
+    // The trail records the split and the recovery.
+    let log = rebuilt.json(&["audit", "log"]);
+    let commands: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["entry"]["command"].as_str().unwrap())
+        .collect();
+    assert!(
+        commands.contains(&"key split") && commands.contains(&"key recover"),
+        "{commands:?}"
+    );
+    rebuilt.ok(&["audit", "verify"]);
+}
+
+#[test]
+fn overdue_keys_are_reported_and_backups_still_run() {
+    let mut t = T::new();
+    let fresh = t.json(&["key", "status"]);
+    assert!(
+        fresh["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["overdue"] == false),
+        "{fresh}"
+    );
+    assert_eq!(fresh["max_age_days"], 90);
+
+    // A crypto-period of zero makes every key overdue.
+    let cfg = t.path("custos.toml");
+    std::fs::write(&cfg, "[keys]\nmax_age = \"0s\"\n").unwrap();
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    let status = t.json(&["key", "status"]);
+    let keys = status["keys"].as_array().unwrap();
+    assert!(
+        keys.len() >= 2 && keys.iter().all(|k| k["overdue"] == true),
+        "{status}"
+    );
+    let out = t.run(&["key", "status"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OVERDUE"));
+
+    let v = t.json(&["verify"]);
+    assert!(!v["key_findings"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+
+    let src = t.path("src");
+    make_tree(&src, 3, 5, 10_000);
+    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "an overdue key must not stop a backup"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past the crypto-period"));
+
+    std::fs::write(&cfg, "[keys]\nmax_age = \"ninety days\"\n").unwrap();
+    let err = t.fails(&["key", "status"], 2);
+    assert!(err.contains("max_age"), "{err}");
+}
+
+#[test]
+fn iam_policy_denies_what_the_role_may_not_do() {
+    let t = T::bare();
+    let out = t.ok(&[
+        "iam-policy",
+        "--role",
+        "backup",
+        "--bucket",
+        "backups",
+        "--prefix",
+        "prod",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let st = v["Statement"].as_array().unwrap();
+    let deny_pack_read = st.iter().any(|s| {
+        s["Effect"] == "Deny"
+            && s["Action"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == "s3:GetObject")
+            && s["Resource"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == "arn:aws:s3:::backups/prod/data/*"))
+    });
+    assert!(deny_pack_read, "{out}");
+    t.fails(&["iam-policy", "--role", "superuser", "--bucket", "b"], 2);
+}
