@@ -233,6 +233,13 @@ enum KeyCommand {
     Remove { id: String },
     /// Age of every key against the crypto-period ([keys] max_age, default 90d)
     Status,
+    /// New data key pair for new data; old data stays readable (old secrets are kept,
+    /// sealed under the new chain). With --rewrap, every stored data key is re-wrapped to
+    /// the new pair (packs are not rewritten) and new keys need no old secret
+    Rotate {
+        #[arg(long)]
+        rewrap: bool,
+    },
     /// Split the restore key into N share files, any M of which rebuild it (Shamir)
     Split {
         #[arg(long, value_parser = clap::value_parser!(u8).range(2..=255))]
@@ -512,6 +519,7 @@ fn trail_name(c: &Command) -> Option<String> {
             KeyCommand::List => "key list",
             KeyCommand::Status => "key status",
             KeyCommand::Split { .. } => "key split",
+            KeyCommand::Rotate { .. } => "key rotate",
             KeyCommand::Recover { .. } => "key recover",
             KeyCommand::Add { .. } => "key add",
             KeyCommand::Remove { .. } => "key remove",
@@ -1029,6 +1037,24 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
             }
         }
         KeyCommand::Recover { .. } => unreachable!("handled above"),
+        KeyCommand::Rotate { rewrap } => {
+            let r = custos_ops::keys::rotate(&mut repo, rewrap)?;
+            ctx.touch(serde_json::to_value(&r).expect("serializable"));
+            if ctx.out.json {
+                ctx.out.json(&r);
+            } else {
+                println!(
+                    "data key pair rotated: generation {}; new data is wrapped to it, older data stays readable",
+                    r.generation
+                );
+                if rewrap {
+                    println!(
+                        "re-wrapped the data keys of {} packs, {} snapshots and {} WAL files: a key made from now on needs no older secret",
+                        r.rewrapped_packs, r.rewrapped_snapshots, r.rewrapped_wal
+                    );
+                }
+            }
+        }
         KeyCommand::Split {
             shares,
             threshold,
@@ -1088,9 +1114,12 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
             let overdue = ages.iter().filter(|k| k.overdue).count();
             ctx.touch(serde_json::json!({"keys": ages.len(), "overdue": overdue}));
             if ctx.out.json {
-                ctx.out.json(
-                    &serde_json::json!({"max_age_days": max_age.as_secs() / 86400, "keys": ages}),
-                );
+                ctx.out.json(&serde_json::json!({
+                    "max_age_days": max_age.as_secs() / 86400,
+                    "keys": ages,
+                    "generation": repo.keys.generation,
+                    "in_use": {"key": repo.key_id, "older_secrets_held": repo.keys.previous.len()},
+                }));
             } else {
                 println!(
                     "{:<16} {:<10} {:<8} {:<20} {:>6}",

@@ -213,3 +213,81 @@ fn iam_policy_denies_what_the_role_may_not_do() {
     assert!(deny_pack_read, "{out}");
     t.fails(&["iam-policy", "--role", "superuser", "--bucket", "b"], 2);
 }
+
+#[test]
+fn rotation_keeps_old_data_readable_and_rewrap_retires_old_secrets() {
+    let mut t = T::new();
+    t.set("CUSTOS_NEW_PASSWORD", "backup");
+    t.ok(&[
+        "key",
+        "add",
+        "--role",
+        "backup",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    let b = t.with_password("backup");
+    let src = t.path("src");
+    make_tree(&src, 11, 10, 30_000);
+    let before = b.json(&["backup", "files", src.to_str().unwrap()]);
+    let r = t.json(&["key", "rotate"]);
+    assert_eq!(r["generation"], 1);
+    // The backup key wraps new data to the new pair without being told.
+    std::fs::write(src.join("after-rotation.txt"), "new").unwrap();
+    let after = b.json(&["backup", "files", src.to_str().unwrap()]);
+    // The rotating key reads both.
+    for (snap, name) in [(&before, "before"), (&after, "after")] {
+        let dest = t.path(&format!("r-{name}"));
+        t.ok(&[
+            "restore",
+            "files",
+            snap["snapshot"].as_str().unwrap(),
+            "--to",
+            dest.to_str().unwrap(),
+        ]);
+    }
+    assert!(t.path("r-after/after-rotation.txt").exists());
+    assert!(!t.path("r-before/after-rotation.txt").exists());
+
+    // Re-wrap: a restore key made afterwards holds only the newest secret, and reads all.
+    let r = t.json(&["key", "rotate", "--rewrap"]);
+    assert_eq!(r["generation"], 2);
+    assert!(
+        r["rewrapped_packs"].as_u64().unwrap() > 0 && r["rewrapped_snapshots"] == 2,
+        "{r}"
+    );
+    t.set("CUSTOS_NEW_PASSWORD", "made after the rewrap");
+    t.ok(&[
+        "key",
+        "add",
+        "--role",
+        "restore",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+    ]);
+    let fresh = t.with_password("made after the rewrap");
+    let st = fresh.json(&["key", "status"]);
+    assert_eq!(st["generation"], 2);
+    assert_eq!(st["in_use"]["older_secrets_held"], 0, "{st}");
+    for (snap, name) in [(&before, "before"), (&after, "after")] {
+        let dest = t.path(&format!("fresh-{name}"));
+        fresh.ok(&[
+            "restore",
+            "files",
+            snap["snapshot"].as_str().unwrap(),
+            "--to",
+            dest.to_str().unwrap(),
+        ]);
+        assert_eq!(describe(&t.path(&format!("r-{name}"))), describe(&dest));
+    }
+    let v = fresh.json(&["verify", "--read-data"]);
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+    // The pair's age starts again at the rotation.
+    assert_eq!(st["keys"][0]["what"], "data key pair");
+    assert_eq!(st["keys"][0]["age_days"], 0);
+    fresh.ok(&["audit", "verify"]);
+}

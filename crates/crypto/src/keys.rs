@@ -59,6 +59,9 @@ pub struct MasterKeys {
     pub previous: Vec<SecretKey>,
     /// This key file's own Ed25519 signing key, for the operation trail.
     pub sign_seed: Option<Zeroizing<[u8; 32]>>,
+    /// The generation of the data key pair this key file was sealed at (0 = the pair made
+    /// at `init`; `key rotate` adds generations in the keyring).
+    pub generation: u32,
 }
 
 impl std::fmt::Debug for MasterKeys {
@@ -82,6 +85,7 @@ impl MasterKeys {
             secret: Some(secret),
             previous: vec![],
             sign_seed: None,
+            generation: 0,
         }
     }
 
@@ -106,6 +110,31 @@ impl MasterKeys {
         self.secret.iter().chain(self.previous.iter())
     }
 
+    /// Unwraps a data key with whichever restore secret it was wrapped to (the current
+    /// one, or one from before a rotation).
+    pub fn unwrap(
+        &self,
+        aad: &[u8],
+        wrapped: &[u8],
+        what: &str,
+    ) -> custos_model::Result<Zeroizing<Vec<u8>>> {
+        let mut first_err = None;
+        for s in self.secrets() {
+            match crate::wrap::unwrap(s, aad, wrapped, what) {
+                Ok(k) => return Ok(k),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| {
+            custos_model::Error::new(
+                custos_model::Kind::Permission,
+                format!("{what}: this key holds no restore secret"),
+            )
+        }))
+    }
+
     pub fn chunk_id(&self, data: &[u8]) -> custos_model::ChunkId {
         custos_model::ChunkId(custos_model::Id(
             *blake3::keyed_hash(&self.id_key, data).as_bytes(),
@@ -121,6 +150,7 @@ impl MasterKeys {
             secret: self.secret.as_ref().map(|s| s.0.to_vec()),
             previous: self.previous.iter().map(|s| s.0.to_vec()).collect(),
             sign_seed: self.sign_seed.as_ref().map(|s| s.to_vec()),
+            generation: self.generation,
         }
     }
 
@@ -154,6 +184,7 @@ impl MasterKeys {
             secret,
             previous,
             sign_seed,
+            generation: m.generation,
         })
     }
 }
@@ -175,6 +206,9 @@ pub struct KeyMaterial {
     pub previous: Vec<Vec<u8>>,
     #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
     pub sign_seed: Option<Vec<u8>>,
+    #[serde(default)]
+    #[zeroize(skip)]
+    pub generation: u32,
 }
 
 pub mod vec_b64 {

@@ -37,7 +37,7 @@ impl KeyAge {
                 if self.id.is_some() {
                     "replace it (`custos key add`, then `custos key remove`)"
                 } else {
-                    "custos cannot rotate the data key pair yet; start a new repository for new backups if the policy requires it"
+                    "rotate it (`custos key rotate --rewrap`)"
                 }
             )
         })
@@ -48,12 +48,12 @@ pub fn ages(repo: &Repository, max_age: Duration, now: DateTime<Utc>) -> Result<
     let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
     let age = |created: DateTime<Utc>| (now - created, now - created > limit);
     let mut out = vec![];
-    let (d, overdue) = age(repo.config.created);
+    let (d, overdue) = age(repo.pair_created);
     out.push(KeyAge {
         what: "data key pair".into(),
         id: None,
         role: None,
-        created: repo.config.created,
+        created: repo.pair_created,
         age_days: d.num_days(),
         overdue,
     });
@@ -216,4 +216,95 @@ pub fn recover(
     let material: custos_crypto::keys::KeyMaterial =
         serde_json::from_slice(json).map_err(|_| bad())?;
     custos_crypto::MasterKeys::from_material(&material)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RotateReport {
+    pub generation: u32,
+    pub rewrapped_packs: u64,
+    pub rewrapped_snapshots: u64,
+    pub rewrapped_wal: u64,
+}
+
+/// `key rotate`: a new data key pair for new data; with `rewrap`, every stored data key
+/// re-wrapped to it (packs in a new index, snapshots and WAL in the keyring's re-wrap
+/// table), so a key holding only the new secret reads everything.
+pub fn rotate(repo: &mut Repository, rewrap: bool) -> Result<RotateReport> {
+    repo.require_restore("rotate the data key pair")?;
+    repo.require_write("rotate the data key pair")?;
+    // Exclusive: no backup wraps to the old pair while the index is rewritten.
+    let lock = repo.lock(rewrap, "key rotate")?;
+    let generation = custos_repo::keyring::rotate(&repo.storage, &mut repo.keys)?;
+    repo.pair_created = Utc::now();
+    let mut report = RotateReport {
+        generation,
+        rewrapped_packs: 0,
+        rewrapped_snapshots: 0,
+        rewrapped_wal: 0,
+    };
+    if rewrap {
+        rewrap_all(repo, &mut report)?;
+    }
+    drop(lock);
+    Ok(report)
+}
+
+fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
+    use base64::Engine;
+    use custos_crypto::wrap;
+    use custos_repo::{pack, paths, snapshot};
+    let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+    // Packs: their keys live in the index; one new index replaces the old ones.
+    let index = repo.load_index()?;
+    let mut packs = index.to_files(None).packs;
+    for p in &mut packs {
+        let what = format!("pack {}", p.id.short());
+        let dek = repo.keys.unwrap(pack::KEY_AAD, &p.key, &what)?;
+        p.key = wrap::wrap(&repo.keys.public, pack::KEY_AAD, &dek)?;
+        report.rewrapped_packs += 1;
+    }
+    let new_index = repo.write_index(packs)?;
+    for old in &index.files {
+        if Some(*old) != new_index {
+            repo.storage.delete(&paths::index(old))?;
+        }
+    }
+    // Snapshots and WAL: their objects stay; the table holds their keys re-wrapped.
+    let mut table = custos_repo::keyring::Rewrap {
+        generation: repo.keys.generation,
+        keys: Default::default(),
+    };
+    for s in repo.snapshots()? {
+        let path = paths::snapshot(&s.id);
+        let stored = snapshot::wrapped_key(&s.id, &repo.storage.get(&path)?)?;
+        let wrapped = repo.rewrapped_key(&path).unwrap_or(stored);
+        let what = format!("snapshot {}", s.id.short());
+        let dek = repo.keys.unwrap(snapshot::KEY_AAD, &wrapped, &what)?;
+        table.keys.insert(
+            path,
+            b64(&wrap::wrap(&repo.keys.public, snapshot::KEY_AAD, &dek)?),
+        );
+        report.rewrapped_snapshots += 1;
+    }
+    for (sys, name, _) in repo.wal_objects()? {
+        let path = paths::wal(sys, &name);
+        let stored = repo.wal_wrapped_key(sys, &name)?;
+        let wrapped = repo.rewrapped_key(&path).unwrap_or(stored);
+        let what = format!("archived {name}");
+        let dek = repo
+            .keys
+            .unwrap(custos_repo::wal::KEY_AAD, &wrapped, &what)?;
+        table.keys.insert(
+            path,
+            b64(&wrap::wrap(
+                &repo.keys.public,
+                custos_repo::wal::KEY_AAD,
+                &dek,
+            )?),
+        );
+        report.rewrapped_wal += 1;
+    }
+    custos_repo::keyring::store_rewrap(&repo.storage, &repo.keys.meta_key, &table)?;
+    repo.rewrap = Some(table);
+    Ok(())
 }

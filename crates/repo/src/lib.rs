@@ -8,6 +8,7 @@
 pub mod format;
 pub mod index;
 pub mod keyfile;
+pub mod keyring;
 pub mod lock;
 pub mod pack;
 pub mod repository;

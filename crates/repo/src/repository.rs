@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use custos_chunk::ChunkerParams;
 use custos_crypto::kdf::KdfParams;
-use custos_crypto::{aead, wrap, MasterKeys, Role};
+use custos_crypto::{aead, MasterKeys, Role};
 use custos_model::{ChunkId, Error, Id, IndexId, KeyId, Kind, PackId, RepoId, Result, SnapshotId};
 use custos_storage::{DynStorage, PutMode, PutOutcome};
 use zeroize::Zeroizing;
@@ -38,6 +38,10 @@ pub struct Repository {
     pub key_id: KeyId,
     pub opts: OpenOptions,
     pack_keys: Mutex<HashMap<PackId, Arc<Zeroizing<[u8; 32]>>>>,
+    /// When the current data key pair was made (`init` or the newest rotation).
+    pub pair_created: chrono::DateTime<chrono::Utc>,
+    /// Data keys of snapshots and WAL re-wrapped to the current pair (`key rotate --rewrap`).
+    pub rewrap: Option<crate::keyring::Rewrap>,
 }
 
 fn not_found(storage: &DynStorage) -> Error {
@@ -100,24 +104,42 @@ impl Repository {
                 "another process created the repository at the same time",
             ));
         }
-        Ok(Self::assemble(storage, config, keys, kf.id, opts))
+        Self::assemble(storage, config, keys, kf.id, opts)
     }
 
+    /// Brings the opened keys up to the newest generation of the data key pair.
     fn assemble(
         storage: DynStorage,
         config: RepoConfig,
-        keys: MasterKeys,
+        mut keys: MasterKeys,
         key_id: KeyId,
         opts: OpenOptions,
-    ) -> Repository {
-        Repository {
+    ) -> Result<Repository> {
+        let links = crate::keyring::load(&storage, &keys.meta_key)?;
+        crate::keyring::apply(&mut keys, &links)?;
+        let pair_created = links.last().map(|l| l.created).unwrap_or(config.created);
+        let rewrap = if keys.generation > 0 {
+            crate::keyring::load_rewrap(&storage, &keys.meta_key, keys.generation)?
+        } else {
+            None
+        };
+        Ok(Repository {
             storage,
             config,
             keys,
             key_id,
             opts,
             pack_keys: Mutex::new(HashMap::new()),
-        }
+            pair_created,
+            rewrap,
+        })
+    }
+
+    /// The data key of `path` (a snapshot or WAL object) re-wrapped to the current pair.
+    pub fn rewrapped_key(&self, path: &str) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let k = self.rewrap.as_ref()?.keys.get(path)?;
+        base64::engine::general_purpose::STANDARD.decode(k).ok()
     }
 
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
@@ -138,7 +160,7 @@ impl Repository {
         files.sort_by_key(|k| u64::from(k.kdf.memory_kib) * u64::from(k.kdf.iterations));
         let cheapest = files.remove(0);
         if let Some(keys) = cheapest.open(password, config.id)? {
-            return Ok(Self::assemble(storage, config, keys, cheapest.id, opts));
+            return Self::assemble(storage, config, keys, cheapest.id, opts);
         }
         let password = std::sync::Arc::new(Zeroizing::new(password.to_vec()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -156,7 +178,7 @@ impl Repository {
         let mut err = None;
         for r in rx.iter().take(n) {
             match r {
-                Ok(Some((id, keys))) => return Ok(Self::assemble(storage, config, keys, id, opts)),
+                Ok(Some((id, keys))) => return Self::assemble(storage, config, keys, id, opts),
                 Ok(None) => {}
                 Err(e) => err = Some(e),
             }
@@ -220,9 +242,14 @@ impl Repository {
         }
         self.require_write("add keys")?;
         self.refuse_password_in_use(password, None)?;
+        let mut keys = self.keys.for_role(role);
+        if self.rewrap.is_some() {
+            // Everything is readable with the current secret: the new key needs no other.
+            keys.previous.clear();
+        }
         let kf = store_key_file(
             &self.storage,
-            &self.keys.for_role(role),
+            &keys,
             self.config.id,
             password,
             kdf,
@@ -419,13 +446,8 @@ impl Repository {
         if let Some(k) = self.pack_keys.lock().unwrap().get(&meta.id) {
             return Ok(k.clone());
         }
-        let secret = self
-            .keys
-            .secret
-            .as_ref()
-            .ok_or_else(|| snapshot::restore_key_required("decrypt stored data"))?;
-        let dek = wrap::unwrap(
-            secret,
+        self.require_restore("decrypt stored data")?;
+        let dek = self.keys.unwrap(
             pack::KEY_AAD,
             &meta.key,
             &format!("pack {}", meta.id.short()),
@@ -536,7 +558,8 @@ impl Repository {
             .storage
             .get(&paths::snapshot(id))
             .map_err(|e| missing_as_integrity(e, "snapshot"))?;
-        snapshot::decode_body(&self.keys, id, &bytes)
+        let rewrapped = self.rewrapped_key(&paths::snapshot(id));
+        snapshot::decode_body_with(&self.keys, id, &bytes, rewrapped.as_deref())
     }
 }
 

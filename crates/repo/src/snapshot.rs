@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use crate::format::{b64, from_zjson, to_zjson};
 
 const SUMMARY_AAD: &[u8] = b"custos snapshot summary v1";
-const KEY_AAD: &[u8] = b"custos snapshot key v1";
+pub const KEY_AAD: &[u8] = b"custos snapshot key v1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,12 +216,31 @@ pub fn decode_summary(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Resul
 }
 
 pub fn decode_body(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotBody> {
-    let Some(secret) = &keys.secret else {
+    decode_body_with(keys, id, bytes, None)
+}
+
+/// The body's data key as stored in the snapshot (wrapped to the pair of its time).
+pub fn wrapped_key(id: &SnapshotId, bytes: &[u8]) -> Result<Vec<u8>> {
+    Ok(parse(id, bytes)?.key)
+}
+
+/// Decodes the body, trying first `rewrapped` (its data key re-wrapped to the current
+/// pair by `key rotate --rewrap`), then the key stored in the snapshot.
+pub fn decode_body_with(
+    keys: &MasterKeys,
+    id: &SnapshotId,
+    bytes: &[u8],
+    rewrapped: Option<&[u8]>,
+) -> Result<SnapshotBody> {
+    if keys.secret.is_none() {
         return Err(restore_key_required("read the contents of a snapshot"));
-    };
+    }
     let e = parse(id, bytes)?;
     let what = format!("snapshot {}", id.short());
-    let dek = wrap::unwrap(secret, KEY_AAD, &e.key, &what)?;
+    let dek = match rewrapped.map(|w| keys.unwrap(KEY_AAD, w, &what)) {
+        Some(Ok(k)) => k,
+        _ => keys.unwrap(KEY_AAD, &e.key, &what)?,
+    };
     let dek: [u8; 32] = dek
         .as_slice()
         .try_into()

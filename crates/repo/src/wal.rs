@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 use crate::{paths, Repository};
 
 const MAGIC: &[u8; 8] = b"CSTWAL01";
-const KEY_AAD: &[u8] = b"custos wal key v1";
+pub const KEY_AAD: &[u8] = b"custos wal key v1";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WalMeta {
@@ -146,6 +146,22 @@ impl Repository {
         Ok(Some(meta))
     }
 
+    /// The data key of one archived file as stored (wrapped to the pair of its time).
+    pub fn wal_wrapped_key(&self, system_id: u64, name: &str) -> Result<Vec<u8>> {
+        let path = paths::wal(system_id, name);
+        let size = self.storage.size(&path)?.unwrap_or(0);
+        let head = self.storage.get_range(&path, 0, size.min(4096))?;
+        let bad = || Error::integrity(format!("archived {name} is truncated or not a WAL object"));
+        if head.len() < 12 || &head[..8] != MAGIC {
+            return Err(bad());
+        }
+        let ml = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
+        let at = 12 + ml;
+        let wl =
+            u32::from_le_bytes(head.get(at..at + 4).ok_or_else(bad)?.try_into().unwrap()) as usize;
+        Ok(head.get(at + 4..at + 4 + wl).ok_or_else(bad)?.to_vec())
+    }
+
     /// Every archived WAL object: (system id, name, stored size).
     pub fn wal_objects(&self) -> Result<Vec<(u64, String, u64)>> {
         let mut out = vec![];
@@ -183,11 +199,9 @@ impl Repository {
 
     /// Reads one archived WAL file; `Ok(None)` when it was never archived.
     pub fn wal_fetch(&self, system_id: u64, name: &str) -> Result<Option<Vec<u8>>> {
-        let secret = self
-            .keys
-            .secret
-            .as_ref()
-            .ok_or_else(|| crate::snapshot::restore_key_required("read archived WAL"))?;
+        if self.keys.secret.is_none() {
+            return Err(crate::snapshot::restore_key_required("read archived WAL"));
+        }
         let bytes = match self.storage.get(&paths::wal(system_id, name)) {
             Ok(b) => b,
             Err(e) if e.kind == Kind::NotFound => return Ok(None),
@@ -201,7 +215,13 @@ impl Repository {
                 meta.name, meta.system_id
             )));
         }
-        let dek = wrap::unwrap(secret, KEY_AAD, &wrapped, &what)?;
+        let dek = match self
+            .rewrapped_key(&paths::wal(system_id, name))
+            .map(|w| self.keys.unwrap(KEY_AAD, &w, &what))
+        {
+            Some(Ok(k)) => k,
+            _ => self.keys.unwrap(KEY_AAD, &wrapped, &what)?,
+        };
         let dek: [u8; 32] = dek
             .as_slice()
             .try_into()

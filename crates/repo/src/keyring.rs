@@ -1,0 +1,215 @@
+//! Rotation of the data key pair (the X25519 pair data keys are wrapped to).
+//!
+//! `keyring/<generation>` (8 hex digits, from 1), create-only, sealed with the meta key
+//! (AAD = "custos keyring v1" || generation LE):
+//!
+//! ```json
+//! {"generation": 2, "created": "<RFC 3339>", "public": "<b64>", "prev_public": "<b64>",
+//!  "wrapped": "<b64 HPKE(prev public, AAD, new secret)>", "mac": "<hex>"}
+//! ```
+//!
+//! A key file sealed at generation g opens the links after g in order: a restore key
+//! unwraps each new secret with the one before (keeping the old ones, so data wrapped to
+//! them stays readable) and checks the link's MAC, a keyed BLAKE3 under a key derived
+//! from the previous secret, which only restore keys can compute: a link forged by a
+//! backup-role key (which holds the meta key) is refused by every restore key. A backup
+//! key takes the newest public key, and wraps new data to it.
+//!
+//! `keyring/rewrap-<generation>`: after `key rotate --rewrap`, the data keys of every
+//! snapshot body and archived WAL file re-wrapped to that generation's public key (packs'
+//! keys are re-wrapped in the index), so a key holding only the newest secret reads
+//! everything. Packs keep their first wrapping in their trailer (packs are not
+//! rewritten): a compromised old secret plus storage access still opens those data keys.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use custos_crypto::wrap::{self, PublicKey, SecretKey};
+use custos_crypto::{aead, MasterKeys};
+use custos_model::{Error, Result};
+use custos_storage::{DynStorage, PutMode, PutOutcome};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::format::{b64, from_zjson, to_zjson};
+
+pub const DIR: &str = "keyring";
+const AAD: &[u8] = b"custos keyring v1";
+const WRAP_AAD: &[u8] = b"custos keyring secret v1";
+const MAC_CONTEXT: &str = "custos keyring mac v1";
+const REWRAP_AAD: &[u8] = b"custos keyring rewrap v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Link {
+    pub generation: u32,
+    pub created: DateTime<Utc>,
+    #[serde(with = "b64")]
+    pub public: Vec<u8>,
+    #[serde(with = "b64")]
+    pub prev_public: Vec<u8>,
+    #[serde(with = "b64")]
+    pub wrapped: Vec<u8>,
+    pub mac: String,
+}
+
+/// Data keys re-wrapped to one generation's public key, by object path.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Rewrap {
+    pub generation: u32,
+    pub keys: HashMap<String, String>,
+}
+
+fn aad(generation: u32) -> Vec<u8> {
+    let mut a = AAD.to_vec();
+    a.extend_from_slice(&generation.to_le_bytes());
+    a
+}
+
+fn mac(prev_secret: &SecretKey, l: &Link) -> String {
+    let key = blake3::derive_key(MAC_CONTEXT, prev_secret.0.as_ref());
+    let mut h = blake3::Hasher::new_keyed(&key);
+    h.update(&l.generation.to_le_bytes());
+    h.update(&l.public);
+    h.update(&l.prev_public);
+    h.update(&l.wrapped);
+    h.finalize().to_hex().to_string()
+}
+
+pub fn link_path(generation: u32) -> String {
+    format!("{DIR}/{generation:08x}")
+}
+
+pub fn rewrap_path(generation: u32) -> String {
+    format!("{DIR}/rewrap-{generation:08x}")
+}
+
+/// Every link, in generation order; a gap is an error.
+pub fn load(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<Link>> {
+    let mut gens: Vec<u32> = storage
+        .list(DIR)?
+        .into_iter()
+        .filter_map(|e| {
+            let n = e.path.rsplit('/').next()?;
+            (n.len() == 8)
+                .then(|| u32::from_str_radix(n, 16).ok())
+                .flatten()
+        })
+        .collect();
+    gens.sort_unstable();
+    let mut out = vec![];
+    for (i, g) in gens.iter().enumerate() {
+        if *g != i as u32 + 1 {
+            return Err(Error::integrity(format!(
+                "keyring generation {} is missing",
+                i + 1
+            )));
+        }
+        let bytes = storage.get(&link_path(*g))?;
+        let what = format!("keyring generation {g}");
+        let plain = aead::open(meta_key, &aad(*g), &bytes, &what)?;
+        let l: Link = from_zjson(&plain, &what)?;
+        if l.generation != *g {
+            return Err(Error::integrity(format!(
+                "{what} is labelled {}",
+                l.generation
+            )));
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Brings keys opened from a key file up to the newest generation.
+pub fn apply(keys: &mut MasterKeys, links: &[Link]) -> Result<()> {
+    let start = keys.generation;
+    for l in links.iter().filter(|l| l.generation > start) {
+        let what = format!("keyring generation {}", l.generation);
+        if l.prev_public != keys.public.0 {
+            return Err(Error::integrity(format!(
+                "{what} does not follow the key pair before it"
+            )));
+        }
+        let public = PublicKey(
+            l.public
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::integrity(format!("{what}: malformed public key")))?,
+        );
+        if let Some(prev) = keys.secret.take() {
+            if mac(&prev, l) != l.mac {
+                return Err(Error::integrity(format!(
+                    "{what} was not made by a restore key (forged?)"
+                ))
+                .hint("do not back up with this repository until it is investigated: new data would be wrapped to a key the restore keys may not hold"));
+            }
+            let s = wrap::unwrap(&prev, WRAP_AAD, &l.wrapped, &what)?;
+            let s: [u8; 32] = s
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::integrity(format!("{what}: malformed secret")))?;
+            let secret = SecretKey(Zeroizing::new(s));
+            if secret.public()? != public {
+                return Err(Error::integrity(format!(
+                    "{what}: the secret does not match the public key"
+                )));
+            }
+            keys.previous.insert(0, prev);
+            keys.secret = Some(secret);
+        }
+        keys.public = public;
+        keys.generation = l.generation;
+    }
+    Ok(())
+}
+
+/// Makes a new key pair the one new data is wrapped to. Returns the new generation.
+pub fn rotate(storage: &DynStorage, keys: &mut MasterKeys) -> Result<u32> {
+    let prev = keys
+        .secret
+        .as_ref()
+        .ok_or_else(|| crate::snapshot::restore_key_required("rotate the data key pair"))?;
+    let (secret, public) = wrap::generate();
+    let generation = keys.generation + 1;
+    let mut l = Link {
+        generation,
+        created: Utc::now(),
+        public: public.0.to_vec(),
+        prev_public: keys.public.0.to_vec(),
+        wrapped: wrap::wrap(&keys.public, WRAP_AAD, secret.0.as_ref())?,
+        mac: String::new(),
+    };
+    l.mac = mac(prev, &l);
+    let sealed = aead::seal(&keys.meta_key, &aad(generation), &to_zjson(&l));
+    if storage.put(&link_path(generation), &sealed, PutMode::CreateOnly)?
+        == PutOutcome::AlreadyExists
+    {
+        return Err(Error::new(
+            custos_model::Kind::Conflict,
+            format!("another rotation made generation {generation} at the same time"),
+        )
+        .hint("open the repository again and check `custos key status`"));
+    }
+    apply(keys, std::slice::from_ref(&l))?;
+    Ok(generation)
+}
+
+pub fn load_rewrap(
+    storage: &DynStorage,
+    meta_key: &[u8; 32],
+    generation: u32,
+) -> Result<Option<Rewrap>> {
+    let bytes = match storage.get(&rewrap_path(generation)) {
+        Ok(b) => b,
+        Err(e) if e.kind == custos_model::Kind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let what = format!("keyring re-wrap of generation {generation}");
+    let plain = aead::open(meta_key, REWRAP_AAD, &bytes, &what)?;
+    Ok(Some(from_zjson(&plain, &what)?))
+}
+
+pub fn store_rewrap(storage: &DynStorage, meta_key: &[u8; 32], r: &Rewrap) -> Result<()> {
+    let sealed = aead::seal(meta_key, REWRAP_AAD, &to_zjson(r));
+    storage.put(&rewrap_path(r.generation), &sealed, PutMode::Overwrite)?;
+    Ok(())
+}
