@@ -164,13 +164,12 @@ mb = lambda k: int(facts[k]) / 2**20
 print(f"| repository after full | {mb('pgbr_repo_after_full'):.0f} MiB | {mb('custos_repo_after_full'):.0f} MiB | {mb('custos_repo_after_full')/mb('pgbr_repo_after_full'):.2f} |")
 print(f"| incremental adds | {mb('pgbr_incr_added_bytes'):.1f} MiB | {mb('custos_incr_added_bytes'):.1f} MiB | {mb('custos_incr_added_bytes')/mb('pgbr_incr_added_bytes'):.2f} |")
 print(f"| repository total (with WAL) | {mb('pgbr_repo_total'):.0f} MiB | {mb('custos_repo_total'):.0f} MiB | {mb('custos_repo_total')/mb('pgbr_repo_total'):.2f} |")
-lat = {"pgbr": [], "custos": []}
+lat = {"pgbr": [], "custos": [], "custos-async": []}
 for line in open(f"{res}/walpush.tsv").read().splitlines()[1:]:
     t, _, ms = line.split("\t")
     lat[t].append(float(ms))
 def pct(v, q):
     v = sorted(v); return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
-lat["custos-async"] = lat.get("custos-async", [])
 for q, name in [(0.5, "p50"), (0.95, "p95")]:
     p, c = pct(lat["pgbr"], q), pct(lat["custos"], q)
     print(f"| wal-push {name} (sync, {len(lat['custos'])} segments) | {p:.0f} ms | {c:.0f} ms | {c/p:.2f} |")

@@ -154,13 +154,13 @@ enum Command {
         /// where PostgreSQL runs archive_command]
         #[arg(long)]
         pgdata: Option<PathBuf>,
-        /// Acknowledge once the file is durable in the local spool (in the cache folder); a
-        /// background pusher uploads in parallel. A full spool falls back to a synchronous push.
+        /// A background pusher reads ahead every file PostgreSQL has ready and uploads in
+        /// parallel; this call answers once the repository holds its file
         #[arg(long = "async")]
         is_async: bool,
-        /// Spool size above which --async pushes synchronously
-        #[arg(long, value_name = "MIB", default_value_t = 1024)]
-        spool_max_mib: u64,
+        /// With --async: how long to wait for the pusher before failing (PostgreSQL retries)
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        async_timeout: String,
         /// Upload what waits in the spool, then exit once it stays empty (started by --async)
         #[arg(long, hide = true)]
         drain: bool,
@@ -662,12 +662,15 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             path,
             pgdata,
             is_async,
-            spool_max_mib,
+            async_timeout,
             drain,
         } => {
             let pgdata = ctx.settings.pgdata(pgdata);
             if drain || is_async {
-                return wal_push_async(ctx, path.as_deref(), &pgdata, spool_max_mib << 20, drain);
+                let timeout = humantime::parse_duration(&async_timeout).map_err(|e| {
+                    Error::config(format!("--async-timeout `{async_timeout}`: {e}"))
+                })?;
+                return wal_push_async(ctx, path.as_deref(), &pgdata, timeout, drain);
             }
             let path = path.expect("required by clap");
             let repo = ctx.open()?;
@@ -705,61 +708,66 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
     }
 }
 
-/// `wal-push --async` (spool, then make sure a pusher runs) and `wal-push --drain` (the
-/// pusher).
+/// `wal-push --async` (answer from the pusher's marker, starting the pusher if needed) and
+/// `wal-push --drain` (the pusher).
 fn wal_push_async(
     ctx: &Ctx,
     path: Option<&std::path::Path>,
     pgdata: &std::path::Path,
-    max_bytes: u64,
+    timeout: std::time::Duration,
     drain: bool,
 ) -> Result<i32> {
-    use custos_ops::wal::{Spool, SpoolOutcome};
+    use custos_ops::wal::Spool;
     let cache = ctx.settings.cache_dir.clone().ok_or_else(|| {
-        Error::config("wal-push --async needs a cache folder for its spool")
+        Error::config("wal-push --async needs a cache folder for its markers")
             .hint("set CUSTOS_CACHE_DIR or cache_dir in custos.toml")
     })?;
     ctx.settings.location()?;
-    let location = ctx.settings.location_key();
-    let system_id = custos_sources::postgres::wal::system_id(pgdata)?;
+    let pgdata = std::path::absolute(pgdata).unwrap_or_else(|_| pgdata.to_path_buf());
+    let system_id = custos_sources::postgres::wal::system_id(&pgdata)?;
     let spool = Spool {
-        dir: Spool::location(&cache, system_id, &location),
-        max_bytes,
+        dir: Spool::location(&cache, system_id, &ctx.settings.location_key()),
     };
     if drain {
         let Some(_lock) = spool.try_lock()? else {
             return Ok(0);
         };
         let repo = ctx.open()?;
-        let n = spool.drain(&repo, system_id, 4, std::time::Duration::from_secs(3))?;
+        repo.require_write("archive WAL")?;
+        let n = spool.drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3))?;
         ctx.touch(serde_json::json!({"system_id": system_id, "files": n}));
-        tracing::info!("WAL spool: pushed {n} file(s)");
+        tracing::info!("WAL pusher: stored {n} file(s)");
         return Ok(0);
     }
-    // The pusher is another process: it must be able to open the repository from files
-    // and settings alone, never from secrets in this process's environment.
+    let path = path.expect("required by clap");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::config(format!("{} names no WAL file", path.display())))?
+        .to_string();
+    custos_sources::postgres::wal::classify(&name)?;
+    if spool.take_done(&name) {
+        return Ok(0);
+    }
+    // The pusher is another process: it must open the repository from files and settings
+    // alone, never from secrets in this process's environment.
     ctx.settings
         .check_secrets_by_reference(&ctx.env, "wal-push --async")?;
-    let path = path.expect("required by clap");
-    let (name, checked_id, data) = custos_ops::wal::read_checked(path, pgdata)?;
-    debug_assert_eq!(checked_id, system_id);
-    match spool.put(&name, &data)? {
-        SpoolOutcome::Spooled => {
-            if spool.try_lock()?.is_some() {
-                spawn_pusher(ctx, pgdata)?;
-            }
-        }
-        SpoolOutcome::Full => {
-            tracing::warn!("WAL spool full: pushing {name} synchronously");
-            let repo = ctx.open()?;
-            repo.wal_push(system_id, &name, &data)?;
-        }
+    if spool.try_lock()?.is_some() {
+        spawn_pusher(ctx, &pgdata)?;
     }
-    if ctx.out.json {
-        ctx.out
-            .json(&serde_json::json!({"file": name, "spooled": true}));
+    if spool.wait_done(&name, timeout)? {
+        Ok(0)
+    } else {
+        Err(Error::new(
+            Kind::Storage,
+            format!(
+                "{name} was not stored within {} s; PostgreSQL will retry it",
+                timeout.as_secs()
+            ),
+        )
+        .hint("check `custos pg check` and the spool's .last-error"))
     }
-    Ok(0)
 }
 
 /// Starts `custos wal-push --drain` detached (own session, no inherited output), so that

@@ -284,35 +284,25 @@ fn pg_check_on_unreachable_database_is_one_clear_error() {
     );
 }
 
-/// `wal-push --async`: PostgreSQL's archiver is answered once the segment is durable in
-/// the spool; a background pusher uploads, and the repository ends up holding every
-/// segment, byte for byte. With a spool too small for one segment, every push is
-/// synchronous (WAL is never dropped).
+/// `wal-push --async`: a background pusher reads ahead what PostgreSQL has ready and
+/// uploads in parallel; the archiver is answered only once the repository holds the file,
+/// so every segment PostgreSQL counts as archived is already in the repository, byte for
+/// byte. While the repository cannot be written, nothing is acknowledged (the archiver
+/// retries and `pg check` reports the pusher failing); once it can, archiving resumes.
 #[test]
-fn async_archiving_through_the_spool() {
+fn async_archiving_acknowledges_only_what_is_stored() {
     let (t, bin, cfg) = pg_repo();
     let copies = t.path("copies");
     std::fs::create_dir_all(&copies).unwrap();
     give_to_postgres(&copies);
     let conf = format!(
-        "archive_mode = on\narchive_command = '{} --config {} wal-push --async %p && cp %p {}/%f'\nwal_level = replica\n",
+        "archive_mode = on\narchive_command = '{} --config {} wal-push --async --async-timeout 3s %p && cp %p {}/%f'\nwal_level = replica\n",
         bin.display(),
         cfg.display(),
         copies.display()
     );
     let pg = PgCluster::init(pg15_bin(), &conf);
     pg.start();
-    pg.psql("CREATE TABLE t (id int, v text)");
-    for _ in 0..6 {
-        pg.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
-        pg.switch_and_archive();
-    }
-    assert_eq!(
-        pg.psql("SELECT failed_count FROM pg_stat_archiver"),
-        "0",
-        "{}",
-        pg.log()
-    );
     let repo_names = || -> std::collections::BTreeSet<String> {
         let wal = std::path::Path::new(&t.repo).join("wal");
         std::fs::read_dir(&wal)
@@ -323,24 +313,33 @@ fn async_archiving_through_the_spool() {
             })
             .unwrap_or_default()
     };
-    let acked: std::collections::BTreeSet<String> = std::fs::read_dir(&copies)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert!(acked.len() >= 6, "{acked:?}");
-    // The pusher catches up in the background.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !acked.is_subset(&repo_names()) {
+    let acked = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(&copies)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect()
+    };
+    pg.psql("CREATE TABLE t (id int, v text)");
+    for _ in 0..6 {
+        pg.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
+        pg.switch_and_archive();
+        // Acknowledged means stored: no waiting for a background upload.
         assert!(
-            Instant::now() < deadline,
-            "the pusher did not upload {acked:?}; repository has {:?}",
+            acked().is_subset(&repo_names()),
+            "{:?} not all in {:?}",
+            acked(),
             repo_names()
         );
-        std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(
+        pg.psql("SELECT failed_count FROM pg_stat_archiver"),
+        "0",
+        "{}",
+        pg.log()
+    );
     let r = t.with_password(PW);
     let data = pg.data.to_str().unwrap();
-    for n in &acked {
+    for n in &acked() {
         let out = r.path(&format!("fetched-{n}"));
         r.ok(&["wal-fetch", n, out.to_str().unwrap(), "--pgdata", data]);
         assert_eq!(
@@ -350,21 +349,57 @@ fn async_archiving_through_the_spool() {
         );
     }
 
-    // A spool that cannot hold a segment: the push is synchronous, so the repository holds
-    // the segment as soon as the archiver is answered.
-    pg.psql(&format!(
-        "ALTER SYSTEM SET archive_command = '{} --config {} wal-push --async --spool-max-mib 0 %p'",
-        bin.display(),
-        cfg.display()
-    ));
-    pg.psql("SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(500));
-    pg.psql("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 1000) g");
+    // The repository cannot be written: nothing more is acknowledged.
+    let wal_dir = std::path::Path::new(&t.repo).join("wal");
+    let sys_dir = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sys_dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let before = acked();
+    pg.psql("INSERT INTO t SELECT g, 'blocked' FROM generate_series(1, 1000) g");
     let seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
-    pg.switch_and_archive();
-    assert!(
-        repo_names().contains(&seg),
-        "{seg} not stored synchronously: {:?}",
-        repo_names()
+    pg.psql("SELECT pg_switch_wal()");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the archiver never saw a failure:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        acked(),
+        before,
+        "a segment was acknowledged while the repository refused it"
     );
+    assert!(!repo_names().contains(&seg));
+    let mut check = t.with_password(PW);
+    check.set("PGHOST", pg.dir.to_str().unwrap());
+    check.set("PGPORT", &pg.port.to_string());
+    let out = check.run(&["pg", "check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(20),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pusher is failing"));
+
+    // Writable again: the archiver's retry goes through.
+    std::fs::set_permissions(&sys_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !acked().contains(&seg) {
+        assert!(
+            Instant::now() < deadline,
+            "archiving did not resume:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(repo_names().contains(&seg));
 }

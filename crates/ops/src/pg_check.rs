@@ -29,7 +29,7 @@ pub struct PgCheckReport {
     pub newest_archived: Option<String>,
     /// Ranges of segments missing from the repository between the oldest and the newest.
     pub gaps: Vec<String>,
-    /// Files acknowledged by `wal-push --async` but not yet in the repository.
+    /// 1 when the async pusher's last round failed (see `spool_last_error`).
     pub spool_waiting: u64,
     pub spool_oldest_seconds: u64,
     pub spool_last_error: Option<String>,
@@ -61,34 +61,17 @@ pub fn check(
     let db = Db::connect(conn)?;
     let a = db.archiver()?;
     let mut problems = vec![];
-    let (mut spool_waiting, mut spool_oldest_seconds, mut spool_last_error) = (0, 0, None);
+    let (mut spool_waiting, spool_oldest_seconds, mut spool_last_error) = (0, 0, None);
     if let Some((cache, location)) = spool {
         let sp = crate::wal::Spool {
             dir: crate::wal::Spool::location(cache, a.system_id, location),
-            max_bytes: 0,
         };
-        let waiting = sp.waiting()?;
-        spool_waiting = waiting.len() as u64;
-        spool_oldest_seconds = waiting
-            .iter()
-            .filter_map(|(n, _)| std::fs::metadata(sp.dir.join(n)).ok()?.modified().ok())
-            .filter_map(|t| t.elapsed().ok())
-            .map(|d| d.as_secs())
-            .max()
-            .unwrap_or(0);
         spool_last_error = std::fs::read_to_string(sp.dir.join(".last-error"))
             .ok()
             .map(|s| s.trim().to_string());
-        if spool_waiting > 0 && spool_oldest_seconds > max_lag.as_secs() {
-            problems.push(format!(
-                "the WAL spool in {} holds {spool_waiting} file(s), the oldest for {} s, not yet in the repository{}",
-                sp.dir.display(),
-                spool_oldest_seconds,
-                spool_last_error
-                    .as_deref()
-                    .map(|e| format!(" (last error: {e})"))
-                    .unwrap_or_default()
-            ));
+        if let Some(e) = &spool_last_error {
+            spool_waiting = 1;
+            problems.push(format!("the async WAL pusher is failing: {e}"));
         }
     }
     if a.archive_mode != "on" && a.archive_mode != "always" {

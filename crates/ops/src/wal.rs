@@ -48,23 +48,16 @@ pub fn read_checked(path: &Path, pgdata: &Path) -> Result<(String, u64, Vec<u8>)
     Ok((name, system_id, data))
 }
 
-/// The asynchronous mode's spool: a local folder where `wal-push --async` leaves each
-/// file, durable (written to a temp name, fsynced, renamed, folder fsynced) before it
-/// acknowledges, and from which one background pusher per spool uploads in parallel,
-/// deleting each file only once the repository holds it.
+/// The asynchronous mode. PostgreSQL's own `pg_wal` is the queue: a background pusher
+/// (one per cluster and repository, by `flock`) reads ahead every file PostgreSQL has
+/// marked `.ready` in `pg_wal/archive_status`, uploads four at a time, and leaves a marker
+/// in this folder once the repository holds a file. `wal-push --async` for a file finds
+/// its marker (usually already there: a few milliseconds), or starts the pusher and waits
+/// for it. Nothing is acknowledged before it is durable in the repository, and nothing is
+/// copied or dropped: until it is pushed, a file stays in `pg_wal`, where PostgreSQL keeps
+/// it for as long as it is `.ready`.
 pub struct Spool {
     pub dir: std::path::PathBuf,
-    /// Above this many bytes waiting, `push_async` stores synchronously instead: WAL is
-    /// never dropped and never acknowledged before it is durable somewhere.
-    pub max_bytes: u64,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum SpoolOutcome {
-    /// In the spool, durable; the pusher uploads it.
-    Spooled,
-    /// The spool was full: the caller must push synchronously.
-    Full,
 }
 
 impl Spool {
@@ -86,79 +79,79 @@ impl Spool {
         )
     }
 
-    /// Files waiting in the spool, oldest name first, with their sizes.
-    pub fn waiting(&self) -> Result<Vec<(String, u64)>> {
-        let mut out = vec![];
-        let rd = match std::fs::read_dir(&self.dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(self.io(e)),
-        };
-        for e in rd {
-            let e = e.map_err(|e| self.io(e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-            out.push((name, len));
-        }
-        out.sort();
-        Ok(out)
+    fn marker(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{name}.ok"))
     }
 
-    /// Leaves a file in the spool, durably. An identical file already waiting is a
-    /// success; a different one under the same name is refused.
-    pub fn put(&self, name: &str, data: &[u8]) -> Result<SpoolOutcome> {
+    fn error_file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{name}.error"))
+    }
+
+    fn ensure_dir(&self) -> Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .map_err(|e| self.io(e))?;
-        let path = self.dir.join(name);
-        if let Ok(existing) = std::fs::read(&path) {
-            if existing == data {
-                return Ok(SpoolOutcome::Spooled);
+            .map_err(|e| self.io(e))
+    }
+
+    /// Files PostgreSQL waits to have archived (`.ready`), oldest first, with their age.
+    pub fn ready(pgdata: &Path) -> Vec<(String, std::time::Duration)> {
+        let mut out: Vec<(String, std::time::Duration)> =
+            std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let e = e.ok()?;
+                    let name = e
+                        .file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".ready")?
+                        .to_string();
+                    let age = e
+                        .metadata()
+                        .ok()?
+                        .modified()
+                        .ok()?
+                        .elapsed()
+                        .unwrap_or_default();
+                    Some((name, age))
+                })
+                .collect();
+        out.sort();
+        out
+    }
+
+    /// Consumes the marker of `name` if the pusher already stored it.
+    pub fn take_done(&self, name: &str) -> bool {
+        std::fs::remove_file(self.marker(name)).is_ok()
+    }
+
+    /// Waits for the pusher to store `name`; its error if it failed to.
+    pub fn wait_done(&self, name: &str, timeout: std::time::Duration) -> Result<bool> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.take_done(name) {
+                return Ok(true);
             }
-            return Err(Error::new(
-                Kind::Conflict,
-                format!("{name} is already waiting in the WAL spool with different content; refusing to replace it"),
-            )
-            .hint("check that only one cluster archives through this spool"));
+            if let Ok(msg) = std::fs::read_to_string(self.error_file(name)) {
+                let _ = std::fs::remove_file(self.error_file(name));
+                return Err(Error::new(
+                    Kind::Storage,
+                    format!("the WAL pusher could not store {name}: {}", msg.trim()),
+                ));
+            }
+            if std::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let waiting: u64 = self.waiting()?.iter().map(|(_, n)| n).sum();
-        if waiting + data.len() as u64 > self.max_bytes {
-            return Ok(SpoolOutcome::Full);
-        }
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.io(e)
-        })?;
-        Ok(SpoolOutcome::Spooled)
     }
 
     /// Takes the pusher's lock; None when another pusher holds it.
     pub fn try_lock(&self) -> Result<Option<std::fs::File>> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| self.io(e))?;
+        self.ensure_dir()?;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -176,59 +169,93 @@ impl Spool {
         Ok((r == 0).then_some(f))
     }
 
-    /// Uploads everything waiting, `threads` files at a time, until the spool has stayed
-    /// empty for `idle`. A file leaves the spool only after the repository holds it; a
-    /// failure is recorded in `.last-error`, and retried after a pause.
+    /// The pusher: stores every `.ready` file of `pgdata` that has no marker yet,
+    /// `threads` at a time, until nothing has been ready for `idle`. Returns how many it
+    /// stored. A failure is left beside the file's name (`<name>.error`, read by the
+    /// waiting archive_command) and in `.last-error`, and retried after a pause.
     pub fn drain(
         &self,
         repo: &Repository,
-        system_id: u64,
+        pgdata: &Path,
         threads: usize,
         idle: std::time::Duration,
     ) -> Result<u64> {
+        self.ensure_dir()?;
         let mut pushed = 0u64;
         let mut quiet_since = std::time::Instant::now();
         let mut pause = std::time::Duration::from_millis(100);
         loop {
-            let waiting = self.waiting()?;
-            if waiting.is_empty() {
+            let todo: Vec<String> = Self::ready(pgdata)
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| !self.marker(n).exists())
+                .collect();
+            if todo.is_empty() {
                 if quiet_since.elapsed() >= idle {
+                    self.clean_markers(pgdata);
                     return Ok(pushed);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             }
-            let results = custos_repo::repository::parallel_map(
-                &waiting,
-                threads,
-                |(name, _)| -> Result<()> {
-                    let path = self.dir.join(name);
-                    let data = std::fs::read(&path).map_err(|e| self.io(e))?;
-                    repo.wal_push(system_id, name, &data)?;
-                    std::fs::remove_file(&path).map_err(|e| self.io(e))?;
-                    Ok(())
-                },
-            );
-            match results {
-                Ok(done) => {
-                    pushed += done.len() as u64;
-                    let _ = std::fs::remove_file(self.dir.join(".last-error"));
-                    pause = std::time::Duration::from_millis(100);
-                }
-                Err(e) => {
-                    let _ = std::fs::write(
-                        self.dir.join(".last-error"),
-                        format!("{} {}\n", chrono::Utc::now().to_rfc3339(), e.message),
-                    );
-                    tracing::warn!("WAL spool: {}", e.message);
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
-                }
-            }
-            if let Ok(d) = std::fs::File::open(&self.dir) {
-                let _ = d.sync_all();
+            let results =
+                custos_repo::repository::parallel_map(&todo, threads, |name| -> Result<bool> {
+                    let path = pgdata.join("pg_wal").join(name);
+                    match read_checked(&path, pgdata)
+                        .and_then(|(n, sys, data)| repo.wal_push(sys, &n, &data))
+                    {
+                        Ok(_) => {
+                            std::fs::write(self.marker(name), b"").map_err(|e| self.io(e))?;
+                            let _ = std::fs::remove_file(self.error_file(name));
+                            Ok(true)
+                        }
+                        Err(e) => {
+                            let _ = std::fs::write(self.error_file(name), &e.message);
+                            let _ = std::fs::write(
+                                self.dir.join(".last-error"),
+                                format!(
+                                    "{} {name}: {}\n",
+                                    chrono::Utc::now().to_rfc3339(),
+                                    e.message
+                                ),
+                            );
+                            tracing::warn!("WAL pusher: {name}: {}", e.message);
+                            Ok(false)
+                        }
+                    }
+                })?;
+            let ok = results.iter().filter(|r| **r).count() as u64;
+            pushed += ok;
+            if ok == results.len() as u64 {
+                let _ = std::fs::remove_file(self.dir.join(".last-error"));
+                pause = std::time::Duration::from_millis(100);
+            } else {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
             }
             quiet_since = std::time::Instant::now();
+        }
+    }
+
+    /// Markers whose file PostgreSQL no longer waits for (it archived it through another
+    /// call, or the marker outlived a crash) are removed after ten minutes.
+    fn clean_markers(&self, pgdata: &Path) {
+        let ready: std::collections::HashSet<String> =
+            Self::ready(pgdata).into_iter().map(|(n, _)| n).collect();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(name) = n.strip_suffix(".ok") else {
+                continue;
+            };
+            let old = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > std::time::Duration::from_secs(600));
+            if old && !ready.contains(name) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }
