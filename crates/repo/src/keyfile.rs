@@ -28,7 +28,11 @@ pub struct KeyFile {
     pub data: Vec<u8>,
     /// Public half of this key's Ed25519 trail signing key (hex). Informational: the
     /// trail itself introduces each key's signing key, signed by the key that added it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "trail_signer",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sign_public: Option<String>,
 }
 
