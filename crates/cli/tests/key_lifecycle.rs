@@ -291,3 +291,65 @@ fn rotation_keeps_old_data_readable_and_rewrap_retires_old_secrets() {
     assert_eq!(st["keys"][0]["age_days"], 0);
     fresh.ok(&["audit", "verify"]);
 }
+
+#[test]
+fn secrets_never_reach_outputs_the_trail_or_the_repository() {
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 5, 5, 10_000);
+    let mut outputs = String::new();
+    let mut run = |t: &T, args: &[&str]| {
+        let o = t.run(args);
+        outputs.push_str(&String::from_utf8_lossy(&o.stdout));
+        outputs.push_str(&String::from_utf8_lossy(&o.stderr));
+    };
+    for args in [
+        vec!["backup", "files", src.to_str().unwrap(), "-v", "-v"],
+        vec!["snapshots", "--json"],
+        vec!["ls", "latest"],
+        vec!["verify", "--read-data", "--json"],
+        vec!["key", "status", "--json"],
+        vec!["key", "list", "--json"],
+        vec!["audit", "log", "--json"],
+        vec!["audit", "verify"],
+    ] {
+        run(&t, &args);
+    }
+    // A wrong password is refused without being echoed.
+    let wrong = t.with_password("wrong-secret-8f2c91");
+    run(&wrong, &["snapshots", "-v", "-v"]);
+    run(
+        &wrong,
+        &["restore", "files", "latest", "--to", "/tmp/x", "--json"],
+    );
+    for secret in [PW, "wrong-secret-8f2c91"] {
+        assert!(
+            !outputs.contains(secret),
+            "a password reached the output:\n{outputs}"
+        );
+    }
+    // No object of the repository (trail included) holds the password in any form.
+    fn walk(p: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(p).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out)
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    let mut files = vec![];
+    walk(std::path::Path::new(&t.repo), &mut files);
+    assert!(files
+        .iter()
+        .any(|f| f.to_string_lossy().contains("/audit/")));
+    for f in files {
+        let b = std::fs::read(&f).unwrap();
+        assert!(
+            !b.windows(PW.len()).any(|w| w == PW.as_bytes()),
+            "{} holds the password",
+            f.display()
+        );
+    }
+}

@@ -230,6 +230,9 @@ fn pitr(bin: PathBuf) {
             Some(expect_snapshot.as_str()),
             "{name}: wrong base backup"
         );
+        // restore_command names the password file, never the password.
+        let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+        assert!(auto.contains("restore.pw") && !auto.contains(PW), "{auto}");
         let got = start_and_read(&bin, &dir, port, &pg.dir);
         let want = committed_until(&pg, target);
         assert!(!want.is_empty(), "{name}: no rows before the target");
