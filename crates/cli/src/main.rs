@@ -226,6 +226,9 @@ enum KeyCommand {
     Add {
         #[arg(long, value_parser = ["backup", "restore", "audit"])]
         role: String,
+        /// Restore keys only: may also forget, prune and remove keys
+        #[arg(long)]
+        allow_delete: bool,
         #[command(flatten)]
         kdf: KdfArgs,
     },
@@ -547,7 +550,10 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Unlock => "unlock".into(),
         Command::Pg(_) => "pg check".into(),
         Command::WalPush { drain: true, .. } => "wal-push batch".into(),
-        Command::WalPush { .. } | Command::WalFetch { .. } => return None,
+        // Each decryption with a restore key is recorded; each synchronous push is not (one
+        // per segment; the async pusher records its batches).
+        Command::WalFetch { .. } => "wal-fetch".into(),
+        Command::WalPush { .. } => return None,
         Command::Audit(AuditCommand::Log { .. }) => "audit log".into(),
         Command::Audit(AuditCommand::Verify) => "audit verify".into(),
         Command::IamPolicy { .. } => return None,
@@ -685,7 +691,9 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             let pgdata = ctx.settings.pgdata(pgdata);
             // PostgreSQL asks for files that do not exist at the end of recovery: answer
             // quickly and quietly.
-            if custos_ops::wal::fetch(&repo, &name, &dest, &pgdata)? {
+            let found = custos_ops::wal::fetch(&repo, &name, &dest, &pgdata)?;
+            ctx.touch(serde_json::json!({"file": name, "found": found}));
+            if found {
                 Ok(0)
             } else {
                 Ok(Kind::NotFound.exit_code())
@@ -1031,11 +1039,17 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
                 }
             }
         }
-        KeyCommand::Add { role, kdf } => {
+        KeyCommand::Add {
+            role,
+            allow_delete,
+            kdf,
+        } => {
             let role: Role = role.parse()?;
             let pw = ctx.settings.new_password(&ctx.env)?;
-            let kf = repo.add_key(role, pw.as_bytes(), kdf.params())?;
-            ctx.touch(serde_json::json!({"key": kf.id, "role": kf.role}));
+            let kf = repo.add_key(role, pw.as_bytes(), kdf.params(), allow_delete)?;
+            ctx.touch(
+                serde_json::json!({"key": kf.id, "role": kf.role, "can_delete": allow_delete}),
+            );
             introduce(ctx, &repo, kf.id)?;
             if ctx.out.json {
                 ctx.out
@@ -1840,7 +1854,7 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
     let policy = policy_from(ctx, a)?;
     let repo = ctx.open()?;
     if !dry_run {
-        repo.require_restore("forget snapshots")?;
+        repo.require_delete("forget snapshots")?;
     }
     let plan = forget::plan(&repo, &policy)?;
     let removed = if dry_run {

@@ -353,3 +353,61 @@ fn secrets_never_reach_outputs_the_trail_or_the_repository() {
         );
     }
 }
+
+#[test]
+fn restore_keys_delete_only_when_granted() {
+    let mut t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 9, 5, 10_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    for (pw, grant) in [("reader", false), ("janitor", true)] {
+        t.set("CUSTOS_NEW_PASSWORD", pw);
+        let mut args = vec![
+            "key",
+            "add",
+            "--role",
+            "restore",
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ];
+        if grant {
+            args.push("--allow-delete");
+        }
+        t.ok(&args);
+    }
+    t.unset("CUSTOS_NEW_PASSWORD");
+    let reader = t.with_password("reader");
+    // Reads and decrypts...
+    reader.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    reader.ok(&["forget", "--keep-last", "1", "--dry-run"]);
+    // ...but deletes nothing.
+    let before = t.repo_state();
+    for args in [
+        vec!["forget", "--keep-last", "1"],
+        vec!["prune"],
+        vec!["key", "remove", "0"],
+    ] {
+        let err = reader.fails(&args, 13);
+        assert!(err.contains("may not delete"), "{args:?}: {err}");
+    }
+    assert_eq!(t.repo_state(), before);
+    // Nor can it grant deletion.
+    let mut r2 = t.with_password("reader");
+    r2.set("CUSTOS_NEW_PASSWORD", "escalated");
+    assert!(r2
+        .fails(&["key", "add", "--role", "restore", "--allow-delete"], 13)
+        .contains("may not delete"));
+    // The granted key forgets and prunes.
+    let janitor = t.with_password("janitor");
+    janitor.ok(&["forget", "--keep-last", "1", "--prune"]);
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 1);
+}

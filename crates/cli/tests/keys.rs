@@ -66,11 +66,13 @@ fn backup_role_writes_and_deduplicates_but_cannot_read() {
 fn key_management_and_wrong_password() {
     let mut t = T::new();
     t.set("CUSTOS_NEW_PASSWORD", "second restore password");
+    // Granted deletion: it removes the first key below.
     t.ok(&[
         "key",
         "add",
         "--role",
         "restore",
+        "--allow-delete",
         "--kdf-memory-mib",
         "8",
         "--kdf-iterations",

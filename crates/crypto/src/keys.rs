@@ -62,6 +62,9 @@ pub struct MasterKeys {
     /// The generation of the data key pair this key file was sealed at (0 = the pair made
     /// at `init`; `key rotate` adds generations in the keyring).
     pub generation: u32,
+    /// Restore keys may forget, prune and remove keys only when granted (the key made by
+    /// `init` is; `key add --role restore --allow-delete` grants it to others).
+    pub can_delete: bool,
 }
 
 impl std::fmt::Debug for MasterKeys {
@@ -86,6 +89,7 @@ impl MasterKeys {
             previous: vec![],
             sign_seed: None,
             generation: 0,
+            can_delete: true,
         }
     }
 
@@ -95,6 +99,7 @@ impl MasterKeys {
         let mut k = self.clone();
         k.role = role;
         k.sign_seed = None;
+        k.can_delete = false;
         if role != Role::Restore {
             k.secret = None;
             k.previous = vec![];
@@ -151,6 +156,7 @@ impl MasterKeys {
             previous: self.previous.iter().map(|s| s.0.to_vec()).collect(),
             sign_seed: self.sign_seed.as_ref().map(|s| s.to_vec()),
             generation: self.generation,
+            can_delete: Some(self.can_delete),
         }
     }
 
@@ -185,6 +191,8 @@ impl MasterKeys {
             previous,
             sign_seed,
             generation: m.generation,
+            // Key files from before the grant existed: restore keys could delete.
+            can_delete: m.can_delete.unwrap_or(m.role == Role::Restore),
         })
     }
 }
@@ -209,6 +217,9 @@ pub struct KeyMaterial {
     #[serde(default)]
     #[zeroize(skip)]
     pub generation: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[zeroize(skip)]
+    pub can_delete: Option<bool>,
 }
 
 pub mod vec_b64 {

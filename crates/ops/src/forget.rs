@@ -64,7 +64,7 @@ pub fn plan(repo: &Repository, policy: &RetentionPolicy) -> Result<ForgetPlan> {
 }
 
 pub fn execute(repo: &Repository, plan: &ForgetPlan) -> Result<usize> {
-    repo.require_restore("forget snapshots")?;
+    repo.require_delete("forget snapshots")?;
     let _lock = repo.lock(false, "forget")?;
     let removed = plan.removed();
     for id in &removed {

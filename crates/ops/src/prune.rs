@@ -173,7 +173,11 @@ pub fn prune(
     dry_run: bool,
     progress: &dyn Progress,
 ) -> Result<(PrunePlan, Option<PruneReport>)> {
-    repo.require_restore("prune")?;
+    if dry_run {
+        repo.require_restore("prune")?;
+    } else {
+        repo.require_delete("prune")?;
+    }
     let _lock = repo.lock(!dry_run, "prune")?;
     let index = repo.load_index()?;
     let plan = plan(repo, &index)?;

@@ -222,6 +222,19 @@ impl Repository {
         Ok(())
     }
 
+    /// Forget, prune and key removal: a restore key granted deletion.
+    pub fn require_delete(&self, action: &str) -> Result<()> {
+        self.require_restore(action)?;
+        if !self.keys.can_delete {
+            return Err(Error::new(
+                Kind::Permission,
+                format!("this restore key may not delete, so it cannot {action}"),
+            )
+            .hint("use a key granted deletion: the key made by `init`, or one added with `key add --role restore --allow-delete`"));
+        }
+        Ok(())
+    }
+
     /// Backup and restore keys write; audit keys only read.
     pub fn require_write(&self, action: &str) -> Result<()> {
         if self.keys.role == Role::Audit {
@@ -236,13 +249,26 @@ impl Repository {
 
     /// Adds a key file for `role`, sealed with `password`. Refuses a password that already
     /// opens a key, so that a password always names exactly one key.
-    pub fn add_key(&self, role: Role, password: &[u8], kdf: KdfParams) -> Result<KeyFile> {
+    pub fn add_key(
+        &self,
+        role: Role,
+        password: &[u8],
+        kdf: KdfParams,
+        allow_delete: bool,
+    ) -> Result<KeyFile> {
         if role != Role::Backup {
             self.require_restore(&format!("create a {} key", role.as_str()))?;
+        }
+        if allow_delete {
+            if role != Role::Restore {
+                return Err(Error::config("only restore keys can be granted deletion"));
+            }
+            self.require_delete("grant deletion to a new key")?;
         }
         self.require_write("add keys")?;
         self.refuse_password_in_use(password, None)?;
         let mut keys = self.keys.for_role(role);
+        keys.can_delete = allow_delete;
         if self.rewrap.is_some() {
             // Everything is readable with the current secret: the new key needs no other.
             keys.previous.clear();
@@ -309,7 +335,7 @@ impl Repository {
     }
 
     pub fn remove_key(&self, prefix: &str) -> Result<KeyFile> {
-        self.require_restore("remove keys")?;
+        self.require_delete("remove keys")?;
         let kf = self.find_key(prefix)?;
         if kf.id == self.key_id {
             return Err(Error::config("refusing to remove the key in use")
