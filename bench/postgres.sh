@@ -38,7 +38,7 @@ chown "$PGUSER_OS" "$CONF"/*.pw; chmod 600 "$CONF"/*.pw
 C() { runuser -u "$PGUSER_OS" -- env CUSTOS_REPO="$REPOS/custos" CUSTOS_CACHE_DIR="$BENCH/custos-cache" "$@"; }
 C env CUSTOS_PASSWORD_FILE="$CONF/restore.pw" "$CUSTOS" init -q
 C env CUSTOS_PASSWORD_FILE="$CONF/restore.pw" CUSTOS_NEW_PASSWORD_FILE="$CONF/backup.pw" \
-    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+    "$CUSTOS" key add --role backup --kdf-memory-mib 1 --kdf-iterations 1 -q
 CB="runuser -u $PGUSER_OS -- env CUSTOS_REPO=$REPOS/custos CUSTOS_CACHE_DIR=$BENCH/custos-cache CUSTOS_PASSWORD_FILE=$CONF/backup.pw PGHOST=$RUNDIR PGPORT=$PGPORT $CUSTOS"
 CR="runuser -u $PGUSER_OS -- env CUSTOS_REPO=$REPOS/custos CUSTOS_PASSWORD_FILE=$CONF/restore.pw $CUSTOS"
 
@@ -104,10 +104,10 @@ log "=== wal-push latency (synchronous, $WAL_SEGS real segments, one process eac
 runuser -u "$PGUSER_OS" -- pgbackrest --config="$CONF/pgbr-wal.conf" --stanza=bench stanza-create >/dev/null
 C env CUSTOS_REPO="$REPOS/custos-wal" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" "$CUSTOS" init -q
 C env CUSTOS_REPO="$REPOS/custos-wal" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" CUSTOS_NEW_PASSWORD_FILE="$CONF/backup.pw" \
-    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+    "$CUSTOS" key add --role backup --kdf-memory-mib 1 --kdf-iterations 1 -q
 C env CUSTOS_REPO="$REPOS/custos-async" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" "$CUSTOS" init -q
 C env CUSTOS_REPO="$REPOS/custos-async" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" CUSTOS_NEW_PASSWORD_FILE="$CONF/backup.pw" \
-    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+    "$CUSTOS" key add --role backup --kdf-memory-mib 1 --kdf-iterations 1 -q
 printf 'tool\tsegment\tms\n' > "$RES/walpush.tsv"
 for f in "$BENCH/walcopies"/*; do
     s=$(date +%s%N)

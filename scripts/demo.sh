@@ -50,7 +50,7 @@ step() {
 echo "== repository in $CUSTOS_REPO"
 step "init (AES-256-GCM, restore key)" "$CUSTOS" init -q
 CUSTOS_NEW_PASSWORD_FILE="$WORK/backup.pw" step "key add --role backup (for the database host)" \
-    "$CUSTOS" key add --role backup --kdf-memory-mib 8 --kdf-iterations 1 -q
+    "$CUSTOS" key add --role backup --kdf-memory-mib 1 --kdf-iterations 1 -q
 PORT=$(free_port)
 printf '%s\n' \
     "# The database host's settings: the backup-role key (writes, cannot read back)." \

@@ -51,7 +51,9 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct KdfArgs {
-    /// Argon2id memory in MiB for the new key (default 64). Lower only on small hosts.
+    /// Argon2id memory in MiB for the new key (default 64). An archiver's backup key whose
+    /// password is a long random string in a 0600 file can use 1: the KDF protects
+    /// guessable passwords, and every wal-push pays it (8 MiB cost 23 ms per segment).
     #[arg(long, value_name = "MIB")]
     kdf_memory_mib: Option<u32>,
     /// Argon2id iterations for the new key (default 3).

@@ -76,17 +76,32 @@ fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
     Ok((meta, wrapped, bytes[meta_end + 4 + wl..].to_vec()))
 }
 
+fn compress_wal(data: &[u8]) -> Result<Vec<u8>> {
+    let err = |e: std::io::Error| Error::internal(e.to_string());
+    let mut c = zstd::bulk::Compressor::new(1).map_err(err)?;
+    if data.len() > (1 << 20) {
+        c.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(2))
+            .map_err(err)?;
+    }
+    c.compress(data).map_err(err)
+}
+
 impl Repository {
     /// Archives one WAL file. Durable when this returns `Ok`.
     pub fn wal_push(&self, system_id: u64, name: &str, data: &[u8]) -> Result<PushOutcome> {
-        let meta_digest = digest(&self.keys, data);
         let path = paths::wal(system_id, name);
         // Cheap check first: re-pushes happen after every archiver retry.
         if self.storage.size(&path)?.is_some() {
-            return self.compare_existing(&path, name, &meta_digest);
+            return self.compare_existing(&path, name, &digest(&self.keys, data));
         }
-        let compressed =
-            zstd::bulk::compress(data, 1).map_err(|e| Error::internal(e.to_string()))?;
+        // archive_command waits on this: digest and compression run side by side, the
+        // compression itself on two threads (zstd's own workers).
+        let (meta_digest, compressed) = std::thread::scope(|s| {
+            let d = s.spawn(|| digest(&self.keys, data));
+            let c = compress_wal(data);
+            (d.join().expect("digest thread"), c)
+        });
+        let compressed = compressed?;
         let use_z = compressed.len() + 64 < data.len();
         let meta = WalMeta {
             name: name.into(),
