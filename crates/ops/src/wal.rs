@@ -202,7 +202,7 @@ impl Spool {
                 custos_repo::repository::parallel_map(&todo, threads, |name| -> Result<bool> {
                     let path = pgdata.join("pg_wal").join(name);
                     match read_checked(&path, pgdata)
-                        .and_then(|(n, sys, data)| repo.wal_push(sys, &n, &data))
+                        .and_then(|(n, sys, data)| repo.wal_push_with(sys, &n, &data, false))
                     {
                         Ok(_) => {
                             std::fs::write(self.marker(name), b"").map_err(|e| self.io(e))?;

@@ -76,10 +76,10 @@ fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
     Ok((meta, wrapped, bytes[meta_end + 4 + wl..].to_vec()))
 }
 
-fn compress_wal(data: &[u8]) -> Result<Vec<u8>> {
+fn compress_wal(data: &[u8], workers: bool) -> Result<Vec<u8>> {
     let err = |e: std::io::Error| Error::internal(e.to_string());
     let mut c = zstd::bulk::Compressor::new(1).map_err(err)?;
-    if data.len() > (1 << 20) {
+    if workers && data.len() > (1 << 20) {
         c.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(2))
             .map_err(err)?;
     }
@@ -89,6 +89,18 @@ fn compress_wal(data: &[u8]) -> Result<Vec<u8>> {
 impl Repository {
     /// Archives one WAL file. Durable when this returns `Ok`.
     pub fn wal_push(&self, system_id: u64, name: &str, data: &[u8]) -> Result<PushOutcome> {
+        self.wal_push_with(system_id, name, data, true)
+    }
+
+    /// `parallel`: compress on two threads (one file waits: archive_command); the async
+    /// pusher, which pushes several files at once, compresses each on one.
+    pub fn wal_push_with(
+        &self,
+        system_id: u64,
+        name: &str,
+        data: &[u8],
+        parallel: bool,
+    ) -> Result<PushOutcome> {
         let path = paths::wal(system_id, name);
         // Cheap check first: re-pushes happen after every archiver retry.
         if self.storage.size(&path)?.is_some() {
@@ -98,7 +110,7 @@ impl Repository {
         // compression itself on two threads (zstd's own workers).
         let (meta_digest, compressed) = std::thread::scope(|s| {
             let d = s.spawn(|| digest(&self.keys, data));
-            let c = compress_wal(data);
+            let c = compress_wal(data, parallel);
             (d.join().expect("digest thread"), c)
         });
         let compressed = compressed?;
