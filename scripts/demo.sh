@@ -74,7 +74,7 @@ printf '%s\n' \
     "unix_socket_directories = '$WORK'" \
     "wal_level = replica" \
     "archive_mode = on" \
-    "archive_command = '$CUSTOS --config $WORK/custos.toml wal-push %p'" >> "$WORK/pgdata/postgresql.conf"
+    "archive_command = '$CUSTOS --config $WORK/custos.toml wal-push --async %p'" >> "$WORK/pgdata/postgresql.conf"
 step "pg_ctl start" quietly as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata.log" -w start
 PSQL() { as_pg "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$WORK" -p "$1" -U postgres -d postgres -c "$2"; }
 load_sample() {
@@ -100,6 +100,9 @@ step "sample data (notes, 384-d embeddings, audit_log)" load_sample
 PSQL "$PORT" "SELECT '   ' || (SELECT count(*) FROM clinical_notes) || ' notes, ' || (SELECT count(*) FROM note_embeddings) || ' embeddings, ' || (SELECT count(*) FROM audit_log) || ' audit rows; database ' || pg_size_pretty(pg_database_size('postgres'))"
 
 BACKUP() { as_pg "$CUSTOS" --config "$WORK/custos.toml" "$@"; }
+# Everything else with the restore key, as the same user: a repository is used by one OS
+# user (its objects are 0600), here postgres.
+C() { as_pg env CUSTOS_REPO="$CUSTOS_REPO" CUSTOS_PASSWORD_FILE="$WORK/restore.pw" CUSTOS_CACHE_DIR="$WORK/cache" "$CUSTOS" "$@"; }
 echo "== daily full and hourly incremental base backups (backup-role key, as postgres)"
 step "backup postgres --type full" BACKUP backup postgres --type full -q
 PSQL "$PORT" "INSERT INTO clinical_notes (patient_id, note) SELECT g, 'Admission note ' || g FROM generate_series(1, 500) g;
@@ -124,11 +127,11 @@ for _ in $(seq 150); do
 done
 step "pg check (archive settings, lag, continuity)" BACKUP pg check
 echo "== point-in-time restore into a scratch data directory (restore key)"
-"$CUSTOS" snapshots
+C snapshots
 RPORT=$(free_port)
 RTO0=$(date +%s.%N)
-step "restore postgres --target-time (before accident)" as_pg env CUSTOS_REPO="$CUSTOS_REPO" CUSTOS_PASSWORD_FILE="$WORK/restore.pw" \
-    "$CUSTOS" restore postgres --to "$WORK/restored-db" --target-time "$TARGET" --port "$RPORT" --no-archiving -q
+step "restore postgres --target-time (before accident)" \
+    C restore postgres --to "$WORK/restored-db" --target-time "$TARGET" --port "$RPORT" --no-archiving -q
 step "start it: replay archived WAL, promote" quietly as_pg "$PGBIN/pg_ctl" -D "$WORK/restored-db" -l "$WORK/restored-db.log" -w -t 300 start
 for _ in $(seq 300); do [ "$(PSQL "$RPORT" "SELECT pg_is_in_recovery()")" = f ] && break; sleep 0.1; done
 RTO1=$(date +%s.%N)
@@ -166,28 +169,34 @@ with open(os.path.join(root, "config", "app.json"), "w") as f:
 with open(os.path.join(root, "terraform.tfstate"), "w") as f:
     json.dump({"version": 4, "resources": [{"type": "aws_s3_bucket", "name": f"b{i}"} for i in range(200)]}, f)
 PY
+chown -R postgres: "$WORK/data"
 du -sh "$WORK/data" | awk '{print "   " $1 " of documents, config and state"}'
 
 
 
 echo "== daily full"
-step "backup files (documents + config)" "$CUSTOS" backup files "$WORK/data/documents" "$WORK/data/config" -q
-step "backup stream (terraform state)" "$CUSTOS" backup stream --name terraform --command "cat '$WORK/data/terraform.tfstate'" -q
+step "backup files (documents + config)" C backup files "$WORK/data/documents" "$WORK/data/config" -q
+step "backup stream (terraform state)" C backup stream --name terraform --command "cat '$WORK/data/terraform.tfstate'" -q
 echo "== an hour later: 3 notes change, one scan is added"
 for d in 1 2 3; do echo "follow-up $(date)" >> "$WORK/data/documents/patient-000$d/notes.txt"; done
 head -c 1500000 /dev/urandom > "$WORK/data/documents/patient-0005/scan-2.dcm"
-step "backup files (incremental)" "$CUSTOS" backup files "$WORK/data/documents" "$WORK/data/config"
+chown postgres: "$WORK/data/documents/patient-0005/scan-2.dcm"
+step "backup files (incremental)" C backup files "$WORK/data/documents" "$WORK/data/config"
 echo "== verification"
-step "verify --read-data (decrypt everything)" "$CUSTOS" verify --read-data -q
+step "verify --read-data (decrypt everything)" C verify --read-data -q
 echo "== restore drill"
-step "restore files latest" "$CUSTOS" restore files latest --to "$WORK/restored" -q
+step "restore files latest" C restore files latest --to "$WORK/restored" -q
 diff -r "$WORK/data/documents" "$WORK/restored/documents" && diff -r "$WORK/data/config" "$WORK/restored/config"
 echo "   restored tree is identical to the source"
-"$CUSTOS" restore stream latest --source terraform > "$WORK/restored.tfstate"
+C restore stream latest --source terraform > "$WORK/restored.tfstate"
 cmp "$WORK/data/terraform.tfstate" "$WORK/restored.tfstate"
 echo "   restored Terraform state is identical"
 echo "== snapshots"
-"$CUSTOS" snapshots
+C snapshots
 echo "== retention (seed policy: 30 daily, 12 weekly, 12 monthly, 7 yearly), dry run"
-"$CUSTOS" forget --dry-run --keep-daily 30 --keep-weekly 12 --keep-monthly 12 --keep-yearly 7
+C forget --dry-run --keep-daily 30 --keep-weekly 12 --keep-monthly 12 --keep-yearly 7
+echo "== for the compliance officer: key ages and the signed operation trail"
+C key status
+C audit log | tail -n 8
+step "audit verify (hash chain and signatures)" C audit verify
 echo "== done: repository $CUSTOS_REPO, $(du -sh "$CUSTOS_REPO" | cut -f1)"
