@@ -133,6 +133,40 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Runs `f` on every regular file of `entries`, `threads` at a time. The first error
+/// stops the work and is returned (per-file problems that only make the snapshot partial
+/// are handled inside `f`).
+pub(crate) fn each_file(
+    entries: &[Mutex<Walked>],
+    threads: usize,
+    f: impl Fn(usize, &mut Walked) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let fatal: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= entries.len() || fatal.lock().unwrap().is_some() {
+                    break;
+                }
+                let mut w = entries[i].lock().unwrap();
+                if w.entry.kind != EntryKind::File {
+                    continue;
+                }
+                if let Err(e) = f(i, &mut w) {
+                    fatal.lock().unwrap().get_or_insert(e);
+                    break;
+                }
+            });
+        }
+    });
+    match fatal.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn chunk_reader(
     repo: &Repository,
     writer: &BlobWriter,
@@ -202,69 +236,47 @@ pub fn backup_files(
     );
     let unchanged = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
-    let next = AtomicUsize::new(0);
-    let fatal: Mutex<Option<Error>> = Mutex::new(None);
     let failed: Mutex<std::collections::HashSet<usize>> = Mutex::new(Default::default());
-
-    std::thread::scope(|s| {
-        for _ in 0..repo.threads() {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= entries.len() || fatal.lock().unwrap().is_some() {
-                    break;
-                }
-                let mut w = entries[i].lock().unwrap();
-                if w.entry.kind != EntryKind::File {
-                    continue;
-                }
-                let key = cache::path_key(&repo.keys.id_key, &w.entry.path);
-                if let Some((fp, ids)) = old_cache.files.get(&key) {
-                    if *fp == w.fingerprint && ids.iter().all(|id| writer.has(id)) {
-                        w.entry.chunks = ids.clone();
-                        unchanged.fetch_add(1, Ordering::Relaxed);
-                        opts.progress.add(w.entry.size);
-                        continue;
-                    }
-                }
-                let file = match std::fs::File::open(&w.source) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("{}: {e}", w.source.display()));
-                        failed.lock().unwrap().insert(i);
-                        continue;
-                    }
-                };
-                match chunk_reader(
-                    repo,
-                    writer,
-                    file,
-                    Some(w.entry.size),
-                    opts.progress,
-                    &bytes_read,
-                ) {
-                    Ok(Ok(ids)) => w.entry.chunks = ids,
-                    Ok(Err(e)) => {
-                        *fatal.lock().unwrap() = Some(e);
-                        break;
-                    }
-                    Err(e) => {
-                        errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("{}: {e}", w.source.display()));
-                        failed.lock().unwrap().insert(i);
-                    }
-                }
-            });
+    let result = each_file(&entries, repo.threads(), |i, w| {
+        let key = cache::path_key(&repo.keys.id_key, &w.entry.path);
+        if let Some((fp, ids)) = old_cache.files.get(&key) {
+            if *fp == w.fingerprint && ids.iter().all(|id| writer.has(id)) {
+                w.entry.chunks = ids.clone();
+                unchanged.fetch_add(1, Ordering::Relaxed);
+                opts.progress.add(w.entry.size);
+                return Ok(());
+            }
         }
+        let unreadable = |e: std::io::Error| {
+            errors
+                .lock()
+                .unwrap()
+                .push(format!("{}: {e}", w.source.display()));
+            failed.lock().unwrap().insert(i);
+        };
+        let file = match std::fs::File::open(&w.source) {
+            Ok(f) => f,
+            Err(e) => {
+                unreadable(e);
+                return Ok(());
+            }
+        };
+        match chunk_reader(
+            repo,
+            writer,
+            file,
+            Some(w.entry.size),
+            opts.progress,
+            &bytes_read,
+        ) {
+            Ok(Ok(ids)) => w.entry.chunks = ids,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => unreadable(e),
+        }
+        Ok(())
     });
     opts.progress.finish();
-    if let Some(e) = fatal.into_inner().unwrap() {
-        return Err(e);
-    }
+    result?;
     let errors = errors.into_inner().unwrap();
     let walked: Vec<Walked> = entries
         .into_iter()

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use chrono::Utc;
@@ -158,64 +158,51 @@ pub fn backup_postgres(
     let damaged: Mutex<Vec<String>> = Mutex::new(vec![]);
     let unchanged = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
-    let next = AtomicUsize::new(0);
-    let fatal: Mutex<Option<Error>> = Mutex::new(None);
     let writer = &run.writer;
     let check_pages = info.data_checksums;
-    std::thread::scope(|s| {
-        for _ in 0..repo.threads() {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= entries.len() || fatal.lock().unwrap().is_some() {
-                    break;
-                }
-                let mut w = entries[i].lock().unwrap();
-                if w.entry.kind != EntryKind::File {
-                    continue;
-                }
-                if let Some((size, mtime, chunks)) =
-                    parent_files.as_ref().and_then(|p| p.get(&w.entry.path))
-                {
-                    if *size == w.entry.size
-                        && *mtime == w.entry.mtime_ns
-                        && *mtime < parent_start_ns
-                        && chunks.iter().all(|id| writer.has(id))
-                    {
-                        w.entry.chunks = chunks.clone();
-                        unchanged.fetch_add(1, Ordering::Relaxed);
-                        opts.progress.add(w.entry.size);
-                        continue;
-                    }
-                }
-                let first_page = datadir::relation_first_page(&w.entry.path).filter(|_| check_pages);
-                match read_file(repo, writer, &w.source, first_page, start_lsn, &bytes_read, opts) {
-                    Ok(Some((chunks, size, bad))) => {
-                        w.entry.chunks = chunks;
-                        w.entry.size = size;
-                        if !bad.is_empty() {
-                            let mut d = damaged.lock().unwrap();
-                            for (blk, stored, computed) in bad {
-                                d.push(format!(
-                                    "{} block {blk}: checksum {stored:#06x}, computed {computed:#06x}",
-                                    w.entry.path
-                                ));
-                            }
-                        }
-                    }
-                    // Dropped while the backup ran: recovery will drop it too.
-                    Ok(None) => vanished.lock().unwrap().push(i),
-                    Err(e) => {
-                        *fatal.lock().unwrap() = Some(e);
-                        break;
-                    }
-                }
-            });
+    let result = crate::backup::each_file(&entries, repo.threads(), |i, w| {
+        if let Some((size, mtime, chunks)) =
+            parent_files.as_ref().and_then(|p| p.get(&w.entry.path))
+        {
+            if *size == w.entry.size
+                && *mtime == w.entry.mtime_ns
+                && *mtime < parent_start_ns
+                && chunks.iter().all(|id| writer.has(id))
+            {
+                w.entry.chunks = chunks.clone();
+                unchanged.fetch_add(1, Ordering::Relaxed);
+                opts.progress.add(w.entry.size);
+                return Ok(());
+            }
         }
+        let first_page = datadir::relation_first_page(&w.entry.path).filter(|_| check_pages);
+        match read_file(
+            repo,
+            writer,
+            &w.source,
+            first_page,
+            start_lsn,
+            &bytes_read,
+            opts,
+        )? {
+            Some((chunks, size, bad)) => {
+                w.entry.chunks = chunks;
+                w.entry.size = size;
+                let mut d = damaged.lock().unwrap();
+                for (blk, stored, computed) in bad {
+                    d.push(format!(
+                        "{} block {blk}: checksum {stored:#06x}, computed {computed:#06x}",
+                        w.entry.path
+                    ));
+                }
+            }
+            // Dropped while the backup ran: recovery will drop it too.
+            None => vanished.lock().unwrap().push(i),
+        }
+        Ok(())
     });
     opts.progress.finish();
-    if let Some(e) = fatal.into_inner().unwrap() {
-        return Err(e);
-    }
+    result?;
     // The server switches to a new segment at stop; custos then waits until the last
     // segment the backup needs is in the repository, not merely handed to the archiver.
     let stop = db.backup_stop(false)?;

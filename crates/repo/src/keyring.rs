@@ -85,17 +85,10 @@ pub fn rewrap_path(generation: u32) -> String {
 
 /// Every link, in generation order; a gap is an error.
 pub fn load(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<Link>> {
-    let mut gens: Vec<u32> = storage
-        .list(DIR)?
+    let gens: Vec<u32> = crate::numbered_objects(storage, DIR, 8)?
         .into_iter()
-        .filter_map(|e| {
-            let n = e.path.rsplit('/').next()?;
-            (n.len() == 8)
-                .then(|| u32::from_str_radix(n, 16).ok())
-                .flatten()
-        })
+        .map(|g| g as u32)
         .collect();
-    gens.sort_unstable();
     let mut out = vec![];
     for (i, g) in gens.iter().enumerate() {
         if *g != i as u32 + 1 {

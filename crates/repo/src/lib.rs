@@ -22,6 +22,27 @@ pub use repository::{OpenOptions, Repository};
 pub use snapshot::{Snapshot, SnapshotBody, SnapshotSummary};
 pub use writer::{BlobWriter, WriteStats};
 
+/// Objects of `dir` named by a fixed-width hex number (trail entries, keyring
+/// generations), as numbers, ascending.
+pub fn numbered_objects(
+    storage: &custos_storage::DynStorage,
+    dir: &str,
+    digits: usize,
+) -> custos_model::Result<Vec<u64>> {
+    let mut v: Vec<u64> = storage
+        .list(dir)?
+        .into_iter()
+        .filter_map(|e| {
+            let name = e.path.rsplit('/').next()?;
+            (name.len() == digits)
+                .then(|| u64::from_str_radix(name, 16).ok())
+                .flatten()
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
 /// Object folders in storage.
 pub mod paths {
     use custos_model::{IndexId, KeyId, LockId, PackId, SnapshotId};

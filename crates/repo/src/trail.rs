@@ -117,18 +117,7 @@ pub struct TrailWriter {
 }
 
 fn seqs_in(storage: &custos_storage::DynStorage) -> Result<Vec<u64>> {
-    let mut v: Vec<u64> = storage
-        .list(DIR)?
-        .into_iter()
-        .filter_map(|e| {
-            let name = e.path.rsplit('/').next()?;
-            (name.len() == 16)
-                .then(|| u64::from_str_radix(name, 16).ok())
-                .flatten()
-        })
-        .collect();
-    v.sort_unstable();
-    Ok(v)
+    crate::numbered_objects(storage, DIR, 16)
 }
 
 impl TrailWriter {
