@@ -12,19 +12,8 @@ const BACKUP_PW: &str = "backup role password";
 fn repo_with_roles() -> T {
     let mut t = T::new();
     for (role, pw) in [("backup", BACKUP_PW), ("audit", AUDIT_PW)] {
-        t.set("CUSTOS_NEW_PASSWORD", pw);
-        t.ok(&[
-            "key",
-            "add",
-            "--role",
-            role,
-            "--kdf-memory-mib",
-            "8",
-            "--kdf-iterations",
-            "1",
-        ]);
+        t.add_key(role, pw, &[]);
     }
-    t.unset("CUSTOS_NEW_PASSWORD");
     let src = t.path("src");
     make_tree(&src, 1, 20, 50_000);
     t.with_password(BACKUP_PW)

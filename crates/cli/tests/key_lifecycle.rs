@@ -217,17 +217,7 @@ fn iam_policy_denies_what_the_role_may_not_do() {
 #[test]
 fn rotation_keeps_old_data_readable_and_rewrap_retires_old_secrets() {
     let mut t = T::new();
-    t.set("CUSTOS_NEW_PASSWORD", "backup");
-    t.ok(&[
-        "key",
-        "add",
-        "--role",
-        "backup",
-        "--kdf-memory-mib",
-        "8",
-        "--kdf-iterations",
-        "1",
-    ]);
+    t.add_key("backup", "backup", &[]);
     let b = t.with_password("backup");
     let src = t.path("src");
     make_tree(&src, 11, 10, 30_000);
@@ -258,17 +248,7 @@ fn rotation_keeps_old_data_readable_and_rewrap_retires_old_secrets() {
         r["rewrapped_packs"].as_u64().unwrap() > 0 && r["rewrapped_snapshots"] == 2,
         "{r}"
     );
-    t.set("CUSTOS_NEW_PASSWORD", "made after the rewrap");
-    t.ok(&[
-        "key",
-        "add",
-        "--role",
-        "restore",
-        "--kdf-memory-mib",
-        "8",
-        "--kdf-iterations",
-        "1",
-    ]);
+    t.add_key("restore", "made after the rewrap", &[]);
     let fresh = t.with_password("made after the rewrap");
     let st = fresh.json(&["key", "status"]);
     assert_eq!(st["generation"], 2);
@@ -361,24 +341,8 @@ fn restore_keys_delete_only_when_granted() {
     make_tree(&src, 9, 5, 10_000);
     t.ok(&["backup", "files", src.to_str().unwrap()]);
     t.ok(&["backup", "files", src.to_str().unwrap()]);
-    for (pw, grant) in [("reader", false), ("janitor", true)] {
-        t.set("CUSTOS_NEW_PASSWORD", pw);
-        let mut args = vec![
-            "key",
-            "add",
-            "--role",
-            "restore",
-            "--kdf-memory-mib",
-            "8",
-            "--kdf-iterations",
-            "1",
-        ];
-        if grant {
-            args.push("--allow-delete");
-        }
-        t.ok(&args);
-    }
-    t.unset("CUSTOS_NEW_PASSWORD");
+    t.add_key("restore", "reader", &[]);
+    t.add_key("restore", "janitor", &["--allow-delete"]);
     let reader = t.with_password("reader");
     // Reads and decrypts...
     reader.ok(&[

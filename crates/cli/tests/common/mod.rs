@@ -74,6 +74,25 @@ impl T {
         self.envs.retain(|(a, _)| a != k);
     }
 
+    /// Adds a key of `role` opened by `password` (cheap KDF), with extra flags.
+    pub fn add_key(&mut self, role: &str, password: &str, extra: &[&str]) -> serde_json::Value {
+        self.set("CUSTOS_NEW_PASSWORD", password);
+        let mut args = vec![
+            "key",
+            "add",
+            "--role",
+            role,
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let v = self.json(&args);
+        self.unset("CUSTOS_NEW_PASSWORD");
+        v
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = match &self.run_as {
             Some(u) => {
@@ -335,18 +354,7 @@ pub fn pg_repo() -> (T, std::path::PathBuf, std::path::PathBuf) {
     )
     .unwrap();
     t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
-    t.set("CUSTOS_NEW_PASSWORD", "backup role password");
-    t.ok(&[
-        "key",
-        "add",
-        "--role",
-        "backup",
-        "--kdf-memory-mib",
-        "8",
-        "--kdf-iterations",
-        "1",
-    ]);
-    t.unset("CUSTOS_NEW_PASSWORD");
+    t.add_key("backup", "backup role password", &[]);
     custos_testkit::give_to_postgres(t.dir.path());
     t.run_as = Some("postgres".into());
     (t, bin, cfg)
