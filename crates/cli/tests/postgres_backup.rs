@@ -83,6 +83,26 @@ fn damaged_page_is_reported_and_wal_included_backup_restores_alone() {
         pg.psql("SELECT count(*), sum(length(v)) FROM intact")
     );
     c.stop();
+
+    // A damaged repository: the restore fails and leaves no half-laid data directory.
+    for p in t.packs() {
+        let len = std::fs::metadata(&p).unwrap().len() as usize;
+        flip_byte(&p, len / 2);
+    }
+    let dir = t.path("never-started");
+    let err = t.fails(
+        &[
+            "restore",
+            "postgres",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target",
+            "immediate",
+        ],
+        14,
+    );
+    assert!(err.contains("altered or damaged"), "{err}");
+    assert!(!dir.exists(), "a failed restore left {}", dir.display());
 }
 
 #[test]

@@ -234,28 +234,43 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         ))
         .hint("stop that server (pg_ctl -D DIR stop) before a delta restore; if it is not running, remove the stale postmaster.pid"));
     }
-    let restore = restore_files(
-        repo,
-        &snap,
-        &o.to,
-        &RestoreOptions {
-            include: vec![],
-            overwrite: false,
-            delta: o.delta,
-            progress: o.progress,
-        },
-    )
-    .map_err(|e| {
-        if e.message.contains("is not empty") {
-            e.hint("restore into a new or empty folder, or pass --delta to correct an existing data directory in place")
-        } else {
-            e
+    // A data directory this restore creates is removed if the restore fails: a half-laid
+    // directory with a backup_label must never be mistaken for a restore and started.
+    let created_here = !o.to.exists();
+    let laid = (|| -> Result<(RestoreReport, Vec<String>)> {
+        let restore = restore_files(
+            repo,
+            &snap,
+            &o.to,
+            &RestoreOptions {
+                include: vec![],
+                overwrite: false,
+                delta: o.delta,
+                progress: o.progress,
+            },
+        )
+        .map_err(|e| {
+            if e.message.contains("is not empty") {
+                e.hint("restore into a new or empty folder, or pass --delta to correct an existing data directory in place")
+            } else {
+                e
+            }
+        })?;
+        let body = repo.snapshot_body(&snap.id)?;
+        let mut settings = recovery_settings(&o.target, &o.restore_command);
+        settings.extend(o.extra_settings.iter().cloned());
+        write_recovery(&o.to, &settings, body.root)?;
+        Ok((restore, settings))
+    })();
+    let (restore, settings) = match laid {
+        Ok(x) => x,
+        Err(e) => {
+            if created_here {
+                let _ = fs::remove_dir_all(&o.to);
+            }
+            return Err(e);
         }
-    })?;
-    let body = repo.snapshot_body(&snap.id)?;
-    let mut settings = recovery_settings(&o.target, &o.restore_command);
-    settings.extend(o.extra_settings.iter().cloned());
-    write_recovery(&o.to, &settings, body.root)?;
+    };
     Ok(PgRestoreReport {
         snapshot: snap.id.to_hex(),
         backup: info,
