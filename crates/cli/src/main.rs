@@ -464,6 +464,9 @@ impl Ctx {
                 "custos: warning: the operation trail could not be written: {}",
                 e.message
             );
+            eprintln!(
+                "  hint: run every custos command on a repository as the OS user that owns it (its objects are private to that user), and check the storage is writable"
+            );
         }
     }
 }
