@@ -400,6 +400,8 @@ struct Ctx {
     touched: std::cell::RefCell<serde_json::Value>,
     /// A key the command created, with its signing key, for its trail entry.
     introduces: std::cell::RefCell<Option<(custos_model::KeyId, String)>>,
+    /// `init`: the repository's trail authority, named in its entry.
+    authority: std::cell::RefCell<Option<String>>,
 }
 
 impl Ctx {
@@ -458,6 +460,7 @@ impl Ctx {
                 Err(e) => format!("error E{:02}: {}", e.kind.code(), e.message),
             },
             introduces: self.introduces.take(),
+            authority: self.authority.take(),
         };
         if let Err(e) = writer.append(&entry) {
             eprintln!(
@@ -509,6 +512,7 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         trail: Default::default(),
         touched: Default::default(),
         introduces: Default::default(),
+        authority: Default::default(),
     };
     let name = trail_name(&cli.command);
     let result = dispatch(&ctx, cli.command);
@@ -932,6 +936,7 @@ fn cmd_init(
     )?;
     ctx.opened(&repo);
     introduce(ctx, &repo, repo.key_id)?;
+    *ctx.authority.borrow_mut() = repo.trail_authority();
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({
             "repository": repo.config.id, "location": repo.storage.location(), "key": repo.key_id, "role": "restore",
@@ -984,7 +989,9 @@ fn cmd_key_recover(ctx: &Ctx, files: &[PathBuf], kdf: &KdfArgs) -> Result<i32> {
             )));
         }
     };
-    ctx.opened(&repo);
+    // No existing key can vouch for a key rebuilt from shares: the repository's authority
+    // (part of the restore key material the shares carried) signs its entry.
+    *ctx.trail.borrow_mut() = Some((repo.trail_writer_as_authority(), repo.role(), repo.key_id));
     introduce(ctx, &repo, kf.id)?;
     ctx.touch(serde_json::json!({"key": kf.id, "shares": shares.len()}));
     if ctx.out.json {

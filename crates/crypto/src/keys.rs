@@ -59,6 +59,9 @@ pub struct MasterKeys {
     pub previous: Vec<SecretKey>,
     /// This key file's own Ed25519 signing key, for the operation trail.
     pub sign_seed: Option<Zeroizing<[u8; 32]>>,
+    /// The repository's trail authority (Ed25519 seed), held by restore keys only: it
+    /// vouches in the trail for a key rebuilt from shares, which no other key can.
+    pub authority: Option<Zeroizing<[u8; 32]>>,
     /// The generation of the data key pair this key file was sealed at (0 = the pair made
     /// at `init`; `key rotate` adds generations in the keyring).
     pub generation: u32,
@@ -88,6 +91,7 @@ impl MasterKeys {
             secret: Some(secret),
             previous: vec![],
             sign_seed: None,
+            authority: Some(crate::sign::generate()),
             generation: 0,
             can_delete: true,
         }
@@ -103,6 +107,7 @@ impl MasterKeys {
         if role != Role::Restore {
             k.secret = None;
             k.previous = vec![];
+            k.authority = None;
         }
         if role == Role::Audit {
             k.id_key = Zeroizing::new([0u8; 32]);
@@ -155,6 +160,7 @@ impl MasterKeys {
             secret: self.secret.as_ref().map(|s| s.0.to_vec()),
             previous: self.previous.iter().map(|s| s.0.to_vec()).collect(),
             sign_seed: self.sign_seed.as_ref().map(|s| s.to_vec()),
+            authority: self.authority.as_ref().map(|s| s.to_vec()),
             generation: self.generation,
             can_delete: Some(self.can_delete),
         }
@@ -178,6 +184,10 @@ impl MasterKeys {
             .iter()
             .map(|p| Ok(SecretKey(Zeroizing::new(arr(p)?))))
             .collect::<custos_model::Result<Vec<_>>>()?;
+        let authority = match &m.authority {
+            Some(s) => Some(Zeroizing::new(arr(s)?)),
+            None => None,
+        };
         let sign_seed = match &m.sign_seed {
             Some(s) => Some(Zeroizing::new(arr(s)?)),
             None => None,
@@ -190,6 +200,7 @@ impl MasterKeys {
             secret,
             previous,
             sign_seed,
+            authority,
             generation: m.generation,
             // Key files from before the grant existed: restore keys could delete.
             can_delete: m.can_delete.unwrap_or(m.role == Role::Restore),
@@ -214,6 +225,8 @@ pub struct KeyMaterial {
     pub previous: Vec<Vec<u8>>,
     #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
     pub sign_seed: Option<Vec<u8>>,
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub authority: Option<Vec<u8>>,
     #[serde(default)]
     #[zeroize(skip)]
     pub generation: u32,

@@ -11,7 +11,8 @@
 //! the same number cannot both succeed, and the loser appends after the winner, so the
 //! chain never forks. A key's signing key is introduced in the trail by the entry that
 //! created the key (signed by the key that created it; the first entry, `init`, introduces
-//! itself), so removed keys' entries stay verifiable and a forged signer is unknown.
+//! itself), so removed keys' entries stay verifiable and a forged signer is unknown. Key
+//! files' `trail_signer` is informational only: storage could be written by anyone.
 //! Every role holds the meta key: entries are readable by backup, restore and audit keys,
 //! not by the storage operator.
 
@@ -45,6 +46,10 @@ pub struct Entry {
     /// A key this operation created, with its trail signing key (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub introduces: Option<(KeyId, String)>,
+    /// `init` only: the repository's trail authority (hex Ed25519), which signs the entry
+    /// of a key rebuilt from shares (`key recover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -107,6 +112,23 @@ impl Repository {
     pub fn trail_append(&self, entry: &Entry) -> Result<u64> {
         self.trail_writer().append(entry)
     }
+
+    /// A writer that signs as the repository's trail authority (restore keys hold it):
+    /// for the entry of a key rebuilt from shares, which no existing key can vouch for.
+    pub fn trail_writer_as_authority(&self) -> TrailWriter {
+        TrailWriter {
+            seed: self.keys.authority.clone(),
+            ..self.trail_writer()
+        }
+    }
+
+    /// The public half of the trail authority, for the `init` entry.
+    pub fn trail_authority(&self) -> Option<String> {
+        self.keys
+            .authority
+            .as_ref()
+            .map(|s| hex::encode(sign::public_of(s)))
+    }
 }
 
 pub struct TrailWriter {
@@ -166,15 +188,14 @@ impl TrailWriter {
 
 impl Repository {
     /// Reads and checks the whole trail: each entry in place, chained to the one before,
-    /// signed by a key the trail introduced (or, for keys older than the trail, whose key
-    /// file names the signing key). Returns every entry with its problems.
+    /// signed by a key the trail introduced. Returns every entry with its problems.
     pub fn trail_verify(&self) -> Result<Vec<Read>> {
         let seqs = self.trail_seqs()?;
-        let key_files = Self::key_files(&self.storage)?;
         let mut signers: std::collections::HashMap<KeyId, [u8; 32]> = Default::default();
         let mut out = vec![];
         let mut prev_hash = [0u8; 32];
         let mut expected = 1u64;
+        let mut authority: Option<[u8; 32]> = None;
         for seq in seqs {
             let mut problems = vec![];
             if seq != expected {
@@ -248,21 +269,23 @@ impl Repository {
                     }
                 }
             }
-            let signer = signers.get(&stored.key).copied().or_else(|| {
-                key_files
-                    .iter()
-                    .find(|k| k.id == stored.key)
-                    .and_then(|k| k.sign_public.as_deref())
-                    .and_then(parse_public)
-            });
-            match signer {
+            if authority.is_none() {
+                authority = entry
+                    .as_ref()
+                    .and_then(|e| e.authority.as_deref())
+                    .and_then(parse_public);
+            }
+            // Only the trail vouches for signers: a key file's `trail_signer` is plain text
+            // that anyone with write access to storage could have put there. A key rebuilt
+            // from shares is vouched for by the repository's authority, which init named.
+            let msg = signed_bytes(
+                stored.seq,
+                &unhex32(&stored.prev),
+                &stored.key,
+                &stored.entry,
+            );
+            match signers.get(&stored.key).copied() {
                 Some(public) => {
-                    let msg = signed_bytes(
-                        stored.seq,
-                        &unhex32(&stored.prev),
-                        &stored.key,
-                        &stored.entry,
-                    );
                     if !sign::verify(&public, &msg, &stored.sig) {
                         problems.push(format!(
                             "signature of key {} does not verify (altered or forged)",
@@ -270,6 +293,7 @@ impl Repository {
                         ));
                     }
                 }
+                None if authority.is_some_and(|a| sign::verify(&a, &msg, &stored.sig)) => {}
                 None => problems.push(format!(
                     "signed by key {}, which the trail never introduced (forged)",
                     stored.key.short()
