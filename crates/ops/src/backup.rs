@@ -133,6 +133,28 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Files, folders and bytes of a tree's manifest entries.
+pub(crate) fn tree_stats(entries: &[Entry]) -> SnapshotStats {
+    SnapshotStats {
+        files: entries.iter().filter(|e| e.kind == EntryKind::File).count() as u64,
+        dirs: entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u64,
+        bytes: entries.iter().map(|e| e.size).sum(),
+        ..Default::default()
+    }
+}
+
+/// Starts the progress bar at the walked files' total size and queues them for
+/// [`each_file`].
+pub(crate) fn queue(walked: Vec<Walked>, progress: &dyn Progress) -> Vec<Mutex<Walked>> {
+    let total: u64 = walked
+        .iter()
+        .filter(|w| w.entry.kind == EntryKind::File)
+        .map(|w| w.entry.size)
+        .sum();
+    progress.start("backup", Some(total));
+    walked.into_iter().map(Mutex::new).collect()
+}
+
 /// Runs `f` on every regular file of `entries`, `threads` at a time. The first error
 /// stops the work and is returned (per-file problems that only make the snapshot partial
 /// are handled inside `f`).
@@ -219,14 +241,7 @@ pub fn backup_files(
     let old_cache = cache_path.as_deref().map(cache::load).unwrap_or_default();
 
     let walked = files::walk(&roots)?;
-    let total: u64 = walked
-        .entries
-        .iter()
-        .filter(|w| w.entry.kind == EntryKind::File)
-        .map(|w| w.entry.size)
-        .sum();
-    opts.progress.start("backup", Some(total));
-    let entries: Vec<Mutex<Walked>> = walked.entries.into_iter().map(Mutex::new).collect();
+    let entries = queue(walked.entries, opts.progress);
     let errors: Mutex<Vec<String>> = Mutex::new(
         walked
             .errors
@@ -294,19 +309,10 @@ pub fn backup_files(
     let manifest = crate::manifest::store(repo, writer, &manifest_entries)?;
 
     let stats = SnapshotStats {
-        files: manifest_entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .count() as u64,
-        dirs: manifest_entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Dir)
-            .count() as u64,
         files_unchanged: unchanged.load(Ordering::Relaxed),
-        bytes: manifest_entries.iter().map(|e| e.size).sum(),
         bytes_read: bytes_read.load(Ordering::Relaxed),
         errors: errors.len() as u64,
-        ..Default::default()
+        ..tree_stats(&manifest_entries)
     };
     let body = SnapshotBody {
         paths: roots.iter().map(|p| p.display().to_string()).collect(),

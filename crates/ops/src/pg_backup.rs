@@ -131,7 +131,7 @@ pub fn backup_postgres(
     });
     let parent_files = match (&run.parent, backup_type) {
         (Some(parent), PgBackupType::Incremental) => {
-            parent_files(repo, parent, cache_path.as_deref())?
+            parent_files(repo, run.writer.index(), parent, cache_path.as_deref())?
         }
         _ => None,
     };
@@ -145,15 +145,7 @@ pub fn backup_postgres(
 
     let label = format!("custos {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     let (start_lsn, timeline, start_time) = db.backup_start(&label, true)?;
-    let (walked, _tablespaces) = datadir::walk(&pgdata)?;
-    let total: u64 = walked
-        .entries
-        .iter()
-        .filter(|w| w.entry.kind == EntryKind::File)
-        .map(|w| w.entry.size)
-        .sum();
-    opts.progress.start("backup", Some(total));
-    let entries: Vec<Mutex<Walked>> = walked.entries.into_iter().map(Mutex::new).collect();
+    let entries = crate::backup::queue(datadir::walk(&pgdata)?.entries, opts.progress);
     let vanished: Mutex<Vec<usize>> = Mutex::new(vec![]);
     let damaged: Mutex<Vec<String>> = Mutex::new(vec![]);
     let unchanged = AtomicU64::new(0);
@@ -278,20 +270,10 @@ pub fn backup_postgres(
         data_checksums: info.data_checksums,
         damaged_pages: damaged.len() as u64,
     });
-    let files: Vec<&Entry> = manifest_entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .collect();
     let stats = SnapshotStats {
-        files: files.len() as u64,
-        dirs: manifest_entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Dir)
-            .count() as u64,
         files_unchanged: unchanged.load(Ordering::Relaxed),
-        bytes: files.iter().map(|e| e.size).sum(),
         bytes_read: bytes_read.load(Ordering::Relaxed) + wal_bytes,
-        ..Default::default()
+        ..crate::backup::tree_stats(&manifest_entries)
     };
     let body = SnapshotBody {
         paths: vec![pgdata.display().to_string()],
@@ -334,6 +316,7 @@ pub fn backup_postgres(
 /// parent's manifest (restore role only). None: read everything (still deduplicated).
 fn parent_files(
     repo: &Repository,
+    index: &custos_repo::Index,
     parent: &custos_repo::Snapshot,
     cache_path: Option<&Path>,
 ) -> Result<Option<ParentFiles>> {
@@ -354,9 +337,8 @@ fn parent_files(
         );
         return Ok(None);
     }
-    let index = repo.load_index()?;
     let body = repo.snapshot_body(&parent.id)?;
-    let entries = crate::manifest::load(repo, &index, &body.manifest)?;
+    let entries = crate::manifest::load(repo, index, &body.manifest)?;
     Ok(Some(
         entries
             .into_iter()
@@ -472,9 +454,8 @@ fn wait_archived(
 /// WAL segment names from the one holding `start` to the one holding the last byte
 /// before `stop`: the WAL a backup needs to be consistent.
 pub fn segments(timeline: u32, start: Lsn, stop: Lsn, segment_size: u64) -> Vec<String> {
-    let per_log = 0x1_0000_0000 / segment_size;
     let last = Lsn(stop.0.saturating_sub(1).max(start.0)).segment(segment_size);
     (start.segment(segment_size)..=last)
-        .map(|n| format!("{timeline:08X}{:08X}{:08X}", n / per_log, n % per_log))
+        .map(|n| custos_sources::postgres::wal::segment_name(timeline, n, segment_size))
         .collect()
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use custos_model::Result;
 use custos_repo::Repository;
 use custos_sources::postgres::db::{ArchiverStatus, ConnectOptions, Db};
-use custos_sources::postgres::wal::{classify, WalFileKind};
+use custos_sources::postgres::wal::{segment_name, segment_number};
 use serde::Serialize;
 
 pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(15 * 60);
@@ -34,21 +34,6 @@ pub struct PgCheckReport {
     pub spool_oldest_seconds: u64,
     pub spool_last_error: Option<String>,
     pub problems: Vec<String>,
-}
-
-fn segno(name: &str, seg_size: u64) -> Option<(u32, u64)> {
-    match classify(name).ok()? {
-        WalFileKind::Segment { timeline, log, seg } => Some((
-            timeline,
-            u64::from(log) * (0x1_0000_0000 / seg_size) + u64::from(seg),
-        )),
-        _ => None,
-    }
-}
-
-fn seg_name(timeline: u32, segno: u64, seg_size: u64) -> String {
-    let per = 0x1_0000_0000 / seg_size;
-    format!("{timeline:08X}{:08X}{:08X}", segno / per, segno % per)
 }
 
 /// `spool`: the cache folder and repository location, to find this host's async spool.
@@ -87,11 +72,11 @@ pub fn check(
         ));
     }
     let seg_size = a.segment_size.max(1 << 20);
-    let current = segno(&a.current_wal, seg_size);
+    let current = segment_number(&a.current_wal, seg_size);
     let last = a
         .last_archived_wal
         .as_deref()
-        .and_then(|n| segno(n, seg_size));
+        .and_then(|n| segment_number(n, seg_size));
     let pending = match (current, last) {
         (Some((tc, c)), Some((tl, l))) if tc == tl => c.saturating_sub(l + 1),
         (Some((_, c)), None) => c.saturating_sub(1),
@@ -131,7 +116,7 @@ pub fn check(
     let mut names = vec![];
     for (sys, name, _) in repo.wal_objects()? {
         if sys == a.system_id {
-            if let Some((t, n)) = segno(&name, seg_size) {
+            if let Some((t, n)) = segment_number(&name, seg_size) {
                 by_tli.entry(t).or_default().push(n);
                 names.push(name);
             }
@@ -154,12 +139,12 @@ pub fn check(
         if !b.wal_included && first_held.is_none_or(|f| f > first_needed) {
             let to = first_held.map(|f| f - 1).unwrap_or(first_needed);
             gaps.push(if to == first_needed {
-                seg_name(b.timeline, first_needed, seg_size)
+                segment_name(b.timeline, first_needed, seg_size)
             } else {
                 format!(
                     "{}..{}",
-                    seg_name(b.timeline, first_needed, seg_size),
-                    seg_name(b.timeline, to, seg_size)
+                    segment_name(b.timeline, first_needed, seg_size),
+                    segment_name(b.timeline, to, seg_size)
                 )
             });
         }
@@ -175,12 +160,12 @@ pub fn check(
             if w[1] > w[0] + 1 {
                 let (from, to) = (w[0] + 1, w[1] - 1);
                 gaps.push(if from == to {
-                    seg_name(*tli, from, seg_size)
+                    segment_name(*tli, from, seg_size)
                 } else {
                     format!(
                         "{}..{}",
-                        seg_name(*tli, from, seg_size),
-                        seg_name(*tli, to, seg_size)
+                        segment_name(*tli, from, seg_size),
+                        segment_name(*tli, to, seg_size)
                     )
                 });
             }
@@ -209,17 +194,4 @@ pub fn check(
         problems,
         archiver: a,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    #[test]
-    fn segment_numbers_round_trip() {
-        let s = 16 << 20;
-        let (t, n) = segno("00000002000000010000003F", s).unwrap();
-        assert_eq!((t, n), (2, 256 + 63));
-        assert_eq!(seg_name(2, n, s), "00000002000000010000003F");
-        assert_eq!(seg_name(1, 256, s), "000000010000000100000000");
-    }
 }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use custos_model::{Error, Kind, Lsn, Result};
 use custos_repo::snapshot::PgInfo;
 use custos_repo::{Repository, Snapshot};
-use custos_sources::postgres::wal::{classify, WalFileKind};
+use custos_sources::postgres::wal::segment_number;
 use serde::Serialize;
 
 use crate::pg_backup::segments;
@@ -198,16 +198,15 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             .hint("check archiving with `custos pg check`; a backup taken with --wal carries this WAL itself"));
         }
     }
-    let newest = newest_segment(&archived, info.timeline, info.segment_size);
-    let archive_end = match &newest {
-        Some((_, name)) => Some((
-            name.clone(),
-            repo.wal_meta(info.system_id, name)?.and_then(|m| m.pushed),
-        )),
-        None => None,
-    };
-    match (&o.target, &newest, &archive_end) {
-        (Target::Lsn(l), Some((segno, name)), _) => {
+    let reach = archive_reach(
+        repo,
+        info.system_id,
+        &archived,
+        info.timeline,
+        info.segment_size,
+    )?;
+    match (&o.target, &reach) {
+        (Target::Lsn(l), Some((segno, name, _))) => {
             let end = Lsn((segno + 1) * info.segment_size);
             if *l > end {
                 return Err(Error::config(format!(
@@ -216,7 +215,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                 .hint("the WAL up to it is not archived yet: run `SELECT pg_switch_wal()` on the server and check `custos pg check`"));
             }
         }
-        (Target::Time(t), _, Some((name, Some(pushed)))) if t > pushed => {
+        (Target::Time(t), Some((_, name, Some(pushed)))) if t > pushed => {
             return Err(Error::config(format!(
                 "target time {} is past the end of the archived WAL: the newest segment, {name}, was archived at {}",
                 t.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
@@ -276,30 +275,37 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         backup: info,
         target: o.target.clone(),
         data_directory: o.to.display().to_string(),
-        archive_end,
+        archive_end: reach.map(|(_, name, pushed)| (name, pushed)),
         restore,
         settings,
     })
 }
 
-/// The newest archived segment on `timeline` or a later one: (segment number, name).
-fn newest_segment<'a>(
+/// The newest archived segment's number and name, and when it was archived.
+type Reach = (u64, String, Option<DateTime<Utc>>);
+
+/// How far `names` (archived files of the cluster) reach from `timeline` on.
+fn archive_reach<'a>(
+    repo: &Repository,
+    system_id: u64,
     names: impl IntoIterator<Item = &'a String>,
     timeline: u32,
     segment_size: u64,
-) -> Option<(u64, String)> {
-    let per_log = 0x1_0000_0000 / segment_size;
-    names
+) -> Result<Option<Reach>> {
+    let newest = names
         .into_iter()
-        .filter_map(|n| match classify(n) {
-            Ok(WalFileKind::Segment {
-                timeline: t,
-                log,
-                seg,
-            }) if t >= timeline => Some((u64::from(log) * per_log + u64::from(seg), n.clone())),
+        .filter_map(|n| match segment_number(n, segment_size) {
+            Some((t, number)) if t >= timeline => Some((number, n.clone())),
             _ => None,
         })
-        .max()
+        .max();
+    match newest {
+        Some((number, name)) => {
+            let pushed = repo.wal_meta(system_id, &name)?.and_then(|m| m.pushed);
+            Ok(Some((number, name, pushed)))
+        }
+        None => Ok(None),
+    }
 }
 
 /// How far the archive of a cluster reaches: its newest segment from `timeline` on, and
@@ -316,13 +322,10 @@ pub fn archive_end(
         .filter(|(sys, _, _)| *sys == system_id)
         .map(|(_, n, _)| n)
         .collect();
-    match newest_segment(&names, timeline, segment_size) {
-        Some((_, name)) => {
-            let pushed = repo.wal_meta(system_id, &name)?.and_then(|m| m.pushed);
-            Ok(Some((name, pushed)))
-        }
-        None => Ok(None),
-    }
+    Ok(
+        archive_reach(repo, system_id, &names, timeline, segment_size)?
+            .map(|(_, name, pushed)| (name, pushed)),
+    )
 }
 
 fn quote(v: &str) -> String {

@@ -69,7 +69,6 @@ fn wal_to_delete(
     repo: &Repository,
     snapshots: &[custos_repo::Snapshot],
 ) -> Result<(Vec<String>, u64)> {
-    use custos_sources::postgres::wal::{classify, WalFileKind};
     let mut oldest: std::collections::HashMap<u64, u64> = Default::default();
     for s in snapshots {
         if let Some(pg) = &s.summary.pg {
@@ -88,17 +87,12 @@ fn wal_to_delete(
         let (Some(first), Some(segsize)) = (oldest.get(&sys), segsize_of.get(&sys)) else {
             continue;
         };
-        let per_log = 0x1_0000_0000 / segsize;
-        let number = match classify(&name) {
-            Ok(WalFileKind::Segment { log, seg, .. }) => u64::from(log) * per_log + u64::from(seg),
-            // `.backup` and `.partial` files: by the segment they name.
-            Ok(WalFileKind::Other) => match classify(&name[..24]) {
-                Ok(WalFileKind::Segment { log, seg, .. }) => {
-                    u64::from(log) * per_log + u64::from(seg)
-                }
-                _ => continue,
-            },
-            _ => continue,
+        // `.backup` and `.partial` files: by the segment they name.
+        let Some((_, number)) = name
+            .get(..24)
+            .and_then(|n| custos_sources::postgres::wal::segment_number(n, *segsize))
+        else {
+            continue;
         };
         if number < *first {
             out.push(paths::wal(sys, &name));

@@ -53,7 +53,8 @@ fn digest(keys: &MasterKeys, data: &[u8]) -> String {
     blake3::keyed_hash(&keys.id_key, data).to_hex().to_string()
 }
 
-fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
+/// The label and wrapped data key at the head of a WAL object, and where its body starts.
+fn parse_head(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, usize)> {
     let bad = || Error::integrity(format!("{what} is truncated or not a WAL object"));
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(bad());
@@ -69,11 +70,14 @@ fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
             .try_into()
             .unwrap(),
     ) as usize;
-    let wrapped = bytes
-        .get(meta_end + 4..meta_end + 4 + wl)
-        .ok_or_else(bad)?
-        .to_vec();
-    Ok((meta, wrapped, bytes[meta_end + 4 + wl..].to_vec()))
+    let body = meta_end + 4 + wl;
+    let wrapped = bytes.get(meta_end + 4..body).ok_or_else(bad)?.to_vec();
+    Ok((meta, wrapped, body))
+}
+
+fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
+    let (meta, wrapped, body) = parse_head(bytes, what)?;
+    Ok((meta, wrapped, bytes[body..].to_vec()))
 }
 
 fn compress_wal(data: &[u8], workers: bool) -> Result<Vec<u8>> {
@@ -158,35 +162,25 @@ impl Repository {
 
     /// The label of one archived WAL file (no key needed); `Ok(None)` if not archived.
     pub fn wal_meta(&self, system_id: u64, name: &str) -> Result<Option<WalMeta>> {
+        Ok(self.wal_head(system_id, name)?.map(|(meta, _)| meta))
+    }
+
+    /// The data key of one archived file as stored (wrapped to the pair of its time).
+    pub fn wal_wrapped_key(&self, system_id: u64, name: &str) -> Result<Vec<u8>> {
+        self.wal_head(system_id, name)?
+            .map(|(_, wrapped)| wrapped)
+            .ok_or_else(|| Error::integrity(format!("archived {name} disappeared")))
+    }
+
+    /// Label and wrapped key of one archived file, read from its first 4 KiB only.
+    fn wal_head(&self, system_id: u64, name: &str) -> Result<Option<(WalMeta, Vec<u8>)>> {
         let path = paths::wal(system_id, name);
         let Some(size) = self.storage.size(&path)? else {
             return Ok(None);
         };
         let head = self.storage.get_range(&path, 0, size.min(4096))?;
-        let bad = || Error::integrity(format!("archived {name} is truncated or not a WAL object"));
-        if head.len() < 12 || &head[..8] != MAGIC {
-            return Err(bad());
-        }
-        let ml = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
-        let meta: WalMeta =
-            serde_json::from_slice(head.get(12..12 + ml).ok_or_else(bad)?).map_err(|_| bad())?;
-        Ok(Some(meta))
-    }
-
-    /// The data key of one archived file as stored (wrapped to the pair of its time).
-    pub fn wal_wrapped_key(&self, system_id: u64, name: &str) -> Result<Vec<u8>> {
-        let path = paths::wal(system_id, name);
-        let size = self.storage.size(&path)?.unwrap_or(0);
-        let head = self.storage.get_range(&path, 0, size.min(4096))?;
-        let bad = || Error::integrity(format!("archived {name} is truncated or not a WAL object"));
-        if head.len() < 12 || &head[..8] != MAGIC {
-            return Err(bad());
-        }
-        let ml = u32::from_le_bytes(head[8..12].try_into().unwrap()) as usize;
-        let at = 12 + ml;
-        let wl =
-            u32::from_le_bytes(head.get(at..at + 4).ok_or_else(bad)?.try_into().unwrap()) as usize;
-        Ok(head.get(at + 4..at + 4 + wl).ok_or_else(bad)?.to_vec())
+        let (meta, wrapped, _) = parse_head(&head, &format!("archived {name}"))?;
+        Ok(Some((meta, wrapped)))
     }
 
     /// Every archived WAL object: (system id, name, stored size).

@@ -103,6 +103,11 @@ impl BlobWriter {
         }
     }
 
+    /// The index this writer deduplicates against (as loaded when the run began).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
     /// Whether the chunk is already stored or queued.
     pub fn has(&self, id: &ChunkId) -> bool {
         self.index.contains(id) || self.shared.seen.lock().unwrap().contains(id)

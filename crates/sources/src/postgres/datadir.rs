@@ -84,13 +84,12 @@ fn is_digits(s: &str) -> bool {
 
 /// Walks a data directory: the files a base backup copies, with tablespaces (symbolic
 /// links in `pg_tblspc`) followed and their contents placed under `pg_tblspc/<oid>/`.
-/// Returns the walk and, per tablespace, the folder it lives in.
-pub fn walk(pgdata: &Path) -> Result<(WalkReport, Vec<(String, PathBuf)>)> {
+/// Where each tablespace lived is in `tablespace_map`, which the backup keeps.
+pub fn walk(pgdata: &Path) -> Result<WalkReport> {
     let mut report = files::walk(&[pgdata.to_path_buf()])?;
     report
         .entries
         .retain(|w| included(&w.entry.path, w.entry.kind));
-    let mut tablespaces = vec![];
     let links: Vec<(usize, String, PathBuf)> = report
         .entries
         .iter()
@@ -143,9 +142,8 @@ pub fn walk(pgdata: &Path) -> Result<(WalkReport, Vec<(String, PathBuf)>)> {
         report.errors.extend(sub.errors);
         let at = i + 1;
         report.entries.splice(at..at, children.drain(..));
-        tablespaces.push((rel["pg_tblspc/".len()..].to_string(), target));
     }
-    Ok((report, tablespaces))
+    Ok(report)
 }
 
 const N_SUMS: usize = 32;

@@ -48,6 +48,27 @@ pub fn classify(name: &str) -> Result<WalFileKind> {
     Err(bad())
 }
 
+/// Timeline and segment number (position in the WAL / `segment_size`) of a segment name.
+pub fn segment_number(name: &str, segment_size: u64) -> Option<(u32, u64)> {
+    match classify(name).ok()? {
+        WalFileKind::Segment { timeline, log, seg } => Some((
+            timeline,
+            u64::from(log) * (0x1_0000_0000 / segment_size) + u64::from(seg),
+        )),
+        _ => None,
+    }
+}
+
+/// The name of segment `number` on `timeline`.
+pub fn segment_name(timeline: u32, number: u64, segment_size: u64) -> String {
+    let per_log = 0x1_0000_0000 / segment_size;
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        number / per_log,
+        number % per_log
+    )
+}
+
 /// What the first page of a segment says about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -117,6 +138,16 @@ pub fn system_id(pgdata: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segment_numbers_round_trip() {
+        let s = 16 << 20;
+        let (t, n) = segment_number("00000002000000010000003F", s).unwrap();
+        assert_eq!((t, n), (2, 256 + 63));
+        assert_eq!(segment_name(2, n, s), "00000002000000010000003F");
+        assert_eq!(segment_name(1, 256, s), "000000010000000100000000");
+        assert_eq!(segment_number("00000002.history", s), None);
+    }
 
     fn segment(sysid: u64, size: u32) -> Vec<u8> {
         let mut d = vec![0u8; size as usize];
