@@ -55,7 +55,7 @@ fn archive_command_round_trip_and_refusals() {
     let data = pg.data.to_str().unwrap();
 
     // Every archived file comes back identical (restore key).
-    let r = t.with_password(PW);
+    let mut r = t.with_password(PW);
     let mut names: Vec<String> = std::fs::read_dir(&copies)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -167,6 +167,19 @@ fn archive_command_round_trip_and_refusals() {
         13,
     );
     assert!(err.contains("backup role"), "{err}");
+
+    // After `key rotate --rewrap`, a restore key made afterwards (it holds only the newest
+    // secret) reads the archive written under the first key pair.
+    r.ok(&["key", "rotate", "--rewrap"]);
+    r.add_key("restore", "made after the rewrap", &[]);
+    let fresh = r.with_password("made after the rewrap");
+    let other = names.iter().find(|n| n.len() == 24 && **n != seg).unwrap();
+    let out = fresh.path("after-rewrap");
+    fresh.ok(&["wal-fetch", other, out.to_str().unwrap(), "--pgdata", data]);
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(copies.join(other)).unwrap()
+    );
 }
 
 fn wait_archived(pg: &PgCluster, n: u32) {
