@@ -1436,6 +1436,12 @@ fn print_pg_backup(ctx: &Ctx, r: &pg_backup::PgBackupReport) -> i32 {
         if r.promoted_to_full {
             println!("  (no earlier backup of this cluster: this incremental read every file)");
         }
+        if r.pages_patched > 0 {
+            println!(
+                "  pages      {} changed page(s) stored on their own (page-level incremental)",
+                r.pages_patched
+            );
+        }
         for d in &r.damaged_pages {
             eprintln!("custos: warning: damaged page: {d}");
         }

@@ -388,6 +388,7 @@ pub fn backup_bucket(
                 size: data.len() as u64,
                 target: None,
                 chunks: ids,
+                pages: None,
             })
         },
     )?;

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 pub struct FilesCache {
     pub snapshot: Option<SnapshotId>,
     pub files: HashMap<String, (Fingerprint, Vec<ChunkId>)>,
+    /// Page patches of relation files (database backups), by path.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub pages: HashMap<String, custos_sources::files::PagePatches>,
 }
 
 pub fn path_key(id_key: &[u8; 32], path: &str) -> String {

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod manifest;
 pub mod pg_backup;
 pub mod pg_check;
+pub mod pg_pages;
 pub mod pg_restore;
 pub mod progress;
 pub mod prune;

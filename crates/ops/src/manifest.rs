@@ -54,7 +54,7 @@ pub fn referenced_chunks(
     if !body.manifest.is_empty() {
         let entries =
             load(repo, index, &body.manifest).map_err(|e| e.context("manifest unreadable"))?;
-        refs.extend(entries.into_iter().flat_map(|e| e.chunks));
+        refs.extend(entries.iter().flat_map(|e| e.chunk_refs().copied()));
     }
     Ok(refs)
 }

@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use crate::backup::{BackupOptions, BackupReport, Run};
 use crate::cache;
+use crate::pg_pages::{FileBuilder, ParentFile, Sink};
 
 pub struct PgBackupOptions {
     pub backup_type: PgBackupType,
@@ -47,10 +48,11 @@ pub struct PgBackupReport {
     pub damaged_pages: Vec<String>,
     /// An incremental was asked for but there was no earlier backup of the cluster.
     pub promoted_to_full: bool,
+    /// Pages stored on their own (page-level incremental) instead of in whole blocks.
+    pub pages_patched: u64,
 }
 
-/// What the parent recorded for a file: size, modification time, chunks.
-type ParentFiles = HashMap<String, (u64, i64, Vec<ChunkId>)>;
+type ParentFiles = HashMap<String, ParentFile>;
 
 pub fn source_name(cluster: Option<&str>, system_id: u64) -> String {
     match cluster {
@@ -135,16 +137,27 @@ pub fn backup_postgres(
         }
         _ => None,
     };
+    let parent_pg = run.parent.as_ref().and_then(|p| p.summary.pg.clone());
     // Files written at or after this time may have changed without their time changing.
-    let parent_start_ns = run
-        .parent
+    let parent_start_ns = parent_pg
         .as_ref()
-        .and_then(|p| p.summary.pg.as_ref())
         .map(|p| p.start_time.timestamp_nanos_opt().unwrap_or(0) - 1_000_000_000)
         .unwrap_or(i64::MIN);
 
     let label = format!("custos {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     let (start_lsn, timeline, start_time) = db.backup_start(&label, true)?;
+    // Page mode: changed relation files store only pages newer than the parent's start.
+    // Page LSNs order changes only along one history: same timeline, parent before this.
+    let block_size = match repo.config.block_chunker {
+        custos_chunk::ChunkerParams::Fixed { size } => u64::from(size),
+        _ => 0,
+    };
+    let page_since = parent_pg
+        .as_ref()
+        .filter(|p| parent_files.is_some() && p.timeline == timeline && p.stop_lsn <= start_lsn)
+        .filter(|_| block_size > PAGE_SIZE as u64 && block_size % PAGE_SIZE as u64 == 0)
+        .map(|p| p.start_lsn);
+    let pages_patched = AtomicU64::new(0);
     let entries = crate::backup::queue(datadir::walk(&pgdata)?.entries, opts.progress);
     let vanished: Mutex<Vec<usize>> = Mutex::new(vec![]);
     let damaged: Mutex<Vec<String>> = Mutex::new(vec![]);
@@ -153,33 +166,50 @@ pub fn backup_postgres(
     let writer = &run.writer;
     let check_pages = info.data_checksums;
     let result = crate::backup::each_file(&entries, repo.threads(), |i, w| {
-        if let Some((size, mtime, chunks)) =
-            parent_files.as_ref().and_then(|p| p.get(&w.entry.path))
-        {
-            if *size == w.entry.size
-                && *mtime == w.entry.mtime_ns
-                && *mtime < parent_start_ns
-                && chunks.iter().all(|id| writer.has(id))
+        let parent = parent_files.as_ref().and_then(|p| p.get(&w.entry.path));
+        if let Some(pf) = parent {
+            let entry = Entry {
+                chunks: pf.chunks.clone(),
+                pages: pf.pages.clone(),
+                ..w.entry.clone()
+            };
+            if pf.size == w.entry.size
+                && pf.mtime_ns == w.entry.mtime_ns
+                && pf.mtime_ns < parent_start_ns
+                && entry.chunk_refs().all(|id| writer.has(id))
             {
-                w.entry.chunks = chunks.clone();
+                w.entry = entry;
                 unchanged.fetch_add(1, Ordering::Relaxed);
                 opts.progress.add(w.entry.size);
                 return Ok(());
             }
         }
-        let first_page = datadir::relation_first_page(&w.entry.path).filter(|_| check_pages);
-        match read_file(
-            repo,
-            writer,
-            &w.source,
+        let first_page = datadir::relation_first_page(&w.entry.path);
+        let pages = match (page_since, parent) {
+            (Some(since), Some(pf)) if datadir::is_main_fork(&w.entry.path) => Some(PageMode {
+                parent: pf,
+                since,
+                // A file made after the parent started (a relation dropped and made
+                // again under the same name) owes nothing to the parent's blocks.
+                made_before_ns: parent_start_ns,
+            }),
+            _ => None,
+        };
+        let read = ReadFile {
+            path: &w.source,
             first_page,
+            check_pages,
             start_lsn,
-            &bytes_read,
-            opts,
-        )? {
-            Some((chunks, size, bad)) => {
-                w.entry.chunks = chunks;
-                w.entry.size = size;
+            pages,
+            block_size,
+        };
+        match read.run(repo, writer, &bytes_read, opts)? {
+            Some(r) => {
+                w.entry.chunks = r.chunks;
+                w.entry.pages = r.pages;
+                w.entry.size = r.size;
+                pages_patched.fetch_add(r.pages_patched, Ordering::Relaxed);
+                let bad = r.damaged;
                 let mut d = damaged.lock().unwrap();
                 for (blk, stored, computed) in bad {
                     d.push(format!(
@@ -234,6 +264,7 @@ pub fn backup_postgres(
             size: data.len() as u64,
             target: None,
             chunks: ids,
+            pages: None,
         })
     };
     manifest_entries.push(small_file("backup_label", stop.backup_label.as_bytes())?);
@@ -289,6 +320,9 @@ pub fn backup_postgres(
             ..Default::default()
         };
         for w in &walked {
+            if let Some(pages) = &w.entry.pages {
+                c.pages.insert(w.entry.path.clone(), pages.clone());
+            }
             if w.entry.kind == EntryKind::File {
                 c.files.insert(
                     w.entry.path.clone(),
@@ -309,6 +343,7 @@ pub fn backup_postgres(
         backup: report,
         damaged_pages: damaged,
         promoted_to_full,
+        pages_patched: pages_patched.into_inner(),
     })
 }
 
@@ -321,12 +356,21 @@ fn parent_files(
     cache_path: Option<&Path>,
 ) -> Result<Option<ParentFiles>> {
     if let Some(p) = cache_path {
-        let c = cache::load(p);
+        let mut c = cache::load(p);
         if c.snapshot == Some(parent.id) {
             return Ok(Some(
                 c.files
                     .into_iter()
-                    .map(|(path, (fp, ids))| (path, (fp.size, fp.mtime_ns, ids)))
+                    .map(|(path, (fp, chunks))| {
+                        let pages = c.pages.remove(&path);
+                        let pf = ParentFile {
+                            size: fp.size,
+                            mtime_ns: fp.mtime_ns,
+                            chunks,
+                            pages,
+                        };
+                        (path, pf)
+                    })
                     .collect(),
             ));
         }
@@ -343,57 +387,120 @@ fn parent_files(
         entries
             .into_iter()
             .filter(|e| e.kind == EntryKind::File)
-            .map(|e| (e.path, (e.size, e.mtime_ns, e.chunks)))
+            .map(|e| (e.path.clone(), ParentFile::of(&e)))
             .collect(),
     ))
 }
 
-type FileRead = (Vec<ChunkId>, u64, Vec<(u32, u16, u16)>);
+/// Page mode for one file: its parent's record and the parent's start.
+struct PageMode<'p> {
+    parent: &'p ParentFile,
+    since: Lsn,
+    made_before_ns: i64,
+}
 
-/// Reads one file in fixed blocks, checking page checksums of relation files. None when
-/// the file disappeared.
-fn read_file(
-    repo: &Repository,
-    writer: &BlobWriter,
-    path: &Path,
+struct ReadFile<'a> {
+    path: &'a Path,
+    /// Relation files: the number of the first page (checksums, page mode).
     first_page: Option<u32>,
+    check_pages: bool,
     start_lsn: Lsn,
-    read: &AtomicU64,
-    opts: &BackupOptions,
-) -> Result<Option<FileRead>> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(custos_model::error::io_error(Kind::Source, path, e)),
-    };
-    let mut ids = vec![];
-    let mut bad = vec![];
-    let mut offset = 0u64;
-    for chunk in repo.config.block_chunker.split(&file, None, 0) {
-        let chunk = chunk.map_err(|e| custos_model::error::io_error(Kind::Source, path, e))?;
-        if let Some(first) = first_page {
-            for (k, page) in chunk.chunks(PAGE_SIZE).enumerate() {
-                let blk = first + (offset / PAGE_SIZE as u64) as u32 + k as u32;
-                if let PageCheck::Damaged { stored, computed } =
-                    datadir::check_page(page, blk, start_lsn)
-                {
-                    // A page being written while read tears: read it once more.
-                    let at = offset + (k * PAGE_SIZE) as u64;
-                    if still_damaged(&file, at, blk, start_lsn) {
-                        bad.push((blk, stored, computed));
+    pages: Option<PageMode<'a>>,
+    block_size: u64,
+}
+
+struct FileRead {
+    chunks: Vec<ChunkId>,
+    pages: Option<custos_sources::files::PagePatches>,
+    size: u64,
+    pages_patched: u64,
+    /// (block, stored checksum, computed checksum) of damaged pages.
+    damaged: Vec<(u32, u16, u16)>,
+}
+
+impl ReadFile<'_> {
+    /// Reads the file in fixed blocks, checking page checksums of relation files. None
+    /// when the file disappeared.
+    fn run(
+        &self,
+        repo: &Repository,
+        writer: &BlobWriter,
+        read: &AtomicU64,
+        opts: &BackupOptions,
+    ) -> Result<Option<FileRead>> {
+        let path = self.path;
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(custos_model::error::io_error(Kind::Source, path, e)),
+        };
+        // Without a birth time the file's age is unknown: whole blocks.
+        let pages = self.pages.as_ref().filter(|m| {
+            file.metadata()
+                .and_then(|md| md.created())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .is_some_and(|t| (t.as_nanos() as i64) < m.made_before_ns)
+        });
+        let hash = |d: &[u8]| repo.keys.chunk_id(d);
+        let has = |id: &ChunkId| writer.has(id);
+        let add = |id: ChunkId, d: Vec<u8>| writer.add(id, BlobKind::Data, d).map(|_| ());
+        let sink = Sink {
+            hash: &hash,
+            has: &has,
+            add: &add,
+        };
+        let mut builder = FileBuilder::new(pages.map(|m| m.parent), self.block_size);
+        let mut bad = vec![];
+        let mut offset = 0u64;
+        let first_page = self.first_page.filter(|_| self.check_pages);
+        for (i, chunk) in repo.config.block_chunker.split(&file, None, 0).enumerate() {
+            let chunk = chunk.map_err(|e| custos_model::error::io_error(Kind::Source, path, e))?;
+            let first_blk = (offset / PAGE_SIZE as u64) as u32;
+            if let Some(first) = first_page {
+                for (k, page) in chunk.chunks(PAGE_SIZE).enumerate() {
+                    let blk = first + first_blk + k as u32;
+                    if let PageCheck::Damaged { stored, computed } =
+                        datadir::check_page(page, blk, self.start_lsn)
+                    {
+                        // A page being written while read tears: read it once more.
+                        let at = offset + (k * PAGE_SIZE) as u64;
+                        if still_damaged(&file, at, blk, self.start_lsn) {
+                            bad.push((blk, stored, computed));
+                        }
                     }
                 }
             }
+            let n = chunk.len() as u64;
+            offset += n;
+            read.fetch_add(n, Ordering::Relaxed);
+            opts.progress.add(n);
+            let rel_first = self.first_page.unwrap_or(0) + first_blk;
+            builder.block(
+                i as u32,
+                chunk,
+                |k, page| match pages {
+                    Some(m) => !datadir::page_unchanged_since(
+                        page,
+                        rel_first + k as u32,
+                        m.since,
+                        self.check_pages,
+                    ),
+                    None => true,
+                },
+                &sink,
+            )?;
         }
-        let n = chunk.len() as u64;
-        offset += n;
-        read.fetch_add(n, Ordering::Relaxed);
-        opts.progress.add(n);
-        let id = repo.keys.chunk_id(&chunk);
-        writer.add(id, BlobKind::Data, chunk)?;
-        ids.push(id);
+        let pages_patched = builder.pages_patched;
+        let (chunks, pages) = builder.finish(offset, &sink)?;
+        Ok(Some(FileRead {
+            chunks,
+            pages,
+            size: offset,
+            pages_patched,
+            damaged: bad,
+        }))
     }
-    Ok(Some((ids, offset, bad)))
 }
 
 fn still_damaged(file: &std::fs::File, at: u64, blk: u32, start_lsn: Lsn) -> bool {

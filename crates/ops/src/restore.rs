@@ -109,6 +109,12 @@ fn delta_prepare(
             let mut same = vec![];
             let mut off = 0u64;
             let mut buf = vec![];
+            // A block with page patches is compared with its content as restored.
+            let patched: HashMap<u32, ChunkId> = e
+                .pages
+                .iter()
+                .flat_map(|p| p.blocks.iter().copied())
+                .collect();
             for (k, id) in e.chunks.iter().enumerate() {
                 let Some((_, loc)) = index.get(id) else {
                     break;
@@ -118,7 +124,8 @@ fn delta_prepare(
                     break;
                 }
                 buf.resize(n as usize, 0);
-                if f.read_exact_at(&mut buf, off).is_ok() && repo.keys.chunk_id(&buf) == *id {
+                let expect = patched.get(&(k as u32)).unwrap_or(id);
+                if f.read_exact_at(&mut buf, off).is_ok() && repo.keys.chunk_id(&buf) == *expect {
                     same.push((i, k, n));
                 }
                 off += n;
@@ -133,8 +140,16 @@ fn delta_prepare(
     Ok(report)
 }
 
-/// Per pack: the chunks needed from it, each with the (file, offset) places it goes.
-type PackPlan = Vec<(ChunkId, Vec<(usize, u64)>)>;
+/// Where a piece of a chunk goes: bytes `src..src+len` to offset `dst` of entry `file`.
+struct Target {
+    file: usize,
+    src: usize,
+    dst: u64,
+    len: usize,
+}
+
+/// Per pack: the chunks needed from it, each with the places its pieces go.
+type PackPlan = Vec<(ChunkId, Vec<Target>)>;
 
 pub struct RestoreOptions<'a> {
     pub include: Vec<String>,
@@ -261,28 +276,26 @@ pub fn restore_files(
                         .open(&p)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
                 }
-                let mut off = 0u64;
-                for (k, id) in e.chunks.iter().enumerate() {
-                    let (meta, loc) = index.get(id).ok_or_else(|| {
-                        Error::integrity(format!(
-                            "chunk {} of {} is not in the index",
-                            id.short(),
-                            e.path
-                        ))
-                    })?;
-                    let len = u64::from(loc.raw_length);
-                    if keep.is_some_and(|u| u.contains(&(i, k))) {
-                        off += len;
+                let pieces = crate::pg_pages::pieces(e, |id| {
+                    index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+                })?;
+                for piece in pieces {
+                    if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
                         continue;
                     }
+                    let (meta, _) = index.get(&piece.chunk).expect("pieces checked the index");
                     planned[i] += 1;
-                    let slot = chunk_slot.entry(*id).or_insert_with(|| {
+                    let slot = chunk_slot.entry(piece.chunk).or_insert_with(|| {
                         let v = plan.entry(meta.id).or_default();
-                        v.push((*id, vec![]));
+                        v.push((piece.chunk, vec![]));
                         (meta.id, v.len() - 1)
                     });
-                    plan.get_mut(&slot.0).unwrap()[slot.1].1.push((i, off));
-                    off += len;
+                    plan.get_mut(&slot.0).unwrap()[slot.1].1.push(Target {
+                        file: i,
+                        src: piece.src as usize,
+                        dst: piece.dst,
+                        len: piece.len as usize,
+                    });
                 }
                 total += e.size;
                 report.files += 1;
@@ -318,6 +331,7 @@ pub fn restore_files(
             } else {
                 None
             };
+            let mut open: Option<(usize, fs::File)> = None;
             for (id, targets) in blobs {
                 let loc = index.blobs[id];
                 let fetched;
@@ -341,26 +355,40 @@ pub fn restore_files(
                     }
                 };
                 let plain = pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed)?;
-                for (file, off) in targets {
-                    let e = &entries[*file];
+                for t in targets {
+                    let e = &entries[t.file];
+                    let piece = plain.get(t.src..t.src + t.len).ok_or_else(|| {
+                        Error::integrity(format!(
+                            "chunk {} is shorter than its use in {}",
+                            id.short(),
+                            e.path
+                        ))
+                    })?;
                     let p = target.join(&e.path);
-                    let f = fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        // Other threads write other pieces of the same file: never truncate.
-                        .truncate(false)
-                        .mode(0o600)
-                        .open(&p)
-                        .map_err(|err| io_error(Kind::Config, &p, err))?;
-                    f.write_all_at(&plain, *off)
+                    // Consecutive pieces mostly go to one file (a patch holds one
+                    // file's pages): keep it open.
+                    if open.as_ref().is_none_or(|(k, _)| *k != t.file) {
+                        let f = fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            // Other threads write other pieces of the same file: never
+                            // truncate.
+                            .truncate(false)
+                            .mode(0o600)
+                            .open(&p)
+                            .map_err(|err| io_error(Kind::Config, &p, err))?;
+                        open = Some((t.file, f));
+                    }
+                    let f = &open.as_ref().expect("opened above").1;
+                    f.write_all_at(piece, t.dst)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
                     // Whoever writes a file's last piece sets its metadata through the
                     // open descriptor: no second lookup of the path.
-                    if remaining[*file].fetch_sub(1, Ordering::AcqRel) == 1 {
-                        set_meta_fd(&f, &p, e, is_root)?;
+                    if remaining[t.file].fetch_sub(1, Ordering::AcqRel) == 1 {
+                        set_meta_fd(f, &p, e, is_root)?;
                     }
-                    written.fetch_add(plain.len() as u64, Ordering::Relaxed);
-                    opts.progress.add(plain.len() as u64);
+                    written.fetch_add(t.len as u64, Ordering::Relaxed);
+                    opts.progress.add(t.len as u64);
                 }
             }
             Ok(())
@@ -530,6 +558,7 @@ pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Ent
             size: body.stream_size,
             target: None,
             chunks: body.stream,
+            pages: None,
         }]);
     }
     crate::manifest::load(repo, index, &body.manifest)

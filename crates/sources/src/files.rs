@@ -34,6 +34,68 @@ pub struct Entry {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkId>,
+    /// A relation file of a page-level incremental: pages that changed since the backup
+    /// its blocks (`chunks`) come from. None for every other file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PagePatches>,
+}
+
+impl Entry {
+    /// Every chunk the entry needs: its blocks, then its page patches.
+    pub fn chunk_refs(&self) -> impl Iterator<Item = &ChunkId> {
+        self.chunks.iter().chain(
+            self.pages
+                .iter()
+                .flat_map(|p| p.patches.iter().map(|x| &x.chunk)),
+        )
+    }
+}
+
+/// The page size of the files that carry page patches (PostgreSQL's 8 KiB).
+pub const PATCH_PAGE: usize = 8192;
+
+/// Changed pages of a file stored on their own (format.md 6.3): the file's content is its
+/// blocks with these pages written over them. No page appears in two slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagePatches {
+    pub patches: Vec<Patch>,
+    /// For every block that patches touch: (block number, keyed hash of the block as
+    /// restored), so a delta restore can tell an already-right block without fetching.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<(u32, ChunkId)>,
+}
+
+/// A chunk of whole pages; slot `k` (bytes `k*8192..`) is page `pages[k]` of the file, or
+/// nowhere when `pages[k]` is [`Patch::UNUSED`] (a later backup stored that page again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Patch {
+    pub chunk: ChunkId,
+    pub pages: Vec<u32>,
+}
+
+impl Patch {
+    pub const UNUSED: u32 = u32::MAX;
+}
+
+impl PagePatches {
+    /// Checks that every slot names a page inside a file of `size` bytes, at most once.
+    pub fn check(&self, size: u64) -> std::result::Result<(), String> {
+        let pages = size.div_ceil(PATCH_PAGE as u64);
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.patches {
+            for &page in p.pages.iter().filter(|p| **p != Patch::UNUSED) {
+                if u64::from(page) >= pages {
+                    return Err(format!(
+                        "page patch names page {page} of a {size}-byte file"
+                    ));
+                }
+                if !seen.insert(page) {
+                    return Err(format!("page {page} is patched twice"));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -96,6 +158,7 @@ fn entry_of(path: &Path, rel: String, m: &fs::Metadata) -> Result<Walked> {
             size: if kind == EntryKind::File { m.len() } else { 0 },
             target,
             chunks: vec![],
+            pages: None,
         },
         source: path.to_path_buf(),
         fingerprint: Fingerprint {

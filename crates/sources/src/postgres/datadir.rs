@@ -56,26 +56,77 @@ pub fn included(rel: &str, kind: EntryKind) -> bool {
 }
 
 /// A relation file (`base/<db>/<relfilenode>[_fork][.segment]`, `global/...`, or the same
-/// under a tablespace): returns the number of its first page, for the checksum.
-pub fn relation_first_page(rel: &str) -> Option<u32> {
+/// under a tablespace): (relfilenode, fork suffix or "", segment number).
+fn relation_parts(rel: &str) -> Option<(&str, &str, u32)> {
     let parts: Vec<&str> = rel.split('/').collect();
     let name = match parts.as_slice() {
-        ["global", f] => f,
-        ["base", db, f] if is_digits(db) => f,
-        ["pg_tblspc", ts, _version, db, f] if is_digits(ts) && is_digits(db) => f,
+        ["global", f] => *f,
+        ["base", db, f] if is_digits(db) => *f,
+        ["pg_tblspc", ts, _version, db, f] if is_digits(ts) && is_digits(db) => *f,
         _ => return None,
     };
     let (stem, seg) = match name.split_once('.') {
         Some((stem, seg)) if is_digits(seg) => (stem, seg.parse::<u32>().ok()?),
         Some(_) => return None,
-        None => (*name, 0),
+        None => (name, 0),
     };
-    let node = stem
-        .strip_suffix("_fsm")
-        .or_else(|| stem.strip_suffix("_vm"))
-        .or_else(|| stem.strip_suffix("_init"))
-        .unwrap_or(stem);
-    is_digits(node).then(|| seg.wrapping_mul(RELSEG_PAGES))
+    let (node, fork) = match stem.split_once('_') {
+        Some((node, fork)) if ["fsm", "vm", "init"].contains(&fork) => (node, fork),
+        Some(_) => return None,
+        None => (stem, ""),
+    };
+    is_digits(node).then_some((node, fork, seg))
+}
+
+/// A relation file: the number of its first page, for the checksum.
+pub fn relation_first_page(rel: &str) -> Option<u32> {
+    relation_parts(rel).map(|(_, _, seg)| seg.wrapping_mul(RELSEG_PAGES))
+}
+
+/// A relation's main fork: every change to its pages is WAL-logged and stamps the page's
+/// LSN. Not so the free space map (not WAL-logged) nor the visibility map (its bits are
+/// cleared without a new page LSN), which incrementals therefore compare block by block.
+pub fn is_main_fork(rel: &str) -> bool {
+    relation_parts(rel).is_some_and(|(_, fork, _)| fork.is_empty())
+}
+
+/// (relfilenode, fork number as PostgreSQL counts them, segment) of a relation file.
+pub fn relation_fork(rel: &str) -> Option<(u32, i32, u32)> {
+    let (node, fork, seg) = relation_parts(rel)?;
+    let forknum = match fork {
+        "" => 0,
+        "fsm" => 1,
+        "vm" => 2,
+        _ => 3,
+    };
+    Some((node.parse().ok()?, forknum, seg))
+}
+
+/// Whether a main-fork page read now is the page as it was at `since`: initialized, with a
+/// sane header, its LSN older than `since`, and (with data checksums) a valid checksum. A
+/// page that changed after `since` carries a newer LSN, because every change to it is
+/// WAL-logged; anything else (new, damaged, torn) counts as changed.
+pub fn page_unchanged_since(page: &[u8], blkno: u32, since: Lsn, checksums: bool) -> bool {
+    if page.len() != PAGE_SIZE {
+        return false;
+    }
+    let u16_at = |i: usize| u16::from_le_bytes(page[i..i + 2].try_into().unwrap());
+    let (lower, upper, special) = (u16_at(12), u16_at(14), u16_at(16));
+    if upper == 0 || lower < 24 || lower > upper || upper > special || special as usize > PAGE_SIZE
+    {
+        return false;
+    }
+    let lsn = page_lsn(page);
+    if lsn.0 == 0 || lsn >= since {
+        return false;
+    }
+    !checksums || u16_at(8) == page_checksum(page, blkno)
+}
+
+fn page_lsn(page: &[u8]) -> Lsn {
+    let hi = u32::from_le_bytes(page[0..4].try_into().unwrap());
+    let lo = u32::from_le_bytes(page[4..8].try_into().unwrap());
+    Lsn((u64::from(hi) << 32) | u64::from(lo))
 }
 
 fn is_digits(s: &str) -> bool {
@@ -202,9 +253,7 @@ pub fn check_page(page: &[u8], blkno: u32, backup_start: Lsn) -> PageCheck {
         // A file's last, partial page is being extended right now: replay fixes it.
         return PageCheck::Newer;
     }
-    let hi = u32::from_le_bytes(page[0..4].try_into().unwrap());
-    let lo = u32::from_le_bytes(page[4..8].try_into().unwrap());
-    let lsn = Lsn((u64::from(hi) << 32) | u64::from(lo));
+    let lsn = page_lsn(page);
     let pd_upper = u16::from_le_bytes(page[14..16].try_into().unwrap());
     if pd_upper == 0 && page.iter().all(|b| *b == 0) {
         return PageCheck::New;
@@ -260,6 +309,12 @@ mod tests {
         assert_eq!(relation_first_page("base/5/PG_VERSION"), None);
         assert_eq!(relation_first_page("global/pg_control"), None);
         assert_eq!(relation_first_page("base/5/pg_filenode.map"), None);
+        assert_eq!(relation_first_page("base/5/16384_xx"), None);
+        assert!(is_main_fork("base/5/16384.3"));
+        assert!(!is_main_fork("base/5/16384_vm"));
+        assert!(!is_main_fork("base/5/16384_fsm.1"));
+        assert!(!is_main_fork("base/5/PG_VERSION"));
+        assert_eq!(relation_fork("base/5/16384_vm.1"), Some((16384, 2, 1)));
     }
 
     #[test]
@@ -286,5 +341,37 @@ mod tests {
         ));
         assert_eq!(check_page(&page, 7, Lsn(0x100)), PageCheck::Newer);
         assert_eq!(check_page(&vec![0u8; PAGE_SIZE], 0, start), PageCheck::New);
+    }
+
+    #[test]
+    fn a_page_counts_unchanged_only_when_older_sane_and_intact() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        page[0..8].copy_from_slice(&[0, 0, 0, 0, 0x28, 0, 0, 1]); // LSN 0/1000028
+        page[12..14].copy_from_slice(&40u16.to_le_bytes());
+        page[14..16].copy_from_slice(&8000u16.to_le_bytes());
+        page[16..18].copy_from_slice(&8192u16.to_le_bytes());
+        let c = page_checksum(&page, 3);
+        page[8..10].copy_from_slice(&c.to_le_bytes());
+        assert!(page_unchanged_since(&page, 3, Lsn(0x2000000), true));
+        // Changed at or after `since`.
+        assert!(!page_unchanged_since(&page, 3, Lsn(0x1000028), true));
+        // Checksum of another block, or a flipped byte: damaged counts as changed.
+        assert!(!page_unchanged_since(&page, 4, Lsn(0x2000000), true));
+        assert!(page_unchanged_since(&page, 4, Lsn(0x2000000), false));
+        // New and torn pages.
+        assert!(!page_unchanged_since(
+            &vec![0u8; PAGE_SIZE],
+            0,
+            Lsn(0x2000000),
+            false
+        ));
+        assert!(!page_unchanged_since(
+            &page[..4096],
+            3,
+            Lsn(0x2000000),
+            false
+        ));
+        page[14..16].copy_from_slice(&20u16.to_le_bytes());
+        assert!(!page_unchanged_since(&page, 3, Lsn(0x2000000), false));
     }
 }
