@@ -20,16 +20,47 @@ pub fn push(repo: &Repository, path: &Path, pgdata: &Path) -> Result<(String, Pu
     Ok((name, outcome))
 }
 
+/// A WAL file's content: mapped (segments: no copy of 16 MiB through a fresh buffer on the
+/// path archive_command waits on) or read (small files).
+pub enum WalBytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for WalBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            WalBytes::Mapped(m) => m,
+            WalBytes::Read(v) => v,
+        }
+    }
+}
+
+fn read_wal(path: &Path) -> std::io::Result<WalBytes> {
+    let f = std::fs::File::open(path)?;
+    if f.metadata()?.len() < (1 << 20) {
+        let mut v = vec![];
+        std::io::Read::read_to_end(&mut &f, &mut v)?;
+        return Ok(WalBytes::Read(v));
+    }
+    // SAFETY: PostgreSQL neither writes to nor truncates a WAL file it handed to
+    // archive_command (it is complete, and recycled only once archived), so the mapping
+    // stays valid and unchanged while it is read.
+    let m = unsafe { memmap2::MmapOptions::new().map(&f)? };
+    Ok(WalBytes::Mapped(m))
+}
+
 /// Reads a WAL file handed over by archive_command and checks it belongs to the cluster:
 /// (name, system id, content).
-pub fn read_checked(path: &Path, pgdata: &Path) -> Result<(String, u64, Vec<u8>)> {
+pub fn read_checked(path: &Path, pgdata: &Path) -> Result<(String, u64, WalBytes)> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::config(format!("{} names no WAL file", path.display())))?
         .to_string();
     let kind = wal::classify(&name)?;
-    let data = std::fs::read(path)
+    let data = read_wal(path)
         .map_err(|e| Error::new(Kind::Source, format!("cannot read {}: {e}", path.display())))?;
     let system_id = wal::system_id(pgdata)?;
     if let WalFileKind::Segment { .. } = kind {
