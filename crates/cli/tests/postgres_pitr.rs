@@ -83,7 +83,7 @@ fn start_and_read(bin: &Path, data: &Path, port: u16, socket: &Path) -> String {
     ledger
 }
 
-fn pitr(bin: PathBuf) {
+fn pitr(bin: PathBuf, extra_conf: &str) {
     let (t, cbin, cfg) = pg_repo();
     // Everything runs as the postgres user, as on a database host: backups with the
     // backup-role key from the config, restores with the restore key from a password file.
@@ -105,7 +105,7 @@ fn pitr(bin: PathBuf) {
 
     let conf = format!(
         "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
-         track_commit_timestamp = on\nmax_connections = 40\n",
+         track_commit_timestamp = on\nmax_connections = 40\n{extra_conf}",
         cbin.display(),
         cfg.display()
     );
@@ -189,6 +189,12 @@ fn pitr(bin: PathBuf) {
     let incr2_id = incr2["snapshot"].as_str().unwrap().to_string();
     assert_eq!(incr2["parent"].as_str(), Some(incr_id.as_str()));
     assert!(incr2["pages_patched"].as_u64().unwrap() > 0, "{incr2}");
+    if extra_conf.contains("summarize_wal") {
+        for i in [&incr, &incr2] {
+            assert_eq!(i["wal_summaries"], true, "WAL summaries not used: {i}");
+            assert!(i["blocks_skipped"].as_u64().unwrap() > 0, "{i}");
+        }
+    }
     sleep_ms(1500);
     let t_after_incr2 = pg.psql("SELECT clock_timestamp()");
 
@@ -340,10 +346,11 @@ fn pitr(bin: PathBuf) {
 
 #[test]
 fn pitr_postgres_15() {
-    pitr(pg15_bin());
+    pitr(pg15_bin(), "");
 }
 
 #[test]
 fn pitr_postgres_18() {
-    pitr(pg18_bin());
+    // Incrementals read only the blocks the server's WAL summaries name.
+    pitr(pg18_bin(), "summarize_wal = on\n");
 }

@@ -21,6 +21,7 @@ use custos_repo::{BlobKind, BlobWriter, Repository, SnapshotBody};
 use custos_sources::files::{Entry, EntryKind, Fingerprint, Walked};
 use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
 use custos_sources::postgres::db::{ConnectOptions, Db};
+use custos_sources::postgres::summary::FileChanges;
 use serde::Serialize;
 
 use crate::backup::{BackupOptions, BackupReport, Run};
@@ -50,6 +51,11 @@ pub struct PgBackupReport {
     pub promoted_to_full: bool,
     /// Pages stored on their own (page-level incremental) instead of in whole blocks.
     pub pages_patched: u64,
+    /// Blocks taken from the parent without reading them, because the server's WAL
+    /// summaries (PostgreSQL 17+) say no page of them changed.
+    pub blocks_skipped: u64,
+    /// Whether the server's WAL summaries were used.
+    pub wal_summaries: bool,
 }
 
 type ParentFiles = HashMap<String, ParentFile>;
@@ -158,6 +164,27 @@ pub fn backup_postgres(
         .filter(|_| block_size > PAGE_SIZE as u64 && block_size % PAGE_SIZE as u64 == 0)
         .map(|p| p.start_lsn);
     let pages_patched = AtomicU64::new(0);
+    let blocks_skipped = AtomicU64::new(0);
+    // PostgreSQL 17+: the server's WAL summaries say which blocks changed since the
+    // parent started; an incremental then reads only those (and what they cannot vouch
+    // for). Unavailable summaries only cost reading.
+    let summaries = match page_since {
+        Some(since) if info.server_version_num >= 170000 && info.summarize_wal => db
+            .changed_blocks(
+                timeline,
+                since,
+                start_lsn,
+                std::time::Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    "WAL summaries unusable, reading every changed file: {}",
+                    e.message
+                );
+                None
+            }),
+        _ => None,
+    };
     let entries = crate::backup::queue(datadir::walk(&pgdata)?.entries, opts.progress);
     let vanished: Mutex<Vec<usize>> = Mutex::new(vec![]);
     let damaged: Mutex<Vec<String>> = Mutex::new(vec![]);
@@ -195,12 +222,18 @@ pub fn backup_postgres(
             }),
             _ => None,
         };
+        let changes = summaries
+            .as_ref()
+            .filter(|_| pages.is_some())
+            .map(|c| c.for_file(&w.entry.path))
+            .filter(|c| *c != FileChanges::ReadAll);
         let read = ReadFile {
             path: &w.source,
             first_page,
             check_pages,
             start_lsn,
             pages,
+            changes,
             block_size,
         };
         match read.run(repo, writer, &bytes_read, opts)? {
@@ -209,6 +242,7 @@ pub fn backup_postgres(
                 w.entry.pages = r.pages;
                 w.entry.size = r.size;
                 pages_patched.fetch_add(r.pages_patched, Ordering::Relaxed);
+                blocks_skipped.fetch_add(r.blocks_skipped, Ordering::Relaxed);
                 let bad = r.damaged;
                 let mut d = damaged.lock().unwrap();
                 for (blk, stored, computed) in bad {
@@ -344,6 +378,8 @@ pub fn backup_postgres(
         damaged_pages: damaged,
         promoted_to_full,
         pages_patched: pages_patched.into_inner(),
+        blocks_skipped: blocks_skipped.into_inner(),
+        wal_summaries: summaries.is_some(),
     })
 }
 
@@ -406,6 +442,8 @@ struct ReadFile<'a> {
     check_pages: bool,
     start_lsn: Lsn,
     pages: Option<PageMode<'a>>,
+    /// What the server's WAL summaries say changed in the file (page mode only).
+    changes: Option<FileChanges>,
     block_size: u64,
 }
 
@@ -414,6 +452,8 @@ struct FileRead {
     pages: Option<custos_sources::files::PagePatches>,
     size: u64,
     pages_patched: u64,
+    /// Blocks taken from the parent unread (WAL summaries).
+    blocks_skipped: u64,
     /// (block, stored checksum, computed checksum) of damaged pages.
     damaged: Vec<(u32, u16, u16)>,
 }
@@ -429,10 +469,11 @@ impl ReadFile<'_> {
         opts: &BackupOptions,
     ) -> Result<Option<FileRead>> {
         let path = self.path;
+        let io = |e| custos_model::error::io_error(Kind::Source, path, e);
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(custos_model::error::io_error(Kind::Source, path, e)),
+            Err(e) => return Err(io(e)),
         };
         // Without a birth time the file's age is unknown: whole blocks.
         let pages = self.pages.as_ref().filter(|m| {
@@ -452,10 +493,8 @@ impl ReadFile<'_> {
         };
         let mut builder = FileBuilder::new(pages.map(|m| m.parent), self.block_size);
         let mut bad = vec![];
-        let mut offset = 0u64;
         let first_page = self.first_page.filter(|_| self.check_pages);
-        for (i, chunk) in repo.config.block_chunker.split(&file, None, 0).enumerate() {
-            let chunk = chunk.map_err(|e| custos_model::error::io_error(Kind::Source, path, e))?;
+        let mut block = |builder: &mut FileBuilder, i: u32, offset: u64, chunk: Vec<u8>| {
             let first_blk = (offset / PAGE_SIZE as u64) as u32;
             if let Some(first) = first_page {
                 for (k, page) in chunk.chunks(PAGE_SIZE).enumerate() {
@@ -472,12 +511,11 @@ impl ReadFile<'_> {
                 }
             }
             let n = chunk.len() as u64;
-            offset += n;
             read.fetch_add(n, Ordering::Relaxed);
             opts.progress.add(n);
             let rel_first = self.first_page.unwrap_or(0) + first_blk;
             builder.block(
-                i as u32,
+                i,
                 chunk,
                 |k, page| match pages {
                     Some(m) => !datadir::page_unchanged_since(
@@ -489,7 +527,49 @@ impl ReadFile<'_> {
                     None => true,
                 },
                 &sink,
-            )?;
+            )
+        };
+        let mut offset = 0u64;
+        let mut blocks_skipped = 0u64;
+        match (pages, &self.changes) {
+            // The server's WAL summaries name the changed pages: read only their blocks,
+            // take every other block of the parent's as it is.
+            (Some(m), Some(changes)) => {
+                use std::os::unix::fs::FileExt;
+                let size = file.metadata().map_err(io)?.len();
+                let per = (self.block_size / PAGE_SIZE as u64) as u32;
+                for i in 0..size.div_ceil(self.block_size) as u32 {
+                    let start = u64::from(i) * self.block_size;
+                    let len = self.block_size.min(size - start);
+                    if len == self.block_size
+                        && m.parent.size >= start + len
+                        && !changes.touches(i * per, per)
+                    {
+                        builder.carry(i)?;
+                        blocks_skipped += 1;
+                        opts.progress.add(len);
+                        offset += len;
+                        continue;
+                    }
+                    let mut buf = vec![0u8; len as usize];
+                    match file.read_exact_at(&mut buf, start) {
+                        Ok(()) => {}
+                        // Truncated while read: WAL replay truncates it too.
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                        Err(e) => return Err(io(e)),
+                    }
+                    block(&mut builder, i, offset, buf)?;
+                    offset += len;
+                }
+            }
+            _ => {
+                for (i, chunk) in repo.config.block_chunker.split(&file, None, 0).enumerate() {
+                    let chunk = chunk.map_err(io)?;
+                    let n = chunk.len() as u64;
+                    block(&mut builder, i as u32, offset, chunk)?;
+                    offset += n;
+                }
+            }
         }
         let pages_patched = builder.pages_patched;
         let (chunks, pages) = builder.finish(offset, &sink)?;
@@ -498,6 +578,7 @@ impl ReadFile<'_> {
             pages,
             size: offset,
             pages_patched,
+            blocks_skipped,
             damaged: bad,
         }))
     }

@@ -238,7 +238,8 @@ impl<'p> FileBuilder<'p> {
 }
 
 /// One write of a restore: bytes `src..src+len` of a chunk to offset `dst` of the file,
-/// which lies in the file's block `block`.
+/// which lies in the file's block `block`. Patch pieces (`patch`) are written after every
+/// block piece, over them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     pub chunk: ChunkId,
@@ -246,10 +247,12 @@ pub struct Piece {
     pub dst: u64,
     pub len: u64,
     pub block: usize,
+    pub patch: bool,
 }
 
-/// How to lay a file down: every byte written exactly once, so pieces can be written in
-/// any order. `chunk_len` gives a chunk's plain length (from the index).
+/// How to lay a file down: its blocks whole, then its patch pages over them (so each block
+/// is one write, and each block piece may go in any order, as may each patch piece).
+/// `chunk_len` gives a chunk's plain length (from the index).
 pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<Vec<Piece>> {
     let len_of = |id: &ChunkId| {
         chunk_len(id).ok_or_else(|| {
@@ -260,36 +263,30 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
             ))
         })
     };
-    let lens = e.chunks.iter().map(len_of).collect::<Result<Vec<u64>>>()?;
-    let starts: Vec<u64> = lens
-        .iter()
-        .scan(0u64, |off, n| {
-            let s = *off;
-            *off += n;
-            Some(s)
-        })
-        .collect();
+    let mut out = Vec::with_capacity(e.chunks.len());
+    let mut starts = Vec::with_capacity(e.chunks.len());
+    let mut off = 0u64;
+    for (k, id) in e.chunks.iter().enumerate() {
+        let len = len_of(id)?;
+        starts.push(off);
+        out.push(Piece {
+            chunk: *id,
+            src: 0,
+            dst: off,
+            len,
+            block: k,
+            patch: false,
+        });
+        off += len;
+    }
     let Some(pages) = &e.pages else {
-        return Ok(e
-            .chunks
-            .iter()
-            .enumerate()
-            .map(|(k, id)| Piece {
-                chunk: *id,
-                src: 0,
-                dst: starts[k],
-                len: lens[k],
-                block: k,
-            })
-            .collect());
+        return Ok(out);
     };
     pages
         .check(e.size)
         .map_err(|m| Error::integrity(format!("{}: {m}", e.path)))?;
     let page = PATCH_PAGE as u64;
     let block_of = |dst: u64| starts.partition_point(|s| *s <= dst).saturating_sub(1);
-    let mut out = vec![];
-    let mut patched = std::collections::HashSet::new();
     for p in &pages.patches {
         let n = len_of(&p.chunk)?;
         if n != p.pages.len() as u64 * page {
@@ -303,40 +300,15 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
             if *pg == Patch::UNUSED {
                 continue;
             }
-            patched.insert(*pg);
             let dst = u64::from(*pg) * page;
-            let len = page.min(e.size - dst);
             out.push(Piece {
                 chunk: p.chunk,
                 src: slot as u64 * page,
                 dst,
-                len,
+                len: page.min(e.size - dst),
                 block: block_of(dst),
+                patch: true,
             });
-        }
-    }
-    // Blocks, without the pages patched over them, in runs.
-    for (k, id) in e.chunks.iter().enumerate() {
-        let (start, end) = (starts[k], (starts[k] + lens[k]).min(e.size));
-        let mut at = start;
-        while at < end {
-            let mut stop = at;
-            while stop < end && !patched.contains(&((stop / page) as u32)) {
-                stop = (stop / page + 1) * page;
-            }
-            let stop = stop.min(end);
-            if stop > at {
-                out.push(Piece {
-                    chunk: *id,
-                    src: at - start,
-                    dst: at,
-                    len: stop - at,
-                    block: k,
-                });
-                at = stop;
-            } else {
-                at = (at / page + 1) * page;
-            }
         }
     }
     Ok(out)
@@ -415,14 +387,19 @@ mod tests {
         let ps = pieces(&e, |id| chunks.get(id).map(|c| c.len() as u64)).unwrap();
         let mut out = vec![0xEEu8; f.size as usize];
         let mut written = vec![0u8; f.size as usize];
-        for p in ps {
-            let src = &chunks[&p.chunk][p.src as usize..(p.src + p.len) as usize];
-            out[p.dst as usize..(p.dst + p.len) as usize].copy_from_slice(src);
-            for w in &mut written[p.dst as usize..(p.dst + p.len) as usize] {
-                *w += 1;
+        // Blocks first, then patches, as a restore writes them; each in any order.
+        for patch in [false, true] {
+            for p in ps.iter().filter(|p| p.patch == patch) {
+                let src = &chunks[&p.chunk][p.src as usize..(p.src + p.len) as usize];
+                let dst = p.dst as usize..(p.dst + p.len) as usize;
+                out[dst.clone()].copy_from_slice(src);
+                for w in &mut written[dst] {
+                    assert!(*w < 1 + patch as u8, "a byte written twice in one pass");
+                    *w += 1;
+                }
             }
         }
-        assert!(written.iter().all(|w| *w == 1), "every byte written once");
+        assert!(written.iter().all(|w| *w >= 1), "every byte written");
         out
     }
 

@@ -146,6 +146,10 @@ struct Target {
     src: usize,
     dst: u64,
     len: usize,
+    /// A block that page patches write over: its writeback waits for them.
+    patched: Option<usize>,
+    /// A page patch (second pass).
+    patch: bool,
 }
 
 /// Per pack: the chunks needed from it, each with the places its pieces go.
@@ -228,9 +232,12 @@ pub fn restore_files(
         None
     };
 
-    // Layout first: folders, then every file created at its final size.
-    let mut plan: HashMap<PackId, PackPlan> = HashMap::new();
-    let mut chunk_slot: HashMap<ChunkId, (PackId, usize)> = HashMap::new();
+    // Layout first: folders, then every file created at its final size. Two passes: blocks,
+    // then the page patches written over them.
+    let mut plans: [HashMap<PackId, PackPlan>; 2] = Default::default();
+    let mut chunk_slots: [HashMap<ChunkId, (PackId, usize)>; 2] = Default::default();
+    // Per patched block: (file, offset, length, patch pieces still to write).
+    let mut patched_blocks: Vec<(usize, u64, usize, std::sync::atomic::AtomicUsize)> = vec![];
     let mut total = 0u64;
     let mut report = RestoreReport {
         snapshot: snap.id.to_hex(),
@@ -279,12 +286,27 @@ pub fn restore_files(
                 let pieces = crate::pg_pages::pieces(e, |id| {
                     index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
                 })?;
+                let mut block_slot: HashMap<usize, usize> = HashMap::new();
+                for piece in pieces.iter().filter(|p| p.patch) {
+                    if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
+                        continue;
+                    }
+                    let n = block_slot.entry(piece.block).or_insert_with(|| {
+                        let b = &pieces[piece.block];
+                        let counter = std::sync::atomic::AtomicUsize::new(0);
+                        patched_blocks.push((i, b.dst, b.len as usize, counter));
+                        patched_blocks.len() - 1
+                    });
+                    patched_blocks[*n].3.fetch_add(1, Ordering::Relaxed);
+                }
                 for piece in pieces {
                     if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
                         continue;
                     }
                     let (meta, _) = index.get(&piece.chunk).expect("pieces checked the index");
                     planned[i] += 1;
+                    let pass = usize::from(piece.patch);
+                    let (plan, chunk_slot) = (&mut plans[pass], &mut chunk_slots[pass]);
                     let slot = chunk_slot.entry(piece.chunk).or_insert_with(|| {
                         let v = plan.entry(meta.id).or_default();
                         v.push((piece.chunk, vec![]));
@@ -295,6 +317,8 @@ pub fn restore_files(
                         src: piece.src as usize,
                         dst: piece.dst,
                         len: piece.len as usize,
+                        patched: block_slot.get(&piece.block).copied(),
+                        patch: piece.patch,
                     });
                 }
                 total += e.size;
@@ -304,7 +328,6 @@ pub fn restore_files(
         }
     }
     opts.progress.start("restore", Some(total));
-    let packs: Vec<(PackId, PackPlan)> = plan.into_iter().collect();
     let written = AtomicU64::new(0);
     let is_root = unsafe { libc::geteuid() } == 0;
     // Pieces still to write per entry; a file's metadata is set when it reaches zero.
@@ -312,90 +335,106 @@ pub fn restore_files(
         .iter()
         .map(|n| std::sync::atomic::AtomicUsize::new(*n))
         .collect();
-    custos_repo::repository::parallel_map(
-        &packs,
-        repo.threads() * 3,
-        |(pack_id, blobs)| -> Result<()> {
-            let meta = index.pack(pack_id).expect("planned from the index");
-            let dek = repo.pack_key(meta)?;
-            let needed: u64 = blobs
-                .iter()
-                .map(|(id, _)| u64::from(index.blobs[id].length))
-                .sum();
-            let whole = if needed * 2 > meta.size {
-                Some(
-                    repo.storage
-                        .get(&paths::pack(pack_id))
-                        .map_err(|e| missing(e, pack_id))?,
-                )
-            } else {
-                None
-            };
-            let mut open: Option<(usize, fs::File)> = None;
-            for (id, targets) in blobs {
-                let loc = index.blobs[id];
-                let fetched;
-                let sealed: &[u8] = match &whole {
-                    Some(w) => w.get(loc.range()).ok_or_else(|| {
-                        Error::integrity(format!(
-                            "pack {} is shorter than indexed",
-                            pack_id.short()
-                        ))
-                    })?,
-                    None => {
-                        fetched = repo
-                            .storage
-                            .get_range(
-                                &paths::pack(pack_id),
-                                u64::from(loc.offset),
-                                u64::from(loc.length),
-                            )
-                            .map_err(|e| missing(e, pack_id))?;
-                        &fetched
-                    }
+    let mut packs_read = 0;
+    for plan in plans {
+        let packs: Vec<(PackId, PackPlan)> = plan.into_iter().collect();
+        packs_read += packs.len() as u64;
+        custos_repo::repository::parallel_map(
+            &packs,
+            repo.threads() * 3,
+            |(pack_id, blobs)| -> Result<()> {
+                let meta = index.pack(pack_id).expect("planned from the index");
+                let dek = repo.pack_key(meta)?;
+                let needed: u64 = blobs
+                    .iter()
+                    .map(|(id, _)| u64::from(index.blobs[id].length))
+                    .sum();
+                let whole = if needed * 2 > meta.size {
+                    Some(
+                        repo.storage
+                            .get(&paths::pack(pack_id))
+                            .map_err(|e| missing(e, pack_id))?,
+                    )
+                } else {
+                    None
                 };
-                let plain = pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed)?;
-                for t in targets {
-                    let e = &entries[t.file];
-                    let piece = plain.get(t.src..t.src + t.len).ok_or_else(|| {
-                        Error::integrity(format!(
-                            "chunk {} is shorter than its use in {}",
-                            id.short(),
-                            e.path
-                        ))
-                    })?;
-                    let p = target.join(&e.path);
-                    // Consecutive pieces mostly go to one file (a patch holds one
-                    // file's pages): keep it open.
-                    if open.as_ref().is_none_or(|(k, _)| *k != t.file) {
-                        let f = fs::OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            // Other threads write other pieces of the same file: never
-                            // truncate.
-                            .truncate(false)
-                            .mode(0o600)
-                            .open(&p)
+                let mut open: Option<(usize, fs::File)> = None;
+                for (id, targets) in blobs {
+                    let loc = index.blobs[id];
+                    let fetched;
+                    let sealed: &[u8] = match &whole {
+                        Some(w) => w.get(loc.range()).ok_or_else(|| {
+                            Error::integrity(format!(
+                                "pack {} is shorter than indexed",
+                                pack_id.short()
+                            ))
+                        })?,
+                        None => {
+                            fetched = repo
+                                .storage
+                                .get_range(
+                                    &paths::pack(pack_id),
+                                    u64::from(loc.offset),
+                                    u64::from(loc.length),
+                                )
+                                .map_err(|e| missing(e, pack_id))?;
+                            &fetched
+                        }
+                    };
+                    let plain = pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed)?;
+                    for t in targets {
+                        let e = &entries[t.file];
+                        let piece = plain.get(t.src..t.src + t.len).ok_or_else(|| {
+                            Error::integrity(format!(
+                                "chunk {} is shorter than its use in {}",
+                                id.short(),
+                                e.path
+                            ))
+                        })?;
+                        let p = target.join(&e.path);
+                        // Consecutive pieces mostly go to one file (a patch holds one
+                        // file's pages): keep it open.
+                        if open.as_ref().is_none_or(|(k, _)| *k != t.file) {
+                            let f = fs::OpenOptions::new()
+                                .write(true)
+                                .create(true)
+                                // Other threads write other pieces of the same file: never
+                                // truncate.
+                                .truncate(false)
+                                .mode(0o600)
+                                .open(&p)
+                                .map_err(|err| io_error(Kind::Config, &p, err))?;
+                            open = Some((t.file, f));
+                        }
+                        let f = &open.as_ref().expect("opened above").1;
+                        f.write_all_at(piece, t.dst)
                             .map_err(|err| io_error(Kind::Config, &p, err))?;
-                        open = Some((t.file, f));
+                        // A block starts going to disk once written, a patched block once
+                        // its last patch page is; lone small files go with the final sync.
+                        match t.patched {
+                            None if t.len >= 64 * 1024 => start_writeback(f, t.dst, t.len),
+                            Some(b)
+                                if t.patch
+                                    && patched_blocks[b].3.fetch_sub(1, Ordering::AcqRel) == 1 =>
+                            {
+                                start_writeback(f, patched_blocks[b].1, patched_blocks[b].2)
+                            }
+                            _ => {}
+                        }
+                        // Whoever writes a file's last piece sets its metadata through the
+                        // open descriptor: no second lookup of the path.
+                        if remaining[t.file].fetch_sub(1, Ordering::AcqRel) == 1 {
+                            set_meta_fd(f, &p, e, is_root)?;
+                        }
+                        written.fetch_add(t.len as u64, Ordering::Relaxed);
+                        opts.progress.add(t.len as u64);
                     }
-                    let f = &open.as_ref().expect("opened above").1;
-                    f.write_all_at(piece, t.dst)
-                        .map_err(|err| io_error(Kind::Config, &p, err))?;
-                    start_writeback(f, t.dst, t.len);
-                    // Whoever writes a file's last piece sets its metadata through the
-                    // open descriptor: no second lookup of the path.
-                    if remaining[t.file].fetch_sub(1, Ordering::AcqRel) == 1 {
-                        set_meta_fd(f, &p, e, is_root)?;
-                    }
-                    written.fetch_add(t.len as u64, Ordering::Relaxed);
-                    opts.progress.add(t.len as u64);
                 }
-            }
-            Ok(())
-        },
-    )?;
-    report.packs_read = packs.len() as u64;
+                Ok(())
+            },
+        )?;
+    }
+    report.packs_read = packs_read;
     report.bytes = written.load(Ordering::Relaxed);
     opts.progress.finish();
 

@@ -41,12 +41,28 @@ thread_local! {
     // packer or reader thread keeps one of each.
     static COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
         std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context"));
+    static FAST_COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(1).expect("zstd context"));
     static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
 }
 
+/// Compresses a blob at [`ZSTD_LEVEL`], or at level 1 when a sample says it barely
+/// compresses: on data like embeddings (random floats) level 3 takes twice as long as
+/// level 1 for the same size (measured: 1.18x either way on a pgvector table), while on
+/// text, tables and indexes it is worth its cost.
 fn compress(data: &[u8]) -> Vec<u8> {
-    COMPRESSOR.with(|c| {
+    const SAMPLE: usize = 8192;
+    let poor = data.len() >= 8 * SAMPLE
+        && FAST_COMPRESSOR.with(|c| {
+            let sample = &data[..SAMPLE];
+            c.borrow_mut()
+                .compress(sample)
+                .map(|z| z.len() * 3 > sample.len() * 2)
+                .unwrap_or(false)
+        });
+    let ctx = if poor { &FAST_COMPRESSOR } else { &COMPRESSOR };
+    ctx.with(|c| {
         c.borrow_mut()
             .compress(data)
             .expect("zstd compress in memory")

@@ -214,3 +214,88 @@ impl Db {
         })
     }
 }
+
+impl Db {
+    /// The main-fork blocks WAL changed on `timeline` from `from` to `to`, from the
+    /// server's WAL summaries (PostgreSQL 17+ with `summarize_wal`), once the summarizer
+    /// has reached `to` (waiting up to `wait`). None when the summaries do not cover the
+    /// whole range (summarizing off or lagging, summaries removed, another timeline): the
+    /// caller then reads every file.
+    pub fn changed_blocks(
+        &self,
+        timeline: u32,
+        from: Lsn,
+        to: Lsn,
+        wait: Duration,
+    ) -> Result<Option<super::summary::ChangedBlocks>> {
+        let query = |sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
+            self.rt
+                .block_on(self.client.query(sql, params))
+                .map_err(|e| db_err("reading the WAL summaries", e))
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let r = query(
+                "SELECT summarized_tli, summarized_lsn::text FROM pg_get_wal_summarizer_state()",
+                &[],
+            )?;
+            let Some(r) = r.first() else { return Ok(None) };
+            let (tli, lsn): (i64, String) = (r.get(0), r.get(1));
+            if tli == i64::from(timeline) && lsn.parse::<Lsn>()? >= to {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::info!(
+                    "the WAL summarizer has not reached {to} yet: reading every changed file"
+                );
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tli = i64::from(timeline);
+        let (from_s, to_s) = (from.to_string(), to.to_string());
+        let rows = query(
+            "SELECT start_lsn::text, end_lsn::text FROM pg_available_wal_summaries() \
+             WHERE tli = $1 AND end_lsn > $2::text::pg_lsn AND start_lsn < $3::text::pg_lsn \
+             ORDER BY start_lsn",
+            &[&tli, &from_s, &to_s],
+        )?;
+        let mut ranges = vec![];
+        for r in &rows {
+            let (s, e): (String, String) = (r.get(0), r.get(1));
+            ranges.push((s.parse::<Lsn>()?, e.parse::<Lsn>()?));
+        }
+        // Complete: the first starts at or before `from`, each next starts where the
+        // covered range ends or before, and the last reaches `to`.
+        let mut covered = from;
+        for (s, e) in &ranges {
+            if *s > covered {
+                return Ok(None);
+            }
+            covered = covered.max(*e);
+        }
+        if ranges.is_empty() || covered < to {
+            return Ok(None);
+        }
+        let mut changed = super::summary::ChangedBlocks::default();
+        for (s, e) in &ranges {
+            let rows = query(
+                "SELECT relfilenode::bigint, reltablespace::bigint, reldatabase::bigint, \
+                 relblocknumber, is_limit_block \
+                 FROM pg_wal_summary_contents($1, $2::text::pg_lsn, $3::text::pg_lsn) \
+                 WHERE relforknumber = 0",
+                &[&tli, &s.to_string(), &e.to_string()],
+            )?;
+            for r in rows {
+                changed.add(
+                    r.get::<_, i64>(1) as u32,
+                    r.get::<_, i64>(2) as u32,
+                    r.get::<_, i64>(0) as u32,
+                    r.get::<_, i64>(3) as u32,
+                    r.get(4),
+                );
+            }
+        }
+        Ok(Some(changed))
+    }
+}

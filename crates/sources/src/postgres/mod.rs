@@ -3,4 +3,5 @@
 
 pub mod datadir;
 pub mod db;
+pub mod summary;
 pub mod wal;
