@@ -106,22 +106,18 @@ impl<R: Read> Iterator for Fixed<R> {
         if self.done {
             return None;
         }
-        let mut buf = vec![0u8; self.size];
-        let mut filled = 0;
-        while filled < self.size {
-            match self.reader.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
-            }
+        // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+        let mut buf = Vec::with_capacity(self.size);
+        if let Err(e) = (&mut self.reader)
+            .take(self.size as u64)
+            .read_to_end(&mut buf)
+        {
+            self.done = true;
+            return Some(Err(e));
         }
+        let filled = buf.len();
         if filled < self.size {
             self.done = true;
-            buf.truncate(filled);
         }
         if filled == 0 {
             return None;

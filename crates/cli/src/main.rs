@@ -433,7 +433,11 @@ impl Ctx {
     }
 
     fn opened(&self, repo: &Repository) {
-        *self.trail.borrow_mut() = Some((repo.trail_writer(), repo.role(), repo.key_id));
+        let mut writer = repo.trail_writer();
+        if let Some(dir) = &self.settings.cache_dir {
+            writer = writer.with_hint(dir.join(repo.config.id.to_hex()).join("trail-last"));
+        }
+        *self.trail.borrow_mut() = Some((writer, repo.role(), repo.key_id));
     }
 
     fn touch(&self, v: serde_json::Value) {

@@ -194,3 +194,37 @@ fn concurrent_writers_keep_one_chain() {
     );
     t.with_password(AUDIT_PW).ok(&["audit", "verify"]);
 }
+
+/// The local hint of the trail's end (in the cache folder) saves listing the trail on
+/// every command; a stale, wrong or garbled hint must never break the chain.
+#[test]
+fn a_wrong_trail_hint_does_not_break_the_chain() {
+    let t = repo_with_roles();
+    let cache = t.path("cache");
+    let hint = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("trail-last"))
+        .find(|p| p.exists())
+        .expect("commands leave a trail hint in the cache");
+    let count = |t: &T| t.json(&["audit", "log"]).as_array().unwrap().len() as u64;
+    let before = count(&t);
+    assert_eq!(
+        std::fs::read_to_string(&hint).unwrap().trim(),
+        (before + 1).to_string(),
+        "the hint names the last entry (the listing above appended one)"
+    );
+    for wrong in ["1", "999", "not a number", "0"] {
+        std::fs::write(&hint, wrong).unwrap();
+        t.ok(&["snapshots"]);
+    }
+    t.ok(&["audit", "verify"]);
+    let log = t.json(&["audit", "log"]);
+    let seqs: Vec<u64> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}

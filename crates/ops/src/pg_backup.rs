@@ -618,8 +618,8 @@ fn wait_archived(
     name: &str,
     timeout: std::time::Duration,
 ) -> Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut pause = std::time::Duration::from_millis(50);
+    let start = std::time::Instant::now();
+    let deadline = start + timeout;
     loop {
         if repo.wal_meta(system_id, name)?.is_some() {
             return Ok(());
@@ -634,8 +634,14 @@ fn wait_archived(
             )
             .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        // The segment usually lands within a few hundred milliseconds (one archive_command
+        // run): poll often at first, then back off to once a second.
+        let pause = if start.elapsed() < std::time::Duration::from_secs(5) {
+            25
+        } else {
+            1000
+        };
+        std::thread::sleep(std::time::Duration::from_millis(pause));
     }
 }
 

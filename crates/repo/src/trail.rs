@@ -106,6 +106,7 @@ impl Repository {
             meta_key: self.keys.meta_key.clone(),
             seed: self.keys.sign_seed.clone(),
             key_id: self.key_id,
+            hint: None,
         }
     }
 
@@ -136,6 +137,8 @@ pub struct TrailWriter {
     meta_key: zeroize::Zeroizing<[u8; 32]>,
     seed: Option<zeroize::Zeroizing<[u8; 32]>>,
     key_id: KeyId,
+    /// A local file remembering the last sequence number this host wrote or saw.
+    hint: Option<std::path::PathBuf>,
 }
 
 fn seqs_in(storage: &custos_storage::DynStorage) -> Result<Vec<u64>> {
@@ -143,6 +146,43 @@ fn seqs_in(storage: &custos_storage::DynStorage) -> Result<Vec<u64>> {
 }
 
 impl TrailWriter {
+    /// Remembers the trail's end in `path` (a file in the local cache), so an append
+    /// finds the end with two lookups instead of listing the whole trail.
+    pub fn with_hint(mut self, path: std::path::PathBuf) -> TrailWriter {
+        self.hint = Some(path);
+        self
+    }
+
+    /// The last sequence number: from the hint when it is still the end (it exists and
+    /// nothing follows it), else by listing.
+    fn last_seq(&self) -> Result<u64> {
+        let hinted = self
+            .hint
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|h| *h > 0);
+        if let Some(h) = hinted {
+            if self.storage.size(&path(h))?.is_some() && self.storage.size(&path(h + 1))?.is_none()
+            {
+                return Ok(h);
+            }
+        }
+        Ok(seqs_in(&self.storage)?.last().copied().unwrap_or(0))
+    }
+
+    fn remember(&self, seq: u64) {
+        if let Some(p) = &self.hint {
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, seq.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+    }
+
     /// Appends an entry; returns its sequence number. Keys without a signing key (made
     /// before the trail existed) cannot append.
     pub fn append(&self, entry: &Entry) -> Result<u64> {
@@ -154,7 +194,7 @@ impl TrailWriter {
             .hint("keys made before the operation trail cannot sign it: add a new key and remove this one")
         })?;
         let plain = serde_json::to_vec(entry).expect("serializable");
-        let mut last = seqs_in(&self.storage)?.last().copied().unwrap_or(0);
+        let mut last = self.last_seq()?;
         for _ in 0..1000 {
             let seq = last + 1;
             let prev: [u8; 32] = if last == 0 {
@@ -174,7 +214,10 @@ impl TrailWriter {
             };
             let bytes = serde_json::to_vec(&stored).expect("serializable");
             match self.storage.put(&path(seq), &bytes, PutMode::CreateOnly)? {
-                PutOutcome::Created => return Ok(seq),
+                PutOutcome::Created => {
+                    self.remember(seq);
+                    return Ok(seq);
+                }
                 // Another writer took this number: chain after it.
                 PutOutcome::AlreadyExists => last = seq,
             }
