@@ -18,6 +18,7 @@ use chrono::Utc;
 use custos_model::{ChunkId, Error, Kind, Lsn, Result};
 use custos_repo::snapshot::{PgBackupType, PgInfo, RootMeta, SnapshotStats, SourceKind};
 use custos_repo::{BlobKind, BlobWriter, Repository, SnapshotBody};
+use custos_sources::direct::DirectReader;
 use custos_sources::files::{Entry, EntryKind, Fingerprint, Walked};
 use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
 use custos_sources::postgres::db::{ConnectOptions, Db};
@@ -563,7 +564,12 @@ impl ReadFile<'_> {
                 }
             }
             _ => {
-                for (i, chunk) in repo.config.block_chunker.split(&file, None, 0).enumerate() {
+                let blocks: Box<dyn Iterator<Item = std::io::Result<Vec<u8>>>> =
+                    match DirectReader::open(path, self.block_size as usize) {
+                        Some(d) => Box::new(d),
+                        None => repo.config.block_chunker.split(&file, None, 0),
+                    };
+                for (i, chunk) in blocks.enumerate() {
                     let chunk = chunk.map_err(io)?;
                     let n = chunk.len() as u64;
                     block(&mut builder, i as u32, offset, chunk)?;
