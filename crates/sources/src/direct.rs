@@ -4,11 +4,56 @@ use std::path::Path;
 
 /// Reads a large file in fixed blocks with `O_DIRECT`: from disk straight into an aligned
 /// buffer, without going through (and filling) the page cache of the database host, which
-/// otherwise costs about as much CPU as compressing the data. None where the file system
-/// does not take `O_DIRECT` (the caller then reads through the page cache). Coherent with
-/// PostgreSQL's buffered writes: the kernel writes dirty cached pages of a range back
-/// before reading it directly.
+/// otherwise costs about as much CPU as compressing the data. Coherent with PostgreSQL's
+/// buffered writes: the kernel writes dirty cached pages of a range back before reading
+/// it directly. Direct reads have no kernel read-ahead, so a thread reads ahead (up to 4
+/// MiB) while the caller works on what it read.
 pub struct DirectReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DirectReader {
+    /// A reader of `block`-sized pieces of `path`, or None (small file, file system
+    /// without direct I/O, block size not aligned): the caller then reads through the
+    /// page cache.
+    pub fn open(path: &Path, block: usize) -> Option<DirectReader> {
+        let mut direct = Direct::open(path, block)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(2 * Direct::READ / block);
+        let thread = std::thread::spawn(move || {
+            for b in &mut direct {
+                if tx.send(b).is_err() {
+                    return;
+                }
+            }
+        });
+        Some(DirectReader {
+            rx,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Iterator for DirectReader {
+    type Item = std::io::Result<Vec<u8>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Drop for DirectReader {
+    fn drop(&mut self) {
+        // Unblocks the reader (its next send fails), then waits for it.
+        let (_, rx) = std::sync::mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, rx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The reading itself, on the read-ahead thread.
+struct Direct {
     file: std::fs::File,
     buf: *mut u8,
     layout: std::alloc::Layout,
@@ -22,14 +67,15 @@ pub struct DirectReader {
     eof: bool,
 }
 
-impl DirectReader {
+// SAFETY: `buf` is owned by the value alone (allocated in `open`, freed in Drop).
+unsafe impl Send for Direct {}
+
+impl Direct {
     const ALIGN: usize = 4096;
     /// Direct reads are synchronous: read 2 MiB at a time (then cut), not one block.
     const READ: usize = 2 << 20;
 
-    /// A reader of `block`-sized pieces of `path`, or None (small file, file system
-    /// without direct I/O, block size not aligned).
-    pub fn open(path: &Path, block: usize) -> Option<DirectReader> {
+    fn open(path: &Path, block: usize) -> Option<Direct> {
         use std::os::unix::fs::OpenOptionsExt;
         if block == 0 || !block.is_multiple_of(Self::ALIGN) || !Self::READ.is_multiple_of(block) {
             return None;
@@ -48,7 +94,7 @@ impl DirectReader {
         if buf.is_null() {
             return None;
         }
-        let mut r = DirectReader {
+        let mut r = Direct {
             file,
             buf,
             layout,
@@ -96,7 +142,7 @@ impl DirectReader {
     }
 }
 
-impl Iterator for DirectReader {
+impl Iterator for Direct {
     type Item = std::io::Result<Vec<u8>>;
     fn next(&mut self) -> Option<Self::Item> {
         if self.taken == self.filled {
@@ -120,7 +166,7 @@ impl Iterator for DirectReader {
     }
 }
 
-impl Drop for DirectReader {
+impl Drop for Direct {
     fn drop(&mut self) {
         // SAFETY: allocated in `open` with this layout.
         unsafe { std::alloc::dealloc(self.buf, self.layout) }
@@ -148,6 +194,10 @@ mod tests {
             .all(|b| b.len() == 128 * 1024));
         assert_eq!(blocks.last().unwrap().len(), 1000);
         assert_eq!(blocks.concat(), data);
+        // A reader dropped half-way stops its read-ahead thread.
+        let mut r = DirectReader::open(&path, 128 * 1024).unwrap();
+        assert_eq!(r.next().unwrap().unwrap(), data[..128 * 1024]);
+        drop(r);
         std::fs::write(&path, &data[..4096]).unwrap();
         assert!(DirectReader::open(&path, 128 * 1024).is_none());
         std::fs::remove_file(&path).unwrap();
