@@ -370,19 +370,23 @@ mod tests {
         )
     }
 
-    fn restore(store: &Store, f: &ParentFile) -> Vec<u8> {
-        let e = Entry {
+    fn entry(size: u64, chunks: Vec<ChunkId>, pages: Option<PagePatches>) -> Entry {
+        Entry {
             path: "base/5/1".into(),
             kind: custos_sources::files::EntryKind::File,
             mode: 0o600,
             uid: 0,
             gid: 0,
             mtime_ns: 0,
-            size: f.size,
+            size,
             target: None,
-            chunks: f.chunks.clone(),
-            pages: f.pages.clone(),
-        };
+            chunks,
+            pages,
+        }
+    }
+
+    fn restore(store: &Store, f: &ParentFile) -> Vec<u8> {
+        let e = entry(f.size, f.chunks.clone(), f.pages.clone());
         let chunks = store.chunks.lock().unwrap();
         let ps = pieces(&e, |id| chunks.get(id).map(|c| c.len() as u64)).unwrap();
         let mut out = vec![0xEEu8; f.size as usize];
@@ -479,24 +483,17 @@ mod tests {
     #[test]
     fn a_patch_naming_a_page_twice_or_outside_the_file_is_refused() {
         let id = id_of(b"x");
-        let mut e = Entry {
-            path: "base/5/1".into(),
-            kind: custos_sources::files::EntryKind::File,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-            size: 2 * PATCH_PAGE as u64,
-            target: None,
-            chunks: vec![id],
-            pages: Some(PagePatches {
+        let mut e = entry(
+            2 * PATCH_PAGE as u64,
+            vec![id],
+            Some(PagePatches {
                 patches: vec![Patch {
                     chunk: id,
                     pages: vec![1, 1],
                 }],
                 blocks: vec![],
             }),
-        };
+        );
         let len = |_: &ChunkId| Some(2 * PATCH_PAGE as u64);
         assert!(pieces(&e, len).unwrap_err().message.contains("twice"));
         e.pages.as_mut().unwrap().patches[0].pages = vec![0, 7];
