@@ -57,7 +57,7 @@ pub fn ages(repo: &Repository, max_age: Duration, now: DateTime<Utc>) -> Result<
         age_days: d.num_days(),
         overdue,
     });
-    for k in Repository::key_files(&repo.storage)? {
+    for k in &repo.key_files {
         let (d, overdue) = age(k.created);
         out.push(KeyAge {
             what: "key file".into(),

@@ -42,6 +42,9 @@ pub struct Repository {
     pub pair_created: chrono::DateTime<chrono::Utc>,
     /// Data keys of snapshots and WAL re-wrapped to the current pair (`key rotate --rewrap`).
     pub rewrap: Option<crate::keyring::Rewrap>,
+    /// The key files as listed when the repository was opened, oldest first (their ages
+    /// are reported without reading them again).
+    pub key_files: Vec<KeyFile>,
 }
 
 fn not_found(storage: &DynStorage) -> Error {
@@ -104,7 +107,8 @@ impl Repository {
                 "another process created the repository at the same time",
             ));
         }
-        Self::assemble(storage, config, keys, kf.id, opts)
+        let listed = vec![kf.clone()];
+        Self::assemble(storage, config, keys, kf.id, opts, listed)
     }
 
     /// Brings the opened keys up to the newest generation of the data key pair.
@@ -114,6 +118,7 @@ impl Repository {
         mut keys: MasterKeys,
         key_id: KeyId,
         opts: OpenOptions,
+        key_files: Vec<KeyFile>,
     ) -> Result<Repository> {
         let links = crate::keyring::load(&storage, &keys.meta_key)?;
         crate::keyring::apply(&mut keys, &links)?;
@@ -132,6 +137,7 @@ impl Repository {
             pack_keys: Mutex::new(HashMap::new()),
             pair_created,
             rewrap,
+            key_files,
         })
     }
 
@@ -145,6 +151,7 @@ impl Repository {
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
         let config = Self::read_config(&storage)?;
         let files = Self::key_files(&storage)?;
+        let listed = files.clone();
         if files.is_empty() {
             return Err(Error::integrity(format!(
                 "the repository at {} has no key files",
@@ -160,7 +167,7 @@ impl Repository {
         files.sort_by_key(|k| u64::from(k.kdf.memory_kib) * u64::from(k.kdf.iterations));
         let cheapest = files.remove(0);
         if let Some(keys) = cheapest.open(password, config.id)? {
-            return Self::assemble(storage, config, keys, cheapest.id, opts);
+            return Self::assemble(storage, config, keys, cheapest.id, opts, listed);
         }
         let password = std::sync::Arc::new(Zeroizing::new(password.to_vec()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -178,7 +185,9 @@ impl Repository {
         let mut err = None;
         for r in rx.iter().take(n) {
             match r {
-                Ok(Some((id, keys))) => return Self::assemble(storage, config, keys, id, opts),
+                Ok(Some((id, keys))) => {
+                    return Self::assemble(storage, config, keys, id, opts, listed)
+                }
                 Ok(None) => {}
                 Err(e) => err = Some(e),
             }
