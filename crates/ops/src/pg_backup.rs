@@ -195,17 +195,18 @@ pub fn backup_postgres(
     let check_pages = info.data_checksums;
     let result = crate::backup::each_file(&entries, repo.threads(), |i, w| {
         let parent = parent_files.as_ref().and_then(|p| p.get(&w.entry.path));
-        if let Some(pf) = parent {
+        let same = parent.filter(|pf| {
+            pf.size == w.entry.size
+                && pf.mtime_ns == w.entry.mtime_ns
+                && pf.mtime_ns < parent_start_ns
+        });
+        if let Some(pf) = same {
             let entry = Entry {
                 chunks: pf.chunks.clone(),
                 pages: pf.pages.clone(),
                 ..w.entry.clone()
             };
-            if pf.size == w.entry.size
-                && pf.mtime_ns == w.entry.mtime_ns
-                && pf.mtime_ns < parent_start_ns
-                && entry.chunk_refs().all(|id| writer.has(id))
-            {
+            if entry.chunk_refs().all(|id| writer.has(id)) {
                 w.entry = entry;
                 unchanged.fetch_add(1, Ordering::Relaxed);
                 opts.progress.add(w.entry.size);
@@ -476,11 +477,12 @@ impl ReadFile<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(e)),
         };
+        // Page mode only: birth time, and the size the summaries' blocks are counted in.
+        let meta = self.pages.as_ref().and_then(|_| file.metadata().ok());
         // Without a birth time the file's age is unknown: whole blocks.
         let pages = self.pages.as_ref().filter(|m| {
-            file.metadata()
-                .and_then(|md| md.created())
-                .ok()
+            meta.as_ref()
+                .and_then(|md| md.created().ok())
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .is_some_and(|t| (t.as_nanos() as i64) < m.made_before_ns)
         });
@@ -537,7 +539,8 @@ impl ReadFile<'_> {
             // take every other block of the parent's as it is.
             (Some(m), Some(changes)) => {
                 use std::os::unix::fs::FileExt;
-                let size = file.metadata().map_err(io)?.len();
+                // Page mode survived the birth-time check, so the metadata was read.
+                let size = meta.as_ref().expect("read in page mode").len();
                 let per = (self.block_size / PAGE_SIZE as u64) as u32;
                 for i in 0..size.div_ceil(self.block_size) as u32 {
                     let start = u64::from(i) * self.block_size;

@@ -152,6 +152,14 @@ struct Target {
     patch: bool,
 }
 
+/// A block that page patches write over: where it lies, and how many of its patch pieces
+/// are still to write (its writeback starts after the last).
+struct PatchedBlock {
+    dst: u64,
+    len: usize,
+    left: std::sync::atomic::AtomicUsize,
+}
+
 /// Per pack: the chunks needed from it, each with the places its pieces go.
 type PackPlan = Vec<(ChunkId, Vec<Target>)>;
 
@@ -236,8 +244,7 @@ pub fn restore_files(
     // then the page patches written over them.
     let mut plans: [HashMap<PackId, PackPlan>; 2] = Default::default();
     let mut chunk_slots: [HashMap<ChunkId, (PackId, usize)>; 2] = Default::default();
-    // Per patched block: (file, offset, length, patch pieces still to write).
-    let mut patched_blocks: Vec<(usize, u64, usize, std::sync::atomic::AtomicUsize)> = vec![];
+    let mut patched_blocks: Vec<PatchedBlock> = vec![];
     let mut total = 0u64;
     let mut report = RestoreReport {
         snapshot: snap.id.to_hex(),
@@ -292,12 +299,16 @@ pub fn restore_files(
                         continue;
                     }
                     let n = block_slot.entry(piece.block).or_insert_with(|| {
+                        // Block pieces come first, block k at index k.
                         let b = &pieces[piece.block];
-                        let counter = std::sync::atomic::AtomicUsize::new(0);
-                        patched_blocks.push((i, b.dst, b.len as usize, counter));
+                        patched_blocks.push(PatchedBlock {
+                            dst: b.dst,
+                            len: b.len as usize,
+                            left: Default::default(),
+                        });
                         patched_blocks.len() - 1
                     });
-                    patched_blocks[*n].3.fetch_add(1, Ordering::Relaxed);
+                    patched_blocks[*n].left.fetch_add(1, Ordering::Relaxed);
                 }
                 for piece in pieces {
                     if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
@@ -415,9 +426,10 @@ pub fn restore_files(
                             None if t.len >= 64 * 1024 => start_writeback(f, t.dst, t.len),
                             Some(b)
                                 if t.patch
-                                    && patched_blocks[b].3.fetch_sub(1, Ordering::AcqRel) == 1 =>
+                                    && patched_blocks[b].left.fetch_sub(1, Ordering::AcqRel)
+                                        == 1 =>
                             {
-                                start_writeback(f, patched_blocks[b].1, patched_blocks[b].2)
+                                start_writeback(f, patched_blocks[b].dst, patched_blocks[b].len)
                             }
                             _ => {}
                         }

@@ -56,7 +56,6 @@ impl Drop for DirectReader {
 struct Direct {
     file: std::fs::File,
     buf: *mut u8,
-    layout: std::alloc::Layout,
     /// Size of the blocks handed out.
     block: usize,
     /// File offset of the buffer's first byte.
@@ -75,6 +74,10 @@ impl Direct {
     /// Direct reads are synchronous: read 2 MiB at a time (then cut), not one block.
     const READ: usize = 2 << 20;
 
+    fn layout() -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(Self::READ, Self::ALIGN).expect("valid layout")
+    }
+
     fn open(path: &Path, block: usize) -> Option<Direct> {
         use std::os::unix::fs::OpenOptionsExt;
         if block == 0 || !block.is_multiple_of(Self::ALIGN) || !Self::READ.is_multiple_of(block) {
@@ -88,16 +91,14 @@ impl Direct {
         if file.metadata().ok()?.len() < (1 << 20) {
             return None;
         }
-        let layout = std::alloc::Layout::from_size_align(Self::READ, Self::ALIGN).ok()?;
         // SAFETY: a non-zero size; freed with the same layout in Drop.
-        let buf = unsafe { std::alloc::alloc(layout) };
+        let buf = unsafe { std::alloc::alloc(Self::layout()) };
         if buf.is_null() {
             return None;
         }
         let mut r = Direct {
             file,
             buf,
-            layout,
             block,
             pos: 0,
             filled: 0,
@@ -169,7 +170,7 @@ impl Iterator for Direct {
 impl Drop for Direct {
     fn drop(&mut self) {
         // SAFETY: allocated in `open` with this layout.
-        unsafe { std::alloc::dealloc(self.buf, self.layout) }
+        unsafe { std::alloc::dealloc(self.buf, Self::layout()) }
     }
 }
 
