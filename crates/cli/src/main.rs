@@ -317,6 +317,14 @@ enum BackupCommand {
         /// How long to wait for the backup's last WAL segment to be archived
         #[arg(long, value_name = "DURATION", default_value = "2m")]
         archive_timeout: String,
+        /// Stream the backup over the replication protocol (pg_basebackup) instead of
+        /// reading the data directory: for a cluster on another host [[postgres] replication]
+        #[arg(long)]
+        replication: bool,
+        /// Folder of PostgreSQL's programs for --replication [[postgres] bin; default: the
+        /// server's version under /usr/lib/postgresql, else PATH]
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
         #[arg(long)]
         tag: Vec<String>,
     },
@@ -1335,6 +1343,8 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             cluster,
             wal,
             archive_timeout,
+            replication,
+            pg_bin,
             tag,
         } => {
             let archive_timeout = humantime::parse_duration(&archive_timeout).map_err(|e| {
@@ -1357,6 +1367,8 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                 cluster: cluster.or_else(|| ctx.settings.file.postgres.name.clone()),
                 include_wal: wal,
                 archive_timeout,
+                replication: replication || ctx.settings.file.postgres.replication,
+                pg_bin: pg_bin.or_else(|| ctx.settings.file.postgres.bin.clone()),
             };
             let r = pg_backup::backup_postgres(&repo, &pg, &opts)?;
             Ok(print_pg_backup(ctx, &r))
@@ -1435,6 +1447,11 @@ fn print_pg_backup(ctx: &Ctx, r: &pg_backup::PgBackupReport) -> i32 {
             println!(
                 "  restorable to any time from {} on (with the archived WAL)",
                 p.stop_time.format("%Y-%m-%d %H:%M:%S%.3f UTC")
+            );
+        }
+        if r.via == "replication" {
+            println!(
+                "  read       over the replication protocol (pg_basebackup): every file crossed the network; unchanged ones were not hashed or stored again"
             );
         }
         if r.promoted_to_full {

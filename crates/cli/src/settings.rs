@@ -49,6 +49,11 @@ pub struct PostgresSection {
     pub port: Option<u16>,
     pub user: Option<String>,
     pub database: Option<String>,
+    /// Back up over the replication protocol (pg_basebackup) instead of reading `pgdata`.
+    #[serde(default)]
+    pub replication: bool,
+    /// The folder of PostgreSQL's programs (pg_basebackup) for replication backups.
+    pub bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +112,7 @@ const SECRET_VARS: &[&str] = &[
     "CUSTOS_NEW_PASSWORD",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "PGPASSWORD",
 ];
 const PLAIN_VARS: &[&str] = &[
     "CUSTOS_REPO",
@@ -173,6 +179,7 @@ pub struct Settings {
     pub kill_before_write: Option<u64>,
     pgdata_env: Option<PathBuf>,
     libpq: HashMap<&'static str, String>,
+    pg_password: Option<Zeroizing<String>>,
     config_path: Option<PathBuf>,
     /// Where the repository location came from, when not the config file.
     repo_from_args: bool,
@@ -288,6 +295,7 @@ impl Settings {
             repo_from_args,
             pgdata_env,
             libpq,
+            pg_password: env.secret("PGPASSWORD").cloned(),
             file,
             repo_url,
             storage,
@@ -339,6 +347,10 @@ impl Settings {
                 .get("PGDATABASE")
                 .cloned()
                 .or(pg.database.clone()),
+            password: self
+                .pg_password
+                .as_ref()
+                .map(|p| custos_sources::postgres::db::Password(p.to_string())),
         }
     }
 

@@ -184,19 +184,6 @@ fn prune_keeps_the_wal_kept_backups_need() {
     t.ok(&["verify", "--read-data"]);
 }
 
-fn walkdir(p: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(p).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn bad_connection_and_wrong_data_directory_are_clear_errors() {
     let pg = PgCluster::init(

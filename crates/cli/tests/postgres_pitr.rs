@@ -10,78 +10,12 @@
 mod common;
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
 use custos_testkit::{free_port, give_to_postgres, pg15_bin, pg18_bin, PgCluster};
 
 const LEDGER_SCRIPT: &str = "INSERT INTO ledger (note) VALUES ('client ' || :client_id);\n";
-
-fn sleep_ms(ms: u64) {
-    std::thread::sleep(Duration::from_millis(ms));
-}
-
-/// The ledger ids committed at or before `t` (by commit timestamp), on the source.
-fn committed_until(pg: &PgCluster, t: &str) -> String {
-    pg.psql(&format!(
-        "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger \
-         WHERE pg_xact_commit_timestamp(xmin) <= '{t}'"
-    ))
-}
-
-/// Starts a restored data directory, returns its ledger, checks it with pg_amcheck, stops
-/// it and checks page checksums offline.
-fn start_and_read(bin: &Path, data: &Path, port: u16, socket: &Path) -> String {
-    let c = PgCluster::existing(
-        bin.to_path_buf(),
-        data.to_path_buf(),
-        port,
-        socket.to_path_buf(),
-    );
-    let log = data.with_extension("log");
-    let (ok, text) = c.try_start(&log);
-    assert!(ok, "restored cluster did not start:\n{text}");
-    // Recovery ends with a promotion: wait until it accepts writes.
-    for _ in 0..600 {
-        if c.psql("SELECT pg_is_in_recovery()") == "f" {
-            break;
-        }
-        sleep_ms(100);
-    }
-    assert_eq!(
-        c.psql("SELECT pg_is_in_recovery()"),
-        "f",
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    let ledger = c.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger");
-    let out = c
-        .client("pg_amcheck")
-        .args(["--all", "--install-missing", "--heapallindexed"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_amcheck found problems:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    c.stop();
-    let out = custos_testkit::as_postgres(&bin.join("pg_checksums"))
-        .arg("--check")
-        .arg("-D")
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_checksums --check failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ledger
-}
 
 fn pitr(bin: PathBuf, extra_conf: &str) {
     let (t, cbin, cfg) = pg_repo();

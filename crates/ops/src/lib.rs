@@ -12,6 +12,7 @@ pub mod pg_backup;
 pub mod pg_check;
 pub mod pg_pages;
 pub mod pg_restore;
+pub mod pg_stream;
 pub mod progress;
 pub mod prune;
 pub mod restore;

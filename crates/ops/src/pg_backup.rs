@@ -21,7 +21,7 @@ use custos_repo::{BlobKind, BlobWriter, Repository, SnapshotBody};
 use custos_sources::direct::DirectReader;
 use custos_sources::files::{Entry, EntryKind, Fingerprint, Walked};
 use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
-use custos_sources::postgres::db::{ConnectOptions, Db};
+use custos_sources::postgres::db::{ClusterInfo, ConnectOptions, Db};
 use custos_sources::postgres::summary::FileChanges;
 use serde::Serialize;
 
@@ -40,6 +40,12 @@ pub struct PgBackupOptions {
     pub include_wal: bool,
     /// How long to wait for the backup's last WAL segment to reach the repository.
     pub archive_timeout: std::time::Duration,
+    /// Stream the backup over the replication protocol (`pg_basebackup`) instead of
+    /// reading the data directory: for a cluster on another host.
+    pub replication: bool,
+    /// Where PostgreSQL's client programs are (`pg_basebackup`); by default the Debian
+    /// folder of the server's major version, else PATH.
+    pub pg_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,9 +63,11 @@ pub struct PgBackupReport {
     pub blocks_skipped: u64,
     /// Whether the server's WAL summaries were used.
     pub wal_summaries: bool,
+    /// How the files were read: `datadir` (on the database host) or `replication`.
+    pub via: &'static str,
 }
 
-type ParentFiles = HashMap<String, ParentFile>;
+pub(crate) type ParentFiles = HashMap<String, ParentFile>;
 
 pub fn source_name(cluster: Option<&str>, system_id: u64) -> String {
     match cluster {
@@ -75,32 +83,9 @@ pub fn backup_postgres(
 ) -> Result<PgBackupReport> {
     let db = Db::connect(&pg.conn)?;
     let info = db.cluster_info()?;
-    if info.server_version_num < 150000 {
-        return Err(Error::new(
-            Kind::Source,
-            format!(
-                "PostgreSQL {} is too old: custos takes base backups of PostgreSQL 15 and later",
-                info.server_version
-            ),
-        ));
-    }
-    if info.in_recovery {
-        return Err(
-            Error::new(Kind::Source, "the server is a standby (in recovery)")
-                .hint("back up the primary; backups from a standby are not supported yet"),
-        );
-    }
-    if info.block_size as usize != PAGE_SIZE {
-        return Err(Error::new(
-            Kind::Source,
-            format!("block_size is {}; custos supports 8192", info.block_size),
-        ));
-    }
-    if info.archive_mode == "off" && !pg.include_wal {
-        return Err(Error::config(
-            "archive_mode is off: the backup could not be recovered without the WAL written while it runs",
-        )
-        .hint("set archive_mode = on and archive_command = 'custos wal-push %p', or pass --wal to store that WAL in the snapshot"));
+    check_cluster(&info, pg.include_wal)?;
+    if pg.replication {
+        return crate::pg_stream::backup_streamed(repo, pg, opts, &db, &info);
     }
     let pgdata = pg
         .pgdata
@@ -108,7 +93,7 @@ pub fn backup_postgres(
         .unwrap_or_else(|| PathBuf::from(&info.data_directory));
     let dir_id = custos_sources::postgres::wal::system_id(&pgdata).map_err(|e| {
         e.context(format!("reading the data directory {}", pgdata.display()))
-            .hint("pass --pgdata (or PGDATA) naming the data directory of the server backed up; custos must run on the database host")
+            .hint("pass --pgdata (or PGDATA) naming the data directory of the server backed up; custos must run on the database host, or pass --replication to stream the backup from another host")
     })?;
     if dir_id != info.system_id {
         return Err(Error::config(format!(
@@ -351,29 +336,11 @@ pub fn backup_postgres(
     };
     let report = run.finish(opts, stats, &body, vec![])?;
     if let Some(p) = cache_path {
-        let mut c = cache::FilesCache {
-            snapshot: Some(report.snapshot),
-            ..Default::default()
-        };
-        for w in &walked {
-            if let Some(pages) = &w.entry.pages {
-                c.pages.insert(w.entry.path.clone(), pages.clone());
-            }
-            if w.entry.kind == EntryKind::File {
-                c.files.insert(
-                    w.entry.path.clone(),
-                    (
-                        Fingerprint {
-                            size: w.entry.size,
-                            mtime_ns: w.entry.mtime_ns,
-                            ..w.fingerprint
-                        },
-                        w.entry.chunks.clone(),
-                    ),
-                );
-            }
-        }
-        cache::save(&p, &c);
+        save_cache(
+            &p,
+            report.snapshot,
+            walked.iter().map(|w| (&w.entry, w.fingerprint)),
+        );
     }
     Ok(PgBackupReport {
         backup: report,
@@ -382,12 +349,76 @@ pub fn backup_postgres(
         pages_patched: pages_patched.into_inner(),
         blocks_skipped: blocks_skipped.into_inner(),
         wal_summaries: summaries.is_some(),
+        via: "datadir",
     })
+}
+
+/// Records this backup's files in the local cache for the next incremental.
+pub(crate) fn save_cache<'e>(
+    path: &Path,
+    snapshot: custos_model::SnapshotId,
+    entries: impl Iterator<Item = (&'e Entry, Fingerprint)>,
+) {
+    let mut c = cache::FilesCache {
+        snapshot: Some(snapshot),
+        ..Default::default()
+    };
+    for (e, fp) in entries {
+        if let Some(pages) = &e.pages {
+            c.pages.insert(e.path.clone(), pages.clone());
+        }
+        if e.kind == EntryKind::File {
+            c.files.insert(
+                e.path.clone(),
+                (
+                    Fingerprint {
+                        size: e.size,
+                        mtime_ns: e.mtime_ns,
+                        ..fp
+                    },
+                    e.chunks.clone(),
+                ),
+            );
+        }
+    }
+    cache::save(path, &c);
+}
+
+/// What every base backup requires of the server, however it is read.
+fn check_cluster(info: &ClusterInfo, include_wal: bool) -> Result<()> {
+    if info.server_version_num < 150000 {
+        return Err(Error::new(
+            Kind::Source,
+            format!(
+                "PostgreSQL {} is too old: custos takes base backups of PostgreSQL 15 and later",
+                info.server_version
+            ),
+        ));
+    }
+    if info.in_recovery {
+        return Err(
+            Error::new(Kind::Source, "the server is a standby (in recovery)")
+                .hint("back up the primary; backups from a standby are not supported yet"),
+        );
+    }
+    if info.block_size as usize != PAGE_SIZE {
+        return Err(Error::new(
+            Kind::Source,
+            format!("block_size is {}; custos supports 8192", info.block_size),
+        ));
+    }
+    if info.archive_mode == "off" && !include_wal {
+        return Err(Error::config(
+            "archive_mode is off: the backup could not be recovered without the WAL written while it runs",
+        )
+        .hint("set archive_mode = on and archive_command = 'custos wal-push %p', or pass --wal to store that WAL in the snapshot"));
+    }
+    Ok(())
 }
 
 /// The parent's files: from the local cache when it describes the parent, else from the
 /// parent's manifest (restore role only). None: read everything (still deduplicated).
-fn parent_files(
+pub(crate) fn parent_files(
     repo: &Repository,
     index: &custos_repo::Index,
     parent: &custos_repo::Snapshot,
@@ -606,7 +637,11 @@ fn still_damaged(file: &std::fs::File, at: u64, blk: u32, start_lsn: Lsn) -> boo
 }
 
 /// Stores a small in-memory file (backup label, a WAL segment) in fixed blocks.
-fn store_bytes(repo: &Repository, writer: &BlobWriter, data: &[u8]) -> Result<Vec<ChunkId>> {
+pub(crate) fn store_bytes(
+    repo: &Repository,
+    writer: &BlobWriter,
+    data: &[u8],
+) -> Result<Vec<ChunkId>> {
     let mut ids = vec![];
     for chunk in repo
         .config
@@ -621,7 +656,7 @@ fn store_bytes(repo: &Repository, writer: &BlobWriter, data: &[u8]) -> Result<Ve
     Ok(ids)
 }
 
-fn wait_archived(
+pub(crate) fn wait_archived(
     repo: &Repository,
     system_id: u64,
     name: &str,

@@ -359,3 +359,84 @@ pub fn pg_repo() -> (T, std::path::PathBuf, std::path::PathBuf) {
     t.run_as = Some("postgres".into());
     (t, bin, cfg)
 }
+
+// PostgreSQL restores: the ledger a restored cluster must hold, and starting one to read it.
+
+pub fn sleep_ms(ms: u64) {
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+}
+
+/// The ledger ids committed at or before `t` (by commit timestamp), on the source.
+pub fn committed_until(pg: &custos_testkit::PgCluster, t: &str) -> String {
+    pg.psql(&format!(
+        "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger \
+         WHERE pg_xact_commit_timestamp(xmin) <= '{t}'"
+    ))
+}
+
+/// Starts a restored data directory, returns its ledger, checks it with pg_amcheck, stops
+/// it and checks page checksums offline.
+pub fn start_and_read(bin: &Path, data: &Path, port: u16, socket: &Path) -> String {
+    let c = custos_testkit::PgCluster::existing(
+        bin.to_path_buf(),
+        data.to_path_buf(),
+        port,
+        socket.to_path_buf(),
+    );
+    let log = data.with_extension("log");
+    let (ok, text) = c.try_start(&log);
+    assert!(ok, "restored cluster did not start:\n{text}");
+    // Recovery ends with a promotion: wait until it accepts writes.
+    for _ in 0..600 {
+        if c.psql("SELECT pg_is_in_recovery()") == "f" {
+            break;
+        }
+        sleep_ms(100);
+    }
+    assert_eq!(
+        c.psql("SELECT pg_is_in_recovery()"),
+        "f",
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let ledger = c.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger");
+    let out = c
+        .client("pg_amcheck")
+        .args(["--all", "--install-missing", "--heapallindexed"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_amcheck found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop();
+    let out = custos_testkit::as_postgres(&bin.join("pg_checksums"))
+        .arg("--check")
+        .arg("-D")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_checksums --check failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ledger
+}
+
+/// Every file under `p`, recursively.
+pub fn walkdir(p: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(p).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

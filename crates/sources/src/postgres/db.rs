@@ -16,6 +16,18 @@ pub struct ConnectOptions {
     pub port: Option<u16>,
     pub user: Option<String>,
     pub dbname: Option<String>,
+    /// PGPASSWORD; otherwise the URL's password, else `~/.pgpass` (or PGPASSFILE).
+    pub password: Option<Password>,
+}
+
+/// A database password: never printed.
+#[derive(Clone, Default)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(hidden)")
+    }
 }
 
 pub struct Db {
@@ -53,6 +65,13 @@ impl Db {
             cfg.port(o.port.unwrap_or(5432));
             cfg.user(o.user.as_deref().unwrap_or("postgres"));
             cfg.dbname(o.dbname.as_deref().unwrap_or("postgres"));
+        }
+        if let Some(p) = &o.password {
+            cfg.password(p.0.as_bytes());
+        } else if cfg.get_password().is_none() {
+            if let Some(p) = pgpass(&cfg) {
+                cfg.password(p);
+            }
         }
         cfg.application_name("custos")
             .connect_timeout(Duration::from_secs(10));
@@ -297,5 +316,164 @@ impl Db {
             }
         }
         Ok(Some(changed))
+    }
+}
+
+impl Db {
+    /// The server's clock and the next transaction id: taken after a streamed base backup
+    /// ends, both are at or after its true end (so restore target checks stay safe).
+    pub fn clock_and_next_xid(&self) -> Result<(DateTime<Utc>, u64)> {
+        let r = self.one(
+            "SELECT clock_timestamp(), pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+        )?;
+        Ok((r.get(0), r.get::<_, i64>(1) as u64))
+    }
+
+    /// Tablespaces other than the two every cluster has.
+    pub fn tablespaces(&self) -> Result<Vec<String>> {
+        let rows = self
+            .rt
+            .block_on(self.client.query(
+                "SELECT spcname::text FROM pg_tablespace \
+                 WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1",
+                &[],
+            ))
+            .map_err(|e| db_err("listing tablespaces", e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// One page of a file in the data directory, read by the server
+    /// (`pg_read_binary_file`: superuser, or EXECUTE granted on it).
+    pub fn read_page(&self, rel: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let r = self
+            .rt
+            .block_on(self.client.query_one(
+                "SELECT pg_read_binary_file($1, $2, $3)",
+                &[&rel, &(offset as i64), &(len as i64)],
+            ))
+            .map_err(|e| db_err("reading a page again", e))?;
+        Ok(r.get(0))
+    }
+}
+
+impl ConnectOptions {
+    /// The connection as a libpq `key=value` string for PostgreSQL's own programs, and the
+    /// password apart from it (to hand over in the environment, never in arguments).
+    pub fn libpq(&self) -> Result<(String, Option<String>)> {
+        let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        let mut parts = vec![];
+        let url_password = match &self.url {
+            Some(u) => {
+                let cfg: tokio_postgres::Config = u.parse().map_err(|e| {
+                    Error::config(format!("--db-url is not a valid connection string: {e}"))
+                })?;
+                let hosts: Vec<String> = cfg
+                    .get_hosts()
+                    .iter()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .collect();
+                if !hosts.is_empty() {
+                    parts.push(format!("host={}", quote(&hosts.join(","))));
+                }
+                let ports: Vec<String> = cfg.get_ports().iter().map(|p| p.to_string()).collect();
+                if !ports.is_empty() {
+                    parts.push(format!("port={}", ports.join(",")));
+                }
+                if let Some(u) = cfg.get_user() {
+                    parts.push(format!("user={}", quote(u)));
+                }
+                if let Some(d) = cfg.get_dbname() {
+                    parts.push(format!("dbname={}", quote(d)));
+                }
+                let ssl = match cfg.get_ssl_mode() {
+                    tokio_postgres::config::SslMode::Disable => "disable",
+                    tokio_postgres::config::SslMode::Require => "require",
+                    _ => "prefer",
+                };
+                parts.push(format!("sslmode={ssl}"));
+                cfg.get_password()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+            }
+            None => {
+                let host = self.host.as_deref().unwrap_or("/var/run/postgresql");
+                parts.push(format!("host={}", quote(host)));
+                parts.push(format!("port={}", self.port.unwrap_or(5432)));
+                parts.push(format!(
+                    "user={}",
+                    quote(self.user.as_deref().unwrap_or("postgres"))
+                ));
+                parts.push(format!(
+                    "dbname={}",
+                    quote(self.dbname.as_deref().unwrap_or("postgres"))
+                ));
+                None
+            }
+        };
+        parts.push("application_name=custos".into());
+        let password = self.password.as_ref().map(|p| p.0.clone()).or(url_password);
+        Ok((parts.join(" "), password))
+    }
+}
+
+/// The password `~/.pgpass` (or PGPASSFILE) gives for the first host of `cfg`, the way libpq
+/// looks it up: `host:port:database:user:password`, `*` matching anything, `\` escaping,
+/// `localhost` standing for a Unix socket; ignored when others may read the file.
+fn pgpass(cfg: &tokio_postgres::Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".pgpass")))?;
+    let meta = std::fs::metadata(&file).ok()?;
+    if !meta.is_file() || meta.permissions().mode() & 0o077 != 0 {
+        return None;
+    }
+    let host = match cfg.get_hosts().first()? {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(_) => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = cfg.get_user().unwrap_or("postgres");
+    let db = cfg.get_dbname().unwrap_or(user);
+    let text = std::fs::read_to_string(&file).ok()?;
+    pgpass_lookup(&text, [&host, &port, db, user])
+}
+
+fn pgpass_lookup(text: &str, want: [&str; 4]) -> Option<String> {
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let mut fields = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => fields.last_mut()?.extend(chars.next()),
+                ':' if fields.len() < 5 => fields.push(String::new()),
+                c => fields.last_mut()?.push(c),
+            }
+        }
+        if fields.len() == 5 && (0..4).all(|i| fields[i] == "*" || fields[i] == want[i]) {
+            return fields.pop();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pgpass_matches_fields_wildcards_and_escapes() {
+        let text = "# comment\n\
+                    db1:5432:app:alice:first\n\
+                    *:5433:*:bob:pa\\:ss\n\
+                    localhost:*:*:*:local\n";
+        let find = |h, p, d, u| super::pgpass_lookup(text, [h, p, d, u]);
+        assert_eq!(
+            find("db1", "5432", "app", "alice").as_deref(),
+            Some("first")
+        );
+        assert_eq!(find("db1", "5432", "other", "alice"), None);
+        assert_eq!(find("any", "5433", "x", "bob").as_deref(), Some("pa:ss"));
+        assert_eq!(find("localhost", "1", "x", "y").as_deref(), Some("local"));
     }
 }
