@@ -1457,10 +1457,10 @@ fn print_pg_backup(ctx: &Ctx, r: &pg_backup::PgBackupReport) -> i32 {
         if r.promoted_to_full {
             println!("  (no earlier backup of this cluster: this incremental read every file)");
         }
-        if r.pages_patched > 0 {
+        if r.pages_patched + r.units_patched > 0 {
             println!(
-                "  pages      {} changed page(s) stored on their own (page-level incremental)",
-                r.pages_patched
+                "  pages      {} changed page(s) stored whole, {} as their changed 1 KiB units (page-level incremental)",
+                r.pages_patched, r.units_patched
             );
         }
         for d in &r.damaged_pages {

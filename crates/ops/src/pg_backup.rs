@@ -58,6 +58,8 @@ pub struct PgBackupReport {
     pub promoted_to_full: bool,
     /// Pages stored on their own (page-level incremental) instead of in whole blocks.
     pub pages_patched: u64,
+    /// Changed pages of which only the changed 1 KiB units were stored.
+    pub units_patched: u64,
     /// Blocks taken from the parent without reading them, because the server's WAL
     /// summaries (PostgreSQL 17+) say no page of them changed.
     pub blocks_skipped: u64,
@@ -150,7 +152,17 @@ pub fn backup_postgres(
         .filter(|_| block_size > PAGE_SIZE as u64 && block_size % PAGE_SIZE as u64 == 0)
         .map(|p| p.start_lsn);
     let pages_patched = AtomicU64::new(0);
+    let units_patched = AtomicU64::new(0);
     let blocks_skipped = AtomicU64::new(0);
+    // Unit hashes of relation files as restored, kept on this host for the next backup.
+    let units = cache_path.as_ref().filter(|_| block_size > 0).map(|p| {
+        let parent = run
+            .parent
+            .as_ref()
+            .map(|s| s.id)
+            .filter(|_| page_since.is_some());
+        cache::UnitStore::open(p, parent, &repo.keys.id_key)
+    });
     // PostgreSQL 17+: the server's WAL summaries say which blocks changed since the
     // parent started; an incremental then reads only those (and what they cannot vouch
     // for). Unavailable summaries only cost reading.
@@ -193,6 +205,9 @@ pub fn backup_postgres(
             };
             if entry.chunk_refs().all(|id| writer.has(id)) {
                 w.entry = entry;
+                if let Some(u) = &units {
+                    u.keep(&w.entry.path);
+                }
                 unchanged.fetch_add(1, Ordering::Relaxed);
                 opts.progress.add(w.entry.size);
                 return Ok(());
@@ -216,6 +231,10 @@ pub fn backup_postgres(
             .filter(|c| *c != FileChanges::ReadAll);
         let read = ReadFile {
             path: &w.source,
+            rel: &w.entry.path,
+            units: units
+                .as_ref()
+                .filter(|u| u.enabled() && datadir::is_main_fork(&w.entry.path)),
             first_page,
             check_pages,
             start_lsn,
@@ -229,6 +248,7 @@ pub fn backup_postgres(
                 w.entry.pages = r.pages;
                 w.entry.size = r.size;
                 pages_patched.fetch_add(r.pages_patched, Ordering::Relaxed);
+                units_patched.fetch_add(r.units_patched, Ordering::Relaxed);
                 blocks_skipped.fetch_add(r.blocks_skipped, Ordering::Relaxed);
                 let bad = r.damaged;
                 let mut d = damaged.lock().unwrap();
@@ -335,6 +355,9 @@ pub fn backup_postgres(
         ..Default::default()
     };
     let report = run.finish(opts, stats, &body, vec![])?;
+    if let Some(u) = units {
+        u.commit(report.snapshot);
+    }
     if let Some(p) = cache_path {
         save_cache(
             &p,
@@ -347,6 +370,7 @@ pub fn backup_postgres(
         damaged_pages: damaged,
         promoted_to_full,
         pages_patched: pages_patched.into_inner(),
+        units_patched: units_patched.into_inner(),
         blocks_skipped: blocks_skipped.into_inner(),
         wal_summaries: summaries.is_some(),
         via: "datadir",
@@ -470,6 +494,11 @@ struct PageMode<'p> {
 
 struct ReadFile<'a> {
     path: &'a Path,
+    /// The path in the snapshot.
+    rel: &'a str,
+    /// Unit hashes: the parent's are read from here, this file's written (relation
+    /// main forks).
+    units: Option<&'a cache::UnitStore>,
     /// Relation files: the number of the first page (checksums, page mode).
     first_page: Option<u32>,
     check_pages: bool,
@@ -485,6 +514,7 @@ struct FileRead {
     pages: Option<custos_sources::files::PagePatches>,
     size: u64,
     pages_patched: u64,
+    units_patched: u64,
     /// Blocks taken from the parent unread (WAL summaries).
     blocks_skipped: u64,
     /// (block, stored checksum, computed checksum) of damaged pages.
@@ -526,6 +556,13 @@ impl ReadFile<'_> {
             add: &add,
         };
         let mut builder = FileBuilder::new(pages.map(|m| m.parent), self.block_size);
+        let parent_units = self
+            .units
+            .filter(|_| pages.is_some())
+            .and_then(|u| u.load(self.rel));
+        if let Some(u) = self.units {
+            builder = builder.with_units(u.seed, parent_units.as_deref());
+        }
         let mut bad = vec![];
         let first_page = self.first_page.filter(|_| self.check_pages);
         let mut block = |builder: &mut FileBuilder, i: u32, offset: u64, chunk: Vec<u8>| {
@@ -611,13 +648,17 @@ impl ReadFile<'_> {
                 }
             }
         }
-        let pages_patched = builder.pages_patched;
-        let (chunks, pages) = builder.finish(offset, &sink)?;
+        let (pages_patched, units_patched) = (builder.pages_patched, builder.units_patched);
+        let (chunks, pages, unit_hashes) = builder.finish(offset, &sink)?;
+        if let (Some(store), Some(h)) = (self.units, unit_hashes) {
+            store.save(self.rel, &h);
+        }
         Ok(Some(FileRead {
             chunks,
             pages,
             size: offset,
             pages_patched,
+            units_patched,
             blocks_skipped,
             damaged: bad,
         }))

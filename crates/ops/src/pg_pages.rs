@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use custos_model::{ChunkId, Error, Result};
-use custos_sources::files::{Entry, PagePatches, Patch, PATCH_PAGE};
+use custos_sources::files::{Entry, PagePatches, Patch, PATCH_PAGE, PATCH_UNIT};
 
 /// What the parent backup recorded for a file.
 #[derive(Debug, Clone)]
@@ -40,6 +40,23 @@ impl ParentFile {
 /// Pages per patch chunk: as many as a default block, compressed together.
 const PATCH_PAGES: usize = 16;
 
+/// Units per unit-patch chunk: as many bytes as a page patch chunk.
+const PATCH_UNITS: usize = 128;
+
+/// Units per page.
+pub const UNITS: usize = PATCH_PAGE / PATCH_UNIT;
+
+/// A unit hash that stands for "not known": that page is stored whole when it changes.
+pub const UNKNOWN: u64 = 0;
+
+/// The hash of one unit, seeded with a repository secret; never [`UNKNOWN`].
+pub fn unit_hash(seed: u64, unit: &[u8]) -> u64 {
+    match xxhash_rust::xxh3::xxh3_64_with_seed(unit, seed) {
+        UNKNOWN => 1,
+        h => h,
+    }
+}
+
 /// Where the builder puts chunks: `hash` gives a chunk's id, `has` whether the repository
 /// already holds it, `add` queues a new one.
 pub struct Sink<'a> {
@@ -48,49 +65,136 @@ pub struct Sink<'a> {
     pub add: &'a (dyn Fn(ChunkId, Vec<u8>) -> Result<()> + Sync),
 }
 
+/// Patches of one granularity (pages or units): the parent's, carried over with the slots
+/// superseded here set to UNUSED, and this backup's, packed into chunks as they come.
+#[derive(Default)]
+struct Slots {
+    carried: Vec<Patch>,
+    slot_of: HashMap<u32, (usize, usize)>,
+    pending: Vec<u8>,
+    pending_ids: Vec<u32>,
+    fresh: Vec<Patch>,
+}
+
+impl Slots {
+    fn carry(list: &[Patch]) -> Slots {
+        let mut s = Slots {
+            carried: list.to_vec(),
+            ..Default::default()
+        };
+        for (ci, p) in s.carried.iter().enumerate() {
+            for (slot, k) in p.pages.iter().enumerate() {
+                if *k != Patch::UNUSED {
+                    s.slot_of.insert(*k, (ci, slot));
+                }
+            }
+        }
+        s
+    }
+
+    fn drop(&mut self, k: u32) {
+        if let Some((ci, slot)) = self.slot_of.remove(&k) {
+            self.carried[ci].pages[slot] = Patch::UNUSED;
+        }
+    }
+
+    fn push(&mut self, k: u32, data: &[u8], per_chunk: usize, sink: &Sink) -> Result<()> {
+        self.drop(k);
+        self.pending.extend_from_slice(data);
+        self.pending_ids.push(k);
+        if self.pending_ids.len() == per_chunk {
+            self.flush(sink)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, sink: &Sink) -> Result<()> {
+        if self.pending_ids.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.pending);
+        let id = (sink.hash)(&data);
+        (sink.add)(id, data)?;
+        self.fresh.push(Patch {
+            chunk: id,
+            pages: std::mem::take(&mut self.pending_ids),
+        });
+        Ok(())
+    }
+
+    /// Every live patch, the parent's first, once slots at or beyond `limit` are dropped.
+    fn finish(mut self, limit: u64, sink: &Sink) -> Result<Vec<Patch>> {
+        self.flush(sink)?;
+        let beyond: Vec<u32> = self
+            .slot_of
+            .keys()
+            .copied()
+            .filter(|k| u64::from(*k) >= limit)
+            .collect();
+        for k in beyond {
+            self.drop(k);
+        }
+        let mut out: Vec<Patch> = self
+            .carried
+            .into_iter()
+            .filter(|p| p.pages.iter().any(|x| *x != Patch::UNUSED))
+            .collect();
+        out.extend(self.fresh);
+        Ok(out)
+    }
+}
+
 /// Builds one file's blocks and page patches, block by block in order.
+///
+/// With unit hashes (`with_units`), a changed page whose parent version's unit hashes are
+/// known stores only its changed 1 KiB units when at most half of them changed, and the
+/// builder gives the unit hashes of the file as it will be restored, for the next backup.
 pub struct FileBuilder<'p> {
     /// Page mode: the parent's record of the file. None: whole blocks only.
     parent: Option<&'p ParentFile>,
     block_size: u64,
     chunks: Vec<ChunkId>,
-    /// The parent's patches, with slots superseded here set to UNUSED.
-    carried: Vec<Patch>,
-    slot_of: HashMap<u32, (usize, usize)>,
+    pages: Slots,
+    units: Slots,
     blocks: BTreeMap<u32, ChunkId>,
-    pending: Vec<u8>,
-    pending_pages: Vec<u32>,
-    fresh: Vec<Patch>,
+    /// Unit hashes: the seed, the parent's (of the file as the parent restores it), and
+    /// this file's as it will be restored.
+    seed: u64,
+    parent_units: Option<&'p [u64]>,
+    units_out: Option<Vec<u64>>,
     /// Pages stored as patches by this backup.
     pub pages_patched: u64,
+    /// Pages of which this backup stored only the changed units.
+    pub units_patched: u64,
 }
 
 impl<'p> FileBuilder<'p> {
     pub fn new(parent: Option<&'p ParentFile>, block_size: u64) -> FileBuilder<'p> {
-        let mut b = FileBuilder {
+        let pp = parent.and_then(|p| p.pages.as_ref());
+        FileBuilder {
             parent,
             block_size,
             chunks: vec![],
-            carried: vec![],
-            slot_of: HashMap::new(),
-            blocks: BTreeMap::new(),
-            pending: vec![],
-            pending_pages: vec![],
-            fresh: vec![],
+            pages: pp.map(|p| Slots::carry(&p.patches)).unwrap_or_default(),
+            units: pp.map(|p| Slots::carry(&p.units)).unwrap_or_default(),
+            blocks: pp
+                .map(|p| p.blocks.iter().copied().collect())
+                .unwrap_or_default(),
+            seed: 0,
+            parent_units: None,
+            units_out: None,
             pages_patched: 0,
-        };
-        if let Some(pages) = parent.and_then(|p| p.pages.as_ref()) {
-            b.carried = pages.patches.clone();
-            for (ci, p) in b.carried.iter().enumerate() {
-                for (slot, page) in p.pages.iter().enumerate() {
-                    if *page != Patch::UNUSED {
-                        b.slot_of.insert(*page, (ci, slot));
-                    }
-                }
-            }
-            b.blocks = pages.blocks.iter().copied().collect();
+            units_patched: 0,
         }
-        b
+    }
+
+    /// Tracks unit hashes (seeded with `seed`); `parent` are the parent's for this file,
+    /// when known, eight per page.
+    pub fn with_units(mut self, seed: u64, parent: Option<&'p [u64]>) -> FileBuilder<'p> {
+        self.seed = seed;
+        self.parent_units = parent.filter(|_| self.parent.is_some());
+        self.units_out = Some(vec![]);
+        self
     }
 
     fn pages_per_block(&self) -> u32 {
@@ -107,18 +211,63 @@ impl<'p> FileBuilder<'p> {
             .flatten()
     }
 
-    fn drop_slot(&mut self, page: u32) {
-        if let Some((ci, slot)) = self.slot_of.remove(&page) {
-            self.carried[ci].pages[slot] = Patch::UNUSED;
+    fn drop_page(&mut self, page: u32) {
+        self.pages.drop(page);
+        for u in 0..UNITS as u32 {
+            self.units.drop(page * UNITS as u32 + u);
         }
     }
 
     fn drop_block(&mut self, i: u32) {
         let per = self.pages_per_block();
         for page in i * per..(i + 1) * per {
-            self.drop_slot(page);
+            self.drop_page(page);
         }
         self.blocks.remove(&i);
+    }
+
+    fn hashes(&self, page: &[u8]) -> [u64; UNITS] {
+        let mut h = [UNKNOWN; UNITS];
+        if page.len() == PATCH_PAGE {
+            for (k, u) in page.chunks(PATCH_UNIT).enumerate() {
+                h[k] = unit_hash(self.seed, u);
+            }
+        }
+        h
+    }
+
+    /// The parent's unit hashes of `page`, when all are known.
+    fn parent_hashes(&self, page: u32) -> Option<&'p [u64]> {
+        let at = page as usize * UNITS;
+        self.parent_units
+            .and_then(|u| u.get(at..at + UNITS))
+            .filter(|h| !h.contains(&UNKNOWN))
+    }
+
+    /// Records the unit hashes of pages stored as read.
+    fn track_read(&mut self, data: &[u8]) {
+        if self.units_out.is_none() {
+            return;
+        }
+        let hs: Vec<[u64; UNITS]> = data.chunks(PATCH_PAGE).map(|p| self.hashes(p)).collect();
+        let out = self.units_out.as_mut().expect("checked");
+        for h in hs {
+            out.extend_from_slice(&h);
+        }
+    }
+
+    /// Records the parent's unit hashes of `n` pages from `first` (taken as the parent
+    /// has them).
+    fn track_parent(&mut self, first: u32, n: u32) {
+        for page in first..first + n {
+            let h = self.parent_hashes(page);
+            if let Some(out) = self.units_out.as_mut() {
+                match h {
+                    Some(h) => out.extend_from_slice(h),
+                    None => out.extend_from_slice(&[UNKNOWN; UNITS]),
+                }
+            }
+        }
     }
 
     /// Block `i`, read now. `changed(k)` says whether its page `k` changed since the
@@ -134,6 +283,7 @@ impl<'p> FileBuilder<'p> {
         let base = self.parent_block(i, data.len());
         if (sink.has)(&id) || base.is_none() {
             // Known content, or no parent block to patch: the block itself.
+            self.track_read(&data);
             (sink.add)(id, data)?;
             self.chunks.push(id);
             self.drop_block(i);
@@ -141,37 +291,65 @@ impl<'p> FileBuilder<'p> {
         }
         let base = base.expect("checked");
         let per = self.pages_per_block();
-        let changed: Vec<usize> = data
-            .chunks(PATCH_PAGE)
-            .enumerate()
-            .filter(|(k, page)| changed(*k, page))
-            .map(|(k, _)| k)
-            .collect();
-        if changed.is_empty() {
+        // Each changed page: its changed units when few and known, else the whole page.
+        let mut plan: Vec<(usize, [u64; UNITS], Option<Vec<usize>>)> = vec![];
+        for (k, page) in data.chunks(PATCH_PAGE).enumerate() {
+            if !changed(k, page) {
+                continue;
+            }
+            let h = self.hashes(page);
+            let units = self.parent_hashes(i * per + k as u32).and_then(|old| {
+                let diff: Vec<usize> = (0..UNITS).filter(|u| h[*u] != old[*u]).collect();
+                (diff.len() * 2 <= UNITS).then_some(diff)
+            });
+            plan.push((k, h, units));
+        }
+        let n_pages = (data.len() / PATCH_PAGE) as u32;
+        if plan.is_empty() {
             // As the parent has it (its patches for the block included).
             self.chunks.push(base);
+            self.track_parent(i * per, n_pages);
             return Ok(());
         }
+        let whole = plan.iter().filter(|p| p.2.is_none()).count();
         let live = (i * per..(i + 1) * per)
-            .filter(|p| self.slot_of.contains_key(p))
-            .filter(|p| !changed.contains(&((p - i * per) as usize)))
+            .filter(|p| self.pages.slot_of.contains_key(p))
+            .filter(|p| !plan.iter().any(|x| x.0 == (p - i * per) as usize))
             .count();
-        if (changed.len() + live) * 4 >= per as usize * 3 {
+        if (whole + live) * 4 >= per as usize * 3 {
+            self.track_read(&data);
             (sink.add)(id, data)?;
             self.chunks.push(id);
             self.drop_block(i);
             return Ok(());
         }
         self.chunks.push(base);
-        for k in changed {
+        let mut next = 0;
+        for k in 0..n_pages as usize {
             let page = i * per + k as u32;
-            self.drop_slot(page);
-            self.pending
-                .extend_from_slice(&data[k * PATCH_PAGE..(k + 1) * PATCH_PAGE]);
-            self.pending_pages.push(page);
-            self.pages_patched += 1;
-            if self.pending_pages.len() == PATCH_PAGES {
-                self.flush(sink)?;
+            let Some((_, h, units)) = plan.get(next).filter(|p| p.0 == k) else {
+                self.track_parent(page, 1);
+                continue;
+            };
+            next += 1;
+            let bytes = &data[k * PATCH_PAGE..(k + 1) * PATCH_PAGE];
+            match units {
+                None => {
+                    self.drop_page(page);
+                    self.pages.push(page, bytes, PATCH_PAGES, sink)?;
+                    self.pages_patched += 1;
+                }
+                Some(units) => {
+                    for u in units {
+                        let unit = page * UNITS as u32 + *u as u32;
+                        let b = &bytes[u * PATCH_UNIT..(u + 1) * PATCH_UNIT];
+                        self.units.push(unit, b, PATCH_UNITS, sink)?;
+                    }
+                    self.units_patched += 1;
+                }
+            }
+            if let Some(out) = self.units_out.as_mut() {
+                out.extend_from_slice(h);
             }
         }
         self.blocks.insert(i, id);
@@ -186,60 +364,39 @@ impl<'p> FileBuilder<'p> {
             Error::internal(format!("block {i} carried from a parent that lacks it"))
         })?;
         self.chunks.push(id);
+        let per = self.pages_per_block();
+        self.track_parent(i * per, per);
         Ok(())
     }
 
-    fn flush(&mut self, sink: &Sink) -> Result<()> {
-        if self.pending_pages.is_empty() {
-            return Ok(());
-        }
-        let data = std::mem::take(&mut self.pending);
-        let id = (sink.hash)(&data);
-        (sink.add)(id, data)?;
-        self.fresh.push(Patch {
-            chunk: id,
-            pages: std::mem::take(&mut self.pending_pages),
-        });
-        Ok(())
-    }
-
-    /// The file's blocks and patches once every block up to `size` was given.
-    pub fn finish(mut self, size: u64, sink: &Sink) -> Result<(Vec<ChunkId>, Option<PagePatches>)> {
-        self.flush(sink)?;
+    /// The file's blocks and patches once every block up to `size` was given, and its unit
+    /// hashes when tracked.
+    #[allow(clippy::type_complexity)]
+    pub fn finish(
+        mut self,
+        size: u64,
+        sink: &Sink,
+    ) -> Result<(Vec<ChunkId>, Option<PagePatches>, Option<Vec<u64>>)> {
         let pages = size.div_ceil(PATCH_PAGE as u64);
-        let beyond: Vec<u32> = self
-            .slot_of
-            .keys()
-            .copied()
-            .filter(|p| u64::from(*p) >= pages)
-            .collect();
-        for p in beyond {
-            self.drop_slot(p);
-        }
+        let patches = self.pages.finish(pages, sink)?;
+        let units = self.units.finish(pages * UNITS as u64, sink)?;
         let blocks = self.chunks.len() as u32;
         self.blocks.retain(|b, _| *b < blocks);
-        let mut patches: Vec<Patch> = self
-            .carried
-            .into_iter()
-            .filter(|p| p.pages.iter().any(|x| *x != Patch::UNUSED))
-            .collect();
-        patches.extend(self.fresh);
-        if patches.is_empty() {
-            return Ok((self.chunks, None));
+        if let Some(out) = self.units_out.as_mut() {
+            out.truncate(pages as usize * UNITS);
         }
-        Ok((
-            self.chunks,
-            Some(PagePatches {
-                patches,
-                blocks: self.blocks.into_iter().collect(),
-            }),
-        ))
+        let pp = (!patches.is_empty() || !units.is_empty()).then(|| PagePatches {
+            patches,
+            units,
+            blocks: self.blocks.into_iter().collect(),
+        });
+        Ok((self.chunks, pp, self.units_out))
     }
 }
 
 /// One write of a restore: bytes `src..src+len` of a chunk to offset `dst` of the file,
-/// which lies in the file's block `block`. Patch pieces (`patch`) are written after every
-/// block piece, over them.
+/// which lies in the file's block `block`. Pieces are written in passes: blocks (0), then
+/// page patches (1) over them, then unit patches (2) over those.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     pub chunk: ChunkId,
@@ -247,11 +404,20 @@ pub struct Piece {
     pub dst: u64,
     pub len: u64,
     pub block: usize,
-    pub patch: bool,
+    pub pass: u8,
 }
 
-/// How to lay a file down: its blocks whole, then its patch pages over them (so each block
-/// is one write, and each block piece may go in any order, as may each patch piece).
+impl Piece {
+    pub fn is_patch(&self) -> bool {
+        self.pass > 0
+    }
+}
+
+/// The passes of [`pieces`].
+pub const PASSES: usize = 3;
+
+/// How to lay a file down: its blocks whole, then its patch pages over them, then its unit
+/// patches (so each block is one write, and the pieces of one pass may go in any order).
 /// `chunk_len` gives a chunk's plain length (from the index).
 pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<Vec<Piece>> {
     let len_of = |id: &ChunkId| {
@@ -275,7 +441,7 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
             dst: off,
             len,
             block: k,
-            patch: false,
+            pass: 0,
         });
         off += len;
     }
@@ -285,30 +451,34 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
     pages
         .check(e.size)
         .map_err(|m| Error::integrity(format!("{}: {m}", e.path)))?;
-    let page = PATCH_PAGE as u64;
     let block_of = |dst: u64| starts.partition_point(|s| *s <= dst).saturating_sub(1);
-    for p in &pages.patches {
-        let n = len_of(&p.chunk)?;
-        if n != p.pages.len() as u64 * page {
-            return Err(Error::integrity(format!(
-                "{}: a page patch of {} pages holds {n} bytes",
-                e.path,
-                p.pages.len()
-            )));
-        }
-        for (slot, pg) in p.pages.iter().enumerate() {
-            if *pg == Patch::UNUSED {
-                continue;
+    for (list, unit, pass, what) in [
+        (&pages.patches, PATCH_PAGE as u64, 1, "page"),
+        (&pages.units, PATCH_UNIT as u64, 2, "unit"),
+    ] {
+        for p in list {
+            let n = len_of(&p.chunk)?;
+            if n != p.pages.len() as u64 * unit {
+                return Err(Error::integrity(format!(
+                    "{}: a {what} patch of {} {what}s holds {n} bytes",
+                    e.path,
+                    p.pages.len()
+                )));
             }
-            let dst = u64::from(*pg) * page;
-            out.push(Piece {
-                chunk: p.chunk,
-                src: slot as u64 * page,
-                dst,
-                len: page.min(e.size - dst),
-                block: block_of(dst),
-                patch: true,
-            });
+            for (slot, k) in p.pages.iter().enumerate() {
+                if *k == Patch::UNUSED {
+                    continue;
+                }
+                let dst = u64::from(*k) * unit;
+                out.push(Piece {
+                    chunk: p.chunk,
+                    src: slot as u64 * unit,
+                    dst,
+                    len: unit.min(e.size - dst),
+                    block: block_of(dst),
+                    pass,
+                });
+            }
         }
     }
     Ok(out)
@@ -329,12 +499,13 @@ mod tests {
         ChunkId(custos_model::Id::of_bytes(data))
     }
 
+    /// A backup of `data`: the file's record, its unit hashes, and (pages, units) patched.
     fn build(
         store: &Store,
-        parent: Option<&ParentFile>,
+        parent: Option<(&ParentFile, Option<&[u64]>)>,
         data: &[u8],
         changed_pages: &std::collections::HashSet<u32>,
-    ) -> (ParentFile, u64) {
+    ) -> (ParentFile, Vec<u64>, (u64, u64)) {
         let hash = |d: &[u8]| id_of(d);
         let has = |id: &ChunkId| store.chunks.lock().unwrap().contains_key(id);
         let add = |id: ChunkId, d: Vec<u8>| -> Result<()> {
@@ -346,7 +517,8 @@ mod tests {
             has: &has,
             add: &add,
         };
-        let mut b = FileBuilder::new(parent, B);
+        let mut b =
+            FileBuilder::new(parent.map(|p| p.0), B).with_units(7, parent.and_then(|p| p.1));
         for (i, block) in data.chunks(B as usize).enumerate() {
             let i = i as u32;
             b.block(
@@ -357,8 +529,10 @@ mod tests {
             )
             .unwrap();
         }
-        let patched = b.pages_patched;
-        let (chunks, pages) = b.finish(data.len() as u64, &sink).unwrap();
+        let patched = (b.pages_patched, b.units_patched);
+        let (chunks, pages, units) = b.finish(data.len() as u64, &sink).unwrap();
+        let units = units.unwrap();
+        assert_eq!(units.len(), data.len() / PATCH_PAGE * UNITS);
         (
             ParentFile {
                 size: data.len() as u64,
@@ -366,6 +540,7 @@ mod tests {
                 chunks,
                 pages,
             },
+            units,
             patched,
         )
     }
@@ -391,15 +566,16 @@ mod tests {
         let ps = pieces(&e, |id| chunks.get(id).map(|c| c.len() as u64)).unwrap();
         let mut out = vec![0xEEu8; f.size as usize];
         let mut written = vec![0u8; f.size as usize];
-        // Blocks first, then patches, as a restore writes them; each in any order.
-        for patch in [false, true] {
-            for p in ps.iter().filter(|p| p.patch == patch) {
+        // Blocks, then page patches, then unit patches, as a restore writes them; the
+        // pieces of one pass in reverse order (any order must do).
+        for pass in 0..PASSES as u8 {
+            for p in ps.iter().rev().filter(|p| p.pass == pass) {
                 let src = &chunks[&p.chunk][p.src as usize..(p.src + p.len) as usize];
                 let dst = p.dst as usize..(p.dst + p.len) as usize;
                 out[dst.clone()].copy_from_slice(src);
                 for w in &mut written[dst] {
-                    assert!(*w < 1 + patch as u8, "a byte written twice in one pass");
-                    *w += 1;
+                    assert!(*w <= pass, "a byte written twice in one pass");
+                    *w = pass + 1;
                 }
             }
         }
@@ -422,11 +598,11 @@ mod tests {
             rng
         };
         let mut data: Vec<u8> = (0..40 * PATCH_PAGE).map(|i| (i / 97) as u8).collect();
-        let (mut parent, _) = build(&store, None, &data, &Default::default());
+        let (mut parent, mut units, _) = build(&store, None, &data, &Default::default());
         assert!(parent.pages.is_none());
         assert_eq!(restore(&store, &parent), data);
-        let mut patched_total = 0;
-        for round in 0..12 {
+        let (mut pages_total, mut units_total) = (0, 0);
+        for round in 0..16 {
             let pages = data.len() / PATCH_PAGE;
             let mut changed = std::collections::HashSet::new();
             let n = if round == 6 {
@@ -437,8 +613,27 @@ mod tests {
             for _ in 0..n {
                 let p = (next() as usize % pages) as u32;
                 changed.insert(p);
-                let at = p as usize * PATCH_PAGE + next() as usize % PATCH_PAGE;
-                data[at] = data[at].wrapping_add(1 + round as u8);
+                // A few bytes (unit patches), or most of the page (a page patch).
+                let spots = if next() % 3 == 0 {
+                    7
+                } else {
+                    1 + next() as usize % 2
+                };
+                for _ in 0..spots {
+                    let u = if spots == 7 {
+                        next() as usize % UNITS
+                    } else {
+                        0
+                    };
+                    let at =
+                        p as usize * PATCH_PAGE + u * PATCH_UNIT + next() as usize % PATCH_UNIT;
+                    data[at] = data[at].wrapping_add(1 + round as u8);
+                }
+                if spots == 7 {
+                    for u in 0..UNITS {
+                        data[p as usize * PATCH_PAGE + u * PATCH_UNIT] ^= 0x40;
+                    }
+                }
             }
             if round == 4 {
                 // Grows by 20 pages, all new.
@@ -450,13 +645,63 @@ mod tests {
             if round == 8 {
                 data.truncate(data.len() - 9 * PATCH_PAGE);
             }
-            let (next_parent, patched) = build(&store, Some(&parent), &data, &changed);
-            patched_total += patched;
+            // Round 10 has lost the unit hashes (a new backup host): whole pages.
+            let known = (round != 10).then_some(units.as_slice());
+            let (next_parent, next_units, patched) =
+                build(&store, Some((&parent, known)), &data, &changed);
+            if round == 10 {
+                assert_eq!(patched.1, 0, "unit patches without the parent's hashes");
+            }
+            pages_total += patched.0;
+            units_total += patched.1;
             assert_eq!(restore(&store, &next_parent), data, "round {round}");
+            // The hashes describe the file as restored.
+            let fresh: Vec<u64> = data.chunks(PATCH_UNIT).map(|u| unit_hash(7, u)).collect();
+            assert!(next_units
+                .iter()
+                .zip(&fresh)
+                .all(|(a, b)| *a == UNKNOWN || a == b));
             parent = next_parent;
+            units = next_units;
         }
-        assert!(patched_total > 0, "page mode was used");
-        assert!(parent.pages.is_some());
+        assert!(
+            pages_total > 0 && units_total > 0,
+            "{pages_total} {units_total}"
+        );
+        assert!(parent.pages.is_some_and(|p| !p.units.is_empty()));
+    }
+
+    /// One page changed again and again: unit patches over a page patch, a page patch over
+    /// unit patches, a unit patched twice; each backup restores exactly.
+    #[test]
+    fn unit_and_page_patches_of_one_page_supersede_each_other() {
+        let store = Store {
+            chunks: Mutex::new(HashMap::new()),
+        };
+        let mut data: Vec<u8> = (0..32 * PATCH_PAGE).map(|i| (i / 29) as u8).collect();
+        let (mut parent, mut units, _) = build(&store, None, &data, &Default::default());
+        let page = 3usize;
+        let changed: std::collections::HashSet<u32> = [page as u32].into();
+        // (units touched, expected (pages, units) patched)
+        let steps: [(&[usize], (u64, u64)); 6] = [
+            (&[2], (0, 1)),
+            (&[0, 1, 2, 3, 4, 5, 6], (1, 0)),
+            (&[2], (0, 1)),
+            (&[2], (0, 1)),
+            (&[0, 5], (0, 1)),
+            (&[0, 1, 2, 3, 4, 5, 6, 7], (1, 0)),
+        ];
+        for (n, (touch, want)) in steps.iter().enumerate() {
+            for u in *touch {
+                data[page * PATCH_PAGE + u * PATCH_UNIT + 17 * n] ^= 0x5A;
+            }
+            let (child, child_units, patched) =
+                build(&store, Some((&parent, Some(&units))), &data, &changed);
+            assert_eq!(patched, *want, "step {n}");
+            assert_eq!(restore(&store, &child), data, "step {n}");
+            parent = child;
+            units = child_units;
+        }
     }
 
     #[test]
@@ -465,7 +710,7 @@ mod tests {
             chunks: Mutex::new(HashMap::new()),
         };
         let mut data: Vec<u8> = (0..32 * PATCH_PAGE).map(|i| (i / 13) as u8).collect();
-        let (parent, _) = build(&store, None, &data, &Default::default());
+        let (parent, _, _) = build(&store, None, &data, &Default::default());
         let mut changed = std::collections::HashSet::new();
         for p in 0..12 {
             changed.insert(p);
@@ -473,8 +718,8 @@ mod tests {
         }
         changed.insert(20);
         data[20 * PATCH_PAGE] ^= 0xFF;
-        let (child, patched) = build(&store, Some(&parent), &data, &changed);
-        assert_eq!(patched, 1, "block 0 rebased, one page of block 1 patched");
+        let (child, _, patched) = build(&store, Some((&parent, None)), &data, &changed);
+        assert_eq!(patched.0, 1, "block 0 rebased, one page of block 1 patched");
         assert_ne!(child.chunks[0], parent.chunks[0]);
         assert_eq!(child.chunks[1], parent.chunks[1]);
         assert_eq!(restore(&store, &child), data);
@@ -491,6 +736,7 @@ mod tests {
                     chunk: id,
                     pages: vec![1, 1],
                 }],
+                units: vec![],
                 blocks: vec![],
             }),
         );

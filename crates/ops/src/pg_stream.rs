@@ -290,6 +290,7 @@ pub(crate) fn backup_streamed(
         damaged_pages: damaged,
         promoted_to_full,
         pages_patched: 0,
+        units_patched: 0,
         blocks_skipped: 0,
         wal_summaries: false,
         via: "replication",

@@ -240,10 +240,11 @@ pub fn restore_files(
         None
     };
 
-    // Layout first: folders, then every file created at its final size. Two passes: blocks,
-    // then the page patches written over them.
-    let mut plans: [HashMap<PackId, PackPlan>; 2] = Default::default();
-    let mut chunk_slots: [HashMap<ChunkId, (PackId, usize)>; 2] = Default::default();
+    // Layout first: folders, then every file created at its final size. Three passes:
+    // blocks, the page patches written over them, the unit patches written over those.
+    let mut plans: [HashMap<PackId, PackPlan>; crate::pg_pages::PASSES] = Default::default();
+    let mut chunk_slots: [HashMap<ChunkId, (PackId, usize)>; crate::pg_pages::PASSES] =
+        Default::default();
     let mut patched_blocks: Vec<PatchedBlock> = vec![];
     let mut total = 0u64;
     let mut report = RestoreReport {
@@ -294,7 +295,7 @@ pub fn restore_files(
                     index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
                 })?;
                 let mut block_slot: HashMap<usize, usize> = HashMap::new();
-                for piece in pieces.iter().filter(|p| p.patch) {
+                for piece in pieces.iter().filter(|p| p.is_patch()) {
                     if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
                         continue;
                     }
@@ -316,7 +317,7 @@ pub fn restore_files(
                     }
                     let (meta, _) = index.get(&piece.chunk).expect("pieces checked the index");
                     planned[i] += 1;
-                    let pass = usize::from(piece.patch);
+                    let pass = usize::from(piece.pass);
                     let (plan, chunk_slot) = (&mut plans[pass], &mut chunk_slots[pass]);
                     let slot = chunk_slot.entry(piece.chunk).or_insert_with(|| {
                         let v = plan.entry(meta.id).or_default();
@@ -329,7 +330,7 @@ pub fn restore_files(
                         dst: piece.dst,
                         len: piece.len as usize,
                         patched: block_slot.get(&piece.block).copied(),
-                        patch: piece.patch,
+                        patch: piece.is_patch(),
                     });
                 }
                 total += e.size;

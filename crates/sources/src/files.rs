@@ -46,7 +46,7 @@ impl Entry {
         self.chunks.iter().chain(
             self.pages
                 .iter()
-                .flat_map(|p| p.patches.iter().map(|x| &x.chunk)),
+                .flat_map(|p| p.patches.iter().chain(&p.units).map(|x| &x.chunk)),
         )
     }
 }
@@ -54,11 +54,19 @@ impl Entry {
 /// The page size of the files that carry page patches (PostgreSQL's 8 KiB).
 pub const PATCH_PAGE: usize = 8192;
 
+/// The size of the pieces of a page that unit patches replace (eight to a page).
+pub const PATCH_UNIT: usize = 1024;
+
 /// Changed pages of a file stored on their own (format.md 6.3): the file's content is its
-/// blocks with these pages written over them. No page appears in two slots.
+/// blocks, with these pages written over them, then these units written over those. No
+/// page appears in two slots of `patches`, no unit in two slots of `units`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PagePatches {
     pub patches: Vec<Patch>,
+    /// Changed 1 KiB units of pages (slot `k` is unit `units[k]` of the file, bytes
+    /// `k*1024..` of the chunk), written after the page patches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<Patch>,
     /// For every block that patches touch: (block number, keyed hash of the block as
     /// restored), so a delta restore can tell an already-right block without fetching.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -67,6 +75,7 @@ pub struct PagePatches {
 
 /// A chunk of whole pages; slot `k` (bytes `k*8192..`) is page `pages[k]` of the file, or
 /// nowhere when `pages[k]` is [`Patch::UNUSED`] (a later backup stored that page again).
+/// In [`PagePatches::units`] the same with 1 KiB units instead of pages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Patch {
     pub chunk: ChunkId,
@@ -78,19 +87,25 @@ impl Patch {
 }
 
 impl PagePatches {
-    /// Checks that every slot names a page inside a file of `size` bytes, at most once.
+    /// Checks that every slot names a page (a unit) inside a file of `size` bytes, at most
+    /// once.
     pub fn check(&self, size: u64) -> std::result::Result<(), String> {
-        let pages = size.div_ceil(PATCH_PAGE as u64);
-        let mut seen = std::collections::HashSet::new();
-        for p in &self.patches {
-            for &page in p.pages.iter().filter(|p| **p != Patch::UNUSED) {
-                if u64::from(page) >= pages {
-                    return Err(format!(
-                        "page patch names page {page} of a {size}-byte file"
-                    ));
-                }
-                if !seen.insert(page) {
-                    return Err(format!("page {page} is patched twice"));
+        for (list, unit, what) in [
+            (&self.patches, PATCH_PAGE, "page"),
+            (&self.units, PATCH_UNIT, "unit"),
+        ] {
+            let n = size.div_ceil(unit as u64);
+            let mut seen = std::collections::HashSet::new();
+            for p in list {
+                for &k in p.pages.iter().filter(|p| **p != Patch::UNUSED) {
+                    if u64::from(k) >= n {
+                        return Err(format!(
+                            "{what} patch names {what} {k} of a {size}-byte file"
+                        ));
+                    }
+                    if !seen.insert(k) {
+                        return Err(format!("{what} {k} is patched twice"));
+                    }
                 }
             }
         }
