@@ -452,9 +452,17 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
         .check(e.size)
         .map_err(|m| Error::integrity(format!("{}: {m}", e.path)))?;
     let block_of = |dst: u64| starts.partition_point(|s| *s <= dst).saturating_sub(1);
-    for (list, unit, pass, what) in [
-        (&pages.patches, PATCH_PAGE as u64, 1, "page"),
-        (&pages.units, PATCH_UNIT as u64, 2, "unit"),
+    // Units of a page that also has a page patch go after it (pass 2); other units touch
+    // bytes no page patch does, so they go with the page patches (pass 1).
+    let paged: std::collections::HashSet<u32> = pages
+        .patches
+        .iter()
+        .flat_map(|p| p.pages.iter().copied())
+        .filter(|p| *p != Patch::UNUSED)
+        .collect();
+    for (list, unit, what) in [
+        (&pages.patches, PATCH_PAGE as u64, "page"),
+        (&pages.units, PATCH_UNIT as u64, "unit"),
     ] {
         for p in list {
             let n = len_of(&p.chunk)?;
@@ -470,14 +478,32 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
                     continue;
                 }
                 let dst = u64::from(*k) * unit;
-                out.push(Piece {
+                let pass = if unit == PATCH_PAGE as u64 || paged.contains(&(*k / UNITS as u32)) {
+                    1 + u8::from(unit != PATCH_PAGE as u64)
+                } else {
+                    1
+                };
+                let piece = Piece {
                     chunk: p.chunk,
                     src: slot as u64 * unit,
                     dst,
                     len: unit.min(e.size - dst),
                     block: block_of(dst),
                     pass,
-                });
+                };
+                // Neighbours in the chunk that are neighbours in the file: one write.
+                match out.last_mut() {
+                    Some(l)
+                        if l.chunk == piece.chunk
+                            && l.pass == piece.pass
+                            && l.block == piece.block
+                            && l.src + l.len == piece.src
+                            && l.dst + l.len == piece.dst =>
+                    {
+                        l.len += piece.len
+                    }
+                    _ => out.push(piece),
+                }
             }
         }
     }

@@ -163,6 +163,44 @@ struct PatchedBlock {
 /// Per pack: the chunks needed from it, each with the places its pieces go.
 type PackPlan = Vec<(ChunkId, Vec<Target>)>;
 
+/// When a piece is written. Files with patches go first, in slices of 256 MiB of their
+/// offsets; per slice their blocks, then the page patches over them, then the unit patches
+/// over those (`pg_pages::pieces` passes): a patched block goes to disk once its patches
+/// are written, so early slices' writeback overlaps later slices' work. The blocks of
+/// files without patches (which go to disk at once) come last.
+fn step(patched: bool, pass: u8, block_dst: u64) -> Option<usize> {
+    const SLICE: u64 = 256 << 20;
+    const PASSES: usize = crate::pg_pages::PASSES;
+    patched.then(|| (block_dst / SLICE) as usize * PASSES + usize::from(pass))
+}
+
+/// Splits each pack's plan into runs of blobs in pack order holding at most 8 MiB that
+/// is needed, so that a pass with few packs (the patches of one incremental) still keeps
+/// every thread busy.
+fn work_items(plan: HashMap<PackId, PackPlan>, index: &Index) -> Vec<(PackId, PackPlan)> {
+    const RUN: u64 = 8 << 20;
+    let mut out = vec![];
+    for (pack, mut blobs) in plan {
+        blobs.sort_by_key(|(id, _)| index.blobs[id].offset);
+        let mut run: PackPlan = vec![];
+        let mut size = 0u64;
+        for b in blobs {
+            size += u64::from(index.blobs[&b.0].length);
+            run.push(b);
+            if size >= RUN {
+                out.push((pack, std::mem::take(&mut run)));
+                size = 0;
+            }
+        }
+        if !run.is_empty() {
+            out.push((pack, run));
+        }
+    }
+    // The largest first, so that the last to finish are short.
+    out.sort_by_key(|(_, b)| std::cmp::Reverse(b.len()));
+    out
+}
+
 pub struct RestoreOptions<'a> {
     pub include: Vec<String>,
     /// Allow restoring into a non-empty folder (files present in the snapshot are replaced).
@@ -240,11 +278,13 @@ pub fn restore_files(
         None
     };
 
-    // Layout first: folders, then every file created at its final size. Three passes:
-    // blocks, the page patches written over them, the unit patches written over those.
-    let mut plans: [HashMap<PackId, PackPlan>; crate::pg_pages::PASSES] = Default::default();
-    let mut chunk_slots: [HashMap<ChunkId, (PackId, usize)>; crate::pg_pages::PASSES] =
-        Default::default();
+    // Layout first: folders, then every file created at its final size. Then the blocks of
+    // files with patches, the page patches written over them, the unit patches written over
+    // those, and last the blocks of every other file: patched blocks go to disk once their
+    // patches are written, and the other files' blocks (which go at once) overlap that.
+    // Per step (see `step`): the chunks needed from each pack and where their pieces go.
+    let mut plans: Vec<HashMap<PackId, PackPlan>> = vec![];
+    let mut chunk_slots: Vec<HashMap<ChunkId, (PackId, usize)>> = vec![];
     let mut patched_blocks: Vec<PatchedBlock> = vec![];
     let mut total = 0u64;
     let mut report = RestoreReport {
@@ -311,14 +351,20 @@ pub fn restore_files(
                     });
                     patched_blocks[*n].left.fetch_add(1, Ordering::Relaxed);
                 }
-                for piece in pieces {
+                for piece in &pieces {
                     if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
                         continue;
                     }
                     let (meta, _) = index.get(&piece.chunk).expect("pieces checked the index");
                     planned[i] += 1;
-                    let pass = usize::from(piece.pass);
-                    let (plan, chunk_slot) = (&mut plans[pass], &mut chunk_slots[pass]);
+                    // Index 0 holds the blocks of files without patches, written last.
+                    let at = step(e.pages.is_some(), piece.pass, pieces[piece.block].dst)
+                        .map_or(0, |s| s + 1);
+                    if plans.len() <= at {
+                        plans.resize_with(at + 1, Default::default);
+                        chunk_slots.resize_with(at + 1, Default::default);
+                    }
+                    let (plan, chunk_slot) = (&mut plans[at], &mut chunk_slots[at]);
                     let slot = chunk_slot.entry(piece.chunk).or_insert_with(|| {
                         let v = plan.entry(meta.id).or_default();
                         v.push((piece.chunk, vec![]));
@@ -348,11 +394,14 @@ pub fn restore_files(
         .map(|n| std::sync::atomic::AtomicUsize::new(*n))
         .collect();
     let mut packs_read = 0;
+    if !plans.is_empty() {
+        plans.rotate_left(1);
+    }
     for plan in plans {
-        let packs: Vec<(PackId, PackPlan)> = plan.into_iter().collect();
-        packs_read += packs.len() as u64;
+        packs_read += plan.len() as u64;
+        let work = work_items(plan, &index);
         custos_repo::repository::parallel_map(
-            &packs,
+            &work,
             repo.threads() * 3,
             |(pack_id, blobs)| -> Result<()> {
                 let meta = index.pack(pack_id).expect("planned from the index");
@@ -361,10 +410,14 @@ pub fn restore_files(
                     .iter()
                     .map(|(id, _)| u64::from(index.blobs[id].length))
                     .sum();
-                let whole = if needed * 2 > meta.size {
+                // Blobs are in pack order: one read of their span when they fill most of it.
+                let first = u64::from(index.blobs[&blobs[0].0].offset);
+                let last = index.blobs[&blobs[blobs.len() - 1].0];
+                let span = u64::from(last.offset) + u64::from(last.length) - first;
+                let whole = if needed * 2 > span {
                     Some(
                         repo.storage
-                            .get(&paths::pack(pack_id))
+                            .get_range(&paths::pack(pack_id), first, span)
                             .map_err(|e| missing(e, pack_id))?,
                     )
                 } else {
@@ -375,12 +428,15 @@ pub fn restore_files(
                     let loc = index.blobs[id];
                     let fetched;
                     let sealed: &[u8] = match &whole {
-                        Some(w) => w.get(loc.range()).ok_or_else(|| {
-                            Error::integrity(format!(
-                                "pack {} is shorter than indexed",
-                                pack_id.short()
-                            ))
-                        })?,
+                        Some(w) => {
+                            let at = (u64::from(loc.offset) - first) as usize;
+                            w.get(at..at + loc.length as usize).ok_or_else(|| {
+                                Error::integrity(format!(
+                                    "pack {} is shorter than indexed",
+                                    pack_id.short()
+                                ))
+                            })?
+                        }
                         None => {
                             fetched = repo
                                 .storage
