@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use custos_model::error::io_error;
 use custos_model::{ChunkId, Error, Kind, PackId, Result};
@@ -172,6 +173,65 @@ fn step(patched: bool, pass: u8, block_dst: u64) -> Option<usize> {
     const SLICE: u64 = 256 << 20;
     const PASSES: usize = crate::pg_pages::PASSES;
     patched.then(|| (block_dst / SLICE) as usize * PASSES + usize::from(pass))
+}
+
+/// Runs `f` on every item, `threads` at a time, taking items in order, but an item of step
+/// `s` only once every item of step `after(s)` is done. The first error stops the work and
+/// is returned.
+fn run_steps<T: Sync>(
+    items: &[(usize, T)],
+    steps: usize,
+    after: impl Fn(usize) -> Option<usize> + Sync,
+    threads: usize,
+    f: impl Fn(&T) -> Result<()> + Sync,
+) -> Result<()> {
+    struct State {
+        taken: Vec<bool>,
+        left: Vec<usize>,
+        error: Option<Error>,
+    }
+    let mut left = vec![0usize; steps];
+    for (s, _) in items {
+        left[*s] += 1;
+    }
+    let state = Mutex::new(State {
+        taken: vec![false; items.len()],
+        left,
+        error: None,
+    });
+    let wake = std::sync::Condvar::new();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1).min(items.len().max(1)) {
+            scope.spawn(|| loop {
+                let mut st = state.lock().unwrap();
+                let i = loop {
+                    if st.error.is_some() || st.taken.iter().all(|t| *t) {
+                        return;
+                    }
+                    let ready = (0..items.len()).find(|i| {
+                        !st.taken[*i] && after(items[*i].0).is_none_or(|d| st.left[d] == 0)
+                    });
+                    match ready {
+                        Some(i) => break i,
+                        None => st = wake.wait(st).unwrap(),
+                    }
+                };
+                st.taken[i] = true;
+                drop(st);
+                let r = f(&items[i].1);
+                let mut st = state.lock().unwrap();
+                st.left[items[i].0] -= 1;
+                if let Err(e) = r {
+                    st.error.get_or_insert(e);
+                }
+                wake.notify_all();
+            });
+        }
+    });
+    match state.into_inner().unwrap().error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Splits each pack's plan into runs of blobs in pack order holding at most 8 MiB that
@@ -397,11 +457,20 @@ pub fn restore_files(
     if !plans.is_empty() {
         plans.rotate_left(1);
     }
-    for plan in plans {
+    // Steps run without barriers: an item waits only for the step before it in its slice.
+    let steps = plans.len();
+    let after =
+        |s: usize| (s + 1 < steps && !s.is_multiple_of(crate::pg_pages::PASSES)).then(|| s - 1);
+    let mut work = vec![];
+    for (s, plan) in plans.into_iter().enumerate() {
         packs_read += plan.len() as u64;
-        let work = work_items(plan, &index);
-        custos_repo::repository::parallel_map(
+        work.extend(work_items(plan, &index).into_iter().map(|w| (s, w)));
+    }
+    {
+        run_steps(
             &work,
+            steps,
+            after,
             repo.threads() * 3,
             |(pack_id, blobs)| -> Result<()> {
                 let meta = index.pack(pack_id).expect("planned from the index");
