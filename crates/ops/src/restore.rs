@@ -757,3 +757,65 @@ pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Ent
     }
     crate::manifest::load(repo, index, &body.manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items of a step never start before every item of the step they wait for is done,
+    /// steps that wait for nothing run meanwhile, and an error stops the work.
+    #[test]
+    fn steps_wait_only_for_their_predecessor() {
+        // Steps 0 -> 1 -> 2 (one slice), 3 -> 4 -> 5 (another), 6 waits for nothing.
+        let after = |s: usize| (s < 6 && s % 3 != 0).then(|| s - 1);
+        let items: Vec<(usize, usize)> = (0..70).map(|i| (i % 7, i)).collect();
+        let mut sorted = items.clone();
+        sorted.sort();
+        let done: Mutex<Vec<(usize, std::time::Instant)>> = Mutex::new(vec![]);
+        let started: Mutex<Vec<(usize, std::time::Instant)>> = Mutex::new(vec![]);
+        run_steps(&sorted, 7, after, 4, |&i| {
+            let s = i % 7;
+            started.lock().unwrap().push((s, std::time::Instant::now()));
+            std::thread::sleep(std::time::Duration::from_millis(1 + (s as u64 % 3)));
+            done.lock().unwrap().push((s, std::time::Instant::now()));
+            Ok(())
+        })
+        .unwrap();
+        let (started, done) = (started.into_inner().unwrap(), done.into_inner().unwrap());
+        assert_eq!(started.len(), 70);
+        for (s, t) in &started {
+            if let Some(d) = after(*s) {
+                let last = done.iter().filter(|x| x.0 == d).map(|x| x.1).max().unwrap();
+                assert!(
+                    *t >= last,
+                    "an item of step {s} started before step {d} ended"
+                );
+            }
+        }
+        // Slice two started before slice one's last step ended: no barrier between them.
+        let first_of_3 = started
+            .iter()
+            .filter(|x| x.0 == 3)
+            .map(|x| x.1)
+            .min()
+            .unwrap();
+        let end_of_2 = done.iter().filter(|x| x.0 == 2).map(|x| x.1).max().unwrap();
+        assert!(first_of_3 < end_of_2);
+
+        let ran = std::sync::atomic::AtomicUsize::new(0);
+        let err = run_steps(&sorted, 7, after, 2, |&i| {
+            ran.fetch_add(1, Ordering::Relaxed);
+            if i == 1 {
+                Err(Error::integrity("bad chunk"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert!(err.message.contains("bad chunk"));
+        assert!(
+            ran.load(Ordering::Relaxed) < 70,
+            "the work went on after an error"
+        );
+    }
+}
