@@ -767,7 +767,7 @@ mod tests {
     #[test]
     fn steps_wait_only_for_their_predecessor() {
         // Steps 0 -> 1 -> 2 (one slice), 3 -> 4 -> 5 (another), 6 waits for nothing.
-        let after = |s: usize| (s < 6 && s % 3 != 0).then(|| s - 1);
+        let after = |s: usize| (s < 6 && !s.is_multiple_of(3)).then(|| s - 1);
         let items: Vec<(usize, usize)> = (0..70).map(|i| (i % 7, i)).collect();
         let mut sorted = items.clone();
         sorted.sort();
