@@ -19,23 +19,7 @@ const LEDGER_SCRIPT: &str = "INSERT INTO ledger (note) VALUES ('client ' || :cli
 
 fn pitr(bin: PathBuf, extra_conf: &str) {
     let (t, cbin, cfg) = pg_repo();
-    // Everything runs as the postgres user, as on a database host: backups with the
-    // backup-role key from the config, restores with the restore key from a password file.
-    let mut backup = t.with_password("unused");
-    backup.unset("CUSTOS_PASSWORD");
-    backup.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
-    backup.run_as = Some("postgres".into());
-    let mut restorer = t.with_password("unused");
-    restorer.unset("CUSTOS_PASSWORD");
-    restorer.set(
-        "CUSTOS_PASSWORD_FILE",
-        t.path("restore.pw").to_str().unwrap(),
-    );
-    restorer.run_as = Some("postgres".into());
-    // Restores go where the postgres user can write.
-    let out_dir = t.path("restores");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    give_to_postgres(&out_dir);
+    let (mut backup, restorer, out_dir) = pg_roles(&t, &cfg);
 
     let conf = format!(
         "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
@@ -171,34 +155,7 @@ fn pitr(bin: PathBuf, extra_conf: &str) {
     ];
     let mut ledgers = vec![];
     for (name, target, expect_snapshot) in &cases {
-        let dir = out_dir.join(name);
-        let port = free_port();
-        let r = restorer.json(&[
-            "restore",
-            "postgres",
-            "--to",
-            dir.to_str().unwrap(),
-            "--target-time",
-            target,
-            "--port",
-            &port.to_string(),
-            "--no-archiving",
-        ]);
-        assert_eq!(
-            r["snapshot"].as_str(),
-            Some(expect_snapshot.as_str()),
-            "{name}: wrong base backup"
-        );
-        // restore_command names the password file, never the password.
-        let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
-        assert!(auto.contains("restore.pw") && !auto.contains(PW), "{auto}");
-        let got = start_and_read(&bin, &dir, port, &pg.dir);
-        let want = committed_until(&pg, target);
-        assert!(!want.is_empty(), "{name}: no rows before the target");
-        assert_eq!(
-            got, want,
-            "{name}: restored ledger differs from the rows committed by {target}"
-        );
+        let got = restore_ledger_at(&restorer, &pg, &out_dir, name, target, expect_snapshot);
         ledgers.push(got);
     }
     assert!(ledgers.windows(2).all(|w| w[0].len() < w[1].len()));

@@ -12,26 +12,13 @@ use common::*;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use custos_testkit::{free_port, give_to_postgres, pg15_bin, pg18_bin, PgCluster};
+use custos_testkit::{give_to_postgres, pg15_bin, pg18_bin, PgCluster};
 
 const SECRET: &str = "s3cret-Replication-pw";
 
 fn replication(bin: PathBuf, pg_bin_flag: bool) {
     let (t, cbin, cfg) = pg_repo();
-    let mut backup = t.with_password("unused");
-    backup.unset("CUSTOS_PASSWORD");
-    backup.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
-    backup.run_as = Some("postgres".into());
-    let mut restorer = t.with_password("unused");
-    restorer.unset("CUSTOS_PASSWORD");
-    restorer.set(
-        "CUSTOS_PASSWORD_FILE",
-        t.path("restore.pw").to_str().unwrap(),
-    );
-    restorer.run_as = Some("postgres".into());
-    let out_dir = t.path("restores");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    give_to_postgres(&out_dir);
+    let (mut backup, restorer, out_dir) = pg_roles(&t, &cfg);
 
     let conf = format!(
         "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
@@ -156,24 +143,7 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
         ("between", &t_between, &full_id),
         ("after-incremental", &t_after, &incr_id),
     ] {
-        let dir = out_dir.join(name);
-        let port = free_port();
-        let r = restorer.json(&[
-            "restore",
-            "postgres",
-            "--to",
-            dir.to_str().unwrap(),
-            "--target-time",
-            target,
-            "--port",
-            &port.to_string(),
-            "--no-archiving",
-        ]);
-        assert_eq!(r["snapshot"].as_str(), Some(expect.as_str()), "{name}");
-        let got = start_and_read(&bin, &dir, port, &pg.dir);
-        let want = committed_until(&pg, target);
-        assert!(!want.is_empty(), "{name}: no rows before the target");
-        assert_eq!(got, want, "{name}: restored ledger differs");
+        restore_ledger_at(&restorer, &pg, &out_dir, name, target, expect);
     }
 
     // The password is in nothing custos printed, nor in its cache or repository files.

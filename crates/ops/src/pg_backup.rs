@@ -108,35 +108,15 @@ pub fn backup_postgres(
     let root_meta = std::fs::metadata(&pgdata)
         .map_err(|e| custos_model::error::io_error(Kind::Source, &pgdata, e))?;
 
-    let source = source_name(pg.cluster.as_deref(), info.system_id);
-    let mut run = Run::begin_with(repo, SourceKind::Postgres, &source, |s| {
-        s.pg.as_ref().is_some_and(|p| p.system_id == info.system_id)
-    })?;
-    let mut backup_type = pg.backup_type;
-    let promoted_to_full = backup_type == PgBackupType::Incremental && run.parent.is_none();
-    if promoted_to_full {
-        backup_type = PgBackupType::Full;
-    }
-    let cache_path = opts.cache_dir.as_ref().map(|d| {
-        cache::location(
-            d,
-            &repo.config.id,
-            &format!("postgres {}", info.system_id),
-            &repo.keys.id_key,
-        )
-    });
-    let parent_files = match (&run.parent, backup_type) {
-        (Some(parent), PgBackupType::Incremental) => {
-            parent_files(repo, run.writer.index(), parent, cache_path.as_deref())?
-        }
-        _ => None,
-    };
+    let Begun {
+        mut run,
+        backup_type,
+        promoted_to_full,
+        cache_path,
+        parents: parent_files,
+        parent_start_ns,
+    } = begin(repo, pg, opts, &info)?;
     let parent_pg = run.parent.as_ref().and_then(|p| p.summary.pg.clone());
-    // Files written at or after this time may have changed without their time changing.
-    let parent_start_ns = parent_pg
-        .as_ref()
-        .map(|p| p.start_time.timestamp_nanos_opt().unwrap_or(0) - 1_000_000_000)
-        .unwrap_or(i64::MIN);
 
     let label = format!("custos {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     let (start_lsn, timeline, start_time) = db.backup_start(&label, true)?;
@@ -406,6 +386,67 @@ pub(crate) fn save_cache<'e>(
         }
     }
     cache::save(path, &c);
+}
+
+/// What both ways of reading a cluster set up before reading.
+pub(crate) struct Begun<'a> {
+    /// The shared lock, the writer, and the parent: the newest backup of this cluster.
+    pub run: Run<'a>,
+    /// As asked, or full when there is no parent.
+    pub backup_type: PgBackupType,
+    pub promoted_to_full: bool,
+    /// The files cache of this cluster on this host.
+    pub cache_path: Option<PathBuf>,
+    /// An incremental's parent files (None: read everything).
+    pub parents: Option<ParentFiles>,
+    /// Files written at or after this time may have changed without their time changing.
+    pub parent_start_ns: i64,
+}
+
+pub(crate) fn begin<'a>(
+    repo: &'a Repository,
+    pg: &PgBackupOptions,
+    opts: &BackupOptions,
+    info: &ClusterInfo,
+) -> Result<Begun<'a>> {
+    let source = source_name(pg.cluster.as_deref(), info.system_id);
+    let run = Run::begin_with(repo, SourceKind::Postgres, &source, |s| {
+        s.pg.as_ref().is_some_and(|p| p.system_id == info.system_id)
+    })?;
+    let promoted_to_full = pg.backup_type == PgBackupType::Incremental && run.parent.is_none();
+    let backup_type = if promoted_to_full {
+        PgBackupType::Full
+    } else {
+        pg.backup_type
+    };
+    let cache_path = opts.cache_dir.as_ref().map(|d| {
+        cache::location(
+            d,
+            &repo.config.id,
+            &format!("postgres {}", info.system_id),
+            &repo.keys.id_key,
+        )
+    });
+    let parents = match (&run.parent, backup_type) {
+        (Some(parent), PgBackupType::Incremental) => {
+            parent_files(repo, run.writer.index(), parent, cache_path.as_deref())?
+        }
+        _ => None,
+    };
+    let parent_start_ns = run
+        .parent
+        .as_ref()
+        .and_then(|p| p.summary.pg.as_ref())
+        .map(|p| p.start_time.timestamp_nanos_opt().unwrap_or(0) - 1_000_000_000)
+        .unwrap_or(i64::MIN);
+    Ok(Begun {
+        run,
+        backup_type,
+        promoted_to_full,
+        cache_path,
+        parents,
+        parent_start_ns,
+    })
 }
 
 /// What every base backup requires of the server, however it is read.

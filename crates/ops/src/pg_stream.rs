@@ -23,17 +23,15 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use custos_model::{Error, Kind, Lsn, Result};
-use custos_repo::snapshot::{PgBackupType, PgInfo, RootMeta, SnapshotStats, SourceKind};
+use custos_repo::snapshot::{PgInfo, RootMeta, SnapshotStats};
 use custos_repo::{BlobKind, Repository, SnapshotBody};
 use custos_sources::files::{Entry, EntryKind, Fingerprint};
 use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
 use custos_sources::postgres::db::{ClusterInfo, Db};
 
-use crate::backup::{BackupOptions, Run};
-use crate::cache;
+use crate::backup::BackupOptions;
 use crate::pg_backup::{
-    parent_files, save_cache, segments, source_name, store_bytes, wait_archived, PgBackupOptions,
-    PgBackupReport,
+    begin, save_cache, segments, store_bytes, wait_archived, Begun, PgBackupOptions, PgBackupReport,
 };
 
 pub(crate) fn backup_streamed(
@@ -59,35 +57,14 @@ pub(crate) fn backup_streamed(
         info.server_version_num / 10000,
         pg.pg_bin.as_deref(),
     )?;
-    let source = source_name(pg.cluster.as_deref(), info.system_id);
-    let mut run = Run::begin_with(repo, SourceKind::Postgres, &source, |s| {
-        s.pg.as_ref().is_some_and(|p| p.system_id == info.system_id)
-    })?;
-    let mut backup_type = pg.backup_type;
-    let promoted_to_full = backup_type == PgBackupType::Incremental && run.parent.is_none();
-    if promoted_to_full {
-        backup_type = PgBackupType::Full;
-    }
-    let cache_path = opts.cache_dir.as_ref().map(|d| {
-        cache::location(
-            d,
-            &repo.config.id,
-            &format!("postgres {}", info.system_id),
-            &repo.keys.id_key,
-        )
-    });
-    let parents = match (&run.parent, backup_type) {
-        (Some(parent), PgBackupType::Incremental) => {
-            parent_files(repo, run.writer.index(), parent, cache_path.as_deref())?
-        }
-        _ => None,
-    };
-    let parent_start_ns = run
-        .parent
-        .as_ref()
-        .and_then(|p| p.summary.pg.as_ref())
-        .map(|p| p.start_time.timestamp_nanos_opt().unwrap_or(0) - 1_000_000_000)
-        .unwrap_or(i64::MIN);
+    let Begun {
+        mut run,
+        backup_type,
+        promoted_to_full,
+        cache_path,
+        parents,
+        parent_start_ns,
+    } = begin(repo, pg, opts, info)?;
 
     // The server's clock before the backup starts: at or before its true start, which is
     // what an incremental's "changed since" test needs.
@@ -496,34 +473,33 @@ struct Owners {
 
 impl Owners {
     fn user(&mut self, name: Option<&str>, id: u64) -> u32 {
-        let Some(name) = name.filter(|n| !n.is_empty()) else {
-            return id as u32;
-        };
-        *self.users.entry(name.into()).or_insert_with(|| {
-            let c = std::ffi::CString::new(name).unwrap_or_default();
-            // SAFETY: getpwnam returns null or a pointer valid until the next call.
-            let p = unsafe { libc::getpwnam(c.as_ptr()) };
-            if p.is_null() {
-                id as u32
-            } else {
-                unsafe { (*p).pw_uid }
-            }
+        // SAFETY: getpwnam returns null or a pointer valid until the next call.
+        Owners::local(&mut self.users, name, id, |c| unsafe {
+            let p = libc::getpwnam(c);
+            (!p.is_null()).then(|| (*p).pw_uid)
         })
     }
 
     fn group(&mut self, name: Option<&str>, id: u64) -> u32 {
+        // SAFETY: getgrnam returns null or a pointer valid until the next call.
+        Owners::local(&mut self.groups, name, id, |c| unsafe {
+            let g = libc::getgrnam(c);
+            (!g.is_null()).then(|| (*g).gr_gid)
+        })
+    }
+
+    fn local(
+        known: &mut HashMap<String, u32>,
+        name: Option<&str>,
+        id: u64,
+        lookup: impl Fn(*const libc::c_char) -> Option<u32>,
+    ) -> u32 {
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             return id as u32;
         };
-        *self.groups.entry(name.into()).or_insert_with(|| {
+        *known.entry(name.into()).or_insert_with(|| {
             let c = std::ffi::CString::new(name).unwrap_or_default();
-            // SAFETY: getgrnam returns null or a pointer valid until the next call.
-            let g = unsafe { libc::getgrnam(c.as_ptr()) };
-            if g.is_null() {
-                id as u32
-            } else {
-                unsafe { (*g).gr_gid }
-            }
+            lookup(c.as_ptr()).unwrap_or(id as u32)
         })
     }
 }

@@ -440,3 +440,66 @@ pub fn walkdir(p: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Everything as the postgres user, as on a database host: a backup runner with the
+/// backup-role key from the config, a restore runner with the restore key from a password
+/// file, and a folder the postgres user can restore into.
+pub fn pg_roles(t: &T, cfg: &Path) -> (T, T, PathBuf) {
+    let mut backup = t.with_password("unused");
+    backup.unset("CUSTOS_PASSWORD");
+    backup.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    backup.run_as = Some("postgres".into());
+    let mut restorer = t.with_password("unused");
+    restorer.unset("CUSTOS_PASSWORD");
+    restorer.set(
+        "CUSTOS_PASSWORD_FILE",
+        t.path("restore.pw").to_str().unwrap(),
+    );
+    restorer.run_as = Some("postgres".into());
+    let out_dir = t.path("restores");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    custos_testkit::give_to_postgres(&out_dir);
+    (backup, restorer, out_dir)
+}
+
+/// Restores the backup custos picks for `target` (a time) into `out/name`, checks it is
+/// `expect` and that restore_command names the password file, never the password; starts
+/// it and checks its ledger holds exactly the rows `pg` committed by `target`. Returns
+/// that ledger.
+pub fn restore_ledger_at(
+    restorer: &T,
+    pg: &custos_testkit::PgCluster,
+    out: &Path,
+    name: &str,
+    target: &str,
+    expect: &str,
+) -> String {
+    let dir = out.join(name);
+    let port = custos_testkit::free_port();
+    let r = restorer.json(&[
+        "restore",
+        "postgres",
+        "--to",
+        dir.to_str().unwrap(),
+        "--target-time",
+        target,
+        "--port",
+        &port.to_string(),
+        "--no-archiving",
+    ]);
+    assert_eq!(
+        r["snapshot"].as_str(),
+        Some(expect),
+        "{name}: wrong base backup"
+    );
+    let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("restore.pw") && !auto.contains(PW), "{auto}");
+    let got = start_and_read(&pg.bin, &dir, port, &pg.dir);
+    let want = committed_until(pg, target);
+    assert!(!want.is_empty(), "{name}: no rows before the target");
+    assert_eq!(
+        got, want,
+        "{name}: restored ledger differs from the rows committed by {target}"
+    );
+    got
+}
