@@ -250,7 +250,7 @@ pub fn backup_postgres(
     // segment the backup needs is in the repository, not merely handed to the archiver.
     let stop = db.backup_stop(false)?;
     // With --wal the snapshot carries that WAL itself: no need to wait for the archive.
-    if info.archive_mode != "off" && !pg.include_wal {
+    if waits_for_archive(&info, pg.include_wal) {
         let last = segments(timeline, start_lsn, stop.stop_lsn, info.segment_size)
             .pop()
             .expect("at least one segment");
@@ -449,6 +449,12 @@ pub(crate) fn begin<'a>(
     })
 }
 
+/// Whether the backup's last WAL segment must reach the repository before it is saved:
+/// without --wal, when the server (or, for a standby, its primary) archives.
+pub(crate) fn waits_for_archive(info: &ClusterInfo, include_wal: bool) -> bool {
+    !include_wal && (info.archive_mode != "off" || info.in_recovery)
+}
+
 /// What every base backup requires of the server, however it is read.
 fn check_cluster(info: &ClusterInfo, include_wal: bool) -> Result<()> {
     if info.server_version_num < 150000 {
@@ -460,19 +466,14 @@ fn check_cluster(info: &ClusterInfo, include_wal: bool) -> Result<()> {
             ),
         ));
     }
-    if info.in_recovery {
-        return Err(
-            Error::new(Kind::Source, "the server is a standby (in recovery)")
-                .hint("back up the primary; backups from a standby are not supported yet"),
-        );
-    }
     if info.block_size as usize != PAGE_SIZE {
         return Err(Error::new(
             Kind::Source,
             format!("block_size is {}; custos supports 8192", info.block_size),
         ));
     }
-    if info.archive_mode == "off" && !include_wal {
+    // A standby does not archive (unless archive_mode = always); its primary does.
+    if info.archive_mode == "off" && !include_wal && !info.in_recovery {
         return Err(Error::config(
             "archive_mode is off: the backup could not be recovered without the WAL written while it runs",
         )
@@ -758,7 +759,7 @@ pub(crate) fn wait_archived(
                     timeout.as_secs()
                 ),
             )
-            .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
+            .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout; a backup from a standby waits for the primary to finish that segment (set archive_timeout there, or pass --wal)"));
         }
         // The segment usually lands within a few hundred milliseconds (one archive_command
         // run): poll often at first, then back off to once a second.

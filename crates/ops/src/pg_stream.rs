@@ -31,7 +31,8 @@ use custos_sources::postgres::db::{ClusterInfo, Db};
 
 use crate::backup::BackupOptions;
 use crate::pg_backup::{
-    begin, save_cache, segments, store_bytes, wait_archived, Begun, PgBackupOptions, PgBackupReport,
+    begin, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
+    PgBackupOptions, PgBackupReport,
 };
 
 pub(crate) fn backup_streamed(
@@ -106,7 +107,7 @@ pub(crate) fn backup_streamed(
     });
     // The server waits for the archiver after the last data file; custos bounds that wait.
     let watchdog = Watchdog::start(child.id(), pg.archive_timeout);
-    let archive_wait = info.archive_mode != "off" && !pg.include_wal;
+    let archive_wait = waits_for_archive(info, pg.include_wal);
 
     opts.progress.start("backup", None);
     let stdout = child.stdout.take().expect("piped");
