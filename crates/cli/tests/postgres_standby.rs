@@ -72,6 +72,9 @@ fn backups_from_a_standby_restore_to_points_in_time() {
     backup.set("PGHOST", primary.dir.to_str().unwrap());
     backup.set("PGPORT", &port.to_string());
     backup.set("PGDATA", standby_data.to_str().unwrap());
+    // Archiving is checked on the primary; asked of the standby, pg check says so.
+    let err = backup.fails(&["pg", "check"], 2);
+    assert!(err.contains("standby") && err.contains("primary"), "{err}");
     primary.psql("INSERT INTO ledger (note) SELECT 'more ' || g FROM generate_series(1, 500) g");
     caught_up(&standby);
     // With --wal the backup carries the WAL it needs from the standby's pg_wal.

@@ -44,6 +44,12 @@ pub fn check(
     spool: Option<(&std::path::Path, &str)>,
 ) -> Result<PgCheckReport> {
     let db = Db::connect(conn)?;
+    if db.cluster_info()?.in_recovery {
+        return Err(custos_model::Error::config(
+            "the server is a standby: it does not archive WAL (its primary does), so its archiving cannot be checked here",
+        )
+        .hint("point `custos pg check` at the primary (PGHOST/PGPORT or --db-url); backups may still be taken from the standby"));
+    }
     let a = db.archiver()?;
     let mut problems = vec![];
     let (mut spool_waiting, spool_oldest_seconds, mut spool_last_error) = (0, 0, None);
