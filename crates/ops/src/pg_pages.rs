@@ -345,7 +345,7 @@ impl<'p> FileBuilder<'p> {
                         let b = &bytes[u * PATCH_UNIT..(u + 1) * PATCH_UNIT];
                         self.units.push(unit, b, PATCH_UNITS, sink)?;
                     }
-                    self.units_patched += 1;
+                    self.units_patched += u64::from(!units.is_empty());
                 }
             }
             if let Some(out) = self.units_out.as_mut() {
