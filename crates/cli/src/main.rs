@@ -276,6 +276,7 @@ enum BackupCommand {
     Files {
         #[arg(required = true)]
         paths: Vec<String>,
+        /// A tag for the snapshot (repeat for more)
         #[arg(long)]
         tag: Vec<String>,
         /// Record this time (RFC 3339) instead of now, e.g. when importing older backups
@@ -289,14 +290,16 @@ enum BackupCommand {
         /// Command whose output is backed up; it must exit 0 for the backup to count
         #[arg(long)]
         command: Option<String>,
+        /// A tag for the snapshot (repeat for more)
         #[arg(long)]
         tag: Vec<String>,
         /// Record this time (RFC 3339) instead of now
         #[arg(long, value_name = "TIME")]
         time: Option<String>,
     },
-    /// Base backup of a running PostgreSQL cluster (15 or later), read from its data
-    /// directory between pg_backup_start and pg_backup_stop
+    /// Base backup of a running PostgreSQL cluster (15 or later, primary or standby): its
+    /// data directory read between pg_backup_start and pg_backup_stop, or streamed by
+    /// pg_basebackup with --replication
     Postgres {
         /// full reads every file; incremental reads only files changed since the last
         /// backup of the cluster. Both are restorable on their own.
@@ -325,6 +328,7 @@ enum BackupCommand {
         /// server's version under /usr/lib/postgresql, else PATH]
         #[arg(long, value_name = "DIR")]
         pg_bin: Option<PathBuf>,
+        /// A tag for the snapshot (repeat for more)
         #[arg(long)]
         tag: Vec<String>,
     },
