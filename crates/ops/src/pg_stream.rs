@@ -126,7 +126,10 @@ pub(crate) fn backup_streamed(
         },
     );
     opts.progress.finish();
-    if read.is_err() {
+    // custos stopped reading (its own error, storage for one): that error is the story,
+    // not the signal that ends pg_basebackup.
+    let stopped_reading = read.is_err();
+    if stopped_reading {
         let _ = child.kill();
     }
     let status = child.wait();
@@ -143,6 +146,9 @@ pub(crate) fn backup_streamed(
         .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
     }
     let status = status.map_err(|e| Error::internal(e.to_string()))?;
+    if let (true, false, Err(e)) = (stopped_reading, timed_out, &read) {
+        return Err(e.clone());
+    }
     if !status.success() {
         let said: Vec<&String> = messages
             .iter()
