@@ -11,11 +11,8 @@ mod common;
 use common::*;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 
-use custos_testkit::{free_port, give_to_postgres, pg15_bin, pg18_bin, PgCluster};
-
-const LEDGER_SCRIPT: &str = "INSERT INTO ledger (note) VALUES ('client ' || :client_id);\n";
+use custos_testkit::{free_port, pg15_bin, pg18_bin, PgCluster};
 
 fn pitr(bin: PathBuf, extra_conf: &str) {
     let (t, cbin, cfg) = pg_repo();
@@ -31,40 +28,7 @@ fn pitr(bin: PathBuf, extra_conf: &str) {
     pg.start();
     backup.set("PGHOST", pg.dir.to_str().unwrap());
     backup.set("PGPORT", &pg.port.to_string());
-    pg.psql("CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)");
-    let init = pg
-        .client("pgbench")
-        .args(["-i", "-q", "-s", "3", "postgres"])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let script = t.path("ledger.sql");
-    std::fs::write(&script, LEDGER_SCRIPT).unwrap();
-    give_to_postgres(&script);
-    let mut load = pg
-        .client("pgbench")
-        .args([
-            "-n",
-            "-c",
-            "2",
-            "-R",
-            "150",
-            "-T",
-            "28",
-            "-b",
-            "tpcb-like@1",
-            "-f",
-        ])
-        .arg(format!("{}@1", script.display()))
-        .arg("postgres")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut load = start_ledger_load(&t, &pg, 3, 150, 28);
     let before_any = pg.psql("SELECT clock_timestamp()");
     sleep_ms(2500);
 

@@ -10,7 +10,6 @@ mod common;
 use common::*;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 
 use custos_testkit::{give_to_postgres, pg15_bin, pg18_bin, PgCluster};
 
@@ -62,40 +61,7 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
     assert!(t.json(&["snapshots"]).as_array().unwrap().is_empty());
     backup.set("PGPASSWORD", SECRET);
 
-    pg.psql("CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)");
-    let init = pg
-        .client("pgbench")
-        .args(["-i", "-q", "-s", "2", "postgres"])
-        .output()
-        .unwrap();
-    assert!(init.status.success());
-    let script = t.path("ledger.sql");
-    std::fs::write(
-        &script,
-        "INSERT INTO ledger (note) VALUES ('client ' || :client_id);\n",
-    )
-    .unwrap();
-    give_to_postgres(&script);
-    let mut load = pg
-        .client("pgbench")
-        .args([
-            "-n",
-            "-c",
-            "2",
-            "-R",
-            "120",
-            "-T",
-            "14",
-            "-b",
-            "tpcb-like@1",
-        ])
-        .arg("-f")
-        .arg(format!("{}@1", script.display()))
-        .arg("postgres")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut load = start_ledger_load(&t, &pg, 2, 120, 14);
     sleep_ms(1500);
 
     let mut printed = String::new();

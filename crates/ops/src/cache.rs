@@ -45,7 +45,7 @@ pub fn load(path: &Path) -> FilesCache {
 }
 
 pub fn save(path: &Path, cache: &FilesCache) {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let Some(dir) = path.parent() else { return };
     if std::fs::DirBuilder::new()
         .recursive(true)
@@ -60,16 +60,21 @@ pub fn save(path: &Path, cache: &FilesCache) {
         return;
     };
     let tmp = path.with_extension("tmp");
-    let ok = std::fs::OpenOptions::new()
+    if write_private(&tmp, &z).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, &z));
-    if ok.is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, data))
 }
 
 /// Unit hashes of relation files as the last backup restores them (`pg_pages`), one file
@@ -178,7 +183,6 @@ impl UnitStore {
 
     /// Records a file's unit hashes for the next backup.
     pub fn save(&self, path: &str, units: &[u64]) {
-        use std::os::unix::fs::OpenOptionsExt;
         let Some(new) = &self.new else { return };
         let mut b = Vec::with_capacity(units.len() * 8 + 32);
         for u in units {
@@ -186,13 +190,7 @@ impl UnitStore {
         }
         let mac = self.mac(path, &b);
         b.extend_from_slice(&mac);
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(new.join(self.name(path)))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, &b));
+        let _ = write_private(&new.join(self.name(path)), &b);
     }
 
     /// Keeps the parent's unit hashes of a file taken unchanged.

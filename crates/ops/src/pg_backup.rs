@@ -449,10 +449,16 @@ pub(crate) fn begin<'a>(
     })
 }
 
+/// Whether the server's WAL goes to an archive: archive_mode is on, or it is a standby,
+/// whose primary archives (a standby itself only with archive_mode = always).
+fn archived(info: &ClusterInfo) -> bool {
+    info.archive_mode != "off" || info.in_recovery
+}
+
 /// Whether the backup's last WAL segment must reach the repository before it is saved:
-/// without --wal, when the server (or, for a standby, its primary) archives.
+/// without --wal, whenever the WAL is archived.
 pub(crate) fn waits_for_archive(info: &ClusterInfo, include_wal: bool) -> bool {
-    !include_wal && (info.archive_mode != "off" || info.in_recovery)
+    !include_wal && archived(info)
 }
 
 /// What every base backup requires of the server, however it is read.
@@ -472,8 +478,7 @@ fn check_cluster(info: &ClusterInfo, include_wal: bool) -> Result<()> {
             format!("block_size is {}; custos supports 8192", info.block_size),
         ));
     }
-    // A standby does not archive (unless archive_mode = always); its primary does.
-    if info.archive_mode == "off" && !include_wal && !info.in_recovery {
+    if !include_wal && !archived(info) {
         return Err(Error::config(
             "archive_mode is off: the backup could not be recovered without the WAL written while it runs",
         )
@@ -484,7 +489,7 @@ fn check_cluster(info: &ClusterInfo, include_wal: bool) -> Result<()> {
 
 /// The parent's files: from the local cache when it describes the parent, else from the
 /// parent's manifest (restore role only). None: read everything (still deduplicated).
-pub(crate) fn parent_files(
+fn parent_files(
     repo: &Repository,
     index: &custos_repo::Index,
     parent: &custos_repo::Snapshot,

@@ -172,13 +172,12 @@ pub(crate) fn backup_streamed(
             "pg_basebackup's stream ended without a backup manifest: the backup is incomplete",
         )
     })?;
-    let label_text = read.label.clone().ok_or_else(|| {
+    let (start_lsn, timeline) = read.start.ok_or_else(|| {
         Error::new(
             Kind::Source,
             "pg_basebackup's stream has no backup_label: the backup is incomplete",
         )
     })?;
-    let (start_lsn, timeline) = parse_label(&label_text)?;
     let stop_lsn = parse_manifest_end(&manifest)?;
     if read.system_id != Some(info.system_id) {
         return Err(Error::new(
@@ -285,7 +284,8 @@ pub(crate) fn backup_streamed(
 struct StreamRead {
     entries: Vec<Entry>,
     root: RootMeta,
-    label: Option<String>,
+    /// Start LSN and timeline, from the backup label.
+    start: Option<(Lsn, u32)>,
     manifest: Option<String>,
     system_id: Option<u64>,
     /// (path, block, stored checksum, computed checksum) of pages failing their checksum.
@@ -315,7 +315,7 @@ fn read_stream(
             uid: 0,
             gid: 0,
         },
-        label: None,
+        start: None,
         manifest: None,
         system_id: None,
         damaged: vec![],
@@ -323,7 +323,6 @@ fn read_stream(
         bytes: 0,
     };
     let mut owners = Owners::default();
-    let mut start = Lsn(0);
     let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
     for item in archive.entries().map_err(broken)? {
         let mut item = item.map_err(broken)?;
@@ -378,9 +377,8 @@ fn read_stream(
             let mut text = String::new();
             item.read_to_string(&mut text).map_err(broken)?;
             entry.chunks = store_bytes(repo, writer, text.as_bytes())?;
-            // The label comes first: pages changed since its start LSN are not checked.
-            start = parse_label(&text)?.0;
-            out.label = Some(text);
+            // The label comes first in the stream.
+            out.start = Some(parse_label(&text)?);
             out.entries.push(entry);
             continue;
         }
@@ -426,10 +424,12 @@ fn read_stream(
         for chunk in repo.config.block_chunker.split(&mut item, Some(size), 0) {
             let chunk = chunk.map_err(broken)?;
             if let Some(first) = first_page {
+                // Pages changed since the start (WAL replay rewrites them) are not checked.
+                let since = out.start.map_or(Lsn(0), |s| s.0);
                 for (k, page) in chunk.chunks(PAGE_SIZE).enumerate() {
                     let blk = first + (offset / PAGE_SIZE as u64) as u32 + k as u32;
                     if let PageCheck::Damaged { stored, computed } =
-                        datadir::check_page(page, blk, start)
+                        datadir::check_page(page, blk, since)
                     {
                         out.damaged.push((path.clone(), blk, stored, computed));
                     }

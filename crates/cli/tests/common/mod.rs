@@ -503,3 +503,50 @@ pub fn restore_ledger_at(
     );
     got
 }
+
+/// The ledger table, pgbench's tables at `scale`, then a pgbench load of two clients at
+/// `rate` transactions a second for `secs` seconds: half tpcb-like, half ledger inserts
+/// (rows whose commit timestamps say what a restore to a time must hold).
+pub fn start_ledger_load(
+    t: &T,
+    pg: &custos_testkit::PgCluster,
+    scale: u32,
+    rate: u32,
+    secs: u32,
+) -> std::process::Child {
+    pg.psql("CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)");
+    let init = pg
+        .client("pgbench")
+        .args(["-i", "-q", "-s", &scale.to_string(), "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let script = t.path("ledger.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO ledger (note) VALUES ('client ' || :client_id);\n",
+    )
+    .unwrap();
+    custos_testkit::give_to_postgres(&script);
+    pg.client("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "2",
+            "-R",
+            &rate.to_string(),
+            "-T",
+            &secs.to_string(),
+        ])
+        .args(["-b", "tpcb-like@1", "-f"])
+        .arg(format!("{}@1", script.display()))
+        .arg("postgres")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
