@@ -125,6 +125,27 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
         );
     }
 
+    // Archiving broken: the server waits for it after the last file; custos stops the
+    // backup at --archive-timeout with one clear error and saves nothing.
+    let before = t.json(&["snapshots"]).as_array().unwrap().len();
+    let archive_command = pg.psql("SHOW archive_command");
+    pg.psql("ALTER SYSTEM SET archive_command = '/bin/false'");
+    pg.psql("SELECT pg_reload_conf()");
+    let mut a = args.clone();
+    a.extend(["--type", "incremental", "--archive-timeout", "3s"]);
+    let err = backup.fails(&a, 17);
+    assert!(
+        err.contains("did not finish the backup within 3 s"),
+        "{err}"
+    );
+    assert!(err.contains("archive_command"), "{err}");
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), before);
+    pg.psql(&format!(
+        "ALTER SYSTEM SET archive_command = '{}'",
+        archive_command.replace('\'', "''")
+    ));
+    pg.psql("SELECT pg_reload_conf()");
+
     // A page damaged on disk is reported (read again through the server to rule out a
     // page torn by a concurrent write), and the run fails visibly.
     pg.psql("CREATE TABLE victim (id int, v text); INSERT INTO victim SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g; CHECKPOINT");

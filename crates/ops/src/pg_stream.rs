@@ -105,7 +105,9 @@ pub(crate) fn backup_streamed(
         }
         last.into_iter().collect::<Vec<_>>()
     });
-    // The server waits for the archiver after the last data file; custos bounds that wait.
+    // The server waits for the archiver after the last data file, while pg_basebackup
+    // holds the end of that file in its output buffer: custos bounds how long the stream
+    // may go quiet once data flows.
     let watchdog = Watchdog::start(child.id(), pg.archive_timeout);
     let archive_wait = waits_for_archive(info, pg.include_wal);
 
@@ -139,7 +141,7 @@ pub(crate) fn backup_streamed(
         return Err(Error::new(
             Kind::Source,
             format!(
-                "the server did not finish the backup within {} s of sending its last file: it waits until the last WAL segment is archived; the backup is not saved",
+                "the server did not finish the backup within {} s: it sent nothing more, waiting until the last WAL segment is archived; the backup is not saved",
                 pg.archive_timeout.as_secs()
             ),
         )
@@ -303,7 +305,7 @@ fn read_stream(
     parent_start_ns: i64,
     check_pages: bool,
     opts: &BackupOptions,
-    mut files_sent: impl FnMut(),
+    alive: impl Fn(),
 ) -> Result<StreamRead> {
     let broken = |e: std::io::Error| {
         Error::new(Kind::Source, format!("reading pg_basebackup's stream: {e}"))
@@ -326,6 +328,7 @@ fn read_stream(
     let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
     for item in archive.entries().map_err(broken)? {
         let mut item = item.map_err(broken)?;
+        alive();
         let header = item.header();
         let raw = item.path().map_err(broken)?.to_string_lossy().into_owned();
         let path = raw
@@ -423,6 +426,7 @@ fn read_stream(
         let mut offset = 0u64;
         for chunk in repo.config.block_chunker.split(&mut item, Some(size), 0) {
             let chunk = chunk.map_err(broken)?;
+            alive();
             if let Some(first) = first_page {
                 // Pages changed since the start (WAL replay rewrites them) are not checked.
                 let since = out.start.map_or(Lsn(0), |s| s.0);
@@ -451,10 +455,6 @@ fn read_stream(
             )));
         }
         out.bytes += offset;
-        // The server sends pg_control last of the data files, then stops the backup.
-        if path == "global/pg_control" {
-            files_sent();
-        }
         out.entries.push(entry);
     }
     // Past the end-of-archive blocks pg_basebackup pads its output: read it all, or it
@@ -512,7 +512,8 @@ impl Owners {
 }
 
 /// Kills `pg_basebackup` when the server has not finished within the timeout of being
-/// armed (after the last data file, while it waits for the archiver).
+/// last armed (each piece of the stream arms it anew; quiet while the server waits for the
+/// archiver).
 struct Watchdog {
     armed: Arc<Mutex<Option<Instant>>>,
     fired: Arc<AtomicBool>,
