@@ -11,7 +11,6 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use custos_model::error::io_error;
 use custos_model::{ChunkId, Error, Kind, PackId, Result};
@@ -147,97 +146,57 @@ struct Target {
     src: usize,
     dst: u64,
     len: usize,
-    /// A block that page patches write over: its writeback waits for them.
-    patched: Option<usize>,
-    /// A page patch (second pass).
-    patch: bool,
-}
-
-/// A block that page patches write over: where it lies, and how many of its patch pieces
-/// are still to write (its writeback starts after the last).
-struct PatchedBlock {
-    dst: u64,
-    len: usize,
-    left: std::sync::atomic::AtomicUsize,
 }
 
 /// Per pack: the chunks needed from it, each with the places its pieces go.
 type PackPlan = Vec<(ChunkId, Vec<Target>)>;
 
-/// When a piece is written. Files with patches go first, in slices of 256 MiB of their
-/// offsets; per slice their blocks, then the page patches over them, then the unit patches
-/// over those (`pg_pages::pieces` passes): a patched block goes to disk once its patches
-/// are written, so early slices' writeback overlaps later slices' work. The blocks of
-/// files without patches (which go to disk at once) come last.
-fn step(patched: bool, pass: u8, block_dst: u64) -> Option<usize> {
-    const SLICE: u64 = 256 << 20;
-    const PASSES: usize = crate::pg_pages::PASSES;
-    patched.then(|| (block_dst / SLICE) as usize * PASSES + usize::from(pass))
+/// Bytes of a file with page patches laid down in memory at once: its blocks, the page
+/// patches over them, the unit patches over those, then written in one piece per run of
+/// blocks. (Written to the file pass by pass, the patches cost a write each: hundreds of
+/// thousands of 1 KiB writes, and every patched block written twice.)
+const SLICE: u64 = 8 << 20;
+
+/// A piece of a slice: bytes `src..src+len` of a chunk to offset `at` of the slice.
+struct SlicePiece {
+    chunk: ChunkId,
+    src: usize,
+    at: usize,
+    len: usize,
+    pass: u8,
 }
 
-/// Runs `f` on every item, `threads` at a time, taking items in order, but an item of step
-/// `s` only once every item of step `after(s)` is done. The first error stops the work and
-/// is returned.
-fn run_steps<T: Sync>(
-    items: &[(usize, T)],
-    steps: usize,
-    after: impl Fn(usize) -> Option<usize> + Sync,
-    threads: usize,
-    f: impl Fn(&T) -> Result<()> + Sync,
-) -> Result<()> {
-    struct State {
-        taken: Vec<bool>,
-        left: Vec<usize>,
-        error: Option<Error>,
-    }
-    let mut left = vec![0usize; steps];
-    for (s, _) in items {
-        left[*s] += 1;
-    }
-    let state = Mutex::new(State {
-        taken: vec![false; items.len()],
-        left,
-        error: None,
-    });
-    let wake = std::sync::Condvar::new();
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1).min(items.len().max(1)) {
-            scope.spawn(|| loop {
-                let mut st = state.lock().unwrap();
-                let i = loop {
-                    if st.error.is_some() || st.taken.iter().all(|t| *t) {
-                        return;
-                    }
-                    let ready = (0..items.len()).find(|i| {
-                        !st.taken[*i] && after(items[*i].0).is_none_or(|d| st.left[d] == 0)
-                    });
-                    match ready {
-                        Some(i) => break i,
-                        None => st = wake.wait(st).unwrap(),
-                    }
-                };
-                st.taken[i] = true;
-                drop(st);
-                let r = f(&items[i].1);
-                let mut st = state.lock().unwrap();
-                st.left[items[i].0] -= 1;
-                if let Err(e) = r {
-                    st.error.get_or_insert(e);
-                }
-                wake.notify_all();
-            });
+/// One slice of a file with page patches: offsets `dst..dst+len`.
+struct Slice {
+    file: usize,
+    dst: u64,
+    len: usize,
+    /// Sorted by pass: blocks, page patches, unit patches.
+    pieces: Vec<SlicePiece>,
+}
+
+enum Work {
+    /// Blobs of one pack (files without patches): each decoded once, written everywhere
+    /// it goes.
+    Pack(PackId, PackPlan),
+    Slice(Slice),
+}
+
+impl Work {
+    fn size(&self, index: &Index) -> u64 {
+        match self {
+            Work::Pack(_, blobs) => blobs
+                .iter()
+                .map(|(id, _)| u64::from(index.blobs[id].raw_length))
+                .sum(),
+            Work::Slice(s) => s.len as u64,
         }
-    });
-    match state.into_inner().unwrap().error {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }
 
 /// Splits each pack's plan into runs of blobs in pack order holding at most 8 MiB that
-/// is needed, so that a pass with few packs (the patches of one incremental) still keeps
-/// every thread busy.
-fn work_items(plan: HashMap<PackId, PackPlan>, index: &Index) -> Vec<(PackId, PackPlan)> {
+/// is needed, so that every thread has work to the end.
+fn pack_work(plan: HashMap<PackId, PackPlan>, index: &Index) -> Vec<Work> {
     const RUN: u64 = 8 << 20;
     let mut out = vec![];
     for (pack, mut blobs) in plan {
@@ -248,17 +207,266 @@ fn work_items(plan: HashMap<PackId, PackPlan>, index: &Index) -> Vec<(PackId, Pa
             size += u64::from(index.blobs[&b.0].length);
             run.push(b);
             if size >= RUN {
-                out.push((pack, std::mem::take(&mut run)));
+                out.push(Work::Pack(pack, std::mem::take(&mut run)));
                 size = 0;
             }
         }
         if !run.is_empty() {
-            out.push((pack, run));
+            out.push(Work::Pack(pack, run));
         }
     }
-    // The largest first, so that the last to finish are short.
-    out.sort_by_key(|(_, b)| std::cmp::Reverse(b.len()));
     out
+}
+
+/// Fetches the blobs `ids` (in pack order) of one pack, one read of their span when they
+/// fill most of it, else one read each, and hands each sealed blob to `f`.
+fn fetch_blobs(
+    repo: &Repository,
+    index: &Index,
+    pack_id: &PackId,
+    ids: &[&ChunkId],
+    mut f: impl FnMut(&[u8; 32], &ChunkId, &custos_repo::index::BlobLoc, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let meta = index.pack(pack_id).expect("planned from the index");
+    let dek = repo.pack_key(meta)?;
+    let needed: u64 = ids
+        .iter()
+        .map(|id| u64::from(index.blobs[*id].length))
+        .sum();
+    let first = u64::from(index.blobs[ids[0]].offset);
+    let last = index.blobs[ids[ids.len() - 1]];
+    let span = u64::from(last.offset) + u64::from(last.length) - first;
+    let whole = if needed * 2 > span {
+        Some(
+            repo.storage
+                .get_range(&paths::pack(pack_id), first, span)
+                .map_err(|e| missing(e, pack_id))?,
+        )
+    } else {
+        None
+    };
+    for id in ids {
+        let loc = &index.blobs[*id];
+        let fetched;
+        let sealed: &[u8] = match &whole {
+            Some(w) => {
+                let at = (u64::from(loc.offset) - first) as usize;
+                w.get(at..at + loc.length as usize).ok_or_else(|| {
+                    Error::integrity(format!("pack {} is shorter than indexed", pack_id.short()))
+                })?
+            }
+            None => {
+                fetched = repo
+                    .storage
+                    .get_range(
+                        &paths::pack(pack_id),
+                        u64::from(loc.offset),
+                        u64::from(loc.length),
+                    )
+                    .map_err(|e| missing(e, pack_id))?;
+                &fetched
+            }
+        };
+        f(&dek, id, loc, sealed)?;
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// Each restore thread's buffer for decoded blocks and slices (grown, never shrunk).
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Direct I/O wants buffers, offsets and lengths aligned to the device's blocks.
+const ALIGN: usize = 4096;
+
+/// `len` bytes of `v` starting at an [`ALIGN`]ed address.
+fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if v.len() < len + ALIGN {
+        v.resize(len + ALIGN, 0);
+    }
+    let off = v.as_ptr().align_offset(ALIGN);
+    &mut v[off..off + len]
+}
+
+/// A restored file open for writing: through the page cache, and with `O_DIRECT` where
+/// the file system allows it. Aligned writes go direct (no copy into the page cache, no
+/// writeback later: a buffered restore spends most of its system time there); the rest,
+/// and every write where direct I/O is refused, go through the page cache.
+struct OpenFile {
+    file: usize,
+    buffered: fs::File,
+    direct: Option<fs::File>,
+}
+
+impl OpenFile {
+    fn open(file: usize, p: &Path) -> Result<OpenFile> {
+        let opts = || {
+            let mut o = fs::OpenOptions::new();
+            // Other threads write other pieces of the same file: never truncate.
+            o.write(true).create(true).truncate(false).mode(0o600);
+            o
+        };
+        let buffered = opts()
+            .open(p)
+            .map_err(|err| io_error(Kind::Config, p, err))?;
+        let direct = opts().custom_flags(libc::O_DIRECT).open(p).ok();
+        Ok(OpenFile {
+            file,
+            buffered,
+            direct,
+        })
+    }
+
+    fn write_at(&self, data: &[u8], dst: u64, p: &Path) -> Result<()> {
+        if let Some(d) = &self.direct {
+            let fits = data.as_ptr().align_offset(ALIGN) == 0
+                && data.len().is_multiple_of(ALIGN)
+                && dst.is_multiple_of(ALIGN as u64);
+            if fits {
+                match d.write_all_at(data, dst) {
+                    Ok(()) => return Ok(()),
+                    // Refused (alignment this device does not take): the page cache.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(io_error(Kind::Config, p, e)),
+                }
+            }
+        }
+        self.buffered
+            .write_all_at(data, dst)
+            .map_err(|err| io_error(Kind::Config, p, err))?;
+        // Start it towards the disk now rather than all at the final sync.
+        if data.len() >= 64 * 1024 {
+            start_writeback(&self.buffered, dst, data.len());
+        }
+        Ok(())
+    }
+}
+
+/// Cuts the pieces of a file with patches (blocks first, see `pg_pages::pieces`) into
+/// slices of about [`SLICE`] bytes of its blocks.
+fn slices(file: usize, pieces: &[crate::pg_pages::Piece]) -> Vec<Slice> {
+    // Slice of every block, by the block's index (blocks come first, block k at k).
+    let mut by_block: HashMap<usize, usize> = HashMap::new();
+    let mut out: Vec<Slice> = vec![];
+    for p in pieces.iter().filter(|p| !p.is_patch()) {
+        let k = (p.dst / SLICE) as usize;
+        let n = match out.last() {
+            Some(s) if (s.dst / SLICE) as usize == k => out.len() - 1,
+            _ => {
+                out.push(Slice {
+                    file,
+                    dst: p.dst,
+                    len: 0,
+                    pieces: vec![],
+                });
+                out.len() - 1
+            }
+        };
+        by_block.insert(p.block, n);
+        let s = &mut out[n];
+        s.len = (p.dst + p.len - s.dst) as usize;
+    }
+    for p in pieces {
+        let Some(&n) = by_block.get(&p.block) else {
+            continue;
+        };
+        let s = &mut out[n];
+        s.pieces.push(SlicePiece {
+            chunk: p.chunk,
+            src: p.src as usize,
+            at: (p.dst - s.dst) as usize,
+            len: p.len as usize,
+            pass: p.pass,
+        });
+    }
+    for s in &mut out {
+        s.pieces.sort_by_key(|p| p.pass);
+    }
+    out
+}
+
+/// The runs of a slice's bytes to write: its blocks (those a delta restore kept are not
+/// in it), merged where they touch.
+fn slice_runs(s: &Slice) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = vec![];
+    for p in s.pieces.iter().filter(|p| p.pass == 0) {
+        match runs.last_mut() {
+            Some((at, len)) if *at + *len == p.at => *len += p.len,
+            _ => runs.push((p.at, p.len)),
+        }
+    }
+    runs
+}
+
+/// Decodes a slice's blocks and patches into `buf` (the slice's bytes): blocks used whole
+/// once are decoded in place; every other chunk once, then its pieces copied in pass
+/// order, so patches land over the blocks and units over the page patches.
+fn lay_slice(
+    repo: &Repository,
+    index: &Index,
+    path: &str,
+    s: &Slice,
+    buf: &mut [u8],
+) -> Result<()> {
+    let mut uses: HashMap<ChunkId, usize> = HashMap::new();
+    for p in &s.pieces {
+        *uses.entry(p.chunk).or_default() += 1;
+    }
+    let in_place = |p: &SlicePiece| {
+        p.pass == 0
+            && p.src == 0
+            && uses[&p.chunk] == 1
+            && index.blobs[&p.chunk].raw_length as usize == p.len
+    };
+    let mut at_of: HashMap<ChunkId, usize> = HashMap::new();
+    for p in s.pieces.iter().filter(|p| in_place(p)) {
+        at_of.insert(p.chunk, p.at);
+    }
+    let mut by_pack: HashMap<PackId, Vec<&ChunkId>> = HashMap::new();
+    for id in uses.keys() {
+        by_pack
+            .entry(index.get(id).expect("pieces checked the index").0.id)
+            .or_default()
+            .push(id);
+    }
+    let mut decoded: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+    for (pack_id, mut ids) in by_pack {
+        ids.sort_by_key(|id| index.blobs[*id].offset);
+        fetch_blobs(
+            repo,
+            index,
+            &pack_id,
+            &ids,
+            |dek, id, loc, sealed| match at_of.get(id) {
+                Some(&at) => pack::open_blob_into(
+                    dek,
+                    &repo.keys.id_key,
+                    id,
+                    loc,
+                    sealed,
+                    &mut buf[at..at + loc.raw_length as usize],
+                ),
+                None => {
+                    decoded.insert(
+                        *id,
+                        pack::open_blob(dek, &repo.keys.id_key, id, loc, sealed)?,
+                    );
+                    Ok(())
+                }
+            },
+        )?;
+    }
+    for p in s.pieces.iter().filter(|p| !in_place(p)) {
+        let piece = decoded[&p.chunk].get(p.src..p.src + p.len).ok_or_else(|| {
+            Error::integrity(format!(
+                "chunk {} is shorter than its use in {path}",
+                p.chunk.short()
+            ))
+        })?;
+        buf[p.at..p.at + p.len].copy_from_slice(piece);
+    }
+    Ok(())
 }
 
 pub struct RestoreOptions<'a> {
@@ -338,14 +546,11 @@ pub fn restore_files(
         None
     };
 
-    // Layout first: folders, then every file created at its final size. Then the blocks of
-    // files with patches, the page patches written over them, the unit patches written over
-    // those, and last the blocks of every other file: patched blocks go to disk once their
-    // patches are written, and the other files' blocks (which go at once) overlap that.
-    // Per step (see `step`): the chunks needed from each pack and where their pieces go.
-    let mut plans: Vec<HashMap<PackId, PackPlan>> = vec![];
-    let mut chunk_slots: Vec<HashMap<ChunkId, (PackId, usize)>> = vec![];
-    let mut patched_blocks: Vec<PatchedBlock> = vec![];
+    // Layout first: folders, then every file. Then the data: files with page patches in
+    // slices assembled in memory, every other file blob by blob from its pack.
+    let mut plan: HashMap<PackId, PackPlan> = HashMap::new();
+    let mut chunk_slot: HashMap<ChunkId, (PackId, usize)> = HashMap::new();
+    let mut work: Vec<Work> = vec![];
     let mut total = 0u64;
     let mut report = RestoreReport {
         snapshot: snap.id.to_hex(),
@@ -359,6 +564,7 @@ pub fn restore_files(
         bytes_unchanged: report_delta.bytes_unchanged,
         removed: report_delta.removed,
     };
+    // Writes (pieces or slices) planned per entry.
     let mut planned = vec![0usize; entries.len()];
     let mut made: std::collections::HashSet<PathBuf> = Default::default();
     for (i, e) in entries.iter().enumerate() {
@@ -391,53 +597,30 @@ pub fn restore_files(
                         .open(&p)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
                 }
-                let pieces = crate::pg_pages::pieces(e, |id| {
+                let mut pieces = crate::pg_pages::pieces(e, |id| {
                     index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
                 })?;
-                let mut block_slot: HashMap<usize, usize> = HashMap::new();
-                for piece in pieces.iter().filter(|p| p.is_patch()) {
-                    if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
-                        continue;
-                    }
-                    let n = block_slot.entry(piece.block).or_insert_with(|| {
-                        // Block pieces come first, block k at index k.
-                        let b = &pieces[piece.block];
-                        patched_blocks.push(PatchedBlock {
-                            dst: b.dst,
-                            len: b.len as usize,
-                            left: Default::default(),
+                pieces.retain(|piece| !keep.is_some_and(|u| u.contains(&(i, piece.block))));
+                if pieces.iter().any(|p| p.is_patch()) {
+                    let slices = slices(i, &pieces);
+                    planned[i] += slices.len();
+                    work.extend(slices.into_iter().map(Work::Slice));
+                } else {
+                    for piece in &pieces {
+                        let (meta, _) = index.get(&piece.chunk).expect("pieces checked the index");
+                        planned[i] += 1;
+                        let slot = chunk_slot.entry(piece.chunk).or_insert_with(|| {
+                            let v = plan.entry(meta.id).or_default();
+                            v.push((piece.chunk, vec![]));
+                            (meta.id, v.len() - 1)
                         });
-                        patched_blocks.len() - 1
-                    });
-                    patched_blocks[*n].left.fetch_add(1, Ordering::Relaxed);
-                }
-                for piece in &pieces {
-                    if keep.is_some_and(|u| u.contains(&(i, piece.block))) {
-                        continue;
+                        plan.get_mut(&slot.0).unwrap()[slot.1].1.push(Target {
+                            file: i,
+                            src: piece.src as usize,
+                            dst: piece.dst,
+                            len: piece.len as usize,
+                        });
                     }
-                    let (meta, _) = index.get(&piece.chunk).expect("pieces checked the index");
-                    planned[i] += 1;
-                    // Index 0 holds the blocks of files without patches, written last.
-                    let at = step(e.pages.is_some(), piece.pass, pieces[piece.block].dst)
-                        .map_or(0, |s| s + 1);
-                    if plans.len() <= at {
-                        plans.resize_with(at + 1, Default::default);
-                        chunk_slots.resize_with(at + 1, Default::default);
-                    }
-                    let (plan, chunk_slot) = (&mut plans[at], &mut chunk_slots[at]);
-                    let slot = chunk_slot.entry(piece.chunk).or_insert_with(|| {
-                        let v = plan.entry(meta.id).or_default();
-                        v.push((piece.chunk, vec![]));
-                        (meta.id, v.len() - 1)
-                    });
-                    plan.get_mut(&slot.0).unwrap()[slot.1].1.push(Target {
-                        file: i,
-                        src: piece.src as usize,
-                        dst: piece.dst,
-                        len: piece.len as usize,
-                        patched: block_slot.get(&piece.block).copied(),
-                        patch: piece.is_patch(),
-                    });
                 }
                 total += e.size;
                 report.files += 1;
@@ -445,133 +628,92 @@ pub fn restore_files(
             EntryKind::Symlink | EntryKind::Other => {}
         }
     }
+    let mut packs: std::collections::HashSet<PackId> = plan.keys().copied().collect();
+    for w in &work {
+        if let Work::Slice(s) = w {
+            packs.extend(
+                s.pieces
+                    .iter()
+                    .map(|p| index.get(&p.chunk).expect("checked").0.id),
+            );
+        }
+    }
+    let packs_read = packs.len() as u64;
+    work.extend(pack_work(plan, &index));
+    // The largest first, so that the last to finish are short.
+    work.sort_by_key(|w| std::cmp::Reverse(w.size(&index)));
+
     opts.progress.start("restore", Some(total));
     let written = AtomicU64::new(0);
     let is_root = unsafe { libc::geteuid() } == 0;
-    // Pieces still to write per entry; a file's metadata is set when it reaches zero.
+    // Writes still to do per entry; a file's metadata is set when it reaches zero.
     let remaining: Vec<std::sync::atomic::AtomicUsize> = planned
         .iter()
         .map(|n| std::sync::atomic::AtomicUsize::new(*n))
         .collect();
-    let mut packs_read = 0;
-    if !plans.is_empty() {
-        plans.rotate_left(1);
-    }
-    // Steps run without barriers: an item waits only for the step before it in its slice.
-    let steps = plans.len();
-    let after =
-        |s: usize| (s + 1 < steps && !s.is_multiple_of(crate::pg_pages::PASSES)).then(|| s - 1);
-    let mut work = vec![];
-    for (s, plan) in plans.into_iter().enumerate() {
-        packs_read += plan.len() as u64;
-        work.extend(work_items(plan, &index).into_iter().map(|w| (s, w)));
-    }
-    {
-        run_steps(
-            &work,
-            steps,
-            after,
-            repo.threads() * 3,
-            |(pack_id, blobs)| -> Result<()> {
-                let meta = index.pack(pack_id).expect("planned from the index");
-                let dek = repo.pack_key(meta)?;
-                let needed: u64 = blobs
-                    .iter()
-                    .map(|(id, _)| u64::from(index.blobs[id].length))
-                    .sum();
-                // Blobs are in pack order: one read of their span when they fill most of it.
-                let first = u64::from(index.blobs[&blobs[0].0].offset);
-                let last = index.blobs[&blobs[blobs.len() - 1].0];
-                let span = u64::from(last.offset) + u64::from(last.length) - first;
-                let whole = if needed * 2 > span {
-                    Some(
-                        repo.storage
-                            .get_range(&paths::pack(pack_id), first, span)
-                            .map_err(|e| missing(e, pack_id))?,
-                    )
-                } else {
-                    None
-                };
-                let mut open: Option<(usize, fs::File)> = None;
-                for (id, targets) in blobs {
-                    let loc = index.blobs[id];
-                    let fetched;
-                    let sealed: &[u8] = match &whole {
-                        Some(w) => {
-                            let at = (u64::from(loc.offset) - first) as usize;
-                            w.get(at..at + loc.length as usize).ok_or_else(|| {
-                                Error::integrity(format!(
-                                    "pack {} is shorter than indexed",
-                                    pack_id.short()
-                                ))
-                            })?
-                        }
-                        None => {
-                            fetched = repo
-                                .storage
-                                .get_range(
-                                    &paths::pack(pack_id),
-                                    u64::from(loc.offset),
-                                    u64::from(loc.length),
-                                )
-                                .map_err(|e| missing(e, pack_id))?;
-                            &fetched
-                        }
-                    };
-                    let plain = pack::open_blob(&dek, &repo.keys.id_key, id, &loc, sealed)?;
-                    for t in targets {
-                        let e = &entries[t.file];
-                        let piece = plain.get(t.src..t.src + t.len).ok_or_else(|| {
-                            Error::integrity(format!(
-                                "chunk {} is shorter than its use in {}",
-                                id.short(),
-                                e.path
-                            ))
-                        })?;
-                        let p = target.join(&e.path);
-                        // Consecutive pieces mostly go to one file (a patch holds one
-                        // file's pages): keep it open.
-                        if open.as_ref().is_none_or(|(k, _)| *k != t.file) {
-                            let f = fs::OpenOptions::new()
-                                .write(true)
-                                .create(true)
-                                // Other threads write other pieces of the same file: never
-                                // truncate.
-                                .truncate(false)
-                                .mode(0o600)
-                                .open(&p)
-                                .map_err(|err| io_error(Kind::Config, &p, err))?;
-                            open = Some((t.file, f));
-                        }
-                        let f = &open.as_ref().expect("opened above").1;
-                        f.write_all_at(piece, t.dst)
-                            .map_err(|err| io_error(Kind::Config, &p, err))?;
-                        // A block starts going to disk once written, a patched block once
-                        // its last patch page is; lone small files go with the final sync.
-                        match t.patched {
-                            None if t.len >= 64 * 1024 => start_writeback(f, t.dst, t.len),
-                            Some(b)
-                                if t.patch
-                                    && patched_blocks[b].left.fetch_sub(1, Ordering::AcqRel)
-                                        == 1 =>
-                            {
-                                start_writeback(f, patched_blocks[b].dst, patched_blocks[b].len)
-                            }
-                            _ => {}
-                        }
-                        // Whoever writes a file's last piece sets its metadata through the
-                        // open descriptor: no second lookup of the path.
-                        if remaining[t.file].fetch_sub(1, Ordering::AcqRel) == 1 {
-                            set_meta_fd(f, &p, e, is_root)?;
-                        }
-                        written.fetch_add(t.len as u64, Ordering::Relaxed);
-                        opts.progress.add(t.len as u64);
+    // Whoever does a file's last write sets its metadata through the open descriptor: no
+    // second lookup of the path.
+    let wrote = |f: &OpenFile, p: &Path, n: usize| -> Result<()> {
+        written.fetch_add(n as u64, Ordering::Relaxed);
+        opts.progress.add(n as u64);
+        if remaining[f.file].fetch_sub(1, Ordering::AcqRel) == 1 {
+            set_meta_fd(&f.buffered, p, &entries[f.file], is_root)?;
+        }
+        Ok(())
+    };
+    custos_repo::repository::parallel_map(&work, repo.threads() * 3, |w| -> Result<()> {
+        match w {
+            Work::Slice(s) => {
+                let p = target.join(&entries[s.file].path);
+                let f = OpenFile::open(s.file, &p)?;
+                let n = BUFFER.with(|b| -> Result<usize> {
+                    let mut b = b.borrow_mut();
+                    let buf = aligned(&mut b, s.len);
+                    lay_slice(repo, &index, &entries[s.file].path, s, buf)?;
+                    let mut n = 0;
+                    for (at, len) in slice_runs(s) {
+                        f.write_at(&buf[at..at + len], s.dst + at as u64, &p)?;
+                        n += len;
                     }
-                }
-                Ok(())
-            },
-        )?;
-    }
+                    Ok(n)
+                })?;
+                wrote(&f, &p, n)
+            }
+            Work::Pack(pack_id, blobs) => {
+                let ids: Vec<&ChunkId> = blobs.iter().map(|(id, _)| id).collect();
+                let mut k = 0;
+                // Consecutive pieces mostly go to one file: keep it open.
+                let mut open: Option<OpenFile> = None;
+                fetch_blobs(repo, &index, pack_id, &ids, |dek, id, loc, sealed| {
+                    let targets = &blobs[k].1;
+                    k += 1;
+                    BUFFER.with(|b| -> Result<()> {
+                        let mut b = b.borrow_mut();
+                        let plain = aligned(&mut b, loc.raw_length as usize);
+                        pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, plain)?;
+                        for t in targets {
+                            let e = &entries[t.file];
+                            let piece = plain.get(t.src..t.src + t.len).ok_or_else(|| {
+                                Error::integrity(format!(
+                                    "chunk {} is shorter than its use in {}",
+                                    id.short(),
+                                    e.path
+                                ))
+                            })?;
+                            let p = target.join(&e.path);
+                            if open.as_ref().is_none_or(|f| f.file != t.file) {
+                                open = Some(OpenFile::open(t.file, &p)?);
+                            }
+                            let f = open.as_ref().expect("opened above");
+                            f.write_at(piece, t.dst, &p)?;
+                            wrote(f, &p, t.len)?;
+                        }
+                        Ok(())
+                    })
+                })
+            }
+        }
+    })?;
     report.packs_read = packs_read;
     report.bytes = written.load(Ordering::Relaxed);
     opts.progress.finish();
@@ -756,66 +898,4 @@ pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Ent
         }]);
     }
     crate::manifest::load(repo, index, &body.manifest)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Items of a step never start before every item of the step they wait for is done,
-    /// steps that wait for nothing run meanwhile, and an error stops the work.
-    #[test]
-    fn steps_wait_only_for_their_predecessor() {
-        // Steps 0 -> 1 -> 2 (one slice), 3 -> 4 -> 5 (another), 6 waits for nothing.
-        let after = |s: usize| (s < 6 && !s.is_multiple_of(3)).then(|| s - 1);
-        let items: Vec<(usize, usize)> = (0..70).map(|i| (i % 7, i)).collect();
-        let mut sorted = items.clone();
-        sorted.sort();
-        let done: Mutex<Vec<(usize, std::time::Instant)>> = Mutex::new(vec![]);
-        let started: Mutex<Vec<(usize, std::time::Instant)>> = Mutex::new(vec![]);
-        run_steps(&sorted, 7, after, 4, |&i| {
-            let s = i % 7;
-            started.lock().unwrap().push((s, std::time::Instant::now()));
-            std::thread::sleep(std::time::Duration::from_millis(1 + (s as u64 % 3)));
-            done.lock().unwrap().push((s, std::time::Instant::now()));
-            Ok(())
-        })
-        .unwrap();
-        let (started, done) = (started.into_inner().unwrap(), done.into_inner().unwrap());
-        assert_eq!(started.len(), 70);
-        for (s, t) in &started {
-            if let Some(d) = after(*s) {
-                let last = done.iter().filter(|x| x.0 == d).map(|x| x.1).max().unwrap();
-                assert!(
-                    *t >= last,
-                    "an item of step {s} started before step {d} ended"
-                );
-            }
-        }
-        // Slice two started before slice one's last step ended: no barrier between them.
-        let first_of_3 = started
-            .iter()
-            .filter(|x| x.0 == 3)
-            .map(|x| x.1)
-            .min()
-            .unwrap();
-        let end_of_2 = done.iter().filter(|x| x.0 == 2).map(|x| x.1).max().unwrap();
-        assert!(first_of_3 < end_of_2);
-
-        let ran = std::sync::atomic::AtomicUsize::new(0);
-        let err = run_steps(&sorted, 7, after, 2, |&i| {
-            ran.fetch_add(1, Ordering::Relaxed);
-            if i == 1 {
-                Err(Error::integrity("bad chunk"))
-            } else {
-                Ok(())
-            }
-        })
-        .unwrap_err();
-        assert!(err.message.contains("bad chunk"));
-        assert!(
-            ran.load(Ordering::Relaxed) < 70,
-            "the work went on after an error"
-        );
-    }
 }

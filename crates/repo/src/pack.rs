@@ -69,10 +69,6 @@ fn compress(data: &[u8]) -> Vec<u8> {
     })
 }
 
-fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
-    DECOMPRESSOR.with(|d| d.borrow_mut().decompress(data, capacity))
-}
-
 pub struct PackBuilder {
     dek: Zeroizing<[u8; 32]>,
     buf: Vec<u8>,
@@ -157,31 +153,53 @@ pub fn open_blob(
     loc: &crate::index::BlobLoc,
     sealed: &[u8],
 ) -> Result<Vec<u8>> {
+    let mut plain = vec![0u8; loc.raw_length as usize];
+    open_blob_into(dek, id_key, entry_id, loc, sealed, &mut plain)?;
+    Ok(plain)
+}
+
+/// [`open_blob`] into `out`, which must be `loc.raw_length` bytes: a restore decodes a
+/// block straight into its place in an aligned buffer.
+pub fn open_blob_into(
+    dek: &[u8; 32],
+    id_key: &[u8; 32],
+    entry_id: &ChunkId,
+    loc: &crate::index::BlobLoc,
+    sealed: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
     let body = aead::open(
         dek,
         &entry_id.0 .0,
         sealed,
         &format!("chunk {}", entry_id.short()),
     )?;
-    let plain = if loc.compressed {
-        decompress(&body, loc.raw_length as usize).map_err(|e| {
-            Error::integrity(format!(
-                "chunk {}: cannot decompress: {e}",
-                entry_id.short()
-            ))
-        })?
+    let filled = if loc.compressed {
+        DECOMPRESSOR
+            .with(|d| d.borrow_mut().decompress_to_buffer(&body, out))
+            .map_err(|e| {
+                Error::integrity(format!(
+                    "chunk {}: cannot decompress: {e}",
+                    entry_id.short()
+                ))
+            })?
+            == out.len()
+    } else if body.len() == out.len() {
+        out.copy_from_slice(&body);
+        true
     } else {
-        body
+        false
     };
-    if plain.len() != loc.raw_length as usize
-        || blake3::keyed_hash(id_key, &plain).as_bytes() != &entry_id.0 .0
+    if !filled
+        || out.len() != loc.raw_length as usize
+        || blake3::keyed_hash(id_key, out).as_bytes() != &entry_id.0 .0
     {
         return Err(Error::integrity(format!(
             "chunk {} does not match its id",
             entry_id.short()
         )));
     }
-    Ok(plain)
+    Ok(())
 }
 
 /// Parses a whole pack: returns its entries and the wrapped data key.
