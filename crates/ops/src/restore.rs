@@ -289,6 +289,33 @@ fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
     &mut v[off..off + len]
 }
 
+/// Files at least this large are allocated whole before their data is written.
+const PREALLOCATE: u64 = 1 << 20;
+
+/// Creates `p` (if need be) and allocates its `size` bytes: aligned direct writes into
+/// allocated space take ext4's inode lock shared (Linux 6.3+), so the threads writing one
+/// large file run side by side instead of one at a time, and the file is laid out in few
+/// extents. File systems that cannot (`EOPNOTSUPP`) just write without it.
+fn preallocate(p: &Path, size: u64) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(p)
+        .map_err(|err| io_error(Kind::Config, p, err))?;
+    // SAFETY: fallocate on a descriptor we own.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if r != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(io_error(Kind::Config, p, err));
+        }
+    }
+    Ok(())
+}
+
 /// A restored file open for writing: through the page cache, and with `O_DIRECT` where
 /// the file system allows it. Aligned writes go direct (no copy into the page cache, no
 /// writeback later: a buffered restore spends most of its system time there); the rest,
@@ -596,6 +623,9 @@ pub fn restore_files(
                         .mode(0o600)
                         .open(&p)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
+                }
+                if e.size >= PREALLOCATE {
+                    preallocate(&p, e.size)?;
                 }
                 let mut pieces = crate::pg_pages::pieces(e, |id| {
                     index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
