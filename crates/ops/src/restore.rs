@@ -292,29 +292,23 @@ fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
 /// Files at least this large are allocated whole before their data is written.
 const PREALLOCATE: u64 = 1 << 20;
 
-/// Creates `p` (if need be) and allocates its `size` bytes: aligned direct writes into
-/// allocated space take ext4's inode lock shared (Linux 6.3+), so the threads writing one
-/// large file run side by side instead of one at a time, and the file is laid out in few
-/// extents. File systems that cannot (`EOPNOTSUPP`) just write without it.
-fn preallocate(p: &Path, size: u64) -> Result<()> {
+/// Allocates a file's `size` bytes before its first write (done once per file, by
+/// whichever thread opens it first): aligned direct writes into allocated space take
+/// ext4's inode lock shared (Linux 6.3+), so the threads writing one large file run side
+/// by side instead of one at a time, and the file is laid out in few extents. File
+/// systems that cannot (`EOPNOTSUPP`) just write without it; a full disk is an error.
+fn preallocate(f: &fs::File, size: u64) -> std::result::Result<(), i32> {
     use std::os::unix::io::AsRawFd;
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(p)
-        .map_err(|err| io_error(Kind::Config, p, err))?;
     // SAFETY: fallocate on a descriptor we own.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) };
-    if r != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENOSPC) {
-            return Err(io_error(Kind::Config, p, err));
-        }
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSPC) {
+        return Err(libc::ENOSPC);
     }
     Ok(())
 }
+
+/// Per entry: its allocation, done by the first thread to open it.
+type Prealloc = std::sync::OnceLock<std::result::Result<(), i32>>;
 
 /// A restored file open for writing: through the page cache, and with `O_DIRECT` where
 /// the file system allows it. Aligned writes go direct (no copy into the page cache, no
@@ -327,7 +321,8 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    fn open(file: usize, p: &Path) -> Result<OpenFile> {
+    /// Opens entry `file` at `p`; `size` given, allocates it first if no thread did.
+    fn open(file: usize, p: &Path, alloc: Option<(&Prealloc, u64)>) -> Result<OpenFile> {
         let opts = || {
             let mut o = fs::OpenOptions::new();
             // Other threads write other pieces of the same file: never truncate.
@@ -337,6 +332,10 @@ impl OpenFile {
         let buffered = opts()
             .open(p)
             .map_err(|err| io_error(Kind::Config, p, err))?;
+        if let Some((once, size)) = alloc {
+            once.get_or_init(|| preallocate(&buffered, size))
+                .map_err(|e| io_error(Kind::Config, p, std::io::Error::from_raw_os_error(e)))?;
+        }
         let direct = opts().custom_flags(libc::O_DIRECT).open(p).ok();
         Ok(OpenFile {
             file,
@@ -624,9 +623,6 @@ pub fn restore_files(
                         .open(&p)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
                 }
-                if e.size >= PREALLOCATE {
-                    preallocate(&p, e.size)?;
-                }
                 let mut pieces = crate::pg_pages::pieces(e, |id| {
                     index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
                 })?;
@@ -691,11 +687,14 @@ pub fn restore_files(
         }
         Ok(())
     };
+    let prealloc: Vec<Prealloc> = entries.iter().map(|_| Prealloc::new()).collect();
+    let alloc =
+        |i: usize| (entries[i].size >= PREALLOCATE).then(|| (&prealloc[i], entries[i].size));
     custos_repo::repository::parallel_map(&work, repo.threads() * 3, |w| -> Result<()> {
         match w {
             Work::Slice(s) => {
                 let p = target.join(&entries[s.file].path);
-                let f = OpenFile::open(s.file, &p)?;
+                let f = OpenFile::open(s.file, &p, alloc(s.file))?;
                 let n = BUFFER.with(|b| -> Result<usize> {
                     let mut b = b.borrow_mut();
                     let buf = aligned(&mut b, s.len);
@@ -732,7 +731,7 @@ pub fn restore_files(
                             })?;
                             let p = target.join(&e.path);
                             if open.as_ref().is_none_or(|f| f.file != t.file) {
-                                open = Some(OpenFile::open(t.file, &p)?);
+                                open = Some(OpenFile::open(t.file, &p, alloc(t.file))?);
                             }
                             let f = open.as_ref().expect("opened above");
                             f.write_at(piece, t.dst, &p)?;
@@ -928,4 +927,90 @@ pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Ent
         }]);
     }
     crate::manifest::load(repo, index, &body.manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg_pages::Piece;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId(custos_model::Id::of_bytes(&[n]))
+    }
+
+    /// Patches go to the slice of the block they lie in, after its blocks, at offsets
+    /// within the slice; blocks a delta restore keeps are left out of the writes.
+    #[test]
+    fn slices_hold_their_blocks_then_their_patches() {
+        const B: u64 = 128 << 10;
+        let mut pieces: Vec<Piece> = (0..100)
+            .map(|k| Piece {
+                chunk: id(k as u8),
+                src: 0,
+                dst: k as u64 * B,
+                len: B,
+                block: k,
+                pass: 0,
+            })
+            .collect();
+        // A unit over a page patch in the last block of slice 0, a page in the first of 1.
+        pieces.push(Piece {
+            chunk: id(200),
+            src: 8192,
+            dst: 63 * B + 8192,
+            len: 8192,
+            block: 63,
+            pass: 1,
+        });
+        pieces.push(Piece {
+            chunk: id(201),
+            src: 1024,
+            dst: 63 * B + 9216,
+            len: 1024,
+            block: 63,
+            pass: 2,
+        });
+        pieces.push(Piece {
+            chunk: id(200),
+            src: 0,
+            dst: 64 * B,
+            len: 8192,
+            block: 64,
+            pass: 1,
+        });
+        // Delta: block 10 is already right.
+        pieces.retain(|p| p.block != 10);
+        let s = slices(7, &pieces);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].file, s[0].dst, s[0].len), (7, 0, SLICE as usize));
+        assert_eq!((s[1].dst, s[1].len), (SLICE, 36 * B as usize));
+        let passes: Vec<u8> = s[0].pieces.iter().map(|p| p.pass).collect();
+        assert!(passes.is_sorted(), "{passes:?}");
+        assert_eq!(s[0].pieces.len(), 63 + 2);
+        let unit = s[0].pieces.iter().find(|p| p.pass == 2).unwrap();
+        assert_eq!(
+            (unit.at, unit.src, unit.len),
+            (63 * B as usize + 9216, 1024, 1024)
+        );
+        let page = s[1].pieces.iter().find(|p| p.pass == 1).unwrap();
+        assert_eq!((page.at, page.src), (0, 0));
+        assert_eq!(
+            slice_runs(&s[0]),
+            vec![(0, 10 * B as usize), (11 * B as usize, 53 * B as usize)]
+        );
+        assert_eq!(slice_runs(&s[1]), vec![(0, 36 * B as usize)]);
+    }
+
+    /// Direct writes need aligned memory: the buffer's slice starts on a 4 KiB boundary
+    /// whatever the allocation, and keeps its length.
+    #[test]
+    fn aligned_buffers_start_on_a_block_boundary() {
+        let mut v = Vec::with_capacity(3);
+        v.push(1u8);
+        for len in [1, 4096, 128 << 10, 5000] {
+            let b = aligned(&mut v, len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr().align_offset(ALIGN), 0);
+        }
+    }
 }
