@@ -317,56 +317,65 @@ type Prealloc = std::sync::OnceLock<std::result::Result<(), i32>>;
 struct OpenFile {
     file: usize,
     buffered: fs::File,
-    direct: Option<fs::File>,
+    /// Opened at the first large aligned write; None inside when refused.
+    direct: std::cell::OnceCell<Option<fs::File>>,
 }
 
+/// Writes smaller than this go through the page cache: a direct write waits for the
+/// device, which costs more than the copy for the small files of a file backup.
+const DIRECT_MIN: usize = 64 << 10;
+
 impl OpenFile {
-    /// Opens entry `file` at `p`; `size` given, allocates it first if no thread did.
+    /// Opens entry `file` at `p`; with `alloc`, allocates it first if no thread did.
     fn open(file: usize, p: &Path, alloc: Option<(&Prealloc, u64)>) -> Result<OpenFile> {
-        let opts = || {
-            let mut o = fs::OpenOptions::new();
-            // Other threads write other pieces of the same file: never truncate.
-            o.write(true).create(true).truncate(false).mode(0o600);
-            o
-        };
-        let buffered = opts()
+        let buffered = write_options()
             .open(p)
             .map_err(|err| io_error(Kind::Config, p, err))?;
         if let Some((once, size)) = alloc {
             once.get_or_init(|| preallocate(&buffered, size))
                 .map_err(|e| io_error(Kind::Config, p, std::io::Error::from_raw_os_error(e)))?;
         }
-        let direct = opts().custom_flags(libc::O_DIRECT).open(p).ok();
         Ok(OpenFile {
             file,
             buffered,
-            direct,
+            direct: std::cell::OnceCell::new(),
         })
     }
 
     fn write_at(&self, data: &[u8], dst: u64, p: &Path) -> Result<()> {
-        if let Some(d) = &self.direct {
-            let fits = data.as_ptr().align_offset(ALIGN) == 0
-                && data.len().is_multiple_of(ALIGN)
-                && dst.is_multiple_of(ALIGN as u64);
-            if fits {
-                match d.write_all_at(data, dst) {
-                    Ok(()) => return Ok(()),
-                    // Refused (alignment this device does not take): the page cache.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => return Err(io_error(Kind::Config, p, e)),
-                }
+        let fits = data.len() >= DIRECT_MIN
+            && data.as_ptr().align_offset(ALIGN) == 0
+            && data.len().is_multiple_of(ALIGN)
+            && dst.is_multiple_of(ALIGN as u64);
+        let direct = fits.then(|| {
+            self.direct
+                .get_or_init(|| write_options().custom_flags(libc::O_DIRECT).open(p).ok())
+        });
+        if let Some(Some(d)) = direct {
+            match d.write_all_at(data, dst) {
+                Ok(()) => return Ok(()),
+                // Refused (alignment this device does not take): the page cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(io_error(Kind::Config, p, e)),
             }
         }
         self.buffered
             .write_all_at(data, dst)
             .map_err(|err| io_error(Kind::Config, p, err))?;
         // Start it towards the disk now rather than all at the final sync.
-        if data.len() >= 64 * 1024 {
+        if data.len() >= DIRECT_MIN {
             start_writeback(&self.buffered, dst, data.len());
         }
         Ok(())
     }
+}
+
+/// How restored files are opened: created if need be, never truncated (other threads
+/// write other pieces of the same file).
+fn write_options() -> fs::OpenOptions {
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create(true).truncate(false).mode(0o600);
+    o
 }
 
 /// Cuts the pieces of a file with patches (blocks first, see `pg_pages::pieces`) into
