@@ -27,10 +27,11 @@ pub fn store(repo: &Repository, writer: &BlobWriter, entries: &[Entry]) -> Resul
 }
 
 pub fn load(repo: &Repository, index: &Index, chunks: &[ChunkId]) -> Result<Vec<Entry>> {
-    let mut buf = Vec::new();
-    for id in chunks {
-        buf.extend_from_slice(&repo.read_blob(index, id)?);
-    }
+    // Fetched side by side: on a cold cache each chunk is a disk read (or a request).
+    let parts = custos_repo::repository::parallel_map(chunks, repo.threads() * 2, |id| {
+        repo.read_blob(index, id)
+    })?;
+    let buf = parts.concat();
     let mut out = vec![];
     for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         out.push(

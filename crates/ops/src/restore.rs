@@ -676,7 +676,7 @@ pub fn restore_files(
     let packs_read = packs.len() as u64;
     work.extend(pack_work(plan, &index));
     // The largest first, so that the last to finish are short.
-    work.sort_by_key(|w| std::cmp::Reverse(w.size(&index)));
+    work.sort_by_cached_key(|w| std::cmp::Reverse(w.size(&index)));
 
     opts.progress.start("restore", Some(total));
     let written = AtomicU64::new(0);
