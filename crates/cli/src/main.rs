@@ -803,6 +803,9 @@ fn wal_push_async(
     }
 }
 
+/// Niceness of the background WAL pusher.
+const PUSHER_NICE: libc::c_int = 10;
+
 /// Starts `custos wal-push --drain` detached (own session, no inherited output), so that
 /// PostgreSQL's archiver does not wait for it.
 fn spawn_pusher(ctx: &Ctx, pgdata: &std::path::Path) -> Result<()> {
@@ -818,10 +821,15 @@ fn spawn_pusher(ctx: &Ctx, pgdata: &std::path::Path) -> Result<()> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe and has no preconditions.
+    // SAFETY: setsid and setpriority are async-signal-safe and have no preconditions.
     unsafe {
         c.pre_exec(|| {
             libc::setsid();
+            // Below PostgreSQL and its archiver: the archiver's own work between two
+            // files (marking one done, starting the next archive_command) then waits for
+            // no compression thread, and a busy database keeps its CPU. The pusher still
+            // takes every idle cycle.
+            libc::setpriority(libc::PRIO_PROCESS, 0, PUSHER_NICE);
             Ok(())
         });
     }
