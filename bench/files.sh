@@ -19,7 +19,7 @@ apt_need restic time bc python3
 SIZE_MB="${SIZE_MB:-2048}"
 
 cd "$ROOT" && cargo build --release --quiet
-CUSTOS="$ROOT/target/release/custos"
+export CUSTOS="$ROOT/target/release/custos"
 DATA="$BENCH/data"
 rm -rf "$BENCH/repos" "$BENCH/restore" "$RES" "$BENCH/cache"
 mkdir -p "$BENCH/repos" "$BENCH/restore" "$RES"
