@@ -1010,6 +1010,71 @@ mod tests {
         assert_eq!(slice_runs(&s[1]), vec![(0, 36 * B as usize)]);
     }
 
+    /// What a restore writes reads back the same whether it went direct (aligned, large),
+    /// through the page cache (a tail), or through the page cache because the file
+    /// system refuses `O_DIRECT` (ramfs, when this test may mount one).
+    #[test]
+    fn open_files_write_the_same_bytes_direct_or_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ext = tmp.path().join("disk");
+        let ram = tmp.path().join("ram");
+        fs::create_dir_all(&ext).unwrap();
+        fs::create_dir_all(&ram).unwrap();
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (src, dst) = (c("ramfs"), c(ram.to_str().unwrap()));
+        // SAFETY: mount with valid C strings; fails without privileges, which is fine.
+        let mounted = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } == 0;
+        // Unmounted however the test ends.
+        struct Unmount(Option<std::ffi::CString>);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                if let Some(d) = &self.0 {
+                    // SAFETY: unmounting what this test mounted.
+                    unsafe { libc::umount(d.as_ptr()) };
+                }
+            }
+        }
+        let _unmount = Unmount(mounted.then(|| dst.clone()));
+        let mut dirs = vec![ext.clone()];
+        if mounted {
+            dirs.push(ram.clone());
+        } else {
+            eprintln!("ramfs not mountable here: only the direct path is checked");
+        }
+        const N: usize = 256 << 10;
+        let mut v = vec![];
+        let buf = aligned(&mut v, N);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i * 31 % 251) as u8;
+        }
+        let mut want = buf.to_vec();
+        want.extend_from_slice(b"tail");
+        for dir in &dirs {
+            let p = dir.join("f");
+            let once = Prealloc::new();
+            let f = OpenFile::open(0, &p, Some((&once, want.len() as u64))).unwrap();
+            f.write_at(&buf[N / 2..], (N / 2) as u64, &p).unwrap();
+            f.write_at(&buf[..N / 2], 0, &p).unwrap();
+            f.write_at(b"tail", N as u64, &p).unwrap();
+            let can = write_options()
+                .custom_flags(libc::O_DIRECT)
+                .open(dir.join("probe"))
+                .is_ok();
+            let direct = f.direct.get().is_some_and(|d| d.is_some());
+            assert_eq!(direct, can, "direct I/O in {}", dir.display());
+            drop(f);
+            assert!(fs::read(&p).unwrap() == want, "{} differs", dir.display());
+        }
+    }
+
     /// Direct writes need aligned memory: the buffer's slice starts on a 4 KiB boundary
     /// whatever the allocation, and keeps its length.
     #[test]
