@@ -454,12 +454,12 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
     let block_of = |dst: u64| starts.partition_point(|s| *s <= dst).saturating_sub(1);
     // Units of a page that also has a page patch go after it (pass 2); other units touch
     // bytes no page patch does, so they go with the page patches (pass 1).
-    let paged: std::collections::HashSet<u32> = pages
-        .patches
-        .iter()
-        .flat_map(|p| p.pages.iter().copied())
-        .filter(|p| *p != Patch::UNUSED)
-        .collect();
+    let mut paged = vec![false; (e.size / PATCH_PAGE as u64) as usize + 1];
+    for k in pages.patches.iter().flat_map(|p| p.pages.iter().copied()) {
+        if let Some(b) = paged.get_mut(k as usize) {
+            *b = true;
+        }
+    }
     for (list, unit, what) in [
         (&pages.patches, PATCH_PAGE as u64, "page"),
         (&pages.units, PATCH_UNIT as u64, "unit"),
@@ -478,7 +478,9 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
                     continue;
                 }
                 let dst = u64::from(*k) * unit;
-                let pass = if unit == PATCH_PAGE as u64 || paged.contains(&(*k / UNITS as u32)) {
+                let pass = if unit == PATCH_PAGE as u64
+                    || paged.get((*k / UNITS as u32) as usize) == Some(&true)
+                {
                     1 + u8::from(unit != PATCH_PAGE as u64)
                 } else {
                     1

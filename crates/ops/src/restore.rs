@@ -382,7 +382,12 @@ fn write_options() -> fs::OpenOptions {
 /// slices of about [`SLICE`] bytes of its blocks.
 fn slices(file: usize, pieces: &[crate::pg_pages::Piece]) -> Vec<Slice> {
     // Slice of every block, by the block's index (blocks come first, block k at k).
-    let mut by_block: HashMap<usize, usize> = HashMap::new();
+    let blocks = pieces
+        .iter()
+        .filter(|p| !p.is_patch())
+        .map(|p| p.block + 1)
+        .max();
+    let mut by_block: Vec<Option<usize>> = vec![None; blocks.unwrap_or(0)];
     let mut out: Vec<Slice> = vec![];
     for p in pieces.iter().filter(|p| !p.is_patch()) {
         let k = (p.dst / SLICE) as usize;
@@ -398,12 +403,12 @@ fn slices(file: usize, pieces: &[crate::pg_pages::Piece]) -> Vec<Slice> {
                 out.len() - 1
             }
         };
-        by_block.insert(p.block, n);
+        by_block[p.block] = Some(n);
         let s = &mut out[n];
         s.len = (p.dst + p.len - s.dst) as usize;
     }
     for p in pieces {
-        let Some(&n) = by_block.get(&p.block) else {
+        let Some(&Some(n)) = by_block.get(p.block) else {
             continue;
         };
         let s = &mut out[n];
