@@ -453,16 +453,18 @@ fn lay_slice(
     for p in &s.pieces {
         *uses.entry(p.chunk).or_default() += 1;
     }
-    let in_place = |p: &SlicePiece| {
-        p.pass == 0
-            && p.src == 0
-            && uses[&p.chunk] == 1
-            && index.blobs[&p.chunk].raw_length as usize == p.len
-    };
-    let mut at_of: HashMap<ChunkId, usize> = HashMap::new();
-    for p in s.pieces.iter().filter(|p| in_place(p)) {
-        at_of.insert(p.chunk, p.at);
-    }
+    // Chunks decoded in place, at their offset in the slice: each is used once, whole.
+    let at_of: HashMap<ChunkId, usize> = s
+        .pieces
+        .iter()
+        .filter(|p| {
+            p.pass == 0
+                && p.src == 0
+                && uses[&p.chunk] == 1
+                && index.blobs[&p.chunk].raw_length as usize == p.len
+        })
+        .map(|p| (p.chunk, p.at))
+        .collect();
     let mut by_pack: HashMap<PackId, Vec<&ChunkId>> = HashMap::new();
     for id in uses.keys() {
         by_pack
@@ -497,7 +499,7 @@ fn lay_slice(
             },
         )?;
     }
-    for p in s.pieces.iter().filter(|p| !in_place(p)) {
+    for p in s.pieces.iter().filter(|p| !at_of.contains_key(&p.chunk)) {
         let piece = decoded[&p.chunk].get(p.src..p.src + p.len).ok_or_else(|| {
             Error::integrity(format!(
                 "chunk {} is shorter than its use in {path}",
