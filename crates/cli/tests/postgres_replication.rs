@@ -15,16 +15,21 @@ use custos_testkit::{give_to_postgres, pg15_bin, pg18_bin, PgCluster};
 
 const SECRET: &str = "s3cret-Replication-pw";
 
-fn replication(bin: PathBuf, pg_bin_flag: bool) {
+/// With `summaries` (PostgreSQL 17+, `summarize_wal = on`) the incrementals are the
+/// server's own: it sends only the blocks changed since the parent, which custos lays over
+/// the parent's blocks.
+fn replication(bin: PathBuf, pg_bin_flag: bool, summaries: bool) {
     let (t, cbin, cfg) = pg_repo();
     let (mut backup, restorer, out_dir) = pg_roles(&t, &cfg);
 
-    let conf = format!(
+    let conf =
+        format!(
         "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
          track_commit_timestamp = on\nlisten_addresses = '127.0.0.1'\n\
-         password_encryption = 'scram-sha-256'\n",
+         password_encryption = 'scram-sha-256'\n{}",
         cbin.display(),
-        cfg.display()
+        cfg.display(),
+        if summaries { "summarize_wal = on\n" } else { "" }
     );
     let pg = PgCluster::init(bin.clone(), &conf);
     // The backup role comes over TCP with a password; only local sockets are trusted.
@@ -61,6 +66,32 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
     assert!(t.json(&["snapshots"]).as_array().unwrap().is_empty());
     backup.set("PGPASSWORD", SECRET);
 
+    // Tables changed only between the backups, so that a restore of the incremental must
+    // hold exactly what they hold now: scattered updates and growth in one, a tail cut
+    // off inside a 128 KiB block in the other (later).
+    pg.psql(
+        "CREATE TABLE churn (id int PRIMARY KEY, v text); \
+         INSERT INTO churn SELECT g, md5(g::text) FROM generate_series(1, 20000) g; \
+         CREATE TABLE cut (id int, pad text) WITH (autovacuum_enabled = off); \
+         INSERT INTO cut SELECT g, repeat('c', 1000) FROM generate_series(1, 7 * 32) g; \
+         CREATE TABLE wide (id int, pad text) WITH (autovacuum_enabled = off); \
+         INSERT INTO wide SELECT g, repeat('w', 1000) FROM generate_series(1, 7 * 2048) g",
+    );
+    for sql in [
+        "VACUUM (FREEZE) churn",
+        "VACUUM (FREEZE) cut",
+        "VACUUM (FREEZE) wide",
+        "CHECKPOINT",
+    ] {
+        pg.psql(sql);
+    }
+    let digest = |c: &PgCluster| {
+        c.psql(
+            "SELECT (SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM churn) || ' ' || \
+             (SELECT md5(string_agg(id || pad, ',' ORDER BY id)) FROM cut) || ' ' || \
+             (SELECT md5(string_agg(id || pad, ',' ORDER BY id)) FROM wide)",
+        )
+    };
     let mut load = start_ledger_load(&t, &pg, 2, 120, 14);
     sleep_ms(1500);
 
@@ -85,8 +116,24 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
     let full_id = full["snapshot"].as_str().unwrap().to_string();
     sleep_ms(2000);
     let t_between = pg.psql("SELECT clock_timestamp()");
+    pg.psql(
+        "UPDATE churn SET v = v || 'x' WHERE id % 97 = 0; \
+         INSERT INTO churn SELECT g, 'new' FROM generate_series(20001, 30000) g; \
+         UPDATE wide SET pad = repeat('W', 1000) WHERE id = 3 * 7",
+    );
     sleep_ms(2000);
     let incr = run(&["--type", "incremental"]);
+    if summaries {
+        // The server sent only changed blocks (two of the 16 MiB of `wide`, whose size was
+        // whole blocks), and custos patched them over the parent's.
+        assert_eq!(incr["wal_summaries"], true, "{incr}");
+        assert!(incr["pages_patched"].as_u64().unwrap() > 0, "{incr}");
+        assert!(
+            incr["stats"]["bytes_read"].as_u64().unwrap() + (8 << 20)
+                < full["stats"]["bytes_read"].as_u64().unwrap(),
+            "the server sent the unchanged table again: {incr} after {full}"
+        );
+    }
     let incr_id = incr["snapshot"].as_str().unwrap().to_string();
     assert_eq!(incr["parent"].as_str(), Some(full_id.as_str()));
     let st = &incr["stats"];
@@ -99,6 +146,7 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
         "incremental stored nearly as much as the full: {st} vs full {}",
         full["stats"]
     );
+    let want_after = digest(&pg);
     sleep_ms(1500);
     let t_after = pg.psql("SELECT clock_timestamp()");
     assert!(load.wait().unwrap().success(), "pgbench failed");
@@ -111,6 +159,85 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
     ] {
         restore_ledger_at(&restorer, &pg, &out_dir, name, target, expect);
     }
+    // The tables changed only before the incremental: restored as they were then.
+    let reopen = |dir: &std::path::Path| {
+        let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+        let port: u16 = auto
+            .lines()
+            .find_map(|l| l.strip_prefix("port = "))
+            .and_then(|v| v.trim().trim_matches('\'').parse().ok())
+            .expect("restore set a port");
+        let c = PgCluster::existing(pg.bin.clone(), dir.to_path_buf(), port, pg.dir.clone());
+        let (ok, log) = c.try_start(&dir.with_extension("again.log"));
+        assert!(ok, "{log}");
+        let d = digest(&c);
+        c.stop();
+        d
+    };
+    assert_eq!(reopen(&out_dir.join("after-incremental")), want_after);
+    // A delta restore of the incremental over the full's restore: the patched blocks, whose
+    // content as restored custos could not know at backup time, are all rewritten.
+    let between = out_dir.join("between");
+    let port = custos_testkit::free_port().to_string();
+    let r = restorer.json(&[
+        "restore",
+        "postgres",
+        "--to",
+        between.to_str().unwrap(),
+        "--snapshot",
+        &incr_id,
+        "--target",
+        "immediate",
+        "--delta",
+        "--port",
+        &port,
+        "--no-archiving",
+    ]);
+    assert_eq!(r["snapshot"].as_str(), Some(incr_id.as_str()));
+    assert_eq!(
+        reopen(&between),
+        want_after,
+        "delta restore differs from the incremental"
+    );
+
+    // A relation cut short inside a block since the parent (`cut`: 32 pages, then 20),
+    // then an incremental: what the parent's blocks cannot rebuild comes over the whole
+    // stream once more. The restore holds exactly the tables as they are.
+    for sql in [
+        "DELETE FROM cut WHERE (ctid::text::point)[0] >= 20",
+        "VACUUM cut",
+        "CHECKPOINT",
+    ] {
+        pg.psql(sql);
+    }
+    assert_eq!(pg.psql("SELECT pg_relation_size('cut') / 8192"), "20");
+    let mut a = args.clone();
+    a.extend(["--type", "incremental", "--json"]);
+    let out = backup.run(&a);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    let last: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    if summaries {
+        assert!(said.contains("cut short inside a block"), "{said} {last}");
+    }
+    let want = digest(&pg);
+    pg.switch_and_archive();
+    let dir = out_dir.join("latest");
+    let port = custos_testkit::free_port();
+    let r = restorer.json(&[
+        "restore",
+        "postgres",
+        "--to",
+        dir.to_str().unwrap(),
+        "--target",
+        "immediate",
+        "--port",
+        &port.to_string(),
+        "--no-archiving",
+    ]);
+    assert_eq!(r["snapshot"], last["snapshot"]);
+    start_and_read(&pg.bin, &dir, port, &pg.dir);
+    assert_eq!(reopen(&dir), want, "the restored tables differ");
 
     // The password is in nothing custos printed, nor in its cache or repository files.
     assert!(!printed.contains(SECRET));
@@ -178,10 +305,10 @@ fn replication(bin: PathBuf, pg_bin_flag: bool) {
 #[test]
 fn replication_backup_postgres_15() {
     // pg_basebackup found in Debian's folder for the server's major version.
-    replication(pg15_bin(), false);
+    replication(pg15_bin(), false, false);
 }
 
 #[test]
 fn replication_backup_postgres_18() {
-    replication(pg18_bin(), true);
+    replication(pg18_bin(), true, true);
 }

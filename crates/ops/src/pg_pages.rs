@@ -356,6 +356,34 @@ impl<'p> FileBuilder<'p> {
         Ok(())
     }
 
+    /// Block `i` of `len` bytes, of which only `pages` (page index in the block, 8 KiB
+    /// each) are known: a file PostgreSQL 17+ sent incrementally, its other pages as the
+    /// parent has them. The parent's block with these pages patched over it; its content
+    /// as restored is not known here, so `blocks` says nothing of it. `false` (nothing
+    /// done) when the parent has no block `i` of `len` bytes.
+    pub fn patch(
+        &mut self,
+        i: u32,
+        len: usize,
+        pages: &[(u32, &[u8])],
+        sink: &Sink,
+    ) -> Result<bool> {
+        let Some(base) = self.parent_block(i, len) else {
+            return Ok(false);
+        };
+        debug_assert!(self.units_out.is_none(), "unit hashes need every page");
+        self.chunks.push(base);
+        self.blocks.remove(&i);
+        let per = self.pages_per_block();
+        for (k, bytes) in pages {
+            let page = i * per + k;
+            self.drop_page(page);
+            self.pages.push(page, bytes, PATCH_PAGES, sink)?;
+            self.pages_patched += 1;
+        }
+        Ok(true)
+    }
+
     /// Block `i`, not read (the server's WAL summaries say no page of it changed since the
     /// parent started): the parent's block and patches as they are.
     pub fn carry(&mut self, i: u32) -> Result<()> {

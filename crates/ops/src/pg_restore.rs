@@ -170,6 +170,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     repo.require_restore("restore a database")?;
     let list = backups(repo, o.cluster.as_deref())?;
     let (snap, info) = choose(repo, &list, &o.target, o.snapshot.as_deref())?;
+    tracing::debug!("restore: chose snapshot {}", snap.id.short());
 
     // The archive must hold the WAL from the backup's start (unless the backup carries
     // it) and reach the target.

@@ -4,14 +4,21 @@
 //! reads that stream into the same fixed blocks as a backup read from the data directory,
 //! so both kinds of backup deduplicate against each other and restore the same way.
 //!
-//! What is given up against reading the data directory: every file crosses the network
-//! each time (an incremental still stores only changed blocks, and skips hashing files
-//! whose size and time match its parent), pages are not patched one by one (a file's
-//! birth time, which guards page mode against a relation made again under the same name,
-//! is not in the stream), and only clusters without extra tablespaces (pg_basebackup
-//! writes one tablespace to its output). A page failing its checksum is read once more
-//! through the server (`pg_read_binary_file`) before it is reported, since a page being
-//! written while the server read it can tear.
+//! Incrementals: on PostgreSQL 17+ with `summarize_wal = on` the server sends only the
+//! blocks its WAL summaries name since the parent (format.md 6.3): custos gives
+//! `pg_basebackup --incremental` a manifest made from the parent's snapshot and lays the
+//! blocks sent over the parent's as page patches. Relation files whose parent size is not
+//! a whole number of 128 KiB blocks (the growing tail segment of a relation) still come
+//! whole, since a parent block of another length cannot take patches. Older servers send
+//! every file each time (still stored only where its blocks changed, and not hashed when
+//! size and time match the parent).
+//!
+//! What is given up against reading the data directory: pages of files that come whole
+//! are not patched one by one (a file's birth time, which guards page mode against a
+//! relation made again under the same name, is not in the stream), and only clusters
+//! without extra tablespaces (pg_basebackup writes one tablespace to its output). A page
+//! failing its checksum is read once more through the server (`pg_read_binary_file`)
+//! before it is reported, since a page being written while the server read it can tear.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Read};
@@ -22,10 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use custos_model::ChunkId;
 use custos_model::{Error, Kind, Lsn, Result};
 use custos_repo::snapshot::{PgInfo, RootMeta, SnapshotStats};
 use custos_repo::{BlobKind, Repository, SnapshotBody};
-use custos_sources::files::{Entry, EntryKind, Fingerprint};
+use custos_sources::files::{Entry, EntryKind, Fingerprint, PagePatches};
 use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
 use custos_sources::postgres::db::{ClusterInfo, Db};
 
@@ -34,6 +42,7 @@ use crate::pg_backup::{
     begin, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
     PgBackupOptions, PgBackupReport,
 };
+use crate::pg_pages::{FileBuilder, ParentFile, Sink};
 
 pub(crate) fn backup_streamed(
     repo: &Repository,
@@ -72,73 +81,102 @@ pub(crate) fn backup_streamed(
     let (start_time, _) = db.clock_and_next_xid()?;
     let (conninfo, password) = pg.conn.libpq()?;
     let label = format!("custos {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
-    let mut cmd = Command::new(&program);
-    cmd.args(["-D", "-", "-F", "t", "-c", "fast", "-w"])
-        .args(["-X", if pg.include_wal { "fetch" } else { "none" }])
-        .args(["--no-verify-checksums", "--manifest-checksums=NONE"])
-        .args(["-l", &label, "-d", &conninfo])
-        .env("LC_MESSAGES", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(p) = password {
-        cmd.env("PGPASSWORD", p);
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::new(
-            Kind::Source,
-            format!("cannot run {}: {e}", program.display()),
-        )
-    })?;
-    let stderr = child.stderr.take().expect("piped");
-    let messages = std::thread::spawn(move || {
-        let mut last = std::collections::VecDeque::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(|l| l.ok())
+    // PostgreSQL 17+ with WAL summaries: the server sends only the blocks changed since
+    // the parent started, told of the parent by a backup manifest made from its snapshot.
+    let block_size = match repo.config.block_chunker {
+        custos_chunk::ChunkerParams::Fixed { size } => u64::from(size),
+        _ => 0,
+    };
+    let parent_pg = run.parent.as_ref().and_then(|p| p.summary.pg.clone());
+    let server_incremental = match (&parents, &parent_pg) {
+        (Some(files), Some(ppg))
+            if info.server_version_num >= 170000
+                && info.summarize_wal
+                && block_size > PAGE_SIZE as u64
+                && block_size % PAGE_SIZE as u64 == 0 =>
         {
-            tracing::debug!("pg_basebackup: {line}");
-            if last.len() == 20 {
-                last.pop_front();
-            }
-            last.push_back(line);
+            Some(TempManifest::write(&parent_manifest(
+                info.system_id,
+                files,
+                ppg,
+                block_size,
+            ))?)
         }
-        last.into_iter().collect::<Vec<_>>()
-    });
-    // The server waits for the archiver after the last data file, while pg_basebackup
-    // holds the end of that file in its output buffer: custos bounds how long the stream
-    // may go quiet once data flows.
-    let watchdog = Watchdog::start(child.id(), pg.archive_timeout);
+        _ => None,
+    };
     let archive_wait = waits_for_archive(info, pg.include_wal);
-
-    opts.progress.start("backup", None);
-    let stdout = child.stdout.take().expect("piped");
-    let read = read_stream(
-        repo,
-        &run.writer,
-        stdout,
-        parents.as_ref(),
-        parent_start_ns,
-        info.data_checksums,
-        opts,
-        || {
-            if archive_wait {
-                watchdog.arm();
+    let stream = |incremental: Option<&Path>| -> Result<StreamRead> {
+        let mut cmd = Command::new(&program);
+        if let Some(m) = incremental {
+            cmd.arg(format!("--incremental={}", m.display()));
+        }
+        cmd.args(["-D", "-", "-F", "t", "-c", "fast", "-w"])
+            .args(["-X", if pg.include_wal { "fetch" } else { "none" }])
+            .args(["--no-verify-checksums", "--manifest-checksums=NONE"])
+            .args(["-l", &label, "-d", &conninfo])
+            .env("LC_MESSAGES", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(p) = &password {
+            cmd.env("PGPASSWORD", p.as_str());
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::new(
+                Kind::Source,
+                format!("cannot run {}: {e}", program.display()),
+            )
+        })?;
+        let stderr = child.stderr.take().expect("piped");
+        let messages = std::thread::spawn(move || {
+            let mut last = std::collections::VecDeque::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                tracing::debug!("pg_basebackup: {line}");
+                if last.len() == 20 {
+                    last.pop_front();
+                }
+                last.push_back(line);
             }
-        },
-    );
-    opts.progress.finish();
-    // custos stopped reading (its own error, storage for one): that error is the story,
-    // not the signal that ends pg_basebackup.
-    let stopped_reading = read.is_err();
-    if stopped_reading {
-        let _ = child.kill();
-    }
-    let status = child.wait();
-    let timed_out = watchdog.stop();
-    let messages = messages.join().unwrap_or_default();
-    if timed_out {
-        return Err(Error::new(
+            last.into_iter().collect::<Vec<_>>()
+        });
+        // The server waits for the archiver after the last data file, while pg_basebackup
+        // holds the end of that file in its output buffer: custos bounds how long the stream
+        // may go quiet once data flows.
+        let watchdog = Watchdog::start(child.id(), pg.archive_timeout);
+
+        opts.progress.start("backup", None);
+        let stdout = child.stdout.take().expect("piped");
+        let read = read_stream(
+            repo,
+            &run.writer,
+            stdout,
+            parents.as_ref(),
+            parent_start_ns,
+            info.data_checksums,
+            incremental.is_some().then_some(block_size),
+            opts,
+            || {
+                if archive_wait {
+                    watchdog.arm();
+                }
+            },
+        );
+        opts.progress.finish();
+        // custos stopped reading (its own error, storage for one; or a file it cannot rebuild
+        // from an incremental stream): that is the story, not the signal that ends
+        // pg_basebackup.
+        let stopped_reading = read.as_ref().map_or(true, |r| r.redo.is_some());
+        if stopped_reading {
+            let _ = child.kill();
+        }
+        let status = child.wait();
+        let timed_out = watchdog.stop();
+        let messages = messages.join().unwrap_or_default();
+        if timed_out {
+            return Err(Error::new(
             Kind::Source,
             format!(
                 "the server did not finish the backup within {} s: it sent nothing more, waiting until the last WAL segment is archived; the backup is not saved",
@@ -146,28 +184,42 @@ pub(crate) fn backup_streamed(
             ),
         )
         .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
-    }
-    let status = status.map_err(|e| Error::internal(e.to_string()))?;
-    if let (true, false, Err(e)) = (stopped_reading, timed_out, &read) {
-        return Err(e.clone());
-    }
-    if !status.success() {
-        let said: Vec<&String> = messages
-            .iter()
-            .filter(|l| !l.starts_with("NOTICE") && !l.contains("warning:"))
-            .collect();
-        let said = said
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(Error::new(
+        }
+        let status = status.map_err(|e| Error::internal(e.to_string()))?;
+        if let (true, false, Err(e)) = (stopped_reading, timed_out, &read) {
+            return Err(e.clone());
+        }
+        if let Ok(r) = &read {
+            if r.redo.is_some() {
+                return read;
+            }
+        }
+        if !status.success() {
+            let said: Vec<&String> = messages
+                .iter()
+                .filter(|l| !l.starts_with("NOTICE") && !l.contains("warning:"))
+                .collect();
+            let said = said
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(Error::new(
             Kind::Source,
             format!("pg_basebackup failed ({status}): {said}"),
         )
         .hint("the role needs the REPLICATION attribute and a `replication` line in pg_hba.conf; a password comes from PGPASSWORD or ~/.pgpass"));
+        }
+        read
+    };
+    let mut read = stream(server_incremental.as_ref().map(|m| m.path.as_path()))?;
+    if let Some(why) = read.redo.take() {
+        // Rare (a relation cut short inside a block since the parent): the whole stream
+        // once more, which needs nothing from the parent.
+        tracing::warn!("{why}: taking every file over the stream instead");
+        read = stream(None)?;
     }
-    let mut read = read?;
+    let server_incremental = read.incremental_files > 0;
     let manifest = read.manifest.take().ok_or_else(|| {
         Error::new(
             Kind::Source,
@@ -274,10 +326,10 @@ pub(crate) fn backup_streamed(
         backup: report,
         damaged_pages: damaged,
         promoted_to_full,
-        pages_patched: 0,
+        pages_patched: read.pages_patched,
         units_patched: 0,
         blocks_skipped: 0,
-        wal_summaries: false,
+        wal_summaries: server_incremental,
         via: "replication",
     })
 }
@@ -294,6 +346,12 @@ struct StreamRead {
     damaged: Vec<(String, u32, u16, u16)>,
     unchanged: u64,
     bytes: u64,
+    /// Relation files the server sent incrementally, and the pages they patched.
+    incremental_files: u64,
+    pages_patched: u64,
+    /// Set when a file came incrementally in a shape the parent's blocks cannot rebuild:
+    /// the reading stopped there, and the backup is taken again without the parent.
+    redo: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -304,6 +362,7 @@ fn read_stream(
     parents: Option<&crate::pg_backup::ParentFiles>,
     parent_start_ns: i64,
     check_pages: bool,
+    incremental: Option<u64>,
     opts: &BackupOptions,
     alive: impl Fn(),
 ) -> Result<StreamRead> {
@@ -323,6 +382,9 @@ fn read_stream(
         damaged: vec![],
         unchanged: 0,
         bytes: 0,
+        incremental_files: 0,
+        pages_patched: 0,
+        redo: None,
     };
     let mut owners = Owners::default();
     let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, stream));
@@ -379,6 +441,13 @@ fn read_stream(
         if path == "backup_label" {
             let mut text = String::new();
             item.read_to_string(&mut text).map_err(broken)?;
+            // An incremental's label names its parent, and PostgreSQL refuses to start
+            // from such a label; the files stored are whole, so the label is a full one.
+            let text: String = text
+                .split_inclusive('\n')
+                .filter(|l| !l.starts_with("INCREMENTAL FROM "))
+                .collect();
+            entry.size = text.len() as u64;
             entry.chunks = store_bytes(repo, writer, text.as_bytes())?;
             // The label comes first in the stream.
             out.start = Some(parse_label(&text)?);
@@ -390,6 +459,62 @@ fn read_stream(
             && path
                 .strip_prefix("pg_wal/")
                 .is_some_and(|n| !n.contains('/'));
+        if let (Some(block_size), Some(real)) = (incremental, incremental_target(&path)) {
+            if kind != EntryKind::File || !datadir::included(&real, kind) {
+                continue;
+            }
+            let Some(parent) = parents.and_then(|p| p.get(&real)) else {
+                out.redo = Some(format!(
+                    "{real} came incrementally but the parent has no such file"
+                ));
+                return Ok(out);
+            };
+            entry.path = real;
+            let since = out.start.map_or(Lsn(0), |s| s.0);
+            let first_page = datadir::relation_first_page(&entry.path).filter(|_| check_pages);
+            match rebuild(
+                repo,
+                writer,
+                &mut item,
+                size,
+                parent,
+                block_size,
+                |blk, page| {
+                    if let Some(first) = first_page {
+                        if let PageCheck::Damaged { stored, computed } =
+                            datadir::check_page(page, first + blk, since)
+                        {
+                            out.damaged
+                                .push((entry.path.clone(), first + blk, stored, computed));
+                        }
+                    }
+                    alive();
+                },
+            )
+            .map_err(|e| match e {
+                Rebuild::Io(e) => broken(e),
+                Rebuild::Other(e) => e,
+            })? {
+                Some((pages, size, chunks, patches)) => {
+                    entry.size = size;
+                    entry.chunks = chunks;
+                    entry.pages = patches;
+                    out.pages_patched += pages;
+                }
+                None => {
+                    out.redo = Some(format!(
+                        "{} came incrementally in a shape its parent's blocks cannot rebuild (cut short inside a block)",
+                        entry.path
+                    ));
+                    return Ok(out);
+                }
+            }
+            out.incremental_files += 1;
+            out.bytes += size;
+            opts.progress.add(size);
+            out.entries.push(entry);
+            continue;
+        }
         if path.is_empty() || !(wal_file || datadir::included(&path, kind)) {
             continue;
         }
@@ -468,6 +593,220 @@ fn read_stream(
         };
     }
     Ok(out)
+}
+
+/// `dir/INCREMENTAL.name` (a file PostgreSQL 17+ sent incrementally): `dir/name`.
+fn incremental_target(path: &str) -> Option<String> {
+    let (dir, name) = path.rsplit_once('/')?;
+    let name = name.strip_prefix("INCREMENTAL.")?;
+    Some(format!("{dir}/{name}"))
+}
+
+/// The header of an incremental file (PostgreSQL's `basebackup_incremental.h`).
+const INCREMENTAL_MAGIC: u32 = 0xd3ae_1f0d;
+
+enum Rebuild {
+    Io(std::io::Error),
+    Other(Error),
+}
+
+impl From<std::io::Error> for Rebuild {
+    fn from(e: std::io::Error) -> Rebuild {
+        Rebuild::Io(e)
+    }
+}
+
+impl From<Error> for Rebuild {
+    fn from(e: Error) -> Rebuild {
+        Rebuild::Other(e)
+    }
+}
+
+/// A relation file rebuilt from an incremental file: pages patched, size, chunks, patches.
+type Rebuilt = (u64, u64, Vec<ChunkId>, Option<PagePatches>);
+
+/// Rebuilds a relation file the server sent incrementally (`INCREMENTAL.*`, `size` bytes
+/// in the stream) over its parent, as `pg_combinebackup` would: the file is
+/// `max(truncation length, last block sent + 1)` pages; a page sent is taken, a page
+/// below the truncation length and inside the parent's file is the parent's, any other
+/// is zeros. A block whose pages are all known is stored whole; a block that needs the
+/// parent's pages is the parent's block with the pages sent patched over it, which needs
+/// a parent block of the same length: `None` when there is none (the file was cut short
+/// inside a block). `seen(block, page)` is told of every page sent.
+fn rebuild(
+    repo: &Repository,
+    writer: &custos_repo::BlobWriter,
+    item: &mut impl Read,
+    size: u64,
+    parent: &ParentFile,
+    block_size: u64,
+    mut seen: impl FnMut(u32, &[u8]),
+) -> std::result::Result<Option<Rebuilt>, Rebuild> {
+    let bad = |m: String| Rebuild::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, m));
+    let mut word = || -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        item.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    };
+    let (magic, n, truncation) = (word()?, word()?, word()?);
+    if magic != INCREMENTAL_MAGIC {
+        return Err(bad(format!(
+            "incremental file with magic {magic:#010x}, not {INCREMENTAL_MAGIC:#010x}"
+        )));
+    }
+    if n > datadir::RELSEG_PAGES || truncation > datadir::RELSEG_PAGES {
+        return Err(bad(format!(
+            "incremental file of {n} blocks, truncation length {truncation}: more than a segment"
+        )));
+    }
+    let blocks = (0..n)
+        .map(|_| word())
+        .collect::<std::io::Result<Vec<u32>>>()?;
+    if blocks.windows(2).any(|w| w[0] >= w[1])
+        || blocks.last().is_some_and(|b| *b >= datadir::RELSEG_PAGES)
+    {
+        return Err(bad(
+            "incremental file with block numbers out of order".into()
+        ));
+    }
+    let mut header = 12 + 4 * u64::from(n);
+    if n > 0 && header % PAGE_SIZE as u64 != 0 {
+        let pad = PAGE_SIZE as u64 - header % PAGE_SIZE as u64;
+        std::io::copy(&mut item.take(pad), &mut std::io::sink())?;
+        header += pad;
+    }
+    if header + u64::from(n) * PAGE_SIZE as u64 != size {
+        return Err(bad(format!(
+            "incremental file of {n} blocks holds {size} bytes"
+        )));
+    }
+    let pages = blocks.last().map_or(truncation, |b| truncation.max(b + 1));
+    let parent_pages = (parent.size / PAGE_SIZE as u64) as u32;
+    let from_parent = |p: u32| p < truncation && p < parent_pages;
+    let hash = |d: &[u8]| repo.keys.chunk_id(d);
+    let has = |id: &ChunkId| writer.has(id);
+    let add = |id: ChunkId, d: Vec<u8>| writer.add(id, BlobKind::Data, d).map(|_| ());
+    let sink = Sink {
+        hash: &hash,
+        has: &has,
+        add: &add,
+    };
+    let mut builder = FileBuilder::new(Some(parent), block_size);
+    let per = (block_size / PAGE_SIZE as u64) as u32;
+    let zero = [0u8; PAGE_SIZE];
+    let mut next = 0;
+    for i in 0..pages.div_ceil(per) {
+        let first = i * per;
+        let end = (first + per).min(pages);
+        let mut sent: Vec<(u32, Vec<u8>)> = vec![];
+        while next < blocks.len() && blocks[next] < end {
+            let mut page = vec![0u8; PAGE_SIZE];
+            item.read_exact(&mut page)?;
+            seen(blocks[next], &page);
+            sent.push((blocks[next] - first, page));
+            next += 1;
+        }
+        let is_sent = |p: u32| sent.iter().any(|(k, _)| *k == p - first);
+        let len = (end - first) as usize * PAGE_SIZE;
+        if !(first..end).any(|p| !is_sent(p) && from_parent(p)) {
+            let mut data = vec![0u8; len];
+            for (k, page) in &sent {
+                let at = *k as usize * PAGE_SIZE;
+                data[at..at + PAGE_SIZE].copy_from_slice(page);
+            }
+            builder.block(i, data, |_, _| true, &sink)?;
+            continue;
+        }
+        let mut over: Vec<(u32, &[u8])> = sent.iter().map(|(k, p)| (*k, p.as_slice())).collect();
+        over.extend(
+            (first..end)
+                .filter(|p| !is_sent(*p) && !from_parent(*p))
+                .map(|p| (p - first, &zero[..])),
+        );
+        over.sort_by_key(|(k, _)| *k);
+        if !builder.patch(i, len, &over, &sink)? {
+            return Ok(None);
+        }
+    }
+    let patched = builder.pages_patched;
+    let size = u64::from(pages) * PAGE_SIZE as u64;
+    let (chunks, patches, _) = builder.finish(size, &sink)?;
+    Ok(Some((patched, size, chunks, patches)))
+}
+
+/// A backup manifest (version 2) of the parent as PostgreSQL's incremental backup reads
+/// it: the system identifier, the parent's WAL range, and its files with their sizes. A
+/// relation file is listed only when its size is a whole number of blocks, so that every
+/// block the server leaves out has a parent block of the same length; others come whole.
+fn parent_manifest(
+    system_id: u64,
+    files: &crate::pg_backup::ParentFiles,
+    parent: &PgInfo,
+    block_size: u64,
+) -> String {
+    let mut listed: Vec<(&String, &ParentFile)> = files
+        .iter()
+        .filter(|(p, f)| datadir::relation_first_page(p).is_none() || f.size % block_size == 0)
+        .collect();
+    listed.sort_by(|a, b| a.0.cmp(b.0));
+    let mut m = format!(
+        "{{ \"PostgreSQL-Backup-Manifest-Version\": 2,\n\"System-Identifier\": {system_id},\n\"Files\": [\n"
+    );
+    for (k, (path, f)) in listed.iter().enumerate() {
+        let time =
+            chrono::DateTime::from_timestamp_nanos(f.mtime_ns).format("%Y-%m-%d %H:%M:%S GMT");
+        let sep = if k + 1 < listed.len() { "," } else { "" };
+        m.push_str(&format!(
+            "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{time}\" }}{sep}\n",
+            serde_json::Value::from(path.as_str()),
+            f.size
+        ));
+    }
+    m.push_str(&format!(
+        "],\n\"WAL-Ranges\": [\n{{ \"Timeline\": {}, \"Start-LSN\": \"{}\", \"End-LSN\": \"{}\" }}\n],\n",
+        parent.timeline, parent.start_lsn, parent.stop_lsn
+    ));
+    // The checksum covers every line but its own.
+    let sum = ring::digest::digest(&ring::digest::SHA256, m.as_bytes());
+    m.push_str(&format!(
+        "\"Manifest-Checksum\": \"{}\"}}\n",
+        hex::encode(sum)
+    ));
+    m
+}
+
+/// The parent's manifest in a private temporary file for `pg_basebackup --incremental`,
+/// removed when dropped.
+struct TempManifest {
+    path: PathBuf,
+}
+
+impl TempManifest {
+    fn write(text: &str) -> Result<TempManifest> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "custos-parent-manifest-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| custos_model::error::io_error(Kind::Internal, &path, e))?;
+        let t = TempManifest { path };
+        f.write_all(text.as_bytes())
+            .map_err(|e| custos_model::error::io_error(Kind::Internal, &t.path, e))?;
+        Ok(t)
+    }
+}
+
+impl Drop for TempManifest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Owner names in the stream mapped to this host's ids (the server's `postgres` may have

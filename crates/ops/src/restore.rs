@@ -115,6 +115,19 @@ fn delta_prepare(
                 .iter()
                 .flat_map(|p| p.blocks.iter().copied())
                 .collect();
+            // Patched blocks whose content as restored the writer did not know (a file
+            // PostgreSQL sent incrementally) are always written.
+            let unknown: std::collections::HashSet<usize> = if e.pages.is_some() {
+                crate::pg_pages::pieces(e, |id| {
+                    index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+                })?
+                .into_iter()
+                .filter(|p| p.is_patch() && !patched.contains_key(&(p.block as u32)))
+                .map(|p| p.block)
+                .collect()
+            } else {
+                Default::default()
+            };
             for (k, id) in e.chunks.iter().enumerate() {
                 let Some((_, loc)) = index.get(id) else {
                     break;
@@ -125,7 +138,10 @@ fn delta_prepare(
                 }
                 buf.resize(n as usize, 0);
                 let expect = patched.get(&(k as u32)).unwrap_or(id);
-                if f.read_exact_at(&mut buf, off).is_ok() && repo.keys.chunk_id(&buf) == *expect {
+                if !unknown.contains(&k)
+                    && f.read_exact_at(&mut buf, off).is_ok()
+                    && repo.keys.chunk_id(&buf) == *expect
+                {
                     same.push((i, k, n));
                 }
                 off += n;
@@ -564,6 +580,7 @@ pub fn restore_files(
             .hint("restore into a new or empty folder, or pass --overwrite to replace the files it holds"));
     }
     let index = repo.load_index()?;
+    tracing::debug!("restore: index loaded");
     let entries: Vec<Entry> = crate::manifest::load(repo, &index, &body.manifest)?
         .into_iter()
         .filter(|e| included(&e.path, &opts.include))
@@ -579,6 +596,7 @@ pub fn restore_files(
         )
         .hint("`custos ls SNAPSHOT` lists the paths it holds"));
     }
+    tracing::debug!("restore: manifest loaded ({} entries)", entries.len());
     make_private_dir(target)?;
     let mut report_delta = DeltaReport::default();
     let keep = if opts.delta {
@@ -685,6 +703,7 @@ pub fn restore_files(
     // The largest first, so that the last to finish are short.
     work.sort_by_cached_key(|w| std::cmp::Reverse(w.size(&index)));
 
+    tracing::debug!("restore: planned {} work items", work.len());
     opts.progress.start("restore", Some(total));
     let written = AtomicU64::new(0);
     let is_root = unsafe { libc::geteuid() } == 0;
@@ -759,6 +778,7 @@ pub fn restore_files(
             }
         }
     })?;
+    tracing::debug!("restore: data written");
     report.packs_read = packs_read;
     report.bytes = written.load(Ordering::Relaxed);
     opts.progress.finish();
@@ -792,7 +812,9 @@ pub fn restore_files(
     }
     // Durable before we say done: one syncfs for the whole restore rather than an fsync
     // per file (same data written, far fewer waits).
+    tracing::debug!("restore: metadata set");
     sync_filesystem(target)?;
+    tracing::debug!("restore: synced");
     report.duration_ms = start.elapsed().as_millis() as u64;
     Ok(report)
 }
