@@ -239,6 +239,32 @@ fn replication(bin: PathBuf, pg_bin_flag: bool, summaries: bool) {
     start_and_read(&pg.bin, &dir, port, &pg.dir);
     assert_eq!(reopen(&dir), want, "the restored tables differ");
 
+    if summaries {
+        // WAL summaries gone (as wal_summary_keep_time removes them): the server refuses
+        // to base an incremental on the parent; custos says so and streams every file.
+        let lsn = pg.psql("SELECT pg_current_wal_lsn()");
+        pg.switch_and_archive();
+        pg.psql("CHECKPOINT");
+        for _ in 0..300 {
+            let q = format!("SELECT summarized_lsn >= '{lsn}' FROM pg_get_wal_summarizer_state()");
+            if pg.psql(&q) == "t" {
+                break;
+            }
+            sleep_ms(100);
+        }
+        for f in std::fs::read_dir(pg.data.join("pg_wal/summaries")).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        pg.psql("UPDATE churn SET v = 'again' WHERE id = 1");
+        let out = backup.run(&a);
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("the server refused an incremental"), "{said}");
+        let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(again["pg"]["backup_type"], "incremental");
+        assert_eq!(again["wal_summaries"], false, "{again}");
+    }
+
     // The password is in nothing custos printed, nor in its cache or repository files.
     assert!(!printed.contains(SECRET));
     let mut files = walkdir(std::path::Path::new(&t.repo));

@@ -212,7 +212,22 @@ pub(crate) fn backup_streamed(
         }
         read
     };
-    let mut read = stream(server_incremental.as_ref().map(|m| m.path.as_path()))?;
+    let mut read = match &server_incremental {
+        Some(m) => match stream(Some(&m.path)) {
+            // The server cannot take an incremental from this parent: its WAL summaries do
+            // not reach back to it (summarize_wal turned on later, wal_summary_keep_time),
+            // or the parent is on a timeline this server did not come through.
+            Err(e) if refused_incremental(&e.message) => {
+                tracing::warn!(
+                    "the server refused an incremental from the parent ({}): taking every file over the stream instead",
+                    e.message
+                );
+                stream(None)?
+            }
+            r => r?,
+        },
+        None => stream(None)?,
+    };
     if let Some(why) = read.redo.take() {
         // Rare (a relation cut short inside a block since the parent): the whole stream
         // once more, which needs nothing from the parent.
@@ -593,6 +608,15 @@ fn read_stream(
         };
     }
     Ok(out)
+}
+
+/// Whether pg_basebackup failed because the server would not base an incremental on the
+/// manifest it was given (PostgreSQL's `PrepareForIncrementalBackup`), rather than for a
+/// reason a whole stream would meet as well.
+fn refused_incremental(message: &str) -> bool {
+    message.contains("WAL summaries are required")
+        || message.contains("manifest requires WAL")
+        || message.contains("found in manifest, but not in this server's history")
 }
 
 /// `dir/INCREMENTAL.name` (a file PostgreSQL 17+ sent incrementally): `dir/name`.
