@@ -124,14 +124,15 @@ fn replication(bin: PathBuf, pg_bin_flag: bool, summaries: bool) {
     sleep_ms(2000);
     let incr = run(&["--type", "incremental"]);
     if summaries {
-        // The server sent only changed blocks (two of the 16 MiB of `wide`, whose size was
-        // whole blocks), and custos patched them over the parent's.
+        // The server sent only changed blocks (two of the 16 MiB of `wide`; of the tables
+        // that grew, their new pages), and custos patched them over the parent's: under
+        // a third of what the full read (measured: 11 MB of 74 MB).
         assert_eq!(incr["wal_summaries"], true, "{incr}");
         assert!(incr["pages_patched"].as_u64().unwrap() > 0, "{incr}");
         assert!(
-            incr["stats"]["bytes_read"].as_u64().unwrap() + (8 << 20)
+            incr["stats"]["bytes_read"].as_u64().unwrap() * 3
                 < full["stats"]["bytes_read"].as_u64().unwrap(),
-            "the server sent the unchanged table again: {incr} after {full}"
+            "the server sent much of the cluster again: {incr} after {full}"
         );
     }
     let incr_id = incr["snapshot"].as_str().unwrap().to_string();

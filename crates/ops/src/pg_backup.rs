@@ -503,11 +503,15 @@ fn parent_files(
                     .into_iter()
                     .map(|(path, (fp, chunks))| {
                         let pages = c.pages.remove(&path);
+                        let covered = crate::pg_pages::covered(&chunks, fp.size, |id| {
+                            index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+                        });
                         let pf = ParentFile {
                             size: fp.size,
                             mtime_ns: fp.mtime_ns,
                             chunks,
                             pages,
+                            covered,
                         };
                         (path, pf)
                     })
@@ -527,7 +531,12 @@ fn parent_files(
         entries
             .into_iter()
             .filter(|e| e.kind == EntryKind::File)
-            .map(|e| (e.path.clone(), ParentFile::of(&e)))
+            .map(|e| {
+                let pf = ParentFile::of(&e, |id| {
+                    index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+                });
+                (e.path.clone(), pf)
+            })
             .collect(),
     ))
 }
@@ -661,7 +670,7 @@ impl ReadFile<'_> {
                     let start = u64::from(i) * self.block_size;
                     let len = self.block_size.min(size - start);
                     if len == self.block_size
-                        && m.parent.size >= start + len
+                        && m.parent.covered >= start + len
                         && !changes.touches(i * per, per)
                     {
                         builder.carry(i)?;

@@ -24,17 +24,32 @@ pub struct ParentFile {
     pub mtime_ns: i64,
     pub chunks: Vec<ChunkId>,
     pub pages: Option<PagePatches>,
+    /// Bytes its chunks hold: `size`, or less for a file that grew past its blocks
+    /// (format.md 6.3: zeros under patches).
+    pub covered: u64,
 }
 
 impl ParentFile {
-    pub fn of(e: &Entry) -> ParentFile {
+    /// The parent's record of `e`; `chunk_len` gives a chunk's plain length (from the
+    /// index).
+    pub fn of(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> ParentFile {
         ParentFile {
             size: e.size,
             mtime_ns: e.mtime_ns,
             chunks: e.chunks.clone(),
             pages: e.pages.clone(),
+            covered: covered(&e.chunks, e.size, chunk_len),
         }
     }
+}
+
+/// Bytes that `chunks` hold, at most `size` (`size` when a length is unknown).
+pub fn covered(chunks: &[ChunkId], size: u64, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> u64 {
+    chunks
+        .iter()
+        .map(&chunk_len)
+        .sum::<Option<u64>>()
+        .map_or(size, |n| n.min(size))
 }
 
 /// Pages per patch chunk: as many as a default block, compressed together.
@@ -205,7 +220,7 @@ impl<'p> FileBuilder<'p> {
     fn parent_block(&self, i: u32, len: usize) -> Option<ChunkId> {
         let p = self.parent?;
         let start = u64::from(i) * self.block_size;
-        let plen = p.size.checked_sub(start)?.min(self.block_size);
+        let plen = p.covered.checked_sub(start)?.min(self.block_size);
         (plen == len as u64 && len.is_multiple_of(PATCH_PAGE))
             .then(|| p.chunks.get(i as usize).copied())
             .flatten()
@@ -384,6 +399,44 @@ impl<'p> FileBuilder<'p> {
         Ok(true)
     }
 
+    /// Block `i` of a file PostgreSQL 17+ sent incrementally, past the point where its
+    /// chunks can go on (the parent's block `i` is shorter than the file's, or the
+    /// parent's chunks ended before it): the parent's block `i` when there is one and
+    /// no chunk was given after it, then `pages` patched over it and the zeros beyond it
+    /// (format.md 6.3). Every later block of the file goes here too.
+    pub fn tail(&mut self, i: u32, pages: &[(u32, &[u8])], sink: &Sink) -> Result<()> {
+        debug_assert!(self.units_out.is_none(), "unit hashes need every page");
+        if let Some(id) = self.parent.and_then(|p| p.chunks.get(i as usize)) {
+            if self.chunks.len() == i as usize {
+                self.chunks.push(*id);
+            }
+        }
+        self.blocks.remove(&i);
+        let per = self.pages_per_block();
+        for (k, bytes) in pages {
+            let page = i * per + k;
+            self.drop_page(page);
+            self.pages.push(page, bytes, PATCH_PAGES, sink)?;
+            self.pages_patched += 1;
+        }
+        Ok(())
+    }
+
+    /// Whether page `page` has a patch so far (its parent's still live, or this backup's).
+    pub fn has_patch_at(&self, page: u32) -> bool {
+        let units = page * UNITS as u32..(page + 1) * UNITS as u32;
+        self.pages.slot_of.contains_key(&page)
+            || self.pages.pending_ids.contains(&page)
+            || self.pages.fresh.iter().any(|p| p.pages.contains(&page))
+            || units.clone().any(|u| self.units.slot_of.contains_key(&u))
+            || self.units.pending_ids.iter().any(|u| units.contains(u))
+            || self
+                .units
+                .fresh
+                .iter()
+                .any(|p| p.pages.iter().any(|u| units.contains(u)))
+    }
+
     /// Block `i`, not read (the server's WAL summaries say no page of it changed since the
     /// parent started): the parent's block and patches as they are.
     pub fn carry(&mut self, i: u32) -> Result<()> {
@@ -435,9 +488,20 @@ pub struct Piece {
     pub pass: u8,
 }
 
+/// The "chunk" of a piece of zeros: no chunk has this id (ids are keyed hashes).
+pub const ZERO_CHUNK: ChunkId = custos_model::ChunkId(custos_model::Id([0; 32]));
+
+/// Zeros past a file's chunks are laid in pieces of at most this size.
+const ZERO_SPAN: u64 = 128 << 10;
+
 impl Piece {
     pub fn is_patch(&self) -> bool {
         self.pass > 0
+    }
+
+    /// Zeros (bytes past the file's chunks), not a chunk's bytes.
+    pub fn is_zero(&self) -> bool {
+        self.chunk == ZERO_CHUNK
     }
 }
 
@@ -473,9 +537,30 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
         });
         off += len;
     }
+    if off > e.size {
+        return Err(Error::integrity(format!(
+            "{}: its chunks hold {off} bytes, more than its size ({})",
+            e.path, e.size
+        )));
+    }
     let Some(pages) = &e.pages else {
         return Ok(out);
     };
+    // Past the chunks (a file that grew since the blocks it keeps): zeros under patches.
+    let mut at = off;
+    while at < e.size {
+        let len = ZERO_SPAN.min(e.size - at);
+        starts.push(at);
+        out.push(Piece {
+            chunk: ZERO_CHUNK,
+            src: 0,
+            dst: at,
+            len,
+            block: starts.len() - 1,
+            pass: 0,
+        });
+        at += len;
+    }
     pages
         .check(e.size)
         .map_err(|m| Error::integrity(format!("{}: {m}", e.path)))?;
@@ -595,6 +680,7 @@ mod tests {
                 mtime_ns: 0,
                 chunks,
                 pages,
+                covered: data.len() as u64,
             },
             units,
             patched,
@@ -626,9 +712,13 @@ mod tests {
         // pieces of one pass in reverse order (any order must do).
         for pass in 0..PASSES as u8 {
             for p in ps.iter().rev().filter(|p| p.pass == pass) {
-                let src = &chunks[&p.chunk][p.src as usize..(p.src + p.len) as usize];
                 let dst = p.dst as usize..(p.dst + p.len) as usize;
-                out[dst.clone()].copy_from_slice(src);
+                if p.is_zero() {
+                    out[dst.clone()].fill(0);
+                } else {
+                    let src = &chunks[&p.chunk][p.src as usize..(p.src + p.len) as usize];
+                    out[dst.clone()].copy_from_slice(src);
+                }
                 for w in &mut written[dst] {
                     assert!(*w <= pass, "a byte written twice in one pass");
                     *w = pass + 1;
@@ -637,6 +727,82 @@ mod tests {
         }
         assert!(written.iter().all(|w| *w >= 1), "every byte written");
         out
+    }
+
+    /// A file PostgreSQL sent incrementally that grew past its parent's short last block:
+    /// the parent's blocks, zeros past them, and patches (the pages sent, and the zeros
+    /// that say the file's last page); it restores to the file, and a backup read from the
+    /// data directory over it stores whole the blocks it could not take from the parent.
+    #[test]
+    fn a_file_grown_past_its_parents_short_block_is_chunks_zeros_and_patches() {
+        let store = Store {
+            chunks: Mutex::new(HashMap::new()),
+        };
+        let page = |n: u8| vec![n; PATCH_PAGE];
+        let old: Vec<u8> = (0..20u8).flat_map(page).collect();
+        let (parent, _, _) = build(&store, None, &old, &Default::default());
+        let lengths = |id: &ChunkId| store.chunks.lock().unwrap().get(id).map(|c| c.len() as u64);
+        let parent = ParentFile {
+            covered: covered(&parent.chunks, parent.size, lengths),
+            ..parent
+        };
+        assert_eq!(parent.chunks.len(), 2);
+        assert_eq!(parent.covered, 20 * PATCH_PAGE as u64);
+        // Now 40 pages: 5 and 18 changed, 20..=30 new, 31..=39 zeros the server never sent.
+        let mut now = old.clone();
+        now[5 * PATCH_PAGE..6 * PATCH_PAGE].fill(105);
+        now[18 * PATCH_PAGE..19 * PATCH_PAGE].fill(118);
+        for p in 20..31u8 {
+            now.extend(page(100 + p));
+        }
+        now.resize(40 * PATCH_PAGE, 0);
+        let at = |p: usize| &now[p * PATCH_PAGE..(p + 1) * PATCH_PAGE];
+
+        let hash = |d: &[u8]| id_of(d);
+        let has = |id: &ChunkId| store.chunks.lock().unwrap().contains_key(id);
+        let add = |id: ChunkId, d: Vec<u8>| -> Result<()> {
+            store.chunks.lock().unwrap().insert(id, d);
+            Ok(())
+        };
+        let sink = Sink {
+            hash: &hash,
+            has: &has,
+            add: &add,
+        };
+        let mut b = FileBuilder::new(Some(&parent), B);
+        assert!(b.patch(0, B as usize, &[(5, at(5))], &sink).unwrap());
+        // Block 1 is 4 pages at the parent, 16 now: no chunk can take it whole.
+        assert!(!b.patch(1, B as usize, &[], &sink).unwrap());
+        let sent: Vec<(u32, &[u8])> = std::iter::once((2, at(18)))
+            .chain((20..31).map(|p| (p as u32 - 16, at(p))))
+            .collect();
+        b.tail(1, &sent, &sink).unwrap();
+        b.tail(2, &[], &sink).unwrap();
+        assert!(!b.has_patch_at(39));
+        b.tail(2, &[(7, &[0u8; PATCH_PAGE][..])], &sink).unwrap();
+        let (chunks, pages, _) = b.finish(now.len() as u64, &sink).unwrap();
+        assert_eq!(
+            chunks, parent.chunks,
+            "the parent's blocks, the short one too"
+        );
+        let grown = ParentFile {
+            size: now.len() as u64,
+            mtime_ns: 0,
+            covered: covered(&chunks, now.len() as u64, lengths),
+            chunks,
+            pages,
+        };
+        assert_eq!(grown.covered, 20 * PATCH_PAGE as u64);
+        assert_eq!(restore(&store, &grown), now);
+
+        // Read again from the data directory over it (page 35 changed): block 0 keeps the
+        // parent's block, blocks 1 and 2 are stored whole.
+        now[35 * PATCH_PAGE] = 7;
+        let changed: std::collections::HashSet<u32> = [35].into();
+        let (next, _, _) = build(&store, Some((&grown, None)), &now, &changed);
+        assert_eq!(next.chunks.len(), 3);
+        assert_eq!(next.chunks[0], grown.chunks[0]);
+        assert_eq!(restore(&store, &next), now);
     }
 
     /// A chain of incrementals over a file that changes a few pages, grows and shrinks:
@@ -782,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn a_patch_naming_a_page_twice_or_outside_the_file_is_refused() {
+    fn a_patch_naming_a_page_twice_or_outside_the_file_or_chunks_past_it_are_refused() {
         let id = id_of(b"x");
         let mut e = entry(
             2 * PATCH_PAGE as u64,
@@ -798,6 +964,12 @@ mod tests {
         );
         let len = |_: &ChunkId| Some(2 * PATCH_PAGE as u64);
         assert!(pieces(&e, len).unwrap_err().message.contains("twice"));
+        let mut short = e.clone();
+        short.size = 8;
+        assert!(pieces(&short, len)
+            .unwrap_err()
+            .message
+            .contains("more than its size"));
         e.pages.as_mut().unwrap().patches[0].pages = vec![0, 7];
         assert!(pieces(&e, len).is_err());
     }

@@ -7,11 +7,10 @@
 //! Incrementals: on PostgreSQL 17+ with `summarize_wal = on` the server sends only the
 //! blocks its WAL summaries name since the parent (format.md 6.3): custos gives
 //! `pg_basebackup --incremental` a manifest made from the parent's snapshot and lays the
-//! blocks sent over the parent's as page patches. Relation files whose parent size is not
-//! a whole number of 128 KiB blocks (the growing tail segment of a relation) still come
-//! whole, since a parent block of another length cannot take patches. Older servers send
-//! every file each time (still stored only where its blocks changed, and not hashed when
-//! size and time match the parent).
+//! blocks sent over the parent's as page patches (a file grown past the parent's last,
+//! short block goes on as zeros under patches). Older servers send every file each time
+//! (still stored only where its blocks changed, and not hashed when size and time match
+//! the parent).
 //!
 //! What is given up against reading the data directory: pages of files that come whole
 //! are not patched one by one (a file's birth time, which guards page mode against a
@@ -99,7 +98,6 @@ pub(crate) fn backup_streamed(
                 info.system_id,
                 files,
                 ppg,
-                block_size,
             ))?)
         }
         _ => None,
@@ -719,6 +717,9 @@ fn rebuild(
     let per = (block_size / PAGE_SIZE as u64) as u32;
     let zero = [0u8; PAGE_SIZE];
     let mut next = 0;
+    // Past the parent's last block of its full length the file is the parent's chunks,
+    // zeros, and patches (format.md 6.3): no chunk can follow.
+    let mut tail = false;
     for i in 0..pages.div_ceil(per) {
         let first = i * per;
         let end = (first + per).min(pages);
@@ -732,7 +733,7 @@ fn rebuild(
         }
         let is_sent = |p: u32| sent.iter().any(|(k, _)| *k == p - first);
         let len = (end - first) as usize * PAGE_SIZE;
-        if !(first..end).any(|p| !is_sent(p) && from_parent(p)) {
+        if !tail && !(first..end).any(|p| !is_sent(p) && from_parent(p)) {
             let mut data = vec![0u8; len];
             for (k, page) in &sent {
                 let at = *k as usize * PAGE_SIZE;
@@ -741,16 +742,35 @@ fn rebuild(
             builder.block(i, data, |_, _| true, &sink)?;
             continue;
         }
+        // The pages sent, and zeros where the parent may hold something it should not.
         let mut over: Vec<(u32, &[u8])> = sent.iter().map(|(k, p)| (*k, p.as_slice())).collect();
         over.extend(
             (first..end)
-                .filter(|p| !is_sent(*p) && !from_parent(*p))
+                .filter(|p| !is_sent(*p) && !from_parent(*p) && *p < parent_pages)
                 .map(|p| (p - first, &zero[..])),
         );
         over.sort_by_key(|(k, _)| *k);
-        if !builder.patch(i, len, &over, &sink)? {
-            return Ok(None);
+        if !tail {
+            if builder.patch(i, len, &over, &sink)? {
+                continue;
+            }
+            let held = parent
+                .covered
+                .saturating_sub(u64::from(first) * PAGE_SIZE as u64);
+            if held > len as u64 {
+                // Cut short inside a block the parent holds longer: its pages below the
+                // cut would need a chunk cut short too.
+                return Ok(None);
+            }
+            tail = true;
         }
+        builder.tail(i, &over, &sink)?;
+    }
+    let last = pages.saturating_sub(1);
+    if tail && !builder.has_patch_at(last) {
+        // Past the chunks, the last page is zeros: said with a patch, so that the file
+        // has patches (a file without is its chunks alone) and reaches its size.
+        builder.tail(last / per, &[(last % per, &zero[..])], &sink)?;
     }
     let patched = builder.pages_patched;
     let size = u64::from(pages) * PAGE_SIZE as u64;
@@ -759,19 +779,13 @@ fn rebuild(
 }
 
 /// A backup manifest (version 2) of the parent as PostgreSQL's incremental backup reads
-/// it: the system identifier, the parent's WAL range, and its files with their sizes. A
-/// relation file is listed only when its size is a whole number of blocks, so that every
-/// block the server leaves out has a parent block of the same length; others come whole.
+/// it: the system identifier, the parent's WAL range, and its files with their sizes.
 fn parent_manifest(
     system_id: u64,
     files: &crate::pg_backup::ParentFiles,
     parent: &PgInfo,
-    block_size: u64,
 ) -> String {
-    let mut listed: Vec<(&String, &ParentFile)> = files
-        .iter()
-        .filter(|(p, f)| datadir::relation_first_page(p).is_none() || f.size % block_size == 0)
-        .collect();
+    let mut listed: Vec<(&String, &ParentFile)> = files.iter().collect();
     listed.sort_by(|a, b| a.0.cmp(b.0));
     let mut m = format!(
         "{{ \"PostgreSQL-Backup-Manifest-Version\": 2,\n\"System-Identifier\": {system_id},\n\"Files\": [\n"

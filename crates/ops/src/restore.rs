@@ -465,8 +465,9 @@ fn lay_slice(
     s: &Slice,
     buf: &mut [u8],
 ) -> Result<()> {
+    let zero = crate::pg_pages::ZERO_CHUNK;
     let mut uses: HashMap<ChunkId, usize> = HashMap::new();
-    for p in &s.pieces {
+    for p in s.pieces.iter().filter(|p| p.chunk != zero) {
         *uses.entry(p.chunk).or_default() += 1;
     }
     // Chunks decoded in place, at their offset in the slice: each is used once, whole.
@@ -476,6 +477,7 @@ fn lay_slice(
         .filter(|p| {
             p.pass == 0
                 && p.src == 0
+                && p.chunk != zero
                 && uses[&p.chunk] == 1
                 && index.blobs[&p.chunk].raw_length as usize == p.len
         })
@@ -516,6 +518,10 @@ fn lay_slice(
         )?;
     }
     for p in s.pieces.iter().filter(|p| !at_of.contains_key(&p.chunk)) {
+        if p.chunk == zero {
+            buf[p.at..p.at + p.len].fill(0);
+            continue;
+        }
         let piece = decoded[&p.chunk].get(p.src..p.src + p.len).ok_or_else(|| {
             Error::integrity(format!(
                 "chunk {} is shorter than its use in {path}",
@@ -661,7 +667,7 @@ pub fn restore_files(
                     index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
                 })?;
                 pieces.retain(|piece| !keep.is_some_and(|u| u.contains(&(i, piece.block))));
-                if pieces.iter().any(|p| p.is_patch()) {
+                if pieces.iter().any(|p| p.is_patch() || p.is_zero()) {
                     let slices = slices(i, &pieces);
                     planned[i] += slices.len();
                     work.extend(slices.into_iter().map(Work::Slice));
@@ -694,6 +700,7 @@ pub fn restore_files(
             packs.extend(
                 s.pieces
                     .iter()
+                    .filter(|p| p.chunk != crate::pg_pages::ZERO_CHUNK)
                     .map(|p| index.get(&p.chunk).expect("checked").0.id),
             );
         }
