@@ -603,14 +603,7 @@ impl ReadFile<'_> {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .is_some_and(|t| (t.as_nanos() as i64) < m.made_before_ns)
         });
-        let hash = |d: &[u8]| repo.keys.chunk_id(d);
-        let has = |id: &ChunkId| writer.has(id);
-        let add = |id: ChunkId, d: Vec<u8>| writer.add(id, BlobKind::Data, d).map(|_| ());
-        let sink = Sink {
-            hash: &hash,
-            has: &has,
-            add: &add,
-        };
+        let sink = Sink::writer(repo, writer);
         let mut builder = FileBuilder::new(pages.map(|m| m.parent), self.block_size);
         let parent_units = self
             .units

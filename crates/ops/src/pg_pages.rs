@@ -75,9 +75,30 @@ pub fn unit_hash(seed: u64, unit: &[u8]) -> u64 {
 /// Where the builder puts chunks: `hash` gives a chunk's id, `has` whether the repository
 /// already holds it, `add` queues a new one.
 pub struct Sink<'a> {
-    pub hash: &'a (dyn Fn(&[u8]) -> ChunkId + Sync),
-    pub has: &'a (dyn Fn(&ChunkId) -> bool + Sync),
-    pub add: &'a (dyn Fn(ChunkId, Vec<u8>) -> Result<()> + Sync),
+    pub hash: HashFn<'a>,
+    pub has: HasFn<'a>,
+    pub add: AddFn<'a>,
+}
+
+/// A chunk's id from its bytes.
+pub type HashFn<'a> = Box<dyn Fn(&[u8]) -> ChunkId + Sync + 'a>;
+/// Whether the repository already holds a chunk.
+pub type HasFn<'a> = Box<dyn Fn(&ChunkId) -> bool + Sync + 'a>;
+/// Queues a new chunk.
+pub type AddFn<'a> = Box<dyn Fn(ChunkId, Vec<u8>) -> Result<()> + Sync + 'a>;
+
+impl<'a> Sink<'a> {
+    /// Data chunks of a backup: ids keyed by the repository, stored by `writer`.
+    pub fn writer(
+        repo: &'a custos_repo::Repository,
+        writer: &'a custos_repo::BlobWriter,
+    ) -> Sink<'a> {
+        Sink {
+            hash: Box::new(|d| repo.keys.chunk_id(d)),
+            has: Box::new(|id| writer.has(id)),
+            add: Box::new(|id, d| writer.add(id, custos_repo::BlobKind::Data, d).map(|_| ())),
+        }
+    }
 }
 
 /// Patches of one granularity (pages or units): the parent's, carried over with the slots
@@ -647,17 +668,7 @@ mod tests {
         data: &[u8],
         changed_pages: &std::collections::HashSet<u32>,
     ) -> (ParentFile, Vec<u64>, (u64, u64)) {
-        let hash = |d: &[u8]| id_of(d);
-        let has = |id: &ChunkId| store.chunks.lock().unwrap().contains_key(id);
-        let add = |id: ChunkId, d: Vec<u8>| -> Result<()> {
-            store.chunks.lock().unwrap().insert(id, d);
-            Ok(())
-        };
-        let sink = Sink {
-            hash: &hash,
-            has: &has,
-            add: &add,
-        };
+        let sink = sink(store);
         let mut b =
             FileBuilder::new(parent.map(|p| p.0), B).with_units(7, parent.and_then(|p| p.1));
         for (i, block) in data.chunks(B as usize).enumerate() {
@@ -685,6 +696,17 @@ mod tests {
             units,
             patched,
         )
+    }
+
+    fn sink(store: &Store) -> Sink<'_> {
+        Sink {
+            hash: Box::new(id_of),
+            has: Box::new(|id| store.chunks.lock().unwrap().contains_key(id)),
+            add: Box::new(|id, d| {
+                store.chunks.lock().unwrap().insert(id, d);
+                Ok(())
+            }),
+        }
     }
 
     fn entry(size: u64, chunks: Vec<ChunkId>, pages: Option<PagePatches>) -> Entry {
@@ -758,17 +780,7 @@ mod tests {
         now.resize(40 * PATCH_PAGE, 0);
         let at = |p: usize| &now[p * PATCH_PAGE..(p + 1) * PATCH_PAGE];
 
-        let hash = |d: &[u8]| id_of(d);
-        let has = |id: &ChunkId| store.chunks.lock().unwrap().contains_key(id);
-        let add = |id: ChunkId, d: Vec<u8>| -> Result<()> {
-            store.chunks.lock().unwrap().insert(id, d);
-            Ok(())
-        };
-        let sink = Sink {
-            hash: &hash,
-            has: &has,
-            add: &add,
-        };
+        let sink = sink(&store);
         let mut b = FileBuilder::new(Some(&parent), B);
         assert!(b.patch(0, B as usize, &[(5, at(5))], &sink).unwrap());
         // Block 1 is 4 pages at the parent, 16 now: no chunk can take it whole.

@@ -705,14 +705,7 @@ fn rebuild(
     let pages = blocks.last().map_or(truncation, |b| truncation.max(b + 1));
     let parent_pages = (parent.size / PAGE_SIZE as u64) as u32;
     let from_parent = |p: u32| p < truncation && p < parent_pages;
-    let hash = |d: &[u8]| repo.keys.chunk_id(d);
-    let has = |id: &ChunkId| writer.has(id);
-    let add = |id: ChunkId, d: Vec<u8>| writer.add(id, BlobKind::Data, d).map(|_| ());
-    let sink = Sink {
-        hash: &hash,
-        has: &has,
-        add: &add,
-    };
+    let sink = Sink::writer(repo, writer);
     let mut builder = FileBuilder::new(Some(parent), block_size);
     let per = (block_size / PAGE_SIZE as u64) as u32;
     let zero = [0u8; PAGE_SIZE];
