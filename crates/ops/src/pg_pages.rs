@@ -558,15 +558,15 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
         });
         off += len;
     }
+    let Some(pages) = &e.pages else {
+        return Ok(out);
+    };
     if off > e.size {
         return Err(Error::integrity(format!(
             "{}: its chunks hold {off} bytes, more than its size ({})",
             e.path, e.size
         )));
     }
-    let Some(pages) = &e.pages else {
-        return Ok(out);
-    };
     // Past the chunks (a file that grew since the blocks it keeps): zeros under patches.
     let mut at = off;
     while at < e.size {
