@@ -982,6 +982,9 @@ mod tests {
             .unwrap_err()
             .message
             .contains("more than its size"));
+        // Without patches a file is its chunks, all of them (it grew while it was read).
+        short.pages = None;
+        assert_eq!(pieces(&short, len).unwrap()[0].len, 2 * PATCH_PAGE as u64);
         e.pages.as_mut().unwrap().patches[0].pages = vec![0, 7];
         assert!(pieces(&e, len).is_err());
     }
