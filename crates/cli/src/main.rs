@@ -440,6 +440,7 @@ impl Ctx {
         Repository::read_config(&storage)?;
         let pw = self.settings.password(&self.env, "repository password: ")?;
         let repo = Repository::open(storage, pw.as_bytes(), self.open_opts())?;
+        tracing::debug!("opened the repository with key {}", repo.key_id.short());
         self.opened(&repo);
         Ok(repo)
     }

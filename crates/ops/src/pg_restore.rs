@@ -169,6 +169,7 @@ fn choose(
 pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRestoreReport> {
     repo.require_restore("restore a database")?;
     let list = backups(repo, o.cluster.as_deref())?;
+    tracing::debug!("restore: {} backups listed", list.len());
     let (snap, info) = choose(repo, &list, &o.target, o.snapshot.as_deref())?;
     tracing::debug!("restore: chose snapshot {}", snap.id.short());
 

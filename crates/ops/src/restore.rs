@@ -630,6 +630,17 @@ pub fn restore_files(
         bytes_unchanged: report_delta.bytes_unchanged,
         removed: report_delta.removed,
     };
+    // Every file's pieces, worked out side by side (a large file with patches has
+    // hundreds of thousands).
+    let mut all_pieces: Vec<Vec<crate::pg_pages::Piece>> =
+        custos_repo::repository::parallel_map(&entries, repo.threads(), |e| {
+            if e.kind != EntryKind::File {
+                return Ok(vec![]);
+            }
+            crate::pg_pages::pieces(e, |id| {
+                index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+            })
+        })?;
     // Writes (pieces or slices) planned per entry.
     let mut planned = vec![0usize; entries.len()];
     let mut made: std::collections::HashSet<PathBuf> = Default::default();
@@ -663,9 +674,7 @@ pub fn restore_files(
                         .open(&p)
                         .map_err(|err| io_error(Kind::Config, &p, err))?;
                 }
-                let mut pieces = crate::pg_pages::pieces(e, |id| {
-                    index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
-                })?;
+                let mut pieces = std::mem::take(&mut all_pieces[i]);
                 pieces.retain(|piece| !keep.is_some_and(|u| u.contains(&(i, piece.block))));
                 if pieces.iter().any(|p| p.is_patch() || p.is_zero()) {
                     let slices = slices(i, &pieces);
