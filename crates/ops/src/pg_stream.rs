@@ -175,13 +175,13 @@ pub(crate) fn backup_streamed(
         let messages = messages.join().unwrap_or_default();
         if timed_out {
             return Err(Error::new(
-            Kind::Source,
-            format!(
-                "the server did not finish the backup within {} s: it sent nothing more, waiting until the last WAL segment is archived; the backup is not saved",
-                pg.archive_timeout.as_secs()
-            ),
-        )
-        .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
+                Kind::Source,
+                format!(
+                    "the server did not finish the backup within {} s: it sent nothing more, waiting until the last WAL segment is archived; the backup is not saved",
+                    pg.archive_timeout.as_secs()
+                ),
+            )
+            .hint("archiving is failing or slow: check `custos pg check` and the server log for archive_command errors, or raise --archive-timeout"));
         }
         let status = status.map_err(|e| Error::internal(e.to_string()))?;
         if let (true, false, Err(e)) = (stopped_reading, timed_out, &read) {
@@ -203,10 +203,10 @@ pub(crate) fn backup_streamed(
                 .collect::<Vec<_>>()
                 .join("; ");
             return Err(Error::new(
-            Kind::Source,
-            format!("pg_basebackup failed ({status}): {said}"),
-        )
-        .hint("the role needs the REPLICATION attribute and a `replication` line in pg_hba.conf; a password comes from PGPASSWORD or ~/.pgpass"));
+                Kind::Source,
+                format!("pg_basebackup failed ({status}): {said}"),
+            )
+            .hint("the role needs the REPLICATION attribute and a `replication` line in pg_hba.conf; a password comes from PGPASSWORD or ~/.pgpass"));
         }
         read
     };
@@ -627,6 +627,7 @@ fn incremental_target(path: &str) -> Option<String> {
 /// The header of an incremental file (PostgreSQL's `basebackup_incremental.h`).
 const INCREMENTAL_MAGIC: u32 = 0xd3ae_1f0d;
 
+/// Why a rebuild failed: the stream (said as the stream's error) or the repository.
 enum Rebuild {
     Io(std::io::Error),
     Other(Error),
@@ -651,10 +652,12 @@ type Rebuilt = (u64, u64, Vec<ChunkId>, Option<PagePatches>);
 /// in the stream) over its parent, as `pg_combinebackup` would: the file is
 /// `max(truncation length, last block sent + 1)` pages; a page sent is taken, a page
 /// below the truncation length and inside the parent's file is the parent's, any other
-/// is zeros. A block whose pages are all known is stored whole; a block that needs the
-/// parent's pages is the parent's block with the pages sent patched over it, which needs
-/// a parent block of the same length: `None` when there is none (the file was cut short
-/// inside a block). `seen(block, page)` is told of every page sent.
+/// is zeros. Block by block (format.md 6.3): all pages known, the block whole; else the
+/// parent's block of the same length with the pages sent patched over it; else, the
+/// parent's block being shorter or missing (the file grew), the parent's chunks, zeros
+/// and patches from there on. `None` when the parent's block is longer (the file was cut
+/// short inside it): no chunk can say that. `seen(block, page)` is told of every page
+/// sent.
 fn rebuild(
     repo: &Repository,
     writer: &custos_repo::BlobWriter,
