@@ -45,7 +45,7 @@ fn backups_from_a_standby_restore_to_points_in_time() {
     std::fs::write(
         standby_data.join("postgresql.auto.conf"),
         format!(
-            "{}port = {port}\n",
+            "{}port = {port}\nsummarize_wal = on\n",
             std::fs::read_to_string(standby_data.join("postgresql.auto.conf")).unwrap()
         ),
     )
@@ -132,19 +132,30 @@ fn backups_from_a_standby_restore_to_points_in_time() {
     let t_after_incr = primary.psql("SELECT clock_timestamp()");
     sleep_ms(300);
 
-    // The same standby over the replication protocol, as from another host.
+    // The same standby over the replication protocol, as from another host, with its WAL.
     primary
         .psql("INSERT INTO ledger (note) SELECT 'streamed ' || g FROM generate_series(1, 300) g");
     caught_up(&standby);
-    let streamed = backup.json(&[
+    let o = backup.run(&[
         "backup",
         "postgres",
         "--replication",
         "--wal",
         "--pg-bin",
         bin.to_str().unwrap(),
+        "--json",
     ]);
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{said}");
+    let streamed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(streamed["via"], "replication", "{streamed}");
+    // The standby summarizes WAL, so the server's own incremental is asked for. A standby
+    // starts a backup at its last restartpoint, which may lie before the parent's end:
+    // then the server refuses the parent, custos says so and streams every file.
+    assert!(
+        streamed["wal_summaries"] == true || said.contains("the server refused an incremental"),
+        "{streamed}\n{said}"
+    );
     sleep_ms(300);
     let t_after_streamed = primary.psql("SELECT clock_timestamp()");
     sleep_ms(300);

@@ -214,7 +214,8 @@ pub(crate) fn backup_streamed(
         Some(m) => match stream(Some(&m.path)) {
             // The server cannot take an incremental from this parent: its WAL summaries do
             // not reach back to it (summarize_wal turned on later, wal_summary_keep_time),
-            // or the parent is on a timeline this server did not come through.
+            // the parent is on a timeline this server did not come through, or (a standby)
+            // this backup would start at a restartpoint before the parent's end.
             Err(e) if refused_incremental(&e.message) => {
                 tracing::warn!(
                     "the server refused an incremental from the parent ({}): taking every file over the stream instead",
