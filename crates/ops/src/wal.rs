@@ -127,31 +127,30 @@ impl Spool {
             .map_err(|e| self.io(e))
     }
 
-    /// Files PostgreSQL waits to have archived (`.ready`), oldest first, with their age.
-    pub fn ready(pgdata: &Path) -> Vec<(String, std::time::Duration)> {
-        let mut out: Vec<(String, std::time::Duration)> =
-            std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
-                .into_iter()
-                .flatten()
-                .filter_map(|e| {
-                    let e = e.ok()?;
-                    let name = e
-                        .file_name()
-                        .to_string_lossy()
-                        .strip_suffix(".ready")?
-                        .to_string();
-                    let age = e
-                        .metadata()
-                        .ok()?
-                        .modified()
-                        .ok()?
-                        .elapsed()
-                        .unwrap_or_default();
-                    Some((name, age))
-                })
-                .collect();
+    /// Files PostgreSQL waits to have archived (`.ready`), oldest first.
+    pub fn ready(pgdata: &Path) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                Some(name.to_str()?.strip_suffix(".ready")?.to_string())
+            })
+            .collect();
         out.sort();
         out
+    }
+
+    /// Files the pusher stored whose marker PostgreSQL's archive_command has not taken yet.
+    fn stored(&self) -> std::collections::HashSet<String> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                Some(name.to_str()?.strip_suffix(".ok")?.to_string())
+            })
+            .collect()
     }
 
     /// Consumes the marker of `name` if the pusher already stored it.
@@ -216,10 +215,12 @@ impl Spool {
         let mut quiet_since = std::time::Instant::now();
         let mut pause = std::time::Duration::from_millis(100);
         loop {
+            // One listing of each folder per round, not a lookup per file: the pusher
+            // polls while the archiver works through what it stored.
+            let stored = self.stored();
             let todo: Vec<String> = Self::ready(pgdata)
                 .into_iter()
-                .map(|(n, _)| n)
-                .filter(|n| !self.marker(n).exists())
+                .filter(|n| !stored.contains(n))
                 .collect();
             if todo.is_empty() {
                 if quiet_since.elapsed() >= idle {
@@ -271,8 +272,7 @@ impl Spool {
     /// Markers whose file PostgreSQL no longer waits for (it archived it through another
     /// call, or the marker outlived a crash) are removed after ten minutes.
     fn clean_markers(&self, pgdata: &Path) {
-        let ready: std::collections::HashSet<String> =
-            Self::ready(pgdata).into_iter().map(|(n, _)| n).collect();
+        let ready: std::collections::HashSet<String> = Self::ready(pgdata).into_iter().collect();
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             let Some(name) = n.strip_suffix(".ok") else {
