@@ -409,14 +409,7 @@ impl<'p> FileBuilder<'p> {
         };
         debug_assert!(self.units_out.is_none(), "unit hashes need every page");
         self.chunks.push(base);
-        self.blocks.remove(&i);
-        let per = self.pages_per_block();
-        for (k, bytes) in pages {
-            let page = i * per + k;
-            self.drop_page(page);
-            self.pages.push(page, bytes, PATCH_PAGES, sink)?;
-            self.pages_patched += 1;
-        }
+        self.patch_pages(i, pages, sink)?;
         Ok(true)
     }
 
@@ -432,6 +425,12 @@ impl<'p> FileBuilder<'p> {
                 self.chunks.push(*id);
             }
         }
+        self.patch_pages(i, pages, sink)
+    }
+
+    /// `pages` (index in block `i`, 8 KiB each) as page patches, superseding any earlier
+    /// patch of theirs; the block's content as restored is no longer known.
+    fn patch_pages(&mut self, i: u32, pages: &[(u32, &[u8])], sink: &Sink) -> Result<()> {
         self.blocks.remove(&i);
         let per = self.pages_per_block();
         for (k, bytes) in pages {

@@ -52,6 +52,7 @@ fn delta_prepare(
     index: &Index,
     target: &Path,
     entries: &[Entry],
+    pieces: &[Vec<crate::pg_pages::Piece>],
 ) -> Result<DeltaReport> {
     let mut report = DeltaReport::default();
     let wanted: std::collections::HashMap<&str, EntryKind> =
@@ -117,17 +118,11 @@ fn delta_prepare(
                 .collect();
             // Patched blocks whose content as restored the writer did not know (a file
             // PostgreSQL sent incrementally) are always written.
-            let unknown: std::collections::HashSet<usize> = if e.pages.is_some() {
-                crate::pg_pages::pieces(e, |id| {
-                    index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
-                })?
-                .into_iter()
+            let unknown: std::collections::HashSet<usize> = pieces[i]
+                .iter()
                 .filter(|p| p.is_patch() && !patched.contains_key(&(p.block as u32)))
                 .map(|p| p.block)
-                .collect()
-            } else {
-                Default::default()
-            };
+                .collect();
             for (k, id) in e.chunks.iter().enumerate() {
                 let Some((_, loc)) = index.get(id) else {
                     break;
@@ -603,10 +598,22 @@ pub fn restore_files(
         .hint("`custos ls SNAPSHOT` lists the paths it holds"));
     }
     tracing::debug!("restore: manifest loaded ({} entries)", entries.len());
+    // Every file's pieces, worked out side by side (a large file with patches has
+    // hundreds of thousands), and before anything is written: a malformed entry stops
+    // the restore here.
+    let mut all_pieces: Vec<Vec<crate::pg_pages::Piece>> =
+        custos_repo::repository::parallel_map(&entries, repo.threads(), |e| {
+            if e.kind != EntryKind::File {
+                return Ok(vec![]);
+            }
+            crate::pg_pages::pieces(e, |id| {
+                index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+            })
+        })?;
     make_private_dir(target)?;
     let mut report_delta = DeltaReport::default();
     let keep = if opts.delta {
-        report_delta = delta_prepare(repo, &index, target, &entries)?;
+        report_delta = delta_prepare(repo, &index, target, &entries, &all_pieces)?;
         Some(&report_delta.unchanged)
     } else {
         None
@@ -630,17 +637,6 @@ pub fn restore_files(
         bytes_unchanged: report_delta.bytes_unchanged,
         removed: report_delta.removed,
     };
-    // Every file's pieces, worked out side by side (a large file with patches has
-    // hundreds of thousands).
-    let mut all_pieces: Vec<Vec<crate::pg_pages::Piece>> =
-        custos_repo::repository::parallel_map(&entries, repo.threads(), |e| {
-            if e.kind != EntryKind::File {
-                return Ok(vec![]);
-            }
-            crate::pg_pages::pieces(e, |id| {
-                index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
-            })
-        })?;
     // Writes (pieces or slices) planned per entry.
     let mut planned = vec![0usize; entries.len()];
     let mut made: std::collections::HashSet<PathBuf> = Default::default();

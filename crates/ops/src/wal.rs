@@ -129,28 +129,15 @@ impl Spool {
 
     /// Files PostgreSQL waits to have archived (`.ready`), oldest first.
     pub fn ready(pgdata: &Path) -> Vec<String> {
-        let mut out: Vec<String> = std::fs::read_dir(pgdata.join("pg_wal/archive_status"))
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.ok()?.file_name();
-                Some(name.to_str()?.strip_suffix(".ready")?.to_string())
-            })
-            .collect();
+        let mut out: Vec<String> =
+            names_ending(&pgdata.join("pg_wal/archive_status"), ".ready").collect();
         out.sort();
         out
     }
 
     /// Files the pusher stored whose marker PostgreSQL's archive_command has not taken yet.
     fn stored(&self) -> std::collections::HashSet<String> {
-        std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.ok()?.file_name();
-                Some(name.to_str()?.strip_suffix(".ok")?.to_string())
-            })
-            .collect()
+        names_ending(&self.dir, ".ok").collect()
     }
 
     /// Consumes the marker of `name` if the pusher already stored it.
@@ -289,6 +276,17 @@ impl Spool {
             }
         }
     }
+}
+
+/// Names of the files in `dir` ending in `suffix`, without it (none if `dir` is missing).
+fn names_ending<'a>(dir: &Path, suffix: &'a str) -> impl Iterator<Item = String> + 'a {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(move |e| {
+            let name = e.ok()?.file_name();
+            Some(name.to_str()?.strip_suffix(suffix)?.to_string())
+        })
 }
 
 /// Restores one archived file to `dest`; `Ok(false)` if it was never archived.
