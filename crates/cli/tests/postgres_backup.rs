@@ -52,23 +52,12 @@ fn damaged_page_is_reported_and_wal_included_backup_restores_alone() {
 
     // The snapshot restores and recovers with no archive (restore_command finds nothing).
     let dir = t.path("restored");
-    let port = free_port();
     t.unset("CUSTOS_PASSWORD");
     t.set(
         "CUSTOS_PASSWORD_FILE",
         t.path("restore.pw").to_str().unwrap(),
     );
-    t.ok(&[
-        "restore",
-        "postgres",
-        "--to",
-        dir.to_str().unwrap(),
-        "--target",
-        "immediate",
-        "--port",
-        &port.to_string(),
-        "--no-archiving",
-    ]);
+    let (_, port) = restore_pg(&t, &dir, &["--target", "immediate"]);
     let c = PgCluster::existing(pg.bin.clone(), dir.clone(), port, pg.dir.clone());
     let (ok, log) = c.try_start(&t.path("restored.log"));
     assert!(ok, "{log}");

@@ -12,7 +12,7 @@ use common::*;
 
 use std::path::PathBuf;
 
-use custos_testkit::{free_port, pg15_bin, pg18_bin, PgCluster};
+use custos_testkit::{pg15_bin, pg18_bin, PgCluster};
 
 fn pitr(bin: PathBuf, extra_conf: &str) {
     let (t, cbin, cfg) = pg_repo();
@@ -135,19 +135,11 @@ fn pitr(bin: PathBuf, extra_conf: &str) {
     }
     std::fs::write(&f, bytes).unwrap();
     std::fs::write(dir.join("base/stray_file"), b"not in the backup").unwrap();
-    let port = free_port();
-    let r = restorer.json(&[
-        "restore",
-        "postgres",
-        "--to",
-        dir.to_str().unwrap(),
-        "--target-time",
-        &t_after_incr,
-        "--port",
-        &port.to_string(),
-        "--no-archiving",
-        "--delta",
-    ]);
+    let (r, port) = restore_pg(
+        &restorer,
+        &dir,
+        &["--target-time", &t_after_incr, "--delta"],
+    );
     let x = &r["restore"];
     // Blocks already right are not rewritten (pgbench changed most of its own table's
     // blocks between the two targets; the rest of the cluster is as it was).

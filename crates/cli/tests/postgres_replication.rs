@@ -179,21 +179,11 @@ fn replication(bin: PathBuf, pg_bin_flag: bool, summaries: bool) {
     // A delta restore of the incremental over the full's restore: the patched blocks, whose
     // content as restored custos could not know at backup time, are all rewritten.
     let between = out_dir.join("between");
-    let port = custos_testkit::free_port().to_string();
-    let r = restorer.json(&[
-        "restore",
-        "postgres",
-        "--to",
-        between.to_str().unwrap(),
-        "--snapshot",
-        &incr_id,
-        "--target",
-        "immediate",
-        "--delta",
-        "--port",
-        &port,
-        "--no-archiving",
-    ]);
+    let (r, _) = restore_pg(
+        &restorer,
+        &between,
+        &["--snapshot", &incr_id, "--target", "immediate", "--delta"],
+    );
     assert_eq!(r["snapshot"].as_str(), Some(incr_id.as_str()));
     assert_eq!(
         reopen(&between),
@@ -224,18 +214,7 @@ fn replication(bin: PathBuf, pg_bin_flag: bool, summaries: bool) {
     let want = digest(&pg);
     pg.switch_and_archive();
     let dir = out_dir.join("latest");
-    let port = custos_testkit::free_port();
-    let r = restorer.json(&[
-        "restore",
-        "postgres",
-        "--to",
-        dir.to_str().unwrap(),
-        "--target",
-        "immediate",
-        "--port",
-        &port.to_string(),
-        "--no-archiving",
-    ]);
+    let (r, port) = restore_pg(&restorer, &dir, &["--target", "immediate"]);
     assert_eq!(r["snapshot"], last["snapshot"]);
     start_and_read(&pg.bin, &dir, port, &pg.dir);
     assert_eq!(reopen(&dir), want, "the restored tables differ");

@@ -462,6 +462,17 @@ pub fn pg_roles(t: &T, cfg: &Path) -> (T, T, PathBuf) {
     (backup, restorer, out_dir)
 }
 
+/// `restore postgres --to DIR ARGS... --port P --no-archiving`: a restore that starts on
+/// a free port of its own and does not archive. Its JSON report and the port.
+pub fn restore_pg(restorer: &T, dir: &Path, args: &[&str]) -> (serde_json::Value, u16) {
+    let port = custos_testkit::free_port();
+    let port_s = port.to_string();
+    let mut a = vec!["restore", "postgres", "--to", dir.to_str().unwrap()];
+    a.extend_from_slice(args);
+    a.extend(["--port", port_s.as_str(), "--no-archiving"]);
+    (restorer.json(&a), port)
+}
+
 /// Restores the backup custos picks for `target` (a time) into `out/name`, checks it is
 /// `expect` and that restore_command names the password file, never the password; starts
 /// it and checks its ledger holds exactly the rows `pg` committed by `target`. Returns
@@ -475,18 +486,7 @@ pub fn restore_ledger_at(
     expect: &str,
 ) -> String {
     let dir = out.join(name);
-    let port = custos_testkit::free_port();
-    let r = restorer.json(&[
-        "restore",
-        "postgres",
-        "--to",
-        dir.to_str().unwrap(),
-        "--target-time",
-        target,
-        "--port",
-        &port.to_string(),
-        "--no-archiving",
-    ]);
+    let (r, port) = restore_pg(restorer, &dir, &["--target-time", target]);
     assert_eq!(
         r["snapshot"].as_str(),
         Some(expect),
