@@ -2,8 +2,10 @@
 # custos vs pgBackRest on the peers' PostgreSQL 15 data set (pgbench -s 100 plus 200,000
 # rows of 384 float4: about 2 GB), in one run, side by side:
 #   full backup, pgbench for $PGBENCH_T s, incremental backup (time and bytes added),
-#   full restore, delta restore (no change), and synchronous wal-push latency over
-#   $WAL_SEGS real segments. Prints the figures and custos/pgBackRest ratios.
+#   full restore ($ROUNDS rounds), delta restore (no change), synchronous wal-push latency
+#   over $WAL_SEGS real segments, and the async drain of a $WAL_SEGS-segment backlog
+#   ($ROUNDS rounds, with the machine's CPU per segment). Prints the figures and
+#   custos/pgBackRest ratios (of medians where there are rounds).
 # Reuses ../shared/bench/peers (data set, `measure` under /usr/bin/time -v with the page
 # cache dropped). Run as root:  ./bench/postgres.sh   (PEERS=... to point elsewhere)
 # Not a test: nothing here asserts a time.
@@ -11,6 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PEERS="${PEERS:-$ROOT/../shared/bench/peers}"
 export RES="${RES:-${BENCH:-/tmp/peerbench}/custos-pg}"
+ROUNDS="${ROUNDS:-3}"   # rounds of the restore and of the async drain (their ratio is of medians)
 # shellcheck source=/dev/null
 source "$PEERS/common.sh"
 need_root
@@ -154,31 +157,42 @@ EOC
 chmod 755 "$CONF/timed-pgbackrest-async.sh"; : > "$RUNDIR/async-latency.tsv"; chmod 666 "$RUNDIR/async-latency.tsv"
 nready() { ls "$PGDATA/pg_wal/archive_status/" 2>/dev/null | grep -c '\.ready$' || true; }
 set_archive() { psqlc -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg_reload_conf()" >/dev/null; }
-drain() {  # drain MODE COMMAND...: backlog of $WAL_SEGS, then time the archiver through COMMAND
-  local mode="$1"; shift
+drain() {  # drain MODE ROUND COMMAND...: backlog of $WAL_SEGS, then time the archiver through COMMAND
+  local mode="$1" round="$2"; shift 2
   set_archive ""
   while [ "$(nready)" -lt "$WAL_SEGS" ]; do
     psqlc -c CHECKPOINT >/dev/null
     as_pg "$PGBIN/pgbench" -h "$RUNDIR" -p "$PGPORT" -U postgres -T 5 -c 4 -j 2 postgres >/dev/null 2>&1
   done
   local n; n=$(nready); wait_quiet
-  local t0; t0=$(date +%s%N)
+  local t0 b0 t1 b1; b0=$(busy_jiffies); t0=$(date +%s%N)
   set_archive "$CONF/timed-pgbackrest-async.sh $mode %p %f $*"
   while [ "$(nready)" -gt 0 ]; do sleep 0.02; done
-  local t1; t1=$(date +%s%N)
-  note "${mode}_drain_segments" "$n"
-  note "${mode}_drain_ms" "$(( (t1 - t0) / 1000000 ))"
+  t1=$(date +%s%N); b1=$(busy_jiffies)
+  # The whole machine's CPU (archiver, shells, the tool's processes) per segment drained.
+  printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$round" "$n" "$(( (t1 - t0) / 1000000 ))" \
+    "$(( (b1 - b0) * 1000 / $(getconf CLK_TCK) ))" >> "$RES/drains.tsv"
 }
-drain pgbr-async pgbackrest --config=$CONF/pgbackrest-async.conf --stanza=bench archive-push
-drain custos-async env CUSTOS_REPO=$REPOS/custos-async CUSTOS_PASSWORD_FILE=$CONF/backup.pw CUSTOS_CACHE_DIR=$BENCH/custos-async-cache $CUSTOS --quiet wal-push --async
+# pgBackRest's drain alone swings 3.5x between runs on unchanged code: $ROUNDS rounds,
+# the two tools taking turns to go first, and the ratio of medians.
+printf 'mode\tround\tsegments\tms\tmachine_cpu_ms\n' > "$RES/drains.tsv"
+drain_pgbr() { drain pgbr-async "$1" pgbackrest --config=$CONF/pgbackrest-async.conf --stanza=bench archive-push; }
+drain_custos() { drain custos-async "$1" env CUSTOS_REPO=$REPOS/custos-async CUSTOS_PASSWORD_FILE=$CONF/backup.pw CUSTOS_CACHE_DIR=$BENCH/custos-async-cache $CUSTOS --quiet wal-push --async; }
+for r in $(seq "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then drain_pgbr "$r"; drain_custos "$r"; else drain_custos "$r"; drain_pgbr "$r"; fi
+done
 awk -F'\t' '{print $1 "\t" $2 "\t" $3}' "$RUNDIR/async-latency.tsv" >> "$RES/walpush.tsv"
 set_archive "$CONF/pgbackrest-push-both.sh %p"
 pg_stop
 
 log "=== restores ==="
-install -d -o "$PGUSER_OS" -m 700 "$RESTORE/pgbr"
-measure pgbr-restore $PGBR --pg1-path="$RESTORE/pgbr" restore
-measure custos-restore $CR restore postgres --to "$RESTORE/custos" --target immediate
+# Restores swing with the disk: $ROUNDS rounds, taking turns to go first, each into an
+# empty folder; the ratio of medians. The delta restores then run over the last round's.
+restore_pgbr() { rm -rf "$RESTORE/pgbr"; install -d -o "$PGUSER_OS" -m 700 "$RESTORE/pgbr"; measure "pgbr-restore-$1" $PGBR --pg1-path="$RESTORE/pgbr" restore; }
+restore_custos() { rm -rf "$RESTORE/custos"; measure "custos-restore-$1" $CR restore postgres --to "$RESTORE/custos" --target immediate; }
+for r in $(seq "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then restore_pgbr "$r"; restore_custos "$r"; else restore_custos "$r"; restore_pgbr "$r"; fi
+done
 measure pgbr-delta $PGBR --pg1-path="$RESTORE/pgbr" --delta restore
 measure custos-delta $CR restore postgres --to "$RESTORE/custos" --target immediate --delta
 rm -rf "$RESTORE"
@@ -193,9 +207,14 @@ for line in open(f"{res}/measure.tsv").read().splitlines()[1:]:
 facts = dict(l.split("\t")[:2] for l in open(f"{res}/facts.tsv").read().splitlines())
 print("| step | pgBackRest | custos | custos / pgBackRest |")
 print("|---|---|---|---|")
+rounds = sorted({int(k.rsplit("-", 1)[1]) for k in m if k.startswith("custos-restore-")})
+for tool in ["pgbr", "custos"]:
+    runs = [m[f"{tool}-restore-{r}"] for r in rounds]
+    m[f"{tool}-restore"] = (statistics.median(t for t, _ in runs), max(k for _, k in runs))
 for step in ["full", "incr", "restore", "delta"]:
     p, c = m[f"pgbr-{step}"], m[f"custos-{step}"]
-    print(f"| {step} time | {p[0]:.1f} s | {c[0]:.1f} s | {c[0]/p[0]:.2f} (speed {p[0]/c[0]:.2f}x) |")
+    what = f"{step} time" if step != "restore" else f"restore time (median of {len(rounds)})"
+    print(f"| {what} | {p[0]:.1f} s | {c[0]:.1f} s | {c[0]/p[0]:.2f} (speed {p[0]/c[0]:.2f}x) |")
 for step in ["full", "incr", "restore", "delta"]:
     p, c = m[f"pgbr-{step}"], m[f"custos-{step}"]
     print(f"| {step} peak RSS | {p[1]} MB | {c[1]} MB | {c[1]/max(p[1],1):.2f} |")
@@ -215,10 +234,21 @@ for q, name in [(0.5, "p50"), (0.95, "p95")]:
 for q, name in [(0.5, "p50"), (0.95, "p95")]:
     p, c = pct(lat["pgbr-async"], q), pct(lat["custos-async"], q)
     print(f"| archive_command {name} (async, draining a backlog) | {p:.0f} ms | {c:.0f} ms | {c/max(p, 1):.2f} |")
-tp = {}
-for mode in ["pgbr-async", "custos-async"]:
-    n, ms = int(facts[f"{mode}_drain_segments"]), int(facts[f"{mode}_drain_ms"])
-    tp[mode] = n * 16.777216 / (ms / 1000)
-print(f"| async drain throughput | {tp['pgbr-async']:.0f} MB/s | {tp['custos-async']:.0f} MB/s | {tp['custos-async']/tp['pgbr-async']:.2f} |")
+drains = {"pgbr-async": [], "custos-async": []}
+for line in open(f"{res}/drains.tsv").read().splitlines()[1:]:
+    mode, rnd, n, ms, cpu = line.split("\t")
+    drains[mode].append((int(rnd), int(n) * 16.777216 / (int(ms) / 1000), int(cpu) / int(n)))
+tp = {k: statistics.median(t for _, t, _ in v) for k, v in drains.items()}
+cpu = {k: statistics.median(c for _, _, c in v) for k, v in drains.items()}
+print(f"| async drain throughput (median of {len(drains['custos-async'])}) | {tp['pgbr-async']:.0f} MB/s | {tp['custos-async']:.0f} MB/s | {tp['custos-async']/tp['pgbr-async']:.2f} |")
+print(f"| async drain, machine CPU per segment (median) | {cpu['pgbr-async']:.0f} ms | {cpu['custos-async']:.0f} ms | {cpu['custos-async']/cpu['pgbr-async']:.2f} |")
+print()
+print("| round | restore pgBackRest | restore custos | speed | drain pgBackRest | drain custos | ratio |")
+print("|---|---|---|---|---|---|---|")
+for r in rounds:
+    p, c = m[f"pgbr-restore-{r}"][0], m[f"custos-restore-{r}"][0]
+    dp = next(t for k, t, _ in drains["pgbr-async"] if k == r)
+    dc = next(t for k, t, _ in drains["custos-async"] if k == r)
+    print(f"| {r} | {p:.2f} s | {c:.2f} s | {p/c:.2f}x | {dp:.0f} MB/s | {dc:.0f} MB/s | {dc/dp:.2f} |")
 print(f"\npgbench tps {facts.get('pgbench_tps')}; source {int(facts['src_bytes_excl_pg_wal'])/2**30:.2f} GiB without pg_wal")
 PY

@@ -45,6 +45,8 @@ thread_local! {
         std::cell::RefCell::new(zstd::bulk::Compressor::new(1).expect("zstd context"));
     static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+    // A compressed blob's decrypted body, before decompression: one buffer per thread.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Compresses a blob at [`ZSTD_LEVEL`], or at level 1 when a sample says it barely
@@ -113,17 +115,17 @@ impl PackBuilder {
         } else {
             (plaintext, false)
         };
-        let sealed = aead::seal(&self.dek, &id.0 .0, body);
+        let offset = self.buf.len();
+        aead::seal_append(&self.dek, &id.0 .0, body, &mut self.buf);
         self.entries.push(PackEntry {
             id,
             kind,
-            offset: self.buf.len() as u32,
-            length: sealed.len() as u32,
+            offset: offset as u32,
+            length: (self.buf.len() - offset) as u32,
             raw_length: plaintext.len() as u32,
             compressed: is_compressed,
         });
         self.raw_bytes += plaintext.len() as u64;
-        self.buf.extend_from_slice(&sealed);
     }
 
     pub fn finish(mut self, public: &wrap::PublicKey) -> Result<FinishedPack> {
@@ -168,24 +170,25 @@ pub fn open_blob_into(
     sealed: &[u8],
     out: &mut [u8],
 ) -> Result<()> {
-    let body = aead::open(
-        dek,
-        &entry_id.0 .0,
-        sealed,
-        &format!("chunk {}", entry_id.short()),
-    )?;
+    let what = || format!("chunk {}", entry_id.short());
     let filled = if loc.compressed {
-        DECOMPRESSOR
-            .with(|d| d.borrow_mut().decompress_to_buffer(&body, out))
-            .map_err(|e| {
-                Error::integrity(format!(
-                    "chunk {}: cannot decompress: {e}",
-                    entry_id.short()
-                ))
-            })?
-            == out.len()
-    } else if body.len() == out.len() {
-        out.copy_from_slice(&body);
+        SCRATCH.with(|b| -> Result<bool> {
+            let mut body = b.borrow_mut();
+            body.resize(sealed.len().saturating_sub(aead::OVERHEAD), 0);
+            aead::open_to(dek, &entry_id.0 .0, sealed, &mut body, &what())?;
+            let n = DECOMPRESSOR
+                .with(|d| d.borrow_mut().decompress_to_buffer(&body[..], out))
+                .map_err(|e| {
+                    Error::integrity(format!(
+                        "chunk {}: cannot decompress: {e}",
+                        entry_id.short()
+                    ))
+                })?;
+            Ok(n == out.len())
+        })?
+    } else if sealed.len() == out.len() + aead::OVERHEAD {
+        // Stored as is: decrypted in its place, no copy in between.
+        aead::open_to(dek, &entry_id.0 .0, sealed, out, &what())?;
         true
     } else {
         false
