@@ -160,6 +160,9 @@ set_archive() { psqlc -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg
 drain() {  # drain MODE ROUND COMMAND...: backlog of $WAL_SEGS, then time the archiver through COMMAND
   local mode="$1" round="$2"; shift 2
   set_archive ""
+  # A background pusher still running from the previous round would store the new backlog
+  # while it piles up, before the clock starts: wait until both tools' have exited.
+  while pgrep -u "$PGUSER_OS" -f 'wal-push --drain|archive-push:async' >/dev/null; do sleep 0.2; done
   while [ "$(nready)" -lt "$WAL_SEGS" ]; do
     psqlc -c CHECKPOINT >/dev/null
     as_pg "$PGBIN/pgbench" -h "$RUNDIR" -p "$PGPORT" -U postgres -T 5 -c 4 -j 2 postgres >/dev/null 2>&1
