@@ -435,9 +435,20 @@ impl Ctx {
     }
 
     fn open(&self) -> Result<Repository> {
+        self.open_with(|_| {})
+    }
+
+    /// [`Ctx::open`] for a restore: the packs start to be read ahead while the key is
+    /// derived (the restore stops that once it is planned).
+    fn open_to_restore(&self) -> Result<Repository> {
+        self.open_with(|s| s.warm(custos_repo::paths::DATA))
+    }
+
+    fn open_with(&self, before_key: impl FnOnce(&DynStorage)) -> Result<Repository> {
         let storage = self.storage()?;
         // Fail on a missing repository before asking for a password.
         Repository::read_config(&storage)?;
+        before_key(&storage);
         let pw = self.settings.password(&self.env, "repository password: ")?;
         let repo = Repository::open(storage, pw.as_bytes(), self.open_opts())?;
         tracing::debug!("opened the repository with key {}", repo.key_id.short());
@@ -1638,7 +1649,13 @@ fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32> {
 }
 
 fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
-    let repo = ctx.open()?;
+    // A delta restore reads the target folder first: no read-ahead to compete with it.
+    let delta = matches!(r, RestoreCommand::Postgres { delta: true, .. });
+    let repo = if delta {
+        ctx.open()?
+    } else {
+        ctx.open_to_restore()?
+    };
     repo.require_restore("restore")?;
     match r {
         RestoreCommand::Files {

@@ -716,6 +716,8 @@ pub fn restore_files(
     work.sort_by_cached_key(|w| std::cmp::Reverse(w.size(&index)));
 
     tracing::debug!("restore: planned {} work items", work.len());
+    // From here the workers read what the plan needs, in its order.
+    custos_storage::stop_warming();
     opts.progress.start("restore", Some(total));
     let written = AtomicU64::new(0);
     let is_root = unsafe { libc::geteuid() } == 0;
@@ -935,6 +937,7 @@ pub fn restore_stream(repo: &Repository, snap: &Snapshot, out: &mut dyn Write) -
         )));
     }
     let index = repo.load_index()?;
+    custos_storage::stop_warming();
     let mut n = 0u64;
     // Fetch ahead in parallel, write in order.
     for batch in body.stream.chunks(repo.threads() * 2) {

@@ -53,6 +53,24 @@ pub trait Storage: Send + Sync {
     fn permission_findings(&self) -> Result<Vec<String>> {
         Ok(vec![])
     }
+    /// Starts reading the objects under `dir` ahead in the background, newest first, until
+    /// [`stop_warming`] is called or a quarter of the available memory has been read. A
+    /// restore calls it before it derives its key, while the disk is otherwise idle, so its
+    /// packs then come from the page cache. Best effort; object stores do nothing (their
+    /// reads are not cached).
+    fn warm(&self, _dir: &str) {}
+}
+
+static STOP_WARMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ends the read-ahead [`Storage::warm`] started: the restore knows what it needs and
+/// reads it itself from here on.
+pub fn stop_warming() {
+    STOP_WARMING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn warming_stopped() -> bool {
+    STOP_WARMING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub type DynStorage = std::sync::Arc<dyn Storage>;

@@ -221,6 +221,73 @@ impl Storage for LocalStorage {
             Err(e) => Err(io_err(&p, e)),
         }
     }
+
+    fn warm(&self, dir: &str) {
+        let Ok(base) = self.path(dir) else {
+            return;
+        };
+        // Measured on the benchmark's restore (1.8 GiB from 368 MB of packs): 1.82-2.03 s
+        // against 2.02-2.30 s, with reading stopped once the restore was planned.
+        let _ = std::thread::Builder::new()
+            .name("custos-warm".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 4 << 20];
+                for path in warm_order(&base, available_memory() / 4) {
+                    let Ok(mut f) = File::open(&path) else {
+                        continue;
+                    };
+                    while !crate::warming_stopped() {
+                        match f.read(&mut buf) {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
+                    }
+                    if crate::warming_stopped() {
+                        return;
+                    }
+                }
+            });
+    }
+}
+
+/// The files under `base`, newest first (a restore most often wants the newest backup),
+/// as many as fit in `budget` bytes.
+fn warm_order(base: &Path, budget: u64) -> Vec<PathBuf> {
+    let mut files = vec![];
+    let mut stack = vec![base.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for ent in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = ent.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(ent.path());
+            } else if let Ok(t) = m.modified() {
+                files.push((t, m.len(), ent.path()));
+            }
+        }
+    }
+    files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
+    let mut left = budget;
+    files
+        .into_iter()
+        .take_while(|(_, len, _)| {
+            let fits = *len <= left;
+            left = left.saturating_sub(*len);
+            fits
+        })
+        .map(|(_, _, p)| p)
+        .collect()
+}
+
+/// `MemAvailable` from /proc/meminfo; 1 GiB when it cannot be read.
+fn available_memory() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kb| kb * 1024)
 }
 
 fn rand_u64() -> u64 {
@@ -233,4 +300,34 @@ fn rand_u64() -> u64 {
             .as_nanos(),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read-ahead takes the newest files first and stops at its budget.
+    #[test]
+    fn warm_order_is_newest_first_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        let now = std::time::SystemTime::now();
+        for (i, name) in ["a/old", "b/mid", "b/new"].iter().enumerate() {
+            let p = base.join(name);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, vec![0u8; 100]).unwrap();
+            let f = File::options().write(true).open(&p).unwrap();
+            f.set_modified(now - std::time::Duration::from_secs(100 - 10 * i as u64))
+                .unwrap();
+        }
+        let names = |v: Vec<PathBuf>| -> Vec<String> {
+            v.iter()
+                .map(|p| p.strip_prefix(base).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(names(warm_order(base, 1000)), ["b/new", "b/mid", "a/old"]);
+        assert_eq!(names(warm_order(base, 250)), ["b/new", "b/mid"]);
+        assert!(warm_order(base, 50).is_empty());
+        assert!(available_memory() > 0);
+    }
 }
