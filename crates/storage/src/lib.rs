@@ -64,7 +64,7 @@ pub trait Storage: Send + Sync {
 static STOP_WARMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Ends the read-ahead [`Storage::warm`] started: the restore knows what it needs and
-/// reads it itself from here on.
+/// reads it itself from here on. For the rest of the process: a command restores once.
 pub fn stop_warming() {
     STOP_WARMING.store(true, std::sync::atomic::Ordering::Relaxed);
 }
