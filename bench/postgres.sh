@@ -157,11 +157,17 @@ EOC
 chmod 755 "$CONF/timed-pgbackrest-async.sh"; : > "$RUNDIR/async-latency.tsv"; chmod 666 "$RUNDIR/async-latency.tsv"
 nready() { ls "$PGDATA/pg_wal/archive_status/" 2>/dev/null | grep -c '\.ready$' || true; }
 set_archive() { psqlc -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg_reload_conf()" >/dev/null; }
+in_turns() {  # in_turns A B: $ROUNDS rounds of A and B, given the round; B goes first in even rounds
+  local r
+  for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) = 1 ]; then "$1" "$r"; "$2" "$r"; else "$2" "$r"; "$1" "$r"; fi
+  done
+}
 drain() {  # drain MODE ROUND COMMAND...: backlog of $WAL_SEGS, then time the archiver through COMMAND
   local mode="$1" round="$2"; shift 2
   set_archive ""
   # A background pusher still running from the previous round would store the new backlog
-  # while it piles up, before the clock starts: wait until both tools' have exited.
+  # while it piles up, before the clock starts: wait until neither tool's is left.
   while pgrep -u "$PGUSER_OS" -f 'wal-push --drain|archive-push:async' >/dev/null; do sleep 0.2; done
   while [ "$(nready)" -lt "$WAL_SEGS" ]; do
     psqlc -c CHECKPOINT >/dev/null
@@ -181,9 +187,7 @@ drain() {  # drain MODE ROUND COMMAND...: backlog of $WAL_SEGS, then time the ar
 printf 'mode\tround\tsegments\tms\tmachine_cpu_ms\n' > "$RES/drains.tsv"
 drain_pgbr() { drain pgbr-async "$1" pgbackrest --config=$CONF/pgbackrest-async.conf --stanza=bench archive-push; }
 drain_custos() { drain custos-async "$1" env CUSTOS_REPO=$REPOS/custos-async CUSTOS_PASSWORD_FILE=$CONF/backup.pw CUSTOS_CACHE_DIR=$BENCH/custos-async-cache $CUSTOS --quiet wal-push --async; }
-for r in $(seq "$ROUNDS"); do
-  if [ $((r % 2)) = 1 ]; then drain_pgbr "$r"; drain_custos "$r"; else drain_custos "$r"; drain_pgbr "$r"; fi
-done
+in_turns drain_pgbr drain_custos
 awk -F'\t' '{print $1 "\t" $2 "\t" $3}' "$RUNDIR/async-latency.tsv" >> "$RES/walpush.tsv"
 set_archive "$CONF/pgbackrest-push-both.sh %p"
 pg_stop
@@ -193,9 +197,7 @@ log "=== restores ==="
 # empty folder; the ratio of medians. The delta restores then run over the last round's.
 restore_pgbr() { rm -rf "$RESTORE/pgbr"; install -d -o "$PGUSER_OS" -m 700 "$RESTORE/pgbr"; measure "pgbr-restore-$1" $PGBR --pg1-path="$RESTORE/pgbr" restore; }
 restore_custos() { rm -rf "$RESTORE/custos"; measure "custos-restore-$1" $CR restore postgres --to "$RESTORE/custos" --target immediate; }
-for r in $(seq "$ROUNDS"); do
-  if [ $((r % 2)) = 1 ]; then restore_pgbr "$r"; restore_custos "$r"; else restore_custos "$r"; restore_pgbr "$r"; fi
-done
+in_turns restore_pgbr restore_custos
 measure pgbr-delta $PGBR --pg1-path="$RESTORE/pgbr" --delta restore
 measure custos-delta $CR restore postgres --to "$RESTORE/custos" --target immediate --delta
 rm -rf "$RESTORE"

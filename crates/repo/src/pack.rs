@@ -178,12 +178,7 @@ pub fn open_blob_into(
             aead::open_to(dek, &entry_id.0 .0, sealed, &mut body, &what())?;
             let n = DECOMPRESSOR
                 .with(|d| d.borrow_mut().decompress_to_buffer(&body[..], out))
-                .map_err(|e| {
-                    Error::integrity(format!(
-                        "chunk {}: cannot decompress: {e}",
-                        entry_id.short()
-                    ))
-                })?;
+                .map_err(|e| Error::integrity(format!("{}: cannot decompress: {e}", what())))?;
             Ok(n == out.len())
         })?
     } else if sealed.len() == out.len() + aead::OVERHEAD {

@@ -146,34 +146,17 @@ impl Storage for LocalStorage {
     }
 
     fn list(&self, dir: &str) -> Result<Vec<Entry>> {
-        let base = self.path(dir)?;
-        let mut out = vec![];
-        let mut stack = vec![base];
-        while let Some(d) = stack.pop() {
-            let rd = match fs::read_dir(&d) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&d, e)),
-            };
-            for ent in rd {
-                let ent = ent.map_err(|e| io_err(&d, e))?;
-                let meta = ent.metadata().map_err(|e| io_err(&ent.path(), e))?;
-                if meta.is_dir() {
-                    stack.push(ent.path());
-                } else {
-                    let rel = ent
-                        .path()
-                        .strip_prefix(&self.root)
-                        .expect("under root")
-                        .to_string_lossy()
-                        .into_owned();
-                    out.push(Entry {
-                        path: rel,
-                        size: meta.len(),
-                    });
-                }
-            }
-        }
+        let mut out: Vec<Entry> = files_under(&self.path(dir)?)?
+            .into_iter()
+            .map(|(p, meta)| Entry {
+                path: p
+                    .strip_prefix(&self.root)
+                    .expect("under root")
+                    .to_string_lossy()
+                    .into_owned(),
+                size: meta.len(),
+            })
+            .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }
@@ -250,21 +233,37 @@ impl Storage for LocalStorage {
     }
 }
 
-/// The files under `base`, newest first (a restore most often wants the newest backup),
-/// as many as fit in `budget` bytes.
-fn warm_order(base: &Path, budget: u64) -> Vec<PathBuf> {
-    let mut files = vec![];
+/// Every file under `base` (recursively) with its metadata; none if `base` is missing.
+fn files_under(base: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>> {
+    let mut out = vec![];
     let mut stack = vec![base.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for ent in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let Ok(m) = ent.metadata() else { continue };
-            if m.is_dir() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&d, e)),
+        };
+        for ent in rd {
+            let ent = ent.map_err(|e| io_err(&d, e))?;
+            let meta = ent.metadata().map_err(|e| io_err(&ent.path(), e))?;
+            if meta.is_dir() {
                 stack.push(ent.path());
-            } else if let Ok(t) = m.modified() {
-                files.push((t, m.len(), ent.path()));
+            } else {
+                out.push((ent.path(), meta));
             }
         }
     }
+    Ok(out)
+}
+
+/// The files under `base`, newest first (a restore most often wants the newest backup),
+/// as many as fit in `budget` bytes. Best effort: none when the folder cannot be read.
+fn warm_order(base: &Path, budget: u64) -> Vec<PathBuf> {
+    let mut files: Vec<_> = files_under(base)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(p, m)| Some((m.modified().ok()?, m.len(), p)))
+        .collect();
     files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
     let mut left = budget;
     files
