@@ -8,11 +8,20 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
     let t = T::new();
     let src = t.path("src");
     make_tree(&src, 1, 60, 300_000);
-    // A file large enough to be cut into several CDC chunks.
-    let big: Vec<u8> = (0..6_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    // A file large enough to be cut into several CDC chunks (random: about 1 MiB each),
+    // restored in runs of whole chunks written at once.
+    let mut big = vec![0u8; 6_000_000];
+    rand::RngCore::fill_bytes(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7),
+        &mut big,
+    );
     std::fs::write(src.join("docs/big.bin"), &big).unwrap();
+    // The same bytes twice after a short prefix: most of its chunks are big.bin's, each
+    // written at two places in this file and once in the other.
+    let mut twice = b"prefix".to_vec();
+    twice.extend_from_slice(&big);
+    twice.extend_from_slice(&big);
+    std::fs::write(src.join("docs/twice.bin"), &twice).unwrap();
     // A scan dated before 1970 keeps its date (times are signed).
     std::fs::write(src.join("docs/old-scan.dcm"), b"archived film").unwrap();
     filetime::set_file_mtime(
@@ -135,6 +144,21 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
         ls.contains("docs/big.bin") && ls.contains("link-to-file -> docs/file-0001.dat"),
         "{ls}"
     );
+    // A new file around big.bin's bytes: its own chunks (the start, the end) follow each
+    // other in the new pack but not in the file, big.bin's chunks go in between.
+    let mut around = vec![0u8; 1_500_000];
+    rand::RngCore::fill_bytes(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(8),
+        &mut around,
+    );
+    let mut gap = around[..700_000].to_vec();
+    gap.extend_from_slice(&big);
+    gap.extend_from_slice(&around[700_000..]);
+    std::fs::write(src.join("docs/gap.bin"), &gap).unwrap();
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let out = t.path("out-gap");
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+    assert_eq!(describe(&out), describe(&src));
     t.ok(&["verify", "--read-data"]);
 }
 

@@ -285,19 +285,87 @@ fn fetch_blobs(
 
 thread_local! {
     /// Each restore thread's buffer for decoded blocks and slices (grown, never shrunk).
-    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUFFER: std::cell::RefCell<WriteBuf> = std::cell::RefCell::new(WriteBuf::default());
 }
 
 /// Direct I/O wants buffers, offsets and lengths aligned to the device's blocks.
 const ALIGN: usize = 4096;
 
-/// `len` bytes of `v` starting at an [`ALIGN`]ed address.
-fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if v.len() < len + ALIGN {
-        v.resize(len + ALIGN, 0);
+/// A transparent huge page (x86-64, and arm64 with 4 KiB pages).
+const HUGE: usize = 2 << 20;
+
+/// A thread's buffer for the bytes it writes: mapped on its own, starting on a huge-page
+/// boundary and marked `MADV_HUGEPAGE`, so the kernel backs it with 2 MiB pages where it
+/// has them. A direct write then hands the device one request of up to `max_sectors_kb`
+/// (4 MiB on this machine's disk) instead of one per `max_segments` (254) scattered 4 KiB
+/// pages. `fio`, 1.8 GiB of 4 MiB direct writes from six threads: 0.92-0.93 s from huge
+/// pages, 1.13-1.36 s from `malloc`'s.
+#[derive(Default)]
+struct WriteBuf {
+    map: Option<memmap2::MmapMut>,
+    /// Where the aligned part starts in `map`, and its length.
+    at: usize,
+    cap: usize,
+}
+
+impl WriteBuf {
+    /// Its first `len` bytes, at a [`HUGE`]-aligned address. They hold what was last
+    /// written there; growing maps a new, zeroed buffer and drops the old content.
+    fn get(&mut self, len: usize) -> Result<&mut [u8]> {
+        if self.cap < len {
+            let cap = len.next_multiple_of(HUGE);
+            let map = memmap2::MmapMut::map_anon(cap + HUGE).map_err(|e| {
+                Error::new(
+                    Kind::Internal,
+                    format!("cannot map a {cap}-byte restore buffer: {e}"),
+                )
+            })?;
+            let at = map.as_ptr().align_offset(HUGE);
+            // Only a hint: without huge pages to give, the kernel maps small ones.
+            let _ = map.advise_range(memmap2::Advice::HugePage, at, cap);
+            *self = WriteBuf {
+                map: Some(map),
+                at,
+                cap,
+            };
+        }
+        let map = self.map.as_mut().expect("mapped above");
+        Ok(&mut map[self.at..self.at + len])
     }
-    let off = v.as_ptr().align_offset(ALIGN);
-    &mut v[off..off + len]
+}
+
+/// Whole blobs that follow each other in a pack and in one file are decoded side by side
+/// and written at once, up to this many bytes: the device takes 1.8 GiB in 128 KiB direct
+/// writes from six threads in 1.55-1.78 s, in 4 MiB writes in 1.19 s (`fio`).
+const WRITE_RUN: usize = 4 << 20;
+
+/// Consecutive whole blobs of one file decoded into the thread's buffer: `len` bytes
+/// (`pieces` planned writes) for offset `dst` of entry `file`.
+struct Run {
+    file: usize,
+    dst: u64,
+    len: usize,
+    pieces: usize,
+}
+
+impl Run {
+    /// Writes the run from the start of the buffer into `open` (the run's file).
+    fn write(
+        self,
+        b: &mut WriteBuf,
+        open: &Option<OpenFile>,
+        target: &Path,
+        entries: &[Entry],
+        wrote: &dyn Fn(&OpenFile, &Path, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let f = open
+            .as_ref()
+            .filter(|f| f.file == self.file)
+            .expect("a run's file stays open");
+        let p = target.join(&entries[self.file].path);
+        f.write_at(&b.get(self.len)?[..], self.dst, &p)?;
+        wrote(f, &p, self.len, self.pieces)
+    }
 }
 
 /// Files at least this large are allocated whole before their data is written.
@@ -353,23 +421,30 @@ impl OpenFile {
         })
     }
 
+    /// Writes `data` at `dst`: direct where it can, its unaligned tail (a file's last
+    /// bytes) through the page cache.
     fn write_at(&self, data: &[u8], dst: u64, p: &Path) -> Result<()> {
-        let fits = data.len() >= DIRECT_MIN
+        let head = data.len() / ALIGN * ALIGN;
+        let fits = head >= DIRECT_MIN
             && data.as_ptr().align_offset(ALIGN) == 0
-            && data.len().is_multiple_of(ALIGN)
             && dst.is_multiple_of(ALIGN as u64);
         let direct = fits.then(|| {
             self.direct
                 .get_or_init(|| write_options().custom_flags(libc::O_DIRECT).open(p).ok())
         });
         if let Some(Some(d)) = direct {
-            match d.write_all_at(data, dst) {
-                Ok(()) => return Ok(()),
+            match d.write_all_at(&data[..head], dst) {
+                Ok(()) if head == data.len() => return Ok(()),
+                Ok(()) => return self.write_buffered(&data[head..], dst + head as u64, p),
                 // Refused (alignment this device does not take): the page cache.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(io_error(Kind::Config, p, e)),
             }
         }
+        self.write_buffered(data, dst, p)
+    }
+
+    fn write_buffered(&self, data: &[u8], dst: u64, p: &Path) -> Result<()> {
         self.buffered
             .write_all_at(data, dst)
             .map_err(|err| io_error(Kind::Config, p, err))?;
@@ -728,10 +803,10 @@ pub fn restore_files(
         .collect();
     // Whoever does a file's last write sets its metadata through the open descriptor: no
     // second lookup of the path.
-    let wrote = |f: &OpenFile, p: &Path, n: usize| -> Result<()> {
+    let wrote = |f: &OpenFile, p: &Path, n: usize, pieces: usize| -> Result<()> {
         written.fetch_add(n as u64, Ordering::Relaxed);
         opts.progress.add(n as u64);
-        if remaining[f.file].fetch_sub(1, Ordering::AcqRel) == 1 {
+        if remaining[f.file].fetch_sub(pieces, Ordering::AcqRel) == pieces {
             set_meta_fd(&f.buffered, p, &entries[f.file], is_root)?;
         }
         Ok(())
@@ -746,7 +821,7 @@ pub fn restore_files(
                 let f = OpenFile::open(s.file, &p, alloc(s.file))?;
                 let n = BUFFER.with(|b| -> Result<usize> {
                     let mut b = b.borrow_mut();
-                    let buf = aligned(&mut b, s.len);
+                    let buf = b.get(s.len)?;
                     lay_slice(repo, &index, &entries[s.file].path, s, buf)?;
                     let mut n = 0;
                     for (at, len) in slice_runs(s) {
@@ -755,19 +830,65 @@ pub fn restore_files(
                     }
                     Ok(n)
                 })?;
-                wrote(&f, &p, n)
+                wrote(&f, &p, n, 1)
             }
             Work::Pack(pack_id, blobs) => {
                 let ids: Vec<&ChunkId> = blobs.iter().map(|(id, _)| id).collect();
                 let mut k = 0;
                 // Consecutive pieces mostly go to one file: keep it open.
                 let mut open: Option<OpenFile> = None;
-                fetch_blobs(repo, &index, pack_id, &ids, |dek, id, loc, sealed| {
-                    let targets = &blobs[k].1;
-                    k += 1;
-                    BUFFER.with(|b| -> Result<()> {
-                        let mut b = b.borrow_mut();
-                        let plain = aligned(&mut b, loc.raw_length as usize);
+                BUFFER.with(|b| -> Result<()> {
+                    let mut b = b.borrow_mut();
+                    b.get(WRITE_RUN)?;
+                    // Blobs decoded side by side in the buffer, to be written at once.
+                    let mut run: Option<Run> = None;
+                    fetch_blobs(repo, &index, pack_id, &ids, |dek, id, loc, sealed| {
+                        let targets = &blobs[k].1;
+                        k += 1;
+                        let raw = loc.raw_length as usize;
+                        let whole = match targets.as_slice() {
+                            [t] if t.src == 0 && t.len == raw && raw <= WRITE_RUN => Some(t),
+                            _ => None,
+                        };
+                        let joins = |r: &Run, t: &Target| {
+                            r.file == t.file
+                                && r.dst + r.len as u64 == t.dst
+                                && r.len + raw <= WRITE_RUN
+                        };
+                        if let Some(t) = whole {
+                            if !run.as_ref().is_some_and(|r| joins(r, t)) {
+                                if let Some(r) = run.take() {
+                                    r.write(&mut b, &open, target, &entries, &wrote)?;
+                                }
+                                if open.as_ref().is_none_or(|f| f.file != t.file) {
+                                    let p = target.join(&entries[t.file].path);
+                                    open = Some(OpenFile::open(t.file, &p, alloc(t.file))?);
+                                }
+                                run = Some(Run {
+                                    file: t.file,
+                                    dst: t.dst,
+                                    len: 0,
+                                    pieces: 0,
+                                });
+                            }
+                            let r = run.as_mut().expect("started above");
+                            let buf = b.get(WRITE_RUN)?;
+                            pack::open_blob_into(
+                                dek,
+                                &repo.keys.id_key,
+                                id,
+                                loc,
+                                sealed,
+                                &mut buf[r.len..r.len + raw],
+                            )?;
+                            r.len += raw;
+                            r.pieces += 1;
+                            return Ok(());
+                        }
+                        if let Some(r) = run.take() {
+                            r.write(&mut b, &open, target, &entries, &wrote)?;
+                        }
+                        let plain = b.get(raw)?;
                         pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, plain)?;
                         for t in targets {
                             let e = &entries[t.file];
@@ -784,10 +905,14 @@ pub fn restore_files(
                             }
                             let f = open.as_ref().expect("opened above");
                             f.write_at(piece, t.dst, &p)?;
-                            wrote(f, &p, t.len)?;
+                            wrote(f, &p, t.len, 1)?;
                         }
                         Ok(())
-                    })
+                    })?;
+                    match run.take() {
+                        Some(r) => r.write(&mut b, &open, target, &entries, &wrote),
+                        None => Ok(()),
+                    }
                 })
             }
         }
@@ -1094,8 +1219,8 @@ mod tests {
             eprintln!("ramfs not mountable here: only the direct path is checked");
         }
         const N: usize = 256 << 10;
-        let mut v = vec![];
-        let buf = aligned(&mut v, N);
+        let mut v = WriteBuf::default();
+        let buf = v.get(N).unwrap();
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (i * 31 % 251) as u8;
         }
@@ -1119,16 +1244,20 @@ mod tests {
         }
     }
 
-    /// Direct writes need aligned memory: the buffer's slice starts on a 4 KiB boundary
-    /// whatever the allocation, and keeps its length.
+    /// Direct writes need aligned memory: the buffer starts on a huge-page boundary
+    /// whatever its size, keeps what was written in it while it does not grow, and starts
+    /// zeroed when it does.
     #[test]
-    fn aligned_buffers_start_on_a_block_boundary() {
-        let mut v = Vec::with_capacity(3);
-        v.push(1u8);
-        for len in [1, 4096, 128 << 10, 5000] {
-            let b = aligned(&mut v, len);
-            assert_eq!(b.len(), len);
-            assert_eq!(b.as_ptr().align_offset(ALIGN), 0);
+    fn write_buffers_start_on_a_huge_page_boundary() {
+        let mut b = WriteBuf::default();
+        for len in [1, 4096, 128 << 10, 5000, HUGE + 1] {
+            let s = b.get(len).unwrap();
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr().align_offset(HUGE), 0);
         }
+        b.get(10).unwrap().copy_from_slice(b"0123456789");
+        assert_eq!(&b.get(HUGE * 2).unwrap()[..10], b"0123456789");
+        let grown = b.get(HUGE * 2 + 1).unwrap();
+        assert!(grown.iter().all(|&x| x == 0));
     }
 }
