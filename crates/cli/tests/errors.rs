@@ -211,3 +211,79 @@ fn loosened_permissions_are_reported_by_verify() {
         "{err}"
     );
 }
+
+/// Mounts a tmpfs with `opts` at `dir` for as long as the value lives; None without the
+/// privilege to mount.
+struct Tmpfs(std::ffi::CString);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, opts: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (fs, at, o) = (c("tmpfs"), c(dir.to_str().unwrap()), c(opts));
+        // SAFETY: mount with valid C strings; fails without privileges.
+        let r = unsafe { libc::mount(fs.as_ptr(), at.as_ptr(), fs.as_ptr(), 0, o.as_ptr().cast()) };
+        (r == 0).then_some(Tmpfs(at))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // SAFETY: unmounting what this test mounted.
+        unsafe { libc::umount(self.0.as_ptr()) };
+    }
+}
+
+#[test]
+fn restore_onto_a_full_file_system_stops_with_a_clear_error() {
+    let t = backed_up();
+    let src = t.path("src");
+    // Too small for the data: refused before anything is written.
+    let small = t.path("small");
+    let Some(fs) = Tmpfs::mount(&small, "size=256k") else {
+        eprintln!("tmpfs not mountable here (needs CAP_SYS_ADMIN): not checked");
+        return;
+    };
+    let out = small.join("out");
+    let err = t.fails(
+        &["restore", "files", "latest", "--to", out.to_str().unwrap()],
+        2,
+    );
+    assert!(
+        err.contains("free; the restore needs") && err.contains("larger file system"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(&out).map_or(true, |d| d
+            .filter_map(|e| e.ok())
+            .all(|e| e.path().is_dir())),
+        "nothing but folders may be written before the refusal"
+    );
+    drop(fs);
+
+    // Room for the bytes but not for the files (inodes run out while the data is being
+    // written): the writers fail, the restore stops with the file system's error and what
+    // to do, and does not hang.
+    let rels = walk_all(&src);
+    let dirs = rels.iter().filter(|r| src.join(r).is_dir()).count();
+    let empty = rels
+        .iter()
+        .filter(|r| {
+            src.join(r)
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.len() == 0)
+        })
+        .count();
+    // The mount's root, `out`, the folders, the empty files (made while planning), and
+    // two of the files with data.
+    let inodes = 1 + 1 + dirs + empty + 2;
+    let _fs = Tmpfs::mount(&small, &format!("size=64m,nr_inodes={inodes}")).unwrap();
+    let err = t.fails(
+        &["restore", "files", "latest", "--to", out.to_str().unwrap()],
+        2,
+    );
+    assert!(
+        err.contains("No space left on device") && err.contains("the file system is full"),
+        "{err}"
+    );
+}

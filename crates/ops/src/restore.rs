@@ -1,9 +1,11 @@
 //! Restores of file snapshots (to a folder) and stream snapshots (to a writer).
 //!
 //! File restores are planned by pack: each pack needed is fetched once (whole when most of
-//! it is needed, else blob by blob), its blobs decrypted and checked against their ids, and
-//! written at their offsets in every file that uses them, on one thread per core. Metadata
-//! (modes, owners, times) is applied after the data, folders last and deepest first.
+//! it is needed, else blob by blob), its blobs decrypted and checked against their ids into
+//! buffers by decoder threads, and the buffers written at their offsets in every file that
+//! uses them by writer threads, so that decoding and writing overlap. Before anything is
+//! written, a restore that cannot fit on the target is refused. Metadata (modes, owners,
+//! times) is applied after the data, folders last and deepest first.
 
 use std::collections::HashMap;
 use std::fs;
@@ -283,18 +285,13 @@ fn fetch_blobs(
     Ok(())
 }
 
-thread_local! {
-    /// Each restore thread's buffer for decoded blocks and slices (grown, never shrunk).
-    static BUFFER: std::cell::RefCell<WriteBuf> = std::cell::RefCell::new(WriteBuf::default());
-}
-
 /// Direct I/O wants buffers, offsets and lengths aligned to the device's blocks.
 const ALIGN: usize = 4096;
 
 /// A transparent huge page (x86-64, and arm64 with 4 KiB pages).
 const HUGE: usize = 2 << 20;
 
-/// A thread's buffer for the bytes it writes: mapped on its own, starting on a huge-page
+/// A buffer for the bytes a restore writes: mapped on its own, starting on a huge-page
 /// boundary and marked `MADV_HUGEPAGE`, so the kernel backs it with 2 MiB pages where it
 /// has them. A direct write then hands the device one request of up to `max_sectors_kb`
 /// (4 MiB on this machine's disk) instead of one per `max_segments` (254) scattered 4 KiB
@@ -332,39 +329,75 @@ impl WriteBuf {
         let map = self.map.as_mut().expect("mapped above");
         Ok(&mut map[self.at..self.at + len])
     }
+
+    /// Bytes `at..at + len` of what [`WriteBuf::get`] gave.
+    fn bytes(&self, at: usize, len: usize) -> &[u8] {
+        match &self.map {
+            Some(map) => &map[self.at + at..self.at + at + len],
+            None => &[],
+        }
+    }
 }
 
-/// Whole blobs that follow each other in a pack and in one file are decoded side by side
-/// and written at once, up to this many bytes: the device takes 1.8 GiB in 128 KiB direct
-/// writes from six threads in 1.55-1.78 s, in 4 MiB writes in 1.19 s (`fio`).
-const WRITE_RUN: usize = 4 << 20;
+/// Threads writing decoded buffers: enough writes in flight to keep the disk busy while
+/// the decoders use the cores.
+const WRITERS: usize = 4;
 
-/// Consecutive whole blobs of one file decoded into the thread's buffer: `len` bytes
-/// (`pieces` planned writes) for offset `dst` of entry `file`.
-struct Run {
+/// A decoded buffer is at least this large: whole blobs that follow each other in a pack
+/// and in one file are decoded side by side and written at once. The device takes 1.8 GiB
+/// in 128 KiB direct writes from six threads in 1.55-1.78 s, in 4 MiB writes in 1.19 s
+/// (`fio`).
+const JOB: usize = SLICE as usize;
+
+/// Decoded bytes and where they go.
+#[derive(Default)]
+struct Job {
+    buf: WriteBuf,
+    /// Bytes of `buf` ready for decoding into, and how many are used.
+    cap: usize,
+    used: usize,
+    puts: Vec<Put>,
+}
+
+impl Job {
+    /// A job on `buf`, with room for at least `len` bytes.
+    fn new(mut buf: WriteBuf, len: usize) -> Result<Job> {
+        let cap = len.max(JOB);
+        buf.get(cap)?;
+        Ok(Job {
+            buf,
+            cap,
+            used: 0,
+            puts: vec![],
+        })
+    }
+}
+
+/// Bytes `at..at+len` of a job's buffer, for offset `dst` of entry `file`; `pieces` planned
+/// writes are done when it is written.
+struct Put {
     file: usize,
-    dst: u64,
+    at: usize,
     len: usize,
+    dst: u64,
     pieces: usize,
 }
 
-impl Run {
-    /// Writes the run from the start of the buffer into `open` (the run's file).
-    fn write(
-        self,
-        b: &mut WriteBuf,
-        open: &Option<OpenFile>,
-        target: &Path,
-        entries: &[Entry],
-        wrote: &dyn Fn(&OpenFile, &Path, usize, usize) -> Result<()>,
-    ) -> Result<()> {
-        let f = open
-            .as_ref()
-            .filter(|f| f.file == self.file)
-            .expect("a run's file stays open");
-        let p = target.join(&entries[self.file].path);
-        f.write_at(&b.get(self.len)?[..], self.dst, &p)?;
-        wrote(f, &p, self.len, self.pieces)
+/// Buffers written and free for the next job.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<WriteBuf>>);
+
+impl Pool {
+    fn take(&self) -> WriteBuf {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn put(&self, b: WriteBuf) {
+        self.0.lock().expect("not poisoned").push(b);
     }
 }
 
@@ -407,12 +440,10 @@ const DIRECT_MIN: usize = 64 << 10;
 impl OpenFile {
     /// Opens entry `file` at `p`; with `alloc`, allocates it first if no thread did.
     fn open(file: usize, p: &Path, alloc: Option<(&Prealloc, u64)>) -> Result<OpenFile> {
-        let buffered = write_options()
-            .open(p)
-            .map_err(|err| io_error(Kind::Config, p, err))?;
+        let buffered = write_options().open(p).map_err(|err| write_error(p, err))?;
         if let Some((once, size)) = alloc {
             once.get_or_init(|| preallocate(&buffered, size))
-                .map_err(|e| io_error(Kind::Config, p, std::io::Error::from_raw_os_error(e)))?;
+                .map_err(|e| write_error(p, std::io::Error::from_raw_os_error(e)))?;
         }
         Ok(OpenFile {
             file,
@@ -438,7 +469,7 @@ impl OpenFile {
                 Ok(()) => return self.write_buffered(&data[head..], dst + head as u64, p),
                 // Refused (alignment this device does not take): the page cache.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(io_error(Kind::Config, p, e)),
+                Err(e) => return Err(write_error(p, e)),
             }
         }
         self.write_buffered(data, dst, p)
@@ -447,12 +478,23 @@ impl OpenFile {
     fn write_buffered(&self, data: &[u8], dst: u64, p: &Path) -> Result<()> {
         self.buffered
             .write_all_at(data, dst)
-            .map_err(|err| io_error(Kind::Config, p, err))?;
+            .map_err(|err| write_error(p, err))?;
         // Start it towards the disk now rather than all at the final sync.
         if data.len() >= DIRECT_MIN {
             start_writeback(&self.buffered, dst, data.len());
         }
         Ok(())
+    }
+}
+
+/// A failed write or create of a restored file; a full file system says what to do.
+fn write_error(p: &Path, err: std::io::Error) -> Error {
+    let full = matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+    let e = io_error(Kind::Config, p, err);
+    if full {
+        e.hint("the file system is full: free space (and inodes) there, or restore into a folder on a larger one; what was written so far is incomplete")
+    } else {
+        e
     }
 }
 
@@ -790,6 +832,16 @@ pub fn restore_files(
     // The largest first, so that the last to finish are short.
     work.sort_by_cached_key(|w| std::cmp::Reverse(w.size(&index)));
 
+    if !opts.delta {
+        let blocks = |bsize: u64| {
+            entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File)
+                .map(|e| e.size.next_multiple_of(bsize))
+                .sum::<u64>()
+        };
+        check_room(target, blocks)?;
+    }
     tracing::debug!("restore: planned {} work items", work.len());
     // From here the workers read what the plan needs, in its order.
     custos_storage::stop_warming();
@@ -806,7 +858,7 @@ pub fn restore_files(
     let wrote = |f: &OpenFile, p: &Path, n: usize, pieces: usize| -> Result<()> {
         written.fetch_add(n as u64, Ordering::Relaxed);
         opts.progress.add(n as u64);
-        if remaining[f.file].fetch_sub(pieces, Ordering::AcqRel) == pieces {
+        if pieces > 0 && remaining[f.file].fetch_sub(pieces, Ordering::AcqRel) == pieces {
             set_meta_fd(&f.buffered, p, &entries[f.file], is_root)?;
         }
         Ok(())
@@ -814,109 +866,152 @@ pub fn restore_files(
     let prealloc: Vec<Prealloc> = entries.iter().map(|_| Prealloc::new()).collect();
     let alloc =
         |i: usize| (entries[i].size >= PREALLOCATE).then(|| (&prealloc[i], entries[i].size));
-    custos_repo::repository::parallel_map(&work, repo.threads() * 3, |w| -> Result<()> {
-        match w {
-            Work::Slice(s) => {
-                let p = target.join(&entries[s.file].path);
-                let f = OpenFile::open(s.file, &p, alloc(s.file))?;
-                let n = BUFFER.with(|b| -> Result<usize> {
-                    let mut b = b.borrow_mut();
-                    let buf = b.get(s.len)?;
-                    lay_slice(repo, &index, &entries[s.file].path, s, buf)?;
-                    let mut n = 0;
-                    for (at, len) in slice_runs(s) {
-                        f.write_at(&buf[at..at + len], s.dst + at as u64, &p)?;
-                        n += len;
-                    }
-                    Ok(n)
-                })?;
-                wrote(&f, &p, n, 1)
+    // Decoders fill buffers and hand them over; writers write them. A decoder never waits
+    // for the disk, only for a free writer, so the cores and the disk work side by side.
+    let pool = Pool::default();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(0);
+    let rx = std::sync::Mutex::new(rx);
+    let failed: std::sync::Mutex<Option<Error>> = Default::default();
+    let write_job = |job: &Job, open: &mut Option<OpenFile>| -> Result<()> {
+        for put in &job.puts {
+            let p = target.join(&entries[put.file].path);
+            if open.as_ref().is_none_or(|f| f.file != put.file) {
+                *open = Some(OpenFile::open(put.file, &p, alloc(put.file))?);
             }
-            Work::Pack(pack_id, blobs) => {
-                let ids: Vec<&ChunkId> = blobs.iter().map(|(id, _)| id).collect();
-                let mut k = 0;
-                // Consecutive pieces mostly go to one file: keep it open.
+            let f = open.as_ref().expect("opened above");
+            f.write_at(job.buf.bytes(put.at, put.len), put.dst, &p)?;
+            wrote(f, &p, put.len, put.pieces)?;
+        }
+        Ok(())
+    };
+    let decoded = std::thread::scope(|scope| {
+        for _ in 0..WRITERS {
+            scope.spawn(|| {
+                // Consecutive writes mostly go to one file: keep it open.
                 let mut open: Option<OpenFile> = None;
-                BUFFER.with(|b| -> Result<()> {
-                    let mut b = b.borrow_mut();
-                    b.get(WRITE_RUN)?;
-                    // Blobs decoded side by side in the buffer, to be written at once.
-                    let mut run: Option<Run> = None;
+                loop {
+                    let Ok(job) = rx.lock().expect("not poisoned").recv() else {
+                        return;
+                    };
+                    // After a failure, jobs are taken and dropped so that no decoder waits.
+                    if failed.lock().expect("not poisoned").is_none() {
+                        if let Err(e) = write_job(&job, &mut open) {
+                            failed.lock().expect("not poisoned").get_or_insert(e);
+                        }
+                    }
+                    pool.put(job.buf);
+                }
+            });
+        }
+        let send = |job: Job| -> Result<()> {
+            if let Some(e) = failed.lock().expect("not poisoned").as_ref() {
+                return Err(Error::new(e.kind, "restore stopped: a write failed"));
+            }
+            tx.send(job)
+                .map_err(|_| Error::new(Kind::Internal, "restore writers stopped"))
+        };
+        let r = custos_repo::repository::parallel_map(&work, repo.threads() * 3, |w| {
+            match w {
+                Work::Slice(s) => {
+                    let mut job = Job::new(pool.take(), s.len)?;
+                    lay_slice(repo, &index, &entries[s.file].path, s, job.buf.get(s.len)?)?;
+                    job.used = s.len;
+                    // One planned write per slice: counted with its last run.
+                    let runs = slice_runs(s);
+                    let last = runs.len().saturating_sub(1);
+                    for (i, (at, len)) in runs.into_iter().enumerate() {
+                        job.puts.push(Put {
+                            file: s.file,
+                            at,
+                            len,
+                            dst: s.dst + at as u64,
+                            pieces: usize::from(i == last),
+                        });
+                    }
+                    if job.puts.is_empty() {
+                        job.puts.push(Put {
+                            file: s.file,
+                            at: 0,
+                            len: 0,
+                            dst: s.dst,
+                            pieces: 1,
+                        });
+                    }
+                    send(job)
+                }
+                Work::Pack(pack_id, blobs) => {
+                    let ids: Vec<&ChunkId> = blobs.iter().map(|(id, _)| id).collect();
+                    let mut k = 0;
+                    let mut job = Job::new(pool.take(), 0)?;
                     fetch_blobs(repo, &index, pack_id, &ids, |dek, id, loc, sealed| {
                         let targets = &blobs[k].1;
                         k += 1;
                         let raw = loc.raw_length as usize;
-                        let whole = match targets.as_slice() {
-                            [t] if t.src == 0 && t.len == raw && raw <= WRITE_RUN => Some(t),
-                            _ => None,
-                        };
-                        let joins = |r: &Run, t: &Target| {
-                            r.file == t.file
-                                && r.dst + r.len as u64 == t.dst
-                                && r.len + raw <= WRITE_RUN
-                        };
-                        if let Some(t) = whole {
-                            if !run.as_ref().is_some_and(|r| joins(r, t)) {
-                                if let Some(r) = run.take() {
-                                    r.write(&mut b, &open, target, &entries, &wrote)?;
-                                }
-                                if open.as_ref().is_none_or(|f| f.file != t.file) {
-                                    let p = target.join(&entries[t.file].path);
-                                    open = Some(OpenFile::open(t.file, &p, alloc(t.file))?);
-                                }
-                                run = Some(Run {
-                                    file: t.file,
-                                    dst: t.dst,
-                                    len: 0,
-                                    pieces: 0,
-                                });
-                            }
-                            let r = run.as_mut().expect("started above");
-                            let buf = b.get(WRITE_RUN)?;
-                            pack::open_blob_into(
-                                dek,
-                                &repo.keys.id_key,
-                                id,
-                                loc,
-                                sealed,
-                                &mut buf[r.len..r.len + raw],
-                            )?;
-                            r.len += raw;
-                            r.pieces += 1;
-                            return Ok(());
-                        }
-                        if let Some(r) = run.take() {
-                            r.write(&mut b, &open, target, &entries, &wrote)?;
-                        }
-                        let plain = b.get(raw)?;
-                        pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, plain)?;
                         for t in targets {
-                            let e = &entries[t.file];
-                            let piece = plain.get(t.src..t.src + t.len).ok_or_else(|| {
-                                Error::integrity(format!(
+                            if t.src + t.len > raw {
+                                return Err(Error::integrity(format!(
                                     "chunk {} is shorter than its use in {}",
                                     id.short(),
-                                    e.path
-                                ))
-                            })?;
-                            let p = target.join(&e.path);
-                            if open.as_ref().is_none_or(|f| f.file != t.file) {
-                                open = Some(OpenFile::open(t.file, &p, alloc(t.file))?);
+                                    entries[t.file].path
+                                )));
                             }
-                            let f = open.as_ref().expect("opened above");
-                            f.write_at(piece, t.dst, &p)?;
-                            wrote(f, &p, t.len, 1)?;
+                        }
+                        // A whole blob that continues the last write is decoded right
+                        // after it, anything else at the next aligned offset.
+                        let continues = match (targets.as_slice(), job.puts.last()) {
+                            ([t], Some(w)) => {
+                                t.src == 0
+                                    && t.len == raw
+                                    && w.file == t.file
+                                    && w.dst + w.len as u64 == t.dst
+                                    && w.at + w.len == job.used
+                            }
+                            _ => false,
+                        };
+                        let mut at = if continues {
+                            job.used
+                        } else {
+                            job.used.next_multiple_of(ALIGN)
+                        };
+                        if at + raw > job.cap {
+                            send(std::mem::take(&mut job))?;
+                            job = Job::new(pool.take(), raw)?;
+                            at = 0;
+                        }
+                        let out = &mut job.buf.get(job.cap)?[at..at + raw];
+                        pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out)?;
+                        job.used = at + raw;
+                        match job.puts.last_mut() {
+                            Some(w) if continues && at > 0 => {
+                                w.len += raw;
+                                w.pieces += 1;
+                            }
+                            _ => job.puts.extend(targets.iter().map(|t| Put {
+                                file: t.file,
+                                at: at + t.src,
+                                len: t.len,
+                                dst: t.dst,
+                                pieces: 1,
+                            })),
                         }
                         Ok(())
                     })?;
-                    match run.take() {
-                        Some(r) => r.write(&mut b, &open, target, &entries, &wrote),
-                        None => Ok(()),
+                    if job.puts.is_empty() {
+                        pool.put(job.buf);
+                        Ok(())
+                    } else {
+                        send(job)
                     }
-                })
+                }
             }
-        }
-    })?;
+        });
+        drop(tx);
+        r
+    });
+    if let Some(e) = failed.into_inner().expect("not poisoned") {
+        return Err(e);
+    }
+    decoded?;
     tracing::debug!("restore: data written");
     report.packs_read = packs_read;
     report.bytes = written.load(Ordering::Relaxed);
@@ -956,6 +1051,33 @@ pub fn restore_files(
     tracing::debug!("restore: synced");
     report.duration_ms = start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Refuses a restore that cannot fit before anything is written: `need(block size)` is
+/// what the files take on `target`'s file system, rounded up to its blocks.
+fn check_room(target: &Path, need: impl Fn(u64) -> u64) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| Error::config(format!("{} is not a usable path", target.display())))?;
+    // SAFETY: statvfs fills the zeroed struct we own from a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        // Not knowing the free space is no reason to refuse: the writes will tell.
+        return Ok(());
+    }
+    let bsize = st.f_frsize.max(1);
+    let free = st.f_bavail * bsize;
+    let need = need(bsize);
+    if need > free {
+        return Err(Error::config(format!(
+            "{} has {} free; the restore needs {}",
+            target.display(),
+            custos_model::ByteSize(free),
+            custos_model::ByteSize(need)
+        ))
+        .hint("free space there, or restore into a folder on a larger file system"));
+    }
+    Ok(())
 }
 
 /// Starts writing a just-written range to disk without waiting for it, so the disk works

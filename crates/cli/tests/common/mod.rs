@@ -293,7 +293,8 @@ pub fn describe(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-fn walk_all(root: &Path) -> Vec<String> {
+/// Every path under `root`, relative to it.
+pub fn walk_all(root: &Path) -> Vec<String> {
     let mut out = vec![];
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
