@@ -205,6 +205,70 @@ impl Work {
             Work::Slice(s) => s.len as u64,
         }
     }
+
+    /// Bytes it fetches from packs (compressed where the blobs are), about.
+    fn stored(&self, index: &Index) -> u64 {
+        match self {
+            Work::Pack(_, blobs) => blobs
+                .iter()
+                .map(|(id, _)| u64::from(index.blobs[id].length))
+                .sum(),
+            Work::Slice(s) => s
+                .pieces
+                .iter()
+                .filter(|p| p.pass == 0)
+                .filter_map(|p| index.blobs.get(&p.chunk))
+                .map(|b| u64::from(b.length))
+                .sum(),
+        }
+    }
+}
+
+/// Work in two queues, each largest first (the last to finish are short). Work on blobs
+/// that compress well keeps a core busy for every byte it writes; work on blobs stored as
+/// they are keeps the disk busy. A decoder takes from the second while a writer waits for
+/// work, else from the first, so the cores and the disk stay busy together.
+struct Queues {
+    cpu: Vec<Work>,
+    disk: Vec<Work>,
+    next: [std::sync::atomic::AtomicUsize; 2],
+}
+
+impl Queues {
+    fn new(work: Vec<Work>, index: &Index) -> Queues {
+        let (mut cpu, mut disk): (Vec<_>, Vec<_>) = work
+            .into_iter()
+            .map(|w| (w.size(index), w))
+            .partition(|(raw, w)| w.stored(index) * 2 < *raw);
+        cpu.sort_by_key(|(raw, _)| std::cmp::Reverse(*raw));
+        disk.sort_by_key(|(raw, _)| std::cmp::Reverse(*raw));
+        let strip = |v: Vec<(u64, Work)>| v.into_iter().map(|(_, w)| w).collect();
+        Queues {
+            cpu: strip(cpu),
+            disk: strip(disk),
+            next: Default::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.cpu.len() + self.disk.len()
+    }
+
+    /// The next work to do, from the disk's queue first if `disk_idle`; None when all is
+    /// taken, or after [`Queues::stop`].
+    fn take(&self, disk_idle: bool) -> Option<&Work> {
+        let order = if disk_idle { [1, 0] } else { [0, 1] };
+        order.into_iter().find_map(|q| {
+            let v = if q == 0 { &self.cpu } else { &self.disk };
+            v.get(self.next[q].fetch_add(1, Ordering::Relaxed))
+        })
+    }
+
+    fn stop(&self) {
+        for n in &self.next {
+            n.store(usize::MAX / 2, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Splits each pack's plan into runs of blobs in pack order holding at most 8 MiB that
@@ -829,8 +893,7 @@ pub fn restore_files(
     }
     let packs_read = packs.len() as u64;
     work.extend(pack_work(plan, &index));
-    // The largest first, so that the last to finish are short.
-    work.sort_by_cached_key(|w| std::cmp::Reverse(w.size(&index)));
+    let work = Queues::new(work, &index);
 
     if !opts.delta {
         let blocks = |bsize: u64| {
@@ -872,6 +935,8 @@ pub fn restore_files(
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(0);
     let rx = std::sync::Mutex::new(rx);
     let failed: std::sync::Mutex<Option<Error>> = Default::default();
+    // Writers waiting for a job: the disk could take more.
+    let idle = std::sync::atomic::AtomicUsize::new(0);
     let write_job = |job: &Job, open: &mut Option<OpenFile>| -> Result<()> {
         for put in &job.puts {
             let p = target.join(&entries[put.file].path);
@@ -890,7 +955,10 @@ pub fn restore_files(
                 // Consecutive writes mostly go to one file: keep it open.
                 let mut open: Option<OpenFile> = None;
                 loop {
-                    let Ok(job) = rx.lock().expect("not poisoned").recv() else {
+                    idle.fetch_add(1, Ordering::Relaxed);
+                    let job = rx.lock().expect("not poisoned").recv();
+                    idle.fetch_sub(1, Ordering::Relaxed);
+                    let Ok(job) = job else {
                         return;
                     };
                     // After a failure, jobs are taken and dropped so that no decoder waits.
@@ -910,7 +978,7 @@ pub fn restore_files(
             tx.send(job)
                 .map_err(|_| Error::new(Kind::Internal, "restore writers stopped"))
         };
-        let r = custos_repo::repository::parallel_map(&work, repo.threads() * 3, |w| {
+        let decode = |w: &Work| -> Result<()> {
             match w {
                 Work::Slice(s) => {
                     let mut job = Job::new(pool.take(), s.len)?;
@@ -1004,9 +1072,29 @@ pub fn restore_files(
                     }
                 }
             }
+        };
+        // Decoders: several per core, so that fetches (from a remote repository, or packs
+        // not yet in the page cache) overlap. The first error stops them all.
+        let first_error: std::sync::Mutex<Option<Error>> = Default::default();
+        let decoders = (repo.threads() * 3).min(work.len()).max(1);
+        std::thread::scope(|dscope| {
+            for _ in 0..decoders {
+                let (decode, first_error, work, idle) = (&decode, &first_error, &work, &idle);
+                dscope.spawn(move || {
+                    while let Some(w) = work.take(idle.load(Ordering::Relaxed) > 0) {
+                        if let Err(e) = decode(w) {
+                            first_error.lock().expect("not poisoned").get_or_insert(e);
+                            work.stop();
+                        }
+                    }
+                });
+            }
         });
         drop(tx);
-        r
+        match first_error.into_inner().expect("not poisoned") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     });
     if let Some(e) = failed.into_inner().expect("not poisoned") {
         return Err(e);
