@@ -196,30 +196,24 @@ enum Work {
 }
 
 impl Work {
-    fn size(&self, index: &Index) -> u64 {
+    /// Bytes it writes, and about the bytes it fetches from packs (less where the blobs
+    /// are compressed).
+    fn sizes(&self, index: &Index) -> (u64, u64) {
+        let add = |(raw, stored): (u64, u64), b: &custos_repo::index::BlobLoc| {
+            (raw + u64::from(b.raw_length), stored + u64::from(b.length))
+        };
         match self {
             Work::Pack(_, blobs) => blobs
                 .iter()
-                .map(|(id, _)| u64::from(index.blobs[id].raw_length))
-                .sum(),
-            Work::Slice(s) => s.len as u64,
-        }
-    }
-
-    /// Bytes it fetches from packs (compressed where the blobs are), about.
-    fn stored(&self, index: &Index) -> u64 {
-        match self {
-            Work::Pack(_, blobs) => blobs
-                .iter()
-                .map(|(id, _)| u64::from(index.blobs[id].length))
-                .sum(),
-            Work::Slice(s) => s
-                .pieces
-                .iter()
-                .filter(|p| p.pass == 0)
-                .filter_map(|p| index.blobs.get(&p.chunk))
-                .map(|b| u64::from(b.length))
-                .sum(),
+                .map(|(id, _)| &index.blobs[id])
+                .fold((0, 0), add),
+            Work::Slice(s) => {
+                let blocks = s.pieces.iter().filter(|p| p.pass == 0);
+                let (_, stored) = blocks
+                    .filter_map(|p| index.blobs.get(&p.chunk))
+                    .fold((0, 0), add);
+                (s.len as u64, stored)
+            }
         }
     }
 }
@@ -238,11 +232,11 @@ impl Queues {
     fn new(work: Vec<Work>, index: &Index) -> Queues {
         let (mut cpu, mut disk): (Vec<_>, Vec<_>) = work
             .into_iter()
-            .map(|w| (w.size(index), w))
-            .partition(|(raw, w)| w.stored(index) * 2 < *raw);
-        cpu.sort_by_key(|(raw, _)| std::cmp::Reverse(*raw));
-        disk.sort_by_key(|(raw, _)| std::cmp::Reverse(*raw));
-        let strip = |v: Vec<(u64, Work)>| v.into_iter().map(|(_, w)| w).collect();
+            .map(|w| (w.sizes(index), w))
+            .partition(|((raw, stored), _)| stored * 2 < *raw);
+        cpu.sort_by_key(|((raw, _), _)| std::cmp::Reverse(*raw));
+        disk.sort_by_key(|((raw, _), _)| std::cmp::Reverse(*raw));
+        let strip = |v: Vec<((u64, u64), Work)>| v.into_iter().map(|(_, w)| w).collect();
         Queues {
             cpu: strip(cpu),
             disk: strip(disk),
@@ -1050,7 +1044,7 @@ pub fn restore_files(
                         pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out)?;
                         job.used = at + raw;
                         match job.puts.last_mut() {
-                            Some(w) if continues && at > 0 => {
+                            Some(w) if continues => {
                                 w.len += raw;
                                 w.pieces += 1;
                             }
@@ -1090,6 +1084,7 @@ pub fn restore_files(
                 });
             }
         });
+        // The writers finish what is queued and stop.
         drop(tx);
         match first_error.into_inner().expect("not poisoned") {
             Some(e) => Err(e),
