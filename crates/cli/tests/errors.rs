@@ -261,10 +261,31 @@ fn restore_onto_a_full_file_system_stops_with_a_clear_error() {
     );
     drop(fs);
 
+    // Room for one copy and a half: a restore fits, and so does restoring it again with
+    // --overwrite (the files it replaces are counted as free).
+    let rels = walk_all(&src);
+    let need: u64 = rels
+        .iter()
+        .filter_map(|r| src.join(r).symlink_metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len().next_multiple_of(4096))
+        .sum();
+    let fs = Tmpfs::mount(&small, &format!("size={}k", (need + need / 2) / 1024)).unwrap();
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert_eq!(describe(&out), describe(&src));
+    drop(fs);
+
     // Room for the bytes but not for the files (inodes run out while the data is being
     // written): the writers fail, the restore stops with the file system's error and what
     // to do, and does not hang.
-    let rels = walk_all(&src);
     let dirs = rels.iter().filter(|r| src.join(r).is_dir()).count();
     let empty = rels
         .iter()

@@ -890,13 +890,17 @@ pub fn restore_files(
     let work = Queues::new(work, &index);
 
     if !opts.delta {
-        let blocks = |bsize: u64| {
+        let blocks = &|bsize: u64| {
             entries
                 .iter()
                 .filter(|e| e.kind == EntryKind::File)
                 .map(|e| e.size.next_multiple_of(bsize))
                 .sum::<u64>()
         };
+        // Space freed by --overwrite's removals may show only once committed.
+        if check_room(target, blocks).is_err() && opts.overwrite {
+            sync_filesystem(target)?;
+        }
         check_room(target, blocks)?;
     }
     tracing::debug!("restore: planned {} work items", work.len());
@@ -1138,7 +1142,7 @@ pub fn restore_files(
 
 /// Refuses a restore that cannot fit before anything is written: `need(block size)` is
 /// what the files take on `target`'s file system, rounded up to its blocks.
-fn check_room(target: &Path, need: impl Fn(u64) -> u64) -> Result<()> {
+fn check_room(target: &Path, need: &dyn Fn(u64) -> u64) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(target.as_os_str().as_bytes())
         .map_err(|_| Error::config(format!("{} is not a usable path", target.display())))?;
@@ -1149,7 +1153,13 @@ fn check_room(target: &Path, need: impl Fn(u64) -> u64) -> Result<()> {
         return Ok(());
     }
     let bsize = st.f_frsize.max(1);
-    let free = st.f_bavail * bsize;
+    // The blocks the file system keeps back for root are root's to use.
+    let blocks = if unsafe { libc::geteuid() } == 0 {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    let free = blocks * bsize;
     let need = need(bsize);
     if need > free {
         return Err(Error::config(format!(
