@@ -411,8 +411,7 @@ const JOB: usize = SLICE as usize;
 #[derive(Default)]
 struct Job {
     buf: WriteBuf,
-    /// Bytes of `buf` ready for decoding into, and how many are used.
-    cap: usize,
+    /// Bytes of `buf` used so far (of its `cap`).
     used: usize,
     puts: Vec<Put>,
 }
@@ -420,11 +419,9 @@ struct Job {
 impl Job {
     /// A job on `buf`, with room for at least `len` bytes.
     fn new(mut buf: WriteBuf, len: usize) -> Result<Job> {
-        let cap = len.max(JOB);
-        buf.get(cap)?;
+        buf.get(len.max(JOB))?;
         Ok(Job {
             buf,
-            cap,
             used: 0,
             puts: vec![],
         })
@@ -897,11 +894,14 @@ pub fn restore_files(
                 .map(|e| e.size.next_multiple_of(bsize))
                 .sum::<u64>()
         };
-        // Space freed by --overwrite's removals may show only once committed.
-        if check_room(target, blocks).is_err() && opts.overwrite {
-            sync_filesystem(target)?;
+        match check_room(target, blocks) {
+            // Space freed by --overwrite's removals may show only once committed.
+            Err(_) if opts.overwrite => {
+                sync_filesystem(target)?;
+                check_room(target, blocks)?;
+            }
+            r => r?,
         }
-        check_room(target, blocks)?;
     }
     tracing::debug!("restore: planned {} work items", work.len());
     // From here the workers read what the plan needs, in its order.
@@ -932,6 +932,7 @@ pub fn restore_files(
     let pool = Pool::default();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(0);
     let rx = std::sync::Mutex::new(rx);
+    // The first error, a writer's or a decoder's: it stops both.
     let failed: std::sync::Mutex<Option<Error>> = Default::default();
     // Writers waiting for a job: the disk could take more.
     let idle = std::sync::atomic::AtomicUsize::new(0);
@@ -947,7 +948,7 @@ pub fn restore_files(
         }
         Ok(())
     };
-    let decoded = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         for _ in 0..WRITERS {
             scope.spawn(|| {
                 // Consecutive writes mostly go to one file: keep it open.
@@ -971,7 +972,7 @@ pub fn restore_files(
         }
         let send = |job: Job| -> Result<()> {
             if let Some(e) = failed.lock().expect("not poisoned").as_ref() {
-                return Err(Error::new(e.kind, "restore stopped: a write failed"));
+                return Err(Error::new(e.kind, "restore stopped by an earlier error"));
             }
             tx.send(job)
                 .map_err(|_| Error::new(Kind::Internal, "restore writers stopped"))
@@ -1039,12 +1040,12 @@ pub fn restore_files(
                         } else {
                             job.used.next_multiple_of(ALIGN)
                         };
-                        if at + raw > job.cap {
+                        if at + raw > job.buf.cap {
                             send(std::mem::take(&mut job))?;
                             job = Job::new(pool.take(), raw)?;
                             at = 0;
                         }
-                        let out = &mut job.buf.get(job.cap)?[at..at + raw];
+                        let out = &mut job.buf.get(at + raw)?[at..];
                         pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out)?;
                         job.used = at + raw;
                         match job.puts.last_mut() {
@@ -1072,16 +1073,15 @@ pub fn restore_files(
             }
         };
         // Decoders: several per core, so that fetches (from a remote repository, or packs
-        // not yet in the page cache) overlap. The first error stops them all.
-        let first_error: std::sync::Mutex<Option<Error>> = Default::default();
+        // not yet in the page cache) overlap.
         let decoders = (repo.threads() * 3).min(work.len()).max(1);
         std::thread::scope(|dscope| {
             for _ in 0..decoders {
-                let (decode, first_error, work, idle) = (&decode, &first_error, &work, &idle);
+                let (decode, failed, work, idle) = (&decode, &failed, &work, &idle);
                 dscope.spawn(move || {
                     while let Some(w) = work.take(idle.load(Ordering::Relaxed) > 0) {
                         if let Err(e) = decode(w) {
-                            first_error.lock().expect("not poisoned").get_or_insert(e);
+                            failed.lock().expect("not poisoned").get_or_insert(e);
                             work.stop();
                         }
                     }
@@ -1090,15 +1090,10 @@ pub fn restore_files(
         });
         // The writers finish what is queued and stop.
         drop(tx);
-        match first_error.into_inner().expect("not poisoned") {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     });
     if let Some(e) = failed.into_inner().expect("not poisoned") {
         return Err(e);
     }
-    decoded?;
     tracing::debug!("restore: data written");
     report.packs_read = packs_read;
     report.bytes = written.load(Ordering::Relaxed);
