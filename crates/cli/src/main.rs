@@ -347,8 +347,12 @@ enum RestoreCommand {
         #[arg(long)]
         include: Vec<String>,
         /// Allow a non-empty target folder; its files that are in the snapshot are replaced
-        #[arg(long)]
+        #[arg(long, conflicts_with = "delta")]
         overwrite: bool,
+        /// Make the target folder equal to the snapshot: rewrite only the blocks that differ
+        /// and remove what the snapshot does not hold
+        #[arg(long)]
+        delta: bool,
         /// With `latest`: the latest snapshot of this source
         #[arg(long)]
         source: Option<String>,
@@ -1663,6 +1667,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             to,
             include,
             overwrite,
+            delta,
             source,
         } => {
             let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
@@ -1676,7 +1681,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 &restore::RestoreOptions {
                     include,
                     overwrite,
-                    delta: false,
+                    delta,
                     progress: progress.as_ref(),
                 },
             )?;

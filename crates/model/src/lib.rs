@@ -6,10 +6,12 @@
 pub mod error;
 pub mod id;
 pub mod lsn;
+pub mod path;
 pub mod retention;
 pub mod size;
 
 pub use error::{Error, Kind, Result};
 pub use id::{ChunkId, Id, IndexId, KeyId, LockId, PackId, RepoId, SnapshotId};
 pub use lsn::Lsn;
+pub use path::PathBytes;
 pub use size::ByteSize;

@@ -253,7 +253,7 @@ pub fn backup_files(
     let bytes_read = AtomicU64::new(0);
     let failed: Mutex<std::collections::HashSet<usize>> = Mutex::new(Default::default());
     let result = each_file(&entries, repo.threads(), |i, w| {
-        let key = cache::path_key(&repo.keys.id_key, &w.entry.path);
+        let key = cache::path_key(&repo.keys.id_key, w.entry.path.as_bytes());
         if let Some((fp, ids)) = old_cache.files.get(&key) {
             if *fp == w.fingerprint && ids.iter().all(|id| writer.has(id)) {
                 w.entry.chunks = ids.clone();
@@ -329,7 +329,7 @@ pub fn backup_files(
         for w in &kept {
             if w.entry.kind == EntryKind::File {
                 c.files.insert(
-                    cache::path_key(&repo.keys.id_key, &w.entry.path),
+                    cache::path_key(&repo.keys.id_key, w.entry.path.as_bytes()),
                     (w.fingerprint, w.entry.chunks.clone()),
                 );
             }
@@ -379,7 +379,7 @@ pub fn backup_bucket(
                 .trim_start_matches('/')
                 .to_string();
             Ok(Entry {
-                path: rel,
+                path: rel.into(),
                 kind: EntryKind::File,
                 mode: 0o600,
                 uid: 0,

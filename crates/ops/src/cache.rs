@@ -22,8 +22,8 @@ pub struct FilesCache {
     pub pages: HashMap<String, custos_sources::files::PagePatches>,
 }
 
-pub fn path_key(id_key: &[u8; 32], path: &str) -> String {
-    blake3::keyed_hash(id_key, path.as_bytes()).to_hex()[..32].to_string()
+pub fn path_key(id_key: &[u8; 32], path: &[u8]) -> String {
+    blake3::keyed_hash(id_key, path).to_hex()[..32].to_string()
 }
 
 pub fn location(
@@ -33,7 +33,7 @@ pub fn location(
     id_key: &[u8; 32],
 ) -> PathBuf {
     dir.join(repo.to_hex())
-        .join(format!("files-{}", path_key(id_key, source)))
+        .join(format!("files-{}", path_key(id_key, source.as_bytes())))
 }
 
 pub fn load(path: &Path) -> FilesCache {
@@ -155,7 +155,7 @@ impl UnitStore {
     }
 
     fn name(&self, path: &str) -> String {
-        path_key(&self.id_key, path)
+        path_key(&self.id_key, path.as_bytes())
     }
 
     fn mac(&self, path: &str, data: &[u8]) -> [u8; 32] {

@@ -16,6 +16,7 @@ pub mod pg_stream;
 pub mod progress;
 pub mod prune;
 pub mod restore;
+pub mod target;
 pub mod verify;
 pub mod wal;
 

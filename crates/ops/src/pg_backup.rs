@@ -69,7 +69,7 @@ pub struct PgBackupReport {
     pub via: &'static str,
 }
 
-pub(crate) type ParentFiles = HashMap<String, ParentFile>;
+pub(crate) type ParentFiles = HashMap<custos_model::PathBytes, ParentFile>;
 
 pub fn source_name(cluster: Option<&str>, system_id: u64) -> String {
     match cluster {
@@ -186,16 +186,18 @@ pub fn backup_postgres(
             if entry.chunk_refs().all(|id| writer.has(id)) {
                 w.entry = entry;
                 if let Some(u) = &units {
-                    u.keep(&w.entry.path);
+                    u.keep(&w.entry.path.lossy());
                 }
                 unchanged.fetch_add(1, Ordering::Relaxed);
                 opts.progress.add(w.entry.size);
                 return Ok(());
             }
         }
-        let first_page = datadir::relation_first_page(&w.entry.path);
+        // PostgreSQL's own names are text; a name that is not cannot be a relation file.
+        let rel = w.entry.path.lossy().into_owned();
+        let first_page = datadir::relation_first_page(&rel);
         let pages = match (page_since, parent) {
-            (Some(since), Some(pf)) if datadir::is_main_fork(&w.entry.path) => Some(PageMode {
+            (Some(since), Some(pf)) if datadir::is_main_fork(&rel) => Some(PageMode {
                 parent: pf,
                 since,
                 // A file made after the parent started (a relation dropped and made
@@ -207,14 +209,14 @@ pub fn backup_postgres(
         let changes = summaries
             .as_ref()
             .filter(|_| pages.is_some())
-            .map(|c| c.for_file(&w.entry.path))
+            .map(|c| c.for_file(&rel))
             .filter(|c| *c != FileChanges::ReadAll);
         let read = ReadFile {
             path: &w.source,
-            rel: &w.entry.path,
+            rel: &rel,
             units: units
                 .as_ref()
-                .filter(|u| u.enabled() && datadir::is_main_fork(&w.entry.path)),
+                .filter(|u| u.enabled() && datadir::is_main_fork(&rel)),
             first_page,
             check_pages,
             start_lsn,
@@ -368,12 +370,17 @@ pub(crate) fn save_cache<'e>(
         ..Default::default()
     };
     for (e, fp) in entries {
+        // The cache is keyed by text: a name that is not (never PostgreSQL's) is read
+        // again next time rather than risk two names sharing a key.
+        let Some(path) = e.path.to_str() else {
+            continue;
+        };
         if let Some(pages) = &e.pages {
-            c.pages.insert(e.path.clone(), pages.clone());
+            c.pages.insert(path.to_string(), pages.clone());
         }
         if e.kind == EntryKind::File {
             c.files.insert(
-                e.path.clone(),
+                path.to_string(),
                 (
                     Fingerprint {
                         size: e.size,
@@ -513,7 +520,7 @@ fn parent_files(
                             pages,
                             covered,
                         };
-                        (path, pf)
+                        (custos_model::PathBytes::from(path), pf)
                     })
                     .collect(),
             ));

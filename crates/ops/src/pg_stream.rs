@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use custos_model::ChunkId;
-use custos_model::{Error, Kind, Lsn, Result};
+use custos_model::{Error, Kind, Lsn, PathBytes, Result};
 use custos_repo::snapshot::{PgInfo, RootMeta, SnapshotStats};
 use custos_repo::{BlobKind, Repository, SnapshotBody};
 use custos_sources::files::{Entry, EntryKind, Fingerprint, PagePatches};
@@ -406,11 +406,17 @@ fn read_stream(
         let mut item = item.map_err(broken)?;
         alive();
         let header = item.header();
-        let raw = item.path().map_err(broken)?.to_string_lossy().into_owned();
-        let path = raw
-            .trim_start_matches("./")
-            .trim_end_matches('/')
-            .to_string();
+        // The name as bytes for the entry; as text to match PostgreSQL's own names.
+        let raw = item.path_bytes();
+        let mut exact: &[u8] = &raw;
+        while let Some(rest) = exact.strip_prefix(b"./") {
+            exact = rest;
+        }
+        while let Some(rest) = exact.strip_suffix(b"/") {
+            exact = rest;
+        }
+        let exact = PathBytes::new(exact.to_vec());
+        let path = exact.lossy().into_owned();
         let kind = match header.entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
             tar::EntryType::Directory => EntryKind::Dir,
@@ -419,7 +425,7 @@ fn read_stream(
         };
         let size = header.size().map_err(broken)?;
         let mut entry = Entry {
-            path: path.clone(),
+            path: exact,
             kind,
             mode: header.mode().map_err(broken)? & 0o7777,
             uid: owners.user(
@@ -440,7 +446,7 @@ fn read_stream(
             entry.target = item
                 .link_name()
                 .map_err(broken)?
-                .map(|t| t.to_string_lossy().into_owned());
+                .map(|t| PathBytes::from(t.as_ref()));
         }
         // Not part of the data directory: the manifest says where the backup ends.
         if path == "backup_manifest" {
@@ -477,6 +483,7 @@ fn read_stream(
             if kind != EntryKind::File || !datadir::included(&real, kind) {
                 continue;
             }
+            let real = PathBytes::from(real);
             let Some(parent) = parents.and_then(|p| p.get(&real)) else {
                 out.redo = Some(format!(
                     "{real} came incrementally but the parent has no such file"
@@ -485,7 +492,8 @@ fn read_stream(
             };
             entry.path = real;
             let since = out.start.map_or(Lsn(0), |s| s.0);
-            let first_page = datadir::relation_first_page(&entry.path).filter(|_| check_pages);
+            let first_page =
+                datadir::relation_first_page(&entry.path.lossy()).filter(|_| check_pages);
             match rebuild(
                 repo,
                 writer,
@@ -498,8 +506,12 @@ fn read_stream(
                         if let PageCheck::Damaged { stored, computed } =
                             datadir::check_page(page, first + blk, since)
                         {
-                            out.damaged
-                                .push((entry.path.clone(), first + blk, stored, computed));
+                            out.damaged.push((
+                                entry.path.to_string(),
+                                first + blk,
+                                stored,
+                                computed,
+                            ));
                         }
                     }
                     alive();
@@ -537,7 +549,7 @@ fn read_stream(
             continue;
         }
         let same = parents
-            .and_then(|p| p.get(&path))
+            .and_then(|p| p.get(&entry.path))
             .filter(|pf| {
                 pf.size == entry.size
                     && pf.mtime_ns == entry.mtime_ns
@@ -782,7 +794,7 @@ fn parent_manifest(
     files: &crate::pg_backup::ParentFiles,
     parent: &PgInfo,
 ) -> String {
-    let mut listed: Vec<(&String, &ParentFile)> = files.iter().collect();
+    let mut listed: Vec<(&PathBytes, &ParentFile)> = files.iter().collect();
     listed.sort_by(|a, b| a.0.cmp(b.0));
     let mut m = format!(
         "{{ \"PostgreSQL-Backup-Manifest-Version\": 2,\n\"System-Identifier\": {system_id},\n\"Files\": [\n"
@@ -791,9 +803,13 @@ fn parent_manifest(
         let time =
             chrono::DateTime::from_timestamp_nanos(f.mtime_ns).format("%Y-%m-%d %H:%M:%S GMT");
         let sep = if k + 1 < listed.len() { "," } else { "" };
+        // A name that is not UTF-8 goes as PostgreSQL writes it: hex, as Encoded-Path.
+        let name = match path.to_str() {
+            Some(p) => format!("\"Path\": {}", serde_json::Value::from(p)),
+            None => format!("\"Encoded-Path\": \"{}\"", hex::encode(path.as_bytes())),
+        };
         m.push_str(&format!(
-            "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{time}\" }}{sep}\n",
-            serde_json::Value::from(path.as_str()),
+            "{{ {name}, \"Size\": {}, \"Last-Modified\": \"{time}\" }}{sep}\n",
             f.size
         ));
     }

@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use custos_model::{ChunkId, Error, Kind, Result};
+use custos_model::{ChunkId, Error, Kind, PathBytes, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,8 +21,9 @@ pub enum EntryKind {
 /// One line of a snapshot manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// Path relative to the snapshot root, `/`-separated, never empty for a child.
-    pub path: String,
+    /// Path relative to the snapshot root, `/`-separated, never empty for a child: the
+    /// bytes the file system gave.
+    pub path: PathBytes,
     pub kind: EntryKind,
     pub mode: u32,
     pub uid: u32,
@@ -31,7 +32,7 @@ pub struct Entry {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    pub target: Option<PathBytes>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkId>,
     /// A relation file of a page-level incremental: pages that changed since the backup
@@ -140,7 +141,7 @@ pub struct WalkReport {
     pub errors: Vec<(PathBuf, String)>,
 }
 
-fn entry_of(path: &Path, rel: String, m: &fs::Metadata) -> Result<Walked> {
+fn entry_of(path: &Path, rel: PathBytes, m: &fs::Metadata) -> Result<Walked> {
     let ft = m.file_type();
     let kind = if ft.is_symlink() {
         EntryKind::Symlink
@@ -152,12 +153,11 @@ fn entry_of(path: &Path, rel: String, m: &fs::Metadata) -> Result<Walked> {
         EntryKind::Other
     };
     let target = if kind == EntryKind::Symlink {
-        Some(
+        Some(PathBytes::from(
             fs::read_link(path)
                 .map_err(|e| Error::new(Kind::Source, format!("{}: {e}", path.display())))?
-                .to_string_lossy()
-                .into_owned(),
-        )
+                .as_path(),
+        ))
     } else {
         None
     };
@@ -199,12 +199,9 @@ pub fn walk(roots: &[PathBuf]) -> Result<WalkReport> {
                 .hint("check the path given to `custos backup files`")
         })?;
         let prefix = if roots.len() == 1 {
-            String::new()
+            PathBytes::default()
         } else {
-            let name = root
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = root.file_name().map(PathBytes::from_os).unwrap_or_default();
             if !names.insert(name.clone()) {
                 return Err(Error::config(format!(
                     "two backup paths share the name `{name}`; back them up separately"
@@ -214,10 +211,7 @@ pub fn walk(roots: &[PathBuf]) -> Result<WalkReport> {
             name
         };
         if roots.len() == 1 && !meta.is_dir() {
-            let name = root
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = root.file_name().map(PathBytes::from_os).unwrap_or_default();
             report.entries.push(entry_of(root, name, &meta)?);
             continue;
         }
@@ -228,7 +222,7 @@ pub fn walk(roots: &[PathBuf]) -> Result<WalkReport> {
     Ok(report)
 }
 
-fn walk_dir(dir: &Path, rel: &str, report: &mut WalkReport) {
+fn walk_dir(dir: &Path, rel: &PathBytes, report: &mut WalkReport) {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) => {
@@ -240,11 +234,7 @@ fn walk_dir(dir: &Path, rel: &str, report: &mut WalkReport) {
     children.sort();
     for name in children {
         let path = dir.join(&name);
-        let child_rel = if rel.is_empty() {
-            name.to_string_lossy().into_owned()
-        } else {
-            format!("{rel}/{}", name.to_string_lossy())
-        };
+        let child_rel = rel.join(std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str()));
         match fs::symlink_metadata(&path)
             .map_err(|e| e.to_string())
             .and_then(|m| {

@@ -2,6 +2,8 @@
 //! real repository (local or SeaweedFS S3), build test trees, compare restored trees.
 #![allow(dead_code)]
 
+pub mod attack;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -272,11 +274,13 @@ pub fn make_tree(root: &Path, seed: u64, files: usize, max_size: usize) {
 /// Describes a tree: path -> (kind, mode, mtime, content hash or link target).
 pub fn describe(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for rel in walk_all(root) {
-        let p = root.join(&rel);
+    for (rel, p) in walk_paths(root) {
         let m = std::fs::symlink_metadata(&p).unwrap();
         let desc = if m.file_type().is_symlink() {
-            format!("link {}", std::fs::read_link(&p).unwrap().display())
+            format!(
+                "link {}",
+                exact(std::fs::read_link(&p).unwrap().as_os_str())
+            )
         } else if m.is_dir() {
             format!("dir {:o} {}", m.mode() & 0o7777, m.mtime())
         } else {
@@ -293,17 +297,28 @@ pub fn describe(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// Every path under `root`, relative to it.
+/// A name as text that keeps every byte apart (names that are not UTF-8 included).
+pub fn exact(name: &std::ffi::OsStr) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    custos_model::path::escape_bytes(name.as_bytes()).into_owned()
+}
+
+/// Every path under `root`, relative to it (as [`exact`] text).
 pub fn walk_all(root: &Path) -> Vec<String> {
+    walk_paths(root).into_iter().map(|(rel, _)| rel).collect()
+}
+
+/// Every path under `root`: relative (as [`exact`] text) and whole.
+fn walk_paths(root: &Path) -> Vec<(String, PathBuf)> {
     let mut out = vec![];
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            let rel = exact(e.path().strip_prefix(root).unwrap().as_os_str());
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
             }
-            out.push(rel);
+            out.push((rel, e.path()));
         }
     }
     out.sort();

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use custos_model::{Lsn, Result};
+use custos_model::{Lsn, PathBytes, Result};
 
 use crate::files::{self, EntryKind, WalkReport};
 
@@ -140,21 +140,28 @@ pub fn walk(pgdata: &Path) -> Result<WalkReport> {
     let mut report = files::walk(&[pgdata.to_path_buf()])?;
     report
         .entries
-        .retain(|w| included(&w.entry.path, w.entry.kind));
-    let links: Vec<(usize, String, PathBuf)> = report
+        .retain(|w| included(&w.entry.path.lossy(), w.entry.kind));
+    let links: Vec<(usize, PathBytes, PathBuf)> = report
         .entries
         .iter()
         .enumerate()
         .filter(|(_, w)| {
             w.entry.kind == EntryKind::Symlink
-                && w.entry.path.starts_with("pg_tblspc/")
-                && is_digits(&w.entry.path["pg_tblspc/".len()..])
+                && w.entry
+                    .path
+                    .to_str()
+                    .and_then(|p| p.strip_prefix("pg_tblspc/"))
+                    .is_some_and(is_digits)
         })
         .map(|(i, w)| {
             (
                 i,
                 w.entry.path.clone(),
-                PathBuf::from(w.entry.target.clone().unwrap_or_default()),
+                w.entry
+                    .target
+                    .as_ref()
+                    .map(|t| t.as_path().to_path_buf())
+                    .unwrap_or_default(),
             )
         })
         .collect();
@@ -185,10 +192,10 @@ pub fn walk(pgdata: &Path) -> Result<WalkReport> {
             .entries
             .into_iter()
             .map(|mut w| {
-                w.entry.path = format!("{rel}/{}", w.entry.path);
+                w.entry.path = rel.join(w.entry.path.as_bytes());
                 w
             })
-            .filter(|w| included(&w.entry.path, w.entry.kind))
+            .filter(|w| included(&w.entry.path.lossy(), w.entry.kind))
             .collect();
         report.errors.extend(sub.errors);
         let at = i + 1;
