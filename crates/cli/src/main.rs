@@ -415,7 +415,7 @@ struct Ctx {
     /// What the command touched, for its trail entry.
     touched: std::cell::RefCell<serde_json::Value>,
     /// A key the command created, with its signing key, for its trail entry.
-    introduces: std::cell::RefCell<Option<(custos_model::KeyId, String)>>,
+    introduces: std::cell::RefCell<Option<(custos_model::KeyId, String, Role)>>,
     /// `init`: the repository's trail authority, named in its entry.
     authority: std::cell::RefCell<Option<String>>,
 }
@@ -478,6 +478,7 @@ impl Ctx {
         let Some((writer, role, key)) = self.trail.borrow_mut().take() else {
             return;
         };
+        let intro = self.introduces.take();
         let entry = custos_repo::trail::Entry {
             time: chrono::Utc::now(),
             role: role.as_str().into(),
@@ -491,7 +492,8 @@ impl Ctx {
                 Ok(c) => format!("exit {c}"),
                 Err(e) => format!("error E{:02}: {}", e.kind.code(), e.message),
             },
-            introduces: self.introduces.take(),
+            introduces: intro.as_ref().map(|(id, public, _)| (*id, public.clone())),
+            introduces_role: intro.map(|(_, _, role)| role.as_str().to_string()),
             authority: self.authority.take(),
         };
         if let Err(e) = writer.append(&entry) {
@@ -1052,8 +1054,10 @@ fn introduce(ctx: &Ctx, repo: &Repository, id: custos_model::KeyId) -> Result<()
     let kf = Repository::key_files(&repo.storage)?
         .into_iter()
         .find(|k| k.id == id);
-    if let Some(public) = kf.and_then(|k| k.sign_public) {
-        *ctx.introduces.borrow_mut() = Some((id, public));
+    if let Some(k) = kf {
+        if let Some(public) = k.sign_public {
+            *ctx.introduces.borrow_mut() = Some((id, public, k.role));
+        }
     }
     Ok(())
 }
@@ -1234,11 +1238,12 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
         }
         KeyCommand::Passwd { kdf } => {
             let pw = ctx.settings.new_password(&ctx.env)?;
+            let old = repo.key_id;
             let kf = repo.change_password(pw.as_bytes(), kdf.params())?;
-            ctx.touch(serde_json::json!({"key": kf.id}));
+            ctx.touch(serde_json::json!({"key": kf.id, "replaces": old}));
+            // Signed by the key being replaced, which vouches for its successor and signs
+            // nothing after (the signing key stays, under the new key file's id).
             introduce(ctx, &repo, kf.id)?;
-            // The new key file signs from now on.
-            ctx.opened(&repo);
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({"id": kf.id}));
             } else {
@@ -1756,7 +1761,29 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     progress: progress.as_ref(),
                 },
             )?;
-            ctx.touch(serde_json::json!({"snapshot": r.snapshot, "target": r.target, "to": r.data_directory, "bytes": r.restore.bytes}));
+            ctx.touch(serde_json::json!({"snapshot": r.snapshot, "target": r.target, "to": r.data_directory, "bytes": r.restore.bytes, "risky_settings": r.risky_settings.len()}));
+            // The restored configuration came from whoever wrote the snapshot (a backup
+            // key): what in it runs commands or loads code is named before anyone starts
+            // the server, on stderr, with --json too.
+            if !r.risky_settings.is_empty() {
+                let w = &r.written_by;
+                eprintln!(
+                    "custos: warning: the restored configuration runs commands or loads code; check these before starting the server (snapshot written by {} key {} on {}):",
+                    w.role.as_deref().unwrap_or("a removed"),
+                    w.key.short(),
+                    custos_model::path::escape(&w.host)
+                );
+                for s in &r.risky_settings {
+                    eprintln!(
+                        "  {}:{}: {} = '{}' ({})",
+                        s.file,
+                        s.line,
+                        s.name,
+                        custos_model::path::escape(&s.value),
+                        s.does
+                    );
+                }
+            }
             if ctx.out.json {
                 ctx.out.json(&r);
             } else {

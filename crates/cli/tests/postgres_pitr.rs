@@ -28,6 +28,9 @@ fn pitr(bin: PathBuf, extra_conf: &str) {
     pg.start();
     backup.set("PGHOST", pg.dir.to_str().unwrap());
     backup.set("PGPORT", &pg.port.to_string());
+    // A setting that runs a command, as a backup key could plant in a snapshot: every
+    // restore names it before the server is started.
+    pg.psql("ALTER SYSTEM SET archive_cleanup_command = 'echo planted'");
     let mut load = start_ledger_load(&t, &pg, 3, 150, 28);
     let before_any = pg.psql("SELECT clock_timestamp()");
     sleep_ms(2500);
@@ -140,6 +143,12 @@ fn pitr(bin: PathBuf, extra_conf: &str) {
         &dir,
         &["--target-time", &t_after_incr, "--delta"],
     );
+    let risky = r["risky_settings"].as_array().unwrap();
+    assert_eq!(risky.len(), 1, "{r}");
+    assert_eq!(risky[0]["name"], "archive_cleanup_command");
+    assert_eq!(risky[0]["value"], "echo planted");
+    assert_eq!(risky[0]["file"], "postgresql.auto.conf");
+    assert_eq!(r["written_by"]["role"], "backup", "{r}");
     let x = &r["restore"];
     // Blocks already right are not rewritten (pgbench changed most of its own table's
     // blocks between the two targets; the rest of the cluster is as it was).

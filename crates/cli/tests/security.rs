@@ -239,3 +239,279 @@ fn restore_overwrite_follows_symlinks_already_in_the_target() {
     );
     outside.assert_untouched();
 }
+
+/// A keyring link as a backup key can write one: sealed with the meta key it holds, but
+/// naming a key pair of the attacker's and signed, if at all, by no authority.
+fn plant_keyring_link(a: &Attacker, generation: u32) {
+    use custos_repo::keyring::{link_path, Link};
+    let (_, public) = custos_crypto::wrap::generate();
+    let l = Link {
+        generation,
+        created: chrono::Utc::now(),
+        public: public.0.to_vec(),
+        prev_public: a.repo.keys.public.0.to_vec(),
+        wrapped: vec![0; 80],
+        mac: "00".repeat(32),
+        sig: hex_of(&custos_crypto::sign::sign(
+            &custos_crypto::sign::generate(),
+            b"not the authority",
+        )),
+    };
+    let mut aad = b"custos keyring v1".to_vec();
+    aad.extend_from_slice(&generation.to_le_bytes());
+    let sealed = custos_crypto::aead::seal(
+        &a.repo.keys.meta_key,
+        &aad,
+        &custos_repo::format::to_zjson(&l),
+    );
+    a.repo
+        .storage
+        .put(
+            &link_path(generation),
+            &sealed,
+            custos_storage::PutMode::CreateOnly,
+        )
+        .unwrap();
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn a_backup_key_can_replace_the_data_key_pair() {
+    // A planted generation made every later backup decryptable by the attacker. Now a
+    // generation not signed by the repository's authority stops every key that meets it.
+    let mut t = T::new();
+    t.add_key("backup", "stolen host", &[]);
+    t.add_key("backup", "other host", &[]);
+    let src = t.path("src");
+    make_tree(&src, 3, 10, 20_000);
+    plant_keyring_link(&Attacker::open(&t, "stolen host"), 1);
+    assert!(
+        std::fs::read_dir(std::path::Path::new(&t.repo).join("snapshots"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true)
+    );
+    let other = t.with_password("other host");
+    let err = other.fails(&["backup", "files", src.to_str().unwrap()], 14);
+    assert!(
+        err.contains("keyring generation 1") && err.contains("not signed"),
+        "{err}"
+    );
+    // The restore key refuses it too, and no snapshot was written with the planted key.
+    let err = t.fails(&["snapshots"], 14);
+    assert!(err.contains("keyring generation 1"), "{err}");
+}
+
+#[test]
+fn a_rotation_by_a_restore_key_is_taken_by_backup_keys_and_a_planted_rewrap_is_refused() {
+    let mut t = T::new();
+    t.add_key("backup", "stolen host", &[]);
+    t.add_key("backup", "other host", &[]);
+    let src = t.path("src");
+    make_tree(&src, 4, 10, 20_000);
+    t.ok(&["key", "rotate", "--rewrap"]);
+    let other = t.with_password("other host");
+    other.ok(&["backup", "files", src.to_str().unwrap()]);
+    let out = t.path("out");
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+    assert_eq!(describe(&out), describe(&src));
+
+    // The stolen key replaces the re-wrap table with its own: every key refuses it.
+    let a = Attacker::open(&t, "stolen host");
+    let table = custos_repo::keyring::Rewrap {
+        generation: 1,
+        keys: Default::default(),
+        sig: String::new(),
+    };
+    let sealed = custos_crypto::aead::seal(
+        &a.repo.keys.meta_key,
+        b"custos keyring rewrap v1",
+        &custos_repo::format::to_zjson(&table),
+    );
+    a.repo
+        .storage
+        .put(
+            &custos_repo::keyring::rewrap_path(1),
+            &sealed,
+            custos_storage::PutMode::Overwrite,
+        )
+        .unwrap();
+    let err = t.fails(&["snapshots"], 14);
+    assert!(
+        err.contains("re-wrap") && err.contains("not signed"),
+        "{err}"
+    );
+    let err = other.fails(&["backup", "files", src.to_str().unwrap()], 14);
+    assert!(err.contains("re-wrap"), "{err}");
+}
+
+#[test]
+fn a_backup_key_can_create_more_backup_keys() {
+    let mut t = T::new();
+    t.add_key("backup", "backup host", &[]);
+    let mut b = t.with_password("backup host");
+    b.set("CUSTOS_NEW_PASSWORD", "a key of the attacker's");
+    let err = b.fails(&["key", "add", "--role", "backup"], 13);
+    assert!(err.contains("backup role"), "{err}");
+    assert_eq!(t.json(&["key", "list"]).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_damaged_key_file_is_reported_as_a_wrong_password() {
+    let t = T::new();
+    let keys = std::path::Path::new(&t.repo).join("keys");
+    let file = std::fs::read_dir(&keys)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let data = v["data"].as_str().unwrap().to_string();
+    let flipped = if data.as_bytes()[20] == b'A' {
+        'B'
+    } else {
+        'A'
+    };
+    v["data"] = format!("{}{}{}", &data[..20], flipped, &data[21..]).into();
+    std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = t.fails(&["snapshots"], 14);
+    assert!(err.contains("damaged"), "{err}");
+    // A wrong password on an intact repository is still exit 12.
+    let t2 = T::new();
+    t2.with_password("wrong").fails(&["snapshots"], 12);
+}
+
+/// Appends `entry` to the trail as the attacker's key, or as `as_key` with the attacker's
+/// signing key.
+fn forge_entry(a: &mut Attacker, mutate: impl FnOnce(&mut custos_repo::trail::Entry)) {
+    let mut e = custos_repo::trail::Entry {
+        time: chrono::Utc::now(),
+        role: "backup".into(),
+        key: a.repo.key_id,
+        host: "attacker".into(),
+        user: "mallory".into(),
+        command: "backup files".into(),
+        touched: serde_json::Value::Null,
+        result: "ok".into(),
+        introduces: None,
+        introduces_role: None,
+        authority: None,
+    };
+    mutate(&mut e);
+    // Written as the object itself, not through custos's writer (which dates an entry no
+    // earlier than the one before): an attacker writes what it likes.
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let dir = std::path::Path::new(&a.repo.storage.location()).join("audit");
+    let last = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| u64::from_str_radix(e.unwrap().file_name().to_str().unwrap(), 16).unwrap())
+        .max()
+        .unwrap();
+    let seq = last + 1;
+    let prev = *blake3::hash(&std::fs::read(dir.join(format!("{last:016x}"))).unwrap()).as_bytes();
+    let mut aad = b"custos trail v1".to_vec();
+    aad.extend_from_slice(&seq.to_le_bytes());
+    let sealed = custos_crypto::aead::seal(
+        &a.repo.keys.meta_key,
+        &aad,
+        &serde_json::to_vec(&e).unwrap(),
+    );
+    let mut msg = aad.clone();
+    msg.extend_from_slice(&prev);
+    msg.extend_from_slice(&a.repo.key_id.0 .0);
+    msg.extend_from_slice(&sealed);
+    let sig = custos_crypto::sign::sign(a.repo.keys.sign_seed.as_ref().unwrap(), &msg);
+    let stored = serde_json::json!({
+        "version": 1, "seq": seq, "prev": hex_of(&prev), "key": a.repo.key_id,
+        "entry": b64(&sealed), "sig": b64(&sig),
+    });
+    std::fs::write(
+        dir.join(format!("{seq:016x}")),
+        serde_json::to_vec(&stored).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn trail_entries_can_be_forged_in_another_keys_name() {
+    let restore_key = |t: &T| -> custos_model::KeyId {
+        let keys = t.json(&["key", "list"]);
+        let k = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["current"] == true)
+            .unwrap();
+        serde_json::from_value(k["id"].clone()).unwrap()
+    };
+    type Forgery = Box<dyn Fn(&mut Attacker, custos_model::KeyId)>;
+    let cases: Vec<(&str, Forgery)> = vec![
+        (
+            "says it is by key",
+            Box::new(|a, rk| {
+                forge_entry(a, |e| {
+                    e.key = rk;
+                    e.role = "restore".into();
+                    e.command = "forget".into();
+                })
+            }),
+        ),
+        (
+            "says it is by a restore key",
+            Box::new(|a, _| forge_entry(a, |e| e.role = "restore".into())),
+        ),
+        (
+            "cannot create one",
+            Box::new(|a, rk| {
+                // Introduce a new signing key for the restore key's id, then sign as it.
+                let seed = custos_crypto::sign::generate();
+                let public = hex_of(&custos_crypto::sign::public_of(&seed));
+                forge_entry(a, |e| {
+                    e.command = "key add".into();
+                    e.introduces = Some((rk, public));
+                    e.introduces_role = Some("restore".into());
+                });
+                a.repo.key_id = rk;
+                a.repo.keys.sign_seed = Some(seed);
+                forge_entry(a, |e| {
+                    e.key = rk;
+                    e.role = "restore".into();
+                    e.command = "key remove".into();
+                });
+            }),
+        ),
+        (
+            "times never go backwards",
+            Box::new(|a, _| {
+                forge_entry(a, |e| {
+                    e.time = chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z")
+                        .unwrap()
+                        .into()
+                })
+            }),
+        ),
+    ];
+    for (why, forge) in cases {
+        let mut t = T::new();
+        t.add_key("backup", "backup host", &[]);
+        let rk = restore_key(&t);
+        let src = t.path("src");
+        make_tree(&src, 5, 3, 1000);
+        t.with_password("backup host")
+            .ok(&["backup", "files", src.to_str().unwrap()]);
+        t.ok(&["audit", "verify"]);
+        let before = t.json(&["audit", "log"]).as_array().unwrap().len() as u64;
+        let mut a = Attacker::open(&t, "backup host");
+        forge(&mut a, rk);
+        eprintln!("case: {why}");
+        let err = t.fails(&["audit", "verify"], 14);
+        assert!(
+            err.contains(&format!("first bad entry is {}", before + 2)) && err.contains(why),
+            "{why}: {err}"
+        );
+    }
+}

@@ -60,8 +60,13 @@ pub struct MasterKeys {
     /// This key file's own Ed25519 signing key, for the operation trail.
     pub sign_seed: Option<Zeroizing<[u8; 32]>>,
     /// The repository's trail authority (Ed25519 seed), held by restore keys only: it
-    /// vouches in the trail for a key rebuilt from shares, which no other key can.
+    /// vouches in the trail for a key rebuilt from shares, which no other key can, and
+    /// signs every new generation of the data key pair.
     pub authority: Option<Zeroizing<[u8; 32]>>,
+    /// The authority's public half, held by every key made after signed generations: a
+    /// backup key checks with it that a new data public key comes from a restore key (it
+    /// can verify, never sign). None in key files made before.
+    pub authority_public: Option<[u8; 32]>,
     /// The generation of the data key pair this key file was sealed at (0 = the pair made
     /// at `init`; `key rotate` adds generations in the keyring).
     pub generation: u32,
@@ -91,10 +96,18 @@ impl MasterKeys {
             secret: Some(secret),
             previous: vec![],
             sign_seed: None,
-            authority: Some(crate::sign::generate()),
+            authority: None,
+            authority_public: None,
             generation: 0,
             can_delete: true,
         }
+        .with_authority(crate::sign::generate())
+    }
+
+    fn with_authority(mut self, seed: Zeroizing<[u8; 32]>) -> MasterKeys {
+        self.authority_public = Some(crate::sign::public_of(&seed));
+        self.authority = Some(seed);
+        self
     }
 
     /// What a key file of `role` holds: backup keys lack the restore secrets; audit keys
@@ -161,6 +174,7 @@ impl MasterKeys {
             previous: self.previous.iter().map(|s| s.0.to_vec()).collect(),
             sign_seed: self.sign_seed.as_ref().map(|s| s.to_vec()),
             authority: self.authority.as_ref().map(|s| s.to_vec()),
+            authority_public: self.authority_public.map(|p| p.to_vec()),
             generation: self.generation,
             can_delete: Some(self.can_delete),
         }
@@ -192,6 +206,13 @@ impl MasterKeys {
             Some(s) => Some(Zeroizing::new(arr(s)?)),
             None => None,
         };
+        // A restore key's authority public key is its seed's; another key's is what its
+        // (sealed) material says.
+        let authority_public = match (&authority, &m.authority_public) {
+            (Some(seed), _) => Some(crate::sign::public_of(seed)),
+            (None, Some(p)) => Some(arr(p)?),
+            (None, None) => None,
+        };
         Ok(MasterKeys {
             role: m.role,
             id_key: Zeroizing::new(arr(&m.id_key)?),
@@ -201,6 +222,7 @@ impl MasterKeys {
             previous,
             sign_seed,
             authority,
+            authority_public,
             generation: m.generation,
             // Key files from before the grant existed: restore keys could delete.
             can_delete: m.can_delete.unwrap_or(m.role == Role::Restore),
@@ -227,6 +249,8 @@ pub struct KeyMaterial {
     pub sign_seed: Option<Vec<u8>>,
     #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
     pub authority: Option<Vec<u8>>,
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub authority_public: Option<Vec<u8>>,
     #[serde(default)]
     #[zeroize(skip)]
     pub generation: u32,

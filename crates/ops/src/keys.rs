@@ -273,6 +273,7 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
     let mut table = custos_repo::keyring::Rewrap {
         generation: repo.keys.generation,
         keys: Default::default(),
+        sig: String::new(),
     };
     for s in repo.snapshots()? {
         let path = paths::snapshot(&s.id);
@@ -304,7 +305,7 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
         );
         report.rewrapped_wal += 1;
     }
-    custos_repo::keyring::store_rewrap(&repo.storage, &repo.keys.meta_key, &table)?;
+    custos_repo::keyring::store_rewrap(&repo.storage, &repo.keys, &table)?;
     repo.rewrap = Some(table);
     Ok(())
 }

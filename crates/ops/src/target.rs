@@ -229,6 +229,52 @@ impl TargetDir {
         Ok(f)
     }
 
+    /// Reads the regular file `rel` whole; None when there is nothing there.
+    pub fn read(&self, rel: &PathBytes) -> Result<Option<Vec<u8>>> {
+        match self.beneath(
+            rel.as_bytes(),
+            OFlags::RDONLY | OFlags::NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let mut f = File::from(fd);
+                if !f.metadata().map_err(|e| self.error(rel, e))?.is_file() {
+                    return Err(self.error(rel, io::Error::from_raw_os_error(libc::EISDIR)));
+                }
+                let mut v = vec![];
+                std::io::Read::read_to_end(&mut f, &mut v).map_err(|e| self.error(rel, e))?;
+                Ok(Some(v))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(self.error(rel, e)),
+        }
+    }
+
+    /// Writes the regular file `rel` (created 0600 or emptied first; a link there is an
+    /// error), synced, owned by `owner` when given.
+    pub fn write(&self, rel: &PathBytes, data: &[u8], owner: Option<(u32, u32)>) -> Result<()> {
+        let fd = self
+            .beneath(
+                rel.as_bytes(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| self.error(rel, e))?;
+        let mut f = File::from(fd);
+        std::io::Write::write_all(&mut f, data)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| self.error(rel, e))?;
+        if let Some((uid, gid)) = owner {
+            rustix::fs::fchown(
+                &f,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| self.error(rel, e.into()))?;
+        }
+        Ok(())
+    }
+
     /// Creates an empty regular file `rel` (0600); fails if anything is there.
     pub fn create_new(&self, rel: &PathBytes) -> Result<File> {
         self.beneath(

@@ -34,6 +34,10 @@ pub struct KeyFile {
         skip_serializing_if = "Option::is_none"
     )]
     pub sign_public: Option<String>,
+    /// BLAKE3 of `data` (hex): tells a damaged key file from a wrong password, which
+    /// AES-GCM alone cannot (both fail to authenticate). Absent in older key files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,6 +81,7 @@ impl KeyFile {
             })
             .expect("serializable"),
         );
+        let data = aead::seal(&kek, &id.0 .0, &plain);
         Ok(KeyFile {
             version: 1,
             id,
@@ -85,9 +90,24 @@ impl KeyFile {
             host: origin.host.clone(),
             user: origin.user.clone(),
             kdf,
-            data: aead::seal(&kek, &id.0 .0, &plain),
+            check: Some(blake3::hash(&data).to_hex().to_string()),
+            data,
             sign_public: Some(sign_public),
         })
+    }
+
+    /// Why the key file is damaged, when it is known to be: its sealed data is too short
+    /// to be sealed data, or differs from its checksum.
+    pub fn damage(&self) -> Option<&'static str> {
+        if self.data.len() < 12 + 16 {
+            return Some("its sealed key material is cut short");
+        }
+        match &self.check {
+            Some(c) if *c != blake3::hash(&self.data).to_hex().as_str() => {
+                Some("its sealed key material does not match its checksum")
+            }
+            _ => None,
+        }
     }
 
     /// Opens the key file with a password. `Ok(None)` means the password does not fit.

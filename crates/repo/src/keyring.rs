@@ -11,9 +11,12 @@
 //! A key file sealed at generation g opens the links after g in order: a restore key
 //! unwraps each new secret with the one before (keeping the old ones, so data wrapped to
 //! them stays readable) and checks the link's MAC, a keyed BLAKE3 under a key derived
-//! from the previous secret, which only restore keys can compute: a link forged by a
-//! backup-role key (which holds the meta key) is refused by every restore key. A backup
-//! key takes the newest public key, and wraps new data to it.
+//! from the previous secret, which only restore keys can compute. Every link is also
+//! signed (`sig`) by the repository's authority, an Ed25519 key that restore keys hold
+//! and every other key can only verify: a backup key takes a new public key only when its
+//! signature verifies. So a link planted by a backup-role key (which holds the meta key
+//! that seals links) is refused by every key, and stops the backup that meets it, instead
+//! of making later backups readable by whoever planted it.
 //!
 //! `keyring/rewrap-<generation>`: after `key rotate --rewrap`, the data keys of every
 //! snapshot body and archived WAL file re-wrapped to that generation's public key (packs'
@@ -21,7 +24,7 @@
 //! everything. Packs keep their first wrapping in their trailer (packs are not
 //! rewritten): a compromised old secret plus storage access still opens those data keys.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use custos_crypto::wrap::{self, PublicKey, SecretKey};
@@ -38,6 +41,8 @@ const AAD: &[u8] = b"custos keyring v1";
 const WRAP_AAD: &[u8] = b"custos keyring secret v1";
 const MAC_CONTEXT: &str = "custos keyring mac v1";
 const REWRAP_AAD: &[u8] = b"custos keyring rewrap v1";
+const SIG_DOMAIN: &[u8] = b"custos keyring sig v1";
+const REWRAP_SIG_DOMAIN: &[u8] = b"custos keyring rewrap sig v1";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Link {
@@ -50,13 +55,78 @@ pub struct Link {
     #[serde(with = "b64")]
     pub wrapped: Vec<u8>,
     pub mac: String,
+    /// Ed25519 signature of the repository's authority over the link (hex).
+    #[serde(default)]
+    pub sig: String,
 }
 
 /// Data keys re-wrapped to one generation's public key, by object path.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Rewrap {
     pub generation: u32,
-    pub keys: HashMap<String, String>,
+    pub keys: BTreeMap<String, String>,
+    /// Ed25519 signature of the repository's authority over the table without this field
+    /// (hex).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sig: String,
+}
+
+/// What the authority signs of a link: everything a reader acts on.
+fn signed_link(l: &Link) -> Vec<u8> {
+    let mut m = SIG_DOMAIN.to_vec();
+    m.extend_from_slice(&l.generation.to_le_bytes());
+    m.extend_from_slice(&l.created.timestamp().to_le_bytes());
+    m.extend_from_slice(&l.created.timestamp_subsec_nanos().to_le_bytes());
+    for part in [&l.public, &l.prev_public, &l.wrapped] {
+        m.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        m.extend_from_slice(part);
+    }
+    m.extend_from_slice(l.mac.as_bytes());
+    m
+}
+
+/// What the authority signs of a re-wrap table: its JSON without the signature (keys in
+/// order, so the bytes are the same on every reader).
+fn signed_rewrap(r: &Rewrap) -> Vec<u8> {
+    let mut m = REWRAP_SIG_DOMAIN.to_vec();
+    let unsigned = Rewrap {
+        sig: String::new(),
+        ..r.clone()
+    };
+    m.extend_from_slice(&serde_json::to_vec(&unsigned).expect("serializable"));
+    m
+}
+
+fn authority_seed<'k>(keys: &'k MasterKeys, what: &str) -> Result<&'k [u8; 32]> {
+    keys.authority.as_deref().ok_or_else(|| {
+        Error::new(
+            custos_model::Kind::Permission,
+            format!("this key holds no repository authority, which must sign {what}"),
+        )
+        .hint("use a restore key made by `custos init`, `key add --role restore` or `key recover`")
+    })
+}
+
+/// Whether the authority signed `msg` with `sig` (hex); an error names `what` otherwise.
+fn check_signed(keys: &MasterKeys, msg: &[u8], sig: &str, what: &str) -> Result<()> {
+    let Some(public) = keys.authority_public else {
+        return Err(Error::integrity(format!(
+            "{what} cannot be checked: this key file predates signed key generations"
+        ))
+        .hint(
+            "add a new key of this role with a restore key (`custos key add`) and remove this one",
+        ));
+    };
+    let ok = hex::decode(sig)
+        .ok()
+        .is_some_and(|s| custos_crypto::sign::verify(&public, msg, &s));
+    if !ok {
+        return Err(Error::integrity(format!(
+            "{what} is not signed by the repository's authority: a key that cannot sign one (a backup or audit key) wrote it"
+        ))
+        .hint("stop backups to this repository and investigate (`custos audit log`, storage access logs); do not delete the object before it is examined"));
+    }
+    Ok(())
 }
 
 fn aad(generation: u32) -> Vec<u8> {
@@ -117,6 +187,7 @@ pub fn apply(keys: &mut MasterKeys, links: &[Link]) -> Result<()> {
     let start = keys.generation;
     for l in links.iter().filter(|l| l.generation > start) {
         let what = format!("keyring generation {}", l.generation);
+        check_signed(keys, &signed_link(l), &l.sig, &what)?;
         if l.prev_public != keys.public.0 {
             return Err(Error::integrity(format!(
                 "{what} does not follow the key pair before it"
@@ -170,8 +241,13 @@ pub fn rotate(storage: &DynStorage, keys: &mut MasterKeys) -> Result<u32> {
         prev_public: keys.public.0.to_vec(),
         wrapped: wrap::wrap(&keys.public, WRAP_AAD, secret.0.as_ref())?,
         mac: String::new(),
+        sig: String::new(),
     };
     l.mac = mac(prev, &l);
+    l.sig = hex::encode(custos_crypto::sign::sign(
+        authority_seed(keys, "a new key pair")?,
+        &signed_link(&l),
+    ));
     let sealed = aead::seal(&keys.meta_key, &aad(generation), &to_zjson(&l));
     if storage.put(&link_path(generation), &sealed, PutMode::CreateOnly)?
         == PutOutcome::AlreadyExists
@@ -188,9 +264,10 @@ pub fn rotate(storage: &DynStorage, keys: &mut MasterKeys) -> Result<u32> {
 
 pub fn load_rewrap(
     storage: &DynStorage,
-    meta_key: &[u8; 32],
+    keys: &MasterKeys,
     generation: u32,
 ) -> Result<Option<Rewrap>> {
+    let meta_key = &keys.meta_key;
     let bytes = match storage.get(&rewrap_path(generation)) {
         Ok(b) => b,
         Err(e) if e.kind == custos_model::Kind::NotFound => return Ok(None),
@@ -198,11 +275,25 @@ pub fn load_rewrap(
     };
     let what = format!("keyring re-wrap of generation {generation}");
     let plain = aead::open(meta_key, REWRAP_AAD, &bytes, &what)?;
-    Ok(Some(from_zjson(&plain, &what)?))
+    let r: Rewrap = from_zjson(&plain, &what)?;
+    if r.generation != generation {
+        return Err(Error::integrity(format!(
+            "{what} is labelled {}",
+            r.generation
+        )));
+    }
+    check_signed(keys, &signed_rewrap(&r), &r.sig, &what)?;
+    Ok(Some(r))
 }
 
-pub fn store_rewrap(storage: &DynStorage, meta_key: &[u8; 32], r: &Rewrap) -> Result<()> {
-    let sealed = aead::seal(meta_key, REWRAP_AAD, &to_zjson(r));
+/// Signs and stores a re-wrap table.
+pub fn store_rewrap(storage: &DynStorage, keys: &MasterKeys, r: &Rewrap) -> Result<()> {
+    let mut r = r.clone();
+    r.sig = hex::encode(custos_crypto::sign::sign(
+        authority_seed(keys, "a re-wrap table")?,
+        &signed_rewrap(&r),
+    ));
+    let sealed = aead::seal(&keys.meta_key, REWRAP_AAD, &to_zjson(&r));
     storage.put(&rewrap_path(r.generation), &sealed, PutMode::Overwrite)?;
     Ok(())
 }

@@ -47,6 +47,9 @@ pub struct Repository {
     pub key_files: Vec<KeyFile>,
 }
 
+/// A key file that cannot be used: its path and why.
+pub type DamagedKeyFile = (String, String);
+
 fn not_found(storage: &DynStorage) -> Error {
     Error::new(
         Kind::RepoNotFound,
@@ -124,7 +127,7 @@ impl Repository {
         crate::keyring::apply(&mut keys, &links)?;
         let pair_created = links.last().map(|l| l.created).unwrap_or(config.created);
         let rewrap = if keys.generation > 0 {
-            crate::keyring::load_rewrap(&storage, &keys.meta_key, keys.generation)?
+            crate::keyring::load_rewrap(&storage, &keys, keys.generation)?
         } else {
             None
         };
@@ -150,14 +153,37 @@ impl Repository {
 
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
         let config = Self::read_config(&storage)?;
-        let files = Self::key_files(&storage)?;
+        let (files, mut damaged) = Self::key_files_checked(&storage)?;
         let listed = files.clone();
+        // A damaged key file is not tried: no password opens it.
+        let (files, broken): (Vec<KeyFile>, Vec<KeyFile>) =
+            files.into_iter().partition(|k| k.damage().is_none());
+        damaged.extend(broken.iter().map(|k| {
+            (
+                paths::key(&k.id),
+                k.damage().unwrap_or_default().to_string(),
+            )
+        }));
         if files.is_empty() {
-            return Err(Error::integrity(format!(
-                "the repository at {} has no key files",
+            let mut e = Error::integrity(format!(
+                "the repository at {} has no usable key files",
                 storage.location()
-            )));
+            ));
+            if let Some((p, why)) = damaged.first() {
+                e = e.context(format!("key file {p} is damaged ({why})"));
+            }
+            return Err(e);
         }
+        let wrong_password = move || -> Error {
+            match damaged.first() {
+                Some((p, why)) => Error::integrity(format!(
+                    "the password opens none of the intact keys, and key file {p} is damaged ({why})"
+                ))
+                .hint("if the password is that key's, its key file is broken: open the repository with another key, or rebuild the restore key from shares (`custos key recover`); then `custos key remove` the damaged one"),
+                None => Error::new(Kind::Authentication, "the password does not open any key of this repository")
+                    .hint("check CUSTOS_PASSWORD, CUSTOS_PASSWORD_FILE or CUSTOS_PASSWORD_COMMAND; `custos key list` (with a working password) shows the keys"),
+            }
+        };
         // Argon2id is deliberately slow. The cheapest key is tried alone first: archive_command
         // runs custos for every WAL segment with a backup key whose KDF is cheap (its password
         // is a random string in a file), and it must not compete with the restore key's 64 MiB
@@ -195,21 +221,39 @@ impl Repository {
         if let Some(e) = err {
             return Err(e);
         }
-        Err(Error::new(Kind::Authentication, "the password does not open any key of this repository")
-            .hint("check CUSTOS_PASSWORD, CUSTOS_PASSWORD_FILE or CUSTOS_PASSWORD_COMMAND; `custos key list` (with a working password) shows the keys"))
+        Err(wrong_password())
     }
 
+    /// The key files that parse, oldest first (one that does not is left out, with a
+    /// warning: see [`Repository::key_files_checked`]).
     pub fn key_files(storage: &DynStorage) -> Result<Vec<KeyFile>> {
+        let (files, damaged) = Self::key_files_checked(storage)?;
+        for (p, why) in damaged {
+            tracing::warn!("key file {p} is damaged ({why}); it is left out");
+        }
+        Ok(files)
+    }
+
+    /// The key files that parse, oldest first, and the paths of those that do not, with
+    /// why: one damaged key file must not stop the others from opening the repository.
+    pub fn key_files_checked(
+        storage: &DynStorage,
+    ) -> Result<(Vec<KeyFile>, Vec<DamagedKeyFile>)> {
         let mut out = vec![];
+        let mut damaged = vec![];
         for e in storage.list(paths::KEYS)? {
             let b = storage.get(&e.path)?;
-            let kf: KeyFile = serde_json::from_slice(&b).map_err(|err| {
-                Error::integrity(format!("key file {} is malformed: {err}", e.path))
-            })?;
-            out.push(kf);
+            match serde_json::from_slice::<KeyFile>(&b) {
+                Ok(kf) if paths::key(&kf.id) == e.path => out.push(kf),
+                Ok(kf) => damaged.push((
+                    e.path.clone(),
+                    format!("it holds key {} under another name", kf.id.short()),
+                )),
+                Err(err) => damaged.push((e.path.clone(), format!("malformed: {err}"))),
+            }
         }
         out.sort_by_key(|k| k.created);
-        Ok(out)
+        Ok((out, damaged))
     }
 
     pub fn role(&self) -> Role {
@@ -265,9 +309,9 @@ impl Repository {
         kdf: KdfParams,
         allow_delete: bool,
     ) -> Result<KeyFile> {
-        if role != Role::Backup {
-            self.require_restore(&format!("create a {} key", role.as_str()))?;
-        }
+        // Only a restore key creates keys: it holds the authority whose public half a new
+        // key must carry, and a stolen backup key must not multiply itself.
+        self.require_restore(&format!("create a {} key", role.as_str()))?;
         if allow_delete {
             if role != Role::Restore {
                 return Err(Error::config("only restore keys can be granted deletion"));

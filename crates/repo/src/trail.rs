@@ -9,12 +9,16 @@
 //!
 //! An entry is appended by creating `audit/<last + 1>` create-only: two writers racing for
 //! the same number cannot both succeed, and the loser appends after the winner, so the
-//! chain never forks. A key's signing key is introduced in the trail by the entry that
-//! created the key (signed by the key that created it; the first entry, `init`, introduces
-//! itself), so removed keys' entries stay verifiable and a forged signer is unknown. Key
-//! files' `trail_signer` is informational only: storage could be written by anyone.
-//! Every role holds the meta key: entries are readable by backup, restore and audit keys,
-//! not by the storage operator.
+//! chain never forks; its time is never earlier than the entry before it. A key's signing
+//! key is introduced in the trail by the entry that created the key (signed by the key
+//! that created it; the first entry, `init`, introduces itself), so removed keys' entries
+//! stay verifiable and a forged signer is unknown. Key files' `trail_signer` is
+//! informational only: storage could be written by anyone. Every role holds the meta key,
+//! so every role could seal an entry saying anything: verification therefore trusts no
+//! claim an entry makes about itself that its signature does not back. The key and role
+//! inside must be the signer's, only the operation that creates a key may introduce it,
+//! once, and only a key allowed to create it; a removed or replaced key signs nothing
+//! after; times do not go backwards.
 
 use chrono::{DateTime, Utc};
 use custos_crypto::{aead, sign};
@@ -46,6 +50,9 @@ pub struct Entry {
     /// A key this operation created, with its trail signing key (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub introduces: Option<(KeyId, String)>,
+    /// The role of the key `introduces` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introduces_role: Option<String>,
     /// `init` only: the repository's trail authority (hex Ed25519), which signs the entry
     /// of a key rebuilt from shares (`key recover`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +153,19 @@ fn seqs_in(storage: &custos_storage::DynStorage) -> Result<Vec<u64>> {
 }
 
 impl TrailWriter {
+    /// The time of a stored entry, when it reads.
+    fn time_of(&self, bytes: &[u8], seq: u64) -> Option<DateTime<Utc>> {
+        let stored: Stored = serde_json::from_slice(bytes).ok()?;
+        let plain = aead::open(
+            &self.meta_key,
+            &entry_aad(seq),
+            &stored.entry,
+            "trail entry",
+        )
+        .ok()?;
+        serde_json::from_slice::<Entry>(&plain).ok().map(|e| e.time)
+    }
+
     /// Remembers the trail's end in `path` (a file in the local cache), so an append
     /// finds the end with two lookups instead of listing the whole trail.
     pub fn with_hint(mut self, path: std::path::PathBuf) -> TrailWriter {
@@ -193,15 +213,22 @@ impl TrailWriter {
             )
             .hint("keys made before the operation trail cannot sign it: add a new key and remove this one")
         })?;
-        let plain = serde_json::to_vec(entry).expect("serializable");
         let mut last = self.last_seq()?;
         for _ in 0..1000 {
             let seq = last + 1;
+            let mut entry = entry.clone();
             let prev: [u8; 32] = if last == 0 {
                 [0u8; 32]
             } else {
-                *blake3::hash(&self.storage.get(&path(last))?).as_bytes()
+                let bytes = self.storage.get(&path(last))?;
+                // Hosts' clocks differ: an entry is never dated before the one it follows,
+                // so that a verifier can hold every entry to that.
+                if let Some(t) = self.time_of(&bytes, last) {
+                    entry.time = entry.time.max(t);
+                }
+                *blake3::hash(&bytes).as_bytes()
             };
+            let plain = serde_json::to_vec(&entry).expect("serializable");
             let sealed = aead::seal(&self.meta_key, &entry_aad(seq), &plain);
             let sig = sign::sign(seed, &signed_bytes(seq, &prev, &self.key_id, &sealed));
             let stored = Stored {
@@ -229,16 +256,30 @@ impl TrailWriter {
     }
 }
 
+/// A key the trail introduced: its signing key, its role, and the entry after which it
+/// signs nothing (removed, or replaced by a new password's key file).
+struct Signer {
+    public: [u8; 32],
+    /// None for a key introduced by an entry written before roles were recorded.
+    role: Option<String>,
+    retired: Option<u64>,
+}
+
+/// The commands that create a key, and so may introduce one.
+const CREATES_KEYS: [&str; 4] = ["init", "key add", "key passwd", "key recover"];
+
 impl Repository {
     /// Reads and checks the whole trail: each entry in place, chained to the one before,
-    /// signed by a key the trail introduced. Returns every entry with its problems.
+    /// signed by a key the trail introduced, saying only what its signer may say. Returns
+    /// every entry with its problems.
     pub fn trail_verify(&self) -> Result<Vec<Read>> {
         let seqs = self.trail_seqs()?;
-        let mut signers: std::collections::HashMap<KeyId, [u8; 32]> = Default::default();
+        let mut signers: std::collections::HashMap<KeyId, Signer> = Default::default();
         let mut out = vec![];
         let mut prev_hash = [0u8; 32];
         let mut expected = 1u64;
         let mut authority: Option<[u8; 32]> = None;
+        let mut last_time: Option<DateTime<Utc>> = None;
         for seq in seqs {
             let mut problems = vec![];
             if seq != expected {
@@ -300,23 +341,24 @@ impl Repository {
             if entry.is_none() {
                 problems.push("its content does not authenticate (altered)".into());
             }
-            // The first entry introduces its own signer; later ones must be signed by a key
-            // introduced earlier, or by a key whose key file names its signing key.
-            let introduced = entry.as_ref().and_then(|e| e.introduces.clone());
-            if signers.is_empty() {
-                if let Some((id, public)) = &introduced {
-                    if *id == stored.key {
-                        if let Some(p) = parse_public(public) {
-                            signers.insert(*id, p);
+            let first = signers.is_empty() && seq == 1;
+            if first {
+                // The first entry (`init`) introduces its own signer and names the authority.
+                if let Some(e) = entry.as_ref().filter(|e| e.command == "init") {
+                    if let Some((id, public)) = &e.introduces {
+                        if let (true, Some(p)) = (*id == stored.key, parse_public(public)) {
+                            signers.insert(
+                                *id,
+                                Signer {
+                                    public: p,
+                                    role: Some("restore".into()),
+                                    retired: None,
+                                },
+                            );
                         }
                     }
+                    authority = e.authority.as_deref().and_then(parse_public);
                 }
-            }
-            if authority.is_none() {
-                authority = entry
-                    .as_ref()
-                    .and_then(|e| e.authority.as_deref())
-                    .and_then(parse_public);
             }
             // Only the trail vouches for signers: a key file's `trail_signer` is plain text
             // that anyone with write access to storage could have put there. A key rebuilt
@@ -327,26 +369,128 @@ impl Repository {
                 &stored.key,
                 &stored.entry,
             );
-            match signers.get(&stored.key).copied() {
-                Some(public) => {
-                    if !sign::verify(&public, &msg, &stored.sig) {
+            let mut by_authority = false;
+            let signer_role: Option<String> = match signers.get(&stored.key) {
+                Some(s) => {
+                    if !sign::verify(&s.public, &msg, &stored.sig) {
                         problems.push(format!(
                             "signature of key {} does not verify (altered or forged)",
                             stored.key.short()
                         ));
                     }
+                    if let Some(at) = s.retired {
+                        problems.push(format!(
+                            "signed by key {} after entry {at} removed or replaced it (forged with a retired key)",
+                            stored.key.short()
+                        ));
+                    }
+                    s.role.clone()
                 }
-                None if authority.is_some_and(|a| sign::verify(&a, &msg, &stored.sig)) => {}
-                None => problems.push(format!(
-                    "signed by key {}, which the trail never introduced (forged)",
-                    stored.key.short()
-                )),
+                None if authority.is_some_and(|a| sign::verify(&a, &msg, &stored.sig)) => {
+                    // The authority vouches only for a key rebuilt from shares, in the
+                    // entry that adds it.
+                    let recover = entry.as_ref().is_some_and(|e| {
+                        e.command == "key recover"
+                            && e.introduces
+                                .as_ref()
+                                .is_some_and(|(id, _)| *id == stored.key)
+                    });
+                    if !recover {
+                        problems.push(
+                            "signed by the repository's authority, which signs only `key recover`"
+                                .into(),
+                        );
+                    }
+                    by_authority = true;
+                    Some("restore".into())
+                }
+                None => {
+                    problems.push(format!(
+                        "signed by key {}, which the trail never introduced (forged)",
+                        stored.key.short()
+                    ));
+                    None
+                }
+            };
+            if let Some(e) = &entry {
+                if e.key != stored.key {
+                    problems.push(format!(
+                        "says it is by key {} but is signed by key {} (forged)",
+                        e.key.short(),
+                        stored.key.short()
+                    ));
+                }
+                if let Some(r) = signer_role.as_ref().filter(|r| **r != e.role) {
+                    problems.push(format!(
+                        "says it is by a {} key but key {} is a {r} key (forged)",
+                        e.role,
+                        stored.key.short()
+                    ));
+                }
+                if let Some(t) = last_time.filter(|t| e.time < *t) {
+                    problems.push(format!(
+                        "dated {}, before the entry before it ({t}): times never go backwards",
+                        e.time
+                    ));
+                }
+                last_time = Some(last_time.map_or(e.time, |t| t.max(e.time)));
+                if let Some((id, _)) = &e.introduces {
+                    let may = CREATES_KEYS.contains(&e.command.as_str())
+                        && e.result == "ok"
+                        && match e.command.as_str() {
+                            "init" => first,
+                            "key recover" => by_authority,
+                            // Only restore keys create keys; any key replaces its own file.
+                            "key add" => signer_role.as_deref().is_none_or(|r| r == "restore"),
+                            _ => true,
+                        };
+                    if !may {
+                        problems.push(format!(
+                            "introduces key {} though `{}` by a {} key cannot create one (forged)",
+                            id.short(),
+                            e.command,
+                            signer_role.as_deref().unwrap_or("unknown")
+                        ));
+                    } else if signers.contains_key(id) && !(first && *id == stored.key) {
+                        problems.push(format!(
+                            "introduces key {} again (a key is introduced once, by the entry that created it)",
+                            id.short()
+                        ));
+                    }
+                }
             }
             if problems.is_empty() {
-                if let Some((id, public)) = introduced {
-                    if let Some(p) = parse_public(&public) {
-                        signers.insert(id, p);
+                let e = entry.as_ref().expect("no problems: the entry read");
+                if let Some((id, public)) = e.introduces.clone() {
+                    let role = match e.command.as_str() {
+                        "init" | "key recover" => Some("restore".to_string()),
+                        "key passwd" => signer_role.clone(),
+                        _ => e
+                            .introduces_role
+                            .clone()
+                            .or_else(|| e.touched["role"].as_str().map(str::to_string)),
+                    };
+                    if let (false, Some(p)) = (first, parse_public(&public)) {
+                        signers.insert(
+                            id,
+                            Signer {
+                                public: p,
+                                role,
+                                retired: None,
+                            },
+                        );
                     }
+                }
+                // A removed key, or the key file a new password replaced, signs no more.
+                let retire = match (e.command.as_str(), e.result.as_str()) {
+                    ("key remove", "ok") => e.touched["key"]
+                        .as_str()
+                        .and_then(|k| serde_json::from_value(k.into()).ok()),
+                    ("key passwd", "ok") => Some(stored.key),
+                    _ => None,
+                };
+                if let Some(s) = retire.and_then(|k: KeyId| signers.get_mut(&k)) {
+                    s.retired.get_or_insert(seq);
                 }
             }
             prev_hash = this_hash;
