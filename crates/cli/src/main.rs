@@ -11,6 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use custos_crypto::kdf::KdfParams;
 use custos_crypto::Role;
+use custos_model::path::escape as esc;
 use custos_model::retention::RetentionPolicy;
 use custos_model::{ByteSize, Error, Kind, Result};
 use custos_ops::{backup, forget, pg_backup, prune, restore, verify};
@@ -889,12 +890,12 @@ fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
                             "{:>6} {} {:<8} {} {}@{} {:<18} {}{}",
                             r.seq,
                             e.time.format("%Y-%m-%d %H:%M:%S"),
-                            e.role,
+                            esc(&e.role),
                             e.key.short(),
-                            e.user,
-                            e.host,
-                            e.command,
-                            e.result,
+                            esc(&e.user),
+                            esc(&e.host),
+                            esc(&e.command),
+                            esc(&e.result),
                             if e.touched.is_null() {
                                 String::new()
                             } else {
@@ -1089,8 +1090,8 @@ fn cmd_key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
                         k.id.short(),
                         k.role.as_str(),
                         k.created.format("%Y-%m-%d %H:%M:%S"),
-                        k.host,
-                        k.user
+                        esc(&k.host),
+                        esc(&k.user)
                     );
                 }
             }
@@ -1597,10 +1598,10 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
                 s.id.short(),
                 m.time.format("%Y-%m-%d %H:%M:%S"),
                 m.kind.as_str(),
-                m.host,
+                esc(&m.host),
                 ByteSize(m.stats.bytes).to_string(),
                 ByteSize(m.stats.bytes_stored).to_string(),
-                m.source
+                esc(&m.source)
             );
             if let Some(p) = &m.pg {
                 let end = match until(p) {

@@ -515,3 +515,35 @@ fn trail_entries_can_be_forged_in_another_keys_name() {
         );
     }
 }
+
+#[test]
+fn ls_and_audit_log_print_control_characters_from_names_raw() {
+    let mut t = T::new();
+    t.add_key("backup", "backup host", &[]);
+    let src = t.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("bill\x1b[2J\n-rw-r--r-- 1 forged.pdf"), b"x").unwrap();
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let mut a = Attacker::open(&t, "backup host");
+    forge_entry(&mut a, |e| {
+        e.host = "db-1\x1b]0;owned\x07\n     9 forged line".into()
+    });
+    for args in [
+        vec!["ls", "latest"],
+        vec!["audit", "log"],
+        vec!["snapshots"],
+    ] {
+        let out = t.run(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains('\x1b') && !text.contains('\x07'),
+            "{args:?} printed control characters: {text:?}"
+        );
+        assert!(!text.contains("\n     9 forged"), "{args:?}: {text}");
+    }
+    let listed = t.ok(&["ls", "latest"]);
+    assert!(
+        listed.contains("bill\\u{1b}[2J\\n-rw-r--r-- 1 forged.pdf"),
+        "{listed}"
+    );
+}

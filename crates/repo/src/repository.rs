@@ -236,9 +236,7 @@ impl Repository {
 
     /// The key files that parse, oldest first, and the paths of those that do not, with
     /// why: one damaged key file must not stop the others from opening the repository.
-    pub fn key_files_checked(
-        storage: &DynStorage,
-    ) -> Result<(Vec<KeyFile>, Vec<DamagedKeyFile>)> {
+    pub fn key_files_checked(storage: &DynStorage) -> Result<(Vec<KeyFile>, Vec<DamagedKeyFile>)> {
         let mut out = vec![];
         let mut damaged = vec![];
         for e in storage.list(paths::KEYS)? {
