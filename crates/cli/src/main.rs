@@ -1877,7 +1877,7 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
             key_max_age: ctx.settings.key_max_age()?,
         },
     )?;
-    ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read}));
+    ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read, "vouched": r.vouched, "damaged": r.damaged}));
     if ctx.out.json {
         ctx.out.json(&r);
     } else {
@@ -1896,6 +1896,24 @@ fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
                 } else {
                     "(pack hashes only: backup key)"
                 }
+            );
+        }
+        if r.sampled > 0 {
+            println!(
+                "checked {} chunks of packs no restore key had read (--read-data reads all)",
+                r.sampled
+            );
+        }
+        if r.vouched > 0 {
+            println!(
+                "vouched for {} pack(s): every backup key may now deduplicate against them",
+                r.vouched
+            );
+        }
+        if !r.damaged.is_empty() {
+            println!(
+                "recorded {} damaged cop(ies): the next backup of that data stores it again",
+                r.damaged.len()
             );
         }
         for w in &r.warnings {

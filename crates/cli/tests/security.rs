@@ -547,3 +547,117 @@ fn ls_and_audit_log_print_control_characters_from_names_raw() {
         "{listed}"
     );
 }
+
+/// Files whose content an attacker can guess (a template every clinic stores).
+fn guessable_tree(root: &Path) -> Vec<Vec<u8>> {
+    std::fs::create_dir_all(root).unwrap();
+    let mut out = vec![];
+    for i in 0..3u64 {
+        let mut data = vec![0u8; 1_500_000];
+        rand::RngCore::fill_bytes(
+            &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(40 + i),
+            &mut data,
+        );
+        std::fs::write(root.join(format!("consent-form-{i}.pdf")), &data).unwrap();
+        out.push(data);
+    }
+    out
+}
+
+#[test]
+fn deduplication_can_be_poisoned() {
+    // A backup key stored other bytes under the ids of content another host would back
+    // up: that host skipped it, never stored its data, and a restore failed for good.
+    let mut t = T::new();
+    for (role, pw) in [
+        ("backup", "attacker host"),
+        ("backup", "clinic host"),
+        ("backup", "second clinic"),
+    ] {
+        t.add_key(role, pw, &[]);
+    }
+    let src = t.path("src");
+    let files = guessable_tree(&src);
+    let a = Attacker::open(&t, "attacker host");
+    let mut poisoned = 0u64;
+    for data in &files {
+        for chunk in
+            a.repo
+                .config
+                .chunker
+                .split(&data[..], Some(data.len() as u64), a.repo.cdc_seed())
+        {
+            let chunk = chunk.unwrap();
+            let id = a.repo.keys.chunk_id(&chunk);
+            a.store_blob(id, vec![0x66; chunk.len()]);
+            poisoned += 1;
+        }
+    }
+
+    // The clinic stores its own copy of every chunk: it trusts only its own packs and
+    // those a restore key vouched for.
+    let clinic = t.with_password("clinic host");
+    let r = clinic.json(&["backup", "files", src.to_str().unwrap()]);
+    assert!(
+        r["stats"]["chunks_new"].as_u64().unwrap() > poisoned,
+        "the backup skipped chunks another key planted: {r}"
+    );
+    let out = t.path("out");
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+    assert_eq!(describe(&out), describe(&src));
+
+    // A plain verify (no --read-data) checks what no restore key has vouched for, finds
+    // the planted copies and records them; the clinic's packs are vouched for.
+    let err = t.fails(&["verify"], 14);
+    assert!(err.contains("does not match its id"), "{err}");
+    let v = t.json(&["verify"]);
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["warnings"].to_string().contains("damaged cop"), "{v}");
+    // Recorded copies are warnings, not errors: the data is intact elsewhere.
+    let v = t.json(&["verify", "--read-data"]);
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+
+    // A second host deduplicates against what the restore key vouched for.
+    let second = t.with_password("second clinic");
+    let r2 = second.json(&["backup", "files", src.to_str().unwrap()]);
+    assert!(
+        r2["stats"]["bytes_new"].as_u64().unwrap() < 10_000,
+        "vouched data was stored again: {r2}"
+    );
+    // Prune drops the planted copies; everything still restores.
+    t.ok(&["prune"]);
+    let out2 = t.path("out2");
+    t.ok(&["restore", "files", "latest", "--to", out2.to_str().unwrap()]);
+    assert_eq!(describe(&out2), describe(&src));
+    let v = t.json(&["verify", "--read-data"]);
+    assert!(v["errors"].as_array().unwrap().is_empty(), "{v}");
+    assert!(!v["warnings"].to_string().contains("damaged cop"), "{v}");
+}
+
+#[test]
+fn a_backup_that_meets_a_blob_that_failed_verification_stores_its_own_copy() {
+    // A host's own pack damaged in storage: it used to skip those chunks for ever, as
+    // they were in the index.
+    let mut t = T::new();
+    t.add_key("backup", "clinic host", &[]);
+    let src = t.path("src");
+    guessable_tree(&src);
+    let clinic = t.with_password("clinic host");
+    clinic.ok(&["backup", "files", src.to_str().unwrap()]);
+    let pack = t
+        .packs()
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    flip_byte(&pack, 100);
+    let err = t.fails(&["verify", "--read-data"], 14);
+    assert!(err.contains("does not match"), "{err}");
+    // The next backup stores the damaged chunks again, and restores read them there.
+    let r = clinic.json(&["backup", "files", src.to_str().unwrap()]);
+    assert!(r["stats"]["chunks_new"].as_u64().unwrap() >= 1, "{r}");
+    let out = t.path("out");
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+    assert_eq!(describe(&out), describe(&src));
+    t.ok(&["prune"]);
+    t.ok(&["verify", "--read-data"]);
+}

@@ -256,14 +256,20 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
     let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
     // Packs: their keys live in the index; one new index replaces the old ones.
     let index = repo.load_index()?;
-    let mut packs = index.to_files(None).packs;
-    for p in &mut packs {
+    // Who wrote each pack, what a restore key vouched for and which copies are damaged
+    // carry over into the new object.
+    let mut file = index.to_files(None);
+    for p in &mut file.packs {
         let what = format!("pack {}", p.id.short());
         let dek = repo.keys.unwrap(pack::KEY_AAD, &p.key, &what)?;
         p.key = wrap::wrap(&repo.keys.public, pack::KEY_AAD, &dek)?;
         report.rewrapped_packs += 1;
     }
-    let new_index = repo.write_index(packs)?;
+    let new_index = if file.packs.is_empty() {
+        None
+    } else {
+        Some(repo.write_index_file(file)?)
+    };
     for old in &index.files {
         if Some(*old) != new_index {
             repo.storage.delete(&paths::index(old))?;

@@ -120,12 +120,15 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
     };
     for (pack, blobs) in index.by_pack() {
         let size = index.pack(&pack).map(|m| m.size).unwrap_or(0);
+        // A copy a restore key found damaged serves nothing: it counts as unused.
+        let in_use =
+            |id: &ChunkId, l: &custos_repo::BlobLoc| used.contains(id) && !index.is_bad(id, l);
         let unused_bytes: u64 = blobs
             .iter()
-            .filter(|(id, _)| !used.contains(id))
+            .filter(|(id, l)| !in_use(id, l))
             .map(|(_, l)| u64::from(l.length))
             .sum();
-        let n_used = blobs.iter().filter(|(id, _)| used.contains(id)).count() as u64;
+        let n_used = blobs.iter().filter(|(id, l)| in_use(id, l)).count() as u64;
         p.chunks_used += n_used;
         p.chunks_unused += blobs.len() as u64 - n_used;
         if n_used == 0 {
@@ -201,11 +204,7 @@ fn execute(
         .map(|p| p.id)
         .filter(|id| !drop.contains(id))
         .collect();
-    let mut kept = Index::default();
-    for p in index.to_files(Some(&keep)).packs {
-        kept.add_pack(&p);
-    }
-    let kept = Arc::new(kept);
+    let kept = Arc::new(index.subset(&keep));
 
     // 1. Repack the used chunks of sparse packs into new packs.
     let writer = repo.writer(kept.clone());
@@ -213,7 +212,7 @@ fn execute(
     progress.start("repack", Some(plan.packs_repack.len() as u64));
     for pack in &plan.packs_repack {
         for (id, loc) in &by_pack[pack] {
-            if plan.used.contains(id) && !kept.contains(id) {
+            if plan.used.contains(id) && !index.is_bad(id, loc) && !kept.holds_intact(id) {
                 let data = repo.read_blob(index, id)?;
                 if writer.add(*id, loc.kind, data)? {
                     report.chunks_repacked += 1;
@@ -226,10 +225,21 @@ fn execute(
     let (new_packs, ws) = writer.finish()?;
     report.packs_written = ws.packs;
 
-    // 2. One new index naming every pack that stays; 3. then the old index objects go.
-    let mut all = kept.to_files(None).packs;
-    all.extend(new_packs);
-    let new_index = repo.write_index(all)?;
+    // 2. One new index naming every pack that stays (with who wrote it, what a restore
+    // key vouched for, and the damaged copies it holds); 3. then the old index objects go.
+    let mut all = kept.to_files(None);
+    let me = repo.signing_public().map(hex::encode);
+    all.packs.extend(new_packs.into_iter().map(|mut p| {
+        // Repacked blobs were each read and checked against their ids.
+        p.writer = me.clone();
+        p.vouched = true;
+        p
+    }));
+    let new_index = if all.packs.is_empty() {
+        None
+    } else {
+        Some(repo.write_index_file(all)?)
+    };
     for old in &plan.index_files {
         if Some(*old) != new_index {
             repo.storage.delete(&paths::index(old))?;

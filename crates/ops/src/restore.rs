@@ -347,6 +347,34 @@ fn fetch_blobs(
     Ok(())
 }
 
+/// Decrypts a blob fetched from `pack` into `out`; when that copy is damaged (or was
+/// planted under another's id), reads the chunk from the next place it is stored.
+#[allow(clippy::too_many_arguments)]
+fn open_or_other_copy(
+    repo: &Repository,
+    index: &Index,
+    pack: &PackId,
+    dek: &[u8; 32],
+    id: &ChunkId,
+    loc: &custos_repo::index::BlobLoc,
+    sealed: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    match pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out) {
+        Err(e) if e.kind == Kind::Integrity && index.locations(id).count() > 1 => {
+            tracing::warn!(
+                "chunk {} in pack {}: {}; reading another copy",
+                id.short(),
+                pack.short(),
+                e.message
+            );
+            repo.read_blob_into(index, id, Some(pack), out)
+                .map_err(|_| e)
+        }
+        r => r,
+    }
+}
+
 /// Direct I/O wants buffers, offsets and lengths aligned to the device's blocks.
 const ALIGN: usize = 4096;
 
@@ -671,19 +699,20 @@ fn lay_slice(
             &pack_id,
             &ids,
             |dek, id, loc, sealed| match at_of.get(id) {
-                Some(&at) => pack::open_blob_into(
+                Some(&at) => open_or_other_copy(
+                    repo,
+                    index,
+                    &pack_id,
                     dek,
-                    &repo.keys.id_key,
                     id,
                     loc,
                     sealed,
                     &mut buf[at..at + loc.raw_length as usize],
                 ),
                 None => {
-                    decoded.insert(
-                        *id,
-                        pack::open_blob(dek, &repo.keys.id_key, id, loc, sealed)?,
-                    );
+                    let mut out = vec![0u8; loc.raw_length as usize];
+                    open_or_other_copy(repo, index, &pack_id, dek, id, loc, sealed, &mut out)?;
+                    decoded.insert(*id, out);
                     Ok(())
                 }
             },
@@ -1091,7 +1120,7 @@ pub fn restore_files(
                             at = 0;
                         }
                         let out = &mut job.buf.get(at + raw)?[at..];
-                        pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out)?;
+                        open_or_other_copy(repo, &index, pack_id, dek, id, loc, sealed, out)?;
                         job.used = at + raw;
                         match job.puts.last_mut() {
                             Some(w) if continues => {

@@ -1,7 +1,15 @@
 //! Verification: structure (every referenced chunk is indexed, every indexed pack exists
-//! with the indexed size, every snapshot authenticates) and, with `--read-data`, content
-//! (every selected pack re-hashed; with a restore key every blob decrypted and checked
-//! against its id). Verification never changes the repository.
+//! with the indexed size, every snapshot authenticates) and content. With a restore key,
+//! a sample of the blobs no restore key has checked yet is decrypted and checked against
+//! its id on every run, because a backup key can store any bytes under any id (format.md
+//! 5.1); with `--read-data`, every selected pack is re-hashed and (restore key) every blob
+//! of it checked.
+//!
+//! What a restore key finds is recorded for every writer: one index object signed by the
+//! repository's authority vouches for the packs whose every blob was right (backups of
+//! every key then deduplicate against them) and names the damaged copies (no backup
+//! deduplicates against those: the next one stores the chunk again, and readers read
+//! another copy). Nothing else is changed.
 
 use std::collections::{HashMap, HashSet};
 
@@ -26,7 +34,16 @@ pub struct VerifyReport {
     pub warnings: Vec<String>,
     /// Keys past the crypto-period (also among the warnings).
     pub key_findings: Vec<String>,
+    /// Blobs of packs no restore key had vouched for, checked on this run (restore key).
+    pub sampled: u64,
+    /// Packs this run vouched for: every blob read and right.
+    pub vouched: u64,
+    /// Copies of chunks found damaged (recorded: backups store these chunks again).
+    pub damaged: Vec<String>,
 }
+
+/// Blobs of packs nobody vouched for that a verification without `--read-data` checks.
+pub const SAMPLE: usize = 64;
 
 pub struct VerifyOptions<'a> {
     pub read_data: bool,
@@ -81,6 +98,12 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             _ => {}
         }
     }
+    if index.damaged_copies() > 0 {
+        r.warnings.push(format!(
+            "{} damaged cop(ies) of chunks are recorded: readers use other copies, backups store those chunks again, and `custos prune` removes them",
+            index.damaged_copies()
+        ));
+    }
     let unindexed = stored.keys().filter(|id| index.pack(id).is_none()).count();
     if unindexed > 0 {
         r.warnings.push(format!("{unindexed} pack(s) are not in the index (left by an interrupted run; `custos prune` removes them)"));
@@ -105,9 +128,17 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
                 }
             };
             for id in refs {
-                if checked.insert(id) && !index.contains(&id) {
+                if !checked.insert(id) {
+                    continue;
+                }
+                if !index.contains(&id) {
                     r.errors.push(format!(
                         "snapshot {} references chunk {} which is not in the index",
+                        s.id, id
+                    ));
+                } else if !index.holds_intact(&id) {
+                    r.errors.push(format!(
+                        "snapshot {} references chunk {} whose every stored copy is damaged",
                         s.id, id
                     ));
                 }
@@ -133,6 +164,11 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     r.wal_files = wal.len() as u64;
     r.errors.extend(checks.into_iter().flatten());
 
+    let restore_key = repo.keys.secret.is_some();
+    let by_pack = index.by_pack();
+    // What this run found: per pack, whether every blob was read and right; damaged copies.
+    let mut read_whole: Vec<PackId> = vec![];
+    let mut damaged: Vec<(PackId, ChunkId)> = vec![];
     if opts.read_data {
         let mut packs: Vec<&custos_repo::index::PackMeta> = index
             .packs
@@ -145,30 +181,146 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             let n = ((packs.len() as f64) * opts.subset).ceil() as usize;
             packs.truncate(n.max(1).min(packs.len()));
         }
-        let by_pack = index.by_pack();
         opts.progress
             .start("verify", Some(packs.iter().map(|p| p.size).sum()));
         let results = custos_repo::repository::parallel_map(
             &packs,
             repo.threads() + 1,
-            |p| -> Result<(Vec<String>, u64)> {
+            |p| -> Result<Checked> {
                 let bytes = match repo.storage.get(&paths::pack(&p.id)) {
                     Ok(b) => b,
-                    Err(e) => return Ok((vec![format!("pack {}: {}", p.id, e.message)], 0)),
+                    Err(e) => {
+                        return Ok(Checked {
+                            errors: vec![format!("pack {}: {}", p.id, e.message)],
+                            ..Default::default()
+                        })
+                    }
                 };
                 opts.progress.add(bytes.len() as u64);
-                Ok(check_pack(repo, p, &bytes, &by_pack[&p.id]))
+                // Copies already recorded as damaged are not reported again.
+                let blobs: Vec<_> = by_pack[&p.id]
+                    .iter()
+                    .filter(|(id, l)| !index.is_bad(id, l))
+                    .copied()
+                    .collect();
+                let known = blobs.len() < by_pack[&p.id].len();
+                Ok(check_pack(repo, p, &bytes, &blobs, known))
             },
         )?;
         opts.progress.finish();
-        for (p, (errs, n)) in packs.iter().zip(results) {
+        for (p, c) in packs.iter().zip(results) {
             r.packs_read += 1;
             r.bytes_read += p.size;
-            r.chunks_read += n;
-            r.errors.extend(errs);
+            r.chunks_read += c.good;
+            if restore_key && c.errors.is_empty() {
+                read_whole.push(p.id);
+            }
+            r.errors.extend(c.errors);
+            damaged.extend(c.damaged.into_iter().map(|id| (p.id, id)));
+        }
+    } else if restore_key {
+        // A sample of what no restore key has checked: blobs a backup key stored.
+        use rand::seq::SliceRandom;
+        let mut unchecked: Vec<(PackId, ChunkId, custos_repo::BlobLoc)> = by_pack
+            .iter()
+            .filter(|(p, _)| index.pack(p).is_some_and(|m| !m.vouched))
+            .filter(|(p, _)| stored.contains_key(*p))
+            .flat_map(|(p, blobs)| blobs.iter().map(move |(id, l)| (*p, *id, *l)))
+            .filter(|(_, id, l)| !index.is_bad(id, l))
+            .collect();
+        unchecked.shuffle(&mut rand::rng());
+        unchecked.truncate(SAMPLE);
+        let results = custos_repo::repository::parallel_map(
+            &unchecked,
+            repo.threads() * 2,
+            |(pack, id, loc)| -> Result<Option<String>> {
+                let meta = index.pack(pack).expect("from the index");
+                let checked = repo.pack_key(meta).and_then(|dek| {
+                    let sealed = repo.storage.get_range(
+                        &paths::pack(pack),
+                        u64::from(loc.offset),
+                        u64::from(loc.length),
+                    )?;
+                    pack::open_blob(&dek, &repo.keys.id_key, id, loc, &sealed)
+                });
+                Ok(match checked {
+                    Ok(_) => None,
+                    Err(e) if e.kind == custos_model::Kind::Integrity => Some(e.message),
+                    Err(e) => return Err(e),
+                })
+            },
+        )?;
+        r.sampled = unchecked.len() as u64;
+        for ((pack, id, _), bad) in unchecked.iter().zip(results) {
+            if let Some(m) = bad {
+                r.errors.push(format!("pack {pack}: {m}"));
+                damaged.push((*pack, *id));
+            }
         }
     }
+    if restore_key {
+        let unvouched = index
+            .packs
+            .iter()
+            .filter(|p| !p.vouched && !read_whole.contains(&p.id))
+            .count();
+        if unvouched > 0 {
+            r.warnings.push(format!(
+                "{unvouched} pack(s) were written by backup keys and not yet read whole by a restore key: each host deduplicates only against its own until `custos verify --read-data` vouches for them"
+            ));
+        }
+        r.vouched = attest(repo, &index, &read_whole, &damaged, &mut r)?;
+    }
     Ok(r)
+}
+
+/// Records, signed by the repository's authority, the packs read whole and found right
+/// that no restore key had vouched for, and the damaged copies not yet known. Returns the
+/// number of packs newly vouched for.
+fn attest(
+    repo: &Repository,
+    index: &custos_repo::Index,
+    read_whole: &[PackId],
+    damaged: &[(PackId, ChunkId)],
+    r: &mut VerifyReport,
+) -> Result<u64> {
+    let new: std::collections::HashSet<PackId> = read_whole
+        .iter()
+        .filter(|p| index.pack(p).is_some_and(|m| !m.vouched))
+        .copied()
+        .collect();
+    let bad: Vec<(PackId, ChunkId)> = damaged
+        .iter()
+        .filter(|(p, c)| {
+            index
+                .locations(c)
+                .any(|(m, l)| m.id == *p && !index.is_bad(c, l))
+        })
+        .copied()
+        .collect();
+    r.damaged = bad
+        .iter()
+        .map(|(p, c)| format!("chunk {c} in pack {p}"))
+        .collect();
+    if new.is_empty() && bad.is_empty() || repo.keys.authority.is_none() {
+        return Ok(0);
+    }
+    let mut f = index.to_files(Some(&new));
+    for p in &mut f.packs {
+        p.vouched = true;
+    }
+    f.bad = bad;
+    repo.write_index_file(f)?;
+    Ok(new.len() as u64)
+}
+
+/// What reading one pack found.
+#[derive(Default)]
+struct Checked {
+    errors: Vec<String>,
+    /// Chunks whose copy in this pack is damaged.
+    damaged: Vec<ChunkId>,
+    good: u64,
 }
 
 fn check_pack(
@@ -176,61 +328,79 @@ fn check_pack(
     p: &custos_repo::index::PackMeta,
     bytes: &[u8],
     blobs: &[(ChunkId, custos_repo::BlobLoc)],
-) -> (Vec<String>, u64) {
-    let mut errs = vec![];
-    if Id::of_bytes(bytes) != p.id.0 {
-        errs.push(format!(
+    known_damaged: bool,
+) -> Checked {
+    let mut c = Checked::default();
+    // A pack with copies recorded as damaged does not match its hash either (when the
+    // damage came later): that is already known.
+    if Id::of_bytes(bytes) != p.id.0 && !known_damaged {
+        c.errors.push(format!(
             "pack {} does not match its hash: its content was altered or damaged",
             p.id
         ));
-        return (errs, 0);
+        // Each blob is still checked on its own: the intact ones are fine, and the
+        // damaged ones are recorded so that the next backup stores them again.
     }
-    let (header, wrapped) = match pack::parse_trailer(bytes, &format!("pack {}", p.id)) {
-        Ok(x) => x,
-        Err(e) => return (vec![e.message], 0),
+    let header = match pack::parse_trailer(bytes, &format!("pack {}", p.id)) {
+        Ok((header, wrapped)) => {
+            // After `key rotate --rewrap` the index holds the key re-wrapped to the new
+            // pair and the trailer the original: opening the header with the index's key
+            // (below, restore keys) proves it is the right one.
+            if wrapped != p.key && repo.keys.generation == 0 {
+                c.errors.push(format!(
+                    "pack {}: its data key differs from the index",
+                    p.id
+                ));
+            }
+            Some(header)
+        }
+        Err(e) => {
+            c.errors.push(e.message);
+            None
+        }
     };
-    // After `key rotate --rewrap` the index holds the key re-wrapped to the new pair and
-    // the trailer the original: opening the header with the index's key (below, restore
-    // keys) proves it is the right one.
-    if wrapped != p.key && repo.keys.generation == 0 {
-        errs.push(format!(
-            "pack {}: its data key differs from the index",
-            p.id
-        ));
-    }
     if repo.keys.secret.is_none() {
-        return (errs, 0);
+        return c;
     }
     let dek = match repo.pack_key(p) {
         Ok(k) => k,
-        Err(e) => return (vec![format!("pack {}: {}", p.id, e.message)], 0),
+        Err(e) => {
+            c.errors.push(format!("pack {}: {}", p.id, e.message));
+            return c;
+        }
     };
-    match pack::open_header(&dek, &bytes[header], &format!("pack {}", p.id)) {
-        Ok(entries) => {
-            let listed: HashSet<ChunkId> = entries.iter().map(|e| e.id).collect();
-            for (id, _) in blobs {
-                if !listed.contains(id) {
-                    errs.push(format!(
-                        "pack {}: chunk {} is indexed but not in the pack header",
-                        p.id, id
-                    ));
+    if let Some(header) = header {
+        match pack::open_header(&dek, &bytes[header], &format!("pack {}", p.id)) {
+            Ok(entries) => {
+                let listed: HashSet<ChunkId> = entries.iter().map(|e| e.id).collect();
+                for (id, _) in blobs {
+                    if !listed.contains(id) {
+                        c.errors.push(format!(
+                            "pack {}: chunk {} is indexed but not in the pack header",
+                            p.id, id
+                        ));
+                    }
                 }
             }
+            Err(e) => c.errors.push(e.message),
         }
-        Err(e) => errs.push(e.message),
     }
-    let mut n = 0;
     for (id, loc) in blobs {
         let Some(sealed) = bytes.get(loc.range()) else {
-            errs.push(format!("pack {}: chunk {} lies past the end", p.id, id));
+            c.errors
+                .push(format!("pack {}: chunk {} lies past the end", p.id, id));
+            c.damaged.push(*id);
             continue;
         };
         match pack::open_blob(&dek, &repo.keys.id_key, id, loc, sealed) {
-            Ok(_) => n += 1,
-            Err(e) => errs.push(format!("pack {}: {}", p.id, e.message)),
+            Ok(_) => c.good += 1,
+            Err(e) => {
+                c.errors.push(format!("pack {}: {}", p.id, e.message));
+                c.damaged.push(*id);
+            }
         }
     }
-    (errs, n)
+    c
 }
 
 pub fn integrity_error(r: &VerifyReport) -> Option<Error> {

@@ -1,10 +1,21 @@
-//! The index: where every stored chunk lives (pack, offset, length) and each pack's wrapped
-//! data key. Index objects are sealed with the meta key, so writers of every role can
-//! deduplicate against them without being able to read chunk contents.
+//! The index: where every stored chunk lives (pack, offset, length), each pack's wrapped
+//! data key, and who vouches for each pack. Index objects are sealed with the meta key, so
+//! writers of every role can deduplicate against them without being able to read chunk
+//! contents.
 //!
 //! Invariant: an index object is written only after every pack it names is durably stored.
+//!
+//! Trust (format.md 5.1): every writer holds the id key, so a backup key can store any
+//! bytes under the id of content another host will back up; a host that deduplicated
+//! against them would never store its data. Each index object is therefore signed by its
+//! writer, and a pack counts for deduplication only when the reader wrote it (the object
+//! is signed with the reader's own signing key) or a restore key vouched for it (the
+//! repository's authority signed an object marking it `vouched`: a restore key read every
+//! blob of it and found each matches its id). Chunks a restore key found damaged are
+//! listed by the authority and never deduplicated against. The index keeps every place a
+//! chunk is stored, best first, so a reader that meets a damaged copy reads another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use custos_model::{ChunkId, IndexId, PackId};
 use serde::{Deserialize, Serialize};
@@ -24,6 +35,50 @@ pub enum BlobKind {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct IndexFile {
     pub packs: Vec<IndexPack>,
+    /// The Ed25519 public key (hex) that signed this object: whoever wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// Chunks a restore key found damaged, with the pack holding the damaged copy. Only
+    /// believed when the authority signed the object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad: Vec<(PackId, ChunkId)>,
+    /// Ed25519 signature (hex) of `signer` over [`IndexFile::signed_bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+impl IndexFile {
+    /// What the signature covers: the object without its signature.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut m = b"custos index sig v1".to_vec();
+        let unsigned = IndexFile {
+            sig: None,
+            ..self.clone()
+        };
+        m.extend_from_slice(&serde_json::to_vec(&unsigned).expect("serializable"));
+        m
+    }
+
+    /// Signs the object with `seed`, naming its public key as the signer.
+    pub fn sign(&mut self, seed: &[u8; 32]) {
+        self.signer = Some(hex::encode(custos_crypto::sign::public_of(seed)));
+        self.sig = None;
+        self.sig = Some(hex::encode(custos_crypto::sign::sign(
+            seed,
+            &self.signed_bytes(),
+        )));
+    }
+
+    /// The public key whose signature over this object verifies, if one does.
+    pub fn verified_signer(&self) -> Option<[u8; 32]> {
+        let public: [u8; 32] = hex::decode(self.signer.as_deref()?).ok()?.try_into().ok()?;
+        let sig = hex::decode(self.sig.as_deref()?).ok()?;
+        custos_crypto::sign::verify(&public, &self.signed_bytes(), &sig).then_some(public)
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +88,14 @@ pub struct IndexPack {
     #[serde(with = "b64")]
     pub key: Vec<u8>,
     pub blobs: Vec<crate::pack::PackEntry>,
+    /// In an object the authority signed: the signing key (hex) of whoever wrote the pack
+    /// (prune keeps it when it rewrites the index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+    /// In an object the authority signed: a restore key read every blob of the pack and
+    /// found each matches its id (or wrote the pack itself).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vouched: bool,
 }
 
 /// Location of one blob, compact (48 bytes with its key) because the map holds every chunk.
@@ -58,6 +121,21 @@ pub struct PackMeta {
     pub id: PackId,
     pub size: u64,
     pub key: Vec<u8>,
+    /// Who wrote the pack, as far as a signature shows (None: no valid signature).
+    pub writer: Option<[u8; 32]>,
+    /// A restore key read every blob of it and found each right.
+    pub vouched: bool,
+    /// Whether the key that loaded the index deduplicates against it: it wrote it, or a
+    /// restore key vouched for it.
+    pub trusted: bool,
+}
+
+/// Who stands behind a pack listed in one index object.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attribution {
+    pub writer: Option<[u8; 32]>,
+    pub vouched: bool,
+    pub trusted: bool,
 }
 
 /// The whole index in memory.
@@ -65,35 +143,107 @@ pub struct PackMeta {
 pub struct Index {
     pub packs: Vec<PackMeta>,
     pack_pos: HashMap<PackId, u32>,
+    /// Each chunk's best location: an intact copy in a trusted pack before any other.
     pub blobs: HashMap<ChunkId, BlobLoc>,
+    /// The other locations of chunks stored in more than one pack.
+    pub extra: HashMap<ChunkId, Vec<BlobLoc>>,
+    /// Copies a restore key found damaged: (pack position, chunk).
+    bad: HashSet<(u32, ChunkId)>,
     /// Index objects this was loaded from.
     pub files: Vec<IndexId>,
 }
 
 impl Index {
+    /// Adds the packs of an index object one may not trust (see [`Index::add_pack_from`]).
     pub fn add_pack(&mut self, p: &IndexPack) {
+        self.add_pack_from(p, Attribution::default());
+    }
+
+    /// Adds a pack as listed in an index object, with what that object's signature backs.
+    /// A pack listed in several objects gets the best of what they say.
+    pub fn add_pack_from(&mut self, p: &IndexPack, a: Attribution) {
         let pos = match self.pack_pos.get(&p.id) {
-            Some(pos) => *pos,
+            Some(pos) => {
+                let m = &mut self.packs[*pos as usize];
+                m.writer = m.writer.or(a.writer);
+                m.vouched |= a.vouched;
+                m.trusted |= a.trusted;
+                *pos
+            }
             None => {
                 let pos = self.packs.len() as u32;
                 self.packs.push(PackMeta {
                     id: p.id,
                     size: p.size,
                     key: p.key.clone(),
+                    writer: a.writer,
+                    vouched: a.vouched,
+                    trusted: a.trusted,
                 });
                 self.pack_pos.insert(p.id, pos);
                 pos
             }
         };
         for b in &p.blobs {
-            self.blobs.entry(b.id).or_insert(BlobLoc {
+            let loc = BlobLoc {
                 pack: pos,
                 offset: b.offset,
                 length: b.length,
                 raw_length: b.raw_length,
                 kind: b.kind,
                 compressed: b.compressed,
-            });
+            };
+            match self.blobs.entry(b.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    if o.get().pack != pos {
+                        let more = self.extra.entry(b.id).or_default();
+                        if !more.iter().any(|l| l.pack == pos) {
+                            more.push(loc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks the copy of `chunk` in `pack` damaged (a restore key found it so).
+    pub fn mark_bad(&mut self, pack: &PackId, chunk: ChunkId) {
+        if let Some(pos) = self.pack_pos.get(pack) {
+            self.bad.insert((*pos, chunk));
+        }
+    }
+
+    /// How many copies are known to be damaged.
+    pub fn damaged_copies(&self) -> usize {
+        self.bad.len()
+    }
+
+    /// Whether the copy of `chunk` at `loc` was found damaged.
+    pub fn is_bad(&self, chunk: &ChunkId, loc: &BlobLoc) -> bool {
+        self.bad.contains(&(loc.pack, *chunk))
+    }
+
+    /// Puts each chunk stored more than once at its best location, once every index
+    /// object is loaded (a later object may vouch for a pack or name a damaged copy).
+    pub fn settle(&mut self) {
+        let rank = |idx: &Index, id: &ChunkId, l: &BlobLoc| {
+            (
+                !idx.is_bad(id, l),
+                idx.packs[l.pack as usize].trusted,
+                idx.packs[l.pack as usize].vouched,
+            )
+        };
+        let ids: Vec<ChunkId> = self.extra.keys().copied().collect();
+        for id in ids {
+            let mut all = vec![self.blobs[&id]];
+            all.extend(self.extra.remove(&id).unwrap_or_default());
+            // Stable: among equals, the first listed stays first.
+            all.sort_by_key(|l| std::cmp::Reverse(rank(self, &id, l)));
+            self.blobs.insert(id, all[0]);
+            self.extra.insert(id, all[1..].to_vec());
         }
     }
 
@@ -103,21 +253,49 @@ impl Index {
             .map(|l| (&self.packs[l.pack as usize], l))
     }
 
+    /// Every location of a chunk, best first.
+    pub fn locations(&self, id: &ChunkId) -> impl Iterator<Item = (&PackMeta, &BlobLoc)> {
+        self.blobs
+            .get(id)
+            .into_iter()
+            .chain(self.extra.get(id).into_iter().flatten())
+            .map(|l| (&self.packs[l.pack as usize], l))
+    }
+
+    /// Whether the chunk is stored anywhere (what a snapshot may reference).
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.blobs.contains_key(id)
+    }
+
+    /// Whether a backup by the key that loaded the index may skip storing the chunk: an
+    /// intact copy lies in a pack it trusts.
+    pub fn holds_trusted(&self, id: &ChunkId) -> bool {
+        self.blobs
+            .get(id)
+            .is_some_and(|l| self.packs[l.pack as usize].trusted && !self.is_bad(id, l))
+    }
+
+    /// Whether some copy of the chunk is not known to be damaged.
+    pub fn holds_intact(&self, id: &ChunkId) -> bool {
+        self.blobs.get(id).is_some_and(|l| !self.is_bad(id, l))
     }
 
     pub fn pack(&self, id: &PackId) -> Option<&PackMeta> {
         self.pack_pos.get(id).map(|p| &self.packs[*p as usize])
     }
 
-    /// Blobs grouped by pack, for verification and prune.
+    /// Blobs grouped by pack (every copy of every chunk), for verification and prune.
     pub fn by_pack(&self) -> HashMap<PackId, Vec<(ChunkId, BlobLoc)>> {
         let mut out: HashMap<PackId, Vec<(ChunkId, BlobLoc)>> = HashMap::new();
         for p in &self.packs {
             out.entry(p.id).or_default();
         }
-        for (id, loc) in &self.blobs {
+        let all = self.blobs.iter().chain(
+            self.extra
+                .iter()
+                .flat_map(|(id, ls)| ls.iter().map(move |l| (id, l))),
+        );
+        for (id, loc) in all {
             out.entry(self.packs[loc.pack as usize].id)
                 .or_default()
                 .push((*id, *loc));
@@ -128,7 +306,31 @@ impl Index {
         out
     }
 
-    /// Re-encodes the packs named in `keep` (all if `None`) as index-file content.
+    /// The index of the packs in `keep` only, with what is known of them.
+    pub fn subset(&self, keep: &HashSet<PackId>) -> Index {
+        let f = self.to_files(Some(keep));
+        let mut i = Index::default();
+        for p in &f.packs {
+            let m = self.pack(&p.id).expect("listed from this index");
+            i.add_pack_from(
+                p,
+                Attribution {
+                    writer: m.writer,
+                    vouched: m.vouched,
+                    trusted: m.trusted,
+                },
+            );
+        }
+        for (pack, chunk) in &f.bad {
+            i.mark_bad(pack, *chunk);
+        }
+        i.settle();
+        i
+    }
+
+    /// Re-encodes the packs named in `keep` (all if `None`) as index-file content, with
+    /// their attribution and the damaged copies they hold: for an object the authority
+    /// signs (prune), which carries them over.
     pub fn to_files(&self, keep: Option<&std::collections::HashSet<PackId>>) -> IndexFile {
         let by_pack = self.by_pack();
         let mut f = IndexFile::default();
@@ -138,13 +340,18 @@ impl Index {
             }
             let blobs = by_pack[&p.id]
                 .iter()
-                .map(|(id, l)| crate::pack::PackEntry {
-                    id: *id,
-                    kind: l.kind,
-                    offset: l.offset,
-                    length: l.length,
-                    raw_length: l.raw_length,
-                    compressed: l.compressed,
+                .map(|(id, l)| {
+                    if self.is_bad(id, l) {
+                        f.bad.push((p.id, *id));
+                    }
+                    crate::pack::PackEntry {
+                        id: *id,
+                        kind: l.kind,
+                        offset: l.offset,
+                        length: l.length,
+                        raw_length: l.raw_length,
+                        compressed: l.compressed,
+                    }
                 })
                 .collect();
             f.packs.push(IndexPack {
@@ -152,8 +359,94 @@ impl Index {
                 size: p.size,
                 key: p.key.clone(),
                 blobs,
+                writer: p.writer.map(hex::encode),
+                vouched: p.vouched,
             });
         }
         f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(n: u8, chunks: &[u8]) -> IndexPack {
+        IndexPack {
+            id: PackId(custos_model::Id([n; 32])),
+            size: 100,
+            key: vec![],
+            blobs: chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| crate::pack::PackEntry {
+                    id: ChunkId(custos_model::Id([*c; 32])),
+                    kind: BlobKind::Data,
+                    offset: i as u32 * 10,
+                    length: 10,
+                    raw_length: 10,
+                    compressed: false,
+                })
+                .collect(),
+            writer: None,
+            vouched: false,
+        }
+    }
+
+    #[test]
+    fn a_chunk_in_two_packs_is_read_from_the_trusted_intact_one_first_and_kept_in_both() {
+        let c = ChunkId(custos_model::Id([7; 32]));
+        let mut i = Index::default();
+        // The attacker's copy comes first; the host's own copy second.
+        i.add_pack(&pack(1, &[7, 8]));
+        i.add_pack_from(
+            &pack(2, &[7]),
+            Attribution {
+                trusted: true,
+                ..Default::default()
+            },
+        );
+        assert!(!i.holds_trusted(&ChunkId(custos_model::Id([8; 32]))));
+        i.settle();
+        assert_eq!(i.get(&c).unwrap().0.id, PackId(custos_model::Id([2; 32])));
+        assert!(i.holds_trusted(&c));
+        assert_eq!(i.locations(&c).count(), 2);
+        let by = i.by_pack();
+        assert_eq!(by[&PackId(custos_model::Id([1; 32]))].len(), 2);
+        assert_eq!(by[&PackId(custos_model::Id([2; 32]))].len(), 1);
+        // A damaged copy goes last and is not deduplicated against.
+        i.mark_bad(&PackId(custos_model::Id([2; 32])), c);
+        i.settle();
+        assert_eq!(i.get(&c).unwrap().0.id, PackId(custos_model::Id([1; 32])));
+        assert!(!i.holds_trusted(&c));
+        assert_eq!(i.to_files(None).bad.len(), 1);
+    }
+
+    #[test]
+    fn a_signature_covers_every_field_and_names_its_signer() {
+        let seed = custos_crypto::sign::generate();
+        let mut f = IndexFile {
+            packs: vec![pack(1, &[1])],
+            ..Default::default()
+        };
+        f.sign(&seed);
+        assert_eq!(
+            f.verified_signer(),
+            Some(custos_crypto::sign::public_of(&seed))
+        );
+        let mut g = f.clone();
+        g.packs[0].vouched = true;
+        assert_eq!(g.verified_signer(), None);
+        let mut h = f.clone();
+        h.bad.push((
+            PackId(custos_model::Id([1; 32])),
+            ChunkId(custos_model::Id([1; 32])),
+        ));
+        assert_eq!(h.verified_signer(), None);
+        let mut k = f.clone();
+        k.signer = Some(hex::encode(custos_crypto::sign::public_of(
+            &custos_crypto::sign::generate(),
+        )));
+        assert_eq!(k.verified_signer(), None);
     }
 }

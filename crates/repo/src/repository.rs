@@ -479,29 +479,100 @@ impl Repository {
             },
         )?;
         let mut index = Index::default();
+        let mut bad = vec![];
+        let me = self.signing_public();
         for (id, f) in loaded {
+            // Who stands behind the packs (format.md 5.1): the key whose signature verifies;
+            // what an object says of each pack's writer, of vouching and of damaged copies
+            // counts only when that key is the repository's authority.
+            let signer = f.verified_signer();
+            let by_authority = signer.is_some() && signer == self.keys.authority_public;
             for p in &f.packs {
-                index.add_pack(p);
+                let (writer, vouched) = if by_authority {
+                    let w = p
+                        .writer
+                        .as_deref()
+                        .and_then(|h| hex::decode(h).ok()?.try_into().ok());
+                    (w, p.vouched)
+                } else {
+                    (signer, false)
+                };
+                let trusted = vouched || (writer.is_some() && writer == me);
+                index.add_pack_from(
+                    p,
+                    crate::index::Attribution {
+                        writer,
+                        vouched,
+                        trusted,
+                    },
+                );
+            }
+            if by_authority {
+                bad.extend(f.bad);
             }
             index.files.push(id);
         }
+        // Marks name packs that another object (loaded in any order) lists.
+        for (pack, chunk) in bad {
+            index.mark_bad(&pack, chunk);
+        }
+        index.settle();
         Ok(index)
     }
 
-    /// Writes an index object naming `packs`, which must already be stored.
-    pub fn write_index(&self, packs: Vec<IndexPack>) -> Result<Option<IndexId>> {
+    /// This key's own trail signing key's public half (what its index objects are signed
+    /// with), when it has one.
+    pub fn signing_public(&self) -> Option<[u8; 32]> {
+        self.keys
+            .sign_seed
+            .as_deref()
+            .map(custos_crypto::sign::public_of)
+    }
+
+    /// Writes an index object naming `packs`, which this key has just written and which
+    /// must already be stored. A restore key vouches for its own packs: it made their ids
+    /// from the content it stored.
+    pub fn write_index(&self, mut packs: Vec<IndexPack>) -> Result<Option<IndexId>> {
         if packs.is_empty() {
             return Ok(None);
         }
-        let sealed = aead::seal(
-            &self.keys.meta_key,
-            INDEX_AAD,
-            &to_zjson(&IndexFile { packs }),
-        );
+        let me = self.signing_public().map(hex::encode);
+        for p in &mut packs {
+            p.writer = me.clone();
+            p.vouched = self.keys.authority.is_some();
+        }
+        self.write_index_file(IndexFile {
+            packs,
+            ..Default::default()
+        })
+        .map(Some)
+    }
+
+    /// Writes an index object as given, signed: by the authority when this key holds it
+    /// (a restore key; what the object says of writers, vouching and damaged copies then
+    /// counts), else with the key's own signing key (and those claims left out: they would
+    /// not count).
+    pub fn write_index_file(&self, mut f: IndexFile) -> Result<IndexId> {
+        match (
+            self.keys.authority.as_deref(),
+            self.keys.sign_seed.as_deref(),
+        ) {
+            (Some(authority), _) => f.sign(authority),
+            (None, Some(seed)) => {
+                for p in &mut f.packs {
+                    p.writer = None;
+                    p.vouched = false;
+                }
+                f.bad.clear();
+                f.sign(seed);
+            }
+            (None, None) => {}
+        }
+        let sealed = aead::seal(&self.keys.meta_key, INDEX_AAD, &to_zjson(&f));
         let id = IndexId(Id::of_bytes(&sealed));
         self.storage
             .put(&paths::index(&id), &sealed, PutMode::CreateOnly)?;
-        Ok(Some(id))
+        Ok(id)
     }
 
     pub fn writer(&self, index: Arc<Index>) -> BlobWriter {
@@ -538,24 +609,80 @@ impl Repository {
         Ok(k)
     }
 
-    /// Reads and decrypts one blob, checking it against its id.
+    /// Reads and decrypts one blob, checking it against its id; a damaged copy is passed
+    /// over for the next place the chunk is stored.
     pub fn read_blob(&self, index: &Index, id: &ChunkId) -> Result<Vec<u8>> {
-        let (meta, loc) = index.get(id).ok_or_else(|| {
+        let len = index.get(id).map_or(0, |(_, l)| l.raw_length as usize);
+        let mut out = vec![0u8; len];
+        self.read_blob_into(index, id, None, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads a blob into `out` (its plaintext length) from the first of its locations that
+    /// is intact, skipping the copy in `skip` (already found damaged by the caller). The
+    /// error of the first copy tried is returned when none is.
+    pub fn read_blob_into(
+        &self,
+        index: &Index,
+        id: &ChunkId,
+        skip: Option<&PackId>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let mut first: Option<Error> = None;
+        let mut any = false;
+        for (meta, loc) in index.locations(id) {
+            if skip == Some(&meta.id) {
+                continue;
+            }
+            any = true;
+            let r = (|| -> Result<()> {
+                let dek = self.pack_key(meta)?;
+                let sealed = self
+                    .storage
+                    .get_range(
+                        &paths::pack(&meta.id),
+                        u64::from(loc.offset),
+                        u64::from(loc.length),
+                    )
+                    .map_err(|e| missing_as_integrity(e, "pack"))?;
+                if loc.raw_length as usize != out.len() {
+                    return Err(Error::integrity(format!(
+                        "chunk {} has {} bytes in pack {} but {} elsewhere",
+                        id.short(),
+                        loc.raw_length,
+                        meta.id.short(),
+                        out.len()
+                    )));
+                }
+                pack::open_blob_into(&dek, &self.keys.id_key, id, loc, &sealed, out)
+            })();
+            match r {
+                Ok(()) => return Ok(()),
+                // Damaged or missing here: another copy may be intact. Anything else
+                // (storage unreachable, wrong key) is not a property of this copy.
+                Err(e) if e.kind == Kind::Integrity => {
+                    tracing::warn!(
+                        "chunk {} in pack {}: {}; trying another copy",
+                        id.short(),
+                        meta.id.short(),
+                        e.message
+                    );
+                    first.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(first.unwrap_or_else(|| {
             Error::integrity(format!(
-                "chunk {} is referenced but not in the index",
-                id.short()
+                "chunk {} is referenced but not in the index{}",
+                id.short(),
+                if any || skip.is_none() {
+                    ""
+                } else {
+                    " elsewhere"
+                }
             ))
-        })?;
-        let dek = self.pack_key(meta)?;
-        let sealed = self
-            .storage
-            .get_range(
-                &paths::pack(&meta.id),
-                u64::from(loc.offset),
-                u64::from(loc.length),
-            )
-            .map_err(|e| missing_as_integrity(e, "pack"))?;
-        pack::open_blob(&dek, &self.keys.id_key, id, loc, &sealed)
+        }))
     }
 
     // ---- snapshots ----

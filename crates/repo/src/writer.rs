@@ -108,17 +108,20 @@ impl BlobWriter {
         &self.index
     }
 
-    /// Whether the chunk is already stored or queued.
+    /// Whether the chunk is already stored where this writer trusts it (its own packs,
+    /// or packs a restore key vouched for, intact), or queued.
     pub fn has(&self, id: &ChunkId) -> bool {
-        self.index.contains(id) || self.shared.seen.lock().unwrap().contains(id)
+        self.index.holds_trusted(id) || self.shared.seen.lock().unwrap().contains(id)
     }
 
-    /// Queues a chunk unless it is already stored; returns whether it was new.
+    /// Queues a chunk unless it is already stored where this writer trusts it; returns
+    /// whether it was new. A copy in a pack nobody vouches for (another backup key's,
+    /// which could hold any bytes under this id) does not count: this one is stored too.
     pub fn add(&self, id: ChunkId, kind: BlobKind, data: Vec<u8>) -> Result<bool> {
         if let Some(e) = self.shared.failed() {
             return Err(e);
         }
-        if self.index.contains(&id) || !self.shared.seen.lock().unwrap().insert(id) {
+        if self.index.holds_trusted(&id) || !self.shared.seen.lock().unwrap().insert(id) {
             return Ok(false);
         }
         let tx = self.tx.as_ref().expect("writer not finished");
@@ -213,6 +216,8 @@ fn uploader(rx: Receiver<FinishedPack>, storage: DynStorage, shared: Arc<Shared>
                     size: p.bytes.len() as u64,
                     key: p.wrapped_key,
                     blobs: p.entries,
+                    writer: None,
+                    vouched: false,
                 });
             }
             Err(e) => shared.fail(e.context("storing a pack")),
