@@ -250,3 +250,138 @@ fn configured_sources_run_from_custos_toml() {
     let plan = t.json(&["forget", "--dry-run"]);
     assert_eq!(plan["plan"]["policy"]["keep_daily"], 2);
 }
+
+/// Bytes read by a process so far (`rchar` of /proc/PID/io).
+fn bytes_read_by(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("rchar: ").and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A file of `size` bytes of a pattern no run of zeros could stand in for.
+/// Returns its first block (1 MiB, the pattern's period a multiple of it).
+fn patterned(path: &std::path::Path, size: usize) -> Vec<u8> {
+    use std::io::Write;
+    let block: Vec<u8> = (0..251 * 4096).map(|i| (i % 251) as u8 | 1).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len());
+        f.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    f.flush().unwrap();
+    block
+}
+
+#[test]
+fn a_file_that_shrinks_while_it_is_read_is_stored_torn() {
+    // A 400 MB file cut to 1 KB mid-read was restored at 400 MB, 1 KB of data and the
+    // rest zeros, exit 0, and `verify --read-data` was clean.
+    let t = T::new();
+    let src = t.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = src.join("scan.dcm");
+    let data = patterned(&f, 384 << 20);
+    let mut child = t
+        .command(&["backup", "files", src.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stopped once it has read some of the file, cut, and let go.
+    let pid = child.id();
+    while bytes_read_by(pid) < 8 << 20 && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(1024)
+        .unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Read again after the change: the snapshot holds the file as it is now.
+    let restored = t.path("out");
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(restored.join("scan.dcm")).unwrap();
+    assert_eq!(got.len(), 1024, "stored at {} bytes", got.len());
+    assert!(
+        got == data[..1024],
+        "the restored file is not the file as cut"
+    );
+}
+
+#[test]
+fn a_file_that_keeps_changing_while_it_is_read_is_named_and_never_padded() {
+    let t = T::new();
+    let src = t.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = src.join("audit.log");
+    patterned(&f, 160 << 20);
+    std::fs::write(src.join("steady.txt"), b"unchanged").unwrap();
+    // A log written to all through the backup.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut log = std::fs::OpenOptions::new().append(true).open(&f).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                log.write_all(&[b'x'; 4096]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("audit.log") && err.contains("changed while it was read"),
+        "{err}"
+    );
+    // Stored as read: a prefix of the log as it is now, never longer than what was read.
+    let restored = t.path("out");
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    let got = std::fs::read(restored.join("audit.log")).unwrap();
+    let now = std::fs::read(&f).unwrap();
+    assert!(
+        got.len() >= 160 << 20 && got.len() < now.len(),
+        "{}",
+        got.len()
+    );
+    assert!(
+        got[..] == now[..got.len()],
+        "the stored log is not a prefix of the log"
+    );
+    assert_eq!(
+        std::fs::read(restored.join("steady.txt")).unwrap(),
+        b"unchanged"
+    );
+    t.ok(&["verify", "--read-data"]);
+}

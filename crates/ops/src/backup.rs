@@ -212,6 +212,75 @@ pub(crate) fn chunk_reader(
     Ok(Ok(ids))
 }
 
+/// What identifies one version of a file: it changes when the file is written or cut.
+fn version_of(m: &std::fs::Metadata) -> (u64, i64, i64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.len(),
+        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        m.ino(),
+    )
+}
+
+/// Reads a regular file into chunks so that what is stored is one version of it: the
+/// same size, modification and change time, and inode before and after the read, and as
+/// many bytes read as its size. A file that changed is read once more; if it changed
+/// again, what the second read got is kept with its size set to the bytes read (never
+/// padded to a size it no longer has) and `Ok(false)` tells the caller to report it. The
+/// inner error is the file's own (unreadable), the outer one the repository's.
+fn read_one_version(
+    repo: &Repository,
+    writer: &BlobWriter,
+    w: &mut Walked,
+    progress: &dyn Progress,
+    bytes_read: &AtomicU64,
+) -> Result<std::io::Result<bool>> {
+    for attempt in 0..2 {
+        let file = match std::fs::File::open(&w.source) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let before = match file.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(Err(std::io::Error::other("no longer a regular file"))),
+            Err(e) => return Ok(Err(e)),
+        };
+        let counted = AtomicU64::new(0);
+        let ids = match chunk_reader(repo, writer, &file, Some(before.len()), progress, &counted) {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Ok(Err(e)),
+        };
+        let n = counted.load(Ordering::Relaxed);
+        bytes_read.fetch_add(n, Ordering::Relaxed);
+        let after = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(e)),
+        };
+        let stable = version_of(&before) == version_of(&after) && n == before.len();
+        if stable || attempt == 1 {
+            let (size, mtime_ns, ctime_ns, inode) = version_of(&after);
+            w.entry.chunks = ids;
+            w.entry.size = n;
+            w.entry.mtime_ns = mtime_ns;
+            // A file stored as read must be read again next time, whatever its times.
+            w.fingerprint = custos_sources::files::Fingerprint {
+                size: if stable { size } else { u64::MAX },
+                mtime_ns,
+                ctime_ns,
+                inode,
+            };
+            return Ok(Ok(stable));
+        }
+        tracing::info!(
+            "{} changed while it was read; reading it again",
+            w.source.display()
+        );
+    }
+    unreachable!("the second attempt returns")
+}
+
 pub fn backup_files(
     repo: &Repository,
     paths: &[PathBuf],
@@ -262,31 +331,20 @@ pub fn backup_files(
                 return Ok(());
             }
         }
-        let unreadable = |e: std::io::Error| {
-            errors
-                .lock()
-                .unwrap()
-                .push(format!("{}: {e}", w.source.display()));
-            failed.lock().unwrap().insert(i);
-        };
-        let file = match std::fs::File::open(&w.source) {
-            Ok(f) => f,
+        match read_one_version(repo, writer, w, opts.progress, &bytes_read)? {
+            Ok(true) => {}
+            Ok(false) => errors.lock().unwrap().push(format!(
+                "{}: changed while it was read, twice; stored as read ({} bytes), which may mix two versions",
+                w.source.display(),
+                w.entry.size
+            )),
             Err(e) => {
-                unreadable(e);
-                return Ok(());
+                errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("{}: {e}", w.source.display()));
+                failed.lock().unwrap().insert(i);
             }
-        };
-        match chunk_reader(
-            repo,
-            writer,
-            file,
-            Some(w.entry.size),
-            opts.progress,
-            &bytes_read,
-        ) {
-            Ok(Ok(ids)) => w.entry.chunks = ids,
-            Ok(Err(e)) => return Err(e),
-            Err(e) => unreadable(e),
         }
         Ok(())
     });
