@@ -1555,33 +1555,30 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
         .into_iter()
         .filter(|s| source.is_none_or(|src| s.summary.source == src))
         .collect();
-    // Database backups restore to any time from their end to the end of the archive.
-    let mut ends = std::collections::HashMap::new();
+    // Database backups restore to any time from their end to the end of the unbroken run
+    // of archived WAL after them.
+    let archives = custos_ops::wal_window::archives(
+        &repo,
+        snaps.iter().filter_map(|s| s.summary.pg.as_ref()),
+    )?;
+    let mut windows = std::collections::HashMap::new();
     for s in &snaps {
         if let Some(p) = &s.summary.pg {
-            if let std::collections::hash_map::Entry::Vacant(e) = ends.entry(p.system_id) {
-                e.insert(custos_ops::pg_restore::archive_end(
-                    &repo,
-                    p.system_id,
-                    p.timeline,
-                    p.segment_size,
-                )?);
-            }
+            windows.insert(s.id, archives[&p.system_id].window(&repo, p)?);
         }
     }
-    let until = |p: &custos_repo::snapshot::PgInfo| ends.get(&p.system_id).cloned().flatten();
     if ctx.out.json {
         let v: Vec<_> = snaps
             .iter()
-            .map(|s| match &s.summary.pg {
-                Some(p) => {
-                    let end = until(p);
-                    serde_json::json!({"id": s.id, "summary": s.summary, "restorable": {
-                        "from": p.stop_time,
-                        "until": end.as_ref().and_then(|e| e.1),
-                        "archive_end_segment": end.map(|e| e.0),
-                    }})
-                }
+            .map(|s| match windows.get(&s.id) {
+                Some(w) => serde_json::json!({"id": s.id, "summary": s.summary, "restorable": {
+                    "from": w.from,
+                    "until": w.until,
+                    "until_lsn": w.until_lsn,
+                    "archive_end_segment": w.last_segment,
+                    "gap": w.gap,
+                    "missing": w.missing,
+                }}),
                 None => serde_json::json!({"id": s.id, "summary": s.summary}),
             })
             .collect();
@@ -1603,14 +1600,27 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
                 ByteSize(m.stats.bytes_stored).to_string(),
                 esc(&m.source)
             );
-            if let Some(p) = &m.pg {
-                let end = match until(p) {
-                    Some((seg, Some(at))) => {
-                        format!("{} (WAL to {seg})", at.format("%Y-%m-%d %H:%M:%S"))
+            if let (Some(p), Some(w)) = (&m.pg, windows.get(&s.id)) {
+                let end = if !w.missing.is_empty() {
+                    format!(
+                        "nothing: WAL it needs is missing ({})",
+                        w.missing.join(", ")
+                    )
+                } else {
+                    let mut end = match (&w.last_segment, w.until) {
+                        (Some(seg), Some(at)) => {
+                            format!("{} (WAL to {seg})", at.format("%Y-%m-%d %H:%M:%S"))
+                        }
+                        (Some(seg), None) => format!("WAL {seg}"),
+                        (None, _) if p.wal_included => {
+                            "its own end (WAL included, none archived after it)".into()
+                        }
+                        (None, _) => "its own end: no WAL archived after it".into(),
+                    };
+                    if let Some(g) = &w.gap {
+                        end.push_str(&format!("; WAL GAP: {g} missing, later WAL unreachable"));
                     }
-                    Some((seg, None)) => format!("WAL {seg}"),
-                    None if p.wal_included => "its own end (WAL included, none archived)".into(),
-                    None => "nothing: no WAL archived".into(),
+                    end
                 };
                 println!(
                     "{:<10} {} LSN {}..{} TL {}; restorable from {} to {end}",
@@ -1784,6 +1794,9 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                         s.does
                     );
                 }
+            }
+            for w in &r.warnings {
+                eprintln!("custos: warning: {w}");
             }
             if ctx.out.json {
                 ctx.out.json(&r);

@@ -416,3 +416,99 @@ fn async_archiving_acknowledges_only_what_is_stored() {
     }
     assert!(repo_names().contains(&seg));
 }
+
+#[test]
+fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
+    // One archived segment deleted: `snapshots` showed the window whole, a restore to a
+    // time after the gap "succeeded" (PostgreSQL then stopped short of the target), and
+    // `verify` found no problem.
+    let (t, bin, cfg) = pg_repo();
+    let (mut backup, restorer, out_dir) = pg_roles(&t, &cfg);
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\n",
+        bin.display(),
+        cfg.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    backup.set("PGHOST", pg.dir.to_str().unwrap());
+    backup.set("PGPORT", &pg.port.to_string());
+    pg.psql("CREATE TABLE notes (id int, body text)");
+    let full = backup.json(&["backup", "postgres", "--type", "full"]);
+    let stop_segment = full["pg"]["stop_lsn"].as_str().unwrap().to_string();
+    for i in 0..4 {
+        pg.psql(&format!(
+            "INSERT INTO notes SELECT g, 'note {i}' FROM generate_series(1, 100) g"
+        ));
+        pg.switch_and_archive();
+    }
+    let after_all = pg.psql("SELECT clock_timestamp()");
+    pg.switch_and_archive();
+
+    let sys = format!("{:016x}", full["pg"]["system_id"].as_u64().unwrap());
+    let wal = std::path::Path::new(&t.repo).join("wal").join(&sys);
+    let mut segs: Vec<String> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segs.sort();
+    // The second segment after the one the backup stopped in.
+    let stop_name = {
+        let (hi, lo) = stop_segment.split_once('/').unwrap();
+        let lsn =
+            (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+        format!(
+            "00000001{:08X}{:08X}",
+            (lsn - 1) >> 32,
+            ((lsn - 1) >> 24) & 0xff
+        )
+    };
+    let at = segs.iter().position(|s| *s == stop_name).unwrap();
+    let victim = segs[at + 2].clone();
+    let before_gap = segs[at + 1].clone();
+    std::fs::remove_file(wal.join(&victim)).unwrap();
+
+    // The listing shows where the window ends and why.
+    let snaps = t.with_password(PW).json(&["snapshots"]);
+    let w = &snaps[0]["restorable"];
+    assert_eq!(w["gap"], victim.as_str(), "{w}");
+    assert_eq!(w["archive_end_segment"], before_gap.as_str(), "{w}");
+    let listed = t.with_password(PW).ok(&["snapshots"]);
+    assert!(
+        listed.contains("WAL GAP") && listed.contains(&victim),
+        "{listed}"
+    );
+
+    // A target past the gap is refused before anything is written.
+    let dir = out_dir.join("past-the-gap");
+    let err = restorer.fails(
+        &[
+            "restore",
+            "postgres",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target-time",
+            &after_all,
+        ],
+        14,
+    );
+    assert!(err.contains(&victim) && err.contains("gap"), "{err}");
+    assert!(!dir.exists(), "a refused restore wrote {}", dir.display());
+    // Restoring to the latest point warns that recovery stops at the gap.
+    let dir = out_dir.join("latest");
+    let out = restorer.run(&[
+        "restore",
+        "postgres",
+        "--to",
+        dir.to_str().unwrap(),
+        "--no-archiving",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("gap") && err.contains(&victim), "{err}");
+
+    // verify checks continuity offline and names the hole.
+    let err = t.with_password(PW).fails(&["verify"], 14);
+    assert!(err.contains(&victim), "{err}");
+}

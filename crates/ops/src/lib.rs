@@ -19,5 +19,6 @@ pub mod restore;
 pub mod target;
 pub mod verify;
 pub mod wal;
+pub mod wal_window;
 
 pub use progress::{NoProgress, Progress};

@@ -5,13 +5,12 @@
 //! waits), and walks the repository's WAL objects of the cluster for gaps. The seed's
 //! alert: lag past 15 minutes is a failure.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use custos_model::Result;
 use custos_repo::Repository;
 use custos_sources::postgres::db::{ArchiverStatus, ConnectOptions, Db};
-use custos_sources::postgres::wal::{segment_name, segment_number};
+use custos_sources::postgres::wal::segment_number;
 use serde::Serialize;
 
 pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(15 * 60);
@@ -117,19 +116,21 @@ pub fn check(
         ));
     }
 
-    // Continuity of this cluster's archive, per timeline.
-    let mut by_tli: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    let mut names = vec![];
-    for (sys, name, _) in repo.wal_objects()? {
-        if sys == a.system_id {
-            if let Some((t, n)) = segment_number(&name, seg_size) {
-                by_tli.entry(t).or_default().push(n);
-                names.push(name);
-            }
-        }
-    }
-    names.sort();
-    // Continuity matters from the start of the oldest base backup on.
+    // Continuity of this cluster's archive, offline, as a restore would follow it: from
+    // where the oldest base backup needs it (or the oldest archived segment) on.
+    let names: Vec<String> = {
+        let mut n: Vec<String> = repo
+            .wal_objects()?
+            .into_iter()
+            .filter(|(sys, name, _)| {
+                *sys == a.system_id && segment_number(name, seg_size).is_some()
+            })
+            .map(|(_, name, _)| name)
+            .collect();
+        n.sort();
+        n
+    };
+    let archive = crate::wal_window::Archive::load(repo, a.system_id, seg_size)?;
     let oldest_backup = repo
         .snapshots()?
         .into_iter()
@@ -137,43 +138,25 @@ pub fn check(
         .filter(|p| p.system_id == a.system_id)
         .min_by_key(|p| p.start_lsn);
     let mut gaps = vec![];
-    if let Some(b) = &oldest_backup {
-        let first_needed = b.start_lsn.segment(seg_size);
-        let segs = by_tli.entry(b.timeline).or_default();
-        segs.sort_unstable();
-        let first_held = segs.first().copied();
-        if !b.wal_included && first_held.is_none_or(|f| f > first_needed) {
-            let to = first_held.map(|f| f - 1).unwrap_or(first_needed);
-            gaps.push(if to == first_needed {
-                segment_name(b.timeline, first_needed, seg_size)
+    match &oldest_backup {
+        Some(b) => {
+            let w = archive.window(repo, b)?;
+            gaps.extend(w.missing.iter().cloned());
+            let from = if b.wal_included {
+                custos_model::Lsn(b.stop_lsn.0.saturating_sub(1)).segment(seg_size)
             } else {
-                format!(
-                    "{}..{}",
-                    segment_name(b.timeline, first_needed, seg_size),
-                    segment_name(b.timeline, to, seg_size)
-                )
-            });
+                b.start_lsn.segment(seg_size)
+            };
+            for g in archive.gaps(b.timeline, from) {
+                if !gaps.iter().any(|m| g.starts_with(m.as_str())) {
+                    gaps.push(g);
+                }
+            }
         }
-    }
-    let from_segment = oldest_backup
-        .as_ref()
-        .map(|b| b.start_lsn.segment(seg_size))
-        .unwrap_or(0);
-    for (tli, segs) in by_tli.iter_mut() {
-        segs.sort_unstable();
-        segs.retain(|n| *n >= from_segment);
-        for w in segs.windows(2) {
-            if w[1] > w[0] + 1 {
-                let (from, to) = (w[0] + 1, w[1] - 1);
-                gaps.push(if from == to {
-                    segment_name(*tli, from, seg_size)
-                } else {
-                    format!(
-                        "{}..{}",
-                        segment_name(*tli, from, seg_size),
-                        segment_name(*tli, to, seg_size)
-                    )
-                });
+        None => {
+            if let Some(t) = archive.timelines().first() {
+                let first = archive.first_segment(*t).unwrap_or(0);
+                gaps.extend(archive.gaps(*t, first));
             }
         }
     }

@@ -17,10 +17,8 @@ use chrono::{DateTime, Utc};
 use custos_model::{Error, Kind, Lsn, Result};
 use custos_repo::snapshot::PgInfo;
 use custos_repo::{Repository, Snapshot};
-use custos_sources::postgres::wal::segment_number;
 use serde::Serialize;
 
-use crate::pg_backup::segments;
 use crate::progress::Progress;
 use crate::restore::{restore_files, RestoreOptions, RestoreReport};
 
@@ -65,6 +63,10 @@ pub struct PgRestoreReport {
     pub restore: RestoreReport,
     /// What was written to postgresql.auto.conf.
     pub settings: Vec<String>,
+    /// How far this backup can be recovered with the archive as it is.
+    pub window: crate::wal_window::Window,
+    /// What the DBA should know before starting the server (a gap in the archive).
+    pub warnings: Vec<String>,
     /// Settings of the restored configuration that run commands, load code or read other
     /// files: check them before starting the server.
     pub risky_settings: Vec<RiskySetting>,
@@ -305,59 +307,61 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     tracing::debug!("restore: chose snapshot {}", snap.id.short());
 
     // The archive must hold the WAL from the backup's start (unless the backup carries
-    // it) and reach the target.
-    let archived: BTreeSet<String> = repo
-        .wal_objects()?
-        .into_iter()
-        .filter(|(sys, _, _)| *sys == info.system_id)
-        .map(|(_, name, _)| name)
-        .collect();
-    if !info.wal_included {
-        let missing: Vec<String> = segments(
-            info.timeline,
-            info.start_lsn,
-            info.stop_lsn,
-            info.segment_size,
-        )
-        .into_iter()
-        .filter(|n| !archived.contains(n))
-        .collect();
-        if !missing.is_empty() {
-            return Err(Error::integrity(format!(
-                "snapshot {} needs WAL that is not archived: {}",
-                snap.id.short(),
-                missing.join(", ")
-            ))
-            .hint("check archiving with `custos pg check`; a backup taken with --wal carries this WAL itself"));
-        }
+    // it), without a hole, up to the target: checked offline, before anything is written.
+    let archive = crate::wal_window::Archive::load(repo, info.system_id, info.segment_size)?;
+    let window = archive.window(repo, &info)?;
+    if !window.missing.is_empty() {
+        return Err(Error::integrity(format!(
+            "snapshot {} needs WAL that is not archived: {}",
+            snap.id.short(),
+            window.missing.join(", ")
+        ))
+        .hint("check archiving with `custos pg check`; a backup taken with --wal carries this WAL itself"));
     }
-    let reach = archive_reach(
-        repo,
-        info.system_id,
-        &archived,
-        info.timeline,
-        info.segment_size,
-    )?;
-    match (&o.target, &reach) {
-        (Target::Lsn(l), Some((segno, name, _))) => {
-            let end = Lsn((segno + 1) * info.segment_size);
-            if *l > end {
-                return Err(Error::config(format!(
-                    "target LSN {l} is past the end of the archived WAL ({end}, end of {name})"
-                ))
-                .hint("the WAL up to it is not archived yet: run `SELECT pg_switch_wal()` on the server and check `custos pg check`"));
-            }
+    let fmt = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string();
+    let stops = match (&window.last_segment, &window.until) {
+        (Some(seg), Some(at)) => format!("the end of {seg} (archived {})", fmt(at)),
+        (Some(seg), None) => format!("the end of {seg}"),
+        (None, _) => format!("the backup's own end ({})", fmt(&window.from)),
+    };
+    let past = match (&o.target, &window.until) {
+        (Target::Lsn(l), _) => *l > window.until_lsn,
+        (Target::Time(t), Some(u)) => t > u,
+        (Target::Time(t), None) => *t > window.from,
+        _ => false,
+    };
+    let mut warnings = vec![];
+    match (&window.gap, past) {
+        (Some(gap), true) => {
+            return Err(Error::integrity(format!(
+                "the target is past a gap in the WAL archive: {gap} is missing, so recovery from snapshot {} stops at {stops}",
+                snap.id.short()
+            ))
+            .hint("choose a target before that, or put the missing WAL back into the repository (`custos wal-push` from the server's pg_wal or another copy); `custos verify` lists every gap"));
         }
-        (Target::Time(t), Some((_, name, Some(pushed)))) if t > pushed => {
+        (None, true) => {
             return Err(Error::config(format!(
-                "target time {} is past the end of the archived WAL: the newest segment, {name}, was archived at {}",
-                t.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
-                pushed.format("%Y-%m-%d %H:%M:%S%.3f UTC")
+                "the target is past the end of the archived WAL: recovery from snapshot {} stops at {stops}",
+                snap.id.short()
             ))
             .hint("the WAL written since is not archived yet: run `SELECT pg_switch_wal()` on the server, wait for archiving (`custos pg check`), then restore"));
         }
+        (Some(gap), false)
+            if !matches!(
+                o.target,
+                Target::Lsn(_) | Target::Time(_) | Target::Immediate
+            ) =>
+        {
+            warnings.push(format!(
+                "the WAL archive has a gap ({gap} is missing): recovery stops at {stops}; a target after it is not reached"
+            ));
+        }
         _ => {}
     }
+    let reach: Option<Reach> = window
+        .last_segment
+        .clone()
+        .map(|name| (0, name, window.until));
 
     if o.delta && o.to.join("postmaster.pid").exists() {
         return Err(Error::config(format!(
@@ -430,6 +434,8 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         archive_end: reach.map(|(_, name, pushed)| (name, pushed)),
         restore,
         settings,
+        window,
+        warnings,
         risky_settings,
         written_by: WrittenBy {
             key: snap.summary.key,
@@ -445,50 +451,6 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
 
 /// The newest archived segment's number and name, and when it was archived.
 type Reach = (u64, String, Option<DateTime<Utc>>);
-
-/// How far `names` (archived files of the cluster) reach from `timeline` on.
-fn archive_reach<'a>(
-    repo: &Repository,
-    system_id: u64,
-    names: impl IntoIterator<Item = &'a String>,
-    timeline: u32,
-    segment_size: u64,
-) -> Result<Option<Reach>> {
-    let newest = names
-        .into_iter()
-        .filter_map(|n| match segment_number(n, segment_size) {
-            Some((t, number)) if t >= timeline => Some((number, n.clone())),
-            _ => None,
-        })
-        .max();
-    match newest {
-        Some((number, name)) => {
-            let pushed = repo.wal_meta(system_id, &name)?.and_then(|m| m.pushed);
-            Ok(Some((number, name, pushed)))
-        }
-        None => Ok(None),
-    }
-}
-
-/// How far the archive of a cluster reaches: its newest segment from `timeline` on, and
-/// when that segment was archived. What `snapshots` shows as the end of the restorable range.
-pub fn archive_end(
-    repo: &Repository,
-    system_id: u64,
-    timeline: u32,
-    segment_size: u64,
-) -> Result<Option<(String, Option<DateTime<Utc>>)>> {
-    let names: Vec<String> = repo
-        .wal_objects()?
-        .into_iter()
-        .filter(|(sys, _, _)| *sys == system_id)
-        .map(|(_, n, _)| n)
-        .collect();
-    Ok(
-        archive_reach(repo, system_id, &names, timeline, segment_size)?
-            .map(|(_, name, pushed)| (name, pushed)),
-    )
-}
 
 fn quote(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))

@@ -150,6 +150,52 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         );
     }
 
+    // WAL continuity, offline: every backup must find the WAL it needs, and the archive
+    // must have no hole after the oldest backup's start (a hole caps how far every older
+    // backup can be recovered).
+    let backups: Vec<&custos_repo::snapshot::PgInfo> = snapshots
+        .iter()
+        .filter_map(|s| s.summary.pg.as_ref())
+        .collect();
+    let archives = crate::wal_window::archives(repo, backups.iter().copied())?;
+    for (sys, a) in &archives {
+        let mine: Vec<_> = snapshots
+            .iter()
+            .filter(|s| s.summary.pg.as_ref().is_some_and(|p| p.system_id == *sys))
+            .collect();
+        for s in &mine {
+            let p = s.summary.pg.as_ref().expect("filtered");
+            let w = a.window(repo, p)?;
+            if !w.missing.is_empty() {
+                r.errors.push(format!(
+                    "snapshot {}: WAL it needs to become consistent is missing: {}",
+                    s.id,
+                    w.missing.join(", ")
+                ));
+            }
+        }
+        // From where the oldest backup needs the archive (past its own WAL, if it holds it).
+        let needed_from = |p: &custos_repo::snapshot::PgInfo| {
+            let lsn = if p.wal_included {
+                custos_model::Lsn(p.stop_lsn.0.saturating_sub(1))
+            } else {
+                p.start_lsn
+            };
+            lsn.segment(a.segment_size)
+        };
+        if let Some(oldest) = mine
+            .iter()
+            .filter_map(|s| s.summary.pg.as_ref())
+            .min_by_key(|p| needed_from(p))
+        {
+            for g in a.gaps(oldest.timeline, needed_from(oldest)) {
+                r.errors.push(format!(
+                    "WAL archive of cluster {sys}: {g} is missing; no backup taken before it can be recovered past it"
+                ));
+            }
+        }
+    }
+
     // Archived WAL: layout and label of every object; with --read-data and a restore key,
     // decrypted and checked against its digest.
     let wal = repo.wal_objects()?;
