@@ -81,6 +81,10 @@ enum Command {
         /// 8 = one page, for databases whose writes touch few, scattered pages)
         #[arg(long, value_name = "KIB", value_parser = ["8", "16", "32", "64", "128"])]
         db_block_kib: Option<String>,
+        /// A local repository for this OS user (run as root): the folder and everything in
+        /// it belong to USER, e.g. postgres, whose archive_command writes to it
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Manage the keys that open the repository
     #[command(subcommand)]
@@ -363,7 +367,7 @@ enum RestoreCommand {
         /// The data directory to create (or correct in place with --delta)
         #[arg(long)]
         to: PathBuf,
-        /// Recover to this time (RFC 3339, or `2026-01-31 02:00:00+00`; no zone means UTC)
+        /// Recover to this time, with its zone: `2026-01-31 02:00:00+01`, `... UTC`, or RFC 3339
         #[arg(long, value_name = "TIME", group = "target_kind")]
         target_time: Option<String>,
         /// Recover to this WAL position (like 0/3000060)
@@ -451,7 +455,9 @@ impl Ctx {
 
     fn open_with(&self, before_key: impl FnOnce(&DynStorage)) -> Result<Repository> {
         let storage = self.storage()?;
-        // Fail on a missing repository before asking for a password.
+        // Fail on a missing repository, or one this user cannot write to (every command
+        // appends to its trail), before asking for a password.
+        storage.check_writable()?;
         Repository::read_config(&storage)?;
         before_key(&storage);
         let pw = self.settings.password(&self.env, "repository password: ")?;
@@ -473,11 +479,12 @@ impl Ctx {
         *self.touched.borrow_mut() = v;
     }
 
-    /// Appends the command's trail entry. A trail that cannot be written is reported but
-    /// does not undo what the command did.
-    fn record(&self, command: &str, result: &Result<i32>) {
+    /// Appends the command's trail entry. A trail that cannot be written does not undo
+    /// what the command did, but is an error of its own: an operation the trail does not
+    /// show must not pass for recorded (nor a trail for complete).
+    fn record(&self, command: &str, result: &Result<i32>) -> Result<()> {
         let Some((writer, role, key)) = self.trail.borrow_mut().take() else {
-            return;
+            return Ok(());
         };
         let intro = self.introduces.take();
         let entry = custos_repo::trail::Entry {
@@ -497,15 +504,17 @@ impl Ctx {
             introduces_role: intro.map(|(_, _, role)| role.as_str().to_string()),
             authority: self.authority.take(),
         };
-        if let Err(e) = writer.append(&entry) {
-            eprintln!(
-                "custos: warning: the operation trail could not be written: {}",
-                e.message
-            );
-            eprintln!(
-                "  hint: run every custos command on a repository as the OS user that owns it (its objects are private to that user), and check the storage is writable"
-            );
-        }
+        writer.append(&entry).map(|_| ()).map_err(|e| {
+            Error::new(
+                e.kind,
+                format!(
+                    "`{command}` {} but its entry in the operation trail could not be written: {}",
+                    if result.is_ok() { "finished" } else { "failed" },
+                    e.message
+                ),
+            )
+            .hint("the operation is not recorded: run custos as the OS user that owns the repository, check the storage is writable, and run the command again")
+        })
     }
 }
 
@@ -551,10 +560,18 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
     };
     let name = trail_name(&cli.command);
     let result = dispatch(&ctx, cli.command);
-    if let Some(name) = name {
-        ctx.record(&name, &result);
+    let recorded = match name {
+        Some(name) => ctx.record(&name, &result),
+        None => Ok(()),
+    };
+    match (result, recorded) {
+        (r, Ok(())) => r,
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), Err(unrecorded)) => {
+            eprintln!("custos: warning: {}", unrecorded.message);
+            Err(e)
+        }
     }
-    result
 }
 
 /// The name a command is recorded under in the trail; None for the per-file archive
@@ -624,11 +641,13 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             kdf,
             pack_size_mib,
             db_block_kib,
+            owner,
         } => cmd_init(
             ctx,
             &kdf,
             pack_size_mib,
             db_block_kib.map(|k| k.parse::<u32>().expect("checked by clap") * 1024),
+            owner.as_deref(),
         ),
         Command::Key(k) => cmd_key(ctx, k),
         Command::Backup(b) => cmd_backup(ctx, b),
@@ -961,8 +980,27 @@ fn cmd_init(
     kdf: &KdfArgs,
     pack_size_mib: Option<u64>,
     db_block: Option<u32>,
+    owner: Option<&str>,
 ) -> Result<i32> {
-    let storage = ctx.storage()?;
+    let storage = match owner {
+        None => ctx.storage()?,
+        Some(user) => {
+            let custos_storage::url::Location::Local(path) = ctx.settings.location()? else {
+                return Err(Error::config(
+                    "--owner is for a local repository: an object store's access is its policy's (`custos iam-policy`)",
+                ));
+            };
+            let (uid, gid) = user_ids(user)?;
+            if unsafe { libc::geteuid() } != 0 && unsafe { libc::geteuid() } != uid {
+                return Err(Error::config(format!(
+                    "only root can make a repository for {user}"
+                )));
+            }
+            Arc::new(custos_storage::local::LocalStorage::owned_by(
+                path, uid, gid,
+            ))
+        }
+    };
     let pw = ctx
         .settings
         .password(&ctx.env, "password for the new repository: ")?;
@@ -977,6 +1015,13 @@ fn cmd_init(
         pack_size_mib.map(|m| m << 20),
         db_block,
     )?;
+    if let (Some(user), custos_storage::url::Location::Local(path)) =
+        (owner, ctx.settings.location()?)
+    {
+        let (uid, gid) = user_ids(user)?;
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+            .map_err(|e| custos_model::error::io_error(Kind::Config, &path, e))?;
+    }
     ctx.opened(&repo);
     introduce(ctx, &repo, repo.key_id)?;
     *ctx.authority.borrow_mut() = repo.trail_authority();
@@ -1515,24 +1560,68 @@ fn print_pg_backup(ctx: &Ctx, r: &pg_backup::PgBackupReport) -> i32 {
     }
 }
 
+/// A recovery target time, which must say its zone: a time read in the wrong zone
+/// restores the wrong hour, silently (PostgreSQL, pgBackRest and this host may each assume
+/// another zone).
 fn parse_target_time(t: &str) -> Result<chrono::DateTime<chrono::Utc>> {
     use chrono::{DateTime, NaiveDateTime, Utc};
-    if let Ok(d) = DateTime::parse_from_rfc3339(t) {
+    let trimmed = t.trim();
+    let utc = ["UTC", "GMT", "Z"]
+        .iter()
+        .find_map(|z| trimmed.strip_suffix(z).map(str::trim_end));
+    let zoned = utc.map_or(trimmed.to_string(), |s| format!("{s}+00:00"));
+    if let Ok(d) = DateTime::parse_from_rfc3339(&zoned) {
         return Ok(d.with_timezone(&Utc));
     }
     for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
-        if let Ok(d) = DateTime::parse_from_str(t, f) {
+        if let Ok(d) = DateTime::parse_from_str(&zoned, f) {
             return Ok(d.with_timezone(&Utc));
         }
     }
-    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
-        if let Ok(d) = NaiveDateTime::parse_from_str(t, f) {
-            return Ok(d.and_utc());
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if NaiveDateTime::parse_from_str(trimmed, f).is_ok() {
+            let here = chrono::Local::now().format("%:z");
+            return Err(Error::config(format!(
+                "--target-time `{t}` does not say its time zone"
+            ))
+            .hint(format!(
+                "add it: `{trimmed}+00` for UTC, or `{trimmed}{here}` for this host's zone (a server may log in yet another zone: check its log_timezone)"
+            )));
         }
     }
     Err(Error::config(format!(
-        "--target-time `{t}` is not a time like 2026-01-31T02:00:00Z or `2026-01-31 02:00:00+01`"
+        "--target-time `{t}` is not a time like `2026-01-31 02:00:00+01` or 2026-01-31T02:00:00Z"
     )))
+}
+
+/// An OS user's uid and primary gid.
+fn user_ids(user: &str) -> Result<(u32, u32)> {
+    let c = std::ffi::CString::new(user)
+        .map_err(|_| Error::config(format!("`{user}` is not a user name")))?;
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: a zeroed passwd and a buffer we own; getpwnam_r fills both or leaves result null.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let r = unsafe {
+        libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if r != 0 || result.is_null() {
+        return Err(Error::config(format!(
+            "there is no user `{user}` on this host"
+        )));
+    }
+    Ok((pw.pw_uid, pw.pw_gid))
 }
 
 fn parse_time(t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
@@ -1754,10 +1843,24 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             } else {
                 Target::Latest
             };
-            let restore_command = match restore_command {
-                Some(c) => c,
-                None => ctx.settings.restore_command(&ctx.env)?,
+            let (restore_command, command_needs) = match restore_command {
+                Some(c) => (c, vec![]),
+                None => (
+                    ctx.settings.restore_command(&ctx.env)?,
+                    ctx.settings.restore_command_files(&ctx.env),
+                ),
             };
+            if let Target::Time(t) = &target {
+                // Said once in both zones, so that a misread zone shows before the restore.
+                if !ctx.out.quiet {
+                    eprintln!(
+                        "custos: recovering to {} ({} on this host)",
+                        t.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+                        t.with_timezone(&chrono::Local)
+                            .format("%Y-%m-%d %H:%M:%S%.3f %:z")
+                    );
+                }
+            }
             let progress = ctx.out.progress();
             let r = restore_postgres(
                 &repo,
@@ -1769,6 +1872,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     delta,
                     restore_command,
                     extra_settings,
+                    command_needs,
                     progress: progress.as_ref(),
                 },
             )?;

@@ -400,6 +400,30 @@ impl Settings {
         Ok(parts.join(" "))
     }
 
+    /// The files the generated `restore_command` reads or runs, as (path, must execute):
+    /// what the user PostgreSQL runs as must be able to reach.
+    pub fn restore_command_files(&self, env: &Env) -> Vec<(PathBuf, bool)> {
+        let mut out = vec![];
+        if let Ok(exe) = std::env::current_exe() {
+            out.push((exe, true));
+        }
+        if let Some(c) = &self.config_path {
+            out.push((c.clone(), false));
+        }
+        let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or(p.to_path_buf());
+        if let Some(f) = env.var("CUSTOS_PASSWORD_FILE") {
+            out.push((absolute(std::path::Path::new(f)), false));
+        } else if env.var("CUSTOS_PASSWORD_COMMAND").is_none() {
+            if let Some(f) = &self.file.repository.password_file {
+                out.push((absolute(f), false));
+            }
+        }
+        if let Some(f) = &self.file.storage.s3.secret_access_key_file {
+            out.push((absolute(f), false));
+        }
+        out
+    }
+
     /// Fails when another process (restore_command, the WAL pusher) could not open the
     /// repository the way this one does: the password or the S3 secret came from this
     /// process's environment or a prompt, and passing them on would write them down.

@@ -313,3 +313,43 @@ fn restore_onto_a_full_file_system_stops_with_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_target_time_without_a_zone_is_read_as_utc_silently() {
+    let t = T::new();
+    let out = t.path("never");
+    for (time, said) in [
+        ("2026-11-28 02:55:00", "does not say its time zone"),
+        ("2026-11-28T02:55", "does not say its time zone"),
+        ("yesterday", "is not a time"),
+    ] {
+        let err = t.fails(
+            &[
+                "restore",
+                "postgres",
+                "--to",
+                out.to_str().unwrap(),
+                "--target-time",
+                time,
+            ],
+            2,
+        );
+        assert!(err.contains(said), "{time}: {err}");
+    }
+    // With a zone it gets past the time (and stops at the empty repository).
+    let err = t.fails(
+        &[
+            "restore",
+            "postgres",
+            "--to",
+            out.to_str().unwrap(),
+            "--target-time",
+            "2026-11-28 02:55:00 UTC",
+            "--restore-command",
+            "true",
+        ],
+        16,
+    );
+    assert!(err.contains("no PostgreSQL backup"), "{err}");
+    assert!(!out.exists());
+}

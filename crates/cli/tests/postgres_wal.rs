@@ -507,6 +507,35 @@ fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("gap") && err.contains(&victim), "{err}");
+    // On the original's host, port and socket folder: said before anyone starts it.
+    assert!(
+        err.contains(&format!("already listens on port {}", pg.port)),
+        "{err}"
+    );
+
+    // The README's restore as root: restore_command would name a password file that
+    // PostgreSQL (running as postgres) cannot read. Refused before anything is written.
+    let mut as_root = t.with_password("unused");
+    as_root.unset("CUSTOS_PASSWORD");
+    let private = t.path("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::write(private.join("restore.pw"), PW).unwrap();
+    as_root.set(
+        "CUSTOS_PASSWORD_FILE",
+        private.join("restore.pw").to_str().unwrap(),
+    );
+    let dir = out_dir.join("as-root");
+    let err = as_root.fails(&["restore", "postgres", "--to", dir.to_str().unwrap()], 2);
+    assert!(
+        err.contains("as postgres") && err.contains("root-only"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "a refused restore wrote {}", dir.display());
 
     // verify checks continuity offline and names the hole.
     let err = t.with_password(PW).fails(&["verify"], 14);

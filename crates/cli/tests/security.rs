@@ -661,3 +661,98 @@ fn a_backup_that_meets_a_blob_that_failed_verification_stores_its_own_copy() {
     t.ok(&["prune"]);
     t.ok(&["verify", "--read-data"]);
 }
+
+/// Every object of a local repository, with its owner's uid.
+fn owners(repo: &str) -> Vec<(String, u32)> {
+    let mut out = vec![];
+    let mut stack = vec![std::path::PathBuf::from(repo)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            out.push((e.path().display().to_string(), m.uid()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn users_and_permissions_on_a_local_repository() {
+    if !is_root() {
+        eprintln!("not root: the ownership cases need root and the postgres user");
+        return;
+    }
+    let postgres = custos_testkit::postgres_uid();
+    // A repository root made: the postgres user is told at once, before any work.
+    let mut t = T::bare();
+    std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    t.run_as = Some("postgres".into());
+    let err = t.fails(&["snapshots"], 13);
+    assert!(
+        err.contains("belongs to root") && err.contains("chown"),
+        "{err}"
+    );
+
+    // `init --owner postgres`: root may work on it, and leaves only postgres's objects.
+    let mut t = T::bare();
+    std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    t.set("CUSTOS_CACHE_DIR", "/tmp/custos-test-unused-cache");
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--owner",
+        "postgres",
+    ]);
+    t.ok(&[
+        "backup",
+        "stream",
+        "--name",
+        "tf",
+        "--command",
+        "echo state",
+    ]);
+    t.ok(&["snapshots"]);
+    let foreign: Vec<_> = owners(&t.repo)
+        .into_iter()
+        .filter(|(_, uid)| *uid != postgres)
+        .collect();
+    assert!(foreign.is_empty(), "objects root left behind: {foreign:?}");
+    t.run_as = Some("postgres".into());
+    let out = t.run(&[
+        "backup",
+        "stream",
+        "--name",
+        "tf",
+        "--command",
+        "echo state",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = t.json(&["audit", "log"]);
+    assert_eq!(log.as_array().unwrap().len(), 4, "{log}");
+    t.ok(&["audit", "verify"]);
+
+    // An append that fails is an error: the operation is not recorded, and says so.
+    let audit = std::path::Path::new(&t.repo).join("audit");
+    std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let err = t.fails(&["snapshots"], 15);
+    assert!(
+        err.contains("operation trail could not be written"),
+        "{err}"
+    );
+    std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o700)).unwrap();
+}

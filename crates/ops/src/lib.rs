@@ -2,6 +2,7 @@
 //! plan first (`ForgetPlan`, `PrunePlan`), printable with `--dry-run`, then carried out.
 //! Every operation returns a `*Report` that the CLI prints as text or JSON.
 
+pub mod access;
 pub mod backup;
 pub mod cache;
 pub mod forget;

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use custos_model::{Error, Kind, Lsn, Result};
@@ -49,6 +49,9 @@ pub struct PgRestoreOptions<'a> {
     pub restore_command: String,
     /// More settings for postgresql.auto.conf (`port = 5433`, `archive_mode = off`).
     pub extra_settings: Vec<String>,
+    /// Files `restore_command` reads, or runs (true): run as root, the restore checks the
+    /// data folder's owner, who runs the server, can reach each before writing anything.
+    pub command_needs: Vec<(PathBuf, bool)>,
     pub progress: &'a dyn Progress,
 }
 
@@ -140,9 +143,9 @@ const RISKY: [(&str, &str); 17] = [
     ("ident_file", "reads user name maps from another file"),
 ];
 
-/// The risky settings of one configuration file's text, leaving out the block a custos
-/// restore writes (its own recovery settings).
-pub fn risky_settings(file: &str, text: &str) -> Vec<RiskySetting> {
+/// The settings of a configuration file's text as (line, lower-case name, unquoted
+/// value), leaving out the block a custos restore writes (`ours`: only that block).
+fn conf_settings(text: &str, ours_only: bool) -> Vec<(usize, String, String)> {
     let mut out = vec![];
     let mut ours = false;
     for (i, raw) in text.lines().enumerate() {
@@ -152,7 +155,7 @@ pub fn risky_settings(file: &str, text: &str) -> Vec<RiskySetting> {
             ours = false;
         }
         let line = strip_comment(raw).trim();
-        if ours || line.is_empty() {
+        if ours != ours_only || line.is_empty() {
             continue;
         }
         let (name, value) = match line.find(|c: char| c == '=' || c.is_whitespace()) {
@@ -162,25 +165,46 @@ pub fn risky_settings(file: &str, text: &str) -> Vec<RiskySetting> {
             ),
             None => (line, ""),
         };
-        let name = name.to_ascii_lowercase();
         let value = value
             .strip_prefix('\'')
             .and_then(|v| v.strip_suffix('\''))
             .unwrap_or(value)
             .replace("''", "'");
-        if let Some((_, does)) = RISKY.iter().find(|(n, _)| *n == name) {
-            if !value.is_empty() {
-                out.push(RiskySetting {
-                    file: file.into(),
-                    line: i + 1,
-                    name,
-                    value,
-                    does,
-                });
-            }
-        }
+        out.push((i + 1, name.to_ascii_lowercase(), value));
     }
     out
+}
+
+/// The risky settings of one configuration file's text, leaving out the block a custos
+/// restore writes (its own recovery settings).
+pub fn risky_settings(file: &str, text: &str) -> Vec<RiskySetting> {
+    conf_settings(text, false)
+        .into_iter()
+        .filter(|(_, _, v)| !v.is_empty())
+        .filter_map(|(line, name, value)| {
+            let (_, does) = RISKY.iter().find(|(n, _)| *n == name)?;
+            Some(RiskySetting {
+                file: file.into(),
+                line,
+                name,
+                value,
+                does,
+            })
+        })
+        .collect()
+}
+
+/// Whether a server already listens on `port` on this host: a Unix socket for it in one
+/// of `sockets`, or a TCP listener on the loopback.
+fn port_in_use(port: u16, sockets: &[String]) -> bool {
+    sockets
+        .iter()
+        .any(|d| Path::new(d).join(format!(".s.PGSQL.{port}")).exists())
+        || std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            std::time::Duration::from_millis(300),
+        )
+        .is_ok()
 }
 
 /// A configuration line without its comment (a `#` outside quotes).
@@ -363,6 +387,25 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         .clone()
         .map(|name| (0, name, window.until));
 
+    // PostgreSQL runs restore_command as the data folder's owner: a root-only password
+    // file or binary would fail at the first WAL fetch, after the whole restore.
+    let body = repo.snapshot_body(&snap.id)?;
+    if unsafe { libc::geteuid() } == 0 {
+        if let Some(root) = body.root.filter(|r| r.uid != 0) {
+            let user = crate::access::User::of(root.uid, root.gid);
+            for (path, exec) in &o.command_needs {
+                if let Some(why) = user.cannot(path, *exec) {
+                    return Err(Error::config(format!(
+                        "PostgreSQL will run restore_command as {} (uid {}, the owner of the restored data folder), who cannot use {}: {why}",
+                        user.name,
+                        root.uid,
+                        path.display()
+                    ))
+                    .hint(format!("keep the password file (and the custos binary and its config) where {} can read them, e.g. /etc/custos/restore.pw owned by {} with mode 0600, or run the restore as {}; or pass --restore-command", user.name, user.name, user.name)));
+                }
+            }
+        }
+    }
     if o.delta && o.to.join("postmaster.pid").exists() {
         return Err(Error::config(format!(
             "{} holds postmaster.pid: a server may be running on it",
@@ -373,7 +416,14 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     // A data directory this restore creates is removed if the restore fails: a half-laid
     // directory with a backup_label must never be mistaken for a restore and started.
     let created_here = !o.to.exists();
-    let laid = (|| -> Result<(RestoreReport, Vec<String>, Vec<RiskySetting>)> {
+    type Laid = (
+        RestoreReport,
+        Vec<String>,
+        Vec<RiskySetting>,
+        u16,
+        Vec<String>,
+    );
+    let laid = (|| -> Result<Laid> {
         let restore = restore_files(
             repo,
             &snap,
@@ -392,7 +442,6 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                 e
             }
         })?;
-        let body = repo.snapshot_body(&snap.id)?;
         let mut settings = recovery_settings(&o.target, &o.restore_command);
         settings.extend(o.extra_settings.iter().cloned());
         let dir = crate::target::TargetDir::open(&o.to)?;
@@ -402,22 +451,32 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             .iter()
             .any(|s| s.replace(' ', "") == "archive_mode=off");
         let mut risky = vec![];
+        let mut port = 5432u16;
+        let mut sockets = vec!["/var/run/postgresql".to_string(), "/tmp".to_string()];
         for name in ["postgresql.conf", "postgresql.auto.conf"] {
             let rel = custos_model::PathBytes::from(name);
             if let Some(text) = dir.read(&rel)? {
-                risky.extend(
-                    risky_settings(name, &String::from_utf8_lossy(&text))
-                        .into_iter()
-                        .filter(|r| {
-                            !(archiving_off
-                                && matches!(r.name.as_str(), "archive_command" | "archive_library"))
-                        }),
-                );
+                let text = String::from_utf8_lossy(&text);
+                for ours in [false, true] {
+                    for (_, k, v) in conf_settings(&text, ours) {
+                        match k.as_str() {
+                            "port" => port = v.parse().unwrap_or(port),
+                            "unix_socket_directories" => {
+                                sockets = v.split(',').map(|d| d.trim().to_string()).collect()
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                risky.extend(risky_settings(name, &text).into_iter().filter(|r| {
+                    !(archiving_off
+                        && matches!(r.name.as_str(), "archive_command" | "archive_library"))
+                }));
             }
         }
-        Ok((restore, settings, risky))
+        Ok((restore, settings, risky, port, sockets))
     })();
-    let (restore, settings, risky_settings) = match laid {
+    let (restore, settings, risky_settings, port, sockets) = match laid {
         Ok(x) => x,
         Err(e) => {
             if created_here {
@@ -426,6 +485,11 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             return Err(e);
         }
     };
+    if port_in_use(port, &sockets) {
+        warnings.push(format!(
+            "a server already listens on port {port} on this host (the original?): the restored one will not start on it; restore again with --port, or set `port` in postgresql.auto.conf"
+        ));
+    }
     Ok(PgRestoreReport {
         snapshot: snap.id.to_hex(),
         backup: info,

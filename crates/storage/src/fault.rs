@@ -44,6 +44,9 @@ impl Storage for KillBeforeWrite {
     fn get(&self, path: &str) -> Result<Vec<u8>> {
         self.inner.get(path)
     }
+    fn check_writable(&self) -> Result<()> {
+        self.inner.check_writable()
+    }
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(path, offset, len)
     }

@@ -53,6 +53,11 @@ pub trait Storage: Send + Sync {
     fn permission_findings(&self) -> Result<Vec<String>> {
         Ok(vec![])
     }
+    /// Fails, before any work, when this process could not write to the storage (a local
+    /// repository of another OS user). Object stores answer with their requests.
+    fn check_writable(&self) -> Result<()> {
+        Ok(())
+    }
     /// Starts reading the objects under `dir` ahead in the background, newest first, until
     /// [`stop_warming`] is called or a quarter of the available memory has been read. A
     /// restore calls it before it derives its key, while the disk is otherwise idle, so its

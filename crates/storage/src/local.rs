@@ -5,6 +5,13 @@
 //! created 0600 and folders 0700 whatever the umask; every write goes to a temp file in
 //! `.tmp/`, is fsynced, then renamed (or hard-linked, for create-only writes, so that two
 //! racing writers cannot both succeed) and the folder is fsynced.
+//!
+//! One OS user owns a repository folder (root may use any): files 0600 are readable by
+//! their owner only, so a repository whose objects belong to two users breaks for the one
+//! that is not root (the trail's last entry, which every append reads, above all). Root
+//! therefore writes as the repository's owner (everything it creates is given to the
+//! owner of the repository folder), and another user is told at once, before any work,
+//! that it cannot write a repository it does not own.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
@@ -19,6 +26,30 @@ pub const TEMP_DIR: &str = ".tmp";
 
 pub struct LocalStorage {
     root: PathBuf,
+    /// Who gets what this process creates: set when root writes into another user's
+    /// repository (or `init --owner`); decided at the first write.
+    owner: std::sync::OnceLock<Option<(u32, u32)>>,
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// A user's name for messages (the uid when it has none).
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: a zeroed passwd and a buffer we own; getpwuid_r fills both or leaves result null.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if r != 0 || result.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: pw_name points into buf, NUL-terminated, while buf lives.
+    unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
@@ -38,7 +69,40 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 
 impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>) -> LocalStorage {
-        LocalStorage { root: root.into() }
+        LocalStorage {
+            root: root.into(),
+            owner: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Storage whose every new file and folder (the root included) belongs to `uid:gid`:
+    /// `init --owner` run as root.
+    pub fn owned_by(root: impl Into<PathBuf>, uid: u32, gid: u32) -> LocalStorage {
+        let s = LocalStorage::new(root);
+        let _ = s.owner.set(Some((uid, gid)));
+        s
+    }
+
+    /// Whom new files are given to: the repository folder's owner, when root writes into
+    /// a repository of another user.
+    fn owner(&self) -> Option<(u32, u32)> {
+        *self.owner.get_or_init(|| {
+            use std::os::unix::fs::MetadataExt;
+            if euid() != 0 {
+                return None;
+            }
+            fs::metadata(&self.root)
+                .ok()
+                .filter(|m| m.uid() != 0)
+                .map(|m| (m.uid(), m.gid()))
+        })
+    }
+
+    fn give(&self, p: &Path) -> Result<()> {
+        if let Some((uid, gid)) = self.owner() {
+            std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|e| io_err(p, e))?;
+        }
+        Ok(())
     }
 
     fn path(&self, p: &str) -> Result<PathBuf> {
@@ -48,12 +112,32 @@ impl LocalStorage {
         Ok(self.root.join(p))
     }
 
+    /// Creates `dir` and the folders above it up to the root (and the root), each 0700
+    /// and given to the owner.
     fn mkdirs(&self, dir: &Path) -> Result<()> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| io_err(dir, e))
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let mut missing = vec![];
+        let mut at = Some(dir);
+        while let Some(d) = at {
+            if d.is_dir() {
+                break;
+            }
+            missing.push(d);
+            if d == self.root {
+                break;
+            }
+            at = d.parent();
+        }
+        for d in missing.into_iter().rev() {
+            match DirBuilder::new().mode(0o700).create(d) {
+                Ok(()) => self.give(d)?,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(d, e)),
+            }
+        }
+        Ok(())
     }
 
     fn sync_dir(dir: &Path) -> Result<()> {
@@ -84,6 +168,9 @@ impl Storage for LocalStorage {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
+            if let Some((uid, gid)) = self.owner() {
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            }
             f.write_all(data)?;
             f.sync_all()
         };
@@ -110,6 +197,52 @@ impl Storage for LocalStorage {
         };
         Self::sync_dir(&parent)?;
         Ok(outcome)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let me = euid();
+        let Ok(m) = fs::metadata(&self.root) else {
+            return Ok(());
+        };
+        if me == 0 {
+            return Ok(());
+        }
+        let refuse = |what: String, owner: u32| {
+            Error::new(
+                Kind::Permission,
+                format!(
+                    "{what} belongs to {}; custos runs as {} here and could not write to the repository (not even its operation trail)",
+                    user_name(owner),
+                    user_name(me)
+                ),
+            )
+            .hint(format!(
+                "run custos as {} (`runuser -u {} -- custos ...`), or give the repository to this user: `chown -R {}: {}` (`custos init --owner USER` makes a repository for another user)",
+                user_name(owner),
+                user_name(owner),
+                user_name(me),
+                self.root.display()
+            ))
+        };
+        if m.uid() != me {
+            return Err(refuse(
+                format!("the repository at {}", self.root.display()),
+                m.uid(),
+            ));
+        }
+        // Objects written by another user before (root, before it wrote as the owner).
+        for e in fs::read_dir(&self.root)
+            .map_err(|e| io_err(&self.root, e))?
+            .flatten()
+        {
+            if let Ok(m) = e.metadata() {
+                if m.uid() != me {
+                    return Err(refuse(e.path().display().to_string(), m.uid()));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, path: &str) -> Result<Vec<u8>> {

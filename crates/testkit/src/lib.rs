@@ -260,6 +260,15 @@ pub fn as_postgres(program: &std::path::Path) -> Command {
     }
 }
 
+/// The postgres user's uid.
+pub fn postgres_uid() -> u32 {
+    let out = Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 /// Makes `path` (and the folders above it inside /tmp) usable by the postgres user.
 pub fn give_to_postgres(path: &std::path::Path) {
     if is_root() {
