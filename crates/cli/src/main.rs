@@ -664,14 +664,21 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         Command::Pg(PgCommand::Check { db_url, max_lag }) => {
             let max_lag = humantime::parse_duration(&max_lag)
                 .map_err(|e| Error::config(format!("--max-lag `{max_lag}`: {e}")))?;
-            let repo = ctx.open()?;
+            // A repository that does not open is one of the problems the check reports,
+            // beside the archiver's own state.
+            let repo = ctx.open();
             let location = ctx.settings.location_key();
             let spool = ctx
                 .settings
                 .cache_dir
                 .as_deref()
                 .map(|c| (c, location.as_str()));
-            let r = custos_ops::pg_check::check(&repo, &ctx.settings.db(db_url), max_lag, spool)?;
+            let r = custos_ops::pg_check::check(
+                repo.as_ref(),
+                &ctx.settings.db(db_url),
+                max_lag,
+                spool,
+            )?;
             if ctx.out.json {
                 ctx.out.json(&r);
             } else {
@@ -803,9 +810,16 @@ fn wal_push_async(
         let Some(_lock) = spool.try_lock()? else {
             return Ok(0);
         };
-        let repo = ctx.open()?;
-        repo.require_write("archive WAL")?;
-        let n = spool.drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3))?;
+        // Nobody reads this process's output: a failure goes where archive_command and
+        // `pg check` look for it.
+        let repo = ctx
+            .open()
+            .and_then(|r| r.require_write("archive WAL").map(|_| r))
+            .inspect_err(|e| spool.pusher_failed(e))?;
+        spool.pusher_started();
+        let n = spool
+            .drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3))
+            .inspect_err(|e| spool.pusher_failed(e))?;
         ctx.touch(serde_json::json!({"system_id": system_id, "files": n}));
         tracing::info!("WAL pusher: stored {n} file(s)");
         return Ok(0);
@@ -830,14 +844,20 @@ fn wal_push_async(
     if spool.wait_done(&name, timeout)? {
         Ok(0)
     } else {
+        let last = spool.last_error();
         Err(Error::new(
             Kind::Storage,
             format!(
-                "{name} was not stored within {} s; PostgreSQL will retry it",
-                timeout.as_secs()
+                "{name} was not stored within {} s; PostgreSQL will retry it{}",
+                timeout.as_secs(),
+                last.map(|l| format!(". The pusher's last error: {l}"))
+                    .unwrap_or_default()
             ),
         )
-        .hint("check `custos pg check` and the spool's .last-error"))
+        .hint(format!(
+            "`custos pg check` reports the archiver and the pusher; the pusher's errors go to {}",
+            spool.dir.join(".last-error").display()
+        )))
     }
 }
 

@@ -541,3 +541,93 @@ fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
     let err = t.with_password(PW).fails(&["verify"], 14);
     assert!(err.contains(&victim), "{err}");
 }
+
+#[test]
+fn async_archiving_hides_its_error() {
+    // The background pusher could not open the repository: PostgreSQL's log said only
+    // "not stored within 60 s", pointing at a .last-error nobody wrote, and `pg check`
+    // stopped at the repository instead of reporting the archiver.
+    let (t, bin, cfg) = pg_repo();
+    let wrong = t.path("wrong.pw");
+    std::fs::write(&wrong, "not the backup key's password").unwrap();
+    give_to_postgres(&wrong);
+    let bad = t.path("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            t.path("backup.pw").to_str().unwrap(),
+            wrong.to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    give_to_postgres(&bad);
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push --async --async-timeout 600s %p'\n",
+        bin.display(),
+        bad.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
+    pg.psql("SELECT pg_switch_wal()");
+    // With a 600 s timeout, a failure seen at all is the pusher's error coming back.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pg.psql("SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(
+            Instant::now() < deadline,
+            "no failure reported:\n{}",
+            pg.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = pg.log();
+    assert!(
+        log.contains("could not start") && log.contains("password does not open"),
+        "{log}"
+    );
+    let spool = std::fs::read_dir(t.path("cache/wal-spool"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let last = std::fs::read_to_string(spool.join(".last-error")).unwrap();
+    assert!(last.contains("password does not open"), "{last}");
+
+    let mut check = t.with_password(PW);
+    check.set("PGHOST", pg.dir.to_str().unwrap());
+    check.set("PGPORT", &pg.port.to_string());
+    check.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    let out = check.run(&["pg", "check", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(20),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["spool_last_error"].as_str().unwrap().contains("password"),
+        "{v}"
+    );
+    assert!(
+        v["problems"].to_string().contains("pusher is failing"),
+        "{v}"
+    );
+
+    // A repository that will not open is a problem of the check, not the end of it.
+    check.set("CUSTOS_PASSWORD", "wrong too");
+    let out = check.run(&["pg", "check", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(20),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["problems"].to_string().contains("cannot be opened"),
+        "{v}"
+    );
+    assert!(v["archiver"]["failed_count"].as_u64().unwrap() >= 1, "{v}");
+}

@@ -36,8 +36,10 @@ pub struct PgCheckReport {
 }
 
 /// `spool`: the cache folder and repository location, to find this host's async spool.
+/// `repo`: the repository, or why it could not be opened (the archiver's state is still
+/// read and reported: it is what an operator needs when archiving breaks).
 pub fn check(
-    repo: &Repository,
+    repo: std::result::Result<&Repository, &custos_model::Error>,
     conn: &ConnectOptions,
     max_lag: Duration,
     spool: Option<(&std::path::Path, &str)>,
@@ -56,9 +58,7 @@ pub fn check(
         let sp = crate::wal::Spool {
             dir: crate::wal::Spool::location(cache, a.system_id, location),
         };
-        spool_last_error = std::fs::read_to_string(sp.dir.join(".last-error"))
-            .ok()
-            .map(|s| s.trim().to_string());
+        spool_last_error = sp.last_error();
         if let Some(e) = &spool_last_error {
             spool_waiting = 1;
             problems.push(format!("the async WAL pusher is failing: {e}"));
@@ -116,6 +116,34 @@ pub fn check(
         ));
     }
 
+    let repo = match repo {
+        Ok(r) => r,
+        Err(e) => {
+            problems.push(format!(
+                "the repository cannot be opened: {}{}",
+                e.message,
+                e.hint
+                    .as_ref()
+                    .map(|h| format!(" (hint: {h})"))
+                    .unwrap_or_default()
+            ));
+            return Ok(PgCheckReport {
+                ok: false,
+                pending_segments: pending,
+                lag_seconds: if lag == u64::MAX { 0 } else { lag },
+                max_lag_seconds: max_lag.as_secs(),
+                archived_in_repository: 0,
+                oldest_archived: None,
+                newest_archived: None,
+                gaps: vec![],
+                spool_waiting,
+                spool_oldest_seconds,
+                spool_last_error,
+                problems,
+                archiver: a,
+            });
+        }
+    };
     // Continuity of this cluster's archive, offline, as a restore would follow it: from
     // where the oldest base backup needs it (or the oldest archived segment) on.
     let names: Vec<String> = {

@@ -145,12 +145,59 @@ impl Spool {
         std::fs::remove_file(self.marker(name)).is_ok()
     }
 
-    /// Waits for the pusher to store `name`; its error if it failed to.
+    /// The pusher's last failure, as written in `.last-error` (what archive_command's
+    /// message points to, and what `pg check` reports).
+    pub fn last_error(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(".last-error"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Records that the pusher could not start (the repository would not open, say):
+    /// in `.last-error`, and for the archive_command waiting for it, which then fails at
+    /// once with this error instead of waiting out its timeout.
+    pub fn pusher_failed(&self, e: &Error) {
+        let _ = self.ensure_dir();
+        let text = match &e.hint {
+            Some(h) => format!("{} (hint: {h})", e.message),
+            None => e.message.clone(),
+        };
+        let _ = std::fs::write(
+            self.dir.join(".last-error"),
+            format!(
+                "{} the WAL pusher could not start: {text}\n",
+                chrono::Utc::now().to_rfc3339()
+            ),
+        );
+        let _ = std::fs::write(self.dir.join(".pusher-error"), &text);
+    }
+
+    /// A pusher started: the failure of an earlier one no longer holds.
+    pub fn pusher_started(&self) {
+        let _ = std::fs::remove_file(self.dir.join(".pusher-error"));
+    }
+
+    /// Waits for the pusher to store `name`; its error if it failed to, or could not
+    /// start.
     pub fn wait_done(&self, name: &str, timeout: std::time::Duration) -> Result<bool> {
+        let start = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if self.take_done(name) {
                 return Ok(true);
+            }
+            let failed = self.dir.join(".pusher-error");
+            let fresh = std::fs::metadata(&failed)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= start);
+            if fresh {
+                let msg = std::fs::read_to_string(&failed).unwrap_or_default();
+                return Err(Error::new(
+                    Kind::Storage,
+                    format!("the WAL pusher could not start, so {name} was not stored: {}", msg.trim()),
+                )
+                .hint(format!("fix the cause and PostgreSQL's next retry archives it; the pusher's last error is in {}", self.dir.join(".last-error").display())));
             }
             if let Ok(msg) = std::fs::read_to_string(self.error_file(name)) {
                 let _ = std::fs::remove_file(self.error_file(name));
