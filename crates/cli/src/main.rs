@@ -92,6 +92,10 @@ enum Command {
     /// Back up a source
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// The repository at a glance: per database cluster its newest backup, age, restorable
+    /// window and WAL gaps; per source its newest snapshot; the repository's size.
+    /// Example: `custos info --json | jq '.clusters[] | .newest.age_seconds'`
+    Info,
     /// List snapshots
     Snapshots {
         /// Only snapshots of this source
@@ -118,6 +122,9 @@ enum Command {
     },
     /// Remove snapshots by retention policy (flags, or [retention] in custos.toml)
     Forget {
+        /// Remove these snapshots (ids or unique prefixes) instead of applying a policy.
+        /// Example: `custos forget 3f2a9c01 --dry-run`
+        snapshots: Vec<String>,
         #[command(flatten)]
         policy: PolicyArgs,
         /// Show what would be kept and removed, and why; change nothing
@@ -210,6 +217,9 @@ enum PgCommand {
         /// Fail when segments have waited longer than this to be archived
         #[arg(long, default_value = "15m")]
         max_lag: String,
+        /// Fail when the cluster's newest base backup is older than this (like 26h)
+        #[arg(long, value_name = "DURATION")]
+        max_backup_age: Option<String>,
     },
 }
 
@@ -598,6 +608,7 @@ fn trail_name(c: &Command) -> Option<String> {
         }
         .into(),
         Command::Snapshots { .. } => "snapshots".into(),
+        Command::Info => "info".into(),
         Command::Ls { .. } => "ls".into(),
         Command::Restore(r) => match r {
             RestoreCommand::Files { .. } => "restore files",
@@ -652,18 +663,30 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         Command::Key(k) => cmd_key(ctx, k),
         Command::Backup(b) => cmd_backup(ctx, b),
         Command::Snapshots { source } => cmd_snapshots(ctx, source.as_deref()),
+        Command::Info => cmd_info(ctx),
         Command::Ls { snapshot, source } => cmd_ls(ctx, &snapshot, source.as_deref()),
         Command::Restore(r) => cmd_restore(ctx, r),
         Command::Verify { read_data, subset } => cmd_verify(ctx, read_data, subset.as_deref()),
         Command::Forget {
+            snapshots,
             policy,
             dry_run,
             prune,
-        } => cmd_forget(ctx, &policy, dry_run, prune),
+        } => cmd_forget(ctx, &snapshots, &policy, dry_run, prune),
         Command::Prune { dry_run } => cmd_prune(ctx, dry_run),
-        Command::Pg(PgCommand::Check { db_url, max_lag }) => {
+        Command::Pg(PgCommand::Check {
+            db_url,
+            max_lag,
+            max_backup_age,
+        }) => {
             let max_lag = humantime::parse_duration(&max_lag)
                 .map_err(|e| Error::config(format!("--max-lag `{max_lag}`: {e}")))?;
+            let max_backup_age = max_backup_age
+                .map(|a| {
+                    humantime::parse_duration(&a)
+                        .map_err(|e| Error::config(format!("--max-backup-age `{a}`: {e}")))
+                })
+                .transpose()?;
             // A repository that does not open is one of the problems the check reports,
             // beside the archiver's own state.
             let repo = ctx.open();
@@ -677,6 +700,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
                 repo.as_ref(),
                 &ctx.settings.db(db_url),
                 max_lag,
+                max_backup_age,
                 spool,
             )?;
             if ctx.out.json {
@@ -820,7 +844,7 @@ fn wal_push_async(
         let n = spool
             .drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3))
             .inspect_err(|e| spool.pusher_failed(e))?;
-        ctx.touch(serde_json::json!({"system_id": system_id, "files": n}));
+        ctx.touch(serde_json::json!({"system_id": system_id.to_string(), "files": n}));
         tracing::info!("WAL pusher: stored {n} file(s)");
         return Ok(0);
     }
@@ -1657,6 +1681,81 @@ fn parse_time(t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>> 
     .transpose()
 }
 
+/// An age for people: 3 d 4 h, 5 h 12 min, 40 s.
+fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn cmd_info(ctx: &Ctx) -> Result<i32> {
+    let repo = ctx.open()?;
+    let r = custos_ops::info::info(&repo, chrono::Utc::now())?;
+    ctx.touch(serde_json::json!({"clusters": r.clusters.len(), "sources": r.sources.len()}));
+    if ctx.out.json {
+        ctx.out.json(&r);
+        return Ok(0);
+    }
+    let x = &r.repository;
+    println!(
+        "repository {} ({}): {}; {} snapshots, {} in {} packs, {} WAL files ({})",
+        x.location,
+        &x.id[..8],
+        ByteSize(x.bytes),
+        x.snapshots,
+        ByteSize(x.pack_bytes),
+        x.packs,
+        x.wal_files,
+        ByteSize(x.wal_bytes)
+    );
+    let t = |d: &chrono::DateTime<chrono::Utc>| d.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    for c in &r.clusters {
+        println!(
+            "cluster {} (system id {}): {} backup(s); newest {} {} at {} ({} ago)",
+            esc(c.name.as_deref().unwrap_or("-")),
+            c.system_id,
+            c.backups,
+            c.newest.kind,
+            &c.newest.snapshot[..8],
+            t(&c.newest.time),
+            age(c.newest.age_seconds)
+        );
+        println!(
+            "  restorable from {} to {}",
+            c.restorable_from.as_ref().map_or("nothing".into(), t),
+            c.restorable_until
+                .as_ref()
+                .map_or("the newest backup's end (no later WAL archived)".into(), t)
+        );
+        println!(
+            "  WAL: {} file(s), {} .. {}",
+            c.wal_files,
+            c.wal_oldest.as_deref().unwrap_or("-"),
+            c.wal_newest.as_deref().unwrap_or("-")
+        );
+        for g in &c.gaps {
+            println!("  WAL GAP: {g} missing: recovery cannot pass it");
+        }
+    }
+    for s in &r.sources {
+        println!(
+            "{} {}: {} snapshot(s); newest {} at {} ({} ago), {}",
+            s.kind,
+            esc(&s.source),
+            s.snapshots,
+            &s.newest.snapshot[..8],
+            t(&s.newest.time),
+            age(s.newest.age_seconds),
+            ByteSize(s.newest.bytes)
+        );
+    }
+    Ok(0)
+}
+
 fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
     let repo = ctx.open()?;
     let snaps: Vec<_> = repo
@@ -2107,13 +2206,47 @@ fn policy_from(ctx: &Ctx, a: &PolicyArgs) -> Result<RetentionPolicy> {
     })
 }
 
-fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Result<i32> {
-    let policy = policy_from(ctx, a)?;
+fn cmd_forget(
+    ctx: &Ctx,
+    named: &[String],
+    a: &PolicyArgs,
+    dry_run: bool,
+    and_prune: bool,
+) -> Result<i32> {
+    let flags = a.keep_last.is_some()
+        || a.keep_daily.is_some()
+        || a.keep_weekly.is_some()
+        || a.keep_monthly.is_some()
+        || a.keep_yearly.is_some()
+        || a.keep_within.is_some();
+    if !named.is_empty() && flags {
+        return Err(Error::config(
+            "name snapshots to forget, or give a retention policy, not both",
+        ));
+    }
+    let policy = if named.is_empty() {
+        Some(policy_from(ctx, a)?)
+    } else {
+        None
+    };
     let repo = ctx.open()?;
     if !dry_run {
         repo.require_delete("forget snapshots")?;
     }
-    let plan = forget::plan(&repo, &policy)?;
+    let ids = named
+        .iter()
+        .map(|n| {
+            repo.find_snapshot(n, |_: &custos_repo::SnapshotSummary| true)
+                .map(|s| s.id)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = forget::plan(
+        &repo,
+        match &policy {
+            Some(p) => forget::Selection::Policy(p),
+            None => forget::Selection::Named(&ids),
+        },
+    )?;
     let removed = if dry_run {
         0
     } else {
@@ -2128,8 +2261,19 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "removed": removed, "prune": prune_out}));
     } else {
+        let t = |d: &Option<chrono::DateTime<chrono::Utc>>| {
+            d.map_or("nothing".to_string(), |d| {
+                d.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+            })
+        };
         for g in &plan.groups {
-            println!("{} {} on {}:", g.kind, g.source, g.host);
+            match &g.system_id {
+                Some(sys) => println!(
+                    "postgres cluster {} (system id {sys}, every host):",
+                    esc(&g.source)
+                ),
+                None => println!("{} {} on {}:", g.kind, esc(&g.source), esc(&g.host)),
+            }
             for d in &g.decisions {
                 println!(
                     "  {} {}  {}  {}",
@@ -2138,6 +2282,23 @@ fn cmd_forget(ctx: &Ctx, a: &PolicyArgs, dry_run: bool, and_prune: bool) -> Resu
                     d.time.format("%Y-%m-%d %H:%M:%S"),
                     d.reasons.join("; ")
                 );
+            }
+            if let Some(w) = &g.window {
+                if w.from_before == w.from_after {
+                    println!(
+                        "  recovery window unchanged: from {} to {}",
+                        t(&w.from_before),
+                        t(&w.until)
+                    );
+                } else {
+                    println!(
+                        "  recovery window shrinks: from {} to {} becomes from {}; prune then deletes {} WAL file(s)",
+                        t(&w.from_before),
+                        t(&w.until),
+                        t(&w.from_after),
+                        w.wal_freed
+                    );
+                }
             }
         }
         let n = plan.removed().len();

@@ -147,13 +147,14 @@ fn prune_keeps_the_wal_kept_backups_need() {
         after.iter().all(|n| n.as_str() >= first_start.as_str()),
         "{after:?}"
     );
-    assert_eq!(
-        after.len(),
-        before
-            .iter()
-            .filter(|n| n.as_str() >= first_start.as_str())
-            .count()
-    );
+    // Everything from the first backup on stays (the archiver may have added a file since
+    // `before` was listed: a busy machine archives the backup's history file late).
+    for n in before.iter().filter(|n| n.as_str() >= first_start.as_str()) {
+        assert!(
+            after.contains(n),
+            "prune deleted {n}, which a kept backup needs"
+        );
+    }
     // `pg check` finds the archive continuous from the oldest backup.
     let check = t.json(&["pg", "check"]);
     assert_eq!(check["gaps"].as_array().unwrap().len(), 0, "{check}");

@@ -227,7 +227,14 @@ fn pg_check_reports_health_gaps_and_lag() {
     assert!(r.ok(&["pg", "check"]).contains("healthy"));
 
     // A segment removed from the repository behind custos's back is a named gap.
-    let sys = format!("{:016x}", ok["archiver"]["system_id"].as_u64().unwrap());
+    let sys = format!(
+        "{:016x}",
+        ok["archiver"]["system_id"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    );
     let mut segs: Vec<String> =
         std::fs::read_dir(std::path::Path::new(&r.repo).join("wal").join(&sys))
             .unwrap()
@@ -445,7 +452,14 @@ fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
     let after_all = pg.psql("SELECT clock_timestamp()");
     pg.switch_and_archive();
 
-    let sys = format!("{:016x}", full["pg"]["system_id"].as_u64().unwrap());
+    let sys = format!(
+        "{:016x}",
+        full["pg"]["system_id"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    );
     let wal = std::path::Path::new(&t.repo).join("wal").join(&sys);
     let mut segs: Vec<String> = std::fs::read_dir(&wal)
         .unwrap()
@@ -540,6 +554,28 @@ fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
     // verify checks continuity offline and names the hole.
     let err = t.with_password(PW).fails(&["verify"], 14);
     assert!(err.contains(&victim), "{err}");
+    // info shows the cluster's window and the gap; pg check names a stale newest backup.
+    let info = t.with_password(PW).json(&["info"]);
+    assert_eq!(info["clusters"][0]["gaps"][0], victim.as_str(), "{info}");
+    let mut check = t.with_password(PW);
+    check.set("PGHOST", pg.dir.to_str().unwrap());
+    check.set("PGPORT", &pg.port.to_string());
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = check.run(&["pg", "check", "--max-backup-age", "1s", "--json"]);
+    assert_eq!(out.status.code(), Some(20));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["problems"]
+            .to_string()
+            .contains("newest base backup ended"),
+        "{v}"
+    );
+    let out = check.run(&["pg", "check", "--max-backup-age", "1d", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !v["problems"].to_string().contains("newest base backup"),
+        "{v}"
+    );
 }
 
 #[test]

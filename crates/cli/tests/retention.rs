@@ -221,3 +221,111 @@ fn keep_within_and_verify_subset() {
     );
     t.fails(&["verify", "--read-data", "--subset", "150%"], 2);
 }
+
+/// A PostgreSQL backup's summary for the cluster `sys`, ending at `time`, with WAL from
+/// segment `seg` on (16 MiB segments).
+fn pg_info(
+    sys: u64,
+    seg: u64,
+    time: chrono::DateTime<chrono::Utc>,
+) -> custos_repo::snapshot::PgInfo {
+    custos_repo::snapshot::PgInfo {
+        system_id: sys,
+        cluster: None,
+        version_num: 150000,
+        backup_type: custos_repo::snapshot::PgBackupType::Full,
+        timeline: 1,
+        start_lsn: custos_model::Lsn(seg << 24),
+        stop_lsn: custos_model::Lsn((seg << 24) + 0x100),
+        start_time: time,
+        stop_time: time,
+        next_xid: 1000,
+        segment_size: 16 << 20,
+        wal_included: false,
+        data_checksums: true,
+        damaged_pages: 0,
+    }
+}
+
+#[test]
+fn retention_groups_postgresql_backups_by_cluster_not_host() {
+    // A failover (or backups from a standby) made two groups of one cluster, and kept
+    // twice what the policy says.
+    let t = T::new();
+    let a = common::attack::Attacker::open(&t, PW);
+    let day0 = chrono::DateTime::parse_from_rfc3339("2026-11-01T02:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let (cluster, other) = (7_713_358_116_659_438_404u64, 42u64);
+    let mut ids = vec![];
+    for d in 0..6u64 {
+        let host = if d < 3 { "db-1" } else { "db-2" };
+        let time = day0 + chrono::Duration::days(d as i64);
+        ids.push(a.plant_pg_backup(host, time, pg_info(cluster, 2 + d * 4, time)));
+        for s in 0..4 {
+            let name = format!("00000001000000000000{:04X}", 2 + d * 4 + s);
+            a.repo
+                .wal_push(cluster, &name, b"stand-in segment")
+                .unwrap();
+        }
+    }
+    a.plant_pg_backup("db-9", day0, pg_info(other, 2, day0));
+
+    let plan = t.json(&["forget", "--keep-last", "2", "--dry-run"]);
+    let groups = plan["plan"]["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{plan}");
+    let g = groups
+        .iter()
+        .find(|g| g["system_id"].as_str() == Some(cluster.to_string().as_str()))
+        .unwrap();
+    let kept = g["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["keep"] == true)
+        .count();
+    assert_eq!(kept, 2, "{g}");
+    assert_eq!(g["decisions"].as_array().unwrap().len(), 6, "{g}");
+    // The plan says how far back the cluster can be restored, before and after.
+    let w = &g["window"];
+    assert_eq!(w["from_before"], "2026-11-01T02:00:00Z", "{w}");
+    assert_eq!(w["from_after"], "2026-11-05T02:00:00Z", "{w}");
+    assert_eq!(w["wal_freed"], 16, "{w}");
+    let text = t.ok(&["forget", "--keep-last", "2", "--dry-run"]);
+    assert!(text.contains("recovery window shrinks"), "{text}");
+
+    // `info` shows the cluster once, with its newest backup.
+    let info = t.json(&["info"]);
+    let c = info["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["system_id"].as_str() == Some(cluster.to_string().as_str()))
+        .unwrap();
+    assert_eq!(c["backups"], 6);
+    assert_eq!(c["newest"]["snapshot"], ids[5].to_hex());
+    assert_eq!(c["wal_files"], 24);
+    assert!(c["gaps"].as_array().unwrap().is_empty(), "{c}");
+
+    // `forget ID...` removes exactly the named snapshots (even the newest of a group).
+    let name = ids[5].to_hex();
+    let plan = t.json(&["forget", &name[..10], "--dry-run"]);
+    assert_eq!(
+        plan["plan"]["groups"].as_array().unwrap().len(),
+        1,
+        "{plan}"
+    );
+    t.ok(&["forget", &name[..10]]);
+    let left: Vec<String> = t
+        .json(&["snapshots"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 6);
+    assert!(!left.contains(&name));
+    t.fails(&["forget", "ffffffffff"], 16);
+    let err = t.fails(&["forget", &left[0][..10], "--keep-last", "1"], 2);
+    assert!(err.contains("not both"), "{err}");
+}

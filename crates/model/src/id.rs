@@ -128,3 +128,55 @@ mod tests {
         assert_eq!(json, format!("\"{}\"", id.to_hex()));
     }
 }
+
+/// Serde for 64-bit integers that JSON readers must not round (a PostgreSQL system
+/// identifier is above 2^53, where JavaScript's and jq's numbers lose digits): written as
+/// a string, read from a string or (as older objects hold it) a number.
+pub mod u64_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(u64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Number(n) => Ok(n),
+            Either::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct S {
+            #[serde(with = "super")]
+            id: u64,
+        }
+
+        #[test]
+        fn written_as_text_read_either_way() {
+            let s = S {
+                id: 7713358116659438404,
+            };
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                r#"{"id":"7713358116659438404"}"#
+            );
+            assert_eq!(
+                serde_json::from_str::<S>(r#"{"id":7713358116659438404}"#).unwrap(),
+                s
+            );
+            assert_eq!(
+                serde_json::from_str::<S>(r#"{"id":"7713358116659438404"}"#).unwrap(),
+                s
+            );
+        }
+    }
+}

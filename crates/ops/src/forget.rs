@@ -1,7 +1,14 @@
-//! Forget: retention applied per source, as a plan that says why each snapshot is kept or
+//! Forget: retention applied per group, as a plan that says why each snapshot is kept or
 //! removed, then carried out by deleting the removed snapshots' objects. Data is freed
 //! later by prune.
+//!
+//! Groups: snapshots of a folder, bucket or stream by kind, source and host; PostgreSQL
+//! backups by cluster (system identifier), whatever host or standby took them, so that a
+//! failover or backups from a standby do not double what is kept. For a cluster the plan
+//! also says how its recovery window shrinks: from when it can be restored before and
+//! after, and how many archived WAL files prune will then drop.
 
+use chrono::{DateTime, Utc};
 use custos_model::retention::{self, Candidate, Decision, RetentionPolicy};
 use custos_model::{Result, SnapshotId};
 use custos_repo::{paths, Repository};
@@ -10,14 +17,35 @@ use serde::Serialize;
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupPlan {
     pub kind: String,
+    /// The source; for PostgreSQL, the cluster's name (or system identifier).
     pub source: String,
+    /// The host (every host, for a PostgreSQL cluster: `*`).
     pub host: String,
+    /// PostgreSQL: the cluster's system identifier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<String>,
     pub decisions: Vec<Decision<SnapshotId>>,
+    /// PostgreSQL: how the recovery window changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowChange>,
+}
+
+/// The recovery window of a cluster before and after a forget (and the prune after it).
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowChange {
+    /// The earliest time a restore can reach now, and once the plan is carried out.
+    pub from_before: Option<DateTime<Utc>>,
+    pub from_after: Option<DateTime<Utc>>,
+    /// The latest (unchanged by forget).
+    pub until: Option<DateTime<Utc>>,
+    /// Archived WAL files no kept backup needs any more: prune deletes them.
+    pub wal_freed: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ForgetPlan {
-    pub policy: RetentionPolicy,
+    /// None when snapshots were named instead.
+    pub policy: Option<RetentionPolicy>,
     pub groups: Vec<GroupPlan>,
 }
 
@@ -30,37 +58,180 @@ impl ForgetPlan {
     }
 }
 
-pub fn plan(repo: &Repository, policy: &RetentionPolicy) -> Result<ForgetPlan> {
+/// What decides: a retention policy, or the snapshots named (removed whatever their age;
+/// the rest of their groups kept).
+pub enum Selection<'a> {
+    Policy(&'a RetentionPolicy),
+    Named(&'a [SnapshotId]),
+}
+
+pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
     let snaps = repo.snapshots()?;
-    let mut groups: std::collections::BTreeMap<
-        (String, String, String),
-        Vec<Candidate<SnapshotId>>,
-    > = Default::default();
-    for s in snaps {
-        groups
-            .entry((
+    type Key = (String, String, String, Option<u64>);
+    let mut groups: std::collections::BTreeMap<Key, Vec<&custos_repo::Snapshot>> =
+        Default::default();
+    for s in &snaps {
+        let key = match &s.summary.pg {
+            Some(p) => (
+                "postgres".to_string(),
+                p.cluster.clone().unwrap_or_else(|| p.system_id.to_string()),
+                "*".to_string(),
+                Some(p.system_id),
+            ),
+            None => (
                 s.summary.kind.as_str().to_string(),
                 s.summary.source.clone(),
                 s.summary.host.clone(),
-            ))
-            .or_default()
-            .push(Candidate {
+                None,
+            ),
+        };
+        groups.entry(key).or_default().push(s);
+    }
+    // One name per cluster: the newest backup's, whatever older ones were called.
+    let mut merged: std::collections::BTreeMap<Key, Vec<&custos_repo::Snapshot>> =
+        Default::default();
+    for ((kind, source, host, sys), list) in groups {
+        let key = match sys {
+            Some(id) => {
+                let newest = snaps
+                    .iter()
+                    .filter(|s| s.summary.pg.as_ref().is_some_and(|p| p.system_id == id))
+                    .max_by_key(|s| s.summary.time)
+                    .and_then(|s| s.summary.pg.as_ref()?.cluster.clone())
+                    .unwrap_or_else(|| id.to_string());
+                (kind, newest, host, sys)
+            }
+            None => (kind, source, host, sys),
+        };
+        merged.entry(key).or_default().extend(list);
+    }
+    let mut out = vec![];
+    for ((kind, source, host, sys), list) in merged {
+        let candidates: Vec<Candidate<SnapshotId>> = list
+            .iter()
+            .map(|s| Candidate {
                 item: s.id,
                 time: s.summary.time,
-            });
+            })
+            .collect();
+        let mut decisions = match &selection {
+            Selection::Policy(p) => retention::apply(p, candidates),
+            Selection::Named(ids) => {
+                let mut d: Vec<Decision<SnapshotId>> = candidates
+                    .into_iter()
+                    .map(|c| {
+                        let named = ids.contains(&c.item);
+                        Decision {
+                            item: c.item,
+                            time: c.time,
+                            keep: !named,
+                            reasons: vec![if named {
+                                "named on the command line".into()
+                            } else {
+                                "not named".into()
+                            }],
+                        }
+                    })
+                    .collect();
+                d.sort_by_key(|x| std::cmp::Reverse(x.time));
+                d
+            }
+        };
+        decisions.sort_by_key(|x| std::cmp::Reverse(x.time));
+        let window = match sys {
+            Some(id) => Some(window_change(repo, &snaps, id, &decisions)?),
+            None => None,
+        };
+        out.push(GroupPlan {
+            kind,
+            source,
+            host,
+            system_id: sys.map(|s| s.to_string()),
+            decisions,
+            window,
+        });
+    }
+    if let Selection::Named(ids) = selection {
+        let listed: Vec<SnapshotId> = out
+            .iter()
+            .flat_map(|g| g.decisions.iter().map(|d| d.item))
+            .collect();
+        if let Some(missing) = ids.iter().find(|i| !listed.contains(i)) {
+            return Err(custos_model::Error::new(
+                custos_model::Kind::NotFound,
+                format!("there is no snapshot {}", missing.short()),
+            ));
+        }
+        // Only the groups a named snapshot is in.
+        out.retain(|g| g.decisions.iter().any(|d| !d.keep));
     }
     Ok(ForgetPlan {
-        policy: policy.clone(),
-        groups: groups
-            .into_iter()
-            .map(|((kind, source, host), c)| GroupPlan {
-                kind,
-                source,
-                host,
-                decisions: retention::apply(policy, c),
-            })
-            .collect(),
+        policy: match selection {
+            Selection::Policy(p) => Some(p.clone()),
+            Selection::Named(_) => None,
+        },
+        groups: out,
     })
+}
+
+/// How the recovery window of cluster `sys` changes when `decisions` are carried out.
+fn window_change(
+    repo: &Repository,
+    snaps: &[custos_repo::Snapshot],
+    sys: u64,
+    decisions: &[Decision<SnapshotId>],
+) -> Result<WindowChange> {
+    let backups: Vec<(&custos_repo::snapshot::PgInfo, bool)> = snaps
+        .iter()
+        .filter_map(|s| {
+            let p = s.summary.pg.as_ref().filter(|p| p.system_id == sys)?;
+            let keep = decisions.iter().any(|d| d.item == s.id && d.keep);
+            Some((p, keep))
+        })
+        .collect();
+    let seg = backups[0].0.segment_size;
+    let archive = crate::wal_window::Archive::load(repo, sys, seg)?;
+    let mut c = WindowChange {
+        from_before: None,
+        from_after: None,
+        until: None,
+        wal_freed: 0,
+    };
+    for (p, keep) in &backups {
+        let w = archive.window(repo, p)?;
+        if !w.missing.is_empty() {
+            continue;
+        }
+        let earlier = |x: Option<DateTime<Utc>>| Some(x.map_or(w.from, |f| f.min(w.from)));
+        c.from_before = earlier(c.from_before);
+        if *keep {
+            c.from_after = earlier(c.from_after);
+        }
+        c.until = match (c.until, w.until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    // What prune then drops: segments below the oldest kept backup's start (format.md 7a).
+    if let Some(first) = backups
+        .iter()
+        .filter(|(_, keep)| *keep)
+        .map(|(p, _)| p.start_lsn.segment(seg))
+        .min()
+    {
+        c.wal_freed = repo
+            .wal_objects()?
+            .iter()
+            .filter(|(s, name, _)| {
+                *s == sys
+                    && name
+                        .get(..24)
+                        .and_then(|n| custos_sources::postgres::wal::segment_number(n, seg))
+                        .is_some_and(|(_, n)| n < first)
+            })
+            .count() as u64;
+    }
+    Ok(c)
 }
 
 pub fn execute(repo: &Repository, plan: &ForgetPlan) -> Result<usize> {

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod cache;
 pub mod forget;
 pub mod iam;
+pub mod info;
 pub mod keys;
 pub mod manifest;
 pub mod pg_backup;

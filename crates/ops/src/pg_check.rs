@@ -42,6 +42,7 @@ pub fn check(
     repo: std::result::Result<&Repository, &custos_model::Error>,
     conn: &ConnectOptions,
     max_lag: Duration,
+    max_backup_age: Option<Duration>,
     spool: Option<(&std::path::Path, &str)>,
 ) -> Result<PgCheckReport> {
     let db = Db::connect(conn)?;
@@ -159,12 +160,29 @@ pub fn check(
         n
     };
     let archive = crate::wal_window::Archive::load(repo, a.system_id, seg_size)?;
-    let oldest_backup = repo
+    let backups: Vec<custos_repo::snapshot::PgInfo> = repo
         .snapshots()?
         .into_iter()
         .filter_map(|s| s.summary.pg)
         .filter(|p| p.system_id == a.system_id)
-        .min_by_key(|p| p.start_lsn);
+        .collect();
+    if let Some(max) = max_backup_age {
+        match backups.iter().map(|p| p.stop_time).max() {
+            None => problems.push("the repository holds no base backup of this cluster".into()),
+            Some(t) => {
+                let age = (a.now - t).to_std().unwrap_or_default();
+                if age > max {
+                    problems.push(format!(
+                        "the newest base backup ended {} ago, at {} (limit {})",
+                        humantime::format_duration(Duration::from_secs(age.as_secs())),
+                        t.to_rfc3339(),
+                        humantime::format_duration(max)
+                    ));
+                }
+            }
+        }
+    }
+    let oldest_backup = backups.into_iter().min_by_key(|p| p.start_lsn);
     let mut gaps = vec![];
     match &oldest_backup {
         Some(b) => {

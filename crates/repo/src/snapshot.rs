@@ -102,6 +102,7 @@ impl PgBackupType {
 /// A base backup's place in the cluster's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PgInfo {
+    #[serde(with = "custos_model::id::u64_text")]
     pub system_id: u64,
     /// The name given in custos.toml, if any.
     #[serde(default)]

@@ -108,3 +108,30 @@ pub fn entry(path: &[u8], kind: EntryKind, mode: u32) -> Entry {
         pages: None,
     }
 }
+
+impl Attacker {
+    /// Records a PostgreSQL base backup's summary (no data: enough for listings, windows
+    /// and retention), taken on `host` at `time`, and pushes stand-in WAL segments for it.
+    pub fn plant_pg_backup(
+        &self,
+        host: &str,
+        time: chrono::DateTime<chrono::Utc>,
+        pg: custos_repo::snapshot::PgInfo,
+    ) -> SnapshotId {
+        let summary = SnapshotSummary {
+            time,
+            kind: SourceKind::Postgres,
+            source: format!("{host}:/var/lib/postgresql/15/main"),
+            host: host.into(),
+            user: "postgres".into(),
+            parent: None,
+            tags: vec![],
+            stats: SnapshotStats::default(),
+            key: self.repo.key_id,
+            pg: Some(pg),
+        };
+        self.repo
+            .save_snapshot(&summary, &SnapshotBody::default())
+            .unwrap()
+    }
+}

@@ -130,6 +130,7 @@ impl Db {
 pub struct ArchiverStatus {
     pub archive_mode: String,
     pub archive_command: String,
+    #[serde(with = "custos_model::id::u64_text")]
     pub system_id: u64,
     pub segment_size: u64,
     pub archived_count: i64,
