@@ -533,7 +533,10 @@ fn main() {
     // Repository files and caches are private whatever the caller's umask.
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0o077) };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => usage_error(e),
+    };
     let filter = std::env::var("CUSTOS_LOG").unwrap_or_else(|_| match cli.verbose {
         0 => "warn".into(),
         1 => "info".into(),
@@ -541,6 +544,7 @@ fn main() {
     });
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .init();
     let json = cli.json;
@@ -552,6 +556,38 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// A command line clap refused: its message on stderr as clap writes it, and with --json
+/// (anywhere on the line) the error document on stdout too; exit 2. Help and version
+/// requests print as usual.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let json = std::env::args_os().any(|a| a == "--json");
+    let _ = e.print();
+    if json {
+        let text = e.render().to_string();
+        let first = text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("invalid command line")
+            .trim_start_matches("error: ")
+            .to_string();
+        let err = Error::config(first).hint("see `custos --help` or `custos COMMAND --help`");
+        println!(
+            "{}",
+            serde_json::json!({"error": {"code": err.kind.code(), "kind": err.kind.name(), "message": err.message, "hint": err.hint, "retryable": false}})
+        );
+    }
+    std::process::exit(Kind::Config.exit_code());
 }
 
 fn run(cli: Cli, env: Env) -> Result<i32> {

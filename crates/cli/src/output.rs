@@ -1,5 +1,6 @@
-//! Printing: human text or one JSON document per command, progress bars on a terminal,
-//! and the error format with its stable code.
+//! Printing: human text or one JSON document per command, progress bars on a terminal
+//! (a line every few seconds on stderr otherwise, a JSON event with --json, so a cron
+//! log or a CI job shows a long backup moving), and the error format with its stable code.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -20,10 +21,110 @@ impl Out {
     }
 
     pub fn progress(&self) -> Box<dyn Progress> {
-        if self.json || self.quiet || !std::io::stderr().is_terminal() {
+        if self.quiet {
             Box::new(custos_ops::NoProgress)
+        } else if self.json || !std::io::stderr().is_terminal() {
+            let every = std::env::var("CUSTOS_PROGRESS_SECONDS")
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|s| *s >= 0.0)
+                .unwrap_or(5.0);
+            Box::new(Lines {
+                json: self.json,
+                every: std::time::Duration::from_secs_f64(every),
+                state: Mutex::new(None),
+            })
         } else {
             Box::new(Bar(Mutex::new(None)))
+        }
+    }
+}
+
+/// Progress as a line on stderr every `every` (and when a phase ends): text, or with
+/// `--json` one JSON object per line (`{"progress": {...}}`); stdout keeps the one result.
+struct Lines {
+    json: bool,
+    every: std::time::Duration,
+    state: Mutex<Option<LineState>>,
+}
+
+struct LineState {
+    phase: String,
+    total: Option<u64>,
+    done: u64,
+    start: std::time::Instant,
+    printed: std::time::Instant,
+}
+
+impl Lines {
+    fn print(&self, s: &LineState, finished: bool) {
+        let secs = s.start.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            s.done as f64 / secs
+        } else {
+            0.0
+        };
+        if self.json {
+            let v = serde_json::json!({"progress": {
+                "phase": s.phase, "done": s.done, "total": s.total,
+                "elapsed_seconds": (secs * 10.0).round() / 10.0,
+                "per_second": rate.round(), "finished": finished,
+            }});
+            eprintln!("{v}");
+            return;
+        }
+        let of = match s.total {
+            Some(t) if t > 0 => format!(
+                " of {} ({:.0}%)",
+                custos_model::ByteSize(t),
+                s.done as f64 * 100.0 / t as f64
+            ),
+            _ => String::new(),
+        };
+        let eta = match s.total {
+            Some(t) if !finished && rate > 0.0 && t > s.done => {
+                format!(", about {:.0} s left", (t - s.done) as f64 / rate)
+            }
+            _ => String::new(),
+        };
+        eprintln!(
+            "custos: {} {}{of}, {} after {:.0} s{}{eta}",
+            s.phase,
+            custos_model::ByteSize(s.done),
+            mb_per_s(s.done, (secs * 1000.0) as u64),
+            secs,
+            if finished { ", done" } else { "" }
+        );
+    }
+}
+
+impl Progress for Lines {
+    fn start(&self, phase: &str, total: Option<u64>) {
+        let now = std::time::Instant::now();
+        *self.state.lock().unwrap() = Some(LineState {
+            phase: phase.to_string(),
+            total,
+            done: 0,
+            start: now,
+            printed: now,
+        });
+    }
+    fn add(&self, n: u64) {
+        let mut g = self.state.lock().unwrap();
+        if let Some(s) = g.as_mut() {
+            s.done += n;
+            if s.printed.elapsed() >= self.every {
+                s.printed = std::time::Instant::now();
+                self.print(s, false);
+            }
+        }
+    }
+    fn finish(&self) {
+        if let Some(s) = self.state.lock().unwrap().take() {
+            // A phase that ended before the first line says nothing: short work is quiet.
+            if s.start.elapsed() >= self.every {
+                self.print(&s, true);
+            }
         }
     }
 }

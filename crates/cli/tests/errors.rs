@@ -353,3 +353,48 @@ fn a_target_time_without_a_zone_is_read_as_utc_silently() {
     assert!(err.contains("no PostgreSQL backup"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn output_for_machines_progress_json_usage_errors_and_plain_logs() {
+    let mut t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 21, 40, 400_000);
+    t.set("CUSTOS_PROGRESS_SECONDS", "0");
+    // Not a terminal: progress comes as lines on stderr, the result alone on stdout.
+    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .filter(|l| l.starts_with("custos: backup "))
+            .count()
+            >= 2,
+        "{err}"
+    );
+    // With --json: progress events, one JSON object a line; stdout one document.
+    let out = t.run(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(!events.is_empty() && events.iter().all(|e| e["progress"]["phase"] == "restore"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["files"].as_u64().unwrap() > 0);
+    // A usage error honours --json.
+    let out = t.run(&["backup", "--json", "no-such-source"]);
+    assert_eq!(out.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["code"], 2, "{doc}");
+    // Logs to a file or a pipe carry no colour codes.
+    t.set("CUSTOS_LOG", "debug");
+    let out = t.run(&["snapshots"]);
+    assert!(!out.stderr.is_empty() && !out.stderr.contains(&0x1b));
+}
