@@ -74,6 +74,14 @@ pub struct StorageSection {
     /// Options passed to another OpenDAL service, by name.
     #[serde(default)]
     pub options: HashMap<String, String>,
+    /// How long to wait to connect to an object store (default 5s).
+    pub connect_timeout: Option<String>,
+    /// How long a request without a body may take (default 10s).
+    pub timeout: Option<String>,
+    /// How long each read or write of a body may take (default 30s).
+    pub io_timeout: Option<String>,
+    /// Further tries after a failure that may pass (default 2).
+    pub retries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -254,6 +262,24 @@ impl Settings {
                 ..Default::default()
             },
             service: file.storage.options.clone(),
+            timeouts: {
+                let d = custos_storage::remote::Timeouts::default();
+                let dur = |v: &Option<String>, name: &str, default: std::time::Duration| {
+                    v.as_deref().map_or(Ok(default), |t| {
+                        humantime::parse_duration(t).map_err(|e| {
+                            Error::config(format!("[storage] {name} = \"{t}\": {e}"))
+                                .hint("durations look like 5s, 500ms or 1m")
+                        })
+                    })
+                };
+                let st = &file.storage;
+                custos_storage::remote::Timeouts {
+                    connect: dur(&st.connect_timeout, "connect_timeout", d.connect)?,
+                    request: dur(&st.timeout, "timeout", d.request)?,
+                    io: dur(&st.io_timeout, "io_timeout", d.io)?,
+                    retries: st.retries.unwrap_or(d.retries),
+                }
+            },
         };
         let cache_dir = env
             .var("CUSTOS_CACHE_DIR")

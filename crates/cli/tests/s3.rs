@@ -77,6 +77,7 @@ fn bucket_objects_as_a_backup_source() {
         access_key_id: Some(ACCESS_KEY.into()),
         secret_access_key: Some(SECRET_KEY.into()),
         session_token: None,
+        ..Default::default()
     };
     let bucket = custos_storage::remote::RemoteStorage::s3(&opts).unwrap();
     use custos_storage::Storage;
@@ -122,6 +123,57 @@ fn unreachable_endpoint_fails_fast_and_clearly() {
     let err = t.fails(&["snapshots"], 15);
     assert!(
         err.contains("cannot reach") && err.contains("endpoint"),
+        "{err}"
+    );
+}
+
+#[test]
+fn s3_errors_a_missing_bucket_an_endpoint_that_never_answers_an_unknown_scheme() {
+    let server = S3Server::start();
+    let mut t = T::bare();
+    s3_env(&mut t, &server, "s3://no-such-bucket/prod");
+    // A missing bucket: one error with a hint, exit 15, for init as for any command.
+    for args in [vec!["snapshots"], vec!["init", "--kdf-memory-mib", "8"]] {
+        let err = t.fails(&args, 15);
+        assert!(
+            err.contains("bucket `no-such-bucket` does not exist"),
+            "{err}"
+        );
+        assert!(err.contains("hint: create the bucket"), "{err}");
+        assert_eq!(err.lines().count(), 2, "{err}");
+    }
+
+    // An endpoint that accepts connections and never answers: the configured wait, then
+    // a clear storage error.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let cfg = t.path("custos.toml");
+    std::fs::write(
+        &cfg,
+        "[storage]\ntimeout = \"1s\"\nio_timeout = \"1s\"\nconnect_timeout = \"1s\"\nretries = 0\n",
+    )
+    .unwrap();
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    t.set("AWS_ENDPOINT_URL", &format!("http://{addr}"));
+    let err = t.fails(&["snapshots"], 15);
+    assert!(err.contains("did not answer in time"), "{err}");
+    assert!(err.contains("io_timeout"), "{err}");
+    std::fs::write(&cfg, "[storage]\ntimeout = \"soon\"\n").unwrap();
+    let err = t.fails(&["snapshots"], 2);
+    assert!(err.contains("timeout = \"soon\""), "{err}");
+
+    // An unknown scheme lists the ones there are.
+    t.unset("CUSTOS_CONFIG");
+    t.set("CUSTOS_REPO", "gdrive://backups");
+    let err = t.fails(&["snapshots"], 2);
+    assert!(
+        err.contains("unknown storage scheme") && err.contains("s3://"),
         "{err}"
     );
 }

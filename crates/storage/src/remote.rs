@@ -14,6 +14,36 @@ use opendal::{ErrorKind as OdKind, Operator};
 
 use crate::{Entry, PutMode, PutOutcome, Storage};
 
+/// How long to wait for an object store, and how often to try again. The defaults make
+/// an endpoint that never answers fail in about half a minute (three tries of 10 s), one
+/// that refuses connections at once, and leave large transfers their time (each read or
+/// write of a body may take 30 s).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// To open a connection.
+    pub connect: Duration,
+    /// For a request without a body to move (stat, list, delete, the start of a read).
+    pub request: Duration,
+    /// For each read or write of a body.
+    pub io: Duration,
+    /// Further tries after a failure that may pass (a timeout, a 5xx).
+    pub retries: usize,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(10),
+            io: Duration::from_secs(30),
+            retries: 2,
+        }
+    }
+}
+
+/// The object store services compiled in, as `<scheme>://` repository locations take them.
+pub const SCHEMES: &str = "s3://BUCKET/PREFIX, azblob://, vercel_blob://, fs://, or a local path";
+
 /// S3 settings. Credentials are only ever read from the config file or the environment by
 /// the CLI, never from arguments.
 #[derive(Clone, Default)]
@@ -25,6 +55,7 @@ pub struct S3Options {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
+    pub timeouts: Timeouts,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -42,6 +73,7 @@ pub struct RemoteStorage {
     op: Operator,
     rt: tokio::runtime::Runtime,
     location: String,
+    timeouts: Timeouts,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -52,19 +84,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::internal(format!("cannot start I/O runtime: {e}")))
 }
 
-fn layered(op: Operator) -> Operator {
-    op.layer(
-        TimeoutLayer::new()
-            .with_timeout(Duration::from_secs(60))
-            .with_io_timeout(Duration::from_secs(30)),
-    )
-    .layer(
-        RetryLayer::new()
-            .with_max_times(3)
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter(),
-    )
+fn layered(op: Operator, t: &Timeouts) -> Result<Operator> {
+    // The connection timeout is the HTTP client's: a layer only sees whole operations.
+    let client = reqwest::Client::builder()
+        .connect_timeout(t.connect)
+        .build()
+        .map_err(|e| Error::internal(format!("cannot build the HTTP client: {e}")))?;
+    Ok(op
+        .layer(opendal::layers::HttpClientLayer::new(
+            opendal::raw::HttpClient::with(client),
+        ))
+        .layer(
+            TimeoutLayer::new()
+                .with_timeout(t.request)
+                .with_io_timeout(t.io),
+        )
+        .layer(
+            RetryLayer::new()
+                .with_max_times(t.retries)
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(2))
+                .with_jitter(),
+        ))
 }
 
 impl RemoteStorage {
@@ -100,27 +141,65 @@ impl RemoteStorage {
                 .map(|e| format!(" at {e}"))
                 .unwrap_or_default()
         );
+        let rt = runtime()?;
+        let op = {
+            let _guard = rt.enter();
+            layered(op, &o.timeouts)?
+        };
         Ok(RemoteStorage {
-            op: layered(op),
-            rt: runtime()?,
+            op,
+            rt,
             location,
+            timeouts: o.timeouts,
         })
     }
 
     /// Any OpenDAL service by scheme name, configured by key/value options.
-    pub fn service(scheme: &str, options: HashMap<String, String>) -> Result<RemoteStorage> {
-        let s: opendal::Scheme = scheme
-            .parse()
-            .map_err(|_| Error::config(format!("unknown storage scheme `{scheme}`")))?;
-        let op = Operator::via_iter(s, options).map_err(|e| config_err(scheme, e))?;
+    pub fn service(
+        scheme: &str,
+        options: HashMap<String, String>,
+        timeouts: Timeouts,
+    ) -> Result<RemoteStorage> {
+        let unknown = || {
+            Error::config(format!("unknown storage scheme `{scheme}://`"))
+                .hint(format!("a repository location is one of: {SCHEMES}"))
+        };
+        let s: opendal::Scheme = scheme.parse().map_err(|_| unknown())?;
+        let op = Operator::via_iter(s, options).map_err(|e| match e.kind() {
+            OdKind::Unsupported => unknown(),
+            _ => config_err(scheme, e),
+        })?;
+        let rt = runtime()?;
+        let op = {
+            let _guard = rt.enter();
+            layered(op, &timeouts)?
+        };
         Ok(RemoteStorage {
-            op: layered(op),
-            rt: runtime()?,
+            op,
+            rt,
             location: format!("{scheme}://"),
+            timeouts,
         })
     }
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
+        let detail = e.to_string();
+        if detail.contains("timeout") || detail.contains("timed out") {
+            let t = &self.timeouts;
+            return Error::new(
+                Kind::Storage,
+                format!(
+                    "{}: the store did not answer in time while accessing `{path}` ({} tr{}; connect {} s, request {} s, transfer {} s)",
+                    self.location,
+                    t.retries + 1,
+                    if t.retries == 0 { "y" } else { "ies" },
+                    t.connect.as_secs_f64(),
+                    t.request.as_secs_f64(),
+                    t.io.as_secs_f64()
+                ),
+            )
+            .hint("check the endpoint URL and that the store is up and reachable from here; the waits are set by connect_timeout, timeout, io_timeout and retries in [storage] of custos.toml");
+        }
         map_err(&self.location, path, e)
     }
 }
@@ -131,6 +210,18 @@ fn config_err(scheme: &str, e: opendal::Error) -> Error {
 }
 
 pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
+    let detail = e.to_string();
+    if detail.contains("NoSuchBucket") {
+        let bucket = location
+            .strip_prefix("s3://")
+            .and_then(|l| l.split('/').next())
+            .unwrap_or("?");
+        return Error::new(
+            Kind::Storage,
+            format!("{location}: the bucket `{bucket}` does not exist"),
+        )
+        .hint("create the bucket (your store's console, or `aws s3 mb s3://BUCKET`), or correct the bucket in CUSTOS_REPO / [repository] url");
+    }
     match e.kind() {
         OdKind::NotFound => Error::new(Kind::NotFound, format!("{location}: `{path}` does not exist")),
         OdKind::PermissionDenied => Error::new(

@@ -54,6 +54,8 @@ pub struct StorageOptions {
     pub s3: S3Options,
     /// Extra options for other OpenDAL services (`[storage.options]` in custos.toml).
     pub service: HashMap<String, String>,
+    /// How long to wait for an object store ([storage] in custos.toml).
+    pub timeouts: crate::remote::Timeouts,
 }
 
 pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
@@ -61,6 +63,7 @@ pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
         Location::Local(p) => Arc::new(LocalStorage::new(p.clone())),
         Location::S3 { bucket, prefix } => {
             let mut o = opts.s3.clone();
+            o.timeouts = opts.timeouts;
             o.bucket = bucket.clone();
             o.root = prefix.clone();
             Arc::new(RemoteStorage::s3(&o)?)
@@ -68,7 +71,7 @@ pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
         Location::Service { scheme, root } => {
             let mut o = opts.service.clone();
             o.entry("root".into()).or_insert_with(|| root.clone());
-            Arc::new(RemoteStorage::service(scheme, o)?)
+            Arc::new(RemoteStorage::service(scheme, o, opts.timeouts)?)
         }
     })
 }

@@ -14,6 +14,7 @@ fn opts(server: &S3Server, bucket: &str) -> S3Options {
         access_key_id: Some(ACCESS_KEY.into()),
         secret_access_key: Some(SECRET_KEY.into()),
         session_token: None,
+        ..Default::default()
     }
 }
 
