@@ -85,9 +85,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn layered(op: Operator, t: &Timeouts) -> Result<Operator> {
-    // The connection timeout is the HTTP client's: a layer only sees whole operations.
+    // The connection timeout is the HTTP client's: a layer only sees whole operations. So
+    // is the wait for each read from the connection, response headers included: OpenDAL
+    // counts the wait for a read's response against its (longer) transfer timeout.
     let client = reqwest::Client::builder()
         .connect_timeout(t.connect)
+        .read_timeout(t.request)
         .build()
         .map_err(|e| Error::internal(format!("cannot build the HTTP client: {e}")))?;
     Ok(op
@@ -183,7 +186,7 @@ impl RemoteStorage {
     }
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
-        let detail = e.to_string();
+        let detail = chain(&e).to_lowercase();
         if detail.contains("timeout") || detail.contains("timed out") {
             let t = &self.timeouts;
             return Error::new(
@@ -209,8 +212,20 @@ fn config_err(scheme: &str, e: opendal::Error) -> Error {
         .hint("check the storage settings in custos.toml")
 }
 
+/// An error with every cause under it (the HTTP client's reason is a cause, not the text).
+fn chain(e: &opendal::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
-    let detail = e.to_string();
+    let detail = chain(&e);
     if detail.contains("NoSuchBucket") {
         let bucket = location
             .strip_prefix("s3://")
@@ -235,7 +250,7 @@ pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
             let denied = detail.contains("SignatureDoesNotMatch")
                 || detail.contains("InvalidAccessKeyId")
                 || detail.contains("AccessDenied")
-                || detail.contains("403");
+                || detail.contains("Forbidden");
             if denied {
                 Error::new(Kind::Storage, format!("{location}: the store refused the credentials"))
                     .hint("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the [storage] section of custos.toml)")
