@@ -71,6 +71,9 @@ impl KdfArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Create a repository and its restore key (password from CUSTOS_PASSWORD* or a prompt)
+    #[command(
+        after_help = "Example:\n  custos init --owner postgres    # a local repository for the archive_command of postgres"
+    )]
     Init {
         #[command(flatten)]
         kdf: KdfArgs,
@@ -95,15 +98,20 @@ enum Command {
     /// The repository at a glance: per database cluster its newest backup, age, restorable
     /// window and WAL gaps; per source its newest snapshot; the repository's size.
     /// Example: `custos info --json | jq '.clusters[] | .newest.age_seconds'`
+    #[command(after_help = "Example:\n  custos info --json | jq '.clusters[].newest.age_seconds'")]
     Info,
     /// List snapshots
+    #[command(after_help = "Example:\n  custos snapshots --source /srv/documents --json")]
     Snapshots {
         /// Only snapshots of this source
         #[arg(long)]
         source: Option<String>,
     },
     /// List the contents of a snapshot
+    #[command(after_help = "Example:\n  custos ls latest --source /srv/documents")]
     Ls {
+        /// The snapshot: an id (prefix), or `latest` (the newest that is not a stream, as
+        /// `restore files latest` picks it)
         snapshot: String,
         /// With `latest`: the latest snapshot of this source
         #[arg(long)]
@@ -113,7 +121,9 @@ enum Command {
     #[command(subcommand)]
     Restore(RestoreCommand),
     /// Check the repository; with --read-data, read back and authenticate stored data
+    #[command(after_help = "Example:\n  custos verify --read-data --subset 10%")]
     Verify {
+        /// Read every pack back: re-hash it and (restore key) decrypt and check every blob
         #[arg(long)]
         read_data: bool,
         /// Read only part of the data: a percentage like 10%
@@ -121,6 +131,9 @@ enum Command {
         subset: Option<String>,
     },
     /// Remove snapshots by retention policy (flags, or [retention] in custos.toml)
+    #[command(
+        after_help = "Example:\n  custos forget --keep-daily 30 --keep-weekly 12 --keep-monthly 12 --keep-yearly 7 --dry-run"
+    )]
     Forget {
         /// Remove these snapshots (ids or unique prefixes) instead of applying a policy.
         /// Example: `custos forget 3f2a9c01 --dry-run`
@@ -135,19 +148,27 @@ enum Command {
         prune: bool,
     },
     /// Remove data that no snapshot references
+    #[command(after_help = "Example:\n  custos prune --dry-run")]
     Prune {
+        /// Show what would be deleted and rewritten; change nothing
         #[arg(long)]
         dry_run: bool,
     },
     /// Remove stale locks left by crashed processes
+    #[command(after_help = "Example:\n  custos unlock")]
     Unlock,
     /// The operation trail: who did what to the repository, hash-chained and signed
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Print the AWS IAM policy that enforces a role at the storage layer
+    #[command(
+        after_help = "Example:\n  custos iam-policy --role backup --bucket backups --prefix prod > backup-policy.json"
+    )]
     IamPolicy {
+        /// The role the policy is for
         #[arg(long, value_parser = ["backup", "restore", "audit"])]
         role: String,
+        /// The repository's bucket
         #[arg(long)]
         bucket: String,
         /// The repository's prefix in the bucket
@@ -161,7 +182,11 @@ enum Command {
     #[command(subcommand)]
     Pg(PgCommand),
     /// Archive one WAL file: use as archive_command = 'custos wal-push %p'
+    #[command(
+        after_help = "Example:\n  archive_command = '/usr/local/bin/custos --config /etc/custos/db.toml wal-push --async %p'"
+    )]
     WalPush {
+        /// The WAL file (PostgreSQL's %p: a path under pg_wal)
         #[arg(required_unless_present = "drain")]
         path: Option<PathBuf>,
         /// Data directory of the cluster [env: PGDATA; default: the current directory,
@@ -180,8 +205,13 @@ enum Command {
         drain: bool,
     },
     /// Fetch one archived WAL file: use as restore_command = 'custos wal-fetch %f %p'
+    #[command(
+        after_help = "Example:\n  restore_command = '/usr/local/bin/custos --config /etc/custos/db.toml wal-fetch %f %p'"
+    )]
     WalFetch {
+        /// The WAL file's name (PostgreSQL's %f)
         name: String,
+        /// Where to write it (PostgreSQL's %p)
         dest: PathBuf,
         /// Data directory of the cluster being recovered [env: PGDATA; default: the current directory]
         #[arg(long)]
@@ -191,14 +221,19 @@ enum Command {
 
 #[derive(Args, Clone, Default)]
 struct PolicyArgs {
+    /// Keep the N newest snapshots of each group
     #[arg(long, value_name = "N")]
     keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one
     #[arg(long, value_name = "N")]
     keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N weeks that have one
     #[arg(long, value_name = "N")]
     keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one
     #[arg(long, value_name = "N")]
     keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N years that have one
     #[arg(long, value_name = "N")]
     keep_yearly: Option<u32>,
     /// Keep all snapshots within this duration of the newest (e.g. 7d)
@@ -210,6 +245,9 @@ struct PolicyArgs {
 enum PgCommand {
     /// Archiving health: settings, pg_stat_archiver, lag, and gaps in the archived WAL.
     /// Exits 20 when something is wrong (for monitors: --json).
+    #[command(
+        after_help = "Example:\n  custos pg check --max-lag 15m --max-backup-age 26h --json"
+    )]
     Check {
         /// Connection string; otherwise PGHOST, PGPORT, PGUSER, PGDATABASE
         #[arg(long)]
@@ -226,21 +264,28 @@ enum PgCommand {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// List the trail's entries (any key; audit keys exist for this)
+    #[command(after_help = "Example:\n  custos audit log --since 30d")]
     Log {
         /// Only entries at or after this time (RFC 3339) or within this duration (like 7d)
         #[arg(long)]
         since: Option<String>,
     },
     /// Prove the trail complete and untampered; names the first bad entry (exit 14)
+    #[command(after_help = "Example:\n  custos audit verify --json")]
     Verify,
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// List keys (never secrets)
+    #[command(after_help = "Example:\n  custos key list")]
     List,
     /// Add a key opened by a new password (CUSTOS_NEW_PASSWORD[_FILE] or a prompt)
+    #[command(
+        after_help = "Example:\n  CUSTOS_NEW_PASSWORD_FILE=/etc/custos/backup.pw custos key add --role backup --kdf-memory-mib 8"
+    )]
     Add {
+        /// backup: writes, cannot read back; restore: reads everything; audit: the trail only
         #[arg(long, value_parser = ["backup", "restore", "audit"])]
         role: String,
         /// Restore keys only: may also forget, prune and remove keys
@@ -250,20 +295,32 @@ enum KeyCommand {
         kdf: KdfArgs,
     },
     /// Remove a key by id (prefix)
-    Remove { id: String },
+    #[command(after_help = "Example:\n  custos key remove 3f2a9c01")]
+    Remove {
+        /// The key's id, or a unique prefix of it (`custos key list`)
+        id: String,
+    },
     /// Age of every key against the crypto-period ([keys] max_age, default 90d)
+    #[command(after_help = "Example:\n  custos key status --json")]
     Status,
     /// New data key pair for new data; old data stays readable (old secrets are kept,
     /// sealed under the new chain). With --rewrap, every stored data key is re-wrapped to
     /// the new pair (packs are not rewritten) and new keys need no old secret
+    #[command(after_help = "Example:\n  custos key rotate --rewrap")]
     Rotate {
+        /// Also re-wrap every stored data key to the new pair (packs are not rewritten)
         #[arg(long)]
         rewrap: bool,
     },
     /// Split the restore key into N share files, any M of which rebuild it (Shamir)
+    #[command(
+        after_help = "Example:\n  custos key split --shares 5 --threshold 3 --out /secure/shares"
+    )]
     Split {
+        /// How many share files to make (one per holder)
         #[arg(long, value_parser = clap::value_parser!(u8).range(2..=255))]
         shares: u8,
+        /// How many of them rebuild the key
         #[arg(long, value_parser = clap::value_parser!(u8).range(2..=255))]
         threshold: u8,
         /// Folder for the share files (created 0700; each file 0600: hand one to each holder)
@@ -272,13 +329,18 @@ enum KeyCommand {
     },
     /// Rebuild a restore key from share files and add it under a new password
     /// (CUSTOS_NEW_PASSWORD[_FILE] or a prompt); needs no other key
+    #[command(
+        after_help = "Example:\n  CUSTOS_NEW_PASSWORD_FILE=/root/new.pw custos key recover share-1.json share-4.json share-5.json"
+    )]
     Recover {
+        /// The share files (at least the threshold of them)
         #[arg(required = true)]
         share_files: Vec<PathBuf>,
         #[command(flatten)]
         kdf: KdfArgs,
     },
     /// Change the password of the key in use
+    #[command(after_help = "Example:\n  CUSTOS_NEW_PASSWORD_FILE=/root/new.pw custos key passwd")]
     Passwd {
         #[command(flatten)]
         kdf: KdfArgs,
@@ -288,7 +350,12 @@ enum KeyCommand {
 #[derive(Subcommand)]
 enum BackupCommand {
     /// Back up folders, or a bucket given as s3://bucket/prefix
+    #[command(
+        after_help = "Example:\n  custos backup files /srv/documents /etc/platform --tag daily"
+    )]
     Files {
+        /// Folders or files to back up, or one bucket as s3://bucket/prefix; several paths
+        /// sit in the snapshot under their own names
         #[arg(required = true)]
         paths: Vec<String>,
         /// A tag for the snapshot (repeat for more)
@@ -299,7 +366,11 @@ enum BackupCommand {
         time: Option<String>,
     },
     /// Back up standard input, or the output of --command
+    #[command(
+        after_help = "Example:\n  custos backup stream --name terraform --command 'terraform state pull'"
+    )]
     Stream {
+        /// The stream's name in listings (restore it with `--source NAME`)
         #[arg(long)]
         name: String,
         /// Command whose output is backed up; it must exit 0 for the backup to count
@@ -315,6 +386,9 @@ enum BackupCommand {
     /// Base backup of a running PostgreSQL cluster (15 or later, primary or standby): its
     /// data directory read between pg_backup_start and pg_backup_stop, or streamed by
     /// pg_basebackup with --replication
+    #[command(
+        after_help = "Example:\n  custos --config /etc/custos/db.toml backup postgres --type full"
+    )]
     Postgres {
         /// full reads every file; incremental reads only files changed since the last
         /// backup of the cluster. Both are restorable on their own.
@@ -348,17 +422,27 @@ enum BackupCommand {
         tag: Vec<String>,
     },
     /// Back up every [[source]] of custos.toml, in order
+    #[command(after_help = "Example:\n  custos --config /etc/custos/custos.toml backup all")]
     All,
 }
 
 #[derive(Subcommand)]
 enum RestoreCommand {
-    /// Restore a file snapshot into a folder
+    /// Restore a file snapshot into a folder. Paths keep their place in the snapshot
+    /// (--include restores some of them, under the same folders); SNAPSHOT:PATH restores
+    /// what lies under PATH into the folder itself.
+    #[command(
+        after_help = "Examples:\n  custos restore files latest --to /restore --include documents/patient-0042   # /restore/documents/patient-0042\n  custos restore files latest:documents/patient-0042 --to /restore/patient-0042  # its files right in it"
+    )]
     Files {
+        /// The snapshot: an id (prefix) or `latest` (the newest of the right kind), with
+        /// `:PATH` to restore only what lies under PATH, into the target itself
         snapshot: String,
+        /// The folder to restore into (created if missing; must be empty without
+        /// --overwrite or --delta)
         #[arg(long)]
         to: PathBuf,
-        /// Restore only this path (repeatable)
+        /// Restore only this path of the snapshot, under the folders it is in (repeatable)
         #[arg(long)]
         include: Vec<String>,
         /// Allow a non-empty target folder; its files that are in the snapshot are replaced
@@ -373,6 +457,9 @@ enum RestoreCommand {
         source: Option<String>,
     },
     /// Restore a PostgreSQL cluster to a point in time into a data directory
+    #[command(
+        after_help = "Example:\n  CUSTOS_PASSWORD_FILE=/etc/custos/restore.pw custos restore postgres --to /var/lib/postgresql/18/restored \\\n      --target-time '2026-11-28 02:55:00+00' --port 5433 --no-archiving"
+    )]
     Postgres {
         /// The data directory to create (or correct in place with --delta)
         #[arg(long)]
@@ -413,7 +500,11 @@ enum RestoreCommand {
         no_archiving: bool,
     },
     /// Write a stream snapshot to standard output
+    #[command(
+        after_help = "Example:\n  custos restore stream latest --source terraform > terraform.tfstate"
+    )]
     Stream {
+        /// The snapshot: an id (prefix) or `latest`
         snapshot: String,
         /// With `latest`: the latest snapshot of this stream name
         #[arg(long)]
@@ -1884,10 +1975,22 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
 
 fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32> {
     let repo = ctx.open()?;
-    let snap = repo.find_snapshot(spec, |s: &custos_repo::SnapshotSummary| {
-        source.is_none_or(|src| s.source == src)
+    // `latest` is what `restore files latest` restores: the newest that is not a stream
+    // (a stream is listed by its id, or with --source).
+    let snap = repo.find_snapshot(spec, |s: &custos_repo::SnapshotSummary| match source {
+        Some(src) => s.source == src,
+        None => s.kind != SourceKind::Stream,
     })?;
     repo.require_restore("list the contents of a snapshot")?;
+    if !ctx.out.json {
+        eprintln!(
+            "snapshot {} of {} {}, {}",
+            snap.id.short(),
+            snap.summary.kind.as_str(),
+            esc(&snap.summary.source),
+            snap.summary.time.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+    }
     let index = repo.load_index()?;
     let entries = restore::list(&repo, &snap, &index)?;
     ctx.touch(serde_json::json!({"snapshot": snap.id}));
@@ -1930,15 +2033,22 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             delta,
             source,
         } => {
-            let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
-                s.kind != SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)
-            })?;
+            let (spec, subtree) = match snapshot.split_once(':') {
+                Some((spec, path)) => (spec.to_string(), Some(path.to_string())),
+                None => (snapshot.clone(), None),
+            };
+            let snap =
+                repo.find_snapshot(&spec, |s: &custos_repo::SnapshotSummary| match &source {
+                    Some(src) => s.source == *src && s.kind != SourceKind::Stream,
+                    None => s.kind != SourceKind::Stream,
+                })?;
             let progress = ctx.out.progress();
             let rep = restore::restore_files(
                 &repo,
                 &snap,
                 &to,
                 &restore::RestoreOptions {
+                    subtree,
                     include,
                     overwrite,
                     delta,
@@ -2389,4 +2499,51 @@ fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument says what it is for, and every command shows an example.
+    #[test]
+    fn every_argument_has_help_and_every_command_an_example() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", c.get_name());
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if ["help", "version"].contains(&id) || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path}: argument `{id}` has no help"));
+                }
+            }
+            let subs: Vec<_> = c
+                .get_subcommands()
+                .filter(|s| s.get_name() != "help")
+                .collect();
+            if subs.is_empty() {
+                let shown = format!(
+                    "{}{}",
+                    c.get_after_help()
+                        .map(|h| h.to_string())
+                        .unwrap_or_default(),
+                    c.get_after_long_help()
+                        .map(|h| h.to_string())
+                        .unwrap_or_default()
+                );
+                if !shown.contains("Example") {
+                    missing.push(format!("{path}: no example"));
+                }
+            }
+            for s in subs {
+                walk(s, &path, missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
 }

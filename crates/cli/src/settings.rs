@@ -543,7 +543,10 @@ impl Settings {
         {
             return run_password_command(&c);
         }
-        prompt_password(prompt)
+        prompt_password(
+            prompt,
+            "CUSTOS_PASSWORD_FILE (or CUSTOS_PASSWORD, CUSTOS_PASSWORD_COMMAND, password_file in custos.toml)",
+        )
     }
 
     /// A new password (key add, key passwd) from CUSTOS_NEW_PASSWORD,
@@ -554,8 +557,14 @@ impl Settings {
         } else if let Some(f) = env.var("CUSTOS_NEW_PASSWORD_FILE") {
             read_secret_file(Path::new(f), "the new password")?
         } else {
-            let a = prompt_password("new password: ")?;
-            let b = prompt_password("new password again: ")?;
+            let a = prompt_password(
+                "new password: ",
+                "CUSTOS_NEW_PASSWORD_FILE (or CUSTOS_NEW_PASSWORD)",
+            )?;
+            let b = prompt_password(
+                "new password again: ",
+                "CUSTOS_NEW_PASSWORD_FILE (or CUSTOS_NEW_PASSWORD)",
+            )?;
             if *a != *b {
                 return Err(Error::config("the two passwords differ"));
             }
@@ -588,11 +597,15 @@ fn run_password_command(c: &str) -> Result<Zeroizing<String>> {
     Ok(Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_string()))
 }
 
-fn prompt_password(prompt: &str) -> Result<Zeroizing<String>> {
+/// Asks on the terminal; without one, says which variable gives the password instead.
+fn prompt_password(prompt: &str, variables: &str) -> Result<Zeroizing<String>> {
     use std::io::IsTerminal;
     if !std::io::stdin().is_terminal() {
-        return Err(Error::config("no password given and no terminal to ask on")
-            .hint("set CUSTOS_PASSWORD_FILE (or CUSTOS_PASSWORD, CUSTOS_PASSWORD_COMMAND)"));
+        return Err(Error::config(format!(
+            "no {} given and no terminal to ask on",
+            prompt.trim_end_matches(": ").trim_end_matches(" again")
+        ))
+        .hint(format!("set {variables}")));
     }
     rpassword::prompt_password(prompt)
         .map(Zeroizing::new)

@@ -385,3 +385,86 @@ fn a_file_that_keeps_changing_while_it_is_read_is_named_and_never_padded() {
     );
     t.ok(&["verify", "--read-data"]);
 }
+
+#[test]
+fn include_restores_into_documents_documents_and_ls_latest_picks_another_snapshot() {
+    let mut t = T::new();
+    let srv = t.path("srv");
+    let patient = srv.join("documents/patient-0042");
+    std::fs::create_dir_all(&patient).unwrap();
+    std::fs::write(patient.join("consent.pdf"), b"signed").unwrap();
+    std::fs::create_dir_all(srv.join("documents/patient-0043")).unwrap();
+    std::fs::create_dir_all(srv.join("platform")).unwrap();
+    std::fs::write(srv.join("platform/app.toml"), b"[app]").unwrap();
+    t.ok(&[
+        "backup",
+        "files",
+        srv.join("documents").to_str().unwrap(),
+        srv.join("platform").to_str().unwrap(),
+    ]);
+    // A stream after it: the newest snapshot, which neither ls nor restore files takes.
+    t.ok(&[
+        "backup",
+        "stream",
+        "--name",
+        "terraform",
+        "--command",
+        "echo state",
+    ]);
+
+    // --include keeps the path's place in the snapshot...
+    let out = t.path("restore");
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+        "--include",
+        "documents/patient-0042",
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("documents/patient-0042/consent.pdf")).unwrap(),
+        b"signed"
+    );
+    assert!(!out.join("documents/patient-0043").exists() && !out.join("platform").exists());
+    // ...and SNAPSHOT:PATH restores what is under the path into the folder itself.
+    let out = t.path("patient-0042");
+    t.ok(&[
+        "restore",
+        "files",
+        "latest:documents/patient-0042",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(out.join("consent.pdf")).unwrap(), b"signed");
+    assert_eq!(walk_all(&out), vec!["consent.pdf".to_string()]);
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            "latest:documents/nobody",
+            "--to",
+            t.path("x").to_str().unwrap(),
+        ],
+        16,
+    );
+    assert!(err.contains("holds nothing at `documents/nobody`"), "{err}");
+
+    // `ls latest` lists what `restore files latest` restores.
+    let out = t.run(&["ls", "latest"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("documents/patient-0042/consent.pdf"),
+        "{listed}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("files"),
+        "{listed}"
+    );
+
+    // Without a terminal, `key add` names the variable that gives the new password.
+    t.unset("CUSTOS_NEW_PASSWORD");
+    let err = t.fails(&["key", "add", "--role", "backup"], 2);
+    assert!(err.contains("CUSTOS_NEW_PASSWORD_FILE"), "{err}");
+}

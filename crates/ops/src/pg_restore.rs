@@ -429,6 +429,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             &snap,
             &o.to,
             &RestoreOptions {
+                subtree: None,
                 include: vec![],
                 overwrite: false,
                 delta: o.delta,

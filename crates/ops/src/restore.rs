@@ -735,6 +735,9 @@ fn lay_slice(
 }
 
 pub struct RestoreOptions<'a> {
+    /// Restore what lies under this path of the snapshot into the target itself (a file:
+    /// the file, under its own name).
+    pub subtree: Option<String>,
     pub include: Vec<String>,
     /// Allow restoring into a non-empty folder (files present in the snapshot are replaced).
     pub overwrite: bool,
@@ -827,6 +830,33 @@ pub fn restore_files(
     tracing::debug!("restore: index loaded");
     let all = crate::manifest::load(repo, &index, &body.manifest)?;
     check_tree(&all)?;
+    let all = match &opts.subtree {
+        None => all,
+        Some(sub) => {
+            let sub = PathBytes::from(sub.trim_matches('/'));
+            let mut out = vec![];
+            for mut e in all {
+                if e.path == sub {
+                    // The folder itself is the target; a file keeps its name in it.
+                    if e.kind != EntryKind::Dir {
+                        e.path = PathBytes::new(e.path.file_name().to_vec());
+                        out.push(e);
+                    }
+                } else if !sub.is_empty() && e.path.is_within(sub.as_bytes()) {
+                    e.path = PathBytes::new(e.path.as_bytes()[sub.as_bytes().len() + 1..].to_vec());
+                    out.push(e);
+                }
+            }
+            if out.is_empty() {
+                return Err(Error::new(
+                    Kind::NotFound,
+                    format!("snapshot {} holds nothing at `{sub}`", snap.id.short()),
+                )
+                .hint("`custos ls SNAPSHOT` lists the paths it holds"));
+            }
+            out
+        }
+    };
     let entries: Vec<Entry> = all
         .into_iter()
         .filter(|e| included(&e.path, &opts.include))
