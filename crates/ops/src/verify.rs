@@ -67,6 +67,10 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             r.key_findings.push(f);
         }
     }
+    // A key generation or re-wrap table that does not verify was planted (or damaged).
+    for p in &repo.keyring_problems {
+        r.errors.push(format!("keyring: {p}"));
+    }
     // A repository readable by other local users is a finding, whatever its encryption.
     for f in repo.storage.permission_findings()? {
         r.errors.push(format!("permissions: {f}"));

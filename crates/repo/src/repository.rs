@@ -45,6 +45,9 @@ pub struct Repository {
     /// The key files as listed when the repository was opened, oldest first (their ages
     /// are reported without reading them again).
     pub key_files: Vec<KeyFile>,
+    /// Key generations or re-wrap tables this (restore) key set aside because they did not
+    /// verify: `verify` reports them.
+    pub keyring_problems: Vec<String>,
 }
 
 /// A key file that cannot be used: its path and why.
@@ -124,10 +127,46 @@ impl Repository {
         key_files: Vec<KeyFile>,
     ) -> Result<Repository> {
         let links = crate::keyring::load(&storage, &keys.meta_key)?;
-        crate::keyring::apply(&mut keys, &links)?;
-        let pair_created = links.last().map(|l| l.created).unwrap_or(config.created);
+        // A generation or re-wrap table that does not verify stops a key that would write
+        // with it (new data must never be wrapped to a key an attacker chose). A restore
+        // key sets it aside, loudly, and goes on with the pair before it: it can still
+        // read everything, and a restore at 3 a.m. must not depend on the keyring being
+        // clean. `verify` reports it.
+        let mut keyring_problems = vec![];
+        let tolerate = keys.role == Role::Restore;
+        let sealed_at = keys.generation;
+        let mut applied = sealed_at;
+        for l in links.iter().filter(|l| l.generation > sealed_at) {
+            match crate::keyring::apply(&mut keys, std::slice::from_ref(l)) {
+                Ok(()) => applied = l.generation,
+                Err(e) if tolerate && e.kind == Kind::Integrity => {
+                    tracing::warn!(
+                        "{} (set aside: this restore key keeps generation {applied})",
+                        e.message
+                    );
+                    keyring_problems.push(e.message);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let pair_created = links
+            .iter()
+            .find(|l| l.generation == keys.generation)
+            .map(|l| l.created)
+            .unwrap_or(config.created);
         let rewrap = if keys.generation > 0 {
-            crate::keyring::load_rewrap(&storage, &keys, keys.generation)?
+            match crate::keyring::load_rewrap(&storage, &keys, keys.generation) {
+                Err(e) if tolerate && e.kind == Kind::Integrity => {
+                    tracing::warn!(
+                        "{} (set aside: each object's own data key is used)",
+                        e.message
+                    );
+                    keyring_problems.push(e.message);
+                    None
+                }
+                r => r?,
+            }
         } else {
             None
         };
@@ -141,6 +180,7 @@ impl Repository {
             pair_created,
             rewrap,
             key_files,
+            keyring_problems,
         })
     }
 
