@@ -194,6 +194,8 @@ cmp "$WORK/data/terraform.tfstate" "$WORK/restored.tfstate"
 echo "   restored Terraform state is identical"
 echo "== snapshots"
 C snapshots
+echo "== at a glance (custos info)"
+C info
 echo "== retention (seed policy: 30 daily, 12 weekly, 12 monthly, 7 yearly), dry run"
 C forget --dry-run --keep-daily 30 --keep-weekly 12 --keep-monthly 12 --keep-yearly 7
 echo "== for the compliance officer: key ages and the signed operation trail"

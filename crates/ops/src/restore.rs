@@ -937,7 +937,12 @@ pub fn restore_files(
                     }
                 }
                 // Files are written by offset without truncation: anything in the way goes.
-                let found = t.lstat(&e.path)?;
+                // Into an empty target (the usual restore) nothing can be in the way.
+                let found = if opts.overwrite || opts.delta {
+                    t.lstat(&e.path)?
+                } else {
+                    None
+                };
                 if opts.overwrite && found.is_some() {
                     t.remove(&e.path)?;
                 }

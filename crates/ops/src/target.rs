@@ -175,14 +175,25 @@ impl TargetDir {
         if rel.is_empty() {
             return Ok(());
         }
-        // Most restores create folders parent first: try the whole path at once.
-        if let Ok(d) = self.beneath(
-            rel.as_bytes(),
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-        ) {
-            drop(d);
-            return Ok(());
+        // Manifests list a folder before what is in it: its parent is there, mostly.
+        match self.parent(rel) {
+            Ok((dir, name)) => match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::EXIST) => {
+                    // There already: it must be a folder, not a link to one.
+                    return self
+                        .beneath(
+                            rel.as_bytes(),
+                            OFlags::PATH | OFlags::DIRECTORY,
+                            Mode::empty(),
+                        )
+                        .map(drop)
+                        .map_err(|e| self.error(rel, e));
+                }
+                Err(e) => return Err(self.error(rel, e.into())),
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(self.error(rel, e)),
         }
         let mut at = PathBytes::default();
         for c in rel.components() {

@@ -48,14 +48,27 @@ pub struct IndexFile {
 }
 
 impl IndexFile {
-    /// What the signature covers: the object without its signature.
+    /// What the signature covers: the object without its signature (serialized from a
+    /// borrowed view: an index object can list hundreds of thousands of blobs).
     pub fn signed_bytes(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Unsigned<'a> {
+            packs: &'a [IndexPack],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            signer: &'a Option<String>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            bad: &'a [(PackId, ChunkId)],
+        }
         let mut m = b"custos index sig v1".to_vec();
-        let unsigned = IndexFile {
-            sig: None,
-            ..self.clone()
-        };
-        m.extend_from_slice(&serde_json::to_vec(&unsigned).expect("serializable"));
+        serde_json::to_writer(
+            &mut m,
+            &Unsigned {
+                packs: &self.packs,
+                signer: &self.signer,
+                bad: &self.bad,
+            },
+        )
+        .expect("serializable");
         m
     }
 
