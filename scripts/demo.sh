@@ -100,7 +100,9 @@ load_sample() {
 step "sample data (notes, 384-d embeddings, audit_log)" load_sample
 PSQL "$PORT" "SELECT '   ' || (SELECT count(*) FROM clinical_notes) || ' notes, ' || (SELECT count(*) FROM note_embeddings) || ' embeddings, ' || (SELECT count(*) FROM audit_log) || ' audit rows; database ' || pg_size_pretty(pg_database_size('postgres'))"
 
-BACKUP() { as_pg "$CUSTOS" --config "$WORK/custos.toml" "$@"; }
+# The database host's key comes from its config (the exported restore password file
+# would take precedence, so it is not passed on).
+BACKUP() { as_pg env -u CUSTOS_PASSWORD_FILE "$CUSTOS" --config "$WORK/custos.toml" "$@"; }
 # Everything else with the restore key, as the same user: a repository is used by one OS
 # user (its objects are 0600), here postgres.
 C() { as_pg env CUSTOS_REPO="$CUSTOS_REPO" CUSTOS_PASSWORD_FILE="$WORK/restore.pw" CUSTOS_CACHE_DIR="$WORK/cache" "$CUSTOS" "$@"; }

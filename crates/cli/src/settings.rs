@@ -298,14 +298,10 @@ impl Settings {
             .map(String::from)
             .or_else(|| file.repository.host.clone())
             .unwrap_or_else(hostname);
-        let user = env
-            .var("USER")
-            .or(env.var("LOGNAME"))
-            .map(String::from)
-            .unwrap_or_else(|| {
-                // SAFETY: geteuid has no preconditions.
-                format!("uid {}", unsafe { libc::geteuid() })
-            });
+        // The user the process runs as, not what USER says (a caller sets that): the
+        // trail records who did it.
+        // SAFETY: geteuid has no preconditions.
+        let user = custos_storage::local::user_name(unsafe { libc::geteuid() });
         let kill_before_write = env
             .var("CUSTOS_TEST_KILL_BEFORE_WRITE")
             .and_then(|v| v.parse().ok());
