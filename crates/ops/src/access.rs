@@ -20,7 +20,7 @@ pub struct User {
 impl User {
     /// The user `uid` with their primary group `gid` and supplementary groups.
     pub fn of(uid: u32, gid: u32) -> User {
-        let name = name_of(uid).unwrap_or_else(|| uid.to_string());
+        let name = custos_storage::local::user_name(uid);
         let mut groups = vec![gid];
         if let Ok(c) = CString::new(name.clone()) {
             let mut n: libc::c_int = 64;
@@ -84,20 +84,6 @@ impl User {
         };
         mode >> shift & bit != 0
     }
-}
-
-fn name_of(uid: u32) -> Option<String> {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: a zeroed passwd and a buffer we own; getpwuid_r fills both or leaves result null.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if r != 0 || result.is_null() {
-        return None;
-    }
-    // SAFETY: pw_name points into buf, NUL-terminated, while buf lives.
-    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
-    Some(name.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

@@ -325,20 +325,8 @@ impl TargetDir {
                 if rustix::fs::FileType::from_raw_mode(st.st_mode).is_symlink() {
                     return Err(self.error(rel, io::Error::from_raw_os_error(libc::ELOOP)));
                 }
-                if let Some((uid, gid)) = meta.owner {
-                    rustix::fs::chownat(
-                        &dir,
-                        name,
-                        Some(rustix::fs::Uid::from_raw(uid)),
-                        Some(rustix::fs::Gid::from_raw(gid)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| self.error(rel, e.into()))?;
-                }
-                rustix::fs::chmodat(&dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
-                    .map_err(|e| self.error(rel, e.into()))?;
-                rustix::fs::utimensat(&dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| self.error(rel, e.into()))
+                self.set_meta_at(&dir, name, meta, true)
+                    .map_err(|e| self.error(rel, e))
             }
             Err(e) => Err(self.error(rel, e)),
         }
@@ -347,18 +335,27 @@ impl TargetDir {
     /// Sets owner (when `owner`) and times of the link `rel` itself.
     pub fn set_link_meta(&self, rel: &PathBytes, meta: &Meta) -> Result<()> {
         let (dir, name) = self.parent(rel).map_err(|e| self.error(rel, e))?;
+        self.set_meta_at(&dir, name, meta, false)
+            .map_err(|e| self.error(rel, e))
+    }
+
+    /// Owner (never through a link), then mode (`chmod`: not for links, whose mode Linux
+    /// ignores), then times (never through a link) of `name` in `dir`.
+    fn set_meta_at(&self, dir: &OwnedFd, name: &[u8], meta: &Meta, chmod: bool) -> io::Result<()> {
         if let Some((uid, gid)) = meta.owner {
             rustix::fs::chownat(
-                &dir,
+                dir,
                 name,
                 Some(rustix::fs::Uid::from_raw(uid)),
                 Some(rustix::fs::Gid::from_raw(gid)),
                 AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| self.error(rel, e.into()))?;
+            )?;
         }
-        rustix::fs::utimensat(&dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| self.error(rel, e.into()))
+        if chmod {
+            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())?;
+        }
+        rustix::fs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(())
     }
 }
 

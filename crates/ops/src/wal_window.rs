@@ -198,6 +198,43 @@ impl Archive {
             .max()
     }
 
+    /// The holes recovery along `path` meets from segment `from` to the newest archived
+    /// segment: (first, last) missing, each followed by WAL that is there.
+    fn holes(&self, path: &[(u32, u64)], from: u64) -> Vec<(u64, u64)> {
+        let Some(newest) = self.newest(path) else {
+            return vec![];
+        };
+        let mut out = vec![];
+        let mut n = from;
+        while n <= newest {
+            if self.available(path, n).is_some() {
+                n += 1;
+                continue;
+            }
+            let mut m = n;
+            while m <= newest && self.available(path, m).is_none() {
+                m += 1;
+            }
+            // Nothing recovery can read after it: the end of the archive, not a hole.
+            if m > newest {
+                break;
+            }
+            out.push((n, m - 1));
+            n = m;
+        }
+        out
+    }
+
+    /// A hole as segment names, on the timeline current where it begins.
+    fn name_hole(&self, path: &[(u32, u64)], (first, last): (u64, u64)) -> String {
+        let t = path
+            .iter()
+            .rev()
+            .find(|(_, b)| *b <= first)
+            .map_or(path[0].0, |(t, _)| *t);
+        range(t, first, last, self.segment_size)
+    }
+
     /// From segment `from` on timeline `tli`: the last segment of the unbroken run (and its
     /// timeline), and the first hole after it when WAL is archived beyond it.
     pub fn run_from(&self, tli: u32, from: u64) -> (Option<(u32, u64)>, Option<String>) {
@@ -205,29 +242,18 @@ impl Archive {
         let Some(newest) = self.newest(&path) else {
             return (None, None);
         };
-        let mut last = None;
         let mut n = from;
-        while n <= newest {
-            match self.available(&path, n) {
-                Some(t) => last = Some((t, n)),
-                None => break,
-            }
+        while n <= newest && self.available(&path, n).is_some() {
             n += 1;
         }
-        if n > newest {
-            return (last, None);
-        }
-        // A hole from n: to the next available segment.
-        let mut m = n;
-        while m <= newest && self.available(&path, m).is_none() {
-            m += 1;
-        }
-        let hole_tli = path
-            .iter()
-            .rev()
-            .find(|(_, b)| *b <= n)
-            .map_or(tli, |(t, _)| *t);
-        let gap = (m <= newest).then(|| range(hole_tli, n, m - 1, self.segment_size));
+        let last = (n > from)
+            .then(|| self.available(&path, n - 1).map(|t| (t, n - 1)))
+            .flatten();
+        // The run ends at n: a hole there if WAL recovery could read comes after it.
+        let gap = self
+            .holes(&path, n)
+            .first()
+            .map(|h| self.name_hole(&path, *h));
         (last, gap)
     }
 
@@ -235,29 +261,10 @@ impl Archive {
     /// segment of its descendants.
     pub fn gaps(&self, tli: u32, from: u64) -> Vec<String> {
         let path = self.path(tli);
-        let Some(newest) = self.newest(&path) else {
-            return vec![];
-        };
-        let mut out = vec![];
-        let mut n = from;
-        while n <= newest {
-            if self.available(&path, n).is_some() {
-                n += 1;
-                continue;
-            }
-            let mut m = n;
-            while m <= newest && self.available(&path, m).is_none() {
-                m += 1;
-            }
-            let t = path
-                .iter()
-                .rev()
-                .find(|(_, b)| *b <= n)
-                .map_or(tli, |(t, _)| *t);
-            out.push(range(t, n, m - 1, self.segment_size));
-            n = m;
-        }
-        out
+        self.holes(&path, from)
+            .into_iter()
+            .map(|h| self.name_hole(&path, h))
+            .collect()
     }
 
     /// The timelines that hold segments, oldest first.
