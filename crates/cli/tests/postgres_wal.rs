@@ -531,6 +531,8 @@ fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
     // PostgreSQL (running as postgres) cannot read. Refused before anything is written.
     let mut as_root = t.with_password("unused");
     as_root.unset("CUSTOS_PASSWORD");
+    // A binary postgres can run (the checkout may be closed to it: that is refused too).
+    as_root.bin = Some(bin.clone());
     let private = t.path("root-only");
     std::fs::create_dir(&private).unwrap();
     std::fs::set_permissions(
@@ -547,6 +549,19 @@ fn a_gap_in_the_wal_archive_is_invisible_until_postgresql_fails() {
     let err = as_root.fails(&["restore", "postgres", "--to", dir.to_str().unwrap()], 2);
     assert!(
         err.contains("as postgres") && err.contains("root-only"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "a refused restore wrote {}", dir.display());
+    // So is a custos binary postgres cannot run (a checkout under /root, say).
+    std::fs::copy(&bin, private.join("custos")).unwrap();
+    as_root.bin = Some(private.join("custos"));
+    as_root.set(
+        "CUSTOS_PASSWORD_FILE",
+        t.path("restore.pw").to_str().unwrap(),
+    );
+    let err = as_root.fails(&["restore", "postgres", "--to", dir.to_str().unwrap()], 2);
+    assert!(
+        err.contains("root-only/custos") && err.contains("not open to it"),
         "{err}"
     );
     assert!(!dir.exists(), "a refused restore wrote {}", dir.display());

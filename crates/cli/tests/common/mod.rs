@@ -19,6 +19,9 @@ pub struct T {
     pub envs: Vec<(String, String)>,
     /// Run custos as this user (through runuser) instead of the test's own.
     pub run_as: Option<String>,
+    /// Run this copy of custos instead of the build's (one another user can execute: a
+    /// restore as root checks that postgres can run the binary its restore_command names).
+    pub bin: Option<PathBuf>,
 }
 
 impl T {
@@ -47,6 +50,7 @@ impl T {
             repo,
             envs,
             run_as: None,
+            bin: None,
         }
     }
 
@@ -58,6 +62,7 @@ impl T {
             repo: self.repo.clone(),
             envs: self.envs.clone(),
             run_as: None,
+            bin: None,
         };
         other.set("CUSTOS_PASSWORD", password);
         other
@@ -102,7 +107,11 @@ impl T {
                 c.args(["-u", u, "--"]).arg(self.shared_binary());
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_custos")),
+            None => Command::new(
+                self.bin
+                    .clone()
+                    .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into()),
+            ),
         };
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap())
