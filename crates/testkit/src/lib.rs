@@ -23,12 +23,24 @@ pub fn workspace_root() -> PathBuf {
 /// "free" port it cannot be taken by a server another test starts meanwhile.
 pub const CLOSED_ENDPOINT: &str = "http://127.0.0.1:1";
 
+/// A port nothing listens on over TCP, and that this process has not handed out before:
+/// the test clusters listen on Unix sockets only, so a port one of them uses looks free
+/// to a TCP probe, and a second cluster of the same test on it fails to start (its lock
+/// file is taken; seen once in CI).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn weed_binary() -> PathBuf {
