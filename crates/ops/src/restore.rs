@@ -203,7 +203,7 @@ impl Work {
     /// Bytes it writes, and about the bytes it fetches from packs (less where the blobs
     /// are compressed).
     fn sizes(&self, index: &Index) -> (u64, u64) {
-        let add = |(raw, stored): (u64, u64), b: &custos_repo::index::BlobLoc| {
+        let add = |(raw, stored): (u64, u64), b: &custos_repo::BlobLoc| {
             (raw + u64::from(b.raw_length), stored + u64::from(b.length))
         };
         match self {
@@ -300,7 +300,7 @@ fn fetch_blobs(
     index: &Index,
     pack_id: &PackId,
     ids: &[&ChunkId],
-    mut f: impl FnMut(&[u8; 32], &ChunkId, &custos_repo::index::BlobLoc, &[u8]) -> Result<()>,
+    mut f: impl FnMut(&[u8; 32], &ChunkId, &custos_repo::BlobLoc, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let meta = index.pack(pack_id).expect("planned from the index");
     let dek = repo.pack_key(meta)?;
@@ -356,7 +356,7 @@ fn open_or_other_copy(
     pack: &PackId,
     dek: &[u8; 32],
     id: &ChunkId,
-    loc: &custos_repo::index::BlobLoc,
+    loc: &custos_repo::BlobLoc,
     sealed: &[u8],
     out: &mut [u8],
 ) -> Result<()> {

@@ -20,16 +20,8 @@ use std::collections::{HashMap, HashSet};
 use custos_model::{ChunkId, IndexId, PackId};
 use serde::{Deserialize, Serialize};
 
+use crate::blob::{BlobLoc, PackEntry};
 use crate::format::b64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum BlobKind {
-    /// File, stream or database content.
-    Data,
-    /// Manifests (the encoded file tree of a snapshot).
-    Tree,
-}
 
 /// Encoded form of one index object.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -100,7 +92,7 @@ pub struct IndexPack {
     pub size: u64,
     #[serde(with = "b64")]
     pub key: Vec<u8>,
-    pub blobs: Vec<crate::pack::PackEntry>,
+    pub blobs: Vec<PackEntry>,
     /// In an object the authority signed: the signing key (hex) of whoever wrote the pack
     /// (prune keeps it when it rewrites the index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,24 +101,6 @@ pub struct IndexPack {
     /// found each matches its id (or wrote the pack itself).
     #[serde(default, skip_serializing_if = "is_false")]
     pub vouched: bool,
-}
-
-/// Location of one blob, compact (48 bytes with its key) because the map holds every chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlobLoc {
-    pub pack: u32,
-    pub offset: u32,
-    pub length: u32,
-    pub raw_length: u32,
-    pub kind: BlobKind,
-    pub compressed: bool,
-}
-
-impl BlobLoc {
-    /// Where the blob's stored bytes sit in its pack.
-    pub fn range(&self) -> std::ops::Range<usize> {
-        self.offset as usize..(self.offset + self.length) as usize
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -357,7 +331,7 @@ impl Index {
                     if self.is_bad(id, l) {
                         f.bad.push((p.id, *id));
                     }
-                    crate::pack::PackEntry {
+                    PackEntry {
                         id: *id,
                         kind: l.kind,
                         offset: l.offset,
@@ -383,6 +357,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob::BlobKind;
 
     fn pack(n: u8, chunks: &[u8]) -> IndexPack {
         IndexPack {
@@ -392,7 +367,7 @@ mod tests {
             blobs: chunks
                 .iter()
                 .enumerate()
-                .map(|(i, c)| crate::pack::PackEntry {
+                .map(|(i, c)| PackEntry {
                     id: ChunkId(custos_model::Id([*c; 32])),
                     kind: BlobKind::Data,
                     offset: i as u32 * 10,

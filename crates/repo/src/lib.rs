@@ -5,6 +5,7 @@
 //! delete order (prune removes a pack from the index before deleting it). Storage below
 //! sees only ciphertext; callers above see chunks, snapshots and reports.
 
+pub mod blob;
 pub mod format;
 pub mod index;
 pub mod keyfile;
@@ -17,7 +18,8 @@ pub mod trail;
 pub mod wal;
 pub mod writer;
 
-pub use index::{BlobKind, BlobLoc, Index};
+pub use blob::{BlobKind, BlobLoc, PackEntry};
+pub use index::Index;
 pub use repository::{OpenOptions, Repository};
 pub use snapshot::{Snapshot, SnapshotBody, SnapshotSummary};
 pub use writer::{BlobWriter, WriteStats};

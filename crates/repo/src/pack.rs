@@ -14,27 +14,16 @@
 
 use custos_crypto::{aead, wrap};
 use custos_model::{ChunkId, Error, Result};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::blob::{BlobKind, BlobLoc, PackEntry};
 use crate::format::{from_zjson, to_zjson, ZSTD_LEVEL};
-use crate::index::BlobKind;
 
 pub const MAGIC: &[u8; 8] = b"CSTPACK1";
 pub const END: &[u8; 8] = b"CSTPEND1";
 pub const TRAILER_LEN: usize = 16;
 const HEADER_AAD: &[u8] = b"custos pack header v1";
 pub const KEY_AAD: &[u8] = b"custos pack key v1";
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PackEntry {
-    pub id: ChunkId,
-    pub kind: BlobKind,
-    pub offset: u32,
-    pub length: u32,
-    pub raw_length: u32,
-    pub compressed: bool,
-}
 
 thread_local! {
     // Creating a zstd context per blob costs more than compressing a small blob; each
@@ -152,7 +141,7 @@ pub fn open_blob(
     dek: &[u8; 32],
     id_key: &[u8; 32],
     entry_id: &ChunkId,
-    loc: &crate::index::BlobLoc,
+    loc: &BlobLoc,
     sealed: &[u8],
 ) -> Result<Vec<u8>> {
     let mut plain = vec![0u8; loc.raw_length as usize];
@@ -166,7 +155,7 @@ pub fn open_blob_into(
     dek: &[u8; 32],
     id_key: &[u8; 32],
     entry_id: &ChunkId,
-    loc: &crate::index::BlobLoc,
+    loc: &BlobLoc,
     sealed: &[u8],
     out: &mut [u8],
 ) -> Result<()> {

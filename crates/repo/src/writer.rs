@@ -15,7 +15,8 @@ use custos_crypto::wrap::PublicKey;
 use custos_model::{ChunkId, Error, Id, PackId, Result};
 use custos_storage::{DynStorage, PutMode};
 
-use crate::index::{BlobKind, Index, IndexPack};
+use crate::blob::BlobKind;
+use crate::index::{Index, IndexPack};
 use crate::pack::{FinishedPack, PackBuilder};
 use crate::paths;
 
