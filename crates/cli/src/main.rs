@@ -14,7 +14,9 @@ use custos_crypto::Role;
 use custos_model::path::escape as esc;
 use custos_model::retention::RetentionPolicy;
 use custos_model::{ByteSize, Error, Kind, Result};
-use custos_ops::{backup, forget, pg_backup, prune, restore, verify};
+use custos_ops::maintenance::{forget, prune, verify};
+use custos_ops::postgres::backup as pg_backup;
+use custos_ops::{backup, files, restore};
 use custos_repo::snapshot::PgBackupType;
 use custos_repo::snapshot::SourceKind;
 use custos_repo::{OpenOptions, Repository};
@@ -768,7 +770,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             prefix,
             allow_delete,
         } => {
-            let v = custos_ops::iam::policy(&role, &bucket, &prefix, allow_delete);
+            let v = custos_ops::keys::iam::policy(&role, &bucket, &prefix, allow_delete);
             println!(
                 "{}",
                 serde_json::to_string_pretty(&v).expect("serializable")
@@ -823,7 +825,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
                 .cache_dir
                 .as_deref()
                 .map(|c| (c, location.as_str()));
-            let r = custos_ops::pg_check::check(
+            let r = custos_ops::postgres::check::check(
                 repo.as_ref(),
                 &ctx.settings.db(db_url),
                 max_lag,
@@ -901,7 +903,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             }
             let path = path.expect("required by clap");
             let repo = ctx.open()?;
-            let (name, outcome) = custos_ops::wal::push(&repo, &path, &pgdata)?;
+            let (name, outcome) = custos_ops::postgres::wal::push(&repo, &path, &pgdata)?;
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({"file": name, "stored": outcome == custos_repo::wal::PushOutcome::Stored}));
             }
@@ -912,7 +914,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             let pgdata = ctx.settings.pgdata(pgdata);
             // PostgreSQL asks for files that do not exist at the end of recovery: answer
             // quickly and quietly.
-            let found = custos_ops::wal::fetch(&repo, &name, &dest, &pgdata)?;
+            let found = custos_ops::postgres::wal::fetch(&repo, &name, &dest, &pgdata)?;
             ctx.touch(serde_json::json!({"file": name, "found": found}));
             if found {
                 Ok(0)
@@ -946,7 +948,7 @@ fn wal_push_async(
     timeout: std::time::Duration,
     drain: bool,
 ) -> Result<i32> {
-    use custos_ops::wal::Spool;
+    use custos_ops::postgres::wal::Spool;
     let cache = ctx.settings.cache_dir.clone().ok_or_else(|| {
         Error::config("wal-push --async needs a cache folder for its markers")
             .hint("set CUSTOS_CACHE_DIR or cache_dir in custos.toml")
@@ -1563,11 +1565,11 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                     other => (other.clone(), String::new()),
                 };
                 let src = custos_storage::url::open(&storage_loc, &ctx.settings.storage)?;
-                let r = backup::backup_bucket(&repo, &src, &paths[0], &prefix, &opts)?;
+                let r = files::backup_bucket(&repo, &src, &paths[0], &prefix, &opts)?;
                 Ok(print_backup(ctx, &r))
             } else {
                 let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
-                let r = backup::backup_files(&repo, &paths, &opts)?;
+                let r = files::backup_files(&repo, &paths, &opts)?;
                 Ok(print_backup(ctx, &r))
             }
         }
@@ -1583,7 +1585,7 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                 cache_dir: None,
                 progress: progress.as_ref(),
             };
-            let r = backup::backup_stream(&repo, &name, command.as_deref(), &opts)?;
+            let r = files::backup_stream(&repo, &name, command.as_deref(), &opts)?;
             Ok(print_backup(ctx, &r))
         }
         BackupCommand::Postgres {
@@ -1640,12 +1642,12 @@ fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                     progress: progress.as_ref(),
                 };
                 let r = match s.kind.as_str() {
-                    "files" => backup::backup_files(
+                    "files" => files::backup_files(
                         &repo,
                         &s.paths.iter().map(PathBuf::from).collect::<Vec<_>>(),
                         &opts,
                     ),
-                    "stream" => backup::backup_stream(
+                    "stream" => files::backup_stream(
                         &repo,
                         &s.name,
                         Some(s.command.as_deref().ok_or_else(|| {
@@ -1821,7 +1823,7 @@ fn age(secs: i64) -> String {
 
 fn cmd_info(ctx: &Ctx) -> Result<i32> {
     let repo = ctx.open()?;
-    let r = custos_ops::info::info(&repo, chrono::Utc::now())?;
+    let r = custos_ops::maintenance::info::info(&repo, chrono::Utc::now())?;
     ctx.touch(serde_json::json!({"clusters": r.clusters.len(), "sources": r.sources.len()}));
     if ctx.out.json {
         ctx.out.json(&r);
@@ -1892,7 +1894,7 @@ fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
         .collect();
     // Database backups restore to any time from their end to the end of the unbroken run
     // of archived WAL after them.
-    let archives = custos_ops::wal_window::archives(
+    let archives = custos_ops::postgres::archive::archives(
         &repo,
         snaps.iter().filter_map(|s| s.summary.pg.as_ref()),
     )?;
@@ -2094,7 +2096,7 @@ fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             if no_archiving {
                 extra_settings.push("archive_mode = off".to_string());
             }
-            use custos_ops::pg_restore::{restore_postgres, PgRestoreOptions, Target};
+            use custos_ops::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
             let target = if let Some(t) = target_time {
                 Target::Time(parse_target_time(&t)?)
             } else if let Some(l) = target_lsn {

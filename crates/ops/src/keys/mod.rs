@@ -3,6 +3,8 @@
 //! repository's data keys are wrapped to. An overdue key is reported, never enforced:
 //! backups must keep running.
 
+pub mod iam;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};

@@ -190,7 +190,7 @@ fn window_change(
         })
         .collect();
     let seg = backups[0].0.segment_size;
-    let archive = crate::wal_window::Archive::load(repo, sys, seg)?;
+    let archive = crate::postgres::archive::Archive::load(repo, sys, seg)?;
     let mut c = WindowChange {
         from_before: None,
         from_after: None,

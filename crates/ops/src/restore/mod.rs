@@ -13,6 +13,8 @@
 //! and every change goes through [`TargetDir`], which never follows a link inside the
 //! target. Symbolic links are created last.
 
+pub mod target;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -27,7 +29,7 @@ use custos_sources::files::{Entry, EntryKind};
 use serde::Serialize;
 
 use crate::progress::Progress;
-use crate::target::{Found, Meta, TargetDir};
+use crate::restore::target::{Found, Meta, TargetDir};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
@@ -61,7 +63,7 @@ fn delta_prepare(
     index: &Index,
     target: &TargetDir,
     entries: &[Entry],
-    pieces: &[Vec<crate::pg_pages::Piece>],
+    pieces: &[Vec<crate::postgres::pages::Piece>],
 ) -> Result<DeltaReport> {
     let mut report = DeltaReport::default();
     let wanted: std::collections::HashMap<&PathBytes, EntryKind> =
@@ -596,7 +598,7 @@ fn write_error(t: &TargetDir, rel: &PathBytes, err: std::io::Error) -> Error {
 
 /// Cuts the pieces of a file with patches (blocks first, see `pg_pages::pieces`) into
 /// slices of about [`SLICE`] bytes of its blocks.
-fn slices(file: usize, pieces: &[crate::pg_pages::Piece]) -> Vec<Slice> {
+fn slices(file: usize, pieces: &[crate::postgres::pages::Piece]) -> Vec<Slice> {
     // Slice of every block, by the block's index (blocks come first, block k at k).
     let blocks = pieces
         .iter()
@@ -665,7 +667,7 @@ fn lay_slice(
     s: &Slice,
     buf: &mut [u8],
 ) -> Result<()> {
-    let zero = crate::pg_pages::ZERO_CHUNK;
+    let zero = crate::postgres::pages::ZERO_CHUNK;
     let mut uses: HashMap<ChunkId, usize> = HashMap::new();
     for p in s.pieces.iter().filter(|p| p.chunk != zero) {
         *uses.entry(p.chunk).or_default() += 1;
@@ -876,12 +878,12 @@ pub fn restore_files(
     // Every file's pieces, worked out side by side (a large file with patches has
     // hundreds of thousands), and before anything is written: a malformed entry stops
     // the restore here.
-    let mut all_pieces: Vec<Vec<crate::pg_pages::Piece>> =
+    let mut all_pieces: Vec<Vec<crate::postgres::pages::Piece>> =
         custos_repo::repository::parallel_map(&entries, repo.threads(), |e| {
             if e.kind != EntryKind::File {
                 return Ok(vec![]);
             }
-            crate::pg_pages::pieces(e, |id| {
+            crate::postgres::pages::pieces(e, |id| {
                 index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
             })
         })?;
@@ -985,7 +987,7 @@ pub fn restore_files(
             packs.extend(
                 s.pieces
                     .iter()
-                    .filter(|p| p.chunk != crate::pg_pages::ZERO_CHUNK)
+                    .filter(|p| p.chunk != crate::postgres::pages::ZERO_CHUNK)
                     .map(|p| index.get(&p.chunk).expect("checked").0.id),
             );
         }
@@ -1028,7 +1030,7 @@ pub fn restore_files(
         written.fetch_add(n as u64, Ordering::Relaxed);
         opts.progress.add(n as u64);
         if pieces > 0 && remaining[f.file].fetch_sub(pieces, Ordering::AcqRel) == pieces {
-            crate::target::set_meta_fd(&f.buffered, &meta_of(&entries[f.file], is_root))
+            crate::restore::target::set_meta_fd(&f.buffered, &meta_of(&entries[f.file], is_root))
                 .map_err(|err| t.error(rel, err))?;
         }
         Ok(())
@@ -1384,7 +1386,7 @@ pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Ent
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg_pages::Piece;
+    use crate::postgres::pages::Piece;
 
     fn id(n: u8) -> ChunkId {
         ChunkId(custos_model::Id::of_bytes(&[n]))

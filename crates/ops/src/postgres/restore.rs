@@ -67,7 +67,7 @@ pub struct PgRestoreReport {
     /// What was written to postgresql.auto.conf.
     pub settings: Vec<String>,
     /// How far this backup can be recovered with the archive as it is.
-    pub window: crate::wal_window::Window,
+    pub window: crate::postgres::archive::Window,
     /// What the DBA should know before starting the server (a gap in the archive).
     pub warnings: Vec<String>,
     /// Settings of the restored configuration that run commands, load code or read other
@@ -332,7 +332,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
 
     // The archive must hold the WAL from the backup's start (unless the backup carries
     // it), without a hole, up to the target: checked offline, before anything is written.
-    let archive = crate::wal_window::Archive::load(repo, info.system_id, info.segment_size)?;
+    let archive = crate::postgres::archive::Archive::load(repo, info.system_id, info.segment_size)?;
     let window = archive.window(repo, &info)?;
     if !window.missing.is_empty() {
         return Err(Error::integrity(format!(
@@ -392,7 +392,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     let body = repo.snapshot_body(&snap.id)?;
     if unsafe { libc::geteuid() } == 0 {
         if let Some(root) = body.root.filter(|r| r.uid != 0) {
-            let user = crate::access::User::of(root.uid, root.gid);
+            let user = crate::postgres::access::User::of(root.uid, root.gid);
             for (path, exec) in &o.command_needs {
                 if let Some(why) = user.cannot(path, *exec) {
                     return Err(Error::config(format!(
@@ -445,7 +445,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         })?;
         let mut settings = recovery_settings(&o.target, &o.restore_command);
         settings.extend(o.extra_settings.iter().cloned());
-        let dir = crate::target::TargetDir::open(&o.to)?;
+        let dir = crate::restore::target::TargetDir::open(&o.to)?;
         write_recovery(&dir, &settings, body.root)?;
         // With archiving turned off, the archive command and library do not run.
         let archiving_off = settings
@@ -545,7 +545,7 @@ pub fn recovery_settings(target: &Target, restore_command: &str) -> Vec<String> 
 /// files are written inside the data directory whatever the snapshot holds: a link there
 /// is an error, never followed.
 fn write_recovery(
-    dir: &crate::target::TargetDir,
+    dir: &crate::restore::target::TargetDir,
     settings: &[String],
     root: Option<custos_repo::snapshot::RootMeta>,
 ) -> Result<()> {

@@ -100,8 +100,10 @@ pub fn info(repo: &Repository, now: DateTime<Utc>) -> Result<InfoReport> {
         bytes: s.summary.stats.bytes,
     };
 
-    let archives =
-        crate::wal_window::archives(repo, snaps.iter().filter_map(|s| s.summary.pg.as_ref()))?;
+    let archives = crate::postgres::archive::archives(
+        repo,
+        snaps.iter().filter_map(|s| s.summary.pg.as_ref()),
+    )?;
     let mut clusters = vec![];
     for (sys, archive) in &archives {
         let mine: Vec<&custos_repo::Snapshot> = snaps

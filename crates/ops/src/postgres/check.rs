@@ -56,8 +56,8 @@ pub fn check(
     let mut problems = vec![];
     let (mut spool_waiting, spool_oldest_seconds, mut spool_last_error) = (0, 0, None);
     if let Some((cache, location)) = spool {
-        let sp = crate::wal::Spool {
-            dir: crate::wal::Spool::location(cache, a.system_id, location),
+        let sp = crate::postgres::wal::Spool {
+            dir: crate::postgres::wal::Spool::location(cache, a.system_id, location),
         };
         spool_last_error = sp.last_error();
         if let Some(e) = &spool_last_error {
@@ -159,7 +159,7 @@ pub fn check(
         n.sort();
         n
     };
-    let archive = crate::wal_window::Archive::load(repo, a.system_id, seg_size)?;
+    let archive = crate::postgres::archive::Archive::load(repo, a.system_id, seg_size)?;
     let backups: Vec<custos_repo::snapshot::PgInfo> = repo
         .snapshots()?
         .into_iter()

@@ -161,7 +161,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         .iter()
         .filter_map(|s| s.summary.pg.as_ref())
         .collect();
-    let archives = crate::wal_window::archives(repo, backups.iter().copied())?;
+    let archives = crate::postgres::archive::archives(repo, backups.iter().copied())?;
     for (sys, a) in &archives {
         let mine: Vec<_> = snapshots
             .iter()

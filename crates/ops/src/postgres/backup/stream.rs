@@ -37,11 +37,11 @@ use custos_sources::postgres::datadir::{self, PageCheck, PAGE_SIZE};
 use custos_sources::postgres::db::{ClusterInfo, Db};
 
 use crate::backup::BackupOptions;
-use crate::pg_backup::{
+use crate::postgres::backup::shared::{
     begin, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
     PgBackupOptions, PgBackupReport,
 };
-use crate::pg_pages::{FileBuilder, ParentFile, Sink};
+use crate::postgres::pages::{FileBuilder, ParentFile, Sink};
 
 pub(crate) fn backup_streamed(
     repo: &Repository,
@@ -373,7 +373,7 @@ fn read_stream(
     repo: &Repository,
     writer: &custos_repo::BlobWriter,
     stream: impl Read,
-    parents: Option<&crate::pg_backup::ParentFiles>,
+    parents: Option<&crate::postgres::backup::shared::ParentFiles>,
     parent_start_ns: i64,
     check_pages: bool,
     incremental: Option<u64>,
@@ -791,7 +791,7 @@ fn rebuild(
 /// it: the system identifier, the parent's WAL range, and its files with their sizes.
 fn parent_manifest(
     system_id: u64,
-    files: &crate::pg_backup::ParentFiles,
+    files: &crate::postgres::backup::shared::ParentFiles,
     parent: &PgInfo,
 ) -> String {
     let mut listed: Vec<(&PathBytes, &ParentFile)> = files.iter().collect();
