@@ -1,0 +1,345 @@
+//! `custos verify`, `forget`, `prune` and `unlock`: keeping the repository sound.
+
+use clap::Args;
+use custos_model::path::escape as esc;
+use custos_model::retention::RetentionPolicy;
+use custos_model::{ByteSize, Error, Result};
+use custos_ops::maintenance::{forget, prune, verify};
+
+use crate::context::Ctx;
+use crate::output;
+
+/// The flags of `custos verify`.
+#[derive(Args)]
+pub(crate) struct VerifyArgs {
+    /// Read every pack back: re-hash it and (restore key) decrypt and check every blob
+    #[arg(long)]
+    pub(crate) read_data: bool,
+    /// Read only part of the data: a percentage like 10%
+    #[arg(long, value_name = "PERCENT", requires = "read_data")]
+    pub(crate) subset: Option<String>,
+}
+
+/// The flags of `custos forget`.
+#[derive(Args)]
+pub(crate) struct ForgetArgs {
+    /// Remove these snapshots (ids or unique prefixes) instead of applying a policy.
+    /// Example: `custos forget 3f2a9c01 --dry-run`
+    pub(crate) snapshots: Vec<String>,
+    #[command(flatten)]
+    pub(crate) policy: PolicyArgs,
+    /// Show what would be kept and removed, and why; change nothing
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Run prune afterwards
+    #[arg(long)]
+    pub(crate) prune: bool,
+}
+
+/// The flags of `custos prune`.
+#[derive(Args)]
+pub(crate) struct PruneArgs {
+    /// Show what would be deleted and rewritten; change nothing
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+}
+
+#[derive(Args, Clone, Default)]
+pub(crate) struct PolicyArgs {
+    /// Keep the N newest snapshots of each group
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N weeks that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N years that have one
+    #[arg(long, value_name = "N")]
+    pub(crate) keep_yearly: Option<u32>,
+    /// Keep all snapshots within this duration of the newest (e.g. 7d)
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) keep_within: Option<String>,
+}
+
+pub(crate) fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Result<i32> {
+    let subset = match subset {
+        None => 1.0,
+        Some(s) => {
+            let v: f64 = s.trim_end_matches('%').parse().map_err(|_| {
+                Error::config(format!("--subset `{s}` is not a percentage like 10%"))
+            })?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(Error::config("--subset must be between 0% and 100%"));
+            }
+            v / 100.0
+        }
+    };
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    let r = verify::verify(
+        &repo,
+        &verify::VerifyOptions {
+            read_data,
+            subset,
+            progress: progress.as_ref(),
+            key_max_age: ctx.settings.key_max_age()?,
+        },
+    )?;
+    ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read, "vouched": r.vouched, "damaged": r.damaged}));
+    if ctx.out.json {
+        ctx.out.json(&r);
+    } else {
+        println!(
+            "{} snapshots, {} packs, {} archived WAL files",
+            r.snapshots, r.packs, r.wal_files
+        );
+        if read_data {
+            println!(
+                "read {} packs ({}), {} chunks {}",
+                r.packs_read,
+                ByteSize(r.bytes_read),
+                r.chunks_read,
+                if r.decrypted {
+                    "decrypted and checked"
+                } else {
+                    "(pack hashes only: backup key)"
+                }
+            );
+        }
+        if r.sampled > 0 {
+            println!(
+                "checked {} chunks of packs no restore key had read (--read-data reads all)",
+                r.sampled
+            );
+        }
+        if r.vouched > 0 {
+            println!(
+                "vouched for {} pack(s): every backup key may now deduplicate against them",
+                r.vouched
+            );
+        }
+        if !r.damaged.is_empty() {
+            println!(
+                "recorded {} damaged cop(ies): the next backup of that data stores it again",
+                r.damaged.len()
+            );
+        }
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
+        for f in &r.key_findings {
+            eprintln!("custos: warning: {f}");
+        }
+        for e in &r.errors {
+            println!("error: {e}");
+        }
+        if r.errors.is_empty() {
+            println!("no problems found");
+        }
+    }
+    match verify::integrity_error(&r) {
+        Some(e) => {
+            if !ctx.out.json {
+                output::error(&e, false);
+            }
+            Ok(e.kind.exit_code())
+        }
+        None => Ok(0),
+    }
+}
+
+pub(crate) fn policy_from(ctx: &Ctx, a: &PolicyArgs) -> Result<RetentionPolicy> {
+    let any = a.keep_last.is_some()
+        || a.keep_daily.is_some()
+        || a.keep_weekly.is_some()
+        || a.keep_monthly.is_some()
+        || a.keep_yearly.is_some()
+        || a.keep_within.is_some();
+    if !any {
+        return ctx.settings.file.retention.clone().ok_or_else(|| {
+            Error::config("no retention policy given")
+                .hint("pass --keep-daily N etc., or set [retention] in custos.toml")
+        });
+    }
+    Ok(RetentionPolicy {
+        keep_last: a.keep_last.unwrap_or(0),
+        keep_daily: a.keep_daily.unwrap_or(0),
+        keep_weekly: a.keep_weekly.unwrap_or(0),
+        keep_monthly: a.keep_monthly.unwrap_or(0),
+        keep_yearly: a.keep_yearly.unwrap_or(0),
+        keep_within: a
+            .keep_within
+            .as_deref()
+            .map(|s| {
+                humantime::parse_duration(s)
+                    .map_err(|e| Error::config(format!("--keep-within `{s}`: {e}")))
+            })
+            .transpose()?,
+    })
+}
+
+pub(crate) fn cmd_forget(
+    ctx: &Ctx,
+    named: &[String],
+    a: &PolicyArgs,
+    dry_run: bool,
+    and_prune: bool,
+) -> Result<i32> {
+    let flags = a.keep_last.is_some()
+        || a.keep_daily.is_some()
+        || a.keep_weekly.is_some()
+        || a.keep_monthly.is_some()
+        || a.keep_yearly.is_some()
+        || a.keep_within.is_some();
+    if !named.is_empty() && flags {
+        return Err(Error::config(
+            "name snapshots to forget, or give a retention policy, not both",
+        ));
+    }
+    let policy = if named.is_empty() {
+        Some(policy_from(ctx, a)?)
+    } else {
+        None
+    };
+    let repo = ctx.open()?;
+    if !dry_run {
+        repo.require_delete("forget snapshots")?;
+    }
+    let ids = named
+        .iter()
+        .map(|n| {
+            repo.find_snapshot(n, |_: &custos_repo::SnapshotSummary| true)
+                .map(|s| s.id)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = forget::plan(
+        &repo,
+        match &policy {
+            Some(p) => forget::Selection::Policy(p),
+            None => forget::Selection::Named(&ids),
+        },
+    )?;
+    let removed = if dry_run {
+        0
+    } else {
+        forget::execute(&repo, &plan)?
+    };
+    ctx.touch(serde_json::json!({"dry_run": dry_run, "removed": plan.removed()}));
+    let mut prune_out = None;
+    if and_prune && !dry_run {
+        let progress = ctx.out.progress();
+        prune_out = Some(prune::prune(&repo, false, progress.as_ref())?);
+    }
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "removed": removed, "prune": prune_out}));
+    } else {
+        let t = |d: &Option<chrono::DateTime<chrono::Utc>>| {
+            d.map_or("nothing".to_string(), |d| {
+                d.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+            })
+        };
+        for g in &plan.groups {
+            match &g.system_id {
+                Some(sys) => println!(
+                    "postgres cluster {} (system id {sys}, every host):",
+                    esc(&g.source)
+                ),
+                None => println!("{} {} on {}:", g.kind, esc(&g.source), esc(&g.host)),
+            }
+            for d in &g.decisions {
+                println!(
+                    "  {} {}  {}  {}",
+                    if d.keep { "keep  " } else { "remove" },
+                    d.item.short(),
+                    d.time.format("%Y-%m-%d %H:%M:%S"),
+                    d.reasons.join("; ")
+                );
+            }
+            if let Some(w) = &g.window {
+                if w.from_before == w.from_after {
+                    println!(
+                        "  recovery window unchanged: from {} to {}",
+                        t(&w.from_before),
+                        t(&w.until)
+                    );
+                } else {
+                    println!(
+                        "  recovery window shrinks: from {} to {} becomes from {}; prune then deletes {} WAL file(s)",
+                        t(&w.from_before),
+                        t(&w.until),
+                        t(&w.from_after),
+                        w.wal_freed
+                    );
+                }
+            }
+        }
+        let n = plan.removed().len();
+        if dry_run {
+            println!("dry run: {n} snapshot(s) would be removed");
+        } else {
+            println!("removed {removed} snapshot(s); run `custos prune` to free their data");
+        }
+        if let Some((_, Some(r))) = &prune_out {
+            println!(
+                "prune: deleted {} packs ({})",
+                r.packs_deleted,
+                ByteSize(r.bytes_deleted)
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    let (plan, report) = prune::prune(&repo, dry_run, progress.as_ref())?;
+    ctx.touch(serde_json::json!({"dry_run": dry_run, "report": report}));
+    if ctx.out.json {
+        ctx.out
+            .json(&serde_json::json!({"dry_run": dry_run, "plan": plan, "report": report}));
+    } else {
+        println!(
+            "{} snapshots, {} packs; chunks used {}, unused {}",
+            plan.snapshots, plan.packs, plan.chunks_used, plan.chunks_unused
+        );
+        println!(
+            "{} {} unused pack(s), rewrite {} partly used, remove {} unindexed pack(s), {} temp file(s) and {} WAL file(s) older than every kept database backup; about {} freed",
+            if dry_run { "would delete" } else { "delete" },
+            plan.packs_delete.len(),
+            plan.packs_repack.len(),
+            plan.packs_unindexed.len(),
+            plan.temp_files.len(),
+            plan.wal_delete.len(),
+            ByteSize(plan.bytes_freed_estimate)
+        );
+        if let Some(r) = report {
+            println!(
+                "done: deleted {} packs ({}) and {} WAL file(s), wrote {} new packs with {} chunks",
+                r.packs_deleted,
+                ByteSize(r.bytes_deleted),
+                r.wal_deleted,
+                r.packs_written,
+                r.chunks_repacked
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `custos unlock`: stale locks go.
+pub(crate) fn unlock(ctx: &Ctx) -> Result<i32> {
+    let repo = ctx.open()?;
+    let n = custos_repo::lock::remove_stale(&repo.storage, &repo.keys.meta_key, &repo.opts.host)?;
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({ "removed_locks": n }));
+    } else {
+        println!("removed {n} stale lock(s)");
+    }
+    Ok(0)
+}

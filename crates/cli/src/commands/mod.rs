@@ -1,0 +1,11 @@
+//! One module per command group: its flags, its call into the library, and its output
+//! (text, or one JSON document with --json). `main.rs` only parses and dispatches.
+
+pub mod audit;
+pub mod backup;
+pub mod init;
+pub mod key;
+pub mod maintenance;
+pub mod pg;
+pub mod restore;
+pub mod snapshots;

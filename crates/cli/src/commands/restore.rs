@@ -1,0 +1,358 @@
+//! `custos restore ...`: files into a folder, a PostgreSQL cluster to a point in time, a
+//! stream to standard output.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use custos_model::{ByteSize, Error, Result};
+use custos_ops::restore;
+use custos_repo::snapshot::SourceKind;
+
+use crate::context::Ctx;
+use crate::output::mb_per_s;
+
+#[derive(Subcommand)]
+pub(crate) enum RestoreCommand {
+    /// Restore a file snapshot into a folder. Paths keep their place in the snapshot
+    /// (--include restores some of them, under the same folders); SNAPSHOT:PATH restores
+    /// what lies under PATH into the folder itself.
+    #[command(
+        after_help = "Examples:\n  custos restore files latest --to /restore --include documents/patient-0042   # /restore/documents/patient-0042\n  custos restore files latest:documents/patient-0042 --to /restore/patient-0042  # its files right in it"
+    )]
+    Files {
+        /// The snapshot: an id (prefix) or `latest` (the newest of the right kind), with
+        /// `:PATH` to restore only what lies under PATH, into the target itself
+        snapshot: String,
+        /// The folder to restore into (created if missing; must be empty without
+        /// --overwrite or --delta)
+        #[arg(long)]
+        to: PathBuf,
+        /// Restore only this path of the snapshot, under the folders it is in (repeatable)
+        #[arg(long)]
+        include: Vec<String>,
+        /// Allow a non-empty target folder; its files that are in the snapshot are replaced
+        #[arg(long, conflicts_with = "delta")]
+        overwrite: bool,
+        /// Make the target folder equal to the snapshot: rewrite only the blocks that differ
+        /// and remove what the snapshot does not hold
+        #[arg(long)]
+        delta: bool,
+        /// With `latest`: the latest snapshot of this source
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Restore a PostgreSQL cluster to a point in time into a data directory
+    #[command(
+        after_help = "Example:\n  CUSTOS_PASSWORD_FILE=/etc/custos/restore.pw custos restore postgres --to /var/lib/postgresql/18/restored \\\n      --target-time '2026-11-28 02:55:00+00' --port 5433 --no-archiving"
+    )]
+    Postgres {
+        /// The data directory to create (or correct in place with --delta)
+        #[arg(long)]
+        to: PathBuf,
+        /// Recover to this time, with its zone: `2026-01-31 02:00:00+01`, `... UTC`, or RFC 3339
+        #[arg(long, value_name = "TIME", group = "target_kind")]
+        target_time: Option<String>,
+        /// Recover to this WAL position (like 0/3000060)
+        #[arg(long, value_name = "LSN", group = "target_kind")]
+        target_lsn: Option<String>,
+        /// Recover up to and including this transaction id
+        #[arg(long, value_name = "XID", group = "target_kind")]
+        target_xid: Option<u64>,
+        /// Recover to a restore point made with pg_create_restore_point()
+        #[arg(long, value_name = "NAME", group = "target_kind")]
+        target_name: Option<String>,
+        /// `immediate`: stop as soon as the backup is consistent. Default: replay all archived WAL
+        #[arg(long, value_parser = ["immediate"], group = "target_kind")]
+        target: Option<String>,
+        /// Restore this base backup (default: the newest that ends before the target)
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// The cluster (name or system id) when the repository holds several
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Correct an existing data directory: rewrite only blocks that differ, remove extra files
+        #[arg(long)]
+        delta: bool,
+        /// restore_command to write (default: this custos with the same repository and password source)
+        #[arg(long, value_name = "COMMAND")]
+        restore_command: Option<String>,
+        /// Port for the restored server (to run it beside the original)
+        #[arg(long)]
+        port: Option<u16>,
+        /// Turn archiving off in the restored server: for drills and copies, so they do not
+        /// archive a new timeline into the production repository
+        #[arg(long)]
+        no_archiving: bool,
+    },
+    /// Write a stream snapshot to standard output
+    #[command(
+        after_help = "Example:\n  custos restore stream latest --source terraform > terraform.tfstate"
+    )]
+    Stream {
+        /// The snapshot: an id (prefix) or `latest`
+        snapshot: String,
+        /// With `latest`: the latest snapshot of this stream name
+        #[arg(long)]
+        source: Option<String>,
+    },
+}
+
+pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
+    // A delta restore reads the target folder first: no read-ahead to compete with it.
+    let delta = matches!(r, RestoreCommand::Postgres { delta: true, .. });
+    let repo = if delta {
+        ctx.open()?
+    } else {
+        ctx.open_to_restore()?
+    };
+    repo.require_restore("restore")?;
+    match r {
+        RestoreCommand::Files {
+            snapshot,
+            to,
+            include,
+            overwrite,
+            delta,
+            source,
+        } => {
+            let (spec, subtree) = match snapshot.split_once(':') {
+                Some((spec, path)) => (spec.to_string(), Some(path.to_string())),
+                None => (snapshot.clone(), None),
+            };
+            let snap =
+                repo.find_snapshot(&spec, |s: &custos_repo::SnapshotSummary| match &source {
+                    Some(src) => s.source == *src && s.kind != SourceKind::Stream,
+                    None => s.kind != SourceKind::Stream,
+                })?;
+            let progress = ctx.out.progress();
+            let rep = restore::restore_files(
+                &repo,
+                &snap,
+                &to,
+                &restore::RestoreOptions {
+                    subtree,
+                    include,
+                    overwrite,
+                    delta,
+                    progress: progress.as_ref(),
+                },
+            )?;
+            ctx.touch(
+                serde_json::json!({"snapshot": snap.id, "files": rep.files, "bytes": rep.bytes}),
+            );
+            if ctx.out.json {
+                ctx.out.json(&rep);
+            } else {
+                println!("restored snapshot {} to {}", snap.id.short(), rep.target);
+                println!(
+                    "  {} files, {} folders, {} links, {} in {:.1} s ({})",
+                    rep.files,
+                    rep.dirs,
+                    rep.symlinks,
+                    ByteSize(rep.bytes),
+                    rep.duration_ms as f64 / 1000.0,
+                    mb_per_s(rep.bytes, rep.duration_ms)
+                );
+            }
+        }
+        RestoreCommand::Postgres {
+            to,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target,
+            snapshot,
+            cluster,
+            delta,
+            restore_command,
+            port,
+            no_archiving,
+        } => {
+            let mut extra_settings = vec![];
+            if let Some(p) = port {
+                extra_settings.push(format!("port = {p}"));
+            }
+            if no_archiving {
+                extra_settings.push("archive_mode = off".to_string());
+            }
+            use custos_ops::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
+            let target = if let Some(t) = target_time {
+                Target::Time(parse_target_time(&t)?)
+            } else if let Some(l) = target_lsn {
+                Target::Lsn(l.parse()?)
+            } else if let Some(x) = target_xid {
+                Target::Xid(x)
+            } else if let Some(n) = target_name {
+                Target::Name(n)
+            } else if target.is_some() {
+                Target::Immediate
+            } else {
+                Target::Latest
+            };
+            let (restore_command, command_needs) = match restore_command {
+                Some(c) => (c, vec![]),
+                None => (
+                    ctx.settings.restore_command(&ctx.env)?,
+                    ctx.settings.restore_command_files(&ctx.env),
+                ),
+            };
+            if let Target::Time(t) = &target {
+                // Said once in both zones, so that a misread zone shows before the restore.
+                if !ctx.out.quiet {
+                    eprintln!(
+                        "custos: recovering to {} ({} on this host)",
+                        t.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+                        t.with_timezone(&chrono::Local)
+                            .format("%Y-%m-%d %H:%M:%S%.3f %:z")
+                    );
+                }
+            }
+            let progress = ctx.out.progress();
+            let r = restore_postgres(
+                &repo,
+                &PgRestoreOptions {
+                    to: to.clone(),
+                    target,
+                    snapshot,
+                    cluster,
+                    delta,
+                    restore_command,
+                    extra_settings,
+                    command_needs,
+                    progress: progress.as_ref(),
+                },
+            )?;
+            ctx.touch(serde_json::json!({"snapshot": r.snapshot, "target": r.target, "to": r.data_directory, "bytes": r.restore.bytes, "risky_settings": r.risky_settings.len()}));
+            // The restored configuration came from whoever wrote the snapshot (a backup
+            // key): what in it runs commands or loads code is named before anyone starts
+            // the server, on stderr, with --json too.
+            if !r.risky_settings.is_empty() {
+                let w = &r.written_by;
+                eprintln!(
+                    "custos: warning: the restored configuration runs commands or loads code; check these before starting the server (snapshot written by {} key {} on {}):",
+                    w.role.as_deref().unwrap_or("a removed"),
+                    w.key.short(),
+                    custos_model::path::escape(&w.host)
+                );
+                for s in &r.risky_settings {
+                    eprintln!(
+                        "  {}:{}: {} = '{}' ({})",
+                        s.file,
+                        s.line,
+                        s.name,
+                        custos_model::path::escape(&s.value),
+                        s.does
+                    );
+                }
+            }
+            for w in &r.warnings {
+                eprintln!("custos: warning: {w}");
+            }
+            if ctx.out.json {
+                ctx.out.json(&r);
+            } else {
+                let b = &r.backup;
+                println!(
+                    "restored {} backup {} of cluster {} (consistent from {}) to {}",
+                    b.backup_type.as_str(),
+                    &r.snapshot[..8],
+                    b.system_id,
+                    b.stop_time.format("%Y-%m-%d %H:%M:%S UTC"),
+                    r.data_directory
+                );
+                let x = &r.restore;
+                println!(
+                    "  {} files, {} written in {:.1} s ({}){}",
+                    x.files,
+                    ByteSize(x.bytes),
+                    x.duration_ms as f64 / 1000.0,
+                    mb_per_s(x.bytes, x.duration_ms),
+                    if delta {
+                        format!(
+                            "; delta: {} already right, {} path(s) removed",
+                            ByteSize(x.bytes_unchanged),
+                            x.removed
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                if let Some((seg, at)) = &r.archive_end {
+                    println!(
+                        "  archived WAL reaches {seg}{}",
+                        at.map(|t| format!(" (archived {})", t.format("%Y-%m-%d %H:%M:%S UTC")))
+                            .unwrap_or_default()
+                    );
+                }
+                println!("  recovery settings (postgresql.auto.conf, with recovery.signal):");
+                for s in &r.settings {
+                    println!("    {s}");
+                }
+                println!("start it as the owner of the folder, for example:");
+                println!(
+                    "  runuser -u postgres -- pg_ctl -D {} -l {}/restore.log start",
+                    r.data_directory, r.data_directory
+                );
+                println!("PostgreSQL fetches and replays the WAL up to the target, then promotes and accepts writes.");
+                if port.is_none() {
+                    println!("(Pass --port, or change `port`, if the original server runs on this host.)");
+                }
+                if !no_archiving {
+                    println!("Archiving stays on: once promoted, the server archives a new timeline into this repository (--no-archiving for a drill or a copy).");
+                }
+            }
+        }
+        RestoreCommand::Stream { snapshot, source } => {
+            let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
+                s.kind == SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)
+            })?;
+            ctx.touch(serde_json::json!({"snapshot": snap.id}));
+            let stdout = std::io::stdout();
+            let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            restore::restore_stream(&repo, &snap, &mut lock)?;
+            lock.flush().map_err(|e| Error::internal(e.to_string()))?;
+        }
+    }
+    Ok(0)
+}
+
+/// A recovery target time, which must say its zone: a time read in the wrong zone
+/// restores the wrong hour, silently (PostgreSQL, pgBackRest and this host may each assume
+/// another zone).
+pub(crate) fn parse_target_time(t: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    use chrono::{DateTime, NaiveDateTime, Utc};
+    let trimmed = t.trim();
+    let utc = ["UTC", "GMT", "Z"]
+        .iter()
+        .find_map(|z| trimmed.strip_suffix(z).map(str::trim_end));
+    let zoned = utc.map_or(trimmed.to_string(), |s| format!("{s}+00:00"));
+    if let Ok(d) = DateTime::parse_from_rfc3339(&zoned) {
+        return Ok(d.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(d) = DateTime::parse_from_str(&zoned, f) {
+            return Ok(d.with_timezone(&Utc));
+        }
+    }
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if NaiveDateTime::parse_from_str(trimmed, f).is_ok() {
+            let here = chrono::Local::now().format("%:z");
+            return Err(Error::config(format!(
+                "--target-time `{t}` does not say its time zone"
+            ))
+            .hint(format!(
+                "add it: `{trimmed}+00` for UTC, or `{trimmed}{here}` for this host's zone (a server may log in yet another zone: check its log_timezone)"
+            )));
+        }
+    }
+    Err(Error::config(format!(
+        "--target-time `{t}` is not a time like `2026-01-31 02:00:00+01` or 2026-01-31T02:00:00Z"
+    )))
+}
