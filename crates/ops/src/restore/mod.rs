@@ -830,7 +830,90 @@ pub fn restore_files(
     }
     let index = repo.load_index()?;
     tracing::debug!("restore: index loaded");
-    let all = crate::manifest::load(repo, &index, &body.manifest)?;
+    let entries = select(repo, &index, snap, &body.manifest, opts)?;
+    tracing::debug!("restore: manifest loaded ({} entries)", entries.len());
+    // Every file's pieces, worked out side by side (a large file with patches has
+    // hundreds of thousands), and before anything is written: a malformed entry stops
+    // the restore here.
+    let all_pieces: Vec<Vec<crate::postgres::pages::Piece>> =
+        custos_repo::repository::parallel_map(&entries, repo.threads(), |e| {
+            if e.kind != EntryKind::File {
+                return Ok(vec![]);
+            }
+            crate::postgres::pages::pieces(e, |id| {
+                index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
+            })
+        })?;
+    let t = TargetDir::open(target)?;
+    let mut report_delta = DeltaReport::default();
+    let keep = if opts.delta {
+        report_delta = delta_prepare(repo, &index, &t, &entries, &all_pieces)?;
+        Some(&report_delta.unchanged)
+    } else {
+        None
+    };
+
+    let Layout {
+        work,
+        planned,
+        packs_read,
+        total,
+        mut report,
+    } = lay_out(&index, &t, &entries, all_pieces, keep, opts)?;
+    report.snapshot = snap.id.to_hex();
+    report.target = target.display().to_string();
+    report.bytes_unchanged = report_delta.bytes_unchanged;
+    report.removed = report_delta.removed;
+
+    if !opts.delta {
+        let blocks = &|bsize: u64| {
+            entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File)
+                .map(|e| e.size.next_multiple_of(bsize))
+                .sum::<u64>()
+        };
+        match check_room(target, blocks) {
+            // Space freed by --overwrite's removals may show only once committed.
+            Err(_) if opts.overwrite => {
+                sync_filesystem(target)?;
+                check_room(target, blocks)?;
+            }
+            r => r?,
+        }
+    }
+    tracing::debug!("restore: planned {} work items", work.len());
+    // From here the workers read what the plan needs, in its order.
+    custos_storage::stop_warming();
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let written = write_data(
+        repo, &index, &t, &entries, &work, &planned, total, is_root, opts,
+    )?;
+    tracing::debug!("restore: data written");
+    report.packs_read = packs_read;
+    report.bytes = written;
+    opts.progress.finish();
+
+    set_metadata(&t, &entries, &planned, is_root, &mut report)?;
+    // Durable before we say done: one syncfs for the whole restore rather than an fsync
+    // per file (same data written, far fewer waits).
+    tracing::debug!("restore: metadata set");
+    sync_filesystem(target)?;
+    tracing::debug!("restore: synced");
+    report.duration_ms = start.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// The entries a restore lays down: the manifest, checked (`check_tree`), cut to
+/// `SNAPSHOT:PATH` and to `--include`.
+fn select(
+    repo: &Repository,
+    index: &Index,
+    snap: &Snapshot,
+    manifest: &[ChunkId],
+    opts: &RestoreOptions,
+) -> Result<Vec<Entry>> {
+    let all = crate::manifest::load(repo, index, manifest)?;
     check_tree(&all)?;
     let all = match &opts.subtree {
         None => all,
@@ -874,28 +957,30 @@ pub fn restore_files(
         )
         .hint("`custos ls SNAPSHOT` lists the paths it holds"));
     }
-    tracing::debug!("restore: manifest loaded ({} entries)", entries.len());
-    // Every file's pieces, worked out side by side (a large file with patches has
-    // hundreds of thousands), and before anything is written: a malformed entry stops
-    // the restore here.
-    let mut all_pieces: Vec<Vec<crate::postgres::pages::Piece>> =
-        custos_repo::repository::parallel_map(&entries, repo.threads(), |e| {
-            if e.kind != EntryKind::File {
-                return Ok(vec![]);
-            }
-            crate::postgres::pages::pieces(e, |id| {
-                index.get(id).map(|(_, loc)| u64::from(loc.raw_length))
-            })
-        })?;
-    let t = TargetDir::open(target)?;
-    let mut report_delta = DeltaReport::default();
-    let keep = if opts.delta {
-        report_delta = delta_prepare(repo, &index, &t, &entries, &all_pieces)?;
-        Some(&report_delta.unchanged)
-    } else {
-        None
-    };
+    Ok(entries)
+}
 
+/// What `lay_out` leaves to write: the work in its queues, per entry the writes planned
+/// (its metadata is set when they are done), and the counts for the report.
+struct Layout {
+    work: Queues,
+    planned: Vec<usize>,
+    packs_read: u64,
+    total: u64,
+    report: RestoreReport,
+}
+
+/// Lays the tree out (folders, empty files; what is in the way removed for --overwrite
+/// and --delta) and plans the data: files with page patches in slices assembled in
+/// memory, every other file blob by blob from its pack.
+fn lay_out(
+    index: &Index,
+    t: &TargetDir,
+    entries: &[Entry],
+    mut all_pieces: Vec<Vec<crate::postgres::pages::Piece>>,
+    keep: Option<&std::collections::HashSet<(usize, usize)>>,
+    opts: &RestoreOptions,
+) -> Result<Layout> {
     // Layout first: folders, then every file. Then the data: files with page patches in
     // slices assembled in memory, every other file blob by blob from its pack.
     let mut plan: HashMap<PackId, PackPlan> = HashMap::new();
@@ -903,16 +988,16 @@ pub fn restore_files(
     let mut work: Vec<Work> = vec![];
     let mut total = 0u64;
     let mut report = RestoreReport {
-        snapshot: snap.id.to_hex(),
-        target: target.display().to_string(),
+        snapshot: String::new(),
+        target: String::new(),
         files: 0,
         dirs: 0,
         symlinks: 0,
         bytes: 0,
         packs_read: 0,
         duration_ms: 0,
-        bytes_unchanged: report_delta.bytes_unchanged,
-        removed: report_delta.removed,
+        bytes_unchanged: 0,
+        removed: 0,
     };
     // Writes (pieces or slices) planned per entry.
     let mut planned = vec![0usize; entries.len()];
@@ -993,32 +1078,35 @@ pub fn restore_files(
         }
     }
     let packs_read = packs.len() as u64;
-    work.extend(pack_work(plan, &index));
-    let work = Queues::new(work, &index);
+    work.extend(pack_work(plan, index));
+    let work = Queues::new(work, index);
 
-    if !opts.delta {
-        let blocks = &|bsize: u64| {
-            entries
-                .iter()
-                .filter(|e| e.kind == EntryKind::File)
-                .map(|e| e.size.next_multiple_of(bsize))
-                .sum::<u64>()
-        };
-        match check_room(target, blocks) {
-            // Space freed by --overwrite's removals may show only once committed.
-            Err(_) if opts.overwrite => {
-                sync_filesystem(target)?;
-                check_room(target, blocks)?;
-            }
-            r => r?,
-        }
-    }
-    tracing::debug!("restore: planned {} work items", work.len());
-    // From here the workers read what the plan needs, in its order.
-    custos_storage::stop_warming();
+    Ok(Layout {
+        work,
+        planned,
+        packs_read,
+        total,
+        report,
+    })
+}
+
+/// Decodes the planned work and writes it: decoders fill buffers and hand them over,
+/// writers write them, so the cores and the disk work side by side; a file's metadata is
+/// set by whoever does its last write. Returns the bytes written.
+#[allow(clippy::too_many_arguments)]
+fn write_data(
+    repo: &Repository,
+    index: &Index,
+    t: &TargetDir,
+    entries: &[Entry],
+    work: &Queues,
+    planned: &[usize],
+    total: u64,
+    is_root: bool,
+    opts: &RestoreOptions,
+) -> Result<u64> {
     opts.progress.start("restore", Some(total));
     let written = AtomicU64::new(0);
-    let is_root = unsafe { libc::geteuid() } == 0;
     // Writes still to do per entry; a file's metadata is set when it reaches zero.
     let remaining: Vec<std::sync::atomic::AtomicUsize> = planned
         .iter()
@@ -1051,10 +1139,10 @@ pub fn restore_files(
         for put in &job.puts {
             let rel = &entries[put.file].path;
             if open.as_ref().is_none_or(|f| f.file != put.file) {
-                *open = Some(OpenFile::open(put.file, &t, rel, alloc(put.file))?);
+                *open = Some(OpenFile::open(put.file, t, rel, alloc(put.file))?);
             }
             let f = open.as_ref().expect("opened above");
-            f.write_at(job.buf.bytes(put.at, put.len), put.dst, &t, rel)?;
+            f.write_at(job.buf.bytes(put.at, put.len), put.dst, t, rel)?;
             wrote(f, rel, put.len, put.pieces)?;
         }
         Ok(())
@@ -1092,7 +1180,7 @@ pub fn restore_files(
             match w {
                 Work::Slice(s) => {
                     let mut job = Job::new(pool.take(), s.len)?;
-                    lay_slice(repo, &index, &entries[s.file].path, s, job.buf.get(s.len)?)?;
+                    lay_slice(repo, index, &entries[s.file].path, s, job.buf.get(s.len)?)?;
                     job.used = s.len;
                     // One planned write per slice: counted with its last run.
                     let runs = slice_runs(s);
@@ -1121,7 +1209,7 @@ pub fn restore_files(
                     let ids: Vec<&ChunkId> = blobs.iter().map(|(id, _)| id).collect();
                     let mut k = 0;
                     let mut job = Job::new(pool.take(), 0)?;
-                    fetch_blobs(repo, &index, pack_id, &ids, |dek, id, loc, sealed| {
+                    fetch_blobs(repo, index, pack_id, &ids, |dek, id, loc, sealed| {
                         let targets = &blobs[k].1;
                         k += 1;
                         let raw = loc.raw_length as usize;
@@ -1157,7 +1245,7 @@ pub fn restore_files(
                             at = 0;
                         }
                         let out = &mut job.buf.get(at + raw)?[at..];
-                        open_or_other_copy(repo, &index, pack_id, dek, id, loc, sealed, out)?;
+                        open_or_other_copy(repo, index, pack_id, dek, id, loc, sealed, out)?;
                         job.used = at + raw;
                         match job.puts.last_mut() {
                             Some(w) if continues => {
@@ -1205,13 +1293,18 @@ pub fn restore_files(
     if let Some(e) = failed.into_inner().expect("not poisoned") {
         return Err(e);
     }
-    tracing::debug!("restore: data written");
-    report.packs_read = packs_read;
-    report.bytes = written.load(Ordering::Relaxed);
-    opts.progress.finish();
+    Ok(written.load(Ordering::Relaxed))
+}
 
-    // Metadata of empty files; then links, created last, when every folder and file is
-    // in place; then folders (deepest first) so their times hold.
+/// Metadata of empty files; then links, created last, when every folder and file is in
+/// place; then folders (deepest first) so their times hold.
+fn set_metadata(
+    t: &TargetDir,
+    entries: &[Entry],
+    planned: &[usize],
+    is_root: bool,
+    report: &mut RestoreReport,
+) -> Result<()> {
     for (i, e) in entries.iter().enumerate() {
         if e.kind == EntryKind::File && planned[i] == 0 {
             t.set_meta(&e.path, &meta_of(e, is_root))?;
@@ -1235,13 +1328,7 @@ pub fn restore_files(
     for e in entries.iter().rev().filter(|e| e.kind == EntryKind::Dir) {
         t.set_meta(&e.path, &meta_of(e, is_root))?;
     }
-    // Durable before we say done: one syncfs for the whole restore rather than an fsync
-    // per file (same data written, far fewer waits).
-    tracing::debug!("restore: metadata set");
-    sync_filesystem(target)?;
-    tracing::debug!("restore: synced");
-    report.duration_ms = start.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok(())
 }
 
 /// Refuses a restore that cannot fit before anything is written: `need(block size)` is
