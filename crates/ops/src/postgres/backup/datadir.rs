@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use chrono::Utc;
 use custos_model::{ChunkId, Error, Kind, Lsn, Result};
-use custos_repo::snapshot::{PgInfo, RootMeta, SnapshotStats};
+use custos_repo::snapshot::{RootMeta, SnapshotStats};
 use custos_repo::{BlobWriter, Repository, SnapshotBody};
 use custos_sources::direct::DirectReader;
 use custos_sources::files::{Entry, EntryKind, Walked};
@@ -26,8 +26,8 @@ use custos_sources::postgres::db::{ClusterInfo, Db};
 use custos_sources::postgres::summary::FileChanges;
 
 use super::shared::{
-    begin, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
-    PgBackupOptions, PgBackupReport,
+    begin, pg_info, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
+    PgBackupOptions, PgBackupReport, Span,
 };
 use crate::backup::BackupOptions;
 use crate::cache;
@@ -260,22 +260,20 @@ pub(crate) fn backup_datadir(
     }
     let manifest = crate::manifest::store(repo, writer, &manifest_entries)?;
     let damaged = damaged.into_inner().unwrap();
-    run.pg = Some(PgInfo {
-        system_id: info.system_id,
-        cluster: pg.cluster.clone(),
-        version_num: info.server_version_num,
+    run.pg = Some(pg_info(
+        info,
+        pg,
         backup_type,
-        timeline,
-        start_lsn,
-        stop_lsn: stop.stop_lsn,
-        start_time,
-        stop_time: stop.stop_time,
-        next_xid: stop.next_xid,
-        segment_size: info.segment_size,
-        wal_included: pg.include_wal,
-        data_checksums: info.data_checksums,
-        damaged_pages: damaged.len() as u64,
-    });
+        Span {
+            timeline,
+            start_lsn,
+            stop_lsn: stop.stop_lsn,
+            start_time,
+            stop_time: stop.stop_time,
+            next_xid: stop.next_xid,
+        },
+        damaged.len() as u64,
+    ));
     let stats = SnapshotStats {
         files_unchanged: unchanged.load(Ordering::Relaxed),
         bytes_read: bytes_read.load(Ordering::Relaxed) + wal_bytes,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use custos_model::{ChunkId, Error, Kind, Lsn, Result};
-use custos_repo::snapshot::{PgBackupType, SourceKind};
+use custos_repo::snapshot::{PgBackupType, PgInfo, SourceKind};
 use custos_repo::{BlobKind, BlobWriter, Repository};
 use custos_sources::files::{Entry, EntryKind, Fingerprint};
 use custos_sources::postgres::db::{ClusterInfo, ConnectOptions};
@@ -288,4 +288,40 @@ pub fn segments(timeline: u32, start: Lsn, stop: Lsn, segment_size: u64) -> Vec<
     (start.segment(segment_size)..=last)
         .map(|n| custos_sources::postgres::wal::segment_name(timeline, n, segment_size))
         .collect()
+}
+
+/// Where a base backup lies in the cluster's WAL and time: what its summary records.
+pub(crate) struct Span {
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    pub stop_time: chrono::DateTime<chrono::Utc>,
+    pub next_xid: u64,
+}
+
+/// The PostgreSQL part of a base backup's summary, however the cluster was read.
+pub(crate) fn pg_info(
+    info: &ClusterInfo,
+    pg: &PgBackupOptions,
+    backup_type: PgBackupType,
+    span: Span,
+    damaged_pages: u64,
+) -> PgInfo {
+    PgInfo {
+        system_id: info.system_id,
+        cluster: pg.cluster.clone(),
+        version_num: info.server_version_num,
+        backup_type,
+        timeline: span.timeline,
+        start_lsn: span.start_lsn,
+        stop_lsn: span.stop_lsn,
+        start_time: span.start_time,
+        stop_time: span.stop_time,
+        next_xid: span.next_xid,
+        segment_size: info.segment_size,
+        wal_included: pg.include_wal,
+        data_checksums: info.data_checksums,
+        damaged_pages,
+    }
 }

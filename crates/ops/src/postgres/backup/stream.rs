@@ -38,8 +38,8 @@ use custos_sources::postgres::db::{ClusterInfo, Db};
 
 use crate::backup::BackupOptions;
 use crate::postgres::backup::shared::{
-    begin, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
-    PgBackupOptions, PgBackupReport,
+    begin, pg_info, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
+    PgBackupOptions, PgBackupReport, Span,
 };
 use crate::postgres::pages::{FileBuilder, ParentFile, Sink};
 
@@ -293,22 +293,20 @@ pub(crate) fn backup_streamed(
     let (stop_time, next_xid) = db.clock_and_next_xid()?;
 
     let manifest_id = crate::manifest::store(repo, &run.writer, &read.entries)?;
-    run.pg = Some(PgInfo {
-        system_id: info.system_id,
-        cluster: pg.cluster.clone(),
-        version_num: info.server_version_num,
+    run.pg = Some(pg_info(
+        info,
+        pg,
         backup_type,
-        timeline,
-        start_lsn,
-        stop_lsn,
-        start_time,
-        stop_time,
-        next_xid,
-        segment_size: info.segment_size,
-        wal_included: pg.include_wal,
-        data_checksums: info.data_checksums,
-        damaged_pages: damaged.len() as u64,
-    });
+        Span {
+            timeline,
+            start_lsn,
+            stop_lsn,
+            start_time,
+            stop_time,
+            next_xid,
+        },
+        damaged.len() as u64,
+    ));
     let stats = SnapshotStats {
         files_unchanged: read.unchanged,
         bytes_read: read.bytes,
