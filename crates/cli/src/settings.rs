@@ -143,8 +143,6 @@ const PLAIN_VARS: &[&str] = &[
     "AWS_ENDPOINT_URL_S3",
     "XDG_CACHE_HOME",
     "HOME",
-    "USER",
-    "LOGNAME",
 ];
 
 impl Env {

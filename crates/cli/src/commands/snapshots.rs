@@ -114,6 +114,7 @@ pub(crate) fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
     let archives = custos_ops::postgres::archive::archives(
         &repo,
         snaps.iter().filter_map(|s| s.summary.pg.as_ref()),
+        &repo.wal_objects()?,
     )?;
     let mut windows = std::collections::HashMap::new();
     for s in &snaps {

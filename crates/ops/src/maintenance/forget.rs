@@ -67,6 +67,12 @@ pub enum Selection<'a> {
 
 pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
     let snaps = repo.snapshots()?;
+    // Listed once, for every cluster's recovery window, when there are database backups.
+    let wal = if snaps.iter().any(|s| s.summary.pg.is_some()) {
+        repo.wal_objects()?
+    } else {
+        vec![]
+    };
     type Key = (String, String, String, Option<u64>);
     let mut groups: std::collections::BTreeMap<Key, Vec<&custos_repo::Snapshot>> =
         Default::default();
@@ -139,7 +145,7 @@ pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
         };
         decisions.sort_by_key(|x| std::cmp::Reverse(x.time));
         let window = match sys {
-            Some(id) => Some(window_change(repo, &snaps, id, &decisions)?),
+            Some(id) => Some(window_change(repo, &snaps, id, &decisions, &wal)?),
             None => None,
         };
         out.push(GroupPlan {
@@ -180,6 +186,7 @@ fn window_change(
     snaps: &[custos_repo::Snapshot],
     sys: u64,
     decisions: &[Decision<SnapshotId>],
+    wal: &crate::postgres::archive::WalObjects,
 ) -> Result<WindowChange> {
     let backups: Vec<(&custos_repo::snapshot::PgInfo, bool)> = snaps
         .iter()
@@ -190,7 +197,7 @@ fn window_change(
         })
         .collect();
     let seg = backups[0].0.segment_size;
-    let archive = crate::postgres::archive::Archive::load(repo, sys, seg)?;
+    let archive = crate::postgres::archive::Archive::load(repo, sys, seg, wal)?;
     let mut c = WindowChange {
         from_before: None,
         from_after: None,
@@ -219,8 +226,7 @@ fn window_change(
         .map(|(p, _)| p.start_lsn.segment(seg))
         .min()
     {
-        c.wal_freed = repo
-            .wal_objects()?
+        c.wal_freed = wal
             .iter()
             .filter(|(s, name, _)| {
                 *s == sys

@@ -103,6 +103,7 @@ pub fn info(repo: &Repository, now: DateTime<Utc>) -> Result<InfoReport> {
     let archives = crate::postgres::archive::archives(
         repo,
         snaps.iter().filter_map(|s| s.summary.pg.as_ref()),
+        &wal,
     )?;
     let mut clusters = vec![];
     for (sys, archive) in &archives {

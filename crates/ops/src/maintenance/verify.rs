@@ -161,7 +161,8 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         .iter()
         .filter_map(|s| s.summary.pg.as_ref())
         .collect();
-    let archives = crate::postgres::archive::archives(repo, backups.iter().copied())?;
+    let wal = repo.wal_objects()?;
+    let archives = crate::postgres::archive::archives(repo, backups.iter().copied(), &wal)?;
     for (sys, a) in &archives {
         let mine: Vec<_> = snapshots
             .iter()
@@ -202,7 +203,6 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
 
     // Archived WAL: layout and label of every object; with --read-data and a restore key,
     // decrypted and checked against its digest.
-    let wal = repo.wal_objects()?;
     let decrypt = opts.read_data && repo.keys.secret.is_some();
     let checks =
         custos_repo::repository::parallel_map(&wal, repo.threads() + 1, |(sys, name, _)| {
@@ -217,7 +217,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     let restore_key = repo.keys.secret.is_some();
     let by_pack = index.by_pack();
     // What this run found: per pack, whether every blob was read and right; damaged copies.
-    let mut read_whole: Vec<PackId> = vec![];
+    let mut read_whole: std::collections::HashSet<PackId> = Default::default();
     let mut damaged: Vec<(PackId, ChunkId)> = vec![];
     if opts.read_data {
         let mut packs: Vec<&custos_repo::index::PackMeta> = index
@@ -263,7 +263,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             r.bytes_read += p.size;
             r.chunks_read += c.good;
             if restore_key && c.errors.is_empty() {
-                read_whole.push(p.id);
+                read_whole.insert(p.id);
             }
             r.errors.extend(c.errors);
             damaged.extend(c.damaged.into_iter().map(|id| (p.id, id)));
@@ -330,7 +330,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
 fn attest(
     repo: &Repository,
     index: &custos_repo::Index,
-    read_whole: &[PackId],
+    read_whole: &std::collections::HashSet<PackId>,
     damaged: &[(PackId, ChunkId)],
     r: &mut VerifyReport,
 ) -> Result<u64> {

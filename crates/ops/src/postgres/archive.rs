@@ -11,6 +11,7 @@
 //! keys); otherwise a timeline is taken to begin at its first archived segment and to
 //! descend from the newest older timeline holding the segment before.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
@@ -20,6 +21,10 @@ use custos_repo::Repository;
 use custos_sources::postgres::wal::{classify, segment_name, segment_number, WalFileKind};
 use serde::Serialize;
 
+/// The repository's archived WAL as `Repository::wal_objects` lists it: (cluster, file
+/// name, size). A command lists it once and hands it to whatever reads it.
+pub type WalObjects = [(u64, String, u64)];
+
 /// A cluster's archived WAL: segment numbers per timeline, and where timelines begin.
 #[derive(Debug, Clone, Default)]
 pub struct Archive {
@@ -28,6 +33,9 @@ pub struct Archive {
     segs: BTreeMap<u32, BTreeSet<u64>>,
     /// Timeline -> (parent timeline, first segment on it).
     begins: BTreeMap<u32, (u32, u64)>,
+    /// Archive times already read, by segment name: several backups' windows usually end
+    /// at the same segment.
+    pushed: RefCell<BTreeMap<String, Option<DateTime<Utc>>>>,
 }
 
 /// How far one base backup can be recovered.
@@ -77,21 +85,26 @@ fn parse_history(text: &str) -> Option<(u32, Lsn)> {
 }
 
 impl Archive {
-    /// The archive of `system_id` as the repository holds it.
-    pub fn load(repo: &Repository, system_id: u64, segment_size: u64) -> Result<Archive> {
+    /// The archive of `system_id` among `objects` (the repository's listing).
+    pub fn load(
+        repo: &Repository,
+        system_id: u64,
+        segment_size: u64,
+        objects: &WalObjects,
+    ) -> Result<Archive> {
         let mut a = Archive {
             system_id,
             segment_size,
             ..Default::default()
         };
         let mut histories = vec![];
-        for (sys, name, _) in repo.wal_objects()? {
-            if sys != system_id {
+        for (sys, name, _) in objects {
+            if *sys != system_id {
                 continue;
             }
-            match classify(&name) {
+            match classify(name) {
                 Ok(WalFileKind::Segment { .. }) => {
-                    if let Some((t, n)) = segment_number(&name, segment_size) {
+                    if let Some((t, n)) = segment_number(name, segment_size) {
                         a.segs.entry(t).or_default().insert(n);
                     }
                 }
@@ -102,7 +115,7 @@ impl Archive {
         if repo.keys.secret.is_some() {
             for (tli, name) in histories {
                 let parsed = repo
-                    .wal_fetch(system_id, &name)
+                    .wal_fetch(system_id, name)
                     .ok()
                     .flatten()
                     .and_then(|b| parse_history(&String::from_utf8_lossy(&b)));
@@ -277,7 +290,8 @@ impl Archive {
         self.segs.get(&tli).and_then(|s| s.first().copied())
     }
 
-    /// How far the backup `b` can be recovered. Reads the archive time of one segment.
+    /// How far the backup `b` can be recovered. Reads the archive time of one segment
+    /// (once per segment and archive).
     pub fn window(&self, repo: &Repository, b: &PgInfo) -> Result<Window> {
         let seg = self.segment_size;
         let start = b.start_lsn.segment(seg);
@@ -311,7 +325,15 @@ impl Archive {
         if let Some((t, n)) = last.filter(|(_, n)| *n >= stop) {
             let name = segment_name(t, n, seg);
             w.until_lsn = w.until_lsn.max(Lsn((n + 1) * seg));
-            w.until = repo.wal_meta(self.system_id, &name)?.and_then(|m| m.pushed);
+            let known = self.pushed.borrow().get(&name).copied();
+            w.until = match known {
+                Some(t) => t,
+                None => {
+                    let t = repo.wal_meta(self.system_id, &name)?.and_then(|m| m.pushed);
+                    self.pushed.borrow_mut().insert(name.clone(), t);
+                    t
+                }
+            };
             w.last_segment = Some(name);
         }
         Ok(w)
@@ -322,11 +344,12 @@ impl Archive {
 pub fn archives<'a>(
     repo: &Repository,
     backups: impl IntoIterator<Item = &'a PgInfo>,
+    objects: &WalObjects,
 ) -> Result<BTreeMap<u64, Archive>> {
     let mut out = BTreeMap::new();
     for p in backups {
         if let std::collections::btree_map::Entry::Vacant(e) = out.entry(p.system_id) {
-            e.insert(Archive::load(repo, p.system_id, p.segment_size)?);
+            e.insert(Archive::load(repo, p.system_id, p.segment_size, objects)?);
         }
     }
     Ok(out)

@@ -147,19 +147,19 @@ pub fn check(
     };
     // Continuity of this cluster's archive, offline, as a restore would follow it: from
     // where the oldest base backup needs it (or the oldest archived segment) on.
+    let wal = repo.wal_objects()?;
     let names: Vec<String> = {
-        let mut n: Vec<String> = repo
-            .wal_objects()?
-            .into_iter()
+        let mut n: Vec<String> = wal
+            .iter()
             .filter(|(sys, name, _)| {
                 *sys == a.system_id && segment_number(name, seg_size).is_some()
             })
-            .map(|(_, name, _)| name)
+            .map(|(_, name, _)| name.clone())
             .collect();
         n.sort();
         n
     };
-    let archive = crate::postgres::archive::Archive::load(repo, a.system_id, seg_size)?;
+    let archive = crate::postgres::archive::Archive::load(repo, a.system_id, seg_size, &wal)?;
     let backups: Vec<custos_repo::snapshot::PgInfo> = repo
         .snapshots()?
         .into_iter()

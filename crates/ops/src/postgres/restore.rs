@@ -332,7 +332,12 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
 
     // The archive must hold the WAL from the backup's start (unless the backup carries
     // it), without a hole, up to the target: checked offline, before anything is written.
-    let archive = crate::postgres::archive::Archive::load(repo, info.system_id, info.segment_size)?;
+    let archive = crate::postgres::archive::Archive::load(
+        repo,
+        info.system_id,
+        info.segment_size,
+        &repo.wal_objects()?,
+    )?;
     let window = archive.window(repo, &info)?;
     if !window.missing.is_empty() {
         return Err(Error::integrity(format!(
