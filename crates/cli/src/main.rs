@@ -77,6 +77,9 @@ enum Command {
     /// Check the repository; with --read-data, read back and authenticate stored data
     #[command(after_help = "Example:\n  custos verify --read-data --subset 10%")]
     Verify(commands::maintenance::VerifyArgs),
+    /// The application's audit-log exports: prove their chain
+    #[command(subcommand, name = "audit-log")]
+    AuditLog(commands::tables::AuditLogCommand),
     /// Remove snapshots by retention policy (flags, or [retention] in custos.toml)
     #[command(
         after_help = "Example:\n  custos forget --keep-daily 30 --keep-weekly 12 --keep-monthly 12 --keep-yearly 7 --dry-run"
@@ -223,6 +226,9 @@ fn trail_name(c: &Command) -> Option<String> {
             BackupCommand::Files { .. } => "backup files",
             BackupCommand::Stream { .. } => "backup stream",
             BackupCommand::Postgres { .. } => "backup postgres",
+            BackupCommand::Table(_) => "backup table",
+            BackupCommand::AuditLog(_) => "backup audit-log",
+            BackupCommand::Dump(_) => "backup dump",
             BackupCommand::All => "backup all",
         }
         .into(),
@@ -233,9 +239,13 @@ fn trail_name(c: &Command) -> Option<String> {
             RestoreCommand::Files { .. } => "restore files",
             RestoreCommand::Postgres { .. } => "restore postgres",
             RestoreCommand::Stream { .. } => "restore stream",
+            RestoreCommand::Table(_) => "restore table",
+            RestoreCommand::AuditLog(_) => "restore audit-log",
+            RestoreCommand::Dump(_) => "restore dump",
         }
         .into(),
         Command::Verify(_) => "verify".into(),
+        Command::AuditLog(_) => "audit-log verify".into(),
         Command::Forget(_) => "forget".into(),
         Command::Prune(_) => "prune".into(),
         Command::Unlock => "unlock".into(),
@@ -282,9 +292,18 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             commands::snapshots::cmd_ls(ctx, &snapshot, source.as_deref())
         }
         Command::Restore(r) => commands::restore::cmd_restore(ctx, r),
-        Command::Verify(commands::maintenance::VerifyArgs { read_data, subset }) => {
-            commands::maintenance::cmd_verify(ctx, read_data, subset.as_deref())
+        Command::Verify(commands::maintenance::VerifyArgs {
+            table: Some(spec),
+            db_url,
+            ..
+        }) => {
+            let repo = ctx.open()?;
+            commands::tables::verify_table(ctx, &repo, &spec, db_url)
         }
+        Command::Verify(commands::maintenance::VerifyArgs {
+            read_data, subset, ..
+        }) => commands::maintenance::cmd_verify(ctx, read_data, subset.as_deref()),
+        Command::AuditLog(c) => commands::tables::cmd_audit_log(ctx, c),
         Command::Forget(commands::maintenance::ForgetArgs {
             snapshots,
             policy,

@@ -104,6 +104,19 @@ pub struct SourceSection {
     #[serde(default)]
     pub paths: Vec<String>,
     pub command: Option<String>,
+    /// table: the tables exported together
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// audit-log: the audit table
+    pub table: Option<String>,
+    /// audit-log: its growing column; table: the order of tables without a primary key
+    pub order_by: Option<String>,
+    /// table, audit-log, dump: the database (else [postgres] and the libpq environment)
+    pub db_url: Option<String>,
+    /// audit-log: kept at least this long whatever forget is told (default 6y)
+    pub min_retention: Option<String>,
+    /// dump: parallel pg_dump jobs
+    pub jobs: Option<usize>,
 }
 
 /// Secrets and settings read from the environment once, at start, and then removed from
@@ -344,6 +357,23 @@ impl Settings {
             .or_else(|| self.file.postgres.pgdata.clone())
     }
 
+    /// The minimum retention of audit-log exports: per audit-log source of custos.toml
+    /// (`min_retention`, default 6y, the seed's rule).
+    pub fn audit_log_min_retention(&self) -> Result<custos_ops::maintenance::forget::MinRetention> {
+        let mut m = custos_ops::maintenance::forget::MinRetention::default();
+        for s in self.file.sources.iter().filter(|s| s.kind == "audit-log") {
+            let Some(r) = &s.min_retention else { continue };
+            let d = custos_ops::tables::parse_retention(r)
+                .map_err(|e| e.context(format!("source `{}`: min_retention", s.name)))?;
+            if let Some(t) = &s.table {
+                m.audit_log.insert(t.clone(), d);
+            } else {
+                m.audit_log_default = d;
+            }
+        }
+        Ok(m)
+    }
+
     /// Connection to the cluster: the flag, else the libpq environment variables.
     pub fn db(&self, url: Option<String>) -> custos_sources::postgres::db::ConnectOptions {
         let pg = &self.file.postgres;
@@ -371,6 +401,7 @@ impl Settings {
                 .pg_password
                 .as_ref()
                 .map(|p| custos_sources::postgres::db::Password(p.to_string())),
+            dbname_override: None,
         }
     }
 

@@ -55,6 +55,8 @@ pub(crate) struct Run<'a> {
     start: Instant,
     /// Set by PostgreSQL backups before `finish`.
     pub(crate) pg: Option<PgInfo>,
+    /// Set by table, audit-log and dump backups before `finish`.
+    pub(crate) facts: Option<serde_json::Value>,
 }
 
 impl<'a> Run<'a> {
@@ -88,6 +90,7 @@ impl<'a> Run<'a> {
             source: source.into(),
             start,
             pg: None,
+            facts: None,
         })
     }
 
@@ -117,6 +120,7 @@ impl<'a> Run<'a> {
             stats,
             key: self.repo.key_id,
             pg: self.pg.clone(),
+            facts: self.facts.clone(),
         };
         let snapshot = self.repo.save_snapshot(&summary, body)?;
         Ok(BackupReport {

@@ -11,5 +11,6 @@ pub mod manifest;
 pub mod postgres;
 pub mod progress;
 pub mod restore;
+pub mod tables;
 
 pub use progress::{NoProgress, Progress};

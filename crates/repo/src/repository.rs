@@ -23,6 +23,9 @@ use crate::{pack, paths};
 
 const INDEX_AAD: &[u8] = b"custos index v1";
 
+/// Snapshots that could not be read, each with why.
+pub type DamagedSnapshots = Vec<(SnapshotId, Error)>;
+
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     pub host: String,
@@ -741,11 +744,22 @@ impl Repository {
 
     /// Every snapshot's summary, oldest first.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let (out, damaged) = self.snapshots_checked()?;
+        match damaged.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Every snapshot that decodes, and apart from them each one that does not (altered,
+    /// malformed, or sealed with another key) with its error: for checks that must name
+    /// every damaged object rather than stop at the first.
+    pub fn snapshots_checked(&self) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
         let entries = self.storage.list(paths::SNAPSHOTS)?;
-        let mut out = parallel_map(
+        let all = parallel_map(
             &entries,
             self.threads() * 2,
-            |e| -> Result<Option<Snapshot>> {
+            |e| -> Result<Option<(SnapshotId, Result<SnapshotSummary>)>> {
                 let Some(id) = paths::id_of(&e.path) else {
                     return Ok(None);
                 };
@@ -755,17 +769,23 @@ impl Repository {
                     Err(err) if err.kind == Kind::NotFound => return Ok(None),
                     Err(err) => return Err(err),
                 };
-                Ok(Some(Snapshot {
+                Ok(Some((
                     id,
-                    summary: snapshot::decode_summary(&self.keys, &id, &bytes)?,
-                }))
+                    snapshot::decode_summary(&self.keys, &id, &bytes),
+                )))
             },
-        )?
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>();
+        )?;
+        let mut out = vec![];
+        let mut damaged = vec![];
+        for (id, r) in all.into_iter().flatten() {
+            match r {
+                Ok(summary) => out.push(Snapshot { id, summary }),
+                Err(e) => damaged.push((id, e)),
+            }
+        }
         out.sort_by(|a, b| a.summary.time.cmp(&b.summary.time).then(a.id.cmp(&b.id)));
-        Ok(out)
+        damaged.sort_by_key(|d| d.0);
+        Ok((out, damaged))
     }
 
     /// Resolves `latest` (the newest snapshot that `filter` accepts) or an id prefix (at

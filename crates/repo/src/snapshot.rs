@@ -28,6 +28,13 @@ pub enum SourceKind {
     Stream,
     /// A PostgreSQL base backup (data directory between pg_backup_start and pg_backup_stop).
     Postgres,
+    /// Tables exported as rows in one snapshot (`backup table`), with their proofs.
+    Table,
+    /// One export of an append-only audit table, chained to the export before it.
+    #[serde(rename = "audit-log")]
+    AuditLog,
+    /// A logical dump (`pg_dump` directory format) with the server's row counts.
+    Dump,
 }
 
 impl SourceKind {
@@ -37,6 +44,9 @@ impl SourceKind {
             SourceKind::Bucket => "bucket",
             SourceKind::Stream => "stream",
             SourceKind::Postgres => "postgres",
+            SourceKind::Table => "table",
+            SourceKind::AuditLog => "audit-log",
+            SourceKind::Dump => "dump",
         }
     }
 }
@@ -79,6 +89,11 @@ pub struct SnapshotSummary {
     /// For PostgreSQL base backups: what recovery needs to know, readable by every role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg: Option<PgInfo>,
+    /// For tables, audit-log exports and dumps: what the data is, readable by every role
+    /// (row counts, the export chain's links, versions; never values). Written and read by
+    /// the operation of the kind (format.md 5.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +161,10 @@ pub struct SnapshotBody {
     /// PostgreSQL base backups: mode and owner of the data directory itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<RootMeta>,
+    /// For tables, audit-log exports and dumps: definitions, row chunks, digests and
+    /// sample queries, readable by the restore role only (format.md 5.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

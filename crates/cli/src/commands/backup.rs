@@ -87,6 +87,25 @@ pub(crate) enum BackupCommand {
         #[arg(long)]
         tag: Vec<String>,
     },
+    /// Export tables (the vector store) in one consistent snapshot, as rows, with their
+    /// definitions, exact row counts, digests and sample nearest-neighbour queries
+    #[command(
+        after_help = "Example:\n  custos backup table --table document_embeddings --db-url postgresql://backup@db/app"
+    )]
+    Table(crate::commands::tables::TableBackupArgs),
+    /// Export the rows an append-only audit table gained since the last export, exactly
+    /// once, chained to the export before
+    #[command(
+        name = "audit-log",
+        after_help = "Example:\n  custos backup audit-log --table audit_log --order-by id"
+    )]
+    AuditLog(crate::commands::tables::AuditLogBackupArgs),
+    /// Logical dump with pg_dump (for managed databases: Supabase, RDS, Cloud SQL), with
+    /// the server's row counts
+    #[command(
+        after_help = "Example:\n  custos backup dump --db-url postgresql://postgres@db.example.supabase.co/postgres --jobs 4"
+    )]
+    Dump(crate::commands::tables::DumpBackupArgs),
     /// Back up every [[source]] of custos.toml, in order
     #[command(after_help = "Example:\n  custos --config /etc/custos/custos.toml backup all")]
     All,
@@ -244,6 +263,9 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             let r = pg_backup::backup_postgres(&repo, &pg, &opts)?;
             Ok(print_pg_backup(ctx, &r))
         }
+        BackupCommand::Table(a) => crate::commands::tables::backup_table(ctx, &repo, a),
+        BackupCommand::AuditLog(a) => crate::commands::tables::backup_audit_log(ctx, &repo, a),
+        BackupCommand::Dump(a) => crate::commands::tables::backup_dump(ctx, &repo, a),
         BackupCommand::All => {
             let sources = &ctx.settings.file.sources;
             if sources.is_empty() {
@@ -277,13 +299,66 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                         })?),
                         &opts,
                     ),
+                    "table" => custos_ops::tables::export::backup_tables(
+                        &repo,
+                        &custos_ops::tables::export::TableBackupOptions {
+                            conn: ctx.settings.db(s.db_url.clone()),
+                            tables: s.tables.clone(),
+                            order_by: s.order_by.iter().cloned().collect(),
+                            vector_column: None,
+                            samples: 8,
+                            name: Some(s.name.clone()),
+                        },
+                        &opts,
+                    )
+                    .map(|r| {
+                        if !ctx.out.json {
+                            crate::commands::tables::print_table_backup(ctx, &r);
+                        }
+                        r.backup
+                    }),
+                    "audit-log" => custos_ops::tables::audit::export_audit_log(
+                        &repo,
+                        &custos_ops::tables::audit::AuditExportOptions {
+                            conn: ctx.settings.db(s.db_url.clone()),
+                            table: s.table.clone().ok_or_else(|| {
+                                Error::config(format!("source `{}` (audit-log) needs `table`", s.name))
+                            })?,
+                            order_by: s.order_by.clone().ok_or_else(|| {
+                                Error::config(format!("source `{}` (audit-log) needs `order_by`", s.name))
+                            })?,
+                        },
+                        &opts,
+                    )
+                    .map(|r| {
+                        if !ctx.out.json {
+                            crate::commands::tables::print_audit_export(ctx, &r);
+                        }
+                        r.backup
+                    }),
+                    "dump" => custos_ops::tables::dump::backup_dump(
+                        &repo,
+                        &custos_ops::tables::dump::DumpOptions {
+                            conn: ctx.settings.db(s.db_url.clone()),
+                            jobs: s.jobs.unwrap_or(2),
+                            pg_bin: ctx.settings.file.postgres.bin.clone(),
+                        },
+                        &opts,
+                    )
+                    .map(|r| {
+                        if !ctx.out.json {
+                            crate::commands::tables::print_dump(ctx, &r);
+                        }
+                        r.backup
+                    }),
                     other => Err(Error::config(format!(
-                        "source `{}` has unknown kind `{other}` (files or stream)",
+                        "source `{}` has unknown kind `{other}` (files, stream, table, audit-log or dump)",
                         s.name
                     ))),
                 }
                 .map_err(|e| e.context(format!("source `{}`", s.name)))?;
-                if !ctx.out.json {
+                let printed = matches!(s.kind.as_str(), "table" | "audit-log" | "dump");
+                if !ctx.out.json && !printed {
                     code = code.max(print_backup(ctx, &r));
                 } else if !r.errors.is_empty() {
                     code = Kind::Partial.exit_code();

@@ -18,6 +18,13 @@ pub(crate) struct VerifyArgs {
     /// Read only part of the data: a percentage like 10%
     #[arg(long, value_name = "PERCENT", requires = "read_data")]
     pub(crate) subset: Option<String>,
+    /// Instead: restore this table snapshot into a scratch database on the server of
+    /// --db-url, prove it (counts, digest, neighbours, recall), and drop the database
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "read_data")]
+    pub(crate) table: Option<String>,
+    /// With --table: the server to make the scratch database on
+    #[arg(long, requires = "table")]
+    pub(crate) db_url: Option<String>,
 }
 
 /// The flags of `custos forget`.
@@ -217,12 +224,14 @@ pub(crate) fn cmd_forget(
                 .map(|s| s.id)
         })
         .collect::<Result<Vec<_>>>()?;
-    let plan = forget::plan(
+    let plan = forget::plan_at(
         &repo,
         match &policy {
             Some(p) => forget::Selection::Policy(p),
             None => forget::Selection::Named(&ids),
         },
+        &ctx.settings.audit_log_min_retention()?,
+        chrono::Utc::now(),
     )?;
     let removed = if dry_run {
         0

@@ -9,3 +9,4 @@ pub mod maintenance;
 pub mod pg;
 pub mod restore;
 pub mod snapshots;
+pub mod tables;

@@ -85,6 +85,23 @@ pub(crate) enum RestoreCommand {
         #[arg(long)]
         no_archiving: bool,
     },
+    /// Restore tables of a table snapshot, rebuild their indexes and prove them (row count,
+    /// digest, sample nearest neighbours, recall of the rebuilt vector index)
+    #[command(
+        after_help = "Examples:\n  custos restore table latest --db-url postgresql://postgres@db/app --table document_embeddings --as document_embeddings_restored\n  custos restore table latest --table clinical_notes --as notes_patient_42 --where \"patient_id = 42\""
+    )]
+    Table(crate::commands::tables::TableRestoreArgs),
+    /// Load audit-log exports of a period into a new table, checking their chain
+    #[command(
+        name = "audit-log",
+        after_help = "Example:\n  custos restore audit-log --as audit_log_2026_11 --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z"
+    )]
+    AuditLog(crate::commands::tables::AuditLogRestoreArgs),
+    /// Restore a logical dump with pg_restore and check every table's row count
+    #[command(
+        after_help = "Example:\n  custos restore dump latest --db-url postgresql://postgres@localhost/scratch --table patients"
+    )]
+    Dump(crate::commands::tables::DumpRestoreArgs),
     /// Write a stream snapshot to standard output
     #[command(
         after_help = "Example:\n  custos restore stream latest --source terraform > terraform.tfstate"
@@ -304,6 +321,11 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 }
             }
         }
+        RestoreCommand::Table(a) => return crate::commands::tables::restore_table(ctx, &repo, a),
+        RestoreCommand::AuditLog(a) => {
+            return crate::commands::tables::restore_audit_log(ctx, &repo, a)
+        }
+        RestoreCommand::Dump(a) => return crate::commands::tables::restore_dump(ctx, &repo, a),
         RestoreCommand::Stream { snapshot, source } => {
             let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
                 s.kind == SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)

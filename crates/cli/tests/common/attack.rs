@@ -83,6 +83,7 @@ impl Attacker {
             stats: SnapshotStats::default(),
             key: self.repo.key_id,
             pg: None,
+            facts: None,
         };
         let body = SnapshotBody {
             paths: vec!["/srv/documents".into()],
@@ -129,6 +130,7 @@ impl Attacker {
             stats: SnapshotStats::default(),
             key: self.repo.key_id,
             pg: Some(pg),
+            facts: None,
         };
         self.repo
             .save_snapshot(&summary, &SnapshotBody::default())

@@ -94,6 +94,19 @@ pub fn backup_files(
     paths: &[PathBuf],
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
+    backup_tree(repo, paths, opts, SourceKind::Files, None, None)
+}
+
+/// A folder tree backed up as a snapshot of `kind` (files, or a dump's folder) under
+/// `source` (default: the paths), with the kind's `facts`.
+pub(crate) fn backup_tree(
+    repo: &Repository,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+    kind: SourceKind,
+    source: Option<String>,
+    facts: Option<serde_json::Value>,
+) -> Result<BackupReport> {
     let roots: Vec<PathBuf> = paths
         .iter()
         .map(|p| {
@@ -103,12 +116,15 @@ pub fn backup_files(
             })
         })
         .collect::<Result<_>>()?;
-    let source = roots
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let run = Run::begin(repo, SourceKind::Files, &source)?;
+    let source = source.unwrap_or_else(|| {
+        roots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let mut run = Run::begin(repo, kind, &source)?;
+    run.facts = facts;
     let writer = &run.writer;
 
     let cache_path = opts

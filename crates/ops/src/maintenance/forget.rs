@@ -65,7 +65,38 @@ pub enum Selection<'a> {
     Named(&'a [SnapshotId]),
 }
 
+/// Minimum retention per kind of source, which `forget` obeys whatever it is told: an
+/// audit-log export younger than its minimum is kept (the seed's six years).
+#[derive(Debug, Clone)]
+pub struct MinRetention {
+    /// For audit-log exports, by table (`schema.table`), else `audit_log_default`.
+    pub audit_log: std::collections::HashMap<String, chrono::Duration>,
+    pub audit_log_default: chrono::Duration,
+}
+
+impl Default for MinRetention {
+    fn default() -> Self {
+        MinRetention {
+            audit_log: Default::default(),
+            audit_log_default: crate::tables::parse_retention(AUDIT_LOG_MIN_RETENTION)
+                .expect("valid"),
+        }
+    }
+}
+
+/// The seed keeps audit logs six years.
+pub const AUDIT_LOG_MIN_RETENTION: &str = "6y";
+
 pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
+    plan_at(repo, selection, &MinRetention::default(), Utc::now())
+}
+
+pub fn plan_at(
+    repo: &Repository,
+    selection: Selection,
+    floors: &MinRetention,
+    now: DateTime<Utc>,
+) -> Result<ForgetPlan> {
     let snaps = repo.snapshots()?;
     // Listed once, for every cluster's recovery window, when there are database backups.
     let wal = if snaps.iter().any(|s| s.summary.pg.is_some()) {
@@ -144,6 +175,24 @@ pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
             }
         };
         decisions.sort_by_key(|x| std::cmp::Reverse(x.time));
+        if kind == custos_repo::snapshot::SourceKind::AuditLog.as_str() {
+            let min = floors
+                .audit_log
+                .iter()
+                .find(|(t, _)| source == **t || source.ends_with(&format!(".{t}")))
+                .map(|(_, d)| *d)
+                .unwrap_or(floors.audit_log_default);
+            for d in decisions.iter_mut().filter(|d| !d.keep) {
+                let until = d.time + min;
+                if until > now {
+                    d.keep = true;
+                    d.reasons = vec![format!(
+                        "kept: audit-log minimum retention until {}",
+                        until.format("%Y-%m-%d")
+                    )];
+                }
+            }
+        }
         let window = match sys {
             Some(id) => Some(window_change(repo, &snaps, id, &decisions, &wal)?),
             None => None,

@@ -18,6 +18,8 @@ pub struct ConnectOptions {
     pub dbname: Option<String>,
     /// PGPASSWORD; otherwise the URL's password, else `~/.pgpass` (or PGPASSFILE).
     pub password: Option<Password>,
+    /// Another database of the same server (scratch databases of `verify --table`).
+    pub dbname_override: Option<String>,
 }
 
 /// A database password: never printed.
@@ -31,11 +33,11 @@ impl std::fmt::Debug for Password {
 }
 
 pub struct Db {
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) client: tokio_postgres::Client,
 }
 
-fn db_err(what: &str, e: tokio_postgres::Error) -> Error {
+pub(crate) fn db_err(what: &str, e: tokio_postgres::Error) -> Error {
     let detail = match e.as_db_error() {
         Some(d) => format!("{}: {}", d.severity(), d.message()),
         None => e.to_string(),
@@ -52,6 +54,9 @@ impl Db {
             })?,
             None => tokio_postgres::Config::new(),
         };
+        if let Some(d) = &o.dbname_override {
+            cfg.dbname(d);
+        }
         if o.url.is_none() {
             let host = o
                 .host
@@ -64,7 +69,9 @@ impl Db {
             }
             cfg.port(o.port.unwrap_or(5432));
             cfg.user(o.user.as_deref().unwrap_or("postgres"));
-            cfg.dbname(o.dbname.as_deref().unwrap_or("postgres"));
+            if o.dbname_override.is_none() {
+                cfg.dbname(o.dbname.as_deref().unwrap_or("postgres"));
+            }
         }
         if let Some(p) = &o.password {
             cfg.password(p.0.as_bytes());
@@ -386,7 +393,7 @@ impl ConnectOptions {
                 if let Some(u) = cfg.get_user() {
                     parts.push(format!("user={}", quote(u)));
                 }
-                if let Some(d) = cfg.get_dbname() {
+                if let Some(d) = self.dbname_override.as_deref().or(cfg.get_dbname()) {
                     parts.push(format!("dbname={}", quote(d)));
                 }
                 let ssl = match cfg.get_ssl_mode() {
@@ -408,7 +415,12 @@ impl ConnectOptions {
                 ));
                 parts.push(format!(
                     "dbname={}",
-                    quote(self.dbname.as_deref().unwrap_or("postgres"))
+                    quote(
+                        self.dbname_override
+                            .as_deref()
+                            .or(self.dbname.as_deref())
+                            .unwrap_or("postgres")
+                    )
                 ));
                 None
             }

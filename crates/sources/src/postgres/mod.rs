@@ -4,4 +4,5 @@
 pub mod datadir;
 pub mod db;
 pub mod summary;
+pub mod tables;
 pub mod wal;
