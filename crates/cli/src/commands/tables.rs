@@ -538,8 +538,14 @@ pub(crate) fn cmd_audit_log(ctx: &Ctx, c: AuditLogCommand) -> Result<i32> {
         }
     }
     if bad {
-        return Err(Error::integrity("the audit-log chain is broken (see above)")
-            .hint("restore the missing exports from a secondary copy, and keep this report as evidence"));
+        // One JSON document (the chains) either way; the exit code says it failed.
+        if !ctx.out.json {
+            eprintln!(
+                "custos: error E{:02}: the audit-log chain is broken (see above)\n  hint: restore the missing exports from a secondary copy, and keep this report as evidence",
+                Kind::Integrity.code()
+            );
+        }
+        return Ok(Kind::Integrity.exit_code());
     }
     Ok(0)
 }
