@@ -117,6 +117,20 @@ pub struct SourceSection {
     pub min_retention: Option<String>,
     /// dump: parallel pg_dump jobs
     pub jobs: Option<usize>,
+    /// env: the variable names to take (globs with `*`)
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// env: names stored as values although their name looks secret
+    #[serde(default)]
+    pub plain: Vec<String>,
+    /// env: read this env file instead of custos's own environment
+    pub env_file: Option<PathBuf>,
+    /// env: where the secrets live (recorded with each reference)
+    pub secrets_ref: Option<String>,
+    /// env: a command printing the secrets manager's secret names
+    pub list_command: Option<String>,
+    /// terraform: the configuration folder (the command runs there)
+    pub dir: Option<PathBuf>,
 }
 
 /// Secrets and settings read from the environment once, at start, and then removed from

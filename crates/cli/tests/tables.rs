@@ -22,13 +22,16 @@ fn table_md5(pg: &PgCluster, table: &str, filter: &str) -> String {
     ))
 }
 
-/// 384-dimensional embeddings around 200 topic centres (real embeddings cluster; uniform
-/// random vectors in 384 dimensions are the one case no ANN index serves well).
+/// 384-dimensional embeddings on 200 topics, each topic a small two-dimensional patch
+/// (real embeddings have a low intrinsic dimension; uniform random vectors in 384
+/// dimensions are the one case no approximate index serves well).
 fn make_documents(pg: &PgCluster, rows: u64) {
     pg.psql("CREATE EXTENSION IF NOT EXISTS vector");
     pg.psql(
         "SELECT setseed(0.42); CREATE TABLE centres AS SELECT c, \
-         (SELECT array_agg(random()::real) FROM generate_series(1, 384) WHERE c >= 0) v \
+         (SELECT array_agg(random()::real) FROM generate_series(1, 384) WHERE c >= 0) v, \
+         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) d1, \
+         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) d2 \
          FROM generate_series(0, 199) c",
     );
     pg.psql(
@@ -38,8 +41,10 @@ fn make_documents(pg: &PgCluster, rows: u64) {
     pg.psql(&format!(
         "SELECT setseed(0.17); INSERT INTO document_embeddings (patient_id, chunk, embedding) \
          SELECT g % 997, 'note ' || g, \
-         (SELECT array_agg(v[i] + (random()::real - 0.5) * 0.3) FROM generate_series(1, 384) i)::vector \
-         FROM generate_series(1, {rows}) g JOIN centres ON centres.c = g % 200"
+         (SELECT array_agg(c.v[i] + r.t1 * c.d1[i] + r.t2 * c.d2[i] + (random()::real - 0.5) * 0.02) \
+          FROM generate_series(1, 384) i)::vector \
+         FROM generate_series(1, {rows}) g JOIN centres c ON c.c = g % 200 \
+         CROSS JOIN LATERAL (SELECT random()::real AS t1, random()::real AS t2 WHERE g > 0) r"
     ));
     pg.psql("SET maintenance_work_mem = '1GB'; CREATE INDEX document_embeddings_hnsw ON document_embeddings USING hnsw (embedding vector_cosine_ops)");
 }
@@ -354,7 +359,9 @@ fn audit_log_rows_are_exported_exactly_once_and_the_chain_names_damage() {
         .iter()
         .map(|e| e["facts"]["carried"].as_u64().unwrap())
         .sum();
-    eprintln!("{late} export(s) took rows with ids below an earlier export's; {carried} row(s) carried");
+    eprintln!(
+        "{late} export(s) took rows with ids below an earlier export's; {carried} row(s) carried"
+    );
     assert!(
         late + carried > 0,
         "no export saw an out-of-order commit: the test did not exercise the hazard"

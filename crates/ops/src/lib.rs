@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod cache;
+pub mod config;
 pub mod files;
 pub mod keys;
 pub mod maintenance;

@@ -35,6 +35,10 @@ pub enum SourceKind {
     AuditLog,
     /// A logical dump (`pg_dump` directory format) with the server's row counts.
     Dump,
+    /// Configuration from the environment: plain values, and references in place of secrets.
+    Env,
+    /// A Terraform state (`terraform state pull`) and its configuration folder.
+    Terraform,
 }
 
 impl SourceKind {
@@ -47,6 +51,8 @@ impl SourceKind {
             SourceKind::Table => "table",
             SourceKind::AuditLog => "audit-log",
             SourceKind::Dump => "dump",
+            SourceKind::Env => "env",
+            SourceKind::Terraform => "terraform",
         }
     }
 }

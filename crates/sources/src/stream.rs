@@ -14,7 +14,16 @@ pub struct CommandStream {
 
 impl CommandStream {
     pub fn spawn(command: &str) -> Result<CommandStream> {
-        let child = Command::new("sh")
+        CommandStream::spawn_in(command, None)
+    }
+
+    /// Like `spawn`, in the folder `dir`.
+    pub fn spawn_in(command: &str, dir: Option<&std::path::Path>) -> Result<CommandStream> {
+        let mut c = Command::new("sh");
+        if let Some(d) = dir {
+            c.current_dir(d);
+        }
+        let child = c
             .arg("-c")
             .arg(command)
             .stdin(Stdio::null())
@@ -51,4 +60,46 @@ impl CommandStream {
         }
         Ok(())
     }
+}
+
+/// Runs `command` through `sh -c` and returns its whole standard output (for small
+/// outputs: a Terraform state, a list of secret names). A non-zero exit is an error.
+pub fn capture(command: &str, dir: Option<&std::path::Path>) -> Result<Vec<u8>> {
+    let mut c = CommandStream::spawn_in(command, dir)?;
+    let mut out = vec![];
+    c.stdout().read_to_end(&mut out).map_err(|e| {
+        Error::new(
+            Kind::Source,
+            format!("reading the output of `{command}`: {e}"),
+        )
+    })?;
+    c.finish()?;
+    Ok(out)
+}
+
+/// `NAME=value` lines of an env file (`export` prefixes, comments, blank lines and
+/// single or double quotes around a value are understood), in file order.
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    let mut out = vec![];
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.trim();
+        let v = if v.len() >= 2
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
+        {
+            &v[1..v.len() - 1]
+        } else {
+            v
+        };
+        out.push((k.trim().to_string(), v.to_string()));
+    }
+    out
 }

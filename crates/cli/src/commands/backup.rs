@@ -106,6 +106,16 @@ pub(crate) enum BackupCommand {
         after_help = "Example:\n  custos backup dump --db-url postgresql://postgres@db.example.supabase.co/postgres --jobs 4"
     )]
     Dump(crate::commands::tables::DumpBackupArgs),
+    /// Back up the configuration sources of custos.toml: environment (secrets kept as
+    /// references), Terraform state and configuration, system logs
+    #[command(
+        after_help = "Example:\n  custos --config /etc/custos/custos.toml backup config --source platform-env"
+    )]
+    Config {
+        /// Only this source (default: every env, terraform and logs source)
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// Back up every [[source]] of custos.toml, in order
     #[command(after_help = "Example:\n  custos --config /etc/custos/custos.toml backup all")]
     All,
@@ -263,6 +273,9 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             let r = pg_backup::backup_postgres(&repo, &pg, &opts)?;
             Ok(print_pg_backup(ctx, &r))
         }
+        BackupCommand::Config { source } => {
+            crate::commands::config::backup_config(ctx, &repo, source.as_deref())
+        }
         BackupCommand::Table(a) => crate::commands::tables::backup_table(ctx, &repo, a),
         BackupCommand::AuditLog(a) => crate::commands::tables::backup_audit_log(ctx, &repo, a),
         BackupCommand::Dump(a) => crate::commands::tables::backup_dump(ctx, &repo, a),
@@ -351,13 +364,19 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                         }
                         r.backup
                     }),
+                    k if crate::commands::config::is_config(k) => {
+                        crate::commands::config::backup_source(ctx, &repo, s, &opts)
+                    }
                     other => Err(Error::config(format!(
-                        "source `{}` has unknown kind `{other}` (files, stream, table, audit-log or dump)",
+                        "source `{}` has unknown kind `{other}` (files, stream, table, audit-log, dump, env, terraform or logs)",
                         s.name
                     ))),
                 }
                 .map_err(|e| e.context(format!("source `{}`", s.name)))?;
-                let printed = matches!(s.kind.as_str(), "table" | "audit-log" | "dump");
+                let printed = matches!(
+                    s.kind.as_str(),
+                    "table" | "audit-log" | "dump" | "env" | "terraform" | "logs"
+                );
                 if !ctx.out.json && !printed {
                     code = code.max(print_backup(ctx, &r));
                 } else if !r.errors.is_empty() {

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod backup;
+pub mod config;
 pub mod init;
 pub mod key;
 pub mod maintenance;

@@ -102,6 +102,12 @@ pub(crate) enum RestoreCommand {
         after_help = "Example:\n  custos restore dump latest --db-url postgresql://postgres@localhost/scratch --table patients"
     )]
     Dump(crate::commands::tables::DumpRestoreArgs),
+    /// Write an env snapshot as an env file: plain values, and secrets as comments naming
+    /// where they live
+    #[command(
+        after_help = "Example:\n  custos restore env latest --source platform-env --to /tmp/platform.env"
+    )]
+    Env(crate::commands::config::EnvRestoreArgs),
     /// Write a stream snapshot to standard output
     #[command(
         after_help = "Example:\n  custos restore stream latest --source terraform > terraform.tfstate"
@@ -321,6 +327,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 }
             }
         }
+        RestoreCommand::Env(a) => return crate::commands::config::restore_env(ctx, &repo, a),
         RestoreCommand::Table(a) => return crate::commands::tables::restore_table(ctx, &repo, a),
         RestoreCommand::AuditLog(a) => {
             return crate::commands::tables::restore_audit_log(ctx, &repo, a)

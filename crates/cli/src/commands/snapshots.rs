@@ -155,6 +155,9 @@ pub(crate) fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
                 ByteSize(m.stats.bytes_stored).to_string(),
                 esc(&m.source)
             );
+            if let Some(line) = facts_line(s) {
+                println!("{:<10} {}", "", esc(&line));
+            }
             if let (Some(p), Some(w)) = (&m.pg, windows.get(&s.id)) {
                 let end = if !w.missing.is_empty() {
                     format!(
@@ -191,6 +194,54 @@ pub(crate) fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
         println!("{} snapshot(s)", snaps.len());
     }
     Ok(0)
+}
+
+/// What a table, audit-log, dump or configuration snapshot records, in one line.
+fn facts_line(s: &custos_repo::Snapshot) -> Option<String> {
+    use custos_ops::config::terraform;
+    use custos_ops::tables::{audit, dump};
+    if let Some(f) = terraform::facts_of(s) {
+        return Some(format!(
+            "terraform state serial {}, lineage {}, Terraform {}",
+            f.serial, f.lineage, f.terraform_version
+        ));
+    }
+    if let Some(f) = audit::facts_of(s) {
+        return Some(format!(
+            "audit-log export {} of {}: {} rows, links to {}",
+            f.seq,
+            f.table,
+            f.rows,
+            f.prev
+                .as_deref()
+                .map(|p| &p[..12])
+                .unwrap_or("nothing (first)")
+        ));
+    }
+    if let Some(f) = dump::facts_of(s) {
+        return Some(format!(
+            "logical dump of {} (PostgreSQL {}, pg_dump {}), {} tables, {} rows",
+            f.database,
+            custos_sources::postgres::tables::version_text(f.server_version_num),
+            f.pg_dump_version,
+            f.tables.len(),
+            f.tables.iter().map(|t| t.rows).sum::<u64>()
+        ));
+    }
+    if s.summary.kind == custos_repo::snapshot::SourceKind::Table {
+        let f: custos_ops::tables::export::TablesFacts =
+            serde_json::from_value(s.summary.facts.clone()?).ok()?;
+        return Some(format!(
+            "rows as of LSN {}: {}",
+            f.lsn,
+            f.tables
+                .iter()
+                .map(|t| format!("{} {} rows", t.table, t.rows))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    None
 }
 
 pub(crate) fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32> {
