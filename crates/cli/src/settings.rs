@@ -148,6 +148,7 @@ const SECRET_VARS: &[&str] = &[
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "PGPASSWORD",
+    "BLOB_READ_WRITE_TOKEN",
 ];
 const PLAIN_VARS: &[&str] = &[
     "CUSTOS_REPO",
@@ -254,6 +255,17 @@ impl Settings {
             return Err(Error::config("custos.toml must not contain secret_access_key: secrets are never kept in plain text")
                 .hint("use secret_access_key_file = \"/path\" (mode 0600) or the AWS_SECRET_ACCESS_KEY environment variable"));
         }
+        if let Some(k) = file.storage.options.keys().find(|k| {
+            let k = k.to_ascii_lowercase();
+            ["token", "secret", "password", "sas", "account_key"]
+                .iter()
+                .any(|w| k.contains(w))
+        }) {
+            return Err(Error::config(format!(
+                "custos.toml must not contain [storage.options] {k}: secrets are never kept in plain text"
+            ))
+            .hint("give it in the environment (Vercel Blob: BLOB_READ_WRITE_TOKEN)"));
+        }
         let repo_url = repo_flag
             .map(String::from)
             .or_else(|| env.var("CUSTOS_REPO").map(String::from))
@@ -287,6 +299,7 @@ impl Settings {
                 ..Default::default()
             },
             service: file.storage.options.clone(),
+            vercel_token: env.secret("BLOB_READ_WRITE_TOKEN").map(|s| s.to_string()),
             timeouts: {
                 let d = custos_storage::remote::Timeouts::default();
                 let dur = |v: &Option<String>, name: &str, default: std::time::Duration| {

@@ -333,7 +333,10 @@ fn rotated_logs_are_not_stored_twice_and_a_growing_log_stores_its_tail() {
     let new = grown[0]["stats"]["bytes_new"].as_u64().unwrap();
     let size = std::fs::metadata(logs.join("app.log.1")).unwrap().len();
     assert!(size > 16 << 20, "{size}");
-    assert!(new <= tail + (8 << 20), "a grown log of {size} bytes stored {new} new bytes");
+    assert!(
+        new <= tail + (8 << 20),
+        "a grown log of {size} bytes stored {new} new bytes"
+    );
     let to = t.path("back");
     let id = grown[0]["snapshot"].as_str().unwrap();
     t.ok(&["restore", "files", id, "--to", to.to_str().unwrap()]);

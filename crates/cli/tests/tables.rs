@@ -29,7 +29,7 @@ fn make_documents(pg: &PgCluster, rows: u64) {
     pg.psql("CREATE EXTENSION IF NOT EXISTS vector");
     pg.psql(
         "SELECT setseed(0.42); CREATE TABLE centres AS SELECT c, \
-         (SELECT array_agg(random()::real) FROM generate_series(1, 384) WHERE c >= 0) v, \
+         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) v, \
          (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) d1, \
          (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) d2 \
          FROM generate_series(0, 199) c",
@@ -67,9 +67,11 @@ fn vector_store_round_trip_with_neighbour_proofs() {
 
     // 1% of rows change, as an hour of re-embedding would.
     pg.psql(
-        "UPDATE document_embeddings SET embedding = \
-         (SELECT array_agg(e + 0.01) FROM unnest(embedding::real[]) e WHERE id > 0)::vector, \
-         chunk = chunk || ' (revised)' WHERE id % 100 = 3",
+        "UPDATE document_embeddings d SET embedding = \
+         (SELECT array_agg(c.v[i] + r.t1 * c.d1[i] + r.t2 * c.d2[i] + (random()::real - 0.5) * 0.02) \
+          FROM generate_series(1, 384) i)::vector, chunk = chunk || ' (revised)' \
+         FROM centres c CROSS JOIN LATERAL (SELECT random()::real AS t1, random()::real AS t2 WHERE d.id > 0) r \
+         WHERE c.c = (d.id * 7) % 200 AND d.id % 100 = 3",
     );
     let after = table_md5(&pg, "document_embeddings", "");
     assert_ne!(before, after);

@@ -10,6 +10,7 @@ pub mod fault;
 pub mod local;
 pub mod remote;
 pub mod url;
+pub mod vercel;
 
 use custos_model::Result;
 

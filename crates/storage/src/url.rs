@@ -56,6 +56,8 @@ pub struct StorageOptions {
     pub service: HashMap<String, String>,
     /// How long to wait for an object store ([storage] in custos.toml).
     pub timeouts: crate::remote::Timeouts,
+    /// Vercel Blob's token (BLOB_READ_WRITE_TOKEN); never from a file.
+    pub vercel_token: Option<String>,
 }
 
 pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
@@ -67,6 +69,14 @@ pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
             o.bucket = bucket.clone();
             o.root = prefix.clone();
             Arc::new(RemoteStorage::s3(&o)?)
+        }
+        Location::Service { scheme, root } if scheme == "vercel_blob" => {
+            Arc::new(crate::vercel::VercelBlob::new(
+                opts.service.get("vercel_blob_api").map(String::as_str),
+                opts.vercel_token.as_deref(),
+                root,
+                opts.timeouts,
+            )?)
         }
         Location::Service { scheme, root } => {
             let mut o = opts.service.clone();

@@ -237,14 +237,24 @@ pub fn backup_bucket(
     let total: u64 = objects.iter().map(|o| o.size).sum();
     opts.progress.start("backup", Some(total));
     let read = AtomicU64::new(0);
+    let gone: Mutex<Vec<String>> = Mutex::new(vec![]);
     let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let entries = custos_repo::repository::parallel_map(
         &objects,
         repo.threads() * 2,
-        |o| -> Result<Entry> {
-            let data = bucket
-                .get(&o.path)
-                .map_err(|e| e.context("reading the source bucket"))?;
+        |o| -> Result<Option<Entry>> {
+            // An object deleted since the listing is left out and reported, not fatal:
+            // a live bucket changes while it is read.
+            let data = match bucket.get(&o.path) {
+                Ok(d) => d,
+                Err(e) if e.kind == Kind::NotFound => {
+                    gone.lock()
+                        .unwrap()
+                        .push(format!("{}: deleted after it was listed", o.path));
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.context("reading the source bucket")),
+            };
             let ids = chunk_reader(
                 repo,
                 writer,
@@ -260,7 +270,7 @@ pub fn backup_bucket(
                 .unwrap_or(&o.path)
                 .trim_start_matches('/')
                 .to_string();
-            Ok(Entry {
+            Ok(Some(Entry {
                 path: rel.into(),
                 kind: EntryKind::File,
                 mode: 0o600,
@@ -271,14 +281,17 @@ pub fn backup_bucket(
                 target: None,
                 chunks: ids,
                 pages: None,
-            })
+            }))
         },
     )?;
+    let entries: Vec<Entry> = entries.into_iter().flatten().collect();
+    let errors = gone.into_inner().unwrap();
     opts.progress.finish();
     let manifest = crate::manifest::store(repo, writer, &entries)?;
     let stats = SnapshotStats {
         files: entries.len() as u64,
-        bytes: total,
+        errors: errors.len() as u64,
+        bytes: entries.iter().map(|e| e.size).sum(),
         bytes_read: read.load(Ordering::Relaxed),
         ..Default::default()
     };
@@ -287,7 +300,8 @@ pub fn backup_bucket(
         manifest,
         ..Default::default()
     };
-    run.finish(opts, stats, &body, vec![])
+    let _ = total;
+    run.finish(opts, stats, &body, errors)
 }
 
 /// Backs up standard input (`command` = None) or a command's output under `name`.
