@@ -91,9 +91,16 @@ load_sample() {
         SELECT g % 2000, 'Patient stable. BP ' || (100 + g % 40) || '/' || (60 + g % 30)
             || '. Reviewed medication list; follow-up in ' || (g % 12 + 1) || ' weeks.'
         FROM generate_series(1, 20000) g;
+    -- Embeddings on 100 topics, each a small patch (as real embeddings cluster).
+    CREATE TEMP TABLE topics AS SELECT t,
+        (SELECT array_agg(random() - 0.5) FROM generate_series(1, 384) WHERE t >= 0)::vector v,
+        (SELECT array_agg(random() - 0.5) FROM generate_series(1, 384) WHERE t >= 0)::vector d
+        FROM generate_series(0, 99) t;
     INSERT INTO note_embeddings
-        SELECT id, (SELECT array_agg(random())::real[] FROM generate_series(1, 384) WHERE id > 0)::vector
-        FROM clinical_notes;
+        SELECT n.id, tp.v + tp.d * array_fill(random() + 0 * n.id, ARRAY[384])::vector
+            + (SELECT array_agg((random() - 0.5) * 0.02) FROM generate_series(1, 384) WHERE n.id > 0)::vector
+        FROM clinical_notes n JOIN topics tp ON tp.t = n.id % 100;
+    CREATE INDEX note_embeddings_hnsw ON note_embeddings USING hnsw (embedding vector_cosine_ops);
     INSERT INTO audit_log (actor, action, detail)
         SELECT 'dr.' || (g % 50), 'read_note', jsonb_build_object('note', g) FROM generate_series(1, 50000) g;"
 }
@@ -150,6 +157,22 @@ echo "   3 nearest notes to note 42 by embedding (pgvector): $(PSQL "$RPORT" "SE
 step "pg_amcheck --heapallindexed (restored copy)" as_pg "$PGBIN/pg_amcheck" -h "$WORK" -p "$RPORT" -U postgres --all --install-missing --heapallindexed
 printf '   RTO (restore + recovery until it accepts writes): %.1f s\n' "$(echo "$RTO1 - $RTO0" | bc)"
 echo "   RPO: nothing committed before the target was lost (last audit row $LAST; target $TARGET)"
+
+echo "== the vector store and the audit log, each proven by what it means"
+DB="host=$WORK port=$PORT user=postgres dbname=postgres"
+step "backup table note_embeddings (rows, digest, 8 sample queries)" C backup table --table note_embeddings --db-url "$DB"
+PSQL "$PORT" "UPDATE note_embeddings SET embedding = (SELECT array_agg(e * 0.99) FROM unnest(embedding::real[]) e WHERE note_id > 0)::vector WHERE note_id % 100 = 7"
+echo "   1% of the embeddings re-computed; the hourly export stores about that much:"
+step "backup table note_embeddings (hourly)" C backup table --table note_embeddings --db-url "$DB"
+step "restore table --as note_embeddings_restored (load, HNSW, proofs)" \
+    C restore table latest --table note_embeddings --as note_embeddings_restored --db-url "$DB"
+step "verify --table (a scratch database, created and dropped)" C -q verify --table latest --db-url "$DB"
+step "backup audit-log (export 1)" C backup audit-log --table audit_log --order-by id --db-url "$DB"
+PSQL "$PORT" "INSERT INTO audit_log (actor, action) SELECT 'dr.grey', 'read_note' FROM generate_series(1, 250)"
+step "backup audit-log (export 2: only the new rows)" C backup audit-log --table audit_log --order-by id --db-url "$DB"
+step "audit-log verify --read-data (the export chain)" C audit-log verify --read-data
+step "restore audit-log --as audit_log_restored" C restore audit-log --as audit_log_restored --db-url "$DB"
+echo "   live audit rows $(PSQL "$PORT" "SELECT count(*) FROM audit_log"), restored $(PSQL "$PORT" "SELECT count(*) FROM audit_log_restored"), missing from the restore: $(PSQL "$PORT" "SELECT count(*) FROM (SELECT id FROM audit_log EXCEPT SELECT id FROM audit_log_restored) x")"
 as_pg "$PGBIN/pg_ctl" -D "$WORK/restored-db" -w stop -m fast >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -w stop -m fast >/dev/null
 
@@ -170,7 +193,11 @@ os.makedirs(os.path.join(root, "config"), exist_ok=True)
 with open(os.path.join(root, "config", "app.json"), "w") as f:
     json.dump({"db": {"host": "db.internal", "password_ref": "vault://prod/db#password"}}, f)
 with open(os.path.join(root, "terraform.tfstate"), "w") as f:
-    json.dump({"version": 4, "resources": [{"type": "aws_s3_bucket", "name": f"b{i}"} for i in range(200)]}, f)
+    json.dump({"version": 4, "terraform_version": "1.9.8", "serial": 87, "lineage": "3f9c2a71-prod",
+               "resources": [{"type": "aws_s3_bucket", "name": f"b{i}"} for i in range(200)]}, f)
+os.makedirs(os.path.join(root, "infra"), exist_ok=True)
+with open(os.path.join(root, "infra", "main.tf"), "w") as f:
+    f.write('resource "aws_s3_bucket" "documents" { bucket = "clinical-documents" }\n')
 PY
 chown -R postgres: "$WORK/data"
 du -sh "$WORK/data" | awk '{print "   " $1 " of documents, config and state"}'
@@ -185,6 +212,25 @@ for d in 1 2 3; do echo "follow-up $(date)" >> "$WORK/data/documents/patient-000
 head -c 1500000 /dev/urandom > "$WORK/data/documents/patient-0005/scan-2.dcm"
 chown postgres: "$WORK/data/documents/patient-0005/scan-2.dcm"
 step "backup files (incremental)" C backup files "$WORK/data/documents" "$WORK/data/config"
+echo "== configuration: the environment (secrets only as references) and Terraform"
+printf '%s\n' "[repository]" "url = \"$CUSTOS_REPO\"" "password_file = \"$WORK/restore.pw\"" \
+    "[[source]]" "name = \"platform-env\"" "kind = \"env\"" \
+    "allow = [\"APP_*\", \"STRIPE_*\", \"DATABASE_URL\"]" \
+    "secrets_ref = \"aws-secretsmanager:prod/healthcare\"" \
+    "[[source]]" "name = \"terraform-prod\"" "kind = \"terraform\"" \
+    "dir = \"$WORK/data/infra\"" "command = \"cat '$WORK/data/terraform.tfstate'\"" > "$WORK/platform.toml"
+chown postgres: "$WORK/platform.toml"
+SECRET="sk_live_$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')"
+step "backup config (env, terraform)" as_pg env APP_MODE=production APP_REGION=eu-central-1 \
+    STRIPE_SECRET_KEY="$SECRET" DATABASE_URL="postgresql://app:$SECRET@db.internal/clinical" \
+    "$CUSTOS" --config "$WORK/platform.toml" backup config
+C restore env latest --to "$WORK/restored.env" -q
+if grep -q "$SECRET" "$WORK/restored.env" || grep -rq "$SECRET" "$CUSTOS_REPO"; then
+    echo "custos demo: a secret reached the repository or the restored env file" >&2; exit 1
+fi
+echo "   restored env file (values, and the secrets as references):"
+sed 's/^/     /' "$WORK/restored.env"
+
 echo "== verification"
 step "verify --read-data (decrypt everything)" C verify --read-data -q
 echo "== restore drill"

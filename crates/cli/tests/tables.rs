@@ -22,6 +22,16 @@ fn table_md5(pg: &PgCluster, table: &str, filter: &str) -> String {
     ))
 }
 
+/// A point of topic `c` (a row of `centres`): its centre, moved along the topic's two
+/// directions by random amounts, plus a little noise; `row` makes it one per row.
+fn embedding_sql(row: &str) -> String {
+    format!(
+        "c.v + c.d1 * array_fill(random()::real + 0 * {row}, ARRAY[384])::vector \
+         + c.d2 * array_fill(random()::real + 0 * {row}, ARRAY[384])::vector \
+         + (SELECT array_agg((random()::real - 0.5) * 0.02) FROM generate_series(1, 384) WHERE {row} IS NOT NULL)::vector"
+    )
+}
+
 /// 384-dimensional embeddings on 200 topics, each topic a small two-dimensional patch
 /// (real embeddings have a low intrinsic dimension; uniform random vectors in 384
 /// dimensions are the one case no approximate index serves well).
@@ -29,9 +39,9 @@ fn make_documents(pg: &PgCluster, rows: u64) {
     pg.psql("CREATE EXTENSION IF NOT EXISTS vector");
     pg.psql(
         "SELECT setseed(0.42); CREATE TABLE centres AS SELECT c, \
-         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) v, \
-         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) d1, \
-         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0) d2 \
+         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0)::vector v, \
+         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0)::vector d1, \
+         (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 384) WHERE c >= 0)::vector d2 \
          FROM generate_series(0, 199) c",
     );
     pg.psql(
@@ -40,11 +50,9 @@ fn make_documents(pg: &PgCluster, rows: u64) {
     );
     pg.psql(&format!(
         "SELECT setseed(0.17); INSERT INTO document_embeddings (patient_id, chunk, embedding) \
-         SELECT g % 997, 'note ' || g, \
-         (SELECT array_agg(c.v[i] + r.t1 * c.d1[i] + r.t2 * c.d2[i] + (random()::real - 0.5) * 0.02) \
-          FROM generate_series(1, 384) i)::vector \
-         FROM generate_series(1, {rows}) g JOIN centres c ON c.c = g % 200 \
-         CROSS JOIN LATERAL (SELECT random()::real AS t1, random()::real AS t2 WHERE g > 0) r"
+         SELECT g % 997, 'note ' || g, {} \
+         FROM generate_series(1, {rows}) g JOIN centres c ON c.c = g % 200",
+        embedding_sql("g")
     ));
     pg.psql("SET maintenance_work_mem = '1GB'; CREATE INDEX document_embeddings_hnsw ON document_embeddings USING hnsw (embedding vector_cosine_ops)");
 }
@@ -66,13 +74,11 @@ fn vector_store_round_trip_with_neighbour_proofs() {
     let before_42 = table_md5(&pg, "document_embeddings", "WHERE patient_id = 42");
 
     // 1% of rows change, as an hour of re-embedding would.
-    pg.psql(
-        "UPDATE document_embeddings d SET embedding = \
-         (SELECT array_agg(c.v[i] + r.t1 * c.d1[i] + r.t2 * c.d2[i] + (random()::real - 0.5) * 0.02) \
-          FROM generate_series(1, 384) i)::vector, chunk = chunk || ' (revised)' \
-         FROM centres c CROSS JOIN LATERAL (SELECT random()::real AS t1, random()::real AS t2 WHERE d.id > 0) r \
-         WHERE c.c = (d.id * 7) % 200 AND d.id % 100 = 3",
-    );
+    pg.psql(&format!(
+        "UPDATE document_embeddings d SET embedding = {}, chunk = chunk || ' (revised)' \
+         FROM centres c WHERE c.c = (d.id * 7) % 200 AND d.id % 100 = 3",
+        embedding_sql("d.id")
+    ));
     let after = table_md5(&pg, "document_embeddings", "");
     assert_ne!(before, after);
     let second = t.json(&["backup", "table", "--table", "document_embeddings"]);

@@ -97,7 +97,7 @@ pub struct SnapshotSummary {
     pub pg: Option<PgInfo>,
     /// For tables, audit-log exports and dumps: what the data is, readable by every role
     /// (row counts, the export chain's links, versions; never values). Written and read by
-    /// the operation of the kind (format.md 5.3).
+    /// the operation of the kind (format.md 6.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<serde_json::Value>,
 }
@@ -168,7 +168,7 @@ pub struct SnapshotBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<RootMeta>,
     /// For tables, audit-log exports and dumps: definitions, row chunks, digests and
-    /// sample queries, readable by the restore role only (format.md 5.3).
+    /// sample queries, readable by the restore role only (format.md 6.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<serde_json::Value>,
 }

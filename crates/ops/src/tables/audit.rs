@@ -21,7 +21,7 @@
 //! A row's 32-bit `xmin` is widened to 64 bits against the snapshot's `xmax`; this is exact
 //! for rows inserted within the last 2^31 transactions, which every row of a window is.
 //! A row much older than that (after about four billion transactions) could map into a
-//! window again; the chain would then show it twice (format.md 5.3).
+//! window again; the chain would then show it twice (format.md 6.4).
 
 use chrono::{DateTime, Utc};
 use custos_model::{Error, Kind, Lsn, Result, SnapshotId};

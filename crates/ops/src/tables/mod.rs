@@ -38,7 +38,7 @@ pub struct TableRecord {
     pub chunks: Vec<ChunkId>,
     pub data_bytes: u64,
     pub rows: u64,
-    /// Order-independent digest of the rows (format.md 5.3).
+    /// Order-independent digest of the rows (format.md 6.4).
     pub digest: String,
     #[serde(default)]
     pub vector: Option<VectorRecord>,
