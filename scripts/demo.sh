@@ -91,15 +91,14 @@ load_sample() {
         SELECT g % 2000, 'Patient stable. BP ' || (100 + g % 40) || '/' || (60 + g % 30)
             || '. Reviewed medication list; follow-up in ' || (g % 12 + 1) || ' weeks.'
         FROM generate_series(1, 20000) g;
-    -- Embeddings on 100 topics, each a small patch (as real embeddings cluster).
-    CREATE TEMP TABLE topics AS SELECT t,
-        (SELECT array_agg(random() - 0.5) FROM generate_series(1, 384) WHERE t >= 0)::vector v,
-        (SELECT array_agg(random() - 0.5) FROM generate_series(1, 384) WHERE t >= 0)::vector d
-        FROM generate_series(0, 99) t;
+    -- Embeddings near an 8-dimensional space, as real ones lie.
+    CREATE TEMP TABLE directions AS SELECT k,
+        (SELECT array_agg(random() - 0.5) FROM generate_series(1, 384) WHERE k >= 0)::vector v
+        FROM generate_series(1, 8) k;
     INSERT INTO note_embeddings
-        SELECT n.id, tp.v + tp.d * array_fill(random() + 0 * n.id, ARRAY[384])::vector
+        SELECT n.id, (SELECT sum(d.v * array_fill((random() * 2 - 1) + 0 * n.id, ARRAY[384])::vector) FROM directions d)
             + (SELECT array_agg((random() - 0.5) * 0.02) FROM generate_series(1, 384) WHERE n.id > 0)::vector
-        FROM clinical_notes n JOIN topics tp ON tp.t = n.id % 100;
+        FROM clinical_notes n;
     CREATE INDEX note_embeddings_hnsw ON note_embeddings USING hnsw (embedding vector_cosine_ops);
     INSERT INTO audit_log (actor, action, detail)
         SELECT 'dr.' || (g % 50), 'read_note', jsonb_build_object('note', g) FROM generate_series(1, 50000) g;"

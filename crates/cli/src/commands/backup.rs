@@ -7,7 +7,7 @@ use clap::Subcommand;
 use custos_model::{ByteSize, Error, Kind, Result};
 use custos_ops::postgres::backup as pg_backup;
 use custos_ops::{backup, files};
-use custos_repo::snapshot::PgBackupType;
+use custos_repo::snapshot::{PgBackupType, SourceKind};
 use custos_storage::url::Location;
 
 use crate::context::Ctx;
@@ -136,10 +136,15 @@ pub(crate) fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
         if let Some(p) = r.parent {
             println!("  parent     {}", p.short());
         }
-        println!(
-            "  files      {} ({} unchanged, not read), {} folders",
-            s.files, s.files_unchanged, s.dirs
-        );
+        match r.kind {
+            SourceKind::Table => println!("  tables     {}", s.files),
+            SourceKind::Env => println!("  variables  {}", s.files),
+            SourceKind::AuditLog => {}
+            _ => println!(
+                "  files      {} ({} unchanged, not read), {} folders",
+                s.files, s.files_unchanged, s.dirs
+            ),
+        }
         println!(
             "  size       {} ({} read)",
             ByteSize(s.bytes),

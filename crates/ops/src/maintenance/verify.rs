@@ -321,6 +321,26 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
         r.vouched = attest(repo, &index, &read_whole, &damaged, &mut r)?;
     }
+    // The application's audit-log exports: every chain complete (and, read with a
+    // restore key under --read-data, every export's rows those its hash names).
+    if snapshots
+        .iter()
+        .any(|s| s.summary.kind == custos_repo::snapshot::SourceKind::AuditLog)
+    {
+        let floors = crate::maintenance::forget::MinRetention::default();
+        let chains = crate::tables::audit::verify_chains(
+            repo,
+            None,
+            opts.read_data && restore_key,
+            floors.audit_log_default,
+            chrono::Utc::now(),
+        )?;
+        for c in chains {
+            for p in c.problems {
+                r.errors.push(format!("audit-log {}: {p}", c.chain));
+            }
+        }
+    }
     Ok(r)
 }
 
