@@ -34,37 +34,46 @@ CUSTOS="$BENCH/bin/custos"
 umask 022
 head -c 24 /dev/urandom | base64 > "$CONF/restore.pw"; head -c 24 /dev/urandom | base64 > "$CONF/gpg.pw"
 chown "$PGUSER_OS" "$CONF"/*.pw; chmod 600 "$CONF"/*.pw
-C() { runuser -u "$PGUSER_OS" -- env CUSTOS_REPO="$REPOS/custos" CUSTOS_CACHE_DIR="$BENCH/custos-cache" CUSTOS_PASSWORD_FILE="$CONF/restore.pw" PGHOST="$RUNDIR" PGPORT="$PGPORT" PGUSER=postgres PGDATABASE=postgres "$CUSTOS" "$@"; }
-C init -q
+# `measure` runs a program under /usr/bin/time: the commands are small scripts, not functions.
+cat > "$BENCH/bin/c" <<EOS
+#!/bin/sh
+exec runuser -u $PGUSER_OS -- env CUSTOS_REPO=$REPOS/custos CUSTOS_CACHE_DIR=$BENCH/custos-cache CUSTOS_PASSWORD_FILE=$CONF/restore.pw PGHOST=$RUNDIR PGPORT=\${PGPORT_OVERRIDE:-$PGPORT} PGUSER=postgres PGDATABASE=postgres $CUSTOS "\$@"
+EOS
+chmod 755 "$BENCH/bin/c"
+C="$BENCH/bin/c"
+"$C" init -q
 pg_start
 
 # The seed's procedure (backup-procedures.md, vector store): psql \COPY to CSV, gzip, gpg.
-seed_export() {
-    as_pg sh -c "'$PGBIN/psql' -X -q -h '$RUNDIR' -p $PGPORT -U postgres -d postgres \
-        -c \"\\\\copy (SELECT * FROM items) TO STDOUT WITH CSV HEADER\" | gzip \
-        | gpg --batch --yes --symmetric --cipher-algo AES256 --pinentry-mode loopback \
-              --passphrase-file '$CONF/gpg.pw' -o '$BENCH/out/$1.csv.gz.gpg'"
-}
-pgdump_export() {
-    as_pg "$PGBIN/pg_dump" -h "$RUNDIR" -p "$PGPORT" -U postgres -d postgres -t items -Fc -f "$BENCH/out/$1.dump"
-}
+cat > "$BENCH/bin/seed-export" <<EOS
+#!/bin/sh
+export GNUPGHOME=$BENCH/gnupg
+exec runuser -u $PGUSER_OS -- sh -c "'$PGBIN/psql' -X -q -h '$RUNDIR' -p $PGPORT -U postgres -d postgres -c '\\\\copy (SELECT * FROM items) TO STDOUT WITH CSV HEADER' | gzip | gpg --homedir $BENCH/gnupg --batch --yes --symmetric --cipher-algo AES256 --pinentry-mode loopback --passphrase-file '$CONF/gpg.pw' -o '$BENCH/out/\$1.csv.gz.gpg'"
+EOS
+cat > "$BENCH/bin/pgdump-export" <<EOS
+#!/bin/sh
+exec runuser -u $PGUSER_OS -- '$PGBIN/pg_dump' -h '$RUNDIR' -p $PGPORT -U postgres -d postgres -t items -Fc -f "$BENCH/out/\$1.dump"
+EOS
+chmod 755 "$BENCH/bin/seed-export" "$BENCH/bin/pgdump-export"
+install -d -o "$PGUSER_OS" -m 700 "$BENCH/gnupg"
+
 repo_bytes() { bytes "$REPOS/custos/data"; }
 
 log "full export"
-measure custos_full C backup table --table items -q
+measure custos_full "$C" backup table --table items -q
 CUSTOS_FULL=$(repo_bytes)
-measure seed_full seed_export full
-measure pgdump_full pgdump_export full
+measure seed_full "$BENCH/bin/seed-export" full
+measure pgdump_full "$BENCH/bin/pgdump-export" full
 note custos_full_bytes "$CUSTOS_FULL"
 note seed_full_bytes "$(bytes "$BENCH/out/full.csv.gz.gpg")"
 note pgdump_full_bytes "$(bytes "$BENCH/out/full.dump")"
 
 log "1% of rows change"
 psqlc -c "UPDATE items SET embedding[1] = embedding[1] + 1 WHERE id % 100 = 7" >/dev/null
-measure custos_hourly C backup table --table items -q
+measure custos_hourly "$C" backup table --table items -q
 note custos_hourly_added_bytes "$(( $(repo_bytes) - CUSTOS_FULL ))"
-measure seed_hourly seed_export hourly
-measure pgdump_hourly pgdump_export hourly
+measure seed_hourly "$BENCH/bin/seed-export" hourly
+measure pgdump_hourly "$BENCH/bin/pgdump-export" hourly
 note seed_hourly_bytes "$(bytes "$BENCH/out/hourly.csv.gz.gpg")"
 note pgdump_hourly_bytes "$(bytes "$BENCH/out/hourly.dump")"
 
@@ -85,13 +94,12 @@ p18 -c "CREATE EXTENSION vector; CREATE TABLE items_v (id int PRIMARY KEY, embed
 psqlc -At -c "\\copy (SELECT id, '[' || array_to_string(embedding, ',') || ']' FROM items) TO STDOUT" \
     | p18 -c "\\copy items_v FROM STDIN"
 p18 -c "CREATE INDEX items_v_hnsw ON items_v USING hnsw (embedding vector_l2_ops)"
-C18() { C env PGPORT="$P18PORT" "$CUSTOS" "$@"; }
-C18 backup table --table items_v -q
+PGPORT_OVERRIDE=$P18PORT "$C" backup table --table items_v -q
 as_pg "$PG18/pg_dump" -h "$RUNDIR" -p "$P18PORT" -U postgres -d postgres -t items_v -Fc -f "$BENCH/out/items_v.dump"
-p18 -c "CREATE DATABASE target_custos; CREATE DATABASE target_pgrestore"
+p18 -c "CREATE DATABASE target_custos"; p18 -c "CREATE DATABASE target_pgrestore"
 DB=target_custos p18 -c "CREATE EXTENSION vector"
 DB=target_pgrestore p18 -c "CREATE EXTENSION vector"
-measure custos_restore C18 --json restore table latest --table items_v \
+measure custos_restore "$C" --json restore table latest --table items_v \
     --db-url "host=$RUNDIR port=$P18PORT user=postgres dbname=target_custos"
 python3 - "$RES/custos_restore.log" >> "$RES/facts.tsv" <<'PY'
 import json, sys
@@ -102,9 +110,9 @@ for i in r["indexes"]:
 print(f"custos_restore_samples_exact\t{r['samples_exact']}/{r['samples']}")
 print(f"custos_restore_recall_at_10\t{r['recall_at_10']}")
 PY
-measure pgrestore_data as_pg "$PG18/pg_restore" -h "$RUNDIR" -p "$P18PORT" -U postgres -d target_pgrestore \
+measure pgrestore_data runuser -u "$PGUSER_OS" -- "$PG18/pg_restore" -h "$RUNDIR" -p "$P18PORT" -U postgres -d target_pgrestore \
     --section=pre-data --section=data "$BENCH/out/items_v.dump"
-measure pgrestore_index as_pg "$PG18/pg_restore" -h "$RUNDIR" -p "$P18PORT" -U postgres -d target_pgrestore \
+measure pgrestore_index runuser -u "$PGUSER_OS" -- "$PG18/pg_restore" -h "$RUNDIR" -p "$P18PORT" -U postgres -d target_pgrestore \
     --section=post-data "$BENCH/out/items_v.dump"
 as_pg "$PG18/pg_ctl" -D "$BENCH/pg18/data" -m fast -w stop >/dev/null
 pg_stop

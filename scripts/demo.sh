@@ -158,20 +158,21 @@ printf '   RTO (restore + recovery until it accepts writes): %.1f s\n' "$(echo "
 echo "   RPO: nothing committed before the target was lost (last audit row $LAST; target $TARGET)"
 
 echo "== the vector store and the audit log, each proven by what it means"
-DB="host=$WORK port=$PORT user=postgres dbname=postgres"
+# On the restored copy, which holds the notes the accident deleted from the live server.
+DB="host=$WORK port=$RPORT user=postgres dbname=postgres"
 step "backup table note_embeddings (rows, digest, 8 sample queries)" C backup table --table note_embeddings --db-url "$DB"
-PSQL "$PORT" "UPDATE note_embeddings SET embedding = (SELECT array_agg(e * 0.99) FROM unnest(embedding::real[]) e WHERE note_id > 0)::vector WHERE note_id % 100 = 7"
+PSQL "$RPORT" "UPDATE note_embeddings SET embedding = (SELECT array_agg(e * 0.99) FROM unnest(embedding::real[]) e WHERE note_id > 0)::vector WHERE note_id % 100 = 7"
 echo "   1% of the embeddings re-computed; the hourly export stores about that much:"
 step "backup table note_embeddings (hourly)" C backup table --table note_embeddings --db-url "$DB"
 step "restore table --as note_embeddings_restored (load, HNSW, proofs)" \
     C restore table latest --table note_embeddings --as note_embeddings_restored --db-url "$DB"
 step "verify --table (a scratch database, created and dropped)" C -q verify --table latest --db-url "$DB"
 step "backup audit-log (export 1)" C backup audit-log --table audit_log --order-by id --db-url "$DB"
-PSQL "$PORT" "INSERT INTO audit_log (actor, action) SELECT 'dr.grey', 'read_note' FROM generate_series(1, 250)"
+PSQL "$RPORT" "INSERT INTO audit_log (actor, action) SELECT 'dr.grey', 'read_note' FROM generate_series(1, 250)"
 step "backup audit-log (export 2: only the new rows)" C backup audit-log --table audit_log --order-by id --db-url "$DB"
 step "audit-log verify --read-data (the export chain)" C audit-log verify --read-data
 step "restore audit-log --as audit_log_restored" C restore audit-log --as audit_log_restored --db-url "$DB"
-echo "   live audit rows $(PSQL "$PORT" "SELECT count(*) FROM audit_log"), restored $(PSQL "$PORT" "SELECT count(*) FROM audit_log_restored"), missing from the restore: $(PSQL "$PORT" "SELECT count(*) FROM (SELECT id FROM audit_log EXCEPT SELECT id FROM audit_log_restored) x")"
+echo "   live audit rows $(PSQL "$RPORT" "SELECT count(*) FROM audit_log"), restored $(PSQL "$RPORT" "SELECT count(*) FROM audit_log_restored"), missing from the restore: $(PSQL "$RPORT" "SELECT count(*) FROM (SELECT id FROM audit_log EXCEPT SELECT id FROM audit_log_restored) x")"
 as_pg "$PGBIN/pg_ctl" -D "$WORK/restored-db" -w stop -m fast >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -w stop -m fast >/dev/null
 

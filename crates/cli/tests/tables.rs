@@ -649,3 +649,89 @@ fn dump_round_trip_postgres_18_and_an_older_pg_dump_is_refused() {
     );
     assert_eq!(t.repo_state(), state);
 }
+
+/// A table snapshot's record becomes SQL on restore, and a backup key may have written
+/// it: a type that smuggles a statement, an index definition with a second statement, or
+/// a CHECK that calls a volatile function (run on every row loaded) are refused before
+/// any row is loaded, and nothing is left in the database.
+#[test]
+fn a_planted_table_record_cannot_run_sql_on_restore() {
+    let pg = PgCluster::init(pg18_bin(), "");
+    pg.start();
+    pg.psql("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL CHECK (length(body) > 0)); INSERT INTO notes SELECT g, 'n' || g FROM generate_series(1, 500) g");
+    pg.psql("CREATE TABLE victims (id int); INSERT INTO victims VALUES (1)");
+    let mut t = T::new();
+    connect(&mut t, &pg);
+    let real = t.json(&["backup", "table", "--table", "notes"]);
+    let real_id = real["backup"]["snapshot"].as_str().unwrap().to_string();
+
+    let a = common::attack::Attacker::open(&t, PW);
+    let snap = a
+        .repo
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.id.to_hex() == real_id)
+        .unwrap();
+    let body = a.repo.snapshot_body(&snap.id).unwrap();
+    let plant = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut b = body.clone();
+        let mut rec = b.record.clone().unwrap();
+        edit(&mut rec["tables"][0]["meta"]);
+        b.record = Some(rec);
+        let mut summary = snap.summary.clone();
+        summary.time = chrono::Utc::now();
+        a.repo.save_snapshot(&summary, &b).unwrap().to_hex()
+    };
+    let attempts: Vec<(String, &str)> = vec![
+        (
+            plant(&|m| m["columns"][1]["type_sql"] = "text); DROP TABLE victims; --".into()),
+            "not a type name",
+        ),
+        (
+            plant(&|m| {
+                m["indexes"] = serde_json::json!([{"name": "x", "unique": false, "method": "btree",
+                    "tail": " USING btree (id); DROP TABLE victims"}])
+            }),
+            "cannot insert multiple commands",
+        ),
+        (
+            plant(&|m| {
+                m["constraints"][0]["def"] = "CHECK ((random() >= 0::double precision))".into();
+                m["constraints"][0]["kind"] = "c".into();
+                m["constraints"][0]["name"] = "sneaky".into();
+            }),
+            "not immutable",
+        ),
+    ];
+    for (id, why) in attempts {
+        let out = t.run(&[
+            "restore",
+            "table",
+            &id,
+            "--table",
+            "notes",
+            "--as",
+            "notes_back",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{id}: the planted record was restored"
+        );
+        assert!(err.contains(why), "{id}: {err}");
+        assert_eq!(pg.psql("SELECT count(*) FROM victims"), "1");
+        assert_eq!(pg.psql("SELECT to_regclass('notes_back') IS NULL"), "t");
+    }
+    // The real snapshot still restores.
+    let r = t.json(&[
+        "restore",
+        "table",
+        &real_id,
+        "--table",
+        "notes",
+        "--as",
+        "notes_back",
+    ]);
+    assert_eq!(r["tables"][0]["digest_matches"], true);
+}

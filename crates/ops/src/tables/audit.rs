@@ -559,10 +559,9 @@ pub fn restore_audit_log(repo: &Repository, o: &AuditRestoreOptions) -> Result<A
         .iter()
         .map(|c| format!("{} {}", ident(&c.name), c.type_sql))
         .collect();
-    db.execute(&format!(
-        "BEGIN; CREATE TABLE {target} ({})",
-        cols.join(", ")
-    ))?;
+    crate::tables::check_record_types(&first.meta)?;
+    db.execute("BEGIN")?;
+    db.execute_one(&format!("CREATE TABLE {target} ({})", cols.join(", ")))?;
     let names = column_list(&first.meta.copied_columns());
     let mut total = 0u64;
     let result = (|| -> Result<()> {

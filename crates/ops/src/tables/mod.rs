@@ -152,6 +152,37 @@ pub(crate) fn store_rows(
     Ok(out)
 }
 
+/// Refuses a record whose column types are not plain type names (`int8`, `vector(384)`,
+/// `character varying(20)[]`, `"My Type"`): a record comes from a snapshot that a backup
+/// key may have written, and its text becomes SQL.
+pub fn check_record_types(meta: &custos_sources::postgres::tables::TableMeta) -> Result<()> {
+    for c in &meta.columns {
+        let t = c.type_sql.as_str();
+        let (name, rest) = t.split_once('(').unwrap_or((t, ""));
+        let name_ok = !name.trim().is_empty()
+            && name
+                .chars()
+                .all(|ch| ch.is_alphanumeric() || " _.\"[]".contains(ch))
+            && name.matches('"').count() % 2 == 0;
+        let rest_ok = rest.is_empty() || {
+            let (inside, after) = rest.split_once(')').unwrap_or(("x", ""));
+            inside
+                .chars()
+                .all(|ch| ch.is_ascii_digit() || ch == ',' || ch == ' ')
+                && after.chars().all(|ch| ch == '[' || ch == ']' || ch == ' ')
+        };
+        let identity_ok = c.identity.as_deref().is_none_or(|i| i == "a" || i == "d");
+        if !(name_ok && rest_ok && identity_ok) {
+            return Err(custos_model::Error::integrity(format!(
+                "the snapshot's definition of column {:?} has a type that is not a type name: {t:?}; nothing was restored",
+                c.name
+            ))
+            .hint("the snapshot was written by a key that should not have written it: check `custos audit log` for who wrote it"));
+        }
+    }
+    Ok(())
+}
+
 /// Parses `6y`, `30d`, `12w`, `18m` (months) or anything humantime reads.
 pub fn parse_retention(s: &str) -> Result<chrono::Duration> {
     let t = s.trim();

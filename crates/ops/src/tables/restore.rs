@@ -178,6 +178,7 @@ pub fn restore_tables(
             )
             .hint("restore beside it under a new name with --as NEW_NAME, then copy back what is needed"));
         }
+        crate::tables::check_record_types(&t.meta)?;
         for c in &t.meta.columns {
             if !db.type_exists(&c.type_sql)? {
                 return Err(Error::new(
@@ -238,6 +239,7 @@ fn restore_one(
     o: &TableRestoreOptions,
 ) -> Result<TableProof> {
     let meta = &t.meta;
+    crate::tables::check_record_types(meta)?;
     let mut lines = vec![];
     let mut sequences = vec![];
     for c in &meta.columns {
@@ -257,7 +259,7 @@ fn restore_one(
                 n += 1;
             }
             let seq_q = format!("{}.{}", ident(schema), ident(&seq));
-            db.execute(&format!("CREATE SEQUENCE {seq_q}"))?;
+            db.execute_one(&format!("CREATE SEQUENCE {seq_q}"))?;
             c2.default = Some(format!("nextval({}::regclass)", literal(&seq_q)));
             sequences.push((seq_q, c.name.clone()));
         }
@@ -275,9 +277,18 @@ fn restore_one(
             k.def
         ));
     }
-    db.execute(&format!("CREATE TABLE {target} ({})", lines.join(", ")))?;
+    db.execute_one(&format!("CREATE TABLE {target} ({})", lines.join(", ")))?;
+    let volatile = db.checks_calling_volatile(target)?;
+    if !volatile.is_empty() {
+        return Err(Error::integrity(format!(
+            "the snapshot's CHECK constraints of {} call functions that are not immutable ({}): they would run on every row loaded; nothing was restored",
+            meta.qualified(),
+            volatile.join(", ")
+        ))
+        .hint("a check that does more than look at the row was planted or is unsafe to replay: inspect the snapshot's definition with `custos audit log` and the DDL"));
+    }
     for (seq, col) in &sequences {
-        db.execute(&format!(
+        db.execute_one(&format!(
             "ALTER SEQUENCE {seq} OWNED BY {target}.{}",
             ident(col)
         ))?;
@@ -295,7 +306,7 @@ fn restore_one(
         }
         Some(w) => {
             let tmp = "pg_temp.custos_restore_rows";
-            db.execute(&format!(
+            db.execute_one(&format!(
                 "CREATE TEMP TABLE custos_restore_rows ({}) ON COMMIT DROP",
                 meta.copied_columns()
                     .iter()
@@ -332,7 +343,7 @@ fn restore_one(
     };
     let load_seconds = load.elapsed().as_secs_f64();
     for (seq, col) in &sequences {
-        db.execute(&format!(
+        db.execute_one(&format!(
             "SELECT setval({}, coalesce((SELECT max({}) FROM {target}), 0) + 1, false)",
             literal(seq),
             ident(col)
@@ -345,7 +356,7 @@ fn restore_one(
                 ident(&c.name)
             ))?
             .unwrap_or_else(|| "1".into());
-        db.execute(&format!(
+        db.execute_one(&format!(
             "ALTER TABLE {target} ALTER COLUMN {} RESTART WITH {next}",
             ident(&c.name)
         ))?;
@@ -355,7 +366,7 @@ fn restore_one(
     for i in &meta.indexes {
         let iname = renamed(&i.name, &meta.name, name);
         let s = Instant::now();
-        db.execute(&format!(
+        db.execute_one(&format!(
             "CREATE {}INDEX {} ON {target}{}",
             if i.unique { "UNIQUE " } else { "" },
             ident(&iname),

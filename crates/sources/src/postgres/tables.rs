@@ -278,6 +278,29 @@ impl Db {
             .map_err(|e| db_err("running SQL", e))
     }
 
+    /// Runs exactly one statement (the extended protocol refuses a second one): for SQL
+    /// built from a snapshot's record, which a backup key may have written.
+    pub fn execute_one(&self, sql: &str) -> Result<()> {
+        self.rt
+            .block_on(self.client.execute(sql, &[]))
+            .map(|_| ())
+            .map_err(|e| db_err("running SQL", e))
+    }
+
+    /// The functions a table's CHECK constraints call that are not immutable: a check is
+    /// evaluated on every row loaded, so one that does anything else is refused. Read from
+    /// the parsed expression (`conbin`): built-in functions have no `pg_depend` rows.
+    pub fn checks_calling_volatile(&self, table: &str) -> Result<Vec<String>> {
+        self.texts(
+            "SELECT DISTINCT c.conname || ': ' || p.oid::regprocedure::text FROM pg_constraint c \
+             CROSS JOIN LATERAL regexp_matches(c.conbin::text, ':(?:op)?funcid (\\d+)', 'g') AS f(m) \
+             JOIN pg_proc p ON p.oid = f.m[1]::oid \
+             WHERE c.conrelid = to_regclass($1) AND c.contype = 'c' AND p.provolatile <> 'i' ORDER BY 1",
+            &[table],
+        )
+        .map(|v| v.into_iter().flatten().collect())
+    }
+
     /// Like `execute`, keeping the server's message for the caller to explain.
     pub fn try_execute(&self, sql: &str) -> std::result::Result<(), String> {
         self.rt
