@@ -77,6 +77,9 @@ enum Command {
     /// Check the repository; with --read-data, read back and authenticate stored data
     #[command(after_help = "Example:\n  custos verify --read-data --subset 10%")]
     Verify(commands::maintenance::VerifyArgs),
+    /// custos.toml: write one to start from, check one
+    #[command(subcommand)]
+    Config(commands::config::ConfigCommand),
     /// The application's audit-log exports: prove their chain
     #[command(subcommand, name = "audit-log")]
     AuditLog(commands::tables::AuditLogCommand),
@@ -260,6 +263,7 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Audit(AuditCommand::Log { .. }) => "audit log".into(),
         Command::Audit(AuditCommand::Verify) => "audit verify".into(),
         Command::IamPolicy(_) => return None,
+        Command::Config(_) => return None,
     })
 }
 
@@ -306,6 +310,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             read_data, subset, ..
         }) => commands::maintenance::cmd_verify(ctx, read_data, subset.as_deref()),
         Command::AuditLog(c) => commands::tables::cmd_audit_log(ctx, c),
+        Command::Config(c) => commands::config::cmd_config(ctx, c),
         Command::Forget(commands::maintenance::ForgetArgs {
             snapshots,
             policy,

@@ -27,6 +27,66 @@ pub struct ConfigFile {
     pub postgres: PostgresSection,
     #[serde(default)]
     pub keys: KeysSection,
+    /// What the agent runs and when (issue 18; `custos config check` validates them).
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<JobSection>,
+}
+
+/// A scheduled job: `run` is a source's name, or one of `postgres-full`,
+/// `postgres-incremental`, `config`, `verify`, `verify-read-data`, `verify-table`,
+/// `forget`, `prune`; `schedule` a cron expression in UTC.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    pub name: String,
+    pub run: String,
+    pub schedule: String,
+    /// Longest a run may take, like "2h".
+    pub timeout: Option<String>,
+    /// Further tries after a failed run (with backoff).
+    pub retries: Option<u32>,
+}
+
+/// What a job may run besides a source.
+pub const JOB_ACTIONS: &[&str] = &[
+    "postgres-full",
+    "postgres-incremental",
+    "config",
+    "verify",
+    "verify-read-data",
+    "verify-table",
+    "forget",
+    "prune",
+];
+
+impl ConfigFile {
+    /// Every job's schedule parses, its `run` names a source or an action, its timeout
+    /// is a duration, and no two jobs share a name; the first problem, naming the job.
+    pub fn check_jobs(&self) -> Result<Vec<(JobSection, custos_agent::schedule::Schedule)>> {
+        let mut out: Vec<(JobSection, custos_agent::schedule::Schedule)> = vec![];
+        for j in &self.jobs {
+            let ctx = |e: Error| e.context(format!("job `{}`", j.name));
+            if out.iter().any(|(o, _)| o.name == j.name) {
+                return Err(Error::config(format!("two jobs are named `{}`", j.name)));
+            }
+            let s = custos_agent::schedule::Schedule::parse(&j.schedule).map_err(ctx)?;
+            if !JOB_ACTIONS.contains(&j.run.as_str())
+                && !self.sources.iter().any(|src| src.name == j.run)
+            {
+                return Err(ctx(Error::config(format!(
+                    "`run = \"{}\"` names neither a [[source]] nor an action ({})",
+                    j.run,
+                    JOB_ACTIONS.join(", ")
+                ))));
+            }
+            if let Some(t) = &j.timeout {
+                humantime::parse_duration(t)
+                    .map_err(|e| ctx(Error::config(format!("timeout = \"{t}\": {e}"))))?;
+            }
+            out.push((j.clone(), s));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -345,3 +345,80 @@ fn rotated_logs_are_not_stored_twice_and_a_growing_log_stores_its_tail() {
         std::fs::read(logs.join("app.log.1")).unwrap()
     );
 }
+
+#[test]
+fn the_healthcare_profile_holds_the_seed_matrix_and_bad_jobs_are_named() {
+    let mut t = T::bare();
+    let cfg = t.path("custos.toml");
+    let p = cfg.to_str().unwrap().to_string();
+    t.ok(&["config", "init", "--profile", "healthcare", "--to", &p]);
+    // Not over an existing file.
+    t.fails(
+        &["config", "init", "--profile", "healthcare", "--to", &p],
+        2,
+    );
+    t.set("CUSTOS_CONFIG", &p);
+    let v = t.json(&["config", "check"]);
+    let jobs = v["jobs"].as_array().unwrap();
+    let sched = |name: &str| {
+        jobs.iter()
+            .find(|j| j["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {v}"))["schedule"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // The seed: incrementals hourly at :00, fulls daily at 02:00 UTC, vector store and
+    // files and audit logs hourly, configuration and system logs daily.
+    assert_eq!(sched("db-incremental"), "0 * * * *");
+    assert_eq!(sched("db-full"), "0 2 * * *");
+    for hourly in [
+        "vector-store-hourly",
+        "documents-hourly",
+        "audit-log-hourly",
+    ] {
+        assert!(sched(hourly).ends_with(" * * * *"), "{hourly}");
+    }
+    assert!(jobs.iter().all(|j| j["next"].is_string()), "{v}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    for line in [
+        "keep_daily = 30",
+        "keep_weekly = 12",
+        "keep_monthly = 12",
+        "keep_yearly = 7",
+        "min_retention = \"6y\"",
+    ] {
+        assert!(text.contains(line), "{line}");
+    }
+
+    // A bad schedule, a job that runs nothing known, a bad timeout: each named.
+    for (bad, expect) in [
+        (
+            "schedule = \"0 25 * * *\"",
+            "`0 25 * * *` is not a cron expression",
+        ),
+        (
+            "run = \"no-such-source\"",
+            "names neither a [[source]] nor an action",
+        ),
+        ("timeout = \"soon\"", "timeout = \"soon\""),
+    ] {
+        let key = bad.split(" = ").next().unwrap();
+        let broken = text.replacen(
+            &text[text.find("name = \"db-full\"").unwrap()..]
+                .lines()
+                .find(|l| l.starts_with(key))
+                .unwrap()
+                .to_string(),
+            bad,
+            1,
+        );
+        std::fs::write(t.path("broken.toml"), broken).unwrap();
+        t.set("CUSTOS_CONFIG", t.path("broken.toml").to_str().unwrap());
+        let err = t.fails(&["config", "check"], 2);
+        assert!(
+            err.contains("job `db-full`") && err.contains(expect),
+            "{bad}: {err}"
+        );
+    }
+}

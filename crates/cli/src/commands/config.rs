@@ -199,3 +199,210 @@ pub(crate) fn restore_env(
     }
     Ok(0)
 }
+
+#[derive(clap::Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Write a commented custos.toml to start from
+    #[command(
+        after_help = "Example:\n  custos config init --profile healthcare --to /etc/custos/custos.toml"
+    )]
+    Init {
+        /// healthcare: the seed's sources, its whole frequency matrix as jobs, and its
+        /// retention (30 daily, 12 weekly, 12 monthly, 7 yearly; audit log 6 years)
+        #[arg(long, value_parser = ["healthcare"], default_value = "healthcare")]
+        profile: String,
+        /// The file to write (must not exist)
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Check custos.toml: every job's schedule, what it runs, its timeout; print when each
+    /// job runs next
+    #[command(after_help = "Example:\n  custos --config /etc/custos/custos.toml config check")]
+    Check,
+}
+
+/// The seed's (`backup-procedures.md`) sources, frequency matrix and retention.
+pub(crate) const HEALTHCARE: &str = r#"# custos.toml for the healthcare AI platform, from the seed's backup procedures.
+# Every time is UTC. Fill in the places marked CHANGE; secrets never go in this file
+# (passwords from password_file, PGPASSWORD or ~/.pgpass, S3 keys and Vercel's token
+# from the environment). `custos config check` validates it.
+
+[repository]
+url = "s3://CHANGE-backups/prod"
+password_file = "/etc/custos/backup.pw"      # a backup-role key: writes, cannot read back
+cache_dir = "/var/cache/custos"
+
+[storage.s3]
+region = "us-east-1"
+
+[postgres]                                   # the cluster whose WAL is archived continuously
+name = "clinical"                            # (archive_command = 'custos wal-push --async %p')
+host = "/var/run/postgresql"
+
+[retention]                                  # the seed: 30 daily, 12 weekly, 12 monthly, 7 yearly
+keep_daily = 30
+keep_weekly = 12
+keep_monthly = 12
+keep_yearly = 7
+
+[[source]]                                   # vector store: rows, digest, sample neighbours
+name = "vector-store"
+kind = "table"
+tables = ["document_embeddings"]
+
+[[source]]                                   # the application's audit log, exported exactly once
+name = "audit-log"
+kind = "audit-log"
+table = "audit_log"
+order_by = "id"
+min_retention = "6y"                         # the seed keeps audit logs six years
+
+[[source]]                                   # clinical documents (token: BLOB_READ_WRITE_TOKEN)
+name = "documents"
+kind = "files"
+paths = ["vercel_blob://CHANGE-documents"]
+
+[[source]]                                   # environment: values, secrets as references only
+name = "platform-env"
+kind = "env"
+allow = ["APP_*", "NEXT_PUBLIC_*", "DATABASE_URL", "SUPABASE_*", "STRIPE_*", "OPENAI_*"]
+secrets_ref = "aws-secretsmanager:prod/healthcare"
+
+[[source]]                                   # Terraform state and configuration
+name = "terraform"
+kind = "terraform"
+dir = "/srv/CHANGE-infra/prod"
+
+[[source]]                                   # system logs
+name = "system-logs"
+kind = "logs"
+paths = ["/var/log/CHANGE-platform"]
+
+# The frequency matrix. Transaction logs are continuous (archive_command), not a job.
+[[job]]                                      # database incremental, hourly at :00
+name = "db-incremental"
+run = "postgres-incremental"
+schedule = "0 * * * *"
+timeout = "50m"
+
+[[job]]                                      # database full, daily at 02:00 (low traffic)
+name = "db-full"
+run = "postgres-full"
+schedule = "0 2 * * *"
+timeout = "3h"
+
+[[job]]                                      # vector store, hourly and daily
+name = "vector-store-hourly"
+run = "vector-store"
+schedule = "15 * * * *"
+timeout = "45m"
+retries = 2
+
+[[job]]                                      # the seed's daily vector-store verification
+name = "vector-store-verify"
+run = "verify-table"
+schedule = "0 4 * * *"
+timeout = "2h"
+
+[[job]]                                      # file storage, hourly (unchanged blobs are not stored again)
+name = "documents-hourly"
+run = "documents"
+schedule = "30 * * * *"
+timeout = "50m"
+retries = 2
+
+[[job]]                                      # configuration, daily (a weekly full is the same run)
+name = "config-daily"
+run = "config"
+schedule = "0 3 * * *"
+timeout = "30m"
+
+[[job]]                                      # audit logs, hourly; kept 6 years by min_retention
+name = "audit-log-hourly"
+run = "audit-log"
+schedule = "5 * * * *"
+timeout = "30m"
+retries = 3
+
+[[job]]                                      # system logs, daily
+name = "system-logs-daily"
+run = "system-logs"
+schedule = "45 1 * * *"
+timeout = "1h"
+
+[[job]]                                      # retention, daily after the full backup
+name = "forget"
+run = "forget"
+schedule = "0 6 * * *"
+timeout = "1h"
+
+[[job]]                                      # frees what forget released; takes the exclusive lock
+name = "prune"
+run = "prune"
+schedule = "0 7 * * SUN"
+timeout = "6h"
+
+[[job]]                                      # every byte read back, weekly
+name = "verify-read-data"
+run = "verify-read-data"
+schedule = "0 8 * * SAT"
+timeout = "6h"
+"#;
+
+pub(crate) fn cmd_config(ctx: &Ctx, c: ConfigCommand) -> Result<i32> {
+    match c {
+        ConfigCommand::Init { profile, to } => {
+            debug_assert_eq!(profile, "healthcare");
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&to)
+                .map_err(|e| {
+                    Error::config(format!("cannot create {}: {e}", to.display()))
+                        .hint("name a file that does not exist yet")
+                })?;
+            f.write_all(HEALTHCARE.as_bytes())
+                .map_err(|e| Error::internal(format!("writing {}: {e}", to.display())))?;
+            if !ctx.out.quiet {
+                println!(
+                    "wrote {} (profile {profile}): fill in the places marked CHANGE, then run `custos --config {} config check`",
+                    to.display(),
+                    to.display()
+                );
+            }
+            Ok(0)
+        }
+        ConfigCommand::Check => {
+            let jobs = ctx.settings.file.check_jobs()?;
+            let now = chrono::Utc::now();
+            if ctx.out.json {
+                let v: Vec<_> = jobs
+                    .iter()
+                    .map(|(j, s)| serde_json::json!({"name": j.name, "run": j.run, "schedule": s.expr(), "timeout": j.timeout, "retries": j.retries.unwrap_or(0), "next": s.next_after(now)}))
+                    .collect();
+                ctx.out.json(
+                    &serde_json::json!({"sources": ctx.settings.file.sources.len(), "jobs": v}),
+                );
+            } else {
+                println!(
+                    "{} source(s), {} job(s); every schedule parses and names what exists",
+                    ctx.settings.file.sources.len(),
+                    jobs.len()
+                );
+                for (j, s) in &jobs {
+                    println!(
+                        "  {:<22} {:<22} {:<14} next {}",
+                        j.name,
+                        j.run,
+                        s.expr(),
+                        s.next_after(now)
+                            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}
