@@ -72,15 +72,29 @@ impl<'a> Run<'a> {
         source: &str,
         is_parent: impl Fn(&SnapshotSummary) -> bool,
     ) -> Result<Run<'a>> {
-        let start = Instant::now();
-        repo.require_write("back up")?;
-        let lock = repo.lock(false, &format!("backup {}", kind.as_str()))?;
-        let index = Arc::new(repo.load_index()?);
-        let parent = repo
+        // The lock and the index first: prune cannot remove the parent, or what this run
+        // deduplicates against, once they are held.
+        let mut run = Run::begin_after(repo, kind, source, None)?;
+        run.parent = repo
             .snapshots()?
             .into_iter()
             .rev()
             .find(|s| s.summary.kind == kind && is_parent(&s.summary));
+        Ok(run)
+    }
+
+    /// Like `begin`, with the parent already found by the caller (who listed the
+    /// snapshots for its own reasons: they are not listed again).
+    pub(crate) fn begin_after(
+        repo: &'a Repository,
+        kind: SourceKind,
+        source: &str,
+        parent: Option<Snapshot>,
+    ) -> Result<Run<'a>> {
+        let start = Instant::now();
+        repo.require_write("back up")?;
+        let lock = repo.lock(false, &format!("backup {}", kind.as_str()))?;
+        let index = Arc::new(repo.load_index()?);
         Ok(Run {
             repo,
             _lock: lock,
@@ -212,4 +226,60 @@ pub(crate) fn chunk_reader(
         ids.push(id);
     }
     Ok(Ok(ids))
+}
+
+/// The `facts` of a snapshot of `kind` (format.md 6.4), read as `T`; None for another
+/// kind or facts that do not read.
+pub fn facts<T: serde::de::DeserializeOwned>(s: &Snapshot, kind: SourceKind) -> Option<T> {
+    if s.summary.kind != kind {
+        return None;
+    }
+    serde_json::from_value(s.summary.facts.clone()?).ok()
+}
+
+/// The body's `record` of a snapshot of `kind` (format.md 6.4), read as `T` with a
+/// restore key; `what` names the kind in messages, with its article ("a table export").
+pub fn record<T: serde::de::DeserializeOwned>(
+    repo: &Repository,
+    snap: &Snapshot,
+    kind: SourceKind,
+    what: &str,
+) -> Result<T> {
+    repo.require_restore(&format!("read {what}"))?;
+    if snap.summary.kind != kind {
+        return Err(Error::config(format!(
+            "snapshot {} is a {} snapshot, not {what}",
+            snap.id.short(),
+            snap.summary.kind.as_str()
+        ))
+        .hint(format!(
+            "`custos snapshots` lists them with kind `{}`",
+            kind.as_str()
+        )));
+    }
+    let body = repo.snapshot_body(&snap.id)?;
+    let v = body.record.ok_or_else(|| {
+        Error::integrity(format!(
+            "snapshot {} ({what}) has no record",
+            snap.id.short()
+        ))
+    })?;
+    serde_json::from_value(v).map_err(|e| {
+        Error::integrity(format!(
+            "snapshot {} ({what}) has a malformed record: {e}",
+            snap.id.short()
+        ))
+    })
+}
+
+/// Whether the schema-qualified, quoted table name `qualified` (`public.audit_log`) is
+/// the table a user named `name`: the same, or its name without the schema, plain or
+/// quoted.
+pub fn names_table(qualified: &str, name: &str) -> bool {
+    qualified == name
+        || qualified.ends_with(&format!(".{name}"))
+        || qualified.ends_with(&format!(
+            ".{}",
+            custos_sources::postgres::tables::ident(name)
+        ))
 }

@@ -228,9 +228,9 @@ fn facts_line(s: &custos_repo::Snapshot) -> Option<String> {
             f.tables.iter().map(|t| t.rows).sum::<u64>()
         ));
     }
-    if s.summary.kind == custos_repo::snapshot::SourceKind::Table {
-        let f: custos_ops::tables::export::TablesFacts =
-            serde_json::from_value(s.summary.facts.clone()?).ok()?;
+    let table: Option<custos_ops::tables::export::TablesFacts> =
+        custos_ops::backup::facts(s, custos_repo::snapshot::SourceKind::Table);
+    if let Some(f) = table {
         return Some(format!(
             "rows as of LSN {}: {}",
             f.lsn,

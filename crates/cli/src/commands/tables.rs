@@ -328,9 +328,7 @@ fn find(
                             .collect()
                     })
                     .unwrap_or_default();
-                names
-                    .iter()
-                    .any(|n| n == t || n.ends_with(&format!(".{t}")))
+                names.iter().any(|n| custos_ops::backup::names_table(n, t))
             })
     })
 }

@@ -271,20 +271,7 @@ pub fn backup_env(repo: &Repository, o: &EnvOptions, opts: &BackupOptions) -> Re
 /// The env file a restore writes: plain values, and each secret as a comment saying
 /// where it lives.
 pub fn env_file(repo: &Repository, snap: &Snapshot) -> Result<String> {
-    repo.require_restore("restore configuration")?;
-    if snap.summary.kind != SourceKind::Env {
-        return Err(Error::config(format!(
-            "snapshot {} is a {} snapshot, not an env snapshot",
-            snap.id.short(),
-            snap.summary.kind.as_str()
-        )));
-    }
-    let body = repo.snapshot_body(&snap.id)?;
-    let rec: EnvRecord = serde_json::from_value(
-        body.record
-            .ok_or_else(|| Error::integrity("the env snapshot has no record"))?,
-    )
-    .map_err(|e| Error::integrity(format!("malformed env record: {e}")))?;
+    let rec: EnvRecord = crate::backup::record(repo, snap, SourceKind::Env, "an env snapshot")?;
     let mut s = format!(
         "# custos: environment `{}` as of {} (snapshot {})\n",
         snap.summary.source,

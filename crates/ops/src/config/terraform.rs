@@ -38,10 +38,7 @@ pub struct TerraformReport {
 }
 
 pub fn facts_of(s: &custos_repo::Snapshot) -> Option<TerraformFacts> {
-    if s.summary.kind != SourceKind::Terraform {
-        return None;
-    }
-    serde_json::from_value(s.summary.facts.clone()?).ok()
+    crate::backup::facts(s, SourceKind::Terraform)
 }
 
 pub fn backup_terraform(

@@ -300,7 +300,6 @@ pub fn backup_bucket(
         manifest,
         ..Default::default()
     };
-    let _ = total;
     run.finish(opts, stats, &body, errors)
 }
 

@@ -179,7 +179,7 @@ pub fn plan_at(
             let min = floors
                 .audit_log
                 .iter()
-                .find(|(t, _)| source == **t || source.ends_with(&format!(".{t}")))
+                .find(|(t, _)| crate::backup::names_table(&source, t))
                 .map(|(_, d)| *d)
                 .unwrap_or(floors.audit_log_default);
             for d in decisions.iter_mut().filter(|d| !d.keep) {

@@ -102,10 +102,7 @@ pub struct AuditExportReport {
 }
 
 pub fn facts_of(s: &Snapshot) -> Option<AuditFacts> {
-    if s.summary.kind != SourceKind::AuditLog {
-        return None;
-    }
-    serde_json::from_value(s.summary.facts.clone()?).ok()
+    crate::backup::facts(s, SourceKind::AuditLog)
 }
 
 fn full_xid(xmax: u64) -> String {
@@ -154,7 +151,8 @@ pub fn export_audit_log(
         )
         .hint("order by an identity or serial column, or a timestamp defaulting to now()"));
     }
-    let (_, _, prev) = chain_head(repo, &snap.database, &meta.qualified())?;
+    let head = chain_head(repo, &snap.database, &meta.qualified())?;
+    let prev = head.as_ref().map(|(_, f)| f.clone());
     let from = prev.as_ref().map(|p| p.xid_to).unwrap_or(0);
     let to = snap.xmin;
     if to < from {
@@ -188,9 +186,7 @@ pub fn export_audit_log(
         _ => (None, None, 0),
     };
 
-    let mut run = Run::begin_with(repo, SourceKind::AuditLog, &t, |s| {
-        s.kind == SourceKind::AuditLog && s.source == t
-    })?;
+    let mut run = Run::begin_after(repo, SourceKind::AuditLog, &t, head.map(|(s, _)| s))?;
     let cols = column_list(&meta.copied_columns());
     let out = db.copy_out(&format!(
         "COPY (SELECT {cols} FROM {t} WHERE {window} ORDER BY {oc}) TO STDOUT (FORMAT binary)"
@@ -238,20 +234,35 @@ pub fn export_audit_log(
     Ok(AuditExportReport { backup, facts })
 }
 
-/// The exports of one chain in order, and the newest (the head a new export links to).
-/// Refuses to extend a chain that forks (two exports claiming the same place).
+/// Exports grouped by chain (`database:table`), each in chain order; only the chains of
+/// `table` when one is named.
+type Chains = std::collections::BTreeMap<String, Vec<(Snapshot, AuditFacts)>>;
+
+fn chains(snaps: Vec<Snapshot>, table: Option<&str>) -> Chains {
+    let mut out = Chains::new();
+    for s in snaps {
+        if let Some(f) = facts_of(&s) {
+            if table.is_none_or(|t| crate::backup::names_table(&f.table, t)) {
+                out.entry(f.chain_name()).or_default().push((s, f));
+            }
+        }
+    }
+    for exports in out.values_mut() {
+        exports.sort_by_key(|(_, f)| f.seq);
+    }
+    out
+}
+
+/// The newest export of a chain, which a new export links to. Refuses to extend a chain
+/// that forks (two exports claiming the same place).
 fn chain_head(
     repo: &Repository,
     database: &str,
     table: &str,
-) -> Result<(Vec<Snapshot>, Vec<AuditFacts>, Option<AuditFacts>)> {
-    let mut exports: Vec<(Snapshot, AuditFacts)> = repo
-        .snapshots()?
-        .into_iter()
-        .filter_map(|s| facts_of(&s).map(|f| (s, f)))
-        .filter(|(_, f)| f.database == database && f.table == table)
-        .collect();
-    exports.sort_by_key(|(_, f)| f.seq);
+) -> Result<Option<(Snapshot, AuditFacts)>> {
+    let exports = chains(repo.snapshots()?, Some(table))
+        .remove(&format!("{database}:{table}"))
+        .unwrap_or_default();
     for w in exports.windows(2) {
         if w[0].1.seq == w[1].1.seq {
             return Err(Error::integrity(format!(
@@ -263,9 +274,7 @@ fn chain_head(
             .hint("run `custos audit-log verify` to see the whole chain"));
         }
     }
-    let head = exports.last().map(|(_, f)| f.clone());
-    let (snaps, facts) = exports.into_iter().unzip();
-    Ok((snaps, facts, head))
+    Ok(exports.into_iter().last())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -294,23 +303,14 @@ pub fn verify_chains(
     now: DateTime<Utc>,
 ) -> Result<Vec<ChainReport>> {
     let (snaps, damaged) = repo.snapshots_checked()?;
-    let mut chains: std::collections::BTreeMap<String, Vec<(Snapshot, AuditFacts)>> =
-        Default::default();
-    for s in snaps {
-        if let Some(f) = facts_of(&s) {
-            if table.is_none_or(|t| f.table == t || f.table.ends_with(&format!(".{t}"))) {
-                chains.entry(f.chain_name()).or_default().push((s, f));
-            }
-        }
-    }
+    let chains = chains(snaps, table);
     let index = if read_data {
         Some(repo.load_index()?)
     } else {
         None
     };
     let mut out = vec![];
-    for (name, mut exports) in chains {
-        exports.sort_by_key(|(_, f)| f.seq);
+    for (name, exports) in chains {
         let mut problems: Vec<String> = damaged
             .iter()
             .map(|(id, e)| format!("snapshot {} cannot be read ({e}): if it was an export of this chain, it was altered", id.short()))
@@ -416,12 +416,7 @@ pub fn verify_chains(
 }
 
 fn audit_record(repo: &Repository, s: &Snapshot) -> Result<AuditRecord> {
-    let body = repo.snapshot_body(&s.id)?;
-    let v = body
-        .record
-        .ok_or_else(|| Error::integrity("no audit-log record in the snapshot"))?;
-    serde_json::from_value(v)
-        .map_err(|e| Error::integrity(format!("malformed audit-log record: {e}")))
+    crate::backup::record(repo, s, SourceKind::AuditLog, "an audit-log export")
 }
 
 /// Reads an export's rows back: their count and content hash must be the chain's.
@@ -434,27 +429,80 @@ fn check_content(
     let rec = audit_record(repo, s)?;
     let mut h = blake3::Hasher::new();
     let mut n = 0u64;
-    let mut bytes = vec![];
-    for piece in copy_pieces(repo, index, &rec.chunks) {
-        bytes.extend_from_slice(&piece?);
+    let mut rows = CopyRows::new(Pieces::new(copy_pieces(repo, index, &rec.chunks)));
+    let parsed = (|| {
+        while let Some(r) = rows.next_row()? {
+            h.update(&r);
+            n += 1;
+        }
+        Ok(())
+    })();
+    // A chunk that could not be read says so, rather than the parse it cut short.
+    if let Some(e) = rows.into_inner().failed {
+        return Err(e);
     }
-    let mut rows = CopyRows::new(&bytes[..]);
-    while let Some(r) = rows.next_row()? {
-        h.update(&r);
-        n += 1;
-    }
-    if n != f.rows || rec.rows != f.rows {
+    parsed?;
+    matches_chain(f, rec.rows, n, h.finalize())
+}
+
+/// An export's rows as read back (how many, and the hash of their bytes in order) against
+/// what the chain recorded.
+fn matches_chain(f: &AuditFacts, record_rows: u64, n: u64, content: blake3::Hash) -> Result<()> {
+    if n != f.rows || record_rows != f.rows {
         return Err(Error::integrity(format!(
             "holds {n} rows; the chain recorded {}",
             f.rows
         )));
     }
-    if h.finalize().to_hex().as_str() != f.content {
+    if content.to_hex().as_str() != f.content {
         return Err(Error::integrity(
             "its rows do not match the content hash the chain recorded: they were altered",
         ));
     }
     Ok(())
+}
+
+/// The pieces of a binary COPY as one reader; the first piece that fails ends it, and
+/// is kept for the caller.
+struct Pieces<I> {
+    pieces: I,
+    current: Vec<u8>,
+    at: usize,
+    failed: Option<Error>,
+}
+
+impl<I: Iterator<Item = Result<Vec<u8>>>> Pieces<I> {
+    fn new(pieces: I) -> Self {
+        Pieces {
+            pieces,
+            current: vec![],
+            at: 0,
+            failed: None,
+        }
+    }
+}
+
+impl<I: Iterator<Item = Result<Vec<u8>>>> std::io::Read for Pieces<I> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.pieces.next() {
+                None => return Ok(0),
+                Some(Ok(p)) => {
+                    self.current = p;
+                    self.at = 0;
+                }
+                Some(Err(e)) => {
+                    let msg = e.message.clone();
+                    self.failed = Some(e);
+                    return Err(std::io::Error::other(msg));
+                }
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 pub struct AuditRestoreOptions {
@@ -481,18 +529,7 @@ pub struct AuditRestoreReport {
 /// content; never into the live audit table or any table that exists.
 pub fn restore_audit_log(repo: &Repository, o: &AuditRestoreOptions) -> Result<AuditRestoreReport> {
     repo.require_restore("restore an audit log")?;
-    let mut chains: std::collections::BTreeMap<String, Vec<(Snapshot, AuditFacts)>> =
-        Default::default();
-    for s in repo.snapshots()? {
-        if let Some(f) = facts_of(&s) {
-            if o.table
-                .as_deref()
-                .is_none_or(|t| f.table == t || f.table.ends_with(&format!(".{t}")))
-            {
-                chains.entry(f.chain_name()).or_default().push((s, f));
-            }
-        }
-    }
+    let chains = chains(repo.snapshots()?, o.table.as_deref());
     if chains.len() != 1 {
         return Err(Error::config(if chains.is_empty() {
             "no audit-log exports found".to_string()
@@ -503,8 +540,7 @@ pub fn restore_audit_log(repo: &Repository, o: &AuditRestoreOptions) -> Result<A
             )
         }));
     }
-    let (name, mut exports) = chains.into_iter().next().unwrap();
-    exports.sort_by_key(|(_, f)| f.seq);
+    let (name, exports) = chains.into_iter().next().unwrap();
     let picked: Vec<&(Snapshot, AuditFacts)> = {
         let mut v = vec![];
         for e in &exports {
@@ -567,13 +603,27 @@ pub fn restore_audit_log(repo: &Repository, o: &AuditRestoreOptions) -> Result<A
     let result = (|| -> Result<()> {
         for (s, f) in &picked {
             let rec = audit_record(repo, s)?;
-            check_content(repo, &index, s, f)
-                .map_err(|e| e.context(format!("export {} ({})", f.seq, s.id.short())))?;
-            let mut pieces = copy_pieces(repo, &index, &rec.chunks);
-            total += db.copy_in(
+            // The rows are hashed as they are loaded (the content hash is over the
+            // chunks' bytes in order); a mismatch rolls the load back.
+            let mut h = blake3::Hasher::new();
+            let last = rec.chunks.len();
+            let mut pieces = copy_pieces(repo, &index, &rec.chunks)
+                .enumerate()
+                .map(|(i, p)| {
+                    if let (1.., Ok(b)) = (i, &p) {
+                        if i <= last {
+                            h.update(b);
+                        }
+                    }
+                    p
+                });
+            let n = db.copy_in(
                 &format!("COPY {target} ({names}) FROM STDIN (FORMAT binary)"),
                 &mut pieces,
             )?;
+            matches_chain(f, rec.rows, n, h.finalize())
+                .map_err(|e| e.context(format!("export {} ({})", f.seq, s.id.short())))?;
+            total += n;
         }
         Ok(())
     })();

@@ -13,7 +13,7 @@ use custos_model::{Error, Kind, Lsn, Result};
 use custos_repo::snapshot::SourceKind;
 use custos_repo::{Repository, Snapshot};
 use custos_sources::postgres::db::{ConnectOptions, Db};
-use custos_sources::postgres::tables::{ident, version_text};
+use custos_sources::postgres::tables::version_text;
 use serde::{Deserialize, Serialize};
 
 use crate::backup::{BackupOptions, BackupReport};
@@ -52,10 +52,7 @@ pub struct DumpReport {
 }
 
 pub fn facts_of(s: &Snapshot) -> Option<DumpFacts> {
-    if s.summary.kind != SourceKind::Dump {
-        return None;
-    }
-    serde_json::from_value(s.summary.facts.clone()?).ok()
+    crate::backup::facts(s, SourceKind::Dump)
 }
 
 /// A PostgreSQL program's major version from its `--version` line.
@@ -233,7 +230,7 @@ pub fn restore_dump(
         .iter()
         .filter(|t| match &o.table {
             None => true,
-            Some(n) => &t.table == n || t.table.ends_with(&format!(".{}", ident(n))),
+            Some(n) => crate::backup::names_table(&t.table, n),
         })
         .collect();
     if o.table.is_some() && wanted.is_empty() {

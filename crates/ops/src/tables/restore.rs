@@ -65,25 +65,7 @@ pub struct TableRestoreReport {
 
 /// A table snapshot's record (restore key).
 pub fn tables_record(repo: &Repository, snap: &Snapshot) -> Result<TablesRecord> {
-    repo.require_restore("restore a table")?;
-    if snap.summary.kind != SourceKind::Table {
-        return Err(Error::config(format!(
-            "snapshot {} is a {} snapshot, not a table export",
-            snap.id.short(),
-            snap.summary.kind.as_str()
-        ))
-        .hint("`custos snapshots` lists table exports with kind `table`"));
-    }
-    let body = repo.snapshot_body(&snap.id)?;
-    let v = body.record.ok_or_else(|| {
-        Error::integrity(format!("snapshot {} has no table record", snap.id.short()))
-    })?;
-    serde_json::from_value(v).map_err(|e| {
-        Error::integrity(format!(
-            "snapshot {}: malformed table record: {e}",
-            snap.id.short()
-        ))
-    })
+    crate::backup::record(repo, snap, SourceKind::Table, "a table export")
 }
 
 /// The chunks of a table's rows as binary COPY pieces: header, rows, trailer; fetched in
@@ -138,7 +120,7 @@ pub fn restore_tables(
         .iter()
         .filter(|t| match &o.table {
             None => true,
-            Some(n) => &t.meta.name == n || &t.meta.qualified() == n,
+            Some(n) => crate::backup::names_table(&t.meta.qualified(), n),
         })
         .collect();
     if picked.is_empty() {
@@ -239,7 +221,6 @@ fn restore_one(
     o: &TableRestoreOptions,
 ) -> Result<TableProof> {
     let meta = &t.meta;
-    crate::tables::check_record_types(meta)?;
     let mut lines = vec![];
     let mut sequences = vec![];
     for c in &meta.columns {

@@ -600,6 +600,11 @@ impl<R: Read> CopyRows<R> {
         )
     }
 
+    /// The reader under the rows (to ask it why it stopped).
+    pub fn into_inner(self) -> R {
+        self.r.into_inner()
+    }
+
     /// The next row, or None after the trailer.
     pub fn next_row(&mut self) -> Result<Option<Vec<u8>>> {
         let io = |e: std::io::Error| Error::new(Kind::Source, format!("reading the table: {e}"));
