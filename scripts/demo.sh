@@ -7,7 +7,8 @@
 # then takes a full and an incremental base backup, has an accident (a bad DELETE),
 # restores to the moment before it into a scratch data directory, starts it, checks it
 # (rows, a vector search, pg_amcheck) and reports RTO and RPO; then backs up documents,
-# configuration and Terraform state, verifies every byte and restores them.
+# configuration and Terraform state, verifies every byte and restores them; and ends
+# with the agent running a compressed schedule for a minute (status page, /metrics).
 # Prints what it did and how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -250,4 +251,81 @@ echo "== for the compliance officer: key ages and the signed operation trail"
 C key status
 C audit log | tail -n 8
 step "audit verify (hash chain and signatures)" C audit verify
+
+echo "== the agent: the schedule runs itself (a minute, with a compressed schedule)"
+step "pg_ctl start (the source cluster again)" quietly as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata.log" -w start
+# The audit log exported above came from the restored copy; the source's own access log
+# starts a chain of its own (custos refuses to continue a chain from another database).
+PSQL "$PORT" "CREATE TABLE access_log (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), actor text NOT NULL, action text NOT NULL)"
+APORT=$(free_port)
+cp "$WORK/custos.toml" "$WORK/agent.toml"
+cat >> "$WORK/agent.toml" <<TOML
+
+[agent]
+listen = "127.0.0.1:$APORT"
+state_dir = "$WORK/agent-state"
+probe_interval = "5s"
+repository_interval = "15s"
+retry_base = "5s"
+
+[[alert]]
+kind = "command"
+command = "cat >> $WORK/alerts.jsonl; echo >> $WORK/alerts.jsonl"
+
+[[source]]
+name = "documents"
+kind = "files"
+paths = ["$WORK/data/documents"]
+
+[[source]]
+name = "access-log"
+kind = "audit-log"
+table = "access_log"
+order_by = "id"
+
+# The seed's matrix, compressed: hourly becomes every 20 s, daily every minute.
+[[job]]
+name = "db-incremental"
+run = "postgres-incremental"
+schedule = "*/20 * * * * *"
+
+[[job]]
+name = "db-full"
+run = "postgres-full"
+schedule = "30 * * * * *"
+
+[[job]]
+name = "documents-hourly"
+run = "documents"
+schedule = "5/20 * * * * *"
+
+[[job]]
+name = "access-log-hourly"
+run = "access-log"
+schedule = "10/20 * * * * *"
+
+[[job]]
+name = "verify"
+run = "verify"
+schedule = "45 * * * * *"
+TOML
+chown postgres: "$WORK/agent.toml"
+as_pg env -u CUSTOS_PASSWORD_FILE "$CUSTOS" --config "$WORK/agent.toml" agent > "$WORK/agent.out" 2> "$WORK/agent.log" &
+AGENT=$!
+for _ in $(seq 50); do grep -q listening "$WORK/agent.out" 2>/dev/null && break; sleep 0.2; done
+echo "   status page: http://127.0.0.1:$APORT/   metrics: http://127.0.0.1:$APORT/metrics"
+for _ in $(seq 30); do
+    PSQL "$PORT" "INSERT INTO access_log (actor, action) SELECT 'dr.7', 'read_note' FROM generate_series(1, 20)" >/dev/null
+    sleep 2
+done
+curl -s "http://127.0.0.1:$APORT/metrics" > "$WORK/metrics.txt"
+grep -E '^custos_(job_runs_total\{job="(db-incremental|documents-hourly|access-log-hourly)",result="ok"\}|wal_archive_lag_seconds|rpo_seconds|repository_size_bytes|verify_last_result)' "$WORK/metrics.txt" | sed 's/^/     /'
+curl -s "http://127.0.0.1:$APORT/" > "$WORK/status.html"
+echo "   status page: $(grep -o 'id="overall"[^>]*>[^<]*' "$WORK/status.html" | sed 's/.*>//'), saved as $WORK/status.html"
+AGENT_PID=$(sed -n 's/.*(pid \([0-9]*\)).*/\1/p' "$WORK/agent.out")
+stop_agent() { kill -TERM "$AGENT_PID"; wait "$AGENT"; }
+step "agent: SIGTERM (running jobs finish, exit 0)" stop_agent
+echo "   runs: $(wc -l < "$WORK/agent-state/history.jsonl") in a minute, $(grep -c '"outcome":"ok"' "$WORK/agent-state/history.jsonl") ok; each signed into the trail:"
+C audit log | grep "agent job" | tail -n 3 | cut -c1-150
+as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -w stop -m fast >/dev/null
 echo "== done: repository $CUSTOS_REPO, $(du -sh "$CUSTOS_REPO" | cut -f1)"

@@ -12,6 +12,12 @@ command -v runuser >/dev/null || need_apt+=(util-linux)
 command -v zstd >/dev/null || need_apt+=(zstd)
 # PostgreSQL 15 server binaries (not on PATH: /usr/lib/postgresql/15/bin) for the tests.
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
+# The agent's tests: promtool lints /metrics, Chromium renders the status page,
+# systemd-analyze checks the unit in deploy/.
+command -v curl >/dev/null || need_apt+=(curl)
+command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

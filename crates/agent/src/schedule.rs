@@ -27,12 +27,28 @@ impl Clock for SystemClock {
 pub struct Schedule {
     expr: String,
     cron: croner::Cron,
+    /// The zone the expression is read in (None: UTC). Slots are still instants: a
+    /// 02:30 job in a zone that skips 02:30 for daylight saving runs at croner's choice
+    /// for that day, once.
+    zone: Option<chrono_tz::Tz>,
 }
 
 impl Schedule {
     /// A cron expression of five fields (minute hour day month weekday), or six with
     /// seconds first; `@daily`, `@hourly` and the like too.
     pub fn parse(expr: &str) -> Result<Schedule> {
+        Schedule::parse_in(expr, None)
+    }
+
+    /// [`Schedule::parse`] in a named zone (IANA, like "Europe/Berlin"); None is UTC.
+    pub fn parse_in(expr: &str, zone: Option<&str>) -> Result<Schedule> {
+        let zone = match zone {
+            None => None,
+            Some(z) => Some(z.parse::<chrono_tz::Tz>().map_err(|_| {
+                Error::config(format!("`{z}` is not a time zone"))
+                    .hint("an IANA zone name like \"Europe/Berlin\" or \"America/New_York\"; without `zone`, schedules are UTC")
+            })?),
+        };
         let cron = croner::Cron::new(expr)
             .with_seconds_optional()
             .parse()
@@ -43,6 +59,7 @@ impl Schedule {
         Ok(Schedule {
             expr: expr.to_string(),
             cron,
+            zone,
         })
     }
 
@@ -50,9 +67,25 @@ impl Schedule {
         &self.expr
     }
 
+    /// The expression with its zone, as shown to people: `0 2 * * *` or
+    /// `0 2 * * * (Europe/Berlin)`.
+    pub fn describe(&self) -> String {
+        match self.zone {
+            Some(z) => format!("{} ({})", self.expr, z.name()),
+            None => self.expr.clone(),
+        }
+    }
+
     /// The first slot strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron.find_next_occurrence(&t, false).ok()
+        match self.zone {
+            None => self.cron.find_next_occurrence(&t, false).ok(),
+            Some(z) => self
+                .cron
+                .find_next_occurrence(&t.with_timezone(&z), false)
+                .ok()
+                .map(|d| d.with_timezone(&Utc)),
+        }
     }
 
     /// The newest slot in `(after, now]`, if any: what is due when the last slot taken
@@ -192,6 +225,21 @@ mod tests {
         }
         assert_eq!(runs[0].1, t(1, 0, 15));
         assert_eq!(runs[1], (0, t(1, 0, 45), t(1, 0, 55)));
+    }
+
+    #[test]
+    fn a_named_zone_moves_the_slot_and_follows_daylight_saving() {
+        let berlin = Schedule::parse_in("0 2 * * *", Some("Europe/Berlin")).unwrap();
+        // Winter: 02:00 in Berlin is 01:00 UTC; summer: 00:00 UTC.
+        assert_eq!(berlin.next_after(t(1, 12, 0)), Some(t(2, 1, 0)));
+        let july = Utc.with_ymd_and_hms(2026, 7, 1, 12, 0, 0).unwrap();
+        assert_eq!(
+            berlin.next_after(july),
+            Some(Utc.with_ymd_and_hms(2026, 7, 2, 0, 0, 0).unwrap())
+        );
+        assert_eq!(berlin.describe(), "0 2 * * * (Europe/Berlin)");
+        let e = Schedule::parse_in("0 2 * * *", Some("Mars/Olympus")).unwrap_err();
+        assert!(e.message.contains("not a time zone"), "{}", e.message);
     }
 
     #[test]

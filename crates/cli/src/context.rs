@@ -6,6 +6,7 @@ use std::sync::Arc;
 use custos_crypto::Role;
 use custos_model::{Error, Result};
 use custos_repo::{OpenOptions, Repository};
+use custos_storage::guard::{Access, Secondary};
 use custos_storage::DynStorage;
 
 use crate::output::Out;
@@ -24,16 +25,73 @@ pub(crate) struct Ctx {
     pub(crate) introduces: std::cell::RefCell<Option<(custos_model::KeyId, String, Role)>>,
     /// `init`: the repository's trail authority, named in its entry.
     pub(crate) authority: std::cell::RefCell<Option<String>>,
+    /// What the command may do to a secondary it runs against (`--secondary`).
+    pub(crate) secondary_access: std::cell::Cell<Access>,
+    /// The repository opened is a secondary reached by its location (`--repo`), not by
+    /// `--secondary NAME`: its operations cannot be recorded in the primary's trail.
+    pub(crate) unnamed_secondary: std::cell::RefCell<Option<String>>,
 }
 
 impl Ctx {
+    /// The storage the command works on: the primary's, or with `--secondary NAME` that
+    /// secondary's, seen through its guard. A repository that turns out to be a secondary
+    /// (its marker), reached by its location, is guarded the same way.
     pub(crate) fn storage(&self) -> Result<DynStorage> {
-        let loc = self.settings.location()?;
-        let s = custos_storage::url::open(&loc, &self.settings.storage)?;
-        Ok(match self.settings.kill_before_write {
+        let s = match &self.settings.secondary {
+            Some(name) => {
+                let raw = self.secondary_raw(name)?;
+                Arc::new(Secondary::new(raw, name, self.secondary_access.get(), "")) as DynStorage
+            }
+            None => {
+                let s = self.primary_storage()?;
+                // A marker that cannot be read (a repository of another OS user, a store
+                // that does not answer) is left to the command's own first access to
+                // report; one that is there but malformed is an error.
+                let marker = match custos_storage::guard::marker(s.as_ref()) {
+                    Err(e) if e.kind == custos_model::Kind::Integrity => return Err(e),
+                    Err(_) => None,
+                    Ok(m) => m,
+                };
+                match marker {
+                    Some(m) => {
+                        *self.unnamed_secondary.borrow_mut() = Some(m.name.clone());
+                        Arc::new(Secondary::new(s, &m.name, Access::ReadOnly, "")) as DynStorage
+                    }
+                    None => s,
+                }
+            }
+        };
+        Ok(self.with_faults(s))
+    }
+
+    /// Whether the repository opened is a secondary (by name or by location).
+    pub(crate) fn on_secondary(&self) -> bool {
+        self.settings.secondary.is_some() || self.unnamed_secondary.borrow().is_some()
+    }
+
+    fn with_faults(&self, s: DynStorage) -> DynStorage {
+        match self.settings.kill_before_write {
             Some(n) => Arc::new(custos_storage::fault::KillBeforeWrite::new(s, n)),
             None => s,
-        })
+        }
+    }
+
+    /// The primary repository's storage, as configured.
+    pub(crate) fn primary_storage(&self) -> Result<DynStorage> {
+        let loc = self.settings.location()?;
+        custos_storage::url::open(&loc, &self.settings.storage)
+    }
+
+    /// A secondary's storage, unguarded (for `copy` and `wal-push --secondary`).
+    pub(crate) fn secondary_raw(&self, name: &str) -> Result<DynStorage> {
+        let sec = self.settings.secondary_section(name)?;
+        let (loc, opts) = self.settings.secondary_storage(sec)?;
+        custos_storage::url::open(&loc, &opts)
+    }
+
+    /// [`Ctx::secondary_raw`] with the test hook that kills before the N-th write.
+    pub(crate) fn secondary_for_copy(&self, name: &str) -> Result<DynStorage> {
+        Ok(self.with_faults(self.secondary_raw(name)?))
     }
 
     pub(crate) fn open_opts(&self) -> OpenOptions {
@@ -69,7 +127,23 @@ impl Ctx {
     }
 
     pub(crate) fn opened(&self, repo: &Repository) {
+        if let Some(name) = self.unnamed_secondary.borrow().as_ref() {
+            eprintln!(
+                "custos: warning: {} is the secondary `{name}`: this operation is not recorded in the operation trail; name it with --secondary {name} (custos.toml [[secondary]]) to record it in the primary's",
+                repo.storage.location()
+            );
+            return;
+        }
         let mut writer = repo.trail_writer();
+        if self.settings.secondary.is_some() {
+            match self.primary_storage() {
+                Ok(p) => writer = writer.on(p),
+                Err(e) => {
+                    eprintln!("custos: warning: this operation on a secondary cannot be recorded in the primary's trail: {}", e.message);
+                    return;
+                }
+            }
+        }
         if let Some(dir) = &self.settings.cache_dir {
             writer = writer.with_hint(dir.join(repo.config.id.to_hex()).join("trail-last"));
         }
@@ -105,6 +179,23 @@ impl Ctx {
             introduces_role: intro.map(|(_, _, role)| role.as_str().to_string()),
             authority: self.authority.take(),
         };
+        if let Some(name) = &self.settings.secondary {
+            // The primary may be what is lost: an operation on the secondary then goes
+            // on, and says it is unrecorded.
+            let mut entry = entry;
+            if let Some(o) = entry.touched.as_object_mut() {
+                o.insert("secondary".into(), name.clone().into());
+            } else {
+                entry.touched = serde_json::json!({"secondary": name});
+            }
+            if let Err(e) = writer.append(&entry) {
+                eprintln!(
+                    "custos: warning: `{command}` on the secondary `{name}` is not recorded in the operation trail: the primary's trail could not be written: {}",
+                    e.message
+                );
+            }
+            return Ok(());
+        }
         writer.append(&entry).map(|_| ()).map_err(|e| {
             Error::new(
                 e.kind,

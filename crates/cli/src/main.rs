@@ -34,6 +34,11 @@ struct Cli {
     /// Config file (TOML) [env: CUSTOS_CONFIG]
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Run against this secondary of custos.toml instead of the primary (read, restore,
+    /// verify; forget and prune its own retention); recorded in the primary's trail.
+    /// With wal-push: write each file to it as well before acknowledging
+    #[arg(long, global = true, value_name = "NAME")]
+    secondary: Option<String>,
     /// Print one JSON document on stdout instead of text
     #[arg(long, global = true)]
     json: bool,
@@ -91,6 +96,12 @@ enum Command {
     /// Remove data that no snapshot references
     #[command(after_help = "Example:\n  custos prune --dry-run")]
     Prune(commands::maintenance::PruneArgs),
+    /// Bring the secondaries of custos.toml up to date with the primary, byte for byte;
+    /// with --check, say how far behind each is
+    #[command(
+        after_help = "Example:\n  custos copy --to dr-region\n  custos copy --check --max-lag 5m --json"
+    )]
+    Copy(commands::copy::CopyArgs),
     /// Remove stale locks left by crashed processes
     #[command(after_help = "Example:\n  custos unlock")]
     Unlock,
@@ -105,6 +116,18 @@ enum Command {
     /// PostgreSQL checks
     #[command(subcommand)]
     Pg(PgCommand),
+    /// Run the schedule of custos.toml's [[job]]s in the foreground, with /metrics,
+    /// /healthz, /readyz, a status page, alerts and the daily report
+    #[command(
+        after_help = "Example:\n  custos --config /etc/custos/custos.toml agent --listen 127.0.0.1:9187"
+    )]
+    Agent(commands::agent::AgentArgs),
+    /// Alert sinks of custos.toml
+    #[command(subcommand)]
+    Alert(commands::agent::AlertCommand),
+    /// Reports the agent wrote into the repository
+    #[command(subcommand)]
+    Report(commands::agent::ReportCommand),
     /// Archive one WAL file: use as archive_command = 'custos wal-push %p'
     #[command(
         after_help = "Example:\n  archive_command = '/usr/local/bin/custos --config /etc/custos/db.toml wal-push --async %p'"
@@ -180,7 +203,39 @@ fn usage_error(e: clap::Error) -> ! {
 }
 
 fn run(cli: Cli, env: Env) -> Result<i32> {
-    let settings = Settings::resolve(&env, cli.config.as_deref(), cli.repo.as_deref())?;
+    let mut settings = Settings::resolve(&env, cli.config.as_deref(), cli.repo.as_deref())?;
+    settings.wal_secondaries = settings
+        .file
+        .secondaries
+        .iter()
+        .filter(|s| s.wal)
+        .map(|s| s.name.clone())
+        .collect();
+    if let (Some(name), Command::WalPush(_)) = (&cli.secondary, &cli.command) {
+        // wal-push --secondary NAME: the file goes there too before it is acknowledged.
+        settings.secondary_section(name)?;
+        if !settings.wal_secondaries.contains(name) {
+            settings.wal_secondaries.push(name.clone());
+        }
+    } else if let Some(name) = &cli.secondary {
+        if cli.repo.is_some() {
+            return Err(Error::config("--secondary and --repo both name the repository to use")
+                .hint("give one: --secondary NAME for a secondary of custos.toml, --repo URL for any repository"));
+        }
+        settings.secondary_section(name)?;
+        if let Some(what) = writes_the_repository(&cli.command) {
+            return Err(Error::config(format!(
+                "`{what}` writes to the repository: it runs against the primary, not the secondary `{name}`"
+            ))
+            .hint("drop --secondary; `custos copy` brings what it writes to the secondaries"));
+        }
+        settings.secondary = Some(name.clone());
+    }
+    // forget and prune may delete on a secondary (its own retention); nothing else writes.
+    let access = match cli.command {
+        Command::Forget(_) | Command::Prune(_) => custos_storage::guard::Access::Maintenance,
+        _ => custos_storage::guard::Access::ReadOnly,
+    };
     let ctx = Ctx {
         env,
         settings,
@@ -192,8 +247,16 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         touched: Default::default(),
         introduces: Default::default(),
         authority: Default::default(),
+        secondary_access: std::cell::Cell::new(access),
+        unnamed_secondary: Default::default(),
     };
-    let name = trail_name(&cli.command);
+    let name = match (&cli.command, &cli.secondary) {
+        // Recovery from a secondary asks for one WAL file after another: none of them
+        // waits on the primary's trail (which may be what was lost). The restore that
+        // set recovery up is recorded.
+        (Command::WalFetch(_), Some(_)) => None,
+        (c, _) => trail_name(c),
+    };
     let result = dispatch(&ctx, cli.command);
     let recorded = match name {
         Some(name) => ctx.record(&name, &result),
@@ -207,6 +270,20 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             Err(e)
         }
     }
+}
+
+/// The commands that add to a repository (and so never run against a secondary: only
+/// `copy` writes there), by name.
+fn writes_the_repository(c: &Command) -> Option<&'static str> {
+    Some(match c {
+        Command::Init(_) => "init",
+        Command::Backup(_) => "backup",
+        Command::Copy(_) => "copy",
+        Command::Agent(_) => "agent",
+        Command::Key(KeyCommand::List | KeyCommand::Status) => return None,
+        Command::Key(_) => "key",
+        _ => return None,
+    })
 }
 
 /// The name a command is recorded under in the trail; None for the per-file archive
@@ -233,7 +310,7 @@ fn trail_name(c: &Command) -> Option<String> {
             BackupCommand::Table(_) => "backup table",
             BackupCommand::AuditLog(_) => "backup audit-log",
             BackupCommand::Dump(_) => "backup dump",
-            BackupCommand::All => "backup all",
+            BackupCommand::All { .. } => "backup all",
         }
         .into(),
         Command::Snapshots(_) => "snapshots".into(),
@@ -254,6 +331,8 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Forget(_) => "forget".into(),
         Command::Prune(_) => "prune".into(),
         Command::Unlock => "unlock".into(),
+        Command::Copy(c) if c.check => return None,
+        Command::Copy(_) => "copy".into(),
         Command::Pg(_) => "pg check".into(),
         Command::WalPush(commands::pg::WalPushArgs { drain: true, .. }) => "wal-push batch".into(),
         // Each decryption with a restore key is recorded; each synchronous push is not (one
@@ -264,6 +343,9 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Audit(AuditCommand::Verify) => "audit verify".into(),
         Command::IamPolicy(_) => return None,
         Command::Config(_) => return None,
+        // The agent signs its own entries (each job run, alert and report).
+        Command::Agent(_) | Command::Alert(_) => return None,
+        Command::Report(_) => "report daily".into(),
     })
 }
 
@@ -336,6 +418,10 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             commands::pg::wal_fetch(ctx, name, dest, pgdata)
         }
         Command::Unlock => commands::maintenance::unlock(ctx),
+        Command::Copy(a) => commands::copy::cmd_copy(ctx, &a),
+        Command::Agent(a) => commands::agent::cmd_agent(ctx, &a),
+        Command::Alert(a) => commands::agent::cmd_alert(ctx, &a),
+        Command::Report(r) => commands::agent::cmd_report(ctx, &r),
     }
 }
 

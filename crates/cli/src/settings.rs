@@ -21,6 +21,10 @@ pub struct ConfigFile {
     pub storage: StorageSection,
     #[serde(default)]
     pub retention: Option<RetentionPolicy>,
+    /// A policy of its own for PostgreSQL incrementals (the seed: keep_within = "7d");
+    /// fulls then follow [retention].
+    #[serde(default)]
+    pub retention_incremental: Option<RetentionPolicy>,
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceSection>,
     #[serde(default)]
@@ -30,11 +34,71 @@ pub struct ConfigFile {
     /// What the agent runs and when (issue 18; `custos config check` validates them).
     #[serde(default, rename = "job")]
     pub jobs: Vec<JobSection>,
+    /// `custos agent`: where it listens, its state folder, alert thresholds.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// Where the agent sends alerts.
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<AlertSection>,
+    /// Secondary repositories `custos copy` keeps up to date (issue 19).
+    #[serde(default, rename = "secondary")]
+    pub secondaries: Vec<SecondarySection>,
+}
+
+/// A second repository location that `custos copy` keeps as fresh as the primary.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SecondarySection {
+    pub name: String,
+    /// A path, s3://bucket/prefix, or another OpenDAL scheme.
+    pub url: String,
+    /// The secondary's S3 store, when it is not the primary's ([storage.s3] otherwise).
+    pub s3: Option<S3Section>,
+    /// `copy --check` fails when the secondary lacks something older than this (15m).
+    pub max_lag: Option<String>,
+    /// wal-push writes each WAL file here too before it acknowledges it.
+    #[serde(default)]
+    pub wal: bool,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Address of /metrics, /healthz, /readyz and the status page (default 127.0.0.1:9187).
+    pub listen: Option<String>,
+    /// A file holding the bearer token needed to listen beyond the loopback.
+    pub token_file: Option<PathBuf>,
+    /// The agent's state (default: the cache folder's `agent/`).
+    pub state_dir: Option<PathBuf>,
+    /// SIGTERM: how long running jobs may go on (default 5m).
+    pub grace: Option<String>,
+    /// How often the archiver is read (default 30s) and the repository listed (10m).
+    pub probe_interval: Option<String>,
+    pub repository_interval: Option<String>,
+    /// The WAL lag alert's threshold (default 15m, the seed's).
+    pub wal_lag_alert: Option<String>,
+    /// A holding alert is sent again this often (default 4h).
+    pub alert_repeat: Option<String>,
+    /// The first retry's wait (default 1m), doubled at each further retry.
+    pub retry_base: Option<String>,
+    /// When the daily report of the day before is made (default "5 0 * * *").
+    pub daily_report: Option<String>,
+}
+
+/// An alert sink: `kind` is `slack`, `webhook` or `command`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSection {
+    pub kind: String,
+    pub url: Option<String>,
+    /// A file holding the URL (a Slack webhook URL carries its secret).
+    pub url_file: Option<PathBuf>,
+    pub command: Option<String>,
 }
 
 /// A scheduled job: `run` is a source's name, or one of `postgres-full`,
 /// `postgres-incremental`, `config`, `verify`, `verify-read-data`, `verify-table`,
-/// `forget`, `prune`; `schedule` a cron expression in UTC.
+/// `forget`, `prune`, `copy`; `schedule` a cron expression in UTC.
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct JobSection {
@@ -45,6 +109,13 @@ pub struct JobSection {
     pub timeout: Option<String>,
     /// Further tries after a failed run (with backoff).
     pub retries: Option<u32>,
+    /// More arguments for the command the job runs, like ["--subset", "10%"].
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The data category of the status page this job renews (default: from `run`).
+    pub category: Option<String>,
+    /// The time zone `schedule` is read in (IANA name; default UTC).
+    pub zone: Option<String>,
 }
 
 /// What a job may run besides a source.
@@ -57,9 +128,48 @@ pub const JOB_ACTIONS: &[&str] = &[
     "verify-table",
     "forget",
     "prune",
+    "copy",
 ];
 
 impl ConfigFile {
+    /// Reads and parses the file; a malformed one is refused with its line number, one
+    /// holding a secret is refused outright.
+    pub fn load(p: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            Error::config(format!("cannot read the config file {}: {e}", p.display()))
+                .hint("check --config or CUSTOS_CONFIG")
+        })?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+            Error::config(format!(
+                "the config file {} is malformed: {}",
+                p.display(),
+                e.message().trim()
+            ))
+            .hint(span_hint(&text, e.span()))
+        })?;
+        if file.storage.s3.secret_access_key.is_some()
+            || file
+                .secondaries
+                .iter()
+                .any(|s| s.s3.as_ref().is_some_and(|s| s.secret_access_key.is_some()))
+        {
+            return Err(Error::config("custos.toml must not contain secret_access_key: secrets are never kept in plain text")
+                .hint("use secret_access_key_file = \"/path\" (mode 0600) or the AWS_SECRET_ACCESS_KEY environment variable"));
+        }
+        if let Some(k) = file.storage.options.keys().find(|k| {
+            let k = k.to_ascii_lowercase();
+            ["token", "secret", "password", "sas", "account_key"]
+                .iter()
+                .any(|w| k.contains(w))
+        }) {
+            return Err(Error::config(format!(
+                "custos.toml must not contain [storage.options] {k}: secrets are never kept in plain text"
+            ))
+            .hint("give it in the environment (Vercel Blob: BLOB_READ_WRITE_TOKEN)"));
+        }
+        Ok(file)
+    }
+
     /// Every job's schedule parses, its `run` names a source or an action, its timeout
     /// is a duration, and no two jobs share a name; the first problem, naming the job.
     pub fn check_jobs(&self) -> Result<Vec<(JobSection, custos_agent::schedule::Schedule)>> {
@@ -69,7 +179,8 @@ impl ConfigFile {
             if out.iter().any(|(o, _)| o.name == j.name) {
                 return Err(Error::config(format!("two jobs are named `{}`", j.name)));
             }
-            let s = custos_agent::schedule::Schedule::parse(&j.schedule).map_err(ctx)?;
+            let s = custos_agent::schedule::Schedule::parse_in(&j.schedule, j.zone.as_deref())
+                .map_err(ctx)?;
             if !JOB_ACTIONS.contains(&j.run.as_str())
                 && !self.sources.iter().any(|src| src.name == j.run)
             {
@@ -144,7 +255,7 @@ pub struct StorageSection {
     pub retries: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct S3Section {
     pub endpoint: Option<String>,
@@ -224,6 +335,7 @@ const PLAIN_VARS: &[&str] = &[
     "PGDATABASE",
     "CUSTOS_HOST",
     "CUSTOS_TEST_KILL_BEFORE_WRITE",
+    "CUSTOS_TEST_CLOCK",
     "AWS_ACCESS_KEY_ID",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
@@ -261,6 +373,11 @@ impl Env {
     pub fn secret(&self, k: &str) -> Option<&Zeroizing<String>> {
         self.secrets.get(k)
     }
+
+    /// The secrets this process was given, to hand to a child in its environment.
+    pub fn secrets(&self) -> impl Iterator<Item = (&str, &Zeroizing<String>)> {
+        self.secrets.iter().map(|(k, v)| (k.as_str(), v))
+    }
 }
 
 pub struct Settings {
@@ -271,12 +388,18 @@ pub struct Settings {
     pub host: String,
     pub user: String,
     pub kill_before_write: Option<u64>,
+    test_clock: Option<String>,
     pgdata_env: Option<PathBuf>,
     libpq: HashMap<&'static str, String>,
     pg_password: Option<Zeroizing<String>>,
     config_path: Option<PathBuf>,
     /// Where the repository location came from, when not the config file.
     repo_from_args: bool,
+    /// `--secondary NAME`: the command runs against that secondary, not the primary.
+    pub secondary: Option<String>,
+    /// wal-push: the secondaries each WAL file is written to as well before it is
+    /// acknowledged (`wal-push --secondary NAME`, and every `[[secondary]] wal = true`).
+    pub wal_secondaries: Vec<String>,
 }
 
 fn read_secret_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
@@ -295,37 +418,9 @@ impl Settings {
             .map(Path::to_path_buf)
             .or_else(|| env.var("CUSTOS_CONFIG").map(PathBuf::from));
         let file: ConfigFile = match &config_path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    Error::config(format!("cannot read the config file {}: {e}", p.display()))
-                        .hint("check --config or CUSTOS_CONFIG")
-                })?;
-                toml::from_str(&text).map_err(|e| {
-                    Error::config(format!(
-                        "the config file {} is malformed: {}",
-                        p.display(),
-                        e.message().trim()
-                    ))
-                    .hint(span_hint(&text, e.span()))
-                })?
-            }
+            Some(p) => ConfigFile::load(p)?,
             None => ConfigFile::default(),
         };
-        if file.storage.s3.secret_access_key.is_some() {
-            return Err(Error::config("custos.toml must not contain secret_access_key: secrets are never kept in plain text")
-                .hint("use secret_access_key_file = \"/path\" (mode 0600) or the AWS_SECRET_ACCESS_KEY environment variable"));
-        }
-        if let Some(k) = file.storage.options.keys().find(|k| {
-            let k = k.to_ascii_lowercase();
-            ["token", "secret", "password", "sas", "account_key"]
-                .iter()
-                .any(|w| k.contains(w))
-        }) {
-            return Err(Error::config(format!(
-                "custos.toml must not contain [storage.options] {k}: secrets are never kept in plain text"
-            ))
-            .hint("give it in the environment (Vercel Blob: BLOB_READ_WRITE_TOKEN)"));
-        }
         let repo_url = repo_flag
             .map(String::from)
             .or_else(|| env.var("CUSTOS_REPO").map(String::from))
@@ -403,6 +498,7 @@ impl Settings {
         let kill_before_write = env
             .var("CUSTOS_TEST_KILL_BEFORE_WRITE")
             .and_then(|v| v.parse().ok());
+        let test_clock = env.var("CUSTOS_TEST_CLOCK").map(String::from);
         let pgdata_env = env.var("PGDATA").map(PathBuf::from);
         let libpq = ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE"]
             .into_iter()
@@ -413,6 +509,8 @@ impl Settings {
         Ok(Settings {
             config_path,
             repo_from_args,
+            secondary: None,
+            wal_secondaries: vec![],
             pgdata_env,
             libpq,
             pg_password: env.secret("PGPASSWORD").cloned(),
@@ -423,6 +521,7 @@ impl Settings {
             host,
             user,
             kill_before_write,
+            test_clock,
         })
     }
 
@@ -447,7 +546,10 @@ impl Settings {
     /// The minimum retention of audit-log exports: per audit-log source of custos.toml
     /// (`min_retention`, default 6y, the seed's rule).
     pub fn audit_log_min_retention(&self) -> Result<custos_ops::maintenance::forget::MinRetention> {
-        let mut m = custos_ops::maintenance::forget::MinRetention::default();
+        let mut m = custos_ops::maintenance::forget::MinRetention {
+            incremental: self.file.retention_incremental.clone(),
+            ..Default::default()
+        };
         for s in self.file.sources.iter().filter(|s| s.kind == "audit-log") {
             let Some(r) = &s.min_retention else { continue };
             let d = custos_ops::tables::parse_retention(r)
@@ -530,12 +632,56 @@ impl Settings {
             parts.push("--config".into());
             parts.push(shell_quote(&c.display().to_string()));
         }
-        if self.repo_from_args || self.config_path.is_none() {
+        if let Some(s) = &self.secondary {
+            // A restore from a secondary fetches its WAL from there too.
+            parts.push("--secondary".into());
+            parts.push(shell_quote(s));
+        } else if self.repo_from_args || self.config_path.is_none() {
             parts.push("--repo".into());
             parts.push(shell_quote(&self.location_key()));
         }
         parts.push("--quiet wal-fetch %f %p".into());
         Ok(parts.join(" "))
+    }
+
+    /// The global flags a child custos (a job of the agent) needs to see what this one
+    /// sees: the same config file, and the repository if it came from the command line.
+    pub fn child_global(&self) -> Vec<std::ffi::OsString> {
+        let mut out = vec![];
+        if let Some(c) = &self.config_path {
+            out.push("--config".into());
+            out.push(c.clone().into_os_string());
+        }
+        if self.repo_from_args {
+            if let Some(u) = &self.repo_url {
+                out.push("--repo".into());
+                out.push(u.into());
+            }
+        }
+        out
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
+    /// Tests only: CUSTOS_TEST_CLOCK=FROM..TO (RFC 3339) runs the agent on a simulated
+    /// clock over that period.
+    pub fn test_clock(
+        &self,
+    ) -> Result<Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>> {
+        let Some(v) = &self.test_clock else {
+            return Ok(None);
+        };
+        let parse = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t.trim())
+                .map(|d| d.to_utc())
+                .map_err(|e| Error::config(format!("CUSTOS_TEST_CLOCK: `{t}`: {e}")))
+        };
+        let (a, b) = v
+            .split_once("..")
+            .ok_or_else(|| Error::config("CUSTOS_TEST_CLOCK is FROM..TO"))?;
+        Ok(Some((parse(a)?, parse(b)?)))
     }
 
     /// The files the generated `restore_command` reads or runs, as (path, must execute):
@@ -557,6 +703,14 @@ impl Settings {
             }
         }
         if let Some(f) = &self.file.storage.s3.secret_access_key_file {
+            out.push((absolute(f), false));
+        }
+        if let Some(f) = self
+            .secondary
+            .as_ref()
+            .and_then(|n| self.secondary_section(n).ok())
+            .and_then(|s| s.s3.as_ref()?.secret_access_key_file.as_ref())
+        {
             out.push((absolute(f), false));
         }
         out
@@ -624,7 +778,69 @@ impl Settings {
             a.push("--repo".to_string());
             a.push(self.location_key());
         }
+        if let Some(s) = &self.secondary {
+            a.push("--secondary".to_string());
+            a.push(s.clone());
+        }
         a
+    }
+
+    /// A secondary of custos.toml by name; an unknown one names those there are.
+    pub fn secondary_section(&self, name: &str) -> Result<&SecondarySection> {
+        self.file
+            .secondaries
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self
+                    .file
+                    .secondaries
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                Error::config(format!("no secondary named `{name}` in custos.toml")).hint(
+                    if known.is_empty() {
+                        "add a [[secondary]] section with name and url".to_string()
+                    } else {
+                        format!("the secondaries are: {}", known.join(", "))
+                    },
+                )
+            })
+    }
+
+    /// Where a secondary is and how to reach it: its own [secondary.s3] settings where
+    /// given, the primary's storage settings otherwise.
+    pub fn secondary_storage(&self, s: &SecondarySection) -> Result<(Location, StorageOptions)> {
+        let mut opts = self.storage.clone();
+        if let Some(s3) = &s.s3 {
+            opts.s3.endpoint = s3.endpoint.clone().or(opts.s3.endpoint);
+            opts.s3.region = s3.region.clone().or(opts.s3.region);
+            if let Some(k) = &s3.access_key_id {
+                opts.s3.access_key_id = Some(k.clone());
+                opts.s3.session_token = None;
+                opts.s3.secret_access_key = match &s3.secret_access_key_file {
+                    Some(p) => Some(
+                        read_secret_file(
+                            p,
+                            &format!("the S3 secret key of secondary `{}`", s.name),
+                        )?
+                        .to_string(),
+                    ),
+                    None => None,
+                };
+            }
+        }
+        Ok((Location::parse(&s.url)?, opts))
+    }
+
+    /// `copy --check`'s default limit for a secondary (15 minutes).
+    pub fn secondary_max_lag(&self, s: &SecondarySection) -> Result<std::time::Duration> {
+        match &s.max_lag {
+            None => Ok(std::time::Duration::from_secs(15 * 60)),
+            Some(t) => humantime::parse_duration(t).map_err(|e| {
+                Error::config(format!("[[secondary]] `{}` max_lag = \"{t}\": {e}", s.name))
+            }),
+        }
     }
 
     pub fn location(&self) -> Result<Location> {

@@ -387,6 +387,9 @@ fn the_healthcare_profile_holds_the_seed_matrix_and_bad_jobs_are_named() {
         "keep_monthly = 12",
         "keep_yearly = 7",
         "min_retention = \"6y\"",
+        "[retention_incremental]",
+        "keep_within = \"7d\"",
+        "wal_lag_alert = \"15m\"",
     ] {
         assert!(text.contains(line), "{line}");
     }

@@ -184,6 +184,7 @@ fn prune_killed_at_many_moments() {
         }
         kills += 1;
     }
+    let at_writes = kills;
     let (_, full) = attempt(None, None, "uninterrupted prune".into(), &mut round);
     for k in 1..=12u32 {
         let delay = full * k / 13;
@@ -198,6 +199,19 @@ fn prune_killed_at_many_moments() {
             kills += 1;
         }
     }
-    eprintln!("{kills} runs killed");
-    assert!(kills >= 20, "only {kills} runs were actually killed");
+    // Killing at each write is deterministic and is what must reach deep into prune;
+    // the timed kills land wherever the machine's speed puts them (a loaded CI runner
+    // finishes some runs before their delay), so they only add moments.
+    eprintln!(
+        "{at_writes} runs killed before a write, {} by timer",
+        kills - at_writes
+    );
+    assert!(
+        at_writes >= 12,
+        "only {at_writes} runs were killed before a write: prune writes less than this test assumes"
+    );
+    assert!(
+        kills > at_writes,
+        "no timed kill landed: prune ran {full:?}"
+    );
 }

@@ -329,3 +329,66 @@ fn retention_groups_postgresql_backups_by_cluster_not_host() {
     let err = t.fails(&["forget", &left[0][..10], "--keep-last", "1"], 2);
     assert!(err.contains("not both"), "{err}");
 }
+
+/// The retention interlock: whatever forget is told, the newest snapshot of a source that
+/// a clean, whole `verify --read-data` (restore key) proved restorable stays, and forget
+/// says which rule kept it. A subset read proves nothing and keeps nothing.
+#[test]
+fn forget_keeps_the_newest_snapshot_last_proven_restorable() {
+    let t = T::new();
+    let src = t.path("src");
+    let mut ids = vec![];
+    for i in 0..3 {
+        make_tree(&src.join(format!("v{i}")), i, 3, 50_000);
+        ids.push(
+            t.json(&["backup", "files", src.to_str().unwrap()])["snapshot"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // A partial read proves nothing.
+    t.ok(&["verify", "--read-data", "--subset", "50%"]);
+    let named: Vec<String> = ids.iter().map(|i| i[..12].to_string()).collect();
+    let mut dry = vec!["forget", "--dry-run"];
+    dry.extend(named.iter().map(String::as_str));
+    let plan = t.ok(&dry);
+    assert!(!plan.contains("proven restorable"), "{plan}");
+    t.ok(&["verify", "--read-data"]);
+    let proven = ids[2].clone();
+    for i in 3..5 {
+        make_tree(&src.join(format!("v{i}")), i, 3, 50_000);
+        ids.push(
+            t.json(&["backup", "files", src.to_str().unwrap()])["snapshot"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Every snapshot named: the proven one stays, and forget says why.
+    let mut args = vec!["forget"];
+    let short: Vec<String> = ids.iter().map(|i| i[..12].to_string()).collect();
+    args.extend(short.iter().map(String::as_str));
+    let out = t.ok(&args);
+    assert!(out.contains("proven restorable"), "{out}");
+    let left = t.json(&["snapshots"]);
+    let left: Vec<&str> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, vec![proven.as_str()]);
+    // A policy that would remove it keeps it too.
+    make_tree(&src.join("v9"), 9, 3, 50_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    t.ok(&["forget", "--keep-last", "1"]);
+    let left = t.json(&["snapshots"]);
+    assert!(
+        left.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == proven.as_str()),
+        "{left}"
+    );
+}

@@ -85,6 +85,32 @@ pub struct Decision<T> {
     pub reasons: Vec<String>,
 }
 
+/// [`apply`] with a policy of its own for one type of snapshot (PostgreSQL
+/// incrementals, marked `true`): the others follow `policy`, these `typed`. Returns
+/// decisions newest first.
+pub fn apply_by_type<T: Clone>(
+    policy: &RetentionPolicy,
+    typed: &RetentionPolicy,
+    snaps: Vec<(Candidate<T>, bool)>,
+) -> Vec<Decision<T>> {
+    let (incs, rest): (Vec<_>, Vec<_>) = snaps.into_iter().partition(|(_, t)| *t);
+    let mut d = apply(policy, rest.into_iter().map(|(c, _)| c).collect());
+    d.extend(
+        apply(typed, incs.into_iter().map(|(c, _)| c).collect())
+            .into_iter()
+            .map(|mut x| {
+                x.reasons = x
+                    .reasons
+                    .into_iter()
+                    .map(|r| format!("incremental: {r}"))
+                    .collect();
+                x
+            }),
+    );
+    d.sort_by_key(|x| std::cmp::Reverse(x.time));
+    d
+}
+
 /// Decides, for one group of snapshots (same source), which are kept and why.
 /// Returns decisions newest first.
 pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -> Vec<Decision<T>> {
@@ -159,6 +185,55 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
         d.reasons.push("matched no rule of the policy".into());
     }
     out
+}
+
+#[cfg(test)]
+mod by_type_tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    /// The seed's matrix over 60 days: a full at 02:00 daily, an incremental every other
+    /// hour. Fulls follow 30 daily / 12 weekly / ...; incrementals 7 days.
+    #[test]
+    fn hourly_incrementals_are_kept_seven_days_and_fulls_by_the_main_policy() {
+        let start = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
+        let mut snaps = vec![];
+        for h in 0..60 * 24 {
+            let t = start + chrono::Duration::hours(h);
+            let full = h % 24 == 2;
+            snaps.push((
+                Candidate {
+                    item: (h, full),
+                    time: t,
+                },
+                !full,
+            ));
+        }
+        let newest = snaps.last().unwrap().0.time;
+        let typed = RetentionPolicy {
+            keep_within: Some(std::time::Duration::from_secs(7 * 86400)),
+            ..Default::default()
+        };
+        let d = apply_by_type(&RetentionPolicy::seed_default(), &typed, snaps);
+        assert_eq!(d.len(), 60 * 24);
+        for x in &d {
+            let age = newest - x.time;
+            let (_, full) = x.item;
+            if full {
+                // 30 daily fulls kept; older ones only as the weekly/monthly picks.
+                if age < chrono::Duration::days(30) {
+                    assert!(x.keep, "{x:?}");
+                }
+            } else {
+                assert_eq!(x.keep, age <= chrono::Duration::days(7), "{x:?}");
+                assert!(x.reasons.iter().all(|r| r.starts_with("incremental: ")) || !x.keep);
+            }
+        }
+        // The fulls' monthly picks reach past the daily window: the oldest full is kept.
+        assert!(d
+            .iter()
+            .any(|x| x.item.1 && x.keep && newest - x.time > chrono::Duration::days(30)));
+    }
 }
 
 #[cfg(test)]

@@ -490,6 +490,23 @@ impl Repository {
         )
     }
 
+    /// A lock in another storage holding a copy of this repository (a secondary that
+    /// `copy` writes to), sealed with this repository's key.
+    pub fn lock_on(
+        &self,
+        storage: DynStorage,
+        exclusive: bool,
+        command: &str,
+    ) -> Result<LockGuard> {
+        lock::acquire(
+            storage,
+            &self.keys.meta_key,
+            exclusive,
+            &self.opts.host,
+            command,
+        )
+    }
+
     // ---- index ----
 
     pub fn load_index(&self) -> Result<Index> {

@@ -166,6 +166,13 @@ impl TrailWriter {
         serde_json::from_slice::<Entry>(&plain).ok().map(|e| e.time)
     }
 
+    /// The same writer appending to the trail in another storage: operations run against
+    /// a secondary copy are recorded in the primary's trail (the secondary's is a copy).
+    pub fn on(mut self, storage: custos_storage::DynStorage) -> TrailWriter {
+        self.storage = storage;
+        self
+    }
+
     /// Remembers the trail's end in `path` (a file in the local cache), so an append
     /// finds the end with two lookups instead of listing the whole trail.
     pub fn with_hint(mut self, path: std::path::PathBuf) -> TrailWriter {
@@ -253,6 +260,65 @@ impl TrailWriter {
             Kind::Storage,
             "could not append to the operation trail after 1000 attempts",
         ))
+    }
+}
+
+impl Repository {
+    /// The newest entry, read from the end of the trail, that `f` accepts and whose
+    /// signature verifies with the signing key a present key file of `role` names; at
+    /// most `limit` entries are read. For decisions that may only rely on what a key of
+    /// that role did (forget's retention interlock trusts only a restore key's verify).
+    /// Key files are not trail-authenticated here: `custos audit verify` proves the
+    /// signer was introduced by the trail.
+    pub fn trail_newest(
+        &self,
+        role: custos_crypto::Role,
+        limit: usize,
+        mut f: impl FnMut(&Entry) -> bool,
+    ) -> Result<Option<(u64, Entry)>> {
+        let signers: std::collections::HashMap<KeyId, [u8; 32]> = Self::key_files(&self.storage)?
+            .into_iter()
+            .filter(|k| k.role == role)
+            .filter_map(|k| {
+                let p = hex::decode(k.sign_public.as_ref()?).ok()?;
+                Some((k.id, p.try_into().ok()?))
+            })
+            .collect();
+        for seq in self.trail_seqs()?.into_iter().rev().take(limit) {
+            let bytes = self.storage.get(&path(seq))?;
+            let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) else {
+                continue;
+            };
+            let Some(public) = signers.get(&stored.key) else {
+                continue;
+            };
+            let Ok(prev) = hex::decode(&stored.prev).map(<[u8; 32]>::try_from) else {
+                continue;
+            };
+            let Ok(prev) = prev else { continue };
+            if !sign::verify(
+                public,
+                &signed_bytes(seq, &prev, &stored.key, &stored.entry),
+                &stored.sig,
+            ) {
+                continue;
+            }
+            let Ok(plain) = aead::open(
+                &self.keys.meta_key,
+                &entry_aad(seq),
+                &stored.entry,
+                "trail entry",
+            ) else {
+                continue;
+            };
+            let Ok(entry) = serde_json::from_slice::<Entry>(&plain) else {
+                continue;
+            };
+            if f(&entry) {
+                return Ok(Some((seq, entry)));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -35,6 +35,25 @@ pub fn run(s: Arc<dyn Storage>) {
         PutOutcome::Created
     );
     assert_eq!(s.get("data/ab/obj1").unwrap(), data);
+    // A checked write (copy's): create-only, and what arrived is what was sent.
+    assert_eq!(
+        s.put_checked("data/ab/obj9", data.clone().into(), None)
+            .unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(
+        s.put_checked("data/ab/obj9", bytes::Bytes::from_static(b"other"), None)
+            .unwrap(),
+        PutOutcome::AlreadyExists,
+        "a checked write replaced an object"
+    );
+    assert_eq!(s.get("data/ab/obj9").unwrap(), data);
+    s.delete("data/ab/obj9").unwrap();
+    // Listings say when an object was written, where the store knows.
+    let listed = s.list("data").unwrap();
+    assert!(listed
+        .iter()
+        .all(|e| e.modified.is_some() || s.location().starts_with("vercel")));
     assert_eq!(
         s.get_range("data/ab/obj1", 1000, 5000).unwrap(),
         &data[1000..6000]

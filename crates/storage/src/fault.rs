@@ -41,6 +41,10 @@ impl Storage for KillBeforeWrite {
         self.tick();
         self.inner.put(path, data, mode)
     }
+    fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
+        self.tick();
+        self.inner.put_checked(path, data, md5)
+    }
     fn get(&self, path: &str) -> Result<Vec<u8>> {
         self.inner.get(path)
     }

@@ -7,6 +7,7 @@
 
 pub mod conformance;
 pub mod fault;
+pub mod guard;
 pub mod local;
 pub mod remote;
 pub mod url;
@@ -34,12 +35,33 @@ pub enum PutOutcome {
 pub struct Entry {
     pub path: String,
     pub size: u64,
+    /// When the object was written, where the store says (S3's LastModified, a file's
+    /// mtime): `copy --check` measures a secondary's lag by it.
+    pub modified: Option<std::time::SystemTime>,
+    /// The MD5 of the object's bytes where the store lists it (S3's ETag of a single
+    /// PUT, lowercase hex): `copy` compares it with what the secondary stored.
+    pub md5: Option<String>,
+}
+
+/// An S3 ETag that is the MD5 of the bytes (32 hex digits, no part count), lowercase.
+pub fn etag_md5(etag: &str) -> Option<String> {
+    let e = etag.trim_matches('"').to_ascii_lowercase();
+    (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then_some(e)
 }
 
 pub trait Storage: Send + Sync {
     /// Where this storage is, for messages (never includes credentials).
     fn location(&self) -> String;
     fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;
+    /// A create-only put whose arrival is checked where the store can say what it
+    /// received (S3: the ETag of a single PUT is the MD5 of the bytes it stored).
+    /// `copy` writes with it; elsewhere a plain put.
+    /// Takes the bytes by reference count: an object store sends them without a copy.
+    /// `md5`: the bytes' MD5 when known (the source listed it), else it is computed.
+    fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
+        let _ = md5;
+        self.put(path, &data, PutMode::CreateOnly)
+    }
     /// Whole object. A missing object is an error of kind `NotFound`.
     fn get(&self, path: &str) -> Result<Vec<u8>>;
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>>;

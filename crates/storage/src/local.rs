@@ -288,6 +288,8 @@ impl Storage for LocalStorage {
                     .to_string_lossy()
                     .into_owned(),
                 size: meta.len(),
+                modified: meta.modified().ok(),
+                md5: None,
             })
             .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));

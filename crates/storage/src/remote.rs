@@ -224,6 +224,10 @@ fn chain(e: &opendal::Error) -> String {
     out
 }
 
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
     let detail = chain(&e);
     if detail.contains("NoSuchBucket") {
@@ -282,6 +286,37 @@ impl Storage for RemoteStorage {
         }
     }
 
+    fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
+        let sent = data.clone();
+        let r = self
+            .rt
+            .block_on(async { self.op.write_with(path, sent).if_not_exists(true).await });
+        let meta = match r {
+            Ok(m) => m,
+            Err(e) if e.kind() == OdKind::ConditionNotMatch => {
+                return Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => return Err(self.err(path, e)),
+        };
+        // A multipart or encrypted object's ETag is not its MD5 (it has a dash, or is
+        // not 32 hex digits): nothing to compare then.
+        if let Some(etag) = meta.etag().and_then(crate::etag_md5) {
+            use md5::Digest;
+            let sent = match md5 {
+                Some(m) => m.to_string(),
+                None => hex_lower(&md5::Md5::digest(&data)),
+            };
+            if etag != sent {
+                return Err(Error::integrity(format!(
+                    "{}: the store holds other bytes under `{path}` than were sent (MD5 {etag}, sent {sent})",
+                    self.location
+                ))
+                .hint("the object was damaged on the way or by the store; delete it there and run the command again"));
+            }
+        }
+        Ok(PutOutcome::Created)
+    }
+
     fn get(&self, path: &str) -> Result<Vec<u8>> {
         self.rt
             .block_on(self.op.read(path))
@@ -324,6 +359,11 @@ impl Storage for RemoteStorage {
                 out.push(Entry {
                     path: e.path().trim_start_matches('/').to_string(),
                     size: e.metadata().content_length(),
+                    modified: e
+                        .metadata()
+                        .last_modified()
+                        .map(std::time::SystemTime::from),
+                    md5: e.metadata().etag().and_then(crate::etag_md5),
                 });
             }
             Ok(out)

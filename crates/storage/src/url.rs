@@ -30,6 +30,22 @@ impl Location {
                     "`{url}` names no bucket; use s3://BUCKET/PREFIX"
                 )));
             }
+            // S3's rule; a store handed another name may misbehave quietly (SeaweedFS
+            // accepted writes into a two-letter bucket that listings never showed).
+            let ok_char =
+                |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+            let ends_ok =
+                |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if !(3..=63).contains(&bucket.len())
+                || !bucket.chars().all(ok_char)
+                || !ends_ok(bucket.chars().next())
+                || !ends_ok(bucket.chars().last())
+            {
+                return Err(Error::config(format!(
+                    "`{bucket}` in `{url}` is not a valid S3 bucket name"
+                ))
+                .hint("bucket names are 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit"));
+            }
             return Ok(Location::S3 {
                 bucket: bucket.into(),
                 prefix: prefix.trim_matches('/').into(),
@@ -102,6 +118,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Location::parse("s3:///x").is_err());
+        for bad in [
+            "s3://dr/x",
+            "s3://Backups/x",
+            "s3://-bucket/x",
+            "s3://bucket_1/x",
+        ] {
+            assert!(Location::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Location::parse("s3://dr-site.backups/x").is_ok());
         assert!(matches!(
             Location::parse("vercel_blob://docs").unwrap(),
             Location::Service { .. }

@@ -245,6 +245,8 @@ impl Storage for VercelBlob {
             out.push(Entry {
                 path: rel,
                 size: b.size,
+                modified: None,
+                md5: None,
             });
         }
         Ok(out)

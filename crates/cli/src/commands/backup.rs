@@ -118,7 +118,11 @@ pub(crate) enum BackupCommand {
     },
     /// Back up every [[source]] of custos.toml, in order
     #[command(after_help = "Example:\n  custos --config /etc/custos/custos.toml backup all")]
-    All,
+    All {
+        /// Only these sources, by name (repeat for more)
+        #[arg(long)]
+        source: Vec<String>,
+    },
 }
 
 pub(crate) fn print_backup(ctx: &Ctx, r: &backup::BackupReport) -> i32 {
@@ -284,13 +288,30 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
         BackupCommand::Table(a) => crate::commands::tables::backup_table(ctx, &repo, a),
         BackupCommand::AuditLog(a) => crate::commands::tables::backup_audit_log(ctx, &repo, a),
         BackupCommand::Dump(a) => crate::commands::tables::backup_dump(ctx, &repo, a),
-        BackupCommand::All => {
-            let sources = &ctx.settings.file.sources;
-            if sources.is_empty() {
+        BackupCommand::All { source: only } => {
+            let all = &ctx.settings.file.sources;
+            if all.is_empty() {
                 return Err(
                     Error::config("custos.toml defines no [[source]]").hint("see docs/config.md")
                 );
             }
+            if let Some(n) = only.iter().find(|n| !all.iter().any(|s| &s.name == *n)) {
+                return Err(
+                    Error::config(format!("custos.toml has no [[source]] named `{n}`")).hint(
+                        format!(
+                            "its sources: {}",
+                            all.iter()
+                                .map(|s| s.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ),
+                );
+            }
+            let sources: Vec<_> = all
+                .iter()
+                .filter(|s| only.is_empty() || only.contains(&s.name))
+                .collect();
             let mut reports = vec![];
             let mut code = 0;
             for s in sources {

@@ -245,6 +245,39 @@ keep_weekly = 12
 keep_monthly = 12
 keep_yearly = 7
 
+[retention_incremental]                      # hourly incrementals: 7 days, as the seed's cleanup
+keep_within = "7d"                           # (fulls follow [retention]; every backup is complete
+                                             # on its own, so no kept one loses a parent)
+
+[agent]                                      # `custos agent`: runs the [[job]]s below
+listen = "127.0.0.1:9187"                    # /metrics, /healthz, /readyz, status page at /
+state_dir = "/var/lib/custos/agent"
+wal_lag_alert = "15m"                        # the seed's alert: WAL archiving lapses past 15 minutes
+alert_repeat = "4h"
+daily_report = "5 0 * * *"                   # the day before, into the repository and the sinks
+# token_file = "/etc/custos/agent.token"     # needed to listen beyond 127.0.0.1
+
+[[alert]]                                    # every alert and resolution, as JSON on stdin
+kind = "command"
+command = "logger -t custos-alert"
+
+# [[alert]]                                  # Slack: the webhook URL carries a secret, so a file
+# kind = "slack"
+# url_file = "/etc/custos/slack-webhook.url"
+
+# The seed keeps every backup at a second, distant site as fresh as the first. Uncomment,
+# point it at another region or provider (CHANGE), then `custos copy` once by hand.
+# [[secondary]]
+# name = "dr"
+# url = "s3://CHANGE-dr-bucket/prod"
+# wal = true                                 # wal-push writes each segment there too before PostgreSQL may recycle it
+# max_lag = "15m"                            # copy --check and the agent's secondary_behind alert
+# [secondary.s3]                             # its own store and credentials (else [storage.s3])
+# endpoint = "https://s3.CHANGE-region.amazonaws.com"
+# region = "CHANGE-region"
+# access_key_id = "CHANGE"
+# secret_access_key_file = "/etc/custos/s3-dr.secret"
+
 [[source]]                                   # vector store: rows, digest, sample neighbours
 name = "vector-store"
 kind = "table"
@@ -342,6 +375,18 @@ run = "prune"
 schedule = "0 7 * * SUN"
 timeout = "6h"
 
+# [[job]]                                    # the second site: everything the first has, continuously
+# name = "copy"
+# run = "copy"
+# schedule = "* * * * *"
+# timeout = "1h"
+
+[[job]]                                      # the repository's structure, daily
+name = "verify"
+run = "verify"
+schedule = "0 5 * * *"
+timeout = "2h"
+
 [[job]]                                      # every byte read back, weekly
 name = "verify-read-data"
 run = "verify-read-data"
@@ -375,11 +420,13 @@ pub(crate) fn cmd_config(ctx: &Ctx, c: ConfigCommand) -> Result<i32> {
         }
         ConfigCommand::Check => {
             let jobs = ctx.settings.file.check_jobs()?;
+            // The agent's settings and sinks too (what `custos agent` would refuse).
+            crate::commands::agent::agent_config(&ctx.settings.file, &ctx.settings, None)?;
             let now = chrono::Utc::now();
             if ctx.out.json {
                 let v: Vec<_> = jobs
                     .iter()
-                    .map(|(j, s)| serde_json::json!({"name": j.name, "run": j.run, "schedule": s.expr(), "timeout": j.timeout, "retries": j.retries.unwrap_or(0), "next": s.next_after(now)}))
+                    .map(|(j, s)| serde_json::json!({"name": j.name, "run": j.run, "schedule": s.expr(), "zone": j.zone, "timeout": j.timeout, "retries": j.retries.unwrap_or(0), "next": s.next_after(now)}))
                     .collect();
                 ctx.out.json(
                     &serde_json::json!({"sources": ctx.settings.file.sources.len(), "jobs": v}),

@@ -95,9 +95,10 @@ pub(crate) fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Re
             subset,
             progress: progress.as_ref(),
             key_max_age: ctx.settings.key_max_age()?,
+            record: !ctx.on_secondary(),
         },
     )?;
-    ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read, "vouched": r.vouched, "damaged": r.damaged}));
+    ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read, "vouched": r.vouched, "damaged": r.damaged, "verified": r.verified}));
     if ctx.out.json {
         ctx.out.json(&r);
     } else {
@@ -230,7 +231,10 @@ pub(crate) fn cmd_forget(
             Some(p) => forget::Selection::Policy(p),
             None => forget::Selection::Named(&ids),
         },
-        &ctx.settings.audit_log_min_retention()?,
+        &custos_ops::maintenance::forget::MinRetention {
+            verified: forget::last_verified(&repo, ctx.settings.secondary.as_deref())?,
+            ..ctx.settings.audit_log_min_retention()?
+        },
         chrono::Utc::now(),
     )?;
     let removed = if dry_run {

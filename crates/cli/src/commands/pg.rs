@@ -93,8 +93,9 @@ pub(crate) fn wal_push_async(
             .and_then(|r| r.require_write("archive WAL").map(|_| r))
             .inspect_err(|e| spool.pusher_failed(e))?;
         spool.pusher_started();
+        let also = wal_secondaries(ctx).inspect_err(|e| spool.pusher_failed(e))?;
         let n = spool
-            .drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3))
+            .drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3), &also)
             .inspect_err(|e| spool.pusher_failed(e))?;
         ctx.touch(serde_json::json!({"system_id": system_id.to_string(), "files": n}));
         tracing::info!("WAL pusher: stored {n} file(s)");
@@ -137,6 +138,15 @@ pub(crate) fn wal_push_async(
     }
 }
 
+/// The secondaries wal-push writes to as well, opened.
+fn wal_secondaries(ctx: &Ctx) -> Result<Vec<(String, custos_storage::DynStorage)>> {
+    ctx.settings
+        .wal_secondaries
+        .iter()
+        .map(|n| Ok((n.clone(), ctx.secondary_raw(n)?)))
+        .collect()
+}
+
 /// Niceness of the background WAL pusher.
 pub(crate) const PUSHER_NICE: libc::c_int = 10;
 
@@ -148,6 +158,9 @@ pub(crate) fn spawn_pusher(ctx: &Ctx, pgdata: &std::path::Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("cannot find the custos binary: {e}")))?;
     let mut c = std::process::Command::new(exe);
     c.args(ctx.settings.global_args());
+    for s in &ctx.settings.wal_secondaries {
+        c.arg("--secondary").arg(s);
+    }
     c.arg("wal-push")
         .arg("--drain")
         .arg("--pgdata")
@@ -276,7 +289,8 @@ pub(crate) fn wal_push(
     }
     let path = path.expect("required by clap");
     let repo = ctx.open()?;
-    let (name, outcome) = custos_ops::postgres::wal::push(&repo, &path, &pgdata)?;
+    let also = wal_secondaries(ctx)?;
+    let (name, outcome) = custos_ops::postgres::wal::push(&repo, &path, &pgdata, &also)?;
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({"file": name, "stored": outcome == custos_repo::wal::PushOutcome::Stored}));
     }

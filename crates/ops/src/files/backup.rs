@@ -310,6 +310,26 @@ pub fn backup_stream(
     command: Option<&str>,
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
+    backup_stream_from(repo, name, command, None, opts)
+}
+
+/// A stream snapshot of bytes the caller holds (the agent's daily report).
+pub fn backup_bytes(
+    repo: &Repository,
+    name: &str,
+    data: &[u8],
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
+    backup_stream_from(repo, name, None, Some(data), opts)
+}
+
+fn backup_stream_from(
+    repo: &Repository,
+    name: &str,
+    command: Option<&str>,
+    data: Option<&[u8]>,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
     let run = Run::begin(repo, SourceKind::Stream, name)?;
     let writer = &run.writer;
     opts.progress.start("backup", None);
@@ -322,6 +342,15 @@ pub fn backup_stream(
             child.finish()?;
             r.map_err(|e| Error::new(Kind::Source, format!("reading the output of `{cmd}`: {e}")))??
         }
+        None if data.is_some() => chunk_reader(
+            repo,
+            writer,
+            data.unwrap_or_default(),
+            None,
+            opts.progress,
+            &read,
+        )
+        .map_err(|e| Error::new(Kind::Source, format!("reading the data: {e}")))??,
         None => chunk_reader(
             repo,
             writer,

@@ -72,6 +72,16 @@ pub struct MinRetention {
     /// For audit-log exports, by table (`schema.table`), else `audit_log_default`.
     pub audit_log: std::collections::HashMap<String, chrono::Duration>,
     pub audit_log_default: chrono::Duration,
+    /// A policy of its own for PostgreSQL incrementals (the seed keeps hourly ones 7
+    /// days): with it, a cluster's full backups follow the main policy and its
+    /// incrementals this one. Every backup is complete on its own (format 6.2: an
+    /// incremental names every block it needs), so removing an incremental or a full
+    /// never breaks a kept one; prune keeps the WAL from the oldest kept backup on.
+    pub incremental: Option<RetentionPolicy>,
+    /// The retention interlock: the snapshots the newest clean, whole `verify
+    /// --read-data` proved restorable, and when. The newest of them in each group is kept
+    /// whatever the policy or the command line says.
+    pub verified: Option<(DateTime<Utc>, std::collections::HashSet<SnapshotId>)>,
 }
 
 impl Default for MinRetention {
@@ -80,12 +90,49 @@ impl Default for MinRetention {
             audit_log: Default::default(),
             audit_log_default: crate::tables::parse_retention(AUDIT_LOG_MIN_RETENTION)
                 .expect("valid"),
+            incremental: None,
+            verified: None,
         }
     }
 }
 
+/// The source name of the agent's daily reports (stream snapshots): evidence, kept at
+/// least as long as the audit log whatever the policy says.
+pub const REPORT_SOURCE: &str = "custos-report-daily";
+
 /// The seed keeps audit logs six years.
 pub const AUDIT_LOG_MIN_RETENTION: &str = "6y";
+
+/// How many trail entries, from the newest, forget reads to find the last verification.
+const VERIFY_LOOKBACK: usize = 20_000;
+
+/// What the newest clean, whole `verify --read-data` proved restorable: its time and the
+/// snapshots it read, from its trail entry, trusted only when a restore key signed it.
+/// `secondary`: the verification of that secondary (`--secondary NAME`), else of the
+/// primary.
+pub fn last_verified(
+    repo: &Repository,
+    secondary: Option<&str>,
+) -> Result<Option<(DateTime<Utc>, std::collections::HashSet<SnapshotId>)>> {
+    let found = repo.trail_newest(custos_crypto::Role::Restore, VERIFY_LOOKBACK, |e| {
+        e.command == "verify"
+            && e.result == "ok"
+            && e.touched.get("secondary").and_then(|s| s.as_str()) == secondary
+            && e.touched
+                .get("verified")
+                .and_then(|v| v.as_array())
+                .is_some_and(|v| !v.is_empty())
+    })?;
+    Ok(found.map(|(_, e)| {
+        let ids = e.touched["verified"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str()?.parse().ok())
+            .collect();
+        (e.time, ids)
+    }))
+}
 
 pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
     plan_at(repo, selection, &MinRetention::default(), Utc::now())
@@ -152,7 +199,25 @@ pub fn plan_at(
             })
             .collect();
         let mut decisions = match &selection {
-            Selection::Policy(p) => retention::apply(p, candidates),
+            Selection::Policy(p) => match (&floors.incremental, sys) {
+                (Some(inc), Some(_)) => {
+                    let typed = candidates
+                        .into_iter()
+                        .map(|c| {
+                            let inc = list.iter().any(|s| {
+                                s.id == c.item
+                                    && s.summary.pg.as_ref().is_some_and(|p| {
+                                        p.backup_type
+                                            == custos_repo::snapshot::PgBackupType::Incremental
+                                    })
+                            });
+                            (c, inc)
+                        })
+                        .collect();
+                    retention::apply_by_type(p, inc, typed)
+                }
+                _ => retention::apply(p, candidates),
+            },
             Selection::Named(ids) => {
                 let mut d: Vec<Decision<SnapshotId>> = candidates
                     .into_iter()
@@ -175,20 +240,40 @@ pub fn plan_at(
             }
         };
         decisions.sort_by_key(|x| std::cmp::Reverse(x.time));
-        if kind == custos_repo::snapshot::SourceKind::AuditLog.as_str() {
-            let min = floors
-                .audit_log
-                .iter()
-                .find(|(t, _)| crate::backup::names_table(&source, t))
-                .map(|(_, d)| *d)
-                .unwrap_or(floors.audit_log_default);
+        let report =
+            kind == custos_repo::snapshot::SourceKind::Stream.as_str() && source == REPORT_SOURCE;
+        if kind == custos_repo::snapshot::SourceKind::AuditLog.as_str() || report {
+            let min = if report {
+                floors.audit_log_default
+            } else {
+                floors
+                    .audit_log
+                    .iter()
+                    .find(|(t, _)| crate::backup::names_table(&source, t))
+                    .map(|(_, d)| *d)
+                    .unwrap_or(floors.audit_log_default)
+            };
             for d in decisions.iter_mut().filter(|d| !d.keep) {
                 let until = d.time + min;
                 if until > now {
                     d.keep = true;
                     d.reasons = vec![format!(
-                        "kept: audit-log minimum retention until {}",
+                        "kept: {} minimum retention until {}",
+                        if report { "daily report" } else { "audit-log" },
                         until.format("%Y-%m-%d")
+                    )];
+                }
+            }
+        }
+        // The retention interlock: the newest snapshot of the group that was last proven
+        // restorable stays, whatever the policy or the command line says.
+        if let Some((when, ids)) = &floors.verified {
+            if let Some(d) = decisions.iter_mut().find(|d| ids.contains(&d.item)) {
+                if !d.keep {
+                    d.keep = true;
+                    d.reasons = vec![format!(
+                        "kept: the newest snapshot of this source proven restorable (verify --read-data at {})",
+                        when.format("%Y-%m-%d %H:%M UTC")
                     )];
                 }
             }

@@ -2,6 +2,7 @@
 //! what a restore key read), `forget` (retention, a plan first), `prune` (unreferenced
 //! data, in an order that survives a crash) and `info` (the repository at a glance).
 
+pub mod copy;
 pub mod forget;
 pub mod info;
 pub mod prune;

@@ -40,6 +40,11 @@ pub struct VerifyReport {
     pub vouched: u64,
     /// Copies of chunks found damaged (recorded: backups store these chunks again).
     pub damaged: Vec<String>,
+    /// The snapshots proven restorable: every pack read whole and every blob decrypted
+    /// and right (a full `--read-data` with a restore key and no error). Its trail entry
+    /// names them; `forget` never removes the newest of each source (retention interlock).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<custos_model::SnapshotId>,
 }
 
 /// Blobs of packs nobody vouched for that a verification without `--read-data` checks.
@@ -52,6 +57,10 @@ pub struct VerifyOptions<'a> {
     pub progress: &'a dyn Progress,
     /// The crypto-period: keys older than this are reported.
     pub key_max_age: std::time::Duration,
+    /// Record what was read whole (vouched packs, damaged copies) in the index. Off on a
+    /// secondary, which only `copy` writes: the primary's verify records it, and copy
+    /// brings the record.
+    pub record: bool,
 }
 
 pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
@@ -319,8 +328,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
                 "{unvouched} pack(s) were written by backup keys and not yet read whole by a restore key: each host deduplicates only against its own until `custos verify --read-data` vouches for them"
             ));
         }
-        r.vouched = attest(repo, &index, &read_whole, &damaged, &mut r)?;
+        r.vouched = attest(repo, &index, &read_whole, &damaged, &mut r, opts.record)?;
     }
+    let whole = opts.read_data && opts.subset >= 1.0 && restore_key;
     // The application's audit-log exports: every chain complete (and, read with a
     // restore key under --read-data, every export's rows those its hash names).
     if snapshots
@@ -341,6 +351,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             }
         }
     }
+    if whole && r.errors.is_empty() && r.damaged.is_empty() {
+        r.verified = snapshots.iter().map(|s| s.id).collect();
+    }
     Ok(r)
 }
 
@@ -353,6 +366,7 @@ fn attest(
     read_whole: &std::collections::HashSet<PackId>,
     damaged: &[(PackId, ChunkId)],
     r: &mut VerifyReport,
+    record: bool,
 ) -> Result<u64> {
     let new: std::collections::HashSet<PackId> = read_whole
         .iter()
@@ -372,7 +386,7 @@ fn attest(
         .iter()
         .map(|(p, c)| format!("chunk {c} in pack {p}"))
         .collect();
-    if new.is_empty() && bad.is_empty() || repo.keys.authority.is_none() {
+    if new.is_empty() && bad.is_empty() || repo.keys.authority.is_none() || !record {
         return Ok(0);
     }
     let mut f = index.to_files(Some(&new));

@@ -35,6 +35,39 @@ pub struct PgCheckReport {
     pub problems: Vec<String>,
 }
 
+/// Complete segments waiting to be archived, and how long since the last one was (0 when
+/// none waits; None when none was ever archived).
+pub fn pending_and_lag(a: &ArchiverStatus) -> (u64, Option<u64>) {
+    // Best: the archive_status folder, which says what waits and since when. A name in
+    // pg_stat_archiver that is not a segment (a `.backup` or `.history` file) tells
+    // nothing about the segments.
+    if let Some(n) = a.ready_files {
+        let lag = match a.oldest_ready {
+            Some(t) if n > 0 => (a.now - t).num_seconds().max(0) as u64,
+            _ => 0,
+        };
+        return (n, Some(lag));
+    }
+    let seg_size = a.segment_size.max(1 << 20);
+    let current = segment_number(&a.current_wal, seg_size);
+    let last = a
+        .last_archived_wal
+        .as_deref()
+        .and_then(|n| segment_number(n.get(..24).unwrap_or(n), seg_size));
+    let pending = match (current, last) {
+        (Some((tc, c)), Some((tl, l))) if tc == tl => c.saturating_sub(l + 1),
+        (Some((_, c)), None) => c.saturating_sub(1),
+        _ => 0,
+    };
+    let lag = if pending == 0 {
+        Some(0)
+    } else {
+        a.last_archived_time
+            .map(|t| (a.now - t).num_seconds().max(0) as u64)
+    };
+    (pending, lag)
+}
+
 /// `spool`: the cache folder and repository location, to find this host's async spool.
 /// `repo`: the repository, or why it could not be opened (the archiver's state is still
 /// read and reported: it is what an operator needs when archiving breaks).
@@ -78,23 +111,8 @@ pub fn check(
         ));
     }
     let seg_size = a.segment_size.max(1 << 20);
-    let current = segment_number(&a.current_wal, seg_size);
-    let last = a
-        .last_archived_wal
-        .as_deref()
-        .and_then(|n| segment_number(n, seg_size));
-    let pending = match (current, last) {
-        (Some((tc, c)), Some((tl, l))) if tc == tl => c.saturating_sub(l + 1),
-        (Some((_, c)), None) => c.saturating_sub(1),
-        _ => 0,
-    };
-    let lag = if pending == 0 {
-        0
-    } else {
-        a.last_archived_time
-            .map(|t| (a.now - t).num_seconds().max(0) as u64)
-            .unwrap_or(u64::MAX)
-    };
+    let (pending, lag) = pending_and_lag(&a);
+    let lag = lag.unwrap_or(u64::MAX);
     if pending > 0 && lag > max_lag.as_secs() {
         problems.push(format!(
             "WAL archiving lags: {pending} segment(s) waiting, last archived {} ago (limit {})",

@@ -12,12 +12,36 @@ use custos_model::{Error, Kind, Result};
 use custos_repo::wal::PushOutcome;
 use custos_repo::Repository;
 use custos_sources::postgres::wal::{self, WalFileKind};
+use custos_storage::DynStorage;
 
-pub fn push(repo: &Repository, path: &Path, pgdata: &Path) -> Result<(String, PushOutcome)> {
+/// Archives one file; with `also`, writes the stored object to each secondary as well
+/// (byte for byte) before returning, so that PostgreSQL's acknowledgement means both.
+pub fn push(
+    repo: &Repository,
+    path: &Path,
+    pgdata: &Path,
+    also: &[(String, DynStorage)],
+) -> Result<(String, PushOutcome)> {
     repo.require_write("archive WAL")?;
     let (name, system_id, data) = read_checked(path, pgdata)?;
     let outcome = repo.wal_push(system_id, &name, &data)?;
+    mirror(repo, also, system_id, &name)?;
     Ok((name, outcome))
+}
+
+/// Writes an archived WAL object to secondaries, from the primary's stored bytes.
+pub fn mirror(
+    repo: &Repository,
+    also: &[(String, DynStorage)],
+    system_id: u64,
+    name: &str,
+) -> Result<()> {
+    let path = custos_repo::paths::wal(system_id, name);
+    for (sec, storage) in also {
+        crate::maintenance::copy::copy_object(&repo.storage, storage, &path)
+            .map_err(|e| e.context(format!("secondary `{sec}`")))?;
+    }
+    Ok(())
 }
 
 /// A WAL file's content: mapped (segments: no copy of 16 MiB through a fresh buffer on the
@@ -243,6 +267,7 @@ impl Spool {
         pgdata: &Path,
         threads: usize,
         idle: std::time::Duration,
+        also: &[(String, DynStorage)],
     ) -> Result<u64> {
         self.ensure_dir()?;
         let mut pushed = 0u64;
@@ -267,9 +292,10 @@ impl Spool {
             let results =
                 custos_repo::repository::parallel_map(&todo, threads, |name| -> Result<bool> {
                     let path = pgdata.join("pg_wal").join(name);
-                    match read_checked(&path, pgdata)
-                        .and_then(|(n, sys, data)| repo.wal_push_with(sys, &n, &data, false))
-                    {
+                    match read_checked(&path, pgdata).and_then(|(n, sys, data)| {
+                        repo.wal_push_with(sys, &n, &data, false)?;
+                        mirror(repo, also, sys, &n)
+                    }) {
                         Ok(_) => {
                             std::fs::write(self.marker(name), b"").map_err(|e| self.io(e))?;
                             let _ = std::fs::remove_file(self.error_file(name));

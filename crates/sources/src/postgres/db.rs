@@ -111,7 +111,18 @@ impl Db {
              pg_walfile_name(pg_current_wal_lsn()), now(), current_setting('server_version_num')::int \
              FROM pg_stat_archiver a",
         )?;
+        // What waits to be archived, from the archive_status folder itself (superuser or
+        // pg_monitor; without the right, None and the counters above decide).
+        let ready = self
+            .rt
+            .block_on(self.client.query_one(
+                "SELECT count(*), min(modification) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'",
+                &[],
+            ))
+            .ok();
         Ok(ArchiverStatus {
+            ready_files: ready.as_ref().map(|r| r.get::<_, i64>(0) as u64),
+            oldest_ready: ready.as_ref().and_then(|r| r.get(1)),
             archive_mode: r.get(0),
             archive_command: r.get(1),
             system_id: r
@@ -135,6 +146,10 @@ impl Db {
 /// `pg_stat_archiver` and the settings that decide whether archiving works.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ArchiverStatus {
+    /// Files marked `.ready` in `pg_wal/archive_status` (segments, backup and timeline
+    /// history files waiting for archive_command), and when the oldest was marked.
+    pub ready_files: Option<u64>,
+    pub oldest_ready: Option<DateTime<Utc>>,
     pub archive_mode: String,
     pub archive_command: String,
     #[serde(with = "custos_model::id::u64_text")]

@@ -1,0 +1,385 @@
+//! A second site (issue 19): `custos copy` to a secondary repository, `--secondary NAME`
+//! to read, verify and restore from it, `wal-push` writing each segment to both.
+//!
+//! - Two SeaweedFS servers; a PostgreSQL 15 cluster under pgbench load archives through
+//!   the async pusher to the primary and the secondary; full and incremental backups;
+//!   copies run during the load. The primary's server is then stopped and its folder
+//!   deleted: a point-in-time restore from the secondary to a time during the load holds
+//!   exactly the ledger rows committed by then.
+//! - `copy` killed with SIGKILL at ten moments: the secondary verifies after each, and the
+//!   next copy completes it.
+//! - The secondary's own retention (forget and prune with --secondary, tombstones), a
+//!   revoked key, direct writes refused, a conflicting object, a damaged pack on the
+//!   primary, `copy --check`'s exit code.
+
+mod common;
+use common::*;
+
+use custos_testkit::{pg15_bin, PgCluster, S3Server, ACCESS_KEY, SECRET_KEY};
+
+/// custos.toml for a primary and a secondary `dr`, on S3 servers or local paths.
+fn config(
+    t: &T,
+    primary: &str,
+    primary_s3: Option<&S3Server>,
+    dr: &str,
+    dr_s3: Option<&S3Server>,
+    extra: &str,
+) -> std::path::PathBuf {
+    let secret = t.path("s3.secret");
+    std::fs::write(&secret, SECRET_KEY).unwrap();
+    let mut c = format!(
+        "[repository]\nurl = \"{primary}\"\npassword_file = \"{}\"\ncache_dir = \"{}\"\n",
+        t.path("backup.pw").display(),
+        t.path("cache").display()
+    );
+    if let Some(s) = primary_s3 {
+        c += &format!(
+            "[storage.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n",
+            s.endpoint,
+            secret.display()
+        );
+    }
+    c += &format!("[[secondary]]\nname = \"dr\"\nurl = \"{dr}\"\n{extra}\n");
+    if let Some(s) = dr_s3 {
+        c += &format!(
+            "[secondary.s3]\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n",
+            s.endpoint,
+            secret.display()
+        );
+    }
+    let p = t.path("custos.toml");
+    std::fs::write(&p, c).unwrap();
+    std::fs::write(t.path("restore.pw"), PW).unwrap();
+    std::fs::write(t.path("backup.pw"), "backup role password").unwrap();
+    p
+}
+
+/// A T on that config: the restore key's password from the environment (init, key add).
+fn on_config(cfg: &std::path::Path) -> T {
+    let mut t = T::bare();
+    t.unset("CUSTOS_REPO");
+    t.unset("CUSTOS_CACHE_DIR");
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    t
+}
+
+#[test]
+fn the_secondary_restores_the_database_after_the_primary_is_destroyed() {
+    let primary = S3Server::start();
+    primary.create_bucket("main");
+    let dr = S3Server::start();
+    dr.create_bucket("second");
+    let (mut t, cbin, cfg) = pg_repo();
+    // pg_repo made a local repository: this test's is on S3, with the secondary's WAL
+    // written by the pusher before PostgreSQL is told a segment is archived.
+    t.run_as = None;
+    let cfg2 = config(
+        &t,
+        "s3://main/db",
+        Some(&primary),
+        "s3://second/db",
+        Some(&dr),
+        "wal = true",
+    );
+    assert_eq!(cfg, cfg2);
+    let mut admin = on_config(&cfg);
+    admin.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    admin.add_key("backup", "backup role password", &[]);
+    custos_testkit::give_to_postgres(t.dir.path());
+    let (mut backup, mut restorer, out_dir) = pg_roles(&t, &cfg);
+    backup.unset("CUSTOS_REPO");
+    restorer.unset("CUSTOS_REPO");
+    restorer.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push --async %p'\nwal_level = replica\n\
+         track_commit_timestamp = on\nmax_connections = 40\n",
+        cbin.display(),
+        cfg.display()
+    );
+    let pg = PgCluster::init(pg15_bin(), &conf);
+    pg.start();
+    backup.set("PGHOST", pg.dir.to_str().unwrap());
+    backup.set("PGPORT", &pg.port.to_string());
+    let mut load = start_ledger_load(&t, &pg, 3, 150, 24);
+    sleep_ms(2000);
+    let full = backup.json(&["backup", "postgres", "--type", "full"]);
+    // The backup key copies: objects are encrypted already, nothing is decrypted.
+    let c1 = backup.json(&["copy"]);
+    assert!(
+        c1["secondaries"][0]["copied"]["data"]["objects"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{c1}"
+    );
+    sleep_ms(3000);
+    let incr = backup.json(&["backup", "postgres", "--type", "incremental"]);
+    assert_eq!(incr["parent"], full["snapshot"]);
+    sleep_ms(2000);
+    let target = pg.psql("SELECT clock_timestamp()");
+    // Copies keep running while the load goes on; each is resumable and incremental.
+    let mut lags = vec![];
+    while load.try_wait().unwrap().is_none() {
+        backup.json(&["copy"]);
+        let chk = backup.json(&["copy", "--check", "--max-lag", "1h"]);
+        lags.push(
+            chk["secondaries"][0]["report"]["lag_seconds"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+        sleep_ms(1000);
+    }
+    assert!(load.wait().unwrap().success(), "pgbench failed");
+    pg.psql("INSERT INTO ledger (note) VALUES ('last')");
+    pg.switch_and_archive();
+    // Acknowledged segments are on the secondary already: the pusher wrote both.
+    let last_seg = pg.psql("SELECT last_archived_wal FROM pg_stat_archiver");
+    restorer.ok(&["--secondary", "dr", "verify"]);
+    backup.ok(&["copy"]);
+    let want = committed_until(&pg, &target);
+    assert!(!want.is_empty());
+    eprintln!("secondary lag samples during the load (s): {lags:?}; last segment {last_seg}");
+    assert!(lags.iter().all(|l| l.is_finite() && *l < 60.0), "{lags:?}");
+
+    // The first site is lost: server stopped, its data folder gone.
+    drop(primary);
+    let dir = out_dir.join("from-dr");
+    let (r, port) = restore_pg(
+        &restorer,
+        &dir,
+        &["--secondary", "dr", "--target-time", &target],
+    );
+    assert_eq!(r["snapshot"], incr["snapshot"], "{r}");
+    let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("--secondary dr"), "{auto}");
+    let got = start_and_read(&pg.bin, &dir, port, &pg.dir);
+    assert_eq!(
+        got, want,
+        "the secondary's restore differs from what was committed by {target}"
+    );
+    let v = restorer.json(&["--secondary", "dr", "verify", "--read-data"]);
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    // Nothing can be recorded in the lost primary's trail: said, not fatal.
+    let o = restorer.run(&["--secondary", "dr", "snapshots"]);
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not recorded in the operation trail"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn copy_killed_at_ten_moments_leaves_a_secondary_that_verifies() {
+    let t0 = T::bare();
+    let cfg = config(
+        &t0,
+        &t0.path("primary").display().to_string(),
+        None,
+        &t0.path("dr").display().to_string(),
+        None,
+        "",
+    );
+    let t = on_config(&cfg);
+    // Small packs: each round's backup writes several, so each copy has many writes.
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
+    let mut restorer = on_config(&cfg);
+    restorer.set("CUSTOS_PASSWORD", PW);
+    let src = t0.path("src");
+    let mut kills = 0;
+    for (round, n) in [1u64, 2, 3, 4, 5, 6, 8, 10, 12, 15].into_iter().enumerate() {
+        make_tree(&src.join(format!("round{round}")), round as u64, 8, 500_000);
+        restorer.ok(&["backup", "files", src.to_str().unwrap()]);
+        let mut k = restorer.with_password(PW);
+        k.set("CUSTOS_TEST_KILL_BEFORE_WRITE", &n.to_string());
+        let o = k.run(&["copy"]);
+        if o.status.code().is_none() {
+            kills += 1;
+        }
+        if t0.path("dr/config").exists() {
+            let v = restorer.run(&["--secondary", "dr", "verify"]);
+            assert!(
+                v.status.success(),
+                "round {round} (killed before write {n}): the secondary does not verify:\n{}{}",
+                String::from_utf8_lossy(&v.stdout),
+                String::from_utf8_lossy(&v.stderr)
+            );
+        }
+    }
+    assert!(kills >= 8, "only {kills} of the copies were killed");
+    restorer.ok(&["copy"]);
+    let v = restorer.json(&["--secondary", "dr", "verify", "--read-data"]);
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    let a = restorer.ok(&["--secondary", "dr", "audit", "verify"]);
+    assert!(!a.contains("missing"), "{a}");
+    let out = t0.path("out");
+    restorer.ok(&[
+        "--secondary",
+        "dr",
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&out), describe(&src));
+    let p = restorer.json(&["snapshots"]);
+    let s = restorer.json(&["--secondary", "dr", "snapshots"]);
+    assert_eq!(p, s, "the secondary lists other snapshots than the primary");
+}
+
+#[test]
+fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage() {
+    let t0 = T::bare();
+    let dr = t0.path("dr");
+    let cfg = config(
+        &t0,
+        &t0.path("primary").display().to_string(),
+        None,
+        &dr.display().to_string(),
+        None,
+        "max_lag = \"1s\"",
+    );
+    let mut r = on_config(&cfg);
+    r.set("CUSTOS_PASSWORD", PW);
+    r.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let src = t0.path("src");
+    for i in 0..3 {
+        make_tree(&src.join(format!("v{i}")), i, 4, 200_000);
+        r.ok(&["backup", "files", src.to_str().unwrap()]);
+    }
+    // Not a copy yet: --check says so and fails.
+    let e = r.run(&["copy", "--check"]);
+    assert_eq!(e.status.code(), Some(20));
+    r.ok(&["copy"]);
+
+    // Direct writes: refused before anything is written, by name or by location.
+    let e = r.fails(
+        &[
+            "--secondary",
+            "dr",
+            "backup",
+            "files",
+            src.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(e.contains("runs against the primary"), "{e}");
+    let before = std::fs::read_dir(dr.join("snapshots")).unwrap().count();
+    let mut direct = r.with_password(PW);
+    direct.unset("CUSTOS_CONFIG");
+    direct.set("CUSTOS_REPO", dr.to_str().unwrap());
+    let e = direct.fails(&["backup", "files", src.to_str().unwrap()], 13);
+    assert!(e.contains("secondary `dr`"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(dr.join("snapshots")).unwrap().count(),
+        before
+    );
+    let e = r.fails(&["--secondary", "nowhere", "snapshots"], 2);
+    assert!(e.contains("the secondaries are: dr"), "{e}");
+
+    // Its own retention: forget and prune there; copy does not bring the forgotten back.
+    r.ok(&["--secondary", "dr", "forget", "--keep-last", "1"]);
+    r.ok(&["--secondary", "dr", "prune"]);
+    assert_eq!(
+        r.json(&["--secondary", "dr", "snapshots"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let c = r.json(&["copy"]);
+    assert!(
+        c["secondaries"][0]["removed_here"].as_u64().unwrap() >= 2,
+        "{c}"
+    );
+    assert_eq!(
+        r.json(&["--secondary", "dr", "snapshots"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(r.json(&["snapshots"]).as_array().unwrap().len(), 3);
+    r.ok(&["--secondary", "dr", "verify", "--read-data"]);
+    // Both operations are in the primary's trail, marked as the secondary's.
+    let log = r.ok(&["audit", "log"]);
+    assert!(
+        log.contains("forget") && log.contains("\"secondary\":\"dr\""),
+        "{log}"
+    );
+
+    // Lag: a backup not yet copied, older than max_lag, fails the check.
+    make_tree(&src.join("v9"), 9, 2, 100_000);
+    r.ok(&["backup", "files", src.to_str().unwrap()]);
+    sleep_ms(1200);
+    let chk = r.run(&["copy", "--check", "--json"]);
+    assert_eq!(chk.status.code(), Some(20));
+    let j: serde_json::Value = serde_json::from_slice(&chk.stdout).unwrap();
+    assert!(
+        j["secondaries"][0]["report"]["missing"]["snapshots"]["objects"] == 1,
+        "{j}"
+    );
+
+    // A damaged pack on the primary is not copied, and said.
+    let packs: Vec<_> = walkdir(&t0.path("primary/data"));
+    let copied: std::collections::HashSet<_> = walkdir(&dr.join("data"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_owned())
+        .collect();
+    let new_pack = packs
+        .iter()
+        .find(|p| !copied.contains(p.file_name().unwrap()))
+        .expect("the new backup wrote a pack");
+    let good = std::fs::read(new_pack).unwrap();
+    flip_byte(new_pack, 100);
+    let e = r.fails(&["copy"], 3);
+    assert!(e.contains("do not match their names"), "{e}");
+    assert!(!dr
+        .join("data")
+        .join(new_pack.strip_prefix(t0.path("primary/data")).unwrap())
+        .exists());
+    std::fs::write(new_pack, good).unwrap();
+    r.ok(&["copy"]);
+    let chk = r.json(&["copy", "--check", "--max-lag", "1h"]);
+    assert_eq!(chk["secondaries"][0]["behind"], false, "{chk}");
+
+    // A revoked key opens neither copy once copied.
+    let mut r2 = r.with_password(PW);
+    let added = r2.add_key("restore", "second operator", &[]);
+    let id = added["id"].as_str().unwrap().to_string();
+    r.ok(&["copy"]);
+    let mut other = r.with_password("second operator");
+    other.ok(&["--secondary", "dr", "snapshots"]);
+    r.ok(&["key", "remove", &id[..8]]);
+    let c = r.json(&["copy"]);
+    assert_eq!(
+        c["secondaries"][0]["keys_revoked"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{c}"
+    );
+    other.set("CUSTOS_PASSWORD", "second operator");
+    let e = other.fails(&["--secondary", "dr", "snapshots"], 12);
+    assert!(!e.is_empty());
+
+    // Something else wrote under a name the primary uses next: copy stops and says so.
+    let trail: Vec<_> = walkdir(&t0.path("primary/audit"));
+    let next = format!("{:016x}", trail.len() + 1);
+    std::fs::write(dr.join("audit").join(&next), b"{\"planted\": true}").unwrap();
+    r.ok(&["snapshots"]);
+    let e = r.fails(&["copy"], 18);
+    assert!(e.contains("differ"), "{e}");
+}

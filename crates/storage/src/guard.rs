@@ -1,0 +1,281 @@
+//! A secondary copy of a repository, as the commands that run against it see it.
+//!
+//! A secondary (`custos copy`) holds the primary's objects byte for byte. Nothing but
+//! `copy` adds to it: anything else that wrote there (a backup, a trail entry) would make
+//! it differ from the primary under a name the primary also uses. So every other command
+//! sees it through [`Secondary`]: read-only ([`Access::ReadOnly`]: locks aside, which
+//! readers take), or, for `forget` and `prune` run explicitly on it
+//! ([`Access::Maintenance`]), with every snapshot and WAL file it deletes remembered in a
+//! tombstone (`tombstones/<id>`), so that the next `copy` does not bring back from the
+//! primary what the secondary's own retention removed.
+
+use std::sync::Mutex;
+
+use custos_model::{Error, Kind, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{DynStorage, Entry, PutMode, PutOutcome, Storage};
+
+/// The object that marks a repository as a secondary (plain JSON, written first by `copy`).
+pub const MARKER: &str = "secondary";
+/// The folder of tombstones.
+pub const TOMBSTONES: &str = "tombstones";
+
+/// What a secondary's marker says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Marker {
+    pub version: u32,
+    /// The secondary's name in custos.toml.
+    pub name: String,
+    /// Where the primary is (a location, never credentials).
+    pub primary: String,
+    pub created: chrono::DateTime<chrono::Utc>,
+}
+
+/// The marker of a storage, if it is a secondary. A marker that does not parse is an
+/// error: whatever wrote it, the storage is not a plain repository.
+pub fn marker(storage: &dyn Storage) -> Result<Option<Marker>> {
+    match storage.get(MARKER) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            Error::integrity(format!(
+                "{}: the secondary marker `{MARKER}` is malformed: {e}",
+                storage.location()
+            ))
+            .hint("only `custos copy` writes it; compare the location with the primary and run `custos copy` again")
+        }),
+        Err(e) if e.kind == Kind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A tombstone: objects a secondary's own forget or prune removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub version: u32,
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub command: String,
+    pub names: Vec<String>,
+}
+
+/// Every name the tombstones of a secondary hold.
+pub fn tombstoned(storage: &dyn Storage) -> Result<std::collections::HashSet<String>> {
+    let mut out = std::collections::HashSet::new();
+    for entry in storage.list(TOMBSTONES)? {
+        let b = storage.get(&entry.path)?;
+        // A tombstone only makes copy skip a name; one that does not parse is skipped
+        // itself (copy then brings the objects again, which is harmless).
+        match serde_json::from_slice::<Tombstone>(&b) {
+            Ok(t) => out.extend(t.names),
+            Err(e) => tracing::warn!(
+                "{}: tombstone {} ignored: {e}",
+                storage.location(),
+                entry.path
+            ),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads, and locks (restore, verify, snapshots take them).
+    ReadOnly,
+    /// forget and prune on the secondary: deletes (tombstoned) and prune's own writes.
+    Maintenance,
+}
+
+pub struct Secondary {
+    inner: DynStorage,
+    name: String,
+    access: Access,
+    command: String,
+    deleted: Mutex<Vec<String>>,
+}
+
+/// Deleted names kept in memory before a tombstone is written.
+const FLUSH_EVERY: usize = 1000;
+
+impl Secondary {
+    pub fn new(inner: DynStorage, name: &str, access: Access, command: &str) -> Secondary {
+        Secondary {
+            inner,
+            name: name.into(),
+            access,
+            command: command.into(),
+            deleted: Mutex::new(vec![]),
+        }
+    }
+
+    fn refused(&self, path: &str) -> Error {
+        Error::new(
+            Kind::Permission,
+            format!(
+                "{} is the secondary `{}`: only `custos copy` writes to it (refused: `{path}`)",
+                self.inner.location(),
+                self.name
+            ),
+        )
+        .hint("run backups, key changes and wal-push against the primary; `copy` brings them here. forget and prune run here with --secondary NAME")
+    }
+
+    /// Writes what was deleted since the last flush as one tombstone. Called every
+    /// [`FLUSH_EVERY`] deletes and when dropped: a tombstone lost to a crash only makes the
+    /// next copy bring objects back, which the next prune removes again.
+    pub fn flush(&self) -> Result<()> {
+        let names = std::mem::take(&mut *self.deleted.lock().unwrap());
+        if names.is_empty() {
+            return Ok(());
+        }
+        let t = Tombstone {
+            version: 1,
+            time: chrono::Utc::now(),
+            command: self.command.clone(),
+            names,
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = format!("{TOMBSTONES}/{nanos:032x}{:08x}", std::process::id());
+        let bytes = serde_json::to_vec(&t).expect("serializable");
+        self.inner
+            .put(&path, &bytes, PutMode::CreateOnly)
+            .map(|_| ())
+    }
+}
+
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(
+                "{}: tombstone not written: {}",
+                self.inner.location(),
+                e.message
+            );
+        }
+    }
+}
+
+fn is_lock(path: &str) -> bool {
+    path.starts_with("locks/")
+}
+
+impl Storage for Secondary {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        if is_lock(path) || self.access == Access::Maintenance && !path.starts_with("audit/") {
+            return self.inner.put(path, data, mode);
+        }
+        Err(self.refused(path))
+    }
+    fn get(&self, path: &str) -> Result<Vec<u8>> {
+        self.inner.get(path)
+    }
+    fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.inner.get_range(path, offset, len)
+    }
+    fn size(&self, path: &str) -> Result<Option<u64>> {
+        self.inner.size(path)
+    }
+    fn list(&self, dir: &str) -> Result<Vec<Entry>> {
+        self.inner.list(dir)
+    }
+    fn delete(&self, path: &str) -> Result<()> {
+        if is_lock(path) || path.starts_with(".tmp/") {
+            return self.inner.delete(path);
+        }
+        let maintained = ["data/", "index/", "snapshots/", "wal/"];
+        if self.access != Access::Maintenance || !maintained.iter().any(|k| path.starts_with(k)) {
+            return Err(self.refused(path));
+        }
+        self.inner.delete(path)?;
+        // Only snapshots and WAL are tombstoned. A pack or index object this prune found
+        // unused may be needed again by a snapshot the primary wrote since (deduplicated
+        // against it) and not copied yet: copy must be free to bring it back.
+        if !(path.starts_with("snapshots/") || path.starts_with("wal/")) {
+            return Ok(());
+        }
+        let full = {
+            let mut d = self.deleted.lock().unwrap();
+            d.push(path.to_string());
+            d.len() >= FLUSH_EVERY
+        };
+        if full {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn permission_findings(&self) -> Result<Vec<String>> {
+        self.inner.permission_findings()
+    }
+    fn check_writable(&self) -> Result<()> {
+        self.inner.check_writable()
+    }
+    fn warm(&self, dir: &str) {
+        self.inner.warm(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::LocalStorage;
+    use std::sync::Arc;
+
+    #[test]
+    fn read_only_refuses_writes_but_locks_and_maintenance_leave_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        inner
+            .put("data/ab/ab01", b"pack", PutMode::CreateOnly)
+            .unwrap();
+        inner
+            .put("snapshots/s1", b"snap", PutMode::CreateOnly)
+            .unwrap();
+        let ro = Secondary::new(inner.clone(), "dr", Access::ReadOnly, "restore");
+        let e = ro
+            .put("snapshots/new", b"x", PutMode::CreateOnly)
+            .unwrap_err();
+        assert_eq!(e.kind, Kind::Permission);
+        assert!(e.message.contains("secondary `dr`"), "{}", e.message);
+        assert!(ro.delete("data/ab/ab01").is_err());
+        assert!(ro
+            .put("audit/0000000000000001", b"e", PutMode::CreateOnly)
+            .is_err());
+        ro.put("locks/l1", b"lock", PutMode::Overwrite).unwrap();
+        ro.delete("locks/l1").unwrap();
+        assert_eq!(ro.get("data/ab/ab01").unwrap(), b"pack");
+        drop(ro);
+        assert!(tombstoned(inner.as_ref()).unwrap().is_empty());
+
+        inner
+            .put(
+                "wal/0000000000000001/000000010000000000000001",
+                b"w",
+                PutMode::CreateOnly,
+            )
+            .unwrap();
+        let m = Secondary::new(inner.clone(), "dr", Access::Maintenance, "prune");
+        m.delete("data/ab/ab01").unwrap();
+        m.delete("snapshots/s1").unwrap();
+        m.delete("wal/0000000000000001/000000010000000000000001")
+            .unwrap();
+        // The trail and keys are never the secondary's own to change.
+        assert!(m
+            .put("audit/0000000000000001", b"e", PutMode::CreateOnly)
+            .is_err());
+        assert!(m.delete("keys/k").is_err());
+        drop(m);
+        let t = tombstoned(inner.as_ref()).unwrap();
+        assert!(
+            t.contains("snapshots/s1")
+                && t.contains("wal/0000000000000001/000000010000000000000001"),
+            "{t:?}"
+        );
+        // A pack may be needed again by a snapshot not yet copied: copy may bring it back.
+        assert!(!t.contains("data/ab/ab01"), "{t:?}");
+        assert_eq!(inner.size("data/ab/ab01").unwrap(), None);
+    }
+}
