@@ -67,4 +67,7 @@ impl Storage for KillBeforeWrite {
     fn permission_findings(&self) -> Result<Vec<String>> {
         self.inner.permission_findings()
     }
+    fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
+        self.inner.object_lock()
+    }
 }

@@ -216,6 +216,10 @@ impl Storage for Secondary {
     fn warm(&self, dir: &str) {
         self.inner.warm(dir)
     }
+    /// Extending a retention only strengthens what the secondary keeps: allowed.
+    fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
+        self.inner.object_lock()
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod fault;
 pub mod guard;
 pub mod local;
+pub mod objectlock;
 pub mod remote;
 pub mod url;
 pub mod vercel;
@@ -87,6 +88,23 @@ pub trait Storage: Send + Sync {
     /// packs then come from the page cache. Best effort; object stores do nothing (their
     /// reads are not cached).
     fn warm(&self, _dir: &str) {}
+    /// Object Lock, when this storage writes with retain-until dates (an S3 bucket with
+    /// Object Lock and `[object_lock]` in custos.toml).
+    fn object_lock(&self) -> Option<&dyn ObjectLock> {
+        None
+    }
+}
+
+/// Reading and extending objects' retention on an Object Lock store.
+pub trait ObjectLock: Send + Sync {
+    fn mode(&self) -> objectlock::LockMode;
+    /// The retention of the object's current version (`None`: none, or no object).
+    fn retention(&self, path: &str) -> Result<Option<objectlock::Retention>>;
+    /// Moves the object's retain-until date to `until` (never earlier: the store refuses).
+    fn extend(&self, path: &str, until: chrono::DateTime<chrono::Utc>) -> Result<()>;
+    /// Asks the store to bring an object in a cold storage class back for `days`; false
+    /// when a request for it is already under way.
+    fn request_restore(&self, path: &str, days: u32) -> Result<bool>;
 }
 
 static STOP_WARMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

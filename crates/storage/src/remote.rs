@@ -12,6 +12,7 @@ use futures::TryStreamExt;
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind as OdKind, Operator};
 
+use crate::objectlock::{LockClient, LockMode, Retention, WriteLock};
 use crate::{Entry, PutMode, PutOutcome, Storage};
 
 /// How long to wait for an object store, and how often to try again. The defaults make
@@ -74,6 +75,8 @@ pub struct RemoteStorage {
     rt: tokio::runtime::Runtime,
     location: String,
     timeouts: Timeouts,
+    /// Object Lock: the signed requests OpenDAL cannot make, and the dates custos writes.
+    lock: Option<(LockClient, WriteLock)>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -154,7 +157,51 @@ impl RemoteStorage {
             rt,
             location,
             timeouts: o.timeouts,
+            lock: None,
         })
+    }
+
+    /// This storage on an Object Lock bucket: objects of the kinds `w` names are written
+    /// with a retain-until date, and deletes remove every version (or are refused by the
+    /// store while a date holds). Fails when the bucket has no Object Lock.
+    pub fn with_object_lock(mut self, o: &S3Options, w: WriteLock) -> Result<RemoteStorage> {
+        let client = LockClient::new(o, &self.timeouts)?;
+        if self.rt.block_on(client.bucket_lock())?.is_none() {
+            return Err(Error::config(format!(
+                "{}: [object_lock] is set in custos.toml but the bucket `{}` has no Object Lock",
+                self.location, o.bucket
+            ))
+            .hint("Object Lock can only be turned on when a bucket is created: create a bucket with it (`custos bucket-policy` prints the settings) and copy the repository there, or remove [object_lock]"));
+        }
+        self.lock = Some((client, w));
+        Ok(self)
+    }
+
+    /// Creates an S3 bucket with Object Lock enabled.
+    pub fn create_locked_bucket(o: &S3Options) -> Result<()> {
+        let client = LockClient::new(o, &o.timeouts)?;
+        runtime()?.block_on(client.create_locked_bucket())
+    }
+
+    /// The bucket's Object Lock configuration (`None`: Object Lock is off).
+    pub fn bucket_lock(o: &S3Options) -> Result<Option<crate::objectlock::BucketLock>> {
+        let client = LockClient::new(o, &o.timeouts)?;
+        runtime()?.block_on(client.bucket_lock())
+    }
+
+    fn locked_put(
+        &self,
+        path: &str,
+        data: bytes::Bytes,
+        create_only: bool,
+    ) -> Option<Result<PutOutcome>> {
+        let (c, w) = self.lock.as_ref()?;
+        let r = w.span_for(path).map(|d| Retention {
+            mode: w.mode,
+            until: chrono::Utc::now()
+                + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX),
+        });
+        Some(self.rt.block_on(c.put(path, data, create_only, r)))
     }
 
     /// Any OpenDAL service by scheme name, configured by key/value options.
@@ -182,6 +229,7 @@ impl RemoteStorage {
             rt,
             location: format!("{scheme}://"),
             timeouts,
+            lock: None,
         })
     }
 
@@ -272,6 +320,13 @@ impl Storage for RemoteStorage {
     }
 
     fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        if let Some(r) = self.locked_put(
+            path,
+            bytes::Bytes::copy_from_slice(data),
+            mode == PutMode::CreateOnly,
+        ) {
+            return r;
+        }
         let data = data.to_vec();
         let r = self.rt.block_on(async {
             match mode {
@@ -287,6 +342,10 @@ impl Storage for RemoteStorage {
     }
 
     fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
+        // With Object Lock every write carries Content-MD5: the store checks the bytes.
+        if let Some(r) = self.locked_put(path, data.clone(), true) {
+            return r;
+        }
         let sent = data.clone();
         let r = self
             .rt
@@ -379,10 +438,47 @@ impl Storage for RemoteStorage {
     }
 
     fn delete(&self, path: &str) -> Result<()> {
+        if let Some((c, _)) = &self.lock {
+            return self.rt.block_on(c.delete_all_versions(path));
+        }
         match self.rt.block_on(self.op.delete(path)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == OdKind::NotFound => Ok(()),
             Err(e) => Err(self.err(path, e)),
         }
     }
+    fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
+        self.lock.as_ref().map(|_| self as &dyn crate::ObjectLock)
+    }
+}
+
+impl crate::ObjectLock for RemoteStorage {
+    fn mode(&self) -> LockMode {
+        self.lock
+            .as_ref()
+            .map(|(_, w)| w.mode)
+            .unwrap_or(LockMode::Governance)
+    }
+    fn retention(&self, path: &str) -> Result<Option<Retention>> {
+        let (c, _) = self.lock.as_ref().ok_or_else(no_lock)?;
+        self.rt.block_on(c.retention(path))
+    }
+    fn extend(&self, path: &str, until: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let (c, w) = self.lock.as_ref().ok_or_else(no_lock)?;
+        self.rt.block_on(c.set_retention(
+            path,
+            Retention {
+                mode: w.mode,
+                until,
+            },
+        ))
+    }
+    fn request_restore(&self, path: &str, days: u32) -> Result<bool> {
+        let (c, _) = self.lock.as_ref().ok_or_else(no_lock)?;
+        self.rt.block_on(c.request_restore(path, days))
+    }
+}
+
+fn no_lock() -> Error {
+    Error::internal("Object Lock requests on a storage without Object Lock")
 }
