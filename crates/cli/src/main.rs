@@ -113,6 +113,16 @@ enum Command {
         after_help = "Example:\n  custos iam-policy --role backup --bucket backups --prefix prod > backup-policy.json"
     )]
     IamPolicy(commands::key::IamPolicyArgs),
+    /// Print the bucket settings custos expects (Object Lock default, versioning, the
+    /// seed's hot/warm/cold lifecycle tiers) for you to apply
+    #[command(
+        name = "bucket-policy",
+        after_help = "Example:\n  custos bucket-policy --bucket backups --prefix prod --cold-class GLACIER > bucket.json"
+    )]
+    BucketPolicy(commands::lock::BucketPolicyArgs),
+    /// S3 Object Lock: the dates that keep each snapshot's objects from deletion
+    #[command(subcommand)]
+    Lock(commands::lock::LockCommand),
     /// PostgreSQL checks
     #[command(subcommand)]
     Pg(PgCommand),
@@ -341,7 +351,9 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::WalPush(_) => return None,
         Command::Audit(AuditCommand::Log { .. }) => "audit log".into(),
         Command::Audit(AuditCommand::Verify) => "audit verify".into(),
-        Command::IamPolicy(_) => return None,
+        Command::IamPolicy(_) | Command::BucketPolicy(_) => return None,
+        Command::Lock(commands::lock::LockCommand::Status) => return None,
+        Command::Lock(commands::lock::LockCommand::Refresh) => "lock refresh".into(),
         Command::Config(_) => return None,
         // The agent signs its own entries (each job run, alert and report).
         Command::Agent(_) | Command::Alert(_) => return None,
@@ -352,6 +364,8 @@ fn trail_name(c: &Command) -> Option<String> {
 fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
     match command {
         Command::Audit(a) => commands::audit::cmd_audit(ctx, a),
+        Command::BucketPolicy(a) => commands::lock::bucket_policy(ctx, &a),
+        Command::Lock(c) => commands::lock::cmd_lock(ctx, c),
         Command::IamPolicy(commands::key::IamPolicyArgs {
             role,
             bucket,

@@ -43,6 +43,60 @@ pub struct ConfigFile {
     /// Secondary repositories `custos copy` keeps up to date (issue 19).
     #[serde(default, rename = "secondary")]
     pub secondaries: Vec<SecondarySection>,
+    /// S3 Object Lock: every object written with a retain-until date from [retention].
+    pub object_lock: Option<ObjectLockSection>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectLockSection {
+    /// `governance` or `compliance`.
+    pub mode: String,
+}
+
+/// What [object_lock] asks of every write: data, index, snapshots and WAL for the
+/// policy's shortest span (extended by `lock refresh` as picks become final), the trail
+/// for the longest retention in the repository (audit-log minimums included).
+fn write_lock(file: &ConfigFile) -> Result<Option<custos_storage::objectlock::WriteLock>> {
+    let Some(l) = &file.object_lock else {
+        return Ok(None);
+    };
+    let mode: custos_storage::objectlock::LockMode = l
+        .mode
+        .parse()
+        .map_err(|e: Error| e.context("[object_lock] mode"))?;
+    let policies: Vec<&RetentionPolicy> = file
+        .retention
+        .iter()
+        .chain(file.retention_incremental.iter())
+        .collect();
+    let shortest = policies.iter().filter_map(|p| p.shortest_span()).min().ok_or_else(|| {
+        Error::config("[object_lock] dates objects by the retention policy, and [retention] keeps nothing for a time")
+            .hint("add [retention] with keep_daily (and weekly, monthly, yearly) or keep_within; `custos config init --profile healthcare` writes the seed's")
+    })?;
+    let mut longest = policies
+        .iter()
+        .filter_map(|p| p.longest_span())
+        .max()
+        .unwrap_or(shortest);
+    longest = longest.max(custos_ops::tables::parse_retention(
+        custos_ops::maintenance::forget::AUDIT_LOG_MIN_RETENTION,
+    )?);
+    for s in &file.sources {
+        if let Some(r) = &s.min_retention {
+            longest = longest.max(
+                custos_ops::tables::parse_retention(r)
+                    .map_err(|e| e.context(format!("source `{}`: min_retention", s.name)))?,
+            );
+        }
+    }
+    let std = |d: chrono::Duration| d.to_std().unwrap_or_default();
+    let spans = ["data", "index", "snapshots", "wal"]
+        .into_iter()
+        .map(|k| (k.to_string(), std(shortest)))
+        .chain([(custos_repo::trail::DIR.to_string(), std(longest))])
+        .collect();
+    Ok(Some(custos_storage::objectlock::WriteLock { mode, spans }))
 }
 
 /// A second repository location that `custos copy` keeps as fresh as the primary.
@@ -59,6 +113,10 @@ pub struct SecondarySection {
     /// wal-push writes each WAL file here too before it acknowledges it.
     #[serde(default)]
     pub wal: bool,
+    /// Write here with Object Lock too (the primary's [object_lock] mode and dates; the
+    /// secondary's bucket must have Object Lock).
+    #[serde(default)]
+    pub object_lock: bool,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]
@@ -455,6 +513,7 @@ impl Settings {
             },
             service: file.storage.options.clone(),
             vercel_token: env.secret("BLOB_READ_WRITE_TOKEN").map(|s| s.to_string()),
+            object_lock: write_lock(&file)?,
             timeouts: {
                 let d = custos_storage::remote::Timeouts::default();
                 let dur = |v: &Option<String>, name: &str, default: std::time::Duration| {
@@ -812,6 +871,9 @@ impl Settings {
     /// given, the primary's storage settings otherwise.
     pub fn secondary_storage(&self, s: &SecondarySection) -> Result<(Location, StorageOptions)> {
         let mut opts = self.storage.clone();
+        if !s.object_lock {
+            opts.object_lock = None;
+        }
         if let Some(s3) = &s.s3 {
             opts.s3.endpoint = s3.endpoint.clone().or(opts.s3.endpoint);
             opts.s3.region = s3.region.clone().or(opts.s3.region);

@@ -83,6 +83,19 @@ pub struct Decision<T> {
     pub time: DateTime<Utc>,
     pub keep: bool,
     pub reasons: Vec<String>,
+    /// How long the policy will keep it at least, from the picks that are final (a
+    /// daily, weekly, monthly or yearly pick once a newer snapshot lies in a later
+    /// period, so nothing can take its place; `keep_within` from its own time; a
+    /// minimum retention). Object Lock dates its objects by this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_until: Option<DateTime<Utc>>,
+}
+
+impl<T> Decision<T> {
+    /// Raises [`Decision::kept_until`] to `t`.
+    pub fn keep_until(&mut self, t: DateTime<Utc>) {
+        self.kept_until = Some(self.kept_until.map_or(t, |u| u.max(t)));
+    }
 }
 
 /// [`apply`] with a policy of its own for one type of snapshot (PostgreSQL
@@ -111,6 +124,54 @@ pub fn apply_by_type<T: Clone>(
     d
 }
 
+/// How long a final pick of the rule `name` keeping `count` periods lasts: `count`
+/// periods from the snapshot's time.
+fn period_end(name: &str, count: u32, t: DateTime<Utc>) -> DateTime<Utc> {
+    match name {
+        "daily" => t + chrono::Duration::days(i64::from(count)),
+        "weekly" => t + chrono::Duration::weeks(i64::from(count)),
+        "monthly" => t
+            .checked_add_months(chrono::Months::new(count))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        _ => t
+            .checked_add_months(chrono::Months::new(count.saturating_mul(12)))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+    }
+}
+
+impl RetentionPolicy {
+    /// How long each rule keeps a snapshot it keeps (count-only rules have no span).
+    fn spans(&self) -> Vec<chrono::Duration> {
+        let t = DateTime::<Utc>::UNIX_EPOCH;
+        let mut spans: Vec<chrono::Duration> = [
+            ("daily", self.keep_daily),
+            ("weekly", self.keep_weekly),
+            ("monthly", self.keep_monthly),
+            ("yearly", self.keep_yearly),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| period_end(r, n, t) - t)
+        .collect();
+        spans.extend(
+            self.keep_within
+                .and_then(|w| chrono::Duration::from_std(w).ok()),
+        );
+        spans
+    }
+
+    /// The shortest time the policy keeps a snapshot a rule keeps: what an object is
+    /// locked for when written, before any pick is final. `None`: it keeps by count only.
+    pub fn shortest_span(&self) -> Option<chrono::Duration> {
+        self.spans().into_iter().min()
+    }
+
+    /// The longest time any rule keeps a snapshot.
+    pub fn longest_span(&self) -> Option<chrono::Duration> {
+        self.spans().into_iter().max()
+    }
+}
+
 /// Decides, for one group of snapshots (same source), which are kept and why.
 /// Returns decisions newest first.
 pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -> Vec<Decision<T>> {
@@ -123,6 +184,7 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
             time: c.time,
             keep: false,
             reasons: vec![],
+            kept_until: None,
         })
         .collect();
 
@@ -151,6 +213,11 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
             if last.as_deref() != Some(b.as_str()) {
                 d.keep = true;
                 d.reasons.push(format!("{name} snapshot for {b}"));
+                // The newest period's pick may still be replaced by a later snapshot of
+                // that period; every older pick is final.
+                if used > 0 {
+                    d.keep_until(period_end(name, count, d.time));
+                }
                 used += 1;
                 last = Some(b);
             }
@@ -165,6 +232,9 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
         if let (Some(within), Some(newest)) = (policy.keep_within, newest) {
             let age = (newest - d.time).to_std().unwrap_or_default();
             if age <= within {
+                d.keep_until(
+                    d.time + chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX),
+                );
                 d.keep = true;
                 d.reasons.push(format!(
                     "within {} of the newest snapshot",

@@ -138,6 +138,8 @@ pub struct Index {
     bad: HashSet<(u32, ChunkId)>,
     /// Index objects this was loaded from.
     pub files: Vec<IndexId>,
+    /// The packs each index object names (Object Lock dates an index object by them).
+    pub file_packs: HashMap<IndexId, Vec<PackId>>,
 }
 
 impl Index {

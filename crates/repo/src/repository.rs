@@ -571,6 +571,9 @@ impl Repository {
                 bad.extend(f.bad);
             }
             index.files.push(id);
+            index
+                .file_packs
+                .insert(id, f.packs.iter().map(|p| p.id).collect());
         }
         // Marks name packs that another object (loaded in any order) lists.
         for (pack, chunk) in bad {

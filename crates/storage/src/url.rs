@@ -74,6 +74,8 @@ pub struct StorageOptions {
     pub timeouts: crate::remote::Timeouts,
     /// Vercel Blob's token (BLOB_READ_WRITE_TOKEN); never from a file.
     pub vercel_token: Option<String>,
+    /// Object Lock ([object_lock] in custos.toml): S3 only.
+    pub object_lock: Option<crate::objectlock::WriteLock>,
 }
 
 pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
@@ -84,7 +86,17 @@ pub fn open(loc: &Location, opts: &StorageOptions) -> Result<DynStorage> {
             o.timeouts = opts.timeouts;
             o.bucket = bucket.clone();
             o.root = prefix.clone();
-            Arc::new(RemoteStorage::s3(&o)?)
+            let s = RemoteStorage::s3(&o)?;
+            match &opts.object_lock {
+                Some(w) => Arc::new(s.with_object_lock(&o, w.clone())?),
+                None => Arc::new(s),
+            }
+        }
+        _ if opts.object_lock.is_some() => {
+            return Err(Error::config(
+                "[object_lock] is set in custos.toml but the repository is not on S3",
+            )
+            .hint("Object Lock is an S3 feature: put the repository in an s3:// bucket created with Object Lock, or remove [object_lock]"))
         }
         Location::Service { scheme, root } if scheme == "vercel_blob" => {
             Arc::new(crate::vercel::VercelBlob::new(

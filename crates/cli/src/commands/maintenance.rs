@@ -297,6 +297,9 @@ pub(crate) fn cmd_forget(
         } else {
             println!("removed {removed} snapshot(s); run `custos prune` to free their data");
         }
+        if let Some(line) = prune_out.as_ref().and_then(|(p, _)| held_line(&p.held)) {
+            println!("{line}");
+        }
         if let Some((_, Some(r))) = &prune_out {
             println!(
                 "prune: deleted {} packs ({})",
@@ -331,6 +334,9 @@ pub(crate) fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
             plan.wal_delete.len(),
             ByteSize(plan.bytes_freed_estimate)
         );
+        if let Some(line) = held_line(&plan.held) {
+            println!("{line}");
+        }
         if let Some(r) = report {
             println!(
                 "done: deleted {} packs ({}) and {} WAL file(s), wrote {} new packs with {} chunks",
@@ -343,6 +349,36 @@ pub(crate) fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// What Object Lock kept from prune: how many objects of each kind, until when.
+fn held_line(held: &[prune::Held]) -> Option<String> {
+    let first = held.iter().map(|h| h.until).min()?;
+    let last = held.iter().map(|h| h.until).max()?;
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for h in held {
+        *kinds
+            .entry(h.path.split('/').next().unwrap_or(""))
+            .or_default() += 1;
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let f = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    Some(if first == last {
+        format!(
+            "kept until {} by Object Lock: {} object(s) ({})",
+            f(first),
+            held.len(),
+            kinds.join(", ")
+        )
+    } else {
+        format!(
+            "kept by Object Lock: {} object(s) ({}), the first until {}, the last until {}",
+            held.len(),
+            kinds.join(", "),
+            f(first),
+            f(last)
+        )
+    })
 }
 
 /// `custos unlock`: stale locks go.

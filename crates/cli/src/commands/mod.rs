@@ -8,6 +8,7 @@ pub mod config;
 pub mod copy;
 pub mod init;
 pub mod key;
+pub mod lock;
 pub mod maintenance;
 pub mod pg;
 pub mod restore;

@@ -18,10 +18,11 @@ pub fn policy(role: &str, bucket: &str, prefix: &str, allow_delete: bool) -> Val
     } else {
         format!("{p}/*")
     };
+    // Versions are listed to delete an object on an Object Lock bucket (every version).
     let list = json!({
         "Sid": "List",
         "Effect": "Allow",
-        "Action": ["s3:ListBucket"],
+        "Action": ["s3:ListBucket", "s3:ListBucketVersions"],
         "Resource": [format!("arn:aws:s3:::{bucket}")],
         "Condition": {"StringLike": {"s3:prefix": [list_prefix, p]}}
     });
@@ -34,8 +35,13 @@ pub fn policy(role: &str, bucket: &str, prefix: &str, allow_delete: bool) -> Val
             st.push(json!({"Sid": "AddData", "Effect": "Allow", "Action": ["s3:PutObject"],
                 "Resource": res(&["data/*", "index/*", "snapshots/*", "locks/*", "wal/*", "audit/*"])}));
             st.push(
-                json!({"Sid": "RemoveOwnLocks", "Effect": "Allow", "Action": ["s3:DeleteObject"],
+                json!({"Sid": "RemoveOwnLocks", "Effect": "Allow", "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
                 "Resource": res(&["locks/*"])}),
+            );
+            // Object Lock: writes carry their retain-until date.
+            st.push(
+                json!({"Sid": "DateWrites", "Effect": "Allow", "Action": ["s3:PutObjectRetention"],
+                "Resource": res(&["data/*", "index/*", "snapshots/*", "wal/*", "audit/*"])}),
             );
             st.push(
                 json!({"Sid": "NeverReadPacks", "Effect": "Deny", "Action": ["s3:GetObject"],
@@ -55,12 +61,18 @@ pub fn policy(role: &str, bucket: &str, prefix: &str, allow_delete: bool) -> Val
                 "Resource": res(&["locks/*", "audit/*", "keys/*"])}),
             );
             st.push(
-                json!({"Sid": "RemoveOwnLocks", "Effect": "Allow", "Action": ["s3:DeleteObject"],
+                json!({"Sid": "RemoveOwnLocks", "Effect": "Allow", "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
                 "Resource": res(&["locks/*"])}),
             );
+            // Object Lock: `lock status` reads dates, `lock refresh` extends them (never
+            // s3:BypassGovernanceRetention: nobody shortens one), `--request-cold` brings
+            // archived packs back.
+            st.push(json!({"Sid": "ObjectLockDates", "Effect": "Allow",
+                "Action": ["s3:GetObjectRetention", "s3:PutObjectRetention", "s3:RestoreObject"],
+                "Resource": res(&["data/*", "index/*", "snapshots/*", "wal/*", "audit/*"])}));
             if allow_delete {
                 st.push(json!({"Sid": "ForgetAndPrune", "Effect": "Allow",
-                    "Action": ["s3:PutObject", "s3:DeleteObject"],
+                    "Action": ["s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion"],
                     "Resource": res(&["data/*", "index/*", "snapshots/*", "wal/*", "keys/*"])}));
             } else {
                 st.push(json!({"Sid": "NoDeleteUnlessGranted", "Effect": "Deny",

@@ -232,6 +232,7 @@ pub fn plan_at(
                             } else {
                                 "not named".into()
                             }],
+                            kept_until: None,
                         }
                     })
                     .collect();
@@ -253,6 +254,9 @@ pub fn plan_at(
                     .map(|(_, d)| *d)
                     .unwrap_or(floors.audit_log_default)
             };
+            for d in decisions.iter_mut() {
+                d.keep_until(d.time + min);
+            }
             for d in decisions.iter_mut().filter(|d| !d.keep) {
                 let until = d.time + min;
                 if until > now {
@@ -276,6 +280,16 @@ pub fn plan_at(
                         when.format("%Y-%m-%d %H:%M UTC")
                     )];
                 }
+            }
+        }
+        // Object Lock: what the store will not delete yet is kept, with its date.
+        for d in decisions.iter_mut().filter(|d| !d.keep) {
+            if let Some(until) = super::lock::held_until(repo, &paths::snapshot(&d.item), now)? {
+                d.keep = true;
+                d.reasons = vec![format!(
+                    "kept until {} by Object Lock",
+                    until.format("%Y-%m-%d %H:%M:%S UTC")
+                )];
             }
         }
         let window = match sys {
@@ -303,7 +317,7 @@ pub fn plan_at(
             ));
         }
         // Only the groups a named snapshot is in.
-        out.retain(|g| g.decisions.iter().any(|d| !d.keep));
+        out.retain(|g| g.decisions.iter().any(|d| ids.contains(&d.item)));
     }
     Ok(ForgetPlan {
         policy: match selection {

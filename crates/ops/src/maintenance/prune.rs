@@ -34,6 +34,10 @@ pub struct PrunePlan {
     pub bytes_freed_estimate: u64,
     #[serde(skip)]
     pub index_files: Vec<IndexId>,
+    /// Index objects the store holds (Object Lock): they stay, and the new index leaves
+    /// out the packs they name.
+    #[serde(skip)]
+    pub held_index: HashSet<String>,
     #[serde(skip)]
     used: HashSet<ChunkId>,
     pub temp_files: Vec<String>,
@@ -41,6 +45,15 @@ pub struct PrunePlan {
     /// cluster: no kept backup can replay it.
     pub wal_delete: Vec<String>,
     pub wal_bytes: u64,
+    /// Object Lock: objects prune would delete that the store holds until a later date
+    /// (they stay, and so do the packs a held index object names).
+    pub held: Vec<Held>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    pub path: String,
+    pub until: chrono::DateTime<chrono::Utc>,
 }
 
 impl PrunePlan {
@@ -161,7 +174,79 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
     p.wal_delete = wal;
     p.wal_bytes = wal_bytes;
     p.bytes_freed_estimate += wal_bytes;
+    if repo.storage.object_lock().is_some() {
+        hold_locked(repo, index, &mut p)?;
+    }
     Ok(p)
+}
+
+/// Which of `paths` the store holds past `now`, each recorded in `out` with its date.
+fn held(
+    repo: &Repository,
+    now: chrono::DateTime<chrono::Utc>,
+    out: &mut Vec<Held>,
+    paths: Vec<String>,
+) -> Result<HashSet<String>> {
+    let dates = custos_repo::repository::parallel_map(&paths, repo.threads() * 2, |x| {
+        super::lock::held_until(repo, x, now)
+    })?;
+    let mut set = HashSet::new();
+    for (x, d) in paths.into_iter().zip(dates) {
+        if let Some(until) = d {
+            out.push(Held {
+                path: x.clone(),
+                until,
+            });
+            set.insert(x);
+        }
+    }
+    Ok(set)
+}
+
+/// Object Lock: takes out of the plan whatever the store holds until a later date. An
+/// index object that must stay keeps the packs it names (the index is the union of its
+/// objects: a pack it names must exist), so those are not deleted or repacked either.
+fn hold_locked(repo: &Repository, index: &Index, p: &mut PrunePlan) -> Result<()> {
+    let now = chrono::Utc::now();
+    let index_held = held(
+        repo,
+        now,
+        &mut p.held,
+        p.index_files.iter().map(paths::index).collect(),
+    )?;
+    let mut pinned: HashSet<PackId> = HashSet::new();
+    for f in &p.index_files {
+        if index_held.contains(&paths::index(f)) {
+            pinned.extend(index.file_packs.get(f).into_iter().flatten().copied());
+        }
+    }
+    let candidates: Vec<String> = p
+        .packs_delete
+        .iter()
+        .chain(&p.packs_repack)
+        .chain(&p.packs_unindexed)
+        .filter(|x| !pinned.contains(x))
+        .map(paths::pack)
+        .collect();
+    let packs_held = held(repo, now, &mut p.held, candidates)?;
+    let stays = |x: &PackId| pinned.contains(x) || packs_held.contains(&paths::pack(x));
+    let freed = |v: &[PackId]| -> u64 {
+        v.iter()
+            .filter(|x| stays(x))
+            .map(|x| index.pack(x).map(|m| m.size).unwrap_or(0))
+            .sum()
+    };
+    p.bytes_freed_estimate = p
+        .bytes_freed_estimate
+        .saturating_sub(freed(&p.packs_delete) + freed(&p.packs_repack));
+    p.packs_delete.retain(|x| !stays(x));
+    p.packs_repack.retain(|x| !stays(x));
+    p.packs_unindexed.retain(|x| !stays(x));
+    p.held_index = index_held;
+    let wal_held = held(repo, now, &mut p.held, p.wal_delete.clone())?;
+    p.wal_delete.retain(|w| !wal_held.contains(w));
+    p.held.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(())
 }
 
 /// Computes the plan under the exclusive lock and, unless `dry_run`, carries it out.
@@ -227,7 +312,22 @@ fn execute(
 
     // 2. One new index naming every pack that stays (with who wrote it, what a restore
     // key vouched for, and the damaged copies it holds); 3. then the old index objects go.
-    let mut all = kept.to_files(None);
+    let in_held: HashSet<PackId> = plan
+        .index_files
+        .iter()
+        .filter(|f| plan.held_index.contains(&paths::index(f)))
+        .flat_map(|f| index.file_packs.get(f).into_iter().flatten().copied())
+        .collect();
+    let mut all = if in_held.is_empty() {
+        kept.to_files(None)
+    } else {
+        let rest: HashSet<PackId> = keep
+            .iter()
+            .filter(|x| !in_held.contains(x))
+            .copied()
+            .collect();
+        kept.to_files(Some(&rest))
+    };
     let me = repo.signing_public().map(hex::encode);
     all.packs.extend(new_packs.into_iter().map(|mut p| {
         // Repacked blobs were each read and checked against their ids.
@@ -241,7 +341,7 @@ fn execute(
         Some(repo.write_index_file(all)?)
     };
     for old in &plan.index_files {
-        if Some(*old) != new_index {
+        if Some(*old) != new_index && !plan.held_index.contains(&paths::index(old)) {
             repo.storage.delete(&paths::index(old))?;
         }
     }
