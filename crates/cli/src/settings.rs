@@ -187,6 +187,7 @@ pub const JOB_ACTIONS: &[&str] = &[
     "forget",
     "prune",
     "copy",
+    "lock-refresh",
 ];
 
 impl ConfigFile {

@@ -72,7 +72,8 @@ fn object_lock_dates_every_write_extends_promotions_and_holds_forget_and_prune()
             &cfg,
             format!(
                 "[repository]\nurl = \"{url}\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{ACCESS_KEY}\"\n\
-                 [retention]\nkeep_monthly = 2\nkeep_within = \"5s\"\n[object_lock]\nmode = \"governance\"\n",
+                 [retention]\nkeep_monthly = 2\nkeep_within = \"5s\"\n[object_lock]\nmode = \"governance\"\n\
+                 [[job]]\nname = \"lock-refresh\"\nrun = \"lock-refresh\"\nschedule = \"30 6 * * *\"\n",
                 server.endpoint
             ),
         )
@@ -94,6 +95,7 @@ fn object_lock_dates_every_write_extends_promotions_and_holds_forget_and_prune()
     );
 
     write_cfg("s3://worm/clinic");
+    t.ok(&["config", "check"]);
     t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
     let now = chrono::Utc::now();
     let old_time = (now - chrono::Duration::days(40))

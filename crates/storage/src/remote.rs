@@ -289,6 +289,13 @@ pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
         )
         .hint("create the bucket (your store's console, or `aws s3 mb s3://BUCKET`), or correct the bucket in CUSTOS_REPO / [repository] url");
     }
+    if detail.contains("InvalidObjectState") {
+        return Error::new(
+            Kind::Storage,
+            format!("{location}: `{path}` is archived in a cold storage class (GLACIER or DEEP_ARCHIVE) and cannot be read until the store restores it"),
+        )
+        .hint("ask the store to bring it back (`aws s3api restore-object --restore-request Days=7` on the object; a Standard retrieval takes 3-5 hours from GLACIER, up to 12 from DEEP_ARCHIVE), then run the command again; GLACIER_IR as the cold class (`custos bucket-policy --cold-class`) avoids the wait");
+    }
     match e.kind() {
         OdKind::NotFound => Error::new(Kind::NotFound, format!("{location}: `{path}` does not exist")),
         OdKind::PermissionDenied => Error::new(
@@ -491,4 +498,26 @@ impl crate::ObjectLock for RemoteStorage {
 
 fn no_lock() -> Error {
     Error::internal("Object Lock requests on a storage without Object Lock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An archived object's read is answered 403 InvalidObjectState (as S3 formats it,
+    /// OpenDAL keeps the code in the error): said as what it is, with the way out.
+    #[test]
+    fn a_cold_object_is_named_with_the_restore_path_not_a_denial() {
+        let e = opendal::Error::new(
+            OdKind::PermissionDenied,
+            "S3Error { code: \"InvalidObjectState\", message: \"The operation is not valid for the object's storage class\" }",
+        );
+        let err = map_err("s3://b/p", "data/ab/x", e);
+        assert!(
+            err.message.contains("cold storage class") && err.message.contains("data/ab/x"),
+            "{}",
+            err.message
+        );
+        assert!(err.hint.unwrap().contains("restore-object"));
+    }
 }

@@ -249,6 +249,12 @@ keep_yearly = 7
 keep_within = "7d"                           # (fulls follow [retention]; every backup is complete
                                              # on its own, so no kept one loses a parent)
 
+# The seed keeps long-term copies in WORM storage. On an S3 bucket created with Object Lock
+# (`custos bucket-policy` prints its settings), every object is written with a retain-until
+# date from [retention]; the lock-refresh job extends promoted snapshots' dates.
+# [object_lock]
+# mode = "compliance"                        # or "governance" (a user granted the bypass may delete early)
+
 [agent]                                      # `custos agent`: runs the [[job]]s below
 listen = "127.0.0.1:9187"                    # /metrics, /healthz, /readyz, status page at /
 state_dir = "/var/lib/custos/agent"
@@ -272,6 +278,7 @@ command = "logger -t custos-alert"
 # url = "s3://CHANGE-dr-bucket/prod"
 # wal = true                                 # wal-push writes each segment there too before PostgreSQL may recycle it
 # max_lag = "15m"                            # copy --check and the agent's secondary_behind alert
+# object_lock = true                         # write there with [object_lock]'s dates too
 # [secondary.s3]                             # its own store and credentials (else [storage.s3])
 # endpoint = "https://s3.CHANGE-region.amazonaws.com"
 # region = "CHANGE-region"
@@ -380,6 +387,12 @@ timeout = "6h"
 # run = "copy"
 # schedule = "* * * * *"
 # timeout = "1h"
+
+# [[job]]                                    # Object Lock: extend promoted snapshots' dates
+# name = "lock-refresh"                      # (with [object_lock] above), daily
+# run = "lock-refresh"
+# schedule = "30 6 * * *"
+# timeout = "2h"
 
 [[job]]                                      # the repository's structure, daily
 name = "verify"
