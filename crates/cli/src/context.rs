@@ -30,9 +30,30 @@ pub(crate) struct Ctx {
     /// The repository opened is a secondary reached by its location (`--repo`), not by
     /// `--secondary NAME`: its operations cannot be recorded in the primary's trail.
     pub(crate) unnamed_secondary: std::cell::RefCell<Option<String>>,
+    /// `--request-cold`: a restore first asks archived objects back (custos_ops::cold).
+    pub(crate) request_cold: bool,
 }
 
 impl Ctx {
+    /// With `--request-cold`: the archived objects restoring `snap` reads are asked back
+    /// and the restore waits (exit 21) until all are readable. Else nothing.
+    pub(crate) fn cold_gate(
+        &self,
+        repo: &custos_repo::Repository,
+        snap: &custos_repo::Snapshot,
+    ) -> Result<()> {
+        if self.request_cold {
+            let r = custos_ops::cold::gate(repo, snap)?;
+            if r.ready > 0 && !self.out.quiet {
+                eprintln!(
+                    "custos: {} archived object(s) restored by the store are readable",
+                    r.ready
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The storage the command works on: the primary's, or with `--secondary NAME` that
     /// secondary's, seen through its guard. A repository that turns out to be a secondary
     /// (its marker), reached by its location, is guarded the same way.

@@ -39,6 +39,10 @@ struct Cli {
     /// With wal-push: write each file to it as well before acknowledging
     #[arg(long, global = true, value_name = "NAME")]
     secondary: Option<String>,
+    /// Restore: ask the store to bring back the archived (GLACIER, DEEP_ARCHIVE) objects
+    /// the restore needs, all at once, and wait (exit 21) until they are readable
+    #[arg(long, global = true)]
+    request_cold: bool,
     /// Print one JSON document on stdout instead of text
     #[arg(long, global = true)]
     json: bool,
@@ -259,6 +263,7 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         authority: Default::default(),
         secondary_access: std::cell::Cell::new(access),
         unnamed_secondary: Default::default(),
+        request_cold: cli.request_cold,
     };
     let name = match (&cli.command, &cli.secondary) {
         // Recovery from a secondary asks for one WAL file after another: none of them

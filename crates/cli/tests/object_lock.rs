@@ -270,8 +270,11 @@ fn bucket_policy_names_lock_versioning_and_the_seeds_tiers() {
     let rules = v["lifecycle"]["Rules"].as_array().unwrap();
     let packs = rules
         .iter()
-        .find(|r| r["Filter"]["Prefix"] == "prod/data/")
+        .find(|r| r["Filter"]["And"]["Prefix"] == "prod/data/")
         .expect("packs tiered");
+    // Only data packs (tagged): the packs holding manifests stay hot.
+    assert_eq!(packs["Filter"]["And"]["Tags"][0]["Key"], "custos-tier");
+    assert_eq!(packs["Filter"]["And"]["Tags"][0]["Value"], "archival");
     assert_eq!(packs["Transitions"][0]["Days"], 91);
     assert_eq!(packs["Transitions"][0]["StorageClass"], "STANDARD_IA");
     assert_eq!(packs["Transitions"][1]["Days"], 366);
@@ -294,4 +297,88 @@ fn bucket_policy_names_lock_versioning_and_the_seeds_tiers() {
         ]);
         assert!(!p.contains("BypassGovernanceRetention"), "{role}: {p}");
     }
+}
+
+/// Packs the bucket's lifecycle moved to an archival class (a proxy plays S3's answers for
+/// them: SeaweedFS has no GLACIER): a restore names the cause and the way out instead of a
+/// denial; `--request-cold` asks every pack back at once and waits (exit 21), asks nothing
+/// twice, and restores the data once the store brought them back.
+#[test]
+fn archived_packs_are_asked_back_all_at_once_and_the_restore_waits() {
+    let server = S3Server::start();
+    server.create_bucket("docs");
+    let proxy = custos_testkit::cold::ColdProxy::start(&server.endpoint);
+    let mut t = T::bare();
+    t.set("CUSTOS_REPO", "s3://docs/r");
+    t.set("AWS_ENDPOINT_URL", &proxy.endpoint);
+    t.set("AWS_ACCESS_KEY_ID", ACCESS_KEY);
+    t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    t.set("AWS_REGION", "us-east-1");
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
+    let src = t.path("src");
+    make_tree(&src, 11, 30, 300_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let all = RemoteStorage::s3(&opts(&server, "docs", "r"))
+        .unwrap()
+        .list("data")
+        .unwrap()
+        .len();
+    // The lifecycle rule moves packs tagged archival: data only. The manifest's pack is not
+    // tagged, so listing and planning a restore need nothing brought back.
+    let packs = proxy.archive_tagged();
+    assert!(packs >= 2 && packs < all, "{packs} of {all} packs tagged");
+    assert!(proxy
+        .tagged()
+        .iter()
+        .all(|p| p.starts_with("/docs/r/data/")));
+    let ls = t.ok(&["ls", "latest"]);
+    assert!(ls.lines().count() >= 30, "{ls}");
+
+    let out = t.path("out");
+    let e = t.fails(
+        &["restore", "files", "latest", "--to", out.to_str().unwrap()],
+        15,
+    );
+    assert!(
+        e.contains("cold storage class") && e.contains("--request-cold"),
+        "{e}"
+    );
+    assert!(!e.contains("denied"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+
+    let args = [
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+        "--request-cold",
+    ];
+    let e = t.fails(&args, 21);
+    assert!(e.contains(&format!("{packs} requested now")), "{e}");
+    assert_eq!(
+        proxy.requested().len(),
+        packs,
+        "every pack asked back at once"
+    );
+    assert!(!out.exists(), "the restore waits before it writes anything");
+    let e = t.fails(&args, 21);
+    assert!(
+        e.contains("0 requested now") && e.contains(&format!("{packs} already on their way")),
+        "{e}"
+    );
+    assert_eq!(proxy.requested().len(), packs);
+
+    proxy.finish_restores();
+    let _ = std::fs::remove_dir_all(&out);
+    t.ok(&args);
+    assert_eq!(describe(&out), describe(&src));
 }

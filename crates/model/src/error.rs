@@ -39,6 +39,8 @@ pub enum Kind {
     Conflict,
     /// A health check found a problem (archiving lag, a WAL gap).
     Check,
+    /// Archived (cold) objects a restore needs are being brought back by the store.
+    Cold,
 }
 
 impl Kind {
@@ -59,6 +61,7 @@ impl Kind {
             Kind::Conflict => 18,
             Kind::RepoExists => 19,
             Kind::Check => 20,
+            Kind::Cold => 21,
         }
     }
 
@@ -69,7 +72,7 @@ impl Kind {
 
     /// Whether running the same command again may succeed without changing anything.
     pub fn retryable(self) -> bool {
-        matches!(self, Kind::Locked | Kind::Storage)
+        matches!(self, Kind::Locked | Kind::Storage | Kind::Cold)
     }
 
     pub fn name(self) -> &'static str {
@@ -88,6 +91,7 @@ impl Kind {
             Kind::Partial => "partial",
             Kind::Conflict => "conflict",
             Kind::Check => "check-failed",
+            Kind::Cold => "cold-pending",
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod cache;
+pub mod cold;
 pub mod config;
 pub mod files;
 pub mod keys;

@@ -168,7 +168,17 @@ fn packer(
     size: usize,
     shared: Arc<Shared>,
 ) {
-    let mut pack = PackBuilder::new(size);
+    // Tree blobs (manifests) go to packs of their own: every command that lists or walks
+    // a snapshot reads them, so they stay in the hot tier while data packs may be archived
+    // (format.md 4; the lifecycle rule of `bucket-policy` moves only tagged data packs).
+    let fresh = |kind: BlobKind| {
+        PackBuilder::new(if kind == BlobKind::Tree {
+            64 << 10
+        } else {
+            size
+        })
+    };
+    let mut packs = [fresh(BlobKind::Data), fresh(BlobKind::Tree)];
     let finish = |p: PackBuilder| -> bool {
         match p.finish(&public) {
             Ok(f) => up.send(f).is_ok(),
@@ -182,6 +192,7 @@ fn packer(
         if shared.failed().is_some() {
             return;
         }
+        let pack = &mut packs[usize::from(kind == BlobKind::Tree)];
         pack.add(id, kind, &data);
         {
             let mut s = shared.stats.lock().unwrap();
@@ -189,14 +200,16 @@ fn packer(
             s.bytes_new += data.len() as u64;
         }
         if pack.len() >= size {
-            let full = std::mem::replace(&mut pack, PackBuilder::new(size));
+            let full = std::mem::replace(pack, fresh(kind));
             if !finish(full) {
                 return;
             }
         }
     }
-    if !pack.is_empty() {
-        finish(pack);
+    for pack in packs {
+        if !pack.is_empty() && !finish(pack) {
+            return;
+        }
     }
 }
 
@@ -206,7 +219,14 @@ fn uploader(rx: Receiver<FinishedPack>, storage: DynStorage, shared: Arc<Shared>
             continue;
         }
         let id = PackId(Id::of_bytes(&p.bytes));
-        match storage.put(&paths::pack(&id), &p.bytes, PutMode::CreateOnly) {
+        // A pack of data blobs only may move to an archival storage class; one holding a
+        // manifest must not.
+        let tier = p
+            .entries
+            .iter()
+            .all(|e| e.kind == BlobKind::Data)
+            .then_some(custos_storage::ARCHIVAL_TAG);
+        match storage.put_tagged(&paths::pack(&id), &p.bytes, PutMode::CreateOnly, tier) {
             Ok(_) => {
                 let mut s = shared.stats.lock().unwrap();
                 s.bytes_stored += p.bytes.len() as u64;

@@ -41,6 +41,16 @@ impl Storage for KillBeforeWrite {
         self.tick();
         self.inner.put(path, data, mode)
     }
+    fn put_tagged(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: PutMode,
+        tag: Option<&str>,
+    ) -> Result<PutOutcome> {
+        self.tick();
+        self.inner.put_tagged(path, data, mode, tag)
+    }
     fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
         self.tick();
         self.inner.put_checked(path, data, md5)
@@ -69,5 +79,11 @@ impl Storage for KillBeforeWrite {
     }
     fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
         self.inner.object_lock()
+    }
+    fn cold(&self, path: &str) -> Result<Option<crate::Cold>> {
+        self.inner.cold(path)
+    }
+    fn request_restore(&self, path: &str, days: u32) -> Result<bool> {
+        self.inner.request_restore(path, days)
     }
 }

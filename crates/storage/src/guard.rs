@@ -170,6 +170,18 @@ impl Storage for Secondary {
         }
         Err(self.refused(path))
     }
+    fn put_tagged(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: PutMode,
+        tag: Option<&str>,
+    ) -> Result<PutOutcome> {
+        if is_lock(path) || self.access == Access::Maintenance && !path.starts_with("audit/") {
+            return self.inner.put_tagged(path, data, mode, tag);
+        }
+        Err(self.refused(path))
+    }
     fn get(&self, path: &str) -> Result<Vec<u8>> {
         self.inner.get(path)
     }
@@ -219,6 +231,12 @@ impl Storage for Secondary {
     /// Extending a retention only strengthens what the secondary keeps: allowed.
     fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
         self.inner.object_lock()
+    }
+    fn cold(&self, path: &str) -> Result<Option<crate::Cold>> {
+        self.inner.cold(path)
+    }
+    fn request_restore(&self, path: &str, days: u32) -> Result<bool> {
+        self.inner.request_restore(path, days)
     }
 }
 

@@ -50,6 +50,11 @@ pub fn etag_md5(etag: &str) -> Option<String> {
     (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then_some(e)
 }
 
+/// The S3 object tag (`key=value`) on packs that hold data blobs only: what a lifecycle
+/// rule may move to an archival storage class (`custos bucket-policy`). Packs holding a
+/// manifest are not tagged and stay readable at once.
+pub const ARCHIVAL_TAG: &str = "custos-tier=archival";
+
 pub trait Storage: Send + Sync {
     /// Where this storage is, for messages (never includes credentials).
     fn location(&self) -> String;
@@ -62,6 +67,18 @@ pub trait Storage: Send + Sync {
     fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
         let _ = md5;
         self.put(path, &data, PutMode::CreateOnly)
+    }
+    /// A put that also tags the object (`key=value`) where the store has tags (S3);
+    /// elsewhere a plain put.
+    fn put_tagged(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: PutMode,
+        tag: Option<&str>,
+    ) -> Result<PutOutcome> {
+        let _ = tag;
+        self.put(path, data, mode)
     }
     /// Whole object. A missing object is an error of kind `NotFound`.
     fn get(&self, path: &str) -> Result<Vec<u8>>;
@@ -93,6 +110,22 @@ pub trait Storage: Send + Sync {
     fn object_lock(&self) -> Option<&dyn ObjectLock> {
         None
     }
+    /// `Some` when the object sits in an archival storage class (and whether a restored
+    /// copy is readable). Stores without such classes: `None`.
+    fn cold(&self, _path: &str) -> Result<Option<Cold>> {
+        Ok(None)
+    }
+    /// Asks the store to restore an archived object for `days` (S3 RestoreObject, Standard
+    /// tier); false when a restore of it is already under way.
+    fn request_restore(&self, path: &str, _days: u32) -> Result<bool> {
+        Err(custos_model::Error::new(
+            custos_model::Kind::Storage,
+            format!(
+                "{}: `{path}` cannot be restored from cold storage here",
+                self.location()
+            ),
+        ))
+    }
 }
 
 /// Reading and extending objects' retention on an Object Lock store.
@@ -102,9 +135,25 @@ pub trait ObjectLock: Send + Sync {
     fn retention(&self, path: &str) -> Result<Option<objectlock::Retention>>;
     /// Moves the object's retain-until date to `until` (never earlier: the store refuses).
     fn extend(&self, path: &str, until: chrono::DateTime<chrono::Utc>) -> Result<()>;
-    /// Asks the store to bring an object in a cold storage class back for `days`; false
-    /// when a request for it is already under way.
-    fn request_restore(&self, path: &str, days: u32) -> Result<bool>;
+}
+
+/// An object in an archival storage class (S3 GLACIER, DEEP_ARCHIVE), which cannot be
+/// read until the store restores a copy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Cold {
+    pub class: String,
+    pub restore: ColdRestore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColdRestore {
+    /// Nobody asked for it: reads fail.
+    NotRequested,
+    /// Asked for; the store is bringing it back (hours).
+    InProgress,
+    /// A restored copy is readable (until its expiry).
+    Ready,
 }
 
 static STOP_WARMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -235,10 +235,10 @@ impl LockClient {
         headers: &[(&str, String)],
         body: Bytes,
     ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes)> {
-        let mut req = self
-            .http
-            .request(method, &url)
-            .header("content-length", body.len().to_string());
+        let mut req = self.http.request(method.clone(), &url);
+        if method != Method::HEAD && method != Method::GET {
+            req = req.header("content-length", body.len().to_string());
+        }
         for (k, v) in headers {
             req = req.header(*k, v);
         }
@@ -338,7 +338,7 @@ impl LockClient {
         Ok(Some(BucketLock { default }))
     }
 
-    /// A create-only (or replacing) write with a retain-until date and Content-MD5 (the
+    /// A create-only (or replacing) write with a retain-until date, a tag, and Content-MD5 (the
     /// store checks the bytes it received, and Object Lock writes require it).
     pub async fn put(
         &self,
@@ -346,8 +346,12 @@ impl LockClient {
         data: Bytes,
         create_only: bool,
         lock: Option<Retention>,
+        tag: Option<&str>,
     ) -> Result<PutOutcome> {
         let mut h = vec![("content-md5", md5_b64(&data))];
+        if let Some(t) = tag {
+            h.push(("x-amz-tagging", t.to_string()));
+        }
         if create_only {
             h.push(("if-none-match", "*".into()));
         }
@@ -518,6 +522,39 @@ impl LockClient {
             return Err(self.failed("delete", path, st, &body));
         }
         Ok(())
+    }
+
+    /// The object's archival state from HEAD: `x-amz-storage-class` GLACIER or
+    /// DEEP_ARCHIVE (GLACIER_IR and the others read at once), and `x-amz-restore`.
+    pub async fn cold(&self, path: &str) -> Result<Option<crate::Cold>> {
+        let (st, h, body) = self
+            .send(
+                Method::HEAD,
+                self.url(Some(&self.key(path)), ""),
+                &[],
+                Bytes::new(),
+            )
+            .await?;
+        if st == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !st.is_success() {
+            return Err(self.failed("look at", path, st, &body));
+        }
+        let class = h
+            .get("x-amz-storage-class")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("STANDARD")
+            .to_string();
+        if class != "GLACIER" && class != "DEEP_ARCHIVE" {
+            return Ok(None);
+        }
+        let restore = match h.get("x-amz-restore").and_then(|v| v.to_str().ok()) {
+            None => crate::ColdRestore::NotRequested,
+            Some(v) if v.contains("ongoing-request=\"true\"") => crate::ColdRestore::InProgress,
+            Some(_) => crate::ColdRestore::Ready,
+        };
+        Ok(Some(crate::Cold { class, restore }))
     }
 
     /// Asks the store to bring an object in a cold storage class back for `days`.

@@ -77,6 +77,8 @@ pub struct RemoteStorage {
     timeouts: Timeouts,
     /// Object Lock: the signed requests OpenDAL cannot make, and the dates custos writes.
     lock: Option<(LockClient, WriteLock)>,
+    /// S3 requests OpenDAL cannot make (HEAD's storage class, RestoreObject).
+    s3: Option<LockClient>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -158,6 +160,7 @@ impl RemoteStorage {
             location,
             timeouts: o.timeouts,
             lock: None,
+            s3: Some(LockClient::new(o, &o.timeouts)?),
         })
     }
 
@@ -189,19 +192,28 @@ impl RemoteStorage {
         runtime()?.block_on(client.bucket_lock())
     }
 
-    fn locked_put(
+    /// A put through the signed client, when it must carry what OpenDAL cannot send: a
+    /// retain-until date (Object Lock) or a tag. `None`: OpenDAL's put will do.
+    fn signed_put(
         &self,
         path: &str,
         data: bytes::Bytes,
         create_only: bool,
+        tag: Option<&str>,
     ) -> Option<Result<PutOutcome>> {
-        let (c, w) = self.lock.as_ref()?;
-        let r = w.span_for(path).map(|d| Retention {
-            mode: w.mode,
-            until: chrono::Utc::now()
-                + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX),
+        let r = self.lock.as_ref().and_then(|(_, w)| {
+            w.span_for(path).map(|d| Retention {
+                mode: w.mode,
+                until: chrono::Utc::now()
+                    + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX),
+            })
         });
-        Some(self.rt.block_on(c.put(path, data, create_only, r)))
+        let c = match (&self.lock, &self.s3) {
+            (Some((c, _)), _) => c,
+            (None, Some(c)) if tag.is_some() => c,
+            _ => return None,
+        };
+        Some(self.rt.block_on(c.put(path, data, create_only, r, tag)))
     }
 
     /// Any OpenDAL service by scheme name, configured by key/value options.
@@ -230,6 +242,7 @@ impl RemoteStorage {
             location: format!("{scheme}://"),
             timeouts,
             lock: None,
+            s3: None,
         })
     }
 
@@ -294,7 +307,7 @@ pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
             Kind::Storage,
             format!("{location}: `{path}` is archived in a cold storage class (GLACIER or DEEP_ARCHIVE) and cannot be read until the store restores it"),
         )
-        .hint("ask the store to bring it back (`aws s3api restore-object --restore-request Days=7` on the object; a Standard retrieval takes 3-5 hours from GLACIER, up to 12 from DEEP_ARCHIVE), then run the command again; GLACIER_IR as the cold class (`custos bucket-policy --cold-class`) avoids the wait");
+        .hint("run the restore again with --request-cold: custos asks the store to bring back every archived object it needs at once (S3 RestoreObject; a Standard retrieval takes 3-5 hours from GLACIER, up to 12 from DEEP_ARCHIVE) and says when to run it again; GLACIER_IR as the cold class (`custos bucket-policy --cold-class`) avoids the wait");
     }
     match e.kind() {
         OdKind::NotFound => Error::new(Kind::NotFound, format!("{location}: `{path}` does not exist")),
@@ -327,10 +340,11 @@ impl Storage for RemoteStorage {
     }
 
     fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
-        if let Some(r) = self.locked_put(
+        if let Some(r) = self.signed_put(
             path,
             bytes::Bytes::copy_from_slice(data),
             mode == PutMode::CreateOnly,
+            None,
         ) {
             return r;
         }
@@ -350,7 +364,7 @@ impl Storage for RemoteStorage {
 
     fn put_checked(&self, path: &str, data: bytes::Bytes, md5: Option<&str>) -> Result<PutOutcome> {
         // With Object Lock every write carries Content-MD5: the store checks the bytes.
-        if let Some(r) = self.locked_put(path, data.clone(), true) {
+        if let Some(r) = self.signed_put(path, data.clone(), true, None) {
             return r;
         }
         let sent = data.clone();
@@ -381,6 +395,24 @@ impl Storage for RemoteStorage {
             }
         }
         Ok(PutOutcome::Created)
+    }
+
+    fn put_tagged(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: PutMode,
+        tag: Option<&str>,
+    ) -> Result<PutOutcome> {
+        match self.signed_put(
+            path,
+            bytes::Bytes::copy_from_slice(data),
+            mode == PutMode::CreateOnly,
+            tag,
+        ) {
+            Some(r) => r,
+            None => self.put(path, data, mode),
+        }
     }
 
     fn get(&self, path: &str) -> Result<Vec<u8>> {
@@ -467,6 +499,24 @@ impl Storage for RemoteStorage {
     fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
         self.lock.as_ref().map(|_| self as &dyn crate::ObjectLock)
     }
+    fn cold(&self, path: &str) -> Result<Option<crate::Cold>> {
+        match &self.s3 {
+            Some(c) => self.rt.block_on(c.cold(path)),
+            None => Ok(None),
+        }
+    }
+    fn request_restore(&self, path: &str, days: u32) -> Result<bool> {
+        match &self.s3 {
+            Some(c) => self.rt.block_on(c.request_restore(path, days)),
+            None => Err(Error::new(
+                Kind::Storage,
+                format!(
+                    "{}: `{path}` cannot be restored from cold storage here",
+                    self.location
+                ),
+            )),
+        }
+    }
 }
 
 impl crate::ObjectLock for RemoteStorage {
@@ -489,10 +539,6 @@ impl crate::ObjectLock for RemoteStorage {
                 until,
             },
         ))
-    }
-    fn request_restore(&self, path: &str, days: u32) -> Result<bool> {
-        let (c, _) = self.lock.as_ref().ok_or_else(no_lock)?;
-        self.rt.block_on(c.request_restore(path, days))
     }
 }
 
@@ -518,6 +564,6 @@ mod tests {
             "{}",
             err.message
         );
-        assert!(err.hint.unwrap().contains("restore-object"));
+        assert!(err.hint.unwrap().contains("--request-cold"));
     }
 }

@@ -170,6 +170,7 @@ pub(crate) fn restore_env(
     let snap = repo.find_snapshot(&a.snapshot, |s| {
         s.kind == SourceKind::Env && a.source.as_deref().is_none_or(|n| s.source == n)
     })?;
+    ctx.cold_gate(repo, &snap)?;
     let text = config::env_file(repo, &snap)?;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -180,11 +180,18 @@ pub(crate) fn bucket_policy(ctx: &Ctx, a: &BucketPolicyArgs) -> Result<i32> {
             format!("{p}/{d}/")
         }
     };
-    let tiers = |id: &str, dir: &str| {
+    let tiers = |id: &str, dir: &str, tagged: bool| {
+        let (k, v) = custos_storage::ARCHIVAL_TAG
+            .split_once('=')
+            .expect("key=value");
         json!({
             "ID": id,
             "Status": "Enabled",
-            "Filter": {"Prefix": under(dir)},
+            "Filter": if tagged {
+                json!({"And": {"Prefix": under(dir), "Tags": [{"Key": k, "Value": v}]}})
+            } else {
+                json!({"Prefix": under(dir)})
+            },
             "Transitions": [
                 {"Days": 91, "StorageClass": "STANDARD_IA"},
                 {"Days": 366, "StorageClass": a.cold_class},
@@ -199,8 +206,8 @@ pub(crate) fn bucket_policy(ctx: &Ctx, a: &BucketPolicyArgs) -> Result<i32> {
             "Rule": {"DefaultRetention": {"Mode": mode, "Days": days}},
         },
         "lifecycle": {"Rules": [
-            tiers("custos-packs-hot-warm-cold", "data"),
-            tiers("custos-wal-hot-warm-cold", "wal"),
+            tiers("custos-packs-hot-warm-cold", "data", true),
+            tiers("custos-wal-hot-warm-cold", "wal", false),
             {
                 "ID": "custos-old-versions",
                 "Status": "Enabled",
@@ -213,7 +220,8 @@ pub(crate) fn bucket_policy(ctx: &Ctx, a: &BucketPolicyArgs) -> Result<i32> {
         "notes": [
             "Object Lock can only be turned on when the bucket is created: aws s3api create-bucket --bucket BUCKET --object-lock-enabled-for-bucket",
             format!("custos writes every pack, index, snapshot and WAL object with its own retain-until date ([object_lock] mode {mode}, from [retention]) and the trail for the longest retention; the default rule ({days} days) only covers what custos does not date (locks, keys), whose deletes then leave a delete marker"),
-            "hot 0-90 days STANDARD, warm 91-365 days STANDARD_IA, cold from day 366 in the cold class; snapshots, index, keys, config and the trail stay STANDARD: every command reads them",
+            format!("hot 0-90 days STANDARD, warm 91-365 days STANDARD_IA, cold from day 366 in the cold class: data packs (tagged {}) and WAL; packs holding manifests (untagged), snapshots, index, keys, config and the trail stay STANDARD: every command reads them", custos_storage::ARCHIVAL_TAG),
+            "with GLACIER or DEEP_ARCHIVE, a restore of archived data runs with --request-cold: it asks every archived object it needs back at once and says when to run again".to_string(),
             "apply with: aws s3api put-object-lock-configuration, put-bucket-versioning and put-bucket-lifecycle-configuration (each takes its part of this document as JSON)",
             "no IAM policy of custos grants s3:BypassGovernanceRetention; with COMPLIANCE nobody, the account's root user included, can delete early",
         ],

@@ -148,6 +148,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     Some(src) => s.source == *src && s.kind != SourceKind::Stream,
                     None => s.kind != SourceKind::Stream,
                 })?;
+            ctx.cold_gate(&repo, &snap)?;
             let progress = ctx.out.progress();
             let rep = restore::restore_files(
                 &repo,
@@ -245,6 +246,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     extra_settings,
                     command_needs,
                     progress: progress.as_ref(),
+                    cold: ctx.request_cold,
                 },
             )?;
             ctx.touch(serde_json::json!({"snapshot": r.snapshot, "target": r.target, "to": r.data_directory, "bytes": r.restore.bytes, "risky_settings": r.risky_settings.len()}));
@@ -337,6 +339,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             let snap = repo.find_snapshot(&snapshot, |s: &custos_repo::SnapshotSummary| {
                 s.kind == SourceKind::Stream && source.as_deref().is_none_or(|src| s.source == src)
             })?;
+            ctx.cold_gate(&repo, &snap)?;
             ctx.touch(serde_json::json!({"snapshot": snap.id}));
             let stdout = std::io::stdout();
             let mut lock = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());

@@ -339,6 +339,7 @@ pub(crate) fn restore_table(
     a: TableRestoreArgs,
 ) -> Result<i32> {
     let snap = find(repo, &a.snapshot, SourceKind::Table, a.table.as_deref())?;
+    ctx.cold_gate(repo, &snap)?;
     let r = restore::restore_tables(
         repo,
         &snap,
@@ -458,6 +459,7 @@ pub(crate) fn restore_dump(
     a: DumpRestoreArgs,
 ) -> Result<i32> {
     let snap = find(repo, &a.snapshot, SourceKind::Dump, a.table.as_deref())?;
+    ctx.cold_gate(repo, &snap)?;
     let progress = ctx.out.progress();
     let r = dump::restore_dump(
         repo,

@@ -53,6 +53,8 @@ pub struct PgRestoreOptions<'a> {
     /// data folder's owner, who runs the server, can reach each before writing anything.
     pub command_needs: Vec<(PathBuf, bool)>,
     pub progress: &'a dyn Progress,
+    /// Ask archived (cold) objects back first and wait until they are readable.
+    pub cold: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -329,6 +331,9 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     tracing::debug!("restore: {} backups listed", list.len());
     let (snap, info) = choose(repo, &list, &o.target, o.snapshot.as_deref())?;
     tracing::debug!("restore: chose snapshot {}", snap.id.short());
+    if o.cold {
+        crate::cold::gate(repo, &snap)?;
+    }
 
     // The archive must hold the WAL from the backup's start (unless the backup carries
     // it), without a hole, up to the target: checked offline, before anything is written.
