@@ -124,6 +124,10 @@ enum Command {
         after_help = "Example:\n  custos bucket-policy --bucket backups --prefix prod --cold-class GLACIER > bucket.json"
     )]
     BucketPolicy(commands::lock::BucketPolicyArgs),
+    /// Restore drills into scratch places custos creates and removes: proven, timed
+    /// (RTO, RPO) and recorded
+    #[command(subcommand)]
+    Drill(commands::drill::DrillCommand),
     /// S3 Object Lock: the dates that keep each snapshot's objects from deletion
     #[command(subcommand)]
     Lock(commands::lock::LockCommand),
@@ -358,6 +362,8 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Audit(AuditCommand::Verify) => "audit verify".into(),
         Command::IamPolicy(_) | Command::BucketPolicy(_) => return None,
         Command::Lock(commands::lock::LockCommand::Status) => return None,
+        Command::Drill(commands::drill::DrillCommand::List) => return None,
+        Command::Drill(commands::drill::DrillCommand::Db { .. }) => "drill db".into(),
         Command::Lock(commands::lock::LockCommand::Refresh) => "lock refresh".into(),
         Command::Config(_) => return None,
         // The agent signs its own entries (each job run, alert and report).
@@ -371,6 +377,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         Command::Audit(a) => commands::audit::cmd_audit(ctx, a),
         Command::BucketPolicy(a) => commands::lock::bucket_policy(ctx, &a),
         Command::Lock(c) => commands::lock::cmd_lock(ctx, c),
+        Command::Drill(c) => commands::drill::cmd_drill(ctx, c),
         Command::IamPolicy(commands::key::IamPolicyArgs {
             role,
             bucket,

@@ -45,6 +45,37 @@ pub struct ConfigFile {
     pub secondaries: Vec<SecondarySection>,
     /// S3 Object Lock: every object written with a retain-until date from [retention].
     pub object_lock: Option<ObjectLockSection>,
+    /// `custos drill`: where scratch restores go, how they are proven.
+    #[serde(default)]
+    pub drill: DrillSection,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// Where scratch restores are made (default: the temp folder). Needs room for the
+    /// database.
+    pub scratch: Option<PathBuf>,
+    /// The PostgreSQL server binaries (default: the backup's major version under
+    /// /usr/lib/postgresql, else PATH).
+    pub bin: Option<PathBuf>,
+    /// The OS user the scratch server runs as when custos runs as root (default postgres).
+    pub os_user: Option<String>,
+    /// The database role to connect as (default postgres).
+    pub db_user: Option<String>,
+    /// How long recovery may take (default 1h).
+    pub recovery_timeout: Option<String>,
+    /// Smoke checks: SQL whose `psql -At` output must equal `expect`.
+    #[serde(default, rename = "check")]
+    pub checks: Vec<DrillCheck>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DrillCheck {
+    pub name: String,
+    pub sql: String,
+    pub expect: String,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -188,6 +219,7 @@ pub const JOB_ACTIONS: &[&str] = &[
     "prune",
     "copy",
     "lock-refresh",
+    "drill-db",
 ];
 
 impl ConfigFile {

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cache;
 pub mod cold;
 pub mod config;
+pub mod drill;
 pub mod files;
 pub mod keys;
 pub mod maintenance;

@@ -730,7 +730,10 @@ impl Repository {
                         meta.id.short(),
                         e.message
                     );
-                    first.get_or_insert(e);
+                    first.get_or_insert(Error {
+                        message: format!("{} (in pack {})", e.message, meta.id),
+                        ..e
+                    });
                 }
                 Err(e) => return Err(e),
             }

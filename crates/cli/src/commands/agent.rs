@@ -167,6 +167,7 @@ pub(crate) fn agent_config(
             ("forget", _) => (vec!["forget".into()], None),
             ("copy", _) => (vec!["copy".into()], None),
             ("lock-refresh", _) => (vec!["lock".into(), "refresh".into()], None),
+            ("drill-db", _) => (vec!["drill".into(), "db".into()], Some("database".into())),
             ("prune", _) => (vec!["prune".into()], None),
             (other, None) => {
                 return Err(Error::config(format!(

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod backup;
 pub mod config;
 pub mod copy;
+pub mod drill;
 pub mod init;
 pub mod key;
 pub mod lock;

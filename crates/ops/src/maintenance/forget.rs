@@ -115,7 +115,7 @@ pub fn last_verified(
     secondary: Option<&str>,
 ) -> Result<Option<(DateTime<Utc>, std::collections::HashSet<SnapshotId>)>> {
     let found = repo.trail_newest(custos_crypto::Role::Restore, VERIFY_LOOKBACK, |e| {
-        e.command == "verify"
+        (e.command == "verify" || e.command.starts_with("drill "))
             && e.result == "ok"
             && e.touched.get("secondary").and_then(|s| s.as_str()) == secondary
             && e.touched

@@ -362,7 +362,13 @@ fn open_or_other_copy(
     sealed: &[u8],
     out: &mut [u8],
 ) -> Result<()> {
-    match pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out) {
+    let named = |mut e: custos_model::Error| {
+        if e.kind == Kind::Integrity {
+            e.message = format!("{} (in pack {})", e.message, pack);
+        }
+        e
+    };
+    match pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out).map_err(named) {
         Err(e) if e.kind == Kind::Integrity && index.locations(id).count() > 1 => {
             tracing::warn!(
                 "chunk {} in pack {}: {}; reading another copy",

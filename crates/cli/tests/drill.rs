@@ -1,0 +1,127 @@
+//! `custos drill db` on a real PostgreSQL 18 cluster under pgbench load: the backup is
+//! restored into a scratch cluster custos starts and removes, proven (recovery, pg_amcheck,
+//! smoke checks), timed (RTO per phase, RPO) and recorded; a passed drill counts as proof
+//! for the retention interlock; a damaged pack fails the drill and names the pack.
+
+mod common;
+use common::*;
+
+use custos_testkit::{pg18_bin, PgCluster};
+
+#[test]
+fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
+    let (t, cbin, cfg) = pg_repo();
+    let (mut backup, restorer, _out) = pg_roles(&t, &cfg);
+    let bin = pg18_bin();
+    let conf = format!(
+        "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
+         track_commit_timestamp = on\nmax_connections = 40\narchive_timeout = 1\n",
+        cbin.display(),
+        cfg.display()
+    );
+    let pg = PgCluster::init(bin.clone(), &conf);
+    pg.start();
+    backup.set("PGHOST", pg.dir.to_str().unwrap());
+    backup.set("PGPORT", &pg.port.to_string());
+    // The drill's smoke checks and where its scratch clusters go.
+    let scratch = t.path("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    custos_testkit::give_to_postgres(&scratch);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "[drill]\nscratch = \"{}\"\nbin = \"{}\"\n\
+         [[drill.check]]\nname = \"the ledger has rows\"\nsql = \"SELECT count(*) > 0 FROM ledger\"\nexpect = \"t\"\n\
+         [[drill.check]]\nname = \"pgbench's accounts are whole\"\nsql = \"SELECT count(*) FROM pgbench_accounts\"\nexpect = \"300000\"\n",
+        scratch.display(),
+        bin.display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+
+    let mut load = start_ledger_load(&t, &pg, 3, 150, 12);
+    sleep_ms(1500);
+    let full = backup.json(&["backup", "postgres", "--type", "full"]);
+    let full_id = full["snapshot"].as_str().unwrap().to_string();
+    sleep_ms(3000);
+
+    let mut drill = restorer.with_password("unused");
+    drill.envs = restorer.envs.clone();
+    drill.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    drill.run_as = Some("postgres".into());
+    let r = drill.json(&["drill", "db"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["snapshot"], full_id.as_str());
+    let phases: Vec<&str> = r["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["restore files", "start and recover", "checks"],
+        "{r}"
+    );
+    for p in r["phases"].as_array().unwrap() {
+        assert!(p["seconds"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let rto = r["rto_seconds"].as_f64().unwrap();
+    let sum: f64 = r["phases"].as_array().unwrap()[..2]
+        .iter()
+        .map(|p| p["seconds"].as_f64().unwrap())
+        .sum();
+    assert!(rto >= sum * 0.99, "RTO {rto} < restore + recovery {sum}");
+    // The archive was seconds behind the load (archive_timeout = 1): so is the copy.
+    let rpo = r["rpo_seconds"].as_f64().unwrap();
+    assert!((0.0..60.0).contains(&rpo), "RPO {rpo}: {r}");
+    let checks = r["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 3, "{r}");
+    assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+    assert!(checks
+        .iter()
+        .any(|c| c["name"] == "pg_amcheck --heapallindexed"));
+    // The scratch folder is gone, and no server runs from it.
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "scratch left behind"
+    );
+
+    // A failing smoke check fails the drill (exit 20) and says which.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("expect = \"300000\"", "expect = \"1\"")).unwrap();
+    let e = drill.fails(&["drill", "db"], 20);
+    assert!(
+        e.contains("pgbench's accounts are whole") && e.contains("expected"),
+        "{e}"
+    );
+    std::fs::write(&cfg, text).unwrap();
+
+    let list = drill.json(&["drill", "list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["drill"]["ok"], true);
+    assert_eq!(list[1]["drill"]["ok"], false);
+    assert!(list[0]["drill"]["verified"][0] == full_id.as_str());
+
+    assert!(load.wait().unwrap().success());
+    // One damaged pack: the drill fails and names it; nothing is left in the scratch folder.
+    let packs = t.packs();
+    let victim = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let len = std::fs::metadata(victim).unwrap().len() as usize;
+    flip_byte(victim, len / 2);
+    let o = drill.run(&["drill", "db"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        err.contains(&name[..8]),
+        "the damaged pack is not named: {err}"
+    );
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "scratch left behind"
+    );
+    pg.stop();
+}

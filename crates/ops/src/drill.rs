@@ -1,0 +1,422 @@
+//! Drills: a restore into a scratch place custos creates and removes, proven and timed.
+//!
+//! `db`: the backup a target picks is restored into a temp folder, started as a cluster of
+//! its own (a free port, its socket in that folder, archiving off, local trust only), and
+//! recovery replays the archive to the target and promotes. Then `pg_amcheck
+//! --heapallindexed` over every database and the configured smoke checks. Each phase is
+//! timed: the RTO is the sum until the cluster answers queries; the RPO is the age of the
+//! newest point the archive let it reach. The scratch cluster is stopped and its folder
+//! removed whatever happened.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use custos_model::{Error, Kind, Result};
+use custos_repo::Repository;
+use serde::Serialize;
+
+use crate::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
+use crate::progress::Progress;
+
+/// A query and the text it must return (`psql -At`), from `[[drill.check]]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmokeCheck {
+    pub name: String,
+    pub sql: String,
+    pub expect: String,
+}
+
+pub struct DbDrillOptions<'a> {
+    pub target: Target,
+    pub snapshot: Option<String>,
+    pub cluster: Option<String>,
+    /// Where the scratch folder is made (it is removed after).
+    pub scratch_parent: PathBuf,
+    /// The PostgreSQL server binaries (`pg_ctl`, `psql`, `pg_amcheck`) of the backup's
+    /// major version; `None`: found from the restored PG_VERSION.
+    pub bin: Option<PathBuf>,
+    /// Run the scratch server as this OS user (custos runs as root; PostgreSQL refuses).
+    pub os_user: Option<String>,
+    /// The database role to connect as (the cluster's superuser; default `postgres`).
+    pub db_user: String,
+    pub restore_command: String,
+    pub command_needs: Vec<(PathBuf, bool)>,
+    pub checks: Vec<SmokeCheck>,
+    /// How long recovery may take before the drill fails.
+    pub recovery_timeout: Duration,
+    pub progress: &'a dyn Progress,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub name: String,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    pub kind: String,
+    pub ok: bool,
+    pub snapshot: String,
+    pub target: serde_json::Value,
+    pub started: DateTime<Utc>,
+    pub phases: Vec<Phase>,
+    pub checks: Vec<CheckResult>,
+    /// Command start until the restored data answered queries.
+    pub rto_seconds: f64,
+    /// The newest point recovered (the last transaction replayed, else the backup's end).
+    pub recovered_to: Option<DateTime<Utc>>,
+    /// Its age when the drill ran.
+    pub rpo_seconds: Option<f64>,
+    /// What failed, when `ok` is false.
+    pub failure: Option<String>,
+}
+
+/// The PostgreSQL binaries for a data directory's major version: `/usr/lib/postgresql/N/bin`
+/// (Debian), else the folder of `pg_ctl` on PATH when its version matches.
+pub fn find_bin(data: &Path) -> Result<PathBuf> {
+    let major = std::fs::read_to_string(data.join("PG_VERSION"))
+        .map_err(|e| Error::internal(format!("restored data has no PG_VERSION: {e}")))?
+        .trim()
+        .to_string();
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if debian.join("pg_ctl").exists() {
+        return Ok(debian);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let pg_ctl = dir.join("pg_ctl");
+            let Ok(out) = Command::new(&pg_ctl).arg("--version").output() else {
+                continue;
+            };
+            let v = String::from_utf8_lossy(&out.stdout);
+            if v.split_whitespace()
+                .last()
+                .is_some_and(|x| x.split('.').next() == Some(major.as_str()))
+            {
+                return Ok(dir);
+            }
+        }
+    }
+    Err(Error::config(format!(
+        "no PostgreSQL {major} server binaries found for the drill"
+    ))
+    .hint(format!("install PostgreSQL {major} (its pg_ctl, psql and pg_amcheck), or name their folder: [drill] bin in custos.toml or --pg-bin")))
+}
+
+/// Runs a PostgreSQL program, as `os_user` when one is named.
+fn pg_cmd(bin: &Path, prog: &str, os_user: Option<&str>) -> Command {
+    match os_user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", u, "--"]).arg(bin.join(prog));
+            c
+        }
+        None => Command::new(bin.join(prog)),
+    }
+}
+
+fn run(c: &mut Command, what: &str) -> Result<String> {
+    let out = c
+        .output()
+        .map_err(|e| Error::new(Kind::Source, format!("cannot run {what}: {e}")))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(Error::new(
+            Kind::Check,
+            format!("{what} failed: {}", text.trim()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::internal(format!("no free port for the drill: {e}")))
+}
+
+fn chown_tree(p: &Path, user: &str) -> Result<()> {
+    let out = Command::new("chown")
+        .args(["-R", user])
+        .arg(p)
+        .output()
+        .map_err(|e| Error::internal(format!("cannot run chown: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::internal(format!(
+            "cannot give {} to {user}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The scratch cluster: stopped and removed when dropped.
+struct Scratch {
+    dir: PathBuf,
+    data: PathBuf,
+    bin: Option<PathBuf>,
+    os_user: Option<String>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(bin) = &self.bin {
+            if self.data.join("postmaster.pid").exists() {
+                let _ = pg_cmd(bin, "pg_ctl", self.os_user.as_deref())
+                    .args(["-D"])
+                    .arg(&self.data)
+                    .args(["-m", "immediate", "-w", "-t", "60", "stop"])
+                    .output();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A database drill. A failed check is a report with `ok: false` (and the failure named);
+/// a restore that cannot be done at all is an error.
+pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
+    let started = Utc::now();
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("custos-drill-")
+        .tempdir_in(&o.scratch_parent)
+        .map_err(|e| {
+            Error::config(format!(
+                "cannot make a scratch folder in {}: {e}",
+                o.scratch_parent.display()
+            ))
+            .hint("name a writable folder with enough room for the database: [drill] scratch in custos.toml or --scratch")
+        })?
+        .keep();
+    let mut scratch = Scratch {
+        data: dir.join("data"),
+        dir,
+        bin: None,
+        os_user: o.os_user.clone(),
+    };
+    if let Some(u) = &o.os_user {
+        chown_tree(&scratch.dir, u)?;
+    }
+    let port = free_port()?;
+    let hba = scratch.dir.join("drill_hba.conf");
+    // Only a socket in the scratch folder (0700), trusted: the copy is reachable by no one
+    // else, and its own pg_hba.conf (which may ask for passwords) is not used.
+    std::fs::write(&hba, "local all all trust\n")
+        .map_err(|e| Error::internal(format!("cannot write {}: {e}", hba.display())))?;
+    let socket = scratch.dir.display().to_string();
+    let mut phases = vec![];
+    let mut phase = |name: &str, since: &mut Instant| {
+        phases.push(Phase {
+            name: name.into(),
+            seconds: since.elapsed().as_secs_f64(),
+        });
+        *since = Instant::now();
+    };
+    let mut at = Instant::now();
+    let r = restore_postgres(
+        repo,
+        &PgRestoreOptions {
+            to: scratch.data.clone(),
+            target: o.target.clone(),
+            snapshot: o.snapshot.clone(),
+            cluster: o.cluster.clone(),
+            delta: false,
+            restore_command: o.restore_command.clone(),
+            extra_settings: vec![
+                format!("port = {port}"),
+                "listen_addresses = ''".into(),
+                format!("unix_socket_directories = '{socket}'"),
+                format!("hba_file = '{}'", hba.display()),
+                "archive_mode = off".into(),
+                "hot_standby = on".into(),
+            ],
+            command_needs: o.command_needs.clone(),
+            progress: o.progress,
+            cold: false,
+        },
+    )?;
+    if let Some(u) = &o.os_user {
+        chown_tree(&scratch.dir, u)?;
+    }
+    phase("restore files", &mut at);
+    let bin = match &o.bin {
+        Some(b) => b.clone(),
+        None => find_bin(&scratch.data)?,
+    };
+    scratch.bin = Some(bin.clone());
+    let user = o.os_user.as_deref();
+    let log = scratch.dir.join("server.log");
+    let mut report = DrillReport {
+        kind: "db".into(),
+        ok: false,
+        snapshot: r.snapshot.clone(),
+        target: serde_json::to_value(&r.target).unwrap_or_default(),
+        started,
+        phases: vec![],
+        checks: vec![],
+        rto_seconds: 0.0,
+        recovered_to: None,
+        rpo_seconds: None,
+        failure: None,
+    };
+    let psql = |sql: &str| -> Result<String> {
+        run(
+            pg_cmd(&bin, "psql", user)
+                .args([
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-q",
+                    "-h",
+                    &socket,
+                    "-p",
+                    &port.to_string(),
+                ])
+                .args([
+                    "-U",
+                    &o.db_user,
+                    "-d",
+                    "postgres",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ]),
+            "psql",
+        )
+    };
+    let started_ok = run(
+        pg_cmd(&bin, "pg_ctl", user)
+            .arg("-D")
+            .arg(&scratch.data)
+            .arg("-l")
+            .arg(&log)
+            .args([
+                "-w",
+                "-t",
+                &o.recovery_timeout.as_secs().max(1).to_string(),
+                "start",
+            ]),
+        "pg_ctl start",
+    );
+    // Recovery ends with a promotion: the drill waits until the copy accepts writes.
+    let recovered = started_ok.and_then(|_| {
+        let deadline = Instant::now() + o.recovery_timeout;
+        loop {
+            match psql("SELECT pg_is_in_recovery()") {
+                Ok(v) if v == "f" => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    return Err(Error::new(
+                        Kind::Check,
+                        format!(
+                            "recovery did not finish within {} s",
+                            o.recovery_timeout.as_secs()
+                        ),
+                    ))
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    if let Err(e) = recovered {
+        let tail: String = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(8)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        phase("start and recover", &mut at);
+        report.phases = phases;
+        report.rto_seconds = t0.elapsed().as_secs_f64();
+        report.failure = Some(format!("{}; server log:\n{tail}", e.message));
+        return Ok(report);
+    }
+    phase("start and recover", &mut at);
+    report.rto_seconds = t0.elapsed().as_secs_f64();
+    // The newest point reached: the last transaction replayed, else the backup's end.
+    let replayed = psql("SELECT coalesce(pg_last_xact_replay_timestamp()::text, '')")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .and_then(|s| {
+            DateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f%#z")
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        });
+    report.recovered_to = replayed.or(Some(r.backup.stop_time));
+    report.rpo_seconds = report
+        .recovered_to
+        .map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0);
+    let mut checks = vec![];
+    if let Target::Time(t) = &o.target {
+        let ok = replayed.is_none_or(|x| x <= *t);
+        checks.push(CheckResult {
+            name: "recovery stopped at the target".into(),
+            ok,
+            detail: format!(
+                "last transaction replayed {}, target {}",
+                replayed.map_or("none".into(), |x| x.to_rfc3339()),
+                t.to_rfc3339()
+            ),
+        });
+    }
+    let amcheck = run(
+        pg_cmd(&bin, "pg_amcheck", user)
+            .args(["-h", &socket, "-p", &port.to_string(), "-U", &o.db_user])
+            .args(["--all", "--install-missing", "--heapallindexed"]),
+        "pg_amcheck",
+    );
+    checks.push(CheckResult {
+        name: "pg_amcheck --heapallindexed".into(),
+        ok: amcheck.is_ok(),
+        detail: match &amcheck {
+            Ok(_) => "every table and index of every database is consistent".into(),
+            Err(e) => e.message.clone(),
+        },
+    });
+    for c in &o.checks {
+        let got = psql(&c.sql);
+        let (ok, detail) = match &got {
+            Ok(v) if v.trim() == c.expect.trim() => (true, format!("returned {v:?}")),
+            Ok(v) => (false, format!("returned {v:?}, expected {:?}", c.expect)),
+            Err(e) => (false, e.message.clone()),
+        };
+        checks.push(CheckResult {
+            name: c.name.clone(),
+            ok,
+            detail,
+        });
+    }
+    phase("checks", &mut at);
+    report.phases = phases;
+    report.ok = checks.iter().all(|c| c.ok);
+    if !report.ok {
+        report.failure = checks
+            .iter()
+            .find(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.name, c.detail));
+    }
+    report.checks = checks;
+    drop(scratch);
+    Ok(report)
+}
