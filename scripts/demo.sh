@@ -157,6 +157,9 @@ echo "   3 nearest notes to note 42 by embedding (pgvector): $(PSQL "$RPORT" "SE
 step "pg_amcheck --heapallindexed (restored copy)" as_pg "$PGBIN/pg_amcheck" -h "$WORK" -p "$RPORT" -U postgres --all --install-missing --heapallindexed
 printf '   RTO (restore + recovery until it accepts writes): %.1f s\n' "$(echo "$RTO1 - $RTO0" | bc)"
 echo "   RPO: nothing committed before the target was lost (last audit row $LAST; target $TARGET)"
+echo "== the weekly database drill: custos does all of the above itself, into a scratch cluster it removes"
+step "drill db (restore, recover, pg_amcheck, RTO/RPO, recorded)" C drill db --pg-bin "$PGBIN"
+C drill list
 
 echo "== the vector store and the audit log, each proven by what it means"
 # On the restored copy, which holds the notes the accident deleted from the live server.

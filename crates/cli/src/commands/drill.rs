@@ -28,7 +28,8 @@ pub(crate) enum DrillCommand {
         /// Where to make the scratch folder (default [drill] scratch, else the temp folder)
         #[arg(long, value_name = "DIR")]
         scratch: Option<std::path::PathBuf>,
-        /// The PostgreSQL server binaries (default [drill] bin, else found by version)
+        /// The PostgreSQL server binaries (default [drill] bin, [postgres] bin, else found
+        /// by the backup's major version)
         #[arg(long, value_name = "DIR")]
         pg_bin: Option<std::path::PathBuf>,
     },
@@ -79,7 +80,9 @@ fn db(
             scratch_parent: scratch
                 .or_else(|| d.scratch.clone())
                 .unwrap_or_else(std::env::temp_dir),
-            bin: pg_bin.or_else(|| d.bin.clone()),
+            bin: pg_bin
+                .or_else(|| d.bin.clone())
+                .or_else(|| ctx.settings.file.postgres.bin.clone()),
             os_user: root.then(|| d.os_user.clone().unwrap_or_else(|| "postgres".into())),
             db_user: d.db_user.clone().unwrap_or_else(|| "postgres".into()),
             restore_command: ctx.settings.restore_command(&ctx.env)?,
