@@ -364,6 +364,10 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Lock(commands::lock::LockCommand::Status) => return None,
         Command::Drill(commands::drill::DrillCommand::List) => return None,
         Command::Drill(commands::drill::DrillCommand::Db { .. }) => "drill db".into(),
+        Command::Drill(commands::drill::DrillCommand::Files { .. }) => "drill files".into(),
+        Command::Drill(commands::drill::DrillCommand::Vector { .. }) => "drill vector".into(),
+        Command::Drill(commands::drill::DrillCommand::AuditLog) => "drill audit-log".into(),
+        Command::Drill(commands::drill::DrillCommand::Full { .. }) => "drill full".into(),
         Command::Lock(commands::lock::LockCommand::Refresh) => "lock refresh".into(),
         Command::Config(_) => return None,
         // The agent signs its own entries (each job run, alert and report).

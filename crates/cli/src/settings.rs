@@ -220,6 +220,10 @@ pub const JOB_ACTIONS: &[&str] = &[
     "copy",
     "lock-refresh",
     "drill-db",
+    "drill-vector",
+    "drill-files",
+    "drill-audit-log",
+    "drill-full",
 ];
 
 impl ConfigFile {

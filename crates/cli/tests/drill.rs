@@ -125,3 +125,69 @@ fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
     );
     pg.stop();
 }
+
+/// A files drill restores into a scratch folder, counts what landed, removes it; `drill
+/// full` runs every drill there is something for; a damaged pack fails it with the pack
+/// named, and the failure is recorded.
+#[test]
+fn a_files_drill_and_a_full_drill_prove_files_and_name_a_damaged_pack() {
+    let mut t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 21, 40, 200_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let scratch = t.path("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let r = t.json(&["drill", "files", "--scratch", scratch.to_str().unwrap()]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["kind"], "files");
+    assert!(
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ok"] == true),
+        "{r}"
+    );
+    assert!(r["rto_seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "scratch left behind"
+    );
+
+    t.set("TMPDIR", scratch.to_str().unwrap());
+    let f = t.json(&["drill", "full"]);
+    assert_eq!(f["ok"], true, "{f}");
+    let parts: Vec<&str> = f["parts"].as_array().map_or_else(
+        || vec![f["kind"].as_str().unwrap()],
+        |p| p.iter().map(|x| x["kind"].as_str().unwrap()).collect(),
+    );
+    assert_eq!(parts, ["files"], "{f}");
+
+    let victim = t
+        .packs()
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let len = std::fs::metadata(&victim).unwrap().len() as usize;
+    flip_byte(&victim, len / 3);
+    let o = t.run(&["drill", "files", "--scratch", scratch.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        err.contains(&name[..12]),
+        "the damaged pack is not named: {err}"
+    );
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "scratch left behind"
+    );
+    let list = t.json(&["drill", "list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert_eq!(
+        list[2]["result"].as_str().map(|r| r != "ok"),
+        Some(true),
+        "{list:?}"
+    );
+}

@@ -167,7 +167,12 @@ pub(crate) fn agent_config(
             ("forget", _) => (vec!["forget".into()], None),
             ("copy", _) => (vec!["copy".into()], None),
             ("lock-refresh", _) => (vec!["lock".into(), "refresh".into()], None),
-            ("drill-db", _) => (vec!["drill".into(), "db".into()], Some("database".into())),
+            // Drills prove backups; they are not backups of a category.
+            ("drill-db", _) => (vec!["drill".into(), "db".into()], None),
+            ("drill-vector", _) => (vec!["drill".into(), "vector".into()], None),
+            ("drill-files", _) => (vec!["drill".into(), "files".into()], None),
+            ("drill-audit-log", _) => (vec!["drill".into(), "audit-log".into()], None),
+            ("drill-full", _) => (vec!["drill".into(), "full".into()], None),
             ("prune", _) => (vec!["prune".into()], None),
             (other, None) => {
                 return Err(Error::config(format!(

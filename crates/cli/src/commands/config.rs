@@ -256,6 +256,14 @@ keep_within = "7d"                           # (fulls follow [retention]; every 
 # [object_lock]
 # mode = "compliance"                        # or "governance" (a user granted the bypass may delete early)
 
+[drill]                                      # restore drills: scratch copies custos creates and removes
+scratch = "/var/lib/custos/drill"            # room for a copy of the database (CHANGE)
+# bin = "/usr/lib/postgresql/16/bin"         # default: the backup's major version, found
+[[drill.check]]                              # smoke SQL the restored copy must answer (CHANGE)
+name = "patients are there"
+sql = "SELECT count(*) > 0 FROM patients"
+expect = "t"
+
 [agent]                                      # `custos agent`: runs the [[job]]s below
 listen = "127.0.0.1:9187"                    # /metrics, /healthz, /readyz, status page at /
 state_dir = "/var/lib/custos/agent"
@@ -394,6 +402,24 @@ timeout = "6h"
 # run = "lock-refresh"
 # schedule = "30 6 * * *"
 # timeout = "2h"
+
+[[job]]                                      # the seed's recovery tests: weekly database drill
+name = "drill-db"                            # (scratch cluster, pg_amcheck, RTO/RPO; [drill] below)
+run = "drill-db"
+schedule = "0 9 * * SAT"
+timeout = "6h"
+
+[[job]]                                      # monthly vector store drill (rows, digest, neighbours)
+name = "drill-vector"
+run = "drill-vector"
+schedule = "0 10 1 * *"
+timeout = "6h"
+
+[[job]]                                      # quarterly full-system drill
+name = "drill-full"
+run = "drill-full"
+schedule = "0 11 1 1,4,7,10 *"
+timeout = "12h"
 
 [[job]]                                      # the repository's structure, daily
 name = "verify"

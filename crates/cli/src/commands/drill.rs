@@ -33,6 +33,42 @@ pub(crate) enum DrillCommand {
         #[arg(long, value_name = "DIR")]
         pg_bin: Option<std::path::PathBuf>,
     },
+    /// Restore a files snapshot into a scratch folder custos removes after: every chunk
+    /// checked against its id, what landed on disk counted; RTO and RPO; recorded
+    #[command(after_help = "Example:\n  custos drill files --source /srv/documents")]
+    Files {
+        /// This snapshot (default: the newest files snapshot, of --source when given)
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<std::path::PathBuf>,
+    },
+    /// Restore the vector store's table export into a scratch database (created and
+    /// dropped on the server of [postgres] or --db-url) and prove it: rows, digest, exact
+    /// neighbours, recall
+    #[command(
+        after_help = "Example:\n  custos drill vector --db-url 'host=/run/postgresql dbname=postgres'"
+    )]
+    Vector {
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[arg(long, value_name = "URL")]
+        db_url: Option<String>,
+    },
+    /// Read every audit-log export back and follow its chain from the first to the last
+    #[command(name = "audit-log", after_help = "Example:\n  custos drill audit-log")]
+    AuditLog,
+    /// Every drill that has something to restore: db, vector, files (newest of each
+    /// source), audit-log; one record
+    #[command(after_help = "Example:\n  custos drill full --json")]
+    Full {
+        #[arg(long, value_name = "URL")]
+        db_url: Option<String>,
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<std::path::PathBuf>,
+    },
     /// The drills the trail records, newest last: what, which backup, result, RTO, RPO
     #[command(after_help = "Example:\n  custos drill list --json")]
     List,
@@ -47,7 +83,197 @@ pub(crate) fn cmd_drill(ctx: &Ctx, c: DrillCommand) -> Result<i32> {
             scratch,
             pg_bin,
         } => db(ctx, snapshot, target_time, cluster, scratch, pg_bin),
+        DrillCommand::Files {
+            snapshot,
+            source,
+            scratch,
+        } => {
+            let repo = ctx.open_to_restore()?;
+            let snap = latest_files(&repo, snapshot.as_deref(), source.as_deref())?;
+            ctx.cold_gate(&repo, &snap)?;
+            let progress = ctx.out.progress();
+            let r = drill::files(&repo, &snap, &scratch_of(ctx, scratch), progress.as_ref())?;
+            finish(ctx, "files", vec![r])
+        }
+        DrillCommand::Vector { snapshot, db_url } => {
+            let repo = ctx.open_to_restore()?;
+            let snap = repo.find_snapshot(snapshot.as_deref().unwrap_or("latest"), |s| {
+                s.kind == custos_repo::snapshot::SourceKind::Table
+            })?;
+            let r = drill::vector(&repo, &snap, &ctx.settings.db(db_url))?;
+            finish(ctx, "vector", vec![r])
+        }
+        DrillCommand::AuditLog => {
+            let repo = ctx.open_to_restore()?;
+            let min = ctx.settings.audit_log_min_retention()?;
+            let r = drill::audit_log(&repo, min.audit_log_default)?;
+            finish(ctx, "audit-log", vec![r])
+        }
+        DrillCommand::Full { db_url, scratch } => full(ctx, db_url, scratch),
         DrillCommand::List => list(ctx),
+    }
+}
+
+fn scratch_of(ctx: &Ctx, flag: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    flag.or_else(|| ctx.settings.file.drill.scratch.clone())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn latest_files(
+    repo: &custos_repo::Repository,
+    spec: Option<&str>,
+    source: Option<&str>,
+) -> Result<custos_repo::Snapshot> {
+    repo.find_snapshot(spec.unwrap_or("latest"), |s| {
+        s.kind == custos_repo::snapshot::SourceKind::Files && source.is_none_or(|x| s.source == x)
+    })
+}
+
+/// Every drill with something to restore, one after the other; a failed one does not stop
+/// the rest.
+fn full(ctx: &Ctx, db_url: Option<String>, scratch: Option<std::path::PathBuf>) -> Result<i32> {
+    use custos_repo::snapshot::SourceKind;
+    let repo = ctx.open_to_restore()?;
+    let snaps = repo.snapshots()?;
+    let mut reports = vec![];
+    let failed = |kind: &str, e: Error| drill::DrillReport {
+        kind: kind.into(),
+        ok: false,
+        snapshot: String::new(),
+        target: serde_json::Value::Null,
+        started: chrono::Utc::now(),
+        phases: vec![],
+        checks: vec![],
+        rto_seconds: 0.0,
+        recovered_to: None,
+        rpo_seconds: None,
+        failure: Some(e.message),
+    };
+    if snaps.iter().any(|s| s.summary.pg.is_some()) {
+        let progress = ctx.out.progress();
+        reports.push(
+            db_drill(
+                ctx,
+                &repo,
+                None,
+                None,
+                None,
+                scratch.clone(),
+                None,
+                progress.as_ref(),
+            )
+            .unwrap_or_else(|e| failed("db", e)),
+        );
+    }
+    if snaps.iter().any(|s| s.summary.kind == SourceKind::Table) {
+        let r = repo
+            .find_snapshot("latest", |s| s.kind == SourceKind::Table)
+            .and_then(|snap| drill::vector(&repo, &snap, &ctx.settings.db(db_url.clone())));
+        reports.push(r.unwrap_or_else(|e| failed("vector", e)));
+    }
+    let mut sources: Vec<&str> = snaps
+        .iter()
+        .filter(|s| s.summary.kind == SourceKind::Files)
+        .map(|s| s.summary.source.as_str())
+        .collect();
+    sources.sort();
+    sources.dedup();
+    for src in sources {
+        let progress = ctx.out.progress();
+        let r = latest_files(&repo, None, Some(src)).and_then(|snap| {
+            drill::files(
+                &repo,
+                &snap,
+                &scratch_of(ctx, scratch.clone()),
+                progress.as_ref(),
+            )
+        });
+        reports.push(r.unwrap_or_else(|e| failed("files", e)));
+    }
+    if snaps.iter().any(|s| s.summary.kind == SourceKind::AuditLog) {
+        let min = ctx.settings.audit_log_min_retention()?;
+        reports.push(
+            drill::audit_log(&repo, min.audit_log_default)
+                .unwrap_or_else(|e| failed("audit-log", e)),
+        );
+    }
+    if reports.is_empty() {
+        return Err(Error::new(
+            Kind::NotFound,
+            "nothing to drill: the repository holds no backup",
+        )
+        .hint("back something up first"));
+    }
+    finish(ctx, "full", reports)
+}
+
+/// Prints and records drills (one record for the command), and fails (exit 20) when one
+/// did not pass.
+fn finish(ctx: &Ctx, kind: &str, reports: Vec<drill::DrillReport>) -> Result<i32> {
+    let ok = reports.iter().all(|r| r.ok);
+    let verified: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.ok && !r.snapshot.is_empty())
+        .map(|r| r.snapshot.as_str())
+        .collect();
+    let mut touched = if reports.len() == 1 {
+        serde_json::to_value(&reports[0]).unwrap_or_default()
+    } else {
+        serde_json::json!({"kind": kind, "ok": ok, "parts": reports,
+            "rto_seconds": reports.iter().map(|r| r.rto_seconds).sum::<f64>(),
+            "rpo_seconds": reports.iter().filter_map(|r| r.rpo_seconds).fold(None, |a: Option<f64>, x| Some(a.map_or(x, |a| a.max(x))))})
+    };
+    if !verified.is_empty() {
+        // A passed drill proves its snapshot restorable: the retention interlock keeps it.
+        touched["verified"] = serde_json::json!(verified);
+    }
+    ctx.touch(touched.clone());
+    if ctx.out.json {
+        ctx.out.json(&touched);
+    } else {
+        for r in &reports {
+            print_one(r);
+        }
+    }
+    match reports.iter().find_map(|r| r.failure.as_ref().map(|f| (r.kind.clone(), f))) {
+        None => Ok(0),
+        Some((k, f)) => Err(Error::new(Kind::Check, format!("the {k} drill failed: {f}"))
+            .hint("the restored copy did not prove itself: look at the failing check; `custos verify --read-data` checks the stored data")),
+    }
+}
+
+fn print_one(r: &drill::DrillReport) {
+    println!(
+        "drill {}: {}{}",
+        r.kind,
+        if r.snapshot.is_empty() {
+            String::new()
+        } else {
+            format!("snapshot {} ", &r.snapshot[..r.snapshot.len().min(8)])
+        },
+        if r.ok { "passed" } else { "FAILED" }
+    );
+    for p in &r.phases {
+        println!("  {:<26} {:>8.1} s", p.name, p.seconds);
+    }
+    println!("  RTO: {:.1} s", r.rto_seconds);
+    if let (Some(t), Some(s)) = (r.recovered_to, r.rpo_seconds) {
+        println!(
+            "  RPO: recovered to {} ({:.0} s before the drill)",
+            t.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+            s
+        );
+    }
+    for c in &r.checks {
+        println!(
+            "  {} {}: {}",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    if let (Some(f), true) = (&r.failure, r.checks.iter().all(|c| c.ok)) {
+        println!("  FAIL {f}");
     }
 }
 
@@ -59,8 +285,33 @@ fn db(
     scratch: Option<std::path::PathBuf>,
     pg_bin: Option<std::path::PathBuf>,
 ) -> Result<i32> {
-    let d = &ctx.settings.file.drill;
     let repo = ctx.open_to_restore()?;
+    let progress = ctx.out.progress();
+    let r = db_drill(
+        ctx,
+        &repo,
+        snapshot,
+        target_time,
+        cluster,
+        scratch,
+        pg_bin,
+        progress.as_ref(),
+    )?;
+    finish(ctx, "db", vec![r])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn db_drill(
+    ctx: &Ctx,
+    repo: &custos_repo::Repository,
+    snapshot: Option<String>,
+    target_time: Option<String>,
+    cluster: Option<String>,
+    scratch: Option<std::path::PathBuf>,
+    pg_bin: Option<std::path::PathBuf>,
+    progress: &dyn custos_ops::progress::Progress,
+) -> Result<drill::DrillReport> {
+    let d = &ctx.settings.file.drill;
     repo.require_restore("drill")?;
     let target = match &target_time {
         Some(t) => custos_ops::postgres::restore::Target::Time(
@@ -70,16 +321,13 @@ fn db(
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let progress = ctx.out.progress();
-    let r = drill::db(
-        &repo,
+    drill::db(
+        repo,
         &drill::DbDrillOptions {
             target,
             snapshot,
             cluster,
-            scratch_parent: scratch
-                .or_else(|| d.scratch.clone())
-                .unwrap_or_else(std::env::temp_dir),
+            scratch_parent: scratch_of(ctx, scratch),
             bin: pg_bin
                 .or_else(|| d.bin.clone())
                 .or_else(|| ctx.settings.file.postgres.bin.clone()),
@@ -102,48 +350,9 @@ fn db(
                 })?,
                 None => std::time::Duration::from_secs(3600),
             },
-            progress: progress.as_ref(),
+            progress,
         },
-    )?;
-    let mut touched = serde_json::to_value(&r).unwrap_or_default();
-    if r.ok {
-        // A passed drill proves the snapshot restorable: the retention interlock keeps it.
-        touched["verified"] = serde_json::json!([r.snapshot]);
-    }
-    ctx.touch(touched);
-    if ctx.out.json {
-        ctx.out.json(&r);
-    } else {
-        println!(
-            "drill db: snapshot {} restored into a scratch cluster: {}",
-            &r.snapshot[..r.snapshot.len().min(8)],
-            if r.ok { "passed" } else { "FAILED" }
-        );
-        for p in &r.phases {
-            println!("  {:<20} {:>8.1} s", p.name, p.seconds);
-        }
-        println!("  RTO (until it answered queries): {:.1} s", r.rto_seconds);
-        if let (Some(t), Some(s)) = (r.recovered_to, r.rpo_seconds) {
-            println!(
-                "  RPO: recovered to {} ({:.0} s before the drill)",
-                t.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
-                s
-            );
-        }
-        for c in &r.checks {
-            println!(
-                "  {} {}: {}",
-                if c.ok { "ok  " } else { "FAIL" },
-                c.name,
-                c.detail
-            );
-        }
-    }
-    match &r.failure {
-        None => Ok(0),
-        Some(f) => Err(Error::new(Kind::Check, format!("the drill failed: {f}"))
-            .hint("the restored copy did not prove itself: look at the failing check; `custos verify --read-data` checks the stored data")),
-    }
+    )
 }
 
 fn list(ctx: &Ctx) -> Result<i32> {
