@@ -85,6 +85,33 @@ fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
         "scratch left behind"
     );
 
+    // --preview writes nothing and estimates the next restore's RTO from what this drill
+    // measured (how close it comes is measured in bench/, not asserted on a noisy machine).
+    let p = drill.json(&["restore", "postgres", "--preview"]);
+    assert_eq!(p["preview"]["snapshot"], full_id.as_str(), "{p}");
+    assert!(p["preview"]["bytes"].as_u64().unwrap() > 0);
+    assert!(p["preview"]["wal_files"].as_u64().unwrap() >= 1, "{p}");
+    let phase = |n: &str| {
+        r["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap()["seconds"]
+            .as_f64()
+            .unwrap()
+    };
+    let bps = r["bytes"].as_f64().unwrap() / phase("restore files");
+    let per_wal = phase("start and recover") / r["wal_files"].as_f64().unwrap().max(1.0);
+    let want = p["preview"]["bytes"].as_f64().unwrap() / bps
+        + p["preview"]["wal_files"].as_f64().unwrap() * per_wal;
+    let got = p["rto_estimate_seconds"].as_f64().expect("an estimate");
+    assert!(
+        (got - want).abs() < 1e-6 * want.max(1.0),
+        "{got} vs {want}: {p}"
+    );
+    assert!(std::fs::read_dir(&scratch).unwrap().next().is_none());
+
     // A failing smoke check fails the drill (exit 20) and says which.
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("expect = \"300000\"", "expect = \"1\"")).unwrap();

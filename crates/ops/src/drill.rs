@@ -79,6 +79,12 @@ pub struct DrillReport {
     pub rpo_seconds: Option<f64>,
     /// What failed, when `ok` is false.
     pub failure: Option<String>,
+    /// db: bytes the restore wrote and WAL files recovery replayed (what `restore
+    /// postgres --preview` estimates the next restore's RTO from).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_files: Option<u64>,
 }
 
 /// The PostgreSQL binaries for a data directory's major version: `/usr/lib/postgresql/N/bin`
@@ -265,6 +271,11 @@ pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
     let log = scratch.dir.join("server.log");
     let mut report = report("db", r.snapshot.clone(), started, None);
     report.target = serde_json::to_value(&r.target).unwrap_or_default();
+    report.bytes = Some(r.restore.bytes);
+    report.wal_files =
+        crate::postgres::restore::preview(repo, &o.target, Some(&r.snapshot), o.cluster.as_deref())
+            .ok()
+            .map(|p| p.wal_files);
     let psql = |sql: &str| -> Result<String> {
         run(
             pg_cmd(&bin, "psql", user)
@@ -422,6 +433,8 @@ fn report(
         recovered_to,
         rpo_seconds: recovered_to.map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0),
         failure: None,
+        bytes: None,
+        wal_files: None,
     }
 }
 

@@ -148,6 +148,8 @@ fn full(ctx: &Ctx, db_url: Option<String>, scratch: Option<std::path::PathBuf>) 
         recovered_to: None,
         rpo_seconds: None,
         failure: Some(e.message),
+        bytes: None,
+        wal_files: None,
     };
     if snaps.iter().any(|s| s.summary.pg.is_some()) {
         let progress = ctx.out.progress();

@@ -48,8 +48,8 @@ pub(crate) enum RestoreCommand {
     )]
     Postgres {
         /// The data directory to create (or correct in place with --delta)
-        #[arg(long)]
-        to: PathBuf,
+        #[arg(long, required_unless_present = "preview")]
+        to: Option<PathBuf>,
         /// Recover to this time, with its zone: `2026-01-31 02:00:00+01`, `... UTC`, or RFC 3339
         #[arg(long, value_name = "TIME", group = "target_kind")]
         target_time: Option<String>,
@@ -84,6 +84,10 @@ pub(crate) enum RestoreCommand {
         /// archive a new timeline into the production repository
         #[arg(long)]
         no_archiving: bool,
+        /// Write nothing: which backup, how much to restore and replay, and the RTO
+        /// estimated from the throughput measured by earlier drills
+        #[arg(long, conflicts_with_all = ["to", "delta"])]
+        preview: bool,
     },
     /// Restore tables of a table snapshot, rebuild their indexes and prove them (row count,
     /// digest, sample nearest neighbours, recall of the rebuilt vector index)
@@ -193,7 +197,24 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             restore_command,
             port,
             no_archiving,
+            preview,
         } => {
+            let to = match (to, preview) {
+                (_, true) | (None, _) => {
+                    return preview_postgres(
+                        ctx,
+                        &repo,
+                        target_time,
+                        target_lsn,
+                        target_xid,
+                        target_name,
+                        target,
+                        snapshot,
+                        cluster,
+                    )
+                }
+                (Some(to), false) => to,
+            };
             let mut extra_settings = vec![];
             if let Some(p) = port {
                 extra_settings.push(format!("port = {p}"));
@@ -202,19 +223,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 extra_settings.push("archive_mode = off".to_string());
             }
             use custos_ops::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
-            let target = if let Some(t) = target_time {
-                Target::Time(parse_target_time(&t)?)
-            } else if let Some(l) = target_lsn {
-                Target::Lsn(l.parse()?)
-            } else if let Some(x) = target_xid {
-                Target::Xid(x)
-            } else if let Some(n) = target_name {
-                Target::Name(n)
-            } else if target.is_some() {
-                Target::Immediate
-            } else {
-                Target::Latest
-            };
+            let target = target_of(target_time, target_lsn, target_xid, target_name, target)?;
             let (restore_command, command_needs) = match restore_command {
                 Some(c) => (c, vec![]),
                 None => (
@@ -347,6 +356,121 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             lock.flush().map_err(|e| Error::internal(e.to_string()))?;
         }
     }
+    Ok(0)
+}
+
+fn target_of(
+    target_time: Option<String>,
+    target_lsn: Option<String>,
+    target_xid: Option<u64>,
+    target_name: Option<String>,
+    target: Option<String>,
+) -> Result<custos_ops::postgres::restore::Target> {
+    use custos_ops::postgres::restore::Target;
+    Ok(if let Some(t) = target_time {
+        Target::Time(parse_target_time(&t)?)
+    } else if let Some(l) = target_lsn {
+        Target::Lsn(l.parse()?)
+    } else if let Some(x) = target_xid {
+        Target::Xid(x)
+    } else if let Some(n) = target_name {
+        Target::Name(n)
+    } else if target.is_some() {
+        Target::Immediate
+    } else {
+        Target::Latest
+    })
+}
+
+/// What the newest passed database drills measured: bytes restored a second, and seconds
+/// of recovery per WAL file replayed (the start included).
+fn measured_rates(
+    repo: &custos_repo::Repository,
+) -> Result<Option<(f64, f64, chrono::DateTime<chrono::Utc>)>> {
+    let mut best = None;
+    for r in repo.trail_verify()? {
+        let Some(e) = r.entry else { continue };
+        if !e.command.starts_with("drill ") || e.result != "ok" {
+            continue;
+        }
+        let parts: Vec<&serde_json::Value> = match e.touched["parts"].as_array() {
+            Some(p) => p.iter().collect(),
+            None => vec![&e.touched],
+        };
+        for d in parts
+            .into_iter()
+            .filter(|d| d["kind"] == "db" && d["ok"] == true)
+        {
+            let phase = |n: &str| {
+                d["phases"]
+                    .as_array()
+                    .and_then(|p| p.iter().find(|x| x["name"] == n))
+                    .and_then(|x| x["seconds"].as_f64())
+            };
+            if let (Some(bytes), Some(rs), Some(rec)) = (
+                d["bytes"].as_f64(),
+                phase("restore files"),
+                phase("start and recover"),
+            ) {
+                let wal = d["wal_files"].as_f64().unwrap_or(0.0).max(1.0);
+                best = Some((bytes / rs.max(0.001), rec / wal, e.time));
+            }
+        }
+    }
+    Ok(best)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn preview_postgres(
+    ctx: &Ctx,
+    repo: &custos_repo::Repository,
+    target_time: Option<String>,
+    target_lsn: Option<String>,
+    target_xid: Option<u64>,
+    target_name: Option<String>,
+    target: Option<String>,
+    snapshot: Option<String>,
+    cluster: Option<String>,
+) -> Result<i32> {
+    let target = target_of(target_time, target_lsn, target_xid, target_name, target)?;
+    let p = custos_ops::postgres::restore::preview(
+        repo,
+        &target,
+        snapshot.as_deref(),
+        cluster.as_deref(),
+    )?;
+    let rates = measured_rates(repo)?;
+    let estimate =
+        rates.map(|(bps, per_wal, _)| p.bytes as f64 / bps + p.wal_files.max(1) as f64 * per_wal);
+    if ctx.out.json {
+        ctx.out.json(
+            &serde_json::json!({"preview": p, "rto_estimate_seconds": estimate,
+            "measured_by_drill_at": rates.map(|r| r.2)}),
+        );
+        return Ok(0);
+    }
+    println!(
+        "would restore snapshot {} ({} backup of {}, ended {})",
+        &p.snapshot[..8],
+        p.backup.backup_type.as_str(),
+        p.backup.cluster.as_deref().unwrap_or("the cluster"),
+        p.backup.stop_time.format("%Y-%m-%d %H:%M:%S UTC")
+    );
+    println!("  writes {} of data files", ByteSize(p.bytes));
+    println!(
+        "  replays about {} archived WAL file(s) ({})",
+        p.wal_files,
+        ByteSize(p.wal_bytes)
+    );
+    match (estimate, rates) {
+        (Some(s), Some((bps, per_wal, at))) => println!(
+            "  estimated RTO: {s:.0} s (the drill of {}: restore {}/s, {per_wal:.2} s of recovery per WAL file)",
+            at.format("%Y-%m-%d %H:%M UTC"),
+            ByteSize(bps as u64)
+        ),
+        _ => println!("  no RTO estimate: no database drill has been measured yet (`custos drill db`)"),
+    }
+    println!("nothing was written");
     Ok(0)
 }
 

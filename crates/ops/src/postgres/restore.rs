@@ -325,6 +325,70 @@ fn choose(
         })
 }
 
+/// What a restore would do, measured before it does anything (`restore postgres
+/// --preview`): the backup it starts from, how much it writes, how much WAL recovery
+/// replays.
+#[derive(Debug, Clone, Serialize)]
+pub struct PgPreview {
+    pub snapshot: String,
+    pub backup: PgInfo,
+    pub target: Target,
+    /// Bytes the restore writes (the data directory's size).
+    pub bytes: u64,
+    /// Archived WAL files recovery replays from the backup's start to the target (an
+    /// estimate for a time target: in proportion to where it lies in the archive).
+    pub wal_files: u64,
+    pub wal_bytes: u64,
+    pub window: crate::postgres::archive::Window,
+}
+
+pub fn preview(
+    repo: &Repository,
+    target: &Target,
+    snapshot: Option<&str>,
+    cluster: Option<&str>,
+) -> Result<PgPreview> {
+    let list = backups(repo, cluster)?;
+    let (snap, info) = choose(repo, &list, target, snapshot)?;
+    let wal = repo.wal_objects()?;
+    let archive =
+        crate::postgres::archive::Archive::load(repo, info.system_id, info.segment_size, &wal)?;
+    let window = archive.window(repo, &info)?;
+    let first = info.start_lsn.segment(info.segment_size);
+    let last = window
+        .last_segment
+        .as_deref()
+        .and_then(|n| custos_sources::postgres::wal::segment_number(n, info.segment_size))
+        .map_or(first, |(_, n)| n);
+    let segs: Vec<u64> = wal
+        .iter()
+        .filter(|(sys, name, _)| {
+            *sys == info.system_id
+                && name.len() == 24
+                && custos_sources::postgres::wal::segment_number(name, info.segment_size)
+                    .is_some_and(|(_, n)| n >= first && n <= last)
+        })
+        .map(|(_, _, size)| *size)
+        .collect();
+    let share = match (target, window.until) {
+        (Target::Time(t), Some(until)) if until > info.stop_time => {
+            ((*t - info.stop_time).num_milliseconds() as f64
+                / (until - info.stop_time).num_milliseconds() as f64)
+                .clamp(0.0, 1.0)
+        }
+        _ => 1.0,
+    };
+    Ok(PgPreview {
+        snapshot: snap.id.to_string(),
+        bytes: snap.summary.stats.bytes,
+        target: target.clone(),
+        wal_files: (segs.len() as f64 * share).ceil() as u64,
+        wal_bytes: (segs.iter().sum::<u64>() as f64 * share) as u64,
+        backup: info,
+        window,
+    })
+}
+
 pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRestoreReport> {
     repo.require_restore("restore a database")?;
     let list = backups(repo, o.cluster.as_deref())?;
