@@ -172,15 +172,27 @@ fn chown_tree(p: &Path, user: &str) -> Result<()> {
     Ok(())
 }
 
-/// The scratch cluster: stopped and removed when dropped.
-struct Scratch {
+/// A scratch cluster recovered from a backup: stopped and its folder removed when
+/// dropped. Reached only through its socket in that folder, trusted.
+pub struct ScratchCluster {
     dir: PathBuf,
     data: PathBuf,
     bin: Option<PathBuf>,
     os_user: Option<String>,
+    socket: String,
+    port: u16,
+    db_user: String,
+    /// The restore that made it.
+    pub restore: crate::postgres::restore::PgRestoreReport,
+    /// Its phases so far (restore files, start and recover).
+    pub phases: Vec<Phase>,
+    /// Why it did not come up (with the server log's tail), when it did not.
+    pub failure: Option<String>,
+    /// The last transaction replayed.
+    pub replayed: Option<DateTime<Utc>>,
 }
 
-impl Drop for Scratch {
+impl Drop for ScratchCluster {
     fn drop(&mut self) {
         if let Some(bin) = &self.bin {
             if self.data.join("postmaster.pid").exists() {
@@ -195,194 +207,218 @@ impl Drop for Scratch {
     }
 }
 
+/// Removes a folder when dropped, unless taken.
+struct Folder(Option<PathBuf>);
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+impl ScratchCluster {
+    /// A client program of the cluster's version, connected to it (`-h -p -U`).
+    pub fn client(&self, prog: &str) -> Command {
+        let mut c = pg_cmd(self.bin(), prog, self.os_user.as_deref());
+        c.args(["-h", &self.socket, "-p", &self.port.to_string(), "-U", &self.db_user]);
+        c
+    }
+
+    /// One statement on database `db`, its `psql -At` output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        run(
+            self.client("psql")
+                .args(["-X", "-A", "-t", "-q", "-d", db, "-v", "ON_ERROR_STOP=1", "-c", sql]),
+            "psql",
+        )
+    }
+
+    /// The PostgreSQL programs it runs with.
+    pub fn bin(&self) -> &Path {
+        self.bin.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Restores the backup `o` picks into a scratch folder and starts it; returns once
+    /// recovery has promoted (or failed: then `failure` says why).
+    pub fn recover(repo: &Repository, o: &DbDrillOptions) -> Result<ScratchCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("custos-drill-")
+            .tempdir_in(&o.scratch_parent)
+            .map_err(|e| {
+                Error::config(format!(
+                    "cannot make a scratch folder in {}: {e}",
+                    o.scratch_parent.display()
+                ))
+                .hint("name a writable folder with enough room for the database: [drill] scratch in custos.toml or --scratch")
+            })?
+            .keep();
+        // Removed whatever happens next, until the cluster owns it.
+        let mut folder = Folder(Some(dir.clone()));
+        if let Some(u) = &o.os_user {
+            chown_tree(&dir, u)?;
+        }
+        let port = free_port()?;
+        let hba = dir.join("drill_hba.conf");
+        // Only a socket in the scratch folder (0700), trusted: the copy is reachable by no
+        // one else, and its own pg_hba.conf (which may ask for passwords) is not used.
+        std::fs::write(&hba, "local all all trust\n")
+            .map_err(|e| Error::internal(format!("cannot write {}: {e}", hba.display())))?;
+        let socket = dir.display().to_string();
+        let data = dir.join("data");
+        let mut at = Instant::now();
+        let r = restore_postgres(
+            repo,
+            &PgRestoreOptions {
+                to: data.clone(),
+                target: o.target.clone(),
+                snapshot: o.snapshot.clone(),
+                cluster: o.cluster.clone(),
+                delta: false,
+                restore_command: o.restore_command.clone(),
+                extra_settings: vec![
+                    format!("port = {port}"),
+                    "listen_addresses = ''".into(),
+                    format!("unix_socket_directories = '{socket}'"),
+                    format!("hba_file = '{}'", hba.display()),
+                    "archive_mode = off".into(),
+                    "hot_standby = on".into(),
+                ],
+                command_needs: o.command_needs.clone(),
+                progress: o.progress,
+                cold: false,
+            },
+        )?;
+        if let Some(u) = &o.os_user {
+            chown_tree(&dir, u)?;
+        }
+        let mut phases = vec![Phase {
+            name: "restore files".into(),
+            seconds: at.elapsed().as_secs_f64(),
+        }];
+        at = Instant::now();
+        let bin = match &o.bin {
+            Some(b) => b.clone(),
+            None => find_bin(&data)?,
+        };
+        folder.0 = None;
+        let mut c = ScratchCluster {
+            dir,
+            data,
+            bin: Some(bin.clone()),
+            os_user: o.os_user.clone(),
+            socket,
+            port,
+            db_user: o.db_user.clone(),
+            restore: r,
+            phases: vec![],
+            failure: None,
+            replayed: None,
+        };
+        let log = c.dir.join("server.log");
+        let started = run(
+            pg_cmd(&bin, "pg_ctl", o.os_user.as_deref())
+                .arg("-D")
+                .arg(&c.data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", &o.recovery_timeout.as_secs().max(1).to_string(), "start"]),
+            "pg_ctl start",
+        );
+        // Recovery ends with a promotion: wait until the copy accepts writes.
+        let recovered = started.and_then(|_| {
+            let deadline = Instant::now() + o.recovery_timeout;
+            loop {
+                match c.psql("postgres", "SELECT pg_is_in_recovery()") {
+                    Ok(v) if v == "f" => return Ok(()),
+                    _ if Instant::now() > deadline => {
+                        return Err(Error::new(
+                            Kind::Check,
+                            format!(
+                                "recovery did not finish within {} s",
+                                o.recovery_timeout.as_secs()
+                            ),
+                        ))
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        phases.push(Phase {
+            name: "start and recover".into(),
+            seconds: at.elapsed().as_secs_f64(),
+        });
+        c.phases = phases;
+        match recovered {
+            Err(e) => {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+                c.failure = Some(format!("{}; server log:\n{tail}", e.message));
+            }
+            Ok(()) => {
+                c.replayed = c
+                    .psql(
+                        "postgres",
+                        "SELECT coalesce(pg_last_xact_replay_timestamp()::text, '')",
+                    )
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .and_then(|s| {
+                        DateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f%#z")
+                            .ok()
+                            .map(|t| t.with_timezone(&Utc))
+                    });
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// A database drill. A failed check is a report with `ok: false` (and the failure named);
 /// a restore that cannot be done at all is an error.
 pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
     let started = Utc::now();
     let t0 = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("custos-drill-")
-        .tempdir_in(&o.scratch_parent)
-        .map_err(|e| {
-            Error::config(format!(
-                "cannot make a scratch folder in {}: {e}",
-                o.scratch_parent.display()
-            ))
-            .hint("name a writable folder with enough room for the database: [drill] scratch in custos.toml or --scratch")
-        })?
-        .keep();
-    let mut scratch = Scratch {
-        data: dir.join("data"),
-        dir,
-        bin: None,
-        os_user: o.os_user.clone(),
-    };
-    if let Some(u) = &o.os_user {
-        chown_tree(&scratch.dir, u)?;
-    }
-    let port = free_port()?;
-    let hba = scratch.dir.join("drill_hba.conf");
-    // Only a socket in the scratch folder (0700), trusted: the copy is reachable by no one
-    // else, and its own pg_hba.conf (which may ask for passwords) is not used.
-    std::fs::write(&hba, "local all all trust\n")
-        .map_err(|e| Error::internal(format!("cannot write {}: {e}", hba.display())))?;
-    let socket = scratch.dir.display().to_string();
-    let mut phases = vec![];
-    let mut phase = |name: &str, since: &mut Instant| {
-        phases.push(Phase {
-            name: name.into(),
-            seconds: since.elapsed().as_secs_f64(),
-        });
-        *since = Instant::now();
-    };
-    let mut at = Instant::now();
-    let r = restore_postgres(
+    let c = ScratchCluster::recover(repo, o)?;
+    let mut report = report("db", c.restore.snapshot.clone(), started, None);
+    report.target = serde_json::to_value(&c.restore.target).unwrap_or_default();
+    report.bytes = Some(c.restore.restore.bytes);
+    report.wal_files = crate::postgres::restore::preview(
         repo,
-        &PgRestoreOptions {
-            to: scratch.data.clone(),
-            target: o.target.clone(),
-            snapshot: o.snapshot.clone(),
-            cluster: o.cluster.clone(),
-            delta: false,
-            restore_command: o.restore_command.clone(),
-            extra_settings: vec![
-                format!("port = {port}"),
-                "listen_addresses = ''".into(),
-                format!("unix_socket_directories = '{socket}'"),
-                format!("hba_file = '{}'", hba.display()),
-                "archive_mode = off".into(),
-                "hot_standby = on".into(),
-            ],
-            command_needs: o.command_needs.clone(),
-            progress: o.progress,
-            cold: false,
-        },
-    )?;
-    if let Some(u) = &o.os_user {
-        chown_tree(&scratch.dir, u)?;
-    }
-    phase("restore files", &mut at);
-    let bin = match &o.bin {
-        Some(b) => b.clone(),
-        None => find_bin(&scratch.data)?,
-    };
-    scratch.bin = Some(bin.clone());
-    let user = o.os_user.as_deref();
-    let log = scratch.dir.join("server.log");
-    let mut report = report("db", r.snapshot.clone(), started, None);
-    report.target = serde_json::to_value(&r.target).unwrap_or_default();
-    report.bytes = Some(r.restore.bytes);
-    report.wal_files =
-        crate::postgres::restore::preview(repo, &o.target, Some(&r.snapshot), o.cluster.as_deref())
-            .ok()
-            .map(|p| p.wal_files);
-    let psql = |sql: &str| -> Result<String> {
-        run(
-            pg_cmd(&bin, "psql", user)
-                .args([
-                    "-X",
-                    "-A",
-                    "-t",
-                    "-q",
-                    "-h",
-                    &socket,
-                    "-p",
-                    &port.to_string(),
-                ])
-                .args([
-                    "-U",
-                    &o.db_user,
-                    "-d",
-                    "postgres",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    sql,
-                ]),
-            "psql",
-        )
-    };
-    let started_ok = run(
-        pg_cmd(&bin, "pg_ctl", user)
-            .arg("-D")
-            .arg(&scratch.data)
-            .arg("-l")
-            .arg(&log)
-            .args([
-                "-w",
-                "-t",
-                &o.recovery_timeout.as_secs().max(1).to_string(),
-                "start",
-            ]),
-        "pg_ctl start",
-    );
-    // Recovery ends with a promotion: the drill waits until the copy accepts writes.
-    let recovered = started_ok.and_then(|_| {
-        let deadline = Instant::now() + o.recovery_timeout;
-        loop {
-            match psql("SELECT pg_is_in_recovery()") {
-                Ok(v) if v == "f" => return Ok(()),
-                _ if Instant::now() > deadline => {
-                    return Err(Error::new(
-                        Kind::Check,
-                        format!(
-                            "recovery did not finish within {} s",
-                            o.recovery_timeout.as_secs()
-                        ),
-                    ))
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    });
-    if let Err(e) = recovered {
-        let tail: String = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(8)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n");
-        phase("start and recover", &mut at);
-        report.phases = phases;
-        report.rto_seconds = t0.elapsed().as_secs_f64();
-        report.failure = Some(format!("{}; server log:\n{tail}", e.message));
+        &o.target,
+        Some(&c.restore.snapshot),
+        o.cluster.as_deref(),
+    )
+    .ok()
+    .map(|p| p.wal_files);
+    report.phases = c.phases.clone();
+    report.rto_seconds = t0.elapsed().as_secs_f64();
+    if let Some(f) = &c.failure {
+        report.failure = Some(f.clone());
         return Ok(report);
     }
-    phase("start and recover", &mut at);
-    report.rto_seconds = t0.elapsed().as_secs_f64();
-    // The newest point reached: the last transaction replayed, else the backup's end.
-    let replayed = psql("SELECT coalesce(pg_last_xact_replay_timestamp()::text, '')")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .and_then(|s| {
-            DateTime::parse_from_str(&s, "%Y-%m-%d %H:%M:%S%.f%#z")
-                .ok()
-                .map(|t| t.with_timezone(&Utc))
-        });
-    report.recovered_to = replayed.or(Some(r.backup.stop_time));
+    report.recovered_to = c.replayed.or(Some(c.restore.backup.stop_time));
     report.rpo_seconds = report
         .recovered_to
         .map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0);
+    let at = Instant::now();
     let mut checks = vec![];
     if let Target::Time(t) = &o.target {
-        let ok = replayed.is_none_or(|x| x <= *t);
+        let ok = c.replayed.is_none_or(|x| x <= *t);
         checks.push(CheckResult {
             name: "recovery stopped at the target".into(),
             ok,
             detail: format!(
                 "last transaction replayed {}, target {}",
-                replayed.map_or("none".into(), |x| x.to_rfc3339()),
+                c.replayed.map_or("none".into(), |x| x.to_rfc3339()),
                 t.to_rfc3339()
             ),
         });
     }
     let amcheck = run(
-        pg_cmd(&bin, "pg_amcheck", user)
-            .args(["-h", &socket, "-p", &port.to_string(), "-U", &o.db_user])
+        c.client("pg_amcheck")
             .args(["--all", "--install-missing", "--heapallindexed"]),
         "pg_amcheck",
     );
@@ -394,24 +430,26 @@ pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
             Err(e) => e.message.clone(),
         },
     });
-    for c in &o.checks {
-        let got = psql(&c.sql);
+    for sc in &o.checks {
+        let got = c.psql("postgres", &sc.sql);
         let (ok, detail) = match &got {
-            Ok(v) if v.trim() == c.expect.trim() => (true, format!("returned {v:?}")),
-            Ok(v) => (false, format!("returned {v:?}, expected {:?}", c.expect)),
+            Ok(v) if v.trim() == sc.expect.trim() => (true, format!("returned {v:?}")),
+            Ok(v) => (false, format!("returned {v:?}, expected {:?}", sc.expect)),
             Err(e) => (false, e.message.clone()),
         };
         checks.push(CheckResult {
-            name: c.name.clone(),
+            name: sc.name.clone(),
             ok,
             detail,
         });
     }
-    phase("checks", &mut at);
-    report.phases = phases;
+    report.phases.push(Phase {
+        name: "checks".into(),
+        seconds: at.elapsed().as_secs_f64(),
+    });
     report.checks = checks;
     settle(&mut report);
-    drop(scratch);
+    drop(c);
     Ok(report)
 }
 
