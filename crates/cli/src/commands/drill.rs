@@ -313,7 +313,6 @@ fn db_drill(
     pg_bin: Option<std::path::PathBuf>,
     progress: &dyn custos_ops::progress::Progress,
 ) -> Result<drill::DrillReport> {
-    let d = &ctx.settings.file.drill;
     repo.require_restore("drill")?;
     let target = match &target_time {
         Some(t) => custos_ops::postgres::restore::Target::Time(
@@ -321,40 +320,51 @@ fn db_drill(
         ),
         None => custos_ops::postgres::restore::Target::Latest,
     };
+    let o = db_options(ctx, target, snapshot, cluster, scratch, pg_bin, progress)?;
+    drill::db(repo, &o)
+}
+
+/// A scratch cluster's settings from [drill], the flags and the environment.
+pub(crate) fn db_options<'a>(
+    ctx: &Ctx,
+    target: custos_ops::postgres::restore::Target,
+    snapshot: Option<String>,
+    cluster: Option<String>,
+    scratch: Option<std::path::PathBuf>,
+    pg_bin: Option<std::path::PathBuf>,
+    progress: &'a dyn custos_ops::progress::Progress,
+) -> Result<drill::DbDrillOptions<'a>> {
+    let d = &ctx.settings.file.drill;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    drill::db(
-        repo,
-        &drill::DbDrillOptions {
-            target,
-            snapshot,
-            cluster,
-            scratch_parent: scratch_of(ctx, scratch),
-            bin: pg_bin
-                .or_else(|| d.bin.clone())
-                .or_else(|| ctx.settings.file.postgres.bin.clone()),
-            os_user: root.then(|| d.os_user.clone().unwrap_or_else(|| "postgres".into())),
-            db_user: d.db_user.clone().unwrap_or_else(|| "postgres".into()),
-            restore_command: ctx.settings.restore_command(&ctx.env)?,
-            command_needs: ctx.settings.restore_command_files(&ctx.env),
-            checks: d
-                .checks
-                .iter()
-                .map(|c| drill::SmokeCheck {
-                    name: c.name.clone(),
-                    sql: c.sql.clone(),
-                    expect: c.expect.clone(),
-                })
-                .collect(),
-            recovery_timeout: match &d.recovery_timeout {
-                Some(t) => humantime::parse_duration(t).map_err(|e| {
-                    Error::config(format!("[drill] recovery_timeout = \"{t}\": {e}"))
-                })?,
-                None => std::time::Duration::from_secs(3600),
-            },
-            progress,
+    Ok(drill::DbDrillOptions {
+        target,
+        snapshot,
+        cluster,
+        scratch_parent: scratch_of(ctx, scratch),
+        bin: pg_bin
+            .or_else(|| d.bin.clone())
+            .or_else(|| ctx.settings.file.postgres.bin.clone()),
+        os_user: root.then(|| d.os_user.clone().unwrap_or_else(|| "postgres".into())),
+        db_user: d.db_user.clone().unwrap_or_else(|| "postgres".into()),
+        restore_command: ctx.settings.restore_command(&ctx.env)?,
+        command_needs: ctx.settings.restore_command_files(&ctx.env),
+        checks: d
+            .checks
+            .iter()
+            .map(|c| drill::SmokeCheck {
+                name: c.name.clone(),
+                sql: c.sql.clone(),
+                expect: c.expect.clone(),
+            })
+            .collect(),
+        recovery_timeout: match &d.recovery_timeout {
+            Some(t) => humantime::parse_duration(t)
+                .map_err(|e| Error::config(format!("[drill] recovery_timeout = \"{t}\": {e}")))?,
+            None => std::time::Duration::from_secs(3600),
         },
-    )
+        progress,
+    })
 }
 
 fn list(ctx: &Ctx) -> Result<i32> {

@@ -48,7 +48,7 @@ pub(crate) enum RestoreCommand {
     )]
     Postgres {
         /// The data directory to create (or correct in place with --delta)
-        #[arg(long, required_unless_present = "preview")]
+        #[arg(long, required_unless_present_any = ["preview", "extract_table"])]
         to: Option<PathBuf>,
         /// Recover to this time, with its zone: `2026-01-31 02:00:00+01`, `... UTC`, or RFC 3339
         #[arg(long, value_name = "TIME", group = "target_kind")]
@@ -88,6 +88,21 @@ pub(crate) enum RestoreCommand {
         /// estimated from the throughput measured by earlier drills
         #[arg(long, conflicts_with_all = ["to", "delta"])]
         preview: bool,
+        /// Bring this table back as it was at the target, beside the live ones (repeatable):
+        /// a scratch cluster is recovered, the table copied into --into under --as, the
+        /// scratch removed
+        #[arg(long, value_name = "TABLE", requires = "into", conflicts_with_all = ["to", "delta", "preview"])]
+        extract_table: Vec<String>,
+        /// With --extract-table: the live database to copy into (libpq URL or conninfo; its
+        /// password from ~/.pgpass or PGPASSFILE, never the command line)
+        #[arg(long, value_name = "URL")]
+        into: Option<String>,
+        /// With --extract-table: the new name of each table, in order (default TABLE_restored)
+        #[arg(long = "as", value_name = "NAME")]
+        as_names: Vec<String>,
+        /// With --extract-table: the database in the backup the tables are in
+        #[arg(long, value_name = "NAME", default_value = "postgres")]
+        database: String,
     },
     /// Restore tables of a table snapshot, rebuild their indexes and prove them (row count,
     /// digest, sample nearest neighbours, recall of the rebuilt vector index)
@@ -198,7 +213,25 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             port,
             no_archiving,
             preview,
+            extract_table,
+            into,
+            as_names,
+            database,
         } => {
+            if !extract_table.is_empty() {
+                let target = target_of(target_time, target_lsn, target_xid, target_name, target)?;
+                return extract(
+                    ctx,
+                    &repo,
+                    target,
+                    snapshot,
+                    cluster,
+                    &extract_table,
+                    &as_names,
+                    &database,
+                    &into.unwrap_or_default(),
+                );
+            }
             let to = match (to, preview) {
                 (_, true) | (None, _) => {
                     return preview_postgres(
@@ -471,6 +504,66 @@ fn preview_postgres(
         _ => println!("  no RTO estimate: no database drill has been measured yet (`custos drill db`)"),
     }
     println!("nothing was written");
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn extract(
+    ctx: &Ctx,
+    repo: &custos_repo::Repository,
+    target: custos_ops::postgres::restore::Target,
+    snapshot: Option<String>,
+    cluster: Option<String>,
+    tables: &[String],
+    names: &[String],
+    database: &str,
+    into: &str,
+) -> Result<i32> {
+    if !names.is_empty() && names.len() != tables.len() {
+        return Err(Error::config(format!(
+            "{} --extract-table but {} --as: give one new name per table, or none",
+            tables.len(),
+            names.len()
+        )));
+    }
+    let pairs: Vec<(String, String)> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let n = names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("{}_restored", t.rsplit('.').next().unwrap_or(t)));
+            (t.clone(), n)
+        })
+        .collect();
+    let progress = ctx.out.progress();
+    let o = crate::commands::drill::db_options(
+        ctx,
+        target,
+        snapshot,
+        cluster,
+        None,
+        None,
+        progress.as_ref(),
+    )?;
+    let r = custos_ops::drill::extract_tables(repo, &o, database, &pairs, into)?;
+    ctx.touch(serde_json::json!({"snapshot": r.snapshot, "recovered_to": r.recovered_to, "tables": r.tables}));
+    if ctx.out.json {
+        ctx.out.json(&r);
+    } else {
+        println!(
+            "recovered snapshot {} in a scratch cluster to {} and copied:",
+            &r.snapshot[..8],
+            r.recovered_to.map_or("the backup's end".into(), |t| t
+                .format("%Y-%m-%d %H:%M:%S%.3f UTC")
+                .to_string())
+        );
+        for t in &r.tables {
+            println!("  {} -> {} ({} rows)", t.table, t.restored_as, t.rows);
+        }
+        println!("in {:.1} s; the scratch cluster is removed", r.seconds);
+    }
     Ok(0)
 }
 
