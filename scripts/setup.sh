@@ -18,6 +18,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The auditor's report: its PDF's pages are rendered back to images.
+command -v pdftoppm >/dev/null || need_apt+=(poppler-utils)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

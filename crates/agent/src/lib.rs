@@ -9,6 +9,7 @@
 //! real schedule against a real repository in minutes.
 
 pub mod alerts;
+pub mod audit;
 pub mod config;
 pub mod http;
 pub mod metrics;

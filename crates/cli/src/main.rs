@@ -143,9 +143,12 @@ enum Command {
     /// Alert sinks of custos.toml
     #[command(subcommand)]
     Alert(commands::agent::AlertCommand),
-    /// Reports the agent wrote into the repository
-    #[command(subcommand)]
-    Report(commands::agent::ReportCommand),
+    /// The auditor's report for a period (html, json, pdf; its hash into the trail);
+    /// `report verify FILE`; `report daily`: the agent's daily reports
+    #[command(
+        after_help = "Example:\n  custos report --from 2026-11-01 --to 2026-12-01 --format pdf --out backup-report-2026-11.pdf\n  custos report verify backup-report-2026-11.pdf"
+    )]
+    Report(commands::report::ReportArgs),
     /// Archive one WAL file: use as archive_command = 'custos wal-push %p'
     #[command(
         after_help = "Example:\n  archive_command = '/usr/local/bin/custos --config /etc/custos/db.toml wal-push --async %p'"
@@ -372,7 +375,7 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Config(_) => return None,
         // The agent signs its own entries (each job run, alert and report).
         Command::Agent(_) | Command::Alert(_) => return None,
-        Command::Report(_) => "report daily".into(),
+        Command::Report(r) => return commands::report::trail_name(r),
     })
 }
 
@@ -451,7 +454,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         Command::Copy(a) => commands::copy::cmd_copy(ctx, &a),
         Command::Agent(a) => commands::agent::cmd_agent(ctx, &a),
         Command::Alert(a) => commands::agent::cmd_alert(ctx, &a),
-        Command::Report(r) => commands::agent::cmd_report(ctx, &r),
+        Command::Report(r) => commands::report::cmd_report(ctx, &r),
     }
 }
 

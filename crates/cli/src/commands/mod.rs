@@ -12,6 +12,7 @@ pub mod key;
 pub mod lock;
 pub mod maintenance;
 pub mod pg;
+pub mod report;
 pub mod restore;
 pub mod snapshots;
 pub mod tables;
