@@ -40,8 +40,10 @@ pub(crate) enum DrillCommand {
         /// This snapshot (default: the newest files snapshot, of --source when given)
         #[arg(long)]
         snapshot: Option<String>,
+        /// The newest snapshot of this source (a backed-up path)
         #[arg(long)]
         source: Option<String>,
+        /// Where to make the scratch folder (default [drill] scratch, else the temp folder)
         #[arg(long, value_name = "DIR")]
         scratch: Option<std::path::PathBuf>,
     },
@@ -52,8 +54,10 @@ pub(crate) enum DrillCommand {
         after_help = "Example:\n  custos drill vector --db-url 'host=/run/postgresql dbname=postgres'"
     )]
     Vector {
+        /// This table snapshot (default: the newest)
         #[arg(long)]
         snapshot: Option<String>,
+        /// The server the scratch database is made on (default [postgres] and libpq)
         #[arg(long, value_name = "URL")]
         db_url: Option<String>,
     },
@@ -64,8 +68,10 @@ pub(crate) enum DrillCommand {
     /// source), audit-log; one record
     #[command(after_help = "Example:\n  custos drill full --json")]
     Full {
+        /// The server the vector drill's scratch database is made on
         #[arg(long, value_name = "URL")]
         db_url: Option<String>,
+        /// Where to make scratch folders (default [drill] scratch, else the temp folder)
         #[arg(long, value_name = "DIR")]
         scratch: Option<std::path::PathBuf>,
     },

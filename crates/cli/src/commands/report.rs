@@ -37,7 +37,10 @@ pub(crate) enum ReportSub {
     /// Check a report file: custos issued it from this repository and it is unchanged
     /// (its hash is in the signed trail)
     #[command(after_help = "Example:\n  custos report verify backup-report-2026-11.pdf")]
-    Verify { file: PathBuf },
+    Verify {
+        /// The report file (html, json or pdf) as it was handed over
+        file: PathBuf,
+    },
 }
 
 fn parse_day(s: &str, what: &str) -> Result<chrono::DateTime<chrono::Utc>> {
