@@ -176,7 +176,7 @@ fn collect(v: &serde_json::Value, read: &mut u64, stored: &mut u64, snaps: &mut 
                     .get("bytes_stored")
                     .and_then(|b| b.as_u64())
                     .unwrap_or(0);
-            } else if let Some(b) = o.get("backup") {
+            } else if let Some(b) = o.get("backup").or_else(|| o.get("backups")) {
                 collect(b, read, stored, snaps);
             }
         }

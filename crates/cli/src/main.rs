@@ -77,6 +77,10 @@ enum Command {
     /// List snapshots
     #[command(after_help = "Example:\n  custos snapshots --source /srv/documents --json")]
     Snapshots(commands::snapshots::SnapshotsArgs),
+    /// The recovery points `backup all` recorded: one id binding each source's snapshot
+    /// and the database's WAL position
+    #[command(after_help = "Example:\n  custos points --json")]
+    Points,
     /// List the contents of a snapshot
     #[command(after_help = "Example:\n  custos ls latest --source /srv/documents")]
     Ls(commands::snapshots::LsArgs),
@@ -337,6 +341,7 @@ fn trail_name(c: &Command) -> Option<String> {
         .into(),
         Command::Snapshots(_) => "snapshots".into(),
         Command::Info => "info".into(),
+        Command::Points => return None,
         Command::Ls(_) => "ls".into(),
         Command::Restore(r) => match r {
             RestoreCommand::Files { .. } => "restore files",
@@ -409,6 +414,7 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             commands::snapshots::cmd_snapshots(ctx, source.as_deref())
         }
         Command::Info => commands::snapshots::cmd_info(ctx),
+        Command::Points => commands::snapshots::cmd_points(ctx),
         Command::Ls(commands::snapshots::LsArgs { snapshot, source }) => {
             commands::snapshots::cmd_ls(ctx, &snapshot, source.as_deref())
         }

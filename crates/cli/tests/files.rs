@@ -237,7 +237,17 @@ fn configured_sources_run_from_custos_toml() {
     t.unset("CUSTOS_REPO");
     t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
     let r = t.json(&["backup", "all"]);
-    assert_eq!(r.as_array().unwrap().len(), 2);
+    assert_eq!(r["backups"].as_array().unwrap().len(), 2);
+    // One recovery point binds both snapshots; `points` lists it.
+    let parts = r["point"]["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 2, "{r}");
+    for (p, b) in parts.iter().zip(r["backups"].as_array().unwrap()) {
+        assert_eq!(p["snapshot"], b["snapshot"]);
+    }
+    let points = t.json(&["points"]);
+    assert_eq!(points.as_array().unwrap().len(), 1);
+    assert_eq!(points[0]["id"], r["point"]["id"]);
+    assert_eq!(points[0]["parts"], r["point"]["parts"]);
     let snaps = t.json(&["snapshots"]);
     let sources: Vec<_> = snaps
         .as_array()

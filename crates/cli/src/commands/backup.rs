@@ -410,8 +410,50 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                 }
                 reports.push(r);
             }
+            // One recovery point binds what this run took, and where the database's WAL
+            // was when it ended (what `restore postgres --target-lsn` reaches).
+            let database = if ctx.settings.file.postgres.host.is_some()
+                || ctx.settings.file.postgres.db_url.is_some()
+            {
+                match custos_sources::postgres::db::Db::connect(&ctx.settings.db(None))
+                    .and_then(|db| db.point())
+                {
+                    Ok((sys, lsn, at)) => {
+                        serde_json::json!({"system_id": sys.to_string(), "lsn": lsn.to_string(), "time": at})
+                    }
+                    Err(e) => serde_json::json!({"error": e.message}),
+                }
+            } else {
+                serde_json::Value::Null
+            };
+            let time = chrono::Utc::now();
+            let mut h = blake3::Hasher::new();
+            h.update(time.to_rfc3339().as_bytes());
+            for r in &reports {
+                h.update(r.snapshot.to_string().as_bytes());
+            }
+            let point = serde_json::json!({
+                "id": h.finalize().to_hex()[..16].to_string(),
+                "time": time,
+                "parts": reports.iter().map(|r| serde_json::json!({
+                    "source": r.source, "kind": r.kind.as_str(), "snapshot": r.snapshot,
+                })).collect::<Vec<_>>(),
+                "database": database,
+            });
+            ctx.touch(serde_json::json!({"point": point}));
             if ctx.out.json {
-                ctx.out.json(&reports);
+                ctx.out
+                    .json(&serde_json::json!({"backups": reports, "point": point}));
+            } else if !ctx.out.quiet {
+                println!(
+                    "recovery point {}: {} part(s){}",
+                    point["id"].as_str().unwrap_or(""),
+                    reports.len(),
+                    point["database"]["lsn"]
+                        .as_str()
+                        .map(|l| format!(", database at WAL {l}"))
+                        .unwrap_or_default()
+                );
             }
             Ok(code)
         }

@@ -285,3 +285,46 @@ pub(crate) fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32>
     }
     Ok(0)
 }
+
+/// `custos points`: the recovery points `backup all` recorded in the trail, newest last:
+/// its id, time, each part's snapshot and where the database's WAL was.
+pub(crate) fn cmd_points(ctx: &Ctx) -> Result<i32> {
+    let repo = ctx.open()?;
+    let points: Vec<serde_json::Value> = repo
+        .trail_verify()?
+        .into_iter()
+        .filter_map(|r| r.entry)
+        .filter(|e| e.command == "backup all" && e.touched.get("point").is_some())
+        .map(|e| e.touched["point"].clone())
+        .collect();
+    if ctx.out.json {
+        ctx.out.json(&points);
+        return Ok(0);
+    }
+    if points.is_empty() {
+        println!("no recovery point yet: `custos backup all` records one");
+    }
+    for p in &points {
+        println!(
+            "{}  {}  {} part(s){}",
+            p["id"].as_str().unwrap_or(""),
+            p["time"].as_str().unwrap_or(""),
+            p["parts"].as_array().map_or(0, |a| a.len()),
+            p["database"]["lsn"]
+                .as_str()
+                .map(|l| format!(", database WAL {l}"))
+                .unwrap_or_default()
+        );
+        for part in p["parts"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<10} {:<8} {}",
+                part["kind"].as_str().unwrap_or(""),
+                part["snapshot"]
+                    .as_str()
+                    .map_or("", |s| &s[..s.len().min(8)]),
+                custos_model::path::escape(part["source"].as_str().unwrap_or(""))
+            );
+        }
+    }
+    Ok(0)
+}

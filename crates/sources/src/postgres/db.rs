@@ -101,6 +101,23 @@ impl Db {
             .map_err(|e| db_err("querying the cluster", e))
     }
 
+    /// Where the cluster's WAL is now (a recovery point binds it), its system id and
+    /// clock; then a switch to a new segment, so the archive holds this point soon.
+    pub fn point(&self) -> Result<(u64, Lsn, DateTime<Utc>)> {
+        let r = self.one(
+            "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
+             pg_current_wal_lsn()::text, clock_timestamp()",
+        )?;
+        let sys = r
+            .get::<_, String>(0)
+            .parse()
+            .map_err(|_| Error::internal("bad system identifier"))?;
+        let lsn: Lsn = r.get::<_, String>(1).parse()?;
+        let at: DateTime<Utc> = r.get(2);
+        self.one("SELECT pg_switch_wal()::text")?;
+        Ok((sys, lsn, at))
+    }
+
     pub fn archiver(&self) -> Result<ArchiverStatus> {
         let r = self.one(
             "SELECT current_setting('archive_mode'), current_setting('archive_command'), \
