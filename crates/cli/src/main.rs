@@ -351,6 +351,7 @@ fn trail_name(c: &Command) -> Option<String> {
             RestoreCommand::Table(_) => "restore table",
             RestoreCommand::AuditLog(_) => "restore audit-log",
             RestoreCommand::Dump(_) => "restore dump",
+            RestoreCommand::All { .. } => "restore all",
         }
         .into(),
         Command::Verify(_) => "verify".into(),

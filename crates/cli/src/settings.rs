@@ -48,6 +48,23 @@ pub struct ConfigFile {
     /// `custos drill`: where scratch restores go, how they are proven.
     #[serde(default)]
     pub drill: DrillSection,
+    /// `custos restore all`: what runs before, after, and when a step fails.
+    #[serde(default)]
+    pub restore_all: RestoreAllSection,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreAllSection {
+    /// Commands (`sh -c`) before anything is restored (the seed: stop the application).
+    #[serde(default)]
+    pub pre: Vec<String>,
+    /// Commands after every part is back (restart the application).
+    #[serde(default)]
+    pub post: Vec<String>,
+    /// Commands when a step fails.
+    #[serde(default)]
+    pub on_failure: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]

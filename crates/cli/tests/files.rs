@@ -478,3 +478,86 @@ fn include_restores_into_documents_documents_and_ls_latest_picks_another_snapsho
     let err = t.fails(&["key", "add", "--role", "backup"], 2);
     assert!(err.contains("CUSTOS_NEW_PASSWORD_FILE"), "{err}");
 }
+
+/// `restore all --point`: every part of one recovery point back as it was, the hooks in
+/// order around it; a failing pre-hook stops the run before anything is touched and runs
+/// the failure hook.
+#[test]
+fn restore_all_brings_back_a_point_with_its_hooks_in_order() {
+    let mut t = T::new();
+    let src = t.path("docs");
+    make_tree(&src, 9, 15, 40_000);
+    let state = t.path("state.json");
+    std::fs::write(&state, r#"{"serial": 87}"#).unwrap();
+    let log = t.path("hooks.log");
+    let cfg = t.path("custos.toml");
+    let repo = t.repo.clone();
+    let write = |pre: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[repository]\nurl = \"{}\"\n\n[[source]]\nname = \"documents\"\nkind = \"files\"\npaths = [\"{}\"]\n\n\
+                 [[source]]\nname = \"terraform-state\"\nkind = \"stream\"\ncommand = \"cat {}\"\n\n\
+                 [restore_all]\npre = [\"{pre}\"]\npost = [\"echo post $CUSTOS_POINT >> {log}\"]\non_failure = [\"echo failed >> {log}\"]\n",
+                repo,
+                src.display(),
+                state.display(),
+                log = log.display()
+            ),
+        )
+        .unwrap();
+    };
+    write(&format!("echo pre >> {}", log.display()));
+    t.unset("CUSTOS_REPO");
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    let b = t.json(&["backup", "all"]);
+    let id = b["point"]["id"].as_str().unwrap().to_string();
+    let want_docs = describe(&src);
+    // Later changes are not in the point.
+    std::fs::write(&state, r#"{"serial": 88}"#).unwrap();
+    std::fs::write(src.join("later.txt"), "after the point").unwrap();
+    t.ok(&["backup", "all"]);
+
+    let out = t.path("restored");
+    let r = t.json(&[
+        "restore",
+        "all",
+        "--point",
+        &id[..8],
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r["point"], id.as_str());
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps.first().copied(),
+        Some(format!("pre-hook: echo pre >> {}", log.display()).as_str())
+    );
+    assert!(steps.last().unwrap().starts_with("post-hook"), "{steps:?}");
+    assert_eq!(describe(&out.join("documents")), want_docs);
+    assert_eq!(
+        std::fs::read_to_string(out.join("terraform-state")).unwrap(),
+        r#"{"serial": 87}"#
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("pre\npost {id}\n")
+    );
+
+    // A failing pre-hook: nothing restored, the failure hook ran, the step is named.
+    std::fs::remove_file(&log).unwrap();
+    write("exit 3");
+    let out2 = t.path("restored2");
+    let e = t.fails(&["restore", "all", "--to", out2.to_str().unwrap()], 17);
+    assert!(e.contains("pre-hook") && e.contains("exit 3"), "{e}");
+    assert!(
+        !out2.exists(),
+        "something was restored after a failed pre-hook"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "failed\n");
+}

@@ -314,6 +314,7 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
                 .collect();
             let mut reports = vec![];
             let mut code = 0;
+            let names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
             for s in sources {
                 let opts = backup::BackupOptions {
                     tags: vec![s.name.clone()],
@@ -435,8 +436,8 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             let point = serde_json::json!({
                 "id": h.finalize().to_hex()[..16].to_string(),
                 "time": time,
-                "parts": reports.iter().map(|r| serde_json::json!({
-                    "source": r.source, "kind": r.kind.as_str(), "snapshot": r.snapshot,
+                "parts": reports.iter().zip(&names).map(|(r, name)| serde_json::json!({
+                    "name": name, "source": r.source, "kind": r.kind.as_str(), "snapshot": r.snapshot,
                 })).collect::<Vec<_>>(),
                 "database": database,
             });

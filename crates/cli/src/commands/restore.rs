@@ -121,6 +121,21 @@ pub(crate) enum RestoreCommand {
         after_help = "Example:\n  custos restore dump latest --db-url postgresql://postgres@localhost/scratch --table patients"
     )]
     Dump(crate::commands::tables::DumpRestoreArgs),
+    /// Restore every part of one recovery point (`custos points`) into a folder: files
+    /// and configuration as they were, the database's data directory recovering to the
+    /// point's WAL position; [restore_all] pre, post and on_failure hooks around it, each
+    /// step timed; a failed step stops the run and says which
+    #[command(
+        after_help = "Example:\n  custos restore all --point 3f2a9c0d11e4b7a2 --to /srv/restore/2026-12-04"
+    )]
+    All {
+        /// The recovery point's id (default: the newest)
+        #[arg(long)]
+        point: Option<String>,
+        /// The folder to restore into (created; must be empty)
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Write an env snapshot as an env file: plain values, and secrets as comments naming
     /// where they live
     #[command(
@@ -371,6 +386,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 }
             }
         }
+        RestoreCommand::All { point, to } => return restore_all(ctx, &repo, point.as_deref(), &to),
         RestoreCommand::Env(a) => return crate::commands::config::restore_env(ctx, &repo, a),
         RestoreCommand::Table(a) => return crate::commands::tables::restore_table(ctx, &repo, a),
         RestoreCommand::AuditLog(a) => {
@@ -390,6 +406,220 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Runs a hook (`sh -c`), with the point and the folder in its environment.
+fn hook(cmd: &str, point: &str, to: &std::path::Path) -> Result<()> {
+    let o = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .env("CUSTOS_POINT", point)
+        .env("CUSTOS_RESTORE_DIR", to)
+        .output()
+        .map_err(|e| Error::config(format!("cannot run hook `{cmd}`: {e}")))?;
+    if !o.status.success() {
+        return Err(Error::new(
+            custos_model::Kind::Source,
+            format!(
+                "hook `{cmd}` failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A source name as one folder name.
+fn folder_name(s: &str) -> String {
+    let n: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    n.trim_start_matches('.').to_string()
+}
+
+/// One timed step of `restore all`: its name and what it does (a line of detail).
+type Step<'a> = dyn FnMut(String, &mut dyn FnMut() -> Result<String>) -> Result<()> + 'a;
+
+fn restore_all(
+    ctx: &Ctx,
+    repo: &custos_repo::Repository,
+    point: Option<&str>,
+    to: &std::path::Path,
+) -> Result<i32> {
+    let points: Vec<serde_json::Value> = repo
+        .trail_verify()?
+        .into_iter()
+        .filter_map(|r| r.entry)
+        .filter(|e| {
+            e.command == "backup all" && e.result == "ok" && e.touched.get("point").is_some()
+        })
+        .map(|e| e.touched["point"].clone())
+        .collect();
+    let p = match point {
+        Some(id) => points
+            .iter()
+            .find(|p| p["id"].as_str().is_some_and(|x| x.starts_with(id))),
+        None => points.last(),
+    }
+    .ok_or_else(|| {
+        Error::new(
+            custos_model::Kind::NotFound,
+            format!("there is no recovery point {}", point.unwrap_or("")),
+        )
+        .hint("`custos points` lists them; `custos backup all` records one")
+    })?
+    .clone();
+    let id = p["id"].as_str().unwrap_or("").to_string();
+    if to.exists()
+        && std::fs::read_dir(to)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::config(format!("{} is not empty", to.display()))
+            .hint("restore all writes into a new or empty folder"));
+    }
+    let hooks = &ctx.settings.file.restore_all;
+    let mut steps: Vec<serde_json::Value> = vec![];
+    let started = std::time::Instant::now();
+    let mut step = |name: String, f: &mut dyn FnMut() -> Result<String>| -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = f();
+        let secs = t.elapsed().as_secs_f64();
+        match &r {
+            Ok(d) => {
+                if !ctx.out.quiet && !ctx.out.json {
+                    println!("  {name:<40} {secs:>7.1} s  {d}");
+                }
+                steps.push(
+                    serde_json::json!({"step": name, "seconds": secs, "ok": true, "detail": d}),
+                );
+            }
+            Err(e) => {
+                steps.push(serde_json::json!({"step": name, "seconds": secs, "ok": false, "detail": e.message}));
+            }
+        }
+        r.map(|_| ())
+            .map_err(|e| e.context(format!("restore all stopped at `{name}`")))
+    };
+    let run = |step: &mut Step| -> Result<()> {
+        for h in &hooks.pre {
+            step(format!("pre-hook: {h}"), &mut || {
+                hook(h, &id, to).map(|_| "ok".into())
+            })?;
+        }
+        std::fs::create_dir_all(to)
+            .map_err(|e| custos_model::error::io_error(custos_model::Kind::Config, to, e))?;
+        for part in p["parts"].as_array().into_iter().flatten() {
+            let (Some(sid), Some(source), Some(kind)) = (
+                part["snapshot"].as_str(),
+                part["source"].as_str(),
+                part["kind"].as_str(),
+            ) else {
+                continue;
+            };
+            let snap = repo.find_snapshot(sid, |_: &custos_repo::SnapshotSummary| true)?;
+            let dest = to.join(folder_name(part["name"].as_str().unwrap_or(source)));
+            step(format!("{kind} {source}"), &mut || {
+                ctx.cold_gate(repo, &snap)?;
+                let body = repo.snapshot_body(&snap.id)?;
+                match kind {
+                    "table" | "audit-log" | "dump" => Ok(format!(
+                        "rows are in the database restored to the point; the export stays in snapshot {} (`custos restore {kind}`)",
+                        &sid[..8]
+                    )),
+                    "env" => {
+                        let text = custos_ops::config::env_file(repo, &snap)?;
+                        std::fs::write(dest.with_extension("env"), text)
+                            .map_err(|e| Error::internal(e.to_string()))?;
+                        Ok(format!("{}.env", dest.display()))
+                    }
+                    _ if body.manifest.is_empty() => {
+                        let mut f = std::fs::File::create(&dest)
+                            .map_err(|e| Error::internal(format!("{}: {e}", dest.display())))?;
+                        let n = restore::restore_stream(repo, &snap, &mut f)?;
+                        Ok(format!("{} ({})", dest.display(), ByteSize(n)))
+                    }
+                    _ => {
+                        let progress = ctx.out.progress();
+                        let r = restore::restore_files(
+                            repo,
+                            &snap,
+                            &dest,
+                            &restore::RestoreOptions {
+                                subtree: None,
+                                include: vec![],
+                                overwrite: false,
+                                delta: false,
+                                progress: progress.as_ref(),
+                            },
+                        )?;
+                        Ok(format!("{} ({} files, {})", dest.display(), r.files, ByteSize(r.bytes)))
+                    }
+                }
+            })?;
+        }
+        if let Some(lsn) = p["database"]["lsn"].as_str() {
+            let dir = to.join("postgres");
+            step(format!("database to WAL {lsn}"), &mut || {
+                use custos_ops::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
+                let progress = ctx.out.progress();
+                let r = restore_postgres(
+                    repo,
+                    &PgRestoreOptions {
+                        to: dir.clone(),
+                        target: Target::Lsn(lsn.parse()?),
+                        snapshot: None,
+                        cluster: p["database"]["system_id"].as_str().map(String::from),
+                        delta: false,
+                        restore_command: ctx.settings.restore_command(&ctx.env)?,
+                        extra_settings: vec!["archive_mode = off".into()],
+                        command_needs: ctx.settings.restore_command_files(&ctx.env),
+                        progress: progress.as_ref(),
+                        cold: ctx.request_cold,
+                    },
+                )?;
+                Ok(format!(
+                    "{} from snapshot {}; start it to replay to the point",
+                    r.data_directory,
+                    &r.snapshot[..8]
+                ))
+            })?;
+        }
+        for h in &hooks.post {
+            step(format!("post-hook: {h}"), &mut || {
+                hook(h, &id, to).map(|_| "ok".into())
+            })?;
+        }
+        Ok(())
+    };
+    let result = run(&mut step);
+    if let Err(e) = &result {
+        for h in &hooks.on_failure {
+            if let Err(f) = hook(h, &id, to) {
+                eprintln!("custos: warning: {}", f.message);
+            }
+        }
+        ctx.touch(serde_json::json!({"point": id, "steps": steps, "error": e.message}));
+    } else {
+        ctx.touch(serde_json::json!({"point": id, "steps": steps, "seconds": started.elapsed().as_secs_f64()}));
+        if ctx.out.json {
+            ctx.out.json(&serde_json::json!({"point": id, "steps": steps, "seconds": started.elapsed().as_secs_f64()}));
+        } else {
+            println!(
+                "recovery point {id} restored into {} in {:.1} s",
+                to.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    result.map(|_| 0)
 }
 
 fn target_of(
