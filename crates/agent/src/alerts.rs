@@ -16,7 +16,7 @@ use crate::config::SinkSpec;
 /// A condition that holds now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
-    /// `wal_archive_lag`, `job_failed`, `backup_stale`, `verify_failed`, `key_age`,
+    /// `wal_archive_lag`, `job_failed`, `backup_stale`, `verify_failed`, `drill_failed`, `key_age`,
     /// `repository_unreachable`, `database_unreachable`.
     pub alert: String,
     /// What it is about: `cluster main`, `job files-hourly`, `category database`.

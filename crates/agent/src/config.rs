@@ -29,6 +29,13 @@ pub struct JobSpec {
     pub exclusive: bool,
 }
 
+impl JobSpec {
+    /// A restore drill (`custos drill ...`): a failed one is the `drill_failed` alert.
+    pub fn drills(&self) -> bool {
+        self.argv.first().is_some_and(|a| a == "drill")
+    }
+}
+
 /// A row of the status page: one kind of data the seed backs up.
 #[derive(Debug, Clone)]
 pub struct Category {

@@ -99,6 +99,17 @@ impl Shared {
             .map(|r| (r.end, r.outcome == Outcome::Ok))
     }
 
+    /// The newest restore drill's end and whether it passed.
+    pub fn last_drill(&self) -> Option<(DateTime<Utc>, bool)> {
+        self.cfg
+            .jobs
+            .iter()
+            .filter(|j| j.drills())
+            .filter_map(|j| self.store.jobs.get(&j.name)?.last.as_ref())
+            .max_by_key(|r| r.end)
+            .map(|r| (r.end, r.outcome == Outcome::Ok))
+    }
+
     /// The newest point the category can be restored to: for the database the archive's
     /// restorable end (or the newest archived segment), else the newest snapshot; what
     /// the jobs of this agent last produced counts too.
@@ -211,12 +222,18 @@ impl Shared {
                 out.push(Condition {
                     alert: if j.verifies {
                         "verify_failed"
+                    } else if j.drills() {
+                        "drill_failed"
                     } else {
                         "job_failed"
                     }
                     .into(),
                     subject: format!("job {}", j.name),
-                    severity: if j.verifies { "critical" } else { "warning" },
+                    severity: if j.verifies || j.drills() {
+                        "critical"
+                    } else {
+                        "warning"
+                    },
                     summary: format!(
                         "job `{}` {} at {} after {} attempt(s){}",
                         j.name,

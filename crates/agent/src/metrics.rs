@@ -362,6 +362,7 @@ pub const ALERT_NAMES: &[&str] = &[
     "job_failed",
     "backup_stale",
     "verify_failed",
+    "drill_failed",
     "key_age",
     "repository_unreachable",
     "database_unreachable",

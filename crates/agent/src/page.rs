@@ -144,6 +144,11 @@ pub fn status_html(s: &Shared, now: DateTime<Utc>) -> String {
         Some((t, false)) => format!("FAILED {}", when(t, now)),
         None => "none yet".into(),
     };
+    let drill = match s.last_drill() {
+        Some((t, true)) => format!("passed {}", when(t, now)),
+        Some((t, false)) => format!("FAILED {}", when(t, now)),
+        None => "none yet".into(),
+    };
     let categories: Vec<Value> = s
         .cfg
         .categories
@@ -257,7 +262,7 @@ pub fn status_html(s: &Shared, now: DateTime<Utc>) -> String {
             reload_error => s.reload_error,
             categories => categories,
             verify => verify,
-            drill => "no drills yet",
+            drill => drill,
             wal => wal,
             jobs => jobs,
             alerts => alerts,

@@ -1110,3 +1110,53 @@ max_lag = "3s"
         t.json(&["snapshots"])
     );
 }
+
+/// A restore drill the agent runs: one that fails is the critical `drill_failed` alert and
+/// the status page says so; once there is something to restore the next run passes, the
+/// alert resolves and the page shows the passed drill.
+#[test]
+fn a_failed_drill_alerts_and_the_status_page_shows_the_last_drill() {
+    let t = T::new();
+    let state = t.path("agent-state");
+    let scratch = t.path("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let cfg = t.path("custos.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\nretry_base = \"1s\"\n\n[drill]\nscratch = \"{}\"\n\n\
+             [[job]]\nname = \"drill-files\"\nrun = \"drill-files\"\nschedule = \"*/2 * * * * *\"\nretries = 0\n",
+            state.display(),
+            scratch.display()
+        ),
+    )
+    .unwrap();
+    let a = Agent::start(&t, &cfg, &[]);
+    // Nothing backed up yet: the drill has nothing to restore and fails.
+    wait_for("the drill_failed alert", 60, || {
+        metric(
+            &a.get("/metrics").1,
+            "custos_alerts_firing{alert=\"drill_failed\"}",
+        ) == Some(1.0)
+    });
+    assert!(
+        a.get("/").1.contains("FAILED"),
+        "the status page hides the failed drill"
+    );
+    let src = t.path("src");
+    make_tree(&src, 4, 6, 20_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    wait_for("the alert to resolve", 60, || {
+        metric(
+            &a.get("/metrics").1,
+            "custos_alerts_firing{alert=\"drill_failed\"}",
+        ) == Some(0.0)
+    });
+    let page = a.get("/").1;
+    assert!(page.contains("passed"), "{page}");
+    assert!(a.stop().success());
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "scratch left behind"
+    );
+}
