@@ -8,8 +8,20 @@ use common::*;
 
 use custos_testkit::{pg18_bin, PgCluster};
 
-#[test]
-fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
+/// A PostgreSQL 18 cluster archiving through custos into a repository whose custos.toml
+/// holds `[drill]` (a scratch folder, the binaries, and `checks`): the repository's T,
+/// the backup key's (its PGHOST/PGPORT set), the restore key's reading that custos.toml,
+/// the cluster, the scratch folder, the config's path.
+struct Setup {
+    t: T,
+    backup: T,
+    restorer: T,
+    pg: PgCluster,
+    scratch: std::path::PathBuf,
+    cfg: std::path::PathBuf,
+}
+
+fn setup(checks: &str) -> Setup {
     let (t, cbin, cfg) = pg_repo();
     let (mut backup, restorer, _out) = pg_roles(&t, &cfg);
     let bin = pg18_bin();
@@ -23,30 +35,50 @@ fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
     pg.start();
     backup.set("PGHOST", pg.dir.to_str().unwrap());
     backup.set("PGPORT", &pg.port.to_string());
-    // The drill's smoke checks and where its scratch clusters go.
     let scratch = t.path("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     custos_testkit::give_to_postgres(&scratch);
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str(&format!(
-        "[drill]\nscratch = \"{}\"\nbin = \"{}\"\n\
-         [[drill.check]]\nname = \"the ledger has rows\"\nsql = \"SELECT count(*) > 0 FROM ledger\"\nexpect = \"t\"\n\
-         [[drill.check]]\nname = \"pgbench's accounts are whole\"\nsql = \"SELECT count(*) FROM pgbench_accounts\"\nexpect = \"300000\"\n",
+        "[drill]\nscratch = \"{}\"\nbin = \"{}\"\n{checks}",
         scratch.display(),
         bin.display()
     ));
     std::fs::write(&cfg, text).unwrap();
+    let mut r = restorer.with_password("unused");
+    r.envs = restorer.envs.clone();
+    r.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    r.run_as = Some("postgres".into());
+    Setup {
+        t,
+        backup,
+        restorer: r,
+        pg,
+        scratch,
+        cfg,
+    }
+}
 
+#[test]
+fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
+    // The drill's smoke checks.
+    let Setup {
+        t,
+        backup,
+        restorer: drill,
+        pg,
+        scratch,
+        cfg,
+    } = setup(
+        "[[drill.check]]\nname = \"the ledger has rows\"\nsql = \"SELECT count(*) > 0 FROM ledger\"\nexpect = \"t\"\n\
+         [[drill.check]]\nname = \"pgbench's accounts are whole\"\nsql = \"SELECT count(*) FROM pgbench_accounts\"\nexpect = \"300000\"\n",
+    );
     let mut load = start_ledger_load(&t, &pg, 3, 150, 12);
     sleep_ms(1500);
     let full = backup.json(&["backup", "postgres", "--type", "full"]);
     let full_id = full["snapshot"].as_str().unwrap().to_string();
     sleep_ms(3000);
 
-    let mut drill = restorer.with_password("unused");
-    drill.envs = restorer.envs.clone();
-    drill.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
-    drill.run_as = Some("postgres".into());
     let r = drill.json(&["drill", "db"]);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["snapshot"], full_id.as_str());
@@ -224,29 +256,15 @@ fn a_files_drill_and_a_full_drill_prove_files_and_name_a_damaged_pack() {
 /// to the commit; a name that is taken or not a plain name is refused before anything.
 #[test]
 fn extract_table_brings_back_the_rows_as_they_were_beside_the_live_table() {
-    let (t, cbin, cfg) = pg_repo();
-    let (mut backup, restorer, _out) = pg_roles(&t, &cfg);
-    let bin = pg18_bin();
-    let conf = format!(
-        "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
-         track_commit_timestamp = on\narchive_timeout = 1\n",
-        cbin.display(),
-        cfg.display()
-    );
-    let pg = PgCluster::init(bin.clone(), &conf);
-    pg.start();
-    backup.set("PGHOST", pg.dir.to_str().unwrap());
-    backup.set("PGPORT", &pg.port.to_string());
-    let scratch = t.path("scratch");
-    std::fs::create_dir_all(&scratch).unwrap();
-    custos_testkit::give_to_postgres(&scratch);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!(
-        "[drill]\nscratch = \"{}\"\nbin = \"{}\"\n",
-        scratch.display(),
-        bin.display()
-    ));
-    std::fs::write(&cfg, text).unwrap();
+    // `_t` holds the repository's folder until the test ends.
+    let Setup {
+        t: _t,
+        backup,
+        restorer: r,
+        pg,
+        scratch,
+        ..
+    } = setup("");
     pg.psql(
         "CREATE TABLE ledger (id bigserial PRIMARY KEY, patient int NOT NULL, note text NOT NULL)",
     );
@@ -267,10 +285,6 @@ fn extract_table_brings_back_the_rows_as_they_were_beside_the_live_table() {
     sleep_ms(2500);
     let live_want = pg.psql("SELECT count(*) FROM ledger");
 
-    let mut r = restorer.with_password("unused");
-    r.envs = restorer.envs.clone();
-    r.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
-    r.run_as = Some("postgres".into());
     let into = format!(
         "host={} port={} dbname=postgres user=postgres",
         pg.dir.display(),
