@@ -87,6 +87,41 @@ pub struct DrillReport {
     pub wal_files: Option<u64>,
 }
 
+impl DrillReport {
+    /// A report with no phase or check yet; the RPO measured from `recovered_to`.
+    fn new(
+        kind: &str,
+        snapshot: String,
+        started: DateTime<Utc>,
+        recovered_to: Option<DateTime<Utc>>,
+    ) -> DrillReport {
+        DrillReport {
+            kind: kind.into(),
+            ok: false,
+            snapshot,
+            target: serde_json::Value::Null,
+            started,
+            phases: vec![],
+            checks: vec![],
+            rto_seconds: 0.0,
+            recovered_to,
+            rpo_seconds: recovered_to
+                .map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0),
+            failure: None,
+            bytes: None,
+            wal_files: None,
+        }
+    }
+
+    /// A drill that could not run at all (`drill full` goes on with the others).
+    pub fn failed(kind: &str, why: String) -> DrillReport {
+        DrillReport {
+            failure: Some(why),
+            ..DrillReport::new(kind, String::new(), Utc::now(), None)
+        }
+    }
+}
+
 /// The PostgreSQL binaries for a data directory's major version: `/usr/lib/postgresql/N/bin`
 /// (Debian), else the folder of `pg_ctl` on PATH when its version matches.
 pub fn find_bin(data: &Path) -> Result<PathBuf> {
@@ -404,7 +439,7 @@ pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
     let started = Utc::now();
     let t0 = Instant::now();
     let c = ScratchCluster::recover(repo, o)?;
-    let mut report = report("db", c.restore.snapshot.clone(), started, None);
+    let mut report = DrillReport::new("db", c.restore.snapshot.clone(), started, None);
     report.target = serde_json::to_value(&c.restore.target).unwrap_or_default();
     report.bytes = Some(c.restore.restore.bytes);
     report.wal_files = crate::postgres::restore::preview(
@@ -475,29 +510,6 @@ pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
     Ok(report)
 }
 
-fn report(
-    kind: &str,
-    snapshot: String,
-    started: DateTime<Utc>,
-    recovered_to: Option<DateTime<Utc>>,
-) -> DrillReport {
-    DrillReport {
-        kind: kind.into(),
-        ok: false,
-        snapshot,
-        target: serde_json::Value::Null,
-        started,
-        phases: vec![],
-        checks: vec![],
-        rto_seconds: 0.0,
-        recovered_to,
-        rpo_seconds: recovered_to.map(|t| (started - t).num_milliseconds().max(0) as f64 / 1000.0),
-        failure: None,
-        bytes: None,
-        wal_files: None,
-    }
-}
-
 fn settle(r: &mut DrillReport) {
     r.ok = r.checks.iter().all(|c| c.ok);
     r.failure = r
@@ -549,7 +561,7 @@ pub fn files(
             ))
             .hint("name a writable folder with room for the files: [drill] scratch or --scratch")
         })?;
-    let mut r = report(
+    let mut r = DrillReport::new(
         "files",
         snap.id.to_string(),
         started,
@@ -609,7 +621,7 @@ pub fn vector(
 ) -> Result<DrillReport> {
     let started = Utc::now();
     let t0 = Instant::now();
-    let mut r = report(
+    let mut r = DrillReport::new(
         "vector",
         snap.id.to_string(),
         started,
@@ -666,7 +678,7 @@ pub fn audit_log(repo: &Repository, min_retention: chrono::Duration) -> Result<D
             .hint("export one with `custos backup audit-log --table T --order-by C`"));
     }
     let newest = chains.iter().filter_map(|c| c.last_time).max();
-    let mut r = report("audit-log", String::new(), started, newest);
+    let mut r = DrillReport::new("audit-log", String::new(), started, newest);
     r.phases.push(Phase {
         name: "read and follow the chains".into(),
         seconds: t0.elapsed().as_secs_f64(),

@@ -269,6 +269,16 @@ impl LockClient {
         Ok((status, h, b))
     }
 
+    /// An S3 XML answer, or an error naming what it was and that custos cannot read it.
+    fn xml<T: serde::de::DeserializeOwned>(&self, body: &[u8], what: &str) -> Result<T> {
+        quick_xml::de::from_reader(body).map_err(|e| {
+            Error::new(
+                Kind::Storage,
+                format!("{}: {what} custos cannot read: {e}", self.location),
+            )
+        })
+    }
+
     fn failed(&self, what: &str, path: &str, status: StatusCode, body: &[u8]) -> Error {
         let code = error_code(body);
         if status == StatusCode::FORBIDDEN && (code == "AccessDenied" || code.is_empty()) {
@@ -314,15 +324,7 @@ impl LockClient {
                 &body,
             ));
         }
-        let c: LockConfiguration = quick_xml::de::from_reader(&body[..]).map_err(|e| {
-            Error::new(
-                Kind::Storage,
-                format!(
-                    "{}: an Object Lock configuration custos cannot read: {e}",
-                    self.location
-                ),
-            )
-        })?;
+        let c: LockConfiguration = self.xml(&body, "an Object Lock configuration")?;
         if c.object_lock_enabled.as_deref() != Some("Enabled") {
             return Ok(None);
         }
@@ -395,15 +397,7 @@ impl LockClient {
         if !st.is_success() {
             return Err(self.failed("read the retention of", path, st, &body));
         }
-        let r: RetentionXml = quick_xml::de::from_reader(&body[..]).map_err(|e| {
-            Error::new(
-                Kind::Storage,
-                format!(
-                    "{}: a retention of `{path}` custos cannot read: {e}",
-                    self.location
-                ),
-            )
-        })?;
+        let r: RetentionXml = self.xml(&body, &format!("a retention of `{path}`"))?;
         let (Some(mode), Some(until)) = (
             r.mode.as_deref().and_then(LockMode::from_s3),
             r.retain_until_date
@@ -465,15 +459,7 @@ impl LockClient {
             if !st.is_success() {
                 return Err(self.failed("list the versions of", path, st, &body));
             }
-            let v: VersionsXml = quick_xml::de::from_reader(&body[..]).map_err(|e| {
-                Error::new(
-                    Kind::Storage,
-                    format!(
-                        "{}: a version listing custos cannot read: {e}",
-                        self.location
-                    ),
-                )
-            })?;
+            let v: VersionsXml = self.xml(&body, "a version listing")?;
             out.extend(
                 v.version
                     .into_iter()

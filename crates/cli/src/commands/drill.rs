@@ -142,21 +142,7 @@ fn full(ctx: &Ctx, db_url: Option<String>, scratch: Option<std::path::PathBuf>) 
     let repo = ctx.open_to_restore()?;
     let snaps = repo.snapshots()?;
     let mut reports = vec![];
-    let failed = |kind: &str, e: Error| drill::DrillReport {
-        kind: kind.into(),
-        ok: false,
-        snapshot: String::new(),
-        target: serde_json::Value::Null,
-        started: chrono::Utc::now(),
-        phases: vec![],
-        checks: vec![],
-        rto_seconds: 0.0,
-        recovered_to: None,
-        rpo_seconds: None,
-        failure: Some(e.message),
-        bytes: None,
-        wal_files: None,
-    };
+    let failed = |kind: &str, e: Error| drill::DrillReport::failed(kind, e.message);
     if snaps.iter().any(|s| s.summary.pg.is_some()) {
         let progress = ctx.out.progress();
         reports.push(

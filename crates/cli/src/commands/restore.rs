@@ -453,14 +453,9 @@ fn restore_all(
     point: Option<&str>,
     to: &std::path::Path,
 ) -> Result<i32> {
-    let points: Vec<serde_json::Value> = repo
-        .trail_verify()?
+    let points: Vec<serde_json::Value> = crate::commands::snapshots::points(repo)?
         .into_iter()
-        .filter_map(|r| r.entry)
-        .filter(|e| {
-            e.command == "backup all" && e.result == "ok" && e.touched.get("point").is_some()
-        })
-        .map(|e| e.touched["point"].clone())
+        .filter_map(|(p, ok)| ok.then_some(p))
         .collect();
     let p = match point {
         Some(id) => points

@@ -286,17 +286,23 @@ pub(crate) fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32>
     Ok(0)
 }
 
-/// `custos points`: the recovery points `backup all` recorded in the trail, newest last:
-/// its id, time, each part's snapshot and where the database's WAL was.
-pub(crate) fn cmd_points(ctx: &Ctx) -> Result<i32> {
-    let repo = ctx.open()?;
-    let points: Vec<serde_json::Value> = repo
+/// The recovery points `backup all` recorded in the trail, oldest first, each with
+/// whether that run succeeded.
+pub(crate) fn points(repo: &custos_repo::Repository) -> Result<Vec<(serde_json::Value, bool)>> {
+    Ok(repo
         .trail_verify()?
         .into_iter()
         .filter_map(|r| r.entry)
         .filter(|e| e.command == "backup all" && e.touched.get("point").is_some())
-        .map(|e| e.touched["point"].clone())
-        .collect();
+        .map(|e| (e.touched["point"].clone(), e.result == "ok"))
+        .collect())
+}
+
+/// `custos points`: the recovery points `backup all` recorded in the trail, newest last:
+/// its id, time, each part's snapshot and where the database's WAL was.
+pub(crate) fn cmd_points(ctx: &Ctx) -> Result<i32> {
+    let repo = ctx.open()?;
+    let points: Vec<serde_json::Value> = points(&repo)?.into_iter().map(|(p, _)| p).collect();
     if ctx.out.json {
         ctx.out.json(&points);
         return Ok(0);
