@@ -382,3 +382,69 @@ fn archived_packs_are_asked_back_all_at_once_and_the_restore_waits() {
     t.ok(&args);
     assert_eq!(describe(&out), describe(&src));
 }
+
+/// A secondary with Object Lock (`[[secondary]] object_lock = true`): `copy` streams each
+/// object from one bucket into the other and dates it there as the primary's writes are.
+#[test]
+fn a_locked_secondary_gets_every_copied_object_dated() {
+    let (a, b) = (S3Server::start(), S3Server::start());
+    RemoteStorage::create_locked_bucket(&opts(&a, "worm", "")).unwrap();
+    RemoteStorage::create_locked_bucket(&opts(&b, "drsite", "")).unwrap();
+    let mut t = T::bare();
+    let cfg = t.path("custos.toml");
+    let secret = t.path("dr.secret");
+    std::fs::write(&secret, SECRET_KEY).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nurl = \"s3://worm/clinic\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{ACCESS_KEY}\"\n\
+             [retention]\nkeep_monthly = 2\nkeep_within = \"1h\"\n[object_lock]\nmode = \"governance\"\n\
+             [[secondary]]\nname = \"dr\"\nurl = \"s3://drsite/clinic\"\nobject_lock = true\n[secondary.s3]\nendpoint = \"{}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n",
+            a.endpoint, b.endpoint, secret.display()
+        ),
+    )
+    .unwrap();
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    t.unset("CUSTOS_REPO");
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    stream(&t, "ledger", None, &data);
+    let before = chrono::Utc::now();
+    t.ok(&["copy"]);
+    let dr = {
+        let o = opts(&b, "drsite", "clinic");
+        RemoteStorage::s3(&o)
+            .unwrap()
+            .with_object_lock(
+                &o,
+                WriteLock {
+                    mode: LockMode::Governance,
+                    // A dated kind: its delete is of every version, not a marker.
+                    spans: vec![("data".into(), std::time::Duration::from_secs(1))],
+                },
+            )
+            .unwrap()
+    };
+    let primary = RemoteStorage::s3(&opts(&a, "worm", "clinic")).unwrap();
+    let packs = dr.list("data").unwrap();
+    assert!(!packs.is_empty());
+    for dir in ["data", "index", "snapshots"] {
+        for e in dr.list(dir).unwrap() {
+            let u = until(&dr, &e.path).unwrap_or_else(|| panic!("{} undated", e.path));
+            assert!(
+                u > before + chrono::Duration::minutes(50),
+                "{}: {u}",
+                e.path
+            );
+            assert_eq!(dr.get(&e.path).unwrap(), primary.get(&e.path).unwrap());
+        }
+    }
+    // The store holds them: not even its admin deletes a copied pack early.
+    assert!(dr.delete(&packs[0].path).is_err());
+    let o = t.run(&["--secondary", "dr", "restore", "stream", "latest"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout == data, "the secondary's restore differs");
+}

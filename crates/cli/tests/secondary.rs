@@ -383,3 +383,112 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
     let e = r.fails(&["copy"], 18);
     assert!(e.contains("differ"), "{e}");
 }
+
+#[test]
+fn copy_between_buckets_streams_checks_every_name_carries_tags_and_resumes_after_kills() {
+    use custos_storage::remote::{RemoteStorage, S3Options};
+    use custos_storage::{PutMode, Storage};
+    let (a, b) = (S3Server::start(), S3Server::start());
+    a.create_bucket("main");
+    b.create_bucket("second");
+    let t0 = T::bare();
+    let cfg = config(&t0, "s3://main/r", Some(&a), "s3://second/r", Some(&b), "");
+    let mut r = on_config(&cfg);
+    r.set("CUSTOS_PASSWORD", PW);
+    r.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
+    let src = t0.path("src");
+    make_tree(&src.join("one"), 1, 24, 400_000);
+    r.ok(&["backup", "files", src.to_str().unwrap()]);
+    let store = |s: &S3Server, bucket: &str| {
+        RemoteStorage::s3(&S3Options {
+            bucket: bucket.into(),
+            root: "r".into(),
+            endpoint: Some(s.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(custos_testkit::ACCESS_KEY.into()),
+            secret_access_key: Some(custos_testkit::SECRET_KEY.into()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let (pa, pb) = (store(&a, "main"), store(&b, "second"));
+    let packs: Vec<String> = pa
+        .list("data")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert!(packs.len() >= 3, "{packs:?}");
+
+    // One pack damaged on the primary (rewritten there with one byte changed): the
+    // streamed PUT is cut short before its last piece, so the secondary never holds it.
+    let victim = packs.last().unwrap().clone();
+    let good = pa.get(&victim).unwrap();
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x40;
+    pa.put(&victim, &bad, PutMode::Overwrite).unwrap();
+    let e = r.fails(&["copy"], 3);
+    assert!(e.contains("do not match their names"), "{e}");
+    assert_eq!(
+        pb.size(&victim).unwrap(),
+        None,
+        "a damaged pack reached the secondary"
+    );
+    assert!(pb.size("config").unwrap().is_some());
+    pa.put(&victim, &good, PutMode::Overwrite).unwrap();
+
+    // Killed while streaming at several moments: the secondary verifies, the next copy
+    // completes it.
+    make_tree(&src.join("two"), 2, 12, 400_000);
+    r.ok(&["backup", "files", src.to_str().unwrap()]);
+    let mut kills = 0;
+    for n in [1u64, 3, 6] {
+        let mut k = r.with_password(PW);
+        k.set("CUSTOS_TEST_KILL_BEFORE_WRITE", &n.to_string());
+        if k.run(&["copy"]).status.code().is_none() {
+            kills += 1;
+        }
+        r.ok(&["--secondary", "dr", "verify"]);
+    }
+    assert!(kills >= 2, "only {kills} copies were killed");
+    r.ok(&["copy"]);
+    let chk = r.json(&["copy", "--check", "--max-lag", "1h"]);
+    assert_eq!(chk["secondaries"][0]["behind"], false, "{chk}");
+
+    // Every pack arrived byte for byte with the primary's tags (data-only packs carry
+    // the archival tag a lifecycle rule moves by).
+    let mut tagged = 0;
+    for p in pa.list("data").unwrap() {
+        assert_eq!(
+            pb.get(&p.path).unwrap(),
+            pa.get(&p.path).unwrap(),
+            "{}",
+            p.path
+        );
+        let tags = pa.tags(&p.path).unwrap();
+        assert_eq!(pb.tags(&p.path).unwrap(), tags, "{}", p.path);
+        tagged += tags.is_some() as usize;
+    }
+    assert!(tagged > 0, "no pack on the primary is tagged");
+    let v = r.json(&["--secondary", "dr", "verify", "--read-data"]);
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    let out = t0.path("out");
+    r.ok(&[
+        "--secondary",
+        "dr",
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&out), describe(&src));
+}

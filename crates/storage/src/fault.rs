@@ -55,6 +55,22 @@ impl Storage for KillBeforeWrite {
         self.tick();
         self.inner.put_checked(path, data, md5)
     }
+    /// Reads are not faulted: as a copy's source this is the store it wraps.
+    fn as_remote(&self) -> Option<&crate::remote::RemoteStorage> {
+        self.inner.as_remote()
+    }
+    fn receive(
+        &self,
+        src: &dyn Storage,
+        e: &Entry,
+        blake3: Option<&str>,
+    ) -> Option<Result<crate::Received>> {
+        // A write only when both sides stream (else the caller's put ticks).
+        if src.as_remote().is_some() && self.inner.as_remote().is_some() {
+            self.tick();
+        }
+        self.inner.receive(src, e, blake3)
+    }
     fn get(&self, path: &str) -> Result<Vec<u8>> {
         self.inner.get(path)
     }

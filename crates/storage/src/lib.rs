@@ -55,6 +55,16 @@ pub fn etag_md5(etag: &str) -> Option<String> {
 /// manifest are not tagged and stay readable at once.
 pub const ARCHIVAL_TAG: &str = "custos-tier=archival";
 
+/// What [`Storage::receive`] did with one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    Created,
+    /// An object of that name was there already (the caller compares).
+    AlreadyExists,
+    /// The bytes read were not what the name or the listed size says: nothing stored.
+    Mismatch,
+}
+
 pub trait Storage: Send + Sync {
     /// Where this storage is, for messages (never includes credentials).
     fn location(&self) -> String;
@@ -79,6 +89,22 @@ pub trait Storage: Send + Sync {
     ) -> Result<PutOutcome> {
         let _ = tag;
         self.put(path, data, mode)
+    }
+    /// This storage as an object-store bucket custos signs requests for, if it is one.
+    fn as_remote(&self) -> Option<&remote::RemoteStorage> {
+        None
+    }
+    /// Writes the object `e` of `src` here create-only as it is read, without holding it
+    /// whole (`copy`), checked against `blake3` when its name is its hash and against the
+    /// listed size and MD5. `None`: these two storages cannot (the caller copies through
+    /// memory).
+    fn receive(
+        &self,
+        _src: &dyn Storage,
+        _e: &Entry,
+        _blake3: Option<&str>,
+    ) -> Option<Result<Received>> {
+        None
     }
     /// Whole object. A missing object is an error of kind `NotFound`.
     fn get(&self, path: &str) -> Result<Vec<u8>>;

@@ -157,6 +157,18 @@ fn encode_query(v: &str) -> String {
     encode_key(v).replace('/', "%2F")
 }
 
+fn hex_bytes(h: &str) -> Option<Vec<u8>> {
+    h.len()
+        .is_multiple_of(2)
+        .then(|| {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten()
+}
+
 fn md5_b64(data: &[u8]) -> String {
     use md5::Digest;
     base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data))
@@ -228,16 +240,19 @@ impl LockClient {
         u
     }
 
-    async fn send(
+    /// A signed request; the response as it arrives (its body not read yet). `len`: the
+    /// body's length, sent as Content-Length (a streamed body must declare it).
+    async fn request(
         &self,
         method: Method,
         url: String,
         headers: &[(&str, String)],
-        body: Bytes,
-    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes)> {
+        body: reqwest::Body,
+        len: u64,
+    ) -> Result<reqwest::Response> {
         let mut req = self.http.request(method.clone(), &url);
         if method != Method::HEAD && method != Method::GET {
-            req = req.header("content-length", body.len().to_string());
+            req = req.header("content-length", len.to_string());
         }
         for (k, v) in headers {
             req = req.header(*k, v);
@@ -251,13 +266,26 @@ impl LockClient {
                 .sign(&mut req, c)
                 .map_err(|e| Error::internal(format!("cannot sign a request: {e}")))?;
         }
-        let resp = self.http.execute(req).await.map_err(|e| {
+        self.http.execute(req).await.map_err(|e| {
             Error::new(
                 Kind::Storage,
                 format!("{}: cannot reach the store ({e})", self.location),
             )
             .hint("check the endpoint URL and that the object store is running and reachable; then retry")
-        })?;
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: String,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes)> {
+        let len = body.len() as u64;
+        let resp = self
+            .request(method, url, headers, reqwest::Body::from(body), len)
+            .await?;
         let status = resp.status();
         let h = resp.headers().clone();
         let b = resp.bytes().await.map_err(|e| {
@@ -378,6 +406,134 @@ impl LockClient {
             return Err(self.failed("store", path, st, &body));
         }
         Ok(PutOutcome::Created)
+    }
+
+    /// A read whose body streams (`copy`): the response once the store answered with the
+    /// object. A missing object is an error of kind `NotFound`.
+    pub(crate) async fn get_stream(&self, path: &str) -> Result<reqwest::Response> {
+        let resp = self
+            .request(
+                Method::GET,
+                self.url(Some(&self.key(path)), ""),
+                &[],
+                reqwest::Body::from(Bytes::new()),
+                0,
+            )
+            .await?;
+        let st = resp.status();
+        if st.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        if st == StatusCode::NOT_FOUND {
+            return Err(Error::new(
+                Kind::NotFound,
+                format!("{}: `{path}` does not exist", self.location),
+            ));
+        }
+        if error_code(&body) == "InvalidObjectState" {
+            return Err(crate::remote::archived(&self.location, path));
+        }
+        Err(self.failed("read", path, st, &body))
+    }
+
+    /// The object's tags as a `x-amz-tagging` value (`k=v&k=v`), `None` when it has none.
+    pub(crate) async fn tagging(&self, path: &str) -> Result<Option<String>> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Tagging {
+            tag_set: Option<TagSet>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct TagSet {
+            #[serde(default)]
+            tag: Vec<Tag>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Tag {
+            key: String,
+            value: String,
+        }
+        let (st, _, body) = self
+            .send(
+                Method::GET,
+                self.url(Some(&self.key(path)), "tagging="),
+                &[],
+                Bytes::new(),
+            )
+            .await?;
+        if !st.is_success() {
+            return Err(self.failed("read the tags of", path, st, &body));
+        }
+        let t: Tagging = self.xml(&body, &format!("the tags of `{path}`"))?;
+        let tags: Vec<String> = t
+            .tag_set
+            .map(|s| s.tag)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| format!("{}={}", encode_query(&t.key), encode_query(&t.value)))
+            .collect();
+        Ok((!tags.is_empty()).then(|| tags.join("&")))
+    }
+
+    /// A create-only write whose body streams (`copy`): `len` bytes, Content-MD5 from
+    /// `md5` (hex) when known, a retain-until date and a tag as [`LockClient::put`].
+    /// Returns the outcome and the MD5 the store says it stored (a single PUT's ETag).
+    pub(crate) async fn put_stream(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        len: u64,
+        md5: Option<&str>,
+        lock: Option<Retention>,
+        tag: Option<&str>,
+    ) -> Result<(PutOutcome, Option<String>)> {
+        let mut h = vec![("if-none-match", "*".to_string())];
+        if let Some(m) = md5.and_then(hex_bytes) {
+            h.push((
+                "content-md5",
+                base64::engine::general_purpose::STANDARD.encode(m),
+            ));
+        }
+        if let Some(t) = tag {
+            h.push(("x-amz-tagging", t.to_string()));
+        }
+        if let Some(r) = lock {
+            h.push(("x-amz-object-lock-mode", r.mode.as_s3().into()));
+            h.push(("x-amz-object-lock-retain-until-date", format_date(r.until)));
+        }
+        let resp = self
+            .request(
+                Method::PUT,
+                self.url(Some(&self.key(path)), ""),
+                &h,
+                body,
+                len,
+            )
+            .await?;
+        let st = resp.status();
+        let etag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::etag_md5);
+        let body = resp.bytes().await.unwrap_or_default();
+        if st == StatusCode::PRECONDITION_FAILED {
+            return Ok((PutOutcome::AlreadyExists, None));
+        }
+        if !st.is_success() {
+            if error_code(&body) == "BadDigest" {
+                return Err(Error::integrity(format!(
+                    "{}: the store received other bytes under `{path}` than were sent",
+                    self.location
+                ))
+                .hint("the data was damaged on the way; run the command again"));
+            }
+            return Err(self.failed("store", path, st, &body));
+        }
+        Ok((PutOutcome::Created, etag))
     }
 
     /// The retention of the object's current version, `None` when it has none (or the

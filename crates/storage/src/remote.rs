@@ -216,6 +216,128 @@ impl RemoteStorage {
         Some(self.rt.block_on(c.put(path, data, create_only, r, tag)))
     }
 
+    /// The date a write of `path` carries on this storage (Object Lock), if any.
+    fn retention_for(&self, path: &str) -> Option<Retention> {
+        self.lock.as_ref().and_then(|(_, w)| {
+            w.span_for(path).map(|d| Retention {
+                mode: w.mode,
+                until: chrono::Utc::now()
+                    + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX),
+            })
+        })
+    }
+
+    /// The signed client of this bucket (the Object Lock one when there is one).
+    fn client(&self) -> Option<&LockClient> {
+        self.lock.as_ref().map(|(c, _)| c).or(self.s3.as_ref())
+    }
+
+    /// One object from `src` into this bucket as it is read (`copy`): the GET's body is
+    /// the PUT's, hashed on the way; the last piece is held back until the whole has been
+    /// checked against `blake3` (when the name is the hash) and the listed size, so a
+    /// damaged object is never completed on this side (the PUT is cut short, which the
+    /// store discards). Tags the source has go along. `None` when either side is not S3.
+    fn stream_from(
+        &self,
+        src: &RemoteStorage,
+        e: &Entry,
+        blake3: Option<&str>,
+    ) -> Option<Result<crate::Received>> {
+        let (from, to) = (src.client()?, self.client()?);
+        let retention = self.retention_for(&e.path);
+        // An Object Lock write must name its MD5 before the body: only when listed.
+        if retention.is_some() && e.md5.is_none() {
+            return None;
+        }
+        let attempt = || async {
+            let resp = from.get_stream(&e.path).await?;
+            if let Some(n) = resp.content_length() {
+                if n != e.size {
+                    return Err(Error::new(
+                        Kind::Conflict,
+                        format!(
+                            "{}: `{}` changed while it was copied ({} bytes listed, {n} read)",
+                            src.location, e.path, e.size
+                        ),
+                    ));
+                }
+            }
+            // Stores that do not say how many tags an object has (SeaweedFS) are asked
+            // for the tags of packs, the only objects custos tags.
+            let tagged = match resp
+                .headers()
+                .get("x-amz-tagging-count")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(n) => n.trim() != "0",
+                None => e.path.starts_with("data/"),
+            };
+            let tag = if tagged {
+                from.tagging(&e.path).await?
+            } else {
+                None
+            };
+            let verdict = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let body = checked_body(resp, e.size, blake3.map(str::to_string), verdict.clone());
+            let r = to
+                .put_stream(
+                    &e.path,
+                    reqwest::Body::wrap_stream(body),
+                    e.size,
+                    e.md5.as_deref(),
+                    retention,
+                    tag.as_deref(),
+                )
+                .await;
+            if let Some(false) = *verdict.lock().unwrap() {
+                return Ok(crate::Received::Mismatch);
+            }
+            let (outcome, etag) = r?;
+            if let (Some(stored), Some(sent)) = (etag, e.md5.as_deref()) {
+                if stored != sent {
+                    return Err(Error::integrity(format!(
+                        "{}: the store holds other bytes under `{}` than were sent (MD5 {stored}, sent {sent})",
+                        self.location, e.path
+                    ))
+                    .hint("the object was damaged on the way or by the store; delete it there and run the command again"));
+                }
+            }
+            Ok(match outcome {
+                PutOutcome::Created => crate::Received::Created,
+                PutOutcome::AlreadyExists => crate::Received::AlreadyExists,
+            })
+        };
+        Some(self.rt.block_on(async {
+            let mut tries = 0;
+            loop {
+                match attempt().await {
+                    Err(err) if err.kind == Kind::Storage && tries < self.timeouts.retries => {
+                        tries += 1;
+                        tracing::debug!(
+                            "{}: retrying the copy of `{}`: {}",
+                            self.location,
+                            e.path,
+                            err.message
+                        );
+                        tokio::time::sleep(Duration::from_millis(200 << tries.min(4))).await;
+                    }
+                    r => return r,
+                }
+            }
+        }))
+    }
+
+    /// The object's S3 tags (`k=v&k=v`), `None` when it has none.
+    pub fn tags(&self, path: &str) -> Result<Option<String>> {
+        let c = self.client().ok_or_else(|| {
+            Error::new(
+                Kind::Storage,
+                format!("{}: this store has no tags", self.location),
+            )
+        })?;
+        self.rt.block_on(c.tagging(path))
+    }
+
     /// Any OpenDAL service by scheme name, configured by key/value options.
     pub fn service(
         scheme: &str,
@@ -268,6 +390,72 @@ impl RemoteStorage {
     }
 }
 
+/// The body of a streamed copy: the pieces of `resp` as they arrive, every one but the
+/// last passed on at once; the last only once the whole is `size` bytes and hashes to
+/// `blake3` (when given). Otherwise the stream ends in an error, which cuts the PUT
+/// short, and `verdict` says false.
+fn checked_body(
+    resp: reqwest::Response,
+    size: u64,
+    blake3: Option<String>,
+    verdict: std::sync::Arc<std::sync::Mutex<Option<bool>>>,
+) -> impl futures::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
+    struct State<S> {
+        inner: S,
+        held: Option<bytes::Bytes>,
+        hasher: blake3::Hasher,
+        n: u64,
+        done: bool,
+    }
+    let st = State {
+        inner: Box::pin(resp.bytes_stream()),
+        held: None,
+        hasher: blake3::Hasher::new(),
+        n: 0,
+        done: false,
+    };
+    futures::stream::unfold(st, move |mut s| {
+        let blake3 = blake3.clone();
+        let verdict = verdict.clone();
+        async move {
+            use futures::StreamExt;
+            if s.done {
+                return None;
+            }
+            loop {
+                match s.inner.next().await {
+                    Some(Ok(piece)) => {
+                        s.hasher.update(&piece);
+                        s.n += piece.len() as u64;
+                        if let Some(prev) = s.held.replace(piece) {
+                            return Some((Ok(prev), s));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        s.done = true;
+                        return Some((Err(std::io::Error::other(e)), s));
+                    }
+                    None => {
+                        s.done = true;
+                        let whole = s.n == size
+                            && blake3
+                                .as_deref()
+                                .is_none_or(|h| s.hasher.finalize().to_hex().as_str() == h);
+                        *verdict.lock().unwrap() = Some(whole);
+                        if !whole {
+                            return Some((
+                                Err(std::io::Error::other("the object does not match its name")),
+                                s,
+                            ));
+                        }
+                        return s.held.take().map(|b| (Ok(b), s));
+                    }
+                }
+            }
+        }
+    })
+}
+
 fn config_err(scheme: &str, e: opendal::Error) -> Error {
     Error::config(format!("cannot configure {scheme} storage: {}", e.kind()))
         .hint("check the storage settings in custos.toml")
@@ -289,6 +477,15 @@ fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A read of an object in an archival storage class.
+pub(crate) fn archived(location: &str, path: &str) -> Error {
+    Error::new(
+        Kind::Storage,
+        format!("{location}: `{path}` is archived in a cold storage class (GLACIER or DEEP_ARCHIVE) and cannot be read until the store restores it"),
+    )
+    .hint("run the restore again with --request-cold: custos asks the store to bring back every archived object it needs at once (S3 RestoreObject; a Standard retrieval takes 3-5 hours from GLACIER, up to 12 from DEEP_ARCHIVE) and says when to run it again; GLACIER_IR as the cold class (`custos bucket-policy --cold-class`) avoids the wait")
+}
+
 pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
     let detail = chain(&e);
     if detail.contains("NoSuchBucket") {
@@ -303,11 +500,7 @@ pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
         .hint("create the bucket (your store's console, or `aws s3 mb s3://BUCKET`), or correct the bucket in CUSTOS_REPO / [repository] url");
     }
     if detail.contains("InvalidObjectState") {
-        return Error::new(
-            Kind::Storage,
-            format!("{location}: `{path}` is archived in a cold storage class (GLACIER or DEEP_ARCHIVE) and cannot be read until the store restores it"),
-        )
-        .hint("run the restore again with --request-cold: custos asks the store to bring back every archived object it needs at once (S3 RestoreObject; a Standard retrieval takes 3-5 hours from GLACIER, up to 12 from DEEP_ARCHIVE) and says when to run it again; GLACIER_IR as the cold class (`custos bucket-policy --cold-class`) avoids the wait");
+        return archived(location, path);
     }
     match e.kind() {
         OdKind::NotFound => Error::new(Kind::NotFound, format!("{location}: `{path}` does not exist")),
@@ -335,6 +528,19 @@ pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
 }
 
 impl Storage for RemoteStorage {
+    fn as_remote(&self) -> Option<&RemoteStorage> {
+        Some(self)
+    }
+
+    fn receive(
+        &self,
+        src: &dyn Storage,
+        e: &Entry,
+        blake3: Option<&str>,
+    ) -> Option<Result<crate::Received>> {
+        self.stream_from(src.as_remote()?, e, blake3)
+    }
+
     fn location(&self) -> String {
         self.location.clone()
     }

@@ -49,87 +49,40 @@ pub(crate) fn cmd_copy(ctx: &Ctx, a: &CopyArgs) -> Result<i32> {
         );
     }
     let targets = names(ctx, a.to.as_deref())?;
-    let repo = ctx.open()?;
+    if a.check {
+        return check(ctx, a, &targets);
+    }
+    // Each secondary is claimed (its marker checked or written: no key needed) while the
+    // key is derived.
+    let primary = ctx.primary_storage()?;
+    let secondaries = targets
+        .iter()
+        .map(|n| Ok((n.clone(), ctx.secondary_for_copy(n)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let (repo, claimed) = std::thread::scope(|s| {
+        let claims = s.spawn(|| {
+            // Never claimed for a location that holds no repository (a mistyped url):
+            // open reports that.
+            if primary.size("config")?.is_none() {
+                return Ok(());
+            }
+            secondaries.iter().try_for_each(|(n, st)| {
+                custos_ops::maintenance::copy::claim(st, n, &primary.location())
+                    .map_err(|e| e.context(format!("secondary `{n}`")))
+            })
+        });
+        (ctx.open(), claims.join().expect("claim thread"))
+    });
+    let repo = repo?;
+    claimed?;
     let progress = ctx.out.progress();
     let threads = a.threads.unwrap_or(8).max(1);
-    if a.check {
-        let mut reports = vec![];
-        let mut behind = vec![];
-        for name in &targets {
-            let sec = ctx.settings.secondary_section(name)?;
-            let limit = match &a.max_lag {
-                Some(t) => humantime::parse_duration(t)
-                    .map_err(|e| Error::config(format!("--max-lag `{t}`: {e}")))?,
-                None => ctx.settings.secondary_max_lag(sec)?,
-            };
-            let copier = Copier {
-                primary: &repo,
-                secondary: ctx.secondary_raw(name)?,
-                name: name.clone(),
-                threads,
-                progress: progress.as_ref(),
-            };
-            let r = copier.check()?;
-            let over = match r.lag_seconds {
-                Some(l) => l > limit.as_secs_f64(),
-                None => true,
-            };
-            if over || !r.initialised {
-                behind.push(name.clone());
-            }
-            if !ctx.out.json {
-                let lag = r
-                    .lag_seconds
-                    .map(|l| format!("{l:.0} s"))
-                    .unwrap_or_else(|| "unknown (the store gives no times)".into());
-                let verdict = if !r.initialised {
-                    "NOT A COPY YET (run custos copy)"
-                } else if over {
-                    "BEHIND"
-                } else {
-                    "ok"
-                };
-                println!(
-                    "secondary {name} ({}): {verdict}; lag {lag} (limit {} s)",
-                    r.location,
-                    limit.as_secs()
-                );
-                for (kind, m) in &r.missing {
-                    println!(
-                        "  lacks {} {kind} object(s), {}, the oldest {}",
-                        m.objects,
-                        ByteSize(m.bytes),
-                        m.oldest_seconds
-                            .map(|s| format!("{s:.0} s old"))
-                            .unwrap_or_else(|| "of unknown age".into())
-                    );
-                }
-                if !r.keys_to_revoke.is_empty() {
-                    println!(
-                        "  still holds {} key file(s) the primary removed (the next copy removes them)",
-                        r.keys_to_revoke.len()
-                    );
-                }
-            }
-            reports.push(serde_json::json!({"report": r, "max_lag_seconds": limit.as_secs(), "behind": over}));
-        }
-        if ctx.out.json {
-            ctx.out.json(&serde_json::json!({"secondaries": reports}));
-        }
-        // Read only: nothing for the trail.
-        ctx.trail.borrow_mut().take();
-        return Ok(if behind.is_empty() {
-            0
-        } else {
-            Kind::Check.exit_code()
-        });
-    }
     let mut reports = vec![];
     let mut damaged = 0;
-    for name in &targets {
+    for (name, secondary) in secondaries {
         let copier = Copier {
             primary: &repo,
-            secondary: ctx.secondary_for_copy(name)?,
+            secondary,
             name: name.clone(),
             threads,
             progress: progress.as_ref(),
@@ -190,4 +143,83 @@ pub(crate) fn cmd_copy(ctx: &Ctx, a: &CopyArgs) -> Result<i32> {
         .hint("run `custos verify --read-data` on the primary; the secondary holds every intact object"));
     }
     Ok(0)
+}
+
+/// `copy --check`: parity of each secondary, nothing copied.
+fn check(ctx: &Ctx, a: &CopyArgs, targets: &[String]) -> Result<i32> {
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    let threads = a.threads.unwrap_or(8).max(1);
+    let mut reports = vec![];
+    let mut behind = vec![];
+    for name in targets {
+        let sec = ctx.settings.secondary_section(name)?;
+        let limit = match &a.max_lag {
+            Some(t) => humantime::parse_duration(t)
+                .map_err(|e| Error::config(format!("--max-lag `{t}`: {e}")))?,
+            None => ctx.settings.secondary_max_lag(sec)?,
+        };
+        let copier = Copier {
+            primary: &repo,
+            secondary: ctx.secondary_raw(name)?,
+            name: name.clone(),
+            threads,
+            progress: progress.as_ref(),
+        };
+        let r = copier.check()?;
+        let over = match r.lag_seconds {
+            Some(l) => l > limit.as_secs_f64(),
+            None => true,
+        };
+        if over || !r.initialised {
+            behind.push(name.clone());
+        }
+        if !ctx.out.json {
+            let lag = r
+                .lag_seconds
+                .map(|l| format!("{l:.0} s"))
+                .unwrap_or_else(|| "unknown (the store gives no times)".into());
+            let verdict = if !r.initialised {
+                "NOT A COPY YET (run custos copy)"
+            } else if over {
+                "BEHIND"
+            } else {
+                "ok"
+            };
+            println!(
+                "secondary {name} ({}): {verdict}; lag {lag} (limit {} s)",
+                r.location,
+                limit.as_secs()
+            );
+            for (kind, m) in &r.missing {
+                println!(
+                    "  lacks {} {kind} object(s), {}, the oldest {}",
+                    m.objects,
+                    ByteSize(m.bytes),
+                    m.oldest_seconds
+                        .map(|s| format!("{s:.0} s old"))
+                        .unwrap_or_else(|| "of unknown age".into())
+                );
+            }
+            if !r.keys_to_revoke.is_empty() {
+                println!(
+                    "  still holds {} key file(s) the primary removed (the next copy removes them)",
+                    r.keys_to_revoke.len()
+                );
+            }
+        }
+        reports.push(
+            serde_json::json!({"report": r, "max_lag_seconds": limit.as_secs(), "behind": over}),
+        );
+    }
+    if ctx.out.json {
+        ctx.out.json(&serde_json::json!({"secondaries": reports}));
+    }
+    // Read only: nothing for the trail.
+    ctx.trail.borrow_mut().take();
+    Ok(if behind.is_empty() {
+        0
+    } else {
+        Kind::Check.exit_code()
+    })
 }

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use custos_model::{Error, Kind, Result};
 use custos_repo::Repository;
 use custos_storage::guard::{self, Marker};
-use custos_storage::{DynStorage, Entry, PutMode, PutOutcome};
+use custos_storage::{DynStorage, Entry, PutMode, PutOutcome, Received};
 use serde::Serialize;
 
 use crate::progress::Progress;
@@ -155,44 +155,53 @@ fn sorted(mut v: Vec<Entry>) -> Vec<Entry> {
     v
 }
 
+/// Makes `secondary` the copy `name` of the repository at `primary`, or checks that it
+/// is: its marker names that primary (written on first use; an empty location only).
+/// Needs no key, so `copy` runs it while the key is derived.
+pub fn claim(secondary: &DynStorage, name: &str, primary: &str) -> Result<()> {
+    match guard::marker(secondary.as_ref())? {
+        Some(m) if m.primary != primary => Err(Error::new(
+            Kind::Conflict,
+            format!(
+                "{} is the secondary `{}` of {}, not of {primary}",
+                secondary.location(),
+                m.name,
+                m.primary
+            ),
+        )
+        .hint("check [[secondary]] url in custos.toml: each secondary copies one primary")),
+        Some(_) => Ok(()),
+        None => {
+            let m = Marker {
+                version: 1,
+                name: name.to_string(),
+                primary: primary.to_string(),
+                created: Utc::now(),
+            };
+            if secondary.size("config")?.is_some() {
+                return Err(Error::new(
+                    Kind::Conflict,
+                    format!(
+                        "{} holds a repository that is not a secondary: copy writes only to a location of its own",
+                        secondary.location()
+                    ),
+                )
+                .hint("name an empty location as the secondary's url"));
+            }
+            let bytes = serde_json::to_vec_pretty(&m).expect("serializable");
+            secondary.put(guard::MARKER, &bytes, PutMode::CreateOnly)?;
+            Ok(())
+        }
+    }
+}
+
 impl Copier<'_> {
     fn marker_check(&self) -> Result<()> {
-        let primary = self.primary.storage.location();
-        match guard::marker(self.secondary.as_ref())? {
-            Some(m) if m.primary != primary => Err(Error::new(
-                Kind::Conflict,
-                format!(
-                    "{} is the secondary `{}` of {}, not of {primary}",
-                    self.secondary.location(),
-                    m.name,
-                    m.primary
-                ),
-            )
-            .hint("check [[secondary]] url in custos.toml: each secondary copies one primary")),
-            Some(_) => Ok(()),
-            None => {
-                let m = Marker {
-                    version: 1,
-                    name: self.name.clone(),
-                    primary,
-                    created: Utc::now(),
-                };
-                if self.secondary.size("config")?.is_some() {
-                    return Err(Error::new(
-                        Kind::Conflict,
-                        format!(
-                            "{} holds a repository that is not a secondary: copy writes only to a location of its own",
-                            self.secondary.location()
-                        ),
-                    )
-                    .hint("name an empty location as the secondary's url"));
-                }
-                let bytes = serde_json::to_vec_pretty(&m).expect("serializable");
-                self.secondary
-                    .put(guard::MARKER, &bytes, PutMode::CreateOnly)?;
-                Ok(())
-            }
-        }
+        claim(
+            &self.secondary,
+            &self.name,
+            &self.primary.storage.location(),
+        )
     }
 
     /// `copy --check`: what the secondary lacks, without copying.
@@ -252,10 +261,13 @@ impl Copier<'_> {
         self.marker_check()?;
         // Shared locks on both: no prune removes what is being copied, nor what a copy
         // has just written.
-        let _primary_lock = self.primary.lock(false, "copy")?;
-        let _secondary_lock = self
-            .primary
-            .lock_on(self.secondary.clone(), false, "copy")?;
+        // (Both at once: each is a write and a listing.)
+        let (primary_lock, secondary_lock) = std::thread::scope(|s| {
+            let p = s.spawn(|| self.primary.lock(false, "copy"));
+            let q = self.primary.lock_on(self.secondary.clone(), false, "copy");
+            (p.join().expect("lock thread"), q)
+        });
+        let (_primary_lock, _secondary_lock) = (primary_lock?, secondary_lock?);
         let in_sync_as_of = Utc::now();
         tracing::info!("copy to `{}`: locked both; listing", self.name);
         let (primary, secondary) = std::thread::scope(|s| {
@@ -342,6 +354,40 @@ impl Copier<'_> {
             let ordered = matches!(phase_of(&entries[0].path), "audit" | "wal");
             let threads = if ordered { 1 } else { self.threads };
             custos_repo::repository::parallel_map(&entries, threads, |e| {
+                let count = |n: u64| {
+                    let mut c = copied.lock().unwrap();
+                    let k = c.entry(phase_name(&e.path)).or_default();
+                    k.objects += 1;
+                    k.bytes += n;
+                    self.progress.add(n);
+                };
+                // Between two object stores the object streams from GET to PUT.
+                match self
+                    .secondary
+                    .receive(self.primary.storage.as_ref(), e, hash_named(&e.path))
+                {
+                    None => {}
+                    Some(Err(err)) if err.kind == Kind::NotFound => {
+                        vanished.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Some(Err(err)) => return Err(err),
+                    Some(Ok(Received::Mismatch)) => {
+                        damaged.lock().unwrap().push(e.path.clone());
+                        return Ok(());
+                    }
+                    Some(Ok(Received::Created)) => {
+                        count(e.size);
+                        return Ok(());
+                    }
+                    Some(Ok(Received::AlreadyExists)) => {
+                        // Another copy got there first: the same bytes, or a conflict.
+                        let bytes = self.primary.storage.get(&e.path)?;
+                        same_or_conflict(&self.secondary, &self.name, &e.path, &bytes)?;
+                        count(bytes.len() as u64);
+                        return Ok(());
+                    }
+                }
                 let bytes = match self.primary.storage.get(&e.path) {
                     Ok(b) => b,
                     Err(err) if err.kind == Kind::NotFound => {
@@ -366,22 +412,10 @@ impl Copier<'_> {
                     PutOutcome::Created => {}
                     // Another copy got there first: the same bytes, or a conflict.
                     PutOutcome::AlreadyExists => {
-                        if self.secondary.get(&e.path)? != bytes {
-                            return Err(Error::new(
-                                Kind::Conflict,
-                                format!(
-                                    "`{}` on the secondary `{}` differs from the primary's",
-                                    e.path, self.name
-                                ),
-                            ));
-                        }
+                        same_or_conflict(&self.secondary, &self.name, &e.path, &bytes)?
                     }
                 }
-                let mut c = copied.lock().unwrap();
-                let k = c.entry(phase_name(&e.path)).or_default();
-                k.objects += 1;
-                k.bytes += bytes.len() as u64;
-                self.progress.add(bytes.len() as u64);
+                count(bytes.len() as u64);
                 Ok(())
             })?;
         }
@@ -405,6 +439,17 @@ impl Copier<'_> {
             seconds: start.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// An object a copy found already on the secondary must be the primary's bytes.
+fn same_or_conflict(secondary: &DynStorage, name: &str, path: &str, bytes: &[u8]) -> Result<()> {
+    if secondary.get(path)? != bytes {
+        return Err(Error::new(
+            Kind::Conflict,
+            format!("`{path}` on the secondary `{name}` differs from the primary's"),
+        ));
+    }
+    Ok(())
 }
 
 fn phase_name(path: &str) -> String {
