@@ -36,7 +36,9 @@ source "$ROOT/bench/lib-s3.sh"
 start_weed "$BENCH/s3-a"; A_S3=$S3 A_FILER=$FILER
 start_weed "$BENCH/s3-b"; B_S3=$S3 B_FILER=$FILER
 mkbucket "$A_FILER" src
-for b in custos rclone restic; do mkbucket "$B_FILER" "dst-$b"; done
+RUNS=${RUNS:-3}
+for i in $(seq "$RUNS"); do for b in custos rclone; do mkbucket "$B_FILER" "dst-$b-$i"; done; done
+mkbucket "$B_FILER" dst-restic
 log "servers: A :$A_S3, B :$B_S3"
 
 echo "$SECRET" > "$BENCH/copyconf/s3.secret"; chmod 600 "$BENCH/copyconf/s3.secret"
@@ -53,7 +55,7 @@ access_key_id = "$KEY"
 secret_access_key_file = "$BENCH/copyconf/s3.secret"
 [[secondary]]
 name = "b"
-url = "s3://dst-custos/custos"
+url = "s3://dst-custos-1/custos"
 [secondary.s3]
 endpoint = "http://127.0.0.1:$B_S3"
 access_key_id = "$KEY"
@@ -80,9 +82,13 @@ RESTIC_BYTES=$(rclone size --json A:src/restic | python3 -c 'import json,sys; pr
 note custos_repo_bytes "$CUSTOS_BYTES"
 note restic_repo_bytes "$RESTIC_BYTES"
 
-CUSTOS_LOG=info measure custos-copy "$CUSTOS" --config "$BENCH/copyconf/custos.toml" copy --to b -q --threads "${COPY_THREADS:-8}"
-measure rclone-sync rclone sync --transfers 8 --checkers 16 A:src/custos B:dst-rclone/custos
-rclone check A:src/custos B:dst-rclone/custos > "$RES/rclone-check.log" 2>&1 && note rclone_copy_matches yes
+# Each tool RUNS times into a fresh bucket, alternating (the machine is noisy: medians).
+for i in $(seq "$RUNS"); do
+    sed -i "s|s3://dst-custos-[0-9]*/custos|s3://dst-custos-$i/custos|" "$BENCH/copyconf/custos.toml"
+    CUSTOS_LOG=info measure "custos-copy-$i" "$CUSTOS" --config "$BENCH/copyconf/custos.toml" copy --to b -q --threads "${COPY_THREADS:-8}"
+    measure "rclone-sync-$i" rclone sync --transfers 8 --checkers 16 A:src/custos "B:dst-rclone-$i/custos"
+done
+rclone check A:src/custos "B:dst-rclone-$RUNS/custos" > "$RES/rclone-check.log" 2>&1 && note rclone_copy_matches yes
 measure restic-copy restic -r "$RB" copy -q --from-repo "$RA"
 
 # What arrived is whole: the secondary verifies, rclone's copy matches.
@@ -92,10 +98,17 @@ python3 - "$RES" "$CUSTOS_BYTES" "$RESTIC_BYTES" <<'PY' | tee "$RES/summary.txt"
 import csv, sys
 res, cb, rb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rows = {r["label"]: r for r in csv.DictReader(open(f"{res}/measure.tsv"), delimiter="\t")}
+import statistics
 def fig(label, nbytes):
-    r = rows[label]; w = float(r["wall_s"]); cpu = float(r["user_s"]) + float(r["sys_s"])
+    # The median run by wall time (one run: that run).
+    runs = [r for l, r in rows.items() if l == label or l.startswith(label + "-")]
+    r = sorted(runs, key=lambda r: float(r["wall_s"]))[len(runs) // 2]
+    w = float(r["wall_s"]); cpu = float(r["user_s"]) + float(r["sys_s"])
     return w, nbytes / w / 1e6, cpu, int(r["maxrss_kb"]) // 1024
+def walls(label):
+    return " ".join(f'{float(r["wall_s"]):.2f}' for l, r in rows.items() if l.startswith(label + "-"))
 c = fig("custos-copy", cb); k = fig("rclone-sync", cb); s = fig("restic-copy", rb)
+print(f"runs (wall, s): custos {walls('custos-copy')}; rclone {walls('rclone-sync')}; medians below")
 print(f"repository: custos {cb/1e6:.0f} MB, restic {rb/1e6:.0f} MB (the same 1.9 GB data set)")
 print("| | custos copy | rclone sync | restic copy | custos speed / rclone | custos speed / restic |")
 print("|---|---|---|---|---|---|")
