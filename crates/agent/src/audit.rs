@@ -70,8 +70,10 @@ pub struct DrillRow {
 pub struct Failure {
     pub time: DateTime<Utc>,
     pub command: String,
+    /// The agent's job, when the agent ran it.
+    pub job: Option<String>,
     pub result: String,
-    /// The next success of the same command, which resolved it.
+    /// The next success of the same job (or command run by hand), which resolved it.
     pub resolved_at: Option<DateTime<Utc>>,
 }
 
@@ -155,10 +157,14 @@ pub fn build(repo: &Repository, i: &Inputs) -> Result<AuditReport> {
     let mut rotations = vec![];
     let mut copies = vec![];
     let mut failures: Vec<Failure> = vec![];
+    // The last failure message of a command an agent job started, by job: the job's
+    // own entry says only how it ended.
+    let mut job_error: BTreeMap<String, String> = BTreeMap::new();
     for (_, e) in &in_period {
         let ok = e.result == "ok";
+        let job = e.touched.get("job").and_then(|j| j.as_str());
         if e.command == "agent job" {
-            let name = e.touched["job"].as_str().unwrap_or("");
+            let name = job.unwrap_or("");
             if let Some(j) = jobs.iter_mut().find(|j| j.job == name) {
                 if ok {
                     j.ok += 1;
@@ -166,6 +172,18 @@ pub fn build(repo: &Repository, i: &Inputs) -> Result<AuditReport> {
                 } else {
                     j.failed += 1;
                 }
+            }
+            if !ok {
+                failures.push(Failure {
+                    time: e.time,
+                    command: e.command.clone(),
+                    job: Some(name.to_string()),
+                    result: match job_error.remove(name) {
+                        Some(m) => format!("{}: {m}", e.result),
+                        None => e.result.clone(),
+                    },
+                    resolved_at: None,
+                });
             }
             continue;
         }
@@ -219,20 +237,33 @@ pub fn build(repo: &Repository, i: &Inputs) -> Result<AuditReport> {
             });
         }
         if !ok {
-            failures.push(Failure {
-                time: e.time,
-                command: e.command.clone(),
-                result: e.result.clone(),
-                resolved_at: None,
-            });
+            match job {
+                // Listed once, as its job's failure (above).
+                Some(j) => {
+                    job_error.insert(j.to_string(), e.result.clone());
+                }
+                None => failures.push(Failure {
+                    time: e.time,
+                    command: e.command.clone(),
+                    job: None,
+                    result: e.result.clone(),
+                    resolved_at: None,
+                }),
+            }
         }
     }
-    // A failure is resolved by the next success of the same command (or job).
+    // A failure is resolved by the next success of the same job, or of the same command
+    // run by hand.
     for f in &mut failures {
         f.resolved_at = entries
             .iter()
             .map(|(_, e)| e)
-            .find(|e| e.time > f.time && e.command == f.command && e.result == "ok")
+            .find(|e| {
+                e.time > f.time
+                    && e.result == "ok"
+                    && e.command == f.command
+                    && e.touched.get("job").and_then(|j| j.as_str()) == f.job.as_deref()
+            })
             .map(|e| e.time);
     }
     let shares = entries

@@ -440,6 +440,9 @@ pub async fn run(cfg: AgentConfig, ctx: AgentContext) -> Result<()> {
     loop {
         let now = clock.now();
         *sim_now.lock().unwrap() = now;
+        if matches!(clock, Clock::Sim(..)) {
+            custos_model::clock::set_simulated(now);
+        }
         // Start what is due.
         let starts = {
             let mut s = shared.lock().unwrap();

@@ -53,14 +53,20 @@ impl RepoHandle {
     }
 
     /// Appends an entry signed by the agent's key to the operation trail.
-    pub fn trail(&self, command: &str, touched: serde_json::Value, result: &str) -> Result<u64> {
+    pub fn trail(
+        &self,
+        command: &str,
+        touched: serde_json::Value,
+        result: &str,
+        time: DateTime<Utc>,
+    ) -> Result<u64> {
         let repo = self.get()?;
         let mut w = repo.trail_writer();
         if let Some(h) = &self.trail_hint {
             w = w.with_hint(h.join(repo.config.id.to_hex()).join("trail-last"));
         }
         w.append(&custos_repo::trail::Entry {
-            time: Utc::now(),
+            time,
             role: repo.role().as_str().into(),
             key: repo.key_id,
             host: self.host.clone(),
@@ -77,7 +83,8 @@ impl RepoHandle {
 }
 
 enum TrailMsg {
-    Entry(String, serde_json::Value, String),
+    /// Command, what it touched, result, and when (sent, not written).
+    Entry(String, serde_json::Value, String, DateTime<Utc>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -94,8 +101,8 @@ impl TrailQueue {
         std::thread::spawn(move || {
             for m in rx {
                 match m {
-                    TrailMsg::Entry(command, touched, result) => {
-                        if let Err(e) = repo.trail(&command, touched, &result) {
+                    TrailMsg::Entry(command, touched, result, time) => {
+                        if let Err(e) = repo.trail(&command, touched, &result, time) {
                             tracing::warn!(
                                 "`{command}` could not be written to the operation trail: {}",
                                 e.message
@@ -112,9 +119,12 @@ impl TrailQueue {
     }
 
     pub fn send(&self, command: &str, touched: serde_json::Value, result: &str) {
-        let _ = self
-            .tx
-            .send(TrailMsg::Entry(command.into(), touched, result.into()));
+        let _ = self.tx.send(TrailMsg::Entry(
+            command.into(),
+            touched,
+            result.into(),
+            custos_model::clock::now(),
+        ));
     }
 
     /// Waits (at most `limit`) until every entry sent before is written.

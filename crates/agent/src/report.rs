@@ -198,6 +198,7 @@ pub fn write_daily(
         "agent report daily",
         serde_json::json!({"date": day, "snapshot": saved.snapshot, "ok": rep.ok(), "missed": rep.missed(), "failures": rep.failures.len(), "bytes": bytes.len(), "blake3": blake3_hex(&bytes)}),
         "ok",
+        custos_model::clock::now(),
     )?;
     shared.lock().unwrap().last_report = Some((day.to_string(), saved.snapshot.to_string()));
     Ok(rep)

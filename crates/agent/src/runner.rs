@@ -202,6 +202,12 @@ async fn attempt(
     for (k, v) in &child.env {
         cmd.env(k, v.as_str());
     }
+    // Its trail entry names the job (the report ties a failure to it).
+    cmd.env("CUSTOS_AGENT_JOB", &spec.name);
+    // On the agent's test clock the command lives at the simulated time too.
+    if let Some(t) = custos_model::clock::simulated() {
+        cmd.env("CUSTOS_TEST_NOW", t.to_rfc3339());
+    }
     // The child dies with the agent (SIGKILL included), so that a restarted agent never
     // finds the last run still going beside its new one.
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.

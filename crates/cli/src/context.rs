@@ -184,13 +184,13 @@ impl Ctx {
         };
         let intro = self.introduces.take();
         let entry = custos_repo::trail::Entry {
-            time: chrono::Utc::now(),
+            time: custos_model::clock::now(),
             role: role.as_str().into(),
             key,
             host: self.settings.host.clone(),
             user: self.settings.user.clone(),
             command: command.into(),
-            touched: self.touched.take(),
+            touched: with_job(self.touched.take()),
             result: match result {
                 Ok(0) => "ok".into(),
                 Ok(c) => format!("exit {c}"),
@@ -228,5 +228,21 @@ impl Ctx {
             )
             .hint("the operation is not recorded: run custos as the OS user that owns the repository, check the storage is writable, and run the command again")
         })
+    }
+}
+
+/// What a command touched, with the agent's job that started it (`CUSTOS_AGENT_JOB`, set
+/// by the agent for each run): the report ties a run's failure to its job.
+fn with_job(touched: serde_json::Value) -> serde_json::Value {
+    let Ok(job) = std::env::var("CUSTOS_AGENT_JOB") else {
+        return touched;
+    };
+    match touched {
+        serde_json::Value::Null => serde_json::json!({ "job": job }),
+        serde_json::Value::Object(mut m) => {
+            m.entry("job").or_insert(serde_json::Value::String(job));
+            serde_json::Value::Object(m)
+        }
+        other => other,
     }
 }

@@ -196,3 +196,163 @@ fn the_report_counts_the_period_renders_in_chromium_prints_and_detects_an_edit()
     let e = t.fails(&["report", "verify", edited.to_str().unwrap()], 14);
     assert!(e.contains("no report with this content"), "{e}");
 }
+
+/// A month of the agent on its test clock (`CUSTOS_TEST_CLOCK`): every command it starts
+/// lives at its job's slot (`CUSTOS_TEST_NOW`), so the trail holds a month of dated
+/// records, and the report for that month counts them: each job's due runs against what
+/// ran, the backups, verifies and drills, and the failures of a job that never worked.
+#[test]
+fn the_report_for_a_simulated_month_counts_what_the_agent_ran() {
+    let mut t = T::bare();
+    let docs = t.path("documents");
+    make_tree(&docs, 5, 6, 20_000);
+    let state = t.path("agent-state");
+    let cfg = t.path("custos.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[repository]
+url = "{repo}"
+[retention]
+keep_daily = 30
+[agent]
+state_dir = "{state}"
+probe_interval = "24h"
+repository_interval = "24h"
+[drill]
+scratch = "{scratch}"
+[[source]]
+name = "documents"
+kind = "files"
+paths = ["{docs}"]
+[[source]]
+name = "scans"
+kind = "files"
+paths = ["{missing}"]
+[[job]]
+name = "documents-daily"
+run = "documents"
+schedule = "0 2 * * *"
+[[job]]
+name = "verify-weekly"
+run = "verify"
+schedule = "0 5 * * SUN"
+[[job]]
+name = "drill-weekly"
+run = "drill-files"
+schedule = "0 6 * * MON"
+[[job]]
+name = "scans-weekly"
+run = "scans"
+schedule = "0 4 * * WED"
+retries = 0
+"#,
+            repo = t.repo,
+            state = state.display(),
+            scratch = t.path("scratch").display(),
+            docs = docs.display(),
+            missing = t.path("no-such-folder").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(t.path("scratch")).unwrap();
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    t.unset("CUSTOS_REPO");
+    // The repository is made at the start of the simulated month.
+    let mut then = t.with_password(PW);
+    then.set("CUSTOS_TEST_NOW", "2026-10-31T23:00:00Z");
+    then.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let o = t
+        .command(&["agent", "--listen", "127.0.0.1:0"])
+        .env(
+            "CUSTOS_TEST_CLOCK",
+            "2026-10-31T23:59:00Z..2026-11-30T23:59:00Z",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the simulated agent failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let j = t.ok(&[
+        "report",
+        "--from",
+        "2026-11-01T00:00:00Z",
+        "--to",
+        "2026-12-01T00:00:00Z",
+        "--format",
+        "json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&j).unwrap();
+    // November 2026: 30 days, 5 Sundays, 5 Mondays, 4 Wednesdays.
+    let job = |name: &str| {
+        r["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["job"] == name)
+            .unwrap_or_else(|| panic!("no row for {name}: {r}"))
+            .clone()
+    };
+    for (name, due, ok) in [
+        ("documents-daily", 30, 30),
+        ("verify-weekly", 5, 5),
+        ("drill-weekly", 5, 5),
+        ("scans-weekly", 4, 0),
+    ] {
+        let row = job(name);
+        assert_eq!(
+            (row["due"].as_u64(), row["ok"].as_u64()),
+            (Some(due), Some(ok)),
+            "{name}: {row}"
+        );
+    }
+    // The agent backs a source up with `backup all --source`.
+    assert_eq!(r["backups"]["backup all"][0], 30, "{r}");
+    assert_eq!(r["backups"]["backup all"][1], 4, "{r}");
+    let verifies = r["verifies"].as_array().unwrap();
+    assert_eq!(verifies.len(), 5, "{r}");
+    assert!(verifies.iter().all(|v| v["ok"] == true));
+    let drills = r["drills"].as_array().unwrap();
+    assert_eq!(drills.len(), 5, "{r}");
+    assert!(drills.iter().all(|d| d["ok"] == true));
+    // Every drill and verify lies in the month, on its weekday.
+    for d in drills {
+        let time = chrono::DateTime::parse_from_rfc3339(d["time"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            chrono::Datelike::weekday(&time),
+            chrono::Weekday::Mon,
+            "{d}"
+        );
+    }
+    // The job that never worked: each of its runs is one failure, with the command's
+    // reason, none resolved (the other jobs' successes resolve nothing of it).
+    let fails = r["failures"].as_array().unwrap();
+    assert_eq!(fails.len(), 4, "{r}");
+    for f in fails {
+        assert_eq!(f["job"], "scans-weekly", "{f}");
+        assert!(
+            f["result"].as_str().unwrap().contains("no-such-folder"),
+            "{f}"
+        );
+        assert!(f["resolved_at"].is_null(), "{f}");
+    }
+    // Kept by the policy: 30 daily document backups and the agent's 30 daily reports.
+    assert_eq!(r["snapshots"], 60, "{r}");
+    assert_eq!(r["trail"]["intact"], true, "{r}");
+    // A month outside the simulated one holds none of it.
+    let j = t.ok(&[
+        "report",
+        "--from",
+        "2026-09-01T00:00:00Z",
+        "--to",
+        "2026-10-01T00:00:00Z",
+        "--format",
+        "json",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(r["verifies"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["drills"].as_array().unwrap().len(), 0, "{r}");
+}

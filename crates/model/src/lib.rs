@@ -3,6 +3,7 @@
 //! these types and the rules they encode (such as which snapshot a policy keeps) are
 //! testable without storage.
 
+pub mod clock;
 pub mod error;
 pub mod id;
 pub mod lsn;

@@ -124,7 +124,7 @@ impl<'a> Run<'a> {
         stats.duration_ms = self.start.elapsed().as_millis() as u64;
         let parent = self.parent.as_ref().map(|p| p.id);
         let summary = SnapshotSummary {
-            time: opts.time.unwrap_or_else(Utc::now),
+            time: opts.time.unwrap_or_else(custos_model::clock::now),
             kind: self.kind,
             source: self.source.clone(),
             host: self.repo.opts.host.clone(),

@@ -117,7 +117,7 @@ impl DrillReport {
     pub fn failed(kind: &str, why: String) -> DrillReport {
         DrillReport {
             failure: Some(why),
-            ..DrillReport::new(kind, String::new(), Utc::now(), None)
+            ..DrillReport::new(kind, String::new(), custos_model::clock::now(), None)
         }
     }
 }
@@ -436,7 +436,7 @@ impl ScratchCluster {
 /// A database drill. A failed check is a report with `ok: false` (and the failure named);
 /// a restore that cannot be done at all is an error.
 pub fn db(repo: &Repository, o: &DbDrillOptions) -> Result<DrillReport> {
-    let started = Utc::now();
+    let started = custos_model::clock::now();
     let t0 = Instant::now();
     let c = ScratchCluster::recover(repo, o)?;
     let mut report = DrillReport::new("db", c.restore.snapshot.clone(), started, None);
@@ -549,7 +549,7 @@ pub fn files(
     scratch_parent: &Path,
     progress: &dyn Progress,
 ) -> Result<DrillReport> {
-    let started = Utc::now();
+    let started = custos_model::clock::now();
     let t0 = Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("custos-drill-")
@@ -619,7 +619,7 @@ pub fn vector(
     snap: &custos_repo::Snapshot,
     conn: &custos_sources::postgres::db::ConnectOptions,
 ) -> Result<DrillReport> {
-    let started = Utc::now();
+    let started = custos_model::clock::now();
     let t0 = Instant::now();
     let mut r = DrillReport::new(
         "vector",
@@ -670,7 +670,7 @@ pub fn vector(
 /// An audit-log drill: every export chain read back whole, each row hashed, its links
 /// followed from the first export to the last.
 pub fn audit_log(repo: &Repository, min_retention: chrono::Duration) -> Result<DrillReport> {
-    let started = Utc::now();
+    let started = custos_model::clock::now();
     let t0 = Instant::now();
     let chains = crate::tables::audit::verify_chains(repo, None, true, min_retention, started)?;
     if chains.is_empty() {

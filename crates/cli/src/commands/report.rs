@@ -70,7 +70,7 @@ pub(crate) fn cmd_report(ctx: &Ctx, a: &ReportArgs) -> Result<i32> {
         Some(ReportSub::Verify { file }) => return verify(ctx, file),
         None => {}
     }
-    let now = chrono::Utc::now();
+    let now = custos_model::clock::now();
     let to =
         a.to.as_deref()
             .map(|s| parse_day(s, "--to"))

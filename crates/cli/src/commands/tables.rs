@@ -502,7 +502,7 @@ pub(crate) fn cmd_audit_log(ctx: &Ctx, c: AuditLogCommand) -> Result<i32> {
         table.as_deref(),
         read_data,
         min.audit_log_default,
-        chrono::Utc::now(),
+        custos_model::clock::now(),
     )?;
     if chains.is_empty() {
         return Err(

@@ -135,7 +135,12 @@ pub fn last_verified(
 }
 
 pub fn plan(repo: &Repository, selection: Selection) -> Result<ForgetPlan> {
-    plan_at(repo, selection, &MinRetention::default(), Utc::now())
+    plan_at(
+        repo,
+        selection,
+        &MinRetention::default(),
+        custos_model::clock::now(),
+    )
 }
 
 pub fn plan_at(
