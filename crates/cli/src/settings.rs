@@ -677,6 +677,16 @@ impl Settings {
     }
 
     /// Connection to the cluster: the flag, else the libpq environment variables.
+    /// Whether a database is named, in custos.toml ([postgres] host, db_url or pgdata)
+    /// or by PGHOST in the environment.
+    pub fn names_database(&self) -> bool {
+        let pg = &self.file.postgres;
+        pg.host.is_some()
+            || pg.db_url.is_some()
+            || pg.pgdata.is_some()
+            || self.libpq.contains_key("PGHOST")
+    }
+
     pub fn db(&self, url: Option<String>) -> custos_sources::postgres::db::ConnectOptions {
         let pg = &self.file.postgres;
         custos_sources::postgres::db::ConnectOptions {

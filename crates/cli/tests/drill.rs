@@ -369,3 +369,110 @@ fn extract_table_brings_back_the_rows_as_they_were_beside_the_live_table() {
     );
     pg.stop();
 }
+
+/// `restore all --point` on a point of `backup all` that holds the database (its WAL
+/// position), a pgvector table export, documents and Terraform state: the database comes
+/// back replayed to the point (the ledger and the embeddings as they were, nothing
+/// written after), the documents by hash, the state's serial; the hooks ran in order.
+#[test]
+fn restore_all_brings_back_the_database_vectors_files_and_state_of_a_point() {
+    let Setup {
+        t,
+        backup,
+        restorer,
+        pg,
+        cfg,
+        ..
+    } = setup("");
+    pg.psql(
+        "CREATE EXTENSION vector; CREATE TABLE embeddings (id int PRIMARY KEY, v vector(8)); \
+         INSERT INTO embeddings SELECT g, ('[' || array_to_string(ARRAY(SELECT ((g * 7 + k) % 97)::float4 / 97 FROM generate_series(1, 8) k), ',') || ']')::vector FROM generate_series(1, 400) g",
+    );
+    let docs = t.path("documents");
+    make_tree(&docs, 4, 10, 30_000);
+    let state = t.path("terraform.tfstate");
+    std::fs::write(&state, r#"{"version": 4, "serial": 41}"#).unwrap();
+    custos_testkit::give_to_postgres(&docs);
+    custos_testkit::give_to_postgres(&state);
+    let out = t.path("restores");
+    let log = out.join("hooks.log");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "[postgres]\nhost = \"{sock}\"\nport = {port}\nuser = \"postgres\"\n\
+         [[source]]\nname = \"documents\"\nkind = \"files\"\npaths = [\"{docs}\"]\n\
+         [[source]]\nname = \"embeddings\"\nkind = \"table\"\ntables = [\"embeddings\"]\n\
+         [[source]]\nname = \"terraform-state\"\nkind = \"stream\"\ncommand = \"cat {state}\"\n\
+         [restore_all]\npre = [\"echo stop-app $CUSTOS_POINT >> {log}\"]\npost = [\"echo start-app >> {log}\"]\n",
+        sock = pg.dir.display(),
+        port = pg.port,
+        docs = docs.display(),
+        state = state.display(),
+        log = log.display(),
+    ));
+    std::fs::write(&cfg, text).unwrap();
+
+    let mut load = start_ledger_load(&t, &pg, 2, 150, 6);
+    sleep_ms(1000);
+    backup.json(&["backup", "postgres", "--type", "full"]);
+    assert!(load.wait().unwrap().success(), "pgbench failed");
+    let b = backup.json(&["backup", "all"]);
+    let point = b["point"]["id"].as_str().unwrap().to_string();
+    assert!(b["point"]["database"]["lsn"].is_string(), "{b}");
+    let ledger = pg.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger");
+    let digest = "SELECT md5(string_agg(id || ':' || v::text, ',' ORDER BY id)) FROM embeddings";
+    let vectors = pg.psql(digest);
+    let want_docs = describe(&docs);
+    // After the point: more rows, changed vectors, documents and state; all archived.
+    pg.psql("INSERT INTO ledger (note) VALUES ('after the point'); UPDATE embeddings SET v = '[1,1,1,1,1,1,1,1]' WHERE id <= 50");
+    std::fs::write(docs.join("later.txt"), "after the point").unwrap();
+    std::fs::write(&state, r#"{"version": 4, "serial": 42}"#).unwrap();
+    pg.switch_and_archive();
+    assert_ne!(pg.psql(digest), vectors);
+
+    let all = out.join("all");
+    // The source still runs here: the restored database gets a port of its own.
+    let port = custos_testkit::free_port();
+    let r = restorer.json(&[
+        "restore",
+        "all",
+        "--point",
+        &point[..8],
+        "--to",
+        all.to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+    ]);
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(steps[0].starts_with("pre-hook"), "{steps:?}");
+    assert!(
+        steps.iter().any(|s| s.starts_with("database to WAL")),
+        "{steps:?}"
+    );
+    assert!(steps.last().unwrap().starts_with("post-hook"), "{steps:?}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("stop-app {point}\nstart-app\n")
+    );
+    assert_eq!(describe(&all.join("documents")), want_docs);
+    assert_eq!(
+        std::fs::read_to_string(all.join("terraform-state")).unwrap(),
+        r#"{"version": 4, "serial": 41}"#
+    );
+    // The database, started, replays to the point: exactly the rows and vectors then.
+    let got = start_and_read(&pg.bin, &all.join("postgres"), port, &pg.dir);
+    assert_eq!(got, ledger, "the ledger differs from the point's");
+    let c = PgCluster::existing(pg.bin.clone(), all.join("postgres"), port, pg.dir.clone());
+    let (ok, text) = c.try_start(&all.join("postgres-2.log"));
+    assert!(ok, "{text}");
+    assert_eq!(
+        c.psql(digest),
+        vectors,
+        "the embeddings differ from the point's"
+    );
+    c.stop();
+}

@@ -413,9 +413,7 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             }
             // One recovery point binds what this run took, and where the database's WAL
             // was when it ended (what `restore postgres --target-lsn` reaches).
-            let database = if ctx.settings.file.postgres.host.is_some()
-                || ctx.settings.file.postgres.db_url.is_some()
-            {
+            let database = if ctx.settings.names_database() {
                 match custos_sources::postgres::db::Db::connect(&ctx.settings.db(None))
                     .and_then(|db| db.point())
                 {
@@ -427,7 +425,7 @@ pub(crate) fn cmd_backup(ctx: &Ctx, b: BackupCommand) -> Result<i32> {
             } else {
                 serde_json::Value::Null
             };
-            let time = chrono::Utc::now();
+            let time = custos_model::clock::now();
             let mut h = blake3::Hasher::new();
             h.update(time.to_rfc3339().as_bytes());
             for r in &reports {

@@ -135,6 +135,10 @@ pub(crate) enum RestoreCommand {
         /// The folder to restore into (created; must be empty)
         #[arg(long)]
         to: PathBuf,
+        /// The port the restored database will listen on (default: the source's; set
+        /// one when the source still runs on this host)
+        #[arg(long, value_name = "PORT")]
+        port: Option<u16>,
     },
     /// Write an env snapshot as an env file: plain values, and secrets as comments naming
     /// where they live
@@ -386,7 +390,9 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 }
             }
         }
-        RestoreCommand::All { point, to } => return restore_all(ctx, &repo, point.as_deref(), &to),
+        RestoreCommand::All { point, to, port } => {
+            return restore_all(ctx, &repo, point.as_deref(), &to, port)
+        }
         RestoreCommand::Env(a) => return crate::commands::config::restore_env(ctx, &repo, a),
         RestoreCommand::Table(a) => return crate::commands::tables::restore_table(ctx, &repo, a),
         RestoreCommand::AuditLog(a) => {
@@ -452,6 +458,7 @@ fn restore_all(
     repo: &custos_repo::Repository,
     point: Option<&str>,
     to: &std::path::Path,
+    port: Option<u16>,
 ) -> Result<i32> {
     let points: Vec<serde_json::Value> = crate::commands::snapshots::points(repo)?
         .into_iter()
@@ -574,7 +581,10 @@ fn restore_all(
                         cluster: p["database"]["system_id"].as_str().map(String::from),
                         delta: false,
                         restore_command: ctx.settings.restore_command(&ctx.env)?,
-                        extra_settings: vec!["archive_mode = off".into()],
+                        // Not archiving: a copy must not write into the source's archive.
+                        extra_settings: std::iter::once("archive_mode = off".to_string())
+                            .chain(port.map(|p| format!("port = {p}")))
+                            .collect(),
                         command_needs: ctx.settings.restore_command_files(&ctx.env),
                         progress: progress.as_ref(),
                         cold: ctx.request_cold,
