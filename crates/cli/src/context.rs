@@ -32,6 +32,8 @@ pub(crate) struct Ctx {
     pub(crate) unnamed_secondary: std::cell::RefCell<Option<String>>,
     /// `--request-cold`: a restore first asks archived objects back (custos_ops::cold).
     pub(crate) request_cold: bool,
+    /// Refuse (exit 14) when the trail no longer holds the entry this host last wrote.
+    pub(crate) check_trail: bool,
 }
 
 impl Ctx {
@@ -143,17 +145,17 @@ impl Ctx {
         let pw = self.settings.password(&self.env, "repository password: ")?;
         let repo = Repository::open(storage, pw.as_bytes(), self.open_opts())?;
         tracing::debug!("opened the repository with key {}", repo.key_id.short());
-        self.opened(&repo);
+        self.opened(&repo)?;
         Ok(repo)
     }
 
-    pub(crate) fn opened(&self, repo: &Repository) {
+    pub(crate) fn opened(&self, repo: &Repository) -> Result<()> {
         if let Some(name) = self.unnamed_secondary.borrow().as_ref() {
             eprintln!(
                 "custos: warning: {} is the secondary `{name}`: this operation is not recorded in the operation trail; name it with --secondary {name} (custos.toml [[secondary]]) to record it in the primary's",
                 repo.storage.location()
             );
-            return;
+            return Ok(());
         }
         let mut writer = repo.trail_writer();
         if self.settings.secondary.is_some() {
@@ -161,14 +163,31 @@ impl Ctx {
                 Ok(p) => writer = writer.on(p),
                 Err(e) => {
                     eprintln!("custos: warning: this operation on a secondary cannot be recorded in the primary's trail: {}", e.message);
-                    return;
+                    return Ok(());
                 }
             }
         }
         if let Some(dir) = &self.settings.cache_dir {
             writer = writer.with_hint(dir.join(repo.config.id.to_hex()).join("trail-last"));
         }
+        // Nothing runs, nor is appended, on a trail cut short behind this host's back.
+        if self.check_trail {
+            match writer.check_anchor() {
+                Ok(_) => {}
+                // A primary that cannot be reached while working on a secondary (it may
+                // be what was lost): as above, said and not recorded.
+                Err(e)
+                    if self.settings.secondary.is_some()
+                        && e.kind != custos_model::Kind::Integrity =>
+                {
+                    eprintln!("custos: warning: this operation on a secondary cannot be recorded in the primary's trail: {}", e.message);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
         *self.trail.borrow_mut() = Some((writer, repo.role(), repo.key_id));
+        Ok(())
     }
 
     pub(crate) fn touch(&self, v: serde_json::Value) {

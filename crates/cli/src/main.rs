@@ -275,6 +275,13 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
         secondary_access: std::cell::Cell::new(access),
         unnamed_secondary: Default::default(),
         request_cold: cli.request_cold,
+        // Every command first checks the trail still holds what this host last wrote;
+        // not the commands that investigate or accept a trail that fails that, nor WAL
+        // archiving and recovery (PostgreSQL's, one segment at a time).
+        check_trail: !matches!(
+            cli.command,
+            Command::Audit(_) | Command::Init(_) | Command::WalPush(_) | Command::WalFetch(_)
+        ),
     };
     let name = match (&cli.command, &cli.secondary) {
         // Recovery from a secondary asks for one WAL file after another: none of them
@@ -368,7 +375,9 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::WalFetch(_) => "wal-fetch".into(),
         Command::WalPush(_) => return None,
         Command::Audit(AuditCommand::Log { .. }) => "audit log".into(),
-        Command::Audit(AuditCommand::Verify) => "audit verify".into(),
+        Command::Audit(AuditCommand::Verify { .. }) => "audit verify".into(),
+        Command::Audit(AuditCommand::Head { accept: true }) => "audit head accept".into(),
+        Command::Audit(AuditCommand::Head { .. }) => return None,
         Command::IamPolicy(_) | Command::BucketPolicy(_) => return None,
         Command::Lock(commands::lock::LockCommand::Status) => return None,
         Command::Drill(commands::drill::DrillCommand::List) => return None,

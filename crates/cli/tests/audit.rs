@@ -201,21 +201,34 @@ fn concurrent_writers_keep_one_chain() {
 fn a_wrong_trail_hint_does_not_break_the_chain() {
     let t = repo_with_roles();
     let cache = t.path("cache");
-    let hint = std::fs::read_dir(&cache)
+    let anchor = std::fs::read_dir(&cache)
         .unwrap()
         .flatten()
         .map(|d| d.path().join("trail-last"))
         .find(|p| p.exists())
-        .expect("commands leave a trail hint in the cache");
+        .expect("commands leave the host's trail anchor in the cache");
     let count = |t: &T| t.json(&["audit", "log"]).as_array().unwrap().len() as u64;
     let before = count(&t);
+    let text = std::fs::read_to_string(&anchor).unwrap();
+    let (seq, hash) = text.trim().split_once(' ').expect("SEQ HASH");
     assert_eq!(
-        std::fs::read_to_string(&hint).unwrap().trim(),
+        seq,
         (before + 1).to_string(),
-        "the hint names the last entry (the listing above appended one)"
+        "the anchor names the last entry (the listing above appended one)"
     );
-    for wrong in ["1", "999", "not a number", "0"] {
-        std::fs::write(&hint, wrong).unwrap();
+    assert_eq!(hash.len(), 64);
+    // The hint every appender leaves in the repository, stale, forged or garbage, and a
+    // host record that is older or unreadable: a few more lookups, never a fork.
+    let remote = std::path::Path::new(&t.repo).join("hints/trail");
+    assert_eq!(std::fs::read_to_string(&remote).unwrap(), seq);
+    for (local, shared) in [
+        ("1", "999999"),
+        ("not a number", "1"),
+        ("0", "garbage"),
+        ("", "18446744073709551615"),
+    ] {
+        std::fs::write(&anchor, local).unwrap();
+        std::fs::write(&remote, shared).unwrap();
         t.ok(&["snapshots"]);
     }
     t.ok(&["audit", "verify"]);
@@ -227,4 +240,155 @@ fn a_wrong_trail_hint_does_not_break_the_chain() {
         .map(|e| e["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+/// The newest entries deleted (the chain that is left is intact): the host that wrote
+/// them refuses to go on (exit 14, nothing done) until told the trail is as it should be;
+/// another host without that memory is stopped by `verify` and `audit verify`, through the
+/// head each snapshot recorded; a head witnessed outside the repository proves the cut;
+/// `verify --read-data` names a damaged trail object.
+#[test]
+fn a_trail_cut_short_is_caught_by_the_host_the_snapshots_and_a_witness() {
+    let t = repo_with_roles();
+    let src = t.path("src");
+    for i in 0..3 {
+        std::fs::write(src.join(format!("later-{i}.txt")), format!("later {i}")).unwrap();
+        t.ok(&["backup", "files", src.to_str().unwrap()]);
+    }
+    let head = t.json(&["audit", "head"]);
+    let witnessed = head["head"].as_str().unwrap().to_string();
+    let seq = head["seq"].as_u64().unwrap();
+    t.ok(&["audit", "verify", "--expect-head", &witnessed]);
+    // Every snapshot recorded the head it saw.
+    let snaps = t.json(&["snapshots"]);
+    assert!(
+        snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["summary"]["trail"]["seq"].is_u64()),
+        "{snaps}"
+    );
+
+    // The newest entries go: those of the commands since, the witnessed head (the last
+    // backup's own entry) and the one before it (the head the last snapshot saw).
+    let present = std::fs::read_dir(std::path::Path::new(&t.repo).join("audit"))
+        .unwrap()
+        .count() as u64;
+    assert!(present > seq);
+    for s in seq - 1..=present {
+        std::fs::remove_file(trail_file(&t, s)).unwrap();
+    }
+    let before = std::fs::read_dir(std::path::Path::new(&t.repo).join("snapshots"))
+        .unwrap()
+        .count();
+    let e = t.fails(&["backup", "files", src.to_str().unwrap()], 14);
+    assert!(
+        e.contains("entries were removed") && e.contains("audit head --accept"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_dir(std::path::Path::new(&t.repo).join("snapshots"))
+            .unwrap()
+            .count(),
+        before,
+        "a backup ran on a trail cut short"
+    );
+    t.fails(&["snapshots"], 14);
+
+    // A host that never wrote here has no memory of it (and its next entry takes a number
+    // that was cut): the snapshots' anchors and the witness stop it.
+    let mut other = t.with_password(PW);
+    other.set("CUSTOS_CACHE_DIR", t.path("other-cache").to_str().unwrap());
+    let e = other.fails(&["audit", "verify"], 14);
+    assert!(
+        e.contains("snapshot") && e.contains("entries were removed"),
+        "{e}"
+    );
+    other.ok(&["snapshots"]);
+    let e = other.fails(&["audit", "verify"], 14);
+    assert!(e.contains("snapshot") && e.contains("rewritten"), "{e}");
+    let v = other.run(&["verify", "--json"]);
+    assert_eq!(v.status.code(), Some(14));
+    let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert!(
+        j["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap().starts_with("trail:")),
+        "{j}"
+    );
+    // The witnessed entry's number is taken again by then: its bytes differ.
+    let e = other.fails(&["audit", "verify", "--expect-head", &witnessed], 14);
+    assert!(e.contains("not the one witnessed"), "{e}");
+    let e = other.fails(&["audit", "verify", "--expect-head", "12"], 2);
+    assert!(e.contains("SEQ:HASH"), "{e}");
+
+    // Accepting the trail as it is lets the host go on, and is recorded.
+    t.ok(&["audit", "head", "--accept"]);
+    t.ok(&["snapshots"]);
+    let log = t.ok(&["audit", "log", "--since", "1h"]);
+    assert!(log.contains("audit head accept"), "{log}");
+
+    // A damaged trail object is an error of verify.
+    let t2 = repo_with_roles();
+    flip_byte(&trail_file(&t2, 2), 40);
+    let v = t2.run(&["verify", "--read-data", "--json"]);
+    assert_ne!(v.status.code(), Some(0));
+    let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert!(
+        j["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap().starts_with("trail entry 2")),
+        "{j}"
+    );
+}
+
+/// `audit log --since` lists the entries of its period (dated by the test clock over a
+/// month), in order, and only those.
+#[test]
+fn audit_log_since_lists_only_its_period() {
+    let mut t = T::bare();
+    t.set("CUSTOS_TEST_NOW", "2026-11-01T00:00:00Z");
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    for day in 2..=28 {
+        t.set("CUSTOS_TEST_NOW", &format!("2026-11-{day:02}T12:00:00Z"));
+        t.ok(&["snapshots"]);
+    }
+    t.set("CUSTOS_TEST_NOW", "2026-11-28T13:00:00Z");
+    let all = t.json(&["audit", "log"]);
+    let since = t.json(&["audit", "log", "--since", "2026-11-20T00:00:00Z"]);
+    let want: Vec<&serde_json::Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["entry"]["time"].as_str().unwrap() >= "2026-11-20")
+        .collect();
+    assert_eq!(
+        want.len(),
+        9,
+        "the snapshots of the 20th to the 28th: {all}"
+    );
+    // And the first `audit log`'s own entry, written after it listed.
+    let got: Vec<&serde_json::Value> = since.as_array().unwrap().iter().collect();
+    assert_eq!(got.len(), want.len() + 1, "{since}");
+    assert_eq!(
+        got[..want.len()]
+            .iter()
+            .map(|e| e["seq"].clone())
+            .collect::<Vec<_>>(),
+        want.iter().map(|e| e["seq"].clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(got[want.len()]["entry"]["command"], "audit log");
+    assert!(
+        got.iter()
+            .all(|e| e["problems"].as_array().unwrap().is_empty()),
+        "{since}"
+    );
+    // A duration counts back from now (the test clock).
+    let d = t.json(&["audit", "log", "--since", "2d"]);
+    assert_eq!(d.as_array().unwrap().len(), 4, "{d}");
 }

@@ -135,6 +135,12 @@ impl<'a> Run<'a> {
             key: self.repo.key_id,
             pg: self.pg.clone(),
             facts: self.facts.clone(),
+            // The head this backup saw; a trail that cannot be read is no reason to fail
+            // the backup (verify and audit verify report it).
+            trail: custos_repo::trail::head_of(&self.repo.storage, None).unwrap_or_else(|e| {
+                tracing::warn!("the trail's head could not be read: {}", e.message);
+                None
+            }),
         };
         let snapshot = self.repo.save_snapshot(&summary, body)?;
         Ok(BackupReport {

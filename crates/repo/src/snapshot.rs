@@ -100,6 +100,10 @@ pub struct SnapshotSummary {
     /// the operation of the kind (format.md 6.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<serde_json::Value>,
+    /// The operation trail's head when the snapshot was written (format.md 11): a
+    /// snapshot naming an entry the trail no longer holds shows the trail was cut short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trail: Option<crate::trail::Anchor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

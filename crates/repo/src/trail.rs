@@ -30,7 +30,118 @@ use crate::format::b64;
 use crate::Repository;
 
 pub const DIR: &str = "audit";
+/// Where appenders leave the last sequence number they wrote: a hint only (format.md 11).
+pub const HINT: &str = "hints/trail";
 const DOMAIN: &[u8] = b"custos trail v1";
+
+/// An entry of the trail as a witness records it: its number and the BLAKE3 of its bytes
+/// (`SEQ:HASH`). A snapshot records the head it saw; `audit head` prints it;
+/// `audit verify --expect-head` proves the trail still holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    pub seq: u64,
+    /// Lowercase hex.
+    pub hash: String,
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Anchor> {
+        let bad = || {
+            Error::config(format!(
+                "`{s}` is not a trail head: it is SEQ:HASH, as `custos audit head` prints it"
+            ))
+        };
+        let (seq, hash) = s.trim().split_once(':').ok_or_else(bad)?;
+        let seq: u64 = seq.parse().map_err(|_| bad())?;
+        let hash = hash.to_ascii_lowercase();
+        if seq == 0 || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        Ok(Anchor { seq, hash })
+    }
+}
+
+/// The number of the trail's last entry (0: empty), in a number of lookups that does not
+/// grow with the trail: from `hint` (a number this host remembers) or the hint object
+/// the last appender left, when that entry exists, else from 1, the next numbers are
+/// probed at doubling distances until one is missing, then the gap is halved down to the
+/// last present one. A correct hint costs two lookups; a stale one a few more; a forged
+/// one (an entry that does not exist) falls back to the search from 1, about 2 log2(n)
+/// lookups. The search assumes the numbers present are contiguous, as appends make
+/// them: a hole is tampering, which `audit verify` reports (an append may then land in
+/// the hole; the entry after it still does not chain, and says so).
+pub fn find_last(storage: &custos_storage::DynStorage, hint: Option<u64>) -> Result<u64> {
+    let exists = |n: u64| -> Result<bool> { Ok(storage.size(&path(n))?.is_some()) };
+    let remote = || -> Option<u64> {
+        let b = storage.get(HINT).ok()?;
+        std::str::from_utf8(&b).ok()?.trim().parse().ok()
+    };
+    let mut start = None;
+    if let Some(h) = hint.filter(|h| *h > 0) {
+        if exists(h)? {
+            start = Some(h);
+        }
+    }
+    if start.is_none() {
+        if let Some(h) = remote().filter(|h| *h > 0) {
+            if exists(h)? {
+                start = Some(h);
+            }
+        }
+    }
+    let mut lo = match start {
+        Some(h) => h,
+        None if exists(1)? => 1,
+        None => return Ok(0),
+    };
+    let mut step = 1u64;
+    let mut hi = loop {
+        let probe = lo.saturating_add(step);
+        if probe == lo || !exists(probe)? {
+            break probe;
+        }
+        lo = probe;
+        step = step.saturating_mul(2);
+    };
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if exists(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// The trail's last entry as an anchor, `None` for an empty trail.
+pub fn head_of(storage: &custos_storage::DynStorage, hint: Option<u64>) -> Result<Option<Anchor>> {
+    let seq = find_last(storage, hint)?;
+    if seq == 0 {
+        return Ok(None);
+    }
+    let bytes = storage.get(&path(seq))?;
+    Ok(Some(Anchor {
+        seq,
+        hash: blake3::hash(&bytes).to_hex().to_string(),
+    }))
+}
+
+/// What this host remembers of the trail: the last entry it wrote or accepted.
+fn read_anchor(p: &std::path::Path) -> Option<(u64, Option<String>)> {
+    let text = std::fs::read_to_string(p).ok()?;
+    let mut parts = text.split_whitespace();
+    let seq: u64 = parts.next()?.parse().ok()?;
+    let hash = parts.next().map(str::to_string);
+    (seq > 0).then_some((seq, hash))
+}
 
 /// What one operation did.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -94,6 +205,8 @@ fn entry_aad(seq: u64) -> Vec<u8> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Read {
     pub seq: u64,
+    /// BLAKE3 of the stored bytes (hex); empty when unreadable.
+    pub hash: String,
     pub entry: Option<Entry>,
     /// Empty when the entry is intact and in place.
     pub problems: Vec<String>,
@@ -180,34 +293,100 @@ impl TrailWriter {
         self
     }
 
-    /// The last sequence number: from the hint when it is still the end (it exists and
-    /// nothing follows it), else by listing.
+    /// The last sequence number ([`find_last`], from this host's memory of it).
     fn last_seq(&self) -> Result<u64> {
-        let hinted = self
-            .hint
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .filter(|h| *h > 0);
-        if let Some(h) = hinted {
-            if self.storage.size(&path(h))?.is_some() && self.storage.size(&path(h + 1))?.is_none()
-            {
-                return Ok(h);
-            }
-        }
-        Ok(seqs_in(&self.storage)?.last().copied().unwrap_or(0))
+        let hinted = self.hint.as_deref().and_then(read_anchor).map(|(s, _)| s);
+        find_last(&self.storage, hinted)
     }
 
-    fn remember(&self, seq: u64) {
+    /// Remembers the entry this host just wrote (or accepted) as its anchor, and leaves
+    /// its number as the hint for every appender (not on an Object Lock bucket: each
+    /// overwrite there would be a version kept for the retention).
+    fn remember(&self, seq: u64, hash: &[u8; 32]) {
         if let Some(p) = &self.hint {
             if let Some(dir) = p.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
             let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, seq.to_string()).is_ok() {
+            if std::fs::write(&tmp, format!("{seq} {}", hex::encode(hash))).is_ok() {
                 let _ = std::fs::rename(&tmp, p);
             }
         }
+        if self.storage.object_lock().is_none() {
+            let _ = self
+                .storage
+                .put(HINT, seq.to_string().as_bytes(), PutMode::Overwrite);
+        }
+    }
+
+    /// The trail's head as it is now.
+    pub fn head(&self) -> Result<Option<Anchor>> {
+        head_of(
+            &self.storage,
+            self.hint.as_deref().and_then(read_anchor).map(|(s, _)| s),
+        )
+    }
+
+    /// Refuses (exit 14) when the repository's trail no longer holds the entry this host
+    /// last wrote: it ends before it, or that entry's bytes changed. Returns the head.
+    pub fn check_anchor(&self) -> Result<Option<Anchor>> {
+        let Some(p) = self.hint.as_deref() else {
+            return self.head();
+        };
+        let Some((seq, hash)) = read_anchor(p) else {
+            return self.head();
+        };
+        let head = self.head()?;
+        let last = head.as_ref().map_or(0, |h| h.seq);
+        let cut = || {
+            Error::integrity(format!(
+                "the operation trail of {} ends at entry {last}, but this host wrote entry {seq} to it: entries were removed (or the repository was restored from an older copy)",
+                self.storage.location()
+            ))
+            .hint(format!(
+                "nothing was done. Run `custos audit verify` and compare with a secondary's trail or a witnessed head; if the repository was restored from an older copy on purpose, `custos audit head --accept` makes this host go on from the trail as it is (and records that). This host's record: {}",
+                p.display()
+            ))
+        };
+        if last < seq {
+            return Err(cut());
+        }
+        if let Some(h) = hash {
+            let bytes = match self.storage.get(&path(seq)) {
+                Ok(b) => b,
+                Err(e) if e.kind == Kind::NotFound => return Err(cut()),
+                Err(e) => return Err(e),
+            };
+            if blake3::hash(&bytes).to_hex().as_str() != h {
+                return Err(Error::integrity(format!(
+                    "entry {seq} of the operation trail of {} is not the one this host wrote: the trail was rewritten",
+                    self.storage.location()
+                ))
+                .hint("nothing was done. Run `custos audit verify`; keep the repository as it is for investigation"));
+            }
+        }
+        Ok(head)
+    }
+
+    /// Makes the trail as it is now this host's anchor (`audit head --accept`): for a
+    /// repository restored from an older copy on purpose. Returns (was, now).
+    pub fn accept_head(&self) -> Result<(Option<u64>, Option<Anchor>)> {
+        let was = self.hint.as_deref().and_then(read_anchor).map(|(s, _)| s);
+        let head = head_of(&self.storage, None)?;
+        if let Some(p) = &self.hint {
+            match &head {
+                Some(h) => {
+                    let mut b = [0u8; 32];
+                    hex::decode_to_slice(&h.hash, &mut b)
+                        .map_err(|e| Error::internal(e.to_string()))?;
+                    self.remember(h.seq, &b);
+                }
+                None => {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+        Ok((was, head))
     }
 
     /// Appends an entry; returns its sequence number. Keys without a signing key (made
@@ -249,7 +428,7 @@ impl TrailWriter {
             let bytes = serde_json::to_vec(&stored).expect("serializable");
             match self.storage.put(&path(seq), &bytes, PutMode::CreateOnly)? {
                 PutOutcome::Created => {
-                    self.remember(seq);
+                    self.remember(seq, blake3::hash(&bytes).as_bytes());
                     return Ok(seq);
                 }
                 // Another writer took this number: chain after it.
@@ -284,8 +463,14 @@ impl Repository {
                 Some((k.id, p.try_into().ok()?))
             })
             .collect();
-        for seq in self.trail_seqs()?.into_iter().rev().take(limit) {
-            let bytes = self.storage.get(&path(seq))?;
+        // From the head down: never the whole trail.
+        let last = find_last(&self.storage, None)?;
+        for seq in (1..=last).rev().take(limit) {
+            let bytes = match self.storage.get(&path(seq)) {
+                Ok(b) => b,
+                Err(e) if e.kind == Kind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) else {
                 continue;
             };
@@ -364,6 +549,7 @@ impl Repository {
                 Err(e) => {
                     out.push(Read {
                         seq,
+                        hash: String::new(),
                         entry: None,
                         problems: vec![format!("unreadable: {}", e.message)],
                     });
@@ -377,6 +563,7 @@ impl Repository {
                     problems.push(format!("malformed: {e}"));
                     out.push(Read {
                         seq,
+                        hash: hex::encode(this_hash),
                         entry: None,
                         problems,
                     });
@@ -562,11 +749,165 @@ impl Repository {
             prev_hash = this_hash;
             out.push(Read {
                 seq,
+                hash: hex::encode(this_hash),
                 entry,
                 problems,
             });
         }
         Ok(out)
+    }
+}
+
+impl Repository {
+    /// The entries dated at or after `since`, up to the head. Times never go backwards
+    /// along the trail (appends and `audit verify` hold every entry to that), so the
+    /// first is found by halving: the cost grows with the period, not with the trail.
+    /// Each is checked as far as a part of the trail can be: chained to the entry before
+    /// it, decrypted, signed by a present key file's signing key. The full proof (who
+    /// introduced each signer, nothing removed before) is `audit verify`.
+    pub fn trail_since(&self, since: DateTime<Utc>) -> Result<Vec<Read>> {
+        let last = find_last(&self.storage, None)?;
+        let signers: std::collections::HashMap<KeyId, [u8; 32]> = Self::key_files(&self.storage)?
+            .into_iter()
+            .filter_map(|k| {
+                let p = hex::decode(k.sign_public.as_ref()?).ok()?;
+                Some((k.id, p.try_into().ok()?))
+            })
+            .collect();
+        let get = |seq: u64| -> Result<Option<Vec<u8>>> {
+            match self.storage.get(&path(seq)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind == Kind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        let open = |seq: u64, bytes: &[u8]| -> Option<(Stored, Entry)> {
+            let stored: Stored = serde_json::from_slice(bytes).ok()?;
+            let plain = aead::open(
+                &self.keys.meta_key,
+                &entry_aad(seq),
+                &stored.entry,
+                "trail entry",
+            )
+            .ok()?;
+            let e = serde_json::from_slice(&plain).ok()?;
+            Some((stored, e))
+        };
+        // The first entry at or after `since`; an entry that does not read ends the
+        // halving where it is (from there on everything is read and reported).
+        let (mut lo, mut hi) = (1u64, last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match get(mid)?.as_deref().and_then(|b| open(mid, b)) {
+                Some((_, e)) if e.time >= since => hi = mid,
+                Some(_) => lo = mid + 1,
+                None => hi = mid,
+            }
+        }
+        let mut prev: Option<[u8; 32]> = match lo {
+            1 => Some([0u8; 32]),
+            n => get(n - 1)?.map(|b| *blake3::hash(&b).as_bytes()),
+        };
+        let mut out = vec![];
+        for seq in lo..=last {
+            let Some(bytes) = get(seq)? else {
+                out.push(Read {
+                    seq,
+                    hash: String::new(),
+                    entry: None,
+                    problems: vec!["missing (removed from the trail)".into()],
+                });
+                prev = None;
+                continue;
+            };
+            let hash = *blake3::hash(&bytes).as_bytes();
+            let mut problems = vec![];
+            let entry = match open(seq, &bytes) {
+                None => {
+                    problems.push("malformed, or its content does not authenticate".into());
+                    None
+                }
+                Some((stored, e)) => {
+                    if let Some(p) = prev {
+                        if stored.prev != hex::encode(p) {
+                            problems.push("does not chain to the entry before it".into());
+                        }
+                    }
+                    let signed = hex::decode(&stored.prev)
+                        .ok()
+                        .and_then(|p| <[u8; 32]>::try_from(p).ok())
+                        .zip(signers.get(&stored.key))
+                        .is_some_and(|(p, public)| {
+                            sign::verify(
+                                public,
+                                &signed_bytes(seq, &p, &stored.key, &stored.entry),
+                                &stored.sig,
+                            )
+                        });
+                    if !signed {
+                        problems.push("not signed by a present key (`custos audit verify` checks removed keys too)".into());
+                    }
+                    (e.time >= since).then_some(e)
+                }
+            };
+            prev = Some(hash);
+            if entry.is_none() && problems.is_empty() {
+                continue;
+            }
+            out.push(Read {
+                seq,
+                hash: hex::encode(hash),
+                entry,
+                problems,
+            });
+        }
+        Ok(out)
+    }
+
+    /// What the anchors say about a trail read by [`Repository::trail_verify`]: every
+    /// snapshot recorded the head it saw, and the trail must still hold that entry, with
+    /// those bytes. One problem per snapshot whose anchor the trail no longer holds.
+    pub fn trail_anchor_problems(&self, read: &[Read]) -> Result<Vec<String>> {
+        let by_seq: std::collections::HashMap<u64, &str> =
+            read.iter().map(|r| (r.seq, r.hash.as_str())).collect();
+        let last = read.last().map_or(0, |r| r.seq);
+        let mut out = vec![];
+        for s in self.snapshots()? {
+            let Some(a) = &s.summary.trail else { continue };
+            match by_seq.get(&a.seq) {
+                None => out.push(format!(
+                    "snapshot {} ({}) saw the trail at entry {}, but the trail now ends at {last} or lacks it: entries were removed",
+                    s.id.short(),
+                    s.summary.time.format("%Y-%m-%d %H:%M:%S UTC"),
+                    a.seq
+                )),
+                Some(h) if *h != a.hash => out.push(format!(
+                    "snapshot {} ({}) saw entry {} of the trail with other bytes: the trail was rewritten",
+                    s.id.short(),
+                    s.summary.time.format("%Y-%m-%d %H:%M:%S UTC"),
+                    a.seq
+                )),
+                Some(_) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// A witnessed head (`audit verify --expect-head`): the trail must hold that entry
+    /// with those bytes.
+    pub fn trail_holds(&self, read: &[Read], a: &Anchor) -> Option<String> {
+        match read.iter().find(|r| r.seq == a.seq) {
+            None => Some(format!(
+                "the trail does not hold entry {} (it ends at {}): it was cut short after {a} was witnessed",
+                a.seq,
+                read.last().map_or(0, |r| r.seq)
+            )),
+            Some(r) if r.hash != a.hash => Some(format!(
+                "entry {} of the trail is not the one witnessed ({a}): the trail was rewritten",
+                a.seq
+            )),
+            Some(_) => None,
+        }
     }
 }
 
@@ -576,4 +917,96 @@ fn parse_public(h: &str) -> Option<[u8; 32]> {
 
 fn unhex32(h: &str) -> [u8; 32] {
     parse_public(h).unwrap_or([0u8; 32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custos_storage::{DynStorage, Entry as Listed, Storage};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A storage that counts lookups (`size`) and reads (`get`).
+    struct Counting {
+        inner: DynStorage,
+        lookups: AtomicU64,
+        reads: AtomicU64,
+    }
+    impl Storage for Counting {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn put(&self, p: &str, d: &[u8], m: PutMode) -> Result<PutOutcome> {
+            self.inner.put(p, d, m)
+        }
+        fn get(&self, p: &str) -> Result<Vec<u8>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.get(p)
+        }
+        fn get_range(&self, p: &str, o: u64, l: u64) -> Result<Vec<u8>> {
+            self.inner.get_range(p, o, l)
+        }
+        fn size(&self, p: &str) -> Result<Option<u64>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.inner.size(p)
+        }
+        fn list(&self, d: &str) -> Result<Vec<Listed>> {
+            panic!("finding the head lists `{d}`")
+        }
+        fn delete(&self, p: &str) -> Result<()> {
+            self.inner.delete(p)
+        }
+    }
+
+    fn trail(n: u64) -> (tempfile::TempDir, Arc<Counting>) {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: DynStorage = Arc::new(custos_storage::local::LocalStorage::new(dir.path()));
+        for seq in 1..=n {
+            inner.put(&path(seq), b"{}", PutMode::CreateOnly).unwrap();
+        }
+        let c = Arc::new(Counting {
+            inner,
+            lookups: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+        });
+        (dir, c)
+    }
+
+    /// Lookups `find_last` made, and its answer.
+    fn cost(c: &Arc<Counting>, hint: Option<u64>) -> (u64, u64) {
+        c.lookups.store(0, Ordering::SeqCst);
+        c.reads.store(0, Ordering::SeqCst);
+        let s: DynStorage = c.clone();
+        let last = find_last(&s, hint).unwrap();
+        (
+            last,
+            c.lookups.load(Ordering::SeqCst) + c.reads.load(Ordering::SeqCst),
+        )
+    }
+
+    #[test]
+    fn the_head_costs_the_same_at_any_length_with_a_hint_and_log_without() {
+        for n in [1u64, 40, 3000] {
+            let (_d, c) = trail(n);
+            // This host's memory, right: two lookups whatever the length.
+            assert_eq!(cost(&c, Some(n)), (n, 2), "n = {n}");
+            // The shared hint (no memory here): one read more.
+            c.put(HINT, n.to_string().as_bytes(), PutMode::Overwrite)
+                .unwrap();
+            assert_eq!(cost(&c, None), (n, 3), "n = {n}");
+            // Stale by a few: a few lookups more.
+            let (last, k) = cost(&c, Some(n.saturating_sub(5).max(1)));
+            assert_eq!(last, n);
+            assert!(k <= 9, "n = {n}: {k} lookups");
+            // Forged (an entry that does not exist), with the shared hint forged too: the
+            // search from 1, about 2 log2(n) lookups; never a wrong answer.
+            c.put(HINT, b"999999999", PutMode::Overwrite).unwrap();
+            let (last, k) = cost(&c, Some(1_000_000_000));
+            assert_eq!(last, n);
+            let bound = 2 * (64 - n.leading_zeros() as u64) + 4;
+            assert!(k <= bound, "n = {n}: {k} lookups > {bound}");
+        }
+        let (_d, c) = trail(0);
+        assert_eq!(cost(&c, None).0, 0);
+    }
 }

@@ -18,20 +18,73 @@ pub(crate) enum AuditCommand {
         since: Option<String>,
     },
     /// Prove the trail complete and untampered; names the first bad entry (exit 14)
-    #[command(after_help = "Example:\n  custos audit verify --json")]
-    Verify,
+    #[command(
+        after_help = "Example:\n  custos audit verify --expect-head 48211:9f3c0a...e1 --json"
+    )]
+    Verify {
+        /// A head witnessed earlier (`custos audit head` printed it, SEQ:HASH): the trail
+        /// must still hold that entry with those bytes
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Vec<String>,
+    },
+    /// Print the trail's head (SEQ:HASH) for a witness outside the repository: a ticket,
+    /// the daily report, another system; `audit verify --expect-head` checks it later
+    #[command(after_help = "Example:\n  custos audit head --json")]
+    Head {
+        /// This host goes on from the trail as it is now, though it no longer holds the
+        /// entry this host last wrote (a repository restored from an older copy on
+        /// purpose); recorded in the trail
+        #[arg(long)]
+        accept: bool,
+    },
 }
 
 pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
     let repo = ctx.open()?;
-    let read = repo.trail_verify()?;
     match a {
+        AuditCommand::Head { accept } => {
+            let trail = ctx.trail.borrow();
+            let (was, head) = match (accept, trail.as_ref()) {
+                (true, Some((w, _, _))) => w.accept_head()?,
+                (true, None) => {
+                    return Err(Error::config(
+                        "this repository's operations are not recorded here: nothing to accept",
+                    ))
+                }
+                (false, _) => (None, custos_repo::trail::head_of(&repo.storage, None)?),
+            };
+            drop(trail);
+            if accept {
+                ctx.touch(serde_json::json!({"host_had": was, "head": head}));
+            }
+            if ctx.out.json {
+                ctx.out.json(&serde_json::json!({
+                    "head": head.as_ref().map(|h| h.to_string()),
+                    "seq": head.as_ref().map(|h| h.seq),
+                    "hash": head.as_ref().map(|h| h.hash.clone()),
+                    "repository": repo.storage.location(),
+                }));
+            } else {
+                match &head {
+                    Some(h) => println!("{h}"),
+                    None => println!("the trail is empty"),
+                }
+                if accept && !ctx.out.quiet {
+                    eprintln!(
+                        "custos: this host goes on from entry {} (it had written up to {})",
+                        head.as_ref().map_or(0, |h| h.seq),
+                        was.map_or("none".to_string(), |w| w.to_string())
+                    );
+                }
+            }
+            Ok(0)
+        }
         AuditCommand::Log { since } => {
             let since = match since.as_deref() {
                 None => None,
                 Some(t) => Some(match humantime::parse_duration(t) {
                     Ok(d) => {
-                        chrono::Utc::now()
+                        custos_model::clock::now()
                             - chrono::Duration::from_std(d)
                                 .map_err(|e| Error::config(format!("--since `{t}`: {e}")))?
                     }
@@ -42,10 +95,13 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
                     })?,
                 }),
             };
-            let shown: Vec<&custos_repo::trail::Read> = read
-                .iter()
-                .filter(|r| since.is_none_or(|s| r.entry.as_ref().is_none_or(|e| e.time >= s)))
-                .collect();
+            // A period reads only its own entries; the whole trail is read (and proven)
+            // without one.
+            let read = match since {
+                Some(s) => repo.trail_since(s)?,
+                None => repo.trail_verify()?,
+            };
+            let shown: Vec<&custos_repo::trail::Read> = read.iter().collect();
             if ctx.out.json {
                 ctx.out.json(&shown);
             } else {
@@ -76,7 +132,28 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
             }
             Ok(0)
         }
-        AuditCommand::Verify => {
+        AuditCommand::Verify { expect_head } => {
+            let expected = expect_head
+                .iter()
+                .map(|h| h.parse::<custos_repo::trail::Anchor>())
+                .collect::<Result<Vec<_>>>()?;
+            let mut read = repo.trail_verify()?;
+            // What the trail's own chain cannot show: entries removed from its end. Every
+            // snapshot's anchor, and each witnessed head, must still be in it.
+            let mut anchors = repo.trail_anchor_problems(&read)?;
+            anchors.extend(expected.iter().filter_map(|a| repo.trail_holds(&read, a)));
+            if !anchors.is_empty() {
+                let last = read.last().map_or(0, |r| r.seq);
+                match read.last_mut() {
+                    Some(r) => r.problems.extend(anchors),
+                    None => read.push(custos_repo::trail::Read {
+                        seq: last,
+                        hash: String::new(),
+                        entry: None,
+                        problems: anchors,
+                    }),
+                }
+            }
             let bad: Vec<&custos_repo::trail::Read> =
                 read.iter().filter(|r| !r.problems.is_empty()).collect();
             if ctx.out.json {
@@ -98,8 +175,9 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
                 None => {
                     if !ctx.out.json {
                         println!(
-                            "the operation trail is complete and untampered: {} entries, each chained to the one before and signed by a known key",
-                            read.len()
+                            "the operation trail is complete and untampered: {} entries, each chained to the one before and signed by a known key; it holds the head every snapshot saw{}",
+                            read.len(),
+                            if expected.is_empty() { "" } else { " and the witnessed head(s)" }
                         );
                     }
                     Ok(0)

@@ -74,7 +74,7 @@ pub(crate) fn cmd_init(
         std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
             .map_err(|e| custos_model::error::io_error(Kind::Config, &path, e))?;
     }
-    ctx.opened(&repo);
+    ctx.opened(&repo)?;
     introduce(ctx, &repo, repo.key_id)?;
     *ctx.authority.borrow_mut() = repo.trail_authority();
     if ctx.out.json {

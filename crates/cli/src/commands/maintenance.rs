@@ -103,8 +103,8 @@ pub(crate) fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Re
         ctx.out.json(&r);
     } else {
         println!(
-            "{} snapshots, {} packs, {} archived WAL files",
-            r.snapshots, r.packs, r.wal_files
+            "{} snapshots, {} packs, {} archived WAL files, {} trail entries",
+            r.snapshots, r.packs, r.wal_files, r.trail_entries
         );
         if read_data {
             println!(

@@ -84,6 +84,7 @@ impl Attacker {
             key: self.repo.key_id,
             pg: None,
             facts: None,
+            trail: None,
         };
         let body = SnapshotBody {
             paths: vec!["/srv/documents".into()],
@@ -131,6 +132,7 @@ impl Attacker {
             key: self.repo.key_id,
             pg: Some(pg),
             facts: None,
+            trail: None,
         };
         self.repo
             .save_snapshot(&summary, &SnapshotBody::default())
