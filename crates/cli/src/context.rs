@@ -180,7 +180,7 @@ impl Ctx {
                     if self.settings.secondary.is_some()
                         && e.kind != custos_model::Kind::Integrity =>
                 {
-                    eprintln!("custos: warning: this operation on a secondary cannot be recorded in the primary's trail: {}", e.message);
+                    eprintln!("custos: warning: this operation on a secondary is not recorded in the operation trail: the primary's cannot be read: {}", e.message);
                     return Ok(());
                 }
                 Err(e) => return Err(e),

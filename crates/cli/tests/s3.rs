@@ -111,6 +111,53 @@ fn bucket_objects_as_a_backup_source() {
         assert_eq!(&std::fs::read(t.path("out").join(k)).unwrap(), v, "{k}");
     }
     assert!(!t.path("out/other").exists() && !t.path("out/ignored.txt").exists());
+
+    // The next backup reads only what changed: an object rewritten (the same size, other
+    // bytes), a new one; one deleted is gone from the snapshot. Unchanged objects (size,
+    // modification time and MD5 as recorded) are not read again.
+    let changed: Vec<u8> = expected["patient-003/scan.pdf"]
+        .iter()
+        .map(|b| b ^ 0x5a)
+        .collect();
+    bucket
+        .put(
+            "uploads/patient-003/scan.pdf",
+            &changed,
+            custos_storage::PutMode::Overwrite,
+        )
+        .unwrap();
+    expected.insert("patient-003/scan.pdf".into(), changed.clone());
+    bucket
+        .put(
+            "uploads/patient-100/new.pdf",
+            b"a new scan",
+            custos_storage::PutMode::Overwrite,
+        )
+        .unwrap();
+    expected.insert("patient-100/new.pdf".into(), b"a new scan".to_vec());
+    bucket.delete("uploads/patient-007/scan.pdf").unwrap();
+    expected.remove("patient-007/scan.pdf");
+    let r = t.json(&["backup", "files", "s3://documents/uploads"]);
+    assert_eq!(r["stats"]["files"], 12, "{r}");
+    assert_eq!(r["stats"]["files_unchanged"], 10, "{r}");
+    assert_eq!(
+        r["stats"]["bytes_read"].as_u64().unwrap(),
+        changed.len() as u64 + 10,
+        "{r}"
+    );
+    let out2 = t.path("out2");
+    t.ok(&["restore", "files", "latest", "--to", out2.to_str().unwrap()]);
+    let mut got = std::collections::BTreeMap::new();
+    for f in walkdir(&out2) {
+        let k = f.strip_prefix(&out2).unwrap().display().to_string();
+        got.insert(k, std::fs::read(&f).unwrap());
+    }
+    assert_eq!(got, expected);
+    // Nothing changed: nothing read.
+    let r = t.json(&["backup", "files", "s3://documents/uploads"]);
+    assert_eq!(r["stats"]["files_unchanged"], 12, "{r}");
+    assert_eq!(r["stats"]["bytes_read"], 0, "{r}");
+    t.ok(&["verify", "--read-data"]);
 }
 
 #[test]

@@ -39,6 +39,10 @@ pub struct Entry {
     /// its blocks (`chunks`) come from. None for every other file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<PagePatches>,
+    /// A bucket object's MD5 as its store listed it (the ETag of a single PUT): with its
+    /// size and modification time, what tells the next backup it is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 impl Entry {
@@ -174,6 +178,7 @@ fn entry_of(path: &Path, rel: PathBytes, m: &fs::Metadata) -> Result<Walked> {
             target,
             chunks: vec![],
             pages: None,
+            etag: None,
         },
         source: path.to_path_buf(),
         fingerprint: Fingerprint {

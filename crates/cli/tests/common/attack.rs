@@ -108,6 +108,7 @@ pub fn entry(path: &[u8], kind: EntryKind, mode: u32) -> Entry {
         target: None,
         chunks: vec![],
         pages: None,
+        etag: None,
     }
 }
 

@@ -194,12 +194,17 @@ impl T {
     }
 
     /// Every object of a local repository with its content hash: to prove a failed
-    /// command left the repository's data as it was. The operation trail is left out: it
-    /// records every attempt, failed ones included, by design (tests/audit.rs).
+    /// command left the repository's data as it was. The operation trail (and the hint
+    /// to its end) is left out: it records every attempt, failed ones included, by design
+    /// (tests/audit.rs).
     pub fn repo_state(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for e in walk(Path::new(&self.repo)) {
-            if e.starts_with(".tmp") || e.starts_with("locks") || e.starts_with("audit") {
+            if e.starts_with(".tmp")
+                || e.starts_with("locks")
+                || e.starts_with("audit")
+                || e.starts_with("hints")
+            {
                 continue;
             }
             let b = std::fs::read(Path::new(&self.repo).join(&e)).unwrap();

@@ -3,6 +3,7 @@
 //! files are taken from the files cache without reading, a bucket's objects and a command's
 //! output go through the same chunker.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -234,15 +235,56 @@ pub fn backup_bucket(
     let objects = bucket
         .list(prefix)
         .map_err(|e| e.context("listing the source bucket"))?;
-    let total: u64 = objects.iter().map(|o| o.size).sum();
+    // The parent's objects by path: one whose size, modification time and MD5 (where the
+    // store lists one) are those recorded is not read again, as an unchanged file is not.
+    let previous: HashMap<String, Entry> = match &run.parent {
+        Some(p) => {
+            let body = repo.snapshot_body(&p.id)?;
+            crate::manifest::load(repo, writer.index(), &body.manifest)
+                .map_err(|e| e.context("the parent snapshot's manifest"))?
+                .into_iter()
+                .map(|e| (String::from_utf8_lossy(e.path.as_bytes()).into_owned(), e))
+                .collect()
+        }
+        None => HashMap::new(),
+    };
+    let rel_of = |path: &str| {
+        path.strip_prefix(prefix)
+            .unwrap_or(path)
+            .trim_start_matches('/')
+            .to_string()
+    };
+    let nanos = |t: std::time::SystemTime| {
+        chrono::DateTime::<Utc>::from(t)
+            .timestamp_nanos_opt()
+            .unwrap_or_default()
+    };
+    let unchanged = |o: &custos_storage::Entry| -> Option<Entry> {
+        let prev = previous.get(&rel_of(&o.path))?;
+        let same = o.modified.map(nanos) == Some(prev.mtime_ns)
+            && prev.size == o.size
+            && prev.etag == o.md5
+            && prev.chunks.iter().all(|c| writer.index().contains(c));
+        same.then(|| prev.clone())
+    };
+    let total: u64 = objects
+        .iter()
+        .filter(|o| unchanged(o).is_none())
+        .map(|o| o.size)
+        .sum();
     opts.progress.start("backup", Some(total));
     let read = AtomicU64::new(0);
+    let kept = AtomicU64::new(0);
     let gone: Mutex<Vec<String>> = Mutex::new(vec![]);
     let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let entries = custos_repo::repository::parallel_map(
         &objects,
         repo.threads() * 2,
         |o| -> Result<Option<Entry>> {
+            if let Some(e) = unchanged(o) {
+                kept.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(e));
+            }
             // An object deleted since the listing is left out and reported, not fatal:
             // a live bucket changes while it is read.
             let data = match bucket.get(&o.path) {
@@ -264,23 +306,21 @@ pub fn backup_bucket(
                 &read,
             )
             .map_err(|e| Error::new(Kind::Source, e.to_string()))??;
-            let rel = o
-                .path
-                .strip_prefix(prefix)
-                .unwrap_or(&o.path)
-                .trim_start_matches('/')
-                .to_string();
+            // What was read is what is recorded: a size that differs from the listing's
+            // means the object changed meanwhile, and it is read again next time.
+            let listed = data.len() as u64 == o.size;
             Ok(Some(Entry {
-                path: rel.into(),
+                path: rel_of(&o.path).into(),
                 kind: EntryKind::File,
                 mode: 0o600,
                 uid: 0,
                 gid: 0,
-                mtime_ns: now,
+                mtime_ns: o.modified.filter(|_| listed).map(nanos).unwrap_or(now),
                 size: data.len() as u64,
                 target: None,
                 chunks: ids,
                 pages: None,
+                etag: o.md5.clone().filter(|_| listed),
             }))
         },
     )?;
@@ -290,6 +330,7 @@ pub fn backup_bucket(
     let manifest = crate::manifest::store(repo, writer, &entries)?;
     let stats = SnapshotStats {
         files: entries.len() as u64,
+        files_unchanged: kept.load(Ordering::Relaxed),
         errors: errors.len() as u64,
         bytes: entries.iter().map(|e| e.size).sum(),
         bytes_read: read.load(Ordering::Relaxed),

@@ -209,6 +209,11 @@ impl Copier<'_> {
         let now = SystemTime::now();
         let primary = listing(&self.primary.storage)?;
         let secondary = listing(&self.secondary)?;
+        trail_cut(
+            (&self.primary.storage, &primary),
+            (&self.secondary, &secondary),
+            &self.name,
+        )?;
         let removed = guard::tombstoned(self.secondary.as_ref())?;
         let mut missing: BTreeMap<String, Missing> = BTreeMap::new();
         let mut oldest: Option<f64> = None;
@@ -276,6 +281,11 @@ impl Copier<'_> {
             (p.join().expect("listing thread"), q)
         });
         let (primary, secondary) = (primary?, secondary?);
+        trail_cut(
+            (&self.primary.storage, &primary),
+            (&self.secondary, &secondary),
+            &self.name,
+        )?;
         let removed = guard::tombstoned(self.secondary.as_ref())?;
         tracing::info!(
             "copy to `{}`: listed {} object(s) on the primary, {} on the secondary",
@@ -448,6 +458,48 @@ fn same_or_conflict(secondary: &DynStorage, name: &str, path: &str, bytes: &[u8]
             Kind::Conflict,
             format!("`{path}` on the secondary `{name}` differs from the primary's"),
         ));
+    }
+    Ok(())
+}
+
+/// The highest trail number in a listing (0: none).
+fn trail_end(listing: &HashMap<String, Entry>) -> u64 {
+    listing
+        .keys()
+        .filter_map(|p| p.strip_prefix("audit/"))
+        .filter_map(|n| u64::from_str_radix(n, 16).ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Each site's trail checks the other's: the secondary's is a copy of the primary's, so
+/// the primary must hold the secondary's last entry, with the same bytes. When it ends
+/// before it, entries were removed from the primary's end; other bytes under that number
+/// mean they were removed and the number taken again.
+fn trail_cut(
+    primary: (&DynStorage, &HashMap<String, Entry>),
+    secondary: (&DynStorage, &HashMap<String, Entry>),
+    name: &str,
+) -> Result<()> {
+    let (p, s) = (trail_end(primary.1), trail_end(secondary.1));
+    if s == 0 {
+        return Ok(());
+    }
+    let hint = || {
+        format!("nothing was copied. Run `custos audit verify` on both (`--secondary {name}`); the secondary's trail is the evidence, keep it")
+    };
+    if s > p {
+        return Err(Error::integrity(format!(
+            "the primary's operation trail ends at entry {p}, but the secondary `{name}` holds entries up to {s}, copied from it: entries were removed from the primary's trail"
+        ))
+        .hint(hint()));
+    }
+    let path = custos_repo::trail::path(s);
+    if primary.0.get(&path)? != secondary.0.get(&path)? {
+        return Err(Error::integrity(format!(
+            "entry {s} of the operation trail differs between the primary and the secondary `{name}`, which copied it: entries were removed from the primary's trail and their numbers taken again, or something other than copy wrote to the secondary"
+        ))
+        .hint(hint()));
     }
     Ok(())
 }

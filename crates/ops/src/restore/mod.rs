@@ -1471,6 +1471,7 @@ pub fn list(repo: &Repository, snap: &Snapshot, index: &Index) -> Result<Vec<Ent
             target: None,
             chunks: body.stream,
             pages: None,
+            etag: None,
         }]);
     }
     crate::manifest::load(repo, index, &body.manifest)

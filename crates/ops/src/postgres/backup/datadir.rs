@@ -240,6 +240,7 @@ pub(crate) fn backup_datadir(
             target: None,
             chunks: ids,
             pages: None,
+            etag: None,
         })
     };
     manifest_entries.push(small_file("backup_label", stop.backup_label.as_bytes())?);

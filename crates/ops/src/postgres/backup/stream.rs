@@ -439,6 +439,7 @@ fn read_stream(
             target: None,
             chunks: vec![],
             pages: None,
+            etag: None,
         };
         if kind == EntryKind::Symlink {
             entry.target = item
