@@ -382,7 +382,10 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
     r.ok(&["snapshots"]);
     // (The trail's own check: which of the two sites lies cannot be told from here.)
     let e = r.fails(&["copy"], 14);
-    assert!(e.contains("differs") && e.contains("something other than copy"), "{e}");
+    assert!(
+        e.contains("differs") && e.contains("something other than copy"),
+        "{e}"
+    );
 }
 
 #[test]

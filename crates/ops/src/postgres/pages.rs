@@ -720,6 +720,7 @@ mod tests {
             target: None,
             chunks,
             pages,
+            etag: None,
         }
     }
 
