@@ -331,4 +331,13 @@ step "agent: SIGTERM (running jobs finish, exit 0)" stop_agent
 echo "   runs: $(wc -l < "$WORK/agent-state/history.jsonl") in a minute, $(grep -c '"outcome":"ok"' "$WORK/agent-state/history.jsonl") ok; each signed into the trail:"
 C audit log | grep "agent job" | tail -n 3 | cut -c1-150
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -w stop -m fast >/dev/null
+
+echo "== for the auditor: this month's report, and the trail's head for a witness outside"
+MONTH_FROM=$(date -u +%Y-%m-01T00:00:00Z)
+MONTH_TO=$(date -u -d '+1 hour' +%Y-%m-%dT%H:00:00Z)
+REPORT="$WORK/custos-report-$(date -u +%Y-%m).html"
+step "report --from $MONTH_FROM --to $MONTH_TO" C report --from "$MONTH_FROM" --to "$MONTH_TO" --out "$REPORT"
+echo "   the month's report: $REPORT (HTML, self-contained; --format pdf prints it)"
+C report verify "$REPORT" | sed 's/^/     /'
+echo "   trail head (record it elsewhere; audit verify --expect-head proves it later): $(C audit head)"
 echo "== done: repository $CUSTOS_REPO, $(du -sh "$CUSTOS_REPO" | cut -f1)"

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v restic >/dev/null || need_apt+=(restic)
 command -v runuser >/dev/null || need_apt+=(util-linux)
+command -v openssl >/dev/null || need_apt+=(openssl)
 [ -x /usr/bin/time ] || need_apt+=(time)
 command -v zstd >/dev/null || need_apt+=(zstd)
 # PostgreSQL 15 server binaries (not on PATH: /usr/lib/postgresql/15/bin) for the tests.

@@ -175,7 +175,8 @@ fn main() {
         Err(e) => usage_error(e),
     };
     let filter = std::env::var("CUSTOS_LOG").unwrap_or_else(|_| match cli.verbose {
-        0 => "warn".into(),
+        // The store's retries are said with -v; by default only the error they end in.
+        0 => "warn,opendal::layers::retry=error".into(),
         1 => "info".into(),
         _ => "debug".into(),
     });

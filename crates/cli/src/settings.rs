@@ -377,6 +377,9 @@ pub struct S3Section {
     pub secret_access_key_file: Option<PathBuf>,
     /// Present only to give a clear error if someone writes a secret into the file.
     pub secret_access_key: Option<toml::Value>,
+    /// The PEM file of the CA that signs the store's TLS certificate (a private CA),
+    /// trusted besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -563,6 +566,7 @@ impl Settings {
                     .or_else(|| s3f.access_key_id.clone()),
                 secret_access_key: secret,
                 session_token: env.secret("AWS_SESSION_TOKEN").map(|s| s.to_string()),
+                ca_pem: s3f.ca_file.as_deref().map(read_ca).transpose()?,
                 ..Default::default()
             },
             service: file.storage.options.clone(),
@@ -939,6 +943,9 @@ impl Settings {
             opts.object_lock = None;
         }
         if let Some(s3) = &s.s3 {
+            if let Some(f) = &s3.ca_file {
+                opts.s3.ca_pem = Some(read_ca(f)?);
+            }
             opts.s3.endpoint = s3.endpoint.clone().or(opts.s3.endpoint);
             opts.s3.region = s3.region.clone().or(opts.s3.region);
             if let Some(k) = &s3.access_key_id {
@@ -1091,4 +1098,12 @@ pub fn shell_quote(s: &str) -> String {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The PEM file `ca_file` names (a CA certificate: no secret).
+fn read_ca(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).map_err(|e| {
+        Error::config(format!("ca_file {}: cannot read it: {e}", p.display()))
+            .hint("ca_file names the PEM file of the CA that signs the store's TLS certificate")
+    })
 }

@@ -224,3 +224,55 @@ fn s3_errors_a_missing_bucket_an_endpoint_that_never_answers_an_unknown_scheme()
         "{err}"
     );
 }
+
+/// S3 over HTTPS with a private CA: with the CA named as `ca_file` a backup and restore
+/// work and verify; a server certificate signed by another CA, or no `ca_file` at all, is
+/// refused with one clear error (exit 15) and nothing is written.
+#[test]
+fn s3_over_https_trusts_the_named_ca_and_refuses_any_other() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = custos_testkit::tls_files(certs.path(), "site");
+    let (other_ca, _, _) = custos_testkit::tls_files(certs.path(), "other");
+    let server = S3Server::start_tls(&cert, &key);
+    assert!(server.endpoint.starts_with("https://"));
+    server.create_bucket("secure");
+    let mut t = T::bare();
+    t.unset("CUSTOS_REPO");
+    let secret = t.path("s3.secret");
+    std::fs::write(&secret, SECRET_KEY).unwrap();
+    let cfg = t.path("custos.toml");
+    let write = |ca: Option<&std::path::Path>| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[repository]\nurl = \"s3://secure/clinic\"\n[storage.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n{}",
+                server.endpoint,
+                secret.display(),
+                ca.map(|c| format!("ca_file = \"{}\"\n", c.display())).unwrap_or_default()
+            ),
+        )
+        .unwrap();
+    };
+    t.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
+    write(Some(&ca));
+    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let src = t.path("src");
+    make_tree(&src, 2, 10, 100_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let out = t.path("out");
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+    assert_eq!(describe(&out), describe(&src));
+    t.ok(&["verify", "--read-data"]);
+
+    for wrong in [Some(other_ca.as_path()), None] {
+        write(wrong);
+        let e = t.fails(&["backup", "files", src.to_str().unwrap()], 15);
+        assert!(
+            e.contains("TLS certificate is not trusted") && e.contains("ca_file"),
+            "{e}"
+        );
+        assert_eq!(e.matches("custos: error").count(), 1, "{e}");
+    }
+    write(Some(&ca));
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 1);
+}

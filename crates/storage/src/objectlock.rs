@@ -192,7 +192,7 @@ impl LockClient {
         o: &crate::remote::S3Options,
         timeouts: &crate::remote::Timeouts,
     ) -> Result<LockClient> {
-        let http = reqwest::Client::builder()
+        let http = crate::remote::client_builder(o.ca_pem.as_deref())?
             .connect_timeout(timeouts.connect)
             .timeout(timeouts.io.max(timeouts.request) * 4)
             .build()
@@ -267,11 +267,20 @@ impl LockClient {
                 .map_err(|e| Error::internal(format!("cannot sign a request: {e}")))?;
         }
         self.http.execute(req).await.map_err(|e| {
-            Error::new(
-                Kind::Storage,
-                format!("{}: cannot reach the store ({e})", self.location),
-            )
-            .hint("check the endpoint URL and that the object store is running and reachable; then retry")
+            let mut detail = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                detail.push_str(": ");
+                detail.push_str(&c.to_string());
+                cause = c.source();
+            }
+            crate::remote::untrusted(&self.location, &detail).unwrap_or_else(|| {
+                Error::new(
+                    Kind::Storage,
+                    format!("{}: cannot reach the store ({e})", self.location),
+                )
+                .hint("check the endpoint URL and that the object store is running and reachable; then retry")
+            })
         })
     }
 

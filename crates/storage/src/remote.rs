@@ -57,6 +57,9 @@ pub struct S3Options {
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
     pub timeouts: Timeouts,
+    /// PEM certificates of the CA(s) that sign the store's TLS certificate, trusted
+    /// besides the system's (a private CA); verification is never turned off.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -89,11 +92,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::internal(format!("cannot start I/O runtime: {e}")))
 }
 
-fn layered(op: Operator, t: &Timeouts) -> Result<Operator> {
+/// An HTTP client that also trusts the CA certificates of `ca_pem` (a private CA).
+pub(crate) fn client_builder(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder> {
+    let mut b = reqwest::Client::builder();
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+            Error::config(format!(
+                "ca_file: no PEM certificate can be read from it ({e})"
+            ))
+            .hint("ca_file names the PEM file of the CA that signs the store's certificate")
+        })?;
+        if certs.is_empty() {
+            return Err(Error::config("ca_file holds no PEM certificate")
+                .hint("ca_file names the PEM file of the CA that signs the store's certificate"));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    Ok(b)
+}
+
+fn layered(op: Operator, t: &Timeouts, ca_pem: Option<&[u8]>) -> Result<Operator> {
     // The connection timeout is the HTTP client's: a layer only sees whole operations. So
     // is the wait for each read from the connection, response headers included: OpenDAL
     // counts the wait for a read's response against its (longer) transfer timeout.
-    let client = reqwest::Client::builder()
+    let client = client_builder(ca_pem)?
         .connect_timeout(t.connect)
         .read_timeout(t.request)
         .build()
@@ -152,7 +176,7 @@ impl RemoteStorage {
         let rt = runtime()?;
         let op = {
             let _guard = rt.enter();
-            layered(op, &o.timeouts)?
+            layered(op, &o.timeouts, o.ca_pem.as_deref())?
         };
         Ok(RemoteStorage {
             op,
@@ -356,7 +380,7 @@ impl RemoteStorage {
         let rt = runtime()?;
         let op = {
             let _guard = rt.enter();
-            layered(op, &timeouts)?
+            layered(op, &timeouts, None)?
         };
         Ok(RemoteStorage {
             op,
@@ -370,6 +394,9 @@ impl RemoteStorage {
 
     fn err(&self, path: &str, e: opendal::Error) -> Error {
         let detail = chain(&e).to_lowercase();
+        if let Some(t) = untrusted(&self.location, &detail) {
+            return t;
+        }
         if detail.contains("timeout") || detail.contains("timed out") {
             let t = &self.timeouts;
             return Error::new(
@@ -459,6 +486,31 @@ fn checked_body(
 fn config_err(scheme: &str, e: opendal::Error) -> Error {
     Error::config(format!("cannot configure {scheme} storage: {}", e.kind()))
         .hint("check the storage settings in custos.toml")
+}
+
+/// A TLS handshake that failed on the store's certificate: said as such, with what to do.
+pub(crate) fn untrusted(location: &str, detail: &str) -> Option<Error> {
+    let d = detail.to_ascii_lowercase();
+    let tls = [
+        "certificate",
+        "unknownissuer",
+        "invalid peer",
+        "tls handshake",
+        "bad signature",
+    ];
+    let at = tls.iter().filter_map(|w| d.find(w)).min()?;
+    // The TLS library's reason: from the cause that names it to the end.
+    let reason = detail[..at]
+        .rfind(": ")
+        .map_or(detail, |i| &detail[i + 2..])
+        .trim();
+    Some({
+        Error::new(
+            Kind::Storage,
+            format!("{location}: the store's TLS certificate is not trusted ({reason})"),
+        )
+        .hint("if the store's certificate is signed by a private CA, name that CA's PEM file as ca_file in [storage.s3] (or the secondary's section); check that the endpoint's host name is the one in the certificate. custos never skips verification")
+    })
 }
 
 /// An error with every cause under it (the HTTP client's reason is a cause, not the text).

@@ -69,9 +69,19 @@ impl S3Server {
     /// Starts a server; if it dies while starting (a port taken between choosing and
     /// binding it, by a server another test started), tries again with new ports.
     pub fn start() -> S3Server {
+        Self::start_with(None)
+    }
+
+    /// A server that speaks S3 over HTTPS only, with this certificate and key (PEM):
+    /// `endpoint` is its `https://127.0.0.1:PORT`.
+    pub fn start_tls(cert: &Path, key: &Path) -> S3Server {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> S3Server {
         let mut last = String::new();
         for _ in 0..4 {
-            match Self::try_start() {
+            match Self::try_start(tls) {
                 Ok(s) => return s,
                 Err(log) => last = log,
             }
@@ -79,7 +89,7 @@ impl S3Server {
         panic!("SeaweedFS did not start:\n{last}");
     }
 
-    fn try_start() -> Result<S3Server, String> {
+    fn try_start(tls: Option<(&Path, &Path)>) -> Result<S3Server, String> {
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("creds.json");
         std::fs::write(
@@ -121,6 +131,12 @@ impl S3Server {
         for (f, p) in flags.iter().zip(&ports) {
             cmd.arg(format!("-{f}={p}"));
         }
+        let https = ports[15];
+        if let Some((cert, key)) = tls {
+            cmd.arg(format!("-s3.cert.file={}", cert.display()))
+                .arg(format!("-s3.key.file={}", key.display()))
+                .arg(format!("-s3.port.https={https}"));
+        }
         let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
         let child = cmd
             .stdout(log.try_clone().unwrap())
@@ -132,15 +148,20 @@ impl S3Server {
         let filer = ports[4];
         let mut server = S3Server {
             child,
-            endpoint: format!("http://127.0.0.1:{s3}"),
+            endpoint: match tls {
+                Some(_) => format!("https://127.0.0.1:{https}"),
+                None => format!("http://127.0.0.1:{s3}"),
+            },
             filer: format!("127.0.0.1:{filer}"),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if http(&server.filer, "GET", "/buckets/").is_some()
-                && http(&format!("127.0.0.1:{s3}"), "GET", "/").is_some()
-            {
+            let s3_up = match tls {
+                Some(_) => std::net::TcpStream::connect(("127.0.0.1", https)).is_ok(),
+                None => http(&format!("127.0.0.1:{s3}"), "GET", "/").is_some(),
+            };
+            if http(&server.filer, "GET", "/buckets/").is_some() && s3_up {
                 return Ok(server);
             }
             if server.child.try_wait().ok().flatten().is_some() {
@@ -457,4 +478,77 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A test certificate authority and a server certificate it signs for 127.0.0.1, made
+/// with the openssl command in `dir`: (CA certificate, server certificate, server key),
+/// PEM files.
+pub fn tls_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let f = |x: &str| dir.join(format!("{name}-{x}"));
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let s = |p: PathBuf| p.display().to_string();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &s(f("ca.key")),
+        "-out",
+        &s(f("ca.pem")),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &s(f("server.key")),
+        "-out",
+        &s(f("server.csr")),
+    ]);
+    std::fs::write(
+        f("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(f("server.csr")),
+        "-CA",
+        &s(f("ca.pem")),
+        "-CAkey",
+        &s(f("ca.key")),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(f("ext.cnf")),
+        "-out",
+        &s(f("server.pem")),
+    ]);
+    (f("ca.pem"), f("server.pem"), f("server.key"))
 }
