@@ -448,6 +448,8 @@ const PLAIN_VARS: &[&str] = &[
     "PGPORT",
     "PGUSER",
     "PGDATABASE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
     "CUSTOS_HOST",
     "CUSTOS_TEST_KILL_BEFORE_WRITE",
     "CUSTOS_TEST_CLOCK",
@@ -506,6 +508,8 @@ pub struct Settings {
     test_clock: Option<String>,
     pgdata_env: Option<PathBuf>,
     libpq: HashMap<&'static str, String>,
+    /// PGSSLMODE and PGSSLROOTCERT.
+    pg_tls: (Option<String>, Option<PathBuf>),
     pg_password: Option<Zeroizing<String>>,
     config_path: Option<PathBuf>,
     /// Where the repository location came from, when not the config file.
@@ -630,6 +634,10 @@ impl Settings {
             wal_secondaries: vec![],
             pgdata_env,
             libpq,
+            pg_tls: (
+                env.var("PGSSLMODE").map(String::from),
+                env.var("PGSSLROOTCERT").map(PathBuf::from),
+            ),
             pg_password: env.secret("PGPASSWORD").cloned(),
             file,
             repo_url,
@@ -718,6 +726,8 @@ impl Settings {
                 .as_ref()
                 .map(|p| custos_sources::postgres::db::Password(p.to_string())),
             dbname_override: None,
+            sslmode: self.pg_tls.0.clone(),
+            sslrootcert: self.pg_tls.1.clone(),
         }
     }
 

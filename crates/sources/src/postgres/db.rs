@@ -20,6 +20,138 @@ pub struct ConnectOptions {
     pub password: Option<Password>,
     /// Another database of the same server (scratch databases of `verify --table`).
     pub dbname_override: Option<String>,
+    /// PGSSLMODE: `disable`, `prefer` (the default: plain where the server allows it) or
+    /// `verify-full`; a URL's `sslmode` wins.
+    pub sslmode: Option<String>,
+    /// PGSSLROOTCERT: the CA that signs the server's certificate (PEM); a URL's wins.
+    pub sslrootcert: Option<std::path::PathBuf>,
+}
+
+/// TLS as a connection string asks for it: `sslmode=verify-full` with `sslrootcert`, which
+/// tokio-postgres does not parse (they are taken out of the string before it does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Tls {
+    pub(crate) verify_full: bool,
+    pub(crate) rootcert: Option<std::path::PathBuf>,
+}
+
+/// Takes `sslmode` (when it asks for verification) and `sslrootcert` out of a
+/// `postgresql://` URL or a `key=value` string: the rest, and what they said.
+/// `require` and `verify-ca` are refused: custos checks whom it connects to.
+pub(crate) fn split_tls(
+    conn: &str,
+) -> Result<(String, Option<String>, Option<std::path::PathBuf>)> {
+    let mut mode = None;
+    let mut root = None;
+    let mut take = |k: &str, v: &str| -> bool {
+        match k {
+            "sslmode" if v != "disable" && v != "prefer" && v != "allow" => {
+                mode = Some(v.to_string());
+                true
+            }
+            "sslrootcert" => {
+                root = Some(std::path::PathBuf::from(v));
+                true
+            }
+            _ => false,
+        }
+    };
+    let rest = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        match conn.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        !take(k, v)
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => conn.to_string(),
+        }
+    } else {
+        conn.split_whitespace()
+            .filter(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                !take(k.trim(), v.trim().trim_matches('\''))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    Ok((rest, mode, root))
+}
+
+impl ConnectOptions {
+    /// What TLS this connection asks for, and the connection string without it.
+    pub(crate) fn tls(&self) -> Result<(Option<String>, Tls)> {
+        let (url, mode, root) = match &self.url {
+            Some(u) => {
+                let (rest, m, r) = split_tls(u)?;
+                (Some(rest), m, r)
+            }
+            None => (None, None, None),
+        };
+        let mode = mode.or_else(|| {
+            self.sslmode
+                .clone()
+                .filter(|m| m != "disable" && m != "prefer" && m != "allow")
+        });
+        let root = root.or_else(|| self.sslrootcert.clone());
+        let verify_full = match mode.as_deref() {
+            None => false,
+            Some("verify-full") => true,
+            Some(m) => {
+                return Err(Error::config(format!(
+                    "sslmode={m}: custos connects to PostgreSQL either in plain (disable, prefer) or with the server's certificate and name verified (verify-full)"
+                ))
+                .hint("use sslmode=verify-full with sslrootcert naming the CA that signs the server's certificate"))
+            }
+        };
+        if verify_full && root.is_none() {
+            return Err(Error::config(
+                "sslmode=verify-full needs sslrootcert: the CA that signs the server's certificate",
+            )
+            .hint("add sslrootcert=/path/to/ca.pem to --db-url / db_url, or set PGSSLROOTCERT"));
+        }
+        Ok((
+            url,
+            Tls {
+                verify_full,
+                rootcert: root,
+            },
+        ))
+    }
+}
+
+/// The rustls configuration that trusts only the CA(s) of `rootcert`.
+fn tls_config(rootcert: &std::path::Path) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |e: String| {
+        Error::config(format!("sslrootcert {}: {e}", rootcert.display()))
+            .hint("sslrootcert names the PEM file of the CA that signs the server's certificate")
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(rootcert)
+        .map_err(|e| bad(e.to_string()))?;
+    for c in certs {
+        roots
+            .add(c.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::internal(e.to_string()))
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// A database password: never printed.
@@ -40,15 +172,32 @@ pub struct Db {
 pub(crate) fn db_err(what: &str, e: tokio_postgres::Error) -> Error {
     let detail = match e.as_db_error() {
         Some(d) => format!("{}: {}", d.severity(), d.message()),
-        None => e.to_string(),
+        None => {
+            let mut s = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                cause = c.source();
+            }
+            s
+        }
     };
+    if detail.contains("certificate") {
+        return Error::new(
+            Kind::Source,
+            format!("{what}: the server's TLS certificate is not trusted ({detail})"),
+        )
+        .hint("sslrootcert must name the CA that signs the server's certificate, and the host you connect to must be a name (or address) the certificate holds");
+    }
     Error::new(Kind::Source, format!("{what}: {detail}"))
         .hint("check that PostgreSQL is running and reachable with PGHOST, PGPORT, PGUSER, PGDATABASE or --db-url")
 }
 
 impl Db {
     pub fn connect(o: &ConnectOptions) -> Result<Db> {
-        let mut cfg: tokio_postgres::Config = match &o.url {
+        let (url, tls) = o.tls()?;
+        let mut cfg: tokio_postgres::Config = match &url {
             Some(u) => u.parse().map_err(|e| {
                 Error::config(format!("--db-url is not a valid connection string: {e}"))
             })?,
@@ -57,7 +206,7 @@ impl Db {
         if let Some(d) = &o.dbname_override {
             cfg.dbname(d);
         }
-        if o.url.is_none() {
+        if url.is_none() {
             let host = o
                 .host
                 .clone()
@@ -86,12 +235,28 @@ impl Db {
             .enable_all()
             .build()
             .map_err(|e| Error::internal(e.to_string()))?;
-        let (client, conn) = rt
-            .block_on(cfg.connect(tokio_postgres::NoTls))
-            .map_err(|e| db_err("cannot connect to PostgreSQL", e))?;
-        rt.spawn(async move {
-            let _ = conn.await;
-        });
+        let client = match &tls.rootcert {
+            Some(root) if tls.verify_full => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(root)?);
+                let (client, conn) = rt
+                    .block_on(cfg.connect(connector))
+                    .map_err(|e| db_err("cannot connect to PostgreSQL", e))?;
+                rt.spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+            _ => {
+                let (client, conn) = rt
+                    .block_on(cfg.connect(tokio_postgres::NoTls))
+                    .map_err(|e| db_err("cannot connect to PostgreSQL", e))?;
+                rt.spawn(async move {
+                    let _ = conn.await;
+                });
+                client
+            }
+        };
         Ok(Db { rt, client })
     }
 
@@ -402,7 +567,8 @@ impl ConnectOptions {
     pub fn libpq(&self) -> Result<(String, Option<String>)> {
         let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
         let mut parts = vec![];
-        let url_password = match &self.url {
+        let (url, tls) = self.tls()?;
+        let url_password = match &url {
             Some(u) => {
                 let cfg: tokio_postgres::Config = u.parse().map_err(|e| {
                     Error::config(format!("--db-url is not a valid connection string: {e}"))
@@ -457,6 +623,15 @@ impl ConnectOptions {
                 None
             }
         };
+        // libpq verifies as custos does.
+        if let (true, Some(root)) = (tls.verify_full, &tls.rootcert) {
+            parts.retain(|p| !p.starts_with("sslmode="));
+            parts.push("sslmode=verify-full".into());
+            parts.push(format!(
+                "sslrootcert={}",
+                quote(&root.display().to_string())
+            ));
+        }
         parts.push("application_name=custos".into());
         let password = self.password.as_ref().map(|p| p.0.clone()).or(url_password);
         Ok((parts.join(" "), password))
