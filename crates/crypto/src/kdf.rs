@@ -38,6 +38,16 @@ impl KdfParams {
                 self.algorithm
             )));
         }
+        // A key file is read from storage, which anyone with write access to it may have
+        // written: its cost parameters are bounded before anything is allocated (4 GiB,
+        // 100 passes, 64 lanes; custos writes 64 MiB, 3 and 4).
+        if self.memory_kib > 4 * 1024 * 1024 || self.iterations > 100 || self.parallelism > 64 {
+            return Err(Error::integrity(format!(
+                "the key file asks for Argon2id with {} KiB, {} passes and {} lanes: more than custos ever writes (at most 4 GiB, 100, 64), refused",
+                self.memory_kib, self.iterations, self.parallelism
+            ))
+            .hint("a key file with such parameters was not written by custos: check who can write the repository's keys/ folder"));
+        }
         let params = Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
             .map_err(|e| Error::integrity(format!("bad Argon2id parameters in key file: {e}")))?;
         let mut out = Zeroizing::new([0u8; 32]);

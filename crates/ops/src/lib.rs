@@ -8,6 +8,8 @@ pub mod cold;
 pub mod config;
 pub mod drill;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod maintenance;
 pub mod manifest;

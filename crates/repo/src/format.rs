@@ -63,9 +63,22 @@ pub fn to_zjson<T: Serialize>(v: &T) -> Vec<u8> {
     zstd::bulk::compress(&json, ZSTD_LEVEL).expect("zstd compress in memory")
 }
 
+/// The most a zstd-compressed JSON object may expand to: what storage (or a key holder)
+/// wrote is hostile, and a few bytes of zstd can claim gigabytes.
+pub const ZJSON_LIMIT: u64 = 256 << 20;
+
 pub fn from_zjson<T: DeserializeOwned>(data: &[u8], what: &str) -> Result<T> {
-    let json = zstd::stream::decode_all(data)
+    use std::io::Read;
+    let mut json = vec![];
+    zstd::stream::read::Decoder::new(data)
+        .and_then(|d| d.take(ZJSON_LIMIT + 1).read_to_end(&mut json))
         .map_err(|e| Error::integrity(format!("{what}: cannot decompress: {e}")))?;
+    if json.len() as u64 > ZJSON_LIMIT {
+        return Err(Error::integrity(format!(
+            "{what}: expands to more than {} MiB: refused",
+            ZJSON_LIMIT >> 20
+        )));
+    }
     serde_json::from_slice(&json)
         .map_err(|e| Error::integrity(format!("{what}: malformed content: {e}")))
 }

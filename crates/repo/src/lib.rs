@@ -7,6 +7,8 @@
 
 pub mod blob;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod keyfile;
 pub mod keyring;

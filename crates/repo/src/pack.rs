@@ -22,7 +22,7 @@ use crate::format::{from_zjson, to_zjson, ZSTD_LEVEL};
 pub const MAGIC: &[u8; 8] = b"CSTPACK1";
 pub const END: &[u8; 8] = b"CSTPEND1";
 pub const TRAILER_LEN: usize = 16;
-const HEADER_AAD: &[u8] = b"custos pack header v1";
+pub(crate) const HEADER_AAD: &[u8] = b"custos pack header v1";
 pub const KEY_AAD: &[u8] = b"custos pack key v1";
 
 thread_local! {

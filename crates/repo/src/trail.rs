@@ -121,6 +121,21 @@ pub fn find_last(storage: &custos_storage::DynStorage, hint: Option<u64>) -> Res
     Ok(lo)
 }
 
+/// Fuzzing: a stored entry's JSON and an entry's plaintext JSON.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    if let Ok(s) = serde_json::from_slice::<Stored>(data) {
+        let _ = hex::decode(&s.prev);
+        let _ = signed_bytes(s.seq, &[0u8; 32], &s.key, &s.entry);
+    }
+    let _ = serde_json::from_slice::<Entry>(data);
+    let _ = data
+        .iter()
+        .map(|b| *b as char)
+        .collect::<String>()
+        .parse::<Anchor>();
+}
+
 /// The trail's last entry as an anchor, `None` for an empty trail.
 pub fn head_of(storage: &custos_storage::DynStorage, hint: Option<u64>) -> Result<Option<Anchor>> {
     let seq = find_last(storage, hint)?;

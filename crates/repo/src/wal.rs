@@ -20,6 +20,8 @@ use zeroize::Zeroizing;
 use crate::{paths, Repository};
 
 const MAGIC: &[u8; 8] = b"CSTWAL01";
+/// PostgreSQL's largest WAL segment (wal_segment_size at most 1 GiB).
+const MAX_WAL_FILE: u64 = 1 << 30;
 pub const KEY_AAD: &[u8] = b"custos wal key v1";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,6 +75,12 @@ fn parse_head(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, usize)> {
     let body = meta_end + 4 + wl;
     let wrapped = bytes.get(meta_end + 4..body).ok_or_else(bad)?.to_vec();
     Ok((meta, wrapped, body))
+}
+
+/// Fuzzing: a WAL object's head and split.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    let _ = split(data, "wal");
 }
 
 fn split(bytes: &[u8], what: &str) -> Result<(WalMeta, Vec<u8>, Vec<u8>)> {
@@ -286,6 +294,13 @@ impl Repository {
             .try_into()
             .map_err(|_| Error::integrity(format!("{what}: bad data key")))?;
         let plain = aead::open(&dek, &body_aad(&meta), &body, &what)?;
+        // The size is not authenticated (the digest is): bounded before it sizes a buffer.
+        if meta.size > MAX_WAL_FILE {
+            return Err(Error::integrity(format!(
+                "{what} claims {} bytes: more than a WAL file can be (1 GiB)",
+                meta.size
+            )));
+        }
         let data = if meta.compressed {
             zstd::bulk::decompress(&plain, meta.size as usize)
                 .map_err(|e| Error::integrity(format!("{what}: {e}")))?

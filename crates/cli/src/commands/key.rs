@@ -35,10 +35,11 @@ pub(crate) struct KdfArgs {
     /// Argon2id memory in MiB for the new key (default 64). An archiver's backup key whose
     /// password is a long random string in a 0600 file can use 1: the KDF protects
     /// guessable passwords, and every wal-push pays it (8 MiB cost 23 ms per segment).
-    #[arg(long, value_name = "MIB")]
+    /// At most 4096 (a reader refuses more: key files are hostile input)
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) kdf_memory_mib: Option<u32>,
-    /// Argon2id iterations for the new key (default 3).
-    #[arg(long, value_name = "N")]
+    /// Argon2id iterations for the new key (default 3, at most 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub(crate) kdf_iterations: Option<u32>,
 }
 
