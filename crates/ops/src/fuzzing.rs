@@ -15,8 +15,8 @@ pub fn manifest(data: &[u8]) {
 }
 
 /// Every target by name: this layer's and the repository format's.
-pub fn targets() -> Vec<(&'static str, fn(&[u8]))> {
-    let mut t: Vec<(&'static str, fn(&[u8]))> = custos_repo::fuzzing::TARGETS.to_vec();
+pub fn targets() -> Vec<custos_repo::fuzzing::Target> {
+    let mut t = custos_repo::fuzzing::TARGETS.to_vec();
     t.push(("manifest", manifest));
     t
 }

@@ -95,8 +95,11 @@ pub fn config(data: &[u8]) {
     let _ = crate::format::RepoConfig::parse(data);
 }
 
+/// A named fuzz target.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name, for the corpus replay.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("pack", pack),
     ("pack_header", pack_header),
     ("index", index),
