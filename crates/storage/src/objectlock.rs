@@ -387,34 +387,20 @@ impl LockClient {
         lock: Option<Retention>,
         tag: Option<&str>,
     ) -> Result<PutOutcome> {
-        let mut h = vec![("content-md5", md5_b64(&data))];
-        if let Some(t) = tag {
-            h.push(("x-amz-tagging", t.to_string()));
-        }
-        if create_only {
-            h.push(("if-none-match", "*".into()));
-        }
-        if let Some(r) = lock {
-            h.push(("x-amz-object-lock-mode", r.mode.as_s3().into()));
-            h.push(("x-amz-object-lock-retain-until-date", format_date(r.until)));
-        }
-        let (st, _, body) = self
-            .send(Method::PUT, self.url(Some(&self.key(path)), ""), &h, data)
-            .await?;
-        if st == StatusCode::PRECONDITION_FAILED {
-            return Ok(PutOutcome::AlreadyExists);
-        }
-        if !st.is_success() {
-            if error_code(&body) == "BadDigest" {
-                return Err(Error::integrity(format!(
-                    "{}: the store received other bytes under `{path}` than were sent",
-                    self.location
-                ))
-                .hint("the data was damaged on the way; run the command again"));
-            }
-            return Err(self.failed("store", path, st, &body));
-        }
-        Ok(PutOutcome::Created)
+        use md5::Digest;
+        let md5 = crate::remote::hex_lower(&md5::Md5::digest(&data));
+        let len = data.len() as u64;
+        self.put_body(
+            path,
+            reqwest::Body::from(data),
+            len,
+            Some(&md5),
+            create_only,
+            lock,
+            tag,
+        )
+        .await
+        .map(|(o, _)| o)
     }
 
     /// A read whose body streams (`copy`): the response once the store answered with the
@@ -499,7 +485,27 @@ impl LockClient {
         lock: Option<Retention>,
         tag: Option<&str>,
     ) -> Result<(PutOutcome, Option<String>)> {
-        let mut h = vec![("if-none-match", "*".to_string())];
+        self.put_body(path, body, len, md5, true, lock, tag).await
+    }
+
+    /// Every PUT of this client: `len` bytes of `body`, Content-MD5 from `md5` (hex) when
+    /// known, create-only or replacing, with a retain-until date and a tag. Returns the
+    /// outcome and the MD5 the store says it stored (a single PUT's ETag).
+    #[allow(clippy::too_many_arguments)]
+    async fn put_body(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        len: u64,
+        md5: Option<&str>,
+        create_only: bool,
+        lock: Option<Retention>,
+        tag: Option<&str>,
+    ) -> Result<(PutOutcome, Option<String>)> {
+        let mut h = vec![];
+        if create_only {
+            h.push(("if-none-match", "*".to_string()));
+        }
         if let Some(m) = md5.and_then(hex_bytes) {
             h.push((
                 "content-md5",

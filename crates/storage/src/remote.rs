@@ -525,7 +525,7 @@ fn chain(e: &opendal::Error) -> String {
     out
 }
 
-fn hex_lower(b: &[u8]) -> String {
+pub(crate) fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
