@@ -122,6 +122,8 @@ impl Ctx {
             host: self.settings.host.clone(),
             user: self.settings.user.clone(),
             threads: 0,
+            cache_dir: self.settings.cache_dir.clone(),
+            index_memory: self.settings.index_memory,
         }
     }
 

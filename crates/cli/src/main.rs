@@ -135,6 +135,9 @@ enum Command {
     /// S3 Object Lock: the dates that keep each snapshot's objects from deletion
     #[command(subcommand)]
     Lock(commands::lock::LockCommand),
+    /// The chunk index: rewrite its objects as few ones of bounded size
+    #[command(subcommand)]
+    Index(commands::maintenance::IndexCommand),
     /// PostgreSQL checks
     #[command(subcommand)]
     Pg(PgCommand),
@@ -259,7 +262,9 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
     }
     // forget and prune may delete on a secondary (its own retention); nothing else writes.
     let access = match cli.command {
-        Command::Forget(_) | Command::Prune(_) => custos_storage::guard::Access::Maintenance,
+        Command::Forget(_) | Command::Prune(_) | Command::Index(_) => {
+            custos_storage::guard::Access::Maintenance
+        }
         _ => custos_storage::guard::Access::ReadOnly,
     };
     let ctx = Ctx {
@@ -366,6 +371,7 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::AuditLog(_) => "audit-log verify".into(),
         Command::Forget(_) => "forget".into(),
         Command::Prune(_) => "prune".into(),
+        Command::Index(commands::maintenance::IndexCommand::Compact) => "index compact".into(),
         Command::Unlock => "unlock".into(),
         Command::Copy(c) if c.check => return None,
         Command::Copy(_) => "copy".into(),
@@ -468,6 +474,9 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
             commands::pg::wal_fetch(ctx, name, dest, pgdata)
         }
         Command::Unlock => commands::maintenance::unlock(ctx),
+        Command::Index(commands::maintenance::IndexCommand::Compact) => {
+            commands::maintenance::cmd_index_compact(ctx)
+        }
         Command::Copy(a) => commands::copy::cmd_copy(ctx, &a),
         Command::Agent(a) => commands::agent::cmd_agent(ctx, &a),
         Command::Alert(a) => commands::agent::cmd_alert(ctx, &a),

@@ -347,6 +347,8 @@ pub struct RepositorySection {
     pub password_command: Option<String>,
     pub cache_dir: Option<PathBuf>,
     pub host: Option<String>,
+    /// MiB of index objects read into memory rather than into the on-disk index (16).
+    pub index_memory_mb: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -502,6 +504,8 @@ pub struct Settings {
     pub repo_url: Option<String>,
     pub storage: StorageOptions,
     pub cache_dir: Option<PathBuf>,
+    /// Bytes of index objects read into memory rather than into the on-disk index.
+    pub index_memory: Option<u64>,
     pub host: String,
     pub user: String,
     pub kill_before_write: Option<u64>,
@@ -607,6 +611,15 @@ impl Settings {
                 env.var("HOME")
                     .map(|h| PathBuf::from(h).join(".cache/custos"))
             });
+        let index_memory = match env.var("CUSTOS_INDEX_MEMORY_MB") {
+            Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                Error::config(format!(
+                    "CUSTOS_INDEX_MEMORY_MB is {v:?}, not a whole number of MiB"
+                ))
+            })?),
+            None => file.repository.index_memory_mb,
+        }
+        .map(|mb| mb << 20);
         let host = env
             .var("CUSTOS_HOST")
             .map(String::from)
@@ -643,6 +656,7 @@ impl Settings {
             repo_url,
             storage,
             cache_dir,
+            index_memory,
             host,
             user,
             kill_before_write,

@@ -392,3 +392,65 @@ fn forget_keeps_the_newest_snapshot_last_proven_restorable() {
         "{left}"
     );
 }
+
+#[test]
+fn index_compact_rewrites_the_objects_of_many_backups_as_one_and_nothing_changes_for_readers() {
+    let mut t = T::new();
+    // Every command reads the index through the on-disk build (format.md 5.3).
+    t.set("CUSTOS_INDEX_MEMORY_MB", "0");
+    let mut ids = vec![];
+    for d in 0..12u32 {
+        let time = format!("2026-03-{:02}T02:00:00Z", d + 1);
+        let o = t.run_stdin(
+            &[
+                "backup", "stream", "--name", "dump", "--time", &time, "--json",
+            ],
+            &content(d),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        ids.push(r["snapshot"].as_str().unwrap().to_string());
+    }
+    let index_dir = t.path("repo/index");
+    let objects = || std::fs::read_dir(&index_dir).unwrap().count();
+    assert_eq!(objects(), 12, "one index object per backup");
+    // A backup key may not rewrite what other keys wrote.
+    t.add_key("backup", "backup-pw", &[]);
+    let backup = t.with_password("backup-pw");
+    let err = backup.fails(&["index", "compact"], 13);
+    assert!(err.contains("compact the index"), "{err}");
+    assert_eq!(objects(), 12);
+
+    let r = t.json(&["index", "compact"]);
+    assert_eq!(
+        (r["objects_before"].as_u64(), r["objects_after"].as_u64()),
+        (Some(12), Some(1))
+    );
+    assert_eq!(objects(), 1);
+    let again = t.json(&["index", "compact"]);
+    assert_eq!(
+        again["objects_after"], 1,
+        "a compact index is left as it is"
+    );
+
+    // Readers see the same repository: each snapshot restores, a repeated backup stores
+    // nothing new (the owner's packs are still its own), verify is clean.
+    for (d, id) in ids.iter().enumerate() {
+        let o = t.run(&["restore", "stream", id]);
+        assert!(o.status.success());
+        assert!(
+            o.stdout == content(d as u32),
+            "snapshot of day {d} restores"
+        );
+    }
+    let o = t.run_stdin(
+        &["backup", "stream", "--name", "dump", "--json"],
+        &content(3),
+    );
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["stats"]["chunks_new"], 0, "{r}");
+    let v = t.json(&["verify", "--read-data"]);
+    assert_eq!(v["errors"].as_array().unwrap().len(), 0, "{v}");
+    let trail = t.ok(&["audit", "log"]);
+    assert!(trail.contains("index compact"), "{trail}");
+}

@@ -57,7 +57,6 @@ pub fn index(data: &[u8]) {
         for p in f.packs.iter().take(1024) {
             i.add_pack(p);
         }
-        i.settle();
     }
 }
 

@@ -1,6 +1,6 @@
 //! Opening, creating and reading a repository.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
@@ -14,7 +14,8 @@ use zeroize::Zeroizing;
 use crate::format::{
     from_zjson, to_zjson, RepoConfig, DEFAULT_PACK_SIZE, FORMAT_NAME, FORMAT_VERSION,
 };
-use crate::index::{Index, IndexFile, IndexPack, PackMeta};
+use crate::index::disk::{Builder, DiskIndex};
+use crate::index::{Attribution, Index, IndexFile, IndexPack, PackMeta};
 use crate::keyfile::{KeyFile, Origin};
 use crate::lock::{self, LockGuard};
 use crate::snapshot::{self, Snapshot, SnapshotBody, SnapshotSummary};
@@ -32,7 +33,19 @@ pub struct OpenOptions {
     pub user: String,
     /// Threads for compression/encryption; 0 means one per core.
     pub threads: usize,
+    /// The host's cache folder: the on-disk index is kept there between commands.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Stored bytes of index objects read into memory rather than into the on-disk index
+    /// (None: [`INDEX_MEMORY`]).
+    pub index_memory: Option<u64>,
 }
+
+/// The most blobs an index object written by prune, compaction or a re-wrap lists (about
+/// 10 MB of JSON): a reader holds one object in memory at a time.
+pub const INDEX_OBJECT_BLOBS: usize = 100_000;
+
+/// Default of [`OpenOptions::index_memory`]: about 200,000 chunks' entries.
+pub const INDEX_MEMORY: u64 = 16 << 20;
 
 pub struct Repository {
     pub storage: DynStorage,
@@ -509,78 +522,170 @@ impl Repository {
 
     // ---- index ----
 
+    /// The index (format.md 5.3): the host's on-disk build when it still describes the
+    /// repository, plus the index objects written since, in memory while they are few;
+    /// otherwise a new build. Memory stays bounded whatever the repository's size.
     pub fn load_index(&self) -> Result<Index> {
-        let entries = self.storage.list(paths::INDEX)?;
-        let loaded = parallel_map(
-            &entries,
-            self.threads() * 2,
-            |e| -> Result<(IndexId, IndexFile)> {
-                let id = IndexId(
-                    paths::id_of(&e.path)
-                        .ok_or_else(|| Error::integrity(format!("bad index name {}", e.path)))?,
-                );
-                let bytes = self
-                    .storage
-                    .get(&e.path)
-                    .map_err(|err| missing_as_integrity(err, "index"))?;
-                if Id::of_bytes(&bytes) != id.0 {
-                    return Err(Error::integrity(format!(
-                        "index {} does not match its id: it was altered",
-                        id.short()
-                    )));
-                }
-                let plain = aead::open(
-                    &self.keys.meta_key,
-                    INDEX_AAD,
-                    &bytes,
-                    &format!("index {}", id.short()),
-                )?;
-                Ok((id, from_zjson(&plain, &format!("index {}", id.short()))?))
-            },
+        self.load_index_with(true)
+    }
+
+    /// The index read from the repository alone, never from a cache on this host (what
+    /// `verify` judges by).
+    pub fn load_index_fresh(&self) -> Result<Index> {
+        self.load_index_with(false)
+    }
+
+    /// The folder of this repository's and key's on-disk index on this host.
+    fn index_cache(&self) -> Option<std::path::PathBuf> {
+        let dir = self.opts.cache_dir.as_ref()?;
+        let mut who = blake3::Hasher::new();
+        who.update(b"custos index cache");
+        who.update(&self.signing_public().unwrap_or_default());
+        who.update(&self.keys.authority_public.unwrap_or_default());
+        Some(
+            dir.join(self.config.id.to_hex())
+                .join(format!("index-{}", &who.finalize().to_hex()[..16])),
+        )
+    }
+
+    fn read_index_object(&self, path: &str) -> Result<(IndexId, IndexFile)> {
+        let id = IndexId(
+            paths::id_of(path).ok_or_else(|| Error::integrity(format!("bad index name {path}")))?,
+        );
+        let bytes = self
+            .storage
+            .get(path)
+            .map_err(|err| missing_as_integrity(err, "index"))?;
+        if Id::of_bytes(&bytes) != id.0 {
+            return Err(Error::integrity(format!(
+                "index {} does not match its id: it was altered",
+                id.short()
+            )));
+        }
+        let plain = aead::open(
+            &self.keys.meta_key,
+            INDEX_AAD,
+            &bytes,
+            &format!("index {}", id.short()),
         )?;
-        let mut index = Index::default();
-        let mut bad = vec![];
+        Ok((id, from_zjson(&plain, &format!("index {}", id.short()))?))
+    }
+
+    /// What an index object's signature backs for each of its packs (format.md 5.1): the
+    /// key whose signature verifies; what the object says of each pack's writer, of
+    /// vouching and of damaged copies counts only when that key is the authority.
+    fn attribution(&self, f: &IndexFile) -> (bool, impl Fn(&IndexPack) -> Attribution) {
+        let signer = f.verified_signer();
+        let by_authority = signer.is_some() && signer == self.keys.authority_public;
         let me = self.signing_public();
-        for (id, f) in loaded {
-            // Who stands behind the packs (format.md 5.1): the key whose signature verifies;
-            // what an object says of each pack's writer, of vouching and of damaged copies
-            // counts only when that key is the repository's authority.
-            let signer = f.verified_signer();
-            let by_authority = signer.is_some() && signer == self.keys.authority_public;
-            for p in &f.packs {
-                let (writer, vouched) = if by_authority {
-                    let w = p
-                        .writer
-                        .as_deref()
-                        .and_then(|h| hex::decode(h).ok()?.try_into().ok());
-                    (w, p.vouched)
-                } else {
-                    (signer, false)
-                };
-                let trusted = vouched || (writer.is_some() && writer == me);
-                index.add_pack_from(
-                    p,
-                    crate::index::Attribution {
-                        writer,
-                        vouched,
-                        trusted,
-                    },
-                );
+        (by_authority, move |p: &IndexPack| {
+            let (writer, vouched) = if by_authority {
+                let w = p
+                    .writer
+                    .as_deref()
+                    .and_then(|h| hex::decode(h).ok()?.try_into().ok());
+                (w, p.vouched)
+            } else {
+                (signer, false)
+            };
+            Attribution {
+                writer,
+                vouched,
+                trusted: vouched || (writer.is_some() && writer == me),
             }
-            if by_authority {
-                bad.extend(f.bad);
+        })
+    }
+
+    fn load_index_with(&self, cached: bool) -> Result<Index> {
+        let entries = self.storage.list(paths::INDEX)?;
+        let cache = if cached { self.index_cache() } else { None };
+        let me = self.signing_public();
+        let authority = self.keys.authority_public;
+        // A build that names an object no longer listed (prune, compaction) is stale.
+        let listed: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        let old = cache
+            .as_deref()
+            .and_then(|c| DiskIndex::open_current(c, &self.config.id, me, authority).ok())
+            .filter(|d| {
+                d.meta
+                    .files
+                    .iter()
+                    .all(|f| listed.contains(paths::index(f).as_str()))
+            })
+            .map(Arc::new);
+        let known: HashSet<String> = old
+            .iter()
+            .flat_map(|d| d.meta.files.iter().map(paths::index))
+            .collect();
+        let new: Vec<&custos_storage::Entry> = entries
+            .iter()
+            .filter(|e| !known.contains(&e.path))
+            .collect();
+        let new_bytes: u64 = new.iter().map(|e| e.size).sum();
+        let batch = self.threads() * 2;
+        if new_bytes <= self.opts.index_memory.unwrap_or(INDEX_MEMORY) {
+            let mut index = Index::over(old.clone());
+            let mut bad = vec![];
+            let mut rebuild = false;
+            'objects: for part in new.chunks(batch.max(1)) {
+                let loaded = parallel_map(part, batch, |e| self.read_index_object(&e.path))?;
+                for (id, f) in loaded {
+                    // A pack the build holds, listed again (vouched for, re-indexed):
+                    // what the build says of it may change, so it is built anew.
+                    if f.packs.iter().any(|p| index.on_disk(&p.id)) {
+                        rebuild = true;
+                        break 'objects;
+                    }
+                    let (by_authority, attr) = self.attribution(&f);
+                    for p in &f.packs {
+                        index.add_pack_from(p, attr(p));
+                    }
+                    if by_authority {
+                        bad.extend(f.bad.iter().copied());
+                    }
+                    index.add_file(id, &f);
+                }
             }
-            index.files.push(id);
-            index
-                .file_packs
-                .insert(id, f.packs.iter().map(|p| p.id).collect());
+            if !rebuild {
+                // Marks name packs that another object (loaded in any order) lists.
+                for (pack, chunk) in bad {
+                    index.mark_bad(&pack, chunk);
+                }
+                return Ok(index);
+            }
         }
-        // Marks name packs that another object (loaded in any order) lists.
-        for (pack, chunk) in bad {
-            index.mark_bad(&pack, chunk);
+        let where_ = cache.clone().unwrap_or_else(std::env::temp_dir);
+        let local =
+            |e: std::io::Error| {
+                Error::new(
+                Kind::Config,
+                format!("cannot write the on-disk index in {}: {e}", where_.display()),
+            )
+            .hint(
+                "custos keeps its chunk index in the cache folder (cache_dir, CUSTOS_CACHE_DIR; \
+                 the temporary folder without one): check that it is writable and has room",
+            )
+            };
+        let mut builder = Builder::new(cache.as_deref()).map_err(local)?;
+        let todo: Vec<&custos_storage::Entry> = match &old {
+            Some(d) => {
+                builder.seed(d).map_err(local)?;
+                new
+            }
+            None => entries.iter().collect(),
+        };
+        for part in todo.chunks(batch.max(1)) {
+            for (id, f) in parallel_map(part, batch, |e| self.read_index_object(&e.path))? {
+                let (by_authority, attr) = self.attribution(&f);
+                builder
+                    .add_file(id, &f, attr, by_authority)
+                    .map_err(local)?;
+            }
         }
-        index.settle();
-        Ok(index)
+        let disk = builder
+            .finish(&self.config.id, me, authority)
+            .map_err(local)?;
+        Ok(Index::over(Some(Arc::new(disk))))
     }
 
     /// This key's own trail signing key's public half (what its index objects are signed
@@ -615,6 +720,38 @@ impl Repository {
     /// (a restore key; what the object says of writers, vouching and damaged copies then
     /// counts), else with the key's own signing key (and those claims left out: they would
     /// not count).
+    /// Writes the content of `f` as index objects of at most [`INDEX_OBJECT_BLOBS`] blobs
+    /// each (a pack is never split; the damaged copies go with their packs), so no object
+    /// is too large to read whatever the repository's size.
+    pub fn write_index_files(&self, f: IndexFile) -> Result<Vec<IndexId>> {
+        let mut out = vec![];
+        let mut bad: HashMap<PackId, Vec<ChunkId>> = HashMap::new();
+        for (p, c) in f.bad {
+            bad.entry(p).or_default().push(c);
+        }
+        let mut part = IndexFile::default();
+        let mut blobs = 0usize;
+        for p in f.packs {
+            if blobs > 0 && blobs + p.blobs.len() > INDEX_OBJECT_BLOBS {
+                out.push(self.write_index_file(std::mem::take(&mut part))?);
+                blobs = 0;
+            }
+            blobs += p.blobs.len();
+            part.bad.extend(
+                bad.remove(&p.id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| (p.id, c)),
+            );
+            part.packs.push(p);
+        }
+        if !part.packs.is_empty() {
+            out.push(self.write_index_file(part)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes one index object as given (see [`Repository::write_index_files`]).
     pub fn write_index_file(&self, mut f: IndexFile) -> Result<IndexId> {
         match (
             self.keys.authority.as_deref(),
@@ -699,7 +836,7 @@ impl Repository {
             }
             any = true;
             let r = (|| -> Result<()> {
-                let dek = self.pack_key(meta)?;
+                let dek = self.pack_key(&meta)?;
                 let sealed = self
                     .storage
                     .get_range(
@@ -717,7 +854,7 @@ impl Repository {
                         out.len()
                     )));
                 }
-                pack::open_blob_into(&dek, &self.keys.id_key, id, loc, &sealed, out)
+                pack::open_blob_into(&dek, &self.keys.id_key, id, &loc, &sealed, out)
             })();
             match r {
                 Ok(()) => return Ok(()),

@@ -351,6 +351,44 @@ pub(crate) fn cmd_prune(ctx: &Ctx, dry_run: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// `custos index ...`.
+#[derive(clap::Subcommand)]
+pub(crate) enum IndexCommand {
+    /// Rewrite the index objects as few objects of at most 100,000 chunks each (objects
+    /// Object Lock holds stay), so commands read a number of objects that does not grow
+    /// with the number of backups ever taken. Needs a key that may delete; `prune` does
+    /// the same as it goes
+    #[command(after_help = "Example:\n  custos index compact")]
+    Compact,
+}
+
+pub(crate) fn cmd_index_compact(ctx: &Ctx) -> Result<i32> {
+    let repo = ctx.open()?;
+    let r = prune::compact_index(&repo)?;
+    ctx.touch(serde_json::json!({"report": r}));
+    if ctx.out.json {
+        ctx.out.json(&r);
+    } else if r.objects_after == r.objects_before {
+        println!(
+            "the index is already compact: {} object(s) for {} pack(s)",
+            r.objects_before, r.packs
+        );
+    } else {
+        println!(
+            "index: {} object(s) rewritten as {} for {} pack(s){}",
+            r.objects_before,
+            r.objects_after,
+            r.packs,
+            if r.held > 0 {
+                format!(" ({} held by Object Lock left as they are)", r.held)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(0)
+}
+
 /// What Object Lock kept from prune: how many objects of each kind, until when.
 fn held_line(held: &[prune::Held]) -> Option<String> {
     let first = held.iter().map(|h| h.until).min()?;

@@ -30,6 +30,7 @@ impl Attacker {
                 host: "attacker".into(),
                 user: "mallory".into(),
                 threads: 1,
+                ..Default::default()
             },
         )
         .unwrap();

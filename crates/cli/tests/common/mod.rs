@@ -117,6 +117,11 @@ impl T {
             .env("PATH", std::env::var("PATH").unwrap())
             .args(args)
             .stdin(Stdio::null());
+        // `CUSTOS_INDEX_MEMORY_MB=0 ./scripts/test.sh` runs every command on the on-disk
+        // index (format.md 5.3) rather than the index held in memory.
+        if let Ok(mb) = std::env::var("CUSTOS_INDEX_MEMORY_MB") {
+            c.env("CUSTOS_INDEX_MEMORY_MB", mb);
+        }
         for (k, v) in &self.envs {
             c.env(k, v);
         }

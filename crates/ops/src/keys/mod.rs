@@ -257,7 +257,7 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
     use custos_repo::{pack, paths, snapshot};
     let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
     // Packs: their keys live in the index; one new index replaces the old ones.
-    let index = repo.load_index()?;
+    let index = repo.load_index_fresh()?;
     // Who wrote each pack, what a restore key vouched for and which copies are damaged
     // carry over into the new object.
     let mut file = index.to_files(None);
@@ -267,13 +267,9 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
         p.key = wrap::wrap(&repo.keys.public, pack::KEY_AAD, &dek)?;
         report.rewrapped_packs += 1;
     }
-    let new_index = if file.packs.is_empty() {
-        None
-    } else {
-        Some(repo.write_index_file(file)?)
-    };
+    let new_index = repo.write_index_files(file)?;
     for old in &index.files {
-        if Some(*old) != new_index {
+        if !new_index.contains(old) {
             repo.storage.delete(&paths::index(old))?;
         }
     }

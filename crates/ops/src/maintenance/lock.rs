@@ -54,7 +54,7 @@ pub fn plan(
 ) -> Result<LockPlan> {
     let groups = forget::plan_at(repo, Selection::Policy(policy), floors, now)?;
     let snaps = repo.snapshots()?;
-    let index = repo.load_index()?;
+    let index = repo.load_index_fresh()?;
     let mut out = LockPlan {
         snapshots: vec![],
         objects: BTreeMap::new(),
@@ -95,7 +95,7 @@ pub fn plan(
         raise(&mut out.objects, paths::snapshot(id), until);
         let mut packs: Vec<custos_model::PackId> = chunks
             .iter()
-            .flat_map(|c| index.locations(c).map(|(p, _)| p.id))
+            .flat_map(|c| index.locations(c).into_iter().map(|(p, _)| p.id))
             .collect();
         packs.sort();
         packs.dedup();
@@ -109,7 +109,7 @@ pub fn plan(
     for (p, t) in &pack_date {
         raise(&mut out.objects, paths::pack(p), *t);
     }
-    for (file, packs) in &index.file_packs {
+    for (file, packs) in &index.file_packs()? {
         if let Some(t) = packs.iter().filter_map(|p| pack_date.get(p)).max() {
             raise(&mut out.objects, paths::index(file), *t);
         }

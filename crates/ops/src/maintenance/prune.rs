@@ -127,7 +127,7 @@ pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
     }
     let mut p = PrunePlan {
         snapshots: snapshots.len() as u64,
-        packs: index.packs.len() as u64,
+        packs: index.pack_count() as u64,
         index_files: index.files.clone(),
         ..Default::default()
     };
@@ -215,9 +215,10 @@ fn hold_locked(repo: &Repository, index: &Index, p: &mut PrunePlan) -> Result<()
         p.index_files.iter().map(paths::index).collect(),
     )?;
     let mut pinned: HashSet<PackId> = HashSet::new();
+    let file_packs = index.file_packs()?;
     for f in &p.index_files {
         if index_held.contains(&paths::index(f)) {
-            pinned.extend(index.file_packs.get(f).into_iter().flatten().copied());
+            pinned.extend(file_packs.get(f).into_iter().flatten().copied());
         }
     }
     let candidates: Vec<String> = p
@@ -261,7 +262,8 @@ pub fn prune(
         repo.require_delete("prune")?;
     }
     let _lock = repo.lock(!dry_run, "prune")?;
-    let index = repo.load_index()?;
+    // What prune deletes is decided from the repository alone, never from a host's cache.
+    let index = repo.load_index_fresh()?;
     let plan = plan(repo, &index)?;
     if dry_run || plan.is_empty() {
         return Ok((plan, None));
@@ -284,8 +286,7 @@ fn execute(
         .copied()
         .collect();
     let keep: HashSet<PackId> = index
-        .packs
-        .iter()
+        .packs()
         .map(|p| p.id)
         .filter(|id| !drop.contains(id))
         .collect();
@@ -312,11 +313,12 @@ fn execute(
 
     // 2. One new index naming every pack that stays (with who wrote it, what a restore
     // key vouched for, and the damaged copies it holds); 3. then the old index objects go.
+    let file_packs = index.file_packs()?;
     let in_held: HashSet<PackId> = plan
         .index_files
         .iter()
         .filter(|f| plan.held_index.contains(&paths::index(f)))
-        .flat_map(|f| index.file_packs.get(f).into_iter().flatten().copied())
+        .flat_map(|f| file_packs.get(f).into_iter().flatten().copied())
         .collect();
     let mut all = if in_held.is_empty() {
         kept.to_files(None)
@@ -335,13 +337,9 @@ fn execute(
         p.vouched = true;
         p
     }));
-    let new_index = if all.packs.is_empty() {
-        None
-    } else {
-        Some(repo.write_index_file(all)?)
-    };
+    let new_index = repo.write_index_files(all)?;
     for old in &plan.index_files {
-        if Some(*old) != new_index && !plan.held_index.contains(&paths::index(old)) {
+        if !new_index.contains(old) && !plan.held_index.contains(&paths::index(old)) {
             repo.storage.delete(&paths::index(old))?;
         }
     }
@@ -365,4 +363,75 @@ fn execute(
         report.wal_deleted += 1;
     }
     Ok(report)
+}
+
+/// What `index compact` did.
+#[derive(Debug, Default, Serialize)]
+pub struct CompactReport {
+    /// Index objects before and after.
+    pub objects_before: usize,
+    pub objects_after: usize,
+    /// Objects Object Lock keeps: left as they are (their packs stay named by them).
+    pub held: usize,
+    pub packs: usize,
+}
+
+/// `index compact`: rewrites the index objects as few objects of bounded size, so that a
+/// command (and a new host's first build of the on-disk index) reads a number of objects
+/// that grows with the repository's size, not with the number of backups ever taken.
+/// Under the exclusive lock, with a key that may delete; the authority signs the new
+/// objects and carries over who wrote each pack, what was vouched for and damaged copies.
+pub fn compact_index(repo: &Repository) -> Result<CompactReport> {
+    repo.require_delete("compact the index")?;
+    let _lock = repo.lock(true, "index compact")?;
+    let index = repo.load_index_fresh()?;
+    let mut r = CompactReport {
+        objects_before: index.files.len(),
+        packs: index.pack_count(),
+        ..Default::default()
+    };
+    let held_paths = held(
+        repo,
+        chrono::Utc::now(),
+        &mut vec![],
+        index.files.iter().map(paths::index).collect(),
+    )?;
+    r.held = held_paths.len();
+    let file_packs = index.file_packs()?;
+    let movable: Vec<_> = index
+        .files
+        .iter()
+        .filter(|f| !held_paths.contains(&paths::index(f)))
+        .copied()
+        .collect();
+    let in_held: HashSet<PackId> = index
+        .files
+        .iter()
+        .filter(|f| held_paths.contains(&paths::index(f)))
+        .flat_map(|f| file_packs.get(f).into_iter().flatten().copied())
+        .collect();
+    let keep: HashSet<PackId> = index
+        .packs()
+        .map(|p| p.id)
+        .filter(|p| !in_held.contains(p))
+        .collect();
+    let content = index.to_files(Some(&keep));
+    let blobs: usize = content.packs.iter().map(|p| p.blobs.len()).sum();
+    let needed = blobs
+        .div_ceil(custos_repo::repository::INDEX_OBJECT_BLOBS)
+        .max(1);
+    if movable.len() <= needed {
+        r.objects_after = r.objects_before;
+        return Ok(r);
+    }
+    // New objects first, then the old ones go: an interruption leaves packs listed twice,
+    // never a pack listed nowhere.
+    let written = repo.write_index_files(content)?;
+    for old in &movable {
+        if !written.contains(old) {
+            repo.storage.delete(&paths::index(old))?;
+        }
+    }
+    r.objects_after = written.len() + r.held;
+    Ok(r)
 }

@@ -92,15 +92,15 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         .into_iter()
         .filter_map(|e| paths::id_of(&e.path).map(|id| (PackId(id), e.size)))
         .collect();
-    let index = match repo.load_index() {
+    let index = match repo.load_index_fresh() {
         Ok(i) => i,
         Err(e) => {
             r.errors.push(format!("index: {}", e.message));
             return Ok(r);
         }
     };
-    r.packs = index.packs.len() as u64;
-    for p in &index.packs {
+    r.packs = index.pack_count() as u64;
+    for p in index.packs() {
         match stored.get(&p.id) {
             None => r.errors.push(format!(
                 "pack {} is in the index but missing from storage",
@@ -231,9 +231,8 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     let mut read_whole: std::collections::HashSet<PackId> = Default::default();
     let mut damaged: Vec<(PackId, ChunkId)> = vec![];
     if opts.read_data {
-        let mut packs: Vec<&custos_repo::index::PackMeta> = index
-            .packs
-            .iter()
+        let mut packs: Vec<custos_repo::index::PackMeta> = index
+            .packs()
             .filter(|p| stored.contains_key(&p.id))
             .collect();
         if opts.subset < 1.0 {
@@ -296,7 +295,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             repo.threads() * 2,
             |(pack, id, loc)| -> Result<Option<String>> {
                 let meta = index.pack(pack).expect("from the index");
-                let checked = repo.pack_key(meta).and_then(|dek| {
+                let checked = repo.pack_key(&meta).and_then(|dek| {
                     let sealed = repo.storage.get_range(
                         &paths::pack(pack),
                         u64::from(loc.offset),
@@ -321,8 +320,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     if restore_key {
         let unvouched = index
-            .packs
-            .iter()
+            .packs()
             .filter(|p| !p.vouched && !read_whole.contains(&p.id))
             .count();
         if unvouched > 0 {
@@ -396,6 +394,7 @@ fn attest(
         .filter(|(p, c)| {
             index
                 .locations(c)
+                .iter()
                 .any(|(m, l)| m.id == *p && !index.is_bad(c, l))
         })
         .copied()
@@ -412,7 +411,7 @@ fn attest(
         p.vouched = true;
     }
     f.bad = bad;
-    repo.write_index_file(f)?;
+    repo.write_index_files(f)?;
     Ok(new.len() as u64)
 }
 

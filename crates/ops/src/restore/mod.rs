@@ -194,6 +194,12 @@ struct Slice {
     pieces: Vec<SlicePiece>,
 }
 
+/// The best location of a chunk the restore was planned from (the plan only names
+/// indexed chunks).
+fn planned(index: &Index, id: &ChunkId) -> custos_repo::BlobLoc {
+    index.loc(id).expect("planned from the index")
+}
+
 enum Work {
     /// Blobs of one pack (files without patches): each decoded once, written everywhere
     /// it goes.
@@ -205,19 +211,17 @@ impl Work {
     /// Bytes it writes, and about the bytes it fetches from packs (less where the blobs
     /// are compressed).
     fn sizes(&self, index: &Index) -> (u64, u64) {
-        let add = |(raw, stored): (u64, u64), b: &custos_repo::BlobLoc| {
+        let add = |(raw, stored): (u64, u64), b: custos_repo::BlobLoc| {
             (raw + u64::from(b.raw_length), stored + u64::from(b.length))
         };
         match self {
             Work::Pack(_, blobs) => blobs
                 .iter()
-                .map(|(id, _)| &index.blobs[id])
+                .map(|(id, _)| planned(index, id))
                 .fold((0, 0), add),
             Work::Slice(s) => {
                 let blocks = s.pieces.iter().filter(|p| p.pass == 0);
-                let (_, stored) = blocks
-                    .filter_map(|p| index.blobs.get(&p.chunk))
-                    .fold((0, 0), add);
+                let (_, stored) = blocks.filter_map(|p| index.loc(&p.chunk)).fold((0, 0), add);
                 (s.len as u64, stored)
             }
         }
@@ -277,11 +281,11 @@ fn pack_work(plan: HashMap<PackId, PackPlan>, index: &Index) -> Vec<Work> {
     const RUN: u64 = 8 << 20;
     let mut out = vec![];
     for (pack, mut blobs) in plan {
-        blobs.sort_by_key(|(id, _)| index.blobs[id].offset);
+        blobs.sort_by_cached_key(|(id, _)| planned(index, id).offset);
         let mut run: PackPlan = vec![];
         let mut size = 0u64;
         for b in blobs {
-            size += u64::from(index.blobs[&b.0].length);
+            size += u64::from(planned(index, &b.0).length);
             run.push(b);
             if size >= RUN {
                 out.push(Work::Pack(pack, std::mem::take(&mut run)));
@@ -305,13 +309,11 @@ fn fetch_blobs(
     mut f: impl FnMut(&[u8; 32], &ChunkId, &custos_repo::BlobLoc, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let meta = index.pack(pack_id).expect("planned from the index");
-    let dek = repo.pack_key(meta)?;
-    let needed: u64 = ids
-        .iter()
-        .map(|id| u64::from(index.blobs[*id].length))
-        .sum();
-    let first = u64::from(index.blobs[ids[0]].offset);
-    let last = index.blobs[ids[ids.len() - 1]];
+    let dek = repo.pack_key(&meta)?;
+    let locs: Vec<custos_repo::BlobLoc> = ids.iter().map(|id| planned(index, id)).collect();
+    let needed: u64 = locs.iter().map(|l| u64::from(l.length)).sum();
+    let first = u64::from(locs[0].offset);
+    let last = locs[locs.len() - 1];
     let span = u64::from(last.offset) + u64::from(last.length) - first;
     let whole = if needed * 2 > span {
         Some(
@@ -322,8 +324,7 @@ fn fetch_blobs(
     } else {
         None
     };
-    for id in ids {
-        let loc = &index.blobs[*id];
+    for (id, loc) in ids.iter().zip(&locs) {
         let fetched;
         let sealed: &[u8] = match &whole {
             Some(w) => {
@@ -369,7 +370,7 @@ fn open_or_other_copy(
         e
     };
     match pack::open_blob_into(dek, &repo.keys.id_key, id, loc, sealed, out).map_err(named) {
-        Err(e) if e.kind == Kind::Integrity && index.locations(id).count() > 1 => {
+        Err(e) if e.kind == Kind::Integrity && index.locations(id).len() > 1 => {
             tracing::warn!(
                 "chunk {} in pack {}: {}; reading another copy",
                 id.short(),
@@ -687,7 +688,7 @@ fn lay_slice(
                 && p.src == 0
                 && p.chunk != zero
                 && uses[&p.chunk] == 1
-                && index.blobs[&p.chunk].raw_length as usize == p.len
+                && planned(index, &p.chunk).raw_length as usize == p.len
         })
         .map(|p| (p.chunk, p.at))
         .collect();
@@ -700,7 +701,7 @@ fn lay_slice(
     }
     let mut decoded: HashMap<ChunkId, Vec<u8>> = HashMap::new();
     for (pack_id, mut ids) in by_pack {
-        ids.sort_by_key(|id| index.blobs[*id].offset);
+        ids.sort_by_cached_key(|id| planned(index, id).offset);
         fetch_blobs(
             repo,
             index,

@@ -15,13 +15,17 @@
 //! listed by the authority and never deduplicated against. The index keeps every place a
 //! chunk is stored, best first, so a reader that meets a damaged copy reads another.
 
-use std::collections::{HashMap, HashSet};
+pub mod disk;
 
-use custos_model::{ChunkId, IndexId, PackId};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use custos_model::{ChunkId, IndexId, PackId, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::blob::{BlobLoc, PackEntry};
 use crate::format::b64;
+use disk::DiskIndex;
 
 /// Encoded form of one index object.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -125,42 +129,75 @@ pub struct Attribution {
     pub trusted: bool,
 }
 
-/// The whole index in memory.
+/// The index: an on-disk build of most index objects (see [`disk`]) and, in memory, the
+/// objects written since it was built. Pack positions number the build's packs first, then
+/// those held in memory.
 #[derive(Debug, Default, Clone)]
 pub struct Index {
-    pub packs: Vec<PackMeta>,
+    disk: Option<Arc<DiskIndex>>,
+    /// Packs held in memory (position = the build's pack count + place here).
+    packs: Vec<PackMeta>,
     pack_pos: HashMap<PackId, u32>,
-    /// Each chunk's best location: an intact copy in a trusted pack before any other.
-    pub blobs: HashMap<ChunkId, BlobLoc>,
-    /// The other locations of chunks stored in more than one pack.
-    pub extra: HashMap<ChunkId, Vec<BlobLoc>>,
+    /// Each chunk's first location held in memory.
+    blobs: HashMap<ChunkId, BlobLoc>,
+    /// Its other locations held in memory.
+    extra: HashMap<ChunkId, Vec<BlobLoc>>,
     /// Copies a restore key found damaged: (pack position, chunk).
     bad: HashSet<(u32, ChunkId)>,
     /// Index objects this was loaded from.
     pub files: Vec<IndexId>,
-    /// The packs each index object names (Object Lock dates an index object by them).
-    pub file_packs: HashMap<IndexId, Vec<PackId>>,
+    /// The packs each index object held in memory names.
+    mem_file_packs: HashMap<IndexId, Vec<PackId>>,
 }
 
 impl Index {
+    /// An index over an on-disk build (or none), to which objects written since are added.
+    pub fn over(disk: Option<Arc<DiskIndex>>) -> Index {
+        let mut i = Index::default();
+        if let Some(d) = &disk {
+            i.files = d.meta.files.clone();
+            i.bad = d.meta.bad.iter().copied().collect();
+        }
+        i.disk = disk;
+        i
+    }
+
+    /// Whether the on-disk build holds this pack.
+    pub fn on_disk(&self, id: &PackId) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.pack_pos(id).is_some())
+    }
+
+    fn base(&self) -> u32 {
+        self.disk.as_ref().map_or(0, |d| d.pack_count())
+    }
+
     /// Adds the packs of an index object one may not trust (see [`Index::add_pack_from`]).
     pub fn add_pack(&mut self, p: &IndexPack) {
         self.add_pack_from(p, Attribution::default());
     }
 
+    /// Records which packs an index object held in memory names.
+    pub fn add_file(&mut self, id: IndexId, f: &IndexFile) {
+        self.files.push(id);
+        self.mem_file_packs
+            .insert(id, f.packs.iter().map(|p| p.id).collect());
+    }
+
     /// Adds a pack as listed in an index object, with what that object's signature backs.
-    /// A pack listed in several objects gets the best of what they say.
+    /// A pack listed in several objects gets the best of what they say. (The loader never
+    /// adds a pack the on-disk build holds: it builds anew instead.)
     pub fn add_pack_from(&mut self, p: &IndexPack, a: Attribution) {
+        let base = self.base();
         let pos = match self.pack_pos.get(&p.id) {
             Some(pos) => {
-                let m = &mut self.packs[*pos as usize];
+                let m = &mut self.packs[(*pos - base) as usize];
                 m.writer = m.writer.or(a.writer);
                 m.vouched |= a.vouched;
                 m.trusted |= a.trusted;
                 *pos
             }
             None => {
-                let pos = self.packs.len() as u32;
+                let pos = base + self.packs.len() as u32;
                 self.packs.push(PackMeta {
                     id: p.id,
                     size: p.size,
@@ -200,8 +237,8 @@ impl Index {
 
     /// Marks the copy of `chunk` in `pack` damaged (a restore key found it so).
     pub fn mark_bad(&mut self, pack: &PackId, chunk: ChunkId) {
-        if let Some(pos) = self.pack_pos.get(pack) {
-            self.bad.insert((*pos, chunk));
+        if let Some(pos) = self.pack_pos_of(pack) {
+            self.bad.insert((pos, chunk));
         }
     }
 
@@ -215,82 +252,128 @@ impl Index {
         self.bad.contains(&(loc.pack, *chunk))
     }
 
-    /// Puts each chunk stored more than once at its best location, once every index
-    /// object is loaded (a later object may vouch for a pack or name a damaged copy).
-    pub fn settle(&mut self) {
-        let rank = |idx: &Index, id: &ChunkId, l: &BlobLoc| {
-            (
-                !idx.is_bad(id, l),
-                idx.packs[l.pack as usize].trusted,
-                idx.packs[l.pack as usize].vouched,
-            )
-        };
-        let ids: Vec<ChunkId> = self.extra.keys().copied().collect();
-        for id in ids {
-            let mut all = vec![self.blobs[&id]];
-            all.extend(self.extra.remove(&id).unwrap_or_default());
-            // Stable: among equals, the first listed stays first.
-            all.sort_by_key(|l| std::cmp::Reverse(rank(self, &id, l)));
-            self.blobs.insert(id, all[0]);
-            self.extra.insert(id, all[1..].to_vec());
+    /// The pack at a position.
+    pub fn pack_at(&self, pos: u32) -> PackMeta {
+        let base = self.base();
+        if pos < base {
+            self.disk
+                .as_ref()
+                .expect("positions below base are on disk")
+                .pack_at(pos)
+        } else {
+            self.packs[(pos - base) as usize].clone()
         }
     }
 
-    pub fn get(&self, id: &ChunkId) -> Option<(&PackMeta, &BlobLoc)> {
-        self.blobs
+    fn pack_pos_of(&self, id: &PackId) -> Option<u32> {
+        self.pack_pos
             .get(id)
-            .map(|l| (&self.packs[l.pack as usize], l))
+            .copied()
+            .or_else(|| self.disk.as_ref()?.pack_pos(id))
+    }
+
+    pub fn pack(&self, id: &PackId) -> Option<PackMeta> {
+        self.pack_pos_of(id).map(|p| self.pack_at(p))
+    }
+
+    pub fn pack_count(&self) -> usize {
+        self.base() as usize + self.packs.len()
+    }
+
+    /// Every pack.
+    pub fn packs(&self) -> impl Iterator<Item = PackMeta> + '_ {
+        (0..self.pack_count() as u32).map(|p| self.pack_at(p))
+    }
+
+    /// Every location of a chunk, best first: an intact copy in a trusted pack, then one
+    /// in a vouched pack, damaged copies last; among equals, the order they were listed.
+    fn locs(&self, id: &ChunkId) -> Vec<BlobLoc> {
+        let mut all = self.disk.as_ref().map(|d| d.lookup(id)).unwrap_or_default();
+        all.extend(self.blobs.get(id));
+        all.extend(self.extra.get(id).into_iter().flatten());
+        if all.len() > 1 || all.first().is_some_and(|l| self.is_bad(id, l)) {
+            let mut ranked: Vec<_> = all
+                .into_iter()
+                .map(|l| {
+                    let m = self.pack_at(l.pack);
+                    ((!self.is_bad(id, &l), m.trusted, m.vouched), l)
+                })
+                .collect();
+            ranked.sort_by_key(|(r, _)| std::cmp::Reverse(*r));
+            all = ranked.into_iter().map(|(_, l)| l).collect();
+        }
+        all
+    }
+
+    /// The chunk's best location.
+    pub fn loc(&self, id: &ChunkId) -> Option<BlobLoc> {
+        self.locs(id).into_iter().next()
+    }
+
+    pub fn get(&self, id: &ChunkId) -> Option<(PackMeta, BlobLoc)> {
+        self.loc(id).map(|l| (self.pack_at(l.pack), l))
     }
 
     /// Every location of a chunk, best first.
-    pub fn locations(&self, id: &ChunkId) -> impl Iterator<Item = (&PackMeta, &BlobLoc)> {
-        self.blobs
-            .get(id)
+    pub fn locations(&self, id: &ChunkId) -> Vec<(PackMeta, BlobLoc)> {
+        self.locs(id)
             .into_iter()
-            .chain(self.extra.get(id).into_iter().flatten())
-            .map(|l| (&self.packs[l.pack as usize], l))
+            .map(|l| (self.pack_at(l.pack), l))
+            .collect()
     }
 
     /// Whether the chunk is stored anywhere (what a snapshot may reference).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.blobs.contains_key(id)
+        self.blobs.contains_key(id) || self.disk.as_ref().is_some_and(|d| !d.lookup(id).is_empty())
     }
 
     /// Whether a backup by the key that loaded the index may skip storing the chunk: an
     /// intact copy lies in a pack it trusts.
     pub fn holds_trusted(&self, id: &ChunkId) -> bool {
-        self.blobs
-            .get(id)
-            .is_some_and(|l| self.packs[l.pack as usize].trusted && !self.is_bad(id, l))
+        self.loc(id)
+            .is_some_and(|l| !self.is_bad(id, &l) && self.pack_at(l.pack).trusted)
     }
 
     /// Whether some copy of the chunk is not known to be damaged.
     pub fn holds_intact(&self, id: &ChunkId) -> bool {
-        self.blobs.get(id).is_some_and(|l| !self.is_bad(id, l))
+        self.loc(id).is_some_and(|l| !self.is_bad(id, &l))
     }
 
-    pub fn pack(&self, id: &PackId) -> Option<&PackMeta> {
-        self.pack_pos.get(id).map(|p| &self.packs[*p as usize])
+    /// The packs each index object names (Object Lock dates an index object by them).
+    pub fn file_packs(&self) -> Result<HashMap<IndexId, Vec<PackId>>> {
+        let mut out = match &self.disk {
+            Some(d) => d.file_packs().map_err(|e| {
+                custos_model::Error::integrity(format!("{e}: remove that folder and run again"))
+            })?,
+            None => HashMap::new(),
+        };
+        out.extend(self.mem_file_packs.iter().map(|(k, v)| (*k, v.clone())));
+        Ok(out)
+    }
+
+    /// Every (chunk, location), each copy once.
+    fn all_records(&self) -> impl Iterator<Item = (ChunkId, BlobLoc)> + '_ {
+        self.disk
+            .iter()
+            .flat_map(|d| d.records())
+            .chain(self.blobs.iter().map(|(id, l)| (*id, *l)))
+            .chain(
+                self.extra
+                    .iter()
+                    .flat_map(|(id, ls)| ls.iter().map(move |l| (*id, *l))),
+            )
     }
 
     /// Blobs grouped by pack (every copy of every chunk), for verification and prune.
     pub fn by_pack(&self) -> HashMap<PackId, Vec<(ChunkId, BlobLoc)>> {
-        let mut out: HashMap<PackId, Vec<(ChunkId, BlobLoc)>> = HashMap::new();
-        for p in &self.packs {
-            out.entry(p.id).or_default();
+        let mut by_pos: Vec<Vec<(ChunkId, BlobLoc)>> = vec![vec![]; self.pack_count()];
+        for (id, loc) in self.all_records() {
+            by_pos[loc.pack as usize].push((id, loc));
         }
-        let all = self.blobs.iter().chain(
-            self.extra
-                .iter()
-                .flat_map(|(id, ls)| ls.iter().map(move |l| (id, l))),
-        );
-        for (id, loc) in all {
-            out.entry(self.packs[loc.pack as usize].id)
-                .or_default()
-                .push((*id, *loc));
-        }
-        for v in out.values_mut() {
+        let mut out = HashMap::with_capacity(by_pos.len());
+        for (pos, mut v) in by_pos.into_iter().enumerate() {
             v.sort_by_key(|(_, l)| l.offset);
+            out.insert(self.pack_at(pos as u32).id, v);
         }
         out
     }
@@ -313,17 +396,16 @@ impl Index {
         for (pack, chunk) in &f.bad {
             i.mark_bad(pack, *chunk);
         }
-        i.settle();
         i
     }
 
     /// Re-encodes the packs named in `keep` (all if `None`) as index-file content, with
     /// their attribution and the damaged copies they hold: for an object the authority
     /// signs (prune), which carries them over.
-    pub fn to_files(&self, keep: Option<&std::collections::HashSet<PackId>>) -> IndexFile {
+    pub fn to_files(&self, keep: Option<&HashSet<PackId>>) -> IndexFile {
         let by_pack = self.by_pack();
         let mut f = IndexFile::default();
-        for p in &self.packs {
+        for p in self.packs() {
             if keep.is_some_and(|k| !k.contains(&p.id)) {
                 continue;
             }
@@ -346,7 +428,7 @@ impl Index {
             f.packs.push(IndexPack {
                 id: p.id,
                 size: p.size,
-                key: p.key.clone(),
+                key: p.key,
                 blobs,
                 writer: p.writer.map(hex::encode),
                 vouched: p.vouched,
@@ -397,16 +479,14 @@ mod tests {
             },
         );
         assert!(!i.holds_trusted(&ChunkId(custos_model::Id([8; 32]))));
-        i.settle();
         assert_eq!(i.get(&c).unwrap().0.id, PackId(custos_model::Id([2; 32])));
         assert!(i.holds_trusted(&c));
-        assert_eq!(i.locations(&c).count(), 2);
+        assert_eq!(i.locations(&c).len(), 2);
         let by = i.by_pack();
         assert_eq!(by[&PackId(custos_model::Id([1; 32]))].len(), 2);
         assert_eq!(by[&PackId(custos_model::Id([2; 32]))].len(), 1);
         // A damaged copy goes last and is not deduplicated against.
         i.mark_bad(&PackId(custos_model::Id([2; 32])), c);
-        i.settle();
         assert_eq!(i.get(&c).unwrap().0.id, PackId(custos_model::Id([1; 32])));
         assert!(!i.holds_trusted(&c));
         assert_eq!(i.to_files(None).bad.len(), 1);

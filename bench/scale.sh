@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 21 §2: what commands cost as the chunk index grows. For each size in SIZES, a
+# local repository gets synthetic index objects naming that many chunks (written directly
+# by the synth_index example, 100,000 blobs an object as prune writes them; the packs are
+# not written), then, timed with peak RSS:
+#   snapshots                       lists snapshot summaries (never reads the index)
+#   backup-first                    1 GiB of new files; builds the host's on-disk index
+#   backup-again                    the same with one file changed; reuses the build and
+#                                   holds the previous backup's object in memory over it
+#   backup-memory                   as backup-again with the whole index held in memory
+#                                   (CUSTOS_INDEX_MEMORY_MB large: the old way), for scale
+#   wal-push                        one 16 MiB segment of a real cluster
+#   audit-since                     audit log --since 1d
+# Results: $RES/measure.tsv; figures go to bench/RESULTS.md.
+# Run as root:  SIZES="1000000 10000000" ./bench/scale.sh     Not a test.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PEERS="${PEERS:-$ROOT/../shared/bench/peers}"
+export RES="${RES:-/tmp/custos-scale/results}"
+SIZES="${SIZES:-1000000 10000000}"
+WORK="${WORK:-/tmp/custos-scale}"
+# shellcheck source=/dev/null
+source "$PEERS/common.sh"
+need_root
+apt_need time bc postgresql-15
+"$ROOT/scripts/setup.sh" >/dev/null
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index)
+CUSTOS="$ROOT/target/release/custos"
+SYNTH="$ROOT/target/release/examples/synth_index"
+rm -rf "$RES"
+mkdir -p "$RES" "$WORK"
+
+# 1 GiB of files that do not compress or deduplicate: 64 of 16 MiB.
+DATA="$WORK/data"
+if [ ! -f "$DATA/.complete" ]; then
+    rm -rf "$DATA"; mkdir -p "$DATA"
+    for i in $(seq 1 64); do head -c $((16 << 20)) /dev/urandom > "$DATA/f$i"; done
+    touch "$DATA/.complete"
+fi
+# One real WAL segment and its cluster's pg_control (wal-push checks the system id).
+PG15="$(dirname "$(dpkg -L postgresql-15 | grep '/bin/initdb$')")"
+CL="$WORK/cluster"
+if [ ! -f "$CL/PG_VERSION" ]; then
+    rm -rf "$CL"; install -d -o postgres "$CL"
+    runuser -u postgres -- "$PG15/initdb" -D "$CL" >/dev/null
+fi
+SEG="$(ls "$CL/pg_wal" | grep -E '^[0-9A-F]{24}$' | head -1)"
+
+for n in $SIZES; do
+    R="$WORK/repo-$n"
+    export CUSTOS_REPO="$R" CUSTOS_PASSWORD="scale-bench" CUSTOS_CACHE_DIR="$WORK/cache-$n"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
+    log "writing $n synthetic chunk entries"
+    t0=$(date +%s)
+    "$SYNTH" "$R" "$n"
+    note "synth-$n-seconds" "$(( $(date +%s) - t0 ))"
+    note "index-objects-$n" "$(ls "$R/index" | wc -l)"
+    note "index-bytes-$n" "$(du -sb "$R/index" | cut -f1)"
+    measure "snapshots-$n" "$CUSTOS" --quiet snapshots
+    measure "backup-first-$n" "$CUSTOS" --quiet backup files "$DATA"
+    note "cache-bytes-$n" "$(du -sb "$CUSTOS_CACHE_DIR" | cut -f1)"
+    head -c 1M /dev/urandom > "$DATA/f1"
+    measure "backup-again-$n" "$CUSTOS" --quiet backup files "$DATA"
+    head -c 1M /dev/urandom > "$DATA/f2"
+    measure "backup-memory-$n" env CUSTOS_INDEX_MEMORY_MB=1000000 "$CUSTOS" --quiet backup files "$DATA"
+    measure "wal-push-$n" "$CUSTOS" --quiet wal-push --pgdata "$CL" "$CL/pg_wal/$SEG"
+    measure "audit-since-$n" "$CUSTOS" --quiet audit log --since 1d
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+done
+rm -f "$DATA/.complete"
+column -t "$RES/measure.tsv"
+column -t "$RES/facts.tsv"

@@ -1,0 +1,646 @@
+//! The on-disk chunk index (format.md 5.3): the index objects of a repository decoded once
+//! into sorted fixed-size records on the host and memory-mapped, so a command's memory does
+//! not grow with the number of chunks stored. A lookup is a binary search over the records;
+//! only the pages it touches are read.
+//!
+//! A build folder holds `records` (one record per chunk location, sorted by a keyed hash of
+//! the chunk id), `packs` (one record per pack, by position), `pack-ids` (pack id to
+//! position, sorted), `keys` (the packs' wrapped data keys), `file-packs` (the positions
+//! each index object names) and `meta.json` (what the build covers, written last).
+//!
+//! The records are sorted by a hash keyed with a random key of the build, not by chunk id:
+//! a backup key may store any chunk ids, and ids it ground to share a prefix would
+//! otherwise pile into one partition of the build's sort. Building reads records into 256
+//! partitions on disk and sorts each in memory, so its memory is a partition (~1/256 of the
+//! records) plus one entry per pack.
+//!
+//! The folder is the host's own state, like the files cache: it is written 0700 and what it
+//! says is checked where it matters (every blob read is checked against its id; `verify`
+//! never uses it and builds its own from the repository).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use custos_model::{ChunkId, Id, IndexId, PackId, RepoId};
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use std::io::Result;
+
+use super::{Attribution, IndexFile, IndexPack, PackMeta};
+use crate::blob::{BlobKind, BlobLoc};
+
+/// h (8, big-endian) | chunk id (32) | pack position (4) | offset (4) | length (4) |
+/// raw length (4) | kind (1) | compressed (1).
+const RECORD: usize = 58;
+/// id (32) | size (8) | writer (32) | flags (1) | key length (2) | key offset (8).
+const PACK: usize = 83;
+/// id (32) | position (4).
+const PACK_ID: usize = 36;
+const PARTS: usize = 256;
+const VERSION: u32 = 1;
+
+const HAS_WRITER: u8 = 1;
+const VOUCHED: u8 = 2;
+const TRUSTED: u8 = 4;
+
+/// What a build covers and for whom (trust depends on the reading key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskMeta {
+    pub version: u32,
+    pub repo: String,
+    /// The signing key (hex) of the key that built it: "trusted" is relative to it.
+    pub reader: Option<String>,
+    pub authority: Option<String>,
+    /// The key of the records' sort hash (hex).
+    pub hkey: String,
+    pub files: Vec<IndexId>,
+    /// Damaged copies the authority named: (pack position, chunk).
+    pub bad: Vec<(u32, ChunkId)>,
+    pub records: u64,
+    pub packs: u64,
+}
+
+pub struct DiskIndex {
+    pub meta: DiskMeta,
+    dir: PathBuf,
+    hkey: [u8; 32],
+    records: Option<Mmap>,
+    packs: Option<Mmap>,
+    pack_ids: Option<Mmap>,
+    keys: Option<Mmap>,
+    /// Holds the folder of a build made for one command (no cache folder).
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for DiskIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DiskIndex({}, {} records, {} packs)",
+            self.dir.display(),
+            self.meta.records,
+            self.meta.packs
+        )
+    }
+}
+
+fn damaged(dir: &Path, what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("the on-disk index in {} is damaged ({what})", dir.display()),
+    )
+}
+
+fn map(path: &Path, len: u64) -> Result<Option<Mmap>> {
+    let f = File::open(path)?;
+    if f.metadata()?.len() != len {
+        return Err(damaged(path, "a file has the wrong size"));
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    // Safety: the build folder is never modified after it is complete (a new build goes
+    // to a new folder); a file truncated under the map by someone else can fault the
+    // process, as with any memory-mapped cache.
+    Ok(Some(unsafe { Mmap::map(&f)? }))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn id_at(b: &[u8], at: usize) -> Id {
+    Id(b[at..at + 32].try_into().expect("32 bytes"))
+}
+
+fn hash(hkey: &[u8; 32], id: &ChunkId) -> [u8; 8] {
+    blake3::keyed_hash(hkey, &id.0 .0).as_bytes()[..8]
+        .try_into()
+        .expect("8 bytes")
+}
+
+fn encode_record(h: [u8; 8], id: &ChunkId, l: &BlobLoc) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[..8].copy_from_slice(&h);
+    r[8..40].copy_from_slice(&id.0 .0);
+    r[40..44].copy_from_slice(&l.pack.to_le_bytes());
+    r[44..48].copy_from_slice(&l.offset.to_le_bytes());
+    r[48..52].copy_from_slice(&l.length.to_le_bytes());
+    r[52..56].copy_from_slice(&l.raw_length.to_le_bytes());
+    r[56] = matches!(l.kind, BlobKind::Tree) as u8;
+    r[57] = l.compressed as u8;
+    r
+}
+
+fn decode_record(r: &[u8]) -> (ChunkId, BlobLoc) {
+    (
+        ChunkId(id_at(r, 8)),
+        BlobLoc {
+            pack: u32_at(r, 40),
+            offset: u32_at(r, 44),
+            length: u32_at(r, 48),
+            raw_length: u32_at(r, 52),
+            kind: if r[56] == 1 {
+                BlobKind::Tree
+            } else {
+                BlobKind::Data
+            },
+            compressed: r[57] == 1,
+        },
+    )
+}
+
+impl DiskIndex {
+    /// The build `base/current` names, if it is complete and made for this repository
+    /// and these keys.
+    pub fn open_current(
+        base: &Path,
+        repo: &RepoId,
+        reader: Option<[u8; 32]>,
+        authority: Option<[u8; 32]>,
+    ) -> Result<DiskIndex> {
+        let name = std::fs::read_to_string(base.join("current"))?;
+        let name = name.trim();
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(damaged(base, "its pointer names no build"));
+        }
+        let d = DiskIndex::open(&base.join(name), None)?;
+        if d.meta.repo != repo.to_hex()
+            || d.meta.reader != reader.map(hex::encode)
+            || d.meta.authority != authority.map(hex::encode)
+        {
+            return Err(damaged(base, "it was built for another repository or key"));
+        }
+        Ok(d)
+    }
+
+    fn open(dir: &Path, temp: Option<tempfile::TempDir>) -> Result<DiskIndex> {
+        let meta: DiskMeta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
+            .map_err(|_| damaged(dir, "its description does not parse"))?;
+        if meta.version != VERSION {
+            return Err(damaged(dir, "another version wrote it"));
+        }
+        let hkey: [u8; 32] = hex::decode(&meta.hkey)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| damaged(dir, "its sort key is unreadable"))?;
+        let records = map(&dir.join("records"), meta.records * RECORD as u64)?;
+        let packs = map(&dir.join("packs"), meta.packs * PACK as u64)?;
+        let pack_ids = map(&dir.join("pack-ids"), meta.packs * PACK_ID as u64)?;
+        let key_len = std::fs::metadata(dir.join("keys"))?.len();
+        let keys = map(&dir.join("keys"), key_len)?;
+        if meta.bad.iter().any(|(p, _)| u64::from(*p) >= meta.packs) {
+            return Err(damaged(dir, "a damaged copy names no pack"));
+        }
+        Ok(DiskIndex {
+            meta,
+            dir: dir.to_path_buf(),
+            hkey,
+            records,
+            packs,
+            pack_ids,
+            keys,
+            _temp: temp,
+        })
+    }
+
+    pub fn pack_count(&self) -> u32 {
+        self.meta.packs as u32
+    }
+
+    fn record(&self, i: u64) -> &[u8] {
+        let at = i as usize * RECORD;
+        &self.records.as_deref().expect("non-empty")[at..at + RECORD]
+    }
+
+    fn pack_record(&self, pos: u32) -> &[u8] {
+        let at = pos as usize * PACK;
+        &self.packs.as_deref().expect("non-empty")[at..at + PACK]
+    }
+
+    /// Every location of `id` the build holds, in build order. A location naming a pack
+    /// outside the build (a damaged cache) is left out.
+    pub fn lookup(&self, id: &ChunkId) -> Vec<BlobLoc> {
+        let mut out = vec![];
+        if self.meta.records == 0 {
+            return out;
+        }
+        let h = hash(&self.hkey, id);
+        // The first record whose hash is not below h.
+        let (mut lo, mut hi) = (0u64, self.meta.records);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.record(mid)[..8] < h[..] {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        while lo < self.meta.records {
+            let r = self.record(lo);
+            if r[..8] != h[..] {
+                break;
+            }
+            let (cid, loc) = decode_record(r);
+            if cid == *id && loc.pack < self.pack_count() {
+                out.push(loc);
+            }
+            lo += 1;
+        }
+        out
+    }
+
+    /// Every record: (chunk, location).
+    pub fn records(&self) -> impl Iterator<Item = (ChunkId, BlobLoc)> + '_ {
+        (0..self.meta.records)
+            .map(|i| decode_record(self.record(i)))
+            .filter(|(_, l)| l.pack < self.pack_count())
+    }
+
+    pub fn pack_at(&self, pos: u32) -> PackMeta {
+        let r = self.pack_record(pos);
+        let flags = r[72];
+        let len = usize::from(u16::from_le_bytes([r[73], r[74]]));
+        let off = u64_at(r, 75) as usize;
+        // A key outside the keys file (a damaged cache) reads as none: opening the pack
+        // then fails as it would with a wrong key.
+        let key = self
+            .keys
+            .as_deref()
+            .and_then(|k| k.get(off..off.checked_add(len)?))
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        PackMeta {
+            id: PackId(id_at(r, 0)),
+            size: u64_at(r, 32),
+            key,
+            writer: (flags & HAS_WRITER != 0).then(|| r[40..72].try_into().expect("32 bytes")),
+            vouched: flags & VOUCHED != 0,
+            trusted: flags & TRUSTED != 0,
+        }
+    }
+
+    pub fn pack_pos(&self, id: &PackId) -> Option<u32> {
+        let ids = self.pack_ids.as_deref()?;
+        let n = self.meta.packs as usize;
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let r = &ids[mid * PACK_ID..(mid + 1) * PACK_ID];
+            match r[..32].cmp(&id.0 .0[..]) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    let pos = u32_at(r, 32);
+                    return (pos < self.pack_count()).then_some(pos);
+                }
+            }
+        }
+        None
+    }
+
+    /// The packs each index object of the build names.
+    pub fn file_packs(&self) -> Result<HashMap<IndexId, Vec<PackId>>> {
+        let mut raw = vec![];
+        File::open(self.dir.join("file-packs"))?.read_to_end(&mut raw)?;
+        let mut out = HashMap::new();
+        let mut at = 0usize;
+        for f in &self.meta.files {
+            if at + 4 > raw.len() {
+                return Err(damaged(&self.dir, "its list of packs per object is short"));
+            }
+            let n = u32_at(&raw, at) as usize;
+            at += 4;
+            if raw.len() < at + n * 4 {
+                return Err(damaged(&self.dir, "its list of packs per object is short"));
+            }
+            let mut packs = Vec::with_capacity(n);
+            for i in 0..n {
+                let pos = u32_at(&raw, at + i * 4);
+                if pos >= self.pack_count() {
+                    return Err(damaged(
+                        &self.dir,
+                        "an object names a pack it does not hold",
+                    ));
+                }
+                packs.push(self.pack_at(pos).id);
+            }
+            at += n * 4;
+            out.insert(*f, packs);
+        }
+        Ok(out)
+    }
+}
+
+/// Builds a [`DiskIndex`] from index objects (and, to add objects to one, from an older
+/// build), with memory bounded by one partition of the records and one entry per pack.
+pub struct Builder {
+    base: PathBuf,
+    tmp: PathBuf,
+    temp: Option<tempfile::TempDir>,
+    hkey: [u8; 32],
+    parts: Vec<BufWriter<File>>,
+    packs: BufWriter<File>,
+    keys: BufWriter<File>,
+    key_off: u64,
+    file_packs: BufWriter<File>,
+    pack_pos: HashMap<PackId, u32>,
+    /// Better attribution learnt for a pack already written: (writer, vouched, trusted).
+    upgrades: HashMap<u32, Attribution>,
+    files: Vec<IndexId>,
+    bad: Vec<(PackId, ChunkId)>,
+}
+
+fn private_dir(p: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)?;
+    Ok(())
+}
+
+impl Builder {
+    /// A build that will become `base/current` (`base` is the cache folder of this
+    /// repository and key), or, with `None`, one in a temporary folder for this command.
+    pub fn new(base: Option<&Path>) -> Result<Builder> {
+        let (base, temp) = match base {
+            Some(b) => {
+                private_dir(b)?;
+                (b.to_path_buf(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("custos-index").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let tmp = base.join(format!(".build-{}", hex::encode(rand::random::<[u8; 8]>())));
+        private_dir(&tmp)?;
+        let create = |name: &str| -> Result<BufWriter<File>> {
+            Ok(BufWriter::with_capacity(
+                1 << 16,
+                File::create(tmp.join(name))?,
+            ))
+        };
+        let mut parts = Vec::with_capacity(PARTS);
+        for i in 0..PARTS {
+            parts.push(BufWriter::with_capacity(
+                1 << 14,
+                File::create(tmp.join(format!("part-{i:02x}")))?,
+            ));
+        }
+        Ok(Builder {
+            packs: create("packs")?,
+            keys: create("keys")?,
+            file_packs: create("file-packs")?,
+            base,
+            tmp,
+            temp,
+            hkey: rand::random(),
+            parts,
+            key_off: 0,
+            pack_pos: HashMap::new(),
+            upgrades: HashMap::new(),
+            files: vec![],
+            bad: vec![],
+        })
+    }
+
+    fn add_record(&mut self, id: &ChunkId, loc: &BlobLoc) -> Result<()> {
+        let h = hash(&self.hkey, id);
+        self.parts[h[0] as usize].write_all(&encode_record(h, id, loc))?;
+        Ok(())
+    }
+
+    fn write_pack(&mut self, m: &PackMeta) -> Result<u32> {
+        let pos = self.pack_pos.len() as u32;
+        let key_len = u16::try_from(m.key.len())
+            .map_err(|_| damaged(&self.tmp, "a pack's key is oversized"))?;
+        let mut r = [0u8; PACK];
+        r[..32].copy_from_slice(&m.id.0 .0);
+        r[32..40].copy_from_slice(&m.size.to_le_bytes());
+        r[72] = flags(m.writer, m.vouched, m.trusted);
+        if let Some(w) = m.writer {
+            r[40..72].copy_from_slice(&w);
+        }
+        r[73..75].copy_from_slice(&key_len.to_le_bytes());
+        r[75..83].copy_from_slice(&self.key_off.to_le_bytes());
+        self.packs.write_all(&r)?;
+        self.keys.write_all(&m.key)?;
+        self.key_off += m.key.len() as u64;
+        self.pack_pos.insert(m.id, pos);
+        Ok(pos)
+    }
+
+    /// Starts from an older build: its packs keep their positions.
+    pub fn seed(&mut self, old: &DiskIndex) -> Result<()> {
+        for pos in 0..old.pack_count() {
+            self.write_pack(&old.pack_at(pos))?;
+        }
+        for (id, loc) in old.records() {
+            self.add_record(&id, &loc)?;
+        }
+        for (pack, packs) in old.file_packs()? {
+            self.files.push(pack);
+            self.write_file_packs(packs.iter().map(|p| self.pack_pos[p]).collect())?;
+        }
+        for (pos, chunk) in &old.meta.bad {
+            self.bad.push((old.pack_at(*pos).id, *chunk));
+        }
+        Ok(())
+    }
+
+    fn write_file_packs(&mut self, pos: Vec<u32>) -> Result<()> {
+        self.file_packs
+            .write_all(&(pos.len() as u32).to_le_bytes())?;
+        for p in pos {
+            self.file_packs.write_all(&p.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Adds one index object: `attr` says what its signature backs for each pack, `bad`
+    /// whether its list of damaged copies counts (the authority signed it).
+    pub fn add_file(
+        &mut self,
+        id: IndexId,
+        f: &IndexFile,
+        attr: impl Fn(&IndexPack) -> Attribution,
+        bad: bool,
+    ) -> Result<()> {
+        let mut positions = Vec::with_capacity(f.packs.len());
+        for p in &f.packs {
+            let a = attr(p);
+            let pos = match self.pack_pos.get(&p.id) {
+                Some(pos) => {
+                    let up = self.upgrades.entry(*pos).or_default();
+                    up.writer = up.writer.or(a.writer);
+                    up.vouched |= a.vouched;
+                    up.trusted |= a.trusted;
+                    *pos
+                }
+                None => self.write_pack(&PackMeta {
+                    id: p.id,
+                    size: p.size,
+                    key: p.key.clone(),
+                    writer: a.writer,
+                    vouched: a.vouched,
+                    trusted: a.trusted,
+                })?,
+            };
+            positions.push(pos);
+            for b in &p.blobs {
+                let loc = BlobLoc {
+                    pack: pos,
+                    offset: b.offset,
+                    length: b.length,
+                    raw_length: b.raw_length,
+                    kind: b.kind,
+                    compressed: b.compressed,
+                };
+                self.add_record(&b.id, &loc)?;
+            }
+        }
+        self.files.push(id);
+        self.write_file_packs(positions)?;
+        if bad {
+            self.bad.extend(f.bad.iter().copied());
+        }
+        Ok(())
+    }
+
+    /// Sorts the records, writes the description last and makes the build current.
+    pub fn finish(
+        mut self,
+        repo: &RepoId,
+        reader: Option<[u8; 32]>,
+        authority: Option<[u8; 32]>,
+    ) -> Result<DiskIndex> {
+        self.packs.flush()?;
+        self.keys.flush()?;
+        self.file_packs.flush()?;
+        // Attribution a later object gave a pack written earlier.
+        if !self.upgrades.is_empty() {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.tmp.join("packs"))?;
+            for (pos, up) in &self.upgrades {
+                let at = u64::from(*pos) * PACK as u64;
+                let mut r = [0u8; PACK];
+                f.seek(SeekFrom::Start(at))?;
+                f.read_exact(&mut r)?;
+                let had_writer = r[72] & HAS_WRITER != 0;
+                let writer = if had_writer {
+                    Some(r[40..72].try_into().expect("32 bytes"))
+                } else {
+                    up.writer
+                };
+                let fl = r[72] | flags(writer, up.vouched, up.trusted);
+                if let Some(w) = writer {
+                    r[40..72].copy_from_slice(&w);
+                }
+                r[72] = fl;
+                f.seek(SeekFrom::Start(at))?;
+                f.write_all(&r)?;
+            }
+        }
+        // Records: each partition sorted in memory, in hash order.
+        let mut out = BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("records"))?);
+        let mut records = 0u64;
+        let parts = std::mem::take(&mut self.parts);
+        for (i, mut w) in parts.into_iter().enumerate() {
+            w.flush()?;
+            drop(w);
+            let path = self.tmp.join(format!("part-{i:02x}"));
+            let raw = std::fs::read(&path)?;
+            std::fs::remove_file(&path)?;
+            let mut rs: Vec<&[u8]> = raw.chunks_exact(RECORD).collect();
+            rs.sort_by(|a, b| {
+                a[..40]
+                    .cmp(&b[..40])
+                    .then(u32_at(a, 40).cmp(&u32_at(b, 40)))
+            });
+            rs.dedup_by(|a, b| a[..44] == b[..44]);
+            for r in rs {
+                out.write_all(r)?;
+                records += 1;
+            }
+        }
+        out.flush()?;
+        drop(out);
+        let mut ids: Vec<(PackId, u32)> = self.pack_pos.iter().map(|(k, v)| (*k, *v)).collect();
+        ids.sort_by_key(|a| a.0 .0 .0);
+        let mut w = BufWriter::new(File::create(self.tmp.join("pack-ids"))?);
+        for (id, pos) in &ids {
+            w.write_all(&id.0 .0)?;
+            w.write_all(&pos.to_le_bytes())?;
+        }
+        w.flush()?;
+        drop(w);
+        let bad = self
+            .bad
+            .iter()
+            .filter_map(|(p, c)| self.pack_pos.get(p).map(|pos| (*pos, *c)))
+            .collect();
+        let meta = DiskMeta {
+            version: VERSION,
+            repo: repo.to_hex(),
+            reader: reader.map(hex::encode),
+            authority: authority.map(hex::encode),
+            hkey: hex::encode(self.hkey),
+            files: std::mem::take(&mut self.files),
+            bad,
+            records,
+            packs: self.pack_pos.len() as u64,
+        };
+        let mut m = File::create(self.tmp.join("meta.json"))?;
+        m.write_all(&serde_json::to_vec(&meta).expect("serializable"))?;
+        m.sync_all()?;
+        let name = format!("b-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let done = self.base.join(&name);
+        std::fs::rename(&self.tmp, &done)?;
+        if self.temp.is_none() {
+            let ptr = self.base.join(format!(".current-{name}"));
+            std::fs::write(&ptr, &name)?;
+            std::fs::rename(&ptr, self.base.join("current"))?;
+            // Older builds: a command that mapped one keeps its pages until it ends.
+            if let Ok(rd) = std::fs::read_dir(&self.base) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let stale_build = n.starts_with(".build-")
+                        && e.metadata()
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|t| t.elapsed().ok())
+                            .is_some_and(|age| age.as_secs() > 86_400);
+                    if (n.starts_with("b-") && n != name) || stale_build {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        DiskIndex::open(&done, self.temp.take())
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        // An abandoned build leaves nothing behind.
+        if self.tmp.exists() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn flags(writer: Option<[u8; 32]>, vouched: bool, trusted: bool) -> u8 {
+    (if writer.is_some() { HAS_WRITER } else { 0 })
+        | (if vouched { VOUCHED } else { 0 })
+        | (if trusted { TRUSTED } else { 0 })
+}
