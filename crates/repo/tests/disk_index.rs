@@ -117,7 +117,13 @@ fn view(i: &Index, chunks: &[ChunkId]) -> String {
     let by: BTreeMap<String, usize> = i
         .by_pack()
         .into_iter()
-        .map(|(p, b)| (p.short(), b.len()))
+        .map(|(p, b)| {
+            // Pack by pack (what verify reads) as in the whole grouping.
+            let one: Vec<_> = i.blobs_of(&p).iter().map(|(c, l)| (*c, l.offset)).collect();
+            let all: Vec<_> = b.iter().map(|(c, l)| (*c, l.offset)).collect();
+            assert_eq!(one, all, "blobs of pack {}", p.short());
+            (p.short(), b.len())
+        })
         .collect();
     let files: BTreeMap<String, usize> = i
         .file_packs()

@@ -226,7 +226,6 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     r.errors.extend(checks.into_iter().flatten());
 
     let restore_key = repo.keys.secret.is_some();
-    let by_pack = index.by_pack();
     // What this run found: per pack, whether every blob was read and right; damaged copies.
     let mut read_whole: std::collections::HashSet<PackId> = Default::default();
     let mut damaged: Vec<(PackId, ChunkId)> = vec![];
@@ -258,12 +257,13 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
                 };
                 opts.progress.add(bytes.len() as u64);
                 // Copies already recorded as damaged are not reported again.
-                let blobs: Vec<_> = by_pack[&p.id]
+                let all = index.blobs_of(&p.id);
+                let blobs: Vec<_> = all
                     .iter()
                     .filter(|(id, l)| !index.is_bad(id, l))
                     .copied()
                     .collect();
-                let known = blobs.len() < by_pack[&p.id].len();
+                let known = blobs.len() < all.len();
                 Ok(check_pack(repo, p, &bytes, &blobs, known))
             },
         )?;
@@ -281,15 +281,29 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     } else if restore_key {
         // A sample of what no restore key has checked: blobs a backup key stored.
         use rand::seq::SliceRandom;
-        let mut unchecked: Vec<(PackId, ChunkId, custos_repo::BlobLoc)> = by_pack
-            .iter()
-            .filter(|(p, _)| index.pack(p).is_some_and(|m| !m.vouched))
-            .filter(|(p, _)| stored.contains_key(*p))
-            .flat_map(|(p, blobs)| blobs.iter().map(move |(id, l)| (*p, *id, *l)))
-            .filter(|(_, id, l)| !index.is_bad(id, l))
-            .collect();
+        // A uniform sample (reservoir), pack by pack: memory does not grow with the index.
+        let mut unchecked: Vec<(PackId, ChunkId, custos_repo::BlobLoc)> = vec![];
+        let mut seen = 0usize;
+        for m in index.packs() {
+            if m.vouched || !stored.contains_key(&m.id) {
+                continue;
+            }
+            for (id, l) in index.blobs_of(&m.id) {
+                if index.is_bad(&id, &l) {
+                    continue;
+                }
+                seen += 1;
+                if unchecked.len() < SAMPLE {
+                    unchecked.push((m.id, id, l));
+                } else {
+                    let j = rand::Rng::random_range(&mut rand::rng(), 0..seen);
+                    if j < SAMPLE {
+                        unchecked[j] = (m.id, id, l);
+                    }
+                }
+            }
+        }
         unchecked.shuffle(&mut rand::rng());
-        unchecked.truncate(SAMPLE);
         let results = custos_repo::repository::parallel_map(
             &unchecked,
             repo.threads() * 2,

@@ -6,7 +6,9 @@
 //! A build folder holds `records` (one record per chunk location, sorted by a keyed hash of
 //! the chunk id), `packs` (one record per pack, by position), `pack-ids` (pack id to
 //! position, sorted), `keys` (the packs' wrapped data keys), `file-packs` (the positions
-//! each index object names) and `meta.json` (what the build covers, written last).
+//! each index object names), `by-pack` (the records again, grouped by pack in pack order,
+//! with `pack-blobs` giving each pack's first record and count: what `verify` reads pack by
+//! pack) and `meta.json` (what the build covers, written last).
 //!
 //! The records are sorted by a hash keyed with a random key of the build, not by chunk id:
 //! a backup key may store any chunk ids, and ids it ground to share a prefix would
@@ -38,8 +40,10 @@ const RECORD: usize = 58;
 const PACK: usize = 83;
 /// id (32) | position (4).
 const PACK_ID: usize = 36;
+/// first record in `by-pack` (8) | count (4).
+const PACK_BLOBS: usize = 12;
 const PARTS: usize = 256;
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 const HAS_WRITER: u8 = 1;
 const VOUCHED: u8 = 2;
@@ -70,6 +74,8 @@ pub struct DiskIndex {
     packs: Option<Mmap>,
     pack_ids: Option<Mmap>,
     keys: Option<Mmap>,
+    by_pack: Option<Mmap>,
+    pack_blobs: Option<Mmap>,
     /// Holds the folder of a build made for one command (no cache folder).
     _temp: Option<tempfile::TempDir>,
 }
@@ -195,6 +201,12 @@ impl DiskIndex {
         let pack_ids = map(&dir.join("pack-ids"), meta.packs * PACK_ID as u64)?;
         let key_len = std::fs::metadata(dir.join("keys"))?.len();
         let keys = map(&dir.join("keys"), key_len)?;
+        let by_len = std::fs::metadata(dir.join("by-pack"))?.len();
+        if by_len % RECORD as u64 != 0 {
+            return Err(damaged(dir, "its records by pack are cut"));
+        }
+        let by_pack = map(&dir.join("by-pack"), by_len)?;
+        let pack_blobs = map(&dir.join("pack-blobs"), meta.packs * PACK_BLOBS as u64)?;
         if meta.bad.iter().any(|(p, _)| u64::from(*p) >= meta.packs) {
             return Err(damaged(dir, "a damaged copy names no pack"));
         }
@@ -206,6 +218,8 @@ impl DiskIndex {
             packs,
             pack_ids,
             keys,
+            by_pack,
+            pack_blobs,
             _temp: temp,
         })
     }
@@ -286,6 +300,33 @@ impl DiskIndex {
         }
     }
 
+    /// The blobs of the pack at `pos`, in pack order (as the first object naming it lists
+    /// them). A range outside the file (a damaged cache) reads as none.
+    pub fn pack_blobs(&self, pos: u32) -> Vec<(ChunkId, BlobLoc)> {
+        let (Some(pb), Some(by)) = (self.pack_blobs.as_deref(), self.by_pack.as_deref()) else {
+            return vec![];
+        };
+        let at = pos as usize * PACK_BLOBS;
+        let Some(r) = pb.get(at..at + PACK_BLOBS) else {
+            return vec![];
+        };
+        let first = u64_at(r, 0) as usize;
+        let n = u32_at(r, 8) as usize;
+        let Some(span) = first
+            .checked_mul(RECORD)
+            .and_then(|s| by.get(s..s.checked_add(n.checked_mul(RECORD)?)?))
+        else {
+            return vec![];
+        };
+        span.chunks_exact(RECORD)
+            .map(decode_record)
+            .map(|(id, mut l)| {
+                l.pack = pos;
+                (id, l)
+            })
+            .collect()
+    }
+
     pub fn pack_pos(&self, id: &PackId) -> Option<u32> {
         let ids = self.pack_ids.as_deref()?;
         let n = self.meta.packs as usize;
@@ -349,6 +390,10 @@ pub struct Builder {
     packs: BufWriter<File>,
     keys: BufWriter<File>,
     key_off: u64,
+    by_pack: BufWriter<File>,
+    by_pack_n: u64,
+    /// Per pack: its first record in `by-pack` and how many.
+    pack_blobs: Vec<(u64, u32)>,
     file_packs: BufWriter<File>,
     pack_pos: HashMap<PackId, u32>,
     /// Better attribution learnt for a pack already written: (writer, vouched, trusted).
@@ -399,6 +444,9 @@ impl Builder {
             packs: create("packs")?,
             keys: create("keys")?,
             file_packs: create("file-packs")?,
+            by_pack: create("by-pack")?,
+            by_pack_n: 0,
+            pack_blobs: vec![],
             base,
             tmp,
             temp,
@@ -442,6 +490,8 @@ impl Builder {
     pub fn seed(&mut self, old: &DiskIndex) -> Result<()> {
         for pos in 0..old.pack_count() {
             self.write_pack(&old.pack_at(pos))?;
+            let blobs = old.pack_blobs(pos);
+            self.write_pack_blobs(blobs.iter().map(|(id, l)| (id, l)))?;
         }
         for (id, loc) in old.records() {
             self.add_record(&id, &loc)?;
@@ -453,6 +503,21 @@ impl Builder {
         for (pos, chunk) in &old.meta.bad {
             self.bad.push((old.pack_at(*pos).id, *chunk));
         }
+        Ok(())
+    }
+
+    /// The blobs of the pack just written, in `by-pack`.
+    fn write_pack_blobs<'a>(
+        &mut self,
+        blobs: impl Iterator<Item = (&'a ChunkId, &'a BlobLoc)>,
+    ) -> Result<()> {
+        let first = self.by_pack_n;
+        for (id, l) in blobs {
+            self.by_pack.write_all(&encode_record([0; 8], id, l))?;
+            self.by_pack_n += 1;
+        }
+        self.pack_blobs
+            .push((first, (self.by_pack_n - first) as u32));
         Ok(())
     }
 
@@ -494,17 +559,31 @@ impl Builder {
                     trusted: a.trusted,
                 })?,
             };
+            let fresh = pos as usize == self.pack_blobs.len();
             positions.push(pos);
-            for b in &p.blobs {
-                let loc = BlobLoc {
-                    pack: pos,
-                    offset: b.offset,
-                    length: b.length,
-                    raw_length: b.raw_length,
-                    kind: b.kind,
-                    compressed: b.compressed,
-                };
-                self.add_record(&b.id, &loc)?;
+            let mut locs: Vec<(ChunkId, BlobLoc)> = p
+                .blobs
+                .iter()
+                .map(|b| {
+                    (
+                        b.id,
+                        BlobLoc {
+                            pack: pos,
+                            offset: b.offset,
+                            length: b.length,
+                            raw_length: b.raw_length,
+                            kind: b.kind,
+                            compressed: b.compressed,
+                        },
+                    )
+                })
+                .collect();
+            for (id, loc) in &locs {
+                self.add_record(id, loc)?;
+            }
+            if fresh {
+                locs.sort_by_key(|(_, l)| l.offset);
+                self.write_pack_blobs(locs.iter().map(|(id, l)| (id, l)))?;
             }
         }
         self.files.push(id);
@@ -525,6 +604,14 @@ impl Builder {
         self.packs.flush()?;
         self.keys.flush()?;
         self.file_packs.flush()?;
+        self.by_pack.flush()?;
+        let mut w = BufWriter::new(File::create(self.tmp.join("pack-blobs"))?);
+        for (first, n) in &self.pack_blobs {
+            w.write_all(&first.to_le_bytes())?;
+            w.write_all(&n.to_le_bytes())?;
+        }
+        w.flush()?;
+        drop(w);
         // Attribution a later object gave a pack written earlier.
         if !self.upgrades.is_empty() {
             let mut f = std::fs::OpenOptions::new()

@@ -148,6 +148,8 @@ pub struct Index {
     pub files: Vec<IndexId>,
     /// The packs each index object held in memory names.
     mem_file_packs: HashMap<IndexId, Vec<PackId>>,
+    /// The blobs held in memory by pack, made when first asked.
+    mem_by_pack: std::sync::OnceLock<HashMap<u32, Vec<(ChunkId, BlobLoc)>>>,
 }
 
 impl Index {
@@ -187,6 +189,7 @@ impl Index {
     /// A pack listed in several objects gets the best of what they say. (The loader never
     /// adds a pack the on-disk build holds: it builds anew instead.)
     pub fn add_pack_from(&mut self, p: &IndexPack, a: Attribution) {
+        self.mem_by_pack = Default::default();
         let base = self.base();
         let pos = match self.pack_pos.get(&p.id) {
             Some(pos) => {
@@ -362,6 +365,33 @@ impl Index {
                     .iter()
                     .flat_map(|(id, ls)| ls.iter().map(move |l| (*id, *l))),
             )
+    }
+
+    /// The blobs of one pack, in pack order: from the on-disk build without reading the
+    /// rest of the index, so `verify` goes pack by pack in bounded memory.
+    pub fn blobs_of(&self, id: &PackId) -> Vec<(ChunkId, BlobLoc)> {
+        if let Some(pos) = self.pack_pos.get(id) {
+            let by = self.mem_by_pack.get_or_init(|| {
+                let mut m: HashMap<u32, Vec<(ChunkId, BlobLoc)>> = HashMap::new();
+                let all = self.blobs.iter().chain(
+                    self.extra
+                        .iter()
+                        .flat_map(|(id, ls)| ls.iter().map(move |l| (id, l))),
+                );
+                for (id, l) in all {
+                    m.entry(l.pack).or_default().push((*id, *l));
+                }
+                for v in m.values_mut() {
+                    v.sort_by_key(|(_, l)| l.offset);
+                }
+                m
+            });
+            return by.get(pos).cloned().unwrap_or_default();
+        }
+        match self.disk.as_ref().and_then(|d| Some((d, d.pack_pos(id)?))) {
+            Some((d, pos)) => d.pack_blobs(pos),
+            None => vec![],
+        }
     }
 
     /// Blobs grouped by pack (every copy of every chunk), for verification and prune.
