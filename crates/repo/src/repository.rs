@@ -674,8 +674,9 @@ impl Repository {
             }
             None => entries.iter().collect(),
         };
-        for part in todo.chunks(batch.max(1)) {
-            for (id, f) in parallel_map(part, batch, |e| self.read_index_object(&e.path))? {
+        for part in todo.chunks(self.threads().max(1)) {
+            for (id, f) in parallel_map(part, self.threads(), |e| self.read_index_object(&e.path))?
+            {
                 let (by_authority, attr) = self.attribution(&f);
                 builder
                     .add_file(id, &f, attr, by_authority)
