@@ -722,7 +722,8 @@ impl Repository {
     /// counts), else with the key's own signing key (and those claims left out: they would
     /// not count).
     /// Writes the content of `f` as index objects of at most [`INDEX_OBJECT_BLOBS`] blobs
-    /// each (a pack is never split; the damaged copies go with their packs), so no object
+    /// each (a pack is never split; the damaged copies go with their packs, those of
+    /// packs not listed with the last object), so no object
     /// is too large to read whatever the repository's size.
     pub fn write_index_files(&self, f: IndexFile) -> Result<Vec<IndexId>> {
         let mut out = vec![];
@@ -746,7 +747,13 @@ impl Repository {
             );
             part.packs.push(p);
         }
-        if !part.packs.is_empty() {
+        // Damaged copies in packs this content does not list (verify names them without
+        // re-listing the pack) go with the last object.
+        part.bad.extend(
+            bad.into_iter()
+                .flat_map(|(p, cs)| cs.into_iter().map(move |c| (p, c))),
+        );
+        if !part.packs.is_empty() || !part.bad.is_empty() {
             out.push(self.write_index_file(part)?);
         }
         Ok(out)
