@@ -203,6 +203,33 @@ fn held(
     Ok(set)
 }
 
+/// The packs named by those of `files` whose paths are in `held` (Object Lock keeps those
+/// index objects, so the packs they name must stay).
+fn packs_named_by(
+    index: &Index,
+    files: &[IndexId],
+    held: &HashSet<String>,
+) -> Result<HashSet<PackId>> {
+    if held.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let file_packs = index.file_packs()?;
+    Ok(files
+        .iter()
+        .filter(|f| held.contains(&paths::index(f)))
+        .flat_map(|f| file_packs.get(f).into_iter().flatten().copied())
+        .collect())
+}
+
+/// Every pack of the index but those in `out`.
+fn packs_except(index: &Index, out: &HashSet<PackId>) -> HashSet<PackId> {
+    index
+        .packs()
+        .map(|p| p.id)
+        .filter(|p| !out.contains(p))
+        .collect()
+}
+
 /// Object Lock: takes out of the plan whatever the store holds until a later date. An
 /// index object that must stay keeps the packs it names (the index is the union of its
 /// objects: a pack it names must exist), so those are not deleted or repacked either.
@@ -214,13 +241,7 @@ fn hold_locked(repo: &Repository, index: &Index, p: &mut PrunePlan) -> Result<()
         &mut p.held,
         p.index_files.iter().map(paths::index).collect(),
     )?;
-    let mut pinned: HashSet<PackId> = HashSet::new();
-    let file_packs = index.file_packs()?;
-    for f in &p.index_files {
-        if index_held.contains(&paths::index(f)) {
-            pinned.extend(file_packs.get(f).into_iter().flatten().copied());
-        }
-    }
+    let pinned = packs_named_by(index, &p.index_files, &index_held)?;
     let candidates: Vec<String> = p
         .packs_delete
         .iter()
@@ -285,11 +306,7 @@ fn execute(
         .chain(&plan.packs_repack)
         .copied()
         .collect();
-    let keep: HashSet<PackId> = index
-        .packs()
-        .map(|p| p.id)
-        .filter(|id| !drop.contains(id))
-        .collect();
+    let keep = packs_except(index, &drop);
     let kept = Arc::new(index.subset(&keep));
 
     // 1. Repack the used chunks of sparse packs into new packs.
@@ -313,13 +330,7 @@ fn execute(
 
     // 2. One new index naming every pack that stays (with who wrote it, what a restore
     // key vouched for, and the damaged copies it holds); 3. then the old index objects go.
-    let file_packs = index.file_packs()?;
-    let in_held: HashSet<PackId> = plan
-        .index_files
-        .iter()
-        .filter(|f| plan.held_index.contains(&paths::index(f)))
-        .flat_map(|f| file_packs.get(f).into_iter().flatten().copied())
-        .collect();
+    let in_held = packs_named_by(index, &plan.index_files, &plan.held_index)?;
     let mut all = if in_held.is_empty() {
         kept.to_files(None)
     } else {
@@ -397,24 +408,14 @@ pub fn compact_index(repo: &Repository) -> Result<CompactReport> {
         index.files.iter().map(paths::index).collect(),
     )?;
     r.held = held_paths.len();
-    let file_packs = index.file_packs()?;
     let movable: Vec<_> = index
         .files
         .iter()
         .filter(|f| !held_paths.contains(&paths::index(f)))
         .copied()
         .collect();
-    let in_held: HashSet<PackId> = index
-        .files
-        .iter()
-        .filter(|f| held_paths.contains(&paths::index(f)))
-        .flat_map(|f| file_packs.get(f).into_iter().flatten().copied())
-        .collect();
-    let keep: HashSet<PackId> = index
-        .packs()
-        .map(|p| p.id)
-        .filter(|p| !in_held.contains(p))
-        .collect();
+    let in_held = packs_named_by(&index, &index.files, &held_paths)?;
+    let keep = packs_except(&index, &in_held);
     let content = index.to_files(Some(&keep));
     let blobs: usize = content.packs.iter().map(|p| p.blobs.len()).sum();
     let needed = blobs

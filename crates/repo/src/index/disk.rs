@@ -309,7 +309,7 @@ impl DiskIndex {
 
     pub fn pack_at(&self, pos: u32) -> PackMeta {
         let r = self.pack_record(pos);
-        let flags = r[72];
+        let a = attribution_of(r);
         let len = usize::from(u16::from_le_bytes([r[73], r[74]]));
         let off = u64_at(r, 75) as usize;
         // A key outside the keys file (a damaged cache) reads as none: opening the pack
@@ -324,9 +324,9 @@ impl DiskIndex {
             id: PackId(id_at(r, 0)),
             size: u64_at(r, 32),
             key,
-            writer: (flags & HAS_WRITER != 0).then(|| r[40..72].try_into().expect("32 bytes")),
-            vouched: flags & VOUCHED != 0,
-            trusted: flags & TRUSTED != 0,
+            writer: a.writer,
+            vouched: a.vouched,
+            trusted: a.trusted,
         }
     }
 
@@ -503,10 +503,7 @@ impl Builder {
         let mut r = [0u8; PACK];
         r[..32].copy_from_slice(&m.id.0 .0);
         r[32..40].copy_from_slice(&m.size.to_le_bytes());
-        r[72] = flags(m.writer, m.vouched, m.trusted);
-        if let Some(w) = m.writer {
-            r[40..72].copy_from_slice(&w);
-        }
+        put_attribution(&mut r, m.attribution());
         r[73..75].copy_from_slice(&key_len.to_le_bytes());
         r[75..83].copy_from_slice(&self.key_off.to_le_bytes());
         self.packs.write_all(&r)?;
@@ -575,19 +572,10 @@ impl Builder {
             let pos = match self.pack_pos.get(&p.id) {
                 Some(pos) => {
                     let up = self.upgrades.entry(*pos).or_default();
-                    up.writer = up.writer.or(a.writer);
-                    up.vouched |= a.vouched;
-                    up.trusted |= a.trusted;
+                    *up = up.join(a);
                     *pos
                 }
-                None => self.write_pack(&PackMeta {
-                    id: p.id,
-                    size: p.size,
-                    key: p.key.clone(),
-                    writer: a.writer,
-                    vouched: a.vouched,
-                    trusted: a.trusted,
-                })?,
+                None => self.write_pack(&PackMeta::listed(p, a))?,
             };
             let fresh = pos as usize == self.pack_blobs.len();
             positions.push(pos);
@@ -653,17 +641,8 @@ impl Builder {
                 let mut r = [0u8; PACK];
                 f.seek(SeekFrom::Start(at))?;
                 f.read_exact(&mut r)?;
-                let had_writer = r[72] & HAS_WRITER != 0;
-                let writer = if had_writer {
-                    Some(r[40..72].try_into().expect("32 bytes"))
-                } else {
-                    up.writer
-                };
-                let fl = r[72] | flags(writer, up.vouched, up.trusted);
-                if let Some(w) = writer {
-                    r[40..72].copy_from_slice(&w);
-                }
-                r[72] = fl;
+                let joined = attribution_of(&r).join(*up);
+                put_attribution(&mut r, joined);
                 f.seek(SeekFrom::Start(at))?;
                 f.write_all(&r)?;
             }
@@ -759,10 +738,21 @@ impl Drop for Builder {
     }
 }
 
-fn flags(writer: Option<[u8; 32]>, vouched: bool, trusted: bool) -> u8 {
-    (if writer.is_some() { HAS_WRITER } else { 0 })
-        | (if vouched { VOUCHED } else { 0 })
-        | (if trusted { TRUSTED } else { 0 })
+/// Who stands behind the pack of a pack record (writer at 40..72, flags at 72).
+fn attribution_of(r: &[u8]) -> Attribution {
+    let flags = r[72];
+    Attribution {
+        writer: (flags & HAS_WRITER != 0).then(|| r[40..72].try_into().expect("32 bytes")),
+        vouched: flags & VOUCHED != 0,
+        trusted: flags & TRUSTED != 0,
+    }
+}
+
+fn put_attribution(r: &mut [u8], a: Attribution) {
+    r[40..72].copy_from_slice(&a.writer.unwrap_or([0; 32]));
+    r[72] = (if a.writer.is_some() { HAS_WRITER } else { 0 })
+        | (if a.vouched { VOUCHED } else { 0 })
+        | (if a.trusted { TRUSTED } else { 0 });
 }
 
 #[cfg(test)]

@@ -129,6 +129,40 @@ pub struct Attribution {
     pub trusted: bool,
 }
 
+impl Attribution {
+    /// The best of what two objects listing one pack say of it.
+    pub fn join(self, o: Attribution) -> Attribution {
+        Attribution {
+            writer: self.writer.or(o.writer),
+            vouched: self.vouched | o.vouched,
+            trusted: self.trusted | o.trusted,
+        }
+    }
+}
+
+impl PackMeta {
+    /// A pack as an index object lists it, with what the object's signature backs.
+    pub fn listed(p: &IndexPack, a: Attribution) -> PackMeta {
+        PackMeta {
+            id: p.id,
+            size: p.size,
+            key: p.key.clone(),
+            writer: a.writer,
+            vouched: a.vouched,
+            trusted: a.trusted,
+        }
+    }
+
+    /// Who stands behind it.
+    pub fn attribution(&self) -> Attribution {
+        Attribution {
+            writer: self.writer,
+            vouched: self.vouched,
+            trusted: self.trusted,
+        }
+    }
+}
+
 /// The index: an on-disk build of most index objects (see [`disk`]) and, in memory, the
 /// objects written since it was built. Pack positions number the build's packs first, then
 /// those held in memory.
@@ -194,21 +228,13 @@ impl Index {
         let pos = match self.pack_pos.get(&p.id) {
             Some(pos) => {
                 let m = &mut self.packs[(*pos - base) as usize];
-                m.writer = m.writer.or(a.writer);
-                m.vouched |= a.vouched;
-                m.trusted |= a.trusted;
+                let j = m.attribution().join(a);
+                (m.writer, m.vouched, m.trusted) = (j.writer, j.vouched, j.trusted);
                 *pos
             }
             None => {
                 let pos = base + self.packs.len() as u32;
-                self.packs.push(PackMeta {
-                    id: p.id,
-                    size: p.size,
-                    key: p.key.clone(),
-                    writer: a.writer,
-                    vouched: a.vouched,
-                    trusted: a.trusted,
-                });
+                self.packs.push(PackMeta::listed(p, a));
                 self.pack_pos.insert(p.id, pos);
                 pos
             }
@@ -414,14 +440,7 @@ impl Index {
         let mut i = Index::default();
         for p in &f.packs {
             let m = self.pack(&p.id).expect("listed from this index");
-            i.add_pack_from(
-                p,
-                Attribution {
-                    writer: m.writer,
-                    vouched: m.vouched,
-                    trusted: m.trusted,
-                },
-            );
+            i.add_pack_from(p, m.attribution());
         }
         for (pack, chunk) in &f.bad {
             i.mark_bad(pack, *chunk);
