@@ -422,7 +422,15 @@ fn restore_all_brings_back_the_database_vectors_files_and_state_of_a_point() {
     let digest = "SELECT md5(string_agg(id || ':' || v::text, ',' ORDER BY id)) FROM embeddings";
     let vectors = pg.psql(digest);
     let want_docs = describe(&docs);
-    // After the point: more rows, changed vectors, documents and state; all archived.
+    // A row after the point, then a time T, then more rows, changed vectors, documents
+    // and state; all archived.
+    pg.psql("INSERT INTO ledger (note) VALUES ('between the point and T')");
+    let ledger_at_t =
+        pg.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM ledger");
+    assert_ne!(ledger_at_t, ledger);
+    sleep_ms(1100);
+    let at_t = chrono::Utc::now().to_rfc3339();
+    sleep_ms(1100);
     pg.psql("INSERT INTO ledger (note) VALUES ('after the point'); UPDATE embeddings SET v = '[1,1,1,1,1,1,1,1]' WHERE id <= 50");
     std::fs::write(docs.join("later.txt"), "after the point").unwrap();
     std::fs::write(&state, r#"{"version": 4, "serial": 42}"#).unwrap();
@@ -475,4 +483,44 @@ fn restore_all_brings_back_the_database_vectors_files_and_state_of_a_point() {
         "the embeddings differ from the point's"
     );
     c.stop();
+
+    // At a time: the files of the newest point before it, the database at the time itself.
+    let before = restorer.fails(
+        &[
+            "restore",
+            "all",
+            "--target-time",
+            "2020-01-01 00:00:00+00",
+            "--to",
+            out.join("none").to_str().unwrap(),
+        ],
+        16,
+    );
+    assert!(
+        before.contains("no recovery point was taken at or before"),
+        "{before}"
+    );
+    assert!(
+        !out.join("none").exists(),
+        "a refused restore wrote its folder"
+    );
+    let at = out.join("at-time");
+    let r = restorer.json(&[
+        "restore",
+        "all",
+        "--target-time",
+        &at_t,
+        "--to",
+        at.to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+    ]);
+    assert_eq!(r["point"].as_str(), Some(point.as_str()), "{r}");
+    assert_eq!(describe(&at.join("documents")), want_docs);
+    assert_eq!(
+        std::fs::read_to_string(at.join("terraform-state")).unwrap(),
+        r#"{"version": 4, "serial": 41}"#
+    );
+    let got = start_and_read(&pg.bin, &at.join("postgres"), port, &pg.dir);
+    assert_eq!(got, ledger_at_t, "the ledger differs from the one at T");
 }

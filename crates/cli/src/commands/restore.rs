@@ -124,14 +124,20 @@ pub(crate) enum RestoreCommand {
     /// Restore every part of one recovery point (`custos points`) into a folder: files
     /// and configuration as they were, the database's data directory recovering to the
     /// point's WAL position; [restore_all] pre, post and on_failure hooks around it, each
-    /// step timed; a failed step stops the run and says which
+    /// step timed; a failed step stops the run and says which. With --target-time: the
+    /// newest point taken at or before that time, and the database recovering to the time
+    /// itself
     #[command(
-        after_help = "Example:\n  custos restore all --point 3f2a9c0d11e4b7a2 --to /srv/restore/2026-12-04"
+        after_help = "Examples:\n  custos restore all --point 3f2a9c0d11e4b7a2 --to /srv/restore/2026-12-04\n  custos restore all --target-time '2026-12-04 02:55:00+00' --to /srv/restore/before-incident"
     )]
     All {
         /// The recovery point's id (default: the newest)
-        #[arg(long)]
+        #[arg(long, conflicts_with = "target_time")]
         point: Option<String>,
+        /// A time (with its zone): files and configuration from the newest point taken at
+        /// or before it, the database recovering to exactly this time (its WAL must reach it)
+        #[arg(long, value_name = "TIME")]
+        target_time: Option<String>,
         /// The folder to restore into (created; must be empty)
         #[arg(long)]
         to: PathBuf,
@@ -390,8 +396,14 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                 }
             }
         }
-        RestoreCommand::All { point, to, port } => {
-            return restore_all(ctx, &repo, point.as_deref(), &to, port)
+        RestoreCommand::All {
+            point,
+            target_time,
+            to,
+            port,
+        } => {
+            let at = target_time.as_deref().map(parse_target_time).transpose()?;
+            return restore_all(ctx, &repo, point.as_deref(), at, &to, port);
         }
         RestoreCommand::Env(a) => return crate::commands::config::restore_env(ctx, &repo, a),
         RestoreCommand::Table(a) => return crate::commands::tables::restore_table(ctx, &repo, a),
@@ -457,6 +469,7 @@ fn restore_all(
     ctx: &Ctx,
     repo: &custos_repo::Repository,
     point: Option<&str>,
+    at: Option<chrono::DateTime<chrono::Utc>>,
     to: &std::path::Path,
     port: Option<u16>,
 ) -> Result<i32> {
@@ -464,18 +477,35 @@ fn restore_all(
         .into_iter()
         .filter_map(|(p, ok)| ok.then_some(p))
         .collect();
-    let p = match point {
-        Some(id) => points
+    let taken = |p: &serde_json::Value| {
+        p["time"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    let p = match (point, at) {
+        (Some(id), _) => points
             .iter()
             .find(|p| p["id"].as_str().is_some_and(|x| x.starts_with(id))),
-        None => points.last(),
+        (None, Some(t)) => points
+            .iter()
+            .filter(|p| taken(p).is_some_and(|d| d <= t))
+            .next_back(),
+        (None, None) => points.last(),
     }
-    .ok_or_else(|| {
-        Error::new(
+    .ok_or_else(|| match at {
+        Some(t) => Error::new(
+            custos_model::Kind::NotFound,
+            format!(
+                "no recovery point was taken at or before {}",
+                t.to_rfc3339()
+            ),
+        )
+        .hint("`custos points` lists them with their times; `custos restore postgres --target-time` restores the database alone"),
+        None => Error::new(
             custos_model::Kind::NotFound,
             format!("there is no recovery point {}", point.unwrap_or("")),
         )
-        .hint("`custos points` lists them; `custos backup all` records one")
+        .hint("`custos points` lists them; `custos backup all` records one"),
     })?
     .clone();
     let id = p["id"].as_str().unwrap_or("").to_string();
@@ -568,15 +598,21 @@ fn restore_all(
             })?;
         }
         if let Some(lsn) = p["database"]["lsn"].as_str() {
+            use custos_ops::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
             let dir = to.join("postgres");
-            step(format!("database to WAL {lsn}"), &mut || {
-                use custos_ops::postgres::restore::{restore_postgres, PgRestoreOptions, Target};
+            // At a time, the database goes to the time itself: the point only chose the
+            // files; the WAL archive carries the database further.
+            let (name, target) = match at {
+                Some(t) => (format!("database to {}", t.to_rfc3339()), Target::Time(t)),
+                None => (format!("database to WAL {lsn}"), Target::Lsn(lsn.parse()?)),
+            };
+            step(name, &mut || {
                 let progress = ctx.out.progress();
                 let r = restore_postgres(
                     repo,
                     &PgRestoreOptions {
                         to: dir.clone(),
-                        target: Target::Lsn(lsn.parse()?),
+                        target: target.clone(),
                         snapshot: None,
                         cluster: p["database"]["system_id"].as_str().map(String::from),
                         delta: false,
@@ -591,7 +627,7 @@ fn restore_all(
                     },
                 )?;
                 Ok(format!(
-                    "{} from snapshot {}; start it to replay to the point",
+                    "{} from snapshot {}; start it to replay to the target",
                     r.data_directory,
                     &r.snapshot[..8]
                 ))
@@ -613,9 +649,15 @@ fn restore_all(
         }
         ctx.touch(serde_json::json!({"point": id, "steps": steps, "error": e.message}));
     } else {
-        ctx.touch(serde_json::json!({"point": id, "steps": steps, "seconds": started.elapsed().as_secs_f64()}));
+        let done = serde_json::json!({
+            "point": id,
+            "target_time": at.map(|t| t.to_rfc3339()),
+            "steps": steps,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        ctx.touch(done.clone());
         if ctx.out.json {
-            ctx.out.json(&serde_json::json!({"point": id, "steps": steps, "seconds": started.elapsed().as_secs_f64()}));
+            ctx.out.json(&done);
         } else {
             println!(
                 "recovery point {id} restored into {} in {:.1} s",
