@@ -207,6 +207,21 @@ pub fn status_html(s: &Shared, now: DateTime<Utc>) -> String {
             svg => Value::from_safe_string(lag_svg(s, now)),
         }
     });
+    let secondaries: Vec<Value> = s
+        .cfg
+        .secondaries
+        .iter()
+        .map(|(name, limit)| {
+            let lag = s.secondary_lag(name, now);
+            context! {
+                name => name,
+                state => if lag > limit.as_secs_f64() { "fail" } else { "ok" },
+                synced => s.store.secondaries.get(name).map(|t| when(*t, now)).unwrap_or_else(|| format!("never copied to since the agent started {}", when(s.store.since, now))),
+                lag => human(lag as u64),
+                limit => human(limit.as_secs()),
+            }
+        })
+        .collect();
     let alerts: Vec<Value> = s
         .alerts
         .firing
@@ -264,6 +279,7 @@ pub fn status_html(s: &Shared, now: DateTime<Utc>) -> String {
             verify => verify,
             drill => drill,
             wal => wal,
+            secondaries => secondaries,
             jobs => jobs,
             alerts => alerts,
             repository => repository,

@@ -747,28 +747,7 @@ retries = 0
     std::fs::create_dir_all(&out_dir).unwrap();
     let shot = out_dir.join("status.png");
     let _ = std::fs::remove_file(&shot);
-    let chrome = |extra: &[&str]| {
-        let profile = tempfile::tempdir().unwrap();
-        let o = std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--window-size=1280,1000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(extra)
-            .arg(format!("http://{}/", a.addr))
-            .output()
-            .expect("chromium (Debian package chromium; scripts/setup.sh installs it)");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let chrome = |extra: &[&str]| chromium(&a.addr, extra);
     let dom = chrome(&["--dump-dom"]);
     for (category, state) in [
         ("database", "ok"),
@@ -1018,6 +997,31 @@ retries = 0
     assert!(a.stop().success());
 }
 
+/// Headless Chromium on the agent's status page: what it prints (the DOM with
+/// `--dump-dom`).
+fn chromium(addr: &str, extra: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("chromium (Debian package chromium; scripts/setup.sh installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// The second site watched: a secondary nobody copies to falls behind its max_lag and the
 /// `secondary_behind` alert reaches the webhook; a configuration with a copy job (SIGHUP)
 /// brings it in sync, /metrics says so and the alert resolves.
@@ -1064,6 +1068,14 @@ max_lag = "3s"
             .any(|v| v["alert"] == "secondary_behind" && v["status"] == status)
     };
     wait_for("the secondary_behind alert", 60, || fired("firing"));
+    let row = |state: &str| format!("data-secondary=\"dr\" data-state=\"{state}\"");
+    let dom = chromium(&a.addr, &["--dump-dom"]);
+    assert!(dom.contains(&row("fail")), "{dom}");
+    assert!(dom.contains("never copied to"), "{dom}");
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent/status-secondary.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    chromium(&a.addr, &[&format!("--screenshot={}", shot.display())]);
+    assert!(std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"));
     let (_, m) = a.get("/metrics");
     assert!(
         metric(&m, "custos_secondary_lag_seconds{secondary=\"dr\"}").unwrap() > 3.0,
@@ -1097,6 +1109,8 @@ max_lag = "3s"
         metric(&m, "custos_secondary_lag_seconds{secondary=\"dr\"}").unwrap() < 3.0,
         "{m}"
     );
+    let dom = chromium(&a.addr, &["--dump-dom"]);
+    assert!(dom.contains(&row("ok")), "{dom}");
     assert!(a.stop().success());
     // The copy is whole: the secondary lists what the primary does.
     assert_eq!(
