@@ -488,8 +488,7 @@ fn restore_all(
             .find(|p| p["id"].as_str().is_some_and(|x| x.starts_with(id))),
         (None, Some(t)) => points
             .iter()
-            .filter(|p| taken(p).is_some_and(|d| d <= t))
-            .next_back(),
+            .rfind(|p| taken(p).is_some_and(|d| d <= t)),
         (None, None) => points.last(),
     }
     .ok_or_else(|| match at {
