@@ -307,7 +307,7 @@ fn bucket_policy_names_lock_versioning_and_the_seeds_tiers() {
 fn archived_packs_are_asked_back_all_at_once_and_the_restore_waits() {
     let server = S3Server::start();
     server.create_bucket("docs");
-    let proxy = custos_testkit::cold::ColdProxy::start(&server.endpoint);
+    let proxy = custos_testkit::proxy::S3Proxy::start(&server.endpoint);
     let mut t = T::bare();
     t.set("CUSTOS_REPO", "s3://docs/r");
     t.set("AWS_ENDPOINT_URL", &proxy.endpoint);

@@ -276,3 +276,102 @@ fn s3_over_https_trusts_the_named_ca_and_refuses_any_other() {
     write(Some(&ca));
     assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 1);
 }
+
+/// A store that throttles (503 SlowDown), cuts uploads off half-way, and loses the answer
+/// to a write it carried out: each write is retried, the backup completes, every operation
+/// is in the trail once, and what was stored restores exactly. A store that keeps
+/// throttling fails the backup with one clear error, leaves no snapshot behind, and the
+/// next run completes.
+#[test]
+fn throttling_and_dropped_connections_are_retried_and_nothing_is_half_written() {
+    use custos_testkit::proxy::{Fault, S3Proxy};
+    let server = S3Server::start();
+    server.create_bucket("flaky");
+    let proxy = S3Proxy::start(&server.endpoint);
+    let mut t = T::bare();
+    s3_env(&mut t, &server, "s3://flaky/r");
+    t.set("AWS_ENDPOINT_URL", &proxy.endpoint);
+    t.ok(&[
+        "init",
+        "--kdf-memory-mib",
+        "8",
+        "--kdf-iterations",
+        "1",
+        "--pack-size-mib",
+        "1",
+    ]);
+    let src = t.path("src");
+    make_tree(&src, 4, 12, 300_000);
+    let kinds = [Fault::SlowDown, Fault::DropRequest, Fault::DropResponse];
+    proxy.faults(2, &kinds.repeat(4));
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let dealt = proxy.dealt();
+    for k in kinds {
+        assert!(
+            dealt.iter().any(|(f, _)| *f == k),
+            "{k:?} never dealt: {dealt:?}"
+        );
+    }
+    // The answer lost to each kind of create-only write (the store holds the object, the
+    // retry finds it there), one backup for each.
+    let kinds_of_object = ["audit/", "index/", "snapshots/", "locks/", "hints/"];
+    for (i, prefix) in kinds_of_object.iter().enumerate() {
+        std::fs::write(
+            src.join(format!("docs/more-{i}.bin")),
+            vec![i as u8; 400_000],
+        )
+        .unwrap();
+        let before = proxy.dealt().len();
+        proxy.faults_on(&format!("/flaky/r/{prefix}"), 1, &[Fault::DropResponse]);
+        t.ok(&["backup", "files", src.to_str().unwrap()]);
+        assert_eq!(proxy.dealt().len(), before + 1, "{prefix}: no fault dealt");
+    }
+    // Every operation is in the trail once: no entry doubled by a retry.
+    let log = t.json(&["audit", "log"]);
+    let commands: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["entry"]["command"].as_str())
+        .collect();
+    assert_eq!(
+        commands.iter().filter(|c| **c == "backup files").count(),
+        1 + kinds_of_object.len(),
+        "{commands:?}"
+    );
+    let snapshots = 1 + kinds_of_object.len();
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), snapshots);
+    t.ok(&["audit", "verify"]);
+    t.ok(&["verify", "--read-data"]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&t.path("out")), describe(&src));
+
+    // Throttled for good: one clear error, no snapshot, nothing the next run trips on.
+    std::fs::write(src.join("docs/new.bin"), vec![7u8; 900_000]).unwrap();
+    proxy.throttle(true);
+    let err = t.fails(&["backup", "files", src.to_str().unwrap()], 15);
+    assert!(err.contains("SlowDown") || err.contains("throttl"), "{err}");
+    assert!(err.lines().count() <= 6, "{err}");
+    proxy.throttle(false);
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), snapshots);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    assert_eq!(
+        t.json(&["snapshots"]).as_array().unwrap().len(),
+        snapshots + 1
+    );
+    t.ok(&["verify", "--read-data"]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out2").to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&t.path("out2")), describe(&src));
+}

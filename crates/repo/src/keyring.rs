@@ -249,9 +249,7 @@ pub fn rotate(storage: &DynStorage, keys: &mut MasterKeys) -> Result<u32> {
         &signed_link(&l),
     ));
     let sealed = aead::seal(&keys.meta_key, &aad(generation), &to_zjson(&l));
-    if storage.put(&link_path(generation), &sealed, PutMode::CreateOnly)?
-        == PutOutcome::AlreadyExists
-    {
+    if storage.create(&link_path(generation), &sealed)? == PutOutcome::AlreadyExists {
         return Err(Error::new(
             custos_model::Kind::Conflict,
             format!("another rotation made generation {generation} at the same time"),

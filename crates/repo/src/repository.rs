@@ -122,7 +122,7 @@ impl Repository {
         // Key first, then config: a repository without config is "not found", never half-made.
         let kf = store_key_file(&storage, &keys, config.id, password, kdf, &opts)?;
         let cfg = serde_json::to_vec_pretty(&config).expect("serializable");
-        if storage.put(paths::CONFIG, &cfg, PutMode::CreateOnly)? == PutOutcome::AlreadyExists {
+        if storage.create(paths::CONFIG, &cfg)? == PutOutcome::AlreadyExists {
             storage.delete(&paths::key(&kf.id))?;
             return Err(Error::new(
                 Kind::RepoExists,

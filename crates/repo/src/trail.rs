@@ -441,7 +441,7 @@ impl TrailWriter {
                 sig: sig.to_vec(),
             };
             let bytes = serde_json::to_vec(&stored).expect("serializable");
-            match self.storage.put(&path(seq), &bytes, PutMode::CreateOnly)? {
+            match self.storage.create(&path(seq), &bytes)? {
                 PutOutcome::Created => {
                     self.remember(seq, blake3::hash(&bytes).as_bytes());
                     return Ok(seq);

@@ -69,6 +69,18 @@ pub trait Storage: Send + Sync {
     /// Where this storage is, for messages (never includes credentials).
     fn location(&self) -> String;
     fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;
+    /// A create-only put for a writer that must know whether *its* object took the name
+    /// (a trail entry's number, the repository's config): an object already there holding
+    /// exactly these bytes is its own, stored by an earlier try whose answer was lost
+    /// (the store carried out the PUT, the connection dropped before it said so, and the
+    /// retry met `If-None-Match`), and counts as created. The bytes must be unique to the
+    /// writer (a random nonce in them), else two writers could both think they won.
+    fn create(&self, path: &str, data: &[u8]) -> Result<PutOutcome> {
+        match self.put(path, data, PutMode::CreateOnly)? {
+            PutOutcome::AlreadyExists if self.get(path)? == data => Ok(PutOutcome::Created),
+            o => Ok(o),
+        }
+    }
     /// A create-only put whose arrival is checked where the store can say what it
     /// received (S3: the ETag of a single PUT is the MD5 of the bytes it stored).
     /// `copy` writes with it; elsewhere a plain put.

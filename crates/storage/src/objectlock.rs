@@ -88,6 +88,9 @@ pub struct LockClient {
     signer: reqsign::AwsV4Signer,
     cred: Option<reqsign::AwsCredential>,
     location: String,
+    /// How many times a buffered write is tried again after a dropped connection, a
+    /// throttling answer (503 SlowDown, 429) or a server error (5xx).
+    retries: usize,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +190,10 @@ pub fn format_date(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// A failed request that trying again may not meet: no answer, throttling, a server
+/// error.
+struct Transient(Error);
+
 impl LockClient {
     pub fn new(
         o: &crate::remote::S3Options,
@@ -215,6 +222,7 @@ impl LockClient {
             signer: reqsign::AwsV4Signer::new("s3", region),
             cred,
             location: format!("s3://{}/{}", o.bucket, o.root.trim_matches('/')),
+            retries: timeouts.retries,
         })
     }
 
@@ -390,17 +398,28 @@ impl LockClient {
         use md5::Digest;
         let md5 = crate::remote::hex_lower(&md5::Md5::digest(&data));
         let len = data.len() as u64;
-        self.put_body(
-            path,
-            reqwest::Body::from(data),
-            len,
-            Some(&md5),
-            create_only,
-            lock,
-            tag,
-        )
-        .await
-        .map(|(o, _)| o)
+        let mut tries = 0;
+        loop {
+            let body = reqwest::Body::from(data.clone());
+            match self
+                .put_body(path, body, len, Some(&md5), create_only, lock, tag)
+                .await
+            {
+                Err(Transient(e)) if tries < self.retries => {
+                    tries += 1;
+                    tracing::debug!("{}: retrying `{path}`: {}", self.location, e.message);
+                    // 0.4, 0.8, 1.6 s ... and a share of jitter, as OpenDAL's retries.
+                    let ms = 200u64 << tries.min(5);
+                    let jitter = rand::random::<u64>() % (ms / 2 + 1);
+                    tokio::time::sleep(std::time::Duration::from_millis(ms + jitter)).await;
+                }
+                // A create-only write that the store carried out but whose answer was
+                // lost is found again by its retry (412): the object is there, as sent
+                // (the store checked Content-MD5 the first time).
+                Err(Transient(e)) => return Err(e.context(format!("after {} tries", tries + 1))),
+                Ok(r) => return r.map(|(o, _)| o),
+            }
+        }
     }
 
     /// A read whose body streams (`copy`): the response once the store answered with the
@@ -485,12 +504,16 @@ impl LockClient {
         lock: Option<Retention>,
         tag: Option<&str>,
     ) -> Result<(PutOutcome, Option<String>)> {
-        self.put_body(path, body, len, md5, true, lock, tag).await
+        // `copy` tries the whole object again (a new GET), not this PUT alone.
+        self.put_body(path, body, len, md5, true, lock, tag)
+            .await
+            .unwrap_or_else(|Transient(e)| Err(e))
     }
 
     /// Every PUT of this client: `len` bytes of `body`, Content-MD5 from `md5` (hex) when
     /// known, create-only or replacing, with a retain-until date and a tag. Returns the
-    /// outcome and the MD5 the store says it stored (a single PUT's ETag).
+    /// outcome and the MD5 the store says it stored (a single PUT's ETag); the outer error
+    /// is one a new try may not meet (no answer, throttling, a server error).
     #[allow(clippy::too_many_arguments)]
     async fn put_body(
         &self,
@@ -501,7 +524,7 @@ impl LockClient {
         create_only: bool,
         lock: Option<Retention>,
         tag: Option<&str>,
-    ) -> Result<(PutOutcome, Option<String>)> {
+    ) -> std::result::Result<Result<(PutOutcome, Option<String>)>, Transient> {
         let mut h = vec![];
         if create_only {
             h.push(("if-none-match", "*".to_string()));
@@ -519,7 +542,7 @@ impl LockClient {
             h.push(("x-amz-object-lock-mode", r.mode.as_s3().into()));
             h.push(("x-amz-object-lock-retain-until-date", format_date(r.until)));
         }
-        let resp = self
+        let resp = match self
             .request(
                 Method::PUT,
                 self.url(Some(&self.key(path)), ""),
@@ -527,7 +550,12 @@ impl LockClient {
                 body,
                 len,
             )
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.kind == Kind::Storage => return Err(Transient(e)),
+            Err(e) => return Ok(Err(e)),
+        };
         let st = resp.status();
         let etag = resp
             .headers()
@@ -536,19 +564,30 @@ impl LockClient {
             .and_then(crate::etag_md5);
         let body = resp.bytes().await.unwrap_or_default();
         if st == StatusCode::PRECONDITION_FAILED {
-            return Ok((PutOutcome::AlreadyExists, None));
+            return Ok(Ok((PutOutcome::AlreadyExists, None)));
         }
         if !st.is_success() {
-            if error_code(&body) == "BadDigest" {
-                return Err(Error::integrity(format!(
+            let code = error_code(&body);
+            if code == "BadDigest" {
+                return Ok(Err(Error::integrity(format!(
                     "{}: the store received other bytes under `{path}` than were sent",
                     self.location
                 ))
-                .hint("the data was damaged on the way; run the command again"));
+                .hint("the data was damaged on the way; run the command again")));
             }
-            return Err(self.failed("store", path, st, &body));
+            let e = self.failed("store", path, st, &body);
+            if st == StatusCode::SERVICE_UNAVAILABLE
+                || st == StatusCode::TOO_MANY_REQUESTS
+                || code == "SlowDown"
+            {
+                return Err(Transient(e.hint(crate::remote::THROTTLED)));
+            }
+            if st.is_server_error() {
+                return Err(Transient(e));
+            }
+            return Ok(Err(e));
         }
-        Ok((PutOutcome::Created, etag))
+        Ok(Ok((PutOutcome::Created, etag)))
     }
 
     /// The retention of the object's current version, `None` when it has none (or the

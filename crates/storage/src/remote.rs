@@ -538,6 +538,9 @@ pub(crate) fn archived(location: &str, path: &str) -> Error {
     .hint("run the restore again with --request-cold: custos asks the store to bring back every archived object it needs at once (S3 RestoreObject; a Standard retrieval takes 3-5 hours from GLACIER, up to 12 from DEEP_ARCHIVE) and says when to run it again; GLACIER_IR as the cold class (`custos bucket-policy --cold-class`) avoids the wait")
 }
 
+/// What to do about a store that throttles (503 SlowDown, 429).
+pub(crate) const THROTTLED: &str = "the store is throttling requests: raise retries in [storage] of custos.toml, spread the jobs over time, or ask the provider for a higher request rate; the next run stores only what is missing";
+
 pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
     let detail = chain(&e);
     if detail.contains("NoSuchBucket") {
@@ -562,6 +565,11 @@ pub fn map_err(location: &str, path: &str, e: opendal::Error) -> Error {
         )
         .hint("check the access key and secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or custos.toml) and the bucket policy"),
         OdKind::ConfigInvalid => Error::config(format!("{location}: invalid storage configuration: {e}")),
+        OdKind::RateLimited => Error::new(
+            Kind::Storage,
+            format!("{location}: the store kept throttling requests (503 SlowDown) while accessing `{path}`, through every retry"),
+        )
+        .hint(THROTTLED),
         _ => {
             let detail = e.to_string();
             let denied = detail.contains("SignatureDoesNotMatch")

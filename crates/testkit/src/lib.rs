@@ -4,7 +4,7 @@
 //! `.tools/seaweedfs`) on free ports in a temp dir, with credentials checked, and kills it
 //! when dropped. Nothing here is a mock: tests talk S3 to a real server.
 
-pub mod cold;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

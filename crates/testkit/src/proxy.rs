@@ -1,18 +1,45 @@
-//! A fault the real S3 server cannot produce on demand: archived (GLACIER) objects. A
-//! proxy in front of SeaweedFS that forwards every request byte for byte (signatures
-//! stay valid: the Host the client signed is the Host SeaweedFS reads), except for objects
-//! under an archived prefix: their GET is refused as S3 refuses an archived object (403
-//! InvalidObjectState), their HEAD says `x-amz-storage-class: GLACIER` and the restore's
-//! state, and POST ?restore records a restore request. [`ColdProxy::finish_restores`]
-//! plays the hours of a retrieval.
+//! Faults the real S3 server cannot produce on demand, from a proxy in front of SeaweedFS
+//! that forwards every request byte for byte (signatures stay valid: the Host the client
+//! signed is the Host SeaweedFS reads):
+//! - archived (GLACIER) objects: under an archived prefix a GET is refused as S3 refuses an
+//!   archived object (403 InvalidObjectState), a HEAD says `x-amz-storage-class: GLACIER`
+//!   and the restore's state, and POST ?restore records a restore request;
+//!   [`S3Proxy::finish_restores`] plays the hours of a retrieval;
+//! - a throttling or flaky store ([`S3Proxy::faults`]): chosen writes answered `503
+//!   SlowDown`, cut off half-way through their body, or carried out with the answer lost
+//!   (the object stored, the client never told).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
+/// What the proxy does to one write (PUT or POST).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answered `503 Slow Down` (S3's throttling) without reaching the store.
+    SlowDown,
+    /// Half the body read, then the connection closed: the store never sees the request.
+    DropRequest,
+    /// Forwarded whole and carried out by the store, then the connection closed before
+    /// the answer: the client cannot know it succeeded.
+    DropResponse,
+}
+
 #[derive(Default)]
 struct State {
+    /// Faults for the writes to come: every `every`-th write of an object not faulted
+    /// before takes the next one in turn.
+    faults: VecDeque<Fault>,
+    every: usize,
+    writes: usize,
+    faulted: BTreeSet<String>,
+    /// Only writes under this URL path prefix meet faults.
+    only: String,
+    /// Every write answered `503 Slow Down`.
+    throttle: bool,
+    /// Faults dealt so far, in order, with the URL path (`/bucket/key`) each met.
+    dealt: Vec<(Fault, String)>,
     archived: Vec<String>,
     /// Objects written with the archival tag, as a lifecycle rule's tag filter sees them.
     tagged: BTreeSet<String>,
@@ -20,15 +47,15 @@ struct State {
     ready: BTreeSet<String>,
 }
 
-pub struct ColdProxy {
+pub struct S3Proxy {
     /// `http://127.0.0.1:PORT`: use it as the S3 endpoint.
     pub endpoint: String,
     state: Arc<Mutex<State>>,
 }
 
-impl ColdProxy {
+impl S3Proxy {
     /// A proxy to `upstream` (`http://127.0.0.1:PORT`).
-    pub fn start(upstream: &str) -> ColdProxy {
+    pub fn start(upstream: &str) -> S3Proxy {
         let up = upstream.trim_start_matches("http://").to_string();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -42,7 +69,35 @@ impl ColdProxy {
                 });
             }
         });
-        ColdProxy { endpoint, state }
+        S3Proxy { endpoint, state }
+    }
+
+    /// From now on every `every`-th write (PUT or POST) meets the next of `faults`, in
+    /// turn, until they are used up; an object meets one fault of a call at most, so its
+    /// retry passes.
+    pub fn faults(&self, every: usize, faults: &[Fault]) {
+        self.faults_on("", every, faults)
+    }
+
+    /// As [`S3Proxy::faults`], for writes whose URL path (`/bucket/key`) starts with
+    /// `prefix` only.
+    pub fn faults_on(&self, prefix: &str, every: usize, faults: &[Fault]) {
+        let mut s = self.state.lock().unwrap();
+        s.only = prefix.to_string();
+        s.faulted.clear();
+        s.every = every.max(1);
+        s.writes = 0;
+        s.faults = faults.iter().copied().collect();
+    }
+
+    /// While on, every write is answered `503 Slow Down`.
+    pub fn throttle(&self, on: bool) {
+        self.state.lock().unwrap().throttle = on;
+    }
+
+    /// The faults dealt so far, in order, with the URL path (`/bucket/key`) each met.
+    pub fn dealt(&self) -> Vec<(Fault, String)> {
+        self.state.lock().unwrap().dealt.clone()
     }
 
     /// Objects whose URL path (`/bucket/key`) starts with `prefix` (ending in `/`), or is
@@ -125,9 +180,41 @@ fn serve(conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::Resu
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let fault = if method == "PUT" || method == "POST" {
+            let mut s = state.lock().unwrap();
+            if s.throttle {
+                Some(Fault::SlowDown)
+            } else if s.faulted.contains(path) || !path.starts_with(s.only.as_str()) {
+                None
+            } else {
+                s.writes += 1;
+                let f = if s.writes % s.every.max(1) == 0 {
+                    s.faults.pop_front()
+                } else {
+                    None
+                };
+                if let Some(f) = f {
+                    s.dealt.push((f, path.to_string()));
+                    s.faulted.insert(path.to_string());
+                }
+                f
+            }
+        } else {
+            None
+        };
+        if fault == Some(Fault::DropRequest) {
+            let mut half = vec![0; len / 2];
+            r.read_exact(&mut half)?;
+            return Ok(());
+        }
         let mut body = vec![0; len];
         r.read_exact(&mut body)?;
-        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        if fault == Some(Fault::SlowDown) {
+            respond(&mut out, "503 Slow Down", &[("content-type", "application/xml")],
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>")?;
+            continue;
+        }
         let tagged = head.iter().any(|h| {
             h.to_ascii_lowercase().starts_with("x-amz-tagging:")
                 && h.contains("custos-tier=archival")
@@ -177,6 +264,9 @@ fn serve(conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::Resu
         up.write_all(&body)?;
         let mut resp = vec![];
         up.read_to_end(&mut resp)?;
+        if fault == Some(Fault::DropResponse) {
+            return Ok(());
+        }
         // The server closed its side: the client is told this connection ends too.
         let end = resp
             .windows(4)
