@@ -189,7 +189,7 @@ fn serve(conn: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::Resu
                 None
             } else {
                 s.writes += 1;
-                let f = if s.writes % s.every.max(1) == 0 {
+                let f = if s.writes.is_multiple_of(s.every.max(1)) {
                     s.faults.pop_front()
                 } else {
                     None
