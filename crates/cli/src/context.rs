@@ -124,6 +124,7 @@ impl Ctx {
             threads: 0,
             cache_dir: self.settings.cache_dir.clone(),
             index_memory: self.settings.index_memory,
+            lock_wait: self.settings.lock_wait,
         }
     }
 

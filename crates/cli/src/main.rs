@@ -43,6 +43,11 @@ struct Cli {
     /// the restore needs, all at once, and wait (exit 21) until they are readable
     #[arg(long, global = true)]
     request_cold: bool,
+    /// When another operation holds a conflicting lock (prune's exclusive lock, or
+    /// backups while prune wants it), wait up to this long for it (30s, 10m) instead of
+    /// failing with exit 11 [env: CUSTOS_LOCK_WAIT; [repository] lock_wait]
+    #[arg(long, global = true, value_name = "DURATION")]
+    lock_wait: Option<String>,
     /// Print one JSON document on stdout instead of text
     #[arg(long, global = true)]
     json: bool,
@@ -233,6 +238,9 @@ fn usage_error(e: clap::Error) -> ! {
 
 fn run(cli: Cli, env: Env) -> Result<i32> {
     let mut settings = Settings::resolve(&env, cli.config.as_deref(), cli.repo.as_deref())?;
+    if let Some(w) = cli.lock_wait.as_deref() {
+        settings.lock_wait = settings::lock_wait(Some(w))?;
+    }
     settings.wal_secondaries = settings
         .file
         .secondaries

@@ -349,6 +349,8 @@ pub struct RepositorySection {
     pub host: Option<String>,
     /// MiB of index objects read into memory rather than into the on-disk index (16).
     pub index_memory_mb: Option<u64>,
+    /// How long a command waits for a conflicting lock ("10m"; default: not at all).
+    pub lock_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,6 +508,8 @@ pub struct Settings {
     pub cache_dir: Option<PathBuf>,
     /// Bytes of index objects read into memory rather than into the on-disk index.
     pub index_memory: Option<u64>,
+    /// How long taking a lock waits for a conflicting holder (--lock-wait).
+    pub lock_wait: std::time::Duration,
     pub host: String,
     pub user: String,
     pub kill_before_write: Option<u64>,
@@ -620,6 +624,10 @@ impl Settings {
             None => file.repository.index_memory_mb,
         }
         .map(|mb| mb << 20);
+        let lock_wait = lock_wait(
+            env.var("CUSTOS_LOCK_WAIT")
+                .or(file.repository.lock_wait.as_deref()),
+        )?;
         let host = env
             .var("CUSTOS_HOST")
             .map(String::from)
@@ -657,6 +665,7 @@ impl Settings {
             storage,
             cache_dir,
             index_memory,
+            lock_wait,
             host,
             user,
             kill_before_write,
@@ -808,6 +817,10 @@ impl Settings {
                 out.push("--repo".into());
                 out.push(u.into());
             }
+        }
+        if !self.lock_wait.is_zero() {
+            out.push("--lock-wait".into());
+            out.push(format!("{}s", self.lock_wait.as_secs()).into());
         }
         out
     }
@@ -1129,5 +1142,16 @@ fn read_ca(p: &Path) -> Result<Vec<u8>> {
     std::fs::read(p).map_err(|e| {
         Error::config(format!("ca_file {}: cannot read it: {e}", p.display()))
             .hint("ca_file names the PEM file of the CA that signs the store's TLS certificate")
+    })
+}
+
+/// A lock wait (`--lock-wait`, CUSTOS_LOCK_WAIT, `[repository] lock_wait`): a duration, or
+/// zero when none is given.
+pub fn lock_wait(v: Option<&str>) -> Result<std::time::Duration> {
+    v.map_or(Ok(std::time::Duration::ZERO), |t| {
+        humantime::parse_duration(t).map_err(|e| {
+            Error::config(format!("lock wait `{t}`: {e}"))
+                .hint("durations look like 30s, 10m or 1h")
+        })
     })
 }

@@ -168,6 +168,32 @@ fn prune_waits_for_running_backups() {
     t.ok(&["prune"]);
     let o = t.run(&["restore", "stream", "latest"]);
     assert_eq!(o.stdout, b"done\n");
+
+    // With --lock-wait prune waits for the backup instead, and a wait too short says
+    // how long it waited.
+    let mut slow = t
+        .command(&[
+            "backup",
+            "stream",
+            "--name",
+            "slow",
+            "--command",
+            "sleep 4; echo again",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let err = t.fails(&["prune", "--lock-wait", "1s"], 11);
+    assert!(err.contains("waited 1s"), "{err}");
+    let pr = t.json(&["prune", "--lock-wait", "2m"]);
+    assert!(slow.wait().unwrap().success());
+    // Prune ran after the backup: its snapshot and data are whole.
+    assert!(pr.is_object(), "{pr}");
+    let o = t.run(&["restore", "stream", "latest"]);
+    assert_eq!(o.stdout, b"again\n");
+    t.ok(&["verify", "--read-data"]);
+    let bad = t.fails(&["prune", "--lock-wait", "soon"], 2);
+    assert!(bad.contains("lock wait `soon`"), "{bad}");
 }
 
 #[test]

@@ -160,6 +160,50 @@ pub fn acquire(
     Ok(guard)
 }
 
+/// [`acquire`], waiting up to `wait` while a conflicting lock is held: tries again after
+/// 0.5 s, doubling to 5 s, with jitter (so that two waiters do not meet again and
+/// again). Said once on stderr through tracing; past `wait`, the last `Locked` error with
+/// how long it waited.
+pub fn acquire_waiting(
+    storage: DynStorage,
+    meta_key: &[u8; 32],
+    exclusive: bool,
+    host: &str,
+    command: &str,
+    wait: Duration,
+) -> Result<LockGuard> {
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(500);
+    let mut said = false;
+    loop {
+        match acquire(storage.clone(), meta_key, exclusive, host, command) {
+            Err(e) if e.kind == Kind::Locked && !wait.is_zero() => {
+                let left = wait.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    return Err(e.context(format!(
+                        "waited {} (--lock-wait)",
+                        humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                    )));
+                }
+                if !said {
+                    tracing::warn!(
+                        "{}; waiting up to {} for it",
+                        e.message,
+                        humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                    );
+                    said = true;
+                }
+                let jitter = Duration::from_millis(
+                    rand::random::<u64>() % (pause.as_millis() as u64 / 2 + 1),
+                );
+                std::thread::sleep((pause + jitter).min(left));
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Removes stale locks; returns how many.
 pub fn remove_stale(storage: &DynStorage, meta_key: &[u8; 32], host: &str) -> Result<usize> {
     let mut n = 0;

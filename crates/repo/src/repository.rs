@@ -38,6 +38,9 @@ pub struct OpenOptions {
     /// Stored bytes of index objects read into memory rather than into the on-disk index
     /// (None: [`INDEX_MEMORY`]).
     pub index_memory: Option<u64>,
+    /// How long taking a lock waits for a conflicting holder to finish (zero: fail at
+    /// once with `Locked`).
+    pub lock_wait: std::time::Duration,
 }
 
 /// The most blobs an index object written by prune, compaction or a re-wrap lists (about
@@ -494,12 +497,13 @@ impl Repository {
     }
 
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard> {
-        lock::acquire(
+        lock::acquire_waiting(
             self.storage.clone(),
             &self.keys.meta_key,
             exclusive,
             &self.opts.host,
             command,
+            self.opts.lock_wait,
         )
     }
 
@@ -511,12 +515,13 @@ impl Repository {
         exclusive: bool,
         command: &str,
     ) -> Result<LockGuard> {
-        lock::acquire(
+        lock::acquire_waiting(
             storage,
             &self.keys.meta_key,
             exclusive,
             &self.opts.host,
             command,
+            self.opts.lock_wait,
         )
     }
 

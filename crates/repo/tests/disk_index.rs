@@ -65,6 +65,7 @@ fn open(storage: &DynStorage, cache: Option<&Path>, memory: u64) -> Repository {
             threads: 2,
             cache_dir: cache.map(Path::to_path_buf),
             index_memory: Some(memory),
+            ..Default::default()
         },
     )
     .unwrap()
