@@ -6,6 +6,14 @@
 # (the shared harness drops the page cache before every measured command).
 #
 #   sudo bench/files.sh            # SIZE_MB=2048 by default
+#   sudo MODE=s3 SIZE_MB=1024 bench/files.sh
+#
+# MODE=s3 (issue 21, part 4): one local SeaweedFS server (a bucket per tool) instead of local
+# folders. Measures custos's first backup and restore to a local folder and to the bucket,
+# restic's on the bucket, and the floor: `rclone copy --transfers 8` of the local repository's
+# folder up to the bucket and back down (what moving the stored bytes alone costs on this
+# server, which shares the two cores). Reports custos S3 / max(local, rclone) per step
+# (target <= 1.2), peak RSS (target <= 200 MB) and custos speed / restic.
 #
 # Reuses ../shared/bench/peers/common.sh (measure, dropcache, wait_quiet).
 set -euo pipefail
@@ -17,6 +25,7 @@ source "$SHARED/bench/peers/common.sh"
 need_root
 apt_need restic time bc python3
 SIZE_MB="${SIZE_MB:-2048}"
+MODE="${MODE:-local}"
 
 cd "$ROOT" && cargo build --release --quiet
 export CUSTOS="$ROOT/target/release/custos"
@@ -73,6 +82,67 @@ log "data: $DATA_BYTES bytes in $NFILES files"
 # Work on a copy so that the 5% change does not alter the generated set.
 rm -rf "$BENCH/src"; cp -a "$DATA" "$BENCH/src"; rm -f "$BENCH/src"/.complete*
 SRC="$BENCH/src"
+
+if [ "$MODE" = s3 ]; then
+    apt_need rclone curl
+    WEED="$ROOT/.tools/seaweedfs/bin/weed"
+    KEY=filesbench SECRET=filesbench-secret-key
+    unset AWS_CA_BUNDLE
+    # shellcheck source=/dev/null
+    source "$ROOT/bench/lib-s3.sh"
+    rm -rf "$BENCH/s3"
+    start_weed "$BENCH/s3"
+    for b in custos restic floor; do mkbucket "$FILER" "$b"; done
+    export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_ENDPOINT_URL="http://127.0.0.1:$S3" AWS_REGION=us-east-1
+    export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=Other RCLONE_CONFIG_W_ENDPOINT="http://127.0.0.1:$S3" RCLONE_CONFIG_W_ACCESS_KEY_ID=$KEY RCLONE_CONFIG_W_SECRET_ACCESS_KEY=$SECRET
+    export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$BENCH/cache/restic"
+    export RESTIC_REPOSITORY="s3:http://127.0.0.1:$S3/restic/r"
+    echo bench > "$BENCH/pw"; chmod 600 "$BENCH/pw"; export CUSTOS_PASSWORD_FILE="$BENCH/pw"
+    LOCAL="$BENCH/repos/custos" S3REPO="s3://custos/r"
+    export CUSTOS_CACHE_DIR="$BENCH/cache/custos"
+    restic init -q
+    "$CUSTOS" --repo "$LOCAL" init -q >/dev/null
+    "$CUSTOS" --repo "$S3REPO" init -q >/dev/null
+    measure custos-local-backup1 "$CUSTOS" --repo "$LOCAL" backup files "$SRC" --json
+    measure custos-s3-backup1 "$CUSTOS" --repo "$S3REPO" backup files "$SRC" --json
+    measure restic-s3-backup1 restic backup -q "$SRC"
+    measure rclone-up rclone copy --transfers 8 --checkers 16 "$LOCAL" W:floor/r
+    measure custos-local-restore "$CUSTOS" --repo "$LOCAL" restore files latest --to "$BENCH/restore/custos-local"
+    measure custos-s3-restore "$CUSTOS" --repo "$S3REPO" restore files latest --to "$BENCH/restore/custos-s3"
+    measure restic-s3-restore restic restore latest -q --target "$BENCH/restore/restic"
+    measure rclone-down rclone copy --transfers 8 --checkers 16 W:floor/r "$BENCH/restore/rclone"
+    diff -rq "$SRC" "$BENCH/restore/custos-s3" >/dev/null && log "custos S3 restore identical to source"
+    python3 - "$RES/measure.tsv" "$DATA_BYTES" "$NFILES" "$ROOT/bench/results" <<'PY'
+import csv, sys, os, datetime
+tsv, data, nfiles, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rows = {r["label"]: r for r in csv.DictReader(open(tsv), delimiter="\t")}
+def wall(l): return float(rows[l]["wall_s"])
+def rss(l): return int(rows[l]["maxrss_kb"]) / 1024
+lines = []
+p = lines.append
+p(f"Data: {data/1e9:.2f} GB in {nfiles} files; one SeaweedFS server on this host.")
+p("")
+p("| step | custos local s | custos S3 s | rclone floor s | custos S3 / max(local, floor) | custos S3 RSS MB | custos local RSS MB | restic S3 s | restic RSS MB | custos speed / restic |")
+p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+res = {}
+for step, floor in [("backup1", "rclone-up"), ("restore", "rclone-down")]:
+    cl, cs, fl, rs = wall(f"custos-local-{step}"), wall(f"custos-s3-{step}"), wall(floor), wall(f"restic-s3-{step}")
+    ratio = cs / max(cl, fl)
+    res[step] = (ratio, rss(f"custos-s3-{step}"))
+    p(f"| {step} | {cl:.2f} | {cs:.2f} | {fl:.2f} | {ratio:.2f} | {rss('custos-s3-'+step):.0f} | {rss('custos-local-'+step):.0f} | {rs:.2f} | {rss('restic-s3-'+step):.0f} | {rs/cs:.2f}x |")
+p("")
+for step in ["backup1", "restore"]:
+    ratio, r = res[step]
+    p(f"- {'met' if ratio <= 1.2 else 'NOT met'}: S3 {step} within 1.2x of max(local, rclone floor) ({ratio:.2f})")
+    p(f"- {'met' if r <= 200 else 'NOT met'}: S3 {step} peak RSS <= 200 MB ({r:.0f})")
+text = "\n".join(lines)
+print(text)
+os.makedirs(outdir, exist_ok=True)
+stamp = datetime.datetime.utcnow().strftime("%Y%m%dT%H%M%SZ")
+open(os.path.join(outdir, f"files-s3-{stamp}.md"), "w").write(text + "\n")
+PY
+    exit 0
+fi
 
 export RESTIC_REPOSITORY="$BENCH/repos/restic" RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$BENCH/cache/restic"
 export CUSTOS_REPO="$BENCH/repos/custos" CUSTOS_CACHE_DIR="$BENCH/cache/custos"

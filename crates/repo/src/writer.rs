@@ -2,7 +2,7 @@
 //! thread per core, then uploads on their own threads.
 //!
 //! Memory stays bounded: the queue in front of the packers holds at most a few chunks, each
-//! packer holds one pack, and the upload queue holds one pack per uploader.
+//! packer holds one pack, each uploader one, and one more may wait for an uploader.
 //! [`BlobWriter::finish`] returns the new packs only once every one is durably stored; the
 //! caller then writes the index, then the snapshot (packs -> index -> snapshot).
 
@@ -76,7 +76,9 @@ impl BlobWriter {
             stats: Mutex::new(WriteStats::default()),
         });
         let (tx, rx) = bounded::<(ChunkId, BlobKind, Vec<u8>)>(opts.packers * 2);
-        let (up_tx, up_rx) = bounded::<FinishedPack>(opts.uploaders);
+        // One finished pack waits for an uploader: more would only hold memory (16 MiB each)
+        // while the store is the slower side.
+        let (up_tx, up_rx) = bounded::<FinishedPack>(1);
         let packers = (0..opts.packers)
             .map(|_| {
                 let rx = rx.clone();
@@ -226,15 +228,18 @@ fn uploader(rx: Receiver<FinishedPack>, storage: DynStorage, shared: Arc<Shared>
             .iter()
             .all(|e| e.kind == BlobKind::Data)
             .then_some(custos_storage::ARCHIVAL_TAG);
-        match storage.put_tagged(&paths::pack(&id), &p.bytes, PutMode::CreateOnly, tier) {
+        let size = p.bytes.len() as u64;
+        // The pack's bytes move into the upload (no copy of 16 MiB per pack in flight).
+        let bytes = bytes::Bytes::from(p.bytes);
+        match storage.put_tagged(&paths::pack(&id), bytes, PutMode::CreateOnly, tier) {
             Ok(_) => {
                 let mut s = shared.stats.lock().unwrap();
-                s.bytes_stored += p.bytes.len() as u64;
+                s.bytes_stored += size;
                 s.packs += 1;
                 drop(s);
                 shared.packs.lock().unwrap().push(IndexPack {
                     id,
-                    size: p.bytes.len() as u64,
+                    size,
                     key: p.wrapped_key,
                     blobs: p.entries,
                     writer: None,

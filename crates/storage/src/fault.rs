@@ -44,7 +44,7 @@ impl Storage for KillBeforeWrite {
     fn put_tagged(
         &self,
         path: &str,
-        data: &[u8],
+        data: bytes::Bytes,
         mode: PutMode,
         tag: Option<&str>,
     ) -> Result<PutOutcome> {

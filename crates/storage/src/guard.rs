@@ -173,7 +173,7 @@ impl Storage for Secondary {
     fn put_tagged(
         &self,
         path: &str,
-        data: &[u8],
+        data: bytes::Bytes,
         mode: PutMode,
         tag: Option<&str>,
     ) -> Result<PutOutcome> {

@@ -91,16 +91,17 @@ pub trait Storage: Send + Sync {
         self.put(path, &data, PutMode::CreateOnly)
     }
     /// A put that also tags the object (`key=value`) where the store has tags (S3);
-    /// elsewhere a plain put.
+    /// elsewhere a plain put. Takes the bytes by reference count: an object store sends
+    /// them without a copy (a pack upload holds one copy of the pack, not two).
     fn put_tagged(
         &self,
         path: &str,
-        data: &[u8],
+        data: bytes::Bytes,
         mode: PutMode,
         tag: Option<&str>,
     ) -> Result<PutOutcome> {
         let _ = tag;
-        self.put(path, data, mode)
+        self.put(path, &data, mode)
     }
     /// This storage as an object-store bucket custos signs requests for, if it is one.
     fn as_remote(&self) -> Option<&remote::RemoteStorage> {

@@ -385,8 +385,8 @@ impl LockClient {
         Ok(Some(BucketLock { default }))
     }
 
-    /// A create-only (or replacing) write with a retain-until date, a tag, and Content-MD5 (the
-    /// store checks the bytes it received, and Object Lock writes require it).
+    /// A create-only (or replacing) write with a retain-until date and a tag; with a date,
+    /// Content-MD5 too (the store checks the bytes it received; Object Lock requires it).
     pub async fn put(
         &self,
         path: &str,
@@ -396,13 +396,17 @@ impl LockClient {
         tag: Option<&str>,
     ) -> Result<PutOutcome> {
         use md5::Digest;
-        let md5 = crate::remote::hex_lower(&md5::Md5::digest(&data));
+        // Object Lock writes must carry Content-MD5 (S3 refuses them without). Other
+        // writes through this client (tagged data packs) go as OpenDAL's do: the pack is
+        // named by its BLAKE3 and sealed by AEAD, which every read checks; hashing every
+        // pack a second time was the S3 backup's largest CPU cost after compression.
+        let md5 = lock.map(|_| crate::remote::hex_lower(&md5::Md5::digest(&data)));
         let len = data.len() as u64;
         let mut tries = 0;
         loop {
             let body = reqwest::Body::from(data.clone());
             match self
-                .put_body(path, body, len, Some(&md5), create_only, lock, tag)
+                .put_body(path, body, len, md5.as_deref(), create_only, lock, tag)
                 .await
             {
                 Err(Transient(e)) if tries < self.retries => {

@@ -606,15 +606,21 @@ impl Storage for RemoteStorage {
     }
 
     fn put(&self, path: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
-        if let Some(r) = self.signed_put(
-            path,
-            bytes::Bytes::copy_from_slice(data),
-            mode == PutMode::CreateOnly,
-            None,
-        ) {
+        self.put_tagged(path, bytes::Bytes::copy_from_slice(data), mode, None)
+    }
+
+    fn put_tagged(
+        &self,
+        path: &str,
+        data: bytes::Bytes,
+        mode: PutMode,
+        tag: Option<&str>,
+    ) -> Result<PutOutcome> {
+        // The signed client when a write carries a date (Object Lock) or a tag; OpenDAL
+        // otherwise. Either sends `data` as it is: no copy.
+        if let Some(r) = self.signed_put(path, data.clone(), mode == PutMode::CreateOnly, tag) {
             return r;
         }
-        let data = data.to_vec();
         let r = self.rt.block_on(async {
             match mode {
                 PutMode::Overwrite => self.op.write(path, data).await,
@@ -661,24 +667,6 @@ impl Storage for RemoteStorage {
             }
         }
         Ok(PutOutcome::Created)
-    }
-
-    fn put_tagged(
-        &self,
-        path: &str,
-        data: &[u8],
-        mode: PutMode,
-        tag: Option<&str>,
-    ) -> Result<PutOutcome> {
-        match self.signed_put(
-            path,
-            bytes::Bytes::copy_from_slice(data),
-            mode == PutMode::CreateOnly,
-            tag,
-        ) {
-            Some(r) => r,
-            None => self.put(path, data, mode),
-        }
     }
 
     fn get(&self, path: &str) -> Result<Vec<u8>> {
