@@ -251,6 +251,13 @@ impl ConfigFile {
             Error::config(format!("cannot read the config file {}: {e}", p.display()))
                 .hint("check --config or CUSTOS_CONFIG")
         })?;
+        Self::parse(&text, p)
+    }
+
+    /// The file's text parsed and checked as [`ConfigFile::load`] does; `p` names it in
+    /// messages.
+    pub fn parse(text: &str, p: &Path) -> Result<ConfigFile> {
+        let text = text.to_string();
         let file: ConfigFile = toml::from_str(&text).map_err(|e| {
             Error::config(format!(
                 "the config file {} is malformed: {}",
@@ -1154,4 +1161,49 @@ pub fn lock_wait(v: Option<&str>) -> Result<std::time::Duration> {
                 .hint("durations look like 30s, 10m or 1h")
         })
     })
+}
+
+/// What `custos config check` proves of a file's text without reading anything else
+/// (password or secret files, the repository): it parses, its jobs' schedules parse and
+/// name what exists, each schedule's next slot is found, its Object Lock section holds.
+/// The fuzz target `custos_toml` runs it on any bytes; the suite replays its corpus.
+#[allow(dead_code)] // the fuzz target and the corpus test call it; `config check` has the file
+pub fn check_text(text: &str) -> Result<usize> {
+    let file = ConfigFile::parse(text, Path::new("custos.toml"))?;
+    let jobs = file.check_jobs()?;
+    let now = chrono::Utc::now();
+    for (_, s) in &jobs {
+        let _ = s.next_after(now);
+    }
+    write_lock(&file)?;
+    Ok(jobs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The fuzz corpus of custos.toml (fuzz/corpus/custos_toml), each input whole, cut
+    /// short and with a byte changed: an answer (a parsed file or one error), never a
+    /// panic.
+    #[test]
+    fn config_corpus_replays_without_panics() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/custos_toml");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("the corpus is in the repository") {
+            let data = std::fs::read(e.unwrap().path()).unwrap();
+            let mut inputs = vec![data.clone(), data[..data.len() / 2].to_vec()];
+            if !data.is_empty() {
+                let mut flipped = data.clone();
+                flipped[data.len() / 3] ^= 0x20;
+                inputs.push(flipped);
+            }
+            for i in inputs {
+                if let Ok(text) = std::str::from_utf8(&i) {
+                    let _ = super::check_text(text);
+                }
+            }
+            n += 1;
+        }
+        assert!(n >= 10, "only {n} inputs in {}", dir.display());
+    }
 }
