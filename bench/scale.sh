@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 21 §2: what commands cost as the chunk index grows. For each size in SIZES, a
-# local repository gets synthetic index objects naming that many chunks (written directly
-# by the synth_index example, 100,000 blobs an object as prune writes them; the packs are
-# not written), then, timed with peak RSS:
+# Issue 21 §2: what commands cost as the chunk index and the operation trail grow. For each
+# size in SIZES, a repository gets synthetic index objects naming that many chunks (written
+# directly by the synth_index example, 100,000 blobs an object as prune writes them; the
+# packs are not written); for each size in TRAILS, a repository gets that many trail
+# entries (synth_trail: signed, chained, appended as commands append them, an entry every
+# 6 minutes back from now). Then, timed with peak RSS:
 #   snapshots                       lists snapshot summaries (never reads the index)
 #   backup-first                    1 GiB of new files; builds the host's on-disk index
 #   backup-again                    the same with one file changed; reuses the build and
@@ -12,22 +14,51 @@
 #   ls-cached                       lists the newest snapshot (reads the index) with the build
 #   wal-push                        one 16 MiB segment of a real cluster
 #   audit-since                     audit log --since 1d
+# (the trail sizes: snapshots, backup-first, wal-push, audit-since).
+# MODE=s3: the repository, made locally as above, is copied (rclone) into a bucket of a
+# SeaweedFS server on this host and every command runs against s3://.
 # Results: $RES/measure.tsv; figures go to bench/RESULTS.md.
-# Run as root:  SIZES="1000000 10000000" ./bench/scale.sh     Not a test.
+# Run as root:  SIZES="1000000 10000000" TRAILS="100000 1000000" ./bench/scale.sh
+# Not a test. Needs about 17 GB of disk for 100M entries.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PEERS="${PEERS:-$ROOT/../shared/bench/peers}"
 export RES="${RES:-/tmp/custos-scale/results}"
 SIZES="${SIZES:-1000000 10000000}"
+TRAILS="${TRAILS:-}"
+MODE="${MODE:-local}"
 WORK="${WORK:-/tmp/custos-scale}"
 # shellcheck source=/dev/null
 source "$PEERS/common.sh"
 need_root
 apt_need time bc postgresql-15
 "$ROOT/scripts/setup.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index)
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail)
 CUSTOS="$ROOT/target/release/custos"
 SYNTH="$ROOT/target/release/examples/synth_index"
+SYNTH_TRAIL="$ROOT/target/release/examples/synth_trail"
+if [ "$MODE" = s3 ]; then
+    apt_need rclone curl
+    WEED="$ROOT/.tools/seaweedfs/bin/weed"
+    KEY=scalebench SECRET=scalebench-secret-key
+    unset AWS_CA_BUNDLE
+    # shellcheck source=/dev/null
+    source "$ROOT/bench/lib-s3.sh"
+    rm -rf "$WORK/s3"
+    start_weed "$WORK/s3"
+    export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_ENDPOINT_URL="http://127.0.0.1:$S3" AWS_REGION=us-east-1
+    export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=Other RCLONE_CONFIG_W_ENDPOINT="http://127.0.0.1:$S3" RCLONE_CONFIG_W_ACCESS_KEY_ID=$KEY RCLONE_CONFIG_W_SECRET_ACCESS_KEY=$SECRET
+fi
+# use LOCAL_REPO LABEL: where the commands run (the folder, or its copy in a bucket).
+use() {
+    if [ "$MODE" = s3 ]; then
+        mkbucket "$FILER" "$2"
+        rclone copy --transfers 32 --checkers 32 "$1" "W:$2/r"
+        export CUSTOS_REPO="s3://$2/r"
+    else
+        export CUSTOS_REPO="$1"
+    fi
+}
 rm -rf "$RES"
 mkdir -p "$RES" "$WORK"
 
@@ -58,6 +89,7 @@ for n in $SIZES; do
     note "synth-$n-seconds" "$(( $(date +%s) - t0 ))"
     note "index-objects-$n" "$(ls "$R/index" | wc -l)"
     note "index-bytes-$n" "$(du -sb "$R/index" | cut -f1)"
+    use "$R" "index-$n"
     measure "snapshots-$n" "$CUSTOS" --quiet snapshots
     measure "backup-first-$n" "$CUSTOS" --quiet backup files "$DATA"
     note "cache-bytes-$n" "$(du -sb "$CUSTOS_CACHE_DIR" | cut -f1)"
@@ -70,6 +102,25 @@ for n in $SIZES; do
     measure "wal-push-$n" "$CUSTOS" --quiet wal-push --pgdata "$CL" "$CL/pg_wal/$SEG"
     measure "audit-since-$n" "$CUSTOS" --quiet audit log --since 1d
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    if [ "$MODE" = s3 ]; then rclone purge "W:index-$n"; fi
+done
+for n in $TRAILS; do
+    R="$WORK/trail-$n"
+    export CUSTOS_REPO="$R" CUSTOS_PASSWORD="scale-bench" CUSTOS_CACHE_DIR="$WORK/cache-trail-$n"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
+    log "appending $n synthetic trail entries"
+    t0=$(date +%s)
+    "$SYNTH_TRAIL" "$R" "$n"
+    note "synth-trail-$n-seconds" "$(( $(date +%s) - t0 ))"
+    note "trail-bytes-$n" "$(du -sb "$R/audit" | cut -f1)"
+    use "$R" "trail-$n"
+    measure "trail-snapshots-$n" "$CUSTOS" --quiet snapshots
+    measure "trail-backup-first-$n" "$CUSTOS" --quiet backup files "$DATA"
+    measure "trail-wal-push-$n" "$CUSTOS" --quiet wal-push --pgdata "$CL" "$CL/pg_wal/$SEG"
+    measure "trail-audit-since-$n" "$CUSTOS" --quiet audit log --since 1d
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    if [ "$MODE" = s3 ]; then rclone purge "W:trail-$n"; fi
 done
 rm -f "$DATA/.complete"
 column -t "$RES/measure.tsv"

@@ -380,6 +380,7 @@ fn trail_name(c: &Command) -> Option<String> {
         Command::Forget(_) => "forget".into(),
         Command::Prune(_) => "prune".into(),
         Command::Index(commands::maintenance::IndexCommand::Compact) => "index compact".into(),
+        Command::Index(commands::maintenance::IndexCommand::Rebuild) => "index rebuild".into(),
         Command::Unlock => "unlock".into(),
         Command::Copy(c) if c.check => return None,
         Command::Copy(_) => "copy".into(),
@@ -484,6 +485,9 @@ fn dispatch(ctx: &Ctx, command: Command) -> Result<i32> {
         Command::Unlock => commands::maintenance::unlock(ctx),
         Command::Index(commands::maintenance::IndexCommand::Compact) => {
             commands::maintenance::cmd_index_compact(ctx)
+        }
+        Command::Index(commands::maintenance::IndexCommand::Rebuild) => {
+            commands::maintenance::cmd_index_rebuild(ctx)
         }
         Command::Copy(a) => commands::copy::cmd_copy(ctx, &a),
         Command::Agent(a) => commands::agent::cmd_agent(ctx, &a),

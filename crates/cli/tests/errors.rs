@@ -398,3 +398,81 @@ fn output_for_machines_progress_json_usage_errors_and_plain_logs() {
     let out = t.run(&["snapshots"]);
     assert!(!out.stderr.is_empty() && !out.stderr.contains(&0x1b));
 }
+
+/// A damaged index object stops every command with the way out; `index rebuild` (a key
+/// that may delete) indexes the packs again from their headers and removes it, after
+/// which backups and restores complete. The same when every index object is gone.
+#[test]
+fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
+    let mut t = backed_up();
+    let src = t.path("src");
+    std::fs::write(src.join("docs/second.bin"), vec![3u8; 300_000]).unwrap();
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let index_dir = t.path("repo/index");
+    let objects = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&index_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(objects().len(), 2);
+    let damaged = objects()[0].clone();
+    let mut b = std::fs::read(&damaged).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(&damaged, b).unwrap();
+    let err = t.fails(&["backup", "files", src.to_str().unwrap()], 14);
+    assert!(err.contains("custos index rebuild"), "{err}");
+
+    t.add_key("backup", "backup key", &[]);
+    let backup = t.with_password("backup key");
+    backup.fails(&["index", "rebuild"], 13);
+    assert!(damaged.exists());
+
+    let r = t.json(&["index", "rebuild"]);
+    assert_eq!(r["damaged"].as_array().unwrap().len(), 1, "{r}");
+    assert!(r["packs_recovered"].as_u64().unwrap() > 0, "{r}");
+    assert!(!damaged.exists());
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&t.path("out")), describe(&src));
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    t.ok(&["verify", "--read-data"]);
+    let again = t.json(&["index", "rebuild"]);
+    assert_eq!(again["packs_recovered"], 0, "{again}");
+
+    // Every index object gone: every pack comes back; both first snapshots restore.
+    for o in objects() {
+        std::fs::remove_file(o).unwrap();
+    }
+    let r = t.json(&["index", "rebuild"]);
+    assert_eq!(
+        r["packs_recovered"].as_u64().unwrap() as usize,
+        t.packs().len(),
+        "{r}"
+    );
+    let snaps = t.json(&["snapshots"]);
+    for s in snaps.as_array().unwrap() {
+        let id = s["id"].as_str().unwrap();
+        let out = t.path(&format!("out-{}", &id[..8]));
+        t.ok(&["restore", "files", id, "--to", out.to_str().unwrap()]);
+    }
+    assert_eq!(
+        describe(&t.path(&format!(
+                "out-{}",
+                &snaps[snaps.as_array().unwrap().len() - 1]["id"]
+                    .as_str()
+                    .unwrap()[..8]
+            ))),
+        describe(&src)
+    );
+    t.ok(&["verify", "--read-data"]);
+    t.ok(&["audit", "verify"]);
+}

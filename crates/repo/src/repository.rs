@@ -553,7 +553,8 @@ impl Repository {
         )
     }
 
-    fn read_index_object(&self, path: &str) -> Result<(IndexId, IndexFile)> {
+    /// One index object, checked against its name and opened.
+    pub fn read_index_object(&self, path: &str) -> Result<(IndexId, IndexFile)> {
         let id = IndexId(
             paths::id_of(path).ok_or_else(|| Error::integrity(format!("bad index name {path}")))?,
         );
@@ -561,19 +562,26 @@ impl Repository {
             .storage
             .get(path)
             .map_err(|err| missing_as_integrity(err, "index"))?;
+        let rebuild = |e: Error| {
+            e.hint("`custos index rebuild` (a key that may delete) indexes the packs again from their own headers and removes the damaged object; `custos verify --read-data` then checks the data")
+        };
         if Id::of_bytes(&bytes) != id.0 {
-            return Err(Error::integrity(format!(
+            return Err(rebuild(Error::integrity(format!(
                 "index {} does not match its id: it was altered",
                 id.short()
-            )));
+            ))));
         }
         let plain = aead::open(
             &self.keys.meta_key,
             INDEX_AAD,
             &bytes,
             &format!("index {}", id.short()),
-        )?;
-        Ok((id, from_zjson(&plain, &format!("index {}", id.short()))?))
+        )
+        .map_err(rebuild)?;
+        Ok((
+            id,
+            from_zjson(&plain, &format!("index {}", id.short())).map_err(rebuild)?,
+        ))
     }
 
     /// What an index object's signature backs for each of its packs (format.md 5.1): the
@@ -822,6 +830,56 @@ impl Repository {
         Ok(k)
     }
 
+    /// What a stored pack says it holds, from its own header (for `index rebuild`): its
+    /// entries and wrapped data key. Reads the trailer and the header only; needs a key
+    /// that can unwrap pack keys. Entries must lie between the magic and the header.
+    pub fn pack_header(
+        &self,
+        id: &PackId,
+        size: u64,
+    ) -> Result<(Vec<crate::blob::PackEntry>, Vec<u8>)> {
+        let what = format!("pack {}", id.short());
+        let path = paths::pack(id);
+        let t = pack::TRAILER_LEN as u64;
+        if size < pack::MAGIC.len() as u64 + t {
+            return Err(Error::integrity(format!(
+                "{what} is truncated or not a pack"
+            )));
+        }
+        let tail = self.storage.get_range(&path, size - t, t)?;
+        if &tail[8..] != pack::END {
+            return Err(Error::integrity(format!(
+                "{what} is truncated or not a pack"
+            )));
+        }
+        let hl = u64::from(u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")));
+        let wl = u64::from(u32::from_le_bytes(tail[4..8].try_into().expect("4 bytes")));
+        let end = size - t;
+        if hl + wl + pack::MAGIC.len() as u64 > end || wl > 4096 {
+            return Err(Error::integrity(format!("{what} has a damaged trailer")));
+        }
+        let start = end - wl - hl;
+        let both = self.storage.get_range(&path, start, hl + wl)?;
+        let (sealed, wrapped) = both.split_at(hl as usize);
+        self.require_restore("read pack headers")?;
+        let dek = self.keys.unwrap(pack::KEY_AAD, wrapped, &what)?;
+        let dek: [u8; 32] = dek
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::integrity(format!("{what}: bad data key")))?;
+        let entries = pack::open_header(&dek, sealed, &what)?;
+        let magic = pack::MAGIC.len() as u64;
+        if let Some(e) = entries.iter().find(|e| {
+            u64::from(e.offset) < magic || u64::from(e.offset) + u64::from(e.length) > start
+        }) {
+            return Err(Error::integrity(format!(
+                "{what}: its header places chunk {} outside the pack's data",
+                e.id.short()
+            )));
+        }
+        Ok((entries, wrapped.to_vec()))
+    }
+
     /// Reads and decrypts one blob, checking it against its id; a damaged copy is passed
     /// over for the next place the chunk is stored.
     pub fn read_blob(&self, index: &Index, id: &ChunkId) -> Result<Vec<u8>> {
@@ -898,6 +956,7 @@ impl Repository {
                     " elsewhere"
                 }
             ))
+            .hint("if an index object was lost or damaged, `custos index rebuild` indexes the packs again from their headers; `custos verify` names what else is missing")
         }))
     }
 

@@ -360,6 +360,44 @@ pub(crate) enum IndexCommand {
     /// the same as it goes
     #[command(after_help = "Example:\n  custos index compact")]
     Compact,
+    /// Repair a damaged or missing index object: the packs no readable index object
+    /// names are indexed again from their own headers, then the damaged objects are
+    /// removed. Needs a key that may delete; run `verify --read-data` after it
+    #[command(
+        after_help = "Example:\n  CUSTOS_PASSWORD_FILE=/etc/custos/restore.pw custos index rebuild"
+    )]
+    Rebuild,
+}
+
+pub(crate) fn cmd_index_rebuild(ctx: &Ctx) -> Result<i32> {
+    let repo = ctx.open()?;
+    let progress = ctx.out.progress();
+    let r = prune::rebuild_index(&repo, progress.as_ref())?;
+    ctx.touch(serde_json::json!({"report": r}));
+    if ctx.out.json {
+        ctx.out.json(&r);
+        return Ok(0);
+    }
+    if r.damaged.is_empty() && r.packs_recovered == 0 {
+        println!("the index names every readable pack: nothing to rebuild");
+    } else {
+        println!(
+            "index rebuilt: {} pack(s) and {} chunk(s) indexed again from their headers into {} object(s); {} damaged object(s) removed",
+            r.packs_recovered,
+            r.chunks_recovered,
+            r.objects_written,
+            r.damaged.len()
+        );
+        println!("run `custos verify --read-data`: it checks the data and vouches for the recovered packs, so backups deduplicate against them again");
+    }
+    if !r.packs_unreadable.is_empty() {
+        println!(
+            "{} pack(s) whose header cannot be read are left for `custos prune`: {}",
+            r.packs_unreadable.len(),
+            r.packs_unreadable.join(", ")
+        );
+    }
+    Ok(0)
 }
 
 pub(crate) fn cmd_index_compact(ctx: &Ctx) -> Result<i32> {

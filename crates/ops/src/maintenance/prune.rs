@@ -436,3 +436,83 @@ pub fn compact_index(repo: &Repository) -> Result<CompactReport> {
     r.objects_after = written.len() + r.held;
     Ok(r)
 }
+
+/// What `index rebuild` did.
+#[derive(Debug, Default, Serialize)]
+pub struct RebuildReport {
+    /// Index objects that could not be read (altered, cut, not decryptable), removed.
+    pub damaged: Vec<String>,
+    /// Packs no readable index object named, indexed again from their headers.
+    pub packs_recovered: u64,
+    pub chunks_recovered: u64,
+    /// Packs whose own header cannot be read: left for `prune` (nothing can use them).
+    pub packs_unreadable: Vec<String>,
+    pub objects_written: usize,
+}
+
+/// `index rebuild`: the repair for a damaged or missing index object. Under the exclusive
+/// lock (no backup is between writing its packs and its index), with a key that may
+/// delete: every index object is read; the packs no readable object names are indexed
+/// again from their own headers, in new objects signed by the authority (first), then the
+/// damaged objects are removed. A recovered pack is nobody's: backups do not deduplicate
+/// against it until `verify --read-data` vouches for it, and every read checks each chunk
+/// against its id, so a pack planted by a backup key gains nothing.
+pub fn rebuild_index(repo: &Repository, progress: &dyn Progress) -> Result<RebuildReport> {
+    repo.require_delete("rebuild the index")?;
+    let _lock = repo.lock(true, "index rebuild")?;
+    let mut r = RebuildReport::default();
+    let mut named: HashSet<PackId> = HashSet::new();
+    for e in repo.storage.list(paths::INDEX)? {
+        match repo.read_index_object(&e.path) {
+            Ok((_, f)) => named.extend(f.packs.iter().map(|p| p.id)),
+            Err(err) if err.kind == custos_model::Kind::Integrity => {
+                tracing::warn!("{}: {}", e.path, err.message);
+                r.damaged.push(e.path);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let orphans: Vec<(PackId, u64)> = repo
+        .storage
+        .list(paths::DATA)?
+        .into_iter()
+        .filter_map(|e| Some((PackId(paths::id_of(&e.path)?), e.size)))
+        .filter(|(id, _)| !named.contains(id))
+        .collect();
+    progress.start("read pack headers", Some(orphans.len() as u64));
+    let read =
+        custos_repo::repository::parallel_map(&orphans, repo.threads() * 2, |(id, size)| {
+            Ok((*id, *size, repo.pack_header(id, *size)))
+        })?;
+    progress.finish();
+    let mut content = custos_repo::index::IndexFile::default();
+    for (id, size, header) in read {
+        match header {
+            Ok((blobs, key)) => {
+                r.packs_recovered += 1;
+                r.chunks_recovered += blobs.len() as u64;
+                content.packs.push(custos_repo::index::IndexPack {
+                    id,
+                    size,
+                    key,
+                    blobs,
+                    writer: None,
+                    vouched: false,
+                });
+            }
+            Err(e) if e.kind == custos_model::Kind::Integrity => {
+                tracing::warn!("{}", e.message);
+                r.packs_unreadable.push(paths::pack(&id));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !content.packs.is_empty() {
+        r.objects_written = repo.write_index_files(content)?.len();
+    }
+    for d in &r.damaged {
+        repo.storage.delete(d)?;
+    }
+    r.packs_unreadable.sort();
+    Ok(r)
+}

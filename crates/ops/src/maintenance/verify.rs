@@ -121,7 +121,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     let unindexed = stored.keys().filter(|id| index.pack(id).is_none()).count();
     if unindexed > 0 {
-        r.warnings.push(format!("{unindexed} pack(s) are not in the index (left by an interrupted run; `custos prune` removes them)"));
+        r.warnings.push(format!("{unindexed} pack(s) are not in the index (left by an interrupted run, or named by an index object that is gone: `custos index rebuild` indexes them again, `custos prune` removes what no snapshot needs)"));
     }
 
     let snapshots = match repo.snapshots() {
