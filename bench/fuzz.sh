@@ -20,10 +20,10 @@ bin=target/x86_64-unknown-linux-gnu/release
 
 run() {
   local t=$1
-  mkdir -p "target/long-corpus/$t"
+  mkdir -p "target/long-corpus/$t" "artifacts/$t"
   local rc=0
   nice -n 19 "$bin/$t" "target/long-corpus/$t" "corpus/$t" \
-    -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 -timeout=20 \
+    -max_total_time="$secs" -max_len=65536 -rss_limit_mb=2048 -timeout=20 -artifact_prefix="artifacts/$t/" \
     -print_final_stats=1 >"$out/$t.log" 2>&1 || rc=$?
   echo "$rc" >"$out/$t.rc"
 }

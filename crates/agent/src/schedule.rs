@@ -49,6 +49,18 @@ impl Schedule {
                     .hint("an IANA zone name like \"Europe/Berlin\" or \"America/New_York\"; without `zone`, schedules are UTC")
             })?),
         };
+        // croner reads an empty list item (`1,,2`, `,`) as no value at all: a field that
+        // never matches, which makes every search for the next slot walk thousands of
+        // years (found by fuzzing custos.toml).
+        if let Some(f) = expr
+            .split_whitespace()
+            .find(|f| f.split(',').any(str::is_empty))
+        {
+            return Err(Error::config(format!(
+                "`{expr}`: the field `{f}` has an empty item between commas"
+            ))
+            .hint("list values as 1,15,30; every field needs at least one"));
+        }
         let cron = croner::Cron::new(expr)
             .with_seconds_optional()
             .parse()
@@ -56,11 +68,19 @@ impl Schedule {
                 Error::config(format!("`{expr}` is not a cron expression: {e}"))
                     .hint("five fields: minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\" for 02:00 UTC daily")
             })?;
-        Ok(Schedule {
+        let schedule = Schedule {
             expr: expr.to_string(),
             cron,
             zone,
-        })
+        };
+        // A date that never comes (February 30th): a job that would never run is a
+        // mistake to say now, not a silence to find out in a year.
+        let from = DateTime::<Utc>::from_timestamp(946_684_800, 0).expect("2000-01-01");
+        if schedule.next_after(from).is_none() {
+            return Err(Error::config(format!("`{expr}` never comes round"))
+                .hint("a day that no month has (like 30 2 for February 30th) or a weekday and day that never meet; check the day-of-month and month fields"));
+        }
+        Ok(schedule)
     }
 
     pub fn expr(&self) -> &str {
@@ -251,5 +271,18 @@ mod tests {
             e.message
         );
         assert!(Schedule::parse("@daily").is_ok());
+        // Found by fuzzing custos.toml: an empty list item matched nothing, and finding
+        // the next slot took seconds; a date that never comes was accepted silently.
+        let e = Schedule::parse("3 1 ,,, * * 2").unwrap_err();
+        assert!(e.message.contains("empty item"), "{}", e.message);
+        let e = Schedule::parse("0 0 1,,15 * *").unwrap_err();
+        assert!(e.message.contains("empty item"), "{}", e.message);
+        let e = Schedule::parse("0 0 30 2 *").unwrap_err();
+        assert!(e.message.contains("never comes round"), "{}", e.message);
+        assert!(
+            Schedule::parse("0 0 29 2 *").is_ok(),
+            "leap days come round"
+        );
+        assert!(Schedule::parse("0 0 31 1,3 *").is_ok());
     }
 }
