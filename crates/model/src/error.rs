@@ -153,3 +153,16 @@ impl std::error::Error for Error {}
 pub fn io_error(kind: Kind, path: &std::path::Path, e: std::io::Error) -> Error {
     Error::new(kind, format!("{}: {e}", path.display()))
 }
+
+/// An error and every cause under it, joined by ": " (what a library's own message leaves
+/// out: "error sending request: connection refused", "invalid peer certificate").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -275,13 +275,7 @@ impl LockClient {
                 .map_err(|e| Error::internal(format!("cannot sign a request: {e}")))?;
         }
         self.http.execute(req).await.map_err(|e| {
-            let mut detail = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                detail.push_str(": ");
-                detail.push_str(&c.to_string());
-                cause = c.source();
-            }
+            let detail = custos_model::error::chain(&e);
             crate::remote::untrusted(&self.location, &detail).unwrap_or_else(|| {
                 Error::new(
                     Kind::Storage,

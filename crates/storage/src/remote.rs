@@ -515,14 +515,7 @@ pub(crate) fn untrusted(location: &str, detail: &str) -> Option<Error> {
 
 /// An error with every cause under it (the HTTP client's reason is a cause, not the text).
 fn chain(e: &opendal::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
+    custos_model::error::chain(e)
 }
 
 pub(crate) fn hex_lower(b: &[u8]) -> String {

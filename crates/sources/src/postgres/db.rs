@@ -172,16 +172,7 @@ pub struct Db {
 pub(crate) fn db_err(what: &str, e: tokio_postgres::Error) -> Error {
     let detail = match e.as_db_error() {
         Some(d) => format!("{}: {}", d.severity(), d.message()),
-        None => {
-            let mut s = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cause = c.source();
-            }
-            s
-        }
+        None => custos_model::error::chain(&e),
     };
     if detail.contains("certificate") {
         return Error::new(
