@@ -670,10 +670,16 @@ impl Storage for RemoteStorage {
     }
 
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        // Into one buffer of the right size as the pieces arrive: a restore holds one copy
+        // of each pack span it fetches, not the pieces and then their copy.
         let buf = self
             .rt
-            .block_on(async { self.op.read_with(path).range(offset..offset + len).await })
-            .map(|b| b.to_vec())
+            .block_on(async {
+                let mut out = Vec::with_capacity(len as usize);
+                let r = self.op.reader(path).await?;
+                r.read_into(&mut out, offset..offset + len).await?;
+                Ok::<_, opendal::Error>(out)
+            })
             .map_err(|e| self.err(path, e))?;
         if buf.len() as u64 != len {
             return Err(Error::integrity(format!(
