@@ -24,8 +24,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PEERS="${PEERS:-$ROOT/../shared/bench/peers}"
 export RES="${RES:-/tmp/custos-scale/results}"
-SIZES="${SIZES:-1000000 10000000}"
-TRAILS="${TRAILS:-}"
+SIZES="${SIZES-1000000 10000000}"
+TRAILS="${TRAILS-}"
 MODE="${MODE:-local}"
 WORK="${WORK:-/tmp/custos-scale}"
 # shellcheck source=/dev/null
@@ -108,7 +108,10 @@ for n in $TRAILS; do
     R="$WORK/trail-$n"
     export CUSTOS_REPO="$R" CUSTOS_PASSWORD="scale-bench" CUSTOS_CACHE_DIR="$WORK/cache-trail-$n"
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
-    "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
+    # The repository's first entry (init) dated before the synthetic ones: an entry is
+    # never dated before the one it follows, so an init dated now would date them all now.
+    CUSTOS_TEST_NOW="$(date -u -d "-$(( n * 6 + 60 )) minutes" +%Y-%m-%dT%H:%M:%SZ)" \
+        "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
     log "appending $n synthetic trail entries"
     t0=$(date +%s)
     "$SYNTH_TRAIL" "$R" "$n"
