@@ -43,6 +43,7 @@ echo "| target | seconds | executions | per second | new units | peak RSS, MB | 
 echo "|---|---|---|---|---|---|---|"
 for log in "$out"/*.log; do
   t=$(basename "$log" .log)
+  case $t in *.merge) continue ;; esac
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   units=$(sed -n 's/^stat::new_units_added: *//p' "$log" | tail -1)
@@ -56,6 +57,7 @@ done
 
 for log in "$out"/*.log; do
   t=$(basename "$log" .log)
+  case $t in *.merge) continue ;; esac
   nice -n 19 "$bin/$t" -merge=1 -max_len=2048 "corpus/$t" "target/long-corpus/$t" \
     >"$out/$t.merge.log" 2>&1 || true
 done
