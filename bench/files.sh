@@ -90,11 +90,8 @@ if [ "$MODE" = s3 ]; then
     unset AWS_CA_BUNDLE
     # shellcheck source=/dev/null
     source "$ROOT/bench/lib-s3.sh"
-    rm -rf "$BENCH/s3"
-    start_weed "$BENCH/s3"
+    one_server "$BENCH/s3"
     for b in custos restic floor; do mkbucket "$FILER" "$b"; done
-    export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_ENDPOINT_URL="http://127.0.0.1:$S3" AWS_REGION=us-east-1
-    export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=Other RCLONE_CONFIG_W_ENDPOINT="http://127.0.0.1:$S3" RCLONE_CONFIG_W_ACCESS_KEY_ID=$KEY RCLONE_CONFIG_W_SECRET_ACCESS_KEY=$SECRET
     export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$BENCH/cache/restic"
     export RESTIC_REPOSITORY="s3:http://127.0.0.1:$S3/restic/r"
     echo bench > "$BENCH/pw"; chmod 600 "$BENCH/pw"; export CUSTOS_PASSWORD_FILE="$BENCH/pw"

@@ -23,3 +23,11 @@ start_weed() {
 }
 mkbucket() { curl -sf -X POST "http://127.0.0.1:$1/buckets/$2/?op=mkdir" >/dev/null; sleep 0.5; }
 
+# one_server DIR: a fresh server in DIR whose S3 endpoint custos (AWS_*) and rclone (remote
+# `W:`) are pointed at. Needs WEED, KEY and SECRET as start_weed does.
+one_server() {
+    rm -rf "$1"
+    start_weed "$1"
+    export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_ENDPOINT_URL="http://127.0.0.1:$S3" AWS_REGION=us-east-1
+    export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=Other RCLONE_CONFIG_W_ENDPOINT="http://127.0.0.1:$S3" RCLONE_CONFIG_W_ACCESS_KEY_ID=$KEY RCLONE_CONFIG_W_SECRET_ACCESS_KEY=$SECRET
+}

@@ -44,10 +44,7 @@ if [ "$MODE" = s3 ]; then
     unset AWS_CA_BUNDLE
     # shellcheck source=/dev/null
     source "$ROOT/bench/lib-s3.sh"
-    rm -rf "$WORK/s3"
-    start_weed "$WORK/s3"
-    export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_ENDPOINT_URL="http://127.0.0.1:$S3" AWS_REGION=us-east-1
-    export RCLONE_CONFIG_W_TYPE=s3 RCLONE_CONFIG_W_PROVIDER=Other RCLONE_CONFIG_W_ENDPOINT="http://127.0.0.1:$S3" RCLONE_CONFIG_W_ACCESS_KEY_ID=$KEY RCLONE_CONFIG_W_SECRET_ACCESS_KEY=$SECRET
+    one_server "$WORK/s3"
 fi
 # use LOCAL_REPO LABEL: where the commands run (the folder, or its copy in a bucket).
 use() {
