@@ -193,6 +193,15 @@ impl Ctx {
         Ok(())
     }
 
+    /// The last trail entry this host wrote, from its cache (format.md 11.1): what
+    /// wal-push records in each WAL object's label without reading the trail.
+    pub(crate) fn host_anchor(&self) -> Option<custos_repo::trail::Anchor> {
+        self.trail
+            .borrow()
+            .as_ref()
+            .and_then(|(w, _, _)| w.remembered())
+    }
+
     pub(crate) fn touch(&self, v: serde_json::Value) {
         *self.touched.borrow_mut() = v;
     }

@@ -682,3 +682,105 @@ fn async_archiving_hides_its_error() {
     );
     assert!(v["archiver"]["failed_count"].as_u64().unwrap() >= 1, "{v}");
 }
+
+/// The label of a WAL object parsed as wal-push wrote it: (label JSON, where it starts,
+/// its length).
+fn wal_label(bytes: &[u8]) -> (serde_json::Value, usize, usize) {
+    let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    (
+        serde_json::from_slice(&bytes[12..12 + len]).unwrap(),
+        12,
+        len,
+    )
+}
+
+/// Every WAL object's label records the last trail entry the pushing host wrote (its
+/// anchor, read from its cache, not looked up per segment). A trail cut back behind it is
+/// caught by `verify` and `audit verify` on a host that remembers nothing, even where no
+/// snapshot saw the entries that went; a label whose anchor was removed does not decrypt.
+#[test]
+fn wal_objects_anchor_the_trail_and_a_cut_behind_them_is_caught() {
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 1, 5, 10_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    // What this host remembers: the entry of the backup it just made.
+    let remembered = std::fs::read_dir(t.path("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("trail-last"))
+        .find(|p| p.exists())
+        .expect("the host's trail-last");
+    let text = std::fs::read_to_string(&remembered).unwrap();
+    let (seq, hash) = text.trim().split_once(' ').unwrap();
+    let seq: u64 = seq.parse().unwrap();
+
+    // A real segment of a cluster made for it (initdb's first), archived.
+    let pg = PgCluster::init(pg15_bin(), "");
+    let seg = std::fs::read_dir(pg.data.join("pg_wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.len() == 24)
+        .unwrap();
+    let data = pg.data.to_str().unwrap();
+    t.ok(&[
+        "wal-push",
+        pg.data.join("pg_wal").join(&seg).to_str().unwrap(),
+        "--pgdata",
+        data,
+    ]);
+    let obj = std::fs::read_dir(std::path::Path::new(&t.repo).join("wal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join(&seg);
+    let stored = std::fs::read(&obj).unwrap();
+    let (label, at, len) = wal_label(&stored);
+    assert_eq!(label["trail"]["seq"].as_u64(), Some(seq), "{label}");
+    assert_eq!(label["trail"]["hash"].as_str(), Some(hash), "{label}");
+    t.ok(&["verify", "--read-data"]);
+    t.ok(&["audit", "verify"]);
+
+    // Storage removes the anchor from the label: the object no longer opens.
+    let mut stripped = label.clone();
+    stripped.as_object_mut().unwrap().remove("trail");
+    let new_label = serde_json::to_vec(&stripped).unwrap();
+    let mut forged = stored[..8].to_vec();
+    forged.extend_from_slice(&(new_label.len() as u32).to_le_bytes());
+    forged.extend_from_slice(&new_label);
+    forged.extend_from_slice(&stored[at + len..]);
+    std::fs::write(&obj, &forged).unwrap();
+    let e = t.fails(&["verify", "--read-data"], 14);
+    assert!(e.contains(&seg), "{e}");
+    std::fs::write(&obj, &stored).unwrap();
+
+    // The trail is cut back to before that entry. The snapshot saw the head before its
+    // own entry, which is still there: only the WAL object's anchor shows the cut.
+    for s in seq.. {
+        let p = std::path::Path::new(&t.repo).join(format!("audit/{s:016x}"));
+        if std::fs::remove_file(&p).is_err() {
+            break;
+        }
+    }
+    let mut other = t.with_password(PW);
+    other.set("CUSTOS_CACHE_DIR", t.path("other-cache").to_str().unwrap());
+    let e = other.fails(&["audit", "verify"], 14);
+    assert!(
+        e.contains(&seg) && e.contains("entries were removed"),
+        "{e}"
+    );
+    let v = other.run(&["verify", "--json"]);
+    assert_eq!(v.status.code(), Some(14));
+    let j: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert!(
+        j["errors"].as_array().unwrap().iter().any(|x| {
+            let x = x.as_str().unwrap();
+            // (`audit verify` may have appended an entry under the number that was cut.)
+            x.starts_with("trail:")
+                && x.contains(&seg)
+                && (x.contains("entries were removed") || x.contains("rewritten"))
+        }),
+        "{j}"
+    );
+}

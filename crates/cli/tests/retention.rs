@@ -291,7 +291,7 @@ fn retention_groups_postgresql_backups_by_cluster_not_host() {
         for s in 0..4 {
             let name = format!("00000001000000000000{:04X}", 2 + d * 4 + s);
             a.repo
-                .wal_push(cluster, &name, b"stand-in segment")
+                .wal_push(cluster, &name, b"stand-in segment", None)
                 .unwrap();
         }
     }

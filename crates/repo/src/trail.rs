@@ -334,6 +334,13 @@ impl TrailWriter {
         }
     }
 
+    /// The last entry this host wrote (or accepted), from its cache alone: what a WAL
+    /// object's label records (`None` without a cache folder or before the first write).
+    pub fn remembered(&self) -> Option<Anchor> {
+        let (seq, hash) = read_anchor(self.hint.as_deref()?)?;
+        format!("{seq}:{}", hash?).parse().ok()
+    }
+
     /// The trail's head as it is now.
     pub fn head(&self) -> Result<Option<Anchor>> {
         head_of(
@@ -881,8 +888,13 @@ impl Repository {
 
     /// What the anchors say about a trail read by [`Repository::trail_verify`]: every
     /// snapshot recorded the head it saw, and the trail must still hold that entry, with
-    /// those bytes. One problem per snapshot whose anchor the trail no longer holds.
-    pub fn trail_anchor_problems(&self, read: &[Read]) -> Result<Vec<String>> {
+    /// those bytes. One problem per snapshot whose anchor the trail no longer holds, and
+    /// per anchor of `others` (what recorded it, the anchor: WAL objects' labels).
+    pub fn trail_anchor_problems(
+        &self,
+        read: &[Read],
+        others: &[(String, Anchor)],
+    ) -> Result<Vec<String>> {
         let by_seq: std::collections::HashMap<u64, &str> =
             read.iter().map(|r| (r.seq, r.hash.as_str())).collect();
         let last = read.last().map_or(0, |r| r.seq);
@@ -900,6 +912,19 @@ impl Repository {
                     "snapshot {} ({}) saw entry {} of the trail with other bytes: the trail was rewritten",
                     s.id.short(),
                     s.summary.time.format("%Y-%m-%d %H:%M:%S UTC"),
+                    a.seq
+                )),
+                Some(_) => {}
+            }
+        }
+        for (what, a) in others {
+            match by_seq.get(&a.seq) {
+                None => out.push(format!(
+                    "{what} records entry {} of the trail as written before it, but the trail now ends at {last} or lacks it: entries were removed",
+                    a.seq
+                )),
+                Some(h) if *h != a.hash => out.push(format!(
+                    "{what} records entry {} of the trail with other bytes: the trail was rewritten",
                     a.seq
                 )),
                 Some(_) => {}

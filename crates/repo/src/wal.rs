@@ -2,10 +2,13 @@
 //!
 //! ```text
 //! "CSTWAL01"
-//! u32 LE length || meta   JSON {"name", "system_id", "size", "digest", "compressed"}
+//! u32 LE length || meta   JSON {"name", "system_id", "size", "digest", "compressed", "pushed", "trail"}
 //! u32 LE length || wrapped DEK   HPKE(public key, AAD = "custos wal key v1", DEK)
-//! body            nonce || AES-256-GCM(DEK, AAD = "custos wal v1" || name || system id (8, LE) || digest (32), zstd(file) or file) || tag
+//! body            nonce || AES-256-GCM(DEK, AAD, zstd(file) or file) || tag
 //! ```
+//! AAD = "custos wal v1" || name || system id (8, LE) || digest, or, for an object whose
+//! label records the trail's head (`trail`, an anchor), "custos wal v2" || the same ||
+//! pushed || anchor: a label whose anchor was added, removed or altered does not open.
 //! `digest` is the keyed BLAKE3 (id key) of the file: a writer (backup role) compares it
 //! to tell an identical re-push (success) from a different file under the same name
 //! (refused) without being able to decrypt; the reader checks it after decryption. Names
@@ -17,6 +20,7 @@ use custos_storage::{PutMode, PutOutcome};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::trail::Anchor;
 use crate::{paths, Repository};
 
 const MAGIC: &[u8; 8] = b"CSTWAL01";
@@ -34,6 +38,10 @@ pub struct WalMeta {
     /// When it was archived: every commit inside happened before this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pushed: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last trail entry the pushing host wrote (its anchor, format.md 11.1), when it
+    /// knows one: read from its own cache, never looked up in the trail per segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trail: Option<Anchor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,10 +52,27 @@ pub enum PushOutcome {
 }
 
 fn body_aad(m: &WalMeta) -> Vec<u8> {
-    let mut aad = b"custos wal v1".to_vec();
+    let mut aad = match m.trail {
+        None => b"custos wal v1".to_vec(),
+        Some(_) => b"custos wal v2".to_vec(),
+    };
     aad.extend_from_slice(m.name.as_bytes());
     aad.extend_from_slice(&m.system_id.to_le_bytes());
     aad.extend_from_slice(m.digest.as_bytes());
+    // v2 binds the rest of the label: when it was pushed (restore refuses targets after
+    // it) and the anchor.
+    if let Some(a) = &m.trail {
+        match m.pushed {
+            Some(t) => {
+                aad.push(1);
+                aad.extend_from_slice(&t.timestamp().to_le_bytes());
+                aad.extend_from_slice(&t.timestamp_subsec_nanos().to_le_bytes());
+            }
+            None => aad.push(0),
+        }
+        aad.extend_from_slice(&a.seq.to_le_bytes());
+        aad.extend_from_slice(a.hash.as_bytes());
+    }
     aad
 }
 
@@ -144,9 +169,16 @@ fn digest_and_compress(
 }
 
 impl Repository {
-    /// Archives one WAL file. Durable when this returns `Ok`.
-    pub fn wal_push(&self, system_id: u64, name: &str, data: &[u8]) -> Result<PushOutcome> {
-        self.wal_push_with(system_id, name, data, true)
+    /// Archives one WAL file. Durable when this returns `Ok`. `anchor`: the last trail
+    /// entry this host wrote, recorded in the label (format.md 11.1).
+    pub fn wal_push(
+        &self,
+        system_id: u64,
+        name: &str,
+        data: &[u8],
+        anchor: Option<&Anchor>,
+    ) -> Result<PushOutcome> {
+        self.wal_push_with(system_id, name, data, true, anchor)
     }
 
     /// `parallel`: compress on two threads (one file waits: archive_command); the async
@@ -157,6 +189,7 @@ impl Repository {
         name: &str,
         data: &[u8],
         parallel: bool,
+        anchor: Option<&Anchor>,
     ) -> Result<PushOutcome> {
         let path = paths::wal(system_id, name);
         // Cheap check first: re-pushes happen after every archiver retry.
@@ -175,6 +208,7 @@ impl Repository {
                 digest: meta_digest.clone(),
                 compressed: use_z,
                 pushed: Some(chrono::Utc::now()),
+                trail: anchor.cloned(),
             };
             let mut dek = Zeroizing::new([0u8; 32]);
             rand::RngCore::fill_bytes(&mut rand::rng(), dek.as_mut());
@@ -229,6 +263,28 @@ impl Repository {
         Ok(Some((meta, wrapped)))
     }
 
+    /// The anchor the label of each cluster's newest archived segment records (one
+    /// listing and a 4 KiB read per cluster): what `audit verify` checks beside the
+    /// snapshots' (`verify` checks every object's).
+    pub fn wal_newest_anchors(&self) -> Result<Vec<(String, Anchor)>> {
+        let mut newest: std::collections::BTreeMap<u64, String> = Default::default();
+        for (sys, name, _) in self.wal_objects()? {
+            if name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let n = newest.entry(sys).or_default();
+                if name > *n {
+                    *n = name;
+                }
+            }
+        }
+        let mut out = vec![];
+        for (sys, name) in newest {
+            if let Some(a) = self.wal_meta(sys, &name)?.and_then(|m| m.trail) {
+                out.push((format!("wal {sys:016x}/{name}"), a));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every archived WAL object: (system id, name, stored size).
     pub fn wal_objects(&self) -> Result<Vec<(u64, String, u64)>> {
         let mut out = vec![];
@@ -246,12 +302,16 @@ impl Repository {
     }
 
     /// Checks one WAL object: its layout and label always; with `decrypt` (restore key),
-    /// its content against its digest.
-    pub fn wal_check(&self, system_id: u64, name: &str, decrypt: bool) -> Result<()> {
+    /// its content against its digest (and so its label's anchor). Returns the anchor
+    /// its label records.
+    pub fn wal_check(&self, system_id: u64, name: &str, decrypt: bool) -> Result<Option<Anchor>> {
         if decrypt {
-            return self.wal_fetch(system_id, name)?.map(|_| ()).ok_or_else(|| {
-                Error::integrity(format!("archived {name} disappeared during verification"))
-            });
+            return self
+                .wal_read(system_id, name)?
+                .map(|(meta, _)| meta.trail)
+                .ok_or_else(|| {
+                    Error::integrity(format!("archived {name} disappeared during verification"))
+                });
         }
         let bytes = self.storage.get(&paths::wal(system_id, name))?;
         let (meta, _, _) = split(&bytes, &format!("archived {name}"))?;
@@ -261,11 +321,16 @@ impl Repository {
                 meta.name, meta.system_id
             )));
         }
-        Ok(())
+        Ok(meta.trail)
     }
 
     /// Reads one archived WAL file; `Ok(None)` when it was never archived.
     pub fn wal_fetch(&self, system_id: u64, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.wal_read(system_id, name)?.map(|(_, data)| data))
+    }
+
+    /// One archived WAL file and its label, authenticated.
+    fn wal_read(&self, system_id: u64, name: &str) -> Result<Option<(WalMeta, Vec<u8>)>> {
         if self.keys.secret.is_none() {
             return Err(crate::snapshot::restore_key_required("read archived WAL"));
         }
@@ -312,7 +377,7 @@ impl Repository {
                 "{what} does not match its digest"
             )));
         }
-        Ok(Some(data))
+        Ok(Some((meta, data)))
     }
 }
 

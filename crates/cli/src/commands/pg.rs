@@ -95,7 +95,14 @@ pub(crate) fn wal_push_async(
         spool.pusher_started();
         let also = wal_secondaries(ctx).inspect_err(|e| spool.pusher_failed(e))?;
         let n = spool
-            .drain(&repo, &pgdata, 4, std::time::Duration::from_secs(3), &also)
+            .drain(
+                &repo,
+                &pgdata,
+                4,
+                std::time::Duration::from_secs(3),
+                &also,
+                ctx.host_anchor().as_ref(),
+            )
             .inspect_err(|e| spool.pusher_failed(e))?;
         ctx.touch(serde_json::json!({"system_id": system_id.to_string(), "files": n}));
         tracing::info!("WAL pusher: stored {n} file(s)");
@@ -290,7 +297,8 @@ pub(crate) fn wal_push(
     let path = path.expect("required by clap");
     let repo = ctx.open()?;
     let also = wal_secondaries(ctx)?;
-    let (name, outcome) = custos_ops::postgres::wal::push(&repo, &path, &pgdata, &also)?;
+    let (name, outcome) =
+        custos_ops::postgres::wal::push(&repo, &path, &pgdata, &also, ctx.host_anchor().as_ref())?;
     if ctx.out.json {
         ctx.out.json(&serde_json::json!({"file": name, "stored": outcome == custos_repo::wal::PushOutcome::Stored}));
     }

@@ -9,6 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use custos_model::{Error, Kind, Result};
+use custos_repo::trail::Anchor;
 use custos_repo::wal::PushOutcome;
 use custos_repo::Repository;
 use custos_sources::postgres::wal::{self, WalFileKind};
@@ -16,15 +17,17 @@ use custos_storage::DynStorage;
 
 /// Archives one file; with `also`, writes the stored object to each secondary as well
 /// (byte for byte) before returning, so that PostgreSQL's acknowledgement means both.
+/// `anchor`: the last trail entry this host wrote, recorded in the object's label.
 pub fn push(
     repo: &Repository,
     path: &Path,
     pgdata: &Path,
     also: &[(String, DynStorage)],
+    anchor: Option<&Anchor>,
 ) -> Result<(String, PushOutcome)> {
     repo.require_write("archive WAL")?;
     let (name, system_id, data) = read_checked(path, pgdata)?;
-    let outcome = repo.wal_push(system_id, &name, &data)?;
+    let outcome = repo.wal_push(system_id, &name, &data, anchor)?;
     mirror(repo, also, system_id, &name)?;
     Ok((name, outcome))
 }
@@ -268,6 +271,7 @@ impl Spool {
         threads: usize,
         idle: std::time::Duration,
         also: &[(String, DynStorage)],
+        anchor: Option<&Anchor>,
     ) -> Result<u64> {
         self.ensure_dir()?;
         let mut pushed = 0u64;
@@ -293,7 +297,7 @@ impl Spool {
                 custos_repo::repository::parallel_map(&todo, threads, |name| -> Result<bool> {
                     let path = pgdata.join("pg_wal").join(name);
                     match read_checked(&path, pgdata).and_then(|(n, sys, data)| {
-                        repo.wal_push_with(sys, &n, &data, false)?;
+                        repo.wal_push_with(sys, &n, &data, false, anchor)?;
                         mirror(repo, also, sys, &n)
                     }) {
                         Ok(_) => {
