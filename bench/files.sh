@@ -13,7 +13,11 @@
 # restic's on the bucket, and the floor: `rclone copy --transfers 8` of the local repository's
 # folder up to the bucket and back down (what moving the stored bytes alone costs on this
 # server, which shares the two cores). Reports custos S3 / max(local, rclone) per step
-# (target <= 1.2), peak RSS (target <= 200 MB) and custos speed / restic.
+# (target <= 1.2), peak RSS (target <= 200 MB) and custos speed / restic, and the CPU
+# floor: all the machine's busy CPU during the step (custos's and the server's) over its
+# cores, the time the step takes if both cores were used to the end.
+#   SPLIT=1: the server on core 1, every client (custos, restic, rclone) on core 0, as if the
+#   store were another machine: what is left of the ratio then is what pipelining does not hide.
 #
 # Reuses ../shared/bench/peers/common.sh (measure, dropcache, wait_quiet).
 set -euo pipefail
@@ -90,6 +94,10 @@ if [ "$MODE" = s3 ]; then
     unset AWS_CA_BUNDLE
     # shellcheck source=/dev/null
     source "$ROOT/bench/lib-s3.sh"
+    if [ "${SPLIT:-0}" = 1 ]; then
+        export WEED_PREFIX="taskset -c 1"
+        PRIO="taskset -c 0 $PRIO"
+    fi
     one_server "$BENCH/s3"
     for b in custos restic floor; do mkbucket "$FILER" "$b"; done
     export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$BENCH/cache/restic"
@@ -109,24 +117,28 @@ if [ "$MODE" = s3 ]; then
     measure restic-s3-restore restic restore latest -q --target "$BENCH/restore/restic"
     measure rclone-down rclone copy --transfers 8 --checkers 16 W:floor/r "$BENCH/restore/rclone"
     diff -rq "$SRC" "$BENCH/restore/custos-s3" >/dev/null && log "custos S3 restore identical to source"
-    python3 - "$RES/measure.tsv" "$DATA_BYTES" "$NFILES" "$ROOT/bench/results" <<'PY'
+    python3 - "$RES/measure.tsv" "$DATA_BYTES" "$NFILES" "$ROOT/bench/results" "${SPLIT:-0}" "$(nproc)" <<'PY'
 import csv, sys, os, datetime
-tsv, data, nfiles, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+tsv, data, nfiles, outdir, split, cores = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1", int(sys.argv[6])
 rows = {r["label"]: r for r in csv.DictReader(open(tsv), delimiter="\t")}
 def wall(l): return float(rows[l]["wall_s"])
 def rss(l): return int(rows[l]["maxrss_kb"]) / 1024
 lines = []
 p = lines.append
-p(f"Data: {data/1e9:.2f} GB in {nfiles} files; one SeaweedFS server on this host.")
+def busy(l): return float(rows[l]["machine_busy_cpu_s"])
+p(f"Data: {data/1e9:.2f} GB in {nfiles} files; one SeaweedFS server on this host"
+  + (" on core 1, every client on core 0 (SPLIT=1)." if split else f", sharing its {cores} cores."))
 p("")
-p("| step | custos local s | custos S3 s | rclone floor s | custos S3 / max(local, floor) | custos S3 RSS MB | custos local RSS MB | restic S3 s | restic RSS MB | custos speed / restic |")
-p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+p("| step | custos local s | custos S3 s | rclone floor s | custos S3 / max(local, floor) | machine CPU s during custos S3 | CPU floor s | custos S3 / CPU floor | custos S3 RSS MB | custos local RSS MB | restic S3 s | restic RSS MB | custos speed / restic |")
+p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 res = {}
 for step, floor in [("backup1", "rclone-up"), ("restore", "rclone-down")]:
     cl, cs, fl, rs = wall(f"custos-local-{step}"), wall(f"custos-s3-{step}"), wall(floor), wall(f"restic-s3-{step}")
     ratio = cs / max(cl, fl)
+    cpu = busy(f"custos-s3-{step}")
+    cfloor = cpu / cores
     res[step] = (ratio, rss(f"custos-s3-{step}"))
-    p(f"| {step} | {cl:.2f} | {cs:.2f} | {fl:.2f} | {ratio:.2f} | {rss('custos-s3-'+step):.0f} | {rss('custos-local-'+step):.0f} | {rs:.2f} | {rss('restic-s3-'+step):.0f} | {rs/cs:.2f}x |")
+    p(f"| {step} | {cl:.2f} | {cs:.2f} | {fl:.2f} | {ratio:.2f} | {cpu:.2f} | {cfloor:.2f} | {cs/cfloor:.2f} | {rss('custos-s3-'+step):.0f} | {rss('custos-local-'+step):.0f} | {rs:.2f} | {rss('restic-s3-'+step):.0f} | {rs/cs:.2f}x |")
 p("")
 for step in ["backup1", "restore"]:
     ratio, r = res[step]
@@ -136,7 +148,7 @@ text = "\n".join(lines)
 print(text)
 os.makedirs(outdir, exist_ok=True)
 stamp = datetime.datetime.utcnow().strftime("%Y%m%dT%H%M%SZ")
-open(os.path.join(outdir, f"files-s3-{stamp}.md"), "w").write(text + "\n")
+open(os.path.join(outdir, f"files-s3{'-split' if split else ''}-{stamp}.md"), "w").write(text + "\n")
 PY
     exit 0
 fi

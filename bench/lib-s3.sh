@@ -13,7 +13,8 @@ start_weed() {
     for f in master.port master.port.grpc volume.port volume.port.grpc filer.port filer.port.grpc s3.port s3.port.grpc s3.port.iceberg s3.port.lance admin.port admin.port.grpc metricsPort s3.metricsPort; do
         local p; p=$(free_port); ports+=("$p"); args+=("-$f=$p")
     done
-    "$WEED" "${args[@]}" > "$dir/weed.log" 2>&1 &
+    # WEED_PREFIX: run the server under a command (files.sh SPLIT=1: `taskset -c 1`).
+    ${WEED_PREFIX:-} "$WEED" "${args[@]}" > "$dir/weed.log" 2>&1 &
     PIDS+=($!)
     S3=${ports[6]} FILER=${ports[4]}
     for _ in $(seq 300); do

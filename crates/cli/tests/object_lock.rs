@@ -309,11 +309,7 @@ fn archived_packs_are_asked_back_all_at_once_and_the_restore_waits() {
     server.create_bucket("docs");
     let proxy = custos_testkit::proxy::S3Proxy::start(&server.endpoint);
     let mut t = T::bare();
-    t.set("CUSTOS_REPO", "s3://docs/r");
-    t.set("AWS_ENDPOINT_URL", &proxy.endpoint);
-    t.set("AWS_ACCESS_KEY_ID", ACCESS_KEY);
-    t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-    t.set("AWS_REGION", "us-east-1");
+    t.on_s3(&proxy.endpoint, "s3://docs/r");
     t.ok(&[
         "init",
         "--kdf-memory-mib",

@@ -5,20 +5,12 @@ mod common;
 use common::*;
 use custos_testkit::{S3Server, ACCESS_KEY, SECRET_KEY};
 
-fn s3_env(t: &mut T, server: &S3Server, url: &str) {
-    t.set("CUSTOS_REPO", url);
-    t.set("AWS_ENDPOINT_URL", &server.endpoint);
-    t.set("AWS_ACCESS_KEY_ID", ACCESS_KEY);
-    t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-    t.set("AWS_REGION", "us-east-1");
-}
-
 #[test]
 fn repository_on_s3_backup_restore_verify_prune() {
     let server = S3Server::start();
     server.create_bucket("backups");
     let mut t = T::bare();
-    s3_env(&mut t, &server, "s3://backups/clinic/prod");
+    t.on_s3(&server.endpoint, "s3://backups/clinic/prod");
     t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
     let src = t.path("src");
     make_tree(&src, 5, 40, 400_000);
@@ -66,7 +58,7 @@ fn bucket_objects_as_a_backup_source() {
     server.create_bucket("repo");
     server.create_bucket("documents");
     let mut t = T::bare();
-    s3_env(&mut t, &server, "s3://repo/r");
+    t.on_s3(&server.endpoint, "s3://repo/r");
     t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
     // Fill the source bucket through custos's own storage layer (a plain S3 client).
     let opts = custos_storage::remote::S3Options {
@@ -163,10 +155,7 @@ fn bucket_objects_as_a_backup_source() {
 #[test]
 fn unreachable_endpoint_fails_fast_and_clearly() {
     let mut t = T::bare();
-    t.set("CUSTOS_REPO", "s3://nowhere/x");
-    t.set("AWS_ENDPOINT_URL", custos_testkit::CLOSED_ENDPOINT);
-    t.set("AWS_ACCESS_KEY_ID", ACCESS_KEY);
-    t.set("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    t.on_s3(custos_testkit::CLOSED_ENDPOINT, "s3://nowhere/x");
     let err = t.fails(&["snapshots"], 15);
     assert!(
         err.contains("cannot reach") && err.contains("endpoint"),
@@ -178,7 +167,7 @@ fn unreachable_endpoint_fails_fast_and_clearly() {
 fn s3_errors_a_missing_bucket_an_endpoint_that_never_answers_an_unknown_scheme() {
     let server = S3Server::start();
     let mut t = T::bare();
-    s3_env(&mut t, &server, "s3://no-such-bucket/prod");
+    t.on_s3(&server.endpoint, "s3://no-such-bucket/prod");
     // A missing bucket: one error with a hint, exit 15, for init as for any command.
     for args in [vec!["snapshots"], vec!["init", "--kdf-memory-mib", "8"]] {
         let err = t.fails(&args, 15);
@@ -289,8 +278,7 @@ fn throttling_and_dropped_connections_are_retried_and_nothing_is_half_written() 
     server.create_bucket("flaky");
     let proxy = S3Proxy::start(&server.endpoint);
     let mut t = T::bare();
-    s3_env(&mut t, &server, "s3://flaky/r");
-    t.set("AWS_ENDPOINT_URL", &proxy.endpoint);
+    t.on_s3(&proxy.endpoint, "s3://flaky/r");
     t.ok(&[
         "init",
         "--kdf-memory-mib",

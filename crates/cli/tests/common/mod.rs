@@ -32,6 +32,16 @@ impl T {
         t
     }
 
+    /// Points this operator at `url` (`s3://bucket/prefix`) on the S3 server at
+    /// `endpoint` (a test server or a proxy in front of one), with the test credentials.
+    pub fn on_s3(&mut self, endpoint: &str, url: &str) {
+        self.set("CUSTOS_REPO", url);
+        self.set("AWS_ENDPOINT_URL", endpoint);
+        self.set("AWS_ACCESS_KEY_ID", custos_testkit::ACCESS_KEY);
+        self.set("AWS_SECRET_ACCESS_KEY", custos_testkit::SECRET_KEY);
+        self.set("AWS_REGION", "us-east-1");
+    }
+
     /// Environment only; no repository yet.
     pub fn bare() -> T {
         let dir = tempfile::tempdir().unwrap();

@@ -13,8 +13,11 @@
 //! The records are sorted by a hash keyed with a random key of the build, not by chunk id:
 //! a backup key may store any chunk ids, and ids it ground to share a prefix would
 //! otherwise pile into one partition of the build's sort. Building reads records into 256
-//! partitions on disk and sorts each in memory, so its memory is a partition (~1/256 of the
-//! records) plus one entry per pack.
+//! partitions on disk and sorts each in memory; `pack-ids` is sorted the same way (by the
+//! keyed hash of the pack id, in 64 partitions). Its memory is a partition (~1/256 of the
+//! records) plus a 12-byte entry per pack in a hash table (the keyed hash's first 8 bytes
+//! to the position; a hit is confirmed against the id in `packs`): about 25 bytes a pack,
+//! ~80 MB for the 3 million packs of 100 million chunks.
 //!
 //! The folder is the host's own state, like the files cache: it is written 0700 and what it
 //! says is checked where it matters (every blob read is checked against its id; `verify`
@@ -22,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use custos_model::{ChunkId, Id, IndexId, PackId, RepoId};
@@ -38,12 +41,13 @@ use crate::blob::{BlobKind, BlobLoc};
 const RECORD: usize = 58;
 /// id (32) | size (8) | writer (32) | flags (1) | key length (2) | key offset (8).
 const PACK: usize = 83;
-/// id (32) | position (4).
-const PACK_ID: usize = 36;
+/// h (8, big-endian: the keyed hash of the pack id) | id (32) | position (4).
+const PACK_ID: usize = 44;
+const PACK_ID_PARTS: usize = 64;
 /// first record in `by-pack` (8) | count (4).
 const PACK_BLOBS: usize = 12;
 const PARTS: usize = 256;
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 const HAS_WRITER: u8 = 1;
 const VOUCHED: u8 = 2;
@@ -128,8 +132,9 @@ fn id_at(b: &[u8], at: usize) -> Id {
     Id(b[at..at + 32].try_into().expect("32 bytes"))
 }
 
-fn hash(hkey: &[u8; 32], id: &ChunkId) -> [u8; 8] {
-    blake3::keyed_hash(hkey, &id.0 .0).as_bytes()[..8]
+/// The sort key of a chunk id (records) or a pack id (`pack-ids`).
+fn hash(hkey: &[u8; 32], id: &Id) -> [u8; 8] {
+    blake3::keyed_hash(hkey, &id.0).as_bytes()[..8]
         .try_into()
         .expect("8 bytes")
 }
@@ -248,7 +253,7 @@ impl DiskIndex {
         if self.meta.records == 0 {
             return out;
         }
-        let h = hash(&self.hkey, id);
+        let h = hash(&self.hkey, &id.0);
         // The hashes are uniform (keyed with the build's own key), so the record lies
         // near h's share of the file: start there and widen the window by doubling until
         // it brackets h, then halve. A lookup touches one or two pages, not log2(n).
@@ -359,16 +364,19 @@ impl DiskIndex {
 
     pub fn pack_pos(&self, id: &PackId) -> Option<u32> {
         let ids = self.pack_ids.as_deref()?;
+        let mut key = [0u8; 40];
+        key[..8].copy_from_slice(&hash(&self.hkey, &id.0));
+        key[8..].copy_from_slice(&id.0 .0);
         let n = self.meta.packs as usize;
         let (mut lo, mut hi) = (0usize, n);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let r = &ids[mid * PACK_ID..(mid + 1) * PACK_ID];
-            match r[..32].cmp(&id.0 .0[..]) {
+            match r[..40].cmp(&key[..]) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
                 std::cmp::Ordering::Equal => {
-                    let pos = u32_at(r, 32);
+                    let pos = u32_at(r, 40);
                     return (pos < self.pack_count()).then_some(pos);
                 }
             }
@@ -410,7 +418,8 @@ impl DiskIndex {
 }
 
 /// Builds a [`DiskIndex`] from index objects (and, to add objects to one, from an older
-/// build), with memory bounded by one partition of the records and one entry per pack.
+/// build), with memory bounded by one partition of the records and a small entry per
+/// pack.
 pub struct Builder {
     base: PathBuf,
     tmp: PathBuf,
@@ -418,16 +427,22 @@ pub struct Builder {
     hkey: [u8; 32],
     parts: Vec<BufWriter<File>>,
     packs: BufWriter<File>,
+    /// `packs` again, to read back a pack's id and update its attribution in place.
+    packs_rw: File,
     keys: BufWriter<File>,
     key_off: u64,
     by_pack: BufWriter<File>,
     by_pack_n: u64,
     /// Per pack: its first record in `by-pack` and how many.
-    pack_blobs: Vec<(u64, u32)>,
+    pack_blobs: BufWriter<File>,
     file_packs: BufWriter<File>,
-    pack_pos: HashMap<PackId, u32>,
-    /// Better attribution learnt for a pack already written: (writer, vouched, trusted).
-    upgrades: HashMap<u32, Attribution>,
+    /// The pack ids, partitioned by their keyed hash, sorted at the end into `pack-ids`.
+    pid_parts: Vec<BufWriter<File>>,
+    /// Keyed hash of a pack id (first 8 bytes) to its position; the ids whose hash
+    /// another pack took first are in `collided`.
+    pack_pos: HashMap<u64, u32>,
+    collided: HashMap<PackId, u32>,
+    n_packs: u32,
     files: Vec<IndexId>,
     bad: Vec<(PackId, ChunkId)>,
 }
@@ -470,13 +485,27 @@ impl Builder {
                 File::create(tmp.join(format!("part-{i:02x}")))?,
             ));
         }
+        let mut pid_parts = Vec::with_capacity(PACK_ID_PARTS);
+        for i in 0..PACK_ID_PARTS {
+            pid_parts.push(BufWriter::with_capacity(
+                1 << 14,
+                File::create(tmp.join(format!("pid-{i:02x}")))?,
+            ));
+        }
+        let packs = create("packs")?;
+        let packs_rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(tmp.join("packs"))?;
         Ok(Builder {
-            packs: create("packs")?,
+            packs,
+            packs_rw,
             keys: create("keys")?,
             file_packs: create("file-packs")?,
             by_pack: create("by-pack")?,
             by_pack_n: 0,
-            pack_blobs: vec![],
+            pack_blobs: create("pack-blobs")?,
+            pid_parts,
             base,
             tmp,
             temp,
@@ -484,20 +513,56 @@ impl Builder {
             parts,
             key_off: 0,
             pack_pos: HashMap::new(),
-            upgrades: HashMap::new(),
+            collided: HashMap::new(),
+            n_packs: 0,
             files: vec![],
             bad: vec![],
         })
     }
 
     fn add_record(&mut self, id: &ChunkId, loc: &BlobLoc) -> Result<()> {
-        let h = hash(&self.hkey, id);
+        let h = hash(&self.hkey, &id.0);
         self.parts[h[0] as usize].write_all(&encode_record(h, id, loc))?;
         Ok(())
     }
 
+    /// The position of a pack already written, if it was.
+    fn find_pack(&mut self, id: &PackId) -> Result<Option<u32>> {
+        if let Some(pos) = self.collided.get(id) {
+            return Ok(Some(*pos));
+        }
+        let h = u64::from_be_bytes(hash(&self.hkey, &id.0));
+        let Some(&pos) = self.pack_pos.get(&h) else {
+            return Ok(None);
+        };
+        self.packs.flush()?;
+        let mut stored = [0u8; 32];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &self.packs_rw,
+            &mut stored,
+            u64::from(pos) * PACK as u64,
+        )?;
+        Ok((stored == id.0 .0).then_some(pos))
+    }
+
+    /// Joins what another object says of who stands behind a pack already written.
+    fn upgrade(&mut self, pos: u32, a: Attribution) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.packs.flush()?;
+        let at = u64::from(pos) * PACK as u64;
+        let mut r = [0u8; PACK];
+        self.packs_rw.read_exact_at(&mut r, at)?;
+        let was = attribution_of(&r);
+        let joined = was.join(a);
+        if joined != was {
+            put_attribution(&mut r, joined);
+            self.packs_rw.write_all_at(&r, at)?;
+        }
+        Ok(())
+    }
+
     fn write_pack(&mut self, m: &PackMeta) -> Result<u32> {
-        let pos = self.pack_pos.len() as u32;
+        let pos = self.n_packs;
         let key_len = u16::try_from(m.key.len())
             .map_err(|_| damaged(&self.tmp, "a pack's key is oversized"))?;
         let mut r = [0u8; PACK];
@@ -509,7 +574,21 @@ impl Builder {
         self.packs.write_all(&r)?;
         self.keys.write_all(&m.key)?;
         self.key_off += m.key.len() as u64;
-        self.pack_pos.insert(m.id, pos);
+        let h = hash(&self.hkey, &m.id.0);
+        match self.pack_pos.entry(u64::from_be_bytes(h)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(pos);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(m.id, pos);
+            }
+        }
+        let mut r = [0u8; PACK_ID];
+        r[..8].copy_from_slice(&h);
+        r[8..40].copy_from_slice(&m.id.0 .0);
+        r[40..].copy_from_slice(&pos.to_le_bytes());
+        self.pid_parts[h[0] as usize * PACK_ID_PARTS / 256].write_all(&r)?;
+        self.n_packs += 1;
         Ok(pos)
     }
 
@@ -525,7 +604,14 @@ impl Builder {
         }
         for (pack, packs) in old.file_packs()? {
             self.files.push(pack);
-            self.write_file_packs(packs.iter().map(|p| self.pack_pos[p]).collect())?;
+            let mut pos = Vec::with_capacity(packs.len());
+            for p in &packs {
+                pos.push(
+                    self.find_pack(p)?
+                        .ok_or_else(|| damaged(&self.tmp, "an object names a pack it lacks"))?,
+                );
+            }
+            self.write_file_packs(pos)?;
         }
         for (pos, chunk) in &old.meta.bad {
             self.bad.push((old.pack_at(*pos).id, *chunk));
@@ -543,8 +629,9 @@ impl Builder {
             self.by_pack.write_all(&encode_record([0; 8], id, l))?;
             self.by_pack_n += 1;
         }
+        self.pack_blobs.write_all(&first.to_le_bytes())?;
         self.pack_blobs
-            .push((first, (self.by_pack_n - first) as u32));
+            .write_all(&((self.by_pack_n - first) as u32).to_le_bytes())?;
         Ok(())
     }
 
@@ -569,15 +656,13 @@ impl Builder {
         let mut positions = Vec::with_capacity(f.packs.len());
         for p in &f.packs {
             let a = attr(p);
-            let pos = match self.pack_pos.get(&p.id) {
+            let (pos, fresh) = match self.find_pack(&p.id)? {
                 Some(pos) => {
-                    let up = self.upgrades.entry(*pos).or_default();
-                    *up = up.join(a);
-                    *pos
+                    self.upgrade(pos, a)?;
+                    (pos, false)
                 }
-                None => self.write_pack(&PackMeta::listed(p, a))?,
+                None => (self.write_pack(&PackMeta::listed(p, a))?, true),
             };
-            let fresh = pos as usize == self.pack_blobs.len();
             positions.push(pos);
             let mut locs: Vec<(ChunkId, BlobLoc)> = p
                 .blobs
@@ -623,30 +708,16 @@ impl Builder {
         self.keys.flush()?;
         self.file_packs.flush()?;
         self.by_pack.flush()?;
-        let mut w = BufWriter::new(File::create(self.tmp.join("pack-blobs"))?);
-        for (first, n) in &self.pack_blobs {
-            w.write_all(&first.to_le_bytes())?;
-            w.write_all(&n.to_le_bytes())?;
-        }
-        w.flush()?;
-        drop(w);
-        // Attribution a later object gave a pack written earlier.
-        if !self.upgrades.is_empty() {
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(self.tmp.join("packs"))?;
-            for (pos, up) in &self.upgrades {
-                let at = u64::from(*pos) * PACK as u64;
-                let mut r = [0u8; PACK];
-                f.seek(SeekFrom::Start(at))?;
-                f.read_exact(&mut r)?;
-                let joined = attribution_of(&r).join(*up);
-                put_attribution(&mut r, joined);
-                f.seek(SeekFrom::Start(at))?;
-                f.write_all(&r)?;
+        self.pack_blobs.flush()?;
+        let mut bad = Vec::with_capacity(self.bad.len());
+        for (p, c) in std::mem::take(&mut self.bad) {
+            if let Some(pos) = self.find_pack(&p)? {
+                bad.push((pos, c));
             }
         }
+        // The table and its sort are no longer needed: freed before the records' sort.
+        self.pack_pos = HashMap::new();
+        self.collided = HashMap::new();
         // Records: each partition sorted in memory, in hash order.
         let mut out = BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("records"))?);
         let mut records = 0u64;
@@ -671,20 +742,23 @@ impl Builder {
         }
         out.flush()?;
         drop(out);
-        let mut ids: Vec<(PackId, u32)> = self.pack_pos.iter().map(|(k, v)| (*k, *v)).collect();
-        ids.sort_by_key(|a| a.0 .0 .0);
+        // Pack ids: each partition sorted in memory, in (keyed hash, id) order.
         let mut w = BufWriter::new(File::create(self.tmp.join("pack-ids"))?);
-        for (id, pos) in &ids {
-            w.write_all(&id.0 .0)?;
-            w.write_all(&pos.to_le_bytes())?;
+        let parts = std::mem::take(&mut self.pid_parts);
+        for (i, mut p) in parts.into_iter().enumerate() {
+            p.flush()?;
+            drop(p);
+            let path = self.tmp.join(format!("pid-{i:02x}"));
+            let raw = std::fs::read(&path)?;
+            std::fs::remove_file(&path)?;
+            let mut rs: Vec<&[u8]> = raw.chunks_exact(PACK_ID).collect();
+            rs.sort_by(|a, b| a[..40].cmp(&b[..40]));
+            for r in rs {
+                w.write_all(r)?;
+            }
         }
         w.flush()?;
         drop(w);
-        let bad = self
-            .bad
-            .iter()
-            .filter_map(|(p, c)| self.pack_pos.get(p).map(|pos| (*pos, *c)))
-            .collect();
         let meta = DiskMeta {
             version: VERSION,
             repo: repo.to_hex(),
@@ -694,7 +768,7 @@ impl Builder {
             files: std::mem::take(&mut self.files),
             bad,
             records,
-            packs: self.pack_pos.len() as u64,
+            packs: u64::from(self.n_packs),
         };
         let mut m = File::create(self.tmp.join("meta.json"))?;
         m.write_all(&serde_json::to_vec(&meta).expect("serializable"))?;
@@ -809,5 +883,84 @@ mod tests {
         assert!(d.lookup(&ChunkId(Id([0xee; 32]))).is_empty());
         assert!(d.lookup(&ChunkId(Id([0; 32]))).is_empty());
         assert!(d.lookup(&ChunkId(Id([0xff; 32]))).is_empty());
+    }
+
+    fn pack(n: u8) -> IndexPack {
+        IndexPack {
+            id: PackId(Id([n; 32])),
+            size: 100,
+            key: vec![n],
+            blobs: vec![crate::blob::PackEntry {
+                id: ChunkId(Id([n ^ 0x80; 32])),
+                kind: BlobKind::Data,
+                offset: 0,
+                length: 10,
+                raw_length: 10,
+                compressed: false,
+            }],
+            writer: None,
+            vouched: false,
+        }
+    }
+
+    /// Two packs whose keyed hashes share their first 8 bytes (a one-in-2^64 event,
+    /// forced here by planting the second's hash in the table) stay two packs; a pack
+    /// listed again by a later object is one pack whose attribution is the best of both,
+    /// written in place; and a build seeded from this one keeps it all.
+    #[test]
+    fn colliding_pack_hashes_and_packs_listed_twice_keep_their_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Builder::new(Some(dir.path())).unwrap();
+        let (a, c) = (pack(1), pack(2));
+        let first = IndexFile {
+            packs: vec![a.clone()],
+            ..Default::default()
+        };
+        b.add_file(
+            IndexId(Id([1; 32])),
+            &first,
+            |_| Attribution::default(),
+            false,
+        )
+        .unwrap();
+        // c's hash now leads to a's position.
+        let hc = u64::from_be_bytes(hash(&b.hkey, &c.id.0));
+        b.pack_pos.insert(hc, 0);
+        let second = IndexFile {
+            packs: vec![c.clone(), a.clone()],
+            ..Default::default()
+        };
+        let vouch = |p: &IndexPack| Attribution {
+            writer: Some([7; 32]),
+            vouched: p.id == a.id,
+            trusted: false,
+        };
+        b.add_file(IndexId(Id([2; 32])), &second, vouch, false)
+            .unwrap();
+        assert_eq!(b.collided.get(&c.id), Some(&1));
+        let d = b.finish(&RepoId(Id([1; 32])), None, None).unwrap();
+        assert_eq!(d.meta.packs, 2);
+        assert_eq!(d.pack_pos(&a.id), Some(0));
+        assert_eq!(d.pack_pos(&c.id), Some(1));
+        assert_eq!(d.pack_pos(&PackId(Id([3; 32]))), None);
+        let pa = d.pack_at(0);
+        assert_eq!((pa.id, pa.key.clone()), (a.id, vec![1]));
+        assert!(pa.vouched && pa.writer == Some([7; 32]), "{pa:?}");
+        let pc = d.pack_at(1);
+        assert_eq!((pc.id, pc.key.clone(), pc.vouched), (c.id, vec![2], false));
+        assert_eq!(d.lookup(&a.blobs[0].id)[0].pack, 0);
+        assert_eq!(d.lookup(&c.blobs[0].id)[0].pack, 1);
+        assert_eq!(d.pack_blobs(1)[0].0, c.blobs[0].id);
+        let fp = d.file_packs().unwrap();
+        assert_eq!(fp[&IndexId(Id([2; 32]))], vec![c.id, a.id]);
+
+        // Seeded into a new build with a new key: the same answers.
+        let mut b2 = Builder::new(Some(dir.path())).unwrap();
+        b2.seed(&d).unwrap();
+        let d2 = b2.finish(&RepoId(Id([1; 32])), None, None).unwrap();
+        assert_eq!(d2.pack_pos(&a.id), Some(0));
+        assert_eq!(d2.pack_pos(&c.id), Some(1));
+        assert!(d2.pack_at(0).vouched);
+        assert_eq!(d2.file_packs().unwrap(), fp);
     }
 }

@@ -122,7 +122,7 @@ pub struct PackMeta {
 }
 
 /// Who stands behind a pack listed in one index object.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Attribution {
     pub writer: Option<[u8; 32]>,
     pub vouched: bool,
