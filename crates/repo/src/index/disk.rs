@@ -15,9 +15,10 @@
 //! otherwise pile into one partition of the build's sort. Building reads records into 256
 //! partitions on disk and sorts each in memory; `pack-ids` is sorted the same way (by the
 //! keyed hash of the pack id, in 64 partitions). Its memory is a partition (~1/256 of the
-//! records) plus a 12-byte entry per pack in a hash table (the keyed hash's first 8 bytes
-//! to the position; a hit is confirmed against the id in `packs`): about 25 bytes a pack,
-//! ~80 MB for the 3 million packs of 100 million chunks.
+//! records) plus an 8-byte entry per pack in a hash table (the keyed hash's first 4 bytes
+//! to the position; a hit is confirmed against the id in `packs`, and the few ids whose 4
+//! bytes another pack took first go to a small map): about 10-20 bytes a pack, 38 MB for
+//! the 3 million packs of 100 million chunks.
 //!
 //! The folder is the host's own state, like the files cache: it is written 0700 and what it
 //! says is checked where it matters (every blob read is checked against its id; `verify`
@@ -75,6 +76,10 @@ pub struct DiskIndex {
     dir: PathBuf,
     hkey: [u8; 32],
     records: Option<Mmap>,
+    /// `records` again, read by `lookup` with pread: a mapped page a lookup touches (and
+    /// the 64 KiB the kernel maps around each fault) would count in the command's RSS,
+    /// about 50 KB a lookup on a large build.
+    records_file: File,
     packs: Option<Mmap>,
     pack_ids: Option<Mmap>,
     keys: Option<Mmap>,
@@ -130,6 +135,11 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 fn id_at(b: &[u8], at: usize) -> Id {
     Id(b[at..at + 32].try_into().expect("32 bytes"))
+}
+
+/// A pack's key in the build's table: the first 4 bytes of its sort key.
+fn table_key(h: &[u8; 8]) -> u32 {
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]])
 }
 
 /// The sort key of a chunk id (records) or a pack id (`pack-ids`).
@@ -205,6 +215,7 @@ impl DiskIndex {
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| damaged(dir, "its sort key is unreadable"))?;
         let records = map(&dir.join("records"), meta.records * RECORD as u64)?;
+        let records_file = File::open(dir.join("records"))?;
         let packs = map(&dir.join("packs"), meta.packs * PACK as u64)?;
         let pack_ids = map(&dir.join("pack-ids"), meta.packs * PACK_ID as u64)?;
         let key_len = std::fs::metadata(dir.join("keys"))?.len();
@@ -223,6 +234,7 @@ impl DiskIndex {
             dir: dir.to_path_buf(),
             hkey,
             records,
+            records_file,
             packs,
             pack_ids,
             keys,
@@ -246,13 +258,38 @@ impl DiskIndex {
         &self.packs.as_deref().expect("non-empty")[at..at + PACK]
     }
 
+    /// Record `i`, read from the file (see `records_file`); `None` if it cannot be read.
+    fn read_record(&self, i: u64) -> Option<[u8; RECORD]> {
+        let mut r = [0u8; RECORD];
+        match std::os::unix::fs::FileExt::read_exact_at(
+            &self.records_file,
+            &mut r,
+            i * RECORD as u64,
+        ) {
+            Ok(()) => Some(r),
+            Err(e) => {
+                tracing::warn!("on-disk index {}: {e}", self.dir.display());
+                None
+            }
+        }
+    }
+
     /// Every location of `id` the build holds, in build order. A location naming a pack
-    /// outside the build (a damaged cache) is left out.
+    /// outside the build (a damaged cache) is left out, and so is everything when the
+    /// build cannot be read (a chunk then looks new: stored again, never lost).
     pub fn lookup(&self, id: &ChunkId) -> Vec<BlobLoc> {
         let mut out = vec![];
         if self.meta.records == 0 {
             return out;
         }
+        let mut unreadable = false;
+        let mut record = |i: u64| match self.read_record(i) {
+            Some(r) => r,
+            None => {
+                unreadable = true;
+                [0xff; RECORD]
+            }
+        };
         let h = hash(&self.hkey, &id.0);
         // The hashes are uniform (keyed with the build's own key), so the record lies
         // near h's share of the file: start there and widen the window by doubling until
@@ -260,7 +297,7 @@ impl DiskIndex {
         let n = self.meta.records;
         let key = u64::from_be_bytes(h);
         let guess = ((u128::from(key) * u128::from(n)) >> 64) as u64;
-        let below = |i: u64| self.record(i)[..8] < h[..];
+        let mut below = |i: u64| record(i)[..8] < h[..];
         let (mut lo, mut hi);
         if below(guess.min(n - 1)) {
             // The answer is after guess.
@@ -292,15 +329,18 @@ impl DiskIndex {
             }
         }
         while lo < self.meta.records {
-            let r = self.record(lo);
+            let r = record(lo);
             if r[..8] != h[..] {
                 break;
             }
-            let (cid, loc) = decode_record(r);
+            let (cid, loc) = decode_record(&r);
             if cid == *id && loc.pack < self.pack_count() {
                 out.push(loc);
             }
             lo += 1;
+        }
+        if unreadable {
+            out.clear();
         }
         out
     }
@@ -438,9 +478,9 @@ pub struct Builder {
     file_packs: BufWriter<File>,
     /// The pack ids, partitioned by their keyed hash, sorted at the end into `pack-ids`.
     pid_parts: Vec<BufWriter<File>>,
-    /// Keyed hash of a pack id (first 8 bytes) to its position; the ids whose hash
+    /// Keyed hash of a pack id (first 4 bytes) to its position; the ids whose 4 bytes
     /// another pack took first are in `collided`.
-    pack_pos: HashMap<u64, u32>,
+    pack_pos: HashMap<u32, u32>,
     collided: HashMap<PackId, u32>,
     n_packs: u32,
     files: Vec<IndexId>,
@@ -531,8 +571,7 @@ impl Builder {
         if let Some(pos) = self.collided.get(id) {
             return Ok(Some(*pos));
         }
-        let h = u64::from_be_bytes(hash(&self.hkey, &id.0));
-        let Some(&pos) = self.pack_pos.get(&h) else {
+        let Some(&pos) = self.pack_pos.get(&table_key(&hash(&self.hkey, &id.0))) else {
             return Ok(None);
         };
         self.packs.flush()?;
@@ -575,7 +614,7 @@ impl Builder {
         self.keys.write_all(&m.key)?;
         self.key_off += m.key.len() as u64;
         let h = hash(&self.hkey, &m.id.0);
-        match self.pack_pos.entry(u64::from_be_bytes(h)) {
+        match self.pack_pos.entry(table_key(&h)) {
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(pos);
             }
@@ -903,8 +942,8 @@ mod tests {
         }
     }
 
-    /// Two packs whose keyed hashes share their first 8 bytes (a one-in-2^64 event,
-    /// forced here by planting the second's hash in the table) stay two packs; a pack
+    /// Two packs whose keyed hashes share their first 4 bytes (a thousand of 3 million
+    /// packs do; forced here by planting the second's key in the table) stay two packs; a pack
     /// listed again by a later object is one pack whose attribution is the best of both,
     /// written in place; and a build seeded from this one keeps it all.
     #[test]
@@ -924,7 +963,7 @@ mod tests {
         )
         .unwrap();
         // c's hash now leads to a's position.
-        let hc = u64::from_be_bytes(hash(&b.hkey, &c.id.0));
+        let hc = table_key(&hash(&b.hkey, &c.id.0));
         b.pack_pos.insert(hc, 0);
         let second = IndexFile {
             packs: vec![c.clone(), a.clone()],
