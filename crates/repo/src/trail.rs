@@ -889,11 +889,14 @@ impl Repository {
     /// What the anchors say about a trail read by [`Repository::trail_verify`]: every
     /// snapshot recorded the head it saw, and the trail must still hold that entry, with
     /// those bytes. One problem per snapshot whose anchor the trail no longer holds, and
-    /// per anchor of `others` (what recorded it, the anchor: WAL objects' labels).
+    /// per anchor of `others` (what recorded it, the anchor: WAL objects' labels); with
+    /// `lagging` (a secondary, whose trail is the primary's as of the last copy), an
+    /// anchor of `others` past the trail's end is not one.
     pub fn trail_anchor_problems(
         &self,
         read: &[Read],
         others: &[(String, Anchor)],
+        lagging: bool,
     ) -> Result<Vec<String>> {
         let by_seq: std::collections::HashMap<u64, &str> =
             read.iter().map(|r| (r.seq, r.hash.as_str())).collect();
@@ -918,6 +921,9 @@ impl Repository {
             }
         }
         for (what, a) in others {
+            if lagging && a.seq > last {
+                continue;
+            }
             match by_seq.get(&a.seq) {
                 None => out.push(format!(
                     "{what} records entry {} of the trail as written before it, but the trail now ends at {last} or lacks it: entries were removed",

@@ -141,7 +141,8 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
             // What the trail's own chain cannot show: entries removed from its end. Every
             // snapshot's anchor, each cluster's newest WAL object's and each witnessed
             // head must still be in it.
-            let mut anchors = repo.trail_anchor_problems(&read, &repo.wal_newest_anchors()?)?;
+            let mut anchors =
+                repo.trail_anchor_problems(&read, &repo.wal_newest_anchors()?, ctx.on_secondary())?;
             anchors.extend(expected.iter().filter_map(|a| repo.trail_holds(&read, a)));
             if !anchors.is_empty() {
                 let last = read.last().map_or(0, |r| r.seq);

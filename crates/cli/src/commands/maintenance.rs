@@ -96,6 +96,7 @@ pub(crate) fn cmd_verify(ctx: &Ctx, read_data: bool, subset: Option<&str>) -> Re
             progress: progress.as_ref(),
             key_max_age: ctx.settings.key_max_age()?,
             record: !ctx.on_secondary(),
+            trail_may_lag: ctx.on_secondary(),
         },
     )?;
     ctx.touch(serde_json::json!({"read_data": read_data, "errors": r.errors.len(), "bytes_read": r.bytes_read, "vouched": r.vouched, "damaged": r.damaged, "verified": r.verified}));
