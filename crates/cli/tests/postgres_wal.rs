@@ -140,13 +140,7 @@ fn archive_command_round_trip_and_refusals() {
         names.len(),
         "{v}"
     );
-    let obj = std::fs::read_dir(std::path::Path::new(&r.repo).join("wal"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join(&seg);
+    let obj = wal_object(&r, &seg);
     let mut bytes = std::fs::read(&obj).unwrap();
     let n = bytes.len();
     bytes[n - 1000] ^= 1;
@@ -180,6 +174,17 @@ fn archive_command_round_trip_and_refusals() {
         std::fs::read(&out).unwrap(),
         std::fs::read(copies.join(other)).unwrap()
     );
+}
+
+/// Where a local repository stores archived file `name` (of its one cluster).
+fn wal_object(t: &T, name: &str) -> std::path::PathBuf {
+    std::fs::read_dir(std::path::Path::new(&t.repo).join("wal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join(name)
 }
 
 fn wait_archived(pg: &PgCluster, n: u32) {
@@ -728,13 +733,7 @@ fn wal_objects_anchor_the_trail_and_a_cut_behind_them_is_caught() {
         "--pgdata",
         data,
     ]);
-    let obj = std::fs::read_dir(std::path::Path::new(&t.repo).join("wal"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join(&seg);
+    let obj = wal_object(&t, &seg);
     let stored = std::fs::read(&obj).unwrap();
     let (label, at, len) = wal_label(&stored);
     assert_eq!(label["trail"]["seq"].as_u64(), Some(seq), "{label}");

@@ -761,12 +761,8 @@ impl Builder {
         let mut out = BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("records"))?);
         let mut records = 0u64;
         let parts = std::mem::take(&mut self.parts);
-        for (i, mut w) in parts.into_iter().enumerate() {
-            w.flush()?;
-            drop(w);
-            let path = self.tmp.join(format!("part-{i:02x}"));
-            let raw = std::fs::read(&path)?;
-            std::fs::remove_file(&path)?;
+        for (i, w) in parts.into_iter().enumerate() {
+            let raw = take_part(w, &self.tmp.join(format!("part-{i:02x}")))?;
             let mut rs: Vec<&[u8]> = raw.chunks_exact(RECORD).collect();
             rs.sort_by(|a, b| {
                 a[..40]
@@ -784,12 +780,8 @@ impl Builder {
         // Pack ids: each partition sorted in memory, in (keyed hash, id) order.
         let mut w = BufWriter::new(File::create(self.tmp.join("pack-ids"))?);
         let parts = std::mem::take(&mut self.pid_parts);
-        for (i, mut p) in parts.into_iter().enumerate() {
-            p.flush()?;
-            drop(p);
-            let path = self.tmp.join(format!("pid-{i:02x}"));
-            let raw = std::fs::read(&path)?;
-            std::fs::remove_file(&path)?;
+        for (i, p) in parts.into_iter().enumerate() {
+            let raw = take_part(p, &self.tmp.join(format!("pid-{i:02x}")))?;
             let mut rs: Vec<&[u8]> = raw.chunks_exact(PACK_ID).collect();
             rs.sort_by(|a, b| a[..40].cmp(&b[..40]));
             for r in rs {
@@ -840,6 +832,15 @@ impl Builder {
         }
         Ok(built)
     }
+}
+
+/// The content of a partition the build wrote through `w` at `path`, which is removed.
+fn take_part(mut w: BufWriter<File>, path: &Path) -> Result<Vec<u8>> {
+    w.flush()?;
+    drop(w);
+    let raw = std::fs::read(path)?;
+    std::fs::remove_file(path)?;
+    Ok(raw)
 }
 
 impl Drop for Builder {
