@@ -454,6 +454,8 @@ const PLAIN_VARS: &[&str] = &[
     "CUSTOS_PASSWORD_COMMAND",
     "CUSTOS_NEW_PASSWORD_FILE",
     "CUSTOS_CACHE_DIR",
+    "CUSTOS_INDEX_MEMORY_MB",
+    "CUSTOS_LOCK_WAIT",
     "PGDATA",
     "PGHOST",
     "PGPORT",
@@ -492,6 +494,9 @@ impl Env {
     }
 
     pub fn var(&self, k: &str) -> Option<&str> {
+        // A variable read here but not captured would be silently ignored (as
+        // CUSTOS_INDEX_MEMORY_MB and CUSTOS_LOCK_WAIT once were).
+        debug_assert!(PLAIN_VARS.contains(&k), "{k} is read but not captured");
         self.vars
             .get(k)
             .map(String::as_str)

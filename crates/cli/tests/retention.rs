@@ -143,7 +143,7 @@ fn forget_plan_dry_run_execute_and_prune() {
 
 #[test]
 fn prune_waits_for_running_backups() {
-    let t = T::new();
+    let mut t = T::new();
     let o = t.run_stdin(&["backup", "stream", "--name", "a"], b"first");
     assert!(o.status.success());
     // A backup that is running (its command sleeps) holds a shared lock.
@@ -185,7 +185,9 @@ fn prune_waits_for_running_backups() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let err = t.fails(&["prune", "--lock-wait", "1s"], 11);
     assert!(err.contains("waited 1s"), "{err}");
-    let pr = t.json(&["prune", "--lock-wait", "2m"]);
+    // The bound from the environment (what an agent's unit file sets) works as the flag.
+    t.set("CUSTOS_LOCK_WAIT", "2m");
+    let pr = t.json(&["prune"]);
     assert!(slow.wait().unwrap().success());
     // Prune ran after the backup: its snapshot and data are whole.
     assert!(pr.is_object(), "{pr}");
@@ -193,6 +195,9 @@ fn prune_waits_for_running_backups() {
     assert_eq!(o.stdout, b"again\n");
     t.ok(&["verify", "--read-data"]);
     let bad = t.fails(&["prune", "--lock-wait", "soon"], 2);
+    assert!(bad.contains("lock wait `soon`"), "{bad}");
+    t.set("CUSTOS_LOCK_WAIT", "soon");
+    let bad = t.fails(&["prune"], 2);
     assert!(bad.contains("lock wait `soon`"), "{bad}");
 }
 
@@ -440,6 +445,26 @@ fn index_compact_rewrites_the_objects_of_many_backups_as_one_and_nothing_changes
     let index_dir = t.path("repo/index");
     let objects = || std::fs::read_dir(&index_dir).unwrap().count();
     assert_eq!(objects(), 12, "one index object per backup");
+    let builds = || -> Vec<std::path::PathBuf> {
+        let mut b = vec![];
+        for repo in std::fs::read_dir(t.path("cache")).unwrap() {
+            for d in std::fs::read_dir(repo.unwrap().path()).unwrap() {
+                let d = d.unwrap().path();
+                if d.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("index-")
+                {
+                    b.push(d.join("current"));
+                }
+            }
+        }
+        b
+    };
+    assert!(
+        builds().iter().any(|c| c.exists()),
+        "the commands read the index through a build in the cache folder"
+    );
     // A backup key may not rewrite what other keys wrote.
     t.add_key("backup", "backup-pw", &[]);
     let backup = t.with_password("backup-pw");
