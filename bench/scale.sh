@@ -7,6 +7,7 @@
 # 6 minutes back from now). Then, timed with peak RSS:
 #   snapshots                       lists snapshot summaries (never reads the index)
 #   backup-first                    1 GiB of new files; builds the host's on-disk index
+#                                   (anonymous and file-backed RSS sampled: rss-sample.sh)
 #   backup-again                    the same with one file changed; reuses the build and
 #                                   holds the previous backup's object in memory over it
 #   backup-memory                   as backup-again on a host without a build, the whole index
@@ -88,7 +89,9 @@ for n in $SIZES; do
     note "index-bytes-$n" "$(du -sb "$R/index" | cut -f1)"
     use "$R" "index-$n"
     measure "snapshots-$n" "$CUSTOS" --quiet snapshots
-    measure "backup-first-$n" "$CUSTOS" --quiet backup files "$DATA"
+    # Sampled too: how much of the peak is the process's own memory, how much mapped files.
+    measure "backup-first-$n" "$ROOT/bench/rss-sample.sh" "$RES/backup-first-$n.rss" "$CUSTOS" --quiet backup files "$DATA"
+    note "backup-first-$n-rss" "$(tail -1 "$RES/backup-first-$n.rss")"
     note "cache-bytes-$n" "$(du -sb "$CUSTOS_CACHE_DIR" | cut -f1)"
     head -c 1M /dev/urandom > "$DATA/f1"
     measure "backup-again-$n" "$CUSTOS" --quiet backup files "$DATA"

@@ -476,3 +476,35 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
     t.ok(&["verify", "--read-data"]);
     t.ok(&["audit", "verify"]);
 }
+
+#[test]
+fn a_cache_folder_that_cannot_be_written_costs_a_build_not_the_command() {
+    // The on-disk index goes to the cache folder; one this user cannot write (another
+    // user's, a file in its place) must not stop a backup or a restore.
+    let mut t = T::new();
+    t.set("CUSTOS_INDEX_MEMORY_MB", "0");
+    t.ok(&["backup", "stream", "--name", "a", "--command", "echo first"]);
+    let blocked = t.path("not-a-folder");
+    std::fs::write(&blocked, "a file where the cache folder should be").unwrap();
+    t.set("CUSTOS_CACHE_DIR", blocked.to_str().unwrap());
+    let o = t.run(&[
+        "backup",
+        "stream",
+        "--name",
+        "a",
+        "--command",
+        "echo second",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot write the on-disk index") && err.contains("temporary folder"),
+        "{err}"
+    );
+    let o = t.run(&["restore", "stream", "latest"]);
+    assert_eq!(o.stdout, b"second\n");
+    assert_eq!(
+        std::fs::read_to_string(&blocked).unwrap(),
+        "a file where the cache folder should be"
+    );
+}

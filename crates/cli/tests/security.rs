@@ -718,7 +718,8 @@ fn users_and_permissions_on_a_local_repository() {
     // `init --owner postgres`: root may work on it, and leaves only postgres's objects.
     let mut t = T::bare();
     std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    t.set("CUSTOS_CACHE_DIR", "/tmp/custos-test-unused-cache");
+    // Each user has its own cache folder (as each has its own home).
+    t.set("CUSTOS_CACHE_DIR", t.path("cache-root").to_str().unwrap());
     t.ok(&[
         "init",
         "--kdf-memory-mib",
@@ -743,6 +744,10 @@ fn users_and_permissions_on_a_local_repository() {
         .collect();
     assert!(foreign.is_empty(), "objects root left behind: {foreign:?}");
     t.run_as = Some("postgres".into());
+    let pg_cache = t.path("cache-postgres");
+    std::fs::create_dir(&pg_cache).unwrap();
+    std::os::unix::fs::chown(&pg_cache, Some(postgres), None).unwrap();
+    t.set("CUSTOS_CACHE_DIR", pg_cache.to_str().unwrap());
     let out = t.run(&[
         "backup",
         "stream",

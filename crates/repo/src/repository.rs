@@ -679,7 +679,26 @@ impl Repository {
                  the temporary folder without one): check that it is writable and has room",
             )
             };
-        let mut builder = Builder::new(cache.as_deref()).map_err(local)?;
+        // A cache folder this user cannot write (made by another user, full) costs a
+        // build for this command alone, never the command.
+        let mut builder = match Builder::new(cache.as_deref()) {
+            Err(e) if cache.is_some() => {
+                tracing::warn!(
+                    "cannot write the on-disk index in {}: {e}; building it in the temporary folder for this command (check the cache folder, cache_dir or CUSTOS_CACHE_DIR)",
+                    where_.display()
+                );
+                Builder::new(None).map_err(|e| {
+                    Error::new(
+                        Kind::Config,
+                        format!(
+                            "cannot write the on-disk index in {}: {e}",
+                            std::env::temp_dir().display()
+                        ),
+                    )
+                })?
+            }
+            r => r.map_err(local)?,
+        };
         let todo: Vec<&custos_storage::Entry> = match &old {
             Some(d) => {
                 builder.seed(d).map_err(local)?;

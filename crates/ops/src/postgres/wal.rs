@@ -197,7 +197,12 @@ impl Spool {
                 chrono::Utc::now().to_rfc3339()
             ),
         );
-        let _ = std::fs::write(self.dir.join(".pusher-error"), &text);
+        // Whole or not at all: the archive_command waiting for it reads it as soon as it
+        // appears (written in place, it once read the empty file and said nothing).
+        let tmp = self.dir.join(".pusher-error.new");
+        if std::fs::write(&tmp, &text).is_ok() {
+            let _ = std::fs::rename(&tmp, self.dir.join(".pusher-error"));
+        }
     }
 
     /// A pusher started: the failure of an earlier one no longer holds.
@@ -306,7 +311,11 @@ impl Spool {
                             Ok(true)
                         }
                         Err(e) => {
-                            let _ = std::fs::write(self.error_file(name), &e.message);
+                            // Renamed in place whole, as `.pusher-error`.
+                            let tmp = self.dir.join(format!(".{name}.error.new"));
+                            if std::fs::write(&tmp, &e.message).is_ok() {
+                                let _ = std::fs::rename(&tmp, self.error_file(name));
+                            }
                             let _ = std::fs::write(
                                 self.dir.join(".last-error"),
                                 format!(

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use custos_model::{ChunkId, Id, IndexId, PackId, RepoId};
@@ -80,6 +80,9 @@ pub struct DiskIndex {
     /// the 64 KiB the kernel maps around each fault) would count in the command's RSS,
     /// about 50 KB a lookup on a large build.
     records_file: File,
+    /// Opened with the rest: another command on this host may remove the folder once a
+    /// newer build is published, and what is open stays readable.
+    file_packs_file: File,
     packs: Option<Mmap>,
     pack_ids: Option<Mmap>,
     keys: Option<Mmap>,
@@ -189,12 +192,20 @@ impl DiskIndex {
         reader: Option<[u8; 32]>,
         authority: Option<[u8; 32]>,
     ) -> Result<DiskIndex> {
-        let name = std::fs::read_to_string(base.join("current"))?;
-        let name = name.trim();
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(damaged(base, "its pointer names no build"));
-        }
-        let d = DiskIndex::open(&base.join(name), None)?;
+        // A build published between reading the pointer and opening the folder it named
+        // (another command on this host) may have removed that folder: read it again.
+        let mut tries = 0;
+        let d = loop {
+            let name = std::fs::read_to_string(base.join("current"))?;
+            let name = name.trim();
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(damaged(base, "its pointer names no build"));
+            }
+            match DiskIndex::open(&base.join(name), None) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                r => break r?,
+            }
+        };
         if d.meta.repo != repo.to_hex()
             || d.meta.reader != reader.map(hex::encode)
             || d.meta.authority != authority.map(hex::encode)
@@ -216,6 +227,7 @@ impl DiskIndex {
             .ok_or_else(|| damaged(dir, "its sort key is unreadable"))?;
         let records = map(&dir.join("records"), meta.records * RECORD as u64)?;
         let records_file = File::open(dir.join("records"))?;
+        let file_packs_file = File::open(dir.join("file-packs"))?;
         let packs = map(&dir.join("packs"), meta.packs * PACK as u64)?;
         let pack_ids = map(&dir.join("pack-ids"), meta.packs * PACK_ID as u64)?;
         let key_len = std::fs::metadata(dir.join("keys"))?.len();
@@ -235,6 +247,7 @@ impl DiskIndex {
             hkey,
             records,
             records_file,
+            file_packs_file,
             packs,
             pack_ids,
             keys,
@@ -426,8 +439,9 @@ impl DiskIndex {
 
     /// The packs each index object of the build names.
     pub fn file_packs(&self) -> Result<HashMap<IndexId, Vec<PackId>>> {
-        let mut raw = vec![];
-        File::open(self.dir.join("file-packs"))?.read_to_end(&mut raw)?;
+        // Read at offsets: the handle is shared by every call.
+        let mut raw = vec![0u8; self.file_packs_file.metadata()?.len() as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&self.file_packs_file, &mut raw, 0)?;
         let mut out = HashMap::new();
         let mut at = 0usize;
         for f in &self.meta.files {
@@ -804,17 +818,23 @@ impl Builder {
         let mut m = File::create(self.tmp.join("meta.json"))?;
         m.write_all(&serde_json::to_vec(&meta).expect("serializable"))?;
         m.sync_all()?;
+        // Opened (every file mapped or held open) before it is published: another command
+        // on this host that publishes its own build next removes this folder, and what is
+        // open stays readable.
+        let mut built = DiskIndex::open(&self.tmp, self.temp.take())?;
         let name = format!("b-{}", hex::encode(rand::random::<[u8; 8]>()));
         let done = self.base.join(&name);
-        std::fs::rename(&self.tmp, &done)?;
-        // Mapped before it is published: a concurrent build that finishes next may remove
-        // this folder, and what is mapped stays readable.
-        let built = DiskIndex::open(&done, self.temp.take())?;
-        if built._temp.is_none() {
+        if built._temp.is_some() {
+            std::fs::rename(&self.tmp, &done)?;
+        } else {
+            // Publishing and removing older builds, one command of this host at a time:
+            // none removes a build another has moved in place but not yet published.
+            let _publishing = publish_lock(&self.base)?;
+            std::fs::rename(&self.tmp, &done)?;
             let ptr = self.base.join(format!(".current-{name}"));
             std::fs::write(&ptr, &name)?;
             std::fs::rename(&ptr, self.base.join("current"))?;
-            // Older builds: a command that mapped one keeps its pages until it ends.
+            // Older builds: a command that opened one keeps it until it ends.
             if let Ok(rd) = std::fs::read_dir(&self.base) {
                 for e in rd.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
@@ -830,8 +850,25 @@ impl Builder {
                 }
             }
         }
+        built.dir = done;
         Ok(built)
     }
+}
+
+/// An exclusive lock on the cache folder `base` for publishing a build (held while the
+/// returned file is open).
+fn publish_lock(base: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(base.join(".publish"))?;
+    // SAFETY: flock on a descriptor this function owns; released when it is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 /// The content of a partition the build wrote through `w` at `path`, which is removed.
@@ -1002,5 +1039,69 @@ mod tests {
         assert_eq!(d2.pack_pos(&c.id), Some(1));
         assert!(d2.pack_at(0).vouched);
         assert_eq!(d2.file_packs().unwrap(), fp);
+    }
+
+    /// Commands of one host building in one cache folder at once (a backup, a base backup
+    /// and the agent's jobs): publishing a build removes the older ones' folders, and a
+    /// command holding an older one still reads all of it; the pointer names a whole build
+    /// at every moment.
+    #[test]
+    fn a_build_removed_by_a_newer_one_stays_readable_to_the_command_holding_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = RepoId(Id([1; 32]));
+        let f = IndexFile {
+            packs: vec![pack(1), pack(2)],
+            ..Default::default()
+        };
+        let object = IndexId(Id([5; 32]));
+        let build = || {
+            let mut b = Builder::new(Some(dir.path())).unwrap();
+            b.add_file(object, &f, |_| Attribution::default(), false)
+                .unwrap();
+            b
+        };
+        let whole = |d: &DiskIndex| {
+            assert_eq!(
+                d.file_packs().unwrap()[&object],
+                vec![pack(1).id, pack(2).id]
+            );
+            assert_eq!(d.lookup(&pack(2).blobs[0].id)[0].pack, 1);
+            assert_eq!(d.pack_at(0).key, vec![1]);
+        };
+        let (a, b) = (build(), build());
+        let da = a.finish(&repo, None, None).unwrap();
+        let held = DiskIndex::open_current(dir.path(), &repo, None, None).unwrap();
+        let db = b.finish(&repo, None, None).unwrap();
+        assert!(!da.dir.exists(), "the older build's folder is removed");
+        for d in [&da, &held, &db] {
+            whole(d);
+        }
+        let builds = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("b-")
+                })
+                .count()
+        };
+        assert_eq!(builds(), 1);
+        // Four commands building, publishing and opening at once, five times over.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        let d = build().finish(&repo, None, None).unwrap();
+                        whole(&d);
+                        whole(&DiskIndex::open_current(dir.path(), &repo, None, None).unwrap());
+                    }
+                });
+            }
+        });
+        whole(&DiskIndex::open_current(dir.path(), &repo, None, None).unwrap());
+        assert_eq!(builds(), 1);
     }
 }
