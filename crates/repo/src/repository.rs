@@ -831,10 +831,11 @@ impl Repository {
             WriterOptions {
                 pack_size: self.config.pack_size as usize,
                 packers: self.threads(),
-                // One upload per packer and one more: each holds a 16 MiB pack until the
-                // store answers. Four on two cores held 64 MiB for no measurable gain on
-                // S3 (bench/RESULTS.md, files on S3).
-                uploaders: self.threads() + 1,
+                // One upload per packer: each holds a 16 MiB pack until the store
+                // answers. One more (and a finished pack queued for it) held 30-60 MB
+                // more at the same speed, locally and on S3 (bench/RESULTS.md, "the
+                // backup pipeline's packs in flight").
+                uploaders: self.threads(),
             },
         )
     }

@@ -76,9 +76,9 @@ impl BlobWriter {
             stats: Mutex::new(WriteStats::default()),
         });
         let (tx, rx) = bounded::<(ChunkId, BlobKind, Vec<u8>)>(opts.packers * 2);
-        // One finished pack waits for an uploader: more would only hold memory (16 MiB each)
-        // while the store is the slower side.
-        let (up_tx, up_rx) = bounded::<FinishedPack>(1);
+        // A finished pack is handed straight to a free uploader: one queued between them
+        // only held another 16 MiB (the packer waits instead, and so do the readers).
+        let (up_tx, up_rx) = bounded::<FinishedPack>(0);
         let packers = (0..opts.packers)
             .map(|_| {
                 let rx = rx.clone();
