@@ -11,13 +11,16 @@
 //! deduplicates against those: the next one stores the chunk again, and readers read
 //! another copy). Nothing else is changed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use custos_model::{ChunkId, Error, Id, PackId, Result};
 use custos_repo::{pack, paths, Repository};
 use serde::Serialize;
 
 use crate::progress::Progress;
+
+/// How many checked chunk ids `verify` remembers before it starts over (~50 MB).
+const CHECKED_MAX: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct VerifyReport {
@@ -90,12 +93,6 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     for f in repo.storage.permission_findings()? {
         r.errors.push(format!("permissions: {f}"));
     }
-    let stored: HashMap<PackId, u64> = repo
-        .storage
-        .list(paths::DATA)?
-        .into_iter()
-        .filter_map(|e| paths::id_of(&e.path).map(|id| (PackId(id), e.size)))
-        .collect();
     let index = match repo.load_index_fresh() {
         Ok(i) => i,
         Err(e) => {
@@ -104,18 +101,42 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
     };
     r.packs = index.pack_count() as u64;
-    for p in index.packs() {
-        match stored.get(&p.id) {
-            None => r.errors.push(format!(
-                "pack {} is in the index but missing from storage",
-                p.id
-            )),
-            Some(s) if *s != p.size => r.errors.push(format!(
-                "pack {} has {} bytes in storage, the index says {}",
-                p.id, s, p.size
-            )),
-            _ => {}
+    // Which indexed packs are stored, by position: a bit each, not a map of every stored
+    // pack (3 million at 100M chunks). A large repository is listed one shard at a time.
+    let mut stored = vec![false; index.pack_count()];
+    let mut unindexed = 0usize;
+    let shards: Vec<String> = if index.pack_count() <= 1 << 16 {
+        vec![paths::DATA.to_string()]
+    } else {
+        (0..=255u8)
+            .map(|b| format!("{}/{b:02x}", paths::DATA))
+            .collect()
+    };
+    for shard in &shards {
+        for e in repo.storage.list(shard)? {
+            let Some(id) = paths::id_of(&e.path).map(PackId) else {
+                continue;
+            };
+            match index.pack_pos_of(&id) {
+                None => unindexed += 1,
+                Some(pos) => {
+                    stored[pos as usize] = true;
+                    let p = index.pack_at(pos);
+                    if p.size != e.size {
+                        r.errors.push(format!(
+                            "pack {} has {} bytes in storage, the index says {}",
+                            p.id, e.size, p.size
+                        ));
+                    }
+                }
+            }
         }
+    }
+    for (pos, _) in stored.iter().enumerate().filter(|(_, s)| !**s) {
+        r.errors.push(format!(
+            "pack {} is in the index but missing from storage",
+            index.pack_at(pos as u32).id
+        ));
     }
     if index.damaged_copies() > 0 {
         r.warnings.push(format!(
@@ -123,7 +144,6 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             index.damaged_copies()
         ));
     }
-    let unindexed = stored.keys().filter(|id| index.pack(id).is_none()).count();
     if unindexed > 0 {
         r.warnings.push(format!("{unindexed} pack(s) are not in the index (left by an interrupted run, or named by an index object that is gone: `custos index rebuild` indexes them again, `custos prune` removes what no snapshot needs)"));
     }
@@ -137,7 +157,11 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     };
     r.snapshots = snapshots.len() as u64;
     if repo.keys.secret.is_some() {
+        // Chunks checked already (snapshots share most of theirs), forgotten when the set
+        // holds a million: memory stays bounded, and a chunk checked again costs a lookup.
         let mut checked: HashSet<ChunkId> = HashSet::new();
+        // Problems found, each reported once (few: not bounded by the cap).
+        let mut reported: HashSet<(bool, ChunkId)> = HashSet::new();
         for s in &snapshots {
             let refs = match crate::manifest::referenced_chunks(repo, &index, &s.id) {
                 Ok(r) => r,
@@ -147,10 +171,17 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
                 }
             };
             for id in refs {
+                if checked.len() >= CHECKED_MAX {
+                    checked.clear();
+                }
                 if !checked.insert(id) {
                     continue;
                 }
-                if !index.contains(&id) {
+                let missing = !index.contains(&id);
+                if (missing || !index.holds_intact(&id)) && !reported.insert((missing, id)) {
+                    continue;
+                }
+                if missing {
                     r.errors.push(format!(
                         "snapshot {} references chunk {} which is not in the index",
                         s.id, id
@@ -244,7 +275,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     if opts.read_data {
         let mut packs: Vec<custos_repo::index::PackMeta> = index
             .packs()
-            .filter(|p| stored.contains_key(&p.id))
+            .enumerate()
+            .filter(|(pos, _)| stored[*pos])
+            .map(|(_, p)| p)
             .collect();
         if opts.subset < 1.0 {
             use rand::seq::SliceRandom;
@@ -296,8 +329,8 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         // A uniform sample (reservoir), pack by pack: memory does not grow with the index.
         let mut unchecked: Vec<(PackId, ChunkId, custos_repo::BlobLoc)> = vec![];
         let mut seen = 0usize;
-        for m in index.packs() {
-            if m.vouched || !stored.contains_key(&m.id) {
+        for (pos, m) in index.packs().enumerate() {
+            if m.vouched || !stored[pos] {
                 continue;
             }
             for (id, l) in index.blobs_of(&m.id) {

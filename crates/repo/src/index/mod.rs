@@ -294,7 +294,8 @@ impl Index {
         }
     }
 
-    fn pack_pos_of(&self, id: &PackId) -> Option<u32> {
+    /// The position of a pack (what [`Index::pack_at`] and a blob location name).
+    pub fn pack_pos_of(&self, id: &PackId) -> Option<u32> {
         self.pack_pos
             .get(id)
             .copied()
