@@ -1278,9 +1278,11 @@ fn write_data(
                 }
             }
         };
-        // Decoders: several per core, so that fetches (from a remote repository, or packs
-        // not yet in the page cache) overlap.
-        let decoders = (repo.threads() * 3).min(work.len()).max(1);
+        // Decoders: two per core, so that fetches (from a remote repository, or packs
+        // not yet in the page cache) overlap. Each holds a pack and a buffer: three per
+        // core were no faster, locally or on S3, and held 30-40 MB more (bench/RESULTS.md,
+        // files on S3 run 3).
+        let decoders = (repo.threads() * 2).min(work.len()).max(1);
         std::thread::scope(|dscope| {
             for _ in 0..decoders {
                 let (decode, failed, work, idle) = (&decode, &failed, &work, &idle);
