@@ -11,7 +11,8 @@
 #   backup-again                    the same with one file changed; reuses the build and
 #                                   holds the previous backup's object in memory over it
 #   backup-memory                   as backup-again on a host without a build, the whole index
-#                                   held in memory (CUSTOS_INDEX_MEMORY_MB large: the old way)
+#                                   held in memory (CUSTOS_INDEX_MEMORY_MB large: the old way;
+#                                   up to 10M entries)
 #   ls-cached                       lists the newest snapshot (reads the index) with the build
 #   wal-push                        one 16 MiB segment of a real cluster
 #   audit-since                     audit log --since 1d
@@ -96,8 +97,11 @@ for n in $SIZES; do
     head -c 1M /dev/urandom > "$DATA/f1"
     measure "backup-again-$n" "$CUSTOS" --quiet backup files "$DATA"
     head -c 1M /dev/urandom > "$DATA/f2"
-    measure "backup-memory-$n" env CUSTOS_INDEX_MEMORY_MB=1000000 CUSTOS_CACHE_DIR="$WORK/nocache-$n" "$CUSTOS" --quiet backup files "$DATA"
-    rm -rf "$WORK/nocache-$n"
+    # The old way holds ~100 bytes a chunk: shown up to 10M entries (1 GB), not at 100M.
+    if [ "$n" -le 10000000 ]; then
+        measure "backup-memory-$n" env CUSTOS_INDEX_MEMORY_MB=1000000 CUSTOS_CACHE_DIR="$WORK/nocache-$n" "$CUSTOS" --quiet backup files "$DATA"
+        rm -rf "$WORK/nocache-$n"
+    fi
     measure "ls-cached-$n" "$CUSTOS" --quiet ls latest
     measure "wal-push-$n" "$CUSTOS" --quiet wal-push --pgdata "$CL" "$CL/pg_wal/$SEG"
     measure "audit-since-$n" "$CUSTOS" --quiet audit log --since 1d

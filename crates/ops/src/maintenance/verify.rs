@@ -273,11 +273,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     let mut read_whole: std::collections::HashSet<PackId> = Default::default();
     let mut damaged: Vec<(PackId, ChunkId)> = vec![];
     if opts.read_data {
-        let mut packs: Vec<custos_repo::index::PackMeta> = index
-            .packs()
-            .enumerate()
-            .filter(|(pos, _)| stored[*pos])
-            .map(|(_, p)| p)
+        // Positions (4 bytes a pack), each pack's description read when its turn comes.
+        let mut packs: Vec<u32> = (0..index.pack_count() as u32)
+            .filter(|pos| stored[*pos as usize])
             .collect();
         if opts.subset < 1.0 {
             use rand::seq::SliceRandom;
@@ -285,44 +283,50 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             let n = ((packs.len() as f64) * opts.subset).ceil() as usize;
             packs.truncate(n.max(1).min(packs.len()));
         }
-        opts.progress
-            .start("verify", Some(packs.iter().map(|p| p.size).sum()));
-        let results = custos_repo::repository::parallel_map(
-            &packs,
-            repo.threads() + 1,
-            |p| -> Result<Checked> {
-                let bytes = match repo.storage.get(&paths::pack(&p.id)) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        return Ok(Checked {
-                            errors: vec![format!("pack {}: {}", p.id, e.message)],
-                            ..Default::default()
-                        })
-                    }
-                };
-                opts.progress.add(bytes.len() as u64);
-                // Copies already recorded as damaged are not reported again.
-                let all = index.blobs_of(&p.id);
-                let blobs: Vec<_> = all
-                    .iter()
-                    .filter(|(id, l)| !index.is_bad(id, l))
-                    .copied()
-                    .collect();
-                let known = blobs.len() < all.len();
-                Ok(check_pack(repo, p, &bytes, &blobs, known))
-            },
-        )?;
-        opts.progress.finish();
-        for (p, c) in packs.iter().zip(results) {
-            r.packs_read += 1;
-            r.bytes_read += p.size;
-            r.chunks_read += c.good;
-            if restore_key && c.errors.is_empty() {
-                read_whole.insert(p.id);
+        opts.progress.start(
+            "verify",
+            Some(packs.iter().map(|p| index.pack_at(*p).size).sum()),
+        );
+        for batch in packs.chunks(1024) {
+            let batch: Vec<custos_repo::index::PackMeta> =
+                batch.iter().map(|p| index.pack_at(*p)).collect();
+            let results = custos_repo::repository::parallel_map(
+                &batch,
+                repo.threads() + 1,
+                |p| -> Result<Checked> {
+                    let bytes = match repo.storage.get(&paths::pack(&p.id)) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return Ok(Checked {
+                                errors: vec![format!("pack {}: {}", p.id, e.message)],
+                                ..Default::default()
+                            })
+                        }
+                    };
+                    opts.progress.add(bytes.len() as u64);
+                    // Copies already recorded as damaged are not reported again.
+                    let all = index.blobs_of(&p.id);
+                    let blobs: Vec<_> = all
+                        .iter()
+                        .filter(|(id, l)| !index.is_bad(id, l))
+                        .copied()
+                        .collect();
+                    let known = blobs.len() < all.len();
+                    Ok(check_pack(repo, p, &bytes, &blobs, known))
+                },
+            )?;
+            for (p, c) in batch.iter().zip(results) {
+                r.packs_read += 1;
+                r.bytes_read += p.size;
+                r.chunks_read += c.good;
+                if restore_key && c.errors.is_empty() {
+                    read_whole.insert(p.id);
+                }
+                r.errors.extend(c.errors);
+                damaged.extend(c.damaged.into_iter().map(|id| (p.id, id)));
             }
-            r.errors.extend(c.errors);
-            damaged.extend(c.damaged.into_iter().map(|id| (p.id, id)));
         }
+        opts.progress.finish();
     } else if restore_key {
         // A sample of what no restore key has checked: blobs a backup key stored.
         use rand::seq::SliceRandom;
