@@ -405,6 +405,9 @@ fn output_for_machines_progress_json_usage_errors_and_plain_logs() {
 #[test]
 fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
     let mut t = backed_up();
+    // Read from the objects themselves (a host's on-disk build holds what it read before
+    // the damage; a new host's build is checked below).
+    t.set("CUSTOS_INDEX_MEMORY_MB", "16");
     let src = t.path("src");
     std::fs::write(src.join("docs/second.bin"), vec![3u8; 300_000]).unwrap();
     t.ok(&["backup", "files", src.to_str().unwrap()]);
@@ -424,6 +427,15 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
     b[mid] ^= 1;
     std::fs::write(&damaged, b).unwrap();
     let err = t.fails(&["backup", "files", src.to_str().unwrap()], 14);
+    assert!(err.contains("custos index rebuild"), "{err}");
+    // A new host building its on-disk index refuses the damaged object too.
+    let mut fresh = t.with_password(PW);
+    fresh.set("CUSTOS_INDEX_MEMORY_MB", "0");
+    fresh.set(
+        "CUSTOS_CACHE_DIR",
+        t.path("other-host-cache").to_str().unwrap(),
+    );
+    let err = fresh.fails(&["backup", "files", src.to_str().unwrap()], 14);
     assert!(err.contains("custos index rebuild"), "{err}");
 
     t.add_key("backup", "backup key", &[]);
