@@ -445,24 +445,20 @@ fn index_compact_rewrites_the_objects_of_many_backups_as_one_and_nothing_changes
     let index_dir = t.path("repo/index");
     let objects = || std::fs::read_dir(&index_dir).unwrap().count();
     assert_eq!(objects(), 12, "one index object per backup");
-    let builds = || -> Vec<std::path::PathBuf> {
-        let mut b = vec![];
-        for repo in std::fs::read_dir(t.path("cache")).unwrap() {
-            for d in std::fs::read_dir(repo.unwrap().path()).unwrap() {
-                let d = d.unwrap().path();
-                if d.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("index-")
-                {
-                    b.push(d.join("current"));
-                }
-            }
-        }
-        b
-    };
+    // <cache>/<repo id>/index-<reader>/current names the build the commands used.
+    let built = std::fs::read_dir(t.path("cache"))
+        .unwrap()
+        .flat_map(|repo| std::fs::read_dir(repo.unwrap().path()).unwrap())
+        .map(|d| d.unwrap().path())
+        .any(|d| {
+            d.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("index-")
+                && d.join("current").exists()
+        });
     assert!(
-        builds().iter().any(|c| c.exists()),
+        built,
         "the commands read the index through a build in the cache folder"
     );
     // A backup key may not rewrite what other keys wrote.

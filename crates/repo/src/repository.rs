@@ -667,38 +667,32 @@ impl Repository {
                 return Ok(index);
             }
         }
-        let where_ = cache.clone().unwrap_or_else(std::env::temp_dir);
-        let local =
-            |e: std::io::Error| {
-                Error::new(
+        let cannot_write = |at: &std::path::Path, e: std::io::Error| {
+            Error::new(
                 Kind::Config,
-                format!("cannot write the on-disk index in {}: {e}", where_.display()),
+                format!("cannot write the on-disk index in {}: {e}", at.display()),
             )
             .hint(
                 "custos keeps its chunk index in the cache folder (cache_dir, CUSTOS_CACHE_DIR; \
                  the temporary folder without one): check that it is writable and has room",
             )
-            };
+        };
+        let temp = std::env::temp_dir();
         // A cache folder this user cannot write (made by another user, full) costs a
         // build for this command alone, never the command.
-        let mut builder = match Builder::new(cache.as_deref()) {
-            Err(e) if cache.is_some() => {
+        let (mut builder, where_) = match (Builder::new(cache.as_deref()), &cache) {
+            (Ok(b), _) => (b, cache.clone().unwrap_or(temp)),
+            (Err(e), Some(c)) => {
                 tracing::warn!(
                     "cannot write the on-disk index in {}: {e}; building it in the temporary folder for this command (check the cache folder, cache_dir or CUSTOS_CACHE_DIR)",
-                    where_.display()
+                    c.display()
                 );
-                Builder::new(None).map_err(|e| {
-                    Error::new(
-                        Kind::Config,
-                        format!(
-                            "cannot write the on-disk index in {}: {e}",
-                            std::env::temp_dir().display()
-                        ),
-                    )
-                })?
+                let b = Builder::new(None).map_err(|e| cannot_write(&temp, e))?;
+                (b, temp)
             }
-            r => r.map_err(local)?,
+            (Err(e), None) => return Err(cannot_write(&temp, e)),
         };
+        let local = |e: std::io::Error| cannot_write(&where_, e);
         let todo: Vec<&custos_storage::Entry> = match &old {
             Some(d) => {
                 builder.seed(d).map_err(local)?;

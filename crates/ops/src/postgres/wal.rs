@@ -197,11 +197,19 @@ impl Spool {
                 chrono::Utc::now().to_rfc3339()
             ),
         );
-        // Whole or not at all: the archive_command waiting for it reads it as soon as it
-        // appears (written in place, it once read the empty file and said nothing).
-        let tmp = self.dir.join(".pusher-error.new");
-        if std::fs::write(&tmp, &text).is_ok() {
-            let _ = std::fs::rename(&tmp, self.dir.join(".pusher-error"));
+        self.write_whole(&self.dir.join(".pusher-error"), &text);
+    }
+
+    /// Writes a message the archive_command waiting in [`Spool::wait_done`] reads as soon
+    /// as the file appears: written aside and renamed in place, whole or not at all
+    /// (written in place, it was once read empty and said nothing).
+    fn write_whole(&self, path: &Path, text: &str) {
+        let Some(name) = path.file_name() else {
+            return;
+        };
+        let tmp = path.with_file_name(format!(".{}.new", name.to_string_lossy()));
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
         }
     }
 
@@ -311,11 +319,7 @@ impl Spool {
                             Ok(true)
                         }
                         Err(e) => {
-                            // Renamed in place whole, as `.pusher-error`.
-                            let tmp = self.dir.join(format!(".{name}.error.new"));
-                            if std::fs::write(&tmp, &e.message).is_ok() {
-                                let _ = std::fs::rename(&tmp, self.error_file(name));
-                            }
+                            self.write_whole(&self.error_file(name), &e.message);
                             let _ = std::fs::write(
                                 self.dir.join(".last-error"),
                                 format!(
