@@ -501,3 +501,51 @@ fn index_compact_rewrites_the_objects_of_many_backups_as_one_and_nothing_changes
     let trail = t.ok(&["audit", "log"]);
     assert!(trail.contains("index compact"), "{trail}");
 }
+
+#[test]
+fn prune_reads_a_manifest_of_many_chunks_piece_by_piece_and_keeps_every_file_it_names() {
+    let mut t = T::new();
+    // The on-disk index (format.md 5.3): prune marks used copies by their numbers there.
+    t.set("CUSTOS_INDEX_MEMORY_MB", "0");
+    let src = t.path("src");
+    // Enough entries for a manifest of several chunks (about 150 bytes an entry, chunks
+    // of 0.5-8 MiB): an entry cut by a chunk boundary is read from both pieces.
+    make_tree(&src, 7, 16_000, 400);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    // Half the files go: their chunks, in the packs of the first backup, become unused.
+    let mut gone = 0;
+    for (i, e) in walkdir(&src).into_iter().enumerate() {
+        if e.is_file() && i % 2 == 0 {
+            std::fs::remove_file(e).unwrap();
+            gone += 1;
+        }
+    }
+    assert!(gone > 7000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let expected = describe(&src);
+    t.ok(&["forget", "--keep-last", "1"]);
+    let pr = t.json(&["prune"]);
+    // A chunk per distinct non-empty file (half of make_tree's files repeat a text).
+    let nonempty = walkdir(&src)
+        .iter()
+        .filter(|p| p.is_file() && !p.is_symlink())
+        .map(|p| std::fs::read(p).unwrap())
+        .filter(|d| !d.is_empty())
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    let used = pr["plan"]["chunks_used"].as_u64().unwrap();
+    assert!(
+        used >= nonempty + 2,
+        "every file's chunk and a manifest of several chunks are in use: {used} for {nonempty} contents: {pr}"
+    );
+    assert!(pr["report"]["packs_deleted"].as_u64().unwrap() > 0, "{pr}");
+    t.ok(&["verify", "--read-data"]);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&t.path("out")), expected);
+}

@@ -49,13 +49,45 @@ pub fn referenced_chunks(
     index: &Index,
     snapshot: &SnapshotId,
 ) -> Result<Vec<ChunkId>> {
-    let body = repo.snapshot_body(snapshot)?;
-    let mut refs = body.manifest.clone();
-    refs.extend(&body.stream);
-    if !body.manifest.is_empty() {
-        let entries =
-            load(repo, index, &body.manifest).map_err(|e| e.context("manifest unreadable"))?;
-        refs.extend(entries.iter().flat_map(|e| e.chunk_refs().copied()));
-    }
+    let mut refs = vec![];
+    for_each_reference(repo, index, snapshot, &mut |id| refs.push(id))?;
     Ok(refs)
+}
+
+/// Calls `f` with every chunk a snapshot references (as [`referenced_chunks`] lists them),
+/// reading its manifest a few chunks at a time: memory does not grow with the snapshot.
+pub fn for_each_reference(
+    repo: &Repository,
+    index: &Index,
+    snapshot: &SnapshotId,
+    f: &mut dyn FnMut(ChunkId),
+) -> Result<()> {
+    let body = repo.snapshot_body(snapshot)?;
+    body.manifest.iter().chain(&body.stream).for_each(|c| f(*c));
+    let window = (repo.threads() * 2).max(1);
+    let mut rest: Vec<u8> = vec![];
+    let lines = |buf: &[u8], f: &mut dyn FnMut(ChunkId)| -> Result<()> {
+        for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let e: Entry = serde_json::from_slice(line).map_err(|e| {
+                Error::integrity(format!("manifest entry is malformed: {e}"))
+                    .context("manifest unreadable")
+            })?;
+            e.chunk_refs().for_each(|c| f(*c));
+        }
+        Ok(())
+    };
+    for part in body.manifest.chunks(window) {
+        let parts =
+            custos_repo::repository::parallel_map(part, window, |id| repo.read_blob(index, id))
+                .map_err(|e| e.context("manifest unreadable"))?;
+        for p in parts {
+            rest.extend_from_slice(&p);
+            // Whole lines now; the one cut by the chunk boundary waits for the next.
+            if let Some(end) = rest.iter().rposition(|b| *b == b'\n') {
+                lines(&rest[..end], f)?;
+                rest.drain(..=end);
+            }
+        }
+    }
+    lines(&rest, f)
 }

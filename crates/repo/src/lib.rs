@@ -59,6 +59,19 @@ pub mod paths {
     pub const LOCKS: &str = "locks";
     pub const WAL: &str = "wal";
 
+    /// Above this many packs, [`data_listings`] lists `data/` one shard at a time.
+    pub const SHARDED_LISTING_ABOVE: usize = 1 << 16;
+
+    /// Where to list the packs of a repository holding about `packs` of them: `data/` at
+    /// once, or, above [`SHARDED_LISTING_ABOVE`], each of its 256 shards in turn, so no
+    /// listing holds millions of entries (3 million packs at 100M chunks).
+    pub fn data_listings(packs: usize) -> Vec<String> {
+        if packs <= SHARDED_LISTING_ABOVE {
+            return vec![DATA.to_string()];
+        }
+        (0..=255u8).map(|b| format!("{DATA}/{b:02x}")).collect()
+    }
+
     pub fn pack(id: &PackId) -> String {
         let h = id.to_hex();
         format!("{DATA}/{}/{h}", &h[..2])
@@ -82,5 +95,25 @@ pub mod paths {
     /// The id part of a listed path (`data/ab/abcd...` -> `abcd...`).
     pub fn id_of(path: &str) -> Option<custos_model::Id> {
         path.rsplit('/').next()?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paths;
+
+    #[test]
+    fn a_sharded_listing_of_data_covers_every_pack_and_nothing_twice() {
+        assert_eq!(paths::data_listings(10), vec![paths::DATA.to_string()]);
+        let shards = paths::data_listings(paths::SHARDED_LISTING_ABOVE + 1);
+        assert_eq!(shards.len(), 256);
+        for _ in 0..1000 {
+            let p = paths::pack(&custos_model::PackId(custos_model::Id(rand::random())));
+            let holding: Vec<_> = shards
+                .iter()
+                .filter(|s| p.starts_with(&format!("{s}/")))
+                .collect();
+            assert_eq!(holding.len(), 1, "{p} is in {holding:?}");
+        }
     }
 }

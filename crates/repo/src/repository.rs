@@ -751,49 +751,42 @@ impl Repository {
         .map(Some)
     }
 
-    /// Writes an index object as given, signed: by the authority when this key holds it
-    /// (a restore key; what the object says of writers, vouching and damaged copies then
-    /// counts), else with the key's own signing key (and those claims left out: they would
-    /// not count).
     /// Writes the content of `f` as index objects of at most [`INDEX_OBJECT_BLOBS`] blobs
-    /// each (a pack is never split; the damaged copies go with their packs, those of
-    /// packs not listed with the last object), so no object
-    /// is too large to read whatever the repository's size.
+    /// each (see [`IndexObjects`]; the damaged copies of packs `f` does not list go with
+    /// the last object).
     pub fn write_index_files(&self, f: IndexFile) -> Result<Vec<IndexId>> {
-        let mut out = vec![];
         let mut bad: HashMap<PackId, Vec<ChunkId>> = HashMap::new();
         for (p, c) in f.bad {
             bad.entry(p).or_default().push(c);
         }
-        let mut part = IndexFile::default();
-        let mut blobs = 0usize;
+        let mut w = self.index_objects();
         for p in f.packs {
-            if blobs > 0 && blobs + p.blobs.len() > INDEX_OBJECT_BLOBS {
-                out.push(self.write_index_file(std::mem::take(&mut part))?);
-                blobs = 0;
-            }
-            blobs += p.blobs.len();
-            part.bad.extend(
-                bad.remove(&p.id)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|c| (p.id, c)),
-            );
-            part.packs.push(p);
+            let b = bad.remove(&p.id).unwrap_or_default();
+            w.push(p, b)?;
         }
         // Damaged copies in packs this content does not list (verify names them without
-        // re-listing the pack) go with the last object.
-        part.bad.extend(
+        // re-listing the pack).
+        w.finish(
             bad.into_iter()
-                .flat_map(|(p, cs)| cs.into_iter().map(move |c| (p, c))),
-        );
-        if !part.packs.is_empty() || !part.bad.is_empty() {
-            out.push(self.write_index_file(part)?);
-        }
-        Ok(out)
+                .flat_map(|(p, cs)| cs.into_iter().map(move |c| (p, c)))
+                .collect(),
+        )
     }
 
-    /// Writes one index object as given (see [`Repository::write_index_files`]).
+    /// A writer of index objects that takes one pack at a time (see [`IndexObjects`]).
+    pub fn index_objects(&self) -> IndexObjects<'_> {
+        IndexObjects {
+            repo: self,
+            part: IndexFile::default(),
+            blobs: 0,
+            written: vec![],
+        }
+    }
+
+    /// Writes an index object as given, signed: by the authority when this key holds it
+    /// (a restore key; what the object says of writers, vouching and damaged copies then
+    /// counts), else with the key's own signing key (and those claims left out: they would
+    /// not count).
     pub fn write_index_file(&self, mut f: IndexFile) -> Result<IndexId> {
         match (
             self.keys.authority.as_deref(),
@@ -1166,4 +1159,41 @@ pub fn parallel_map<T: Sync, R: Send>(
         }
     }
     Ok(out)
+}
+
+/// Index objects of at most [`INDEX_OBJECT_BLOBS`] blobs each, written as packs are added
+/// (a pack is never split; its damaged copies go with it), so no object is too large to
+/// read whatever the repository's size, and what prune, compaction or a re-wrap rewrites
+/// is never held whole.
+pub struct IndexObjects<'a> {
+    repo: &'a Repository,
+    part: IndexFile,
+    blobs: usize,
+    written: Vec<IndexId>,
+}
+
+impl IndexObjects<'_> {
+    /// Adds a pack, and the chunks whose copy in it is damaged.
+    pub fn push(&mut self, p: IndexPack, bad: Vec<ChunkId>) -> Result<()> {
+        if self.blobs > 0 && self.blobs + p.blobs.len() > INDEX_OBJECT_BLOBS {
+            let part = std::mem::take(&mut self.part);
+            self.written.push(self.repo.write_index_file(part)?);
+            self.blobs = 0;
+        }
+        self.blobs += p.blobs.len();
+        self.part.bad.extend(bad.into_iter().map(|c| (p.id, c)));
+        self.part.packs.push(p);
+        Ok(())
+    }
+
+    /// Writes what is left, with `bad` (damaged copies in packs not listed here), and
+    /// returns every object written.
+    pub fn finish(mut self, bad: Vec<(PackId, ChunkId)>) -> Result<Vec<IndexId>> {
+        self.part.bad.extend(bad);
+        if !self.part.packs.is_empty() || !self.part.bad.is_empty() {
+            let part = std::mem::take(&mut self.part);
+            self.written.push(self.repo.write_index_file(part)?);
+        }
+        Ok(self.written)
+    }
 }

@@ -126,6 +126,34 @@ fn view(i: &Index, chunks: &[ChunkId]) -> String {
             (p.short(), b.len())
         })
         .collect();
+    // Copy numbers (what prune marks used): each pack's copies are numbered in one run,
+    // the runs cover 0..copies() once, and a chunk's numbers name exactly its copies.
+    let mut numbered: BTreeMap<u64, (ChunkId, u32)> = BTreeMap::new();
+    for pos in 0..i.pack_count() as u32 {
+        let (first, blobs) = i.pack_copies(pos);
+        for (k, (c, l)) in blobs.iter().enumerate() {
+            let was = numbered.insert(first + k as u64, (*c, l.offset));
+            assert!(was.is_none(), "copy {} numbered twice", first + k as u64);
+        }
+    }
+    assert_eq!(numbered.len() as u64, i.copies());
+    assert!(numbered.keys().copied().eq(0..i.copies()));
+    for c in chunks {
+        let mut named: Vec<u32> = i
+            .copy_numbers(c)
+            .iter()
+            .map(|n| {
+                let (chunk, offset) = numbered[n];
+                assert_eq!(chunk, *c);
+                offset
+            })
+            .collect();
+        let mut offsets: Vec<u32> = i.locations(c).iter().map(|(_, l)| l.offset).collect();
+        named.sort();
+        offsets.sort();
+        assert_eq!(named, offsets, "copies of {}", c.0.short());
+    }
+    out += &format!("\ncopies {}", i.copies());
     let files: BTreeMap<String, usize> = i
         .file_packs()
         .unwrap()

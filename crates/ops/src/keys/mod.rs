@@ -260,14 +260,16 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
     let index = repo.load_index_fresh()?;
     // Who wrote each pack, what a restore key vouched for and which copies are damaged
     // carry over into the new object.
-    let mut file = index.to_files(None);
-    for p in &mut file.packs {
+    let mut w = repo.index_objects();
+    for pos in 0..index.pack_count() as u32 {
+        let (mut p, bad) = index.encode_pack(pos);
         let what = format!("pack {}", p.id.short());
         let dek = repo.keys.unwrap(pack::KEY_AAD, &p.key, &what)?;
         p.key = wrap::wrap(&repo.keys.public, pack::KEY_AAD, &dek)?;
         report.rewrapped_packs += 1;
+        w.push(p, bad)?;
     }
-    let new_index = repo.write_index_files(file)?;
+    let new_index = w.finish(vec![])?;
     for old in &index.files {
         if !new_index.contains(old) {
             repo.storage.delete(&paths::index(old))?;

@@ -39,7 +39,7 @@ pub struct PrunePlan {
     #[serde(skip)]
     pub held_index: HashSet<String>,
     #[serde(skip)]
-    used: HashSet<ChunkId>,
+    used: Used,
     pub temp_files: Vec<String>,
     /// Archived WAL older than the start of the oldest PostgreSQL backup kept for its
     /// cluster: no kept backup can replay it.
@@ -116,47 +116,99 @@ fn wal_to_delete(
     Ok((out, bytes))
 }
 
-pub fn plan(repo: &Repository, index: &Index) -> Result<PrunePlan> {
-    let snapshots = repo.snapshots()?;
-    let mut used: HashSet<ChunkId> = HashSet::new();
-    for s in &snapshots {
-        // Any unreadable snapshot stops prune: deleting on incomplete knowledge loses data.
-        let refs = crate::manifest::referenced_chunks(repo, index, &s.id)
-            .map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
-        used.extend(refs);
+/// Which copies of chunks (numbered as [`Index::copies`] numbers them) some snapshot uses:
+/// a bit each, 12 MB at 100 million chunks, where a set of chunk ids took gigabytes.
+#[derive(Debug, Clone, Default)]
+struct Used(Vec<u64>);
+
+impl Used {
+    fn new(copies: u64) -> Used {
+        Used(vec![0; copies.div_ceil(64) as usize])
     }
+    fn set(&mut self, n: u64) {
+        if let Some(w) = self.0.get_mut((n / 64) as usize) {
+            *w |= 1 << (n % 64);
+        }
+    }
+    fn get(&self, n: u64) -> bool {
+        self.0
+            .get((n / 64) as usize)
+            .is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+}
+
+/// How many chunk ids marking remembers having just looked up (then it forgets them all):
+/// a snapshot mostly references what the one before it did. 8 MB.
+const RECENT: usize = 200_000;
+
+/// Marks every copy of every chunk a snapshot references, streaming each manifest.
+fn mark_used(
+    repo: &Repository,
+    index: &Index,
+    snapshots: &[custos_repo::Snapshot],
+    progress: &dyn Progress,
+) -> Result<Used> {
+    let mut used = Used::new(index.copies());
+    let mut recent: HashSet<ChunkId> = HashSet::with_capacity(RECENT);
+    progress.start("read snapshots", Some(snapshots.len() as u64));
+    for s in snapshots {
+        // Any unreadable snapshot stops prune: deleting on incomplete knowledge loses data.
+        crate::manifest::for_each_reference(repo, index, &s.id, &mut |id| {
+            if recent.len() >= RECENT {
+                recent.clear();
+            }
+            if recent.insert(id) {
+                for n in index.copy_numbers(&id) {
+                    used.set(n);
+                }
+            }
+        })
+        .map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
+        progress.add(1);
+    }
+    progress.finish();
+    Ok(used)
+}
+
+pub fn plan(repo: &Repository, index: &Index, progress: &dyn Progress) -> Result<PrunePlan> {
+    let snapshots = repo.snapshots()?;
+    let used = mark_used(repo, index, &snapshots, progress)?;
     let mut p = PrunePlan {
         snapshots: snapshots.len() as u64,
         packs: index.pack_count() as u64,
         index_files: index.files.clone(),
         ..Default::default()
     };
-    for (pack, blobs) in index.by_pack() {
-        let size = index.pack(&pack).map(|m| m.size).unwrap_or(0);
-        // A copy a restore key found damaged serves nothing: it counts as unused.
-        let in_use =
-            |id: &ChunkId, l: &custos_repo::BlobLoc| used.contains(id) && !index.is_bad(id, l);
-        let unused_bytes: u64 = blobs
-            .iter()
-            .filter(|(id, l)| !in_use(id, l))
-            .map(|(_, l)| u64::from(l.length))
-            .sum();
-        let n_used = blobs.iter().filter(|(id, l)| in_use(id, l)).count() as u64;
+    // Pack by pack from the index's own order: only one pack's blobs at a time.
+    for pos in 0..index.pack_count() as u32 {
+        let (first, blobs) = index.pack_copies(pos);
+        let pack = index.pack_at(pos);
+        let (mut n_used, mut unused_bytes) = (0u64, 0u64);
+        for (i, (id, l)) in blobs.iter().enumerate() {
+            // A copy a restore key found damaged serves nothing: it counts as unused.
+            if used.get(first + i as u64) && !index.is_bad(id, l) {
+                n_used += 1;
+            } else {
+                unused_bytes += u64::from(l.length);
+            }
+        }
         p.chunks_used += n_used;
         p.chunks_unused += blobs.len() as u64 - n_used;
         if n_used == 0 {
-            p.packs_delete.push(pack);
-            p.bytes_freed_estimate += size;
-        } else if unused_bytes as f64 > MAX_UNUSED * size as f64 {
-            p.packs_repack.push(pack);
+            p.packs_delete.push(pack.id);
+            p.bytes_freed_estimate += pack.size;
+        } else if unused_bytes as f64 > MAX_UNUSED * pack.size as f64 {
+            p.packs_repack.push(pack.id);
             p.bytes_freed_estimate += unused_bytes;
         }
     }
-    for e in repo.storage.list(paths::DATA)? {
-        if let Some(id) = paths::id_of(&e.path) {
-            if index.pack(&PackId(id)).is_none() {
-                p.packs_unindexed.push(PackId(id));
-                p.bytes_freed_estimate += e.size;
+    for shard in &paths::data_listings(index.pack_count()) {
+        for e in repo.storage.list(shard)? {
+            if let Some(id) = paths::id_of(&e.path) {
+                if index.pack_pos_of(&PackId(id)).is_none() {
+                    p.packs_unindexed.push(PackId(id));
+                    p.bytes_freed_estimate += e.size;
+                }
             }
         }
     }
@@ -221,15 +273,6 @@ fn packs_named_by(
         .collect())
 }
 
-/// Every pack of the index but those in `out`.
-fn packs_except(index: &Index, out: &HashSet<PackId>) -> HashSet<PackId> {
-    index
-        .packs()
-        .map(|p| p.id)
-        .filter(|p| !out.contains(p))
-        .collect()
-}
-
 /// Object Lock: takes out of the plan whatever the store holds until a later date. An
 /// index object that must stay keeps the packs it names (the index is the union of its
 /// objects: a pack it names must exist), so those are not deleted or repacked either.
@@ -285,12 +328,34 @@ pub fn prune(
     let _lock = repo.lock(!dry_run, "prune")?;
     // What prune deletes is decided from the repository alone, never from a host's cache.
     let index = repo.load_index_fresh()?;
-    let plan = plan(repo, &index)?;
+    let plan = plan(repo, &index, progress)?;
     if dry_run || plan.is_empty() {
         return Ok((plan, None));
     }
     let report = execute(repo, &index, &plan, progress)?;
     Ok((plan, Some(report)))
+}
+
+/// Writes the index objects naming every pack of `index` at the positions `keep` allows,
+/// then `extra`: one pack at a time, never the whole index in memory.
+fn write_index_of(
+    repo: &Repository,
+    index: &Index,
+    keep: impl Fn(u32, &PackId) -> bool,
+    extra: Vec<custos_repo::index::IndexPack>,
+) -> Result<Vec<IndexId>> {
+    let mut w = repo.index_objects();
+    for pos in 0..index.pack_count() as u32 {
+        if !keep(pos, &index.pack_at(pos).id) {
+            continue;
+        }
+        let (p, bad) = index.encode_pack(pos);
+        w.push(p, bad)?;
+    }
+    for p in extra {
+        w.push(p, vec![])?;
+    }
+    w.finish(vec![])
 }
 
 fn execute(
@@ -300,26 +365,38 @@ fn execute(
     progress: &dyn Progress,
 ) -> Result<PruneReport> {
     let mut report = PruneReport::default();
-    let drop: HashSet<PackId> = plan
-        .packs_delete
-        .iter()
-        .chain(&plan.packs_repack)
-        .copied()
-        .collect();
-    let keep = packs_except(index, &drop);
-    let kept = Arc::new(index.subset(&keep));
+    // The packs that go, by position.
+    let mut dropped = vec![false; index.pack_count()];
+    for p in plan.packs_delete.iter().chain(&plan.packs_repack) {
+        if let Some(pos) = index.pack_pos_of(p) {
+            dropped[pos as usize] = true;
+        }
+    }
+    let stays = |l: &custos_repo::BlobLoc| !dropped.get(l.pack as usize).copied().unwrap_or(true);
 
-    // 1. Repack the used chunks of sparse packs into new packs.
-    let writer = repo.writer(kept.clone());
-    let by_pack = index.by_pack();
+    // 1. Repack the used chunks of sparse packs into new packs: those with no intact copy
+    // in a pack that stays (the writer itself skips what it already wrote).
+    let writer = repo.writer(Arc::new(Index::default()));
     progress.start("repack", Some(plan.packs_repack.len() as u64));
     for pack in &plan.packs_repack {
-        for (id, loc) in &by_pack[pack] {
-            if plan.used.contains(id) && !index.is_bad(id, loc) && !kept.holds_intact(id) {
-                let data = repo.read_blob(index, id)?;
-                if writer.add(*id, loc.kind, data)? {
-                    report.chunks_repacked += 1;
-                }
+        let Some(pos) = index.pack_pos_of(pack) else {
+            continue;
+        };
+        let (first, blobs) = index.pack_copies(pos);
+        for (i, (id, loc)) in blobs.iter().enumerate() {
+            if !plan.used.get(first + i as u64) || index.is_bad(id, loc) {
+                continue;
+            }
+            let kept_elsewhere = index
+                .locations(id)
+                .iter()
+                .any(|(_, l)| stays(l) && !index.is_bad(id, l));
+            if kept_elsewhere {
+                continue;
+            }
+            let data = repo.read_blob(index, id)?;
+            if writer.add(*id, loc.kind, data)? {
+                report.chunks_repacked += 1;
             }
         }
         progress.add(1);
@@ -328,27 +405,27 @@ fn execute(
     let (new_packs, ws) = writer.finish()?;
     report.packs_written = ws.packs;
 
-    // 2. One new index naming every pack that stays (with who wrote it, what a restore
-    // key vouched for, and the damaged copies it holds); 3. then the old index objects go.
+    // 2. New index objects naming every pack that stays (with who wrote it, what a restore
+    // key vouched for, and the damaged copies it holds) but those a held index object
+    // names (they stay named there); 3. then the old index objects go.
     let in_held = packs_named_by(index, &plan.index_files, &plan.held_index)?;
-    let mut all = if in_held.is_empty() {
-        kept.to_files(None)
-    } else {
-        let rest: HashSet<PackId> = keep
-            .iter()
-            .filter(|x| !in_held.contains(x))
-            .copied()
-            .collect();
-        kept.to_files(Some(&rest))
-    };
     let me = repo.signing_public().map(hex::encode);
-    all.packs.extend(new_packs.into_iter().map(|mut p| {
-        // Repacked blobs were each read and checked against their ids.
-        p.writer = me.clone();
-        p.vouched = true;
-        p
-    }));
-    let new_index = repo.write_index_files(all)?;
+    let new_packs = new_packs
+        .into_iter()
+        .map(|mut p| {
+            // Repacked blobs were each read and checked against their ids.
+            p.writer = me.clone();
+            p.vouched = true;
+            p
+        })
+        .collect();
+    let new_index = write_index_of(
+        repo,
+        index,
+        |pos, id| !dropped[pos as usize] && !in_held.contains(id),
+        new_packs,
+    )?;
+    let new_index: HashSet<IndexId> = new_index.into_iter().collect();
     for old in &plan.index_files {
         if !new_index.contains(old) && !plan.held_index.contains(&paths::index(old)) {
             repo.storage.delete(&paths::index(old))?;
@@ -415,19 +492,21 @@ pub fn compact_index(repo: &Repository) -> Result<CompactReport> {
         .copied()
         .collect();
     let in_held = packs_named_by(&index, &index.files, &held_paths)?;
-    let keep = packs_except(&index, &in_held);
-    let content = index.to_files(Some(&keep));
-    let blobs: usize = content.packs.iter().map(|p| p.blobs.len()).sum();
-    let needed = blobs
-        .div_ceil(custos_repo::repository::INDEX_OBJECT_BLOBS)
-        .max(1);
+    let held_copies: u64 = in_held
+        .iter()
+        .filter_map(|p| index.pack_pos_of(p))
+        .map(|pos| index.pack_copies(pos).1.len() as u64)
+        .sum();
+    let blobs = index.copies() - held_copies;
+    let needed =
+        (blobs.div_ceil(custos_repo::repository::INDEX_OBJECT_BLOBS as u64) as usize).max(1);
     if movable.len() <= needed {
         r.objects_after = r.objects_before;
         return Ok(r);
     }
     // New objects first, then the old ones go: an interruption leaves packs listed twice,
     // never a pack listed nowhere.
-    let written = repo.write_index_files(content)?;
+    let written = write_index_of(repo, &index, |_, id| !in_held.contains(id), vec![])?;
     for old in &movable {
         if !written.contains(old) {
             repo.storage.delete(&paths::index(old))?;

@@ -105,14 +105,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     // pack (3 million at 100M chunks). A large repository is listed one shard at a time.
     let mut stored = vec![false; index.pack_count()];
     let mut unindexed = 0usize;
-    let shards: Vec<String> = if index.pack_count() <= 1 << 16 {
-        vec![paths::DATA.to_string()]
-    } else {
-        (0..=255u8)
-            .map(|b| format!("{}/{b:02x}", paths::DATA))
-            .collect()
-    };
-    for shard in &shards {
+    for shard in &paths::data_listings(index.pack_count()) {
         for e in repo.storage.list(shard)? {
             let Some(id) = paths::id_of(&e.path).map(PackId) else {
                 continue;
@@ -469,12 +462,16 @@ fn attest(
     if new.is_empty() && bad.is_empty() || repo.keys.authority.is_none() || !record {
         return Ok(0);
     }
-    let mut f = index.to_files(Some(&new));
-    for p in &mut f.packs {
+    // Written as they are encoded: a first `--read-data` may vouch for every pack.
+    let mut positions: Vec<u32> = new.iter().filter_map(|p| index.pack_pos_of(p)).collect();
+    positions.sort_unstable();
+    let mut w = repo.index_objects();
+    for pos in positions {
+        let (mut p, _) = index.encode_pack(pos);
         p.vouched = true;
+        w.push(p, vec![])?;
     }
-    f.bad = bad;
-    repo.write_index_files(f)?;
+    w.finish(bad)?;
     Ok(new.len() as u64)
 }
 

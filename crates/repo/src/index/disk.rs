@@ -388,31 +388,69 @@ impl DiskIndex {
         }
     }
 
-    /// The blobs of the pack at `pos`, in pack order (as the first object naming it lists
-    /// them). A range outside the file (a damaged cache) reads as none.
-    pub fn pack_blobs(&self, pos: u32) -> Vec<(ChunkId, BlobLoc)> {
-        let (Some(pb), Some(by)) = (self.pack_blobs.as_deref(), self.by_pack.as_deref()) else {
-            return vec![];
-        };
+    /// How many records `by-pack` holds: the build's copies, numbered pack by pack.
+    pub fn copies(&self) -> u64 {
+        self.by_pack
+            .as_deref()
+            .map_or(0, |b| (b.len() / RECORD) as u64)
+    }
+
+    /// The records of the pack at `pos` in `by-pack`: the number of the first and the
+    /// span. A range outside the file (a damaged cache) reads as none.
+    fn pack_span(&self, pos: u32) -> Option<(u64, &[u8])> {
+        let (pb, by) = (self.pack_blobs.as_deref()?, self.by_pack.as_deref()?);
         let at = pos as usize * PACK_BLOBS;
-        let Some(r) = pb.get(at..at + PACK_BLOBS) else {
-            return vec![];
-        };
+        let r = pb.get(at..at + PACK_BLOBS)?;
         let first = u64_at(r, 0) as usize;
         let n = u32_at(r, 8) as usize;
-        let Some(span) = first
+        let span = first
             .checked_mul(RECORD)
-            .and_then(|s| by.get(s..s.checked_add(n.checked_mul(RECORD)?)?))
-        else {
-            return vec![];
+            .and_then(|s| by.get(s..s.checked_add(n.checked_mul(RECORD)?)?))?;
+        Some((first as u64, span))
+    }
+
+    /// The blobs of the pack at `pos`, in pack order (as the first object naming it lists
+    /// them), and the number of the first in `by-pack` (see [`DiskIndex::copies`]).
+    pub fn pack_blobs(&self, pos: u32) -> (u64, Vec<(ChunkId, BlobLoc)>) {
+        let Some((first, span)) = self.pack_span(pos) else {
+            return (0, vec![]);
         };
-        span.chunks_exact(RECORD)
+        let blobs = span
+            .chunks_exact(RECORD)
             .map(decode_record)
             .map(|(id, mut l)| {
                 l.pack = pos;
                 (id, l)
             })
-            .collect()
+            .collect();
+        (first, blobs)
+    }
+
+    /// The number in `by-pack` of the copy of `id` at `offset` in the pack at `pos`.
+    pub fn slot_of(&self, pos: u32, id: &ChunkId, offset: u32) -> Option<u64> {
+        let (first, span) = self.pack_span(pos)?;
+        let n = span.len() / RECORD;
+        let at = |i: usize| decode_record(&span[i * RECORD..(i + 1) * RECORD]);
+        // Sorted by offset when built; look at every record if the search misses.
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if at(mid).1.offset < offset {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let hit = |i: usize| {
+            let (c, l) = at(i);
+            c == *id && l.offset == offset
+        };
+        let i = if lo < n && hit(lo) {
+            lo
+        } else {
+            (0..n).find(|i| hit(*i))?
+        };
+        Some(first + i as u64)
     }
 
     pub fn pack_pos(&self, id: &PackId) -> Option<u32> {
@@ -649,7 +687,7 @@ impl Builder {
     pub fn seed(&mut self, old: &DiskIndex) -> Result<()> {
         for pos in 0..old.pack_count() {
             self.write_pack(&old.pack_at(pos))?;
-            let blobs = old.pack_blobs(pos);
+            let (_, blobs) = old.pack_blobs(pos);
             self.write_pack_blobs(blobs.iter().map(|(id, l)| (id, l)))?;
         }
         for (id, loc) in old.records() {
@@ -955,7 +993,7 @@ mod tests {
                 );
             }
             assert_eq!(d.pack_pos(&p.id), Some(pos as u32));
-            assert_eq!(d.pack_blobs(pos as u32).len(), 100);
+            assert_eq!(d.pack_blobs(pos as u32).1.len(), 100);
         }
         assert!(d.lookup(&ChunkId(Id([0xee; 32]))).is_empty());
         assert!(d.lookup(&ChunkId(Id([0; 32]))).is_empty());
@@ -1027,7 +1065,7 @@ mod tests {
         assert_eq!((pc.id, pc.key.clone(), pc.vouched), (c.id, vec![2], false));
         assert_eq!(d.lookup(&a.blobs[0].id)[0].pack, 0);
         assert_eq!(d.lookup(&c.blobs[0].id)[0].pack, 1);
-        assert_eq!(d.pack_blobs(1)[0].0, c.blobs[0].id);
+        assert_eq!(d.pack_blobs(1).1[0].0, c.blobs[0].id);
         let fp = d.file_packs().unwrap();
         assert_eq!(fp[&IndexId(Id([2; 32]))], vec![c.id, a.id]);
 

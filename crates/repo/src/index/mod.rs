@@ -183,7 +183,16 @@ pub struct Index {
     /// The packs each index object held in memory names.
     mem_file_packs: HashMap<IndexId, Vec<PackId>>,
     /// The blobs held in memory by pack, made when first asked.
-    mem_by_pack: std::sync::OnceLock<HashMap<u32, Vec<(ChunkId, BlobLoc)>>>,
+    mem_by_pack: std::sync::OnceLock<MemCopies>,
+}
+
+/// The copies held in memory, by pack, numbered after the build's (see [`Index::copies`]).
+#[derive(Debug, Default, Clone)]
+struct MemCopies {
+    /// By pack position less the build's pack count, each in pack order.
+    packs: Vec<Vec<(ChunkId, BlobLoc)>>,
+    /// The number of each pack's first copy.
+    first: Vec<u64>,
 }
 
 impl Index {
@@ -381,108 +390,148 @@ impl Index {
         Ok(out)
     }
 
-    /// Every (chunk, location), each copy once.
-    fn all_records(&self) -> impl Iterator<Item = (ChunkId, BlobLoc)> + '_ {
-        self.disk
-            .iter()
-            .flat_map(|d| d.records())
-            .chain(self.blobs.iter().map(|(id, l)| (*id, *l)))
-            .chain(
+    fn mem_copies(&self) -> &MemCopies {
+        self.mem_by_pack.get_or_init(|| {
+            let mut m = MemCopies {
+                packs: vec![vec![]; self.packs.len()],
+                first: Vec::with_capacity(self.packs.len()),
+            };
+            let base = self.base();
+            let all = self.blobs.iter().chain(
                 self.extra
                     .iter()
-                    .flat_map(|(id, ls)| ls.iter().map(move |l| (*id, *l))),
-            )
+                    .flat_map(|(id, ls)| ls.iter().map(move |l| (id, l))),
+            );
+            for (id, l) in all {
+                m.packs[(l.pack - base) as usize].push((*id, *l));
+            }
+            let mut n = self.disk.as_ref().map_or(0, |d| d.copies());
+            for v in &mut m.packs {
+                v.sort_by_key(|(_, l)| l.offset);
+                m.first.push(n);
+                n += v.len() as u64;
+            }
+            m
+        })
+    }
+
+    /// How many copies of chunks the index holds. Numbers `0..copies()` name them pack by
+    /// pack ([`Index::pack_copies`]), so a bit per copy (what prune marks used) takes an
+    /// eighth of a byte whatever the size of a chunk id.
+    pub fn copies(&self) -> u64 {
+        let m = self.mem_copies();
+        let disk = self.disk.as_ref().map_or(0, |d| d.copies());
+        m.first
+            .last()
+            .map_or(disk, |f| f + m.packs.last().map_or(0, |v| v.len() as u64))
+    }
+
+    /// The copies in the pack at `pos`, in pack order, and the number of the first: from
+    /// the on-disk build without reading the rest of the index.
+    pub fn pack_copies(&self, pos: u32) -> (u64, Vec<(ChunkId, BlobLoc)>) {
+        let base = self.base();
+        if pos < base {
+            let d = self
+                .disk
+                .as_ref()
+                .expect("positions below base are on disk");
+            return d.pack_blobs(pos);
+        }
+        let m = self.mem_copies();
+        let i = (pos - base) as usize;
+        match (m.first.get(i), m.packs.get(i)) {
+            (Some(f), Some(v)) => (*f, v.clone()),
+            _ => (0, vec![]),
+        }
+    }
+
+    /// The numbers of every copy of a chunk (see [`Index::copies`]).
+    pub fn copy_numbers(&self, id: &ChunkId) -> Vec<u64> {
+        let base = self.base();
+        self.locs(id)
+            .into_iter()
+            .filter_map(|l| {
+                if l.pack < base {
+                    return self.disk.as_ref()?.slot_of(l.pack, id, l.offset);
+                }
+                let m = self.mem_copies();
+                let i = (l.pack - base) as usize;
+                let v = m.packs.get(i)?;
+                let at = v
+                    .iter()
+                    .position(|(c, x)| c == id && x.offset == l.offset)?;
+                Some(m.first[i] + at as u64)
+            })
+            .collect()
     }
 
     /// The blobs of one pack, in pack order: from the on-disk build without reading the
     /// rest of the index, so `verify` goes pack by pack in bounded memory.
     pub fn blobs_of(&self, id: &PackId) -> Vec<(ChunkId, BlobLoc)> {
-        if let Some(pos) = self.pack_pos.get(id) {
-            let by = self.mem_by_pack.get_or_init(|| {
-                let mut m: HashMap<u32, Vec<(ChunkId, BlobLoc)>> = HashMap::new();
-                let all = self.blobs.iter().chain(
-                    self.extra
-                        .iter()
-                        .flat_map(|(id, ls)| ls.iter().map(move |l| (id, l))),
-                );
-                for (id, l) in all {
-                    m.entry(l.pack).or_default().push((*id, *l));
-                }
-                for v in m.values_mut() {
-                    v.sort_by_key(|(_, l)| l.offset);
-                }
-                m
-            });
-            return by.get(pos).cloned().unwrap_or_default();
-        }
-        match self.disk.as_ref().and_then(|d| Some((d, d.pack_pos(id)?))) {
-            Some((d, pos)) => d.pack_blobs(pos),
+        match self.pack_pos_of(id) {
+            Some(pos) => self.pack_copies(pos).1,
             None => vec![],
         }
     }
 
-    /// Blobs grouped by pack (every copy of every chunk), for verification and prune.
+    /// Blobs grouped by pack (every copy of every chunk).
     pub fn by_pack(&self) -> HashMap<PackId, Vec<(ChunkId, BlobLoc)>> {
-        let mut by_pos: Vec<Vec<(ChunkId, BlobLoc)>> = vec![vec![]; self.pack_count()];
-        for (id, loc) in self.all_records() {
-            by_pos[loc.pack as usize].push((id, loc));
-        }
-        let mut out = HashMap::with_capacity(by_pos.len());
-        for (pos, mut v) in by_pos.into_iter().enumerate() {
-            v.sort_by_key(|(_, l)| l.offset);
-            out.insert(self.pack_at(pos as u32).id, v);
-        }
-        out
+        (0..self.pack_count() as u32)
+            .map(|pos| (self.pack_at(pos).id, self.pack_copies(pos).1))
+            .collect()
     }
 
-    /// The index of the packs in `keep` only, with what is known of them.
-    pub fn subset(&self, keep: &HashSet<PackId>) -> Index {
-        let f = self.to_files(Some(keep));
-        let mut i = Index::default();
-        for p in &f.packs {
-            let m = self.pack(&p.id).expect("listed from this index");
-            i.add_pack_from(p, m.attribution());
-        }
-        for (pack, chunk) in &f.bad {
-            i.mark_bad(pack, *chunk);
-        }
-        i
+    /// The pack at `pos` as index-file content, with its attribution, and the chunks whose
+    /// copy in it is damaged: for an object the authority signs (prune, compaction), which
+    /// carries them over.
+    pub fn encode_pack(&self, pos: u32) -> (IndexPack, Vec<ChunkId>) {
+        let p = self.pack_at(pos);
+        let mut bad = vec![];
+        let blobs = self
+            .pack_copies(pos)
+            .1
+            .iter()
+            .map(|(id, l)| {
+                if self.is_bad(id, l) {
+                    bad.push(*id);
+                }
+                PackEntry {
+                    id: *id,
+                    kind: l.kind,
+                    offset: l.offset,
+                    length: l.length,
+                    raw_length: l.raw_length,
+                    compressed: l.compressed,
+                }
+            })
+            .collect();
+        let pack = IndexPack {
+            id: p.id,
+            size: p.size,
+            key: p.key,
+            blobs,
+            writer: p.writer.map(hex::encode),
+            vouched: p.vouched,
+        };
+        (pack, bad)
     }
 
-    /// Re-encodes the packs named in `keep` (all if `None`) as index-file content, with
-    /// their attribution and the damaged copies they hold: for an object the authority
-    /// signs (prune), which carries them over.
+    /// Re-encodes the packs named in `keep` (all if `None`) as index-file content (see
+    /// [`Index::encode_pack`]). Holds all of it: for small sets of packs.
     pub fn to_files(&self, keep: Option<&HashSet<PackId>>) -> IndexFile {
-        let by_pack = self.by_pack();
         let mut f = IndexFile::default();
-        for p in self.packs() {
-            if keep.is_some_and(|k| !k.contains(&p.id)) {
-                continue;
+        let positions: Vec<u32> = match keep {
+            Some(k) => {
+                let mut v: Vec<u32> = k.iter().filter_map(|p| self.pack_pos_of(p)).collect();
+                v.sort_unstable();
+                v
             }
-            let blobs = by_pack[&p.id]
-                .iter()
-                .map(|(id, l)| {
-                    if self.is_bad(id, l) {
-                        f.bad.push((p.id, *id));
-                    }
-                    PackEntry {
-                        id: *id,
-                        kind: l.kind,
-                        offset: l.offset,
-                        length: l.length,
-                        raw_length: l.raw_length,
-                        compressed: l.compressed,
-                    }
-                })
-                .collect();
-            f.packs.push(IndexPack {
-                id: p.id,
-                size: p.size,
-                key: p.key,
-                blobs,
-                writer: p.writer.map(hex::encode),
-                vouched: p.vouched,
-            });
+            None => (0..self.pack_count() as u32).collect(),
+        };
+        for pos in positions {
+            let (p, bad) = self.encode_pack(pos);
+            f.bad.extend(bad.into_iter().map(|c| (p.id, c)));
+            f.packs.push(p);
         }
         f
     }
