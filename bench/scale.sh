@@ -16,6 +16,12 @@
 #   ls-cached                       lists the newest snapshot (reads the index) with the build
 #   wal-push                        one 16 MiB segment of a real cluster
 #   audit-since                     audit log --since 1d
+#   prune                           after synth_snapshots wrote 10 file snapshots naming,
+#                                   between them, every chunk of every other pack: marks
+#                                   half the chunks used, deletes the other half's packs
+#                                   (absent) and rewrites the index objects. With
+#                                   PRUNE_BEFORE=<an older custos binary>, "prune-before"
+#                                   runs that binary's prune on a copy made first.
 # (the trail sizes: snapshots, backup-first, wal-push, audit-since).
 # MODE=s3: the repository, made locally as above, is copied (rclone) into a bucket of a
 # SeaweedFS server on this host and every command runs against s3://.
@@ -35,10 +41,11 @@ source "$PEERS/common.sh"
 need_root
 apt_need time bc postgresql-15 eatmydata
 "$ROOT/scripts/setup.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail)
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail && cargo build --release --quiet -p custos-ops --example synth_snapshots)
 CUSTOS="$ROOT/target/release/custos"
 SYNTH="$ROOT/target/release/examples/synth_index"
 SYNTH_TRAIL="$ROOT/target/release/examples/synth_trail"
+SYNTH_SNAPSHOTS="$ROOT/target/release/examples/synth_snapshots"
 if [ "$MODE" = s3 ]; then
     apt_need rclone curl
     WEED="$ROOT/.tools/seaweedfs/bin/weed"
@@ -105,8 +112,25 @@ for n in $SIZES; do
     measure "ls-cached-$n" "$CUSTOS" --quiet ls latest
     measure "wal-push-$n" "$CUSTOS" --quiet wal-push --pgdata "$CL" "$CL/pg_wal/$SEG"
     measure "audit-since-$n" "$CUSTOS" --quiet audit log --since 1d
-    rm -rf "$R" "$CUSTOS_CACHE_DIR"
     if [ "$MODE" = s3 ]; then rclone purge "W:index-$n"; fi
+    log "writing synthetic snapshots over $n chunk entries"
+    t0=$(date +%s)
+    "$SYNTH_SNAPSHOTS" "$R" 10
+    note "synth-snapshots-$n-seconds" "$(( $(date +%s) - t0 ))"
+    if [ -n "${PRUNE_BEFORE:-}" ]; then
+        rm -rf "$R-before"; cp -a "$R" "$R-before"
+        use "$R-before" "prune-before-$n"
+        # Its own cache folder: this host's record of the trail's head is per folder, and
+        # the copy's trail goes on from here apart from the original's.
+        measure "prune-before-$n" env CUSTOS_CACHE_DIR="$WORK/cache-before-$n" "$PRUNE_BEFORE" --quiet prune
+        rm -rf "$R-before" "$WORK/cache-before-$n"
+        if [ "$MODE" = s3 ]; then rclone purge "W:prune-before-$n"; fi
+    fi
+    use "$R" "prune-$n"
+    measure "prune-$n" "$CUSTOS" --quiet prune
+    note "index-objects-after-prune-$n" "$(if [ "$MODE" = s3 ]; then rclone lsf "W:prune-$n/r/index" | wc -l; else ls "$R/index" | wc -l; fi)"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    if [ "$MODE" = s3 ]; then rclone purge "W:prune-$n"; fi
 done
 for n in $TRAILS; do
     R="$WORK/trail-$n"

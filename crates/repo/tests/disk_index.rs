@@ -141,6 +141,7 @@ fn view(i: &Index, chunks: &[ChunkId]) -> String {
     for c in chunks {
         let mut named: Vec<u32> = i
             .copy_numbers(c)
+            .unwrap()
             .iter()
             .map(|n| {
                 let (chunk, offset) = numbered[n];

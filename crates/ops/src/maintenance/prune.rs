@@ -150,20 +150,28 @@ fn mark_used(
 ) -> Result<Used> {
     let mut used = Used::new(index.copies());
     let mut recent: HashSet<ChunkId> = HashSet::with_capacity(RECENT);
+    let mut failed = None;
     progress.start("read snapshots", Some(snapshots.len() as u64));
     for s in snapshots {
         // Any unreadable snapshot stops prune: deleting on incomplete knowledge loses data.
         crate::manifest::for_each_reference(repo, index, &s.id, &mut |id| {
+            if failed.is_some() {
+                return;
+            }
             if recent.len() >= RECENT {
                 recent.clear();
             }
             if recent.insert(id) {
-                for n in index.copy_numbers(&id) {
-                    used.set(n);
+                match index.copy_numbers(&id) {
+                    Ok(ns) => ns.into_iter().for_each(|n| used.set(n)),
+                    Err(e) => failed = Some(e),
                 }
             }
         })
         .map_err(|e| e.context(format!("prune cannot read snapshot {}", s.id.short())))?;
+        if let Some(e) = failed.take() {
+            return Err(e);
+        }
         progress.add(1);
     }
     progress.finish();

@@ -1,14 +1,18 @@
 //! The on-disk chunk index (format.md 5.3): the index objects of a repository decoded once
-//! into sorted fixed-size records on the host and memory-mapped, so a command's memory does
-//! not grow with the number of chunks stored. A lookup is a binary search over the records;
-//! only the pages it touches are read.
+//! into sorted fixed-size records in files on the host, so a command's memory does not grow
+//! with the number of chunks stored. The files are read with `pread`, never mapped (a mapped
+//! page a command touched would count in its RSS until it ends). A lookup finds its block in
+//! an in-memory table of every 128th record's sort key (`fences`, 6 MB at 100M chunks) and
+//! reads that block (7 KB) in one `pread`; pack ids likewise (`pack-fences`).
 //!
 //! A build folder holds `records` (one record per chunk location, sorted by a keyed hash of
 //! the chunk id), `packs` (one record per pack, by position), `pack-ids` (pack id to
 //! position, sorted), `keys` (the packs' wrapped data keys), `file-packs` (the positions
-//! each index object names), `by-pack` (the records again, grouped by pack in pack order,
-//! with `pack-blobs` giving each pack's first record and count: what `verify` reads pack by
-//! pack) and `meta.json` (what the build covers, written last).
+//! each index object names), `by-pack` (the records again, grouped by pack and sorted by
+//! offset, with `pack-blobs` giving each pack's first record and count: what `verify` reads
+//! pack by pack, and the numbering of copies prune marks used; made from the deduplicated
+//! records, so a pack holds what any object listing it lists, never only what the first
+//! one did) and `meta.json` (what the build covers, written last).
 //!
 //! The records are sorted by a hash keyed with a random key of the build, not by chunk id:
 //! a backup key may store any chunk ids, and ids it ground to share a prefix would
@@ -30,7 +34,6 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use custos_model::{ChunkId, Id, IndexId, PackId, RepoId};
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use std::io::Result;
 
@@ -48,7 +51,10 @@ const PACK_ID_PARTS: usize = 64;
 /// first record in `by-pack` (8) | count (4).
 const PACK_BLOBS: usize = 12;
 const PARTS: usize = 256;
-const VERSION: u32 = 3;
+/// One record in this many has its sort key in `fences` (and one entry of `pack-ids` in
+/// `pack-fences`): 6 MB of memory at 100M chunks, and a lookup reads one block of 7 KB.
+const FENCE: u64 = 128;
+const VERSION: u32 = 4;
 
 const HAS_WRITER: u8 = 1;
 const VOUCHED: u8 = 2;
@@ -75,19 +81,24 @@ pub struct DiskIndex {
     pub meta: DiskMeta,
     dir: PathBuf,
     hkey: [u8; 32],
-    records: Option<Mmap>,
-    /// `records` again, read by `lookup` with pread: a mapped page a lookup touches (and
-    /// the 64 KiB the kernel maps around each fault) would count in the command's RSS,
-    /// about 50 KB a lookup on a large build.
-    records_file: File,
-    /// Opened with the rest: another command on this host may remove the folder once a
-    /// newer build is published, and what is open stays readable.
-    file_packs_file: File,
-    packs: Option<Mmap>,
-    pack_ids: Option<Mmap>,
-    keys: Option<Mmap>,
-    by_pack: Option<Mmap>,
-    pack_blobs: Option<Mmap>,
+    /// Every file is read with `pread`, never mapped: a mapped page a command touches
+    /// counts in its RSS until it ends, and prune and verify go through every pack (a
+    /// mapped `by-pack` alone is 5.8 GB at 100M chunks). The files are opened with the
+    /// rest: another command on this host may remove the folder once a newer build is
+    /// published, and what is open stays readable.
+    records: File,
+    packs: File,
+    pack_ids: File,
+    keys: File,
+    by_pack: File,
+    pack_blobs: File,
+    file_packs: File,
+    /// The sort key of every [`FENCE`]th record, and of every [`FENCE`]th entry of
+    /// `pack-ids`: a lookup finds its block in memory and reads it in one `pread`.
+    record_fences: Vec<u64>,
+    pack_fences: Vec<u64>,
+    keys_len: u64,
+    by_pack_len: u64,
     /// Holds the folder of a build made for one command (no cache folder).
     _temp: Option<tempfile::TempDir>,
 }
@@ -111,21 +122,32 @@ fn damaged(dir: &Path, what: &str) -> std::io::Error {
     )
 }
 
-fn map(path: &Path, len: u64) -> Result<Option<Mmap>> {
+/// `path`, opened and checked to hold `len` bytes.
+fn open_sized(path: &Path, len: u64) -> Result<File> {
     let f = File::open(path)?;
     if f.metadata()?.len() != len {
         return Err(damaged(path, "a file has the wrong size"));
     }
-    if len == 0 {
-        return Ok(None);
+    Ok(f)
+}
+
+fn read_at(f: &File, at: u64, len: usize) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(f, &mut b, at)?;
+    Ok(b)
+}
+
+/// The sort keys of every [`FENCE`]th entry of a sorted file of `n` entries of `size`
+/// bytes, as written by [`write_fences`].
+fn read_fences(path: &Path, n: u64) -> Result<Vec<u64>> {
+    let raw = std::fs::read(path)?;
+    if raw.len() as u64 != n.div_ceil(FENCE) * 8 {
+        return Err(damaged(path, "its fences do not match its records"));
     }
-    // Safety: the build folder is never modified after it is complete (a new build goes
-    // to a new folder); a file truncated under the map by someone else can fault the
-    // process, as with any memory-mapped cache.
-    let m = unsafe { Mmap::map(&f)? };
-    // Lookups jump: reading ahead around each would only fill memory.
-    let _ = m.advise(memmap2::Advice::Random);
-    Ok(Some(m))
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -225,19 +247,19 @@ impl DiskIndex {
             .ok()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| damaged(dir, "its sort key is unreadable"))?;
-        let records = map(&dir.join("records"), meta.records * RECORD as u64)?;
-        let records_file = File::open(dir.join("records"))?;
-        let file_packs_file = File::open(dir.join("file-packs"))?;
-        let packs = map(&dir.join("packs"), meta.packs * PACK as u64)?;
-        let pack_ids = map(&dir.join("pack-ids"), meta.packs * PACK_ID as u64)?;
-        let key_len = std::fs::metadata(dir.join("keys"))?.len();
-        let keys = map(&dir.join("keys"), key_len)?;
-        let by_len = std::fs::metadata(dir.join("by-pack"))?.len();
-        if by_len % RECORD as u64 != 0 {
+        let records = open_sized(&dir.join("records"), meta.records * RECORD as u64)?;
+        let packs = open_sized(&dir.join("packs"), meta.packs * PACK as u64)?;
+        let pack_ids = open_sized(&dir.join("pack-ids"), meta.packs * PACK_ID as u64)?;
+        let pack_blobs = open_sized(&dir.join("pack-blobs"), meta.packs * PACK_BLOBS as u64)?;
+        let keys = File::open(dir.join("keys"))?;
+        let keys_len = keys.metadata()?.len();
+        let by_pack = File::open(dir.join("by-pack"))?;
+        let by_pack_len = by_pack.metadata()?.len();
+        if by_pack_len % RECORD as u64 != 0 {
             return Err(damaged(dir, "its records by pack are cut"));
         }
-        let by_pack = map(&dir.join("by-pack"), by_len)?;
-        let pack_blobs = map(&dir.join("pack-blobs"), meta.packs * PACK_BLOBS as u64)?;
+        let record_fences = read_fences(&dir.join("fences"), meta.records)?;
+        let pack_fences = read_fences(&dir.join("pack-fences"), meta.packs)?;
         if meta.bad.iter().any(|(p, _)| u64::from(*p) >= meta.packs) {
             return Err(damaged(dir, "a damaged copy names no pack"));
         }
@@ -246,13 +268,16 @@ impl DiskIndex {
             dir: dir.to_path_buf(),
             hkey,
             records,
-            records_file,
-            file_packs_file,
             packs,
             pack_ids,
             keys,
             by_pack,
             pack_blobs,
+            file_packs: File::open(dir.join("file-packs"))?,
+            record_fences,
+            pack_fences,
+            keys_len,
+            by_pack_len,
             _temp: temp,
         })
     }
@@ -261,88 +286,64 @@ impl DiskIndex {
         self.meta.packs as u32
     }
 
-    fn record(&self, i: u64) -> &[u8] {
-        let at = i as usize * RECORD;
-        &self.records.as_deref().expect("non-empty")[at..at + RECORD]
-    }
-
-    fn pack_record(&self, pos: u32) -> &[u8] {
-        let at = pos as usize * PACK;
-        &self.packs.as_deref().expect("non-empty")[at..at + PACK]
-    }
-
-    /// Record `i`, read from the file (see `records_file`); `None` if it cannot be read.
-    fn read_record(&self, i: u64) -> Option<[u8; RECORD]> {
-        let mut r = [0u8; RECORD];
-        match std::os::unix::fs::FileExt::read_exact_at(
-            &self.records_file,
-            &mut r,
-            i * RECORD as u64,
-        ) {
-            Ok(()) => Some(r),
-            Err(e) => {
-                tracing::warn!("on-disk index {}: {e}", self.dir.display());
-                None
-            }
-        }
+    fn warn(&self, e: &std::io::Error) {
+        tracing::warn!("on-disk index {}: {e}", self.dir.display());
     }
 
     /// Every location of `id` the build holds, in build order. A location naming a pack
     /// outside the build (a damaged cache) is left out, and so is everything when the
     /// build cannot be read (a chunk then looks new: stored again, never lost).
     pub fn lookup(&self, id: &ChunkId) -> Vec<BlobLoc> {
+        self.lookup_checked(id).unwrap_or_else(|e| {
+            self.warn(&e);
+            vec![]
+        })
+    }
+
+    /// The block of a sorted file of `n` entries of `size` bytes that holds the first
+    /// entry whose sort key (its first 8 bytes) is not below `key`, found by `fences`:
+    /// the number of its first entry and its bytes (one `pread`).
+    fn block(f: &File, fences: &[u64], n: u64, size: usize, key: u64) -> Result<(u64, Vec<u8>)> {
+        // Fence j is entry j * FENCE. Every entry before the block's start is below key
+        // (its fence is); the first not below lies at or before the next fence.
+        let j = fences.partition_point(|f| *f < key) as u64;
+        let first = if j == 0 { 0 } else { (j - 1) * FENCE };
+        let end = (j * FENCE + 1).min(n);
+        let bytes = read_at(f, first * size as u64, (end - first) as usize * size)?;
+        Ok((first, bytes))
+    }
+
+    /// As [`DiskIndex::lookup`], with an error when the build cannot be read: for prune,
+    /// to which a chunk that looks absent is a chunk to delete.
+    pub fn lookup_checked(&self, id: &ChunkId) -> Result<Vec<BlobLoc>> {
         let mut out = vec![];
-        if self.meta.records == 0 {
-            return out;
-        }
-        let mut unreadable = false;
-        let mut record = |i: u64| match self.read_record(i) {
-            Some(r) => r,
-            None => {
-                unreadable = true;
-                [0xff; RECORD]
-            }
-        };
-        let h = hash(&self.hkey, &id.0);
-        // The hashes are uniform (keyed with the build's own key), so the record lies
-        // near h's share of the file: start there and widen the window by doubling until
-        // it brackets h, then halve. A lookup touches one or two pages, not log2(n).
         let n = self.meta.records;
-        let key = u64::from_be_bytes(h);
-        let guess = ((u128::from(key) * u128::from(n)) >> 64) as u64;
-        let mut below = |i: u64| record(i)[..8] < h[..];
-        let (mut lo, mut hi);
-        if below(guess.min(n - 1)) {
-            // The answer is after guess.
-            lo = guess.min(n - 1) + 1;
-            let mut step = 64u64;
-            hi = (lo + step).min(n);
-            while hi < n && below(hi) {
-                lo = hi + 1;
-                step *= 2;
-                hi = (hi + step).min(n);
-            }
-        } else {
-            hi = guess.min(n - 1);
-            let mut step = 64u64;
-            lo = hi.saturating_sub(step);
-            while lo > 0 && !below(lo) {
-                hi = lo;
-                step *= 2;
-                lo = lo.saturating_sub(step);
-            }
+        if n == 0 {
+            return Ok(out);
         }
-        // Now every record before lo is below h and the one at hi (if any) is not.
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if below(mid) {
-                lo = mid + 1;
+        let h = hash(&self.hkey, &id.0);
+        let (first, block) = Self::block(
+            &self.records,
+            &self.record_fences,
+            n,
+            RECORD,
+            u64::from_be_bytes(h),
+        )?;
+        let in_block = block.len() / RECORD;
+        let mut at = (0..in_block)
+            .find(|i| block[i * RECORD..i * RECORD + 8] >= h[..])
+            .unwrap_or(in_block) as u64;
+        // The run of h may go on past the block (copies of one chunk, or a shared h).
+        while first + at < n {
+            let r: std::borrow::Cow<[u8]> = if (at as usize) < in_block {
+                std::borrow::Cow::Borrowed(&block[at as usize * RECORD..(at as usize + 1) * RECORD])
             } else {
-                hi = mid;
-            }
-        }
-        while lo < self.meta.records {
-            let r = record(lo);
+                std::borrow::Cow::Owned(read_at(
+                    &self.records,
+                    (first + at) * RECORD as u64,
+                    RECORD,
+                )?)
+            };
             if r[..8] != h[..] {
                 break;
             }
@@ -350,37 +351,59 @@ impl DiskIndex {
             if cid == *id && loc.pack < self.pack_count() {
                 out.push(loc);
             }
-            lo += 1;
+            at += 1;
         }
-        if unreadable {
-            out.clear();
-        }
-        out
+        Ok(out)
     }
 
-    /// Every record: (chunk, location).
-    pub fn records(&self) -> impl Iterator<Item = (ChunkId, BlobLoc)> + '_ {
-        (0..self.meta.records)
-            .map(|i| decode_record(self.record(i)))
-            .filter(|(_, l)| l.pack < self.pack_count())
+    /// Calls `f` with every record (chunk, location), read in large blocks.
+    pub fn for_each_record(&self, mut f: impl FnMut(ChunkId, BlobLoc) -> Result<()>) -> Result<()> {
+        let per = 4096u64;
+        let mut i = 0u64;
+        while i < self.meta.records {
+            let k = per.min(self.meta.records - i);
+            let raw = read_at(&self.records, i * RECORD as u64, k as usize * RECORD)?;
+            for r in raw.chunks_exact(RECORD) {
+                let (id, l) = decode_record(r);
+                if l.pack < self.pack_count() {
+                    f(id, l)?;
+                }
+            }
+            i += k;
+        }
+        Ok(())
     }
 
     pub fn pack_at(&self, pos: u32) -> PackMeta {
-        let r = self.pack_record(pos);
-        let a = attribution_of(r);
-        let len = usize::from(u16::from_le_bytes([r[73], r[74]]));
-        let off = u64_at(r, 75) as usize;
+        let r = match read_at(&self.packs, u64::from(pos) * PACK as u64, PACK) {
+            Ok(r) => r,
+            Err(e) => {
+                // Read as a pack nobody can open: reading it then fails as with a wrong key.
+                self.warn(&e);
+                return PackMeta {
+                    id: PackId(Id([0; 32])),
+                    size: 0,
+                    key: vec![],
+                    writer: None,
+                    vouched: false,
+                    trusted: false,
+                };
+            }
+        };
+        let a = attribution_of(&r);
+        let len = u16::from_le_bytes([r[73], r[74]]);
+        let off = u64_at(&r, 75);
         // A key outside the keys file (a damaged cache) reads as none: opening the pack
         // then fails as it would with a wrong key.
-        let key = self
-            .keys
-            .as_deref()
-            .and_then(|k| k.get(off..off.checked_add(len)?))
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default();
+        let key = match off.checked_add(u64::from(len)) {
+            Some(end) if end <= self.keys_len => {
+                read_at(&self.keys, off, usize::from(len)).unwrap_or_default()
+            }
+            _ => vec![],
+        };
         PackMeta {
-            id: PackId(id_at(r, 0)),
-            size: u64_at(r, 32),
+            id: PackId(id_at(&r, 0)),
+            size: u64_at(&r, 32),
             key,
             writer: a.writer,
             vouched: a.vouched,
@@ -390,27 +413,35 @@ impl DiskIndex {
 
     /// How many records `by-pack` holds: the build's copies, numbered pack by pack.
     pub fn copies(&self) -> u64 {
-        self.by_pack
-            .as_deref()
-            .map_or(0, |b| (b.len() / RECORD) as u64)
+        self.by_pack_len / RECORD as u64
     }
 
-    /// The records of the pack at `pos` in `by-pack`: the number of the first and the
-    /// span. A range outside the file (a damaged cache) reads as none.
-    fn pack_span(&self, pos: u32) -> Option<(u64, &[u8])> {
-        let (pb, by) = (self.pack_blobs.as_deref()?, self.by_pack.as_deref()?);
-        let at = pos as usize * PACK_BLOBS;
-        let r = pb.get(at..at + PACK_BLOBS)?;
-        let first = u64_at(r, 0) as usize;
-        let n = u32_at(r, 8) as usize;
-        let span = first
-            .checked_mul(RECORD)
-            .and_then(|s| by.get(s..s.checked_add(n.checked_mul(RECORD)?)?))?;
-        Some((first as u64, span))
+    /// The records of the pack at `pos` in `by-pack`: the number of the first and their
+    /// bytes. A range outside the file (a damaged cache) reads as none.
+    fn pack_span(&self, pos: u32) -> Option<(u64, Vec<u8>)> {
+        if u64::from(pos) >= self.meta.packs {
+            return None;
+        }
+        let r = read_at(
+            &self.pack_blobs,
+            u64::from(pos) * PACK_BLOBS as u64,
+            PACK_BLOBS,
+        )
+        .map_err(|e| self.warn(&e))
+        .ok()?;
+        let first = u64_at(&r, 0);
+        let n = u64::from(u32_at(&r, 8));
+        if first.checked_add(n)? > self.copies() {
+            return None;
+        }
+        let span = read_at(&self.by_pack, first * RECORD as u64, (n as usize) * RECORD)
+            .map_err(|e| self.warn(&e))
+            .ok()?;
+        Some((first, span))
     }
 
-    /// The blobs of the pack at `pos`, in pack order (as the first object naming it lists
-    /// them), and the number of the first in `by-pack` (see [`DiskIndex::copies`]).
+    /// The blobs of the pack at `pos`, by offset (every object naming it adds to them), and
+    /// the number of the first in `by-pack` (see [`DiskIndex::copies`]).
     pub fn pack_blobs(&self, pos: u32) -> (u64, Vec<(ChunkId, BlobLoc)>) {
         let Some((first, span)) = self.pack_span(pos) else {
             return (0, vec![]);
@@ -454,23 +485,47 @@ impl DiskIndex {
     }
 
     pub fn pack_pos(&self, id: &PackId) -> Option<u32> {
-        let ids = self.pack_ids.as_deref()?;
+        let n = self.meta.packs;
+        if n == 0 {
+            return None;
+        }
         let mut key = [0u8; 40];
         key[..8].copy_from_slice(&hash(&self.hkey, &id.0));
         key[8..].copy_from_slice(&id.0 .0);
-        let n = self.meta.packs as usize;
-        let (mut lo, mut hi) = (0usize, n);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let r = &ids[mid * PACK_ID..(mid + 1) * PACK_ID];
-            match r[..40].cmp(&key[..]) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => {
-                    let pos = u32_at(r, 40);
-                    return (pos < self.pack_count()).then_some(pos);
-                }
+        let h = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+        let (_, block) = Self::block(&self.pack_ids, &self.pack_fences, n, PACK_ID, h)
+            .map_err(|e| self.warn(&e))
+            .ok()?;
+        // Ids are unique, so the block holds the entry if any does (an h shared across the
+        // block's end: the rest of the run read one by one).
+        let mut found = None;
+        for r in block.chunks_exact(PACK_ID) {
+            if r[..40] == key[..] {
+                found = Some(u32_at(r, 40));
+                break;
             }
+        }
+        if found.is_none() {
+            found = self.pack_pos_after_block(&key, h);
+        }
+        found.filter(|pos| *pos < self.pack_count())
+    }
+
+    /// [`DiskIndex::pack_pos`] for an id whose keyed hash runs past its block: read on
+    /// entry by entry (rare: ids sharing 8 bytes of keyed hash across a fence).
+    fn pack_pos_after_block(&self, key: &[u8; 40], h: u64) -> Option<u32> {
+        let n = self.meta.packs;
+        let j = self.pack_fences.partition_point(|f| *f < h) as u64;
+        let mut i = (j * FENCE + 1).min(n);
+        while i < n {
+            let r = read_at(&self.pack_ids, i * PACK_ID as u64, PACK_ID).ok()?;
+            if r[..8] != key[..8] {
+                return None;
+            }
+            if r[..40] == key[..] {
+                return Some(u32_at(&r, 40));
+            }
+            i += 1;
         }
         None
     }
@@ -478,8 +533,8 @@ impl DiskIndex {
     /// The packs each index object of the build names.
     pub fn file_packs(&self) -> Result<HashMap<IndexId, Vec<PackId>>> {
         // Read at offsets: the handle is shared by every call.
-        let mut raw = vec![0u8; self.file_packs_file.metadata()?.len() as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&self.file_packs_file, &mut raw, 0)?;
+        let mut raw = vec![0u8; self.file_packs.metadata()?.len() as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&self.file_packs, &mut raw, 0)?;
         let mut out = HashMap::new();
         let mut at = 0usize;
         for f in &self.meta.files {
@@ -523,10 +578,6 @@ pub struct Builder {
     packs_rw: File,
     keys: BufWriter<File>,
     key_off: u64,
-    by_pack: BufWriter<File>,
-    by_pack_n: u64,
-    /// Per pack: its first record in `by-pack` and how many.
-    pack_blobs: BufWriter<File>,
     file_packs: BufWriter<File>,
     /// The pack ids, partitioned by their keyed hash, sorted at the end into `pack-ids`.
     pid_parts: Vec<BufWriter<File>>,
@@ -594,9 +645,6 @@ impl Builder {
             packs_rw,
             keys: create("keys")?,
             file_packs: create("file-packs")?,
-            by_pack: create("by-pack")?,
-            by_pack_n: 0,
-            pack_blobs: create("pack-blobs")?,
             pid_parts,
             base,
             tmp,
@@ -687,12 +735,8 @@ impl Builder {
     pub fn seed(&mut self, old: &DiskIndex) -> Result<()> {
         for pos in 0..old.pack_count() {
             self.write_pack(&old.pack_at(pos))?;
-            let (_, blobs) = old.pack_blobs(pos);
-            self.write_pack_blobs(blobs.iter().map(|(id, l)| (id, l)))?;
         }
-        for (id, loc) in old.records() {
-            self.add_record(&id, &loc)?;
-        }
+        old.for_each_record(|id, loc| self.add_record(&id, &loc))?;
         for (pack, packs) in old.file_packs()? {
             self.files.push(pack);
             let mut pos = Vec::with_capacity(packs.len());
@@ -707,22 +751,6 @@ impl Builder {
         for (pos, chunk) in &old.meta.bad {
             self.bad.push((old.pack_at(*pos).id, *chunk));
         }
-        Ok(())
-    }
-
-    /// The blobs of the pack just written, in `by-pack`.
-    fn write_pack_blobs<'a>(
-        &mut self,
-        blobs: impl Iterator<Item = (&'a ChunkId, &'a BlobLoc)>,
-    ) -> Result<()> {
-        let first = self.by_pack_n;
-        for (id, l) in blobs {
-            self.by_pack.write_all(&encode_record([0; 8], id, l))?;
-            self.by_pack_n += 1;
-        }
-        self.pack_blobs.write_all(&first.to_le_bytes())?;
-        self.pack_blobs
-            .write_all(&((self.by_pack_n - first) as u32).to_le_bytes())?;
         Ok(())
     }
 
@@ -747,37 +775,24 @@ impl Builder {
         let mut positions = Vec::with_capacity(f.packs.len());
         for p in &f.packs {
             let a = attr(p);
-            let (pos, fresh) = match self.find_pack(&p.id)? {
+            let pos = match self.find_pack(&p.id)? {
                 Some(pos) => {
                     self.upgrade(pos, a)?;
-                    (pos, false)
+                    pos
                 }
-                None => (self.write_pack(&PackMeta::listed(p, a))?, true),
+                None => self.write_pack(&PackMeta::listed(p, a))?,
             };
             positions.push(pos);
-            let mut locs: Vec<(ChunkId, BlobLoc)> = p
-                .blobs
-                .iter()
-                .map(|b| {
-                    (
-                        b.id,
-                        BlobLoc {
-                            pack: pos,
-                            offset: b.offset,
-                            length: b.length,
-                            raw_length: b.raw_length,
-                            kind: b.kind,
-                            compressed: b.compressed,
-                        },
-                    )
-                })
-                .collect();
-            for (id, loc) in &locs {
-                self.add_record(id, loc)?;
-            }
-            if fresh {
-                locs.sort_by_key(|(_, l)| l.offset);
-                self.write_pack_blobs(locs.iter().map(|(id, l)| (id, l)))?;
+            for b in &p.blobs {
+                let loc = BlobLoc {
+                    pack: pos,
+                    offset: b.offset,
+                    length: b.length,
+                    raw_length: b.raw_length,
+                    kind: b.kind,
+                    compressed: b.compressed,
+                };
+                self.add_record(&b.id, &loc)?;
             }
         }
         self.files.push(id);
@@ -785,6 +800,56 @@ impl Builder {
         if bad {
             self.bad.extend(f.bad.iter().copied());
         }
+        Ok(())
+    }
+
+    /// `by-pack` and `pack-blobs` from the records (deduplicated, so exactly what lookups
+    /// find: every object listing a pack adds to it, whichever came first), partitioned by
+    /// pack position: each partition sorted in memory by (position, offset).
+    fn write_by_pack(&mut self, parts: Vec<BufWriter<File>>) -> Result<()> {
+        let mut by_pack =
+            BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("by-pack"))?);
+        let mut pack_blobs =
+            BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("pack-blobs"))?);
+        let mut entry = |first: u64, n: u64| -> Result<()> {
+            pack_blobs.write_all(&first.to_le_bytes())?;
+            pack_blobs.write_all(&(n as u32).to_le_bytes())
+        };
+        // The next pack whose entry is not written, and the records written.
+        let (mut next, mut written) = (0u32, 0u64);
+        for (i, w) in parts.into_iter().enumerate() {
+            let raw = take_part(w, &self.tmp.join(format!("bypos-{i:02x}")))?;
+            let mut rs: Vec<&[u8]> = raw.chunks_exact(RECORD).collect();
+            rs.sort_by(|a, b| {
+                (u32_at(a, 40), u32_at(a, 44), &a[8..40]).cmp(&(
+                    u32_at(b, 40),
+                    u32_at(b, 44),
+                    &b[8..40],
+                ))
+            });
+            let mut k = 0;
+            while k < rs.len() {
+                let pos = u32_at(rs[k], 40);
+                while next < pos {
+                    entry(written, 0)?;
+                    next += 1;
+                }
+                let first = written;
+                while k < rs.len() && u32_at(rs[k], 40) == pos {
+                    by_pack.write_all(rs[k])?;
+                    written += 1;
+                    k += 1;
+                }
+                entry(first, written - first)?;
+                next = pos + 1;
+            }
+        }
+        while next < self.n_packs {
+            entry(written, 0)?;
+            next += 1;
+        }
+        by_pack.flush()?;
+        pack_blobs.flush()?;
         Ok(())
     }
 
@@ -798,8 +863,6 @@ impl Builder {
         self.packs.flush()?;
         self.keys.flush()?;
         self.file_packs.flush()?;
-        self.by_pack.flush()?;
-        self.pack_blobs.flush()?;
         let mut bad = Vec::with_capacity(self.bad.len());
         for (p, c) in std::mem::take(&mut self.bad) {
             if let Some(pos) = self.find_pack(&p)? {
@@ -809,9 +872,19 @@ impl Builder {
         // The table and its sort are no longer needed: freed before the records' sort.
         self.pack_pos = HashMap::new();
         self.collided = HashMap::new();
-        // Records: each partition sorted in memory, in hash order.
+        // Records: each partition sorted in memory, in hash order; each record also goes
+        // to one of 256 partitions by pack position, for `by-pack`.
         let mut out = BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("records"))?);
         let mut records = 0u64;
+        let mut fences = BufWriter::new(File::create(self.tmp.join("fences"))?);
+        let n_packs = u64::from(self.n_packs);
+        let mut by_parts = Vec::with_capacity(PARTS);
+        for i in 0..PARTS {
+            by_parts.push(BufWriter::with_capacity(
+                1 << 14,
+                File::create(self.tmp.join(format!("bypos-{i:02x}")))?,
+            ));
+        }
         let parts = std::mem::take(&mut self.parts);
         for (i, w) in parts.into_iter().enumerate() {
             let raw = take_part(w, &self.tmp.join(format!("part-{i:02x}")))?;
@@ -823,25 +896,42 @@ impl Builder {
             });
             rs.dedup_by(|a, b| a[..44] == b[..44]);
             for r in rs {
+                if records.is_multiple_of(FENCE) {
+                    fences.write_all(&r[..8])?;
+                }
                 out.write_all(r)?;
                 records += 1;
+                let pos = u64::from(u32_at(r, 40));
+                if pos < n_packs {
+                    by_parts[(pos * PARTS as u64 / n_packs) as usize].write_all(r)?;
+                }
             }
         }
         out.flush()?;
         drop(out);
+        fences.flush()?;
+        drop(fences);
+        self.write_by_pack(by_parts)?;
         // Pack ids: each partition sorted in memory, in (keyed hash, id) order.
         let mut w = BufWriter::new(File::create(self.tmp.join("pack-ids"))?);
+        let mut fences = BufWriter::new(File::create(self.tmp.join("pack-fences"))?);
         let parts = std::mem::take(&mut self.pid_parts);
+        let mut n = 0u64;
         for (i, p) in parts.into_iter().enumerate() {
             let raw = take_part(p, &self.tmp.join(format!("pid-{i:02x}")))?;
             let mut rs: Vec<&[u8]> = raw.chunks_exact(PACK_ID).collect();
             rs.sort_by(|a, b| a[..40].cmp(&b[..40]));
             for r in rs {
+                if n.is_multiple_of(FENCE) {
+                    fences.write_all(&r[..8])?;
+                }
                 w.write_all(r)?;
+                n += 1;
             }
         }
         w.flush()?;
-        drop(w);
+        fences.flush()?;
+        drop((w, fences));
         let meta = DiskMeta {
             version: VERSION,
             repo: repo.to_hex(),
@@ -1041,8 +1131,16 @@ mod tests {
         // c's hash now leads to a's position.
         let hc = table_key(&hash(&b.hkey, &c.id.0));
         b.pack_pos.insert(hc, 0);
+        // The second object lists `a` again with one blob the first did not (and without
+        // one it did): the pack holds what either lists.
+        let mut a2 = a.clone();
+        let mut extra = a2.blobs[0].clone();
+        extra.id = ChunkId(Id([0xab; 32]));
+        extra.offset = 1 << 30;
+        a2.blobs.remove(0);
+        a2.blobs.push(extra.clone());
         let second = IndexFile {
-            packs: vec![c.clone(), a.clone()],
+            packs: vec![c.clone(), a2],
             ..Default::default()
         };
         let vouch = |p: &IndexPack| Attribution {
@@ -1066,6 +1164,21 @@ mod tests {
         assert_eq!(d.lookup(&a.blobs[0].id)[0].pack, 0);
         assert_eq!(d.lookup(&c.blobs[0].id)[0].pack, 1);
         assert_eq!(d.pack_blobs(1).1[0].0, c.blobs[0].id);
+        let union = |d: &DiskIndex| -> Vec<(ChunkId, u32)> {
+            d.pack_blobs(0)
+                .1
+                .iter()
+                .map(|(c, l)| (*c, l.offset))
+                .collect()
+        };
+        let mut want: Vec<(ChunkId, u32)> = a.blobs.iter().map(|b| (b.id, b.offset)).collect();
+        want.push((extra.id, extra.offset));
+        assert_eq!(union(&d), want);
+        assert_eq!(d.copies(), (a.blobs.len() + 1 + c.blobs.len()) as u64);
+        assert_eq!(
+            d.slot_of(0, &extra.id, extra.offset),
+            Some(a.blobs.len() as u64)
+        );
         let fp = d.file_packs().unwrap();
         assert_eq!(fp[&IndexId(Id([2; 32]))], vec![c.id, a.id]);
 
@@ -1077,6 +1190,7 @@ mod tests {
         assert_eq!(d2.pack_pos(&c.id), Some(1));
         assert!(d2.pack_at(0).vouched);
         assert_eq!(d2.file_packs().unwrap(), fp);
+        assert_eq!(union(&d2), want);
     }
 
     /// Commands of one host building in one cache folder at once (a backup, a base backup

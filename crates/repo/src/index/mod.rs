@@ -445,22 +445,41 @@ impl Index {
         }
     }
 
-    /// The numbers of every copy of a chunk (see [`Index::copies`]).
-    pub fn copy_numbers(&self, id: &ChunkId) -> Vec<u64> {
+    /// The numbers of every copy of a chunk (see [`Index::copies`]). An error when the
+    /// build cannot be read or does not number a copy it holds: to prune, a copy missed is
+    /// a copy deleted.
+    pub fn copy_numbers(&self, id: &ChunkId) -> Result<Vec<u64>> {
         let base = self.base();
-        self.locs(id)
-            .into_iter()
-            .filter_map(|l| {
-                if l.pack < base {
-                    return self.disk.as_ref()?.slot_of(l.pack, id, l.offset);
-                }
-                let m = self.mem_copies();
-                let i = (l.pack - base) as usize;
-                let v = m.packs.get(i)?;
-                let at = v
-                    .iter()
-                    .position(|(c, x)| c == id && x.offset == l.offset)?;
-                Some(m.first[i] + at as u64)
+        let unreadable = |e: String| {
+            custos_model::Error::integrity(format!(
+                "the on-disk index cannot be read ({e}); nothing was deleted: run again"
+            ))
+        };
+        let mut locs = match &self.disk {
+            Some(d) => d
+                .lookup_checked(id)
+                .map_err(|e| unreadable(e.to_string()))?,
+            None => vec![],
+        };
+        locs.extend(self.blobs.get(id));
+        locs.extend(self.extra.get(id).into_iter().flatten());
+        locs.into_iter()
+            .map(|l| {
+                let n = if l.pack < base {
+                    self.disk
+                        .as_ref()
+                        .and_then(|d| d.slot_of(l.pack, id, l.offset))
+                } else {
+                    let m = self.mem_copies();
+                    let i = (l.pack - base) as usize;
+                    m.packs.get(i).and_then(|v| {
+                        let at = v
+                            .iter()
+                            .position(|(c, x)| c == id && x.offset == l.offset)?;
+                        Some(m.first[i] + at as u64)
+                    })
+                };
+                n.ok_or_else(|| unreadable(format!("chunk {id} has no place in its pack")))
             })
             .collect()
     }
