@@ -69,7 +69,15 @@ pub const ZJSON_LIMIT: u64 = 256 << 20;
 
 pub fn from_zjson<T: DeserializeOwned>(data: &[u8], what: &str) -> Result<T> {
     use std::io::Read;
-    let mut json = vec![];
+    // The size the frame declares, when it does and is within the limit, allocated once
+    // (growing by doubling held up to twice an index object's 20 MB of JSON); a frame that
+    // declares too little only grows the buffer.
+    let declared = zstd::zstd_safe::get_frame_content_size(data)
+        .ok()
+        .flatten()
+        .filter(|n| *n <= ZJSON_LIMIT)
+        .unwrap_or(0);
+    let mut json = Vec::with_capacity(declared as usize);
     zstd::stream::read::Decoder::new(data)
         .and_then(|d| d.take(ZJSON_LIMIT + 1).read_to_end(&mut json))
         .map_err(|e| Error::integrity(format!("{what}: cannot decompress: {e}")))?;
