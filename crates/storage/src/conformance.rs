@@ -49,6 +49,23 @@ pub fn run(s: Arc<dyn Storage>) {
     );
     assert_eq!(s.get("data/ab/obj9").unwrap(), data);
     s.delete("data/ab/obj9").unwrap();
+    // A shard of a folder lists that shard alone (large repositories list `data/` so).
+    s.put("data/ac/obj2", b"x", PutMode::CreateOnly).unwrap();
+    let shard: Vec<String> = s
+        .list("data/ab")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(shard, vec!["data/ab/obj1".to_string()]);
+    let other: Vec<String> = s
+        .list("data/ac")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(other, vec!["data/ac/obj2".to_string()]);
+    s.delete("data/ac/obj2").unwrap();
     // Listings say when an object was written, where the store knows.
     let listed = s.list("data").unwrap();
     assert!(listed
