@@ -408,7 +408,13 @@ fn files_under(base: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>> {
         };
         for ent in rd {
             let ent = ent.map_err(|e| io_err(&d, e))?;
-            let meta = ent.metadata().map_err(|e| io_err(&ent.path(), e))?;
+            // Removed between the folder's read and its stat (a lock released, a temp
+            // file renamed): not listed, as if listed a moment later.
+            let meta = match ent.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&ent.path(), e)),
+            };
             if meta.is_dir() {
                 stack.push(ent.path());
             } else {

@@ -25,3 +25,31 @@ fn local_files_are_private_whatever_the_umask() {
         "no temp file left behind"
     );
 }
+
+/// Another command removing objects while this one lists (locks released by concurrent
+/// commands): the listing never fails, it just leaves out what went.
+#[test]
+fn a_listing_while_objects_are_removed_does_not_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(LocalStorage::new(dir.path().join("repo")));
+    for round in 0..10 {
+        let names: Vec<String> = (0..300).map(|i| format!("locks/{round}-{i:04}")).collect();
+        for n in &names {
+            s.put(n, b"lock", PutMode::CreateOnly).unwrap();
+        }
+        let remover = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for n in names.iter().rev() {
+                    s.delete(n).unwrap();
+                }
+            })
+        };
+        while !remover.is_finished() {
+            let listed = s.list("locks").unwrap();
+            assert!(listed.len() <= 300);
+        }
+        remover.join().unwrap();
+        assert!(s.list("locks").unwrap().is_empty());
+    }
+}
