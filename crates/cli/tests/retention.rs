@@ -508,14 +508,16 @@ fn prune_reads_a_manifest_of_many_chunks_piece_by_piece_and_keeps_every_file_it_
     // The on-disk index (format.md 5.3): prune marks used copies by their numbers there.
     t.set("CUSTOS_INDEX_MEMORY_MB", "0");
     let src = t.path("src");
-    // Enough entries for a manifest of several chunks (about 150 bytes an entry, chunks
-    // of 0.5-8 MiB): an entry cut by a chunk boundary is read from both pieces.
-    make_tree(&src, 7, 16_000, 400);
+    // Enough entries for a manifest of several chunks (about 150 bytes an entry, 5 MB or
+    // more; chunks of 1 MiB on average, 8 MiB at most): an entry cut by a chunk boundary
+    // is read from both pieces.
+    make_tree(&src, 7, 48_000, 400);
     t.ok(&["backup", "files", src.to_str().unwrap()]);
-    // Half the files go: their chunks, in the packs of the first backup, become unused.
+    // A quarter of the files go: their chunks, in the packs of the first backup, become
+    // unused.
     let mut gone = 0;
     for (i, e) in walkdir(&src).into_iter().enumerate() {
-        if e.is_file() && i % 2 == 0 {
+        if e.is_file() && i % 4 == 0 {
             std::fs::remove_file(e).unwrap();
             gone += 1;
         }
