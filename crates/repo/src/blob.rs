@@ -35,6 +35,20 @@ pub struct BlobLoc {
     pub compressed: bool,
 }
 
+impl PackEntry {
+    /// Where this blob lies, in the pack at position `pack` of an index.
+    pub fn loc(&self, pack: u32) -> BlobLoc {
+        BlobLoc {
+            pack,
+            offset: self.offset,
+            length: self.length,
+            raw_length: self.raw_length,
+            kind: self.kind,
+            compressed: self.compressed,
+        }
+    }
+}
+
 impl BlobLoc {
     /// Where the blob's stored bytes sit in its pack.
     pub fn range(&self) -> std::ops::Range<usize> {

@@ -784,15 +784,7 @@ impl Builder {
             };
             positions.push(pos);
             for b in &p.blobs {
-                let loc = BlobLoc {
-                    pack: pos,
-                    offset: b.offset,
-                    length: b.length,
-                    raw_length: b.raw_length,
-                    kind: b.kind,
-                    compressed: b.compressed,
-                };
-                self.add_record(&b.id, &loc)?;
+                self.add_record(&b.id, &b.loc(pos))?;
             }
         }
         self.files.push(id);

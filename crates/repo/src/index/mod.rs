@@ -249,14 +249,7 @@ impl Index {
             }
         };
         for b in &p.blobs {
-            let loc = BlobLoc {
-                pack: pos,
-                offset: b.offset,
-                length: b.length,
-                raw_length: b.raw_length,
-                kind: b.kind,
-                compressed: b.compressed,
-            };
+            let loc = b.loc(pos);
             match self.blobs.entry(b.id) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(loc);
