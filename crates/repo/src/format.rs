@@ -69,27 +69,82 @@ pub const ZJSON_LIMIT: u64 = 256 << 20;
 
 pub fn from_zjson<T: DeserializeOwned>(data: &[u8], what: &str) -> Result<T> {
     use std::io::Read;
-    // The size the frame declares, when it does and is within the limit, allocated once
-    // (growing by doubling held up to twice an index object's 20 MB of JSON); a frame that
-    // declares too little only grows the buffer.
-    let declared = zstd::zstd_safe::get_frame_content_size(data)
-        .ok()
-        .flatten()
-        .filter(|n| *n <= ZJSON_LIMIT)
-        .unwrap_or(0);
-    let mut json = Vec::with_capacity(declared as usize);
-    zstd::stream::read::Decoder::new(data)
-        .and_then(|d| d.take(ZJSON_LIMIT + 1).read_to_end(&mut json))
+    /// Counts what the decoder gives and stops at the limit with an error of its own.
+    struct Bounded<R> {
+        inner: R,
+        left: u64,
+    }
+    impl<R: Read> Read for Bounded<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::FileTooLarge, "over the limit")
+            })?;
+            Ok(n)
+        }
+    }
+    // Parsed as it is decompressed: the JSON is never whole in memory (an index object's
+    // 20 MB, twice over while the build reads two at once).
+    let decoder = zstd::stream::read::Decoder::new(data)
         .map_err(|e| Error::integrity(format!("{what}: cannot decompress: {e}")))?;
-    if json.len() as u64 > ZJSON_LIMIT {
-        return Err(Error::integrity(format!(
+    let reader = std::io::BufReader::with_capacity(
+        64 << 10,
+        Bounded {
+            inner: decoder,
+            left: ZJSON_LIMIT,
+        },
+    );
+    serde_json::from_reader(reader).map_err(|e| match e.io_error_kind() {
+        Some(std::io::ErrorKind::FileTooLarge) => Error::integrity(format!(
             "{what}: expands to more than {} MiB: refused",
             ZJSON_LIMIT >> 20
-        )));
-    }
-    serde_json::from_slice(&json)
-        .map_err(|e| Error::integrity(format!("{what}: malformed content: {e}")))
+        )),
+        Some(_) => Error::integrity(format!("{what}: cannot decompress: {e}")),
+        None => Error::integrity(format!("{what}: malformed content: {e}")),
+    })
 }
 
 /// Base64 fields in JSON objects (one definition, shared with key material).
 pub use custos_crypto::keys::b64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sealed_json_reads_back_and_damage_is_an_integrity_error() {
+        let v: Vec<(String, u64)> = (0..50_000).map(|i| (format!("k{i}"), i)).collect();
+        let z = to_zjson(&v);
+        assert_eq!(from_zjson::<Vec<(String, u64)>>(&z, "t").unwrap(), v);
+        // Cut short: the stream ends inside the JSON.
+        let e = from_zjson::<Vec<(String, u64)>>(&z[..z.len() / 2], "t").unwrap_err();
+        assert_eq!(e.kind, custos_model::Kind::Integrity, "{e}");
+        // Valid zstd, not the JSON of the type.
+        let e = from_zjson::<Vec<(String, u64)>>(&to_zjson(&"text"), "t").unwrap_err();
+        assert!(e.to_string().contains("malformed content"), "{e}");
+        // Not zstd at all.
+        let e = from_zjson::<Vec<(String, u64)>>(b"not zstd", "t").unwrap_err();
+        assert_eq!(e.kind, custos_model::Kind::Integrity, "{e}");
+    }
+
+    #[test]
+    fn a_small_object_that_expands_past_the_limit_is_refused() {
+        // 257 MiB of JSON whitespace before `0`: valid JSON, a few KB compressed. Refused
+        // for its size alone, before it is all decompressed.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        let spaces = vec![b' '; 1 << 20];
+        for _ in 0..(ZJSON_LIMIT >> 20) + 1 {
+            enc.write_all(&spaces).unwrap();
+        }
+        enc.write_all(b"0").unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        let e = from_zjson::<u64>(&bomb, "bomb").unwrap_err();
+        assert!(
+            e.to_string().contains("expands to more than 256 MiB"),
+            "{e}"
+        );
+        assert_eq!(e.kind, custos_model::Kind::Integrity);
+    }
+}

@@ -578,6 +578,7 @@ impl Repository {
             &format!("index {}", id.short()),
         )
         .map_err(rebuild)?;
+        drop(bytes);
         Ok((
             id,
             from_zjson(&plain, &format!("index {}", id.short())).map_err(rebuild)?,

@@ -47,6 +47,15 @@ impl IndexFile {
     /// What the signature covers: the object without its signature (serialized from a
     /// borrowed view: an index object can list hundreds of thousands of blobs).
     pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut m = vec![];
+        self.write_signed(&mut m).expect("writing to memory");
+        m
+    }
+
+    /// Writes what the signature covers: a domain string, then the JSON of the packs, the
+    /// signer and the damaged copies (the stored object without `sig`).
+    fn write_signed(&self, mut w: impl std::io::Write) -> std::io::Result<()> {
+        use std::io::Write;
         #[derive(Serialize)]
         struct Unsigned<'a> {
             packs: &'a [IndexPack],
@@ -55,20 +64,20 @@ impl IndexFile {
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             bad: &'a [(PackId, ChunkId)],
         }
-        let mut m = b"custos index sig v1".to_vec();
+        w.write_all(b"custos index sig v1")?;
+        // Buffered: serde writes a JSON token at a time.
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, w);
         serde_json::to_writer(
-            &mut m,
+            &mut w,
             &Unsigned {
                 packs: &self.packs,
                 signer: &self.signer,
                 bad: &self.bad,
             },
-        )
-        .expect("serializable");
-        m
+        )?;
+        w.flush()
     }
 
-    /// Signs the object with `seed`, naming its public key as the signer.
     pub fn sign(&mut self, seed: &[u8; 32]) {
         self.signer = Some(hex::encode(custos_crypto::sign::public_of(seed)));
         self.sig = None;
@@ -82,7 +91,9 @@ impl IndexFile {
     pub fn verified_signer(&self) -> Option<[u8; 32]> {
         let public: [u8; 32] = hex::decode(self.signer.as_deref()?).ok()?.try_into().ok()?;
         let sig = hex::decode(self.sig.as_deref()?).ok()?;
-        custos_crypto::sign::verify(&public, &self.signed_bytes(), &sig).then_some(public)
+        // Hashed as it is written: never the whole signed form in memory.
+        custos_crypto::sign::verify_written(&public, &sig, |w| self.write_signed(w))
+            .then_some(public)
     }
 }
 
