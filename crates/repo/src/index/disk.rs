@@ -10,9 +10,11 @@
 //! position, sorted), `keys` (the packs' wrapped data keys), `file-packs` (the positions
 //! each index object names), `by-pack` (the records again, grouped by pack and sorted by
 //! offset, with `pack-blobs` giving each pack's first record and count: what `verify` reads
-//! pack by pack, and the numbering of copies prune marks used; made from the deduplicated
-//! records, so a pack holds what any object listing it lists, never only what the first
-//! one did) and `meta.json` (what the build covers, written last).
+//! pack by pack, and the numbering of copies prune marks used; always the deduplicated
+//! records grouped by pack, so a pack holds what any object listing it lists, never only
+//! what the first one did: written as each pack is first listed, and for the packs listed
+//! again made from the records at the end) and `meta.json` (what the build covers,
+//! written last).
 //!
 //! The records are sorted by a hash keyed with a random key of the build, not by chunk id:
 //! a backup key may store any chunk ids, and ids it ground to share a prefix would
@@ -253,11 +255,9 @@ impl DiskIndex {
         let pack_blobs = open_sized(&dir.join("pack-blobs"), meta.packs * PACK_BLOBS as u64)?;
         let keys = File::open(dir.join("keys"))?;
         let keys_len = keys.metadata()?.len();
-        let by_pack = File::open(dir.join("by-pack"))?;
-        let by_pack_len = by_pack.metadata()?.len();
-        if by_pack_len % RECORD as u64 != 0 {
-            return Err(damaged(dir, "its records by pack are cut"));
-        }
+        // Every record once, grouped by pack.
+        let by_pack_len = meta.records * RECORD as u64;
+        let by_pack = open_sized(&dir.join("by-pack"), by_pack_len)?;
         let record_fences = read_fences(&dir.join("fences"), meta.records)?;
         let pack_fences = read_fences(&dir.join("pack-fences"), meta.packs)?;
         if meta.bad.iter().any(|(p, _)| u64::from(*p) >= meta.packs) {
@@ -356,24 +356,6 @@ impl DiskIndex {
         Ok(out)
     }
 
-    /// Calls `f` with every record (chunk, location), read in large blocks.
-    pub fn for_each_record(&self, mut f: impl FnMut(ChunkId, BlobLoc) -> Result<()>) -> Result<()> {
-        let per = 4096u64;
-        let mut i = 0u64;
-        while i < self.meta.records {
-            let k = per.min(self.meta.records - i);
-            let raw = read_at(&self.records, i * RECORD as u64, k as usize * RECORD)?;
-            for r in raw.chunks_exact(RECORD) {
-                let (id, l) = decode_record(r);
-                if l.pack < self.pack_count() {
-                    f(id, l)?;
-                }
-            }
-            i += k;
-        }
-        Ok(())
-    }
-
     pub fn pack_at(&self, pos: u32) -> PackMeta {
         let r = match read_at(&self.packs, u64::from(pos) * PACK as u64, PACK) {
             Ok(r) => r,
@@ -422,22 +404,25 @@ impl DiskIndex {
         if u64::from(pos) >= self.meta.packs {
             return None;
         }
+        self.pack_span_checked(pos).map_err(|e| self.warn(&e)).ok()
+    }
+
+    fn pack_span_checked(&self, pos: u32) -> Result<(u64, Vec<u8>)> {
         let r = read_at(
             &self.pack_blobs,
             u64::from(pos) * PACK_BLOBS as u64,
             PACK_BLOBS,
-        )
-        .map_err(|e| self.warn(&e))
-        .ok()?;
+        )?;
         let first = u64_at(&r, 0);
         let n = u64::from(u32_at(&r, 8));
-        if first.checked_add(n)? > self.copies() {
-            return None;
+        if first.checked_add(n).is_none_or(|end| end > self.copies()) {
+            return Err(damaged(
+                &self.dir,
+                "a pack's records lie outside its records",
+            ));
         }
-        let span = read_at(&self.by_pack, first * RECORD as u64, (n as usize) * RECORD)
-            .map_err(|e| self.warn(&e))
-            .ok()?;
-        Some((first, span))
+        let span = read_at(&self.by_pack, first * RECORD as u64, (n as usize) * RECORD)?;
+        Ok((first, span))
     }
 
     /// The blobs of the pack at `pos`, by offset (every object naming it adds to them), and
@@ -588,6 +573,15 @@ pub struct Builder {
     n_packs: u32,
     files: Vec<IndexId>,
     bad: Vec<(PackId, ChunkId)>,
+    /// `by-pack` and `pack-blobs` as the packs come, each pack's records written as it is
+    /// first listed (positions are given in that order): what they become unless some
+    /// pack is listed again.
+    direct: BufWriter<File>,
+    direct_blobs: BufWriter<File>,
+    direct_n: u64,
+    /// The packs listed again (a bit per position): their records are taken from the
+    /// deduplicated records instead, every listing's blobs joined.
+    relisted: Vec<u64>,
 }
 
 fn private_dir(p: &Path) -> Result<()> {
@@ -640,6 +634,7 @@ impl Builder {
             .read(true)
             .write(true)
             .open(tmp.join("packs"))?;
+        let (direct, direct_blobs) = (create("by-pack.direct")?, create("pack-blobs.direct")?);
         Ok(Builder {
             packs,
             packs_rw,
@@ -657,7 +652,45 @@ impl Builder {
             n_packs: 0,
             files: vec![],
             bad: vec![],
+            direct,
+            direct_blobs,
+            direct_n: 0,
+            relisted: vec![],
         })
+    }
+
+    /// The records of the pack just written at `pos` as one object lists them: each
+    /// chunk once (its first listing: the records' dedup keeps the same), by offset.
+    fn add_pack_records(&mut self, pos: u32, mut blobs: Vec<(ChunkId, BlobLoc)>) -> Result<()> {
+        debug_assert_eq!(pos + 1, self.n_packs, "records follow their pack");
+        let mut seen = std::collections::HashSet::with_capacity(blobs.len());
+        blobs.retain(|(id, _)| seen.insert(*id));
+        blobs.sort_by(|a, b| (a.1.offset, &a.0 .0 .0).cmp(&(b.1.offset, &b.0 .0 .0)));
+        let first = self.direct_n;
+        for (id, loc) in &blobs {
+            let h = hash(&self.hkey, &id.0);
+            let r = encode_record(h, id, loc);
+            self.parts[h[0] as usize].write_all(&r)?;
+            self.direct.write_all(&r)?;
+        }
+        self.direct_n += blobs.len() as u64;
+        self.direct_blobs.write_all(&first.to_le_bytes())?;
+        self.direct_blobs
+            .write_all(&(blobs.len() as u32).to_le_bytes())
+    }
+
+    fn relist(&mut self, pos: u32) {
+        let (w, bit) = (pos as usize / 64, pos % 64);
+        if self.relisted.len() <= w {
+            self.relisted.resize(w + 1, 0);
+        }
+        self.relisted[w] |= 1 << bit;
+    }
+
+    fn is_relisted(&self, pos: u32) -> bool {
+        self.relisted
+            .get(pos as usize / 64)
+            .is_some_and(|w| w & (1 << (pos % 64)) != 0)
     }
 
     fn add_record(&mut self, id: &ChunkId, loc: &BlobLoc) -> Result<()> {
@@ -731,12 +764,15 @@ impl Builder {
         Ok(pos)
     }
 
-    /// Starts from an older build: its packs keep their positions.
+    /// Starts from an older build (before any object is added): its packs keep their
+    /// positions and their records.
     pub fn seed(&mut self, old: &DiskIndex) -> Result<()> {
+        assert_eq!(self.n_packs, 0, "a build is seeded first");
         for pos in 0..old.pack_count() {
             self.write_pack(&old.pack_at(pos))?;
+            let (_, span) = old.pack_span_checked(pos)?;
+            self.add_pack_records(pos, span.chunks_exact(RECORD).map(decode_record).collect())?;
         }
-        old.for_each_record(|id, loc| self.add_record(&id, &loc))?;
         for (pack, packs) in old.file_packs()? {
             self.files.push(pack);
             let mut pos = Vec::with_capacity(packs.len());
@@ -778,14 +814,22 @@ impl Builder {
             let pos = match self.find_pack(&p.id)? {
                 Some(pos) => {
                     self.upgrade(pos, a)?;
+                    self.relist(pos);
+                    for b in &p.blobs {
+                        self.add_record(&b.id, &b.loc(pos))?;
+                    }
                     pos
                 }
-                None => self.write_pack(&PackMeta::listed(p, a))?,
+                None => {
+                    let pos = self.write_pack(&PackMeta::listed(p, a))?;
+                    self.add_pack_records(
+                        pos,
+                        p.blobs.iter().map(|b| (b.id, b.loc(pos))).collect(),
+                    )?;
+                    pos
+                }
             };
             positions.push(pos);
-            for b in &p.blobs {
-                self.add_record(&b.id, &b.loc(pos))?;
-            }
         }
         self.files.push(id);
         self.write_file_packs(positions)?;
@@ -798,11 +842,15 @@ impl Builder {
     /// `by-pack` and `pack-blobs` from the records (deduplicated, so exactly what lookups
     /// find: every object listing a pack adds to it, whichever came first), partitioned by
     /// pack position: each partition sorted in memory by (position, offset).
-    fn write_by_pack(&mut self, parts: Vec<BufWriter<File>>) -> Result<()> {
-        let mut by_pack =
-            BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("by-pack"))?);
-        let mut pack_blobs =
-            BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("pack-blobs"))?);
+    fn write_by_pack(&mut self, parts: Vec<BufWriter<File>>, suffix: &str) -> Result<()> {
+        let mut by_pack = BufWriter::with_capacity(
+            1 << 16,
+            File::create(self.tmp.join(format!("by-pack{suffix}")))?,
+        );
+        let mut pack_blobs = BufWriter::with_capacity(
+            1 << 16,
+            File::create(self.tmp.join(format!("pack-blobs{suffix}")))?,
+        );
         let mut entry = |first: u64, n: u64| -> Result<()> {
             pack_blobs.write_all(&first.to_le_bytes())?;
             pack_blobs.write_all(&(n as u32).to_le_bytes())
@@ -845,6 +893,55 @@ impl Builder {
         Ok(())
     }
 
+    /// `by-pack` and `pack-blobs` from the packs' first listings, and for the packs listed
+    /// again from the records (`.again`, every listing joined): both read in order.
+    fn join_by_pack(&mut self) -> Result<()> {
+        use std::io::{BufReader, Read};
+        let open = |name: &str| -> Result<BufReader<File>> {
+            Ok(BufReader::with_capacity(
+                1 << 16,
+                File::open(self.tmp.join(name))?,
+            ))
+        };
+        let (mut d, mut db) = (open("by-pack.direct")?, open("pack-blobs.direct")?);
+        let (mut a, mut ab) = (open("by-pack.again")?, open("pack-blobs.again")?);
+        let mut by_pack =
+            BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("by-pack"))?);
+        let mut pack_blobs =
+            BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("pack-blobs"))?);
+        let (mut entry, mut span) = ([0u8; PACK_BLOBS], Vec::new());
+        let mut take = |recs: &mut BufReader<File>, blobs: &mut BufReader<File>, keep: bool| {
+            blobs.read_exact(&mut entry)?;
+            let n = u32_at(&entry, 8) as usize;
+            let mut b = vec![0u8; n * RECORD];
+            recs.read_exact(&mut b)?;
+            Result::Ok(keep.then_some(b))
+        };
+        let mut written = 0u64;
+        for pos in 0..self.n_packs {
+            let again = self.is_relisted(pos);
+            let first = take(&mut d, &mut db, !again)?;
+            let second = take(&mut a, &mut ab, again)?;
+            span.clear();
+            span.extend(first.into_iter().chain(second).flatten());
+            by_pack.write_all(&span)?;
+            pack_blobs.write_all(&written.to_le_bytes())?;
+            pack_blobs.write_all(&((span.len() / RECORD) as u32).to_le_bytes())?;
+            written += (span.len() / RECORD) as u64;
+        }
+        by_pack.flush()?;
+        pack_blobs.flush()?;
+        for name in [
+            "by-pack.direct",
+            "pack-blobs.direct",
+            "by-pack.again",
+            "pack-blobs.again",
+        ] {
+            std::fs::remove_file(self.tmp.join(name))?;
+        }
+        Ok(())
+    }
+
     /// Sorts the records, writes the description last and makes the build current.
     pub fn finish(
         mut self,
@@ -864,14 +961,20 @@ impl Builder {
         // The table and its sort are no longer needed: freed before the records' sort.
         self.pack_pos = HashMap::new();
         self.collided = HashMap::new();
-        // Records: each partition sorted in memory, in hash order; each record also goes
-        // to one of 256 partitions by pack position, for `by-pack`.
+        self.direct.flush()?;
+        self.direct_blobs.flush()?;
+        // Records: each partition sorted in memory, in hash order; each record of a pack
+        // listed again also goes to one of 256 partitions by pack position, for `by-pack`.
         let mut out = BufWriter::with_capacity(1 << 16, File::create(self.tmp.join("records"))?);
         let mut records = 0u64;
         let mut fences = BufWriter::new(File::create(self.tmp.join("fences"))?);
         let n_packs = u64::from(self.n_packs);
+        let relisted = !self.relisted.is_empty();
         let mut by_parts = Vec::with_capacity(PARTS);
         for i in 0..PARTS {
+            if !relisted {
+                break;
+            }
             by_parts.push(BufWriter::with_capacity(
                 1 << 14,
                 File::create(self.tmp.join(format!("bypos-{i:02x}")))?,
@@ -893,9 +996,9 @@ impl Builder {
                 }
                 out.write_all(r)?;
                 records += 1;
-                let pos = u64::from(u32_at(r, 40));
-                if pos < n_packs {
-                    by_parts[(pos * PARTS as u64 / n_packs) as usize].write_all(r)?;
+                let pos = u32_at(r, 40);
+                if relisted && u64::from(pos) < n_packs && self.is_relisted(pos) {
+                    by_parts[(u64::from(pos) * PARTS as u64 / n_packs) as usize].write_all(r)?;
                 }
             }
         }
@@ -903,7 +1006,16 @@ impl Builder {
         drop(out);
         fences.flush()?;
         drop(fences);
-        self.write_by_pack(by_parts)?;
+        if relisted {
+            self.write_by_pack(by_parts, ".again")?;
+            self.join_by_pack()?;
+        } else {
+            std::fs::rename(self.tmp.join("by-pack.direct"), self.tmp.join("by-pack"))?;
+            std::fs::rename(
+                self.tmp.join("pack-blobs.direct"),
+                self.tmp.join("pack-blobs"),
+            )?;
+        }
         // Pack ids: each partition sorted in memory, in (keyed hash, id) order.
         let mut w = BufWriter::new(File::create(self.tmp.join("pack-ids"))?);
         let mut fences = BufWriter::new(File::create(self.tmp.join("pack-fences"))?);
@@ -1183,6 +1295,126 @@ mod tests {
         assert!(d2.pack_at(0).vouched);
         assert_eq!(d2.file_packs().unwrap(), fp);
         assert_eq!(union(&d2), want);
+    }
+
+    /// `by-pack` is written as the packs are first listed and joined with the records of
+    /// the packs listed again: whatever the order of the listings (blobs out of offset
+    /// order, a chunk twice in one pack, packs listed again by later objects, a build seeded
+    /// from another and then added to), every pack holds each chunk once at its first
+    /// listing's place, by offset, numbered as lookups and `slot_of` find them.
+    #[test]
+    fn by_pack_holds_every_listing_joined_whatever_their_order() {
+        use std::collections::BTreeMap;
+        let entry = |id: u8, offset: u32| crate::blob::PackEntry {
+            id: ChunkId(Id([id; 32])),
+            kind: BlobKind::Data,
+            offset,
+            length: 7,
+            raw_length: 7,
+            compressed: true,
+        };
+        let listing = |p: u8, blobs: Vec<crate::blob::PackEntry>| IndexPack {
+            id: PackId(Id([p; 32])),
+            size: 100,
+            key: vec![p],
+            blobs,
+            writer: None,
+            vouched: false,
+        };
+        let objects: Vec<Vec<IndexPack>> = vec![
+            vec![
+                listing(
+                    1,
+                    vec![entry(10, 50), entry(11, 0), entry(10, 90), entry(12, 20)],
+                ),
+                listing(2, vec![entry(20, 0)]),
+                listing(3, vec![]),
+            ],
+            vec![
+                listing(4, vec![entry(40, 5), entry(41, 1)]),
+                listing(1, vec![entry(13, 70), entry(11, 80), entry(14, 10)]),
+            ],
+            vec![
+                listing(5, vec![entry(50, 0), entry(51, 0)]),
+                listing(4, vec![entry(42, 3)]),
+            ],
+        ];
+        // The model: per pack, each chunk at its first listing's offset.
+        let model = |objs: &[Vec<IndexPack>]| {
+            let mut m: BTreeMap<PackId, Vec<(ChunkId, u32)>> = BTreeMap::new();
+            for o in objs {
+                for p in o {
+                    let v = m.entry(p.id).or_default();
+                    for b in &p.blobs {
+                        if !v.iter().any(|(c, _)| *c == b.id) {
+                            v.push((b.id, b.offset));
+                        }
+                    }
+                }
+            }
+            for v in m.values_mut() {
+                v.sort_by_key(|a| (a.1, a.0 .0 .0));
+            }
+            m
+        };
+        let check = |d: &DiskIndex, objs: &[Vec<IndexPack>]| {
+            let want = model(objs);
+            assert_eq!(u64::from(d.pack_count()), want.len() as u64);
+            let mut numbered = 0u64;
+            for pos in 0..d.pack_count() {
+                let id = d.pack_at(pos).id;
+                let (first, blobs) = d.pack_blobs(pos);
+                let got: Vec<(ChunkId, u32)> = blobs.iter().map(|(c, l)| (*c, l.offset)).collect();
+                assert_eq!(got, want[&id], "pack {pos}");
+                assert_eq!(first, numbered);
+                for (i, (c, l)) in blobs.iter().enumerate() {
+                    assert_eq!(d.slot_of(pos, c, l.offset), Some(first + i as u64));
+                    assert!(d
+                        .lookup(c)
+                        .iter()
+                        .any(|f| f.pack == pos && f.offset == l.offset));
+                }
+                numbered += blobs.len() as u64;
+            }
+            assert_eq!(d.copies(), numbered);
+            assert_eq!(d.meta.records, numbered);
+        };
+        let add = |b: &mut Builder, objs: &[Vec<IndexPack>], from: u8| {
+            for (i, o) in objs.iter().enumerate() {
+                let f = IndexFile {
+                    packs: o.clone(),
+                    ..Default::default()
+                };
+                b.add_file(
+                    IndexId(Id([from + i as u8; 32])),
+                    &f,
+                    |_| Attribution::default(),
+                    false,
+                )
+                .unwrap();
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let repo = RepoId(Id([1; 32]));
+        // Every pack listed once: `by-pack` is the first listings as written.
+        let mut b = Builder::new(Some(dir.path())).unwrap();
+        add(&mut b, &objects[..1], 1);
+        let one = b.finish(&repo, None, None).unwrap();
+        check(&one, &objects[..1]);
+        // Listed again, in one build.
+        let mut b = Builder::new(Some(dir.path())).unwrap();
+        add(&mut b, &objects, 1);
+        check(&b.finish(&repo, None, None).unwrap(), &objects);
+        // Seeded from the first and added to: pack 1, seeded, listed again.
+        let mut b = Builder::new(Some(dir.path())).unwrap();
+        b.seed(&one).unwrap();
+        add(&mut b, &objects[1..], 2);
+        let seeded = b.finish(&repo, None, None).unwrap();
+        check(&seeded, &objects);
+        // And seeded again with nothing new: the same.
+        let mut b = Builder::new(Some(dir.path())).unwrap();
+        b.seed(&seeded).unwrap();
+        check(&b.finish(&repo, None, None).unwrap(), &objects);
     }
 
     /// Commands of one host building in one cache folder at once (a backup, a base backup
