@@ -520,3 +520,69 @@ fn a_cache_folder_that_cannot_be_written_costs_a_build_not_the_command() {
         "a file where the cache folder should be"
     );
 }
+
+/// A restore that stops while writing (a pack gone mid-restore) says it stopped part-way
+/// and leaves only complete files: each file the target holds is the snapshot's, the
+/// unfinished ones are removed rather than left at full size with holes. With the pack
+/// back, `--delta` on the same target restores the rest.
+#[test]
+fn a_restore_that_stops_part_way_leaves_only_complete_files_and_delta_finishes_it() {
+    use rand::{RngCore, SeedableRng};
+    let t = T::new();
+    let src = t.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..8 {
+        // Incompressible: 48 MiB over several packs.
+        let mut b = vec![0u8; 6 << 20];
+        rng.fill_bytes(&mut b);
+        std::fs::write(src.join(format!("f{i}")), b).unwrap();
+    }
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let packs = t.packs();
+    assert!(packs.len() >= 3, "{packs:?}");
+    let biggest = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap()
+        .clone();
+    let aside = t.path("aside");
+    std::fs::rename(&biggest, &aside).unwrap();
+    let out = t.path("out");
+    let err = t.fails(
+        &["restore", "files", "latest", "--to", out.to_str().unwrap()],
+        14,
+    );
+    assert!(
+        err.contains("is missing from the repository")
+            && err.contains("the restore stopped part-way")
+            && err.contains("every file there is complete")
+            && err.contains("--delta restores the rest"),
+        "{err}"
+    );
+    let mut missing = 0;
+    for i in 0..8 {
+        let name = format!("f{i}");
+        match std::fs::read(out.join(&name)) {
+            Ok(got) => assert!(
+                got == std::fs::read(src.join(&name)).unwrap(),
+                "{name} is in the target but not the snapshot's"
+            ),
+            Err(_) => missing += 1,
+        }
+    }
+    assert!(
+        missing > 0,
+        "no file was left unfinished: the pack was not needed"
+    );
+    std::fs::rename(&aside, &biggest).unwrap();
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        out.to_str().unwrap(),
+        "--delta",
+    ]);
+    assert_eq!(describe(&out), describe(&src));
+}

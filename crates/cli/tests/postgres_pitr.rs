@@ -168,6 +168,83 @@ fn pitr(bin: PathBuf, extra_conf: &str) {
         "delta restore differs from a clean restore"
     );
 
+    // A restore that stops part-way (the full backup's biggest pack gone) into a folder
+    // that was there: what it did not finish is removed and `global/pg_control` is laid
+    // down last, so PostgreSQL cannot start the half-restored folder; with the pack
+    // back, --delta finishes it.
+    let dir = out_dir.join("part-way");
+    std::fs::create_dir_all(&dir).unwrap();
+    custos_testkit::give_to_postgres(&dir);
+    let biggest = t
+        .packs()
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let aside = t.path("aside");
+    std::fs::rename(&biggest, &aside).unwrap();
+    let err = restorer.fails(
+        &[
+            "restore",
+            "postgres",
+            "--to",
+            dir.to_str().unwrap(),
+            "--target-time",
+            &t_after_full,
+        ],
+        14,
+    );
+    assert!(
+        err.contains("stopped part-way") && err.contains("--delta"),
+        "{err}"
+    );
+    assert!(!dir.join("global/pg_control").exists());
+    let half = custos_testkit::PgCluster::existing(
+        bin.clone(),
+        dir.clone(),
+        custos_testkit::free_port(),
+        pg.dir.clone(),
+    );
+    let (started, log) = half.try_start(&dir.with_extension("log"));
+    assert!(!started, "a half-restored data directory started:\n{log}");
+    std::fs::rename(&aside, &biggest).unwrap();
+    restore_pg(
+        &restorer,
+        &dir,
+        &["--target-time", &t_after_full, "--delta"],
+    );
+    assert!(!dir.join("global/pg_control.custos-restore").exists());
+    assert!(dir.join("global/pg_control").exists());
+    // A delta restore over that whole data directory that stops part-way (a file it must
+    // rewrite that the restoring user cannot open): the old pg_control goes first.
+    let locked = dir.join(&rel);
+    std::os::unix::fs::chown(&locked, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    let out = restorer.run(&[
+        "restore",
+        "postgres",
+        "--to",
+        dir.to_str().unwrap(),
+        "--target-time",
+        &t_after_full,
+        "--delta",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("stopped part-way"),
+        "{err}"
+    );
+    assert!(!dir.join("global/pg_control").exists(), "{err}");
+    // Removed with the other files it had not finished, or still there: given back.
+    if locked.exists() {
+        std::os::unix::fs::chown(&locked, Some(custos_testkit::postgres_uid()), None).unwrap();
+    }
+    let (_, port) = restore_pg(
+        &restorer,
+        &dir,
+        &["--target-time", &t_after_full, "--delta"],
+    );
+    assert_eq!(start_and_read(&bin, &dir, port, &pg.dir), ledgers[0]);
+
     // Refused before anything is written: a target before the first backup ends, a
     // target past the archived WAL, a non-empty folder without --delta.
     for (target, what) in [

@@ -577,6 +577,9 @@ pub fn files(
             include: vec![],
             overwrite: false,
             delta: false,
+            last: None,
+            // A temporary folder, removed with the drill.
+            discard_on_failure: true,
             progress,
         },
     )?;

@@ -203,6 +203,8 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
                     include,
                     overwrite,
                     delta,
+                    last: None,
+                    discard_on_failure: false,
                     progress: progress.as_ref(),
                 },
             )?;
@@ -588,6 +590,8 @@ fn restore_all(
                                 include: vec![],
                                 overwrite: false,
                                 delta: false,
+                                last: None,
+                                discard_on_failure: false,
                                 progress: progress.as_ref(),
                             },
                         )?;

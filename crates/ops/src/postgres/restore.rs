@@ -507,6 +507,8 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                 include: vec![],
                 overwrite: false,
                 delta: o.delta,
+                last: Some(custos_model::PathBytes::from("global/pg_control")),
+                discard_on_failure: created_here,
                 progress: o.progress,
             },
         )

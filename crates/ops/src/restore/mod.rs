@@ -753,7 +753,64 @@ pub struct RestoreOptions<'a> {
     /// Make the folder equal to the snapshot, rewriting only blocks whose content differs
     /// and removing what the snapshot does not hold.
     pub delta: bool,
+    /// A file laid down only once every other one is complete: written under a temporary
+    /// name beside it and renamed into place at the end (PostgreSQL's `global/pg_control`:
+    /// a data directory whose restore stopped part-way has none and cannot be started).
+    pub last: Option<PathBytes>,
+    /// The caller removes the whole target if the restore fails (a folder it created):
+    /// the files a failed restore did not finish are then left to it.
+    pub discard_on_failure: bool,
     pub progress: &'a dyn Progress,
+}
+
+/// A restore that stopped while writing: the error, and the files it had not finished.
+struct Stopped {
+    error: Error,
+    incomplete: Vec<usize>,
+}
+
+/// The error of a restore that stopped part-way, saying so: the files it had not finished
+/// are removed (what was written of them is neither the old file nor the restored one),
+/// so that every file the target holds is complete, and `--delta` restores the rest.
+fn stopped_part_way(t: &TargetDir, entries: &[Entry], s: Stopped, opts: &RestoreOptions) -> Error {
+    let Stopped {
+        mut error,
+        incomplete,
+    } = s;
+    if opts.discard_on_failure || incomplete.is_empty() {
+        return error;
+    }
+    let mut left = vec![];
+    for &i in &incomplete {
+        let p = &entries[i].path;
+        let removed = match t.lstat(p) {
+            Ok(Some(_)) => t.remove(p).is_ok(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if !removed {
+            left.push(t.show(p).display().to_string());
+        }
+    }
+    let files = entries.iter().filter(|e| e.kind == EntryKind::File).count();
+    let n = incomplete.len();
+    error.message = format!(
+        "{}; the restore stopped part-way: {n} of {files} files in {} {} not restored ({})",
+        error.message,
+        t.path().display(),
+        if n == 1 { "was" } else { "were" },
+        if left.is_empty() {
+            "what was written of them is removed; every file there is complete".to_string()
+        } else {
+            format!("cannot remove what was written of {}", left.join(", "))
+        }
+    );
+    let then = "once the cause is fixed, the same restore with --delta restores the rest";
+    error.hint = Some(match error.hint.take() {
+        Some(h) => format!("{h}; {then}"),
+        None => then.to_string(),
+    });
+    error
 }
 
 /// Whether `path` is asked for: inside an included path, or a folder on the way to one.
@@ -837,8 +894,13 @@ pub fn restore_files(
     }
     let index = repo.load_index()?;
     tracing::debug!("restore: index loaded");
-    let entries = select(repo, &index, snap, &body.manifest, opts)?;
+    let mut entries = select(repo, &index, snap, &body.manifest, opts)?;
     tracing::debug!("restore: manifest loaded ({} entries)", entries.len());
+    // The file laid down last goes under a temporary name until every other is complete.
+    let held = match &opts.last {
+        Some(last) => hold_back(&mut entries, last)?,
+        None => None,
+    };
     // Every file's pieces, worked out side by side (a large file with patches has
     // hundreds of thousands), and before anything is written: a malformed entry stops
     // the restore here.
@@ -895,13 +957,17 @@ pub fn restore_files(
     let is_root = unsafe { libc::geteuid() } == 0;
     let written = write_data(
         repo, &index, &t, &entries, &work, &planned, total, is_root, opts,
-    )?;
+    )
+    .map_err(|s| stopped_part_way(&t, &entries, s, opts))?;
     tracing::debug!("restore: data written");
     report.packs_read = packs_read;
     report.bytes = written;
     opts.progress.finish();
 
     set_metadata(&t, &entries, &planned, is_root, &mut report)?;
+    if let (Some(i), Some(last)) = (held, &opts.last) {
+        t.rename(&entries[i].path, last)?;
+    }
     // Durable before we say done: one syncfs for the whole restore rather than an fsync
     // per file (same data written, far fewer waits).
     tracing::debug!("restore: metadata set");
@@ -909,6 +975,25 @@ pub fn restore_files(
     tracing::debug!("restore: synced");
     report.duration_ms = start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Renames the file entry `last`, if the restore holds it, to a temporary name beside it
+/// (its position): it is renamed back once every other file is complete.
+fn hold_back(entries: &mut [Entry], last: &PathBytes) -> Result<Option<usize>> {
+    let Some(i) = entries
+        .iter()
+        .position(|e| e.kind == EntryKind::File && e.path == *last)
+    else {
+        return Ok(None);
+    };
+    let tmp = PathBytes::new([last.as_bytes(), b".custos-restore"].concat());
+    if entries.iter().any(|e| e.path == tmp) {
+        return Err(Error::integrity(format!(
+            "the manifest holds both `{last}` and `{tmp}`; nothing was restored"
+        )));
+    }
+    entries[i].path = tmp;
+    Ok(Some(i))
 }
 
 /// The entries a restore lays down: the manifest, checked (`check_tree`), cut to
@@ -1111,7 +1196,7 @@ fn write_data(
     total: u64,
     is_root: bool,
     opts: &RestoreOptions,
-) -> Result<u64> {
+) -> std::result::Result<u64, Stopped> {
     opts.progress.start("restore", Some(total));
     let written = AtomicU64::new(0);
     // Writes still to do per entry; a file's metadata is set when it reaches zero.
@@ -1299,8 +1384,15 @@ fn write_data(
         // The writers finish what is queued and stop.
         drop(tx);
     });
-    if let Some(e) = failed.into_inner().expect("not poisoned") {
-        return Err(e);
+    if let Some(error) = failed.into_inner().expect("not poisoned") {
+        // A file is finished when its last planned write is done.
+        let incomplete = remaining
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.load(Ordering::Relaxed) > 0)
+            .map(|(i, _)| i)
+            .collect();
+        return Err(Stopped { error, incomplete });
     }
     Ok(written.load(Ordering::Relaxed))
 }

@@ -304,6 +304,13 @@ impl TargetDir {
         remove_at(dir.as_fd(), name).map_err(|e| self.error(rel, e))
     }
 
+    /// Renames `from` to `to` (replacing what is there), both beneath the target.
+    pub fn rename(&self, from: &PathBytes, to: &PathBytes) -> Result<()> {
+        let (fdir, fname) = self.parent(from).map_err(|e| self.error(from, e))?;
+        let (tdir, tname) = self.parent(to).map_err(|e| self.error(to, e))?;
+        rustix::fs::renameat(&fdir, fname, &tdir, tname).map_err(|e| self.error(to, e.into()))
+    }
+
     /// Creates the symbolic link `rel` pointing to `to` (which is never followed here).
     pub fn symlink(&self, rel: &PathBytes, to: &PathBytes) -> Result<()> {
         let (dir, name) = self.parent(rel).map_err(|e| self.error(rel, e))?;

@@ -275,6 +275,8 @@ pub fn restore_dump(
             include: vec![],
             overwrite: false,
             delta: false,
+            last: None,
+            discard_on_failure: true,
             progress: o.progress,
         },
     )?;
