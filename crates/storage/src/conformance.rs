@@ -49,6 +49,14 @@ pub fn run(s: Arc<dyn Storage>) {
     );
     assert_eq!(s.get("data/ab/obj9").unwrap(), data);
     s.delete("data/ab/obj9").unwrap();
+    // An object that arrives in many pieces reads back whole and in order.
+    let big: Vec<u8> = (0..6_000_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    s.put("data/ab/big", &big, PutMode::CreateOnly).unwrap();
+    assert!(
+        s.get("data/ab/big").unwrap() == big,
+        "a large object read back differs"
+    );
+    s.delete("data/ab/big").unwrap();
     // A shard of a folder lists that shard alone (large repositories list `data/` so).
     s.put("data/ac/obj2", b"x", PutMode::CreateOnly).unwrap();
     let shard: Vec<String> = s

@@ -663,9 +663,15 @@ impl Storage for RemoteStorage {
     }
 
     fn get(&self, path: &str) -> Result<Vec<u8>> {
+        // Into one buffer as the pieces arrive, each dropped once appended: not all the
+        // pieces and then their copy (twice the object at once).
         self.rt
-            .block_on(self.op.read(path))
-            .map(|b| b.to_vec())
+            .block_on(async {
+                let mut out = Vec::new();
+                let r = self.op.reader(path).await?;
+                r.read_into(&mut out, ..).await?;
+                Ok::<_, opendal::Error>(out)
+            })
             .map_err(|e| self.err(path, e))
     }
 
