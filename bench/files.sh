@@ -209,8 +209,6 @@ python3 - "$RES/measure.tsv" "$DATA_BYTES" "$NFILES" "$CUSTOS_REPO_BYTES" "$REST
 import csv, sys, os, datetime, subprocess
 tsv, data, nfiles, crepo, rrepo, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 rows = {r["label"]: r for r in csv.DictReader(open(tsv), delimiter="\t")}
-server = {r["label"]: float(r["server_cpu_s"]) for r in csv.DictReader(open(os.path.join(os.path.dirname(tsv), "server.tsv")), delimiter="\t")}
-def own(l): return float(rows[l]["user_s"]) + float(rows[l]["sys_s"])
 def wall(l): return float(rows[l]["wall_s"])
 def rss(l): return int(rows[l]["maxrss_kb"]) / 1024
 lines = []
