@@ -20,9 +20,31 @@ impl std::hash::Hash for Id {
 
 impl Id {
     pub fn to_hex(&self) -> String {
+        String::from_utf8(self.hex_digits().to_vec()).expect("hex is ASCII")
+    }
+
+    /// The 64 lowercase hex digits, on the stack: index objects write millions of ids.
+    fn hex_digits(&self) -> [u8; 64] {
         let mut buf = [0u8; 64];
         hex::encode_to_slice(self.0, &mut buf).expect("64 bytes for 32");
-        String::from_utf8(buf.to_vec()).expect("hex is ASCII")
+        buf
+    }
+
+    /// 64 hex digits (either case); None for anything else. Index objects hold millions
+    /// of ids: a table and no allocation (the hex crate's decoding was 8% of a prune).
+    pub fn from_hex(s: &[u8]) -> Option<Id> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+            let (hi, lo) = (HEX_VALUE[pair[0] as usize], HEX_VALUE[pair[1] as usize]);
+            if (hi | lo) == 0xff {
+                return None;
+            }
+            *o = hi << 4 | lo;
+        }
+        Some(Id(out))
     }
 
     /// Unkeyed BLAKE3 of bytes: the id of a storage object, checkable without keys.
@@ -64,28 +86,9 @@ const HEX_VALUE: [u8; 256] = {
     t
 };
 
-impl Id {
-    /// 64 hex digits (either case); None for anything else. Index objects hold millions
-    /// of ids: a table and no allocation (the hex crate's decoding was 8% of a prune).
-    pub fn from_hex(s: &[u8]) -> Option<Id> {
-        if s.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-            let (hi, lo) = (HEX_VALUE[pair[0] as usize], HEX_VALUE[pair[1] as usize]);
-            if (hi | lo) == 0xff {
-                return None;
-            }
-            *o = hi << 4 | lo;
-        }
-        Some(Id(out))
-    }
-}
-
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(std::str::from_utf8(&self.hex_digits()).expect("hex is ASCII"))
     }
 }
 
@@ -97,10 +100,7 @@ impl fmt::Debug for Id {
 
 impl Serialize for Id {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // On the stack: no String per id.
-        let mut buf = [0u8; 64];
-        hex::encode_to_slice(self.0, &mut buf).expect("64 bytes for 32");
-        s.serialize_str(std::str::from_utf8(&buf).expect("hex is ASCII"))
+        s.serialize_str(std::str::from_utf8(&self.hex_digits()).expect("hex is ASCII"))
     }
 }
 
