@@ -319,6 +319,44 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
         "{log}"
     );
 
+    // The primary's own retention catches up with part of it: a tombstoned name the
+    // primary removed too is dropped by the next copy, one it still holds is kept (and
+    // still not copied back).
+    let tombstoned = || -> Vec<String> {
+        walkdir(&dr.join("tombstones"))
+            .iter()
+            .flat_map(|p| {
+                let t: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+                t["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert_eq!(tombstoned().len(), 2);
+    r.ok(&["forget", "--keep-last", "2"]);
+    r.ok(&["prune"]);
+    let c = r.json(&["copy"]);
+    assert_eq!(c["secondaries"][0]["tombstones_dropped"], 1, "{c}");
+    assert_eq!(c["secondaries"][0]["removed_here"], 1, "{c}");
+    let left = tombstoned();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(t0.path("primary").join(&left[0]).exists(), "{left:?}");
+    assert_eq!(walkdir(&dr.join("tombstones")).len(), 1);
+    assert_eq!(
+        r.json(&["--secondary", "dr", "snapshots"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let c = r.json(&["copy"]);
+    assert_eq!(c["secondaries"][0]["tombstones_dropped"], 0, "{c}");
+
     // Lag: a backup not yet copied, older than max_lag, fails the check.
     make_tree(&src.join("v9"), 9, 2, 100_000);
     r.ok(&["backup", "files", src.to_str().unwrap()]);

@@ -57,15 +57,31 @@ pub struct Tombstone {
     pub names: Vec<String>,
 }
 
+/// What the tombstones of a secondary hold, and the objects that hold it.
+#[derive(Debug, Default)]
+pub struct Tombstones {
+    pub names: std::collections::HashSet<String>,
+    /// The tombstone objects read (ones that did not parse are not among them).
+    pub objects: Vec<String>,
+}
+
 /// Every name the tombstones of a secondary hold.
 pub fn tombstoned(storage: &dyn Storage) -> Result<std::collections::HashSet<String>> {
-    let mut out = std::collections::HashSet::new();
+    Ok(read_tombstones(storage)?.names)
+}
+
+/// Reads every tombstone of a secondary.
+pub fn read_tombstones(storage: &dyn Storage) -> Result<Tombstones> {
+    let mut out = Tombstones::default();
     for entry in storage.list(TOMBSTONES)? {
         let b = storage.get(&entry.path)?;
         // A tombstone only makes copy skip a name; one that does not parse is skipped
         // itself (copy then brings the objects again, which is harmless).
         match serde_json::from_slice::<Tombstone>(&b) {
-            Ok(t) => out.extend(t.names),
+            Ok(t) => {
+                out.names.extend(t.names);
+                out.objects.push(entry.path);
+            }
             Err(e) => tracing::warn!(
                 "{}: tombstone {} ignored: {e}",
                 storage.location(),
@@ -74,6 +90,67 @@ pub fn tombstoned(storage: &dyn Storage) -> Result<std::collections::HashSet<Str
         }
     }
     Ok(out)
+}
+
+/// Tombstone objects beyond which `copy` merges them into one even when every name is
+/// still needed: what copy reads each run stays a few objects, not one per forget ever run.
+pub const MERGE_OVER: usize = 8;
+
+/// Rewrites a secondary's tombstones as one holding only the names `needed` keeps (those
+/// the primary still holds: a name the primary removed too can never be copied back), when
+/// some are no longer needed or there are more than [`MERGE_OVER`] objects. The new
+/// tombstone is written before the old ones are deleted, so a crash in between leaves
+/// both (the same names, or more); only the objects in `t` are deleted, so a tombstone a
+/// forget wrote meanwhile stays. Returns how many names were dropped, or `None` when
+/// nothing was rewritten.
+pub fn compact_tombstones(
+    storage: &dyn Storage,
+    t: &Tombstones,
+    needed: impl Fn(&str) -> bool,
+    command: &str,
+) -> Result<Option<usize>> {
+    let mut kept: Vec<String> = t.names.iter().filter(|n| needed(n)).cloned().collect();
+    let dropped = t.names.len() - kept.len();
+    if dropped == 0 && t.objects.len() <= MERGE_OVER {
+        return Ok(None);
+    }
+    kept.sort();
+    write_tombstone(storage, command, kept)?;
+    for path in &t.objects {
+        storage.delete(path)?;
+    }
+    Ok(Some(dropped))
+}
+
+/// Writes one tombstone (create-only, under a name of its own).
+fn write_tombstone(storage: &dyn Storage, command: &str, names: Vec<String>) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let t = Tombstone {
+        version: 1,
+        time: chrono::Utc::now(),
+        command: command.into(),
+        names,
+    };
+    let bytes = serde_json::to_vec(&t).expect("serializable");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // A name already taken (two in the same nanosecond, or a clock set back) is not
+    // success: the next nanosecond is tried.
+    for n in nanos..nanos + 1000 {
+        let path = format!("{TOMBSTONES}/{n:032x}{:08x}", std::process::id());
+        if storage.put(&path, &bytes, PutMode::CreateOnly)? == PutOutcome::Created {
+            return Ok(());
+        }
+    }
+    Err(Error::new(
+        Kind::Conflict,
+        format!("{}: no free name for a tombstone", storage.location()),
+    )
+    .hint("run the command again"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,24 +200,7 @@ impl Secondary {
     /// next copy bring objects back, which the next prune removes again.
     pub fn flush(&self) -> Result<()> {
         let names = std::mem::take(&mut *self.deleted.lock().unwrap());
-        if names.is_empty() {
-            return Ok(());
-        }
-        let t = Tombstone {
-            version: 1,
-            time: chrono::Utc::now(),
-            command: self.command.clone(),
-            names,
-        };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = format!("{TOMBSTONES}/{nanos:032x}{:08x}", std::process::id());
-        let bytes = serde_json::to_vec(&t).expect("serializable");
-        self.inner
-            .put(&path, &bytes, PutMode::CreateOnly)
-            .map(|_| ())
+        write_tombstone(self.inner.as_ref(), &self.command, names)
     }
 }
 
@@ -299,5 +359,59 @@ mod tests {
         // A pack may be needed again by a snapshot not yet copied: copy may bring it back.
         assert!(!t.contains("data/ab/ab01"), "{t:?}");
         assert_eq!(inner.size("data/ab/ab01").unwrap(), None);
+    }
+
+    #[test]
+    fn compaction_drops_what_the_primary_removed_merges_many_and_spares_unread_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let st: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        write_tombstone(
+            st.as_ref(),
+            "forget",
+            names(&["snapshots/a", "snapshots/b"]),
+        )
+        .unwrap();
+        write_tombstone(st.as_ref(), "forget", names(&["wal/1/s1", "wal/1/s2"])).unwrap();
+        let t = read_tombstones(st.as_ref()).unwrap();
+        assert_eq!((t.names.len(), t.objects.len()), (4, 2));
+
+        // Every name still held by the primary, two objects: nothing to do.
+        assert_eq!(
+            compact_tombstones(st.as_ref(), &t, |_| true, "copy").unwrap(),
+            None
+        );
+        assert_eq!(st.list(TOMBSTONES).unwrap().len(), 2);
+
+        // The primary removed `snapshots/a` and `wal/1/s1` too; a forget wrote a third
+        // tombstone after this copy read them: it is not touched.
+        write_tombstone(st.as_ref(), "forget", names(&["snapshots/c"])).unwrap();
+        let gone = ["snapshots/a", "wal/1/s1"];
+        let dropped = compact_tombstones(st.as_ref(), &t, |n| !gone.contains(&n), "copy").unwrap();
+        assert_eq!(dropped, Some(2));
+        let after = read_tombstones(st.as_ref()).unwrap();
+        let mut held: Vec<_> = after.names.iter().cloned().collect();
+        held.sort();
+        assert_eq!(held, names(&["snapshots/b", "snapshots/c", "wal/1/s2"]));
+        assert_eq!(after.objects.len(), 2);
+
+        // Many tombstones, all still needed: merged into one with the same names.
+        for i in 0..MERGE_OVER {
+            write_tombstone(st.as_ref(), "forget", vec![format!("wal/1/x{i}")]).unwrap();
+        }
+        let t = read_tombstones(st.as_ref()).unwrap();
+        assert_eq!(t.objects.len(), MERGE_OVER + 2);
+        assert_eq!(
+            compact_tombstones(st.as_ref(), &t, |_| true, "copy").unwrap(),
+            Some(0)
+        );
+        let merged = read_tombstones(st.as_ref()).unwrap();
+        assert_eq!(merged.objects.len(), 1);
+        assert_eq!(merged.names, t.names);
+
+        // Nothing needed any more: no tombstone at all.
+        let dropped = compact_tombstones(st.as_ref(), &merged, |_| false, "copy").unwrap();
+        assert_eq!(dropped, Some(merged.names.len()));
+        assert!(st.list(TOMBSTONES).unwrap().is_empty());
     }
 }

@@ -111,6 +111,12 @@ pub(crate) fn cmd_copy(ctx: &Ctx, a: &CopyArgs) -> Result<i32> {
                     r.removed_here
                 );
             }
+            if r.tombstones_dropped > 0 {
+                println!(
+                    "  {} tombstoned name(s) dropped: the primary no longer holds them either",
+                    r.tombstones_dropped
+                );
+            }
             if !r.keys_revoked.is_empty() {
                 println!(
                     "  removed {} key file(s) the primary no longer has",

@@ -80,6 +80,8 @@ pub struct CopyReport {
     pub present: u64,
     /// Skipped: the secondary's own forget or prune removed them (tombstones).
     pub removed_here: u64,
+    /// Tombstoned names dropped: the primary no longer holds them either.
+    pub tombstones_dropped: u64,
     /// Listed on the primary, gone when read (a forget meanwhile).
     pub vanished: u64,
     /// Key files the primary no longer has, removed from the secondary.
@@ -286,7 +288,8 @@ impl Copier<'_> {
             (&self.secondary, &secondary),
             &self.name,
         )?;
-        let removed = guard::tombstoned(self.secondary.as_ref())?;
+        let tombstones = guard::read_tombstones(self.secondary.as_ref())?;
+        let removed = &tombstones.names;
         tracing::info!(
             "copy to `{}`: listed {} object(s) on the primary, {} on the secondary",
             self.name,
@@ -434,6 +437,16 @@ impl Copier<'_> {
         for k in &revoke {
             self.secondary.delete(k)?;
         }
+        // Tombstones: a name the primary no longer holds either cannot come back, so it
+        // is dropped; many tombstones become one. What copy reads stays the size of what
+        // the primary still keeps, not of every forget the secondary ever ran.
+        let tombstones_dropped = guard::compact_tombstones(
+            self.secondary.as_ref(),
+            &tombstones,
+            |n| primary.contains_key(n),
+            "copy",
+        )?
+        .unwrap_or(0) as u64;
         self.progress.finish();
         let damaged = damaged.into_inner().unwrap();
         Ok(CopyReport {
@@ -443,6 +456,7 @@ impl Copier<'_> {
             copied: copied.into_inner().unwrap(),
             present,
             removed_here,
+            tombstones_dropped,
             vanished: vanished.into_inner(),
             keys_revoked: revoke,
             damaged,
