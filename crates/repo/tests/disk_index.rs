@@ -138,9 +138,10 @@ fn view(i: &Index, chunks: &[ChunkId]) -> String {
     }
     assert_eq!(numbered.len() as u64, i.copies());
     assert!(numbered.keys().copied().eq(0..i.copies()));
+    let mut spans = custos_repo::index::disk::Spans::default();
     for c in chunks {
         let mut named: Vec<u32> = i
-            .copy_numbers(c)
+            .copy_numbers(c, &mut spans)
             .unwrap()
             .iter()
             .map(|n| {

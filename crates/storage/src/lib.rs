@@ -44,6 +44,15 @@ pub struct Entry {
     pub md5: Option<String>,
 }
 
+/// How long to wait before retry `tries` (1, 2, ...) of a request OpenDAL's own retries
+/// do not cover (the signed client's writes, a streamed copy): 0.4, 0.8, 1.6, 3.2, 6.4 s at
+/// most, plus up to half again at random, so that writers that failed together do not
+/// come back together.
+pub(crate) fn backoff(tries: usize) -> std::time::Duration {
+    let ms = 200u64 << tries.clamp(1, 5);
+    std::time::Duration::from_millis(ms + rand::random::<u64>() % (ms / 2 + 1))
+}
+
 /// An S3 ETag that is the MD5 of the bytes (32 hex digits, no part count), lowercase.
 pub fn etag_md5(etag: &str) -> Option<String> {
     let e = etag.trim_matches('"').to_ascii_lowercase();

@@ -406,10 +406,7 @@ impl LockClient {
                 Err(Transient(e)) if tries < self.retries => {
                     tries += 1;
                     tracing::debug!("{}: retrying `{path}`: {}", self.location, e.message);
-                    // 0.4, 0.8, 1.6 s ... and a share of jitter, as OpenDAL's retries.
-                    let ms = 200u64 << tries.min(5);
-                    let jitter = rand::random::<u64>() % (ms / 2 + 1);
-                    tokio::time::sleep(std::time::Duration::from_millis(ms + jitter)).await;
+                    tokio::time::sleep(crate::backoff(tries)).await;
                 }
                 // A create-only write that the store carried out but whose answer was
                 // lost is found again by its retry (412): the object is there, as sent

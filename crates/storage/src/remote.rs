@@ -343,7 +343,7 @@ impl RemoteStorage {
                             e.path,
                             err.message
                         );
-                        tokio::time::sleep(Duration::from_millis(200 << tries.min(4))).await;
+                        tokio::time::sleep(crate::backoff(tries)).await;
                     }
                     r => return r,
                 }

@@ -150,6 +150,7 @@ fn mark_used(
 ) -> Result<Used> {
     let mut used = Used::new(index.copies());
     let mut recent: HashSet<ChunkId> = HashSet::with_capacity(RECENT);
+    let mut spans = custos_repo::index::disk::Spans::default();
     let mut failed = None;
     progress.start("read snapshots", Some(snapshots.len() as u64));
     for s in snapshots {
@@ -162,7 +163,7 @@ fn mark_used(
                 recent.clear();
             }
             if recent.insert(id) {
-                match index.copy_numbers(&id) {
+                match index.copy_numbers(&id, &mut spans) {
                     Ok(ns) => ns.into_iter().for_each(|n| used.set(n)),
                     Err(e) => failed = Some(e),
                 }

@@ -117,6 +117,28 @@ impl std::fmt::Debug for DiskIndex {
     }
 }
 
+/// The records of the last few packs [`DiskIndex::slot_of`] read, kept by its caller:
+/// marking goes file by file, and a file's chunks lie in a few packs (one per packer that
+/// wrote it), one after another, so most lookups need no read of `by-pack` at all.
+#[derive(Debug, Default)]
+pub struct Spans(Vec<(u32, u64, Vec<u8>)>, usize);
+
+impl Spans {
+    const KEPT: usize = 4;
+
+    /// Keeps a pack's records in place of the oldest kept; returns where.
+    fn keep(&mut self, pos: u32, first: u64, span: Vec<u8>) -> usize {
+        if self.0.len() < Self::KEPT {
+            self.0.push((pos, first, span));
+            return self.0.len() - 1;
+        }
+        let k = self.1 % Self::KEPT;
+        self.1 += 1;
+        self.0[k] = (pos, first, span);
+        k
+    }
+}
+
 fn damaged(dir: &Path, what: &str) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
@@ -442,9 +464,19 @@ impl DiskIndex {
         (first, blobs)
     }
 
-    /// The number in `by-pack` of the copy of `id` at `offset` in the pack at `pos`.
-    pub fn slot_of(&self, pos: u32, id: &ChunkId, offset: u32) -> Option<u64> {
-        let (first, span) = self.pack_span(pos)?;
+    /// The number in `by-pack` of the copy of `id` at `offset` in the pack at `pos`; the
+    /// pack's records are taken from `spans` when it holds them, else read (two `pread`s)
+    /// and kept there.
+    pub fn slot_of(&self, pos: u32, id: &ChunkId, offset: u32, spans: &mut Spans) -> Option<u64> {
+        let k = match spans.0.iter().position(|(p, ..)| *p == pos) {
+            Some(k) => k,
+            None => {
+                let (first, span) = self.pack_span(pos)?;
+                spans.keep(pos, first, span)
+            }
+        };
+        let (_, first, span) = &spans.0[k];
+        let (first, span) = (*first, span);
         let n = span.len() / RECORD;
         let at = |i: usize| decode_record(&span[i * RECORD..(i + 1) * RECORD]);
         // Sorted by offset when built; look at every record if the search misses.
@@ -1189,6 +1221,28 @@ mod tests {
             assert_eq!(d.pack_pos(&p.id), Some(pos as u32));
             assert_eq!(d.pack_blobs(pos as u32).1.len(), 100);
         }
+        // Copy numbers with one cache of spans across packs visited in turn (more packs
+        // than it keeps, back and forth): each the copy's place in `by-pack`.
+        let mut spans = Spans::default();
+        for round in 0..3u32 {
+            for i in 0..100usize {
+                for pos in (0..7u32).map(|k| (k * 37 + round) % 2000) {
+                    let e = &f.packs[pos as usize].blobs[i];
+                    let (first, blobs) = d.pack_blobs(pos);
+                    let at = blobs.iter().position(|(c, _)| *c == e.id).unwrap() as u64;
+                    assert_eq!(
+                        d.slot_of(pos, &e.id, e.offset, &mut spans),
+                        Some(first + at)
+                    );
+                    // Another chunk at that offset is not this copy.
+                    assert_eq!(
+                        d.slot_of(pos, &ChunkId(Id([7; 32])), e.offset, &mut spans),
+                        None
+                    );
+                }
+            }
+        }
+        assert!(spans.0.len() <= Spans::KEPT);
         assert!(d.lookup(&ChunkId(Id([0xee; 32]))).is_empty());
         assert!(d.lookup(&ChunkId(Id([0; 32]))).is_empty());
         assert!(d.lookup(&ChunkId(Id([0xff; 32]))).is_empty());
@@ -1280,7 +1334,7 @@ mod tests {
         assert_eq!(union(&d), want);
         assert_eq!(d.copies(), (a.blobs.len() + 1 + c.blobs.len()) as u64);
         assert_eq!(
-            d.slot_of(0, &extra.id, extra.offset),
+            d.slot_of(0, &extra.id, extra.offset, &mut Spans::default()),
             Some(a.blobs.len() as u64)
         );
         let fp = d.file_packs().unwrap();
@@ -1368,7 +1422,10 @@ mod tests {
                 assert_eq!(got, want[&id], "pack {pos}");
                 assert_eq!(first, numbered);
                 for (i, (c, l)) in blobs.iter().enumerate() {
-                    assert_eq!(d.slot_of(pos, c, l.offset), Some(first + i as u64));
+                    assert_eq!(
+                        d.slot_of(pos, c, l.offset, &mut Spans::default()),
+                        Some(first + i as u64)
+                    );
                     assert!(d
                         .lookup(c)
                         .iter()

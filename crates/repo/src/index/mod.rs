@@ -452,7 +452,8 @@ impl Index {
     /// The numbers of every copy of a chunk (see [`Index::copies`]). An error when the
     /// build cannot be read or does not number a copy it holds: to prune, a copy missed is
     /// a copy deleted.
-    pub fn copy_numbers(&self, id: &ChunkId) -> Result<Vec<u64>> {
+    /// `spans`: the caller's cache of the packs' records last read (one per thread).
+    pub fn copy_numbers(&self, id: &ChunkId, spans: &mut disk::Spans) -> Result<Vec<u64>> {
         let base = self.base();
         let unreadable = |e: String| {
             custos_model::Error::integrity(format!(
@@ -472,7 +473,7 @@ impl Index {
                 let n = if l.pack < base {
                     self.disk
                         .as_ref()
-                        .and_then(|d| d.slot_of(l.pack, id, l.offset))
+                        .and_then(|d| d.slot_of(l.pack, id, l.offset, spans))
                 } else {
                     let m = self.mem_copies();
                     let i = (l.pack - base) as usize;
