@@ -155,6 +155,17 @@ fn view(i: &Index, chunks: &[ChunkId]) -> String {
         offsets.sort();
         assert_eq!(named, offsets, "copies of {}", c.0.short());
     }
+    // All at once, as prune marks a batch: the same numbers as one by one.
+    let mut one_by_one: Vec<u64> = chunks
+        .iter()
+        .flat_map(|c| i.copy_numbers(c, &mut spans).unwrap())
+        .collect();
+    let mut together = i
+        .copy_numbers_many(chunks, &mut custos_repo::index::disk::Spans::default())
+        .unwrap();
+    one_by_one.sort();
+    together.sort();
+    assert_eq!(together, one_by_one);
     out += &format!("\ncopies {}", i.copies());
     let files: BTreeMap<String, usize> = i
         .file_packs()

@@ -338,19 +338,55 @@ impl DiskIndex {
     /// As [`DiskIndex::lookup`], with an error when the build cannot be read: for prune,
     /// to which a chunk that looks absent is a chunk to delete.
     pub fn lookup_checked(&self, id: &ChunkId) -> Result<Vec<BlobLoc>> {
+        let found = self.lookup_many(std::slice::from_ref(id))?;
+        Ok(found.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// [`DiskIndex::lookup_checked`] of each of `ids`: every location found, with the
+    /// place in `ids` of the id it is a copy of. They are looked up in the records' own
+    /// order, so ids whose records share a block cost one `pread` between them: prune
+    /// marks in batches of many thousands, and reads each block of `records` once a batch
+    /// rather than once a reference.
+    pub fn lookup_many(&self, ids: &[ChunkId]) -> Result<Vec<(usize, BlobLoc)>> {
         let mut out = vec![];
         let n = self.meta.records;
         if n == 0 {
             return Ok(out);
         }
-        let h = hash(&self.hkey, &id.0);
-        let (first, block) = Self::block(
-            &self.records,
-            &self.record_fences,
-            n,
-            RECORD,
-            u64::from_be_bytes(h),
-        )?;
+        let mut order: Vec<(u64, usize)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (u64::from_be_bytes(hash(&self.hkey, &id.0)), i))
+            .collect();
+        order.sort_unstable();
+        // The block last read: the fence index it was found by, its first entry, its bytes.
+        let mut held: Option<(usize, u64, Vec<u8>)> = None;
+        for (key, i) in order {
+            let j = self.record_fences.partition_point(|f| *f < key);
+            if held.as_ref().is_none_or(|(hj, ..)| *hj != j) {
+                let (first, bytes) =
+                    Self::block(&self.records, &self.record_fences, n, RECORD, key)?;
+                held = Some((j, first, bytes));
+            }
+            let (_, first, block) = held.as_ref().expect("a block is held");
+            self.find(&ids[i], key.to_be_bytes(), *first, block, &mut |l| {
+                out.push((i, l))
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// The locations of `id` (keyed hash `h`) from the block of `records` that holds the
+    /// first entry not below `h`, starting at entry `first`.
+    fn find(
+        &self,
+        id: &ChunkId,
+        h: [u8; 8],
+        first: u64,
+        block: &[u8],
+        found: &mut dyn FnMut(BlobLoc),
+    ) -> Result<()> {
+        let n = self.meta.records;
         let in_block = block.len() / RECORD;
         let mut at = (0..in_block)
             .find(|i| block[i * RECORD..i * RECORD + 8] >= h[..])
@@ -371,11 +407,11 @@ impl DiskIndex {
             }
             let (cid, loc) = decode_record(&r);
             if cid == *id && loc.pack < self.pack_count() {
-                out.push(loc);
+                found(loc);
             }
             at += 1;
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn pack_at(&self, pos: u32) -> PackMeta {
@@ -1221,6 +1257,24 @@ mod tests {
             assert_eq!(d.pack_pos(&p.id), Some(pos as u32));
             assert_eq!(d.pack_blobs(pos as u32).1.len(), 100);
         }
+        // Many at once, in any order, absent ones among them: each as looked up alone.
+        let mut ids: Vec<ChunkId> = f
+            .packs
+            .iter()
+            .rev()
+            .flat_map(|p| p.blobs.iter().map(|e| e.id))
+            .collect();
+        for k in (0..ids.len()).step_by(997) {
+            ids.insert(k, ChunkId(Id([k as u8; 32])));
+        }
+        let mut many = vec![vec![]; ids.len()];
+        for (i, l) in d.lookup_many(&ids).unwrap() {
+            many[i].push(l);
+        }
+        for (id, got) in ids.iter().zip(&many) {
+            assert_eq!(*got, d.lookup(id), "{id}");
+        }
+        assert_eq!(many.iter().filter(|l| l.len() == 1).count(), 200_000);
         // Copy numbers with one cache of spans across packs visited in turn (more packs
         // than it keeps, back and forth): each the copy's place in `by-pack`.
         let mut spans = Spans::default();

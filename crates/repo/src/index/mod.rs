@@ -451,25 +451,38 @@ impl Index {
 
     /// The numbers of every copy of a chunk (see [`Index::copies`]). An error when the
     /// build cannot be read or does not number a copy it holds: to prune, a copy missed is
-    /// a copy deleted.
-    /// `spans`: the caller's cache of the packs' records last read (one per thread).
+    /// a copy deleted. `spans`: the caller's cache of the packs' records last read.
     pub fn copy_numbers(&self, id: &ChunkId, spans: &mut disk::Spans) -> Result<Vec<u64>> {
+        self.copy_numbers_many(std::slice::from_ref(id), spans)
+    }
+
+    /// The numbers of every copy of each of `ids`, all together (prune's marking, a batch
+    /// at a time): the on-disk records are read in their order, then the packs' records
+    /// in pack order, each block and each pack once a batch.
+    pub fn copy_numbers_many(&self, ids: &[ChunkId], spans: &mut disk::Spans) -> Result<Vec<u64>> {
         let base = self.base();
         let unreadable = |e: String| {
             custos_model::Error::integrity(format!(
                 "the on-disk index cannot be read ({e}); nothing was deleted: run again"
             ))
         };
-        let mut locs = match &self.disk {
+        let mut copies: Vec<(BlobLoc, &ChunkId)> = match &self.disk {
             Some(d) => d
-                .lookup_checked(id)
-                .map_err(|e| unreadable(e.to_string()))?,
+                .lookup_many(ids)
+                .map_err(|e| unreadable(e.to_string()))?
+                .into_iter()
+                .map(|(i, l)| (l, &ids[i]))
+                .collect(),
             None => vec![],
         };
-        locs.extend(self.blobs.get(id));
-        locs.extend(self.extra.get(id).into_iter().flatten());
-        locs.into_iter()
-            .map(|l| {
+        for id in ids {
+            copies.extend(self.blobs.get(id).map(|l| (*l, id)));
+            copies.extend(self.extra.get(id).into_iter().flatten().map(|l| (*l, id)));
+        }
+        copies.sort_unstable_by_key(|(l, _)| (l.pack, l.offset));
+        copies
+            .into_iter()
+            .map(|(l, id)| {
                 let n = if l.pack < base {
                     self.disk
                         .as_ref()
