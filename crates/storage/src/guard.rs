@@ -409,7 +409,20 @@ mod tests {
         assert_eq!(merged.objects.len(), 1);
         assert_eq!(merged.names, t.names);
 
+        // A store that refuses deletes: an error, and every name still held (the new
+        // tombstone and the old ones together).
+        // (a maintained secondary refuses deletes outside data, index, snapshots and WAL)
+        let nd = Secondary::new(st.clone(), "dr", Access::Maintenance, "copy");
+        let before = read_tombstones(&nd).unwrap();
+        assert!(compact_tombstones(&nd, &before, |n| n != "wal/1/x0", "copy").is_err());
+        assert!(read_tombstones(&nd)
+            .unwrap()
+            .names
+            .is_superset(&before.names));
+
         // Nothing needed any more: no tombstone at all.
+        let merged = read_tombstones(st.as_ref()).unwrap();
+        assert_eq!(merged.objects.len(), 2);
         let dropped = compact_tombstones(st.as_ref(), &merged, |_| false, "copy").unwrap();
         assert_eq!(dropped, Some(merged.names.len()));
         assert!(st.list(TOMBSTONES).unwrap().is_empty());
