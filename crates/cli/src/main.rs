@@ -178,14 +178,30 @@ enum Command {
 /// of the on-disk index at 10M entries peaked at 218-239 MB instead of 168-183 MB with one
 /// heap per core, at the same speed (bench/RESULTS.md, scale run 7). MALLOC_ARENA_MAX,
 /// when set, still decides.
+///
+/// And glibc raises the size from which it maps a block on its own (rather than taking it
+/// from a heap) to the largest block freed so far: after a build freed its large buffers,
+/// a backup's 16 MiB packs came from the heaps and stayed there, and the first command at
+/// 100M entries peaked at 178-264 MB; with the size fixed at 12 MiB (packs mapped, smaller
+/// buffers from the heaps as before), 139 MB at the same speed (bench/RESULTS.md, scale run
+/// 12). GLIBC_TUNABLES or MALLOC_MMAP_THRESHOLD_, when set, still decide.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-        // SAFETY: mallopt only changes the allocator's parameters; called before any
-        // other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, cores as libc::c_int);
+    {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+            // SAFETY: mallopt only changes the allocator's parameters; called before any
+            // other thread exists.
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, cores as libc::c_int);
+            }
+        }
+        let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
+        if !tuned && std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: as above.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 12 << 20);
+            }
         }
     }
 }
