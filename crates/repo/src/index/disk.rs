@@ -326,9 +326,14 @@ impl DiskIndex {
     /// entry whose sort key (its first 8 bytes) is not below `key`, found by `fences`:
     /// the number of its first entry and its bytes (one `pread`).
     fn block(f: &File, fences: &[u64], n: u64, size: usize, key: u64) -> Result<(u64, Vec<u8>)> {
+        Self::block_at(f, fences.partition_point(|f| *f < key) as u64, n, size)
+    }
+
+    /// The block of [`DiskIndex::block`] by its fence number `j`: the first fence not below
+    /// the key.
+    fn block_at(f: &File, j: u64, n: u64, size: usize) -> Result<(u64, Vec<u8>)> {
         // Fence j is entry j * FENCE. Every entry before the block's start is below key
         // (its fence is); the first not below lies at or before the next fence.
-        let j = fences.partition_point(|f| *f < key) as u64;
         let first = if j == 0 { 0 } else { (j - 1) * FENCE };
         let end = (j * FENCE + 1).min(n);
         let bytes = read_at(f, first * size as u64, (end - first) as usize * size)?;
@@ -364,8 +369,7 @@ impl DiskIndex {
         for (key, i) in order {
             let j = self.record_fences.partition_point(|f| *f < key);
             if held.as_ref().is_none_or(|(hj, ..)| *hj != j) {
-                let (first, bytes) =
-                    Self::block(&self.records, &self.record_fences, n, RECORD, key)?;
+                let (first, bytes) = Self::block_at(&self.records, j as u64, n, RECORD)?;
                 held = Some((j, first, bytes));
             }
             let (_, first, block) = held.as_ref().expect("a block is held");
