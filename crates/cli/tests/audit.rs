@@ -305,6 +305,11 @@ fn a_trail_cut_short_is_caught_by_the_host_the_snapshots_and_a_witness() {
         e.contains("snapshot") && e.contains("entries were removed"),
         "{e}"
     );
+    // Every entry left is sound: the error names the cut, not an entry.
+    assert!(
+        e.contains("was cut short or its end rewritten") && !e.contains("first bad entry"),
+        "{e}"
+    );
     other.ok(&["snapshots"]);
     let e = other.fails(&["audit", "verify"], 14);
     assert!(e.contains("snapshot") && e.contains("rewritten"), "{e}");
@@ -324,6 +329,17 @@ fn a_trail_cut_short_is_caught_by_the_host_the_snapshots_and_a_witness() {
     assert!(e.contains("not the one witnessed"), "{e}");
     let e = other.fails(&["audit", "verify", "--expect-head", "12"], 2);
     assert!(e.contains("SEQ:HASH"), "{e}");
+
+    // The host that was refused investigates: its `audit verify` is recorded under a
+    // number after the cut, which must not become the host's record (it would let the
+    // next backup go on as if nothing had happened).
+    let e = t.fails(&["audit", "verify"], 14);
+    assert!(
+        e.contains("entries were removed") || e.contains("rewritten"),
+        "{e}"
+    );
+    let e = t.fails(&["backup", "files", src.to_str().unwrap()], 14);
+    assert!(e.contains("not the one this host wrote"), "{e}");
 
     // Accepting the trail as it is lets the host go on, and is recorded.
     t.ok(&["audit", "head", "--accept"]);

@@ -314,11 +314,12 @@ impl TrailWriter {
         find_last(&self.storage, hinted)
     }
 
-    /// Remembers the entry this host just wrote (or accepted) as its anchor, and leaves
-    /// its number as the hint for every appender (not on an Object Lock bucket: each
-    /// overwrite there would be a version kept for the retention).
-    fn remember(&self, seq: u64, hash: &[u8; 32]) {
-        if let Some(p) = &self.hint {
+    /// Remembers the entry this host just wrote (or accepted) as its anchor (unless
+    /// `anchor` is false), and leaves its number as the hint for every appender (not on
+    /// an Object Lock bucket: each overwrite there would be a version kept for the
+    /// retention).
+    fn remember(&self, seq: u64, hash: &[u8; 32], anchor: bool) {
+        if let Some(p) = self.hint.as_ref().filter(|_| anchor) {
             if let Some(dir) = p.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
@@ -401,7 +402,7 @@ impl TrailWriter {
                     let mut b = [0u8; 32];
                     hex::decode_to_slice(&h.hash, &mut b)
                         .map_err(|e| Error::internal(e.to_string()))?;
-                    self.remember(h.seq, &b);
+                    self.remember(h.seq, &b, true);
                 }
                 None => {
                     let _ = std::fs::remove_file(p);
@@ -421,7 +422,23 @@ impl TrailWriter {
             )
             .hint("keys made before the operation trail cannot sign it: add a new key and remove this one")
         })?;
+        let record = self.hint.as_deref().and_then(read_anchor);
         let mut last = self.last_seq()?;
+        // Whether the trail still holds the entry this host remembers, as it wrote it.
+        // When it does not (the commands that may run on a trail cut short: `audit
+        // verify`, `audit log`), the entry is still appended, but the host's record is
+        // left as it is: an entry under a number that was cut must not become the
+        // anchor that would let this host's next backup go on (`check_anchor`).
+        let mut holds = match &record {
+            Some((seq, Some(hash))) if *seq < last => match self.storage.get(&path(*seq)) {
+                Ok(b) => Some(blake3::hash(&b).to_hex().as_str() == hash),
+                Err(e) if e.kind == Kind::NotFound => Some(false),
+                Err(e) => return Err(e),
+            },
+            Some((seq, Some(_))) if *seq > last => Some(false),
+            Some((_, Some(_))) => None,
+            _ => Some(true),
+        };
         for _ in 0..1000 {
             let seq = last + 1;
             let mut entry = entry.clone();
@@ -429,6 +446,11 @@ impl TrailWriter {
                 [0u8; 32]
             } else {
                 let bytes = self.storage.get(&path(last))?;
+                if holds.is_none() {
+                    // The record is the trail's last entry: its bytes are these.
+                    let want = record.as_ref().and_then(|(_, h)| h.as_deref());
+                    holds = Some(want == Some(blake3::hash(&bytes).to_hex().as_str()));
+                }
                 // Hosts' clocks differ: an entry is never dated before the one it follows,
                 // so that a verifier can hold every entry to that.
                 if let Some(t) = self.time_of(&bytes, last) {
@@ -450,7 +472,7 @@ impl TrailWriter {
             let bytes = serde_json::to_vec(&stored).expect("serializable");
             match self.storage.create(&path(seq), &bytes)? {
                 PutOutcome::Created => {
-                    self.remember(seq, blake3::hash(&bytes).as_bytes());
+                    self.remember(seq, blake3::hash(&bytes).as_bytes(), holds != Some(false));
                     return Ok(seq);
                 }
                 // Another writer took this number: chain after it.

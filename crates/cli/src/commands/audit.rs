@@ -137,33 +137,25 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
                 .iter()
                 .map(|h| h.parse::<custos_repo::trail::Anchor>())
                 .collect::<Result<Vec<_>>>()?;
-            let mut read = repo.trail_verify()?;
+            let read = repo.trail_verify()?;
             // What the trail's own chain cannot show: entries removed from its end. Every
             // snapshot's anchor, each cluster's newest WAL object's and each witnessed
-            // head must still be in it.
-            let mut anchors =
+            // head must still be in it. These are not faults of one entry: the entries
+            // read may all be sound, the trail is only shorter (or its end rewritten).
+            let mut cut =
                 repo.trail_anchor_problems(&read, &repo.wal_newest_anchors()?, ctx.on_secondary())?;
-            anchors.extend(expected.iter().filter_map(|a| repo.trail_holds(&read, a)));
-            if !anchors.is_empty() {
-                let last = read.last().map_or(0, |r| r.seq);
-                match read.last_mut() {
-                    Some(r) => r.problems.extend(anchors),
-                    None => read.push(custos_repo::trail::Read {
-                        seq: last,
-                        hash: String::new(),
-                        entry: None,
-                        problems: anchors,
-                    }),
-                }
-            }
+            cut.extend(expected.iter().filter_map(|a| repo.trail_holds(&read, a)));
+            let last = read.last().map_or(0, |r| r.seq);
             let bad: Vec<&custos_repo::trail::Read> =
                 read.iter().filter(|r| !r.problems.is_empty()).collect();
             if ctx.out.json {
                 ctx.out.json(&serde_json::json!({
                     "entries": read.len(),
-                    "ok": bad.is_empty(),
+                    "ok": bad.is_empty() && cut.is_empty(),
                     "first_bad": bad.first().map(|r| r.seq),
                     "problems": bad.iter().map(|r| serde_json::json!({"seq": r.seq, "problems": r.problems})).collect::<Vec<_>>(),
+                    "last": last,
+                    "cut": cut,
                 }));
             } else {
                 for r in &bad {
@@ -171,10 +163,17 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
                         println!("entry {}: {p}", r.seq);
                     }
                 }
+                for p in &cut {
+                    println!("after entry {last}: {p}");
+                }
             }
-            ctx.touch(serde_json::json!({"entries": read.len(), "bad": bad.len()}));
-            match bad.first() {
-                None => {
+            ctx.touch(
+                serde_json::json!({"entries": read.len(), "bad": bad.len(), "cut": cut.len()}),
+            );
+            let hint =
+                "keep the repository as it is for investigation; compare with a replica's trail";
+            let e = match (bad.first(), cut.is_empty()) {
+                (None, true) => {
                     if !ctx.out.json {
                         println!(
                             "the operation trail is complete and untampered: {} entries, each chained to the one before and signed by a known key; it holds the head every snapshot saw{}",
@@ -182,21 +181,29 @@ pub(crate) fn cmd_audit(ctx: &Ctx, a: AuditCommand) -> Result<i32> {
                             if expected.is_empty() { "" } else { " and the witnessed head(s)" }
                         );
                     }
-                    Ok(0)
+                    return Ok(0);
                 }
-                Some(first) => {
-                    let e = Error::integrity(format!(
-                        "the operation trail is damaged: the first bad entry is {} ({})",
-                        first.seq,
-                        first.problems.join("; ")
-                    ))
-                    .hint("keep the repository as it is for investigation; compare with a replica's trail");
-                    if !ctx.out.json {
-                        output::error(&e, false);
+                (Some(first), _) => Error::integrity(format!(
+                    "the operation trail is damaged: the first bad entry is {} ({}){}",
+                    first.seq,
+                    first.problems.join("; "),
+                    if cut.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; and after entry {last}: {}", cut.join("; "))
                     }
-                    Ok(e.kind.exit_code())
-                }
+                )),
+                (None, false) => Error::integrity(format!(
+                    "the operation trail was cut short or its end rewritten: its {} entries chain and are signed, but {}",
+                    read.len(),
+                    cut.join("; ")
+                )),
+            };
+            let e = e.hint(hint);
+            if !ctx.out.json {
+                output::error(&e, false);
             }
+            Ok(e.kind.exit_code())
         }
     }
 }
