@@ -438,6 +438,38 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
     let err = fresh.fails(&["backup", "files", src.to_str().unwrap()], 14);
     assert!(err.contains("custos index rebuild"), "{err}");
 
+    // verify names the damaged object and still checks the rest: the snapshot whose
+    // chunks only that object indexed is named too, and the trail is read (in memory and
+    // when the index is built on disk).
+    for (memory, who) in [("16", &t), ("0", &fresh)] {
+        let mut v = who.with_password(PW);
+        v.set("CUSTOS_INDEX_MEMORY_MB", memory);
+        let out = v.run(&["verify", "--json"]);
+        assert_eq!(out.status.code(), Some(14), "{memory}");
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let errors: Vec<&str> = j["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        let name = damaged.file_name().unwrap().to_str().unwrap();
+        assert!(
+            errors[0].starts_with(&format!("index: index {}", &name[..8]))
+                && errors[0].contains("altered")
+                && errors[0].contains("index rebuild"),
+            "{memory} {j}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("snapshot ") && e.contains("not in the index")),
+            "{memory} {j}"
+        );
+        assert_eq!(j["snapshots"], 2, "{memory} {j}");
+        assert!(j["trail_entries"].as_u64().unwrap() > 0, "{memory} {j}");
+    }
+
     t.add_key("backup", "backup key", &[]);
     let backup = t.with_password("backup key");
     backup.fails(&["index", "rebuild"], 13);

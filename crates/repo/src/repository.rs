@@ -531,13 +531,47 @@ impl Repository {
     /// repository, plus the index objects written since, in memory while they are few;
     /// otherwise a new build. Memory stays bounded whatever the repository's size.
     pub fn load_index(&self) -> Result<Index> {
-        self.load_index_with(true)
+        self.load_index_with(true, None)
     }
 
-    /// The index read from the repository alone, never from a cache on this host (what
-    /// `verify` judges by).
+    /// The index read from the repository alone, never from a cache on this host.
     pub fn load_index_fresh(&self) -> Result<Index> {
-        self.load_index_with(false)
+        self.load_index_with(false, None)
+    }
+
+    /// What `verify` judges by: the index read from the repository alone, without the
+    /// objects that cannot be read or opened (each one's problem returned), so that one
+    /// damaged object does not hide what else is wrong. The packs such an object named
+    /// are then unindexed, and the snapshots that need their chunks are reported.
+    pub fn load_index_for_verify(&self) -> Result<(Index, Vec<String>)> {
+        let mut problems = vec![];
+        let index = self.load_index_with(false, Some(&mut problems))?;
+        problems.sort();
+        problems.dedup();
+        Ok((index, problems))
+    }
+
+    /// Reads index objects in parallel. With `skipped`, an object that is missing,
+    /// altered or cannot be opened is left out and its problem recorded there; without,
+    /// it is the error.
+    fn read_index_objects(
+        &self,
+        part: &[&custos_storage::Entry],
+        threads: usize,
+        skipped: &mut Option<&mut Vec<String>>,
+    ) -> Result<Vec<(IndexId, IndexFile)>> {
+        let read = parallel_map(part, threads, |e| Ok(self.read_index_object(&e.path)))?;
+        let mut out = Vec::with_capacity(read.len());
+        for r in read {
+            match (r, skipped.as_deref_mut()) {
+                (Ok(f), _) => out.push(f),
+                (Err(err), Some(s)) if matches!(err.kind, Kind::Integrity | Kind::NotFound) => {
+                    s.push(err.message)
+                }
+                (Err(err), _) => return Err(err),
+            }
+        }
+        Ok(out)
     }
 
     /// The folder of this repository's and key's on-disk index on this host.
@@ -610,7 +644,11 @@ impl Repository {
         })
     }
 
-    fn load_index_with(&self, cached: bool) -> Result<Index> {
+    fn load_index_with(
+        &self,
+        cached: bool,
+        mut skipped: Option<&mut Vec<String>>,
+    ) -> Result<Index> {
         let entries = self.storage.list(paths::INDEX)?;
         let cache = if cached { self.index_cache() } else { None };
         let me = self.signing_public();
@@ -642,7 +680,7 @@ impl Repository {
             let mut bad = vec![];
             let mut rebuild = false;
             'objects: for part in new.chunks(batch.max(1)) {
-                let loaded = parallel_map(part, batch, |e| self.read_index_object(&e.path))?;
+                let loaded = self.read_index_objects(part, batch, &mut skipped)?;
                 for (id, f) in loaded {
                     // A pack the build holds, listed again (vouched for, re-indexed):
                     // what the build says of it may change, so it is built anew.
@@ -702,8 +740,7 @@ impl Repository {
             None => entries.iter().collect(),
         };
         for part in todo.chunks(self.threads().max(1)) {
-            for (id, f) in parallel_map(part, self.threads(), |e| self.read_index_object(&e.path))?
-            {
+            for (id, f) in self.read_index_objects(part, self.threads(), &mut skipped)? {
                 let (by_authority, attr) = self.attribution(&f);
                 builder
                     .add_file(id, &f, attr, by_authority)
