@@ -409,8 +409,6 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
     // the damage; a new host's build is checked below).
     t.set("CUSTOS_INDEX_MEMORY_MB", "16");
     let src = t.path("src");
-    std::fs::write(src.join("docs/second.bin"), vec![3u8; 300_000]).unwrap();
-    t.ok(&["backup", "files", src.to_str().unwrap()]);
     let index_dir = t.path("repo/index");
     let objects = || -> Vec<std::path::PathBuf> {
         let mut v: Vec<_> = std::fs::read_dir(&index_dir)
@@ -420,8 +418,17 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
         v.sort();
         v
     };
+    let first = objects();
+    let before = t.json(&["snapshots"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first_tree = describe(&src);
+    std::fs::write(src.join("docs/second.bin"), vec![3u8; 300_000]).unwrap();
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(objects().len(), 2);
-    let damaged = objects()[0].clone();
+    // The second backup's object: it indexes only what the first snapshot does not need.
+    let damaged = objects().into_iter().find(|o| !first.contains(o)).unwrap();
     let mut b = std::fs::read(&damaged).unwrap();
     let mid = b.len() / 2;
     b[mid] ^= 1;
@@ -469,6 +476,37 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
         assert_eq!(j["snapshots"], 2, "{memory} {j}");
         assert!(j["trail_entries"].as_u64().unwrap() > 0, "{memory} {j}");
     }
+
+    // A restore reads around the damaged object: the first snapshot, which does not need
+    // it, comes back whole (with a warning); the second stops before writing anything,
+    // with the way out.
+    let out = t.run(&[
+        "restore",
+        "files",
+        &before,
+        "--to",
+        t.path("out-first").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("altered") && err.contains("index rebuild"),
+        "{err}"
+    );
+    assert_eq!(describe(&t.path("out-first")), first_tree);
+    let to = t.path("out-second");
+    let err = t.fails(
+        &["restore", "files", "latest", "--to", to.to_str().unwrap()],
+        14,
+    );
+    assert!(
+        err.contains("not in the index") && err.contains("index rebuild"),
+        "{err}"
+    );
+    assert!(
+        !to.exists() || std::fs::read_dir(&to).unwrap().next().is_none(),
+        "a restore that cannot complete wrote into its target"
+    );
 
     t.add_key("backup", "backup key", &[]);
     let backup = t.with_password("backup key");

@@ -26,7 +26,7 @@ pub struct ColdReport {
 /// The objects restoring `snap` reads: its packs, and for a database backup every WAL
 /// file of its cluster from its start on (recovery may replay to the latest).
 fn objects(repo: &Repository, snap: &Snapshot) -> Result<Vec<String>> {
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_reading()?;
     let mut out: Vec<String> = crate::manifest::referenced_chunks(repo, &index, &snap.id)?
         .iter()
         .filter_map(|c| index.get(c).map(|(p, _)| paths::pack(&p.id)))

@@ -534,6 +534,27 @@ impl Repository {
         self.load_index_with(true, None)
     }
 
+    /// The index for a command that only reads data (restore, `ls`): as [`load_index`],
+    /// but an index object that is damaged or missing is left out with a warning instead
+    /// of stopping the command, so a restore at 3 a.m. does not wait on `index rebuild`
+    /// for an object its snapshot may not need. A chunk only that object indexed is then
+    /// an error when the restore reaches it, with the same way out. Commands that write
+    /// or delete (backup, prune) keep refusing.
+    ///
+    /// [`load_index`]: Repository::load_index
+    pub fn load_index_for_reading(&self) -> Result<Index> {
+        let mut skipped = vec![];
+        let index = self.load_index_with(true, Some(&mut skipped))?;
+        skipped.sort();
+        skipped.dedup();
+        for p in &skipped {
+            tracing::warn!(
+                "{p}; reading without it (`custos index rebuild`, with a key that may delete, indexes its packs again from their headers)"
+            );
+        }
+        Ok(index)
+    }
+
     /// The index read from the repository alone, never from a cache on this host.
     pub fn load_index_fresh(&self) -> Result<Index> {
         self.load_index_with(false, None)

@@ -262,7 +262,7 @@ pub(crate) fn cmd_ls(ctx: &Ctx, spec: &str, source: Option<&str>) -> Result<i32>
             snap.summary.time.format("%Y-%m-%d %H:%M:%S UTC")
         );
     }
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_reading()?;
     let entries = restore::list(&repo, &snap, &index)?;
     ctx.touch(serde_json::json!({"snapshot": snap.id}));
     if ctx.out.json {

@@ -539,6 +539,7 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
                 id.short(),
                 e.path
             ))
+            .hint("if an index object was lost or damaged, `custos index rebuild` indexes the packs again from their headers; `custos verify` names what else is missing")
         })
     };
     let mut out = Vec::with_capacity(e.chunks.len());

@@ -892,7 +892,7 @@ pub fn restore_files(
         return Err(Error::config(format!("{} exists and is not empty", target.display()))
             .hint("restore into a new or empty folder, or pass --overwrite to replace the files it holds"));
     }
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_reading()?;
     tracing::debug!("restore: index loaded");
     let mut entries = select(repo, &index, snap, &body.manifest, opts)?;
     tracing::debug!("restore: manifest loaded ({} entries)", entries.len());
@@ -1525,7 +1525,7 @@ pub fn restore_stream(repo: &Repository, snap: &Snapshot, out: &mut dyn Write) -
             snap.id.short()
         )));
     }
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_reading()?;
     custos_storage::stop_warming();
     let mut n = 0u64;
     // Fetch ahead in parallel, write in order.

@@ -587,7 +587,7 @@ pub fn restore_audit_log(repo: &Repository, o: &AuditRestoreOptions) -> Result<A
         )
         .hint("give --as a name no table has, e.g. --as audit_log_restored"));
     }
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_reading()?;
     custos_storage::stop_warming();
     let cols: Vec<String> = first
         .meta

@@ -184,7 +184,7 @@ pub fn restore_tables(
         }
         targets.push((schema, name, q));
     }
-    let index = repo.load_index()?;
+    let index = repo.load_index_for_reading()?;
     custos_storage::stop_warming();
 
     db.execute(&format!(
