@@ -34,6 +34,10 @@ pub(crate) struct Ctx {
     pub(crate) request_cold: bool,
     /// Refuse (exit 14) when the trail no longer holds the entry this host last wrote.
     pub(crate) check_trail: bool,
+    /// The key a maintained secondary's tombstones are written with, set when the
+    /// repository is opened (its keys derive it).
+    pub(crate) tombstone_key:
+        std::sync::Arc<std::sync::OnceLock<custos_storage::guard::TombstoneKey>>,
 }
 
 impl Ctx {
@@ -63,7 +67,10 @@ impl Ctx {
         let s = match &self.settings.secondary {
             Some(name) => {
                 let raw = self.secondary_raw(name)?;
-                Arc::new(Secondary::new(raw, name, self.secondary_access.get(), "")) as DynStorage
+                Arc::new(
+                    Secondary::new(raw, name, self.secondary_access.get(), "")
+                        .with_key(self.tombstone_key.clone()),
+                ) as DynStorage
             }
             None => {
                 let s = self.primary_storage()?;
@@ -147,6 +154,7 @@ impl Ctx {
         before_key(&storage);
         let pw = self.settings.password(&self.env, "repository password: ")?;
         let repo = Repository::open(storage, pw.as_bytes(), self.open_opts())?;
+        let _ = self.tombstone_key.set(repo.tombstone_key());
         tracing::debug!("opened the repository with key {}", repo.key_id.short());
         self.opened(&repo)?;
         Ok(repo)

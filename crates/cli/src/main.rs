@@ -330,6 +330,7 @@ fn run(cli: Cli, env: Env) -> Result<i32> {
             cli.command,
             Command::Audit(_) | Command::Init(_) | Command::WalPush(_) | Command::WalFetch(_)
         ),
+        tombstone_key: Default::default(),
     };
     let name = match (&cli.command, &cli.secondary) {
         // Recovery from a secondary asks for one WAL file after another: none of them

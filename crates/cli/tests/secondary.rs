@@ -358,6 +358,39 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
         "{j}"
     );
 
+    // Whoever can write the secondary's storage (but holds no key) plants tombstones
+    // naming the new snapshot: one without a MAC, one copying a genuine tombstone's MAC.
+    // Neither keeps it off the secondary nor out of the lag.
+    let new_snap = walkdir(&t0.path("primary/snapshots"))
+        .into_iter()
+        .find(|p| !dr.join("snapshots").join(p.file_name().unwrap()).exists())
+        .unwrap();
+    let name = format!(
+        "snapshots/{}",
+        new_snap.file_name().unwrap().to_str().unwrap()
+    );
+    let genuine: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&walkdir(&dr.join("tombstones"))[0]).unwrap())
+            .unwrap();
+    let mut forged = genuine.clone();
+    forged["names"] = serde_json::json!([name]);
+    let mut bare = forged.clone();
+    bare.as_object_mut().unwrap().remove("mac");
+    std::fs::write(dr.join("tombstones/planted-1"), bare.to_string()).unwrap();
+    std::fs::write(dr.join("tombstones/planted-2"), forged.to_string()).unwrap();
+    let chk = r.run(&["copy", "--check", "--json"]);
+    assert_eq!(chk.status.code(), Some(20));
+    let j: serde_json::Value = serde_json::from_slice(&chk.stdout).unwrap();
+    assert!(
+        j["secondaries"][0]["report"]["missing"]["snapshots"]["objects"] == 1,
+        "{j}"
+    );
+    assert!(
+        String::from_utf8_lossy(&chk.stderr).contains("tombstone tombstones/planted-1 ignored"),
+        "{}",
+        String::from_utf8_lossy(&chk.stderr)
+    );
+
     // A damaged pack on the primary is not copied, and said.
     let packs: Vec<_> = walkdir(&t0.path("primary/data"));
     let copied: std::collections::HashSet<_> = walkdir(&dr.join("data"))
@@ -380,6 +413,11 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
     r.ok(&["copy"]);
     let chk = r.json(&["copy", "--check", "--max-lag", "1h"]);
     assert_eq!(chk["secondaries"][0]["behind"], false, "{chk}");
+    assert!(
+        dr.join(&name).exists(),
+        "a planted tombstone kept {name} off"
+    );
+    assert_eq!(snapshots(&r, &["--secondary", "dr"]), 2);
 
     // A revoked key opens neither copy once copied.
     let mut r2 = r.with_password(PW);

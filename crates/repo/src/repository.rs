@@ -791,6 +791,12 @@ impl Repository {
             .map(custos_crypto::sign::public_of)
     }
 
+    /// The key of a secondary's tombstones' MACs (format.md 13): derived from the meta
+    /// key, which every key of the repository (and of its secondaries) opens.
+    pub fn tombstone_key(&self) -> custos_storage::guard::TombstoneKey {
+        blake3::derive_key("custos tombstone v1", self.keys.meta_key.as_ref())
+    }
+
     /// Writes an index object naming `packs`, which this key has just written and which
     /// must already be stored. A restore key vouches for its own packs: it made their ids
     /// from the content it stored.

@@ -8,8 +8,13 @@
 //! ([`Access::Maintenance`]), with every snapshot and WAL file it deletes remembered in a
 //! tombstone (`tombstones/<id>`), so that the next `copy` does not bring back from the
 //! primary what the secondary's own retention removed.
+//!
+//! A tombstone carries a MAC under a key derived from the repository's keys
+//! ([`TombstoneKey`]): whoever can only write the secondary's storage cannot make copy
+//! skip an object (a planted tombstone naming the WAL segments to come would otherwise
+//! keep them off the secondary for good, and out of `copy --check`'s lag).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use custos_model::{Error, Kind, Result};
 use serde::{Deserialize, Serialize};
@@ -48,6 +53,10 @@ pub fn marker(storage: &dyn Storage) -> Result<Option<Marker>> {
     }
 }
 
+/// The key of tombstones' MACs (the repository's, derived from its meta key: every key of
+/// the repository holds it, its storage alone does not).
+pub type TombstoneKey = [u8; 32];
+
 /// A tombstone: objects a secondary's own forget or prune removed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tombstone {
@@ -55,39 +64,68 @@ pub struct Tombstone {
     pub time: chrono::DateTime<chrono::Utc>,
     pub command: String,
     pub names: Vec<String>,
+    /// BLAKE3 keyed hash (hex) of this JSON without `mac`, under the [`TombstoneKey`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl Tombstone {
+    fn mac_of(&self, key: &TombstoneKey) -> String {
+        let bare = Tombstone {
+            mac: None,
+            ..self.clone()
+        };
+        let bytes = serde_json::to_vec(&bare).expect("serializable");
+        blake3::keyed_hash(key, &bytes).to_hex().to_string()
+    }
 }
 
 /// What the tombstones of a secondary hold, and the objects that hold it.
 #[derive(Debug, Default)]
 pub struct Tombstones {
     pub names: std::collections::HashSet<String>,
-    /// The tombstone objects read (ones that did not parse are not among them).
+    /// The tombstone objects read (ones that did not parse or authenticate are not among
+    /// them).
     pub objects: Vec<String>,
+    /// Tombstone objects ignored: malformed, without a MAC or with a wrong one.
+    pub rejected: Vec<String>,
 }
 
 /// Every name the tombstones of a secondary hold.
-pub fn tombstoned(storage: &dyn Storage) -> Result<std::collections::HashSet<String>> {
-    Ok(read_tombstones(storage)?.names)
+pub fn tombstoned(
+    storage: &dyn Storage,
+    key: &TombstoneKey,
+) -> Result<std::collections::HashSet<String>> {
+    Ok(read_tombstones(storage, key)?.names)
 }
 
-/// Reads every tombstone of a secondary.
-pub fn read_tombstones(storage: &dyn Storage) -> Result<Tombstones> {
+/// Reads every tombstone of a secondary. One that does not parse or whose MAC does not
+/// verify is ignored with a warning: a tombstone only makes copy skip names, so ignoring
+/// one only makes copy bring objects again (which the secondary's next prune removes),
+/// while trusting a planted one would keep objects off the secondary unnoticed. Ignored
+/// ones are left in place, as evidence.
+pub fn read_tombstones(storage: &dyn Storage, key: &TombstoneKey) -> Result<Tombstones> {
     let mut out = Tombstones::default();
     for entry in storage.list(TOMBSTONES)? {
         let b = storage.get(&entry.path)?;
-        // A tombstone only makes copy skip a name; one that does not parse is skipped
-        // itself (copy then brings the objects again, which is harmless).
-        match serde_json::from_slice::<Tombstone>(&b) {
-            Ok(t) => {
-                out.names.extend(t.names);
-                out.objects.push(entry.path);
-            }
-            Err(e) => tracing::warn!(
-                "{}: tombstone {} ignored: {e}",
-                storage.location(),
-                entry.path
-            ),
-        }
+        let why = match serde_json::from_slice::<Tombstone>(&b) {
+            Ok(t) => match &t.mac {
+                Some(m) if *m == t.mac_of(key) => {
+                    out.names.extend(t.names);
+                    out.objects.push(entry.path);
+                    continue;
+                }
+                Some(_) => "its MAC does not verify (it was altered, or written by someone without this repository's keys)".to_string(),
+                None => "it carries no MAC (written by someone without this repository's keys, or by a custos before tombstones had one)".to_string(),
+            },
+            Err(e) => format!("it is malformed: {e}"),
+        };
+        tracing::warn!(
+            "{}: tombstone {} ignored, so copy brings back what it names: {why}",
+            storage.location(),
+            entry.path
+        );
+        out.rejected.push(entry.path);
     }
     Ok(out)
 }
@@ -105,6 +143,7 @@ pub const MERGE_OVER: usize = 8;
 /// nothing was rewritten.
 pub fn compact_tombstones(
     storage: &dyn Storage,
+    key: &TombstoneKey,
     t: &Tombstones,
     needed: impl Fn(&str) -> bool,
     command: &str,
@@ -115,7 +154,7 @@ pub fn compact_tombstones(
         return Ok(None);
     }
     kept.sort();
-    write_tombstone(storage, command, kept)?;
+    write_tombstone(storage, key, command, kept)?;
     for path in &t.objects {
         storage.delete(path)?;
     }
@@ -123,16 +162,23 @@ pub fn compact_tombstones(
 }
 
 /// Writes one tombstone (create-only, under a name of its own).
-fn write_tombstone(storage: &dyn Storage, command: &str, names: Vec<String>) -> Result<()> {
+fn write_tombstone(
+    storage: &dyn Storage,
+    key: &TombstoneKey,
+    command: &str,
+    names: Vec<String>,
+) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
-    let t = Tombstone {
+    let mut t = Tombstone {
         version: 1,
         time: chrono::Utc::now(),
         command: command.into(),
         names,
+        mac: None,
     };
+    t.mac = Some(t.mac_of(key));
     let bytes = serde_json::to_vec(&t).expect("serializable");
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -167,6 +213,9 @@ pub struct Secondary {
     access: Access,
     command: String,
     deleted: Mutex<Vec<String>>,
+    /// Set once the repository is opened (its keys derive it): a maintained secondary
+    /// writes tombstones only with it.
+    key: Arc<OnceLock<TombstoneKey>>,
 }
 
 /// Deleted names kept in memory before a tombstone is written.
@@ -180,7 +229,15 @@ impl Secondary {
             access,
             command: command.into(),
             deleted: Mutex::new(vec![]),
+            key: Arc::default(),
         }
+    }
+
+    /// Where the [`TombstoneKey`] goes once the repository's keys are open; until it is
+    /// set, a maintained secondary deletes nothing it would have to tombstone.
+    pub fn with_key(mut self, key: Arc<OnceLock<TombstoneKey>>) -> Secondary {
+        self.key = key;
+        self
     }
 
     fn refused(&self, path: &str) -> Error {
@@ -200,7 +257,16 @@ impl Secondary {
     /// next copy bring objects back, which the next prune removes again.
     pub fn flush(&self) -> Result<()> {
         let names = std::mem::take(&mut *self.deleted.lock().unwrap());
-        write_tombstone(self.inner.as_ref(), &self.command, names)
+        if names.is_empty() {
+            return Ok(());
+        }
+        let key = self.key.get().ok_or_else(|| {
+            Error::internal(format!(
+                "{}: tombstone not written: the repository's keys are not open",
+                self.inner.location()
+            ))
+        })?;
+        write_tombstone(self.inner.as_ref(), key, &self.command, names)
     }
 }
 
@@ -262,11 +328,18 @@ impl Storage for Secondary {
         if self.access != Access::Maintenance || !maintained.iter().any(|k| path.starts_with(k)) {
             return Err(self.refused(path));
         }
+        let tombstoned = path.starts_with("snapshots/") || path.starts_with("wal/");
+        if tombstoned && self.key.get().is_none() {
+            return Err(Error::internal(format!(
+                "{}: `{path}` not deleted: its tombstone could not be written (the repository's keys are not open)",
+                self.inner.location()
+            )));
+        }
         self.inner.delete(path)?;
         // Only snapshots and WAL are tombstoned. A pack or index object this prune found
         // unused may be needed again by a snapshot the primary wrote since (deduplicated
         // against it) and not copied yet: copy must be free to bring it back.
-        if !(path.starts_with("snapshots/") || path.starts_with("wal/")) {
+        if !tombstoned {
             return Ok(());
         }
         let full = {
@@ -306,6 +379,8 @@ mod tests {
     use crate::local::LocalStorage;
     use std::sync::Arc;
 
+    const KEY: TombstoneKey = [7u8; 32];
+
     #[test]
     fn read_only_refuses_writes_but_locks_and_maintenance_leave_tombstones() {
         let dir = tempfile::tempdir().unwrap();
@@ -330,7 +405,7 @@ mod tests {
         ro.delete("locks/l1").unwrap();
         assert_eq!(ro.get("data/ab/ab01").unwrap(), b"pack");
         drop(ro);
-        assert!(tombstoned(inner.as_ref()).unwrap().is_empty());
+        assert!(tombstoned(inner.as_ref(), &KEY).unwrap().is_empty());
 
         inner
             .put(
@@ -339,7 +414,11 @@ mod tests {
                 PutMode::CreateOnly,
             )
             .unwrap();
+        // Until the repository's keys are open, nothing that needs a tombstone goes.
         let m = Secondary::new(inner.clone(), "dr", Access::Maintenance, "prune");
+        assert!(m.delete("snapshots/s1").is_err());
+        assert_eq!(inner.size("snapshots/s1").unwrap(), Some(4));
+        let m = m.with_key(Arc::new(OnceLock::from(KEY)));
         m.delete("data/ab/ab01").unwrap();
         m.delete("snapshots/s1").unwrap();
         m.delete("wal/0000000000000001/000000010000000000000001")
@@ -350,7 +429,7 @@ mod tests {
             .is_err());
         assert!(m.delete("keys/k").is_err());
         drop(m);
-        let t = tombstoned(inner.as_ref()).unwrap();
+        let t = tombstoned(inner.as_ref(), &KEY).unwrap();
         assert!(
             t.contains("snapshots/s1")
                 && t.contains("wal/0000000000000001/000000010000000000000001"),
@@ -368,28 +447,36 @@ mod tests {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         write_tombstone(
             st.as_ref(),
+            &KEY,
             "forget",
             names(&["snapshots/a", "snapshots/b"]),
         )
         .unwrap();
-        write_tombstone(st.as_ref(), "forget", names(&["wal/1/s1", "wal/1/s2"])).unwrap();
-        let t = read_tombstones(st.as_ref()).unwrap();
+        write_tombstone(
+            st.as_ref(),
+            &KEY,
+            "forget",
+            names(&["wal/1/s1", "wal/1/s2"]),
+        )
+        .unwrap();
+        let t = read_tombstones(st.as_ref(), &KEY).unwrap();
         assert_eq!((t.names.len(), t.objects.len()), (4, 2));
 
         // Every name still held by the primary, two objects: nothing to do.
         assert_eq!(
-            compact_tombstones(st.as_ref(), &t, |_| true, "copy").unwrap(),
+            compact_tombstones(st.as_ref(), &KEY, &t, |_| true, "copy").unwrap(),
             None
         );
         assert_eq!(st.list(TOMBSTONES).unwrap().len(), 2);
 
         // The primary removed `snapshots/a` and `wal/1/s1` too; a forget wrote a third
         // tombstone after this copy read them: it is not touched.
-        write_tombstone(st.as_ref(), "forget", names(&["snapshots/c"])).unwrap();
+        write_tombstone(st.as_ref(), &KEY, "forget", names(&["snapshots/c"])).unwrap();
         let gone = ["snapshots/a", "wal/1/s1"];
-        let dropped = compact_tombstones(st.as_ref(), &t, |n| !gone.contains(&n), "copy").unwrap();
+        let dropped =
+            compact_tombstones(st.as_ref(), &KEY, &t, |n| !gone.contains(&n), "copy").unwrap();
         assert_eq!(dropped, Some(2));
-        let after = read_tombstones(st.as_ref()).unwrap();
+        let after = read_tombstones(st.as_ref(), &KEY).unwrap();
         let mut held: Vec<_> = after.names.iter().cloned().collect();
         held.sort();
         assert_eq!(held, names(&["snapshots/b", "snapshots/c", "wal/1/s2"]));
@@ -397,15 +484,15 @@ mod tests {
 
         // Many tombstones, all still needed: merged into one with the same names.
         for i in 0..MERGE_OVER {
-            write_tombstone(st.as_ref(), "forget", vec![format!("wal/1/x{i}")]).unwrap();
+            write_tombstone(st.as_ref(), &KEY, "forget", vec![format!("wal/1/x{i}")]).unwrap();
         }
-        let t = read_tombstones(st.as_ref()).unwrap();
+        let t = read_tombstones(st.as_ref(), &KEY).unwrap();
         assert_eq!(t.objects.len(), MERGE_OVER + 2);
         assert_eq!(
-            compact_tombstones(st.as_ref(), &t, |_| true, "copy").unwrap(),
+            compact_tombstones(st.as_ref(), &KEY, &t, |_| true, "copy").unwrap(),
             Some(0)
         );
-        let merged = read_tombstones(st.as_ref()).unwrap();
+        let merged = read_tombstones(st.as_ref(), &KEY).unwrap();
         assert_eq!(merged.objects.len(), 1);
         assert_eq!(merged.names, t.names);
 
@@ -413,18 +500,62 @@ mod tests {
         // tombstone and the old ones together).
         // (a maintained secondary refuses deletes outside data, index, snapshots and WAL)
         let nd = Secondary::new(st.clone(), "dr", Access::Maintenance, "copy");
-        let before = read_tombstones(&nd).unwrap();
-        assert!(compact_tombstones(&nd, &before, |n| n != "wal/1/x0", "copy").is_err());
-        assert!(read_tombstones(&nd)
+        let before = read_tombstones(&nd, &KEY).unwrap();
+        assert!(compact_tombstones(&nd, &KEY, &before, |n| n != "wal/1/x0", "copy").is_err());
+        assert!(read_tombstones(&nd, &KEY)
             .unwrap()
             .names
             .is_superset(&before.names));
 
         // Nothing needed any more: no tombstone at all.
-        let merged = read_tombstones(st.as_ref()).unwrap();
+        let merged = read_tombstones(st.as_ref(), &KEY).unwrap();
         assert_eq!(merged.objects.len(), 2);
-        let dropped = compact_tombstones(st.as_ref(), &merged, |_| false, "copy").unwrap();
+        let dropped = compact_tombstones(st.as_ref(), &KEY, &merged, |_| false, "copy").unwrap();
         assert_eq!(dropped, Some(merged.names.len()));
         assert!(st.list(TOMBSTONES).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_tombstone_without_the_keys_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let st: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        write_tombstone(st.as_ref(), &KEY, "forget", vec!["snapshots/a".into()]).unwrap();
+        // Planted by whoever can write the storage: no MAC, a MAC under another key, a
+        // genuine one whose names were changed, and garbage.
+        let plant = |name: &str, t: &Tombstone| {
+            st.put(
+                &format!("{TOMBSTONES}/{name}"),
+                &serde_json::to_vec(t).unwrap(),
+                PutMode::CreateOnly,
+            )
+            .unwrap();
+        };
+        let mut forged = Tombstone {
+            version: 1,
+            time: chrono::Utc::now(),
+            command: "forget".into(),
+            names: vec!["wal/1/000000010000000000000009".into()],
+            mac: None,
+        };
+        plant("f0", &forged);
+        forged.mac = Some(forged.mac_of(&[8u8; 32]));
+        plant("f1", &forged);
+        let genuine_path = st.list(TOMBSTONES).unwrap()[0].path.clone();
+        let mut altered: Tombstone =
+            serde_json::from_slice(&st.get(&genuine_path).unwrap()).unwrap();
+        altered.names.push("snapshots/b".into());
+        plant("f2", &altered);
+        st.put(&format!("{TOMBSTONES}/f3"), b"{", PutMode::CreateOnly)
+            .unwrap();
+
+        let t = read_tombstones(st.as_ref(), &KEY).unwrap();
+        assert_eq!(
+            t.names,
+            std::collections::HashSet::from(["snapshots/a".to_string()])
+        );
+        assert_eq!((t.objects.len(), t.rejected.len()), (1, 4));
+        // Compaction rewrites only what it trusted; the planted ones stay as evidence.
+        compact_tombstones(st.as_ref(), &KEY, &t, |_| false, "copy").unwrap();
+        assert_eq!(st.list(TOMBSTONES).unwrap().len(), 4);
     }
 }

@@ -216,7 +216,7 @@ impl Copier<'_> {
             (&self.secondary, &secondary),
             &self.name,
         )?;
-        let removed = guard::tombstoned(self.secondary.as_ref())?;
+        let removed = guard::tombstoned(self.secondary.as_ref(), &self.primary.tombstone_key())?;
         let mut missing: BTreeMap<String, Missing> = BTreeMap::new();
         let mut oldest: Option<f64> = None;
         let mut unknown_time = false;
@@ -288,7 +288,8 @@ impl Copier<'_> {
             (&self.secondary, &secondary),
             &self.name,
         )?;
-        let tombstones = guard::read_tombstones(self.secondary.as_ref())?;
+        let tombstones =
+            guard::read_tombstones(self.secondary.as_ref(), &self.primary.tombstone_key())?;
         let removed = &tombstones.names;
         tracing::info!(
             "copy to `{}`: listed {} object(s) on the primary, {} on the secondary",
@@ -444,6 +445,7 @@ impl Copier<'_> {
         // tombstones as they were, which is only slower, so it does not fail the copy.
         let tombstones_dropped = match guard::compact_tombstones(
             self.secondary.as_ref(),
+            &self.primary.tombstone_key(),
             &tombstones,
             |n| primary.contains_key(n),
             "copy",
