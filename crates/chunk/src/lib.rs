@@ -36,6 +36,40 @@ impl ChunkerParams {
     /// workloads that change few, scattered pages.
     pub const DEFAULT_FIXED: ChunkerParams = ChunkerParams::Fixed { size: 128 * 1024 };
 
+    /// Whether these parameters can be used: what the repository config holds is read
+    /// from storage, and a chunker made from out-of-range values panics or allocates
+    /// without bound. Returns what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
+        let within = |what: &str, v: u32, lo: u32, hi: u32| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{what} {v} is outside {lo}..={hi}"))
+            }
+        };
+        match *self {
+            ChunkerParams::Cdc { min, avg, max } => {
+                within("min", min, MINIMUM_MIN, MINIMUM_MAX)?;
+                within("avg", avg, AVERAGE_MIN, AVERAGE_MAX)?;
+                within("max", max, MAXIMUM_MIN, MAXIMUM_MAX)?;
+                if !(min <= avg && avg <= max) {
+                    return Err(format!("min {min}, avg {avg}, max {max} are not in order"));
+                }
+                Ok(())
+            }
+            ChunkerParams::Fixed { size } => {
+                within("size", size, 8192, 1 << 20)?;
+                if size % 8192 != 0 {
+                    return Err(format!("size {size} is not a multiple of 8192"));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Splits `reader` into chunks. `size_hint` is the known total length (a file's size),
     /// used to take a small input in one read without allocating the CDC window.
     pub fn split<'a, R: Read + 'a>(

@@ -656,3 +656,45 @@ fn a_restore_that_stops_part_way_leaves_only_complete_files_and_delta_finishes_i
     ]);
     assert_eq!(describe(&out), describe(&src));
 }
+
+/// The repository config is plain JSON that whoever can write the storage can change. A
+/// value custos never writes (a pack of 2^62 bytes, a chunker that cannot cut) made
+/// backups abort on an allocation or panic; now every command refuses it, exit 14,
+/// naming the field, and writes nothing.
+#[test]
+fn an_altered_repository_config_is_refused_before_anything_is_written() {
+    let t = backed_up();
+    let src = t.path("src");
+    let config = std::path::Path::new(&t.repo).join("config");
+    let good = std::fs::read(&config).unwrap();
+    let packs = t.packs().len();
+    for (field, value, says) in [
+        ("pack_size", serde_json::json!(1u64 << 62), "pack_size"),
+        (
+            "chunker",
+            serde_json::json!({"kind": "cdc", "min": 0, "avg": 0, "max": 0}),
+            "chunker min 0",
+        ),
+        (
+            "block_chunker",
+            serde_json::json!({"kind": "fixed", "size": 4294967295u32}),
+            "block_chunker size",
+        ),
+    ] {
+        let mut c: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        c[field] = value;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&config, c.to_string()).unwrap();
+        let err = t.fails(&["backup", "files", src.to_str().unwrap()], 14);
+        assert!(
+            err.contains(says) && err.contains("altered") && err.contains("secondary"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(t.packs().len(), packs, "{field}");
+        t.fails(&["snapshots"], 14);
+    }
+    std::fs::write(&config, &good).unwrap();
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+}

@@ -13,6 +13,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Default target size of a pack: restic's default, a good S3 object size, and small
 /// enough that packers and upload queues stay well under the memory budget.
 pub const DEFAULT_PACK_SIZE: u64 = 16 << 20;
+/// The pack sizes `init --pack-size-mib` accepts (1 to 512 MiB), and so a config holds.
+pub const PACK_SIZE_MIN: u64 = 1 << 20;
+pub const PACK_SIZE_MAX: u64 = 512 << 20;
 pub const ZSTD_LEVEL: i32 = 3;
 
 /// The `config` object: plaintext JSON, holds no secret, written once at `init`.
@@ -52,8 +55,27 @@ impl RepoConfig {
             ))
             .hint("use a custos release that supports this repository version"));
         }
-        serde_json::from_slice(bytes)
-            .map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))
+        let c: RepoConfig = serde_json::from_slice(bytes)
+            .map_err(|e| Error::integrity(format!("repository config is not valid: {e}")))?;
+        // What init can write; anything else was written by someone else, and would make
+        // every backup panic or allocate without bound (a pack of 2^62 bytes).
+        let bad = |what: String| {
+            Error::integrity(format!(
+                "repository config is not valid: {what}: custos never writes that; the config was altered"
+            ))
+            .hint("copy `config` back from a secondary (`custos copy` keeps it byte for byte) or from a backup of the repository; nothing was written")
+        };
+        c.chunker.check().map_err(|e| bad(format!("chunker {e}")))?;
+        c.block_chunker
+            .check()
+            .map_err(|e| bad(format!("block_chunker {e}")))?;
+        if !(PACK_SIZE_MIN..=PACK_SIZE_MAX).contains(&c.pack_size) {
+            return Err(bad(format!(
+                "pack_size {} is outside {PACK_SIZE_MIN}..={PACK_SIZE_MAX}",
+                c.pack_size
+            )));
+        }
+        Ok(c)
     }
 }
 
@@ -126,6 +148,52 @@ mod tests {
         // Not zstd at all.
         let e = from_zjson::<Vec<(String, u64)>>(b"not zstd", "t").unwrap_err();
         assert_eq!(e.kind, custos_model::Kind::Integrity, "{e}");
+    }
+
+    #[test]
+    fn a_config_custos_never_writes_is_refused() {
+        let good = serde_json::json!({
+            "format": "custos-repository", "version": 1, "id": "00".repeat(32),
+            "created": "2026-12-06T00:00:00Z",
+            "chunker": {"kind": "cdc", "min": 524288, "avg": 1048576, "max": 8388608},
+            "block_chunker": {"kind": "fixed", "size": 131072},
+            "pack_size": 16777216u64,
+        });
+        RepoConfig::parse(good.to_string().as_bytes()).unwrap();
+        let cases: [(&str, serde_json::Value, &str); 6] = [
+            ("pack_size", serde_json::json!(1u64 << 62), "pack_size"),
+            ("pack_size", serde_json::json!(4096), "pack_size"),
+            (
+                "chunker",
+                serde_json::json!({"kind": "cdc", "min": 0, "avg": 0, "max": 0}),
+                "chunker min 0",
+            ),
+            (
+                "chunker",
+                serde_json::json!({"kind": "cdc", "min": 1048576, "avg": 65536, "max": 4096}),
+                "not in order",
+            ),
+            (
+                "block_chunker",
+                serde_json::json!({"kind": "fixed", "size": 0}),
+                "block_chunker size 0",
+            ),
+            (
+                "block_chunker",
+                serde_json::json!({"kind": "fixed", "size": 12288}),
+                "multiple of 8192",
+            ),
+        ];
+        for (field, value, says) in cases {
+            let mut c = good.clone();
+            c[field] = value;
+            let e = RepoConfig::parse(c.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.kind, custos_model::Kind::Integrity, "{e}");
+            assert!(
+                e.to_string().contains(says) && e.to_string().contains("altered"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

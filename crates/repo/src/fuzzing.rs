@@ -91,7 +91,18 @@ pub fn wal(data: &[u8]) {
 
 /// The repository's config object.
 pub fn config(data: &[u8]) {
-    let _ = crate::format::RepoConfig::parse(data);
+    // A config that parses is used: its chunkers cut (this input, as a file of that size
+    // and as a stream of unknown size), which must neither panic nor allocate past the
+    // bounds the parser enforces.
+    if let Ok(c) = crate::format::RepoConfig::parse(data) {
+        for p in [c.chunker, c.block_chunker] {
+            for hint in [Some(data.len() as u64), None] {
+                for chunk in p.split(data, hint, 7) {
+                    let _ = chunk;
+                }
+            }
+        }
+    }
 }
 
 /// A named fuzz target.
