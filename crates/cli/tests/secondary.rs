@@ -63,6 +63,19 @@ fn snapshots(r: &T, args: &[&str]) -> usize {
     r.json(&a).as_array().unwrap().len()
 }
 
+/// `copy --check` fails (exit 20) with exactly one snapshot not yet on the secondary; its
+/// stderr.
+fn one_snapshot_behind(r: &T) -> std::process::Output {
+    let chk = r.run(&["copy", "--check", "--json"]);
+    assert_eq!(chk.status.code(), Some(20));
+    let j: serde_json::Value = serde_json::from_slice(&chk.stdout).unwrap();
+    assert!(
+        j["secondaries"][0]["report"]["missing"]["snapshots"]["objects"] == 1,
+        "{j}"
+    );
+    chk
+}
+
 fn on_config(cfg: &std::path::Path) -> T {
     let mut t = T::bare();
     t.unset("CUSTOS_REPO");
@@ -350,13 +363,7 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
     make_tree(&src.join("v9"), 9, 2, 100_000);
     r.ok(&["backup", "files", src.to_str().unwrap()]);
     sleep_ms(1200);
-    let chk = r.run(&["copy", "--check", "--json"]);
-    assert_eq!(chk.status.code(), Some(20));
-    let j: serde_json::Value = serde_json::from_slice(&chk.stdout).unwrap();
-    assert!(
-        j["secondaries"][0]["report"]["missing"]["snapshots"]["objects"] == 1,
-        "{j}"
-    );
+    one_snapshot_behind(&r);
 
     // Whoever can write the secondary's storage (but holds no key) plants tombstones
     // naming the new snapshot: one without a MAC, one copying a genuine tombstone's MAC.
@@ -378,13 +385,7 @@ fn the_secondary_keeps_its_own_retention_refuses_other_writers_and_names_damage(
     bare.as_object_mut().unwrap().remove("mac");
     std::fs::write(dr.join("tombstones/planted-1"), bare.to_string()).unwrap();
     std::fs::write(dr.join("tombstones/planted-2"), forged.to_string()).unwrap();
-    let chk = r.run(&["copy", "--check", "--json"]);
-    assert_eq!(chk.status.code(), Some(20));
-    let j: serde_json::Value = serde_json::from_slice(&chk.stdout).unwrap();
-    assert!(
-        j["secondaries"][0]["report"]["missing"]["snapshots"]["objects"] == 1,
-        "{j}"
-    );
+    let chk = one_snapshot_behind(&r);
     assert!(
         String::from_utf8_lossy(&chk.stderr).contains("tombstone tombstones/planted-1 ignored"),
         "{}",
