@@ -626,7 +626,8 @@ impl Settings {
             .or_else(|| {
                 env.var("HOME")
                     .map(|h| PathBuf::from(h).join(".cache/custos"))
-            });
+            })
+            .and_then(trusted_cache);
         let index_memory = match env.var("CUSTOS_INDEX_MEMORY_MB") {
             Some(v) => Some(v.parse::<u64>().map_err(|_| {
                 Error::config(format!(
@@ -1182,6 +1183,45 @@ pub fn check_text(text: &str) -> Result<usize> {
     }
     write_lock(&file)?;
     Ok(jobs.len())
+}
+
+/// The cache folder, unless someone other than this user (or root) could write into it:
+/// what it holds decides which files a backup reads again (the files cache), which chunks
+/// it believes stored (the on-disk index) and this host's trail anchor, so a folder another
+/// user can change (a shared `CUSTOS_CACHE_DIR` they made first, mode 0777) is not used,
+/// and a warning says why. The command then runs without a cache: slower, never wrong. A
+/// folder not there yet is created 0700 by whoever first writes it.
+fn trusted_cache(dir: PathBuf) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(&dir) else {
+        return Some(dir);
+    };
+    if !m.is_dir() {
+        // Not a folder: writing into it fails, and that is said where it happens.
+        return Some(dir);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let why = if m.uid() != me && m.uid() != 0 {
+        format!(
+            "it belongs to {} (uid {}), not to {}",
+            custos_storage::local::user_name(m.uid()),
+            m.uid(),
+            custos_storage::local::user_name(me)
+        )
+    } else if m.mode() & 0o022 != 0 {
+        format!(
+            "its mode {:o} lets other users write into it",
+            m.mode() & 0o7777
+        )
+    } else {
+        return Some(dir);
+    };
+    tracing::warn!(
+        "cache folder {} not used: {why}; this run keeps no files cache, on-disk index or trail anchor (make it yours and mode 0700, or set CUSTOS_CACHE_DIR to a folder of your own)",
+        dir.display()
+    );
+    None
 }
 
 #[cfg(test)]

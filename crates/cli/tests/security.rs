@@ -780,3 +780,59 @@ fn users_and_permissions_on_a_local_repository() {
     );
     std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
+
+/// A cache folder another user could write into (a shared `CUSTOS_CACHE_DIR` made first
+/// by someone else, or mode 0777) decides which files a backup reads again and which
+/// chunks it believes stored: it is not used, with a warning; the backup still completes
+/// and restores whole, and nothing is written into that folder.
+#[test]
+fn a_cache_folder_others_can_write_is_not_used() {
+    let mut t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 3, 10, 50_000);
+    let shared = t.path("shared-cache");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    t.set("CUSTOS_CACHE_DIR", shared.to_str().unwrap());
+    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("not used") && err.contains("mode 777"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+
+    // Owned by another (non-root) user: the same.
+    let theirs = t.path("their-cache");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let pg = std::fs::metadata("/var/lib/postgresql")
+        .map(|m| m.uid())
+        .unwrap_or(65534);
+    std::os::unix::fs::chown(&theirs, Some(pg), None).unwrap();
+    t.set("CUSTOS_CACHE_DIR", theirs.to_str().unwrap());
+    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("not used") && err.contains("belongs to"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+
+    // Its own folder, 0700: used, without a word.
+    let mine = t.path("my-cache");
+    t.set("CUSTOS_CACHE_DIR", mine.to_str().unwrap());
+    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not used"));
+    assert!(std::fs::read_dir(&mine).unwrap().count() > 0);
+    t.ok(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    assert_eq!(describe(&t.path("out")), describe(&src));
+}
