@@ -1185,41 +1185,27 @@ pub fn check_text(text: &str) -> Result<usize> {
     Ok(jobs.len())
 }
 
-/// The cache folder, unless someone other than this user (or root) could write into it:
-/// what it holds decides which files a backup reads again (the files cache), which chunks
-/// it believes stored (the on-disk index) and this host's trail anchor, so a folder another
-/// user can change (a shared `CUSTOS_CACHE_DIR` they made first, mode 0777) is not used,
-/// and a warning says why. The command then runs without a cache: slower, never wrong. A
-/// folder not there yet is created 0700 by whoever first writes it.
+/// The cache folder, unless other users may write into it: what it holds decides which
+/// files a backup reads again (the files cache), which chunks it believes stored (the
+/// on-disk index) and this host's trail anchor, so a folder anyone can change (a shared
+/// `CUSTOS_CACHE_DIR` made mode 0777, or /tmp itself) is not used, and a warning says why.
+/// The command then runs without a cache: slower, never wrong. A folder not there yet is
+/// created 0700 by whoever first writes it. (One that belongs to another user is used: a
+/// non-root user cannot write into it anyway, and root reads the database user's, e.g. the
+/// WAL pusher's state for `pg check`.)
 fn trusted_cache(dir: PathBuf) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(&dir) else {
         return Some(dir);
     };
-    if !m.is_dir() {
-        // Not a folder: writing into it fails, and that is said where it happens.
+    // Not a folder: writing into it fails, and that is said where it happens.
+    if !m.is_dir() || m.mode() & 0o022 == 0 {
         return Some(dir);
     }
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    let why = if m.uid() != me && m.uid() != 0 {
-        format!(
-            "it belongs to {} (uid {}), not to {}",
-            custos_storage::local::user_name(m.uid()),
-            m.uid(),
-            custos_storage::local::user_name(me)
-        )
-    } else if m.mode() & 0o022 != 0 {
-        format!(
-            "its mode {:o} lets other users write into it",
-            m.mode() & 0o7777
-        )
-    } else {
-        return Some(dir);
-    };
     tracing::warn!(
-        "cache folder {} not used: {why}; this run keeps no files cache, on-disk index or trail anchor (make it yours and mode 0700, or set CUSTOS_CACHE_DIR to a folder of your own)",
-        dir.display()
+        "cache folder {} not used: its mode {:o} lets other users write into it; this run keeps no files cache, on-disk index or trail anchor (chmod 700 it, or set CUSTOS_CACHE_DIR to a folder of your own)",
+        dir.display(),
+        m.mode() & 0o7777
     );
     None
 }

@@ -781,8 +781,8 @@ fn users_and_permissions_on_a_local_repository() {
     std::fs::set_permissions(&audit, std::fs::Permissions::from_mode(0o700)).unwrap();
 }
 
-/// A cache folder another user could write into (a shared `CUSTOS_CACHE_DIR` made first
-/// by someone else, or mode 0777) decides which files a backup reads again and which
+/// A cache folder other users could write into (a shared `CUSTOS_CACHE_DIR` made mode
+/// 0777 or 0770) decides which files a backup reads again and which
 /// chunks it believes stored: it is not used, with a warning; the backup still completes
 /// and restores whole, and nothing is written into that folder.
 #[test]
@@ -803,23 +803,19 @@ fn a_cache_folder_others_can_write_is_not_used() {
     );
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
 
-    // Owned by another (non-root) user: the same.
-    let theirs = t.path("their-cache");
-    std::fs::create_dir(&theirs).unwrap();
-    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let pg = std::fs::metadata("/var/lib/postgresql")
-        .map(|m| m.uid())
-        .unwrap_or(65534);
-    std::os::unix::fs::chown(&theirs, Some(pg), None).unwrap();
-    t.set("CUSTOS_CACHE_DIR", theirs.to_str().unwrap());
+    // Group-writable: the same.
+    let group = t.path("group-cache");
+    std::fs::create_dir(&group).unwrap();
+    std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).unwrap();
+    t.set("CUSTOS_CACHE_DIR", group.to_str().unwrap());
     let out = t.run(&["backup", "files", src.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
-        err.contains("not used") && err.contains("belongs to"),
+        err.contains("not used") && err.contains("mode 770"),
         "{err}"
     );
-    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&group).unwrap().count(), 0);
 
     // Its own folder, 0700: used, without a word.
     let mine = t.path("my-cache");
