@@ -71,12 +71,24 @@ pub struct Tombstone {
 
 impl Tombstone {
     fn mac_of(&self, key: &TombstoneKey) -> String {
+        self.expected_mac(key).to_hex().to_string()
+    }
+
+    fn expected_mac(&self, key: &TombstoneKey) -> blake3::Hash {
         let bare = Tombstone {
             mac: None,
             ..self.clone()
         };
         let bytes = serde_json::to_vec(&bare).expect("serializable");
-        blake3::keyed_hash(key, &bytes).to_hex().to_string()
+        blake3::keyed_hash(key, &bytes)
+    }
+
+    /// Whether `mac` is this tombstone's under `key` (compared in constant time).
+    fn authentic(&self, key: &TombstoneKey) -> bool {
+        self.mac
+            .as_deref()
+            .and_then(|m| blake3::Hash::from_hex(m).ok())
+            .is_some_and(|m| m == self.expected_mac(key))
     }
 }
 
@@ -110,7 +122,7 @@ pub fn read_tombstones(storage: &dyn Storage, key: &TombstoneKey) -> Result<Tomb
         let b = storage.get(&entry.path)?;
         let why = match serde_json::from_slice::<Tombstone>(&b) {
             Ok(t) => match &t.mac {
-                Some(m) if *m == t.mac_of(key) => {
+                Some(_) if t.authentic(key) => {
                     out.names.extend(t.names);
                     out.objects.push(entry.path);
                     continue;
