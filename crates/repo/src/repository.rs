@@ -59,8 +59,13 @@ pub struct Repository {
     pack_keys: Mutex<HashMap<PackId, Arc<Zeroizing<[u8; 32]>>>>,
     /// When the current data key pair was made (`init` or the newest rotation).
     pub pair_created: chrono::DateTime<chrono::Utc>,
-    /// Data keys of snapshots and WAL re-wrapped to the current pair (`key rotate --rewrap`).
-    pub rewrap: Option<crate::keyring::Rewrap>,
+    /// Data keys of snapshots and WAL re-wrapped to the current pair (`key rotate
+    /// --rewrap`), read the first time an object's own wrapping does not open: the table
+    /// names every snapshot and WAL object (millions after years of archiving), and most
+    /// commands (wal-push, backup) never need it.
+    rewrap: std::sync::OnceLock<Option<crate::keyring::Rewrap>>,
+    /// A re-wrap table that was set aside when it was read (`verify` reports it).
+    rewrap_problems: Mutex<Vec<String>>,
     /// The key files as listed when the repository was opened, oldest first (their ages
     /// are reported without reading them again).
     pub key_files: Vec<KeyFile>,
@@ -174,21 +179,6 @@ impl Repository {
             .find(|l| l.generation == keys.generation)
             .map(|l| l.created)
             .unwrap_or(config.created);
-        let rewrap = if keys.generation > 0 {
-            match crate::keyring::load_rewrap(&storage, &keys, keys.generation) {
-                Err(e) if tolerate && e.kind == Kind::Integrity => {
-                    tracing::warn!(
-                        "{} (set aside: each object's own data key is used)",
-                        e.message
-                    );
-                    keyring_problems.push(e.message);
-                    None
-                }
-                r => r?,
-            }
-        } else {
-            None
-        };
         Ok(Repository {
             storage,
             config,
@@ -197,7 +187,8 @@ impl Repository {
             opts,
             pack_keys: Mutex::new(HashMap::new()),
             pair_created,
-            rewrap,
+            rewrap: Default::default(),
+            rewrap_problems: Default::default(),
             key_files,
             keyring_problems,
         })
@@ -206,8 +197,55 @@ impl Repository {
     /// The data key of `path` (a snapshot or WAL object) re-wrapped to the current pair.
     pub fn rewrapped_key(&self, path: &str) -> Option<Vec<u8>> {
         use base64::Engine;
-        let k = self.rewrap.as_ref()?.keys.get(path)?;
+        let k = self.rewrap_table()?.keys.get(path)?;
         base64::engine::general_purpose::STANDARD.decode(k).ok()
+    }
+
+    /// The re-wrap table of the current generation, read on first use. One that does not
+    /// verify (or cannot be read) is set aside, loudly: each object's own data key is used
+    /// (a restore must not depend on a clean keyring), and `verify` reports it.
+    pub fn rewrap_table(&self) -> Option<&crate::keyring::Rewrap> {
+        self.rewrap
+            .get_or_init(|| {
+                if self.keys.generation == 0 {
+                    return None;
+                }
+                match crate::keyring::load_rewrap(&self.storage, &self.keys, self.keys.generation) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(
+                            "{} (set aside: each object's own data key is used)",
+                            e.message
+                        );
+                        self.rewrap_problems
+                            .lock()
+                            .expect("not poisoned")
+                            .push(e.message);
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// The re-wrap table `key rotate --rewrap` just wrote.
+    pub fn set_rewrap_table(&mut self, r: crate::keyring::Rewrap) {
+        self.rewrap = std::sync::OnceLock::from(Some(r));
+    }
+
+    /// Key generations and re-wrap tables this key set aside because they did not verify
+    /// (the re-wrap table is read for this).
+    pub fn keyring_problems(&self) -> Vec<String> {
+        self.rewrap_table();
+        let mut all = self.keyring_problems.clone();
+        all.extend(
+            self.rewrap_problems
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .cloned(),
+        );
+        all
     }
 
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
@@ -379,7 +417,7 @@ impl Repository {
         self.refuse_password_in_use(password, None)?;
         let mut keys = self.keys.for_role(role);
         keys.can_delete = allow_delete;
-        if self.rewrap.is_some() {
+        if self.rewrap_table().is_some() {
             // Everything is readable with the current secret: the new key needs no other.
             keys.previous.clear();
         }
@@ -1137,8 +1175,9 @@ impl Repository {
             .storage
             .get(&paths::snapshot(id))
             .map_err(|e| missing_as_integrity(e, "snapshot"))?;
-        let rewrapped = self.rewrapped_key(&paths::snapshot(id));
-        snapshot::decode_body_with(&self.keys, id, &bytes, rewrapped.as_deref())
+        snapshot::decode_body_with(&self.keys, id, &bytes, || {
+            self.rewrapped_key(&paths::snapshot(id))
+        })
     }
 }
 

@@ -246,7 +246,7 @@ pub fn decode_summary(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Resul
 }
 
 pub fn decode_body(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotBody> {
-    decode_body_with(keys, id, bytes, None)
+    decode_body_with(keys, id, bytes, || None)
 }
 
 /// The body's data key as stored in the snapshot (wrapped to the pair of its time).
@@ -260,16 +260,21 @@ pub fn decode_body_with(
     keys: &MasterKeys,
     id: &SnapshotId,
     bytes: &[u8],
-    rewrapped: Option<&[u8]>,
+    rewrapped: impl FnOnce() -> Option<Vec<u8>>,
 ) -> Result<SnapshotBody> {
     if keys.secret.is_none() {
         return Err(restore_key_required("read the contents of a snapshot"));
     }
     let e = parse(id, bytes)?;
     let what = format!("snapshot {}", id.short());
-    let dek = match rewrapped.map(|w| keys.unwrap(KEY_AAD, w, &what)) {
-        Some(Ok(k)) => k,
-        _ => keys.unwrap(KEY_AAD, &e.key, &what)?,
+    // The object's own wrapping first (current and previous secrets); the re-wrap table
+    // (`rewrapped`, read on first use) only when those no longer open it.
+    let dek = match keys.unwrap(KEY_AAD, &e.key, &what) {
+        Ok(k) => k,
+        Err(err) => match rewrapped().map(|w| keys.unwrap(KEY_AAD, &w, &what)) {
+            Some(Ok(k)) => k,
+            _ => return Err(err),
+        },
     };
     let dek: [u8; 32] = dek
         .as_slice()

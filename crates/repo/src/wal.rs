@@ -347,12 +347,18 @@ impl Repository {
                 meta.name, meta.system_id
             )));
         }
-        let dek = match self
-            .rewrapped_key(&paths::wal(system_id, name))
-            .map(|w| self.keys.unwrap(KEY_AAD, &w, &what))
-        {
-            Some(Ok(k)) => k,
-            _ => self.keys.unwrap(KEY_AAD, &wrapped, &what)?,
+        // The object's own wrapping first: the re-wrap table is read only when that no
+        // longer opens (it names every WAL object; a wal-fetch should not read it for a
+        // segment archived since the rotation).
+        let dek = match self.keys.unwrap(KEY_AAD, &wrapped, &what) {
+            Ok(k) => k,
+            Err(err) => match self
+                .rewrapped_key(&paths::wal(system_id, name))
+                .map(|w| self.keys.unwrap(KEY_AAD, &w, &what))
+            {
+                Some(Ok(k)) => k,
+                _ => return Err(err),
+            },
         };
         let dek: [u8; 32] = dek
             .as_slice()

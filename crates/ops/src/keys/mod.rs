@@ -312,6 +312,6 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
         report.rewrapped_wal += 1;
     }
     custos_repo::keyring::store_rewrap(&repo.storage, &repo.keys, &table)?;
-    repo.rewrap = Some(table);
+    repo.set_rewrap_table(table);
     Ok(())
 }

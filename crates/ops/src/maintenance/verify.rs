@@ -86,7 +86,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
     }
     // A key generation or re-wrap table that does not verify was planted (or damaged).
-    for p in &repo.keyring_problems {
+    for p in &repo.keyring_problems() {
         r.errors.push(format!("keyring: {p}"));
     }
     // A repository readable by other local users is a finding, whatever its encryption.
