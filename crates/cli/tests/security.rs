@@ -791,32 +791,21 @@ fn a_cache_folder_others_can_write_is_not_used() {
     let mut t = T::new();
     let src = t.path("src");
     make_tree(&src, 3, 10, 50_000);
-    let shared = t.path("shared-cache");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
-    t.set("CUSTOS_CACHE_DIR", shared.to_str().unwrap());
-    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(
-        err.contains("not used") && err.contains("mode 777"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
-
-    // Group-writable: the same.
-    let group = t.path("group-cache");
-    std::fs::create_dir(&group).unwrap();
-    std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).unwrap();
-    t.set("CUSTOS_CACHE_DIR", group.to_str().unwrap());
-    let out = t.run(&["backup", "files", src.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(
-        err.contains("not used") && err.contains("mode 770"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read_dir(&group).unwrap().count(), 0);
+    // World- and group-writable: not used, nothing written there, the backup completes.
+    for mode in [0o777, 0o770] {
+        let shared = t.path(&format!("shared-cache-{mode:o}"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+        t.set("CUSTOS_CACHE_DIR", shared.to_str().unwrap());
+        let out = t.run(&["backup", "files", src.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains("not used") && err.contains(&format!("mode {mode:o}")),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+    }
 
     // Its own folder, 0700: used, without a word.
     let mine = t.path("my-cache");
