@@ -63,15 +63,14 @@ pub struct Repository {
     /// --rewrap`), read the first time an object's own wrapping does not open: the table
     /// names every snapshot and WAL object (millions after years of archiving), and most
     /// commands (wal-push, backup) never need it.
-    rewrap: std::sync::OnceLock<Option<crate::keyring::Rewrap>>,
-    /// A re-wrap table that was set aside when it was read (`verify` reports it).
-    rewrap_problems: Mutex<Vec<String>>,
+    /// A table that does not verify is held as why, and set aside.
+    rewrap: std::sync::OnceLock<std::result::Result<Option<crate::keyring::Rewrap>, String>>,
     /// The key files as listed when the repository was opened, oldest first (their ages
     /// are reported without reading them again).
     pub key_files: Vec<KeyFile>,
-    /// Key generations or re-wrap tables this (restore) key set aside because they did not
-    /// verify: `verify` reports them.
-    pub keyring_problems: Vec<String>,
+    /// Key generations this (restore) key set aside because they did not verify
+    /// (`keyring_problems` adds the re-wrap table's).
+    generation_problems: Vec<String>,
 }
 
 /// A key file that cannot be used: its path and why.
@@ -188,9 +187,8 @@ impl Repository {
             pack_keys: Mutex::new(HashMap::new()),
             pair_created,
             rewrap: Default::default(),
-            rewrap_problems: Default::default(),
             key_files,
-            keyring_problems,
+            generation_problems: keyring_problems,
         })
     }
 
@@ -205,46 +203,36 @@ impl Repository {
     /// verify (or cannot be read) is set aside, loudly: each object's own data key is used
     /// (a restore must not depend on a clean keyring), and `verify` reports it.
     pub fn rewrap_table(&self) -> Option<&crate::keyring::Rewrap> {
-        self.rewrap
-            .get_or_init(|| {
-                if self.keys.generation == 0 {
-                    return None;
-                }
-                match crate::keyring::load_rewrap(&self.storage, &self.keys, self.keys.generation) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(
-                            "{} (set aside: each object's own data key is used)",
-                            e.message
-                        );
-                        self.rewrap_problems
-                            .lock()
-                            .expect("not poisoned")
-                            .push(e.message);
-                        None
-                    }
-                }
-            })
-            .as_ref()
+        self.rewrap_read().as_ref().ok()?.as_ref()
+    }
+
+    fn rewrap_read(&self) -> &std::result::Result<Option<crate::keyring::Rewrap>, String> {
+        self.rewrap.get_or_init(|| {
+            if self.keys.generation == 0 {
+                return Ok(None);
+            }
+            crate::keyring::load_rewrap(&self.storage, &self.keys, self.keys.generation).map_err(
+                |e| {
+                    tracing::warn!(
+                        "{} (set aside: each object's own data key is used)",
+                        e.message
+                    );
+                    e.message
+                },
+            )
+        })
     }
 
     /// The re-wrap table `key rotate --rewrap` just wrote.
     pub fn set_rewrap_table(&mut self, r: crate::keyring::Rewrap) {
-        self.rewrap = std::sync::OnceLock::from(Some(r));
+        self.rewrap = std::sync::OnceLock::from(Ok(Some(r)));
     }
 
     /// Key generations and re-wrap tables this key set aside because they did not verify
-    /// (the re-wrap table is read for this).
+    /// (`verify` reports them; the re-wrap table is read for this).
     pub fn keyring_problems(&self) -> Vec<String> {
-        self.rewrap_table();
-        let mut all = self.keyring_problems.clone();
-        all.extend(
-            self.rewrap_problems
-                .lock()
-                .expect("not poisoned")
-                .iter()
-                .cloned(),
-        );
+        let mut all = self.generation_problems.clone();
+        all.extend(self.rewrap_read().as_ref().err().cloned());
         all
     }
 
