@@ -569,10 +569,7 @@ impl Repository {
     ///
     /// [`load_index`]: Repository::load_index
     pub fn load_index_for_reading(&self) -> Result<Index> {
-        let mut skipped = vec![];
-        let index = self.load_index_with(true, Some(&mut skipped))?;
-        skipped.sort();
-        skipped.dedup();
+        let (index, skipped) = self.load_index_skipping(true)?;
         for p in &skipped {
             tracing::warn!(
                 "{p}; reading without it (`custos index rebuild`, with a key that may delete, indexes its packs again from their headers)"
@@ -591,11 +588,17 @@ impl Repository {
     /// damaged object does not hide what else is wrong. The packs such an object named
     /// are then unindexed, and the snapshots that need their chunks are reported.
     pub fn load_index_for_verify(&self) -> Result<(Index, Vec<String>)> {
-        let mut problems = vec![];
-        let index = self.load_index_with(false, Some(&mut problems))?;
-        problems.sort();
-        problems.dedup();
-        Ok((index, problems))
+        self.load_index_skipping(false)
+    }
+
+    /// The index without the objects that cannot be read or opened, and each one's problem
+    /// (once: a load may read an object twice when it starts a build over).
+    fn load_index_skipping(&self, cached: bool) -> Result<(Index, Vec<String>)> {
+        let mut skipped = vec![];
+        let index = self.load_index_with(cached, Some(&mut skipped))?;
+        skipped.sort();
+        skipped.dedup();
+        Ok((index, skipped))
     }
 
     /// Reads index objects in parallel. With `skipped`, an object that is missing,

@@ -43,7 +43,7 @@ pub struct IndexFile {
     /// absent (1, older objects), over [`IndexFile::signed_bytes`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
-    /// How `sig` was made (format.md 5.1). Outside what is signed: a signature made one way
+    /// How `sig` was made (format.md 5). Outside what is signed: a signature made one way
     /// does not verify the other way, so changing it only invalidates the object.
     #[serde(default = "sig_v1", skip_serializing_if = "before_v2")]
     pub sig_v: u32,
@@ -116,25 +116,25 @@ impl IndexFile {
 
     /// Signs the object (version 2).
     pub fn sign(&mut self, seed: &[u8; 32]) {
-        self.signer = Some(hex::encode(custos_crypto::sign::public_of(seed)));
-        self.sig = None;
-        self.sig_v = 2;
-        self.sig = Some(hex::encode(custos_crypto::sign::sign(
-            seed,
-            &self.signed_v2(),
-        )));
+        self.sign_as(seed, 2);
     }
 
     /// Signs the object as custos did before version 2 (tests of older objects).
     #[doc(hidden)]
     pub fn sign_v1(&mut self, seed: &[u8; 32]) {
+        self.sign_as(seed, 1);
+    }
+
+    fn sign_as(&mut self, seed: &[u8; 32], version: u32) {
         self.signer = Some(hex::encode(custos_crypto::sign::public_of(seed)));
         self.sig = None;
-        self.sig_v = 1;
-        self.sig = Some(hex::encode(custos_crypto::sign::sign(
-            seed,
-            &self.signed_bytes(),
-        )));
+        self.sig_v = version;
+        let signed = if version == 2 {
+            self.signed_v2()
+        } else {
+            self.signed_bytes()
+        };
+        self.sig = Some(hex::encode(custos_crypto::sign::sign(seed, &signed)));
     }
 
     /// The public key whose signature over this object verifies, if one does.
