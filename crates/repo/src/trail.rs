@@ -375,12 +375,8 @@ impl TrailWriter {
             return Err(cut());
         }
         if let Some(h) = hash {
-            let bytes = match self.storage.get(&path(seq)) {
-                Ok(b) => b,
-                Err(e) if e.kind == Kind::NotFound => return Err(cut()),
-                Err(e) => return Err(e),
-            };
-            if blake3::hash(&bytes).to_hex().as_str() != h {
+            let held = self.entry_is(seq, &h)?.ok_or_else(cut)?;
+            if !held {
                 return Err(Error::integrity(format!(
                     "entry {seq} of the operation trail of {} is not the one this host wrote: the trail was rewritten",
                     self.storage.location()
@@ -389,6 +385,16 @@ impl TrailWriter {
             }
         }
         Ok(head)
+    }
+
+    /// Whether entry `seq` of the trail has the bytes whose hash is `hash` (`None`: there is
+    /// no such entry).
+    fn entry_is(&self, seq: u64, hash: &str) -> Result<Option<bool>> {
+        match self.storage.get(&path(seq)) {
+            Ok(b) => Ok(Some(blake3::hash(&b).to_hex().as_str() == hash)),
+            Err(e) if e.kind == Kind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes the trail as it is now this host's anchor (`audit head --accept`): for a
@@ -430,11 +436,9 @@ impl TrailWriter {
         // left as it is: an entry under a number that was cut must not become the
         // anchor that would let this host's next backup go on (`check_anchor`).
         let mut holds = match &record {
-            Some((seq, Some(hash))) if *seq < last => match self.storage.get(&path(*seq)) {
-                Ok(b) => Some(blake3::hash(&b).to_hex().as_str() == hash),
-                Err(e) if e.kind == Kind::NotFound => Some(false),
-                Err(e) => return Err(e),
-            },
+            Some((seq, Some(hash))) if *seq < last => {
+                Some(self.entry_is(*seq, hash)? == Some(true))
+            }
             Some((seq, Some(_))) if *seq > last => Some(false),
             Some((_, Some(_))) => None,
             _ => Some(true),
