@@ -18,13 +18,7 @@ fn repo_with_roles() -> T {
     make_tree(&src, 1, 20, 50_000);
     t.with_password(BACKUP_PW)
         .ok(&["backup", "files", src.to_str().unwrap()]);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     t
 }
 

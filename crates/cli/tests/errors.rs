@@ -192,13 +192,7 @@ fn unreadable_file_makes_a_partial_snapshot_with_its_own_exit_code() {
         "{err}"
     );
     // The snapshot exists, holds everything else, and leaves the unreadable file out.
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert!(!t.path("out/secret.txt").exists());
     assert!(t.path("out/docs/file-0000.dat").exists());
 }
@@ -517,13 +511,7 @@ fn a_damaged_or_missing_index_object_is_rebuilt_from_the_packs() {
     assert_eq!(r["damaged"].as_array().unwrap().len(), 1, "{r}");
     assert!(r["packs_recovered"].as_u64().unwrap() > 0, "{r}");
     assert!(!damaged.exists());
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), describe(&src));
     t.ok(&["backup", "files", src.to_str().unwrap()]);
     t.ok(&["verify", "--read-data"]);

@@ -63,13 +63,7 @@ fn files_round_trip_with_metadata_dedup_and_unchanged_detection() {
 
     // Restore the latest and the first: both equal what was backed up then.
     let expected_now = describe(&src);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out-latest").to_str().unwrap(),
-    ]);
+    t.restore_latest("out-latest");
     assert_eq!(describe(&t.path("out-latest")), expected_now);
 
     let first = r1["snapshot"].as_str().unwrap();

@@ -49,13 +49,7 @@ fn backup_role_writes_and_deduplicates_but_cannot_read() {
     }
     assert!(!std::path::Path::new("/tmp/never").exists());
     // The restore key reads what the backup key wrote.
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert_eq!(
         std::fs::read(t.path("out/new.txt")).unwrap(),
         b"written by the backup role"

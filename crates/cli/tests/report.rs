@@ -57,13 +57,7 @@ fn the_report_counts_the_period_renders_in_chromium_prints_and_detects_an_edit()
         t.path("x").to_str().unwrap(),
     ]);
     assert!(!o.status.success());
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("restored").to_str().unwrap(),
-    ]);
+    t.restore_latest("restored");
     let scratch = t.path("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     t.ok(&["drill", "files", "--scratch", scratch.to_str().unwrap()]);

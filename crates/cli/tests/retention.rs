@@ -542,12 +542,6 @@ fn prune_reads_a_manifest_of_many_chunks_piece_by_piece_and_keeps_every_file_it_
     );
     assert!(pr["report"]["packs_deleted"].as_u64().unwrap() > 0, "{pr}");
     t.ok(&["verify", "--read-data"]);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), expected);
 }

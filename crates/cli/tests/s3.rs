@@ -18,25 +18,13 @@ fn repository_on_s3_backup_restore_verify_prune() {
     std::fs::write(src.join("docs/added.txt"), b"new document").unwrap();
     let r = t.json(&["backup", "files", src.to_str().unwrap()]);
     assert_eq!(r["stats"]["bytes_read"], 12);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), describe(&src));
     t.ok(&["verify", "--read-data"]);
     t.ok(&["forget", "--keep-last", "1"]);
     t.ok(&["prune"]);
     t.ok(&["verify", "--read-data"]);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out2").to_str().unwrap(),
-    ]);
+    t.restore_latest("out2");
     assert_eq!(describe(&t.path("out2")), describe(&src));
 
     // Bad credentials: one clear storage error naming what to check, no secret shown.
@@ -92,13 +80,7 @@ fn bucket_objects_as_a_backup_source() {
     let r = t.json(&["backup", "files", "s3://documents/uploads"]);
     assert_eq!(r["stats"]["files"], 12);
     assert_eq!(r["kind"], "bucket");
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     for (k, v) in &expected {
         assert_eq!(&std::fs::read(t.path("out").join(k)).unwrap(), v, "{k}");
     }
@@ -331,13 +313,7 @@ fn throttling_and_dropped_connections_are_retried_and_nothing_is_half_written() 
     assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), snapshots);
     t.ok(&["audit", "verify"]);
     t.ok(&["verify", "--read-data"]);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), describe(&src));
 
     // Throttled for good: one clear error, no snapshot, nothing the next run trips on.
@@ -354,12 +330,6 @@ fn throttling_and_dropped_connections_are_retried_and_nothing_is_half_written() 
         snapshots + 1
     );
     t.ok(&["verify", "--read-data"]);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out2").to_str().unwrap(),
-    ]);
+    t.restore_latest("out2");
     assert_eq!(describe(&t.path("out2")), describe(&src));
 }

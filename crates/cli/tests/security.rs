@@ -813,12 +813,6 @@ fn a_cache_folder_others_can_write_is_not_used() {
     let out = t.run(&["backup", "files", src.to_str().unwrap()]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("not used"));
     assert!(std::fs::read_dir(&mine).unwrap().count() > 0);
-    t.ok(&[
-        "restore",
-        "files",
-        "latest",
-        "--to",
-        t.path("out").to_str().unwrap(),
-    ]);
+    t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), describe(&src));
 }

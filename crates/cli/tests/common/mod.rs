@@ -187,6 +187,13 @@ impl T {
         String::from_utf8(o.stdout).unwrap()
     }
 
+    /// Restores the newest snapshot into `to` (a folder of this test's) and returns it.
+    pub fn restore_latest(&self, to: &str) -> PathBuf {
+        let out = self.path(to);
+        self.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+        out
+    }
+
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
         a.push("--json");
