@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=$1; shift
+targets=("$@")
 out=../bench/results/fuzz
 mkdir -p "$out" target/long-corpus
 cargo +nightly fuzz build >/dev/null
@@ -41,9 +42,8 @@ done
 
 echo "| target | seconds | executions | per second | new units | peak RSS, MB | crashes, leaks, timeouts |"
 echo "|---|---|---|---|---|---|---|"
-for log in "$out"/*.log; do
-  t=$(basename "$log" .log)
-  case $t in *.merge) continue ;; esac
+for t in "${targets[@]}"; do
+  log=$out/$t.log
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   units=$(sed -n 's/^stat::new_units_added: *//p' "$log" | tail -1)
@@ -55,9 +55,7 @@ for log in "$out"/*.log; do
   echo "| $t | $secs | $execs | $speed | $units | $rss | $found |"
 done
 
-for log in "$out"/*.log; do
-  t=$(basename "$log" .log)
-  case $t in *.merge) continue ;; esac
+for t in "${targets[@]}"; do
   nice -n 19 "$bin/$t" -merge=1 -max_len=2048 "corpus/$t" "target/long-corpus/$t" \
     >"$out/$t.merge.log" 2>&1 || true
 done

@@ -64,7 +64,11 @@ pub fn index(data: &[u8]) {
 pub fn snapshot(data: &[u8]) {
     let id = custos_model::SnapshotId(Id(*blake3::hash(data).as_bytes()));
     let _ = crate::snapshot::wrapped_key(&id, data);
-    let _ = from_zjson::<crate::SnapshotSummary>(data, "summary");
+    if let Ok(s) = from_zjson::<crate::SnapshotSummary>(data, "summary") {
+        if let Some(pg) = s.pg {
+            let _ = pg.check();
+        }
+    }
     let _ = from_zjson::<crate::SnapshotBody>(data, "body");
 }
 
@@ -105,6 +109,25 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// Objects sealed under the meta key that every key reads when it opens or locks the
+/// repository, by the first byte: a keyring link's plaintext (then applied to a key that
+/// holds no authority's signature for it), a re-wrap table's plaintext, a lock's JSON (then
+/// judged live or stale).
+pub fn meta(data: &[u8]) {
+    let Some((which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 3 {
+        0 => crate::keyring::fuzz_link(rest),
+        1 => crate::keyring::fuzz_rewrap(rest),
+        _ => {
+            if let Ok(l) = serde_json::from_slice::<crate::lock::LockInfo>(rest) {
+                let _ = l.is_stale("fuzz-host");
+            }
+        }
+    }
+}
+
 /// A named fuzz target.
 pub type Target = (&'static str, fn(&[u8]));
 
@@ -118,4 +141,5 @@ pub const TARGETS: &[Target] = &[
     ("trail", trail),
     ("wal", wal),
     ("config", config),
+    ("meta", meta),
 ];

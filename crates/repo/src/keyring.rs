@@ -295,3 +295,40 @@ pub fn store_rewrap(storage: &DynStorage, keys: &MasterKeys, r: &Rewrap) -> Resu
     storage.put(&rewrap_path(r.generation), &sealed, PutMode::Overwrite)?;
     Ok(())
 }
+
+/// A restore key with an authority, made once per process: what the fuzz entry points
+/// apply hostile links to.
+fn fuzz_keys() -> MasterKeys {
+    static KEYS: std::sync::OnceLock<MasterKeys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut k = MasterKeys::generate();
+        let seed = custos_crypto::sign::generate();
+        k.authority_public = Some(custos_crypto::sign::public_of(&seed));
+        k.authority = Some(seed);
+        k
+    })
+    .clone()
+}
+
+/// Fuzzing: a keyring link's plaintext, applied to a restore key; then what `apply` does
+/// past the authority's signature (which no input can forge): the MAC and the unwrap.
+#[doc(hidden)]
+pub fn fuzz_link(plain: &[u8]) {
+    let Ok(l) = from_zjson::<Link>(plain, "keyring link") else {
+        return;
+    };
+    let mut keys = fuzz_keys();
+    let _ = apply(&mut keys, std::slice::from_ref(&l));
+    if let Some(prev) = keys.secret.as_ref() {
+        let _ = mac(prev, &l);
+        let _ = wrap::unwrap(prev, WRAP_AAD, &l.wrapped, "keyring link");
+    }
+}
+
+/// Fuzzing: a re-wrap table's plaintext, and its signature check.
+#[doc(hidden)]
+pub fn fuzz_rewrap(plain: &[u8]) {
+    if let Ok(r) = from_zjson::<Rewrap>(plain, "re-wrap table") {
+        let _ = check_signed(&fuzz_keys(), &signed_rewrap(&r), &r.sig, "re-wrap table");
+    }
+}

@@ -151,6 +151,31 @@ pub struct PgInfo {
     pub damaged_pages: u64,
 }
 
+impl PgInfo {
+    /// What a cluster can have; anything else was not written by custos (a snapshot is
+    /// whatever a backup key wrote), and used as it stands a segment size of 0 divides by
+    /// zero in every command that places WAL.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !self.segment_size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&self.segment_size)
+        {
+            return Err(format!(
+                "WAL segment size {} (PostgreSQL's are powers of two from 1 MiB to 1 GiB)",
+                self.segment_size
+            ));
+        }
+        if self.timeline == 0 {
+            return Err("timeline 0 (timelines start at 1)".into());
+        }
+        if self.stop_lsn < self.start_lsn {
+            return Err(format!(
+                "stop LSN {} before start LSN {}",
+                self.stop_lsn, self.start_lsn
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct SnapshotBody {
     /// Source paths as given.
@@ -242,7 +267,14 @@ pub fn decode_summary(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Resul
     let e = parse(id, bytes)?;
     let what = format!("snapshot {}", id.short());
     let plain = aead::open(&keys.meta_key, SUMMARY_AAD, &e.summary, &what)?;
-    from_zjson(&plain, &what)
+    let summary: SnapshotSummary = from_zjson(&plain, &what)?;
+    if let Some(Err(why)) = summary.pg.as_ref().map(PgInfo::check) {
+        return Err(Error::integrity(format!(
+            "{what} records PostgreSQL facts no cluster has: {why}"
+        ))
+        .hint("custos never writes such a snapshot: find which key wrote it (`custos audit log`), then `custos forget` it"));
+    }
+    Ok(summary)
 }
 
 pub fn decode_body(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotBody> {

@@ -142,6 +142,16 @@ pub fn read_tombstones(storage: &dyn Storage, key: &TombstoneKey) -> Result<Tomb
     Ok(out)
 }
 
+/// Fuzzing: a tombstone as a secondary holds it (parsed, its MAC checked under a fixed
+/// key), and a secondary's marker.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    if let Ok(t) = serde_json::from_slice::<Tombstone>(data) {
+        let _ = t.authentic(&[5u8; 32]);
+    }
+    let _ = serde_json::from_slice::<Marker>(data);
+}
+
 /// Tombstone objects beyond which `copy` merges them into one even when every name is
 /// still needed: what copy reads each run stays a few objects, not one per forget ever run.
 pub const MERGE_OVER: usize = 8;

@@ -617,9 +617,12 @@ impl<R: Read> CopyRows<R> {
             if h[..11] != COPY_HEADER[..11] {
                 return Err(Self::bad("no PGCOPY signature"));
             }
-            let ext = u32::from_be_bytes(h[15..19].try_into().unwrap()) as usize;
-            let mut skip = vec![0u8; ext];
-            self.r.read_exact(&mut skip).map_err(io)?;
+            let ext = u64::from(u32::from_be_bytes(h[15..19].try_into().unwrap()));
+            let skipped =
+                std::io::copy(&mut (&mut self.r).take(ext), &mut std::io::sink()).map_err(io)?;
+            if skipped != ext {
+                return Err(Self::bad("the header extension is cut short"));
+            }
             self.started = true;
         }
         let mut n = [0u8; 2];
@@ -640,9 +643,15 @@ impl<R: Read> CopyRows<R> {
             row.extend_from_slice(&l);
             let len = i32::from_be_bytes(l);
             if len > 0 {
-                let start = row.len();
-                row.resize(start + len as usize, 0);
-                self.r.read_exact(&mut row[start..]).map_err(io)?;
+                // Read, not allocated ahead: a length the stream does not hold (a stored
+                // stream is hostile input) costs what the stream holds, not 2 GiB.
+                let got = (&mut self.r)
+                    .take(len as u64)
+                    .read_to_end(&mut row)
+                    .map_err(io)?;
+                if got != len as usize {
+                    return Err(Self::bad("a field is cut short"));
+                }
             } else if len < -1 {
                 return Err(Self::bad("negative field length"));
             }
@@ -662,4 +671,77 @@ pub fn column_list(cols: &[&Column]) -> String {
 /// The server version as `major.minor` from `server_version_num`.
 pub fn version_text(num: i32) -> String {
     format!("{}.{}", num / 10000, num % 10000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(rows: &[&[Option<&[u8]>]]) -> Vec<u8> {
+        let mut s = COPY_HEADER.to_vec();
+        for r in rows {
+            s.extend_from_slice(&(r.len() as i16).to_be_bytes());
+            for f in *r {
+                match f {
+                    Some(b) => {
+                        s.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                        s.extend_from_slice(b);
+                    }
+                    None => s.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+        }
+        s.extend_from_slice(COPY_TRAILER);
+        s
+    }
+
+    fn all(data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut rows = CopyRows::new(data);
+        let mut out = vec![];
+        while let Some(r) = rows.next_row()? {
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn rows_split_whole_and_hostile_lengths_are_refused() {
+        let s = stream(&[&[Some(b"abc"), None], &[Some(b"")]]);
+        let rows = all(&s).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0],
+            [
+                &2i16.to_be_bytes()[..],
+                &3i32.to_be_bytes(),
+                b"abc",
+                &(-1i32).to_be_bytes()
+            ]
+            .concat()
+        );
+
+        // A field claiming 2 GiB in a stream of a few bytes (a stored stream is whatever a
+        // backup key wrote): an error that says so, after reading what is there.
+        let mut cut = COPY_HEADER.to_vec();
+        cut.extend_from_slice(&1i16.to_be_bytes());
+        cut.extend_from_slice(&i32::MAX.to_be_bytes());
+        cut.extend_from_slice(b"xyz");
+        let e = all(&cut).unwrap_err();
+        assert!(e.to_string().contains("cut short"), "{e}");
+
+        // A header extension longer than the stream.
+        let mut ext = COPY_HEADER.to_vec();
+        ext[15..19].copy_from_slice(&u32::MAX.to_be_bytes());
+        let e = all(&ext).unwrap_err();
+        assert!(e.to_string().contains("header extension"), "{e}");
+        // One the stream holds is skipped.
+        let mut ext = COPY_HEADER.to_vec();
+        ext[15..19].copy_from_slice(&4u32.to_be_bytes());
+        ext.extend_from_slice(b"skip");
+        ext.extend_from_slice(&s[COPY_HEADER.len()..]);
+        assert_eq!(all(&ext).unwrap(), rows);
+
+        let e = all(&[COPY_HEADER, &(-5i16).to_be_bytes()].concat()).unwrap_err();
+        assert!(e.to_string().contains("negative field count"), "{e}");
+    }
 }

@@ -41,7 +41,9 @@ pub fn classify(name: &str) -> Result<WalFileKind> {
     }
     if (name.ends_with(".partial") || name.ends_with(".backup"))
         && name.len() > 24
-        && name[..24].bytes().all(|b| b.is_ascii_hexdigit())
+        // Bytes, not a str slice: a name from a listing may hold any UTF-8, and byte 24
+        // need not start a character.
+        && name.as_bytes()[..24].iter().all(|b| b.is_ascii_hexdigit())
     {
         return Ok(WalFileKind::Other);
     }
@@ -178,6 +180,15 @@ mod tests {
             classify("000000010000000000000003.00000028.backup").unwrap(),
             WalFileKind::Other
         );
+        // A listed name whose 24th byte falls inside a character (storage can hold any
+        // name): refused, not a panic.
+        for bad in [
+            "00000001000000000000000\u{e9}.partial",
+            "0000000100000000000000\u{1f600}.backup",
+        ] {
+            assert!(classify(bad).is_err(), "{bad}");
+            assert!(segment_number(bad, 16 << 20).is_none(), "{bad}");
+        }
         assert!(classify("../../etc/passwd").is_err());
         assert!(classify("00000001000000000000000G").is_err());
         let h = parse_header(&segment(42, 1 << 20), "x").unwrap();
