@@ -314,7 +314,7 @@ pub fn build(repo: &Repository, i: &Inputs) -> Result<AuditReport> {
             }
         }
     } else {
-        snapshots = repo.snapshots()?.len() as u64;
+        snapshots = repo.snapshots_for_reading()?.len() as u64;
     }
     // The trail: its verification, and the hashes that pin the period's first and last
     // entries (anyone holding the repository can recompute them).

@@ -114,18 +114,99 @@ fn missing_index_is_reported() {
 }
 
 #[test]
-fn altered_snapshot_is_detected() {
-    let t = backed_up();
-    let snap = std::fs::read_dir(t.path("repo/snapshots"))
+fn an_unreadable_snapshot_is_named_and_every_other_snapshot_still_restores() {
+    // One snapshot object that does not decode (bit rot, or bytes planted by anyone who
+    // can write the storage or holds a backup key) used to stop every restore, listing,
+    // forget and verify, whichever snapshot they were about.
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 21, 20, 100_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let first_tree = describe(&src);
+    let first = t.json(&["snapshots"])[0]["id"]
+        .as_str()
         .unwrap()
-        .next()
+        .to_string();
+    make_tree(&src.join("more"), 22, 5, 50_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let newest = t.json(&["snapshots"])[1]["id"]
+        .as_str()
         .unwrap()
-        .unwrap()
-        .path();
-    let text = std::fs::read_to_string(&snap).unwrap();
-    std::fs::write(&snap, text.replacen("\"version\":1", "\"version\": 1", 1)).unwrap();
-    let err = t.fails(&["snapshots"], 14);
-    assert!(err.contains("does not match its id"), "{err}");
+        .to_string();
+    let short = &newest[..8];
+    let object = t.path(&format!("repo/snapshots/{newest}"));
+    let text = std::fs::read_to_string(&object).unwrap();
+    std::fs::write(&object, text.replacen("\"version\":1", "\"version\": 1", 1)).unwrap();
+
+    // Listing: the readable one, and a warning naming the other.
+    let o = t.run(&["snapshots", "--json"]);
+    assert!(o.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], first.as_str());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("snapshot {short} cannot be read"))
+            && err.contains("does not match its id"),
+        "{err}"
+    );
+
+    // `latest` is the newest readable one, and the warning says why.
+    let o = t.run(&[
+        "restore",
+        "files",
+        "latest",
+        "--to",
+        t.path("out").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(short));
+    assert_eq!(describe(&t.path("out")), first_tree);
+    // The unreadable one asked for by id: exit 14, nothing written, the remedy named.
+    let err = t.fails(
+        &[
+            "restore",
+            "files",
+            short,
+            "--to",
+            t.path("out2").to_str().unwrap(),
+        ],
+        14,
+    );
+    assert!(
+        err.contains("does not match its id") && err.contains(&format!("custos forget {short}")),
+        "{err}"
+    );
+    assert!(
+        !t.path("out2").exists() || std::fs::read_dir(t.path("out2")).unwrap().next().is_none()
+    );
+
+    // verify names it and still checks the rest (the packs of the first are read).
+    let o = t.run(&["verify", "--read-data", "--json"]);
+    assert_eq!(o.status.code(), Some(14));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["snapshots"], 1, "{v}");
+    let errors = v["errors"].to_string();
+    assert!(
+        errors.contains(short) && errors.contains("does not match its id"),
+        "{v}"
+    );
+    assert_eq!(v["errors"].as_array().unwrap().len(), 1, "{v}");
+
+    // What deletes by policy stops rather than count without it; nothing is removed.
+    let before = t.repo_state();
+    let err = t.fails(&["forget", "--keep-last", "1"], 14);
+    assert!(err.contains("stop until it is dealt with"), "{err}");
+    t.fails(&["prune"], 14);
+    assert_eq!(t.repo_state(), before);
+
+    // Named, it is removed; then everything is clean and the first still restores whole.
+    let out = t.ok(&["forget", short]);
+    assert!(out.contains(&format!("remove {short}")), "{out}");
+    t.ok(&["verify", "--read-data"]);
+    t.ok(&["prune"]);
+    t.ok(&["verify", "--read-data"]);
+    assert_eq!(describe(&t.restore_latest("out3")), first_tree);
 }
 
 #[test]

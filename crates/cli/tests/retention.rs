@@ -545,3 +545,103 @@ fn prune_reads_a_manifest_of_many_chunks_piece_by_piece_and_keeps_every_file_it_
     t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), expected);
 }
+
+#[test]
+fn a_backup_recording_facts_no_cluster_has_is_left_out_not_a_crash() {
+    // A snapshot is whatever a backup key wrote. One whose WAL segment size was 0 made
+    // prune divide by zero (exit 101), and any command that places WAL by it.
+    let t = T::new();
+    let a = common::attack::Attacker::open(&t, PW);
+    let day0 = chrono::Utc::now() - chrono::Duration::days(2);
+    let sys = 7_713_358_116_659_438_404u64;
+    let good = a.plant_pg_backup("db-1", day0, pg_info(sys, 2, day0));
+    for s in 2..6u64 {
+        let name = format!("00000001000000000000{s:04X}");
+        a.repo
+            .wal_push(sys, &name, b"stand-in segment", None)
+            .unwrap();
+    }
+    let later = day0 + chrono::Duration::days(1);
+    let mut bad = pg_info(sys, 4, later);
+    bad.segment_size = 0;
+    let planted = a.plant_pg_backup("db-1", later, bad).to_hex();
+    let short = &planted[..8];
+
+    for args in [&["snapshots"][..], &["info"]] {
+        let o = t.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("snapshot {short} cannot be read"))
+                && err.contains("segment size 0"),
+            "{args:?}: {err}"
+        );
+    }
+    let listed = t.json(&["snapshots"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], good.to_hex());
+    // Deleting by policy stops with the reason, rather than crash or count without it.
+    for args in [
+        &["forget", "--keep-last", "1", "--dry-run"][..],
+        &["prune", "--dry-run"],
+    ] {
+        let err = t.fails(args, 14);
+        assert!(
+            err.contains("no cluster has") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    let v = t.run(&["verify"]);
+    assert_eq!(v.status.code(), Some(14));
+    assert!(String::from_utf8_lossy(&v.stderr).contains("segment size 0"));
+    t.ok(&["forget", short]);
+    t.ok(&["verify"]);
+    // A WAL object whose 24th byte falls inside a character (storage holds any name):
+    // placing WAL sliced the name there and panicked.
+    a.repo
+        .storage
+        .put(
+            &custos_repo::paths::wal(sys, "00000001000000000000000\u{e9}.partial"),
+            b"planted",
+            custos_storage::PutMode::CreateOnly,
+        )
+        .unwrap();
+    let plan = t.json(&["forget", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(
+        plan["plan"]["groups"][0]["window"]["from_before"],
+        serde_json::to_value(day0).unwrap(),
+        "{plan}"
+    );
+}
+
+#[test]
+fn a_snapshot_dated_at_the_end_of_the_calendar_is_kept_not_a_crash() {
+    // A backup key dates its snapshots as it likes. An audit-log export dated a day before
+    // the latest time chrono can hold made forget add its six-year minimum retention past
+    // that end, and panic (exit 101), so retention stopped for every source.
+    let t = T::new();
+    let a = common::attack::Attacker::open(&t, PW);
+    let end = chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1);
+    let summary = custos_repo::SnapshotSummary {
+        time: end,
+        kind: custos_repo::snapshot::SourceKind::AuditLog,
+        source: "clinical:public.audit_log".into(),
+        host: "db-1".into(),
+        user: "postgres".into(),
+        parent: None,
+        tags: vec![],
+        stats: Default::default(),
+        key: a.repo.key_id,
+        pg: None,
+        facts: None,
+        trail: None,
+    };
+    let id = a
+        .repo
+        .save_snapshot(&summary, &custos_repo::SnapshotBody::default())
+        .unwrap();
+    let plan = t.json(&["forget", "--keep-last", "1", "--keep-daily", "4294967295", "--dry-run"]);
+    let d = &plan["plan"]["groups"][0]["decisions"][0];
+    assert_eq!(d["item"], id.to_hex(), "{plan}");
+    assert_eq!(d["keep"], true, "{plan}");
+}

@@ -816,3 +816,57 @@ fn a_cache_folder_others_can_write_is_not_used() {
     t.restore_latest("out");
     assert_eq!(describe(&t.path("out")), describe(&src));
 }
+
+#[test]
+fn a_lock_that_can_never_go_stale_does_not_hold_off_backups_for_good() {
+    // Any key can write a lock. One dated in the year 9999 never aged past the stale limit,
+    // and one naming pid 4294967295 (kill(2)'s -1: every process) on the backup's own host
+    // always looked alive: either held off every backup and prune until someone deleted
+    // the object by hand.
+    let mut t = T::new();
+    t.set("CUSTOS_HOST", "clinic-1");
+    t.add_key("backup", "stolen host", &[]);
+    let a = common::attack::Attacker::open(&t, "stolen host");
+    let src = t.path("src");
+    make_tree(&src, 31, 5, 10_000);
+    let far = chrono::DateTime::parse_from_rfc3339("9999-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    for (time, host, pid) in [
+        (far, "elsewhere", 1),
+        (chrono::Utc::now(), "clinic-1", u32::MAX),
+        (chrono::Utc::now(), "clinic-1", 0),
+    ] {
+        a.plant_lock(&custos_repo::lock::LockInfo {
+            time,
+            exclusive: true,
+            host: host.into(),
+            pid,
+            command: "prune".into(),
+        });
+        let o = t.run(&[
+            "--lock-wait",
+            "0s",
+            "backup",
+            "files",
+            src.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "a lock at {time} by pid {pid} on {host} held off the backup: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A lock a live process holds still counts (this test's own pid, on another host,
+    // dated now).
+    a.plant_lock(&custos_repo::lock::LockInfo {
+        time: chrono::Utc::now(),
+        exclusive: true,
+        host: "elsewhere".into(),
+        pid: std::process::id(),
+        command: "prune".into(),
+    });
+    let err = t.fails(&["backup", "files", src.to_str().unwrap()], 11);
+    assert!(err.contains("exclusive lock is held by `prune`"), "{err}");
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 3);
+}

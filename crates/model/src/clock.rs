@@ -34,3 +34,10 @@ pub fn simulated() -> Option<DateTime<Utc>> {
 pub fn set_simulated(t: DateTime<Utc>) {
     *SIMULATED.lock().unwrap() = Some(t);
 }
+
+/// `t + d`, or the latest time there is when that lies past it. Times come from stored
+/// snapshots (whatever a backup key wrote) and spans from a policy; chrono's `+` panics
+/// past its range.
+pub fn later(t: DateTime<Utc>, d: chrono::Duration) -> DateTime<Utc> {
+    t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}

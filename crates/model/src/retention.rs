@@ -128,8 +128,8 @@ pub fn apply_by_type<T: Clone>(
 /// periods from the snapshot's time.
 fn period_end(name: &str, count: u32, t: DateTime<Utc>) -> DateTime<Utc> {
     match name {
-        "daily" => t + chrono::Duration::days(i64::from(count)),
-        "weekly" => t + chrono::Duration::weeks(i64::from(count)),
+        "daily" => crate::clock::later(t, chrono::Duration::days(i64::from(count))),
+        "weekly" => crate::clock::later(t, chrono::Duration::weeks(i64::from(count))),
         "monthly" => t
             .checked_add_months(chrono::Months::new(count))
             .unwrap_or(DateTime::<Utc>::MAX_UTC),
@@ -233,7 +233,10 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
             let age = (newest - d.time).to_std().unwrap_or_default();
             if age <= within {
                 d.keep_until(
-                    d.time + chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX),
+                    crate::clock::later(
+                        d.time,
+                        chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX),
+                    ),
                 );
                 d.keep = true;
                 d.reasons.push(format!(
@@ -354,6 +357,33 @@ mod tests {
         for d in decisions.iter().filter(|d| !d.keep) {
             assert_eq!(d.reasons, vec!["matched no rule of the policy".to_string()]);
         }
+    }
+
+    #[test]
+    fn times_at_the_calendar_end_and_the_largest_counts_saturate() {
+        // Snapshot times are whatever a backup key wrote; counts and spans whatever the
+        // policy says. A kept-until date past chrono's range is its last time, not a panic.
+        let end = DateTime::<Utc>::MAX_UTC - Duration::days(3);
+        let snaps: Vec<Candidate<usize>> = (0..3)
+            .map(|i| Candidate {
+                item: i,
+                time: end + Duration::days(i as i64),
+            })
+            .collect();
+        let policy = RetentionPolicy {
+            keep_daily: u32::MAX,
+            keep_weekly: u32::MAX,
+            keep_monthly: u32::MAX,
+            keep_yearly: u32::MAX,
+            keep_within: Some(std::time::Duration::MAX),
+            ..Default::default()
+        };
+        let d = apply(&policy, snaps);
+        assert!(d.iter().all(|d| d.keep));
+        assert!(d
+            .iter()
+            .filter_map(|d| d.kept_until)
+            .all(|u| u == DateTime::<Utc>::MAX_UTC));
     }
 
     #[test]

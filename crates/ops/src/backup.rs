@@ -76,7 +76,7 @@ impl<'a> Run<'a> {
         // deduplicates against, once they are held.
         let mut run = Run::begin_after(repo, kind, source, None)?;
         run.parent = repo
-            .snapshots()?
+            .snapshots_for_reading()?
             .into_iter()
             .rev()
             .find(|s| s.summary.kind == kind && is_parent(&s.summary));

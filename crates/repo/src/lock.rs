@@ -34,14 +34,33 @@ pub struct LockInfo {
 
 impl LockInfo {
     pub fn is_stale(&self, this_host: &str) -> bool {
-        let age = (Utc::now() - self.time).to_std().unwrap_or_default();
+        let now = Utc::now();
+        let age = (now - self.time).to_std().unwrap_or_default();
         if age > STALE_AFTER {
             return true;
         }
+        // Dated further ahead than a lock lives: a clock that far ahead breaks locking as
+        // one that far behind does (its fresh locks look stale), and a lock that never
+        // ages would hold off prune, or every backup, for good (any key can write one).
+        let ahead = (self.time - now).to_std().unwrap_or_default();
+        if ahead > STALE_AFTER {
+            tracing::warn!(
+                host = %self.host,
+                command = %self.command,
+                "a lock dated {} ahead is ignored as stale",
+                humantime::format_duration(Duration::from_secs(ahead.as_secs()))
+            );
+            return true;
+        }
         if self.host == this_host && self.pid != std::process::id() {
+            // kill(2) takes 0 for this process group and -1 for every process: such a
+            // pid (or one past i32::MAX) names no process that could hold the lock.
+            let Some(pid) = i32::try_from(self.pid).ok().filter(|p| *p > 0) else {
+                return true;
+            };
             // SAFETY: kill(2) with signal 0 sends nothing; it only checks the pid exists
             // (EPERM means it exists but belongs to another user).
-            let r = unsafe { libc::kill(self.pid as i32, 0) };
+            let r = unsafe { libc::kill(pid, 0) };
             let alive =
                 r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
             return !alive;

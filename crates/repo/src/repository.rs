@@ -1086,13 +1086,27 @@ impl Repository {
         Ok(id)
     }
 
-    /// Every snapshot's summary, oldest first.
+    /// Every snapshot's summary, oldest first; an error when one does not decode. For
+    /// commands that delete or rewrap (forget by policy, prune, key rotation): what they
+    /// cannot read they cannot account for.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let (out, damaged) = self.snapshots_checked()?;
         match damaged.into_iter().next() {
-            Some((_, e)) => Err(e),
+            Some((id, e)) => Err(unreadable_snapshot(&id, e, true)),
             None => Ok(out),
         }
+    }
+
+    /// Every snapshot that decodes, oldest first; each one that does not is named in a
+    /// warning and left out. For commands that read (restore, listings, checks): one
+    /// damaged or planted object (storage, or any key that writes snapshots, can write
+    /// one) must not stand between the user and every other snapshot.
+    pub fn snapshots_for_reading(&self) -> Result<Vec<Snapshot>> {
+        let (out, damaged) = self.snapshots_checked()?;
+        for (id, e) in damaged {
+            warn_unreadable(&id, &e);
+        }
+        Ok(out)
     }
 
     /// Every snapshot that decodes, and apart from them each one that does not (altered,
@@ -1139,8 +1153,13 @@ impl Repository {
         spec: &str,
         filter: impl Fn(&SnapshotSummary) -> bool,
     ) -> Result<Snapshot> {
-        let candidates = self.snapshots()?;
+        let (candidates, damaged) = self.snapshots_checked()?;
         if spec == "latest" {
+            // An unreadable snapshot may be the newest: say so, since `latest` then means
+            // the newest of the rest.
+            for (id, e) in &damaged {
+                warn_unreadable(id, e);
+            }
             return candidates.into_iter().filter(|s| filter(&s.summary)).last().ok_or_else(|| {
                 Error::new(Kind::NotFound, "no snapshot matches `latest` for this command and source")
                     .hint("`custos snapshots` lists what exists; run a backup first or give a snapshot id")
@@ -1151,10 +1170,47 @@ impl Repository {
                 "snapshot id `{spec}` is too short; give at least 4 hex digits"
             )));
         }
-        resolve_prefix(
-            candidates,
+        let ids: Vec<SnapshotId> = candidates
+            .iter()
+            .map(|s| s.id)
+            .chain(damaged.iter().map(|d| d.0))
+            .collect();
+        let id = resolve_prefix(
+            ids,
             spec,
-            |s| s.id.to_hex(),
+            |id| id.to_hex(),
+            "snapshot",
+            "`custos snapshots` lists them",
+        )?;
+        match candidates.into_iter().find(|s| s.id == id) {
+            Some(s) => Ok(s),
+            None => {
+                let (id, e) = damaged.into_iter().find(|d| d.0 == id).expect("resolved");
+                Err(unreadable_snapshot(&id, e, false))
+            }
+        }
+    }
+
+    /// The id `spec` names (a prefix of at least 4 hex digits), whether or not that
+    /// snapshot decodes: for `forget`, which must be able to remove an unreadable one.
+    /// Returns the id and, for an unreadable snapshot, why it does not decode.
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<(SnapshotId, Option<Error>)> {
+        let (candidates, damaged) = self.snapshots_checked()?;
+        if spec == "latest" {
+            return self.find_snapshot(spec, |_| true).map(|s| (s.id, None));
+        }
+        if spec.len() < 4 {
+            return Err(Error::config(format!(
+                "snapshot id `{spec}` is too short; give at least 4 hex digits"
+            )));
+        }
+        let mut all: Vec<(SnapshotId, Option<Error>)> =
+            candidates.into_iter().map(|s| (s.id, None)).collect();
+        all.extend(damaged.into_iter().map(|(id, e)| (id, Some(e))));
+        resolve_prefix(
+            all,
+            spec,
+            |(id, _)| id.to_hex(),
             "snapshot",
             "`custos snapshots` lists them",
         )
@@ -1170,6 +1226,36 @@ impl Repository {
             self.rewrapped_key(&paths::snapshot(id))
         })
     }
+}
+
+/// Why snapshot `id` cannot be used, and what to do: `blocking` for commands that stop on
+/// it (they delete or rewrap), not for one asked for by its id.
+fn unreadable_snapshot(id: &SnapshotId, e: Error, blocking: bool) -> Error {
+    let message = if blocking {
+        format!(
+            "{} (commands that delete or rewrap data stop until it is dealt with; restores of other snapshots still work)",
+            e.message
+        )
+    } else {
+        e.message
+    };
+    Error {
+        kind: e.kind,
+        message,
+        hint: Some(format!(
+            "`custos verify` names every unreadable snapshot; a secondary may hold a good copy of it; once it is examined, `custos forget {}` removes it",
+            id.short()
+        )),
+    }
+}
+
+fn warn_unreadable(id: &SnapshotId, e: &Error) {
+    tracing::warn!(
+        "snapshot {} cannot be read and is left out: {} (`custos verify` names every unreadable snapshot; `custos forget {}` removes one once it is examined)",
+        id.short(),
+        e.message,
+        id.short()
+    );
 }
 
 /// Seals `keys` under `password` into a new key file and stores it (create-only).

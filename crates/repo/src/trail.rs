@@ -928,7 +928,7 @@ impl Repository {
             read.iter().map(|r| (r.seq, r.hash.as_str())).collect();
         let last = read.last().map_or(0, |r| r.seq);
         let mut out = vec![];
-        for s in self.snapshots()? {
+        for s in self.snapshots_for_reading()? {
             let Some(a) = &s.summary.trail else { continue };
             match by_seq.get(&a.seq) {
                 None => out.push(format!(

@@ -140,7 +140,7 @@ fn latest_files(
 fn full(ctx: &Ctx, db_url: Option<String>, scratch: Option<std::path::PathBuf>) -> Result<i32> {
     use custos_repo::snapshot::SourceKind;
     let repo = ctx.open_to_restore()?;
-    let snaps = repo.snapshots()?;
+    let snaps = repo.snapshots_for_reading()?;
     let mut reports = vec![];
     let failed = |kind: &str, e: Error| drill::DrillReport::failed(kind, e.message);
     if snaps.iter().any(|s| s.summary.pg.is_some()) {

@@ -142,10 +142,17 @@ pub(crate) fn cmd_key_recover(ctx: &Ctx, files: &[PathBuf], kdf: &KdfArgs) -> Re
         kdf.params(),
         &ctx.open_opts(),
     )?;
-    // The rebuilt key must open this repository's data, not merely parse.
-    let repo = match Repository::open(storage.clone(), pw.as_bytes(), ctx.open_opts())
-        .and_then(|r| r.snapshots().map(|_| r))
-    {
+    // The rebuilt key must open this repository's data, not merely parse: some snapshot
+    // must decode when any exists (one damaged object among good ones is not the key's
+    // fault, and must not stop a recovery).
+    let repo = match Repository::open(storage.clone(), pw.as_bytes(), ctx.open_opts()).and_then(
+        |r| match r.snapshots_checked()? {
+            (good, damaged) if good.is_empty() && !damaged.is_empty() => {
+                Err(damaged.into_iter().next().expect("not empty").1)
+            }
+            _ => Ok(r),
+        },
+    ) {
         Ok(r) => r,
         Err(e) => {
             let _ = storage.delete(&custos_repo::paths::key(&kf.id));

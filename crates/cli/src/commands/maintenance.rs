@@ -219,12 +219,10 @@ pub(crate) fn cmd_forget(
     if !dry_run {
         repo.require_delete("forget snapshots")?;
     }
+    // A named snapshot may be one that cannot be read: forgetting it is the remedy.
     let ids = named
         .iter()
-        .map(|n| {
-            repo.find_snapshot(n, |_: &custos_repo::SnapshotSummary| true)
-                .map(|s| s.id)
-        })
+        .map(|n| repo.resolve_snapshot(n).map(|(id, _)| id))
         .collect::<Result<Vec<_>>>()?;
     let plan = forget::plan_at(
         &repo,

@@ -105,7 +105,7 @@ pub(crate) fn cmd_info(ctx: &Ctx) -> Result<i32> {
 pub(crate) fn cmd_snapshots(ctx: &Ctx, source: Option<&str>) -> Result<i32> {
     let repo = ctx.open()?;
     let snaps: Vec<_> = repo
-        .snapshots()?
+        .snapshots_for_reading()?
         .into_iter()
         .filter(|s| source.is_none_or(|src| s.summary.source == src))
         .collect();

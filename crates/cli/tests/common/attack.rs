@@ -141,3 +141,24 @@ impl Attacker {
             .unwrap()
     }
 }
+
+impl Attacker {
+    /// Writes a lock object as any key can (sealed with the meta key), saying what it
+    /// likes about its holder.
+    pub fn plant_lock(&self, info: &custos_repo::lock::LockInfo) {
+        let id = custos_model::LockId(custos_model::Id([0x5a; 32]));
+        let sealed = custos_crypto::aead::seal(
+            &self.repo.keys.meta_key,
+            b"custos lock v1",
+            &serde_json::to_vec(info).unwrap(),
+        );
+        self.repo
+            .storage
+            .put(
+                &custos_repo::paths::lock(&id),
+                &sealed,
+                custos_storage::PutMode::Overwrite,
+            )
+            .unwrap();
+    }
+}

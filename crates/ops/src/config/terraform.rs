@@ -79,7 +79,7 @@ pub fn backup_terraform(
         warnings: vec![],
     };
     let last = repo
-        .snapshots()?
+        .snapshots_for_reading()?
         .into_iter()
         .rev()
         .find(|s| s.summary.kind == SourceKind::Terraform && s.summary.source == o.name)

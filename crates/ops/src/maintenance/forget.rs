@@ -149,7 +149,12 @@ pub fn plan_at(
     floors: &MinRetention,
     now: DateTime<Utc>,
 ) -> Result<ForgetPlan> {
-    let snaps = repo.snapshots()?;
+    // By policy every snapshot must decode (what forget cannot read it cannot count);
+    // named, an unreadable one can be removed (what `custos verify` tells to do with it).
+    let (snaps, damaged) = match &selection {
+        Selection::Policy(_) => (repo.snapshots()?, vec![]),
+        Selection::Named(_) => repo.snapshots_checked()?,
+    };
     // Listed once, for every cluster's recovery window, when there are database backups.
     let wal = if snaps.iter().any(|s| s.summary.pg.is_some()) {
         repo.wal_objects()?
@@ -260,10 +265,10 @@ pub fn plan_at(
                     .unwrap_or(floors.audit_log_default)
             };
             for d in decisions.iter_mut() {
-                d.keep_until(d.time + min);
+                d.keep_until(custos_model::clock::later(d.time, min));
             }
             for d in decisions.iter_mut().filter(|d| !d.keep) {
-                let until = d.time + min;
+                let until = custos_model::clock::later(d.time, min);
                 if until > now {
                     d.keep = true;
                     d.reasons = vec![format!(
@@ -311,6 +316,11 @@ pub fn plan_at(
         });
     }
     if let Selection::Named(ids) = selection {
+        let named: Vec<&(SnapshotId, custos_model::Error)> =
+            damaged.iter().filter(|d| ids.contains(&d.0)).collect();
+        if !named.is_empty() {
+            out.push(unreadable_group(repo, &named, now)?);
+        }
         let listed: Vec<SnapshotId> = out
             .iter()
             .flat_map(|g| g.decisions.iter().map(|d| d.item))
@@ -330,6 +340,52 @@ pub fn plan_at(
             Selection::Named(_) => None,
         },
         groups: out,
+    })
+}
+
+/// The unreadable snapshots named on the command line: removed (unless Object Lock holds
+/// them), dated by when their objects were written, as nothing else about them is known.
+fn unreadable_group(
+    repo: &Repository,
+    named: &[&(SnapshotId, custos_model::Error)],
+    now: DateTime<Utc>,
+) -> Result<GroupPlan> {
+    let written: std::collections::HashMap<String, DateTime<Utc>> = repo
+        .storage
+        .list(paths::SNAPSHOTS)?
+        .into_iter()
+        .filter_map(|e| Some((e.path, e.modified?.into())))
+        .collect();
+    let mut decisions = vec![];
+    for (id, e) in named {
+        let path = paths::snapshot(id);
+        let mut d = Decision {
+            item: *id,
+            time: written.get(&path).copied().unwrap_or(now),
+            keep: false,
+            reasons: vec![format!(
+                "named on the command line; it cannot be read: {}",
+                e.message
+            )],
+            kept_until: None,
+        };
+        if let Some(until) = super::lock::held_until(repo, &path, now)? {
+            d.keep = true;
+            d.reasons = vec![format!(
+                "kept until {} by Object Lock (it cannot be read: {})",
+                until.format("%Y-%m-%d %H:%M:%S UTC"),
+                e.message
+            )];
+        }
+        decisions.push(d);
+    }
+    Ok(GroupPlan {
+        kind: "unreadable".into(),
+        source: "(its summary does not decode)".into(),
+        host: "-".into(),
+        system_id: None,
+        decisions,
+        window: None,
     })
 }
 

@@ -67,7 +67,7 @@ pub struct SourceInfo {
 }
 
 pub fn info(repo: &Repository, now: DateTime<Utc>) -> Result<InfoReport> {
-    let snaps = repo.snapshots()?;
+    let snaps = repo.snapshots_for_reading()?;
     let wal = repo.wal_objects()?;
     let sum = |dir: &str| -> Result<(u64, u64)> {
         let l = repo.storage.list(dir)?;

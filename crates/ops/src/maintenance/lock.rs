@@ -63,7 +63,7 @@ pub fn plan(
     let mut date_of: HashMap<SnapshotId, DateTime<Utc>> = HashMap::new();
     for g in &groups.groups {
         for d in &g.decisions {
-            let floor = d.time + write_span;
+            let floor = custos_model::clock::later(d.time, write_span);
             let until = whole_second(d.kept_until.map_or(floor, |u| u.max(floor)));
             date_of.insert(d.item, until);
             out.snapshots.push(SnapshotDate {
@@ -157,7 +157,7 @@ pub fn plan(
 fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
     let floor = DateTime::<Utc>::from_timestamp(t.timestamp(), 0).unwrap_or(t);
     if floor < t {
-        floor + Duration::seconds(1)
+        custos_model::clock::later(floor, Duration::seconds(1))
     } else {
         floor
     }

@@ -150,13 +150,10 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         r.warnings.push(format!("{unindexed} pack(s) are not in the index (left by an interrupted run, or named by an index object that is gone: `custos index rebuild` indexes them again, `custos prune` removes what no snapshot needs)"));
     }
 
-    let snapshots = match repo.snapshots() {
-        Ok(s) => s,
-        Err(e) => {
-            r.errors.push(format!("snapshots: {}", e.message));
-            return Ok(r);
-        }
-    };
+    // Each snapshot that does not decode is named, and the rest are still checked.
+    let (snapshots, damaged) = repo.snapshots_checked()?;
+    r.errors
+        .extend(damaged.iter().map(|(_, e)| e.message.clone()));
     r.snapshots = snapshots.len() as u64;
     if repo.keys.secret.is_some() {
         // Chunks checked already (snapshots share most of theirs), forgotten when the set

@@ -179,7 +179,7 @@ pub fn check(
     };
     let archive = crate::postgres::archive::Archive::load(repo, a.system_id, seg_size, &wal)?;
     let backups: Vec<custos_repo::snapshot::PgInfo> = repo
-        .snapshots()?
+        .snapshots_for_reading()?
         .into_iter()
         .filter_map(|s| s.summary.pg)
         .filter(|p| p.system_id == a.system_id)

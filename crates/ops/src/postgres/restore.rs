@@ -228,7 +228,7 @@ const END: &str = "# custos restore: end";
 /// The PostgreSQL backups of one cluster, oldest first.
 pub fn backups(repo: &Repository, cluster: Option<&str>) -> Result<Vec<(Snapshot, PgInfo)>> {
     let all: Vec<(Snapshot, PgInfo)> = repo
-        .snapshots()?
+        .snapshots_for_reading()?
         .into_iter()
         .filter_map(|s| s.summary.pg.clone().map(|p| (s, p)))
         .filter(|(s, p)| {

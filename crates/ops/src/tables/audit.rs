@@ -260,7 +260,7 @@ fn chain_head(
     database: &str,
     table: &str,
 ) -> Result<Option<(Snapshot, AuditFacts)>> {
-    let exports = chains(repo.snapshots()?, Some(table))
+    let exports = chains(repo.snapshots_for_reading()?, Some(table))
         .remove(&format!("{database}:{table}"))
         .unwrap_or_default();
     for w in exports.windows(2) {
@@ -529,7 +529,7 @@ pub struct AuditRestoreReport {
 /// content; never into the live audit table or any table that exists.
 pub fn restore_audit_log(repo: &Repository, o: &AuditRestoreOptions) -> Result<AuditRestoreReport> {
     repo.require_restore("restore an audit log")?;
-    let chains = chains(repo.snapshots()?, o.table.as_deref());
+    let chains = chains(repo.snapshots_for_reading()?, o.table.as_deref());
     if chains.len() != 1 {
         return Err(Error::config(if chains.is_empty() {
             "no audit-log exports found".to_string()
