@@ -640,7 +640,14 @@ fn a_snapshot_dated_at_the_end_of_the_calendar_is_kept_not_a_crash() {
         .repo
         .save_snapshot(&summary, &custos_repo::SnapshotBody::default())
         .unwrap();
-    let plan = t.json(&["forget", "--keep-last", "1", "--keep-daily", "4294967295", "--dry-run"]);
+    let plan = t.json(&[
+        "forget",
+        "--keep-last",
+        "1",
+        "--keep-daily",
+        "4294967295",
+        "--dry-run",
+    ]);
     let d = &plan["plan"]["groups"][0]["decisions"][0];
     assert_eq!(d["item"], id.to_hex(), "{plan}");
     assert_eq!(d["keep"], true, "{plan}");

@@ -317,6 +317,54 @@ fn a_backup_key_can_replace_the_data_key_pair() {
 }
 
 #[test]
+fn a_keyring_object_that_does_not_decode_costs_restores_nothing() {
+    // Bytes that are not a link at all (storage can write any; any key can create the next
+    // generation's name) stopped every command, restores included, before the key was
+    // even applied. Now it is handled as a link that does not verify: a key that would
+    // write with the generations past it stops, a restore key sets it aside and reads on,
+    // and verify names it. A gap in the generations is the same.
+    let mut t = T::new();
+    t.add_key("backup", "backup host", &[]);
+    let src = t.path("src");
+    make_tree(&src, 4, 8, 20_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let tree = describe(&src);
+    let keyring = std::path::Path::new(&t.repo).join("keyring");
+    std::fs::create_dir_all(&keyring).unwrap();
+    for (planted, says) in [
+        ("00000001", "keyring generation 1"),
+        ("00000002", "keyring generation 1 is missing"),
+    ] {
+        std::fs::write(keyring.join(planted), b"not a link").unwrap();
+        let backup = t.with_password("backup host");
+        let err = backup.fails(&["backup", "files", src.to_str().unwrap()], 14);
+        assert!(
+            err.contains(says) && err.contains("do not back up"),
+            "{planted}: {err}"
+        );
+        let out = t.run(&[
+            "restore",
+            "files",
+            "latest",
+            "--to",
+            t.path(planted).to_str().unwrap(),
+        ]);
+        let warned = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{planted}: {warned}");
+        assert!(
+            warned.contains(says) && warned.contains("set aside"),
+            "{planted}: {warned}"
+        );
+        assert_eq!(describe(&t.path(planted)), tree);
+        let err = t.fails(&["verify"], 14);
+        assert!(err.contains(says), "{planted}: {err}");
+        std::fs::remove_file(keyring.join(planted)).unwrap();
+    }
+    t.with_password("backup host")
+        .ok(&["backup", "files", src.to_str().unwrap()]);
+}
+
+#[test]
 fn a_rotation_by_a_restore_key_is_taken_by_backup_keys_and_a_planted_rewrap_is_refused() {
     let mut t = T::new();
     t.add_key("backup", "stolen host", &[]);

@@ -232,12 +232,10 @@ pub fn apply<T: Clone>(policy: &RetentionPolicy, mut snaps: Vec<Candidate<T>>) -
         if let (Some(within), Some(newest)) = (policy.keep_within, newest) {
             let age = (newest - d.time).to_std().unwrap_or_default();
             if age <= within {
-                d.keep_until(
-                    crate::clock::later(
-                        d.time,
-                        chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX),
-                    ),
-                );
+                d.keep_until(crate::clock::later(
+                    d.time,
+                    chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX),
+                ));
                 d.keep = true;
                 d.reasons.push(format!(
                     "within {} of the newest snapshot",

@@ -153,33 +153,47 @@ pub fn rewrap_path(generation: u32) -> String {
     format!("{DIR}/rewrap-{generation:08x}")
 }
 
-/// Every link, in generation order; a gap is an error.
-pub fn load(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<Link>> {
-    let gens: Vec<u32> = crate::numbered_objects(storage, DIR, 8)?
+/// Every generation from 1 to the highest listed, in order, each with its link or why it
+/// does not load (missing, damaged, malformed, mislabelled). A failure to list, or to read
+/// for another reason than the object's own, is an error.
+pub fn load(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<(u32, Result<Link>)>> {
+    let gens: std::collections::BTreeSet<u32> = crate::numbered_objects(storage, DIR, 8)?
         .into_iter()
         .map(|g| g as u32)
         .collect();
+    let last = gens.iter().next_back().copied().unwrap_or(0);
     let mut out = vec![];
-    for (i, g) in gens.iter().enumerate() {
-        if *g != i as u32 + 1 {
-            return Err(Error::integrity(format!(
-                "keyring generation {} is missing",
-                i + 1
-            )));
+    for g in 1..=last {
+        if !gens.contains(&g) {
+            let e = Error::integrity(format!("keyring generation {g} is missing"));
+            out.push((g, Err(e)));
+            continue;
         }
-        let bytes = storage.get(&link_path(*g))?;
-        let what = format!("keyring generation {g}");
-        let plain = aead::open(meta_key, &aad(*g), &bytes, &what)?;
-        let l: Link = from_zjson(&plain, &what)?;
-        if l.generation != *g {
-            return Err(Error::integrity(format!(
-                "{what} is labelled {}",
-                l.generation
-            )));
+        match load_link(storage, meta_key, g) {
+            Err(e)
+                if e.kind != custos_model::Kind::Integrity
+                    && e.kind != custos_model::Kind::NotFound =>
+            {
+                return Err(e)
+            }
+            r => out.push((g, r)),
         }
-        out.push(l);
     }
     Ok(out)
+}
+
+fn load_link(storage: &DynStorage, meta_key: &[u8; 32], g: u32) -> Result<Link> {
+    let bytes = storage.get(&link_path(g))?;
+    let what = format!("keyring generation {g}");
+    let plain = aead::open(meta_key, &aad(g), &bytes, &what)?;
+    let l: Link = from_zjson(&plain, &what)?;
+    if l.generation != g {
+        return Err(Error::integrity(format!(
+            "{what} is labelled {}",
+            l.generation
+        )));
+    }
+    Ok(l)
 }
 
 /// Brings keys opened from a key file up to the newest generation.

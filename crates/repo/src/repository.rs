@@ -149,20 +149,41 @@ impl Repository {
         opts: OpenOptions,
         key_files: Vec<KeyFile>,
     ) -> Result<Repository> {
-        let links = crate::keyring::load(&storage, &keys.meta_key)?;
-        // A generation or re-wrap table that does not verify stops a key that would write
-        // with it (new data must never be wrapped to a key an attacker chose). A restore
-        // key sets it aside, loudly, and goes on with the pair before it: it can still
-        // read everything, and a restore at 3 a.m. must not depend on the keyring being
-        // clean. `verify` reports it.
+        let loaded = crate::keyring::load(&storage, &keys.meta_key)?;
+        // A generation that does not verify, or does not even load (missing, damaged,
+        // malformed: anyone who can write `keyring/` can make one), stops a key that
+        // would write with what follows it (new data must never be wrapped to a key an
+        // attacker chose, nor to an older pair than the newest). A restore key sets it
+        // aside, loudly, and goes on with the pair before it: it can still read
+        // everything up to there, and a restore at 3 a.m. must not depend on the keyring
+        // being clean. One this key file already holds is only reported. `verify`
+        // reports them all.
         let mut keyring_problems = vec![];
         let tolerate = keys.role == Role::Restore;
         let sealed_at = keys.generation;
         let mut applied = sealed_at;
-        for l in links.iter().filter(|l| l.generation > sealed_at) {
-            match crate::keyring::apply(&mut keys, std::slice::from_ref(l)) {
-                Ok(()) => applied = l.generation,
-                Err(e) if tolerate && e.kind == Kind::Integrity => {
+        let mut links = vec![];
+        for (g, l) in loaded {
+            let step = match l {
+                Ok(l) if g <= sealed_at => {
+                    links.push(l);
+                    continue;
+                }
+                Ok(l) => crate::keyring::apply(&mut keys, std::slice::from_ref(&l)).map(|()| l),
+                Err(e) if g <= sealed_at => {
+                    tracing::warn!("{} (not needed by this key)", e.message);
+                    keyring_problems.push(e.message);
+                    continue;
+                }
+                // Not a link at all: what to do, as a link that does not verify says it.
+                Err(e) => Err(e.hint("do not back up with this repository until it is investigated: the newest key pair cannot be read, and new data must not be wrapped to an older one; a restore key still reads everything before it")),
+            };
+            match step {
+                Ok(l) => {
+                    applied = g;
+                    links.push(l);
+                }
+                Err(e) if tolerate && matches!(e.kind, Kind::Integrity | Kind::NotFound) => {
                     tracing::warn!(
                         "{} (set aside: this restore key keeps generation {applied})",
                         e.message
