@@ -918,3 +918,44 @@ fn a_lock_that_can_never_go_stale_does_not_hold_off_backups_for_good() {
     assert!(err.contains("exclusive lock is held by `prune`"), "{err}");
     assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn objects_far_larger_than_custos_writes_are_not_read() {
+    // Every command lists and reads the key files, backups the locks, listings the
+    // snapshots. A planted object of 8 GiB (sparse here; storage can serve any) was read
+    // whole into memory by every one of them before it failed to parse.
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 5, 5, 10_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let repo = std::path::Path::new(&t.repo);
+    let huge = "ab".repeat(32);
+    for dir in ["keys", "locks", "snapshots"] {
+        let f = std::fs::File::create(repo.join(dir).join(&huge)).unwrap();
+        f.set_len(8 << 30).unwrap();
+    }
+    let o = t.run(&["backup", "files", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    for what in ["lock", "snapshot"] {
+        assert!(
+            err.contains(&format!("{what} `"))
+                && err.contains("8589934592 bytes, more than custos ever writes"),
+            "{what}: {err}"
+        );
+    }
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 2);
+    let o = t.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(14));
+    let v = String::from_utf8_lossy(&o.stdout);
+    for what in ["key file", "snapshot"] {
+        assert!(
+            v.contains(&format!("{what} `")) && v.contains("8589934592 bytes"),
+            "{what}: {v}"
+        );
+    }
+    for dir in ["keys", "locks", "snapshots"] {
+        std::fs::remove_file(repo.join(dir).join(&huge)).unwrap();
+    }
+    t.ok(&["verify"]);
+}

@@ -346,7 +346,15 @@ impl Repository {
         let mut out = vec![];
         let mut damaged = vec![];
         for e in storage.list(paths::KEYS)? {
-            let b = storage.get(&e.path)?;
+            // Key files are a few hundred bytes.
+            let b = match custos_storage::get_listed(&**storage, &e, 1 << 20, "key file") {
+                Ok(b) => b,
+                Err(err) if err.kind == Kind::Integrity => {
+                    damaged.push((e.path.clone(), err.message));
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             match serde_json::from_slice::<KeyFile>(&b) {
                 Ok(kf) if paths::key(&kf.id) == e.path => out.push(kf),
                 Ok(kf) => damaged.push((
@@ -1143,9 +1151,12 @@ impl Repository {
                     return Ok(None);
                 };
                 let id = SnapshotId(id);
-                let bytes = match self.storage.get(&e.path) {
+                // A body decompresses to at most 256 MiB (format.rs), base64 in JSON.
+                let bytes = match custos_storage::get_listed(&*self.storage, e, 1 << 30, "snapshot")
+                {
                     Ok(b) => b,
                     Err(err) if err.kind == Kind::NotFound => return Ok(None),
+                    Err(err) if err.kind == Kind::Integrity => return Ok(Some((id, Err(err)))),
                     Err(err) => return Err(err),
                 };
                 Ok(Some((

@@ -119,8 +119,12 @@ pub fn tombstoned(
 pub fn read_tombstones(storage: &dyn Storage, key: &TombstoneKey) -> Result<Tombstones> {
     let mut out = Tombstones::default();
     for entry in storage.list(TOMBSTONES)? {
-        let b = storage.get(&entry.path)?;
-        let why = match serde_json::from_slice::<Tombstone>(&b) {
+        // Merged tombstones name what forgets removed (tens of bytes a name).
+        let why = match crate::get_listed(storage, &entry, 256 << 20, "tombstone")
+            .and_then(|b| serde_json::from_slice::<Tombstone>(&b).map_err(|e| Error::integrity(format!("it is malformed: {e}"))))
+        {
+            Err(e) if e.kind != Kind::Integrity => return Err(e),
+            Err(e) => e.message,
             Ok(t) => match &t.mac {
                 Some(_) if t.authentic(key) => {
                     out.names.extend(t.names);
@@ -130,7 +134,6 @@ pub fn read_tombstones(storage: &dyn Storage, key: &TombstoneKey) -> Result<Tomb
                 Some(_) => "its MAC does not verify (it was altered, or written by someone without this repository's keys)".to_string(),
                 None => "it carries no MAC (written by someone without this repository's keys, or by a custos before tombstones had one)".to_string(),
             },
-            Err(e) => format!("it is malformed: {e}"),
         };
         tracing::warn!(
             "{}: tombstone {} ignored, so copy brings back what it names: {why}",

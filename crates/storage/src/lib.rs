@@ -31,6 +31,27 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
+/// Reads a listed object of a kind custos keeps small, refusing one the listing (or the
+/// read) shows larger than `max` with an integrity error, before reading it when the
+/// listing says so: whatever storage holds is hostile input, and a key file or a lock of
+/// gigabytes must cost a warning, not the memory of every command that lists them.
+pub fn get_listed(storage: &dyn Storage, e: &Entry, max: u64, what: &str) -> Result<Vec<u8>> {
+    let too_large = |n: u64| {
+        custos_model::Error::integrity(format!(
+            "{what} `{}` is {n} bytes, more than custos ever writes ({max}): it was not read",
+            e.path
+        ))
+    };
+    if e.size > max {
+        return Err(too_large(e.size));
+    }
+    let b = storage.get(&e.path)?;
+    if b.len() as u64 > max {
+        return Err(too_large(b.len() as u64));
+    }
+    Ok(b)
+}
+
 /// A listed object: path relative to the listed folder's parent root, and its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

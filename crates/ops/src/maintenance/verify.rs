@@ -85,6 +85,17 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
             r.key_findings.push(f);
         }
     }
+    // A damaged key file is found now, not on the day its password is needed.
+    let (files, damaged_keys) = Repository::key_files_checked(&repo.storage)?;
+    for (p, why) in damaged_keys {
+        r.errors.push(format!("key file {p} is damaged ({why})"));
+    }
+    for k in files {
+        if let Some(why) = k.damage() {
+            r.errors
+                .push(format!("key file {} is damaged ({why})", paths::key(&k.id)));
+        }
+    }
     // A key generation or re-wrap table that does not verify was planted (or damaged).
     for p in &repo.keyring_problems() {
         r.errors.push(format!("keyring: {p}"));
