@@ -959,3 +959,53 @@ fn objects_far_larger_than_custos_writes_are_not_read() {
     }
     t.ok(&["verify"]);
 }
+
+#[test]
+fn facts_a_backup_key_wrote_are_shown_not_trusted() {
+    // The facts of an audit-log export are whatever the key that wrote it said. A link
+    // to the export before it of fewer than 12 bytes (or with a character across byte 12)
+    // made `custos snapshots` slice it there and panic, for every snapshot listed.
+    let mut t = T::new();
+    t.add_key("backup", "stolen host", &[]);
+    let a = Attacker::open(&t, "stolen host");
+    for prev in ["x", "0123456789a\u{e9}", "\u{1b}[2J"] {
+        let facts = serde_json::json!({
+            "database": "clinical", "table": "public.audit_log", "order_by": "id",
+            "seq": 7, "xid_from": 1, "xid_to": 2, "rows": u64::MAX, "carried": 0,
+            "snapshot_time": "2026-12-01T00:00:00Z", "lsn": "0/5000028",
+            "content": "00", "prev": prev, "hash": "00",
+        });
+        let summary = custos_repo::SnapshotSummary {
+            time: chrono::Utc::now(),
+            kind: custos_repo::snapshot::SourceKind::AuditLog,
+            source: "clinical:public.audit_log".into(),
+            host: "db-1".into(),
+            user: "postgres".into(),
+            parent: None,
+            tags: vec![],
+            stats: Default::default(),
+            key: a.repo.key_id,
+            pg: None,
+            facts: Some(facts),
+            trail: None,
+        };
+        a.repo
+            .save_snapshot(&summary, &custos_repo::SnapshotBody::default())
+            .unwrap();
+    }
+    let out = t.ok(&["snapshots"]);
+    assert_eq!(
+        out.matches("audit-log export 7 of public.audit_log")
+            .count(),
+        3,
+        "{out}"
+    );
+    assert!(
+        out.contains("links to x\n") && out.contains("links to 0123456789a\u{e9}"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "a control character reached the terminal: {out:?}"
+    );
+}

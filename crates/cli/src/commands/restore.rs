@@ -565,7 +565,7 @@ fn restore_all(
                 match kind {
                     "table" | "audit-log" | "dump" => Ok(format!(
                         "rows are in the database restored to the point; the export stays in snapshot {} (`custos restore {kind}`)",
-                        &sid[..8]
+                        snap.id.short()
                     )),
                     "env" => {
                         let text = custos_ops::config::env_file(repo, &snap)?;

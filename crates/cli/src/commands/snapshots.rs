@@ -214,7 +214,7 @@ fn facts_line(s: &custos_repo::Snapshot) -> Option<String> {
             f.rows,
             f.prev
                 .as_deref()
-                .map(|p| &p[..12])
+                .map(|p| p.get(..12).unwrap_or(p))
                 .unwrap_or("nothing (first)")
         ));
     }
@@ -225,7 +225,7 @@ fn facts_line(s: &custos_repo::Snapshot) -> Option<String> {
             custos_sources::postgres::tables::version_text(f.server_version_num),
             f.pg_dump_version,
             f.tables.len(),
-            f.tables.iter().map(|t| t.rows).sum::<u64>()
+            f.tables.iter().fold(0u64, |n, t| n.saturating_add(t.rows))
         ));
     }
     let table: Option<custos_ops::tables::export::TablesFacts> =

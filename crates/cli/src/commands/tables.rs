@@ -259,10 +259,12 @@ pub(crate) fn print_audit_export(ctx: &Ctx, r: &audit::AuditExportReport) {
     }
     println!(
         "  chain      links to {} ; this export's hash {}",
+        // The link is what the previous export's facts said: any backup key wrote it.
         f.prev
             .as_deref()
-            .map(|p| &p[..16])
-            .unwrap_or("nothing (first export)"),
+            .map_or("nothing (first export)".into(), |p| {
+                custos_model::path::escape(p.get(..16).unwrap_or(p))
+            }),
         &f.hash[..16]
     );
     println!("  stored     {} new", ByteSize(r.backup.stats.bytes_stored));
