@@ -12,6 +12,24 @@ pub fn manifest(data: &[u8]) {
         }
     }
     let _ = crate::restore::check_tree(&entries);
+    // A database file's plan from its blocks and page patches (chunk lengths as an index
+    // would give them: a page patch's pages long, a block's 128 KiB).
+    for e in entries.iter().filter(|e| e.pages.is_some()).take(16) {
+        let patches = e.pages.as_ref().expect("filtered");
+        let len = |id: &custos_model::ChunkId| {
+            patches
+                .patches
+                .iter()
+                .find(|p| p.chunk == *id)
+                .map(|p| p.pages.len() as u64 * 8192)
+                .or_else(|| {
+                    let units = patches.units.iter().find(|p| p.chunk == *id)?;
+                    Some(units.pages.len() as u64 * 1024)
+                })
+                .or(Some(128 << 10))
+        };
+        let _ = crate::postgres::pages::pieces(e, len);
+    }
 }
 
 /// A binary COPY stream split into rows, as table and audit-log restores and `audit

@@ -95,6 +95,15 @@ impl PagePatches {
     /// Checks that every slot names a page (a unit) inside a file of `size` bytes, at most
     /// once.
     pub fn check(&self, size: u64) -> std::result::Result<(), String> {
+        // Only relation segment files are patched, and they stop at 1 GiB: a restore
+        // lays out a patched file piece by piece, so a size from a hostile manifest must
+        // not size that plan.
+        let max = u64::from(crate::postgres::datadir::RELSEG_PAGES) * PATCH_PAGE as u64;
+        if size > max {
+            return Err(format!(
+                "a page-patched file of {size} bytes (relation segment files are at most {max})"
+            ));
+        }
         for (list, unit, what) in [
             (&self.patches, PATCH_PAGE, "page"),
             (&self.units, PATCH_UNIT, "unit"),

@@ -567,6 +567,9 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
             e.path, e.size
         )));
     }
+    pages
+        .check(e.size)
+        .map_err(|m| Error::integrity(format!("{}: {m}", e.path)))?;
     // Past the chunks (a file that grew since the blocks it keeps): zeros under patches.
     let mut at = off;
     while at < e.size {
@@ -582,9 +585,6 @@ pub fn pieces(e: &Entry, chunk_len: impl Fn(&ChunkId) -> Option<u64>) -> Result<
         });
         at += len;
     }
-    pages
-        .check(e.size)
-        .map_err(|m| Error::integrity(format!("{}: {m}", e.path)))?;
     let block_of = |dst: u64| starts.partition_point(|s| *s <= dst).saturating_sub(1);
     // Units of a page that also has a page patch go after it (pass 2); other units touch
     // bytes no page patch does, so they go with the page patches (pass 1).
@@ -750,6 +750,28 @@ mod tests {
         }
         assert!(written.iter().all(|w| *w >= 1), "every byte written");
         out
+    }
+
+    #[test]
+    fn a_patched_file_larger_than_a_relation_segment_is_refused_before_it_is_planned() {
+        // A manifest is whatever a backup key wrote: a patched entry of 2^60 bytes made the
+        // plan push a zero piece per 128 KiB of it (and a flag per page) before the size
+        // was checked, until memory ran out.
+        let pages = PagePatches {
+            patches: vec![],
+            units: vec![],
+            blocks: vec![],
+        };
+        let e = entry(1 << 60, vec![], Some(pages.clone()));
+        let err = pieces(&e, |_| Some(0)).unwrap_err();
+        assert!(err.message.contains("page-patched file of"), "{err}");
+        assert_eq!(err.kind, custos_model::Kind::Integrity);
+        // A whole segment is fine.
+        let e = entry(1 << 30, vec![], Some(pages));
+        assert_eq!(
+            pieces(&e, |_| Some(0)).unwrap().len(),
+            (1 << 30) / ZERO_SPAN as usize
+        );
     }
 
     /// A file PostgreSQL sent incrementally that grew past its parent's short last block:
