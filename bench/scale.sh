@@ -23,6 +23,13 @@
 #                                   PRUNE_BEFORE=<an older custos binary>, "prune-before"
 #                                   runs that binary's prune on a copy made first.
 # (the trail sizes: snapshots, backup-first, wal-push, audit-since).
+# For each count in HISTORY, a repository gets that many small snapshot objects
+# (synth_history: hourly stream backups going back in time), then:
+#   history-snapshots-cold          lists them on a host that has no copies (every object
+#                                   fetched)
+#   history-snapshots-warm          again, from this host's copies (only the listing)
+#   history-backup                  a backup of one small file (its parent looked up among
+#                                   them all), warm
 # MODE=s3: the repository, made locally as above, is copied (rclone) into a bucket of a
 # SeaweedFS server on this host and every command runs against s3://.
 # Results: $RES/measure.tsv; figures go to bench/RESULTS.md.
@@ -34,6 +41,7 @@ PEERS="${PEERS:-$ROOT/../shared/bench/peers}"
 export RES="${RES:-/tmp/custos-scale/results}"
 SIZES="${SIZES-1000000 10000000}"
 TRAILS="${TRAILS-}"
+HISTORY="${HISTORY-}"
 MODE="${MODE:-local}"
 WORK="${WORK:-/tmp/custos-scale}"
 # shellcheck source=/dev/null
@@ -41,11 +49,12 @@ source "$PEERS/common.sh"
 need_root
 apt_need time bc postgresql-15 eatmydata
 "$ROOT/scripts/setup.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail && cargo build --release --quiet -p custos-ops --example synth_snapshots)
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail --example synth_history && cargo build --release --quiet -p custos-ops --example synth_snapshots)
 CUSTOS="$ROOT/target/release/custos"
 SYNTH="$ROOT/target/release/examples/synth_index"
 SYNTH_TRAIL="$ROOT/target/release/examples/synth_trail"
 SYNTH_SNAPSHOTS="$ROOT/target/release/examples/synth_snapshots"
+SYNTH_HISTORY="$ROOT/target/release/examples/synth_history"
 if [ "$MODE" = s3 ]; then
     apt_need rclone curl
     WEED="$ROOT/.tools/seaweedfs/bin/weed"
@@ -155,6 +164,22 @@ for n in $TRAILS; do
     measure "trail-audit-since-$n" "$CUSTOS" --quiet audit log --since 1d
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
     if [ "$MODE" = s3 ]; then rclone purge "W:trail-$n"; fi
+done
+for n in $HISTORY; do
+    R="$WORK/history-$n"
+    export CUSTOS_REPO="$R" CUSTOS_PASSWORD="scale-bench" CUSTOS_CACHE_DIR="$WORK/cache-history-$n"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
+    "$SYNTH_HISTORY" "$R" "$n" >/dev/null
+    note "history-bytes-$n" "$(du -sb "$R/snapshots" | cut -f1)"
+    use "$R" "history-$n"
+    measure "history-snapshots-cold-$n" "$CUSTOS" --quiet snapshots
+    measure "history-snapshots-warm-$n" "$CUSTOS" --quiet snapshots
+    mkdir -p "$WORK/small" && head -c 64K /dev/urandom > "$WORK/small/f"
+    measure "history-backup-$n" "$CUSTOS" --quiet backup files "$WORK/small"
+    note "history-copies-bytes-$n" "$(du -sb "$CUSTOS_CACHE_DIR" | cut -f1)"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    if [ "$MODE" = s3 ]; then rclone purge "W:history-$n"; fi
 done
 rm -f "$DATA/.complete"
 column -t "$RES/measure.tsv"

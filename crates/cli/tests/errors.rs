@@ -138,6 +138,22 @@ fn an_unreadable_snapshot_is_named_and_every_other_snapshot_still_restores() {
     let text = std::fs::read_to_string(&object).unwrap();
     std::fs::write(&object, text.replacen("\"version\":1", "\"version\": 1", 1)).unwrap();
 
+    // This host keeps copies of the snapshot objects it read (they never change): it
+    // lists from its copy, while verify reads storage and names the damage.
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 2);
+    let err = t.fails(&["verify"], 14);
+    assert!(
+        err.contains(short) && err.contains("does not match its id"),
+        "{err}"
+    );
+    // A host without the copy (another one, or this one with its cache lost):
+    for e in std::fs::read_dir(t.path("cache")).unwrap() {
+        let copies = e.unwrap().path().join("snapshots");
+        if copies.exists() {
+            std::fs::remove_dir_all(copies).unwrap();
+        }
+    }
+
     // Listing: the readable one, and a warning naming the other.
     let o = t.run(&["snapshots", "--json"]);
     assert!(o.status.success());
@@ -766,4 +782,60 @@ fn an_altered_repository_config_is_refused_before_anything_is_written() {
     }
     std::fs::write(&config, &good).unwrap();
     t.ok(&["backup", "files", src.to_str().unwrap()]);
+}
+
+#[test]
+fn this_hosts_copies_of_snapshots_are_used_only_while_they_hash_to_their_names() {
+    // Listing every snapshot fetched every snapshot object, each command (a backup's
+    // parent, `restore latest`): thousands of GETs after years of history. A host now
+    // keeps copies; they are checked against their names, and go with their snapshots.
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 41, 4, 10_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    make_tree(&src.join("b"), 42, 4, 10_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let listed = t.json(&["snapshots"]);
+    let ids: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let cache = std::fs::read_dir(t.path("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("snapshots"))
+        .find(|p| p.exists())
+        .expect("a folder of snapshot copies");
+    let copy = |id: &str| cache.join(id);
+    assert!(ids.iter().all(|id| copy(id).exists()));
+
+    // One copy holds the other's (valid) bytes, the other garbage; a copy of a snapshot
+    // storage does not hold is planted. None of it is believed.
+    let a = std::fs::read(copy(&ids[0])).unwrap();
+    let b = std::fs::read(copy(&ids[1])).unwrap();
+    std::fs::write(copy(&ids[0]), &b).unwrap();
+    std::fs::write(copy(&ids[1]), b"garbage").unwrap();
+    let planted = "cd".repeat(32);
+    std::fs::write(copy(&planted), &a).unwrap();
+    let o = t.run(&["snapshots", "--json"]);
+    assert!(o.status.success());
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(),
+        listed
+    );
+    assert_eq!(std::fs::read(copy(&ids[0])).unwrap(), a);
+    assert_eq!(std::fs::read(copy(&ids[1])).unwrap(), b);
+    assert!(!copy(&planted).exists());
+
+    // A forgotten snapshot's copy goes at the next listing.
+    t.ok(&["forget", &ids[0][..8]]);
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 1);
+    assert!(!copy(&ids[0]).exists() && copy(&ids[1]).exists());
+    assert_eq!(describe(&t.restore_latest("out")), describe(&src));
 }

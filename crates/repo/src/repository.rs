@@ -27,6 +27,10 @@ const INDEX_AAD: &[u8] = b"custos index v1";
 /// Snapshots that could not be read, each with why.
 pub type DamagedSnapshots = Vec<(SnapshotId, Error)>;
 
+/// The largest snapshot object read: a body decompresses to at most 256 MiB (format.rs),
+/// and sits base64 in JSON.
+const SNAPSHOT_MAX: u64 = 1 << 30;
+
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     pub host: String,
@@ -1142,6 +1146,16 @@ impl Repository {
     /// malformed, or sealed with another key) with its error: for checks that must name
     /// every damaged object rather than stop at the first.
     pub fn snapshots_checked(&self) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
+        self.snapshots_read(true)
+    }
+
+    /// As [`Repository::snapshots_checked`], every object read from storage (never from
+    /// this host's copies): for `verify`, which must see what storage holds now.
+    pub fn snapshots_in_storage(&self) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
+        self.snapshots_read(false)
+    }
+
+    fn snapshots_read(&self, cached: bool) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
         let entries = self.storage.list(paths::SNAPSHOTS)?;
         let all = parallel_map(
             &entries,
@@ -1151,13 +1165,22 @@ impl Repository {
                     return Ok(None);
                 };
                 let id = SnapshotId(id);
-                // A body decompresses to at most 256 MiB (format.rs), base64 in JSON.
-                let bytes = match custos_storage::get_listed(&*self.storage, e, 1 << 30, "snapshot")
-                {
-                    Ok(b) => b,
-                    Err(err) if err.kind == Kind::NotFound => return Ok(None),
-                    Err(err) if err.kind == Kind::Integrity => return Ok(Some((id, Err(err)))),
-                    Err(err) => return Err(err),
+                let bytes = match cached.then(|| self.cached_snapshot(&id)).flatten() {
+                    Some(b) => b,
+                    None => match custos_storage::get_listed(
+                        &*self.storage,
+                        e,
+                        SNAPSHOT_MAX,
+                        "snapshot",
+                    ) {
+                        Ok(b) => {
+                            self.cache_snapshot(&id, &b);
+                            b
+                        }
+                        Err(err) if err.kind == Kind::NotFound => return Ok(None),
+                        Err(err) if err.kind == Kind::Integrity => return Ok(Some((id, Err(err)))),
+                        Err(err) => return Err(err),
+                    },
                 };
                 Ok(Some((
                     id,
@@ -1165,6 +1188,7 @@ impl Repository {
                 )))
             },
         )?;
+        self.forget_cached_snapshots(&entries);
         let mut out = vec![];
         let mut damaged = vec![];
         for (id, r) in all.into_iter().flatten() {
@@ -1176,6 +1200,91 @@ impl Repository {
         out.sort_by(|a, b| a.summary.time.cmp(&b.summary.time).then(a.id.cmp(&b.id)));
         damaged.sort_by_key(|d| d.0);
         Ok((out, damaged))
+    }
+
+    /// Where this host keeps copies of the snapshot objects it has read. They never change
+    /// (a name is the BLAKE3 of the bytes), so a listing fetches only those it has not
+    /// seen: after years of history, thousands of GETs fewer for every backup (its
+    /// parent), `restore latest` and `snapshots`. A copy is used only when its bytes still
+    /// hash to its name, so the folder adds no trust (and it is used only when it passes
+    /// the cache folder's checks).
+    fn snapshot_cache(&self) -> Option<std::path::PathBuf> {
+        let dir = self.opts.cache_dir.as_ref()?;
+        Some(dir.join(self.config.id.to_hex()).join("snapshots"))
+    }
+
+    fn cached_snapshot(&self, id: &SnapshotId) -> Option<Vec<u8>> {
+        let p = self.snapshot_cache()?.join(id.to_hex());
+        let f = std::fs::File::open(&p).ok()?;
+        if f.metadata().ok()?.len() > SNAPSHOT_MAX {
+            return None;
+        }
+        let mut b = vec![];
+        std::io::Read::read_to_end(&mut &f, &mut b).ok()?;
+        if custos_model::Id::of_bytes(&b) != id.0 {
+            let _ = std::fs::remove_file(&p);
+            return None;
+        }
+        Some(b)
+    }
+
+    /// Best effort: a copy that cannot be written is fetched again next time.
+    fn cache_snapshot(&self, id: &SnapshotId, bytes: &[u8]) {
+        let Some(dir) = self.snapshot_cache() else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            let mut rnd = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut rnd);
+            let tmp = dir.join(format!(".tmp-{}", hex::encode(rnd)));
+            // Ciphertext, but no reader but this user needs it.
+            std::io::Write::write_all(
+                &mut std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?,
+                bytes,
+            )?;
+            std::fs::rename(&tmp, dir.join(id.to_hex())).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+        };
+        if let Err(e) = write() {
+            tracing::debug!("snapshot {} not kept in the cache folder: {e}", id.short());
+        }
+    }
+
+    /// Drops the copies of snapshots the listing no longer holds (forgotten).
+    fn forget_cached_snapshots(&self, listed: &[custos_storage::Entry]) {
+        let Some(dir) = self.snapshot_cache() else {
+            return;
+        };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let keep: HashSet<&str> = listed
+            .iter()
+            .filter_map(|e| e.path.rsplit('/').next())
+            .collect();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for f in rd.flatten() {
+            let name = f.file_name();
+            let Some(n) = name.to_str() else { continue };
+            // Another process's copy on its way in, unless it was left an hour ago.
+            let in_flight = n.starts_with(".tmp-")
+                && f.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t > hour_ago);
+            if !keep.contains(n) && !in_flight {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
     }
 
     /// Resolves `latest` (the newest snapshot that `filter` accepts) or an id prefix (at
@@ -1250,10 +1359,13 @@ impl Repository {
 
     pub fn snapshot_body(&self, id: &SnapshotId) -> Result<SnapshotBody> {
         self.require_restore("read the contents of a snapshot")?;
-        let bytes = self
-            .storage
-            .get(&paths::snapshot(id))
-            .map_err(|e| missing_as_integrity(e, "snapshot"))?;
+        let bytes = match self.cached_snapshot(id) {
+            Some(b) => b,
+            None => self
+                .storage
+                .get(&paths::snapshot(id))
+                .map_err(|e| missing_as_integrity(e, "snapshot"))?,
+        };
         snapshot::decode_body_with(&self.keys, id, &bytes, || {
             self.rewrapped_key(&paths::snapshot(id))
         })

@@ -162,7 +162,7 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
 
     // Each snapshot that does not decode is named, and the rest are still checked.
-    let (snapshots, damaged) = repo.snapshots_checked()?;
+    let (snapshots, damaged) = repo.snapshots_in_storage()?;
     r.errors
         .extend(damaged.iter().map(|(_, e)| e.message.clone()));
     r.snapshots = snapshots.len() as u64;
