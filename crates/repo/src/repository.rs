@@ -1157,9 +1157,14 @@ impl Repository {
 
     fn snapshots_read(&self, cached: bool) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
         let entries = self.storage.list(paths::SNAPSHOTS)?;
+        // Small objects from a bucket: each GET waits on a round trip, not on a core.
+        let fetches = match self.storage.as_remote() {
+            Some(_) => (self.threads() * 2).max(16),
+            None => self.threads() * 2,
+        };
         let all = parallel_map(
             &entries,
-            self.threads() * 2,
+            fetches,
             |e| -> Result<Option<(SnapshotId, Result<SnapshotSummary>)>> {
                 let Some(id) = paths::id_of(&e.path) else {
                     return Ok(None);
