@@ -302,7 +302,7 @@ pub fn verify_chains(
     min_retention: chrono::Duration,
     now: DateTime<Utc>,
 ) -> Result<Vec<ChainReport>> {
-    let (snaps, damaged) = repo.snapshots_checked()?;
+    let (snaps, damaged) = repo.snapshots_in_storage()?;
     let chains = chains(snaps, table);
     let index = if read_data {
         Some(repo.load_index()?)
