@@ -622,24 +622,7 @@ fn a_snapshot_dated_at_the_end_of_the_calendar_is_kept_not_a_crash() {
     let t = T::new();
     let a = common::attack::Attacker::open(&t, PW);
     let end = chrono::DateTime::<chrono::Utc>::MAX_UTC - chrono::Duration::days(1);
-    let summary = custos_repo::SnapshotSummary {
-        time: end,
-        kind: custos_repo::snapshot::SourceKind::AuditLog,
-        source: "clinical:public.audit_log".into(),
-        host: "db-1".into(),
-        user: "postgres".into(),
-        parent: None,
-        tags: vec![],
-        stats: Default::default(),
-        key: a.repo.key_id,
-        pg: None,
-        facts: None,
-        trail: None,
-    };
-    let id = a
-        .repo
-        .save_snapshot(&summary, &custos_repo::SnapshotBody::default())
-        .unwrap();
+    let id = a.plant_audit_export(end, None);
     let plan = t.json(&[
         "forget",
         "--keep-last",

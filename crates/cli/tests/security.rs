@@ -975,23 +975,7 @@ fn facts_a_backup_key_wrote_are_shown_not_trusted() {
             "snapshot_time": "2026-12-01T00:00:00Z", "lsn": "0/5000028",
             "content": "00", "prev": prev, "hash": "00",
         });
-        let summary = custos_repo::SnapshotSummary {
-            time: chrono::Utc::now(),
-            kind: custos_repo::snapshot::SourceKind::AuditLog,
-            source: "clinical:public.audit_log".into(),
-            host: "db-1".into(),
-            user: "postgres".into(),
-            parent: None,
-            tags: vec![],
-            stats: Default::default(),
-            key: a.repo.key_id,
-            pg: None,
-            facts: Some(facts),
-            trail: None,
-        };
-        a.repo
-            .save_snapshot(&summary, &custos_repo::SnapshotBody::default())
-            .unwrap();
+        a.plant_audit_export(chrono::Utc::now(), Some(facts));
     }
     let out = t.ok(&["snapshots"]);
     assert_eq!(

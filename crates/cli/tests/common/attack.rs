@@ -162,3 +162,31 @@ impl Attacker {
             .unwrap();
     }
 }
+
+impl Attacker {
+    /// Records an audit-log export of `clinical:public.audit_log` at `time` with the facts
+    /// given (none: a summary only), and no rows.
+    pub fn plant_audit_export(
+        &self,
+        time: chrono::DateTime<chrono::Utc>,
+        facts: Option<serde_json::Value>,
+    ) -> SnapshotId {
+        let summary = SnapshotSummary {
+            time,
+            kind: SourceKind::AuditLog,
+            source: "clinical:public.audit_log".into(),
+            host: "db-1".into(),
+            user: "postgres".into(),
+            parent: None,
+            tags: vec![],
+            stats: SnapshotStats::default(),
+            key: self.repo.key_id,
+            pg: None,
+            facts,
+            trail: None,
+        };
+        self.repo
+            .save_snapshot(&summary, &SnapshotBody::default())
+            .unwrap()
+    }
+}
