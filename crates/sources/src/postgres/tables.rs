@@ -577,6 +577,10 @@ impl Read for CopyOut<'_> {
     }
 }
 
+/// Fields up to this long are allocated before they are read (one exact read, as most
+/// are); longer ones grow as their bytes arrive.
+const FIELD_AHEAD: usize = 1 << 20;
+
 /// Splits a binary COPY stream into rows (each row's bytes whole: field count and fields).
 pub struct CopyRows<R: Read> {
     r: std::io::BufReader<R>,
@@ -643,13 +647,23 @@ impl<R: Read> CopyRows<R> {
             row.extend_from_slice(&l);
             let len = i32::from_be_bytes(l);
             if len > 0 {
-                // Read, not allocated ahead: a length the stream does not hold (a stored
-                // stream is hostile input) costs what the stream holds, not 2 GiB.
-                let got = (&mut self.r)
-                    .take(len as u64)
-                    .read_to_end(&mut row)
-                    .map_err(io)?;
-                if got != len as usize {
+                let (start, len) = (row.len(), len as usize);
+                let got = if len <= FIELD_AHEAD {
+                    row.resize(start + len, 0);
+                    match self.r.read_exact(&mut row[start..]) {
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                        r => r.map(|()| len).map_err(io)?,
+                    }
+                } else {
+                    // Longer: read as it comes, not allocated ahead. A stored stream is
+                    // hostile input, and a length it does not hold (2^31 - 1 before a
+                    // few bytes) must cost what it holds, not 2 GiB.
+                    (&mut self.r)
+                        .take(len as u64)
+                        .read_to_end(&mut row)
+                        .map_err(io)?
+                };
+                if got != len {
                     return Err(Self::bad("a field is cut short"));
                 }
             } else if len < -1 {
@@ -725,6 +739,13 @@ mod tests {
         let mut cut = COPY_HEADER.to_vec();
         cut.extend_from_slice(&1i16.to_be_bytes());
         cut.extend_from_slice(&i32::MAX.to_be_bytes());
+        cut.extend_from_slice(b"xyz");
+        let e = all(&cut).unwrap_err();
+        assert!(e.to_string().contains("cut short"), "{e}");
+        // A short field the stream cuts off (allocated ahead, read in one go).
+        let mut cut = COPY_HEADER.to_vec();
+        cut.extend_from_slice(&1i16.to_be_bytes());
+        cut.extend_from_slice(&10i32.to_be_bytes());
         cut.extend_from_slice(b"xyz");
         let e = all(&cut).unwrap_err();
         assert!(e.to_string().contains("cut short"), "{e}");
