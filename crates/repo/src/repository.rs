@@ -168,20 +168,20 @@ impl Repository {
         let mut applied = sealed_at;
         let mut links = vec![];
         for (g, l) in loaded {
-            let step = match l {
-                Ok(l) if g <= sealed_at => {
-                    links.push(l);
-                    continue;
+            if g <= sealed_at {
+                match l {
+                    Ok(l) => links.push(l),
+                    Err(e) => {
+                        tracing::warn!("{} (not needed by this key)", e.message);
+                        keyring_problems.push(e.message);
+                    }
                 }
-                Ok(l) => crate::keyring::apply(&mut keys, std::slice::from_ref(&l)).map(|()| l),
-                Err(e) if g <= sealed_at => {
-                    tracing::warn!("{} (not needed by this key)", e.message);
-                    keyring_problems.push(e.message);
-                    continue;
-                }
-                // Not a link at all: what to do, as a link that does not verify says it.
-                Err(e) => Err(e.hint("do not back up with this repository until it is investigated: the newest key pair cannot be read, and new data must not be wrapped to an older one; a restore key still reads everything before it")),
-            };
+                continue;
+            }
+            // Not a link at all: what to do, as a link that does not verify says it.
+            let step = l
+                .map_err(|e| e.hint("do not back up with this repository until it is investigated: the newest key pair cannot be read, and new data must not be wrapped to an older one; a restore key still reads everything before it"))
+                .and_then(|l| crate::keyring::apply(&mut keys, std::slice::from_ref(&l)).map(|()| l));
             match step {
                 Ok(l) => {
                     applied = g;
@@ -263,17 +263,13 @@ impl Repository {
 
     pub fn open(storage: DynStorage, password: &[u8], opts: OpenOptions) -> Result<Repository> {
         let config = Self::read_config(&storage)?;
-        let (files, mut damaged) = Self::key_files_checked(&storage)?;
-        let listed = files.clone();
+        let (listed, damaged) = Self::key_files_and_damage(&storage)?;
         // A damaged key file is not tried: no password opens it.
-        let (files, broken): (Vec<KeyFile>, Vec<KeyFile>) =
-            files.into_iter().partition(|k| k.damage().is_none());
-        damaged.extend(broken.iter().map(|k| {
-            (
-                paths::key(&k.id),
-                k.damage().unwrap_or_default().to_string(),
-            )
-        }));
+        let files: Vec<KeyFile> = listed
+            .iter()
+            .filter(|k| k.damage().is_none())
+            .cloned()
+            .collect();
         if files.is_empty() {
             let mut e = Error::integrity(format!(
                 "the repository at {} has no usable key files",
@@ -342,6 +338,21 @@ impl Repository {
             tracing::warn!("key file {p} is damaged ({why}); it is left out");
         }
         Ok(files)
+    }
+
+    /// The key files that parse, oldest first, and every one no password can open, with
+    /// why: those that do not parse, and those that parse but are damaged
+    /// ([`KeyFile::damage`]).
+    pub fn key_files_and_damage(
+        storage: &DynStorage,
+    ) -> Result<(Vec<KeyFile>, Vec<DamagedKeyFile>)> {
+        let (files, mut damaged) = Self::key_files_checked(storage)?;
+        damaged.extend(
+            files
+                .iter()
+                .filter_map(|k| k.damage().map(|why| (paths::key(&k.id), why.to_string()))),
+        );
+        Ok((files, damaged))
     }
 
     /// The key files that parse, oldest first, and the paths of those that do not, with
@@ -1311,55 +1322,24 @@ impl Repository {
                     .hint("`custos snapshots` lists what exists; run a backup first or give a snapshot id")
             });
         }
-        if spec.len() < 4 {
-            return Err(Error::config(format!(
-                "snapshot id `{spec}` is too short; give at least 4 hex digits"
-            )));
-        }
-        let ids: Vec<SnapshotId> = candidates
-            .iter()
-            .map(|s| s.id)
-            .chain(damaged.iter().map(|d| d.0))
-            .collect();
-        let id = resolve_prefix(
-            ids,
-            spec,
-            |id| id.to_hex(),
-            "snapshot",
-            "`custos snapshots` lists them",
-        )?;
-        match candidates.into_iter().find(|s| s.id == id) {
-            Some(s) => Ok(s),
-            None => {
-                let (id, e) = damaged.into_iter().find(|d| d.0 == id).expect("resolved");
-                Err(unreadable_snapshot(&id, e, false))
-            }
+        match by_prefix(spec, candidates, damaged)? {
+            Ok(s) => Ok(s),
+            Err((id, e)) => Err(unreadable_snapshot(&id, e, false)),
         }
     }
 
-    /// The id `spec` names (a prefix of at least 4 hex digits), whether or not that
-    /// snapshot decodes: for `forget`, which must be able to remove an unreadable one.
-    /// Returns the id and, for an unreadable snapshot, why it does not decode.
-    pub fn resolve_snapshot(&self, spec: &str) -> Result<(SnapshotId, Option<Error>)> {
-        let (candidates, damaged) = self.snapshots_checked()?;
+    /// The id `spec` names (`latest`, or a prefix of at least 4 hex digits), whether or
+    /// not that snapshot decodes: for `forget`, which must be able to remove an
+    /// unreadable one.
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<SnapshotId> {
         if spec == "latest" {
-            return self.find_snapshot(spec, |_| true).map(|s| (s.id, None));
+            return self.find_snapshot(spec, |_| true).map(|s| s.id);
         }
-        if spec.len() < 4 {
-            return Err(Error::config(format!(
-                "snapshot id `{spec}` is too short; give at least 4 hex digits"
-            )));
-        }
-        let mut all: Vec<(SnapshotId, Option<Error>)> =
-            candidates.into_iter().map(|s| (s.id, None)).collect();
-        all.extend(damaged.into_iter().map(|(id, e)| (id, Some(e))));
-        resolve_prefix(
-            all,
-            spec,
-            |(id, _)| id.to_hex(),
-            "snapshot",
-            "`custos snapshots` lists them",
-        )
+        let (candidates, damaged) = self.snapshots_checked()?;
+        Ok(match by_prefix(spec, candidates, damaged)? {
+            Ok(s) => s.id,
+            Err((id, _)) => id,
+        })
     }
 
     pub fn snapshot_body(&self, id: &SnapshotId) -> Result<SnapshotBody> {
@@ -1424,6 +1404,34 @@ fn store_key_file(
     let json = serde_json::to_vec_pretty(&kf).expect("serializable");
     storage.put(&paths::key(&kf.id), &json, PutMode::CreateOnly)?;
     Ok(kf)
+}
+
+/// The snapshot whose id starts with `spec` (at least 4 hex digits), readable or not.
+fn by_prefix(
+    spec: &str,
+    readable: Vec<Snapshot>,
+    unreadable: DamagedSnapshots,
+) -> Result<std::result::Result<Snapshot, (SnapshotId, Error)>> {
+    if spec.len() < 4 {
+        return Err(Error::config(format!(
+            "snapshot id `{spec}` is too short; give at least 4 hex digits"
+        )));
+    }
+    let all = readable
+        .into_iter()
+        .map(Ok)
+        .chain(unreadable.into_iter().map(Err))
+        .collect();
+    resolve_prefix(
+        all,
+        spec,
+        |s| match s {
+            Ok(s) => s.id.to_hex(),
+            Err((id, _)) => id.to_hex(),
+        },
+        "snapshot",
+        "`custos snapshots` lists them",
+    )
 }
 
 /// The one item whose hex id starts with `prefix`.

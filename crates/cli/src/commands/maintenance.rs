@@ -222,7 +222,7 @@ pub(crate) fn cmd_forget(
     // A named snapshot may be one that cannot be read: forgetting it is the remedy.
     let ids = named
         .iter()
-        .map(|n| repo.resolve_snapshot(n).map(|(id, _)| id))
+        .map(|n| repo.resolve_snapshot(n))
         .collect::<Result<Vec<_>>>()?;
     let plan = forget::plan_at(
         &repo,

@@ -86,15 +86,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
     }
     // A damaged key file is found now, not on the day its password is needed.
-    let (files, damaged_keys) = Repository::key_files_checked(&repo.storage)?;
+    let (_, damaged_keys) = Repository::key_files_and_damage(&repo.storage)?;
     for (p, why) in damaged_keys {
         r.errors.push(format!("key file {p} is damaged ({why})"));
-    }
-    for k in files {
-        if let Some(why) = k.damage() {
-            r.errors
-                .push(format!("key file {} is damaged ({why})", paths::key(&k.id)));
-        }
     }
     // A key generation or re-wrap table that does not verify was planted (or damaged).
     for p in &repo.keyring_problems() {
