@@ -319,8 +319,8 @@ pub fn build(repo: &Repository, i: &Inputs) -> Result<AuditReport> {
     // The trail: its verification, and the hashes that pin the period's first and last
     // entries (anyone holding the repository can recompute them).
     let hash_of = |seq: u64| -> Option<String> {
-        let bytes = repo.storage.get(&custos_repo::trail::path(seq)).ok()?;
-        Some(blake3::hash(&bytes).to_hex().to_string())
+        let (hash, _) = custos_repo::trail::hash_entry(&*repo.storage, seq).ok()?;
+        Some(hash.to_hex().to_string())
     };
     let first_seq = in_period.first().map(|(s, _)| *s);
     let last_seq = in_period.last().map(|(s, _)| *s);

@@ -148,6 +148,39 @@ fn archive_command_round_trip_and_refusals() {
     let err = r.fails(&["verify", "--read-data"], 14);
     assert!(err.contains(&seg), "{err}");
 
+    // `verify` reads only each object's head (not years of archive): a truncated body is
+    // still found from the listed size. An object of gigabytes at an archived name (any
+    // key can write `wal/`) is named, and no command reads it whole.
+    let (_, at, len) = wal_label(&bytes);
+    let wrapped = u32::from_le_bytes(bytes[at + len..at + len + 4].try_into().unwrap()) as usize;
+    std::fs::write(&obj, &bytes[..at + len + 4 + wrapped + 20]).unwrap();
+    let err = r.fails(&["verify"], 14);
+    assert!(err.contains(&seg) && err.contains("truncated"), "{err}");
+    std::fs::File::options()
+        .write(true)
+        .open(&obj)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+    let err = r.fails(&["verify"], 14);
+    assert!(
+        err.contains(&seg) && err.contains("3221225472 bytes, more than a WAL file"),
+        "{err}"
+    );
+    let err = r.fails(
+        &[
+            "wal-fetch",
+            &seg,
+            r.path("huge").to_str().unwrap(),
+            "--pgdata",
+            data,
+        ],
+        14,
+    );
+    assert!(err.contains("larger than any custos writes"), "{err}");
+    assert!(!r.path("huge").exists());
+    std::fs::write(&obj, &bytes).unwrap();
+
     // The backup role (the archiver's key) cannot read the archive back.
     let b = t.with_password("backup role password");
     let err = b.fails(

@@ -993,3 +993,103 @@ fn facts_a_backup_key_wrote_are_shown_not_trusted() {
         "a control character reached the terminal: {out:?}"
     );
 }
+
+#[test]
+fn objects_fetched_by_name_are_read_no_further_than_custos_writes() {
+    // Trail entries, the head hint, the config, keyring links and index objects are
+    // fetched by name: no listing says their size first. Anyone who can write the trail's
+    // next number (every key) or storage could plant one of gigabytes there, and every
+    // command read it whole. Sparse here; storage can serve any size.
+    let t = T::new();
+    let src = t.path("src");
+    make_tree(&src, 5, 5, 10_000);
+    t.ok(&["backup", "files", src.to_str().unwrap()]);
+    let repo = std::path::Path::new(&t.repo);
+    let plant = |rel: &str, size: u64| {
+        let p = repo.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&p);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    };
+    let trail: Vec<u64> = std::fs::read_dir(repo.join("audit"))
+        .unwrap()
+        .map(|e| u64::from_str_radix(&e.unwrap().file_name().to_string_lossy(), 16).unwrap())
+        .collect();
+    let next = trail.iter().max().unwrap() + 1;
+    plant(&format!("audit/{next:016x}"), 1 << 30);
+    plant("hints/trail", 8 << 30);
+    plant("keyring/00000001", 8 << 30);
+
+    // The next operation chains to the planted entry (hashed in pieces, not held whole),
+    // a restore key sets the keyring link aside, the hint is only a hint.
+    let o = t.run(&["backup", "files", src.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("keyring link `keyring/00000001` is larger than any custos writes"),
+        "{err}"
+    );
+    assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 2);
+
+    // The trail names the planted entry, and only it: the entry after it chains.
+    let err = t.fails(&["audit", "verify"], 14);
+    assert!(
+        err.contains(&format!("first bad entry is {next}"))
+            && err.contains("larger than any custos writes"),
+        "{err}"
+    );
+    let log = t.json(&["audit", "log"]);
+    let bad: Vec<(u64, String)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["problems"].as_array().unwrap().is_empty())
+        .map(|r| (r["seq"].as_u64().unwrap(), r["problems"].to_string()))
+        .collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].0, next, "{bad:?}");
+    assert!(
+        bad[0].1.contains("larger than any custos writes"),
+        "{bad:?}"
+    );
+
+    // An index object of gigabytes is damage, with the remedy; not read.
+    let index = std::fs::read_dir(repo.join("index"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let kept = std::fs::read(&index).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&index)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let out = t.path("out");
+    let err = t.fails(
+        &["restore", "files", "latest", "--to", out.to_str().unwrap()],
+        14,
+    );
+    assert!(
+        err.contains("larger than any custos writes") && err.contains("custos index rebuild"),
+        "{err}"
+    );
+    std::fs::write(&index, kept).unwrap();
+
+    // A config of gigabytes: every command stops at once, and says why.
+    let config = repo.join("config");
+    let kept = std::fs::read(&config).unwrap();
+    plant("config", 8 << 30);
+    let err = t.fails(&["snapshots"], 14);
+    assert!(
+        err.contains("the config `config` is larger than any custos writes"),
+        "{err}"
+    );
+    std::fs::write(&config, kept).unwrap();
+    for p in ["hints/trail", "keyring/00000001"] {
+        std::fs::remove_file(repo.join(p)).unwrap();
+    }
+    t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+}

@@ -183,7 +183,8 @@ pub fn load(storage: &DynStorage, meta_key: &[u8; 32]) -> Result<Vec<(u32, Resul
 }
 
 fn load_link(storage: &DynStorage, meta_key: &[u8; 32], g: u32) -> Result<Link> {
-    let bytes = storage.get(&link_path(g))?;
+    // A link is a few hundred bytes; anyone who can write `keyring/` can plant any size.
+    let bytes = custos_storage::get_bounded(&**storage, &link_path(g), 1 << 20, "keyring link")?;
     let what = format!("keyring generation {g}");
     let plain = aead::open(meta_key, &aad(g), &bytes, &what)?;
     let l: Link = from_zjson(&plain, &what)?;

@@ -29,7 +29,11 @@ pub type DamagedSnapshots = Vec<(SnapshotId, Error)>;
 
 /// The largest snapshot object read: a body decompresses to at most 256 MiB (format.rs),
 /// and sits base64 in JSON.
-const SNAPSHOT_MAX: u64 = 1 << 30;
+pub const SNAPSHOT_MAX: u64 = 1 << 30;
+
+/// The largest index object read: custos writes at most 100,000 blobs and one pack's more
+/// in one (~15 MB of JSON before zstd).
+const INDEX_OBJECT_MAX: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -90,7 +94,8 @@ fn not_found(storage: &DynStorage) -> Error {
 
 impl Repository {
     pub fn read_config(storage: &DynStorage) -> Result<RepoConfig> {
-        match storage.get(paths::CONFIG) {
+        // A config is a few hundred bytes; storage can serve any size.
+        match custos_storage::get_bounded(&**storage, paths::CONFIG, 1 << 20, "the config") {
             Ok(b) => RepoConfig::parse(&b),
             Err(e) if e.kind == Kind::NotFound => Err(not_found(storage)),
             Err(e) => Err(e),
@@ -686,9 +691,7 @@ impl Repository {
         let id = IndexId(
             paths::id_of(path).ok_or_else(|| Error::integrity(format!("bad index name {path}")))?,
         );
-        let bytes = self
-            .storage
-            .get(path)
+        let bytes = custos_storage::get_bounded(&*self.storage, path, INDEX_OBJECT_MAX, "index")
             .map_err(|err| missing_as_integrity(err, "index"))?;
         let rebuild = |e: Error| {
             e.hint("`custos index rebuild` (a key that may delete) indexes the packs again from their own headers and removes the damaged object; `custos verify --read-data` then checks the data")
@@ -1346,10 +1349,13 @@ impl Repository {
         self.require_restore("read the contents of a snapshot")?;
         let bytes = match self.cached_snapshot(id) {
             Some(b) => b,
-            None => self
-                .storage
-                .get(&paths::snapshot(id))
-                .map_err(|e| missing_as_integrity(e, "snapshot"))?,
+            None => custos_storage::get_bounded(
+                &*self.storage,
+                &paths::snapshot(id),
+                SNAPSHOT_MAX,
+                "snapshot",
+            )
+            .map_err(|e| missing_as_integrity(e, "snapshot"))?,
         };
         snapshot::decode_body_with(&self.keys, id, &bytes, || {
             self.rewrapped_key(&paths::snapshot(id))

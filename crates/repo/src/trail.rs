@@ -32,6 +32,46 @@ use crate::Repository;
 pub const DIR: &str = "audit";
 /// Where appenders leave the last sequence number they wrote: a hint only (format.md 11).
 pub const HINT: &str = "hints/trail";
+
+/// The largest trail entry read whole. An entry is a few hundred bytes; `forget`'s lists the
+/// snapshots it removed (70 bytes each, so a first forget of years of hourly backups is a
+/// few MB). A larger object in the trail's place is damaged: it is reported, and hashed in
+/// pieces for the entry after it, never held whole.
+pub const ENTRY_MAX: u64 = 64 << 20;
+
+/// Entry `seq`'s stored bytes; an integrity error when the object is larger than
+/// [`ENTRY_MAX`], `NotFound` when there is none.
+pub fn read_entry(storage: &dyn custos_storage::Storage, seq: u64) -> Result<Vec<u8>> {
+    custos_storage::get_bounded(storage, &path(seq), ENTRY_MAX, "trail entry")
+}
+
+/// The BLAKE3 hash of entry `seq`'s stored bytes (what the next entry chains to), with the
+/// bytes when they are of a size custos writes. An object larger than that (anyone who can
+/// write the trail's next number can plant one) is hashed in pieces of 16 MiB: chaining
+/// to it costs reading it once, never memory of its size.
+pub fn hash_entry(
+    storage: &dyn custos_storage::Storage,
+    seq: u64,
+) -> Result<(blake3::Hash, Option<Vec<u8>>)> {
+    let p = path(seq);
+    let first = storage.get_prefix(&p, ENTRY_MAX + 1)?;
+    if first.len() as u64 <= ENTRY_MAX {
+        return Ok((blake3::hash(&first), Some(first)));
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&first);
+    let mut at = first.len() as u64;
+    drop(first);
+    let size = storage
+        .size(&p)?
+        .ok_or_else(|| Error::new(Kind::NotFound, format!("`{p}` went away while read")))?;
+    while at < size {
+        let n = (size - at).min(16 << 20);
+        h.update(&storage.get_range(&p, at, n)?);
+        at += n;
+    }
+    Ok((h.finalize(), None))
+}
 const DOMAIN: &[u8] = b"custos trail v1";
 
 /// An entry of the trail as a witness records it: its number and the BLAKE3 of its bytes
@@ -80,7 +120,7 @@ impl std::str::FromStr for Anchor {
 pub fn find_last(storage: &custos_storage::DynStorage, hint: Option<u64>) -> Result<u64> {
     let exists = |n: u64| -> Result<bool> { Ok(storage.size(&path(n))?.is_some()) };
     let remote = || -> Option<u64> {
-        let b = storage.get(HINT).ok()?;
+        let b = custos_storage::get_bounded(&**storage, HINT, 64, "trail head hint").ok()?;
         std::str::from_utf8(&b).ok()?.trim().parse().ok()
     };
     let mut start = None;
@@ -142,10 +182,10 @@ pub fn head_of(storage: &custos_storage::DynStorage, hint: Option<u64>) -> Resul
     if seq == 0 {
         return Ok(None);
     }
-    let bytes = storage.get(&path(seq))?;
+    let (hash, _) = hash_entry(&**storage, seq)?;
     Ok(Some(Anchor {
         seq,
-        hash: blake3::hash(&bytes).to_hex().to_string(),
+        hash: hash.to_hex().to_string(),
     }))
 }
 
@@ -390,8 +430,8 @@ impl TrailWriter {
     /// Whether entry `seq` of the trail has the bytes whose hash is `hash` (`None`: there is
     /// no such entry).
     fn entry_is(&self, seq: u64, hash: &str) -> Result<Option<bool>> {
-        match self.storage.get(&path(seq)) {
-            Ok(b) => Ok(Some(blake3::hash(&b).to_hex().as_str() == hash)),
+        match hash_entry(&*self.storage, seq) {
+            Ok((h, _)) => Ok(Some(h.to_hex().as_str() == hash)),
             Err(e) if e.kind == Kind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -449,18 +489,18 @@ impl TrailWriter {
             let prev: [u8; 32] = if last == 0 {
                 [0u8; 32]
             } else {
-                let bytes = self.storage.get(&path(last))?;
+                let (hash, bytes) = hash_entry(&*self.storage, last)?;
                 if holds.is_none() {
                     // The record is the trail's last entry: its bytes are these.
                     let want = record.as_ref().and_then(|(_, h)| h.as_deref());
-                    holds = Some(want == Some(blake3::hash(&bytes).to_hex().as_str()));
+                    holds = Some(want == Some(hash.to_hex().as_str()));
                 }
                 // Hosts' clocks differ: an entry is never dated before the one it follows,
                 // so that a verifier can hold every entry to that.
-                if let Some(t) = self.time_of(&bytes, last) {
+                if let Some(t) = bytes.and_then(|b| self.time_of(&b, last)) {
                     entry.time = entry.time.max(t);
                 }
-                *blake3::hash(&bytes).as_bytes()
+                *hash.as_bytes()
             };
             let plain = serde_json::to_vec(&entry).expect("serializable");
             let sealed = aead::seal(&self.meta_key, &entry_aad(seq), &plain);
@@ -514,9 +554,9 @@ impl Repository {
         // From the head down: never the whole trail.
         let last = find_last(&self.storage, None)?;
         for seq in (1..=last).rev().take(limit) {
-            let bytes = match self.storage.get(&path(seq)) {
+            let bytes = match read_entry(&*self.storage, seq) {
                 Ok(b) => b,
-                Err(e) if e.kind == Kind::NotFound => continue,
+                Err(e) if matches!(e.kind, Kind::NotFound | Kind::Integrity) => continue,
                 Err(e) => return Err(e),
             };
             let Ok(stored) = serde_json::from_slice::<Stored>(&bytes) else {
@@ -592,12 +632,22 @@ impl Repository {
                 });
             }
             expected = seq + 1;
-            let bytes = match self.storage.get(&path(seq)) {
+            let bytes = match read_entry(&*self.storage, seq) {
                 Ok(b) => b,
                 Err(e) => {
+                    // One too large to read whole is still hashed (in pieces): the entry
+                    // after it is checked against what is there.
+                    let hash = (e.kind == Kind::Integrity)
+                        .then(|| hash_entry(&*self.storage, seq).ok())
+                        .flatten();
+                    if let Some((h, _)) = hash {
+                        prev_hash = *h.as_bytes();
+                    }
                     out.push(Read {
                         seq,
-                        hash: String::new(),
+                        hash: hash
+                            .map(|(h, _)| h.to_hex().to_string())
+                            .unwrap_or_default(),
                         entry: None,
                         problems: vec![format!("unreadable: {}", e.message)],
                     });
@@ -822,10 +872,13 @@ impl Repository {
                 Some((k.id, p.try_into().ok()?))
             })
             .collect();
-        let get = |seq: u64| -> Result<Option<Vec<u8>>> {
-            match self.storage.get(&path(seq)) {
-                Ok(b) => Ok(Some(b)),
+        // None: no entry. Some(Err): one larger than any custos writes.
+        type Got = Option<std::result::Result<Vec<u8>, Error>>;
+        let get = |seq: u64| -> Result<Got> {
+            match read_entry(&*self.storage, seq) {
+                Ok(b) => Ok(Some(Ok(b))),
                 Err(e) if e.kind == Kind::NotFound => Ok(None),
+                Err(e) if e.kind == Kind::Integrity => Ok(Some(Err(e))),
                 Err(e) => Err(e),
             }
         };
@@ -846,7 +899,7 @@ impl Repository {
         let (mut lo, mut hi) = (1u64, last + 1);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match get(mid)?.as_deref().and_then(|b| open(mid, b)) {
+            match get(mid)?.and_then(|b| open(mid, &b.ok()?)) {
                 Some((_, e)) if e.time >= since => hi = mid,
                 Some(_) => lo = mid + 1,
                 None => hi = mid,
@@ -854,19 +907,38 @@ impl Repository {
         }
         let mut prev: Option<[u8; 32]> = match lo {
             1 => Some([0u8; 32]),
-            n => get(n - 1)?.map(|b| *blake3::hash(&b).as_bytes()),
+            n => match hash_entry(&*self.storage, n - 1) {
+                Ok((h, _)) => Some(*h.as_bytes()),
+                Err(e) if e.kind == Kind::NotFound => None,
+                Err(e) => return Err(e),
+            },
         };
         let mut out = vec![];
         for seq in lo..=last {
-            let Some(bytes) = get(seq)? else {
-                out.push(Read {
-                    seq,
-                    hash: String::new(),
-                    entry: None,
-                    problems: vec!["missing (removed from the trail)".into()],
-                });
-                prev = None;
-                continue;
+            let bytes = match get(seq)? {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    prev = hash_entry(&*self.storage, seq)
+                        .ok()
+                        .map(|(h, _)| *h.as_bytes());
+                    out.push(Read {
+                        seq,
+                        hash: prev.map(hex::encode).unwrap_or_default(),
+                        entry: None,
+                        problems: vec![e.message],
+                    });
+                    continue;
+                }
+                None => {
+                    out.push(Read {
+                        seq,
+                        hash: String::new(),
+                        entry: None,
+                        problems: vec!["missing (removed from the trail)".into()],
+                    });
+                    prev = None;
+                    continue;
+                }
             };
             let hash = *blake3::hash(&bytes).as_bytes();
             let mut problems = vec![];
@@ -1017,6 +1089,10 @@ mod tests {
         }
         fn get_range(&self, p: &str, o: u64, l: u64) -> Result<Vec<u8>> {
             self.inner.get_range(p, o, l)
+        }
+        fn get_prefix(&self, p: &str, n: u64) -> Result<Vec<u8>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.get_prefix(p, n)
         }
         fn size(&self, p: &str) -> Result<Option<u64>> {
             self.lookups.fetch_add(1, Ordering::SeqCst);

@@ -26,6 +26,14 @@ use crate::{paths, Repository};
 const MAGIC: &[u8; 8] = b"CSTWAL01";
 /// PostgreSQL's largest WAL segment (wal_segment_size at most 1 GiB).
 const MAX_WAL_FILE: u64 = 1 << 30;
+/// The largest WAL object read: the largest file, stored as zstd would at worst (its bound
+/// adds 1/256), with its label. Storage and every key can write `wal/`: a larger object
+/// is damaged, and is not read.
+const MAX_OBJECT: u64 = MAX_WAL_FILE + (32 << 20);
+/// What is read of an object for its label and wrapped key alone.
+const HEAD: u64 = 4096;
+/// A body's nonce and tag: the least an object holds after its head.
+const SEAL: u64 = 12 + 16;
 pub const KEY_AAD: &[u8] = b"custos wal key v1";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -230,8 +238,8 @@ impl Repository {
     }
 
     fn compare_existing(&self, path: &str, name: &str, digest: &str) -> Result<PushOutcome> {
-        let existing = self.storage.get(path)?;
-        let (meta, _, _) = split(&existing, &format!("archived {name}"))?;
+        let existing = self.storage.get_prefix(path, HEAD)?;
+        let (meta, _, _) = parse_head(&existing, &format!("archived {name}"))?;
         if meta.digest == digest {
             Ok(PushOutcome::AlreadyArchived)
         } else {
@@ -254,11 +262,11 @@ impl Repository {
 
     /// Label and wrapped key of one archived file, read from its first 4 KiB only.
     fn wal_head(&self, system_id: u64, name: &str) -> Result<Option<(WalMeta, Vec<u8>)>> {
-        let path = paths::wal(system_id, name);
-        let Some(size) = self.storage.size(&path)? else {
-            return Ok(None);
+        let head = match self.storage.get_prefix(&paths::wal(system_id, name), HEAD) {
+            Ok(b) => b,
+            Err(e) if e.kind == Kind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let head = self.storage.get_range(&path, 0, size.min(4096))?;
         let (meta, wrapped, _) = parse_head(&head, &format!("archived {name}"))?;
         Ok(Some((meta, wrapped)))
     }
@@ -301,10 +309,17 @@ impl Repository {
         Ok(out)
     }
 
-    /// Checks one WAL object: its layout and label always; with `decrypt` (restore key),
-    /// its content against its digest (and so its label's anchor). Returns the anchor
-    /// its label records.
-    pub fn wal_check(&self, system_id: u64, name: &str, decrypt: bool) -> Result<Option<Anchor>> {
+    /// Checks one WAL object of the listed `size`: its layout and label always, from its
+    /// head alone (`verify` reads 4 KiB of each, not years of archive); with `decrypt`
+    /// (restore key), its content against its digest (and so its label's anchor). Returns
+    /// the anchor its label records.
+    pub fn wal_check(
+        &self,
+        system_id: u64,
+        name: &str,
+        size: u64,
+        decrypt: bool,
+    ) -> Result<Option<Anchor>> {
         if decrypt {
             return self
                 .wal_read(system_id, name)?
@@ -313,8 +328,20 @@ impl Repository {
                     Error::integrity(format!("archived {name} disappeared during verification"))
                 });
         }
-        let bytes = self.storage.get(&paths::wal(system_id, name))?;
-        let (meta, _, _) = split(&bytes, &format!("archived {name}"))?;
+        if size > MAX_OBJECT {
+            return Err(Error::integrity(format!(
+                "archived {name} is {size} bytes, more than a WAL file of 1 GiB is stored in"
+            )));
+        }
+        let head = self
+            .storage
+            .get_prefix(&paths::wal(system_id, name), HEAD)?;
+        let (meta, _, body) = parse_head(&head, &format!("archived {name}"))?;
+        if size < body as u64 + SEAL {
+            return Err(Error::integrity(format!(
+                "archived {name} is truncated: {size} bytes, its label and key take {body}"
+            )));
+        }
         if meta.name != name || meta.system_id != system_id {
             return Err(Error::integrity(format!(
                 "archived {name} is labelled {} of cluster {:016x}",
@@ -334,7 +361,12 @@ impl Repository {
         if self.keys.secret.is_none() {
             return Err(crate::snapshot::restore_key_required("read archived WAL"));
         }
-        let bytes = match self.storage.get(&paths::wal(system_id, name)) {
+        let bytes = match custos_storage::get_bounded(
+            &*self.storage,
+            &paths::wal(system_id, name),
+            MAX_OBJECT,
+            "archived WAL file",
+        ) {
             Ok(b) => b,
             Err(e) if e.kind == Kind::NotFound => return Ok(None),
             Err(e) => return Err(e),

@@ -35,6 +35,29 @@ pub fn run(s: Arc<dyn Storage>) {
         PutOutcome::Created
     );
     assert_eq!(s.get("data/ab/obj1").unwrap(), data);
+    // A prefix (bounded reads of objects fetched by name): shorter, exact, longer, empty,
+    // missing.
+    assert_eq!(s.get_prefix("data/ab/obj1", 10).unwrap(), data[..10]);
+    assert_eq!(s.get_prefix("data/ab/obj1", 100_000).unwrap(), data);
+    assert_eq!(s.get_prefix("data/ab/obj1", 1 << 40).unwrap(), data);
+    s.put("data/ab/empty", b"", PutMode::CreateOnly).unwrap();
+    assert_eq!(s.get_prefix("data/ab/empty", 5).unwrap(), b"");
+    s.delete("data/ab/empty").unwrap();
+    assert_eq!(
+        s.get_prefix("data/00/missing", 5).unwrap_err().kind,
+        Kind::NotFound,
+        "prefix of a missing object"
+    );
+    let err = crate::get_bounded(s, "data/ab/obj1", 99_999, "test object").unwrap_err();
+    assert_eq!(err.kind, Kind::Integrity, "{err}");
+    assert!(
+        err.message.contains("larger than any custos writes"),
+        "{err}"
+    );
+    assert_eq!(
+        crate::get_bounded(s, "data/ab/obj1", 100_000, "test object").unwrap(),
+        data
+    );
     // A checked write (copy's): create-only, and what arrived is what was sent.
     assert_eq!(
         s.put_checked("data/ab/obj9", data.clone().into(), None)

@@ -80,6 +80,9 @@ impl Storage for KillBeforeWrite {
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(path, offset, len)
     }
+    fn get_prefix(&self, path: &str, n: u64) -> Result<Vec<u8>> {
+        self.inner.get_prefix(path, n)
+    }
     fn size(&self, path: &str) -> Result<Option<u64>> {
         self.inner.size(path)
     }

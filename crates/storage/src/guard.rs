@@ -40,7 +40,7 @@ pub struct Marker {
 /// The marker of a storage, if it is a secondary. A marker that does not parse is an
 /// error: whatever wrote it, the storage is not a plain repository.
 pub fn marker(storage: &dyn Storage) -> Result<Option<Marker>> {
-    match storage.get(MARKER) {
+    match crate::get_bounded(storage, MARKER, 1 << 20, "the secondary marker") {
         Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
             Error::integrity(format!(
                 "{}: the secondary marker `{MARKER}` is malformed: {e}",
@@ -338,6 +338,9 @@ impl Storage for Secondary {
     }
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(path, offset, len)
+    }
+    fn get_prefix(&self, path: &str, n: u64) -> Result<Vec<u8>> {
+        self.inner.get_prefix(path, n)
     }
     fn size(&self, path: &str) -> Result<Option<u64>> {
         self.inner.size(path)

@@ -52,6 +52,21 @@ pub fn get_listed(storage: &dyn Storage, e: &Entry, max: u64, what: &str) -> Res
     Ok(b)
 }
 
+/// Reads an object fetched by name (no listing says its size) of a kind custos keeps below
+/// `max` bytes: at most `max + 1` bytes are read, and an object larger than `max` is an
+/// integrity error that says so. A missing object stays an error of kind `NotFound`.
+/// Whatever storage or a key holder wrote there is hostile input: a planted trail entry
+/// or WAL object of gigabytes must cost a refusal, not the memory of the command.
+pub fn get_bounded(storage: &dyn Storage, path: &str, max: u64, what: &str) -> Result<Vec<u8>> {
+    let b = storage.get_prefix(path, max.saturating_add(1))?;
+    if b.len() as u64 > max {
+        return Err(custos_model::Error::integrity(format!(
+            "{what} `{path}` is larger than any custos writes (more than {max} bytes): it was not read"
+        )));
+    }
+    Ok(b)
+}
+
 /// A listed object: path relative to the listed folder's parent root, and its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -107,7 +122,11 @@ pub trait Storage: Send + Sync {
     /// writer (a random nonce in them), else two writers could both think they won.
     fn create(&self, path: &str, data: &[u8]) -> Result<PutOutcome> {
         match self.put(path, data, PutMode::CreateOnly)? {
-            PutOutcome::AlreadyExists if self.get(path)? == data => Ok(PutOutcome::Created),
+            // One byte more than ours is enough to tell: a planted object of any size
+            // costs no more.
+            PutOutcome::AlreadyExists if self.get_prefix(path, data.len() as u64 + 1)? == data => {
+                Ok(PutOutcome::Created)
+            }
             o => Ok(o),
         }
     }
@@ -152,6 +171,15 @@ pub trait Storage: Send + Sync {
     /// Whole object. A missing object is an error of kind `NotFound`.
     fn get(&self, path: &str) -> Result<Vec<u8>>;
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// The first `n` bytes of an object, or all of it when it is shorter (see
+    /// [`get_bounded`]). A missing object is an error of kind `NotFound`. The default
+    /// asks for the size first; backends that can read a prefix in one request do.
+    fn get_prefix(&self, path: &str, n: u64) -> Result<Vec<u8>> {
+        match self.size(path)? {
+            Some(size) if size > n => self.get_range(path, 0, n),
+            _ => self.get(path),
+        }
+    }
     /// Size of an object, or `None` if it does not exist.
     fn size(&self, path: &str) -> Result<Option<u64>>;
     /// Every object under `dir` (recursively), with paths relative to the storage root.

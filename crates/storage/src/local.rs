@@ -269,6 +269,18 @@ impl Storage for LocalStorage {
         Ok(buf)
     }
 
+    fn get_prefix(&self, path: &str, n: u64) -> Result<Vec<u8>> {
+        let p = self.path(path)?;
+        let read = || -> std::io::Result<Vec<u8>> {
+            let f = File::open(&p)?;
+            let len = f.metadata()?.len().min(n);
+            let mut buf = Vec::with_capacity(len as usize);
+            f.take(n).read_to_end(&mut buf)?;
+            Ok(buf)
+        };
+        read().map_err(|e| io_err(&p, e))
+    }
+
     fn size(&self, path: &str) -> Result<Option<u64>> {
         let p = self.path(path)?;
         match fs::metadata(&p) {

@@ -283,7 +283,13 @@ fn rewrap_all(repo: &mut Repository, report: &mut RotateReport) -> Result<()> {
     };
     for s in repo.snapshots()? {
         let path = paths::snapshot(&s.id);
-        let stored = snapshot::wrapped_key(&s.id, &repo.storage.get(&path)?)?;
+        let bytes = custos_storage::get_bounded(
+            &*repo.storage,
+            &path,
+            custos_repo::repository::SNAPSHOT_MAX,
+            "snapshot",
+        )?;
+        let stored = snapshot::wrapped_key(&s.id, &bytes)?;
         let wrapped = repo.rewrapped_key(&path).unwrap_or(stored);
         let what = format!("snapshot {}", s.id.short());
         let dek = repo.keys.unwrap(snapshot::KEY_AAD, &wrapped, &what)?;

@@ -480,7 +480,7 @@ impl Copier<'_> {
 
 /// An object a copy found already on the secondary must be the primary's bytes.
 fn same_or_conflict(secondary: &DynStorage, name: &str, path: &str, bytes: &[u8]) -> Result<()> {
-    if secondary.get(path)? != bytes {
+    if secondary.get_prefix(path, bytes.len() as u64 + 1)? != bytes {
         return Err(Error::new(
             Kind::Conflict,
             format!("`{path}` on the secondary `{name}` differs from the primary's"),
@@ -562,7 +562,9 @@ pub fn copy_object(primary: &DynStorage, secondary: &DynStorage, path: &str) -> 
 pub fn put_same(secondary: &DynStorage, path: &str, bytes: &[u8]) -> Result<()> {
     match secondary.put_checked(path, bytes::Bytes::copy_from_slice(bytes), None)? {
         PutOutcome::Created => Ok(()),
-        PutOutcome::AlreadyExists if secondary.get(path)? == bytes => Ok(()),
+        PutOutcome::AlreadyExists if secondary.get_prefix(path, bytes.len() as u64 + 1)? == bytes => {
+            Ok(())
+        }
         PutOutcome::AlreadyExists => Err(Error::new(
             Kind::Conflict,
             format!("{}: `{path}` exists with other content", secondary.location()),

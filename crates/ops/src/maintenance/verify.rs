@@ -255,9 +255,9 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
     // decrypted and checked against its digest.
     let decrypt = opts.read_data && repo.keys.secret.is_some();
     let checks =
-        custos_repo::repository::parallel_map(&wal, repo.threads() + 1, |(sys, name, _)| {
+        custos_repo::repository::parallel_map(&wal, repo.threads() + 1, |(sys, name, size)| {
             Ok(repo
-                .wal_check(*sys, name, decrypt)
+                .wal_check(*sys, name, *size, decrypt)
                 .map_err(|e| format!("wal {sys:016x}/{name}: {}", e.message)))
         })?;
     r.wal_files = wal.len() as u64;
