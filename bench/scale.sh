@@ -30,6 +30,12 @@
 #   history-snapshots-warm          again, from this host's copies (only the listing)
 #   history-backup                  a backup of one small file (its parent looked up among
 #                                   them all), warm
+# For each count in WALS, a repository gets that many archived 16 MiB WAL segments
+# (synth_wal: about 2x compressible), then:
+#   wal-verify                      `verify` (structure: each WAL object's label and size;
+#                                   the page cache dropped first locally). With
+#                                   VERIFY_BEFORE=<an older custos binary>,
+#                                   "wal-verify-before" runs that binary's verify.
 # MODE=s3: the repository, made locally as above, is copied (rclone) into a bucket of a
 # SeaweedFS server on this host and every command runs against s3://.
 # Results: $RES/measure.tsv; figures go to bench/RESULTS.md.
@@ -42,6 +48,7 @@ export RES="${RES:-/tmp/custos-scale/results}"
 SIZES="${SIZES-1000000 10000000}"
 TRAILS="${TRAILS-}"
 HISTORY="${HISTORY-}"
+WALS="${WALS-}"
 MODE="${MODE:-local}"
 WORK="${WORK:-/tmp/custos-scale}"
 # shellcheck source=/dev/null
@@ -49,12 +56,13 @@ source "$PEERS/common.sh"
 need_root
 apt_need time bc postgresql-15 eatmydata
 "$ROOT/scripts/setup.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail --example synth_history && cargo build --release --quiet -p custos-ops --example synth_snapshots)
+(cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet -p custos-repo --example synth_index --example synth_trail --example synth_history --example synth_wal && cargo build --release --quiet -p custos-ops --example synth_snapshots)
 CUSTOS="$ROOT/target/release/custos"
 SYNTH="$ROOT/target/release/examples/synth_index"
 SYNTH_TRAIL="$ROOT/target/release/examples/synth_trail"
 SYNTH_SNAPSHOTS="$ROOT/target/release/examples/synth_snapshots"
 SYNTH_HISTORY="$ROOT/target/release/examples/synth_history"
+SYNTH_WAL="$ROOT/target/release/examples/synth_wal"
 if [ "$MODE" = s3 ]; then
     apt_need rclone curl
     WEED="$ROOT/.tools/seaweedfs/bin/weed"
@@ -180,6 +188,24 @@ for n in $HISTORY; do
     note "history-copies-bytes-$n" "$(du -sb "$CUSTOS_CACHE_DIR" | cut -f1)"
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
     if [ "$MODE" = s3 ]; then rclone purge "W:history-$n"; fi
+done
+for n in $WALS; do
+    R="$WORK/wal-$n"
+    export CUSTOS_REPO="$R" CUSTOS_PASSWORD="scale-bench" CUSTOS_CACHE_DIR="$WORK/cache-wal-$n"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
+    "$SYNTH_WAL" "$R" "$n" >/dev/null
+    note "wal-bytes-$n" "$(du -sb "$R/wal" | cut -f1)"
+    use "$R" "wal-$n"
+    # Cold: what a daily verify on another host meets (locally, the page cache dropped).
+    if [ "$MODE" = local ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+    measure "wal-verify-$n" "$CUSTOS" --quiet verify
+    if [ -n "${VERIFY_BEFORE:-}" ]; then
+        if [ "$MODE" = local ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+        measure "wal-verify-before-$n" "$VERIFY_BEFORE" --quiet verify
+    fi
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    if [ "$MODE" = s3 ]; then rclone purge "W:wal-$n"; fi
 done
 rm -f "$DATA/.complete"
 column -t "$RES/measure.tsv"
