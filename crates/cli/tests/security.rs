@@ -1098,4 +1098,26 @@ fn objects_fetched_by_name_are_read_no_further_than_custos_writes() {
         std::fs::remove_file(repo.join(p)).unwrap();
     }
     t.ok(&["restore", "files", "latest", "--to", out.to_str().unwrap()]);
+
+    // A pack that storage holds larger than indexed is named, and `verify --read-data`
+    // reads no more of it than the index says it has.
+    let pack = t.packs().remove(0);
+    let size = std::fs::metadata(&pack).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let o = t.run(&["verify", "--read-data", "--json"]);
+    assert_eq!(o.status.code(), Some(14));
+    let v = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        v.contains(&format!(
+            "8589934592 bytes in storage, the index says {size}"
+        )) && v.contains(&format!(
+            "larger in storage than indexed ({size} bytes): not read"
+        )),
+        "{v}"
+    );
 }

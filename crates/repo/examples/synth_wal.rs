@@ -1,5 +1,5 @@
-//! Archives `N` WAL segments of 16 MiB (synthetic: half repeated text, half random, about
-//! 2x compressible) for one made-up cluster into a local repository, as `wal-push` stores
+//! Archives `N` WAL segments of 16 MiB (synthetic: repeated text with every eighth byte
+//! random, about 7x compressible, as pgbench's WAL is 9x) for one made-up cluster into a local repository, as `wal-push` stores
 //! them, for `bench/scale.sh`'s measure of `verify` over years of archive.
 //!
 //! Usage: CUSTOS_PASSWORD=... synth_wal <local repository folder> <segments>
@@ -22,10 +22,10 @@ fn main() {
     let repo = Repository::open(storage, pw.as_bytes(), OpenOptions::default()).expect("open");
     let mut seg = vec![0u8; 16 << 20];
     for (i, b) in seg.iter_mut().enumerate() {
-        *b = if i % 2 == 0 {
-            b"INSERT INTO pgbench_history VALUES "[i / 2 % 35]
-        } else {
+        *b = if i % 8 == 0 {
             rand::random()
+        } else {
+            b"INSERT INTO pgbench_history VALUES "[i % 35]
         };
     }
     let system_id = 0x7000_0000_0000_0001u64;

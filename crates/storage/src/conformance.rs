@@ -79,6 +79,14 @@ pub fn run(s: Arc<dyn Storage>) {
         s.get("data/ab/big").unwrap() == big,
         "a large object read back differs"
     );
+    assert!(
+        s.get_prefix("data/ab/big", 7_000_000).unwrap() == big,
+        "a large object's prefix past its end differs"
+    );
+    assert!(
+        s.get_prefix("data/ab/big", 5_000_000).unwrap() == big[..5_000_000],
+        "a large object's prefix differs"
+    );
     s.delete("data/ab/big").unwrap();
     // A shard of a folder lists that shard alone (large repositories list `data/` so).
     s.put("data/ac/obj2", b"x", PutMode::CreateOnly).unwrap();

@@ -697,24 +697,34 @@ impl Storage for RemoteStorage {
     }
 
     fn get_prefix(&self, path: &str, n: u64) -> Result<Vec<u8>> {
-        // The whole object asked for, its pieces taken until `n` bytes have come and the
-        // rest dropped unread (the connection with it). Not a range of `n`: OpenDAL
-        // takes a range that runs past the end for a short read, an error.
-        self.rt
-            .block_on(async {
-                let mut out = Vec::new();
-                let mut pieces = self.op.reader(path).await?.into_stream(..).await?;
-                while let Some(piece) = pieces.try_next().await? {
-                    let piece = piece.to_bytes();
-                    let room = (n - out.len() as u64).min(piece.len() as u64) as usize;
-                    out.extend_from_slice(&piece[..room]);
-                    if out.len() as u64 >= n {
-                        break;
+        // One GET of the range `0..n`: the store sends no more than that, and the whole of
+        // a shorter object. OpenDAL reads a short answer to a range as an error, raised
+        // once the body has ended as the store declared it ("reader got too little
+        // data", persistent, not retried): what came before it is the whole object (the
+        // conformance suite holds this to the pinned version). An empty object has no
+        // byte 0 (416): its size tells.
+        let got = self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut pieces = self.op.reader(path).await?.into_stream(0..n).await?;
+            loop {
+                match pieces.try_next().await {
+                    Ok(Some(piece)) => out.extend_from_slice(&piece.to_bytes()),
+                    Ok(None) => return Ok(out),
+                    Err(e)
+                        if e.kind() == OdKind::Unexpected
+                            && e.to_string().contains("reader got too little data") =>
+                    {
+                        return Ok(out)
                     }
+                    Err(e) => return Err(e),
                 }
-                Ok::<_, opendal::Error>(out)
-            })
-            .map_err(|e| self.err(path, e))
+            }
+        });
+        match got {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() != OdKind::NotFound && self.size(path)? == Some(0) => Ok(vec![]),
+            Err(e) => Err(self.err(path, e)),
+        }
     }
 
     fn size(&self, path: &str) -> Result<Option<u64>> {

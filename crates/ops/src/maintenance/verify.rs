@@ -298,7 +298,18 @@ pub fn verify(repo: &Repository, opts: &VerifyOptions) -> Result<VerifyReport> {
                 &batch,
                 repo.threads() + 1,
                 |p| -> Result<Checked> {
-                    let bytes = match repo.storage.get(&paths::pack(&p.id)) {
+                    // No more than the indexed size and a byte: a pack that storage
+                    // holds larger is already reported above, and is not read whole.
+                    let bytes = match repo.storage.get_prefix(&paths::pack(&p.id), p.size + 1) {
+                        Ok(b) if b.len() as u64 > p.size => {
+                            return Ok(Checked {
+                                errors: vec![format!(
+                                    "pack {}: larger in storage than indexed ({} bytes): not read",
+                                    p.id, p.size
+                                )],
+                                ..Default::default()
+                            })
+                        }
                         Ok(b) => b,
                         Err(e) => {
                             return Ok(Checked {
