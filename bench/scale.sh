@@ -30,12 +30,12 @@
 #   history-snapshots-warm          again, from this host's copies (only the listing)
 #   history-backup                  a backup of one small file (its parent looked up among
 #                                   them all), warm
+# With BEFORE=<an older custos binary>, the warm listing and the backup run with it too.
 # For each count in WALS, a repository gets that many archived 16 MiB WAL segments
-# (synth_wal: about 2x compressible), then:
+# (synth_wal: about 7x compressible), then:
 #   wal-verify                      `verify` (structure: each WAL object's label and size;
-#                                   the page cache dropped first locally). With
-#                                   VERIFY_BEFORE=<an older custos binary>,
-#                                   "wal-verify-before" runs that binary's verify.
+#                                   the page cache dropped first locally); with BEFORE=
+#                                   also that binary's (wal-verify-before).
 # MODE=s3: the repository, made locally as above, is copied (rclone) into a bucket of a
 # SeaweedFS server on this host and every command runs against s3://.
 # Results: $RES/measure.tsv; figures go to bench/RESULTS.md.
@@ -183,8 +183,14 @@ for n in $HISTORY; do
     use "$R" "history-$n"
     measure "history-snapshots-cold-$n" "$CUSTOS" --quiet snapshots
     measure "history-snapshots-warm-$n" "$CUSTOS" --quiet snapshots
+    if [ -n "${BEFORE:-}" ]; then
+        measure "history-snapshots-warm-before-$n" "$BEFORE" --quiet snapshots
+    fi
     mkdir -p "$WORK/small" && head -c 64K /dev/urandom > "$WORK/small/f"
     measure "history-backup-$n" "$CUSTOS" --quiet backup files "$WORK/small"
+    if [ -n "${BEFORE:-}" ]; then
+        measure "history-backup-before-$n" "$BEFORE" --quiet backup files "$WORK/small"
+    fi
     note "history-copies-bytes-$n" "$(du -sb "$CUSTOS_CACHE_DIR" | cut -f1)"
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
     if [ "$MODE" = s3 ]; then rclone purge "W:history-$n"; fi
@@ -200,9 +206,9 @@ for n in $WALS; do
     # Cold: what a daily verify on another host meets (locally, the page cache dropped).
     if [ "$MODE" = local ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
     measure "wal-verify-$n" "$CUSTOS" --quiet verify
-    if [ -n "${VERIFY_BEFORE:-}" ]; then
+    if [ -n "${BEFORE:-}" ]; then
         if [ "$MODE" = local ]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
-        measure "wal-verify-before-$n" "$VERIFY_BEFORE" --quiet verify
+        measure "wal-verify-before-$n" "$BEFORE" --quiet verify
     fi
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
     if [ "$MODE" = s3 ]; then rclone purge "W:wal-$n"; fi

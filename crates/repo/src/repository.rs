@@ -1170,7 +1170,8 @@ impl Repository {
     }
 
     fn snapshots_read(&self, cached: bool) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
-        let entries = self.storage.list(paths::SNAPSHOTS)?;
+        // Only names that can be ids are read, so a listing of those is enough.
+        let entries = self.storage.list_hex(paths::SNAPSHOTS)?;
         // Small objects from a bucket: each GET waits on a round trip, not on a core.
         let fetches = match self.storage.as_remote() {
             Some(_) => (self.threads() * 2).max(16),

@@ -105,6 +105,39 @@ pub fn run(s: Arc<dyn Storage>) {
         .collect();
     assert_eq!(other, vec!["data/ac/obj2".to_string()]);
     s.delete("data/ac/obj2").unwrap();
+    // Objects named by their hash, listed by first digit: names that cannot be hashes
+    // are left out, and the rest come sorted, with their sizes, as `list` gives them.
+    for (name, body) in [
+        ("snapshots/f1", &b"12"[..]),
+        ("snapshots/0a", b"1"),
+        ("snapshots/9b", b"123"),
+        ("snapshots/zz", b"x"),
+        ("snapshots/F2", b"x"),
+        ("snapshotsX/00", b"x"),
+    ] {
+        s.put(name, body, PutMode::CreateOnly).unwrap();
+    }
+    let hex: Vec<(String, u64)> = s
+        .list_hex("snapshots")
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.path, e.size))
+        .collect();
+    assert_eq!(
+        hex,
+        vec![
+            ("snapshots/0a".to_string(), 1),
+            ("snapshots/9b".to_string(), 3),
+            ("snapshots/f1".to_string(), 2)
+        ],
+        "listing by first digit"
+    );
+    for name in ["f1", "0a", "9b", "zz", "F2"] {
+        s.delete(&format!("snapshots/{name}")).unwrap();
+    }
+    s.delete("snapshotsX/00").unwrap();
+    assert!(s.list_hex("snapshots").unwrap().is_empty());
+
     // Listings say when an object was written, where the store knows.
     let listed = s.list("data").unwrap();
     assert!(listed

@@ -89,6 +89,9 @@ impl Storage for KillBeforeWrite {
     fn list(&self, dir: &str) -> Result<Vec<Entry>> {
         self.inner.list(dir)
     }
+    fn list_hex(&self, dir: &str) -> Result<Vec<Entry>> {
+        self.inner.list_hex(dir)
+    }
     fn delete(&self, path: &str) -> Result<()> {
         self.tick();
         self.inner.delete(path)

@@ -348,6 +348,9 @@ impl Storage for Secondary {
     fn list(&self, dir: &str) -> Result<Vec<Entry>> {
         self.inner.list(dir)
     }
+    fn list_hex(&self, dir: &str) -> Result<Vec<Entry>> {
+        self.inner.list_hex(dir)
+    }
     fn delete(&self, path: &str) -> Result<()> {
         if is_lock(path) || path.starts_with(".tmp/") {
             return self.inner.delete(path);

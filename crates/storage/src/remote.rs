@@ -392,6 +392,27 @@ impl RemoteStorage {
         })
     }
 
+    /// Every object whose key starts with `prefix` (a folder's when it ends in `/`).
+    async fn list_prefix(&self, prefix: &str) -> std::result::Result<Vec<Entry>, opendal::Error> {
+        let mut lister = self.op.lister_with(prefix).recursive(true).await?;
+        let mut out = vec![];
+        while let Some(e) = lister.try_next().await? {
+            if e.metadata().is_dir() {
+                continue;
+            }
+            out.push(Entry {
+                path: e.path().trim_start_matches('/').to_string(),
+                size: e.metadata().content_length(),
+                modified: e
+                    .metadata()
+                    .last_modified()
+                    .map(std::time::SystemTime::from),
+                md5: e.metadata().etag().and_then(crate::etag_md5),
+            });
+        }
+        Ok(out)
+    }
+
     fn err(&self, path: &str, e: opendal::Error) -> Error {
         let detail = chain(&e).to_lowercase();
         if let Some(t) = untrusted(&self.location, &detail) {
@@ -737,27 +758,26 @@ impl Storage for RemoteStorage {
 
     fn list(&self, dir: &str) -> Result<Vec<Entry>> {
         let prefix = format!("{}/", dir.trim_end_matches('/'));
-        let r: std::result::Result<Vec<Entry>, opendal::Error> = self.rt.block_on(async {
-            let mut lister = self.op.lister_with(&prefix).recursive(true).await?;
-            let mut out = vec![];
-            while let Some(e) = lister.try_next().await? {
-                if e.metadata().is_dir() {
-                    continue;
-                }
-                out.push(Entry {
-                    path: e.path().trim_start_matches('/').to_string(),
-                    size: e.metadata().content_length(),
-                    modified: e
-                        .metadata()
-                        .last_modified()
-                        .map(std::time::SystemTime::from),
-                    md5: e.metadata().etag().and_then(crate::etag_md5),
-                });
-            }
-            Ok(out)
-        });
+        let r = self.rt.block_on(self.list_prefix(&prefix));
         match r {
             Ok(mut v) => {
+                v.sort_by(|a, b| a.path.cmp(&b.path));
+                Ok(v)
+            }
+            Err(e) if e.kind() == OdKind::NotFound => Ok(vec![]),
+            Err(e) => Err(self.err(dir, e)),
+        }
+    }
+
+    fn list_hex(&self, dir: &str) -> Result<Vec<Entry>> {
+        let base = dir.trim_end_matches('/');
+        let prefixes: Vec<String> = (0..16u8).map(|d| format!("{base}/{d:x}")).collect();
+        let r = self.rt.block_on(futures::future::try_join_all(
+            prefixes.iter().map(|p| self.list_prefix(p)),
+        ));
+        match r {
+            Ok(parts) => {
+                let mut v: Vec<Entry> = parts.into_iter().flatten().collect();
                 v.sort_by(|a, b| a.path.cmp(&b.path));
                 Ok(v)
             }
