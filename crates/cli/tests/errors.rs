@@ -148,9 +148,11 @@ fn an_unreadable_snapshot_is_named_and_every_other_snapshot_still_restores() {
     );
     // A host without the copy (another one, or this one with its cache lost):
     for e in std::fs::read_dir(t.path("cache")).unwrap() {
-        let copies = e.unwrap().path().join("snapshots");
+        let repo_cache = e.unwrap().path();
+        let copies = repo_cache.join("snapshots");
         if copies.exists() {
             std::fs::remove_dir_all(copies).unwrap();
+            std::fs::remove_file(repo_cache.join("summaries")).unwrap();
         }
     }
 
@@ -809,6 +811,28 @@ fn this_hosts_copies_of_snapshots_are_used_only_while_they_hash_to_their_names()
         .expect("a folder of snapshot copies");
     let copy = |id: &str| cache.join(id);
     assert!(ids.iter().all(|id| copy(id).exists()));
+    // The summaries this host decoded, in one file: sealed (no source path in it).
+    let summaries = cache.with_file_name("summaries");
+    let sealed = std::fs::read(&summaries).unwrap();
+    let needle = src.to_str().unwrap().as_bytes();
+    assert!(!sealed.windows(needle.len()).any(|w| w == needle));
+    // Garbage, and another repository's file, are not believed; the file is made again.
+    let other = T::new();
+    other.ok(&["backup", "files", src.to_str().unwrap()]);
+    other.ok(&["snapshots"]);
+    let theirs = std::fs::read_dir(other.path("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("summaries"))
+        .find(|p| p.exists())
+        .expect("the other repository's summaries");
+    for planted in [b"garbage".to_vec(), std::fs::read(&theirs).unwrap()] {
+        std::fs::write(&summaries, &planted).unwrap();
+        assert_eq!(t.json(&["snapshots"]), listed);
+        assert_ne!(std::fs::read(&summaries).unwrap(), planted);
+    }
+
+    // Without the summaries (a host that has only the copies):
+    std::fs::remove_file(&summaries).unwrap();
 
     // One copy holds the other's (valid) bytes, the other garbage; a copy of a snapshot
     // storage does not hold is planted. None of it is believed.
@@ -833,7 +857,9 @@ fn this_hosts_copies_of_snapshots_are_used_only_while_they_hash_to_their_names()
     assert_eq!(std::fs::read(copy(&ids[1])).unwrap(), b);
     assert!(!copy(&planted).exists());
 
-    // A forgotten snapshot's copy goes at the next listing.
+    // A forgotten snapshot's copy goes at the next listing, and its summary is not listed
+    // from the file.
+    assert!(summaries.exists());
     t.ok(&["forget", &ids[0][..8]]);
     assert_eq!(t.json(&["snapshots"]).as_array().unwrap().len(), 1);
     assert!(!copy(&ids[0]).exists() && copy(&ids[1]).exists());

@@ -31,6 +31,8 @@ pub type DamagedSnapshots = Vec<(SnapshotId, Error)>;
 /// and sits base64 in JSON.
 pub const SNAPSHOT_MAX: u64 = 1 << 30;
 
+const SUMMARIES_AAD: &[u8] = b"custos summary cache v1";
+
 /// The largest index object read: custos writes at most 100,000 blobs and one pack's more
 /// in one (~15 MB of JSON before zstd).
 const INDEX_OBJECT_MAX: u64 = 256 << 20;
@@ -1171,7 +1173,27 @@ impl Repository {
 
     fn snapshots_read(&self, cached: bool) -> Result<(Vec<Snapshot>, DamagedSnapshots)> {
         // Only names that can be ids are read, so a listing of those is enough.
-        let entries = self.storage.list_hex(paths::SNAPSHOTS)?;
+        let listed = self.storage.list_hex(paths::SNAPSHOTS)?;
+        // What this host decoded before (one file) is not read again: only new objects.
+        let mut known = if cached {
+            self.kept_summaries()
+        } else {
+            Default::default()
+        };
+        let was_known = known.len();
+        let mut out = vec![];
+        let mut entries = vec![];
+        for e in &listed {
+            let Some(id) = paths::id_of(&e.path).map(SnapshotId) else {
+                continue;
+            };
+            match known.remove(&id) {
+                Some(summary) => out.push(Snapshot { id, summary }),
+                None => entries.push(e.clone()),
+            }
+        }
+        let from_known = out.len();
+        drop(known);
         // Small objects from a bucket: each GET waits on a round trip, not on a core.
         let fetches = match self.storage.as_remote() {
             Some(_) => (self.threads() * 2).max(16),
@@ -1208,8 +1230,7 @@ impl Repository {
                 )))
             },
         )?;
-        self.forget_cached_snapshots(&entries);
-        let mut out = vec![];
+        self.forget_cached_snapshots(&listed);
         let mut damaged = vec![];
         for (id, r) in all.into_iter().flatten() {
             match r {
@@ -1219,7 +1240,87 @@ impl Repository {
         }
         out.sort_by(|a, b| a.summary.time.cmp(&b.summary.time).then(a.id.cmp(&b.id)));
         damaged.sort_by_key(|d| d.0);
+        // Rewritten when a snapshot was decoded for the first time or one went.
+        if cached && (out.len() > from_known || from_known < was_known) {
+            self.keep_summaries(&out);
+        }
         Ok((out, damaged))
+    }
+
+    /// Where this host keeps the summaries of the snapshots it has decoded, in one file:
+    /// a listing after years of history (the seed keeps over 50,000 snapshots) then reads
+    /// one file, not one per snapshot. Sealed with a key derived from the meta key, so the
+    /// file tells nothing to whoever reads the cache folder, and whoever writes there
+    /// cannot make this host believe a summary: a file that does not open is not used.
+    /// Summaries never change (a snapshot's name is the hash of its bytes), and only those
+    /// of snapshots the listing holds are taken from it.
+    fn summaries_file(&self) -> Option<std::path::PathBuf> {
+        Some(self.snapshot_cache()?.with_file_name("summaries"))
+    }
+
+    fn summaries_key(&self) -> ([u8; 32], Vec<u8>) {
+        let key = blake3::derive_key("custos summary cache v1", self.keys.meta_key.as_ref());
+        (
+            key,
+            [SUMMARIES_AAD, self.config.id.to_hex().as_bytes()].concat(),
+        )
+    }
+
+    fn kept_summaries(&self) -> HashMap<SnapshotId, SnapshotSummary> {
+        let read = || -> Option<HashMap<SnapshotId, SnapshotSummary>> {
+            let f = std::fs::File::open(self.summaries_file()?).ok()?;
+            if f.metadata().ok()?.len() > SNAPSHOT_MAX {
+                return None;
+            }
+            let mut b = vec![];
+            std::io::Read::read_to_end(&mut &f, &mut b).ok()?;
+            let (key, aad) = self.summaries_key();
+            let plain = aead::open(&key, &aad, &b, "this host's snapshot summaries").ok()?;
+            let all: Vec<(SnapshotId, SnapshotSummary)> =
+                from_zjson(&plain, "this host's snapshot summaries").ok()?;
+            Some(
+                all.into_iter()
+                    .filter(|(_, s)| snapshot::check_summary("", s).is_ok())
+                    .collect(),
+            )
+        };
+        read().unwrap_or_default()
+    }
+
+    /// Best effort: without the file, the next listing reads the snapshots' copies.
+    fn keep_summaries(&self, all: &[Snapshot]) {
+        let Some(path) = self.summaries_file() else {
+            return;
+        };
+        let pairs: Vec<(&SnapshotId, &SnapshotSummary)> =
+            all.iter().map(|s| (&s.id, &s.summary)).collect();
+        let (key, aad) = self.summaries_key();
+        let sealed = aead::seal(&key, &aad, &to_zjson(&pairs));
+        let write = || -> std::io::Result<()> {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            let dir = path.parent().expect("in a folder");
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            let mut rnd = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut rnd);
+            let tmp = dir.join(format!(".summaries-{}", hex::encode(rnd)));
+            std::io::Write::write_all(
+                &mut std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?,
+                &sealed,
+            )?;
+            std::fs::rename(&tmp, &path).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+        };
+        if let Err(e) = write() {
+            tracing::debug!("snapshot summaries not kept in the cache folder: {e}");
+        }
     }
 
     /// Where this host keeps copies of the snapshot objects it has read. They never change

@@ -268,13 +268,20 @@ pub fn decode_summary(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Resul
     let what = format!("snapshot {}", id.short());
     let plain = aead::open(&keys.meta_key, SUMMARY_AAD, &e.summary, &what)?;
     let summary: SnapshotSummary = from_zjson(&plain, &what)?;
+    check_summary(&what, &summary)?;
+    Ok(summary)
+}
+
+/// What a reader holds a decoded summary to beyond its form: also run on the summaries a
+/// host kept from earlier listings, so a check added later applies to them too.
+pub fn check_summary(what: &str, summary: &SnapshotSummary) -> Result<()> {
     if let Some(Err(why)) = summary.pg.as_ref().map(PgInfo::check) {
         return Err(Error::integrity(format!(
             "{what} records PostgreSQL facts no cluster has: {why}"
         ))
         .hint("custos never writes such a snapshot: find which key wrote it (`custos audit log`), then `custos forget` it"));
     }
-    Ok(summary)
+    Ok(())
 }
 
 pub fn decode_body(keys: &MasterKeys, id: &SnapshotId, bytes: &[u8]) -> Result<SnapshotBody> {
