@@ -1276,13 +1276,11 @@ impl Repository {
             std::io::Read::read_to_end(&mut &f, &mut b).ok()?;
             let (key, aad) = self.summaries_key();
             let plain = aead::open(&key, &aad, &b, "this host's snapshot summaries").ok()?;
-            let all: Vec<(SnapshotId, SnapshotSummary)> =
+            // Read as a map at once: not a list and then a map of it (both at once).
+            let mut all: HashMap<SnapshotId, SnapshotSummary> =
                 from_zjson(&plain, "this host's snapshot summaries").ok()?;
-            Some(
-                all.into_iter()
-                    .filter(|(_, s)| snapshot::check_summary("", s).is_ok())
-                    .collect(),
-            )
+            all.retain(|_, s| snapshot::check_summary("", s).is_ok());
+            Some(all)
         };
         read().unwrap_or_default()
     }
@@ -1292,7 +1290,7 @@ impl Repository {
         let Some(path) = self.summaries_file() else {
             return;
         };
-        let pairs: Vec<(&SnapshotId, &SnapshotSummary)> =
+        let pairs: HashMap<&SnapshotId, &SnapshotSummary> =
             all.iter().map(|s| (&s.id, &s.summary)).collect();
         let (key, aad) = self.summaries_key();
         let sealed = aead::seal(&key, &aad, &to_zjson(&pairs));
