@@ -36,6 +36,12 @@
 #   wal-verify                      `verify` (structure: each WAL object's label and size;
 #                                   the page cache dropped first locally); with BEFORE=
 #                                   also that binary's (wal-verify-before).
+# For each count in WAL_LIST, a repository gets that many empty objects named as archived
+# segments of one cluster (the listing is what is measured), then `snapshots` (which lists
+# the WAL archive for the restorable windows):
+#   wal-list-first                  on a host that has not listed it before (one listing)
+#   wal-list-split                  again: 16 ranges side by side, split where this host's
+#                                   last listing had its quantiles (and BEFORE='s binary).
 # MODE=s3: the repository, made locally as above, is copied (rclone) into a bucket of a
 # SeaweedFS server on this host and every command runs against s3://.
 # Results: $RES/measure.tsv; figures go to bench/RESULTS.md.
@@ -49,6 +55,7 @@ SIZES="${SIZES-1000000 10000000}"
 TRAILS="${TRAILS-}"
 HISTORY="${HISTORY-}"
 WALS="${WALS-}"
+WAL_LIST="${WAL_LIST-}"
 MODE="${MODE:-local}"
 WORK="${WORK:-/tmp/custos-scale}"
 # shellcheck source=/dev/null
@@ -213,6 +220,28 @@ for n in $WALS; do
     rm -rf "$R" "$CUSTOS_CACHE_DIR"
     if [ "$MODE" = s3 ]; then rclone purge "W:wal-$n"; fi
 done
+for n in $WAL_LIST; do
+    R="$WORK/wallist-$n"
+    export CUSTOS_REPO="$R" CUSTOS_PASSWORD="scale-bench" CUSTOS_CACHE_DIR="$WORK/cache-wallist-$n"
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    "$CUSTOS" --quiet init --kdf-memory-mib 8 --kdf-iterations 1
+    # Names only (the listing is what is measured): n segments of one cluster, 16 MiB each.
+    python3 - "$R/wal/7000000000000001" "$n" <<'PY'
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(d, exist_ok=True)
+for i in range(1, n + 1):
+    open(os.path.join(d, "00000001%08X%08X" % (i // 256, i % 256)), "wb").close()
+PY
+    use "$R" "wallist-$n"
+    measure "wal-list-first-$n" "$CUSTOS" --quiet snapshots
+    measure "wal-list-split-$n" "$CUSTOS" --quiet snapshots
+    if [ -n "${BEFORE:-}" ]; then
+        measure "wal-list-before-$n" "$BEFORE" --quiet snapshots
+    fi
+    rm -rf "$R" "$CUSTOS_CACHE_DIR"
+    if [ "$MODE" = s3 ]; then rclone purge "W:wallist-$n"; fi
+done
 rm -f "$DATA/.complete"
 column -t "$RES/measure.tsv"
-column -t "$RES/facts.tsv"
+if [ -f "$RES/facts.tsv" ]; then column -t "$RES/facts.tsv"; fi

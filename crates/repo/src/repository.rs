@@ -1328,8 +1328,13 @@ impl Repository {
     /// hash to its name, so the folder adds no trust (and it is used only when it passes
     /// the cache folder's checks).
     fn snapshot_cache(&self) -> Option<std::path::PathBuf> {
+        Some(self.host_cache()?.join("snapshots"))
+    }
+
+    /// This host's folder for this repository, inside its cache folder.
+    pub(crate) fn host_cache(&self) -> Option<std::path::PathBuf> {
         let dir = self.opts.cache_dir.as_ref()?;
-        Some(dir.join(self.config.id.to_hex()).join("snapshots"))
+        Some(dir.join(self.config.id.to_hex()))
     }
 
     fn cached_snapshot(&self, id: &SnapshotId) -> Option<Vec<u8>> {

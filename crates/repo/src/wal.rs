@@ -30,6 +30,11 @@ const MAX_WAL_FILE: u64 = 1 << 30;
 /// adds 1/256), with its label. Storage and every key can write `wal/`: a larger object
 /// is damaged, and is not read.
 const MAX_OBJECT: u64 = MAX_WAL_FILE + (32 << 20);
+/// The WAL archive is listed in this many ranges side by side once it holds more than
+/// `SPLIT_ABOVE` objects (a listing page is 1,000): seven years of segments are hundreds
+/// of pages, each a round trip after the one before.
+const WAL_RANGES: usize = 16;
+const SPLIT_ABOVE: usize = 4_000;
 /// What is read of an object for its label and wrapped key alone.
 const HEAD: u64 = 4096;
 /// A body's nonce and tag: the least an object holds after its head.
@@ -295,8 +300,10 @@ impl Repository {
 
     /// Every archived WAL object: (system id, name, stored size).
     pub fn wal_objects(&self) -> Result<Vec<(u64, String, u64)>> {
+        let listed = self.storage.list_split(paths::WAL, &self.wal_splits())?;
+        self.keep_wal_splits(&listed);
         let mut out = vec![];
-        for e in self.storage.list(paths::WAL)? {
+        for e in listed {
             let mut parts = e.path.rsplitn(3, '/');
             let (Some(name), Some(sys)) = (parts.next(), parts.next()) else {
                 continue;
@@ -307,6 +314,66 @@ impl Repository {
             out.push((sys, name.to_string(), e.size));
         }
         Ok(out)
+    }
+
+    /// Where to split the listing of `wal/` (format.md 7a): the names that cut this host's
+    /// last listing of it in 16 even parts, when it was longer than a few pages. Names
+    /// under `wal/` only, at most 64; anything else in the file is ignored (the answer is
+    /// the same whatever the splits: they only spread the work).
+    fn wal_splits(&self) -> Vec<String> {
+        let Some(p) = self.host_cache().map(|d| d.join("wal-splits")) else {
+            return vec![];
+        };
+        let Ok(text) = std::fs::read_to_string(p) else {
+            return vec![];
+        };
+        text.lines()
+            .filter(|l| l.starts_with("wal/") && l.len() <= 128)
+            .take(64)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Best effort: without the file, the next listing is one range.
+    fn keep_wal_splits(&self, listed: &[custos_storage::Entry]) {
+        let Some(dir) = self.host_cache() else {
+            return;
+        };
+        let splits: String = if listed.len() > SPLIT_ABOVE {
+            (1..WAL_RANGES)
+                .map(|k| format!("{}\n", listed[k * listed.len() / WAL_RANGES].path))
+                .collect()
+        } else {
+            String::new()
+        };
+        let p = dir.join("wal-splits");
+        if std::fs::read_to_string(&p).is_ok_and(|t| t == splits) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            let mut rnd = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut rnd);
+            let tmp = dir.join(format!(".wal-splits-{}", hex::encode(rnd)));
+            std::io::Write::write_all(
+                &mut std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?,
+                splits.as_bytes(),
+            )?;
+            std::fs::rename(&tmp, &p).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+        };
+        if let Err(e) = write() {
+            tracing::debug!("where to split the WAL listing not kept: {e}");
+        }
     }
 
     /// Checks one WAL object of the listed `size`: its layout and label always, from its

@@ -138,6 +138,37 @@ pub fn run(s: Arc<dyn Storage>) {
     s.delete("snapshotsX/00").unwrap();
     assert!(s.list_hex("snapshots").unwrap().is_empty());
 
+    // A listing in ranges between splits gives the same answer whatever the splits:
+    // keys that exist or not, unsorted, repeated, before the first or past the last, or
+    // outside the folder.
+    let names: Vec<String> = (1..=9).map(|i| format!("wal/0a/{i}")).collect();
+    for n in &names {
+        s.put(n, b"w", PutMode::CreateOnly).unwrap();
+    }
+    s.put("wal/0b", b"w", PutMode::CreateOnly).unwrap();
+    for splits in [
+        vec![],
+        vec!["wal/0a/3", "wal/0a/7"],
+        vec!["wal/0a/7", "wal/0a/3", "wal/0a/3"],
+        vec!["wal/0a/35", "wal/0a/0", "wal/0a/99", "data/x", "zzz"],
+        vec![
+            "wal/0a/1", "wal/0a/2", "wal/0a/3", "wal/0a/4", "wal/0a/5", "wal/0a/9",
+        ],
+    ] {
+        let splits: Vec<String> = splits.into_iter().map(String::from).collect();
+        let got: Vec<String> = s
+            .list_split("wal/0a", &splits)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(got, names, "listing split at {splits:?}");
+    }
+    for n in &names {
+        s.delete(n).unwrap();
+    }
+    s.delete("wal/0b").unwrap();
+
     // Listings say when an object was written, where the store knows.
     let listed = s.list("data").unwrap();
     assert!(listed

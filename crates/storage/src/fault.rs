@@ -92,6 +92,9 @@ impl Storage for KillBeforeWrite {
     fn list_hex(&self, dir: &str) -> Result<Vec<Entry>> {
         self.inner.list_hex(dir)
     }
+    fn list_split(&self, dir: &str, splits: &[String]) -> Result<Vec<Entry>> {
+        self.inner.list_split(dir, splits)
+    }
     fn delete(&self, path: &str) -> Result<()> {
         self.tick();
         self.inner.delete(path)

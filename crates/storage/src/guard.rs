@@ -351,6 +351,9 @@ impl Storage for Secondary {
     fn list_hex(&self, dir: &str) -> Result<Vec<Entry>> {
         self.inner.list_hex(dir)
     }
+    fn list_split(&self, dir: &str, splits: &[String]) -> Result<Vec<Entry>> {
+        self.inner.list_split(dir, splits)
+    }
     fn delete(&self, path: &str) -> Result<()> {
         if is_lock(path) || path.starts_with(".tmp/") {
             return self.inner.delete(path);

@@ -400,15 +400,7 @@ impl RemoteStorage {
             if e.metadata().is_dir() {
                 continue;
             }
-            out.push(Entry {
-                path: e.path().trim_start_matches('/').to_string(),
-                size: e.metadata().content_length(),
-                modified: e
-                    .metadata()
-                    .last_modified()
-                    .map(std::time::SystemTime::from),
-                md5: e.metadata().etag().and_then(crate::etag_md5),
-            });
+            out.push(entry_of(&e));
         }
         Ok(out)
     }
@@ -435,6 +427,19 @@ impl RemoteStorage {
             .hint("check the endpoint URL and that the store is up and reachable from here; the waits are set by connect_timeout, timeout, io_timeout and retries in [storage] of custos.toml");
         }
         map_err(&self.location, path, e)
+    }
+}
+
+/// A listed object as OpenDAL gives it.
+fn entry_of(e: &opendal::Entry) -> Entry {
+    Entry {
+        path: e.path().trim_start_matches('/').to_string(),
+        size: e.metadata().content_length(),
+        modified: e
+            .metadata()
+            .last_modified()
+            .map(std::time::SystemTime::from),
+        md5: e.metadata().etag().and_then(crate::etag_md5),
     }
 }
 
@@ -779,6 +784,52 @@ impl Storage for RemoteStorage {
             Ok(parts) => {
                 let mut v: Vec<Entry> = parts.into_iter().flatten().collect();
                 v.sort_by(|a, b| a.path.cmp(&b.path));
+                Ok(v)
+            }
+            Err(e) if e.kind() == OdKind::NotFound => Ok(vec![]),
+            Err(e) => Err(self.err(dir, e)),
+        }
+    }
+
+    fn list_split(&self, dir: &str, splits: &[String]) -> Result<Vec<Entry>> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        let mut splits: Vec<&str> = splits
+            .iter()
+            .map(String::as_str)
+            .filter(|s| s.starts_with(&prefix))
+            .collect();
+        splits.sort_unstable();
+        splits.dedup();
+        // Range i: the keys after split i-1, up to and including split i.
+        let ranges = (0..=splits.len()).map(|i| {
+            let after = i.checked_sub(1).map(|j| splits[j]);
+            let upto = splits.get(i).copied();
+            let prefix = &prefix;
+            async move {
+                let mut l = self.op.lister_with(prefix).recursive(true);
+                if let Some(a) = after {
+                    l = l.start_after(a);
+                }
+                let mut lister = l.await?;
+                let mut out = vec![];
+                while let Some(e) = lister.try_next().await? {
+                    let path = e.path().trim_start_matches('/');
+                    if upto.is_some_and(|u| path > u) {
+                        break;
+                    }
+                    if e.metadata().is_dir() {
+                        continue;
+                    }
+                    out.push(entry_of(&e));
+                }
+                Ok::<_, opendal::Error>(out)
+            }
+        });
+        match self.rt.block_on(futures::future::try_join_all(ranges)) {
+            Ok(parts) => {
+                let mut v: Vec<Entry> = parts.into_iter().flatten().collect();
+                v.sort_by(|a, b| a.path.cmp(&b.path));
+                v.dedup_by(|a, b| a.path == b.path);
                 Ok(v)
             }
             Err(e) if e.kind() == OdKind::NotFound => Ok(vec![]),
