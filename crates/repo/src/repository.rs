@@ -1292,8 +1292,17 @@ impl Repository {
         };
         let pairs: HashMap<&SnapshotId, &SnapshotSummary> =
             all.iter().map(|s| (&s.id, &s.summary)).collect();
+        let json = serde_json::to_vec(&pairs).expect("serializable");
+        // Past what a reader decompresses (some 400,000 snapshots), no file: one that
+        // could not be read back would be rewritten at every listing.
+        if json.len() as u64 > crate::format::ZJSON_LIMIT {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        let z = zstd::bulk::compress(&json, 1).expect("zstd compress in memory");
+        drop(json);
         let (key, aad) = self.summaries_key();
-        let sealed = aead::seal(&key, &aad, &to_zjson(&pairs));
+        let sealed = aead::seal(&key, &aad, &z);
         let write = || -> std::io::Result<()> {
             use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
             let dir = path.parent().expect("in a folder");
