@@ -12,5 +12,6 @@ cargo nextest run --workspace --no-fail-fast "$@"
 if [ $# -eq 0 ]; then
     CUSTOS_INDEX_MEMORY_MB=0 cargo nextest run -p custos-cli --no-fail-fast \
         --test files --test postgres_backup --test postgres_pitr --test postgres_wal --test s3 \
-        --test retention --test errors --test security --test audit --test drill
+        --test retention --test errors --test security --test audit --test drill \
+        --test format_compat
 fi

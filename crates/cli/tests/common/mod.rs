@@ -145,7 +145,11 @@ impl T {
         let bin = self.dir.path().join(".bin/custos");
         if !bin.exists() {
             std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-            std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
+            let from = self
+                .bin
+                .clone()
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into());
+            std::fs::copy(from, &bin).unwrap();
             std::fs::set_permissions(
                 bin.parent().unwrap(),
                 std::fs::Permissions::from_mode(0o755),
@@ -386,12 +390,29 @@ pub fn flip_byte(path: &Path, offset_from_start: usize) {
 
 /// A repository, custos binary and config that the postgres user can use.
 pub fn pg_repo() -> (T, std::path::PathBuf, std::path::PathBuf) {
-    let mut t = T::bare();
+    pg_host(T::bare(), |t| {
+        t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+        t.add_key("backup", "backup role password", &[]);
+    })
+}
+
+/// A host the postgres user can work on: a copy of `t`'s custos binary (its `bin`, else
+/// the build's), the restore key's password (`PW`) and the backup key's ("backup role
+/// password") in files, and a config naming the latter. `repository` makes or brings the
+/// repository before everything is given to the postgres user.
+pub fn pg_host(
+    mut t: T,
+    repository: impl FnOnce(&mut T),
+) -> (T, std::path::PathBuf, std::path::PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = t.path("bin/custos");
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_custos"), &bin).unwrap();
+    let from = t
+        .bin
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into());
+    std::fs::copy(from, &bin).unwrap();
     std::fs::write(t.path("restore.pw"), PW).unwrap();
     std::fs::write(t.path("backup.pw"), "backup role password").unwrap();
     let cfg = t.path("custos.toml");
@@ -405,8 +426,7 @@ pub fn pg_repo() -> (T, std::path::PathBuf, std::path::PathBuf) {
         ),
     )
     .unwrap();
-    t.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
-    t.add_key("backup", "backup role password", &[]);
+    repository(&mut t);
     custos_testkit::give_to_postgres(t.dir.path());
     t.run_as = Some("postgres".into());
     (t, bin, cfg)
@@ -498,10 +518,12 @@ pub fn walkdir(p: &Path) -> Vec<PathBuf> {
 /// file, and a folder the postgres user can restore into.
 pub fn pg_roles(t: &T, cfg: &Path) -> (T, T, PathBuf) {
     let mut backup = t.with_password("unused");
+    backup.bin = t.bin.clone();
     backup.unset("CUSTOS_PASSWORD");
     backup.set("CUSTOS_CONFIG", cfg.to_str().unwrap());
     backup.run_as = Some("postgres".into());
     let mut restorer = t.with_password("unused");
+    restorer.bin = t.bin.clone();
     restorer.unset("CUSTOS_PASSWORD");
     restorer.set(
         "CUSTOS_PASSWORD_FILE",
