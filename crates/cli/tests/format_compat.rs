@@ -345,32 +345,59 @@ fn check_fixture(name: &str) {
     // archived), and to the end of its WAL (the incremental), each holding exactly the
     // rows committed by then; the table export into the latter.
     let bin = pg18_bin();
-    let restore_db = |dir: &Path, args: &[&str], expect_snapshot: &str| -> u16 {
-        let (r, port) = restore_pg(&restorer, dir, args);
-        assert_eq!(r["snapshot"].as_str(), Some(expect_snapshot), "{name}: {r}");
-        // The cluster's own config names the old host's socket folder; a restore on
-        // another host sets its own.
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("postgresql.auto.conf"))
-            .unwrap();
-        writeln!(f, "unix_socket_directories = '{}'", out.display()).unwrap();
-        port
+    // The cluster's own config names the old host's socket folder, which is not on this
+    // one: the restore says so and what to do, and either remedy gives a server that starts.
+    let socket_warning = |r: &serde_json::Value| {
+        r["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w.as_str())
+            .find(|w| w.contains("socket"))
+            .map(str::to_string)
     };
     let between = out.join("between");
-    let port = restore_db(
+    let (r, port) = restore_pg(
+        &restorer,
         &between,
         &["--target-time", pgx["between"].as_str().unwrap()],
-        pgx["full"].as_str().unwrap(),
     );
+    assert_eq!(r["snapshot"], pgx["full"], "{name}: {r}");
+    let warning = socket_warning(&r).unwrap_or_else(|| panic!("{name}: no warning: {r}"));
+    assert!(
+        warning.contains("--socket-dir") && warning.contains("unix_socket_directories"),
+        "{warning}"
+    );
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(between.join("postgresql.auto.conf"))
+        .unwrap();
+    writeln!(f, "unix_socket_directories = '{}'", out.display()).unwrap();
     assert_eq!(
         start_and_read(&bin, &between, port, &out),
         pgx["ledger_between"].as_str().unwrap(),
         "{name}: restored to a time"
     );
     let end = out.join("end");
-    let port = restore_db(&end, &[], pgx["incremental"].as_str().unwrap());
+    let (r, port) = restore_pg(&restorer, &end, &["--socket-dir", out.to_str().unwrap()]);
+    assert_eq!(r["snapshot"], pgx["incremental"], "{name}: {r}");
+    assert_eq!(socket_warning(&r), None, "{name}: {r}");
+    // A folder the server would take from its data directory is refused, before anything.
+    let never = out.join("never");
+    let err = restorer.fails(
+        &[
+            "restore",
+            "postgres",
+            "--to",
+            never.to_str().unwrap(),
+            "--socket-dir",
+            "sockets",
+        ],
+        2,
+    );
+    assert!(err.contains("--socket-dir sockets"), "{err}");
+    assert!(!never.exists());
     assert_eq!(
         start_and_read(&bin, &end, port, &out),
         pgx["ledger_end"].as_str().unwrap(),

@@ -80,6 +80,10 @@ pub(crate) enum RestoreCommand {
         /// Port for the restored server (to run it beside the original)
         #[arg(long)]
         port: Option<u16>,
+        /// Folder for the restored server's Unix socket (`unix_socket_directories`): the
+        /// backed-up configuration names the original host's, which may not exist here
+        #[arg(long, value_name = "DIR")]
+        socket_dir: Option<PathBuf>,
         /// Turn archiving off in the restored server: for drills and copies, so they do not
         /// archive a new timeline into the production repository
         #[arg(long)]
@@ -238,6 +242,7 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             delta,
             restore_command,
             port,
+            socket_dir,
             no_archiving,
             preview,
             extract_table,
@@ -278,6 +283,9 @@ pub(crate) fn cmd_restore(ctx: &Ctx, r: RestoreCommand) -> Result<i32> {
             let mut extra_settings = vec![];
             if let Some(p) = port {
                 extra_settings.push(format!("port = {p}"));
+            }
+            if let Some(d) = &socket_dir {
+                extra_settings.push(socket_setting(d)?);
             }
             if no_archiving {
                 extra_settings.push("archive_mode = off".to_string());
@@ -884,4 +892,23 @@ pub(crate) fn parse_target_time(t: &str) -> Result<chrono::DateTime<chrono::Utc>
     Err(Error::config(format!(
         "--target-time `{t}` is not a time like `2026-01-31 02:00:00+01` or 2026-01-31T02:00:00Z"
     )))
+}
+
+/// `unix_socket_directories` naming `dir`, quoted for postgresql.auto.conf. A folder the
+/// server cannot be told of in one line, or a relative one (it would be taken from the
+/// data directory), is refused.
+fn socket_setting(dir: &std::path::Path) -> Result<String> {
+    let d = dir
+        .to_str()
+        .filter(|d| d.starts_with('/') && !d.contains(|c: char| c.is_control() || c == ','));
+    let Some(d) = d else {
+        return Err(Error::config(format!(
+            "--socket-dir {}: give an absolute folder without commas or control characters",
+            dir.display()
+        )));
+    };
+    Ok(format!(
+        "unix_socket_directories = '{}'",
+        d.replace('\'', "''")
+    ))
 }

@@ -490,12 +490,15 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     // A data directory this restore creates is removed if the restore fails: a half-laid
     // directory with a backup_label must never be mistaken for a restore and started.
     let created_here = !o.to.exists();
+    // The report, the settings written, the risky ones, the port and the socket folders
+    // the server will use, and whether its configuration names those folders.
     type Laid = (
         RestoreReport,
         Vec<String>,
         Vec<RiskySetting>,
         u16,
         Vec<String>,
+        bool,
     );
     let laid = (|| -> Result<Laid> {
         let restore = restore_files(
@@ -530,6 +533,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         let mut risky = vec![];
         let mut port = 5432u16;
         let mut sockets = vec!["/var/run/postgresql".to_string(), "/tmp".to_string()];
+        let mut sockets_set = false;
         for name in ["postgresql.conf", "postgresql.auto.conf"] {
             let rel = custos_model::PathBytes::from(name);
             if let Some(text) = dir.read(&rel)? {
@@ -539,7 +543,8 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                         match k.as_str() {
                             "port" => port = v.parse().unwrap_or(port),
                             "unix_socket_directories" => {
-                                sockets = v.split(',').map(|d| d.trim().to_string()).collect()
+                                sockets = v.split(',').map(|d| d.trim().to_string()).collect();
+                                sockets_set = true;
                             }
                             _ => {}
                         }
@@ -551,9 +556,9 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                 }));
             }
         }
-        Ok((restore, settings, risky, port, sockets))
+        Ok((restore, settings, risky, port, sockets, sockets_set))
     })();
-    let (restore, settings, risky_settings, port, sockets) = match laid {
+    let (restore, settings, risky_settings, port, sockets, sockets_set) = match laid {
         Ok(x) => x,
         Err(e) => {
             if created_here {
@@ -566,6 +571,15 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         warnings.push(format!(
             "a server already listens on port {port} on this host (the original?): the restored one will not start on it; restore again with --port, or set `port` in postgresql.auto.conf"
         ));
+    }
+    // The configuration came from the host that was backed up: on another host its
+    // socket folder may not exist, and the server then stops at its start.
+    for d in sockets.iter().filter(|d| sockets_set && d.starts_with('/')) {
+        if !Path::new(d).is_dir() {
+            warnings.push(format!(
+                "the restored configuration puts the server's socket in {d}, which is not a folder on this host: the server will not start; restore again with --socket-dir DIR, or set `unix_socket_directories` in postgresql.auto.conf"
+            ));
+        }
     }
     Ok(PgRestoreReport {
         snapshot: snap.id.to_hex(),
