@@ -1,7 +1,8 @@
 //! Base backups with a real PostgreSQL 15 cluster: a damaged data page is reported by the
 //! backup (file and block), a backup taken with --wal restores without any archive, prune
-//! removes archived WAL that no kept backup needs and keeps what they need, and bad
-//! connection settings or a data directory of another cluster give one clear error.
+//! removes archived WAL that no kept backup needs and keeps what they need, bad
+//! connection settings or a data directory of another cluster give one clear error, and a
+//! configuration kept outside the data directory (Debian) is named by backup and restore.
 
 mod common;
 use common::*;
@@ -202,4 +203,105 @@ fn bad_connection_and_wrong_data_directory_are_clear_errors() {
     );
     assert!(err.contains("belongs to cluster"), "{err}");
     assert!(t.json(&["snapshots"]).as_array().unwrap().is_empty());
+}
+
+/// A cluster laid out as Debian lays it out: postgresql.conf, pg_hba.conf and
+/// pg_ident.conf in a folder of their own (/etc/postgresql/<version>/<cluster>), the data
+/// directory without them. A base backup holds the data directory only: the backup names
+/// the files it lacks, the restore says the server will not start as it is and what to do,
+/// and doing that gives a server with the rows.
+#[test]
+fn configuration_outside_the_data_directory_is_named_at_backup_and_restore() {
+    let made = PgCluster::init(pg15_bin(), "wal_level = replica\n");
+    let etc = made.dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let files = ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"];
+    for f in files {
+        std::fs::rename(made.data.join(f), etc.join(f)).unwrap();
+    }
+    {
+        use std::io::Write;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(etc.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "data_directory = '{}'\nhba_file = '{}'\nident_file = '{}'",
+            made.data.display(),
+            etc.join("pg_hba.conf").display(),
+            etc.join("pg_ident.conf").display()
+        )
+        .unwrap();
+    }
+    give_to_postgres(&etc);
+    // pg_ctl -D names the configuration folder, as pg_ctlcluster does.
+    let pg = PgCluster::existing(made.bin.clone(), etc.clone(), made.port, made.dir.clone());
+    pg.start();
+    pg.psql("CREATE TABLE ledger (id int PRIMARY KEY); INSERT INTO ledger SELECT generate_series(1, 300)");
+
+    let (mut t, _, _) = pg_repo();
+    connect(&mut t, &pg);
+    let o = t.run(&["backup", "postgres", "--type", "full", "--wal", "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let named: Vec<&str> = r["config_outside"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let want: Vec<String> = files
+        .iter()
+        .map(|f| etc.join(f).display().to_string())
+        .collect();
+    assert_eq!(named, want, "{r}");
+    assert!(
+        err.contains("outside its data directory") && err.contains(&want[0]),
+        "{err}"
+    );
+
+    t.unset("CUSTOS_PASSWORD");
+    t.set(
+        "CUSTOS_PASSWORD_FILE",
+        t.path("restore.pw").to_str().unwrap(),
+    );
+    let dir = t.path("restored");
+    let (r, port) = restore_pg(&t, &dir, &["--target", "immediate"]);
+    let warning = r["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.as_str())
+        .find(|w| w.contains("no postgresql.conf"))
+        .unwrap_or_else(|| panic!("no warning: {r}"))
+        .to_string();
+    assert!(
+        warning.contains(&want[0]) && warning.contains("config_file"),
+        "{warning}"
+    );
+    assert!(!dir.join("postgresql.conf").exists());
+
+    // What the warning says: the configuration in, without the lines naming the old
+    // places; the server starts and holds the rows.
+    for f in files {
+        let text = std::fs::read_to_string(etc.join(f)).unwrap();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                !["data_directory", "hba_file", "ident_file"]
+                    .iter()
+                    .any(|k| l.trim_start().starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.join(f), kept).unwrap();
+        give_to_postgres(&dir.join(f));
+    }
+    let c = PgCluster::existing(pg.bin.clone(), dir.clone(), port, pg.dir.clone());
+    let (ok, log) = c.try_start(&t.path("restored.log"));
+    assert!(ok, "{log}");
+    assert_eq!(c.psql("SELECT count(*) FROM ledger"), "300", "{}", c.log());
+    c.stop();
 }

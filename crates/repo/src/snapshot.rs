@@ -196,6 +196,11 @@ pub struct SnapshotBody {
     /// PostgreSQL base backups: mode and owner of the data directory itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<RootMeta>,
+    /// PostgreSQL base backups: the configuration files the server read from outside its
+    /// data directory (Debian's /etc/postgresql/...), which the backup does not hold:
+    /// named so that a restore can say what it lacks (format.md 6.2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pg_config_outside: Vec<String>,
     /// For tables, audit-log exports and dumps: definitions, row chunks, digests and
     /// sample queries, readable by the restore role only (format.md 6.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]

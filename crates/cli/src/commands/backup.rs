@@ -499,6 +499,12 @@ pub(crate) fn print_pg_backup(ctx: &Ctx, r: &pg_backup::PgBackupReport) -> i32 {
             eprintln!("custos: warning: damaged page: {d}");
         }
     }
+    if !r.config_outside.is_empty() {
+        eprintln!(
+            "custos: warning: the server reads its configuration from outside its data directory ({}), which a base backup does not hold: back those files up too (a files source naming them), or a restore on a new host has no configuration to start with",
+            r.config_outside.join(", ")
+        );
+    }
     if r.damaged_pages.is_empty() {
         0
     } else {

@@ -464,6 +464,8 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     // PostgreSQL runs restore_command as the data folder's owner: a root-only password
     // file or binary would fail at the first WAL fetch, after the whole restore.
     let body = repo.snapshot_body(&snap.id)?;
+    // What the backup key recorded: at most the three files PostgreSQL names.
+    let body_config: Vec<String> = body.pg_config_outside.iter().take(3).cloned().collect();
     if unsafe { libc::geteuid() } == 0 {
         if let Some(root) = body.root.filter(|r| r.uid != 0) {
             let user = crate::postgres::access::User::of(root.uid, root.gid);
@@ -491,13 +493,15 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     // directory with a backup_label must never be mistaken for a restore and started.
     let created_here = !o.to.exists();
     // The report, the settings written, the risky ones, the port and the socket folders
-    // the server will use, and whether its configuration names those folders.
+    // the server will use, whether its configuration names those folders, and whether
+    // the data directory holds a postgresql.conf.
     type Laid = (
         RestoreReport,
         Vec<String>,
         Vec<RiskySetting>,
         u16,
         Vec<String>,
+        bool,
         bool,
     );
     let laid = (|| -> Result<Laid> {
@@ -534,9 +538,11 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
         let mut port = 5432u16;
         let mut sockets = vec!["/var/run/postgresql".to_string(), "/tmp".to_string()];
         let mut sockets_set = false;
+        let mut has_conf = false;
         for name in ["postgresql.conf", "postgresql.auto.conf"] {
             let rel = custos_model::PathBytes::from(name);
             if let Some(text) = dir.read(&rel)? {
+                has_conf |= name == "postgresql.conf";
                 let text = String::from_utf8_lossy(&text);
                 for ours in [false, true] {
                     for (_, k, v) in conf_settings(&text, ours) {
@@ -556,9 +562,17 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                 }));
             }
         }
-        Ok((restore, settings, risky, port, sockets, sockets_set))
+        Ok((
+            restore,
+            settings,
+            risky,
+            port,
+            sockets,
+            sockets_set,
+            has_conf,
+        ))
     })();
-    let (restore, settings, risky_settings, port, sockets, sockets_set) = match laid {
+    let (restore, settings, risky_settings, port, sockets, sockets_set, has_conf) = match laid {
         Ok(x) => x,
         Err(e) => {
             if created_here {
@@ -570,6 +584,25 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     if port_in_use(port, &sockets) {
         warnings.push(format!(
             "a server already listens on port {port} on this host (the original?): the restored one will not start on it; restore again with --port, or set `port` in postgresql.auto.conf"
+        ));
+    }
+    // A server configured from outside its data directory (Debian's /etc/postgresql/...)
+    // left none in the backup: without one the server does not start.
+    if !has_conf {
+        let named = if body_config.is_empty() {
+            "it read its configuration from elsewhere".to_string()
+        } else {
+            format!(
+                "the backed-up server read {}",
+                body_config
+                    .iter()
+                    .map(|p| custos_model::path::escape_bytes(p.as_bytes()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        warnings.push(format!(
+            "the restored data directory holds no postgresql.conf ({named}, outside its data directory; a base backup holds the data directory only): the server will not start as it is; put the configuration in place first (from your configuration backup, or pg_createcluster on Debian), copying postgresql.conf, pg_hba.conf and pg_ident.conf into the data directory without their data_directory, hba_file and ident_file lines, or start with -c config_file=FILE"
         ));
     }
     // The configuration came from the host that was backed up: on another host its

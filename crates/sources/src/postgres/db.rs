@@ -353,6 +353,9 @@ pub struct ClusterInfo {
     pub in_recovery: bool,
     pub archive_mode: String,
     pub summarize_wal: bool,
+    /// `config_file`, `hba_file` and `ident_file` as (name, path), where this connection
+    /// may read them (superusers and pg_read_all_settings).
+    pub config_files: Vec<(String, String)>,
 }
 
 /// `pg_backup_stop`'s answer: where the backup ends and the files to write beside it.
@@ -374,8 +377,20 @@ impl Db {
              current_setting('data_directory'), current_setting('data_checksums') = 'on', \
              (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), \
              current_setting('block_size')::int, pg_is_in_recovery(), current_setting('archive_mode'), \
-             coalesce((SELECT setting = 'on' FROM pg_settings WHERE name = 'summarize_wal'), false)",
+             coalesce((SELECT setting = 'on' FROM pg_settings WHERE name = 'summarize_wal'), false), \
+             (SELECT setting FROM pg_settings WHERE name = 'config_file'), \
+             (SELECT setting FROM pg_settings WHERE name = 'hba_file'), \
+             (SELECT setting FROM pg_settings WHERE name = 'ident_file')",
         )?;
+        let config_files = ["config_file", "hba_file", "ident_file"]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                r.get::<_, Option<String>>(10 + i)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| (name.to_string(), p))
+            })
+            .collect();
         Ok(ClusterInfo {
             system_id: r
                 .get::<_, String>(0)
@@ -390,6 +405,7 @@ impl Db {
             in_recovery: r.get(7),
             archive_mode: r.get(8),
             summarize_wal: r.get(9),
+            config_files,
         })
     }
 

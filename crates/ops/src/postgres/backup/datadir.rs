@@ -26,8 +26,8 @@ use custos_sources::postgres::db::{ClusterInfo, Db};
 use custos_sources::postgres::summary::FileChanges;
 
 use super::shared::{
-    begin, pg_info, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
-    PgBackupOptions, PgBackupReport, Span,
+    begin, config_outside, pg_info, save_cache, segments, store_bytes, wait_archived,
+    waits_for_archive, Begun, PgBackupOptions, PgBackupReport, Span,
 };
 use crate::backup::BackupOptions;
 use crate::cache;
@@ -285,6 +285,7 @@ pub(crate) fn backup_datadir(
         manifest,
         tablespace_map: Some(stop.tablespace_map.clone()).filter(|m| !m.is_empty()),
         root: Some(owner),
+        pg_config_outside: config_outside(info),
         ..Default::default()
     };
     let report = run.finish(opts, stats, &body, vec![])?;
@@ -307,6 +308,7 @@ pub(crate) fn backup_datadir(
         blocks_skipped: blocks_skipped.into_inner(),
         wal_summaries: summaries.is_some(),
         via: "datadir",
+        config_outside: body.pg_config_outside.clone(),
     })
 }
 

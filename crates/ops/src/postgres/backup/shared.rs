@@ -54,6 +54,24 @@ pub struct PgBackupReport {
     pub wal_summaries: bool,
     /// How the files were read: `datadir` (on the database host) or `replication`.
     pub via: &'static str,
+    /// The server's configuration files outside its data directory, which the backup
+    /// does not hold (see [`config_outside`]).
+    pub config_outside: Vec<String>,
+}
+
+/// The configuration files the server reads from outside its data directory, as on
+/// Debian (`/etc/postgresql/<version>/<cluster>/`): a base backup holds the data directory
+/// only, so a restore on a host without them has no configuration to start with.
+pub(crate) fn config_outside(info: &ClusterInfo) -> Vec<String> {
+    let data = Path::new(&info.data_directory);
+    info.config_files
+        .iter()
+        .filter(|(_, p)| {
+            let p = Path::new(p);
+            p.is_absolute() && !p.starts_with(data)
+        })
+        .map(|(_, p)| p.clone())
+        .collect()
 }
 
 pub(crate) type ParentFiles = HashMap<custos_model::PathBytes, ParentFile>;

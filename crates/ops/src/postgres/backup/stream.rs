@@ -38,8 +38,8 @@ use custos_sources::postgres::db::{ClusterInfo, Db};
 
 use crate::backup::BackupOptions;
 use crate::postgres::backup::shared::{
-    begin, pg_info, save_cache, segments, store_bytes, wait_archived, waits_for_archive, Begun,
-    PgBackupOptions, PgBackupReport, Span,
+    begin, config_outside, pg_info, save_cache, segments, store_bytes, wait_archived,
+    waits_for_archive, Begun, PgBackupOptions, PgBackupReport, Span,
 };
 use crate::postgres::pages::{FileBuilder, ParentFile, Sink};
 
@@ -322,6 +322,7 @@ pub(crate) fn backup_streamed(
         paths: vec![format!("{host}:{}", info.data_directory)],
         manifest: manifest_id,
         root: Some(read.root),
+        pg_config_outside: config_outside(info),
         ..Default::default()
     };
     let report = run.finish(opts, stats, &body, vec![])?;
@@ -343,6 +344,7 @@ pub(crate) fn backup_streamed(
         blocks_skipped: 0,
         wal_summaries: server_incremental,
         via: "replication",
+        config_outside: body.pg_config_outside.clone(),
     })
 }
 
