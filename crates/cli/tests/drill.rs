@@ -19,19 +19,32 @@ struct Setup {
     pg: PgCluster,
     scratch: std::path::PathBuf,
     cfg: std::path::PathBuf,
+    /// The cluster as initdb made it, when `pg` runs it from a configuration folder.
+    _made: Option<PgCluster>,
 }
 
 fn setup(checks: &str) -> Setup {
+    setup_with(checks, "", false)
+}
+
+/// `setup`, with more server settings, and the configuration outside the data
+/// directory (Debian's layout) when `outside`.
+fn setup_with(checks: &str, more_conf: &str, outside: bool) -> Setup {
     let (t, cbin, cfg) = pg_repo();
     let (mut backup, restorer, _out) = pg_roles(&t, &cfg);
     let bin = pg18_bin();
     let conf = format!(
         "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\nwal_level = replica\n\
-         track_commit_timestamp = on\nmax_connections = 40\narchive_timeout = 1\n",
+         track_commit_timestamp = on\nmax_connections = 40\narchive_timeout = 1\n{more_conf}",
         cbin.display(),
         cfg.display()
     );
-    let pg = PgCluster::init(bin.clone(), &conf);
+    let made = PgCluster::init(bin.clone(), &conf);
+    let (pg, made) = if outside {
+        (configured_outside(&made).0, Some(made))
+    } else {
+        (made, None)
+    };
     pg.start();
     backup.set("PGHOST", pg.dir.to_str().unwrap());
     backup.set("PGPORT", &pg.port.to_string());
@@ -56,6 +69,7 @@ fn setup(checks: &str) -> Setup {
         pg,
         scratch,
         cfg,
+        _made: made,
     }
 }
 
@@ -69,6 +83,7 @@ fn a_db_drill_restores_proves_times_and_records_and_a_damaged_pack_fails_it() {
         pg,
         scratch,
         cfg,
+        ..
     } = setup(
         "[[drill.check]]\nname = \"the ledger has rows\"\nsql = \"SELECT count(*) > 0 FROM ledger\"\nexpect = \"t\"\n\
          [[drill.check]]\nname = \"pgbench's accounts are whole\"\nsql = \"SELECT count(*) FROM pgbench_accounts\"\nexpect = \"300000\"\n",
@@ -523,4 +538,37 @@ fn restore_all_brings_back_the_database_vectors_files_and_state_of_a_point() {
     );
     let got = start_and_read(&pg.bin, &at.join("postgres"), port, &pg.dir);
     assert_eq!(got, ledger_at_t, "the ledger differs from the one at T");
+}
+
+/// The seed's weekly drill of a cluster installed as Debian installs it: its
+/// configuration (and the larger max_connections in it) outside the data directory, so
+/// the backup holds none. The drill's scratch copy still starts, recovers and passes.
+#[test]
+fn a_db_drill_of_a_cluster_configured_outside_its_data_directory() {
+    let Setup {
+        backup,
+        restorer: drill,
+        pg,
+        scratch,
+        t: _t,
+        _made: _made,
+        ..
+    } = setup_with(
+        "[[drill.check]]\nname = \"the ledger has rows\"\nsql = \"SELECT count(*) FROM ledger\"\nexpect = \"500\"\n",
+        "max_connections = 150\nmax_worker_processes = 12\n",
+        true,
+    );
+    assert_eq!(pg.psql("SHOW max_connections"), "150");
+    pg.psql("CREATE TABLE ledger (id int PRIMARY KEY); INSERT INTO ledger SELECT generate_series(1, 500)");
+    backup.json(&["backup", "postgres", "--type", "full"]);
+    pg.switch_and_archive();
+    let r = drill.json(&["drill", "db"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let checks = r["checks"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+    assert!(
+        checks.iter().any(|c| c["name"] == "the ledger has rows"),
+        "{r}"
+    );
+    assert!(std::fs::read_dir(&scratch).unwrap().next().is_none());
 }

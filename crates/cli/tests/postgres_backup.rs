@@ -213,30 +213,8 @@ fn bad_connection_and_wrong_data_directory_are_clear_errors() {
 #[test]
 fn configuration_outside_the_data_directory_is_named_at_backup_and_restore() {
     let made = PgCluster::init(pg15_bin(), "wal_level = replica\n");
-    let etc = made.dir.join("etc");
-    std::fs::create_dir_all(&etc).unwrap();
+    let (pg, etc) = configured_outside(&made);
     let files = ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"];
-    for f in files {
-        std::fs::rename(made.data.join(f), etc.join(f)).unwrap();
-    }
-    {
-        use std::io::Write;
-        let mut conf = std::fs::OpenOptions::new()
-            .append(true)
-            .open(etc.join("postgresql.conf"))
-            .unwrap();
-        writeln!(
-            conf,
-            "data_directory = '{}'\nhba_file = '{}'\nident_file = '{}'",
-            made.data.display(),
-            etc.join("pg_hba.conf").display(),
-            etc.join("pg_ident.conf").display()
-        )
-        .unwrap();
-    }
-    give_to_postgres(&etc);
-    // pg_ctl -D names the configuration folder, as pg_ctlcluster does.
-    let pg = PgCluster::existing(made.bin.clone(), etc.clone(), made.port, made.dir.clone());
     pg.start();
     pg.psql("CREATE TABLE ledger (id int PRIMARY KEY); INSERT INTO ledger SELECT generate_series(1, 300)");
 

@@ -154,6 +154,35 @@ pub fn find_bin(data: &Path) -> Result<PathBuf> {
     .hint(format!("install PostgreSQL {major} (its pg_ctl, psql and pg_amcheck), or name their folder: [drill] bin in custos.toml or --pg-bin")))
 }
 
+/// A postgresql.conf for a copy whose original kept its configuration elsewhere: the
+/// settings that hot standby requires to be at least the original's, as its control file
+/// (`pg_controldata`'s output) recorded them; the rest stays at PostgreSQL's defaults.
+fn conf_from_controldata(controldata: &str) -> String {
+    const REQUIRED: [(&str, &str); 5] = [
+        ("max_connections setting", "max_connections"),
+        ("max_worker_processes setting", "max_worker_processes"),
+        ("max_wal_senders setting", "max_wal_senders"),
+        ("max_prepared_xacts setting", "max_prepared_transactions"),
+        ("max_locks_per_xact setting", "max_locks_per_transaction"),
+    ];
+    let mut out = String::from(
+        "# Written by custos drill: the backed-up server kept its configuration outside its\n\
+         # data directory, so the backup holds none.\n",
+    );
+    for line in controldata.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        if let Some((_, name)) = REQUIRED.iter().find(|(label, _)| *label == k.trim()) {
+            if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                out.push_str(&format!("{name} = {v}\n"));
+            }
+        }
+    }
+    out
+}
+
 /// Runs a PostgreSQL program, as `os_user` when one is named.
 fn pg_cmd(bin: &Path, prog: &str, os_user: Option<&str>) -> Command {
     match os_user {
@@ -354,6 +383,23 @@ impl ScratchCluster {
             Some(b) => b.clone(),
             None => find_bin(&data)?,
         };
+        // A server configured from outside its data directory (Debian) left no
+        // postgresql.conf in the backup: the copy gets one holding only what recovery
+        // requires to be at least the original's (settings on top go to postgresql.auto.conf).
+        if !data.join("postgresql.conf").exists() {
+            let controldata = run(
+                pg_cmd(&bin, "pg_controldata", o.os_user.as_deref())
+                    .arg("-D")
+                    .arg(&data),
+                "pg_controldata",
+            )?;
+            let conf = data.join("postgresql.conf");
+            std::fs::write(&conf, conf_from_controldata(&controldata))
+                .map_err(|e| Error::internal(format!("cannot write {}: {e}", conf.display())))?;
+            if let Some(u) = &o.os_user {
+                chown_tree(&conf, u)?;
+            }
+        }
         folder.0 = None;
         let mut c = ScratchCluster {
             dir,
@@ -884,4 +930,33 @@ pub fn extract_tables(
         seconds: t0.elapsed().as_secs_f64(),
         ..report
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conf_from_controldata;
+
+    #[test]
+    fn a_conf_from_controldata_holds_what_hot_standby_needs_and_nothing_odd() {
+        let text = "pg_control version number:            1800\n\
+                    wal_level setting:                    replica\n\
+                    max_connections setting:              150\n\
+                    max_worker_processes setting:         12\n\
+                    max_wal_senders setting:              10\n\
+                    max_prepared_xacts setting:           0\n\
+                    max_locks_per_xact setting:           64\n\
+                    max_connections setting:              1; shared_preload_libraries = 'x'\n";
+        let conf = conf_from_controldata(text);
+        let settings: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            settings,
+            [
+                "max_connections = 150",
+                "max_worker_processes = 12",
+                "max_wal_senders = 10",
+                "max_prepared_transactions = 0",
+                "max_locks_per_transaction = 64",
+            ]
+        );
+    }
 }

@@ -624,3 +624,38 @@ pub fn start_ledger_load(
         .spawn()
         .unwrap()
 }
+
+/// Lays `made` (stopped) out as Debian does: postgresql.conf, pg_hba.conf and
+/// pg_ident.conf moved to a folder of their own (`etc` beside the data directory), the
+/// configuration naming the data directory and the other two files. Returns the server
+/// as pg_ctlcluster runs it (pg_ctl -D on the configuration folder) and that folder.
+pub fn configured_outside(
+    made: &custos_testkit::PgCluster,
+) -> (custos_testkit::PgCluster, PathBuf) {
+    use std::io::Write;
+    let etc = made.dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    for f in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+        std::fs::rename(made.data.join(f), etc.join(f)).unwrap();
+    }
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(etc.join("postgresql.conf"))
+        .unwrap();
+    writeln!(
+        conf,
+        "data_directory = '{}'\nhba_file = '{}'\nident_file = '{}'",
+        made.data.display(),
+        etc.join("pg_hba.conf").display(),
+        etc.join("pg_ident.conf").display()
+    )
+    .unwrap();
+    custos_testkit::give_to_postgres(&etc);
+    let pg = custos_testkit::PgCluster::existing(
+        made.bin.clone(),
+        etc.clone(),
+        made.port,
+        made.dir.clone(),
+    );
+    (pg, etc)
+}
