@@ -551,7 +551,7 @@ fn a_db_drill_of_a_cluster_configured_outside_its_data_directory() {
         pg,
         scratch,
         t: _t,
-        _made: _made,
+        _made,
         ..
     } = setup_with(
         "[[drill.check]]\nname = \"the ledger has rows\"\nsql = \"SELECT count(*) FROM ledger\"\nexpect = \"500\"\n",
