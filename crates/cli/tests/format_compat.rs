@@ -243,6 +243,23 @@ fn config_jobs(t: &T) -> serde_json::Value {
         .collect()
 }
 
+/// Folders 0700 and files 0600 under `root`, as custos writes a repository and its cache.
+fn private_modes(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    set(root, 0o700);
+    for e in std::fs::read_dir(root).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            private_modes(&e.path());
+        } else {
+            set(&e.path(), 0o600);
+        }
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     let copied = std::process::Command::new("cp")
         .args(["-a", "--no-preserve=ownership"])
@@ -266,6 +283,15 @@ fn check_fixture(name: &str) {
     let (t, _, cfg) = pg_host(T::bare(), |t| {
         copy_dir(&fixture.join("repo"), Path::new(&t.repo));
         copy_dir(&fixture.join("cache"), &t.path("upgraded-cache"));
+        copy_dir(&fixture.join("shares"), &t.path("shares"));
+        // Git keeps no modes: give the copies those custos wrote them with.
+        for p in [
+            Path::new(&t.repo),
+            &t.path("upgraded-cache"),
+            &t.path("shares"),
+        ] {
+            private_modes(p);
+        }
     });
     let (_, mut restorer, out) = pg_roles(&t, &cfg);
     let mut upgraded = t.with_password(PW);
@@ -486,7 +512,7 @@ fn check_fixture(name: &str) {
     }
 
     // The password is lost: two of the three shares that build wrote rebuild the key.
-    let mut shares: Vec<String> = std::fs::read_dir(fixture.join("shares"))
+    let mut shares: Vec<String> = std::fs::read_dir(t.path("shares"))
         .unwrap()
         .map(|e| e.unwrap().path().display().to_string())
         .collect();
