@@ -19,6 +19,7 @@
 mod common;
 use common::*;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use custos_testkit::{pg18_bin, PgCluster};
@@ -79,13 +80,13 @@ fn make_format_fixture() {
     // Files: a tree, then the same tree changed (an incremental on the first).
     let src = t.path("src");
     make_tree(&src, 21, 30, 48 * 1024);
-    give_to_postgres_tree(&src);
+    custos_testkit::give_to_postgres(&src);
     let files1 = snapshot_of(&t.json(&["backup", "files", src.to_str().unwrap()]));
     let tree1 = describe(&src);
     std::fs::write(src.join("docs/file-0001.dat"), b"revised note\n").unwrap();
     std::fs::remove_file(src.join("docs/nested/file-0004.dat")).unwrap();
     std::fs::write(src.join("docs/added.txt"), vec![b'x'; 70_000]).unwrap();
-    give_to_postgres_tree(&src);
+    custos_testkit::give_to_postgres(&src);
     let files2 = snapshot_of(&t.json(&["backup", "files", src.to_str().unwrap()]));
     let tree2 = describe(&src);
 
@@ -228,8 +229,18 @@ fn make_format_fixture() {
     .unwrap();
 }
 
-fn give_to_postgres_tree(p: &Path) {
-    custos_testkit::give_to_postgres(p);
+/// Restores files snapshot `id` as `who` into `to`; what landed there, as [`describe`].
+fn restored_tree(who: &T, id: &str, to: &Path) -> BTreeMap<String, String> {
+    who.ok(&["restore", "files", id, "--to", to.to_str().unwrap()]);
+    describe(to)
+}
+
+/// A files snapshot of `expect.json` and the tree it must restore to.
+fn snapshot_and_tree(f: &serde_json::Value) -> (&str, BTreeMap<String, String>) {
+    (
+        f["snapshot"].as_str().unwrap(),
+        serde_json::from_value(f["tree"].clone()).unwrap(),
+    )
 }
 
 /// The jobs `config check` reads from the config `t` names: name, what it runs, when.
@@ -343,17 +354,9 @@ fn check_fixture(name: &str) {
 
     // Files and the stream restore exactly.
     for (i, f) in expect["files"].as_array().unwrap().iter().enumerate() {
-        let to = out.join(format!("files-{i}"));
-        t.ok(&[
-            "restore",
-            "files",
-            f["snapshot"].as_str().unwrap(),
-            "--to",
-            to.to_str().unwrap(),
-        ]);
-        let want: std::collections::BTreeMap<String, String> =
-            serde_json::from_value(f["tree"].clone()).unwrap();
-        assert_eq!(describe(&to), want, "{name}: files snapshot {i}");
+        let (id, want) = snapshot_and_tree(f);
+        let got = restored_tree(&t, id, &out.join(format!("files-{i}")));
+        assert_eq!(got, want, "{name}: files snapshot {i}");
     }
     let o = t.run(&[
         "restore",
@@ -460,11 +463,10 @@ fn check_fixture(name: &str) {
     let files = expect["files"].as_array().unwrap();
     let src = t.path("src-new");
     make_tree(&src, 77, 20, 40 * 1024);
-    give_to_postgres_tree(&src);
+    custos_testkit::give_to_postgres(&src);
     let new = snapshot_of(&upgraded.json(&["backup", "files", src.to_str().unwrap()]));
-    let to = out.join("files-new");
-    t.ok(&["restore", "files", &new, "--to", to.to_str().unwrap()]);
-    assert_eq!(describe(&to), describe(&src), "{name}: a new backup");
+    let got = restored_tree(&t, &new, &out.join("files-new"));
+    assert_eq!(got, describe(&src), "{name}: a new backup");
     upgraded.ok(&["forget", files[0]["snapshot"].as_str().unwrap()]);
     upgraded.ok(&["prune"]);
     // Its listing (from the snapshots and summaries it kept) drops the forgotten one.
@@ -488,17 +490,9 @@ fn check_fixture(name: &str) {
         "{name}: the upgraded host's listing after forget"
     );
     t.ok(&["verify", "--read-data"]);
-    let to = out.join("files-after-prune");
-    t.ok(&[
-        "restore",
-        "files",
-        files[1]["snapshot"].as_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
-    let want: std::collections::BTreeMap<String, String> =
-        serde_json::from_value(files[1]["tree"].clone()).unwrap();
-    assert_eq!(describe(&to), want, "{name}: after prune");
+    let (kept, want) = snapshot_and_tree(&files[1]);
+    let got = restored_tree(&t, kept, &out.join("files-after-prune"));
+    assert_eq!(got, want, "{name}: after prune");
     t.ok(&["audit", "verify"]);
 
     // The operator's config of that build still reads, with the same jobs.
@@ -532,15 +526,8 @@ fn check_fixture(name: &str) {
         "1",
     ]);
     let rebuilt = t.with_password("rebuilt from two shares");
-    let to = t.path("rebuilt");
-    rebuilt.ok(&[
-        "restore",
-        "files",
-        files[1]["snapshot"].as_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
-    assert_eq!(describe(&to), want, "{name}: with the rebuilt key");
+    let got = restored_tree(&rebuilt, kept, &t.path("rebuilt"));
+    assert_eq!(got, want, "{name}: with the rebuilt key");
 }
 
 /// Written on 2026-12-04, when tables and the vector store had just landed (issue 17),

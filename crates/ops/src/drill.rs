@@ -386,14 +386,14 @@ impl ScratchCluster {
         // A server configured from outside its data directory (Debian) left no
         // postgresql.conf in the backup: the copy gets one holding only what recovery
         // requires to be at least the original's (settings on top go to postgresql.auto.conf).
-        if !data.join("postgresql.conf").exists() {
+        let conf = data.join("postgresql.conf");
+        if !conf.exists() {
             let controldata = run(
                 pg_cmd(&bin, "pg_controldata", o.os_user.as_deref())
                     .arg("-D")
                     .arg(&data),
                 "pg_controldata",
             )?;
-            let conf = data.join("postgresql.conf");
             std::fs::write(&conf, conf_from_controldata(&controldata))
                 .map_err(|e| Error::internal(format!("cannot write {}: {e}", conf.display())))?;
             if let Some(u) = &o.os_user {

@@ -117,11 +117,7 @@ impl T {
                 c.args(["-u", u, "--"]).arg(self.shared_binary());
                 c
             }
-            None => Command::new(
-                self.bin
-                    .clone()
-                    .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into()),
-            ),
+            None => Command::new(self.exe()),
         };
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap())
@@ -138,6 +134,13 @@ impl T {
         c
     }
 
+    /// The custos this operator runs: its `bin`, else the build's.
+    pub fn exe(&self) -> PathBuf {
+        self.bin
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into())
+    }
+
     /// A copy of the binary another user can execute: the checkout (and so target/) may
     /// sit in a folder only root can enter.
     pub fn shared_binary(&self) -> PathBuf {
@@ -145,11 +148,7 @@ impl T {
         let bin = self.dir.path().join(".bin/custos");
         if !bin.exists() {
             std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-            let from = self
-                .bin
-                .clone()
-                .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into());
-            std::fs::copy(from, &bin).unwrap();
+            std::fs::copy(self.exe(), &bin).unwrap();
             std::fs::set_permissions(
                 bin.parent().unwrap(),
                 std::fs::Permissions::from_mode(0o755),
@@ -408,11 +407,7 @@ pub fn pg_host(
     std::fs::set_permissions(t.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = t.path("bin/custos");
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    let from = t
-        .bin
-        .clone()
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_custos").into());
-    std::fs::copy(from, &bin).unwrap();
+    std::fs::copy(t.exe(), &bin).unwrap();
     std::fs::write(t.path("restore.pw"), PW).unwrap();
     std::fs::write(t.path("backup.pw"), "backup role password").unwrap();
     let cfg = t.path("custos.toml");

@@ -492,16 +492,15 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     // A data directory this restore creates is removed if the restore fails: a half-laid
     // directory with a backup_label must never be mistaken for a restore and started.
     let created_here = !o.to.exists();
-    // The report, the settings written, the risky ones, the port and the socket folders
-    // the server will use, whether its configuration names those folders, and whether
-    // the data directory holds a postgresql.conf.
+    // The report, the settings written, the risky ones, the port, the socket folders
+    // its configuration names (None: the server's defaults), and whether the data
+    // directory holds a postgresql.conf.
     type Laid = (
         RestoreReport,
         Vec<String>,
         Vec<RiskySetting>,
         u16,
-        Vec<String>,
-        bool,
+        Option<Vec<String>>,
         bool,
     );
     let laid = (|| -> Result<Laid> {
@@ -536,8 +535,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             .any(|s| s.replace(' ', "") == "archive_mode=off");
         let mut risky = vec![];
         let mut port = 5432u16;
-        let mut sockets = vec!["/var/run/postgresql".to_string(), "/tmp".to_string()];
-        let mut sockets_set = false;
+        let mut sockets = None;
         let mut has_conf = false;
         for name in ["postgresql.conf", "postgresql.auto.conf"] {
             let rel = custos_model::PathBytes::from(name);
@@ -549,8 +547,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                         match k.as_str() {
                             "port" => port = v.parse().unwrap_or(port),
                             "unix_socket_directories" => {
-                                sockets = v.split(',').map(|d| d.trim().to_string()).collect();
-                                sockets_set = true;
+                                sockets = Some(v.split(',').map(|d| d.trim().to_string()).collect())
                             }
                             _ => {}
                         }
@@ -562,17 +559,9 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
                 }));
             }
         }
-        Ok((
-            restore,
-            settings,
-            risky,
-            port,
-            sockets,
-            sockets_set,
-            has_conf,
-        ))
+        Ok((restore, settings, risky, port, sockets, has_conf))
     })();
-    let (restore, settings, risky_settings, port, sockets, sockets_set, has_conf) = match laid {
+    let (restore, settings, risky_settings, port, sockets, has_conf) = match laid {
         Ok(x) => x,
         Err(e) => {
             if created_here {
@@ -581,7 +570,8 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
             return Err(e);
         }
     };
-    if port_in_use(port, &sockets) {
+    let defaults = ["/var/run/postgresql".to_string(), "/tmp".to_string()];
+    if port_in_use(port, sockets.as_deref().unwrap_or(&defaults)) {
         warnings.push(format!(
             "a server already listens on port {port} on this host (the original?): the restored one will not start on it; restore again with --port, or set `port` in postgresql.auto.conf"
         ));
@@ -607,7 +597,7 @@ pub fn restore_postgres(repo: &Repository, o: &PgRestoreOptions) -> Result<PgRes
     }
     // The configuration came from the host that was backed up: on another host its
     // socket folder may not exist, and the server then stops at its start.
-    for d in sockets.iter().filter(|d| sockets_set && d.starts_with('/')) {
+    for d in sockets.iter().flatten().filter(|d| d.starts_with('/')) {
         if !Path::new(d).is_dir() {
             warnings.push(format!(
                 "the restored configuration puts the server's socket in {d}, which is not a folder on this host: the server will not start; restore again with --socket-dir DIR, or set `unix_socket_directories` in postgresql.auto.conf"

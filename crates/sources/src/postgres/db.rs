@@ -353,9 +353,9 @@ pub struct ClusterInfo {
     pub in_recovery: bool,
     pub archive_mode: String,
     pub summarize_wal: bool,
-    /// `config_file`, `hba_file` and `ident_file` as (name, path), where this connection
-    /// may read them (superusers and pg_read_all_settings).
-    pub config_files: Vec<(String, String)>,
+    /// The paths of `config_file`, `hba_file` and `ident_file`, where this connection may
+    /// read them (superusers and pg_read_all_settings).
+    pub config_files: Vec<String>,
 }
 
 /// `pg_backup_stop`'s answer: where the backup ends and the files to write beside it.
@@ -382,14 +382,8 @@ impl Db {
              (SELECT setting FROM pg_settings WHERE name = 'hba_file'), \
              (SELECT setting FROM pg_settings WHERE name = 'ident_file')",
         )?;
-        let config_files = ["config_file", "hba_file", "ident_file"]
-            .iter()
-            .enumerate()
-            .filter_map(|(i, name)| {
-                r.get::<_, Option<String>>(10 + i)
-                    .filter(|p| !p.is_empty())
-                    .map(|p| (name.to_string(), p))
-            })
+        let config_files = (10..13)
+            .filter_map(|i| r.get::<_, Option<String>>(i).filter(|p| !p.is_empty()))
             .collect();
         Ok(ClusterInfo {
             system_id: r

@@ -66,11 +66,11 @@ pub(crate) fn config_outside(info: &ClusterInfo) -> Vec<String> {
     let data = Path::new(&info.data_directory);
     info.config_files
         .iter()
-        .filter(|(_, p)| {
+        .filter(|p| {
             let p = Path::new(p);
             p.is_absolute() && !p.starts_with(data)
         })
-        .map(|(_, p)| p.clone())
+        .cloned()
         .collect()
 }
 
